@@ -1,0 +1,141 @@
+"""`alexnet`: the command line of the pipeline. Each stage command runs that stage's
+Prefect flow with the knobs of `params.yaml`; `dvc repro` calls these same commands.
+
+(The library itself never imports Prefect; only this entry point reaches into `flows/`,
+lazily, so `alexnet --help` stays fast.)
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from alexnet.errors import AlexnetError
+from alexnet.params import Params, load_params
+
+app = typer.Typer(
+    help="AlexNet (Krizhevsky et al. 2012) as a reproducible pipeline: synth -> prepare -> "
+    "stats -> pack -> train -> evaluate. Run the whole chain with `dvc repro`.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+ParamsOption = Annotated[
+    Path, typer.Option("--params", "-p", help="params file (see params.yaml for every knob)")
+]
+WorkersOption = Annotated[
+    int | None, typer.Option(help="parallel workers (default: params compute.workers; 0 = cores)")
+]
+SchedulerOption = Annotated[
+    str | None,
+    typer.Option(help="Dask scheduler: 'local' or tcp://host:port (default: params compute)"),
+]
+
+
+def _params(path: Path, workers: int | None = None, scheduler: str | None = None) -> Params:
+    """params.yaml with the command line's `compute` overrides applied."""
+    params = load_params(path)
+    overrides = {"workers": workers, "scheduler": scheduler}
+    compute = params.compute.model_copy(
+        update={k: v for k, v in overrides.items() if v is not None}
+    )
+    return params.model_copy(update={"compute": compute})
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """A user-fixable error becomes one red line and exit status 1 (no traceback)."""
+    try:
+        yield
+    except AlexnetError as error:
+        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _run(module: str, name: str, params: Params, *args: Any) -> Any:
+    """Run flow `module.name` on the task runner the params choose, against one Prefect
+    API for the whole run (see flows/server.py)."""
+    from flows.runners import task_runner
+    from flows.server import prefect_api
+
+    flow = getattr(importlib.import_module(module), name)
+    runner = task_runner(params.compute.scheduler, params.compute.workers)
+    with prefect_api():
+        return flow.with_options(task_runner=runner)(*args)
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="folder to create (ImageFolder layout)")] = Path(
+        "data/raw"
+    ),
+    params_path: ParamsOption = Path("params.yaml"),
+    workers: WorkersOption = None,
+    scheduler: SchedulerOption = None,
+) -> None:
+    """Generate the built-in demo dataset (params `synth`): shapes x textures, plus a few
+    CMYK, greyscale, PNG-as-JPEG, truncated, empty and non-image files."""
+    with _user_errors():
+        params = _params(params_path, workers, scheduler)
+        _run("flows.synth", "synth_flow", params, str(out), params.synth)
+
+
+@app.command()
+def prepare(
+    raw: Annotated[Path, typer.Argument(help="raw dataset: train/<wnid>/*, val/...")] = Path(
+        "data/raw"
+    ),
+    out: Annotated[Path, typer.Argument(help="output folder for shards + report.json")] = Path(
+        "data/prepared"
+    ),
+    params_path: ParamsOption = Path("params.yaml"),
+    workers: WorkersOption = None,
+    scheduler: SchedulerOption = None,
+) -> None:
+    """Rescale every image so its shorter side is 256, centre-crop 256x256, and write
+    WebDataset tar shards (params `prepare`). Bad files are skipped and listed in
+    OUT/report.json; a killed run continues where it stopped."""
+    with _user_errors():
+        params = _params(params_path, workers, scheduler)
+        counts = _run("flows.prepare", "prepare_flow", params, str(raw), str(out), params.prepare)
+    console.print(
+        f"prepare: {counts['kept']} kept, {counts['converted']} converted, "
+        f"{counts['skipped']} skipped of {counts['files']} files; report in {out / 'report.json'}",
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def doctor() -> None:
+    """Print what the pipeline runs on: PIL (pillow-simd?), libjpeg-turbo, torch and CUDA
+    devices, and which Prefect API flows report to."""
+    from alexnet.doctor import facts
+
+    rows = facts()
+    api = os.environ.get("PREFECT_API_URL")
+    if api is None:
+        from prefect.settings import PREFECT_API_URL
+
+        api = PREFECT_API_URL.value()
+    rows["Prefect API"] = api or "none set: each run starts a temporary local server"
+    width = max(map(len, rows))
+    for key, value in rows.items():
+        typer.echo(f"{key:<{width}}  {value}")
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m alexnet.cli`
+    app(prog_name="alexnet", args=sys.argv[1:])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

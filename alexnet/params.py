@@ -1,0 +1,116 @@
+"""The schema of `params.yaml`: every knob of the pipeline, declared once, typed and checked.
+
+One section per DVC stage (a stage lists only the leaf keys it reads as its params deps),
+plus `compute`, which says *where* work runs but never changes a result, so no stage
+depends on it. Loading fails with one line naming the offending key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from alexnet.errors import AlexnetError
+
+
+class ParamsError(AlexnetError, ValueError):
+    """A params file that cannot be used; the message is one line naming the key."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SynthParams(_Section):
+    """The built-in demo dataset (`alexnet synth`)."""
+
+    seed: int = Field(0, description="seed of the generator; same seed, same bytes")
+    classes: int = Field(10, ge=2, le=10, description="number of object classes")
+    train_per_class: int = Field(80, ge=1, description="training images per class")
+    val_per_class: int = Field(20, ge=1, description="validation images per class")
+    min_side: int = Field(160, ge=32, description="smallest image side, pixels")
+    max_side: int = Field(1000, ge=32, description="largest image side, pixels")
+    oddities: int = Field(
+        2,
+        ge=0,
+        description="files of each real-ImageNet oddity (CMYK, grey, PNG-as-JPEG, "
+        "truncated, empty, not an image) mixed into the training split",
+    )
+    quality: int = Field(90, ge=1, le=100, description="JPEG quality of the generated files")
+
+
+class PrepareParams(_Section):
+    """Raw images -> 256x256 JPEG shards (paper section 2)."""
+
+    size: int = Field(
+        256, ge=8, description="shorter side is rescaled to this, then centre-cropped"
+    )
+    quality: int = Field(90, ge=1, le=100, description="JPEG quality of the prepared images")
+    resample: Literal["bilinear", "bicubic", "lanczos"] = Field(
+        "bilinear", description="antialiased resampling filter"
+    )
+    shard_size: int = Field(500, ge=1, description="images per tar shard")
+    max_pixels: int = Field(
+        178_956_970, ge=1, description="larger images are skipped as decompression bombs"
+    )
+    max_skipped: float = Field(
+        0.05, ge=0.0, le=1.0, description="fail the stage when a larger share of files is skipped"
+    )
+
+
+class ComputeParams(_Section):
+    """Where parallel work runs. Results are identical whatever is chosen here."""
+
+    workers: int = Field(0, ge=0, description="process-pool workers; 0 = one per CPU core")
+    scheduler: str | None = Field(
+        None,
+        description="Dask scheduler: null = local process pool, 'local' = a temporary "
+        "Dask LocalCluster, 'tcp://host:8786' = an existing cluster",
+    )
+
+
+class Params(_Section):
+    synth: SynthParams = SynthParams()
+    prepare: PrepareParams = PrepareParams()
+    compute: ComputeParams = ComputeParams()
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    """The first validation error as one line: `params.yaml: prepare.quality: <why>`."""
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'"
+    got = first.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{source}: {key}: {first['msg']}{shown}"
+
+
+def parse_params(data: object, source: str = "params") -> Params:
+    """Validate an already-loaded mapping."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as error:
+        raise ParamsError(_describe(error, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; a missing file means all defaults."""
+    path = Path(path)
+    if not path.exists():
+        return Params()
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ParamsError(f"{path}:{where} not valid YAML") from None
+    return parse_params(data, str(path))

@@ -1,0 +1,45 @@
+"""Flow of the prepare stage: raw images -> 256x256 JPEG tar shards + report.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from alexnet.atomic import write_json
+from alexnet.params import PrepareParams
+from alexnet.prepare import ImageOptions, check_skipped, plan_shards, summarize
+from alexnet.shards import remove_stale
+from alexnet.sources import open_source
+from flows.progress import gather
+from tasks.prepare import prepare_shard_task
+
+
+@flow(name="prepare")
+def prepare_flow(
+    raw: str = "data/raw", out: str = "data/prepared", params: PrepareParams = PrepareParams()
+) -> dict:
+    """Prepare every split of `raw` into `out/<split>/shard-NNNNN.tar`; shards that are
+    already complete and current are kept, so a killed run continues where it stopped."""
+    logger = get_run_logger()
+    source = open_source(raw)
+    plans = plan_shards(source, params.shard_size)
+    target = Path(out)
+    for split in source.splits:
+        (target / split).mkdir(parents=True, exist_ok=True)
+        remove_stale(target / split, keep=sum(plan.split == split for plan in plans))
+    options = ImageOptions(params.size, params.quality, params.resample, params.max_pixels)
+    futures = [prepare_shard_task.submit(plan, out, options) for plan in plans]
+    reports = gather(futures, "prepare", [len(plan.items) for plan in plans])
+
+    report = summarize(reports)
+    write_json(target / "classes.json", [c.__dict__ for c in source.classes])
+    write_json(target / "report.json", report)
+    reused = sum(r.reused for r in reports)
+    logger.info(
+        "prepared %d files: %d kept, %d converted, %d skipped (%d of %d shards reused)",
+        report["files"], report["kept"], report["converted"], report["skipped"],
+        reused, len(reports),
+    )  # fmt: skip
+    check_skipped(report, params.max_skipped, target / "report.json")
+    return {k: report[k] for k in ("files", "kept", "converted", "skipped")}

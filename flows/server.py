@@ -1,0 +1,38 @@
+"""One Prefect API for a whole stage run, its worker processes included.
+
+With no `PREFECT_API_URL` configured, Prefect starts a temporary server per *process*:
+a process pool would start one in every worker (~10 s each, and they time out when
+several start at once on 2 cores). Starting one here and exporting its URL lets the
+workers inherit it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+STARTUP_TIMEOUT_S = 90  # Prefect's 20 s default is too short on a busy 2-core machine
+
+
+@contextmanager
+def prefect_api() -> Iterator[str]:
+    """Yield the API URL in use, starting a temporary local server when none is set."""
+    configured = PREFECT_API_URL.value()
+    if configured:
+        yield configured
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    # No network here: the server's telemetry would only log a failure.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    server = SubprocessASGIServer()  # Prefect's own singleton: its clients reuse it
+    server.start(timeout=STARTUP_TIMEOUT_S)  # stopped by Prefect at exit, after logs drain
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
