@@ -1,0 +1,147 @@
+"""The prepare stage's per-image operation: geometry, modes, and every oddity."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from alexnet.imageops import BadImage, centre_box, draft_for, open_image, prepare_image
+from tests.conftest import encode, jpeg, photo
+
+
+def decoded(prepared) -> np.ndarray:
+    image = Image.open(io.BytesIO(prepared.jpeg))
+    assert image.format == "JPEG" and image.mode == "RGB"
+    return np.asarray(image, dtype=np.float64)
+
+
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (256, 256), (200, 180), (1200, 300)])
+def test_output_is_exactly_256_square(size):
+    out = decoded(prepare_image(jpeg(*size)))
+    assert out.shape == (256, 256, 3)
+
+
+def test_shorter_side_is_rescaled_then_centre_cropped():
+    # 600x300: the shorter side (300) becomes 256, the long side 512, and the central
+    # 256 columns are kept, i.e. source columns 150..450. Bands outside must vanish.
+    pixels = np.zeros((300, 600, 3), np.uint8)
+    pixels[:, :140] = (255, 0, 0)
+    pixels[:, 460:] = (0, 0, 255)
+    pixels[:, 140:460] = (0, 200, 0)
+    out = decoded(prepare_image(encode(Image.fromarray(pixels), "PNG"), ".png", quality=95))
+    assert out[:, :, 0].max() < 40 and out[:, :, 2].max() < 40  # no red or blue band left
+    assert out[:, :, 1].mean() > 190
+
+
+def test_matches_resize_then_crop_computed_directly():
+    source = photo(480, 360, seed=3)
+    ours = decoded(prepare_image(encode(source, "PNG"), ".png", quality=100))
+    # Direct computation: resize the whole image so the shorter side is 256, crop centre.
+    full = source.resize((341, 256), Image.Resampling.BILINEAR)
+    left = (341 - 256) // 2
+    direct = np.asarray(full.crop((left, 0, left + 256, 256)), dtype=np.float64)
+    # Same sampling up to the sub-pixel rounding of the intermediate width; JPEG q100.
+    assert np.abs(ours - direct).mean() < 3.0
+
+
+def test_centre_box_is_the_central_square_of_the_shorter_side():
+    assert centre_box(600, 300, 256) == (150.0, 0.0, 450.0, 300.0)
+    assert centre_box(300, 601, 256) == (0.0, 150.5, 300.0, 450.5)
+
+
+def test_draft_decodes_large_jpegs_at_reduced_scale():
+    image = Image.open(io.BytesIO(jpeg(1100, 800)))
+    draft_for(image, 256)
+    assert image.size == (550, 400)  # 1/2 scale: still >= 256 on the shorter side
+    small = Image.open(io.BytesIO(jpeg(500, 375)))
+    draft_for(small, 256)
+    assert small.size == (500, 375)  # shorter side < 512: no reduction possible
+
+
+def test_draft_result_close_to_full_decode():
+    data = jpeg(2000, 1500, seed=7)
+    with_draft = decoded(prepare_image(data, quality=100))
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    full = image.resize((256, 256), Image.Resampling.BILINEAR, box=centre_box(2000, 1500, 256))
+    assert np.abs(with_draft - np.asarray(full, dtype=np.float64)).mean() < 3.0
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt", "extension", "note"),
+    [
+        ("CMYK", "JPEG", ".JPEG", "CMYK"),
+        ("L", "JPEG", ".JPEG", "L"),
+        ("RGB", "PNG", ".JPEG", "PNG as JPEG"),
+        ("LA", "PNG", ".png", "PNG, LA"),
+        ("P", "PNG", ".png", "PNG, P"),
+        ("RGBA", "PNG", ".png", "PNG, RGBA"),
+        ("I;16", "PNG", ".png", "PNG, I;16"),
+    ],
+)
+def test_every_mode_becomes_rgb_and_is_reported(mode, fmt, extension, note):
+    source = photo(320, 240, seed=1)
+    if mode == "I;16":
+        grey = np.asarray(source.convert("L"), dtype=np.uint16) * 257
+        image = Image.fromarray(grey)
+    else:
+        image = source.convert(mode)
+    prepared = prepare_image(encode(image, fmt), extension)
+    out = decoded(prepared)
+    assert prepared.converted is not None and prepared.converted.startswith(note.split(",")[0])
+    assert out.shape == (256, 256, 3)
+    # Content survives the conversion: not blank, and correlated with the source.
+    reference = np.asarray(source.convert("L").resize((256, 256), box=centre_box(320, 240, 256)))
+    correlation = np.corrcoef(out.mean(-1).ravel(), reference.ravel())[0, 1]
+    assert correlation > 0.8, (mode, correlation)
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    ramp = (np.linspace(0, 65535, 300)[None, :] * np.ones((300, 1))).astype(np.uint16)
+    prepared = prepare_image(encode(Image.fromarray(ramp), "PNG"), ".png")
+    out = decoded(prepared)
+    assert 90 < out.mean() < 165  # a clipped conversion would be almost all white
+
+
+def test_transparent_pixels_become_white():
+    rgba = Image.new("RGBA", (300, 300), (10, 20, 30, 0))
+    out = decoded(prepare_image(encode(rgba, "PNG"), ".png"))
+    assert out.min() > 245
+
+
+def test_plain_rgb_jpeg_is_not_reported_as_converted():
+    assert prepare_image(jpeg(300, 300)).converted is None
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty file"),
+        (b"<html><body>gone</body></html>", "not an image"),
+        (jpeg(400, 300)[:3000], "corrupt"),
+    ],
+)
+def test_bad_files_raise_bad_image_with_reason(data, reason):
+    with pytest.raises(BadImage, match=reason):
+        prepare_image(data)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims a huge size (a decompression bomb's signature)."""
+    data = bytearray(encode(Image.new("L", (1, 1)), "PNG"))
+    ihdr = data[12:29]
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    return bytes(data)
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    with pytest.raises(BadImage, match="decompression bomb"):
+        prepare_image(_png_claiming(40_000, 40_000), ".png")
+    with pytest.raises(BadImage, match="max_pixels 1000"):
+        open_image(jpeg(100, 100), max_pixels=1000)

@@ -1,0 +1,54 @@
+"""params.yaml: the repo's file is valid, and bad files fail with one line naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from alexnet.params import Params, ParamsError, load_params, parse_params
+from tests.conftest import REPO
+
+
+def test_repo_params_file_is_valid_and_complete():
+    params = load_params(REPO / "params.yaml")
+    assert params.prepare.size == 256 and params.prepare.quality == 90
+    # Every key of every section is written out in the file, so users see all knobs.
+    import yaml
+
+    written = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, model in Params.model_fields.items():
+        assert set(written[section]) == set(model.annotation.model_fields), section
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ParamsError, match=r"^params: unknown key 'prepare.qualty'$"):
+        parse_params({"prepare": {"qualty": 80}})
+    with pytest.raises(ParamsError, match="unknown key 'trian'"):
+        parse_params({"trian": {}})
+
+
+def test_wrong_type_is_named_with_value(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("prepare:\n  quality: high\n")
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: prepare.quality: ") and "'high'" in message
+    assert "\n" not in message
+
+
+def test_out_of_range_and_bad_choice():
+    with pytest.raises(ParamsError, match="prepare.max_skipped"):
+        parse_params({"prepare": {"max_skipped": 2}})
+    with pytest.raises(ParamsError, match="prepare.resample"):
+        parse_params({"prepare": {"resample": "nearest"}})
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("prepare:\n  size: [256\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(path)
+
+
+def test_missing_file_means_defaults(tmp_path):
+    assert load_params(tmp_path / "none.yaml") == Params()

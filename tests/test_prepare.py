@@ -1,0 +1,65 @@
+"""Prepare logic without Prefect: planning, shard reuse by fingerprint, the report."""
+
+from __future__ import annotations
+
+import pytest
+
+from alexnet.prepare import (
+    ImageOptions, PrepareError, check_skipped, plan_shards, prepare_shard, summarize,
+)  # fmt: skip
+from alexnet.shards import iter_shard
+from alexnet.sources import open_source
+from tests.conftest import jpeg, make_imagefolder
+
+
+@pytest.fixture
+def source(tmp_path):
+    root = make_imagefolder(tmp_path / "raw", classes=2, train=3, val=1)
+    (root / "train" / "n00000001" / "broken.JPEG").write_bytes(b"")
+    return open_source(root)
+
+
+def test_plan_keeps_sorted_order_and_fixed_shard_contents(source):
+    plans = plan_shards(source, shard_size=4)
+    assert [(p.split, p.index, len(p.items)) for p in plans] == [
+        ("train", 0, 4), ("train", 1, 3), ("val", 0, 2)]  # fmt: skip
+    relpaths = [i.relpath for p in plans if p.split == "train" for i in p.items]
+    assert relpaths == sorted(relpaths)
+
+
+def test_shard_contents_labels_and_skips(source, tmp_path):
+    plan = plan_shards(source, shard_size=4)[0]  # n00000000 x3, then n00000001/broken.JPEG
+    report = prepare_shard(plan, tmp_path / "out", ImageOptions())
+    assert report.skipped == [{"path": "train/n00000001/broken.JPEG", "reason": "empty file"}]
+    records = list(iter_shard(tmp_path / "out" / "train" / "shard-00000.tar"))
+    assert [r.label for r in records] == [0, 0, 0] and report.kept == 3
+    assert [r.key for r in records] == [i.key for i in plan.items if "broken" not in i.key]
+
+
+def test_current_shard_is_reused_and_a_changed_input_rebuilds_it(source, tmp_path):
+    plan = plan_shards(source, shard_size=4)[0]
+    out = tmp_path / "out"
+    first = prepare_shard(plan, out, ImageOptions())
+    shard = out / "train" / "shard-00000.tar"
+    made = shard.stat().st_mtime_ns
+    again = prepare_shard(plan, out, ImageOptions())
+    assert again.reused and not first.reused and shard.stat().st_mtime_ns == made
+    assert again.kept == first.kept
+
+    # Other options or other content: the shard is rebuilt, not wrongly reused.
+    assert not prepare_shard(plan, out, ImageOptions(quality=70)).reused
+    changed = plan.items[0].path
+    with open(changed, "wb") as stream:
+        stream.write(jpeg(320, 300, seed=99))
+    assert not prepare_shard(plan, out, ImageOptions(quality=70)).reused
+
+
+def test_summary_counts_and_threshold(source, tmp_path):
+    reports = [prepare_shard(p, tmp_path, ImageOptions()) for p in plan_shards(source, 4)]
+    summary = summarize(list(reversed(reports)))  # order of completion does not matter
+    assert summary == summarize(reports)
+    assert (summary["files"], summary["kept"], summary["skipped"]) == (9, 8, 1)
+    assert summary["splits"]["val"] == {"files": 2, "kept": 2, "converted": 0, "skipped": 0}
+    check_skipped(summary, 0.2, "report.json")  # 1/9 = 11% is allowed at 20%
+    with pytest.raises(PrepareError, match=r"1 of 9 files skipped \(11.1% > max_skipped 10.0%\)"):
+        check_skipped(summary, 0.1, "report.json")

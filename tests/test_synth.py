@@ -1,0 +1,76 @@
+"""The built-in demo dataset: deterministic, varied, with every oddity."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from alexnet.imageops import BadImage, prepare_image
+from alexnet.sources import open_source
+from alexnet.synth import (
+    ODDITIES, Job, image_rng, plan_jobs, render, run_job, synth_classes, write_mapping,
+    write_oddities,
+)  # fmt: skip
+
+
+def test_same_seed_same_image_and_different_seeds_differ():
+    a = np.asarray(render(3, image_rng(0, "train", 3, 5)))
+    b = np.asarray(render(3, image_rng(0, "train", 3, 5)))
+    c = np.asarray(render(3, image_rng(1, "train", 3, 5)))
+    assert np.array_equal(a, b)
+    assert a.shape != c.shape or not np.array_equal(a, c)
+
+
+def test_sizes_and_aspects_span_the_requested_range():
+    sizes = [render(k % 10, image_rng(0, "train", k % 10, k)).size for k in range(40)]
+    sides = [s for size in sizes for s in size]
+    aspects = [w / h for w, h in sizes]
+    assert min(sides) >= 160 and max(sides) <= 1000
+    assert max(sides) > 700 and min(sides) < 400
+    assert min(aspects) >= 0.49 and max(aspects) <= 2.01
+    assert min(aspects) < 0.8 and max(aspects) > 1.25
+
+
+def test_colour_alone_does_not_tell_the_class():
+    # The mean colour of a class varies much more within the class than between classes.
+    means = np.array([[np.asarray(render(k, image_rng(0, "train", k, i))).mean((0, 1))
+                       for i in range(6)] for k in range(4)])  # fmt: skip
+    within = means.std(axis=1).mean()
+    between = means.mean(axis=1).std(axis=0).mean()
+    assert within > between
+
+
+def test_layout_mapping_and_oddities(tmp_path):
+    for job in plan_jobs(classes=3, train_per_class=2, val_per_class=1, chunk=2):
+        run_job(job, tmp_path, seed=0, min_side=160, max_side=300, quality=90)
+    assert write_oddities(tmp_path, classes=3, per_kind=1, seed=0, quality=90) == len(ODDITIES)
+    write_mapping(tmp_path, 3)
+    source = open_source(tmp_path)
+    assert [c.name for c in source.classes] == [c.name for c in synth_classes(3)]
+    assert len(source.splits["train"]) == 3 * 2 + len(ODDITIES)
+    assert len(source.splits["val"]) == 3
+
+    outcome = {}
+    for sample in source.splits["train"]:
+        kind = next((k for k in ODDITIES if f"_odd_{k}_" in sample.path.name), None)
+        if kind is None:
+            continue
+        data = sample.path.read_bytes()
+        try:
+            outcome[kind] = prepare_image(data, ".JPEG").converted
+        except BadImage as error:
+            outcome[kind] = f"bad: {error}"
+    assert outcome["cmyk"] == "CMYK" and outcome["grey"] == "L"
+    assert outcome["png"] == "PNG as JPEG"
+    assert outcome["truncated"].startswith("bad: corrupt")
+    assert outcome["empty"] == "bad: empty file" and outcome["notimage"] == "bad: not an image"
+    assert Image.open(io.BytesIO(source.splits["val"][0].path.read_bytes())).format == "JPEG"
+
+
+def test_jobs_cover_every_image_once():
+    jobs = plan_jobs(classes=2, train_per_class=7, val_per_class=3, chunk=3)
+    covered = [(j.split, j.label, n) for j in jobs for n in range(j.start, j.start + j.count)]
+    assert len(covered) == len(set(covered)) == 2 * 7 + 2 * 3
+    assert Job("train", 0, 0, 3) in jobs
