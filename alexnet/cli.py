@@ -8,6 +8,7 @@ lazily, so `alexnet --help` stays fast.)
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -62,6 +63,24 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+class _NoUserErrorTracebacks(logging.Filter):
+    """Drop console records carrying an AlexnetError: the CLI prints it as one line (the
+    Prefect API still receives the full record for the UI)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], AlexnetError))
+
+
+def _quiet_console_tracebacks() -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *map(logging.getLogger, logging.root.manager.loggerDict)]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.addFilter(_NoUserErrorTracebacks())
+
+
 def _run(module: str, name: str, params: Params, *args: Any) -> Any:
     """Run flow `module.name` on the task runner the params choose, against one Prefect
     API for the whole run (see flows/server.py)."""
@@ -70,6 +89,7 @@ def _run(module: str, name: str, params: Params, *args: Any) -> Any:
 
     flow = getattr(importlib.import_module(module), name)
     runner = task_runner(params.compute.scheduler, params.compute.workers)
+    _quiet_console_tracebacks()
     with prefect_api():
         return flow.with_options(task_runner=runner)(*args)
 

@@ -1,0 +1,136 @@
+"""The synth and prepare flows under a Prefect test server: determinism across worker
+counts and task runners (process pool, Dask), and resuming after a kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from alexnet.params import PrepareParams, SynthParams
+from alexnet.prepare import PrepareError
+from flows.prepare import prepare_flow
+from flows.runners import task_runner
+from flows.synth import synth_flow
+from tests.conftest import REPO, jpeg, make_imagefolder
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+TINY = SynthParams(classes=3, train_per_class=6, val_per_class=2, max_side=400, oddities=1)
+SHARDS = PrepareParams(shard_size=4, max_skipped=0.2)  # 3 of 30 demo files are broken
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.tar"))}
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    """The demo dataset, drawn by the synth flow on a 2-process pool."""
+    out = tmp_path_factory.mktemp("synth") / "raw"
+    result = synth_flow.with_options(task_runner=task_runner(None, 2))(str(out), TINY)
+    assert result == {"images": 3 * 6 + 3 * 2, "oddities": 6, "path": str(out)}
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(raw, tmp_path_factory) -> tuple[Path, dict]:
+    """prepare on one worker: what every other way of running must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("prep") / "one"
+    counts = prepare_flow.with_options(task_runner=task_runner(None, 1))(str(raw), str(out), SHARDS)
+    return out, counts
+
+
+def test_synth_is_deterministic_across_worker_counts(raw, tmp_path):
+    again = tmp_path / "raw"
+    synth_flow.with_options(task_runner=task_runner(None, 1))(str(again), TINY)
+    files = sorted(p.relative_to(raw) for p in raw.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    assert all((raw / f).read_bytes() == (again / f).read_bytes() for f in files)
+
+
+def test_prepare_report_counts_every_oddity(reference):
+    out, counts = reference
+    assert counts == {"files": 30, "kept": 27, "converted": 3, "skipped": 3}
+    import json
+
+    report = json.loads((out / "report.json").read_text())
+    reasons = sorted(s["reason"].split(":")[0] for s in report["skipped_files"])
+    assert reasons == ["corrupt", "empty file", "not an image"]
+    assert sorted(c["from"] for c in report["converted_files"]) == ["CMYK", "L", "PNG as JPEG"]
+    classes = json.loads((out / "classes.json").read_text())
+    assert [c["index"] for c in classes] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(("scheduler", "workers"), [(None, 2), ("local", 2)])
+def test_prepare_shards_identical_whatever_the_runner(raw, reference, tmp_path, scheduler, workers):
+    out = tmp_path / "prep"
+    prepare_flow.with_options(task_runner=task_runner(scheduler, workers))(str(raw), str(out), SHARDS)
+    expected = shard_bytes(reference[0])
+    assert len(expected) == 6 + 2  # 24 train and 6 val files, 4 per shard
+    assert shard_bytes(out) == expected
+    assert (out / "report.json").read_bytes() == (reference[0] / "report.json").read_bytes()
+
+
+def test_rerun_after_simulated_kill_reuses_complete_shards(raw, reference, tmp_path):
+    out = tmp_path / "prep"
+    run = prepare_flow.with_options(task_runner=task_runner(None, 2))
+    run(str(raw), str(out), SHARDS)
+    # What a kill leaves: shards 3.. never renamed into place, a half-written temporary,
+    # and a stale shard from an earlier, larger input.
+    for path in sorted((out / "train").glob("shard-*.tar"))[3:]:
+        path.unlink()
+    (out / "train" / ".shard-00003.tar.tmp-4242").write_bytes(b"half a tar")
+    (out / "train" / "shard-00042.tar").write_bytes(b"stale")
+    made = {p.name: p.stat().st_mtime_ns for p in (out / "train").glob("shard-*.tar")}
+    run(str(raw), str(out), SHARDS)
+    assert shard_bytes(out) == shard_bytes(reference[0])
+    assert not list((out / "train").glob(".*tmp*"))
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / "train").glob("shard-0000[012].tar")}
+    assert kept == {k: v for k, v in made.items() if k in kept}  # reused, not rewritten
+
+
+def test_too_many_skipped_files_fail_after_writing_the_report(tmp_path):
+    root = make_imagefolder(tmp_path / "raw", classes=2, train=2, val=1)
+    for i in range(2):
+        (root / "train" / "n00000000" / f"bad{i}.JPEG").write_bytes(b"not a jpeg")
+    out = tmp_path / "prep"
+    with pytest.raises(PrepareError, match=r"2 of 8 files skipped"):
+        prepare_flow.with_options(task_runner=task_runner(None, 1))(
+            str(root), str(out), PrepareParams(max_skipped=0.1)
+        )
+    assert (out / "report.json").exists()
+
+
+def test_real_sigkill_then_rerun_gives_the_same_shards(tmp_path, prefect_server):
+    root = tmp_path / "raw"
+    make_imagefolder(root, classes=2, train=1, val=1)
+    for i in range(60):  # big images: slow enough to be killed in the middle
+        (root / "train" / "n00000001" / f"big_{i:03d}.JPEG").write_bytes(jpeg(1600, 1200, i))
+    (tmp_path / "params.yaml").write_text("prepare:\n  shard_size: 4\ncompute:\n  workers: 1\n")
+    command = [sys.executable, "-m", "alexnet.cli", "prepare", str(root), str(tmp_path / "out"),
+               "-p", str(tmp_path / "params.yaml")]  # fmt: skip
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(tmp_path.glob("out/train/shard-*.tar"))) < 3:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    survivors = {p.name for p in tmp_path.glob("out/train/shard-*.tar")}
+    assert survivors, "the run was killed before any shard was written"
+
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    fresh = tmp_path / "fresh"
+    prepare_flow.with_options(task_runner=task_runner(None, 1))(
+        str(root), str(fresh), PrepareParams(shard_size=4)
+    )
+    assert shard_bytes(tmp_path / "out") == shard_bytes(fresh)
+    assert not list(tmp_path.glob("out/**/.*tmp*"))
