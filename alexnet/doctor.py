@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import platform
+from pathlib import Path
 
 
 def pil_facts() -> dict[str, str]:
@@ -11,11 +11,9 @@ def pil_facts() -> dict[str, str]:
     import PIL
     from PIL import features
 
-    try:
-        importlib.metadata.distribution("pillow-simd")
-        simd = True
-    except importlib.metadata.PackageNotFoundError:
-        simd = ".post" in PIL.__version__  # pillow-simd versions carry a .postN suffix
+    # The live module decides (pip's metadata can say pillow-simd after stock Pillow was
+    # reinstalled over it); pillow-simd versions carry a `.postN` suffix.
+    simd = ".post" in PIL.__version__
     return {
         "PIL": f"{'pillow-simd' if simd else 'Pillow'} {PIL.__version__}",
         "SIMD resize": "yes" if simd else "no (stock Pillow: slower resize)",
@@ -38,10 +36,20 @@ def torch_facts() -> dict[str, str]:
     }
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def facts() -> dict[str, str]:
     return {
         "python": platform.python_version(),
-        "CPU": platform.processor() or platform.machine(),
+        "CPU": cpu_model(),
         **pil_facts(),
         **torch_facts(),
     }

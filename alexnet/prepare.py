@@ -70,7 +70,9 @@ def plan_shards(source: Source, shard_size: int) -> list[ShardPlan]:
     plans = []
     for split, samples in source.splits.items():
         keys = unique_keys(s.relpath for s in samples)
-        items = [Item(str(s.path), s.relpath, s.label, k) for s, k in zip(samples, keys)]
+        items = [
+            Item(str(s.path), s.relpath, s.label, k) for s, k in zip(samples, keys, strict=True)
+        ]
         for start in range(0, len(items), shard_size):
             plans.append(ShardPlan(split, start // shard_size, items[start : start + shard_size]))
     return plans

@@ -26,7 +26,7 @@ if ! is_simd; then
   cc="cc"
   grep -qw avx2 /proc/cpuinfo 2>/dev/null && cc="cc -mavx2"
   echo "setup: building $PILLOW_SIMD with CC='$cc' to replace Pillow (~30 s)"
-  "${pip[@]}" uninstall --quiet -y pillow
+  "${pip[@]}" uninstall --quiet -y pillow pillow-simd 2>/dev/null || true
   if ! CC="$cc" "${pip[@]}" install --quiet --no-cache-dir --no-deps "$PILLOW_SIMD" 2>/tmp/pillow-simd-build.log; then
     echo "WARNING: pillow-simd could not be built (log: /tmp/pillow-simd-build.log);" \
          "falling back to stock Pillow: prepare will be slower." >&2

@@ -41,7 +41,9 @@ def make_imagefolder(root: Path, classes: int = 3, train: int = 4, val: int = 2)
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
                 seed = c * 100 + i + (50 if split == "val" else 0)
-                (folder / f"n0000000{c}_{i}.JPEG").write_bytes(jpeg(300 + 17 * i, 260 + 9 * c, seed))
+                (folder / f"n0000000{c}_{i}.JPEG").write_bytes(
+                    jpeg(300 + 17 * i, 260 + 9 * c, seed)
+                )
     names = "".join(f"n0000000{c} class {c}, thing\n" for c in range(classes))
     (root / "LOC_synset_mapping.txt").write_text(names)
     return root

@@ -70,7 +70,9 @@ def test_prepare_report_counts_every_oddity(reference):
 @pytest.mark.parametrize(("scheduler", "workers"), [(None, 2), ("local", 2)])
 def test_prepare_shards_identical_whatever_the_runner(raw, reference, tmp_path, scheduler, workers):
     out = tmp_path / "prep"
-    prepare_flow.with_options(task_runner=task_runner(scheduler, workers))(str(raw), str(out), SHARDS)
+    prepare_flow.with_options(task_runner=task_runner(scheduler, workers))(
+        str(raw), str(out), SHARDS
+    )
     expected = shard_bytes(reference[0])
     assert len(expected) == 6 + 2  # 24 train and 6 val files, 4 per shard
     assert shard_bytes(out) == expected

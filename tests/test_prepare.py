@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 
 from alexnet.prepare import (
-    ImageOptions, PrepareError, check_skipped, plan_shards, prepare_shard, summarize,
-)  # fmt: skip
+    ImageOptions,
+    PrepareError,
+    check_skipped,
+    plan_shards,
+    prepare_shard,
+    summarize,
+)
 from alexnet.shards import iter_shard
 from alexnet.sources import open_source
 from tests.conftest import jpeg, make_imagefolder
@@ -22,7 +27,10 @@ def source(tmp_path):
 def test_plan_keeps_sorted_order_and_fixed_shard_contents(source):
     plans = plan_shards(source, shard_size=4)
     assert [(p.split, p.index, len(p.items)) for p in plans] == [
-        ("train", 0, 4), ("train", 1, 3), ("val", 0, 2)]  # fmt: skip
+        ("train", 0, 4),
+        ("train", 1, 3),
+        ("val", 0, 2),
+    ]
     relpaths = [i.relpath for p in plans if p.split == "train" for i in p.items]
     assert relpaths == sorted(relpaths)
 

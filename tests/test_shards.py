@@ -7,8 +7,14 @@ import tarfile
 import pytest
 
 from alexnet.shards import (
-    Record, iter_shard, key_for, read_description, remove_stale, unique_keys, write_shard,
-)  # fmt: skip
+    Record,
+    iter_shard,
+    key_for,
+    read_description,
+    remove_stale,
+    unique_keys,
+    write_shard,
+)
 
 RECORDS = [Record("n01/n01_1", b"\xff\xd8jpeg-one", 0), Record("n02/n02_7", b"\xff\xd8two", 12)]
 
@@ -61,7 +67,10 @@ def test_keys_have_no_dots_and_are_unique():
     assert key_for("val/ILSVRC2012_val_00000001.JPEG") == "ILSVRC2012_val_00000001"
     assert key_for("train/n1/my photo.v2.jpg") == "n1/my_photo_v2"
     assert unique_keys(["train/a/x.y.jpg", "train/a/x_y.jpg", "train/a/x_y_1.png"]) == [
-        "a/x_y", "a/x_y_1", "a/x_y_1_1"]  # fmt: skip
+        "a/x_y",
+        "a/x_y_1",
+        "a/x_y_1_1",
+    ]
 
 
 def test_remove_stale_drops_leftovers_and_extra_shards(tmp_path):

@@ -10,9 +10,16 @@ from PIL import Image
 from alexnet.imageops import BadImage, prepare_image
 from alexnet.sources import open_source
 from alexnet.synth import (
-    ODDITIES, Job, image_rng, plan_jobs, render, run_job, synth_classes, write_mapping,
+    ODDITIES,
+    Job,
+    image_rng,
+    plan_jobs,
+    render,
+    run_job,
+    synth_classes,
+    write_mapping,
     write_oddities,
-)  # fmt: skip
+)
 
 
 def test_same_seed_same_image_and_different_seeds_differ():
@@ -35,8 +42,12 @@ def test_sizes_and_aspects_span_the_requested_range():
 
 def test_colour_alone_does_not_tell_the_class():
     # The mean colour of a class varies much more within the class than between classes.
-    means = np.array([[np.asarray(render(k, image_rng(0, "train", k, i))).mean((0, 1))
-                       for i in range(6)] for k in range(4)])  # fmt: skip
+    means = np.array(
+        [
+            [np.asarray(render(k, image_rng(0, "train", k, i))).mean((0, 1)) for i in range(6)]
+            for k in range(4)
+        ]
+    )
     within = means.std(axis=1).mean()
     between = means.mean(axis=1).std(axis=0).mean()
     assert within > between
