@@ -29,7 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one error = one line, however long
 
 ParamsOption = Annotated[
     Path, typer.Option("--params", "-p", help="params file (see params.yaml for every knob)")

@@ -1,0 +1,79 @@
+"""The `alexnet` command line: help, doctor, one-line errors, a real run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from alexnet.cli import app
+from tests.conftest import REPO, make_imagefolder
+
+runner = CliRunner()
+
+
+def alexnet(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "alexnet.cli", *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+
+
+def test_help_lists_every_command_with_its_purpose():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("synth", "prepare", "doctor"):
+        assert command in result.output
+    assert "shorter side is 256" in runner.invoke(app, ["prepare", "--help"]).output
+
+
+def test_doctor_names_the_imaging_library_and_devices():
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 0
+    for field in ("PIL", "SIMD resize", "libjpeg-turbo", "torch", "CUDA devices", "Prefect API"):
+        assert field in result.output
+    assert ("pillow-simd" in result.output) == (".post" in __import__("PIL").__version__)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("prepare:\n  qualty: 80\n", "unknown key 'prepare.qualty'"),
+        ("prepare:\n  size: big\n", "prepare.size: Input should be a valid integer"),
+    ],
+)
+def test_bad_params_are_one_line_and_exit_1(tmp_path, yaml_text, message):
+    (tmp_path / "params.yaml").write_text(yaml_text)
+    result = alexnet(
+        "prepare", str(tmp_path), str(tmp_path / "out"), "-p", str(tmp_path / "params.yaml")
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_dataset_is_one_error_line(tmp_path, prefect_server):
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    result = alexnet("prepare", str(tmp_path / "nowhere"), str(tmp_path / "out"), env=env)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {tmp_path / 'nowhere'}: no such dataset folder"]
+    assert "Traceback" not in result.stderr
+
+
+def test_prepare_command_end_to_end(tmp_path, prefect_server):
+    raw = make_imagefolder(tmp_path / "raw", classes=2, train=3, val=1)
+    (raw / "train" / "n00000001" / "empty.JPEG").write_bytes(b"")
+    (tmp_path / "params.yaml").write_text("prepare:\n  max_skipped: 0.2\ncompute:\n  workers: 1\n")
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    result = alexnet(
+        "prepare", str(raw), str(tmp_path / "out"), "-p", str(tmp_path / "params.yaml"), env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "prepare: 8 kept, 0 converted, 1 skipped of 9 files" in result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["skipped_files"] == [
+        {"path": "train/n00000001/empty.JPEG", "reason": "empty file"}
+    ]
