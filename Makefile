@@ -14,8 +14,14 @@ repro: setup
 test: setup
 	python -m pytest
 
-bench: setup
-	python bench/prepare.py
+BASELINE_VENV := .venv-bench-pillow
+
+# The baseline of bench/prepare.py is stock Pillow, in a side environment made here.
+$(BASELINE_VENV)/bin/python:
+	python3 -m venv $(BASELINE_VENV) && $(BASELINE_VENV)/bin/pip install --quiet pillow
+
+bench: setup $(BASELINE_VENV)/bin/python
+	python bench/prepare.py --baseline-python $(BASELINE_VENV)/bin/python
 
 lint: setup
 	ruff check . && ruff format --check .

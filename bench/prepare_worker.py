@@ -1,0 +1,55 @@
+"""Times one way of preparing a folder of JPEGs; run by bench/prepare.py in the
+interpreter under test (ours, or a side environment with stock Pillow). Prints JSON.
+
+Modes: `ours` (alexnet.imageops.prepare_image), `pillow` (the plain-Pillow baseline:
+open, convert RGB, antialiased resize of the shorter side to 256, centre crop, save
+JPEG), `decode` (decode only: the floor).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image
+
+
+def pillow_baseline(data: bytes) -> bytes:
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    width, height = image.size
+    scale = 256 / min(width, height)
+    size = (max(256, round(width * scale)), max(256, round(height * scale)))
+    image = image.resize(size, Image.Resampling.BILINEAR)
+    left, top = (size[0] - 256) // 2, (size[1] - 256) // 2
+    out = io.BytesIO()
+    image.crop((left, top, left + 256, top + 256)).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def decode_only(data: bytes) -> None:
+    Image.open(io.BytesIO(data)).load()
+
+
+def main(mode: str, folder: str, repeats: int) -> None:
+    if mode == "ours":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from alexnet.imageops import prepare_image as work
+    else:
+        work = {"pillow": pillow_baseline, "decode": decode_only}[mode]
+    files = [p.read_bytes() for p in sorted(Path(folder).glob("*.jpg"))]
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for data in files:
+            work(data)
+        best = min(best, time.perf_counter() - start)
+    import PIL
+
+    print(json.dumps({"mode": mode, "images": len(files), "seconds": best, "pil": PIL.__version__}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
