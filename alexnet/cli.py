@@ -136,6 +136,49 @@ def prepare(
 
 
 @app.command()
+def stats(
+    train: Annotated[Path, typer.Argument(help="prepared training shards")] = Path(
+        "data/prepared/train"
+    ),
+    out: Annotated[Path, typer.Argument(help="output folder: mean.npy, pca.json")] = Path(
+        "data/stats"
+    ),
+    params_path: ParamsOption = Path("params.yaml"),
+    workers: WorkersOption = None,
+    scheduler: SchedulerOption = None,
+) -> None:
+    """Compute the mean image (256x256x3, RGB, 0-255) and the RGB PCA (covariance,
+    eigenvalues, eigenvectors) of the training set, exactly, by map-reduce over shards."""
+    with _user_errors():
+        params = _params(params_path, workers, scheduler)
+        result = _run("flows.stats", "stats_flow", params, str(train), str(out))
+    console.print(f"stats: {result['images']} images; written to {out}/mean.npy, {out}/pca.json")
+
+
+@app.command()
+def pack(
+    prepared: Annotated[Path, typer.Argument(help="prepared folder (train/, val/ shards)")] = Path(
+        "data/prepared"
+    ),
+    out: Annotated[Path, typer.Argument(help="output folder: one LMDB per split")] = Path(
+        "data/lmdb"
+    ),
+    params_path: ParamsOption = Path("params.yaml"),
+    workers: WorkersOption = None,
+    scheduler: SchedulerOption = None,
+) -> None:
+    """Pack the prepared shards into one LMDB store per split (params `pack`; the
+    schema is in DESIGN.md): train in a seeded shuffled order, val in source order."""
+    with _user_errors():
+        params = _params(params_path, workers, scheduler)
+        cores = params.compute.workers or os.cpu_count() or 1
+        counts = _run(
+            "flows.pack", "pack_flow", params, str(prepared), str(out), params.pack, cores
+        )
+    console.print(f"pack: {counts} records written to {out}")
+
+
+@app.command()
 def doctor() -> None:
     """Print what the pipeline runs on: PIL (pillow-simd?), libjpeg-turbo, torch and CUDA
     devices, and which Prefect API flows report to."""

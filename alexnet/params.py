@@ -62,6 +62,17 @@ class PrepareParams(_Section):
     )
 
 
+class PackParams(_Section):
+    """Prepared shards -> one LMDB store per split (DESIGN.md, "LMDB")."""
+
+    encoding: Literal["raw", "jpeg"] = Field(
+        "raw", description="raw: HWC uint8 bytes (fastest reads, ~196 KB/image); jpeg: as prepared"
+    )
+    shuffle_train: bool = Field(True, description="store train records in a seeded random order")
+    seed: int = Field(0, description="seed of the train order")
+    batch: int = Field(256, ge=1, description="records per parallel read task and transaction")
+
+
 class ComputeParams(_Section):
     """Where parallel work runs. Results are identical whatever is chosen here."""
 
@@ -76,6 +87,7 @@ class ComputeParams(_Section):
 class Params(_Section):
     synth: SynthParams = SynthParams()
     prepare: PrepareParams = PrepareParams()
+    pack: PackParams = PackParams()
     compute: ComputeParams = ComputeParams()
 
 

@@ -3,7 +3,8 @@ ours (pillow-simd + draft + crop-region resize) vs a plain stock-Pillow baseline
 side environment that `make bench` creates) vs decode-only, on photo-like JPEGs of
 ImageNet size (~500x375) and large ones (~2000x1500).
 
-    make bench            # or: python bench/prepare.py --baseline-python .venv-bench-pillow/bin/python
+    make bench
+    python bench/prepare.py --baseline-python .venv-bench-pillow/bin/python
 
 Every mode runs in a fresh single-threaded subprocess under the same environment
 (including the glibc malloc settings), best of `--repeats` passes.
@@ -27,15 +28,21 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "prepare_worker.py"
 # Same allocator behaviour for every process (see shared/TOOLS.md: it moves Pillow 15-45%).
-ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "268435456",
-       "OMP_NUM_THREADS": "1"}  # fmt: skip
+ENV = {
+    **os.environ,
+    "MALLOC_MMAP_THRESHOLD_": "67108864",
+    "MALLOC_TRIM_THRESHOLD_": "268435456",
+    "OMP_NUM_THREADS": "1",
+}
 
 
 def photo_like(width: int, height: int, seed: int) -> bytes:
     """Smooth structure plus fine texture, so the JPEG is about as large as a photo's."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width] / max(width, height)
-    base = np.stack([np.sin(x * rng.uniform(4, 20) + y * rng.uniform(4, 20) + c) for c in range(3)], -1)
+    base = np.stack(
+        [np.sin(x * rng.uniform(4, 20) + y * rng.uniform(4, 20) + c) for c in range(3)], -1
+    )
     fine = rng.normal(0, 1, (height // 2 + 1, width // 2 + 1, 3)).repeat(2, 0).repeat(2, 1)
     pixels = np.clip(base * 70 + 128 + fine[:height, :width] * 22, 0, 255).astype(np.uint8)
     out = io.BytesIO()
@@ -70,30 +77,44 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())  # fmt: skip
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.machine(),
+    )
     print(f"CPU: {cpu}; one core per measurement; best of {args.repeats}")
     with tempfile.TemporaryDirectory() as tmp:
         sets = {
             "ImageNet-sized ~500x375": (Path(tmp) / "normal", args.images, (500, 375)),
             "large ~2000x1500": (Path(tmp) / "large", args.large, (2000, 1500)),
         }
-        header = f"{'images':<26}{'KB':>6}{'stock Pillow':>14}{'ours':>8}{'decode':>8}" \
-                 f"{'ours/Pillow':>13}{'ours time/decode':>18}"  # fmt: skip
+        header = (
+            f"{'images':<26}{'KB':>6}{'stock Pillow':>14}{'ours':>8}{'decode':>8}"
+            f"{'ours/Pillow':>13}{'ours time/decode':>18}"
+        )
         print(header)
         for label, (folder, count, size) in sets.items():
             kb = make_set(folder, count, size)
             rate = {}
             versions = {}
-            for name, python, mode in (("pillow", args.baseline_python, "pillow"),
-                                       ("ours", sys.executable, "ours"),
-                                       ("decode", sys.executable, "decode")):  # fmt: skip
+            for name, python, mode in (
+                ("pillow", args.baseline_python, "pillow"),
+                ("ours", sys.executable, "ours"),
+                ("decode", sys.executable, "decode"),
+            ):
                 result = timed(python, mode, folder, args.repeats)
                 rate[name] = result["images"] / result["seconds"]
                 versions[name] = result["pil"]
-            print(f"{label:<26}{kb:>6.0f}{rate['pillow']:>14.0f}{rate['ours']:>8.0f}{rate['decode']:>8.0f}"
-                  f"{rate['ours'] / rate['pillow']:>12.2f}x{rate['decode'] / rate['ours']:>17.2f}x")  # fmt: skip
-        print(f"(images/s per core; stock Pillow {versions['pillow']}, ours PIL {versions['ours']})")
+            print(
+                f"{label:<26}{kb:>6.0f}{rate['pillow']:>14.0f}{rate['ours']:>8.0f}{rate['decode']:>8.0f}"
+                f"{rate['ours'] / rate['pillow']:>12.2f}x{rate['decode'] / rate['ours']:>17.2f}x"
+            )
+        print(
+            f"(images/s per core; stock Pillow {versions['pillow']}, ours PIL {versions['ours']})"
+        )
 
 
 if __name__ == "__main__":

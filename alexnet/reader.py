@@ -1,0 +1,94 @@
+"""Reading an LMDB split (DESIGN.md, "LMDB") as uint8 tensors, for torch.
+
+`LmdbSplit` is a map-style `Dataset` of (CHW uint8 tensor, label) that is safe with
+`DataLoader(num_workers>0)`: the environment is opened lazily in each process,
+read-only, without a lock file. `read_batch(indices)` returns one contiguous (N, 3, H, W)
+uint8 tensor for the training loop. JPEG payloads are decoded by libjpeg-turbo through
+`torchvision.io.decode_jpeg`, straight into CHW tensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from alexnet.lmdb_store import META_KEY, StoreError, check_meta, decode_value, key, open_readonly
+
+
+class LmdbSplit(torch.utils.data.Dataset):
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        env = open_readonly(self.path)
+        try:
+            with env.begin() as txn:
+                self.meta = check_meta(txn.get(META_KEY), self.path)
+        finally:
+            env.close()
+        self.encoding = self.meta["encoding"]
+        self.shape = (3, self.meta["height"], self.meta["width"])
+        self._env = None
+
+    def __len__(self) -> int:
+        return self.meta["count"]
+
+    @property
+    def classes(self) -> list[dict]:
+        return self.meta["classes"]
+
+    def __getstate__(self) -> dict:
+        # A DataLoader worker gets a copy without the parent's environment handle.
+        return {**self.__dict__, "_env": None}
+
+    def _txn(self):
+        if self._env is None:
+            self._env = open_readonly(self.path)
+        return self._env.begin(buffers=True)
+
+    def _value(self, txn, index: int):
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.path}: index {index} out of range 0..{len(self) - 1}")
+        value = txn.get(key(index))
+        where = f"{self.path}: key {key(index).decode()}"
+        if value is None:
+            raise StoreError(f"{where}: missing")
+        label, height, width, payload = decode_value(value, where, self.encoding)
+        if (3, height, width) != self.shape:
+            raise StoreError(f"{where}: image is {height}x{width}, store says {self.shape[1:]}")
+        return label, payload, where
+
+    def _decode_into(self, out: torch.Tensor, payload, where: str) -> None:
+        if self.encoding == "raw":
+            # Copied through numpy: the payload is a read-only view into the memory map.
+            hwc = np.frombuffer(payload, dtype=np.uint8).reshape(self.shape[1], self.shape[2], 3)
+            out.numpy()[...] = hwc.transpose(2, 0, 1)
+            return
+        try:
+            data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            image = decode_jpeg(data, mode=ImageReadMode.RGB)
+        except RuntimeError as error:
+            raise StoreError(f"{where}: cannot decode JPEG payload ({error})") from None
+        if tuple(image.shape) != self.shape:
+            raise StoreError(f"{where}: JPEG is {tuple(image.shape)}, store says {self.shape}")
+        out.copy_(image)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = torch.empty(self.shape, dtype=torch.uint8)
+        with self._txn() as txn:
+            label, payload, where = self._value(txn, int(index))
+            self._decode_into(image, payload, where)
+        return image, label
+
+    def read_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, H, W) uint8 images and (N,) int64 labels of `indices`, in that order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        images = torch.empty((len(indices), *self.shape), dtype=torch.uint8)
+        labels = torch.empty(len(indices), dtype=torch.int64)
+        with self._txn() as txn:
+            for row, index in enumerate(indices):
+                label, payload, where = self._value(txn, int(index))
+                self._decode_into(images[row], payload, where)
+                labels[row] = label
+        return images, labels

@@ -1,0 +1,35 @@
+"""Flow of the stats stage: mean image and RGB PCA of the prepared training shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from prefect import flow, get_run_logger
+
+from alexnet.atomic import atomic_output, write_json
+from alexnet.stats import StatsError, mean_image, reduce_moments, rgb_pca
+from flows.progress import gather
+from tasks.stats import shard_moments_task
+
+
+@flow(name="stats")
+def stats_flow(train: str = "data/prepared/train", out: str = "data/stats") -> dict:
+    """Map over the shards, reduce in shard order, write mean.npy and pca.json."""
+    shards = sorted(Path(train).glob("shard-*.tar"))
+    if not shards:
+        raise StatsError(f"{train}: no shard-*.tar files (run prepare first)")
+    futures = [shard_moments_task.submit(str(shard)) for shard in shards]
+    moments = reduce_moments(gather(futures, "stats", [1] * len(shards)))
+    pca = rgb_pca(moments)
+    target = Path(out)
+    with atomic_output(target / "mean.npy") as temporary, open(temporary, "wb") as stream:
+        np.save(stream, mean_image(moments), allow_pickle=False)
+    write_json(target / "pca.json", pca)
+    get_run_logger().info(
+        "stats of %d images: RGB mean %s, eigenvalues %s",
+        pca["images"],
+        np.round(pca["rgb_mean"], 2).tolist(),
+        np.round(pca["eigenvalues"], 1).tolist(),
+    )
+    return {"images": pca["images"], "eigenvalues": pca["eigenvalues"]}

@@ -1,0 +1,13 @@
+"""Prefect task of the stats stage: the sufficient statistics of one shard."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from alexnet.stats import Moments, shard_moments
+
+
+@task(name="shard-moments", cache_policy=NO_CACHE)
+def shard_moments_task(shard: str) -> Moments:
+    return shard_moments(shard)
