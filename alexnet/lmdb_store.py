@@ -105,8 +105,9 @@ def write_store(
     with atomic_output(path) as folder:
         folder.mkdir()
         # lock=False: no lock.mdb; sync=False: one sync at the end (the rename covers
-        # crashes); no writemap: it would make data.mdb a sparse file of map_size.
-        env = lmdb.open(str(folder), map_size=map_size, lock=False, sync=False, meminit=False)
+        # crashes); no writemap: it would make data.mdb a sparse file of map_size; meminit
+        # (default) zeroes unused page bytes, so the same records give the same file.
+        env = lmdb.open(str(folder), map_size=map_size, lock=False, sync=False)
         try:
             for batch in batches:
                 items = [

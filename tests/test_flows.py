@@ -136,3 +136,70 @@ def test_real_sigkill_then_rerun_gives_the_same_shards(tmp_path, prefect_server)
     )
     assert shard_bytes(tmp_path / "out") == shard_bytes(fresh)
     assert not list(tmp_path.glob("out/**/.*tmp*"))
+
+
+def test_stats_flow_same_bits_for_any_worker_count_and_equal_direct(reference, tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from alexnet.shards import iter_shard
+    from flows.stats import stats_flow
+
+    train = reference[0] / "train"
+    for workers in (1, 2):
+        stats_flow.with_options(task_runner=task_runner(None, workers))(
+            str(train), str(tmp_path / f"s{workers}")
+        )
+    for name in ("mean.npy", "pca.json"):
+        assert (tmp_path / "s1" / name).read_bytes() == (tmp_path / "s2" / name).read_bytes()
+
+    pixels = np.stack(
+        [
+            np.asarray(Image.open(io.BytesIO(r.jpeg)).convert("RGB"))
+            for shard in sorted(train.glob("*.tar"))
+            for r in iter_shard(shard)
+        ]
+    ).astype(np.float64)
+    mean = np.load(tmp_path / "s1" / "mean.npy", allow_pickle=False)
+    assert mean.dtype == np.float32 and mean.shape == (256, 256, 3)
+    assert np.array_equal(mean, pixels.mean(0).astype(np.float32))
+    import json
+
+    pca = json.loads((tmp_path / "s1" / "pca.json").read_text())
+    direct = np.cov(pixels.reshape(-1, 3).T, bias=True)
+    assert np.allclose(pca["covariance"], direct, rtol=1e-9, atol=0)
+
+
+def test_pack_flow_orders_and_worker_invariance(reference, tmp_path):
+    import numpy as np
+
+    from alexnet.pack import index_shards, load_chunk
+    from alexnet.params import PackParams
+    from alexnet.reader import LmdbSplit
+    from flows.pack import pack_flow
+
+    prepared = reference[0]
+    params = PackParams(batch=5, seed=3)
+    for workers in (1, 2):
+        counts = pack_flow.with_options(task_runner=task_runner(None, workers))(
+            str(prepared), str(tmp_path / f"l{workers}"), params, workers
+        )
+        assert counts == {"train": 21, "val": 6}
+    for split in ("train", "val"):
+        first, second = (tmp_path / f"l{w}" / split / "data.mdb" for w in (1, 2))
+        assert first.read_bytes() == second.read_bytes()
+
+    for split, order in (
+        ("train", np.random.default_rng(3).permutation(21)),
+        ("val", np.arange(6)),
+    ):
+        source = load_chunk(index_shards(prepared / split), "raw")
+        stored = LmdbSplit(tmp_path / "l1" / split)
+        images, labels = stored.read_batch(range(len(stored)))
+        for position, index in enumerate(order):
+            label, payload = source[index]
+            assert labels[position] == label
+            expected = np.frombuffer(payload, np.uint8).reshape(256, 256, 3)
+            assert np.array_equal(images[position].permute(1, 2, 0).numpy(), expected)

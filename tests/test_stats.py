@@ -1,0 +1,90 @@
+"""Mean image and RGB PCA: against a direct numpy computation over all pixels."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from alexnet.shards import Record, write_shard
+from alexnet.stats import (
+    StatsError,
+    empty_moments,
+    fix_signs,
+    mean_image,
+    reduce_moments,
+    rgb_pca,
+    shard_moments,
+)
+from tests.conftest import encode, photo
+
+
+def make_shards(folder, per_shard=(3, 2, 4), size=32):
+    """Shards of random-ish JPEGs, and the decoded pixels a direct computation uses."""
+    pixels, paths, n = [], [], 0
+    for index, count in enumerate(per_shard):
+        records = []
+        for _ in range(count):
+            data = encode(photo(size, size, seed=n), "JPEG", quality=85)
+            records.append(Record(f"k{n}", data, n % 3))
+            pixels.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+            n += 1
+        path = folder / f"shard-{index:05d}.tar"
+        write_shard(path, records, {})
+        paths.append(path)
+    return paths, np.stack(pixels)
+
+
+def test_mean_and_covariance_equal_direct_numpy(tmp_path):
+    paths, pixels = make_shards(tmp_path)
+    moments = reduce_moments([shard_moments(p, size=32) for p in paths])
+    assert np.array_equal(mean_image(moments), pixels.astype(np.float64).mean(0).astype(np.float32))
+
+    pca = rgb_pca(moments)
+    flat = pixels.reshape(-1, 3).astype(np.float64)
+    direct = np.cov(flat.T, bias=True)
+    assert np.allclose(pca["covariance"], direct, rtol=1e-9, atol=0)
+    assert np.allclose(pca["rgb_mean"], flat.mean(0), rtol=1e-12)
+    assert pca["pixels"] == flat.shape[0] and pca["images"] == len(pixels)
+
+    values, vectors = np.array(pca["eigenvalues"]), np.array(pca["eigenvectors"])
+    assert list(values) == sorted(values, reverse=True)
+    assert np.allclose(direct @ vectors, vectors * values, rtol=1e-9, atol=1e-7)
+    assert np.allclose(vectors.T @ vectors, np.eye(3), atol=1e-12)
+    assert np.allclose(values, np.sort(np.linalg.eigvalsh(direct))[::-1], rtol=1e-9)
+
+
+def test_same_bits_whatever_the_grouping_of_shards(tmp_path):
+    paths, _ = make_shards(tmp_path, per_shard=(2, 2, 2, 2))
+    parts = [shard_moments(p, size=32) for p in paths]
+    in_order = reduce_moments(parts)
+    pairs = reduce_moments([parts[0] + parts[1], parts[2] + parts[3]])
+    for a, b in ((in_order, pairs),):
+        assert a.image_sum.tobytes() == b.image_sum.tobytes()
+        assert a.rgb_outer.tobytes() == b.rgb_outer.tobytes()
+        assert rgb_pca(a) == rgb_pca(b)
+
+
+def test_sign_rule_makes_largest_component_positive():
+    vectors = np.array([[0.1, -0.9], [-0.8, 0.2]])
+    fixed = fix_signs(vectors)
+    assert np.array_equal(fixed, [[-0.1, 0.9], [0.8, -0.2]])
+    assert np.array_equal(fix_signs(-vectors), fixed)  # either sign in, the same out
+
+
+def test_corrupt_shard_is_named(tmp_path):
+    write_shard(tmp_path / "shard-00000.tar", [Record("a", b"\xff\xd8 not really", 0)], {})
+    with pytest.raises(StatsError, match="shard-00000.tar: cannot read shard"):
+        shard_moments(tmp_path / "shard-00000.tar", size=32)
+
+
+def test_wrong_image_size_is_an_error(tmp_path):
+    write_shard(tmp_path / "s.tar", [Record("a", encode(photo(40, 32), "JPEG"), 0)], {})
+    with pytest.raises(StatsError, match="expected 32x32"):
+        shard_moments(tmp_path / "s.tar", size=32)
+
+
+def test_empty_moments_shape():
+    assert empty_moments(8, 4).image_sum.shape == (8, 4, 3)

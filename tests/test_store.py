@@ -1,0 +1,169 @@
+"""The LMDB store: round trip, the format read by an outside reader, DataLoader workers,
+atomic writes, and clear errors on corrupted data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import lmdb
+import numpy as np
+import pytest
+import torch
+
+from alexnet.lmdb_store import StoreError, read_meta, write_store
+from alexnet.reader import LmdbSplit
+from tests.conftest import REPO, encode, photo
+
+SIZE = 32
+CLASSES = [{"index": i, "wnid": f"n{i}", "name": f"class {i}"} for i in range(3)]
+
+
+def images(count: int) -> list[np.ndarray]:
+    return [np.asarray(photo(SIZE, SIZE, seed=i)) for i in range(count)]
+
+
+def raw_records(pixels) -> list[tuple[int, bytes]]:
+    return [(i % 3, p.tobytes()) for i, p in enumerate(pixels)]
+
+
+def store(tmp_path, records, encoding="raw", batch=4, **options):
+    batches = [records[i : i + batch] for i in range(0, len(records), batch)]
+    path = tmp_path / "split"
+    assert write_store(path, batches, encoding, CLASSES, size=SIZE, **options) == len(records)
+    return path
+
+
+def test_raw_round_trip_items_and_batches(tmp_path):
+    pixels = images(10)
+    split = LmdbSplit(store(tmp_path, raw_records(pixels)))
+    assert len(split) == 10 and split.classes == CLASSES
+    image, label = split[7]
+    assert image.dtype == torch.uint8 and image.shape == (3, SIZE, SIZE) and label == 1
+    assert np.array_equal(image.permute(1, 2, 0).numpy(), pixels[7])
+    batch, labels = split.read_batch([9, 0, 4])
+    assert batch.shape == (3, 3, SIZE, SIZE) and batch.is_contiguous()
+    assert labels.tolist() == [0, 0, 1]
+    assert np.array_equal(batch[0].permute(1, 2, 0).numpy(), pixels[9])
+
+
+def test_jpeg_payloads_decode_like_pil(tmp_path):
+    from io import BytesIO
+
+    from PIL import Image
+
+    jpegs = [encode(photo(SIZE, SIZE, seed=i), "JPEG", quality=90) for i in range(5)]
+    split = LmdbSplit(store(tmp_path, [(i, j) for i, j in enumerate(jpegs)], encoding="jpeg"))
+    assert split.meta["encoding"] == "jpeg"
+    reference = np.asarray(Image.open(BytesIO(jpegs[3])).convert("RGB")).astype(int)
+    ours = split[3][0].permute(1, 2, 0).numpy().astype(int)
+    assert np.abs(ours - reference).max() <= 2  # both libjpeg-turbo; IDCT may differ by 1-2
+
+
+def test_outside_reader_with_only_lmdb_struct_json_numpy(tmp_path):
+    """Follows DESIGN.md's contract with no project code: proves the format."""
+    pixels = images(6)
+    path = store(tmp_path, raw_records(pixels))
+    env = lmdb.open(str(path), readonly=True, lock=False)
+    with env.begin() as txn:
+        meta = json.loads(txn.get(b"__meta__").decode("utf-8"))
+        assert meta["format"] == "alexnet-lmdb" and meta["version"] == 1
+        assert meta["count"] == 6 and meta["encoding"] == "raw" and meta["channels"] == 3
+        assert meta["classes"][2] == {"index": 2, "wnid": "n2", "name": "class 2"}
+        for index in range(meta["count"]):
+            value = txn.get(f"{index:08d}".encode("ascii"))
+            magic, label, height, width = struct.unpack("<4sIHH", value[:12])
+            assert (magic, label, height, width) == (b"AXNT", index % 3, SIZE, SIZE)
+            image = np.frombuffer(value[12:], np.uint8).reshape(height, width, 3)
+            assert np.array_equal(image, pixels[index])
+        keys = [k for k, _ in txn.cursor()]
+    env.close()
+    assert keys == [f"{i:08d}".encode() for i in range(6)] + [b"__meta__"]
+    assert not (path / "lock.mdb").exists()  # nothing for DVC to see change
+
+
+def test_dataloader_with_two_workers(tmp_path):
+    pixels = images(12)
+    split = LmdbSplit(store(tmp_path, raw_records(pixels)))
+    split[0]  # the parent's open environment must not leak into the workers
+    loader = torch.utils.data.DataLoader(split, batch_size=4, num_workers=2, shuffle=False)
+    got = torch.cat([batch for batch, _ in loader])
+    expected = torch.stack([torch.from_numpy(p.copy()).permute(2, 0, 1) for p in pixels])
+    assert torch.equal(got, expected)
+
+
+def test_map_grows_instead_of_map_full_error(tmp_path):
+    records = raw_records(images(40))  # 40 x 3 KB > the 16 KB initial map
+    split = LmdbSplit(store(tmp_path, records, batch=16, map_size=1 << 14))
+    assert len(split) == 40 and split[39][1] == 0
+
+
+def test_failed_pack_leaves_previous_store_and_no_temporary(tmp_path):
+    path = store(tmp_path, raw_records(images(3)))
+    before = (path / "data.mdb").read_bytes()
+
+    def killed():
+        yield raw_records(images(2))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_store(path, killed(), "raw", CLASSES, size=SIZE)
+    assert (path / "data.mdb").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["split"]
+
+
+def test_sigkill_during_pack_leaves_no_partial_store(tmp_path):
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(REPO)!r})
+from alexnet.lmdb_store import write_store
+def batches():
+    for i in range(1000):
+        yield [(0, bytes(3 * 32 * 32))] * 8
+        time.sleep(0.01)
+write_store({str(tmp_path / "store")!r}, batches(), "raw", [], size=32)
+"""
+    process = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 60
+    while not any(tmp_path.glob(".store.tmp-*/data.mdb")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "store").exists()
+    # The next write removes the dead run's temporary folder.
+    write_store(tmp_path / "store", [[(1, bytes(3 * 32 * 32))]], "raw", [], size=32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def _corrupt(path, key: bytes, value: bytes):
+    env = lmdb.open(str(path), lock=False)
+    with env.begin(write=True) as txn:
+        txn.put(key, value)
+    env.close()
+
+
+def test_corrupted_value_is_one_clear_error(tmp_path):
+    path = store(tmp_path, raw_records(images(4)))
+    _corrupt(path, b"00000002", b"JUNK" + bytes(8 + SIZE * SIZE * 3))
+    _corrupt(path, b"00000001", struct.pack("<4sIHH", b"AXNT", 0, SIZE, SIZE) + b"short")
+    split = LmdbSplit(path)
+    with pytest.raises(StoreError, match=r"split: key 00000002: wrong magic b'JUNK'"):
+        split[2]
+    with pytest.raises(StoreError, match="key 00000001: payload of 5 bytes, expected 32x32x3"):
+        split.read_batch([0, 1])
+
+
+def test_wrong_version_or_missing_store_is_named(tmp_path):
+    path = store(tmp_path, raw_records(images(1)))
+    meta = read_meta(path)
+    _corrupt(path, b"__meta__", json.dumps({**meta, "version": 7}).encode())
+    with pytest.raises(StoreError, match="key __meta__: version 7, need 1"):
+        LmdbSplit(path)
+    with pytest.raises(StoreError, match="no LMDB store here"):
+        LmdbSplit(tmp_path / "missing")
