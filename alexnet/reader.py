@@ -51,7 +51,7 @@ class LmdbSplit(torch.utils.data.Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"{self.path}: index {index} out of range 0..{len(self) - 1}")
         value = txn.get(key(index))
-        where = f"{self.path}: key {key(index).decode()}"
+        where = f"{self.path}: key {index:08d}"
         if value is None:
             raise StoreError(f"{where}: missing")
         label, height, width, payload = decode_value(value, where, self.encoding)
@@ -59,11 +59,12 @@ class LmdbSplit(torch.utils.data.Dataset):
             raise StoreError(f"{where}: image is {height}x{width}, store says {self.shape[1:]}")
         return label, payload, where
 
-    def _decode_into(self, out: torch.Tensor, payload, where: str) -> None:
+    def _decode_into(self, out: np.ndarray, payload, where: str) -> None:
+        """Write one image into `out`, a (3, H, W) uint8 numpy view of the result."""
         if self.encoding == "raw":
-            # Copied through numpy: the payload is a read-only view into the memory map.
+            # A numpy copy: the payload is a read-only view into the memory map.
             hwc = np.frombuffer(payload, dtype=np.uint8).reshape(self.shape[1], self.shape[2], 3)
-            out.numpy()[...] = hwc.transpose(2, 0, 1)
+            out[...] = hwc.transpose(2, 0, 1)
             return
         try:
             data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
@@ -72,23 +73,20 @@ class LmdbSplit(torch.utils.data.Dataset):
             raise StoreError(f"{where}: cannot decode JPEG payload ({error})") from None
         if tuple(image.shape) != self.shape:
             raise StoreError(f"{where}: JPEG is {tuple(image.shape)}, store says {self.shape}")
-        out.copy_(image)
+        out[...] = image.numpy()
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = torch.empty(self.shape, dtype=torch.uint8)
-        with self._txn() as txn:
-            label, payload, where = self._value(txn, int(index))
-            self._decode_into(image, payload, where)
-        return image, label
+        images, labels = self.read_batch([index])
+        return images[0], int(labels[0])
 
     def read_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 3, H, W) uint8 images and (N,) int64 labels of `indices`, in that order."""
-        indices = np.asarray(indices, dtype=np.int64)
-        images = torch.empty((len(indices), *self.shape), dtype=torch.uint8)
-        labels = torch.empty(len(indices), dtype=torch.int64)
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        images = np.empty((len(indices), *self.shape), dtype=np.uint8)
+        labels = np.empty(len(indices), dtype=np.int64)
         with self._txn() as txn:
-            for row, index in enumerate(indices):
-                label, payload, where = self._value(txn, int(index))
+            for row, index in enumerate(indices.tolist()):
+                label, payload, where = self._value(txn, index)
                 self._decode_into(images[row], payload, where)
                 labels[row] = label
-        return images, labels
+        return torch.from_numpy(images), torch.from_numpy(labels)

@@ -48,32 +48,41 @@ def empty_moments(height: int = 256, width: int = 256) -> Moments:
     return Moments(0, np.zeros((height, width, 3)), np.zeros(3), np.zeros((3, 3)))
 
 
-def add_image(moments: Moments, pixels: np.ndarray) -> None:
-    """Accumulate one (H, W, 3) uint8 image in place."""
-    moments.images += 1
-    moments.image_sum += pixels
-    channels = pixels.reshape(-1, 3).T.astype(np.float64)  # (3, H*W)
-    moments.rgb_sum += channels.sum(axis=1)
-    # Six channel-pair dot products (faster here than X.T @ X); each is an exact integer.
+def decode_rgb(jpeg: bytes) -> np.ndarray:
+    """(H, W, 3) uint8 pixels of an encoded image."""
+    image = Image.open(io.BytesIO(jpeg))
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+
+
+def outer_sum(pixels: np.ndarray) -> np.ndarray:
+    """Sum over pixels of x x^T, (3, 3) float64, exact: six channel-pair dot products of
+    contiguous float64 rows (faster here than X.T @ X); each is an integer < 2**53."""
+    channels = np.ascontiguousarray(pixels.reshape(-1, 3).T, dtype=np.float64)  # (3, H*W)
+    out = np.empty((3, 3))
     for i in range(3):
         for j in range(i, 3):
-            moments.rgb_outer[i, j] = moments.rgb_outer[j, i] = (
-                moments.rgb_outer[i, j] + channels[i] @ channels[j]
-            )
+            out[i, j] = out[j, i] = channels[i] @ channels[j]
+    return out
 
 
 def shard_moments(path: str | Path, size: int = 256) -> Moments:
     """The sufficient statistics of one prepared shard."""
-    moments = empty_moments(size, size)
+    images = 0
+    image_sum = np.zeros((size, size, 3), np.uint32)  # exact up to 16.8M images of 255
+    rgb_outer = np.zeros((3, 3))
     try:
         for record in iter_shard(Path(path)):
-            pixels = np.asarray(Image.open(io.BytesIO(record.jpeg)).convert("RGB"))
+            pixels = decode_rgb(record.jpeg)
             if pixels.shape != (size, size, 3):
                 raise ValueError(f"image {record.key} is {pixels.shape}, expected {size}x{size}")
-            add_image(moments, pixels)
+            images += 1
+            image_sum += pixels
+            rgb_outer += outer_sum(pixels)
     except (OSError, ValueError) as error:
         raise StatsError(f"{path}: cannot read shard: {error}") from None
-    return moments
+    # The RGB sum is the image sum summed over positions: no per-image work for it.
+    rgb_sum = image_sum.sum(axis=(0, 1), dtype=np.float64)
+    return Moments(images, image_sum.astype(np.float64), rgb_sum, rgb_outer)
 
 
 def reduce_moments(parts: list[Moments]) -> Moments:

@@ -13,17 +13,15 @@ Every mode runs in a fresh single-threaded subprocess under the same environment
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model, photo_like  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "prepare_worker.py"
@@ -34,20 +32,6 @@ ENV = {
     "MALLOC_TRIM_THRESHOLD_": "268435456",
     "OMP_NUM_THREADS": "1",
 }
-
-
-def photo_like(width: int, height: int, seed: int) -> bytes:
-    """Smooth structure plus fine texture, so the JPEG is about as large as a photo's."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width] / max(width, height)
-    base = np.stack(
-        [np.sin(x * rng.uniform(4, 20) + y * rng.uniform(4, 20) + c) for c in range(3)], -1
-    )
-    fine = rng.normal(0, 1, (height // 2 + 1, width // 2 + 1, 3)).repeat(2, 0).repeat(2, 1)
-    pixels = np.clip(base * 70 + 128 + fine[:height, :width] * 22, 0, 255).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="JPEG", quality=90)
-    return out.getvalue()
 
 
 def make_set(folder: Path, count: int, size: tuple[int, int]) -> float:
@@ -77,14 +61,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.machine(),
-    )
+    cpu = cpu_model()
     print(f"CPU: {cpu}; one core per measurement; best of {args.repeats}")
     with tempfile.TemporaryDirectory() as tmp:
         sets = {

@@ -1,0 +1,29 @@
+"""What the benchmarks share: photo-like test images and the machine's description."""
+
+from __future__ import annotations
+
+import io
+import platform
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def photo_like(width: int, height: int, seed: int) -> bytes:
+    """Smooth structure plus fine texture, so the JPEG is about as large as a photo's."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    waves = [np.sin(x * rng.uniform(4, 20) + y * rng.uniform(4, 20) + c) for c in range(3)]
+    fine = rng.normal(0, 1, (height // 2 + 1, width // 2 + 1, 3)).repeat(2, 0).repeat(2, 1)
+    pixels = np.clip(np.stack(waves, -1) * 70 + 128 + fine[:height, :width] * 22, 0, 255)
+    out = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
