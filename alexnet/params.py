@@ -73,6 +73,25 @@ class PackParams(_Section):
     batch: int = Field(256, ge=1, description="records per parallel read task and transaction")
 
 
+class ModelParams(_Section):
+    """The network (paper section 3) and its ablation switches."""
+
+    columns: Literal[1, 2] = Field(
+        2, description="2 = the paper's two columns; 1 = section 3.2's one-GPU net"
+    )
+    lrn: bool = Field(True, description="local response normalisation after conv1, conv2 (3.3)")
+    overlap_pool: bool = Field(True, description="max-pool 3x3 stride 2 (3.4); false: 2x2 stride 2")
+    dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout on fc6 and fc7 outputs (4.2)")
+    input_size: Literal[224, 227] = Field(
+        224, description="224 with conv1 padding 2 (torchvision), or 227 unpadded (Caffe)"
+    )
+    init: Literal["paper", "caffe", "kaiming"] = Field(
+        "paper",
+        description="paper: N(0, 0.01), biases 1/0 as section 5; caffe: bias 0.1, "
+        "fc6/fc7 std 0.005; kaiming: He-normal",
+    )
+
+
 class ComputeParams(_Section):
     """Where parallel work runs. Results are identical whatever is chosen here."""
 
@@ -88,6 +107,7 @@ class Params(_Section):
     synth: SynthParams = SynthParams()
     prepare: PrepareParams = PrepareParams()
     pack: PackParams = PackParams()
+    model: ModelParams = ModelParams()
     compute: ComputeParams = ComputeParams()
 
 

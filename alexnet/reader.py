@@ -9,6 +9,7 @@ uint8 tensor for the training loop. JPEG payloads are decoded by libjpeg-turbo t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ class LmdbSplit(torch.utils.data.Dataset):
             env.close()
         self.encoding = self.meta["encoding"]
         self.shape = (3, self.meta["height"], self.meta["width"])
-        self._env = None
+        self._env, self._pid = None, None
 
     def __len__(self) -> int:
         return self.meta["count"]
@@ -43,8 +44,12 @@ class LmdbSplit(torch.utils.data.Dataset):
         return {**self.__dict__, "_env": None}
 
     def _txn(self):
-        if self._env is None:
-            self._env = open_readonly(self.path)
+        # Opened lazily and per process: a forked DataLoader worker inherits the parent's
+        # object, and an LMDB environment must not be used across a fork.
+        if self._env is None or self._pid != os.getpid():
+            if self._env is not None:
+                self._env.close()  # the parent's handle, copied by fork: release it here
+            self._env, self._pid = open_readonly(self.path), os.getpid()
         return self._env.begin(buffers=True)
 
     def _value(self, txn, index: int):

@@ -87,14 +87,37 @@ def test_outside_reader_with_only_lmdb_struct_json_numpy(tmp_path):
     assert not (path / "lock.mdb").exists()  # nothing for DVC to see change
 
 
-def test_dataloader_with_two_workers(tmp_path):
+LOADER_CHECK = """
+import sys, numpy as np, torch
+from alexnet.reader import LmdbSplit
+split = LmdbSplit(sys.argv[1])
+split[0]  # the parent's open environment must not leak into the workers
+loader = torch.utils.data.DataLoader(split, batch_size=4, num_workers=2,
+                                     multiprocessing_context=sys.argv[2])
+got = torch.cat([batch for batch, _ in loader])
+expected = np.load(sys.argv[3])
+assert np.array_equal(got.numpy(), expected), "wrong images"
+print("ok", len(got))
+"""
+
+
+@pytest.mark.parametrize("context", ["fork", "forkserver"])
+def test_dataloader_with_two_workers(tmp_path, context):
+    # In a fresh interpreter: a process that has run a Prefect flow (as this pytest
+    # session has) loses forked workers at start-up (Prefect's at-fork handlers).
     pixels = images(12)
-    split = LmdbSplit(store(tmp_path, raw_records(pixels)))
-    split[0]  # the parent's open environment must not leak into the workers
-    loader = torch.utils.data.DataLoader(split, batch_size=4, num_workers=2, shuffle=False)
-    got = torch.cat([batch for batch, _ in loader])
-    expected = torch.stack([torch.from_numpy(p.copy()).permute(2, 0, 1) for p in pixels])
-    assert torch.equal(got, expected)
+    path = store(tmp_path, raw_records(pixels))
+    np.save(tmp_path / "expected.npy", np.stack([p.transpose(2, 0, 1) for p in pixels]))
+    command = [
+        sys.executable,
+        "-c",
+        LOADER_CHECK,
+        str(path),
+        context,
+        str(tmp_path / "expected.npy"),
+    ]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok 12", result.stderr[-2000:]
 
 
 def test_map_grows_instead_of_map_full_error(tmp_path):

@@ -1,0 +1,156 @@
+"""The network of the paper (section 3, figure 2), with the ablation switches of
+sections 3.2-3.4 and 4.2 and the initialisations of section 5.
+
+Two columns (the paper's two GPUs) run on one device as grouped convolutions: conv2,
+conv4 and conv5 see only their own column's maps (groups=2), conv3 and the fully
+connected layers see both. Local response normalisation is the paper's formula and
+normalises within a column. Shapes for a 224 input (conv1 padding 2; 227 without):
+55 -> 27 -> 27 -> 13 -> 13 -> 13 -> 13 -> 6, then 9216 -> 4096 -> 4096 -> classes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Init = Literal["paper", "caffe", "kaiming"]
+
+
+def local_response_norm(
+    x: torch.Tensor,
+    size: int = 5,
+    alpha: float = 1e-4,
+    beta: float = 0.75,
+    k: float = 2.0,
+    groups: int = 1,
+) -> torch.Tensor:
+    """Paper section 3.3: b_i = a_i / (k + alpha * sum_{j=i-n/2}^{i+n/2} a_j^2)^beta, the
+    sum over the `size` adjacent maps that exist, within each of `groups` channel groups.
+
+    Note: `torch.nn.LocalResponseNorm` (and Caffe) divide alpha by n; passing the paper's
+    alpha=1e-4 to them is a 5x weaker normalisation. Here alpha multiplies the plain sum.
+    The window sum is `size` shifted slices of the zero-padded squares: exact like the
+    reference and without `F.local_response_norm`'s 3-D pooling detour.
+    """
+    n, c, h, w = x.shape
+    half = size // 2
+    squares = (x * x).reshape(n * groups, 1, c // groups, h * w)  # (N*G, 1, C/G, H*W)
+    padded = F.pad(squares, (0, 0, half, size - 1 - half))  # zero maps beyond each group
+    window = padded[:, :, 0 : c // groups]
+    for shift in range(1, size):
+        window = window + padded[:, :, shift : shift + c // groups]
+    scale = (window.reshape(n, c, h, w) * alpha + k).pow(-beta)
+    return x * scale
+
+
+class LRN(nn.Module):
+    def __init__(
+        self,
+        size: int = 5,
+        alpha: float = 1e-4,
+        beta: float = 0.75,
+        k: float = 2.0,
+        groups: int = 1,
+    ):
+        super().__init__()
+        self.size, self.alpha, self.beta, self.k, self.groups = size, alpha, beta, k, groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return local_response_norm(x, self.size, self.alpha, self.beta, self.k, self.groups)
+
+    def extra_repr(self) -> str:
+        return (
+            f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, "
+            f"groups={self.groups}"
+        )
+
+
+def widths(columns: int) -> tuple[int, int, int, int, int]:
+    """Kernels of conv1..conv5. One column = section 3.2's comparison net: half the
+    kernels in every convolutional layer except the last (kept, like the FC layers, so
+    both nets have about the same number of parameters)."""
+    return (96, 256, 384, 384, 256) if columns == 2 else (48, 128, 192, 192, 256)
+
+
+class AlexNet(nn.Module):
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        columns: Literal[1, 2] = 2,
+        lrn: bool = True,
+        overlap_pool: bool = True,
+        dropout: float = 0.5,
+        input_size: Literal[224, 227] = 224,
+        init: Init = "paper",
+    ):
+        super().__init__()
+        if columns not in (1, 2):
+            raise ValueError(f"columns must be 1 or 2, got {columns}")
+        if input_size not in (224, 227):
+            raise ValueError(f"input_size must be 224 (conv1 padding 2) or 227, got {input_size}")
+        c1, c2, c3, c4, c5 = widths(columns)
+        pool = (3, 2) if overlap_pool else (2, 2)  # section 3.4: z=3, s=2 vs z=s=2
+        norm = (lambda: LRN(groups=columns)) if lrn else nn.Identity
+        self.columns, self.input_size, self.init = columns, input_size, init
+        self.features = nn.Sequential(
+            nn.Conv2d(3, c1, 11, stride=4, padding=2 if input_size == 224 else 0),  # conv1
+            nn.ReLU(inplace=True),
+            norm(),
+            nn.MaxPool2d(*pool),
+            nn.Conv2d(c1, c2, 5, padding=2, groups=columns),  # conv2: within a column
+            nn.ReLU(inplace=True),
+            norm(),
+            nn.MaxPool2d(*pool),
+            nn.Conv2d(c2, c3, 3, padding=1),  # conv3: across columns
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c3, c4, 3, padding=1, groups=columns),  # conv4
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c4, c5, 3, padding=1, groups=columns),  # conv5
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(*pool),
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(c5 * 6 * 6, 4096),  # fc6
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),  # section 4.2: on the outputs of fc6 and fc7
+            nn.Linear(4096, 4096),  # fc7
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(4096, num_classes),  # fc8
+        )
+        initialise(self, init)
+
+    def layers(self) -> dict[str, nn.Module]:
+        """The eight learned layers by their paper names."""
+        convs = [m for m in self.features if isinstance(m, nn.Conv2d)]
+        fcs = [m for m in self.classifier if isinstance(m, nn.Linear)]
+        names = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+        return dict(zip(names, convs + fcs, strict=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)  # (N, 256, 6, 6)
+        return self.classifier(torch.flatten(x, 1))  # (N, classes)
+
+
+def initialise(model: AlexNet, scheme: Init) -> None:
+    """Section 5: weights N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7 (so early
+    ReLUs get positive inputs), 0 in conv1, conv3, fc8. `caffe`: bvlc_alexnet's fix for
+    the paper init's flat loss (bias 0.1 instead of 1, fc6/fc7 std 0.005). `kaiming`:
+    He-normal weights (fan-in, ReLU), zero biases, fc8 N(0, 0.01)."""
+    ones = {"conv2", "conv4", "conv5", "fc6", "fc7"}
+    for name, layer in model.layers().items():
+        if scheme == "kaiming" and name != "fc8":
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+            continue
+        std = 0.005 if scheme == "caffe" and name in ("fc6", "fc7") else 0.01
+        bias = (1.0 if scheme == "paper" else 0.1) if name in ones and scheme != "kaiming" else 0.0
+        nn.init.normal_(layer.weight, 0.0, std)
+        nn.init.constant_(layer.bias, bias)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,149 @@
+"""The network of section 3: parameter counts, shapes, the LRN formula, init, ablations."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alexnet.model import LRN, AlexNet, local_response_norm, parameter_count
+
+PAPER_LAYERS = {
+    "conv1": 34_944, "conv2": 307_456, "conv3": 885_120, "conv4": 663_936,
+    "conv5": 442_624, "fc6": 37_752_832, "fc7": 16_781_312, "fc8": 4_097_000,
+}  # fmt: skip
+
+
+def test_parameter_count_is_the_papers():
+    model = AlexNet()
+    assert parameter_count(model) == 60_965_224
+    counts = {name: parameter_count(layer) for name, layer in model.layers().items()}
+    assert counts == PAPER_LAYERS
+
+
+@pytest.mark.parametrize("input_size", [224, 227])
+def test_feature_map_sizes(input_size):
+    model = AlexNet(num_classes=10, input_size=input_size).eval()
+    sizes = []
+    x = torch.zeros(2, 3, input_size, input_size)
+    for module in model.features:
+        x = module(x)
+        if isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
+            sizes.append(x.shape[-1])
+    assert sizes == [55, 27, 27, 13, 13, 13, 13, 6]
+    assert model(torch.zeros(2, 3, input_size, input_size)).shape == (2, 10)
+
+
+def lrn_direct(a: torch.Tensor, n=5, alpha=1e-4, beta=0.75, k=2.0, groups=1) -> torch.Tensor:
+    """The paper's formula, literally: a loop over maps, sums over existing neighbours."""
+    a = a.double()
+    out = torch.empty_like(a)
+    per = a.shape[1] // groups
+    for g in range(groups):
+        for i in range(per):
+            lo, hi = max(0, i - n // 2), min(per - 1, i + n // 2)
+            s = (a[:, g * per + lo : g * per + hi + 1] ** 2).sum(1)
+            out[:, g * per + i] = a[:, g * per + i] / (k + alpha * s) ** beta
+    return out
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_lrn_is_the_papers_formula_within_each_column(groups):
+    x = torch.randn(2, 12, 5, 4) * 30  # large activations, where LRN matters
+    ours = local_response_norm(x, groups=groups)
+    assert torch.allclose(ours.double(), lrn_direct(x, groups=groups), rtol=1e-6, atol=1e-6)
+
+
+def test_lrn_equals_torch_reference_with_alpha_times_n():
+    x = torch.relu(torch.randn(3, 96, 27, 27)) * 50
+    reference = F.local_response_norm(x, size=5, alpha=5 * 1e-4, beta=0.75, k=2.0)
+    assert torch.allclose(local_response_norm(x), reference, rtol=1e-6, atol=1e-6)
+    # torch's alpha is divided by n: passing the paper's 1e-4 to it is another function.
+    assert not torch.allclose(F.local_response_norm(x, 5, 1e-4, 0.75, 2.0), reference, rtol=1e-3)
+
+
+def test_conv2_is_connected_within_a_column_only():
+    model = AlexNet(num_classes=10)
+    conv2 = model.layers()["conv2"]
+    x = torch.randn(1, 96, 27, 27)
+    out = conv2(x)
+    y = x.clone()
+    y[:, 48:] = torch.randn(1, 48, 27, 27)  # change only column 1's input maps
+    changed = conv2(y)
+    assert torch.equal(out[:, :128], changed[:, :128])  # column 0's outputs unaffected
+    assert not torch.allclose(out[:, 128:], changed[:, 128:])
+
+
+def test_paper_init():
+    torch.manual_seed(0)
+    layers = AlexNet().layers()
+    for name, layer in layers.items():
+        expected = 1.0 if name in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0
+        assert torch.all(layer.bias == expected), name
+        assert abs(layer.weight.std().item() - 0.01) < 0.0005, name
+        assert abs(layer.weight.mean().item()) < 0.001, name
+
+
+def test_caffe_and_kaiming_init():
+    torch.manual_seed(0)
+    caffe = AlexNet(num_classes=10, init="caffe").layers()
+    assert torch.all(caffe["fc6"].bias == 0.1) and torch.all(caffe["conv1"].bias == 0)
+    assert abs(caffe["fc7"].weight.std().item() - 0.005) < 0.0003
+    assert abs(caffe["conv2"].weight.std().item() - 0.01) < 0.0005
+    kaiming = AlexNet(num_classes=10, init="kaiming").layers()
+    fan_in = 3 * 11 * 11
+    assert abs(kaiming["conv1"].weight.std().item() - (2 / fan_in) ** 0.5) < 0.005
+    assert all(torch.all(layer.bias == 0) for layer in kaiming.values())
+
+
+def test_one_column_net_halves_conv_kernels_but_not_conv5():
+    model = AlexNet(columns=1)
+    convs = [layer for name, layer in model.layers().items() if name.startswith("conv")]
+    assert [c.out_channels for c in convs] == [48, 128, 192, 192, 256]
+    assert all(c.groups == 1 for c in convs)
+    lrns = [m for m in model.features if isinstance(m, LRN)]
+    assert [m.groups for m in lrns] == [1, 1]
+    convs = [(3 * 121, 48), (48 * 25, 128), (128 * 9, 192), (192 * 9, 192), (192 * 9, 256)]
+    expected = sum(k * n + n for k, n in convs) + 37_752_832 + 16_781_312 + 4_097_000
+    assert parameter_count(model) == expected
+
+
+def test_ablation_switches():
+    assert not any(isinstance(m, LRN) for m in AlexNet(lrn=False).features)
+    pools = [m for m in AlexNet(overlap_pool=False).features if isinstance(m, nn.MaxPool2d)]
+    assert all(p.kernel_size == 2 and p.stride == 2 for p in pools)
+    assert AlexNet(num_classes=7, overlap_pool=False)(torch.zeros(1, 3, 224, 224)).shape == (1, 7)
+    drops = [m.p for m in AlexNet(dropout=0.3).classifier if isinstance(m, nn.Dropout)]
+    assert drops == [0.3, 0.3]
+    # Dropout acts in training only (inverted dropout: same expectation at test time).
+    model = AlexNet(num_classes=5, dropout=0.5)
+    x = torch.randn(2, 3, 224, 224)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
+def test_state_dict_round_trip_with_weights_only():
+    model = AlexNet(num_classes=10)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    other = AlexNet(num_classes=10, init="kaiming")
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    x = torch.randn(2, 3, 224, 224)
+    assert torch.equal(model.eval()(x), other.eval()(x))
+
+
+def test_channels_last_and_bf16_autocast_on_cpu():
+    torch.manual_seed(0)
+    model = AlexNet(num_classes=10, init="caffe").eval()
+    x = torch.randn(2, 3, 224, 224) * 50
+    reference = model(x)
+    fast = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+    assert torch.allclose(fast, reference, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x)
+    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+    assert torch.allclose(low.float(), reference, rtol=0.1, atol=0.1 * reference.abs().max().item())
