@@ -10,6 +10,7 @@ normalises within a column. Shapes for a 224 input (conv1 padding 2; 227 without
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -129,6 +130,13 @@ class AlexNet(nn.Module):
         fcs = [m for m in self.classifier if isinstance(m, nn.Linear)]
         names = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
         return dict(zip(names, convs + fcs, strict=True))
+
+    def place(self, devices: Sequence[torch.device | str]) -> nn.Module:
+        """Column 0 on `devices[0]`, column 1 on `devices[1]` (see alexnet/placement.py);
+        with one device, this model moved there."""
+        from alexnet.placement import place
+
+        return place(self, devices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)  # (N, 256, 6, 6)
