@@ -44,7 +44,7 @@ def lrn_direct(a: torch.Tensor, n=5, alpha=1e-4, beta=0.75, k=2.0, groups=1) -> 
     per = a.shape[1] // groups
     for g in range(groups):
         for i in range(per):
-            lo, hi = max(0, i - n // 2), min(per - 1, i + n // 2)
+            lo, hi = max(0, i - n // 2), min(per - 1, i + (n - 1) // 2)  # even n: torch's
             s = (a[:, g * per + lo : g * per + hi + 1] ** 2).sum(1)
             out[:, g * per + i] = a[:, g * per + i] / (k + alpha * s) ** beta
     return out
@@ -147,3 +147,15 @@ def test_channels_last_and_bf16_autocast_on_cpu():
         low = model(x)
     assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
     assert torch.allclose(low.float(), reference, rtol=0.1, atol=0.1 * reference.abs().max().item())
+
+
+@pytest.mark.parametrize(("size", "groups"), [(5, 1), (5, 2), (4, 1), (3, 2)])
+def test_lrn_backward_matches_numerical_gradient(size, groups):
+    x = (torch.randn(2, 8, 3, 3, dtype=torch.float64) * 20).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda t: local_response_norm(t, size=size, alpha=1e-3, groups=groups), (x,)
+    )
+    ours = local_response_norm(x.detach(), size=size, alpha=1e-3, groups=groups)
+    assert torch.allclose(
+        ours, lrn_direct(x.detach(), n=size, alpha=1e-3, groups=groups), rtol=1e-12
+    )
