@@ -23,6 +23,7 @@ $(BASELINE_VENV)/bin/python:
 bench: setup $(BASELINE_VENV)/bin/python
 	python bench/prepare.py --baseline-python $(BASELINE_VENV)/bin/python
 	python bench/store.py
+	python bench/model.py
 
 lint: setup
 	ruff check . && ruff format --check .
