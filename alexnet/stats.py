@@ -44,10 +44,6 @@ class Moments:
         )
 
 
-def empty_moments(height: int = 256, width: int = 256) -> Moments:
-    return Moments(0, np.zeros((height, width, 3)), np.zeros(3), np.zeros((3, 3)))
-
-
 def decode_rgb(jpeg: bytes) -> np.ndarray:
     """(H, W, 3) uint8 pixels of an encoded image."""
     image = Image.open(io.BytesIO(jpeg))

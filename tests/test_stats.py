@@ -11,7 +11,6 @@ from PIL import Image
 from alexnet.shards import Record, write_shard
 from alexnet.stats import (
     StatsError,
-    empty_moments,
     fix_signs,
     mean_image,
     reduce_moments,
@@ -84,7 +83,3 @@ def test_wrong_image_size_is_an_error(tmp_path):
     write_shard(tmp_path / "s.tar", [Record("a", encode(photo(40, 32), "JPEG"), 0)], {})
     with pytest.raises(StatsError, match="expected 32x32"):
         shard_moments(tmp_path / "s.tar", size=32)
-
-
-def test_empty_moments_shape():
-    assert empty_moments(8, 4).image_sum.shape == (8, 4, 3)
