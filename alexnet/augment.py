@@ -1,0 +1,114 @@
+"""Training-time data augmentation of paper section 4.1, on whole batches on the device.
+
+From a batch of 256x256 uint8 images: subtract the mean image (section 2), take a random
+224x224 patch (the same window of the mean image), reflect it horizontally with p=0.5,
+and add PCA lighting noise -- one offset `eigvecs @ (a * eigvals)`, a ~ N(0, sigma) per
+image per use, added to every pixel. No per-image Python: crops are one gather.
+
+PCA scale (PAPER.md, "scale trap"): the stats stage stores the eigen-decomposition of
+0-255 pixels. `lighting_scale` turns it into an offset in 0-255 units:
+- "unit": eigenvalues of [0, 1] pixels (fb.resnet.torch's convention; ~5.5 grey levels
+  along PC1 at sigma 0.1 on ImageNet): offset = 255 * V (a * lambda / 255^2);
+- "std255": square roots of the 0-255 eigenvalues (cuda-convnet2's; ~12 levels):
+  offset = V (a * sqrt(lambda)).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Scale = Literal["unit", "std255"]
+
+
+def crop_grid(
+    tops: torch.Tensor, lefts: torch.Tensor, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices of each image's window: (N, size) each."""
+    steps = torch.arange(size, device=tops.device)
+    return tops[:, None] + steps, lefts[:, None] + steps
+
+
+def gather_crops(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, size, size): image n's rows[n] x cols[n] window."""
+    n, c = images.shape[:2]
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    channel = torch.arange(c, device=images.device)[None, :, None, None]
+    return images[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def lighting_offsets(alphas: torch.Tensor, eigvals: torch.Tensor, eigvecs: torch.Tensor,
+                     scale: Scale = "unit") -> torch.Tensor:  # fmt: skip
+    """(N, 3) RGB offsets in 0-255 units from (N, 3) draws a; eigvecs has the vectors as
+    columns, eigvals are of the 0-255 covariance."""
+    if scale == "unit":
+        weights = alphas * (eigvals / 255.0**2) * 255.0
+    elif scale == "std255":
+        weights = alphas * eigvals.clamp(min=0).sqrt()
+    else:
+        raise ValueError(f"unknown lighting scale {scale!r}")
+    return weights @ eigvecs.T  # row n: sum_i w[n, i] * p_i
+
+
+class Augment:
+    """The per-batch training transform; each step switchable for the paper's ablations."""
+
+    def __init__(self, mean: torch.Tensor, eigvals: torch.Tensor, eigvecs: torch.Tensor,
+                 crop: int = 224, flip: bool = True, random_crop: bool = True,
+                 lighting: float = 0.1, lighting_scale: Scale = "unit",
+                 subtract_mean: bool = True):  # fmt: skip
+        self.mean = mean.float()  # (3, 256, 256), 0-255
+        self.eigvals, self.eigvecs = eigvals.float(), eigvecs.float()
+        self.crop, self.flip, self.random_crop = crop, flip, random_crop
+        self.lighting, self.lighting_scale, self.subtract_mean = (
+            lighting,
+            lighting_scale,
+            subtract_mean,
+        )
+
+    def to(self, device: torch.device | str) -> Augment:
+        self.mean, self.eigvals, self.eigvecs = (
+            t.to(device) for t in (self.mean, self.eigvals, self.eigvecs)
+        )
+        return self
+
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """(N, 3, 256, 256) uint8 -> (N, 3, crop, crop) float32, mean-subtracted 0-255."""
+        n, _, height, width = images.shape
+        device = images.device
+        if self.random_crop:
+            tops = torch.randint(
+                0, height - self.crop + 1, (n,), generator=generator, device=device
+            )
+            lefts = torch.randint(
+                0, width - self.crop + 1, (n,), generator=generator, device=device
+            )
+        else:
+            tops = torch.full((n,), (height - self.crop) // 2, device=device)
+            lefts = torch.full((n,), (width - self.crop) // 2, device=device)
+        rows, cols = crop_grid(tops, lefts, self.crop)
+        out = gather_crops(images, rows, cols).float()  # (N, 3, crop, crop)
+        if self.subtract_mean:
+            out -= gather_crops(self.mean.expand(n, -1, -1, -1), rows, cols)
+        if self.flip:
+            flips = torch.rand(n, generator=generator, device=device) < 0.5
+            out = torch.where(flips[:, None, None, None], out.flip(-1), out)
+        if self.lighting > 0:
+            alphas = torch.randn(n, 3, generator=generator, device=device) * self.lighting
+            out += lighting_offsets(alphas, self.eigvals, self.eigvecs, self.lighting_scale)[
+                :, :, None, None
+            ]
+        return out
+
+
+def centre_crop(images: torch.Tensor, mean: torch.Tensor | None, crop: int = 224) -> torch.Tensor:
+    """Validation input: the central crop, minus the same window of the mean image."""
+    height, width = images.shape[-2:]
+    top, left = (height - crop) // 2, (width - crop) // 2
+    out = images[..., top : top + crop, left : left + crop].float()
+    if mean is not None:
+        out -= mean[..., top : top + crop, left : left + crop]
+    return out

@@ -1,0 +1,106 @@
+"""Augmentation math of section 4.1 against direct computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alexnet.augment import Augment, centre_crop, crop_grid, gather_crops, lighting_offsets
+
+N = 64
+
+
+def coordinate_images(n: int = N) -> torch.Tensor:
+    """Images whose pixels say where they are: channel 0 = row, 1 = column, 2 = image."""
+    rows = torch.arange(256)[:, None].expand(256, 256)
+    cols = torch.arange(256)[None, :].expand(256, 256)
+    return torch.stack([torch.stack([rows, cols, torch.full_like(rows, i)]) for i in range(n)])
+
+
+def eigen():
+    vectors = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(1)))[0]
+    return torch.tensor([4000.0, 400.0, 40.0]), vectors
+
+
+def test_gather_equals_slicing():
+    images = torch.randint(0, 256, (5, 3, 40, 50), dtype=torch.uint8)
+    tops, lefts = torch.tensor([0, 3, 16, 8, 1]), torch.tensor([0, 26, 5, 13, 9])
+    crops = gather_crops(images, *crop_grid(tops, lefts, 24))
+    for n in range(5):
+        t, l = int(tops[n]), int(lefts[n])
+        assert torch.equal(crops[n], images[n, :, t : t + 24, l : l + 24])
+
+
+def test_random_crops_are_224_windows_inside_the_image_and_vary():
+    images = coordinate_images().float()
+    augment = Augment(
+        torch.zeros(3, 256, 256), *eigen(), flip=False, lighting=0, subtract_mean=False
+    )
+    out = augment(images, torch.Generator().manual_seed(0))
+    assert out.shape == (N, 3, 224, 224)
+    tops, lefts = out[:, 0, 0, 0], out[:, 1, 0, 0]
+    for n in range(N):
+        t, l = int(tops[n]), int(lefts[n])
+        assert 0 <= t <= 32 and 0 <= l <= 32
+        assert torch.equal(out[n], images[n, :, t : t + 224, l : l + 224])
+    assert len(set(tops.tolist())) > 10 and len(set(lefts.tolist())) > 10
+
+
+def test_mean_subtraction_uses_the_same_window_and_flips_with_the_image():
+    images = coordinate_images().float()
+    mean = images[0].clone()  # mean pixel value = its own coordinates
+    mean[2] = 0
+    augment = Augment(mean, *eigen(), lighting=0)
+    out = augment(images, torch.Generator().manual_seed(0))
+    assert torch.count_nonzero(out[:, :2]) == 0  # row and column cancel exactly: same window
+
+
+def test_flip_is_a_horizontal_mirror_about_half_the_time():
+    images = torch.randint(0, 256, (200, 3, 256, 256), dtype=torch.uint8)
+    augment = Augment(torch.zeros(3, 256, 256), *eigen(), random_crop=False, lighting=0)
+    out = augment(images, torch.Generator().manual_seed(0))
+    centre = images[:, :, 16:240, 16:240].float()
+    same = (out == centre).flatten(1).all(1)
+    mirrored = (out == centre.flip(-1)).flatten(1).all(1)
+    assert torch.all(same | mirrored)
+    assert 70 < int(mirrored.sum()) < 130
+
+
+@pytest.mark.parametrize("scale", ["unit", "std255"])
+def test_pca_lighting_offset_is_the_papers_formula(scale):
+    eigvals, eigvecs = eigen()
+    images = torch.randint(0, 256, (N, 3, 256, 256), dtype=torch.uint8)
+    augment = Augment(torch.zeros(3, 256, 256), eigvals, eigvecs, random_crop=False, flip=False,
+                      lighting=0.1, lighting_scale=scale)  # fmt: skip
+    out = augment(images, torch.Generator().manual_seed(5))
+    alphas = torch.randn(N, 3, generator=torch.Generator().manual_seed(5)) * 0.1
+    offsets = out - images[:, :, 16:240, 16:240].float()
+    for n in range(N):
+        # [p1 p2 p3] [a1 l1, a2 l2, a3 l3]^T with the chosen eigenvalue convention.
+        lam = eigvals / 255.0 if scale == "unit" else eigvals.sqrt()
+        direct = sum(alphas[n, i] * lam[i] * eigvecs[:, i] for i in range(3))
+        assert torch.allclose(offsets[n], direct[:, None, None].expand(3, 224, 224), atol=1e-3)
+
+
+def test_lighting_scale_magnitudes_match_the_known_imagenet_figures():
+    # fb.resnet.torch's ImageNet eigenvalue on [0, 1] pixels: 0.2175 -> ~5.5 levels at 0.1.
+    eigvals = torch.tensor([0.2175 * 255**2, 0.0, 0.0])
+    pc1 = torch.eye(3)
+    unit = lighting_offsets(torch.tensor([[0.1, 0, 0]]), eigvals, pc1, "unit")
+    std = lighting_offsets(torch.tensor([[0.1, 0, 0]]), eigvals, pc1, "std255")
+    assert abs(unit[0, 0].item() - 5.546) < 0.01 and abs(std[0, 0].item() - 11.89) < 0.01
+
+
+def test_centre_crop_and_its_mean_window():
+    images = coordinate_images(2).float()
+    out = centre_crop(images, images[0] * 0 + 1)
+    assert out.shape == (2, 3, 224, 224)
+    assert out[0, 0, 0, 0] == 16 - 1 and out[0, 1, 0, 0] == 16 - 1
+
+
+def test_same_generator_seed_same_batch():
+    images = torch.randint(0, 256, (8, 3, 256, 256), dtype=torch.uint8)
+    augment = Augment(torch.rand(3, 256, 256) * 255, *eigen())
+    first = augment(images, torch.Generator().manual_seed(3))
+    assert torch.equal(first, augment(images, torch.Generator().manual_seed(3)))
+    assert not torch.equal(first, augment(images, torch.Generator().manual_seed(4)))
