@@ -27,8 +27,8 @@ def test_gather_equals_slicing():
     tops, lefts = torch.tensor([0, 3, 16, 8, 1]), torch.tensor([0, 26, 5, 13, 9])
     crops = gather_crops(images, *crop_grid(tops, lefts, 24))
     for n in range(5):
-        t, l = int(tops[n]), int(lefts[n])
-        assert torch.equal(crops[n], images[n, :, t : t + 24, l : l + 24])
+        t, left = int(tops[n]), int(lefts[n])
+        assert torch.equal(crops[n], images[n, :, t : t + 24, left : left + 24])
 
 
 def test_random_crops_are_224_windows_inside_the_image_and_vary():
@@ -40,9 +40,9 @@ def test_random_crops_are_224_windows_inside_the_image_and_vary():
     assert out.shape == (N, 3, 224, 224)
     tops, lefts = out[:, 0, 0, 0], out[:, 1, 0, 0]
     for n in range(N):
-        t, l = int(tops[n]), int(lefts[n])
-        assert 0 <= t <= 32 and 0 <= l <= 32
-        assert torch.equal(out[n], images[n, :, t : t + 224, l : l + 224])
+        t, left = int(tops[n]), int(lefts[n])
+        assert 0 <= t <= 32 and 0 <= left <= 32
+        assert torch.equal(out[n], images[n, :, t : t + 224, left : left + 224])
     assert len(set(tops.tolist())) > 10 and len(set(lefts.tolist())) > 10
 
 
