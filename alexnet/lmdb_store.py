@@ -15,6 +15,7 @@ creates no lock file, so reading the store never changes its bytes under DVC.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -141,10 +142,28 @@ def open_readonly(path: str | Path) -> lmdb.Environment:
     return lmdb.open(str(path), readonly=True, lock=False, readahead=True, max_readers=512)
 
 
-def read_meta(path: str | Path) -> dict:
-    env = open_readonly(path)
+_SHARED: dict[str, tuple[int, tuple[int, int], lmdb.Environment]] = {}
+
+
+def shared_readonly(path: str | Path) -> lmdb.Environment:
+    """One read-only environment per store and process (py-lmdb refuses to open a path
+    twice in a process). Reopened in a forked child, whose copy of the parent's handle
+    must not be used, and when the store's file was replaced by a newer pack."""
+    path = Path(path)
     try:
-        with env.begin() as txn:
-            return check_meta(txn.get(META_KEY), Path(path))
-    finally:
-        env.close()
+        stat = (path / "data.mdb").stat()
+    except OSError:
+        raise StoreError(f"{path}: no LMDB store here (expected {path / 'data.mdb'})") from None
+    key, version = str(path.resolve()), (stat.st_ino, stat.st_mtime_ns)
+    pid, seen, env = _SHARED.get(key, (None, None, None))
+    if env is None or pid != os.getpid() or seen != version:
+        if env is not None:
+            env.close()
+        env = open_readonly(path)
+        _SHARED[key] = (os.getpid(), version, env)
+    return env
+
+
+def read_meta(path: str | Path) -> dict:
+    with shared_readonly(path).begin() as txn:
+        return check_meta(txn.get(META_KEY), Path(path))

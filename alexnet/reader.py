@@ -9,28 +9,21 @@ uint8 tensor for the training loop. JPEG payloads are decoded by libjpeg-turbo t
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from alexnet.lmdb_store import META_KEY, StoreError, check_meta, decode_value, key, open_readonly
+from alexnet.lmdb_store import StoreError, decode_value, key, read_meta, shared_readonly
 
 
 class LmdbSplit(torch.utils.data.Dataset):
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        env = open_readonly(self.path)
-        try:
-            with env.begin() as txn:
-                self.meta = check_meta(txn.get(META_KEY), self.path)
-        finally:
-            env.close()
+        self.meta = read_meta(self.path)
         self.encoding = self.meta["encoding"]
         self.shape = (3, self.meta["height"], self.meta["width"])
-        self._env, self._pid = None, None
 
     def __len__(self) -> int:
         return self.meta["count"]
@@ -39,18 +32,10 @@ class LmdbSplit(torch.utils.data.Dataset):
     def classes(self) -> list[dict]:
         return self.meta["classes"]
 
-    def __getstate__(self) -> dict:
-        # A DataLoader worker gets a copy without the parent's environment handle.
-        return {**self.__dict__, "_env": None}
-
     def _txn(self):
-        # Opened lazily and per process: a forked DataLoader worker inherits the parent's
-        # object, and an LMDB environment must not be used across a fork.
-        if self._env is None or self._pid != os.getpid():
-            if self._env is not None:
-                self._env.close()  # the parent's handle, copied by fork: release it here
-            self._env, self._pid = open_readonly(self.path), os.getpid()
-        return self._env.begin(buffers=True)
+        # The environment is shared per process and reopened after a fork (DataLoader
+        # workers), so this object itself holds no handle and pickles as a path.
+        return shared_readonly(self.path).begin(buffers=True)
 
     def _value(self, txn, index: int):
         if not 0 <= index < len(self):

@@ -1,0 +1,43 @@
+"""The learning-rate rule of paper section 5: divide the rate by 10 when the validation
+error stops improving at the current rate; after `max_drops` divisions, the next
+plateau ends training (or, with `stop_at_last_plateau` off, training runs to its epoch
+budget at the last rate)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class PlateauSchedule:
+    lr: float
+    patience: int = 2  # epochs without improvement that make a plateau
+    threshold: float = 0.0  # relative improvement that counts: error < best * (1 - threshold)
+    max_drops: int = 3
+    stop_at_last_plateau: bool = True
+    best: float = float("inf")
+    bad_epochs: int = 0
+    drops: int = 0
+    stopped: bool = False
+
+    def step(self, val_error: float) -> float:
+        """Record one epoch's validation error; returns the rate for the next epoch."""
+        if val_error < self.best * (1 - self.threshold):
+            self.best, self.bad_epochs = val_error, 0
+            return self.lr
+        self.bad_epochs += 1
+        if self.bad_epochs > self.patience:
+            self.bad_epochs = 0
+            if self.drops < self.max_drops:
+                self.drops += 1
+                self.lr /= 10
+            elif self.stop_at_last_plateau:
+                self.stopped = True
+        return self.lr
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)

@@ -1,0 +1,263 @@
+"""The training loop of paper section 5, resumable bit for bit.
+
+SGD with momentum and weight decay; torch's update `v <- m v + (g + wd w); w <- w - lr v`
+is the paper's `v <- m v - wd lr w - lr g; w <- w + v` with the velocity scaled by 1/lr:
+the same trajectory while the rate is constant, and at a rate drop torch keeps the
+velocity in gradient units (the paper's carries the old rate for one step).
+
+Every random choice of step s of epoch e (the batch order, the crops, flips and
+lighting, dropout) comes from seeds derived from (seed, e, s), not from a generator's
+running state, so a run resumed from a checkpoint draws exactly what an uninterrupted run
+draws. Checkpoints (every `checkpoint_every` steps and at every epoch end) are written
+atomically; a checkpoint made for other parameters or data is ignored, not resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from alexnet.atomic import atomic_output
+from alexnet.augment import Augment, centre_crop
+from alexnet.errors import AlexnetError
+from alexnet.model import AlexNet
+from alexnet.reader import LmdbSplit
+from alexnet.schedule import PlateauSchedule
+
+
+class TrainError(AlexnetError):
+    """Training cannot start or go on (missing data, class mismatch, no CUDA...)."""
+
+
+class Interrupted(Exception):
+    """A stop was requested (SIGTERM); the checkpoint is saved."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_patience: int = 2
+    lr_threshold: float = 0.0
+    max_lr_drops: int = 3
+    stop_at_last_plateau: bool = True
+    seed: int = 0
+    deterministic: bool = True
+    device: str = "cpu"
+    random_crop: bool = True
+    flip: bool = True
+    lighting: float = 0.1
+    lighting_scale: str = "unit"
+    subtract_mean: bool = True
+    checkpoint_every: int = 50
+    val_batch_size: int = 100
+    model: dict = field(default_factory=dict)  # AlexNet keyword arguments
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across runs and platforms."""
+    digest = hashlib.sha256(json.dumps(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def epoch_order(count: int, seed: int, epoch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(derived_seed(seed, epoch, -1))
+    return torch.randperm(count, generator=generator)
+
+
+def errors(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """Counts of top-1 and top-5 mistakes: a label is right when fewer than k classes
+    score strictly higher (ties count in the label's favour)."""
+    true = logits.gather(1, labels[:, None])
+    rank = (logits > true).sum(1)
+    k5 = min(5, logits.shape[1])
+    return int((rank >= 1).sum()), int((rank >= k5).sum())
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def load_stats(stats_dir: Path) -> tuple[torch.Tensor, dict]:
+    try:
+        mean = np.load(stats_dir / "mean.npy", allow_pickle=False)
+        pca = json.loads((stats_dir / "pca.json").read_text())
+    except (OSError, ValueError) as error:
+        raise TrainError(f"{stats_dir}: missing or corrupt stats ({error}); run stats") from None
+    return torch.from_numpy(mean).permute(2, 0, 1).contiguous(), pca  # (3, 256, 256)
+
+
+def resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"device {name!r} requested but CUDA is not available here")
+    return device
+
+
+@torch.no_grad()
+def validate(model, store: LmdbSplit, mean: torch.Tensor, crop: int, batch: int, device) -> dict:
+    """Centre-crop loss and top-1 / top-5 error on a whole split."""
+    model.eval()
+    loss = top1 = top5 = 0.0
+    for start in range(0, len(store), batch):
+        images, labels = store.read_batch(range(start, min(start + batch, len(store))))
+        images, labels = images.to(device), labels.to(device)
+        logits = model(centre_crop(images, mean, crop))
+        loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        wrong1, wrong5 = errors(logits, labels)
+        top1, top5 = top1 + wrong1, top5 + wrong5
+    n = len(store)
+    return {"val_loss": loss / n, "val_top1_error": top1 / n, "val_top5_error": top5 / n}
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, train_dir: Path, val_dir: Path, stats_dir: Path,
+                 checkpoint: Path):  # fmt: skip
+        self.config, self.checkpoint = config, Path(checkpoint)
+        self.device = resolve_device(config.device)
+        self.train, self.val = LmdbSplit(train_dir), LmdbSplit(val_dir)
+        if self.train.classes != self.val.classes:
+            raise TrainError(f"{train_dir} and {val_dir} have different class lists")
+        self.classes = self.train.classes
+        num_classes = config.model.get("num_classes", len(self.classes))
+        if num_classes != len(self.classes):
+            raise TrainError(f"model has {num_classes} classes, the data {len(self.classes)}")
+        # Bit-repeatable CPU runs; on CUDA also needs CUBLAS_WORKSPACE_CONFIG=:4096:8.
+        torch.use_deterministic_algorithms(config.deterministic, warn_only=True)
+        mean, self.pca = load_stats(Path(stats_dir))
+        self.mean = mean.to(self.device)
+        torch.manual_seed(config.seed)
+        self.model = AlexNet(**{**config.model, "num_classes": len(self.classes)}).to(self.device)
+        self.crop = self.model.input_size
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), config.lr, config.momentum, weight_decay=config.weight_decay
+        )
+        self.schedule = PlateauSchedule(
+            config.lr, config.lr_patience, config.lr_threshold, config.max_lr_drops,
+            config.stop_at_last_plateau,
+        )  # fmt: skip
+        eig = torch.tensor(self.pca["eigenvalues"]), torch.tensor(self.pca["eigenvectors"])
+        self.augment = Augment(mean, *eig, crop=self.crop, flip=config.flip,
+                               random_crop=config.random_crop, lighting=config.lighting,
+                               lighting_scale=config.lighting_scale,
+                               subtract_mean=config.subtract_mean).to(self.device)  # fmt: skip
+        self.digest = hashlib.sha256(json.dumps(
+            {"config": asdict(config), "train": file_digest(Path(train_dir) / "data.mdb"),
+             "val": file_digest(Path(val_dir) / "data.mdb"),
+             "stats": file_digest(Path(stats_dir) / "mean.npy")}, sort_keys=True
+        ).encode()).hexdigest()  # fmt: skip
+        self.epoch, self.step, self.history = 0, 0, []
+        self.running = self._fresh_totals()  # of the current epoch, checkpointed with it
+        self.stop_requested = False
+
+    @staticmethod
+    def _fresh_totals() -> dict:
+        return {"loss": 0.0, "wrong": 0, "seen": 0, "seconds": 0.0}
+
+    # -- checkpoints -------------------------------------------------------------------
+    def save(self) -> None:
+        state = {"digest": self.digest, "epoch": self.epoch, "step": self.step,
+                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "schedule": self.schedule.state_dict(), "history": self.history,
+                 "running": self.running}  # fmt: skip
+        with atomic_output(self.checkpoint) as temporary:
+            torch.save(state, temporary)
+
+    def resume(self) -> bool:
+        """Load the checkpoint if it belongs to this run; returns whether it did."""
+        if not self.checkpoint.exists():
+            return False
+        try:
+            state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
+        except Exception:  # a damaged checkpoint is only a lost shortcut: start fresh
+            return False
+        if state.get("digest") != self.digest:
+            return False
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+        self.running = state["running"]
+        return True
+
+    # -- the loop ----------------------------------------------------------------------
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train) / self.config.batch_size)
+
+    def train_step(self, indices: torch.Tensor) -> tuple[float, int]:
+        seed = derived_seed(self.config.seed, self.epoch, self.step)
+        torch.manual_seed(seed)  # dropout
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        images, labels = self.train.read_batch(indices.tolist())
+        images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
+        self.model.train()
+        logits = self.model(self.augment(images, generator))
+        loss = F.cross_entropy(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item() * len(labels), errors(logits.detach(), labels)[0]
+
+    def run_epoch(self, on_step: Callable[[int, int], None] | None = None) -> dict:
+        order = epoch_order(len(self.train), self.config.seed, self.epoch)
+        batch, totals = self.config.batch_size, self.running
+        while self.step < self.steps_per_epoch():
+            started = time.perf_counter()
+            indices = order[self.step * batch : (self.step + 1) * batch]
+            loss, wrong = self.train_step(indices)
+            totals["loss"] += loss
+            totals["wrong"] += wrong
+            totals["seen"] += len(indices)
+            totals["seconds"] += time.perf_counter() - started
+            self.step += 1
+            if on_step:
+                on_step(self.step, self.steps_per_epoch())
+            if self.stop_requested or self.step % self.config.checkpoint_every == 0:
+                self.save()
+                if self.stop_requested:
+                    raise Interrupted(f"stopped at epoch {self.epoch + 1}, step {self.step}")
+        seen = max(totals["seen"], 1)
+        record = {
+            "epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": totals["loss"] / seen, "train_top1_error": totals["wrong"] / seen,
+            "images_per_s": totals["seen"] / max(totals["seconds"], 1e-9),
+            **validate(self.model, self.val, self.mean, self.crop, self.config.val_batch_size,
+                       self.device),
+        }  # fmt: skip
+        lr = self.schedule.step(record["val_top1_error"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.history.append(record)
+        self.epoch, self.step, self.running = self.epoch + 1, 0, self._fresh_totals()
+        self.save()
+        return record
+
+    def finished(self) -> bool:
+        return self.epoch >= self.config.epochs or self.schedule.stopped
+
+    def export(self, path: Path) -> None:
+        """`models/alexnet.pt` (DESIGN.md): weights_only-loadable weights and what is
+        needed to use them."""
+        payload = {
+            "format": "alexnet-model", "version": 1,
+            "state_dict": self.model.state_dict(),
+            "classes": self.classes,
+            "model": {**self.config.model, "num_classes": len(self.classes)},
+            "mean": self.mean.cpu(),
+            "pca": {k: self.pca[k] for k in ("eigenvalues", "eigenvectors")},
+            "train": asdict(self.config), "digest": self.digest, "history": self.history,
+        }  # fmt: skip
+        with atomic_output(path) as temporary:
+            torch.save(payload, temporary)

@@ -1,0 +1,46 @@
+"""The section-5 rule on scripted validation curves."""
+
+from __future__ import annotations
+
+import pytest
+
+from alexnet.schedule import PlateauSchedule
+
+
+def run(errors, **options):
+    schedule = PlateauSchedule(lr=0.01, **options)
+    rates = []
+    for error in errors:
+        rates.append(schedule.step(error))
+        if schedule.stopped:
+            break
+    return rates, schedule
+
+
+def test_divides_by_ten_after_patience_epochs_without_improvement():
+    rates, schedule = run([0.9, 0.8, 0.8, 0.81, 0.7, 0.6], patience=1)
+    assert rates == pytest.approx([0.01, 0.01, 0.01, 0.001, 0.001, 0.001])
+    assert schedule.drops == 1 and not schedule.stopped
+
+
+def test_three_drops_then_stop_at_the_next_plateau():
+    rates, schedule = run([0.5] * 20, patience=0)
+    assert rates == pytest.approx([0.01, 1e-3, 1e-4, 1e-5, 1e-5])
+    assert schedule.drops == 3 and schedule.stopped
+
+
+def test_runs_on_at_the_last_rate_without_stop():
+    rates, schedule = run([0.5] * 10, patience=0, stop_at_last_plateau=False)
+    assert len(rates) == 10 and rates[-1] == pytest.approx(1e-5) and not schedule.stopped
+
+
+def test_threshold_ignores_tiny_improvements():
+    rates, _ = run([0.5, 0.499, 0.498], patience=1, threshold=0.01)
+    assert rates[-1] == pytest.approx(0.001)
+
+
+def test_state_round_trip():
+    _, schedule = run([0.9, 0.9, 0.9], patience=1)
+    other = PlateauSchedule(lr=1.0)
+    other.load_state_dict(schedule.state_dict())
+    assert other == schedule

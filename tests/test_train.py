@@ -1,0 +1,121 @@
+"""The training loop: resume bit-identity, learning on tiny data, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from alexnet.lmdb_store import write_store
+from alexnet.train import Interrupted, TrainConfig, Trainer, TrainError, errors
+
+CLASSES = [{"index": i, "wnid": f"n{i}", "name": f"c{i}"} for i in range(2)]
+
+
+def blobs(label: int, count: int, seed: int) -> list[tuple[int, bytes]]:
+    """256x256 images: class 0 dark with a bright square, class 1 bright with stripes."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for _ in range(count):
+        image = rng.integers(0, 40, (256, 256, 3)).astype(np.uint8)
+        if label == 0:
+            image[80:180, 80:180] = 220
+        else:
+            image[:, ::16] = 250
+        records.append((label, image.tobytes()))
+    return records
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-data")
+    train = blobs(0, 5, 1) + blobs(1, 5, 2)
+    val = blobs(0, 2, 3) + blobs(1, 2, 4)
+    write_store(root / "train", [train[::2], train[1::2]], "raw", CLASSES)
+    write_store(root / "val", [val], "raw", CLASSES)
+    (root / "stats").mkdir()
+    np.save(root / "stats" / "mean.npy", np.full((256, 256, 3), 60, np.float32))
+    eig = {"eigenvalues": [900.0, 90.0, 9.0], "eigenvectors": np.eye(3).tolist()}
+    (root / "stats" / "pca.json").write_text(json.dumps(eig))
+    return root
+
+
+def trainer(data, tmp_path, **options) -> Trainer:
+    options = {"model": {"init": "caffe", "dropout": 0.5}, **options}
+    config = TrainConfig(batch_size=4, val_batch_size=4, checkpoint_every=1, **options)  # fmt: skip
+    return Trainer(config, data / "train", data / "val", data / "stats", tmp_path / "ckpt.pt")
+
+
+def run_to_end(t: Trainer) -> None:
+    t.resume()
+    while not t.finished():
+        t.run_epoch()
+
+
+def test_resumed_run_ends_with_the_same_weights_bit_for_bit(data, tmp_path):
+    whole = trainer(data, tmp_path / "a", epochs=2)
+    run_to_end(whole)
+
+    first = trainer(data, tmp_path / "b", epochs=2)
+
+    def stop_in_epoch_two(step, total):
+        if first.epoch == 1 and step == 1:
+            first.stop_requested = True  # what the SIGTERM handler does
+
+    with pytest.raises(Interrupted):
+        while not first.finished():
+            first.run_epoch(on_step=stop_in_epoch_two)
+    resumed = trainer(data, tmp_path / "b", epochs=2)
+    assert resumed.resume() and (resumed.epoch, resumed.step) == (1, 1)
+    run_to_end(resumed)
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+    def timeless(history):
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in history]
+
+    assert timeless(resumed.history) == timeless(whole.history)
+
+
+def test_checkpoint_of_other_params_is_not_resumed(data, tmp_path):
+    t = trainer(data, tmp_path, epochs=1)
+    t.run_epoch()
+    assert trainer(data, tmp_path, epochs=1).resume()
+    assert not trainer(data, tmp_path, epochs=1, lr=0.02).resume()
+
+
+def test_learns_the_tiny_task(data, tmp_path):
+    config = TrainConfig(batch_size=5, val_batch_size=4, epochs=6, lr=0.01, lighting=0.0,
+                         checkpoint_every=100, model={"init": "caffe", "dropout": 0.0})  # fmt: skip
+    t = Trainer(config, data / "train", data / "val", data / "stats", tmp_path / "c.pt")
+    run_to_end(t)
+    losses = [r["train_loss"] for r in t.history]
+    assert losses[-1] < losses[0] * 0.8, losses
+    assert t.history[-1]["val_top1_error"] <= 0.25
+
+
+def test_export_is_weights_only_loadable(data, tmp_path):
+    t = trainer(data, tmp_path, epochs=1)
+    t.run_epoch()
+    t.export(tmp_path / "alexnet.pt")
+    payload = torch.load(tmp_path / "alexnet.pt", weights_only=True)
+    assert payload["classes"] == CLASSES and payload["model"]["num_classes"] == 2
+    assert payload["mean"].shape == (3, 256, 256)
+
+
+def test_clear_errors(data, tmp_path):
+    with pytest.raises(TrainError, match="model has 5 classes, the data 2"):
+        trainer(data, tmp_path, epochs=1, model={"num_classes": 5})
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainError, match="CUDA is not available"):
+            trainer(data, tmp_path, epochs=1, device="cuda:0")
+    with pytest.raises(TrainError, match="missing or corrupt stats"):
+        Trainer(TrainConfig(), data / "train", data / "val", tmp_path, tmp_path / "c.pt")
+
+
+def test_topk_errors_count_ties_for_the_label():
+    logits = torch.tensor([[3.0, 1.0, 2.0], [1.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
+    labels = torch.tensor([0, 1, 2])
+    assert errors(logits, labels) == (1, 0)  # row 2: label ranks second (top-1 wrong)
