@@ -179,6 +179,41 @@ def pack(
 
 
 @app.command()
+def train(
+    lmdb: Annotated[
+        Path, typer.Argument(help="folder with the train/ and val/ LMDB stores")
+    ] = Path("data/lmdb"),
+    stats: Annotated[Path, typer.Argument(help="folder with mean.npy and pca.json")] = Path(
+        "data/stats"
+    ),
+    model_path: Annotated[Path, typer.Argument(help="model file to write")] = Path(
+        "models/alexnet.pt"
+    ),
+    checkpoint: Annotated[Path, typer.Option(help="checkpoint file (resumed when current)")] = Path(
+        "models/checkpoints/train.pt"
+    ),
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Train AlexNet with the paper's recipe (params `train`, `model`); resumes from the
+    last checkpoint after a kill, and checkpoints on SIGTERM before exiting."""
+    from alexnet.train import Interrupted
+
+    with _user_errors():
+        params = _params(params_path)
+        try:
+            summary = _run("flows.train", "train_flow", params, str(lmdb), str(stats),
+                           str(model_path), str(checkpoint), "metrics", params.train,
+                           params.model)  # fmt: skip
+        except Interrupted as stop:
+            console.print(f"train: {stop}; checkpoint saved, run again to continue")
+            raise typer.Exit(143) from None
+    console.print(
+        f"train: {summary['epochs']} epochs; val top-1 error {summary['val_top1_error']:.3f}, "
+        f"top-5 {summary['val_top5_error']:.3f}; model in {model_path}"
+    )
+
+
+@app.command()
 def doctor() -> None:
     """Print what the pipeline runs on: PIL (pillow-simd?), libjpeg-turbo, torch and CUDA
     devices, and which Prefect API flows report to."""

@@ -92,6 +92,32 @@ class ModelParams(_Section):
     )
 
 
+class TrainParams(_Section):
+    """The recipe of paper sections 4-5 (alexnet/train.py)."""
+
+    epochs: int = Field(90, ge=1, description="epoch budget (paper: ~90)")
+    batch_size: int = Field(128, ge=1, description="SGD batch (paper: 128)")
+    lr: float = Field(0.01, gt=0, description="initial learning rate (paper: 0.01)")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    lr_patience: int = Field(2, ge=0, description="epochs without val improvement = plateau")
+    lr_threshold: float = Field(0.0, ge=0, description="relative val-error gain that counts")
+    max_lr_drops: int = Field(3, ge=0, description="divisions by 10 before the final plateau")
+    stop_at_last_plateau: bool = Field(True, description="stop at the plateau after the last drop")
+    seed: int = 0
+    deterministic: bool = Field(True, description="bit-repeatable CPU runs")
+    device: str = Field("cpu", description="cpu, cuda, cuda:1, ...")
+    random_crop: bool = Field(True, description="random 224 crops (else centre)")
+    flip: bool = Field(True, description="horizontal reflections with p=0.5")
+    lighting: float = Field(0.1, ge=0, description="PCA lighting sigma (0 = off)")
+    lighting_scale: Literal["unit", "std255"] = Field(
+        "unit", description="eigenvalues of [0,1] pixels, or std devs of 0-255 (PAPER.md)"
+    )
+    subtract_mean: bool = Field(True, description="subtract the mean image's window")
+    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
+    val_batch_size: int = Field(100, ge=1)
+
+
 class ComputeParams(_Section):
     """Where parallel work runs. Results are identical whatever is chosen here."""
 
@@ -108,6 +134,7 @@ class Params(_Section):
     prepare: PrepareParams = PrepareParams()
     pack: PackParams = PackParams()
     model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
     compute: ComputeParams = ComputeParams()
 
 

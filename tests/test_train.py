@@ -119,3 +119,26 @@ def test_topk_errors_count_ties_for_the_label():
     logits = torch.tensor([[3.0, 1.0, 2.0], [1.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
     labels = torch.tensor([0, 1, 2])
     assert errors(logits, labels) == (1, 0)  # row 2: label ranks second (top-1 wrong)
+
+
+def test_train_flow_writes_model_metrics_plots_and_resumes(data, tmp_path, prefect_server):
+    from alexnet.params import ModelParams, TrainParams
+    from flows.train import train_flow
+
+    params = TrainParams(epochs=1, batch_size=5, val_batch_size=4, lighting=0.0)
+    model = ModelParams(init="caffe")
+    run = dict(lmdb=str(tmp_path / "lmdb"), stats=str(data / "stats"),
+               model_path=str(tmp_path / "models" / "alexnet.pt"),
+               checkpoint=str(tmp_path / "ckpt" / "t.pt"), metrics=str(tmp_path / "metrics"),
+               params=params, model=model)  # fmt: skip
+    (tmp_path / "lmdb").mkdir()
+    for split in ("train", "val"):
+        (tmp_path / "lmdb" / split).symlink_to(data / split)
+    summary = train_flow(**run)
+    assert summary["epochs"] == 1
+    assert json.loads((tmp_path / "metrics" / "train.json").read_text()) == summary
+    assert (tmp_path / "metrics" / "train" / "plots" / "metrics" / "val_top1_error.tsv").exists()
+    assert torch.load(tmp_path / "models" / "alexnet.pt", weights_only=True)["classes"] == CLASSES
+    # Same params again: the finished checkpoint is resumed, nothing is retrained.
+    again = train_flow(**{**run, "params": params})
+    assert again == summary
