@@ -116,6 +116,9 @@ class TrainParams(_Section):
     subtract_mean: bool = Field(True, description="subtract the mean image's window")
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
     val_batch_size: int = Field(100, ge=1)
+    amp: bool = Field(False, description="bf16 autocast (GPU speed switch)")
+    channels_last: bool = Field(False, description="channels-last memory format")
+    compile: bool = Field(False, description="torch.compile the model (no gain on CPU)")
 
 
 class ComputeParams(_Section):

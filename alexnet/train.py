@@ -63,6 +63,9 @@ class TrainConfig:
     subtract_mean: bool = True
     checkpoint_every: int = 50
     val_batch_size: int = 100
+    amp: bool = False  # bf16 autocast
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model (GPU; no gain on CPU, 1 min to compile)
     model: dict = field(default_factory=dict)  # AlexNet keyword arguments
 
 
@@ -141,6 +144,13 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = AlexNet(**{**config.model, "num_classes": len(self.classes)}).to(self.device)
         self.crop = self.model.input_size
+        if config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        # `net` runs the steps; `model` is the plain module whose weights are saved.
+        self.net = torch.compile(self.model) if config.compile else self.model
+        self.memory_format = (
+            torch.channels_last if config.channels_last else torch.contiguous_format
+        )
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), config.lr, config.momentum, weight_decay=config.weight_decay
         )
@@ -202,13 +212,21 @@ class Trainer:
         generator = torch.Generator(device=self.device).manual_seed(seed)
         images, labels = self.train.read_batch(indices.tolist())
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
-        self.model.train()
-        logits = self.model(self.augment(images, generator))
-        loss = F.cross_entropy(logits, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.net.train()
+        try:
+            inputs = self.augment(images, generator).contiguous(memory_format=self.memory_format)
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.config.amp):
+                logits = self.net(inputs)
+                loss = F.cross_entropy(logits.float(), labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        except torch.OutOfMemoryError:
+            raise TrainError(
+                f"out of memory on {self.device} at batch size {len(indices)}; "
+                "lower train.batch_size"
+            ) from None
         self.optimizer.step()
-        return loss.item() * len(labels), errors(logits.detach(), labels)[0]
+        return loss.item() * len(labels), errors(logits.detach().float(), labels)[0]
 
     def run_epoch(self, on_step: Callable[[int, int], None] | None = None) -> dict:
         order = epoch_order(len(self.train), self.config.seed, self.epoch)

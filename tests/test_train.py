@@ -142,3 +142,23 @@ def test_train_flow_writes_model_metrics_plots_and_resumes(data, tmp_path, prefe
     # Same params again: the finished checkpoint is resumed, nothing is retrained.
     again = train_flow(**{**run, "params": params})
     assert again == summary
+
+
+def test_bf16_autocast_and_channels_last_steps_on_cpu(data, tmp_path):
+    t = trainer(data, tmp_path, epochs=1, amp=True, channels_last=True)
+    record = t.run_epoch()
+    assert np.isfinite(record["train_loss"]) and t.model.features[0].weight.dtype == torch.float32
+
+
+def test_out_of_memory_names_the_batch_size(data, tmp_path):
+    t = trainer(data, tmp_path, epochs=1)
+
+    class Exhausted(torch.nn.Module):
+        def forward(self, inputs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    t.net = Exhausted()
+    with pytest.raises(
+        TrainError, match="out of memory on cpu at batch size 4; lower train.batch_size"
+    ):
+        t.run_epoch()
