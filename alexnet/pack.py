@@ -9,7 +9,6 @@ decodes them to HWC RGB bytes. The single LMDB writer then appends the chunks in
 from __future__ import annotations
 
 import io
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from alexnet.errors import AlexnetError
+from alexnet.shards import index_shard
 
 
 class PackError(AlexnetError):
@@ -41,18 +41,10 @@ def index_shards(folder: str | Path) -> list[Entry]:
     entries = []
     for shard in shards:
         try:
-            with tarfile.open(shard, mode="r:") as tar:
-                pending: dict[str, tarfile.TarInfo] = {}
-                for member in tar:
-                    name, _, extension = member.name.rpartition(".")
-                    if extension == "jpg":
-                        pending[name] = member
-                    elif extension == "cls":
-                        label = int(tar.extractfile(member).read())
-                        jpg = pending.pop(name)
-                        entries.append(Entry(str(shard), jpg.offset_data, jpg.size, label))
-        except (OSError, tarfile.TarError, KeyError, ValueError) as error:
-            raise PackError(f"{shard}: damaged shard ({error})") from None
+            index = index_shard(shard)
+        except ValueError as error:
+            raise PackError(str(error)) from None
+        entries += [Entry(str(shard), offset, size, label) for _, offset, size, label in index]
     return entries
 
 

@@ -92,20 +92,35 @@ def read_description(path: Path) -> dict | None:
         return None
 
 
-def iter_shard(path: Path) -> Iterator[Record]:
-    """The records of a shard in stored order; a damaged shard raises naming the file."""
+def index_shard(path: Path) -> list[tuple[str, int, int, int]]:
+    """(key, byte offset, size, label) of each image of a shard, in stored order; a
+    damaged shard raises naming the file."""
     try:
         with tarfile.open(path, mode="r:") as tar:
-            pending: dict[str, bytes] = {}
+            pending: dict[str, tarfile.TarInfo] = {}
+            entries = []
             for member in tar:
                 key, _, extension = member.name.rpartition(".")
-                data = tar.extractfile(member).read()
                 if extension == "jpg":
-                    pending[key] = data
+                    pending[key] = member
                 elif extension == "cls":
-                    yield Record(key, pending.pop(key), int(data))
+                    jpg, label = pending.pop(key), int(tar.extractfile(member).read())
+                    entries.append((key, jpg.offset_data, jpg.size, label))
+            return entries
     except (OSError, tarfile.TarError, KeyError, ValueError) as error:
         raise ValueError(f"{path}: damaged shard ({error})") from None
+
+
+def iter_shard(path: Path) -> Iterator[Record]:
+    """The records of a shard in stored order; a damaged shard raises naming the file."""
+    entries = index_shard(path)
+    with open(path, "rb") as stream:
+        for key, offset, size, label in entries:
+            stream.seek(offset)
+            data = stream.read(size)
+            if len(data) != size:
+                raise ValueError(f"{path}: damaged shard (image {key} is cut short)")
+            yield Record(key, data, label)
 
 
 def remove_stale(folder: Path, keep: int) -> None:

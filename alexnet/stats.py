@@ -28,8 +28,12 @@ class StatsError(AlexnetError):
 class Moments:
     images: int
     image_sum: np.ndarray  # (H, W, 3) float64: sum over images of each pixel
-    rgb_sum: np.ndarray  # (3,) float64: sum over all pixels
     rgb_outer: np.ndarray  # (3, 3) float64: sum over all pixels of x x^T
+
+    @property
+    def rgb_sum(self) -> np.ndarray:
+        """(3,) sum over all pixels: the image sum summed over positions (exact)."""
+        return self.image_sum.sum(axis=(0, 1))
 
     @property
     def pixels(self) -> int:
@@ -39,7 +43,6 @@ class Moments:
         return Moments(
             self.images + other.images,
             self.image_sum + other.image_sum,
-            self.rgb_sum + other.rgb_sum,
             self.rgb_outer + other.rgb_outer,
         )
 
@@ -76,9 +79,7 @@ def shard_moments(path: str | Path, size: int = 256) -> Moments:
             rgb_outer += outer_sum(pixels)
     except (OSError, ValueError) as error:
         raise StatsError(f"{path}: cannot read shard: {error}") from None
-    # The RGB sum is the image sum summed over positions: no per-image work for it.
-    rgb_sum = image_sum.sum(axis=(0, 1), dtype=np.float64)
-    return Moments(images, image_sum.astype(np.float64), rgb_sum, rgb_outer)
+    return Moments(images, image_sum.astype(np.float64), rgb_outer)
 
 
 def reduce_moments(parts: list[Moments]) -> Moments:
