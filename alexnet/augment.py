@@ -15,11 +15,23 @@ PCA scale (PAPER.md, "scale trap"): the stats stage stores the eigen-decompositi
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
 Scale = Literal["unit", "std255"]
+
+
+class Draws(NamedTuple):
+    """One batch's random choices: crop corners, reflections, lighting draws a."""
+
+    tops: torch.Tensor  # (N,) int64
+    lefts: torch.Tensor  # (N,) int64
+    flips: torch.Tensor  # (N,) bool
+    alphas: torch.Tensor  # (N, 3) float32, already times sigma
+
+    def rows(self, index: slice | torch.Tensor) -> Draws:
+        return Draws(*(t[index] for t in self))
 
 
 def crop_grid(
@@ -73,35 +85,51 @@ class Augment:
         )
         return self
 
-    def __call__(
-        self, images: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """(N, 3, 256, 256) uint8 -> (N, 3, crop, crop) float32, mean-subtracted 0-255."""
-        n, _, height, width = images.shape
-        device = images.device
+    def draw(self, n: int, height: int = 256, width: int = 256,
+             generator: torch.Generator | None = None,
+             device: torch.device | str = "cpu") -> Draws:  # fmt: skip
+        """The random choices for a batch of n images, in a fixed order (tops, lefts,
+        flips, lighting), so a data-parallel rank can draw for the whole global batch and
+        keep its own rows: every image gets what it would get in a one-process run."""
         if self.random_crop:
-            tops = torch.randint(
-                0, height - self.crop + 1, (n,), generator=generator, device=device
-            )
-            lefts = torch.randint(
-                0, width - self.crop + 1, (n,), generator=generator, device=device
-            )
+            tops = torch.randint(0, height - self.crop + 1, (n,), generator=generator,
+                                 device=device)  # fmt: skip
+            lefts = torch.randint(0, width - self.crop + 1, (n,), generator=generator,
+                                  device=device)  # fmt: skip
         else:
             tops = torch.full((n,), (height - self.crop) // 2, device=device)
             lefts = torch.full((n,), (width - self.crop) // 2, device=device)
-        rows, cols = crop_grid(tops, lefts, self.crop)
+        flips = (
+            torch.rand(n, generator=generator, device=device) < 0.5
+            if self.flip else torch.zeros(n, dtype=torch.bool, device=device)
+        )  # fmt: skip
+        alphas = (
+            torch.randn(n, 3, generator=generator, device=device) * self.lighting
+            if self.lighting > 0 else torch.zeros(n, 3, device=device)
+        )  # fmt: skip
+        return Draws(tops, lefts, flips, alphas)
+
+    def apply(self, images: torch.Tensor, draws: Draws) -> torch.Tensor:
+        """(N, 3, H, W) uint8 -> (N, 3, crop, crop) float32, mean-subtracted 0-255."""
+        n = images.shape[0]
+        rows, cols = crop_grid(draws.tops, draws.lefts, self.crop)
         out = gather_crops(images, rows, cols).float()  # (N, 3, crop, crop)
         if self.subtract_mean:
             out -= gather_crops(self.mean.expand(n, -1, -1, -1), rows, cols)
         if self.flip:
-            flips = torch.rand(n, generator=generator, device=device) < 0.5
-            out = torch.where(flips[:, None, None, None], out.flip(-1), out)
+            out = torch.where(draws.flips[:, None, None, None], out.flip(-1), out)
         if self.lighting > 0:
-            alphas = torch.randn(n, 3, generator=generator, device=device) * self.lighting
-            out += lighting_offsets(alphas, self.eigvals, self.eigvecs, self.lighting_scale)[
-                :, :, None, None
-            ]
+            offsets = lighting_offsets(draws.alphas, self.eigvals, self.eigvecs,
+                                       self.lighting_scale)  # fmt: skip
+            out += offsets[:, :, None, None]
         return out
+
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Draw for this batch and apply: (N, 3, 256, 256) uint8 -> (N, 3, crop, crop)."""
+        n, _, height, width = images.shape
+        return self.apply(images, self.draw(n, height, width, generator, images.device))
 
 
 def centre_crop(images: torch.Tensor, mean: torch.Tensor | None, crop: int = 224) -> torch.Tensor:

@@ -119,6 +119,12 @@ class TrainParams(_Section):
     amp: bool = Field(False, description="bf16 autocast (GPU speed switch)")
     channels_last: bool = Field(False, description="channels-last memory format")
     compile: bool = Field(False, description="torch.compile the model (no gain on CPU)")
+    loader_workers: int = Field(0, ge=0, description="DataLoader processes reading ahead")
+    nproc_per_node: int = Field(1, ge=1, description="data-parallel processes per node "
+                                "(torchrun; one GPU each on CUDA)")  # fmt: skip
+    nnodes: int = Field(1, ge=1, description="nodes; run `alexnet train` on each")
+    rdzv_endpoint: str = Field("localhost:29400", description="torchrun rendezvous host:port "
+                               "(a node all nodes reach), multi-node only")  # fmt: skip
 
 
 class ComputeParams(_Section):

@@ -9,6 +9,7 @@ uint8 tensor for the training loop. JPEG payloads are decoded by libjpeg-turbo t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,28 @@ class LmdbSplit(torch.utils.data.Dataset):
                 self._decode_into(images[row], payload, where)
                 labels[row] = label
         return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Item i = the whole batch `batches[i]` read at once (one transaction, no collate)."""
+
+    def __init__(self, split: LmdbSplit, batches: Sequence[Sequence[int]]):
+        self.split, self.batches = split, [list(map(int, b)) for b in batches]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split.read_batch(self.batches[index])
+
+
+def batch_loader(split: LmdbSplit, batches: Sequence[Sequence[int]], workers: int = 0,
+                 pin_memory: bool = False) -> torch.utils.data.DataLoader:  # fmt: skip
+    """Batches in the given order, read `2 * workers` batches ahead by worker processes
+    (none: read in the loop). Workers start by forkserver: a fork of a process that has
+    run Prefect flows or CUDA inherits threads and handles that break it."""
+    return torch.utils.data.DataLoader(
+        _Batches(split, batches), batch_size=None, shuffle=False, num_workers=workers,
+        pin_memory=pin_memory, prefetch_factor=2 if workers else None,
+        multiprocessing_context="forkserver" if workers else None,
+    )  # fmt: skip

@@ -28,9 +28,11 @@ import torch.nn.functional as F
 
 from alexnet.atomic import atomic_output
 from alexnet.augment import Augment, centre_crop
+from alexnet.distributed import World
 from alexnet.errors import AlexnetError
 from alexnet.model import AlexNet
-from alexnet.reader import LmdbSplit
+from alexnet.placement import TwoColumnAlexNet
+from alexnet.reader import LmdbSplit, batch_loader
 from alexnet.schedule import PlateauSchedule
 
 
@@ -66,6 +68,7 @@ class TrainConfig:
     amp: bool = False  # bf16 autocast
     channels_last: bool = False
     compile: bool = False  # torch.compile the model (GPU; no gain on CPU, 1 min to compile)
+    loader_workers: int = 0  # DataLoader processes reading batches ahead; 0 = in the loop
     model: dict = field(default_factory=dict)  # AlexNet keyword arguments
 
 
@@ -102,34 +105,52 @@ def load_stats(stats_dir: Path) -> tuple[torch.Tensor, dict]:
     return torch.from_numpy(mean).permute(2, 0, 1).contiguous(), pca  # (3, 256, 256)
 
 
-def resolve_device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"device {name!r} requested but CUDA is not available here")
-    return device
+# Keys that say how a run is executed, not what it computes: a checkpoint stays valid
+# when they change (more loader workers, or resuming on another number of processes).
+EXECUTION_ONLY = ("loader_workers",)
+
+
+def resolve_devices(name: str) -> list[torch.device]:
+    """`cpu`, `cuda`, `cuda:1`, or two devices `cuda:0,cuda:1` for the paper's two-column
+    model parallelism (column 0 on the first)."""
+    devices = [torch.device(part.strip()) for part in name.split(",")]
+    for device in devices:
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise TrainError(f"device {name!r} requested but CUDA is not available here")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise TrainError(f"device {device} requested; this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")  # fmt: skip
+    if len(devices) > 2:
+        raise TrainError(f"device {name!r}: at most two devices (one per column)")
+    return devices
 
 
 @torch.no_grad()
-def validate(model, store: LmdbSplit, mean: torch.Tensor, crop: int, batch: int, device) -> dict:
-    """Centre-crop loss and top-1 / top-5 error on a whole split."""
+def validate(model, store: LmdbSplit, mean: torch.Tensor, crop: int, batch: int, device,
+             world: World = World()) -> dict:  # fmt: skip
+    """Centre-crop loss and top-1 / top-5 error on a whole split (each rank evaluates
+    its share of the batches; the sums are added over ranks)."""
     model.eval()
     loss = top1 = top5 = 0.0
-    for start in range(0, len(store), batch):
-        images, labels = store.read_batch(range(start, min(start + batch, len(store))))
+    starts = range(0, len(store), batch)[world.rows]
+    for images, labels in batch_loader(store, [range(s, min(s + batch, len(store)))
+                                               for s in starts]):  # fmt: skip
         images, labels = images.to(device), labels.to(device)
         logits = model(centre_crop(images, mean, crop))
-        loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
         wrong1, wrong5 = errors(logits, labels)
         top1, top5 = top1 + wrong1, top5 + wrong5
+    loss, top1, top5 = world.sum([loss, top1, top5])
     n = len(store)
     return {"val_loss": loss / n, "val_top1_error": top1 / n, "val_top5_error": top5 / n}
 
 
 class Trainer:
     def __init__(self, config: TrainConfig, train_dir: Path, val_dir: Path, stats_dir: Path,
-                 checkpoint: Path):  # fmt: skip
-        self.config, self.checkpoint = config, Path(checkpoint)
-        self.device = resolve_device(config.device)
+                 checkpoint: Path, world: World = World()):  # fmt: skip
+        self.config, self.checkpoint, self.world = config, Path(checkpoint), world
+        self.devices = resolve_devices(world.device(config.device))
+        self.device = self.devices[0]  # inputs, augmentation and logits live here
         self.train, self.val = LmdbSplit(train_dir), LmdbSplit(val_dir)
         if self.train.classes != self.val.classes:
             raise TrainError(f"{train_dir} and {val_dir} have different class lists")
@@ -142,12 +163,19 @@ class Trainer:
         mean, self.pca = load_stats(Path(stats_dir))
         self.mean = mean.to(self.device)
         torch.manual_seed(config.seed)
-        self.model = AlexNet(**{**config.model, "num_classes": len(self.classes)}).to(self.device)
-        self.crop = self.model.input_size
+        network = AlexNet(**{**config.model, "num_classes": len(self.classes)})
+        self.crop = network.input_size
+        # `model` is the placed module whose weights are checkpointed; `net` runs the
+        # steps (wrapped in DDP across processes, compiled when asked).
+        self.model = network.place(self.devices)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        # `net` runs the steps; `model` is the plain module whose weights are saved.
-        self.net = torch.compile(self.model) if config.compile else self.model
+        self.net = self.model
+        if world.size > 1:
+            ids = [self.device] if self.device.type == "cuda" and len(self.devices) == 1 else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if config.compile:
+            self.net = torch.compile(self.net)
         self.memory_format = (
             torch.channels_last if config.channels_last else torch.contiguous_format
         )
@@ -163,8 +191,9 @@ class Trainer:
                                random_crop=config.random_crop, lighting=config.lighting,
                                lighting_scale=config.lighting_scale,
                                subtract_mean=config.subtract_mean).to(self.device)  # fmt: skip
+        run = {k: v for k, v in asdict(config).items() if k not in EXECUTION_ONLY}
         self.digest = hashlib.sha256(json.dumps(
-            {"config": asdict(config), "train": file_digest(Path(train_dir) / "data.mdb"),
+            {"config": run, "train": file_digest(Path(train_dir) / "data.mdb"),
              "val": file_digest(Path(val_dir) / "data.mdb"),
              "stats": file_digest(Path(stats_dir) / "mean.npy")}, sort_keys=True
         ).encode()).hexdigest()  # fmt: skip
@@ -178,6 +207,8 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------
     def save(self) -> None:
+        if not self.world.main:
+            return
         state = {"digest": self.digest, "epoch": self.epoch, "step": self.step,
                  "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "schedule": self.schedule.state_dict(), "history": self.history,
@@ -206,53 +237,74 @@ class Trainer:
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.train) / self.config.batch_size)
 
-    def train_step(self, indices: torch.Tensor) -> tuple[float, int]:
+    def epoch_batches(self) -> list[torch.Tensor]:
+        """The global batches of the current epoch, from the current step on."""
+        order = epoch_order(len(self.train), self.config.seed, self.epoch)
+        size = self.config.batch_size
+        return [order[step * size : (step + 1) * size]
+                for step in range(self.step, self.steps_per_epoch())]  # fmt: skip
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, global_size: int
+                   ) -> tuple[float, int]:  # fmt: skip
+        """One SGD step on this rank's rows of a global batch of `global_size` images."""
         seed = derived_seed(self.config.seed, self.epoch, self.step)
-        torch.manual_seed(seed)  # dropout
+        # Dropout masks: rank 0 draws what a one-process run draws, the others their own.
+        torch.manual_seed(seed if self.world.rank == 0 else derived_seed(seed, self.world.rank))
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        images, labels = self.train.read_batch(indices.tolist())
-        images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
+        # Draws for the whole global batch, this rank's rows kept: the same crops, flips
+        # and lighting per image whatever the number of processes.
+        draws = self.augment.draw(global_size, *images.shape[-2:], generator, self.device)
+        draws = draws.rows(self.world.rows)
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
         self.net.train()
         try:
-            inputs = self.augment(images, generator).contiguous(memory_format=self.memory_format)
+            inputs = self.augment.apply(images, draws)
+            inputs = inputs.contiguous(memory_format=self.memory_format)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.config.amp):
                 logits = self.net(inputs)
-                loss = F.cross_entropy(logits.float(), labels)
+            # Sum over this rank's rows / global batch, times ranks: DDP's gradient mean
+            # over ranks is then exactly the gradient of the global batch's mean loss.
+            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * (self.world.size / global_size)).backward()
         except torch.OutOfMemoryError:
             raise TrainError(
-                f"out of memory on {self.device} at batch size {len(indices)}; "
+                f"out of memory on {self.device} at batch size {global_size}; "
                 "lower train.batch_size"
             ) from None
         self.optimizer.step()
-        return loss.item() * len(labels), errors(logits.detach().float(), labels)[0]
+        return loss.item(), errors(logits.detach().float(), labels)[0]
 
     def run_epoch(self, on_step: Callable[[int, int], None] | None = None) -> dict:
-        order = epoch_order(len(self.train), self.config.seed, self.epoch)
-        batch, totals = self.config.batch_size, self.running
-        while self.step < self.steps_per_epoch():
-            started = time.perf_counter()
-            indices = order[self.step * batch : (self.step + 1) * batch]
-            loss, wrong = self.train_step(indices)
-            totals["loss"] += loss
-            totals["wrong"] += wrong
-            totals["seen"] += len(indices)
-            totals["seconds"] += time.perf_counter() - started
+        batches = self.epoch_batches()
+        local = [batch[self.world.rows] for batch in batches]
+        loader = batch_loader(self.train, local, self.config.loader_workers,
+                              pin_memory=self.device.type == "cuda")  # fmt: skip
+        totals = self.running
+        started = time.perf_counter()
+        for batch, (images, labels) in zip(batches, loader, strict=True):
+            loss, wrong = self.train_step(images, labels, len(batch))
             self.step += 1
             if on_step:
                 on_step(self.step, self.steps_per_epoch())
-            if self.stop_requested or self.step % self.config.checkpoint_every == 0:
+            loss, wrong, stop = self.world.sum([loss, wrong, float(self.stop_requested)])
+            totals["loss"] += loss
+            totals["wrong"] += wrong
+            totals["seen"] += len(batch)
+            totals["seconds"] += time.perf_counter() - started
+            if stop or self.step % self.config.checkpoint_every == 0:
                 self.save()
-                if self.stop_requested:
+                if stop:  # every rank stops at the same step
                     raise Interrupted(f"stopped at epoch {self.epoch + 1}, step {self.step}")
+            started = time.perf_counter()
         seen = max(totals["seen"], 1)
         record = {
             "epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
             "train_loss": totals["loss"] / seen, "train_top1_error": totals["wrong"] / seen,
             "images_per_s": totals["seen"] / max(totals["seconds"], 1e-9),
             **validate(self.model, self.val, self.mean, self.crop, self.config.val_batch_size,
-                       self.device),
+                       self.device, self.world),
         }  # fmt: skip
         lr = self.schedule.step(record["val_top1_error"])
         for group in self.optimizer.param_groups:
@@ -265,12 +317,19 @@ class Trainer:
     def finished(self) -> bool:
         return self.epoch >= self.config.epochs or self.schedule.stopped
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The weights in the one-device layout of `AlexNet`, on the CPU."""
+        model = self.model
+        state = model.merged_state_dict() if isinstance(model, TwoColumnAlexNet) else (
+            model.state_dict())  # fmt: skip
+        return {name: value.detach().cpu() for name, value in state.items()}
+
     def export(self, path: Path) -> None:
         """`models/alexnet.pt` (DESIGN.md): weights_only-loadable weights and what is
         needed to use them."""
         payload = {
             "format": "alexnet-model", "version": 1,
-            "state_dict": self.model.state_dict(),
+            "state_dict": self.weights(),
             "classes": self.classes,
             "model": {**self.config.model, "num_classes": len(self.classes)},
             "mean": self.mean.cpu(),

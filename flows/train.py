@@ -1,21 +1,25 @@
-"""Flow of the train stage: the recipe on the LMDB stores, resumable, with live metrics."""
+"""Flow of the train stage: the recipe on the LMDB stores, resumable, with live metrics.
+
+One process trains in the flow's own process. With `nproc_per_node` or `nnodes` above 1
+the flow launches torchrun, which starts that many `python -m alexnet.fit` processes
+(data parallel, DDP); rank 0 writes the same files as a one-process run.
+"""
 
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
 
+import torch
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from rich.progress import Progress
 
-from alexnet.atomic import write_json
+from alexnet.fit import METRICS, fit, spec, stop_on_sigterm
 from alexnet.params import ModelParams, TrainParams
-from alexnet.train import TrainConfig, Trainer
-
-METRICS = ("train_loss", "train_top1_error", "val_loss", "val_top1_error", "val_top5_error",
-           "lr", "images_per_s")  # fmt: skip
+from alexnet.train import Interrupted, TrainConfig, Trainer, TrainError
 
 
 def _config(train: TrainParams, model: ModelParams) -> TrainConfig:
@@ -23,14 +27,34 @@ def _config(train: TrainParams, model: ModelParams) -> TrainConfig:
     return TrainConfig(**values, model=model.model_dump())
 
 
-def _on_sigterm(trainer: Trainer) -> None:
-    def request_stop(signum, frame):
-        trainer.stop_requested = True  # checkpoint after the current step, then exit
+def torchrun_command(params: TrainParams, argument: str) -> list[str]:
+    """torchrun for `python -m alexnet.fit`: standalone on one node, else a c10d
+    rendezvous at `rdzv_endpoint` that every node's `alexnet train` joins."""
+    where = (["--standalone"] if params.nnodes == 1 else
+             ["--rdzv-backend", "c10d", "--rdzv-endpoint", params.rdzv_endpoint])  # fmt: skip
+    return [sys.executable, "-m", "torch.distributed.run", *where,
+            "--nnodes", str(params.nnodes), "--nproc-per-node", str(params.nproc_per_node),
+            "-m", "alexnet.fit", argument]  # fmt: skip
 
+
+def _launch(command: list[str]) -> None:
+    """Run torchrun; SIGTERM to this process is passed on (torchrun passes it to the
+    workers, which checkpoint), and the workers' exit status becomes our error."""
+    process = subprocess.Popen(command)
+    previous = signal.getsignal(signal.SIGTERM)
     try:
-        signal.signal(signal.SIGTERM, request_stop)
-    except ValueError:  # not the main thread: no handler, kills fall back to checkpoints
-        pass
+        signal.signal(signal.SIGTERM, lambda signum, frame: process.terminate())
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        code = process.wait()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if code in (143, -signal.SIGTERM):
+        raise Interrupted("stopped by SIGTERM")
+    if code != 0:
+        raise TrainError(f"torchrun exited with status {code} (the worker's error is above)")
 
 
 @flow(name="train")
@@ -44,40 +68,27 @@ def train_flow(
     model: ModelParams = ModelParams(),
 ) -> dict:
     """Train (or resume) and write the model file, metrics/train.json and dvclive plots."""
-    from dvclive import Live
-
     logger = get_run_logger()
-    trainer = Trainer(_config(params, model), Path(lmdb) / "train", Path(lmdb) / "val",
-                      Path(stats), Path(checkpoint))  # fmt: skip
-    if trainer.resume():
-        logger.info(
-            "resuming from %s at epoch %d, step %d", checkpoint, trainer.epoch + 1, trainer.step
-        )
-    _on_sigterm(trainer)
-    live = Live(str(Path(metrics) / "train"), dvcyaml=False, save_dvc_exp=False, report=None)
-    for record in trainer.history:  # a resumed run's plots start from epoch 1
-        _log(live, record)
-    with Progress() as progress:
-        while not trainer.finished():
-            label = f"epoch {trainer.epoch + 1}/{params.epochs}"
-            bar = progress.add_task(label, total=trainer.steps_per_epoch(), completed=trainer.step)
-            record = trainer.run_epoch(
-                on_step=lambda step, total, bar=bar: progress.update(bar, completed=step)
-            )
-            logger.info("epoch %d: " + ", ".join(f"{k} %.4g" for k in METRICS), record["epoch"],
-                        *(record[k] for k in METRICS))  # fmt: skip
-            _log(live, record)
-    live.end()
-    trainer.export(Path(model_path))
-    summary = {**{k: trainer.history[-1][k] for k in METRICS}, "epochs": len(trainer.history)}
-    write_json(Path(metrics) / "train.json", summary)
+    config = _config(params, model)
+    paths = Path(lmdb), Path(stats), Path(model_path), Path(checkpoint), Path(metrics)
+    if params.nproc_per_node * params.nnodes > 1:
+        command = torchrun_command(params, spec(config, *paths))
+        logger.info("launching %d x %d processes: %s", params.nnodes, params.nproc_per_node,
+                    " ".join(command[:-1]))  # fmt: skip
+        _launch(command)
+        history = torch.load(model_path, weights_only=True)["history"]
+    else:
+        trainer = Trainer(config, Path(lmdb) / "train", Path(lmdb) / "val", Path(stats),
+                          Path(checkpoint))  # fmt: skip
+        if trainer.resume():
+            logger.info("resuming from %s at epoch %d, step %d", checkpoint,
+                        trainer.epoch + 1, trainer.step)  # fmt: skip
+        stop_on_sigterm(trainer)
+        fit(trainer, Path(model_path), Path(metrics), logger.info)
+        history = trainer.history
+    last = history[-1]
+    summary = {**{k: last[k] for k in METRICS}, "epochs": len(history)}
     rows = [{k: round(r[k], 4) if isinstance(r[k], float) else r[k] for k in ("epoch", *METRICS)}
-            for r in trainer.history]  # fmt: skip
+            for r in history]  # fmt: skip
     create_table_artifact(rows, key="train-epochs", description="Training, one row per epoch")
     return summary
-
-
-def _log(live, record: dict) -> None:
-    for key in METRICS:
-        live.log_metric(key, record[key])
-    live.next_step()

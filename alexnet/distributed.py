@@ -1,0 +1,59 @@
+"""Data parallelism across processes and nodes (torchrun / torch.distributed elastic).
+
+A `World` is this process's rank among `size` training processes. torchrun sets
+RANK, WORLD_SIZE and LOCAL_RANK; `World.from_env` joins the process group (NCCL when
+training on CUDA, gloo on CPU). Without torchrun it is the one-process world, whose
+collectives do nothing, so the training loop has one code path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 writes checkpoints, metrics and the model file."""
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device: str) -> World:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size == 1:
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        return cls(dist.get_rank(), size, int(os.environ.get("LOCAL_RANK", "0")))
+
+    def device(self, name: str) -> str:
+        """`cuda` under torchrun means this process's own GPU, `cuda:LOCAL_RANK`."""
+        return f"cuda:{self.local_rank}" if self.size > 1 and name == "cuda" else name
+
+    @property
+    def rows(self) -> slice:
+        """This rank's share of a global batch: every size-th item from its rank."""
+        return slice(self.rank, None, self.size)
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over all ranks (float64 on the CPU: exact for counts)."""
+        if self.size == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            tensor = tensor.cuda()
+        dist.all_reduce(tensor)
+        return tensor.cpu().tolist()
+
+    def close(self) -> None:
+        if self.size > 1 and dist.is_initialized():
+            dist.destroy_process_group()

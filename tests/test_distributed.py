@@ -1,0 +1,57 @@
+"""Data parallelism: torchrun with 2 gloo processes trains the weights one process
+trains with the same global batch."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from alexnet.distributed import World
+from alexnet.fit import spec
+from alexnet.params import TrainParams
+from alexnet.train import TrainConfig, Trainer
+from flows.train import torchrun_command
+from tests.test_train import data  # noqa: F401  (the module's tiny LMDB fixture)
+
+
+def config(**options) -> TrainConfig:
+    # batch 3 over 10 images: steps of 3, 3, 3, 1, so rank 1 also gets an empty share.
+    return TrainConfig(epochs=2, batch_size=3, val_batch_size=3, checkpoint_every=100,
+                       model={"init": "caffe", "dropout": 0.0}, **options)  # fmt: skip
+
+
+def test_two_gloo_processes_train_the_weights_of_one(data, tmp_path):  # noqa: F811
+    one = Trainer(config(), data / "train", data / "val", data / "stats", tmp_path / "1.pt")
+    while not one.finished():
+        one.run_epoch()
+
+    (tmp_path / "lmdb").mkdir()
+    for split in ("train", "val"):
+        (tmp_path / "lmdb" / split).symlink_to(data / split)
+    model_path = tmp_path / "two" / "alexnet.pt"
+    argument = spec(config(), tmp_path / "lmdb", data / "stats", model_path,
+                    tmp_path / "2.pt", tmp_path / "metrics")  # fmt: skip
+    command = torchrun_command(TrainParams(nproc_per_node=2), argument)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parents[1])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = torch.load(model_path, weights_only=True)
+    for name, value in one.weights().items():
+        # Equal up to float summation order (all-reduce vs one sum), which 20 steps
+        # amplify to ~3e-6; a rank training on its half alone would be ~1e-3 off.
+        torch.testing.assert_close(two["state_dict"][name], value, rtol=1e-3, atol=1e-5,
+                                   msg=name)  # fmt: skip
+    for a, b in zip(one.history, two["history"], strict=True):
+        assert a["val_top1_error"] == b["val_top1_error"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    assert (tmp_path / "metrics" / "train.json").exists()
+
+
+def test_one_process_world_is_inert():
+    world = World.from_env("cpu")
+    assert (world.rank, world.size, world.main) == (0, 1, True)
+    assert world.sum([1.0, 2.0]) == [1.0, 2.0] and list(range(5)[world.rows]) == [0, 1, 2, 3, 4]
+    assert world.device("cuda") == "cuda"
