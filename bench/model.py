@@ -4,10 +4,11 @@ alpha=5e-4, beta=0.75, k=2)`, the paper's formula in torch's convention) vs
 torchvision's `alexnet` (a different, later variant, for context); and the share of our
 step spent in LRN (forward and backward, measured by the profiler).
 
-    python bench/model.py [--batch 128] [--steps 3]      (also run by `make bench`)
+    python bench/model.py [--batch 128] [--steps 3] [--device cuda] [--amp]
+                                                         (CPU run by `make bench`)
 
 A step is forward + backward + SGD (momentum 0.9, weight decay 5e-4) on random 224
-inputs, float32, all CPU threads.
+inputs, float32 (bf16 autocast with --amp), all CPU threads or one GPU.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import cpu_model  # noqa: E402
+
+CPU = torch.device("cpu")
 
 from alexnet.model import AlexNet, initialise, local_response_norm  # noqa: E402
 
@@ -43,30 +46,43 @@ def naive(num_classes: int = 1000) -> nn.Module:
     return model
 
 
-def step_rate(model: nn.Module, batch: int, steps: int) -> float:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_rate(model: nn.Module, batch: int, steps: int, device: torch.device = CPU,
+              amp: bool = False) -> float:  # fmt: skip
+    model = model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    x = torch.randn(batch, 3, 224, 224) * 50
-    y = torch.randint(0, 1000, (batch,))
+    x = torch.randn(batch, 3, 224, 224, device=device) * 50
+    y = torch.randint(0, 1000, (batch,), device=device)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            logits = model(x)
+        F.cross_entropy(logits.float(), y).backward()
         optimizer.step()
 
-    step()  # warm-up
+    for _ in range(1 if device.type == "cpu" else 5):  # warm-up (cuDNN picks algorithms)
+        step()
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    sync(device)
     return batch * steps / (time.perf_counter() - start)
 
 
-def lrn_share(model: AlexNet, batch: int, seconds_per_step: float) -> float:
+def lrn_share(model: AlexNet, batch: int, seconds_per_step: float, device: torch.device = CPU,
+              repeats: int = 1) -> float:  # fmt: skip
     """Share of a training step spent in our LRN: the forward and backward of every LRN
     layer, timed alone on the activations it sees in the step, over the step's time."""
     inputs = []
     hooks = [m.register_forward_hook(lambda m, i, o: inputs.append(i[0].detach()))
              for m in model.features if type(m).__name__ == "LRN"]  # fmt: skip
-    model(torch.randn(batch, 3, 224, 224) * 50)
+    model.to(device)(torch.randn(batch, 3, 224, 224, device=device) * 50)
     for hook in hooks:
         hook.remove()
 
@@ -77,29 +93,38 @@ def lrn_share(model: AlexNet, batch: int, seconds_per_step: float) -> float:
             out.backward(torch.ones_like(out))
 
     lrn_passes()  # warm-up
+    sync(device)
     start = time.perf_counter()
-    lrn_passes()
-    return (time.perf_counter() - start) / seconds_per_step
+    for _ in range(repeats):
+        lrn_passes()
+    sync(device)
+    return (time.perf_counter() - start) / repeats / seconds_per_step
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast")
     args = parser.parse_args()
-    print(f"CPU: {cpu_model()}; {torch.get_num_threads()} threads; batch {args.batch}; "
-          f"{args.steps} steps after one warm-up")  # fmt: skip
+    device = torch.device(args.device)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+             f"{cpu_model()}; {torch.get_num_threads()} threads")  # fmt: skip
+    print(f"{where}; torch {torch.__version__}; batch {args.batch}; {args.steps} steps after "
+          f"warm-up; {'bf16 autocast' if args.amp else 'float32'}")  # fmt: skip
     from torchvision.models import alexnet as torchvision_alexnet
 
     torch.manual_seed(0)
     rates = {
-        "ours": step_rate(AlexNet(), args.batch, args.steps),
-        "naive stock layers": step_rate(naive(), args.batch, args.steps),
-        "torchvision alexnet": step_rate(torchvision_alexnet(), args.batch, args.steps),
-    }
+        name: step_rate(build(), args.batch, args.steps, device, args.amp)
+        for name, build in (("ours", AlexNet), ("naive stock layers", naive),
+                            ("torchvision alexnet", torchvision_alexnet))
+    }  # fmt: skip
     for name, rate in rates.items():
         print(f"{name:<22}{rate:8.1f} img/s   ours/this {rates['ours'] / rate:5.2f}x")
-    share = lrn_share(AlexNet(), args.batch, args.batch / rates["ours"])
+    repeats = 1 if device.type == "cpu" else 20
+    share = lrn_share(AlexNet(), args.batch, args.batch / rates["ours"], device, repeats)
     print(f"LRN share of our step (forward + backward): {share:.1%}  (target <= 10%)")
     print("target: ours >= 1.0x the naive build")
 

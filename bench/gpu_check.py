@@ -1,0 +1,145 @@
+"""The checks that need a CUDA GPU (issues 4 and 5), printed as figures:
+
+1. two-device placement: column 0 on cuda:0, column 1 on the CPU, forward and backward
+   equal to the one-device model with the same weights;
+2. the trainer on CUDA: a real data path (LMDB -> batched augmentation on the GPU) at
+   batch 128, float32 vs bf16 autocast vs + channels-last vs + torch.compile;
+3. training with the two columns on two devices (cuda:0 + cpu).
+
+    python bench/gpu_check.py [--images 2048] [--out results.json]
+
+Needs a CUDA device; writes its synthetic LMDB to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from alexnet.lmdb_store import write_store  # noqa: E402
+from alexnet.model import AlexNet  # noqa: E402
+from alexnet.train import TrainConfig, Trainer  # noqa: E402
+
+CLASSES = [{"index": i, "wnid": f"n{i:08d}", "name": f"class {i}"} for i in range(10)]
+
+
+def check_placement() -> dict:
+    """Same weights, same input: one-device CPU model vs columns on cuda:0 and cpu."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    reference = AlexNet(num_classes=1000, dropout=0.0)
+    placed = AlexNet(num_classes=1000, dropout=0.0)
+    placed.load_state_dict(reference.state_dict())
+    placed = placed.place(["cuda:0", "cpu"])
+    x = torch.randn(8, 3, 224, 224) * 50
+    y = torch.randint(0, 1000, (8,))
+    ref_logits = reference(x)
+    F.cross_entropy(ref_logits, y).backward()
+    logits = placed(x)
+    F.cross_entropy(logits, y.to(logits.device)).backward()
+    devices = {str(p.device) for p in placed.column0.parameters()}, {
+        str(p.device) for p in placed.column1.parameters()
+    }
+    grads = {}
+    for prefix, first, second in zip(
+        [f"features.{i}" for i in range(placed.num_features)]
+        + [f"classifier.{i}" for i in range(placed.num_classifier)],
+        placed.column0, placed.column1, strict=True,
+    ):  # fmt: skip
+        for name, p in first.named_parameters():
+            q = dict(second.named_parameters())[name]
+            grads[f"{prefix}.{name}"] = torch.cat([p.grad.cpu(), q.grad.cpu()])
+    ref_grads = dict(reference.named_parameters())
+    grad_error = max(
+        float((grads[n] - ref_grads[n].grad).abs().max() / ref_grads[n].grad.abs().max())
+        for n in grads
+    )
+    result = {
+        "logits_device": str(logits.device),
+        "column0_devices": sorted(devices[0]), "column1_devices": sorted(devices[1]),
+        "max_abs_logit_difference": float((logits.cpu() - ref_logits).abs().max()),
+        "max_relative_gradient_difference": grad_error,
+    }  # fmt: skip
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    return result
+
+
+def make_data(root: Path, images: int) -> Path:
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(images):
+        label = i % 10
+        image = rng.integers(0, 80, (256, 256, 3), dtype=np.uint8)
+        image[label * 20 : label * 20 + 60, :, label % 3] = 230  # a learnable band
+        records.append((label, image.tobytes()))
+    write_store(root / "train", [records[i : i + 256] for i in range(0, images, 256)],
+                "raw", CLASSES)  # fmt: skip
+    write_store(root / "val", [records[: min(images, 512)]], "raw", CLASSES)
+    (root / "stats").mkdir()
+    np.save(root / "stats" / "mean.npy", np.full((256, 256, 3), 50, np.float32))
+    eig = {"eigenvalues": [900.0, 90.0, 9.0], "eigenvectors": np.eye(3).tolist()}
+    (root / "stats" / "pca.json").write_text(json.dumps(eig))
+    return root
+
+
+def train_rate(root: Path, epochs: int = 2, **options) -> dict:
+    """Images/s of the last epoch (the first pays cuDNN tuning and compilation)."""
+    config = TrainConfig(epochs=epochs, batch_size=options.pop("batch_size", 128),
+                         val_batch_size=256, checkpoint_every=10_000, deterministic=False,
+                         model={"init": "caffe"}, **options)  # fmt: skip
+    trainer = Trainer(config, root / "train", root / "val", root / "stats",
+                      root / f"ckpt-{time.monotonic_ns()}.pt")  # fmt: skip
+    started = time.perf_counter()
+    while not trainer.finished():
+        trainer.run_epoch()
+    last = trainer.history[-1]
+    return {"images_per_s": round(last["images_per_s"], 1),
+            "train_loss": [round(r["train_loss"], 4) for r in trainer.history],
+            "val_top1_error": last["val_top1_error"],
+            "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2048)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("error: no CUDA device here")
+    results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    print(results, flush=True)
+    results["placement"] = check_placement()
+    print("placement cuda:0 + cpu:", results["placement"], flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        root = make_data(Path(folder), args.images)
+        runs = {
+            "float32": {},
+            "bf16 autocast": {"amp": True},
+            "bf16 + channels_last": {"amp": True, "channels_last": True},
+            "bf16 + channels_last + compile": {"amp": True, "channels_last": True,
+                                               "compile": True},
+            "bf16 + channels_last, 4 loader workers": {"amp": True, "channels_last": True,
+                                                       "loader_workers": 4},
+        }  # fmt: skip
+        for name, options in runs.items():
+            results[f"cuda:0 {name}"] = train_rate(root, device="cuda", **options)
+            print(f"train on cuda, batch 128, {name}:", results[f"cuda:0 {name}"], flush=True)
+        results["two devices cuda:0,cpu"] = train_rate(root, epochs=1, device="cuda:0,cpu",
+                                                       batch_size=64)  # fmt: skip
+        print("train, columns on cuda:0 and cpu, batch 64:",
+              results["two devices cuda:0,cpu"], flush=True)  # fmt: skip
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
