@@ -136,7 +136,8 @@ def centre_crop(images: torch.Tensor, mean: torch.Tensor | None, crop: int = 224
     """Validation input: the central crop, minus the same window of the mean image."""
     height, width = images.shape[-2:]
     top, left = (height - crop) // 2, (width - crop) // 2
-    out = images[..., top : top + crop, left : left + crop].float()
+    # contiguous: the batch may arrive in channels-last layout (see LmdbSplit.read_batch)
+    out = images[..., top : top + crop, left : left + crop].float().contiguous()
     if mean is not None:
         out -= mean[..., top : top + crop, left : left + crop]
     return out

@@ -55,7 +55,7 @@ class LmdbSplit(torch.utils.data.Dataset):
         if self.encoding == "raw":
             # A numpy copy: the payload is a read-only view into the memory map.
             hwc = np.frombuffer(payload, dtype=np.uint8).reshape(self.shape[1], self.shape[2], 3)
-            out[...] = hwc.transpose(2, 0, 1)
+            out.transpose(1, 2, 0)[...] = hwc  # a memcpy when `out` is an NHWC row
             return
         try:
             data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
@@ -70,39 +70,49 @@ class LmdbSplit(torch.utils.data.Dataset):
         images, labels = self.read_batch([index])
         return images[0], int(labels[0])
 
-    def read_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, 3, H, W) uint8 images and (N,) int64 labels of `indices`, in that order."""
+    def read_batch(self, indices, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, H, W) uint8 images and (N,) int64 labels of `indices`, in that order, in
+        one contiguous buffer. `channels_last`: the buffer is (N, H, W, 3), as raw payloads
+        are stored, so reading is a plain copy and the transpose is left to the device."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        images = np.empty((len(indices), *self.shape), dtype=np.uint8)
+        _, height, width = self.shape
+        if channels_last:
+            buffer = np.empty((len(indices), height, width, 3), dtype=np.uint8)
+            images = buffer.transpose(0, 3, 1, 2)  # an NCHW view of the NHWC buffer
+        else:
+            buffer = images = np.empty((len(indices), *self.shape), dtype=np.uint8)
         labels = np.empty(len(indices), dtype=np.int64)
         with self._txn() as txn:
             for row, index in enumerate(indices.tolist()):
                 label, payload, where = self._value(txn, index)
                 self._decode_into(images[row], payload, where)
                 labels[row] = label
-        return torch.from_numpy(images), torch.from_numpy(labels)
+        tensor = torch.from_numpy(buffer)
+        return (tensor.permute(0, 3, 1, 2) if channels_last else tensor), torch.from_numpy(labels)
 
 
-class _Batches(torch.utils.data.Dataset):
+class Batches(torch.utils.data.Dataset):
     """Item i = the whole batch `batches[i]` read at once (one transaction, no collate)."""
 
-    def __init__(self, split: LmdbSplit, batches: Sequence[Sequence[int]]):
+    def __init__(self, split: LmdbSplit, batches: Sequence[Sequence[int]],
+                 channels_last: bool = False):  # fmt: skip
         self.split, self.batches = split, [list(map(int, b)) for b in batches]
+        self.channels_last = channels_last
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.split.read_batch(self.batches[index])
+        return self.split.read_batch(self.batches[index], self.channels_last)
 
 
-def batch_loader(split: LmdbSplit, batches: Sequence[Sequence[int]], workers: int = 0,
+def batch_loader(dataset: torch.utils.data.Dataset, keys: Sequence, workers: int = 0,
                  pin_memory: bool = False) -> torch.utils.data.DataLoader:  # fmt: skip
-    """Batches in the given order, read `2 * workers` batches ahead by worker processes
-    (none: read in the loop). Workers start by forkserver: a fork of a process that has
-    run Prefect flows or CUDA inherits threads and handles that break it."""
+    """`dataset[key]` for each key in order, each item a whole batch; `workers` processes
+    read 2 items each ahead (none: read in the loop). Workers start by forkserver: a fork
+    of a process that has run Prefect flows or CUDA inherits threads that break it."""
     return torch.utils.data.DataLoader(
-        _Batches(split, batches), batch_size=None, shuffle=False, num_workers=workers,
-        pin_memory=pin_memory, prefetch_factor=2 if workers else None,
+        dataset, batch_size=None, sampler=keys, num_workers=workers, pin_memory=pin_memory,
+        prefetch_factor=2 if workers else None,
         multiprocessing_context="forkserver" if workers else None,
     )  # fmt: skip

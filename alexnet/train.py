@@ -32,7 +32,7 @@ from alexnet.distributed import World
 from alexnet.errors import AlexnetError
 from alexnet.model import AlexNet
 from alexnet.placement import TwoColumnAlexNet
-from alexnet.reader import LmdbSplit, batch_loader
+from alexnet.reader import Batches, LmdbSplit, batch_loader
 from alexnet.schedule import PlateauSchedule
 
 
@@ -81,6 +81,27 @@ def derived_seed(*parts: int) -> int:
 def epoch_order(count: int, seed: int, epoch: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(derived_seed(seed, epoch, -1))
     return torch.randperm(count, generator=generator)
+
+
+class EpochBatches(torch.utils.data.Dataset):
+    """Item (epoch, step): this rank's rows of global batch `step` of `epoch` (uint8, in
+    channels-last layout), their labels, and the global batch's size. Workers compute
+    the epoch's order themselves, so one persistent loader streams across epochs."""
+
+    def __init__(self, split: LmdbSplit, seed: int, batch_size: int, rows: slice):
+        self.split, self.seed, self.batch_size, self.rows = split, seed, batch_size, rows
+        self._order: tuple[int, torch.Tensor] | None = None
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if self._order is None or self._order[0] != epoch:
+            self._order = epoch, epoch_order(len(self.split), self.seed, epoch)
+        return self._order[1]
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, step = key
+        batch = self.order(epoch)[step * self.batch_size : (step + 1) * self.batch_size]
+        images, labels = self.split.read_batch(batch[self.rows], channels_last=True)
+        return images, labels, len(batch)
 
 
 def errors(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
@@ -133,8 +154,8 @@ def validate(model, store: LmdbSplit, mean: torch.Tensor, crop: int, batch: int,
     model.eval()
     loss = top1 = top5 = 0.0
     starts = range(0, len(store), batch)[world.rows]
-    for images, labels in batch_loader(store, [range(s, min(s + batch, len(store)))
-                                               for s in starts]):  # fmt: skip
+    batches = Batches(store, [range(s, min(s + batch, len(store))) for s in starts], True)
+    for images, labels in batch_loader(batches, range(len(batches))):
         images, labels = images.to(device), labels.to(device)
         logits = model(centre_crop(images, mean, crop))
         loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
@@ -200,6 +221,7 @@ class Trainer:
         self.epoch, self.step, self.history = 0, 0, []
         self.running = self._fresh_totals()  # of the current epoch, checkpointed with it
         self.stop_requested = False
+        self._stream = None  # the training batches, from the current step to the last epoch
 
     @staticmethod
     def _fresh_totals() -> dict:
@@ -237,12 +259,18 @@ class Trainer:
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.train) / self.config.batch_size)
 
-    def epoch_batches(self) -> list[torch.Tensor]:
-        """The global batches of the current epoch, from the current step on."""
-        order = epoch_order(len(self.train), self.config.seed, self.epoch)
-        size = self.config.batch_size
-        return [order[step * size : (step + 1) * size]
-                for step in range(self.step, self.steps_per_epoch())]  # fmt: skip
+    def batches(self):
+        """This rank's training batches from the current step to the end of the epoch
+        budget, read ahead by `loader_workers` processes that persist across epochs."""
+        if self._stream is None:
+            steps = self.steps_per_epoch()
+            keys = [(epoch, step) for epoch in range(self.epoch, self.config.epochs)
+                    for step in range(self.step if epoch == self.epoch else 0, steps)]  # fmt: skip
+            dataset = EpochBatches(self.train, self.config.seed, self.config.batch_size,
+                                   self.world.rows)  # fmt: skip
+            self._stream = iter(batch_loader(dataset, keys, self.config.loader_workers,
+                                             pin_memory=self.device.type == "cuda"))  # fmt: skip
+        return self._stream
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, global_size: int
                    ) -> tuple[float, int]:  # fmt: skip
@@ -277,21 +305,18 @@ class Trainer:
         return loss.item(), errors(logits.detach().float(), labels)[0]
 
     def run_epoch(self, on_step: Callable[[int, int], None] | None = None) -> dict:
-        batches = self.epoch_batches()
-        local = [batch[self.world.rows] for batch in batches]
-        loader = batch_loader(self.train, local, self.config.loader_workers,
-                              pin_memory=self.device.type == "cuda")  # fmt: skip
-        totals = self.running
+        stream, totals = self.batches(), self.running
         started = time.perf_counter()
-        for batch, (images, labels) in zip(batches, loader, strict=True):
-            loss, wrong = self.train_step(images, labels, len(batch))
+        while self.step < self.steps_per_epoch():
+            images, labels, size = next(stream)
+            loss, wrong = self.train_step(images, labels, size)
             self.step += 1
             if on_step:
                 on_step(self.step, self.steps_per_epoch())
             loss, wrong, stop = self.world.sum([loss, wrong, float(self.stop_requested)])
             totals["loss"] += loss
             totals["wrong"] += wrong
-            totals["seen"] += len(batch)
+            totals["seen"] += size
             totals["seconds"] += time.perf_counter() - started
             if stop or self.step % self.config.checkpoint_every == 0:
                 self.save()

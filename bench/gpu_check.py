@@ -1,5 +1,6 @@
 """The checks that need a CUDA GPU (issues 4 and 5), printed as figures:
 
+0. the fused LRN on CUDA equals the formula;
 1. two-device placement: column 0 on cuda:0, column 1 on the CPU, forward and backward
    equal to the one-device model with the same weights;
 2. the trainer on CUDA: a real data path (LMDB -> batched augmentation on the GPU) at
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from alexnet.lmdb_store import write_store  # noqa: E402
-from alexnet.model import AlexNet  # noqa: E402
+from alexnet.model import AlexNet, local_response_norm  # noqa: E402
 from alexnet.train import TrainConfig, Trainer  # noqa: E402
 
 CLASSES = [{"index": i, "wnid": f"n{i:08d}", "name": f"class {i}"} for i in range(10)]
@@ -59,18 +60,35 @@ def check_placement() -> dict:
             q = dict(second.named_parameters())[name]
             grads[f"{prefix}.{name}"] = torch.cat([p.grad.cpu(), q.grad.cpu()])
     ref_grads = dict(reference.named_parameters())
-    grad_error = max(
-        float((grads[n] - ref_grads[n].grad).abs().max() / ref_grads[n].grad.abs().max())
-        for n in grads
+    grad_error = max(  # per layer, |difference| / |gradient| (norms)
+        float((grads[n] - ref_grads[n].grad).norm() / ref_grads[n].grad.norm()) for n in grads
     )
     result = {
         "logits_device": str(logits.device),
         "column0_devices": sorted(devices[0]), "column1_devices": sorted(devices[1]),
-        "max_abs_logit_difference": float((logits.cpu() - ref_logits).abs().max()),
+        "max_abs_logit_difference": float((logits.detach().cpu() - ref_logits).abs().max()),
         "max_relative_gradient_difference": grad_error,
     }  # fmt: skip
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     return result
+
+
+def check_lrn() -> dict:
+    """The fused (compiled) CUDA LRN against the float64 formula, and its gradient
+    against the eager CPU path, on conv1-sized activations."""
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(128, 96, 55, 55, device="cuda")) * 50
+    ours = local_response_norm(x, groups=2)
+    ref = torch.cat([F.local_response_norm(half.double(), 5, 5e-4, 0.75, 2.0)
+                     for half in x.chunk(2, dim=1)], dim=1)  # fmt: skip
+    small = x[:8].clone().requires_grad_()
+    grad = torch.randn_like(small)
+    (fused,) = torch.autograd.grad(local_response_norm(small, groups=2), small, grad)
+    cpu = small.detach().cpu().requires_grad_()
+    (eager,) = torch.autograd.grad(local_response_norm(cpu, groups=2), cpu, grad.cpu())
+    return {"max_abs_forward_difference": float((ours.double() - ref).abs().max()),
+            "max_abs_gradient_difference": float((fused.cpu() - eager).abs().max()),
+            "max_abs_gradient": float(eager.abs().max())}  # fmt: skip
 
 
 def make_data(root: Path, images: int) -> Path:
@@ -117,6 +135,8 @@ def main() -> None:
         sys.exit("error: no CUDA device here")
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     print(results, flush=True)
+    results["lrn"] = check_lrn()
+    print("fused LRN on cuda vs float64 formula / eager CPU gradient:", results["lrn"])
     results["placement"] = check_placement()
     print("placement cuda:0 + cpu:", results["placement"], flush=True)
     with tempfile.TemporaryDirectory() as folder:

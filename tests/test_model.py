@@ -171,3 +171,18 @@ def test_torch_compile_forward_and_backward_on_cpu():
     assert torch.allclose(out, model(x), rtol=1e-3, atol=1e-4)
     F.cross_entropy(out, torch.tensor([1, 4])).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_fused_lrn_path_computes_the_same_forward_and_gradient(groups):
+    # The CUDA path (compiled there) recomputes d in the backward; its math, run eagerly
+    # here, must equal the formula and the saved-tensor backward.
+    from alexnet.model import _fused_backward, _fused_forward
+
+    x = (torch.randn(2, 8, 4, 3, dtype=torch.float64) * 20).requires_grad_()
+    grad = torch.randn(2, 8, 4, 3, dtype=torch.float64)
+    out = _fused_forward(x.detach(), 5, 1e-3, 0.75, 2.0, groups)
+    assert torch.allclose(out, lrn_direct(x.detach(), alpha=1e-3, groups=groups), rtol=1e-12)
+    (expected,) = torch.autograd.grad(local_response_norm(x, alpha=1e-3, groups=groups), x, grad)
+    fused = _fused_backward(grad, x.detach(), 5, 1e-3, 0.75, 2.0, groups)
+    assert torch.allclose(fused, expected, rtol=1e-10, atol=1e-12)

@@ -50,6 +50,9 @@ def test_raw_round_trip_items_and_batches(tmp_path):
     assert batch.shape == (3, 3, SIZE, SIZE) and batch.is_contiguous()
     assert labels.tolist() == [0, 0, 1]
     assert np.array_equal(batch[0].permute(1, 2, 0).numpy(), pixels[9])
+    nhwc, same = split.read_batch([9, 0, 4], channels_last=True)
+    assert torch.equal(nhwc, batch) and torch.equal(same, labels)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_jpeg_payloads_decode_like_pil(tmp_path):

@@ -162,3 +162,15 @@ def test_out_of_memory_names_the_batch_size(data, tmp_path):
         TrainError, match="out of memory on cpu at batch size 4; lower train.batch_size"
     ):
         t.run_epoch()
+
+
+def test_loader_workers_stream_the_same_batches_across_epochs(data, tmp_path):
+    # Two persistent worker processes read ahead over an epoch boundary; the run is the
+    # one the in-loop reader gives, bit for bit (and a checkpoint stays resumable).
+    inline = trainer(data, tmp_path / "a", epochs=2)
+    run_to_end(inline)
+    ahead = trainer(data, tmp_path / "b", epochs=2, loader_workers=2)
+    run_to_end(ahead)
+    for name, value in inline.model.state_dict().items():
+        assert torch.equal(value, ahead.model.state_dict()[name]), name
+    assert ahead.digest == inline.digest
