@@ -68,10 +68,19 @@ _FUSED: dict[str, object] = {}
 
 def _fused(name: str):
     """On CUDA the LRN is memory-bound: ~10 elementwise kernels each way in eager mode.
-    torch.compile fuses each direction into one or two kernels (Triton)."""
+    torch.compile fuses each direction into one or two kernels (Triton). Compiled with
+    dynamic shapes (train and validation batches differ) and called with autocast off
+    (its state is part of the guards), so a run compiles each direction once per dtype
+    and memory layout instead of once per batch shape."""
     if name not in _FUSED:
         function = {"forward": _fused_forward, "backward": _fused_backward}[name]
-        _FUSED[name] = torch.compile(function, dynamic=None)
+        compiled = torch.compile(function, dynamic=True)
+
+        def call(*args):
+            with torch.autocast("cuda", enabled=False):
+                return compiled(*args)
+
+        _FUSED[name] = call
     return _FUSED[name]
 
 
