@@ -214,6 +214,65 @@ def train(
 
 
 @app.command()
+def evaluate(
+    val: Annotated[Path, typer.Argument(help="the validation LMDB store")] = Path("data/lmdb/val"),
+    stats: Annotated[Path, typer.Argument(help="folder with mean.npy")] = Path("data/stats"),
+    model_path: Annotated[Path, typer.Argument(help="model file from train")] = Path(
+        "models/alexnet.pt"
+    ),
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
+    """10-crop top-1/top-5 error of a model (paper section 4.1; params `evaluate`):
+    metrics/eval.json, a per-class CSV and the confusion plot's data in metrics/eval/."""
+    with _user_errors():
+        params = _params(params_path)
+        summary = _run("flows.evaluate", "evaluate_flow", params, str(val), str(stats),
+                       str(model_path), "metrics", params.evaluate)  # fmt: skip
+    console.print(
+        f"evaluate: {summary['images']} images; 10-crop top-1 error {summary['top1_error']:.3f}, "
+        f"top-5 {summary['top5_error']:.3f} (centre crop {summary['center_top1_error']:.3f}, "
+        f"{summary['center_top5_error']:.3f})"
+    )
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="image files (any format PIL reads)")],
+    model_path: Annotated[Path, typer.Option("--model", help="model file")] = Path(
+        "models/alexnet.pt"
+    ),
+    top: Annotated[int, typer.Option(min=1, help="classes to show per image")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Top classes of each image with the pipeline's preprocessing and 10-crop
+    averaging. A file that cannot be read gets one error line; the others are still
+    predicted, and the exit status is 1."""
+    import json
+
+    from alexnet.predict import predict as run_predict
+
+    with _user_errors():
+        prepare = _params(params_path).prepare
+        options = {"size": prepare.size, "quality": prepare.quality,
+                   "resample": prepare.resample, "max_pixels": prepare.max_pixels}  # fmt: skip
+        results = run_predict(images, model_path, top, device, options)
+    if as_json:
+        typer.echo(json.dumps([{"path": r.path, **({"error": r.error} if r.error else
+                                {"predictions": r.top})} for r in results], indent=2))  # fmt: skip
+    for result in results:
+        if result.error:
+            console.print(f"error: {result.path}: {result.error}", markup=False, highlight=False)
+        elif not as_json:
+            typer.echo(result.path)
+            for entry in result.top:
+                typer.echo(f"  {entry['probability']:7.2%}  {entry['name']} ({entry['wnid']})")
+    if any(result.error for result in results):
+        raise typer.Exit(1)
+
+
+@app.command()
 def doctor() -> None:
     """Print what the pipeline runs on: PIL (pillow-simd?), libjpeg-turbo, torch and CUDA
     devices, and which Prefect API flows report to."""

@@ -127,6 +127,13 @@ class TrainParams(_Section):
                                "(a node all nodes reach), multi-node only")  # fmt: skip
 
 
+class EvaluateParams(_Section):
+    """Section 4.1's 10-crop test (alexnet/evaluate.py)."""
+
+    batch_size: int = Field(50, ge=1, description="images per batch (x10 crops on the device)")
+    device: str = Field("cpu", description="cpu, cuda, cuda:1, ...")
+
+
 class ComputeParams(_Section):
     """Where parallel work runs. Results are identical whatever is chosen here."""
 
@@ -144,6 +151,7 @@ class Params(_Section):
     pack: PackParams = PackParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
     compute: ComputeParams = ComputeParams()
 
 

@@ -1,0 +1,70 @@
+"""Benchmark of the evaluate stage's 10-crop test, in one run: our batched 10-crop
+(one gather on the device, one forward of 10N crops, softmax average) vs ten times the
+centre-crop forward of the same model on the same batch (the cost of the ten forwards
+alone). Target: overhead <= 10%.
+
+    python bench/evaluate.py [--batch 50] [--repeats 3] [--device cpu]   (run by `make bench`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import cpu_model  # noqa: E402
+
+from alexnet.augment import centre_crop  # noqa: E402
+from alexnet.evaluate import crop_probabilities  # noqa: E402
+from alexnet.model import AlexNet  # noqa: E402
+
+
+def best_seconds(work, repeats: int, device: torch.device) -> float:
+    work()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        work()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = AlexNet(num_classes=1000).to(device).eval()
+    images = torch.randint(0, 256, (args.batch, 3, 256, 256), dtype=torch.uint8, device=device)
+    mean = torch.rand(3, 256, 256, device=device) * 255
+
+    @torch.no_grad()
+    def ten_centre_forwards():
+        for _ in range(10):
+            torch.softmax(model(centre_crop(images, mean)), 1)
+
+    ours = best_seconds(lambda: crop_probabilities(model, images, mean, 224).mean(1),
+                        args.repeats, device)  # fmt: skip
+    baseline = best_seconds(ten_centre_forwards, args.repeats, device)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+             f"{cpu_model()}; {torch.get_num_threads()} threads")  # fmt: skip
+    print(f"{where}; AlexNet 1000 classes, batch {args.batch} images, best of {args.repeats}")
+    print(f"10-crop (ours)          {args.batch / ours:8.1f} images/s")
+    print(f"10 x centre-crop forward{args.batch / baseline:8.1f} images/s")
+    print(f"overhead of ours: {ours / baseline - 1:+.1%}  (target <= +10%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Flow of the evaluate stage: 10-crop and centre-crop error on the validation store,
+a per-class report, the confusion plot's data and a Prefect artifact."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from rich.progress import Progress
+
+from alexnet.atomic import write_bytes, write_json
+from alexnet.evaluate import ModelFileError, evaluate, load_model
+from alexnet.params import EvaluateParams
+from alexnet.reader import LmdbSplit
+from alexnet.train import load_stats, resolve_devices
+
+
+def _csv(rows: list[dict]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().encode()
+
+
+def _report(summary: dict, per_class: list[dict], worst: int = 5) -> str:
+    lines = ["# Evaluation", "", "| | top-1 error | top-5 error |", "|---|---|---|",
+             f"| 10-crop | {summary['top1_error']:.4f} | {summary['top5_error']:.4f} |",
+             f"| centre crop | {summary['center_top1_error']:.4f} | "
+             f"{summary['center_top5_error']:.4f} |", "",
+             f"{summary['images']} images.", "", "## Worst classes (top-1 error)", "",
+             "| class | images | top-1 error | top-5 error |", "|---|---|---|---|"]  # fmt: skip
+    rated = [row for row in per_class if row["images"]]
+    for row in sorted(rated, key=lambda r: -r["top1_error"])[:worst]:
+        lines.append(f"| {row['name']} ({row['wnid']}) | {row['images']} | "
+                     f"{row['top1_error']:.3f} | {row['top5_error']:.3f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+@flow(name="evaluate")
+def evaluate_flow(
+    val: str = "data/lmdb/val",
+    stats: str = "data/stats",
+    model_path: str = "models/alexnet.pt",
+    metrics: str = "metrics",
+    params: EvaluateParams = EvaluateParams(),
+) -> dict:
+    """Write metrics/eval.json, metrics/eval/per_class.csv and metrics/eval/confusion.csv."""
+    logger = get_run_logger()
+    device = resolve_devices(params.device)[0]
+    model, payload = load_model(Path(model_path), device)
+    split = LmdbSplit(val)
+    if len(split.classes) != len(payload["classes"]):
+        raise ModelFileError(f"{model_path} has {len(payload['classes'])} classes, "
+                             f"{val} has {len(split.classes)}")  # fmt: skip
+    if split.classes != payload["classes"]:
+        raise ModelFileError(f"{model_path} and {val} list different classes")
+    mean, _ = load_stats(Path(stats))
+    with Progress() as progress:
+        bar = progress.add_task("evaluate (10 crops)", total=len(split))
+        results = evaluate(model, split, mean, model.input_size, params.batch_size, device,
+                           on_batch=lambda n: progress.advance(bar, n))  # fmt: skip
+    summary = results.summary()
+    per_class = results.per_class(split.classes)
+    write_json(Path(metrics) / "eval.json", summary)
+    write_bytes(Path(metrics) / "eval" / "per_class.csv", _csv(per_class))
+    write_bytes(Path(metrics) / "eval" / "confusion.csv", _csv(results.confusion(split.classes)))
+    logger.info("10-crop top-1 error %.4f, top-5 %.4f; centre crop %.4f / %.4f; %d images",
+                summary["top1_error"], summary["top5_error"], summary["center_top1_error"],
+                summary["center_top5_error"], summary["images"])  # fmt: skip
+    create_markdown_artifact(_report(summary, per_class), key="evaluation",
+                             description="10-crop evaluation")  # fmt: skip
+    return summary

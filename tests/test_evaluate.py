@@ -1,0 +1,161 @@
+"""Evaluation (section 4.1) and prediction: crop windows, softmax averaging, top-k
+math, a trained model file, the metric files, and predict on odd files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from alexnet.evaluate import Results, crop_probabilities, evaluate, label_ranks, ten_crops
+from alexnet.reader import LmdbSplit
+from alexnet.train import TrainConfig, Trainer
+from tests.conftest import REPO
+from tests.test_train import CLASSES, blobs, data  # noqa: F401  (the tiny LMDB fixture)
+
+
+@pytest.mark.parametrize(("height", "width", "crop"), [(256, 256, 224), (256, 256, 227),
+                                                       (40, 50, 24), (41, 40, 24)])  # fmt: skip
+def test_ten_crops_are_torchvisions_in_position_and_order(height, width, crop):
+    images = torch.randint(0, 256, (3, 3, height, width), dtype=torch.uint8)
+    ours = ten_crops(images, None, crop)
+    assert ours.shape == (3, 10, 3, crop, crop)
+    for n in range(3):
+        for i, expected in enumerate(TF.ten_crop(images[n].float(), [crop, crop])):
+            assert torch.equal(ours[n, i], expected), (n, i)
+
+
+def test_each_crop_loses_its_own_window_of_the_mean():
+    images = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8)
+    mean = torch.rand(3, 256, 256) * 255
+    ours = ten_crops(images, mean, 224)
+    for n in range(2):
+        for i, expected in enumerate(TF.ten_crop(images[n].float() - mean, [224, 224])):
+            assert torch.allclose(ours[n, i], expected)
+
+
+class CropTable(torch.nn.Module):
+    """Logits by crop index: the r-th crop it sees (over all calls) gets table[r % 10]."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table, self.seen = table, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(self.seen, self.seen + x.shape[0]) % 10
+        self.seen += x.shape[0]
+        return self.table[rows]
+
+
+def test_the_prediction_averages_softmax_outputs_not_logits():
+    # Crop 0 is sure of class 0; nine crops mildly prefer class 1. Mean logits pick
+    # class 0 (1.0 vs 0.45); mean probabilities pick class 1 (0.44 vs 0.56).
+    table = torch.tensor([[10.0, 0.0]] + [[0.0, 0.5]] * 9)
+    probabilities = crop_probabilities(CropTable(table), torch.zeros(1, 3, 256, 256), None, 224)
+    assert torch.allclose(probabilities[0], torch.softmax(table, 1))
+    assert probabilities.mean(1).argmax(1).item() == 1 and table.mean(0).argmax().item() == 0
+
+
+def test_topk_error_math_with_ties():
+    scores = torch.tensor([
+        [0.5, 0.1, 0.1, 0.1, 0.1, 0.1],   # label 0: rank 0
+        [0.3, 0.3, 0.1, 0.1, 0.1, 0.1],   # label 1 ties the best: counts as top-1 right
+        [0.6, 0.2, 0.05, 0.05, 0.05, 0.05],  # label 2: four ties, ranks 2 -> top-5 right
+        [0.3, 0.2, 0.2, 0.15, 0.14, 0.01],  # label 5: 5 classes strictly above -> top-5 wrong
+    ])  # fmt: skip
+    labels = torch.tensor([0, 1, 2, 5])
+    rank = label_ranks(scores, labels)
+    assert rank.tolist() == [0, 0, 2, 5]
+    results = Results(labels, scores.argmax(1), rank, torch.tensor([1, 0, 0, 0]))
+    assert results.summary() == {"top1_error": 0.5, "top5_error": 0.25,
+                                 "center_top1_error": 0.25, "center_top5_error": 0.0,
+                                 "images": 4}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_file(data, tmp_path_factory):  # noqa: F811
+    path = tmp_path_factory.mktemp("model") / "alexnet.pt"
+    config = TrainConfig(batch_size=5, val_batch_size=4, epochs=6, lighting=0.0,
+                         checkpoint_every=100, model={"init": "caffe", "dropout": 0.0})  # fmt: skip
+    t = Trainer(config, data / "train", data / "val", data / "stats", path.with_suffix(".ckpt"))
+    while not t.finished():
+        t.run_epoch()
+    t.export(path)
+    return path
+
+
+def test_a_trained_model_file_classifies_its_training_images(data, model_file):  # noqa: F811
+    from alexnet.evaluate import load_model
+
+    model, payload = load_model(model_file)
+    results = evaluate(model, LmdbSplit(data / "train"), payload["mean"], 224, 4,
+                       torch.device("cpu"))  # fmt: skip
+    summary = results.summary()
+    assert summary["images"] == 10 and summary["top1_error"] <= 0.2, summary
+    assert [row["images"] for row in results.per_class(CLASSES)] == [5, 5]
+    assert len(results.confusion(CLASSES)) == 10
+
+
+def test_evaluate_flow_writes_the_metric_files(data, model_file, tmp_path, prefect_server):  # noqa: F811
+    from alexnet.params import EvaluateParams
+    from flows.evaluate import evaluate_flow
+
+    summary = evaluate_flow(str(data / "val"), str(data / "stats"), str(model_file),
+                            str(tmp_path), EvaluateParams(batch_size=3))  # fmt: skip
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert written == summary
+    assert list(written) == ["top1_error", "top5_error", "center_top1_error",
+                             "center_top5_error", "images"]  # fmt: skip
+    assert written["images"] == 4 and all(0 <= written[k] <= 1 for k in list(written)[:4])
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "eval" / "per_class.csv").read_text())))
+    assert list(rows[0]) == ["class", "wnid", "name", "images", "top1_error", "top5_error"]
+    assert [r["name"] for r in rows] == ["c0", "c1"]
+    confusion = list(csv.DictReader(io.StringIO((tmp_path / "eval" / "confusion.csv").read_text())))
+    assert len(confusion) == 4 and set(confusion[0]) == {"actual", "predicted"}
+
+
+def test_evaluate_refuses_a_model_of_other_classes(data, model_file, tmp_path, prefect_server):  # noqa: F811
+    from alexnet.evaluate import ModelFileError
+    from alexnet.lmdb_store import write_store
+    from alexnet.params import EvaluateParams
+    from flows.evaluate import evaluate_flow
+
+    three = [{"index": i, "wnid": f"n{i}", "name": f"c{i}"} for i in range(3)]
+    write_store(tmp_path / "val3", [blobs(0, 2, 9)], "raw", three)
+    with pytest.raises(ModelFileError, match="has 2 classes, .* has 3"):
+        evaluate_flow(str(tmp_path / "val3"), str(data / "stats"), str(model_file),
+                      str(tmp_path), EvaluateParams())  # fmt: skip
+
+
+def image_of(label: int) -> Image.Image:
+    return Image.fromarray(np.frombuffer(blobs(label, 1, 7 + label)[0][1], np.uint8)
+                           .reshape(256, 256, 3))  # fmt: skip
+
+
+def test_predict_cmyk_png_in_jpeg_and_a_bad_file(model_file, tmp_path):
+    image_of(0).convert("CMYK").save(tmp_path / "cmyk.jpg", "JPEG", quality=95)
+    image_of(1).resize((300, 400)).save(tmp_path / "png.JPEG", "PNG")  # PNG named .JPEG
+    (tmp_path / "broken.jpg").write_bytes(b"<html>not an image</html>")
+    files = [str(tmp_path / name) for name in ("cmyk.jpg", "broken.jpg", "png.JPEG")]
+    done = subprocess.run(
+        [sys.executable, "-m", "alexnet.cli", "predict", *files, "--model", str(model_file),
+         "--top", "2", "--json"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"error: {files[1]}: not an image"
+    results = json.loads(done.stdout)
+    assert [r["path"] for r in results] == files and results[1] == {"path": files[1],
+                                                                   "error": "not an image"}
+    assert results[0]["predictions"][0]["name"] == "c0"
+    assert results[2]["predictions"][0]["name"] == "c1"
+    assert len(results[0]["predictions"]) == 2
+    assert sum(p["probability"] for p in results[0]["predictions"]) == pytest.approx(1, abs=1e-5)
