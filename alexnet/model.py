@@ -10,6 +10,7 @@ normalises within a column. Shapes for a 224 input (conv1 padding 2; 227 without
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -78,7 +79,15 @@ def _fused(name: str):
 
         def call(*args):
             with torch.autocast("cuda", enabled=False):
-                return compiled(*args)
+                try:
+                    return compiled(*args)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as error:  # no Triton, or a compiler failure: run eagerly
+                    warnings.warn(f"LRN: torch.compile failed ({type(error).__name__}: "
+                                  f"{error}); using the eager kernels", stacklevel=2)  # fmt: skip
+                    _FUSED[name] = function
+                    return function(*args)
 
         _FUSED[name] = call
     return _FUSED[name]

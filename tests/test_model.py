@@ -186,3 +186,21 @@ def test_fused_lrn_path_computes_the_same_forward_and_gradient(groups):
     (expected,) = torch.autograd.grad(local_response_norm(x, alpha=1e-3, groups=groups), x, grad)
     fused = _fused_backward(grad, x.detach(), 5, 1e-3, 0.75, 2.0, groups)
     assert torch.allclose(fused, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_lrn_falls_back_to_eager_when_compilation_fails(monkeypatch):
+    from alexnet import model as module
+
+    def broken(function, dynamic=None):
+        def fails(*args):
+            raise RuntimeError("no Triton here")
+
+        return fails
+
+    monkeypatch.setattr(module, "_FUSED", {})
+    monkeypatch.setattr(module.torch, "compile", broken)
+    x = torch.randn(2, 8, 3, 3) * 20
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        out = module._fused("forward")(x, 5, 1e-4, 0.75, 2.0, 1)
+    assert torch.allclose(out, local_response_norm(x), rtol=1e-6)
+    assert module._FUSED["forward"] is module._fused_forward
