@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from alexnet.errors import AlexnetError
+from alexnet.metrics import label_ranks
 from alexnet.model import AlexNet
 from alexnet.reader import Batches, LmdbSplit, batch_loader
 
@@ -71,10 +72,6 @@ def crop_probabilities(model: torch.nn.Module, images: torch.Tensor, mean: torch
     return torch.softmax(logits.float(), dim=1).reshape(n, 10, -1)
 
 
-def label_ranks(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """How many classes score strictly above the label (0 = top-1 right; < 5 = top-5
-    right). Ties count in the label's favour, as in training's `errors`."""
-    return (scores > scores.gather(1, labels[:, None])).sum(1)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from alexnet.atomic import atomic_output
 from alexnet.augment import Augment, centre_crop
 from alexnet.distributed import World
 from alexnet.errors import AlexnetError
+from alexnet.metrics import label_ranks
 from alexnet.model import AlexNet
 from alexnet.placement import TwoColumnAlexNet
 from alexnet.reader import Batches, LmdbSplit, batch_loader
@@ -106,9 +107,8 @@ class EpochBatches(torch.utils.data.Dataset):
 
 def errors(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
     """Counts of top-1 and top-5 mistakes: a label is right when fewer than k classes
-    score strictly higher (ties count in the label's favour)."""
-    true = logits.gather(1, labels[:, None])
-    rank = (logits > true).sum(1)
+    score strictly higher (ties count in the label's favour; a NaN score is wrong)."""
+    rank = label_ranks(logits, labels)
     k5 = min(5, logits.shape[1])
     return int((rank >= 1).sum()), int((rank >= k5).sum())
 
@@ -301,8 +301,14 @@ class Trainer:
                 f"out of memory on {self.device} at batch size {global_size}; "
                 "lower train.batch_size"
             ) from None
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainError(
+                f"the loss became {value} at epoch {self.epoch + 1}, step {self.step + 1}: "
+                "training diverged; lower train.lr or use another model.init"
+            )
         self.optimizer.step()
-        return loss.item(), errors(logits.detach().float(), labels)[0]
+        return value, errors(logits.detach().float(), labels)[0]
 
     def run_epoch(self, on_step: Callable[[int, int], None] | None = None) -> dict:
         stream, totals = self.batches(), self.running

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from alexnet.evaluate import Results, crop_probabilities, evaluate, label_ranks, ten_crops
+from alexnet.evaluate import Results, crop_probabilities, evaluate, ten_crops
+from alexnet.metrics import label_ranks
 from alexnet.reader import LmdbSplit
 from alexnet.train import TrainConfig, Trainer
 from tests.conftest import REPO
@@ -159,3 +160,8 @@ def test_predict_cmyk_png_in_jpeg_and_a_bad_file(model_file, tmp_path):
     assert results[2]["predictions"][0]["name"] == "c1"
     assert len(results[0]["predictions"]) == 2
     assert sum(p["probability"] for p in results[0]["predictions"]) == pytest.approx(1, abs=1e-5)
+
+
+def test_a_nan_score_is_an_error_not_a_hit():
+    scores = torch.tensor([[float("nan")] * 3, [0.1, 0.7, 0.2]])
+    assert label_ranks(scores, torch.tensor([0, 1])).tolist() == [3, 0]

@@ -215,3 +215,9 @@ def test_cli_train_killed_with_sigkill_resumes_to_the_same_weights(data, tmp_pat
     resumed = torch.load(model_path, weights_only=True)["state_dict"]
     for name, value in whole.weights().items():
         assert torch.equal(value, resumed[name]), name
+
+
+def test_a_diverging_run_stops_with_one_clear_line(data, tmp_path):
+    t = trainer(data, tmp_path, epochs=1, lr=1e6)
+    with pytest.raises(TrainError, match="training diverged; lower train.lr"):
+        t.run_epoch()
