@@ -46,6 +46,11 @@ class SynthParams(_Section):
 class PrepareParams(_Section):
     """Raw images -> 256x256 JPEG shards (paper section 2)."""
 
+    raw: str = Field(
+        "data/raw",
+        description="the raw dataset (train/<wnid>/*, val/...): data/raw is the demo's; "
+        "for ImageNet an absolute path outside the repo",
+    )
     size: int = Field(
         256, ge=8, description="shorter side is rescaled to this, then centre-cropped"
     )
