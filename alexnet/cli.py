@@ -273,6 +273,26 @@ def predict(
 
 
 @app.command()
+def serve(params_path: ParamsOption = Path("params.yaml")) -> None:
+    """Serve the Prefect deployments of this repository: one per stage, `pipeline` and
+    `retrain` (cron from params `serve`). Each runs `dvc repro`, so runs started from
+    the UI keep dvc.lock true. Needs a Prefect server: `prefect server start`, then
+    PREFECT_API_URL=http://127.0.0.1:4200/api. Stop with Ctrl-C."""
+    from prefect.settings import PREFECT_API_URL
+
+    with _user_errors():
+        params = _params(params_path)
+        if not (os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()):
+            raise AlexnetError("serve needs a Prefect server: run `prefect server start` and set "
+                               "PREFECT_API_URL=http://127.0.0.1:4200/api")  # fmt: skip
+        if not Path("dvc.yaml").exists():
+            raise AlexnetError("serve runs in the repository: no dvc.yaml in this folder")
+        from flows.serve import serve_all
+
+        serve_all(Path.cwd(), params.serve)
+
+
+@app.command()
 def doctor() -> None:
     """Print what the pipeline runs on: PIL (pillow-simd?), libjpeg-turbo, torch and CUDA
     devices, and which Prefect API flows report to."""

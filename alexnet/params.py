@@ -139,6 +139,13 @@ class EvaluateParams(_Section):
     device: str = Field("cpu", description="cpu, cuda, cuda:1, ...")
 
 
+class ServeParams(_Section):
+    """The Prefect deployments of `alexnet serve` (flows/serve.py)."""
+
+    retrain_cron: str = Field("0 3 * * 1", description="cron schedule of the retrain deployment")
+    timezone: str = Field("UTC", description="time zone of the cron schedule")
+
+
 class ComputeParams(_Section):
     """Where parallel work runs. Results are identical whatever is chosen here."""
 
@@ -157,6 +164,7 @@ class Params(_Section):
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    serve: ServeParams = ServeParams()
     compute: ComputeParams = ComputeParams()
 
 

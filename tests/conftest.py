@@ -68,3 +68,44 @@ def prefect_server():
                 os.environ.pop("PREFECT_API_URL", None)
             else:
                 os.environ["PREFECT_API_URL"] = previous
+
+
+TINY_CHAIN = {
+    "synth": {"classes": 2, "train_per_class": 4, "val_per_class": 2, "min_side": 64,
+              "max_side": 160, "oddities": 0},
+    "prepare": {"shard_size": 4, "raw": "data/raw"},
+    "train": {"epochs": 1, "batch_size": 4, "val_batch_size": 4, "checkpoint_every": 100,
+              "lighting": 0.0},
+    "model": {"init": "caffe"},
+    "evaluate": {"batch_size": 4},
+    "compute": {"workers": 1},
+}  # fmt: skip
+
+
+def repo_copy(root: Path, params: dict) -> Path:
+    """The repository's tracked files (working-tree versions) in a fresh git + DVC
+    repository at `root`, its params.yaml overridden by `params` (section by section)."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.split()  # fmt: skip
+    skip = ("dvc.lock", "metrics/")
+    for name in files:
+        if name.startswith(skip) or not (REPO / name).exists():
+            continue
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, root / name)
+    # DVC needs every section a stage lists: the repo's params.yaml, `params` merged in.
+    merged = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in params.items():
+        merged[section] = {**merged.get(section, {}), **values}
+    (root / "params.yaml").write_text(yaml.safe_dump(merged))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    # A first commit, as in any clone (dvclive refuses a git repository without one).
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit",
+                    "-qm", "copy"], cwd=root, check=True)  # fmt: skip
+    return root

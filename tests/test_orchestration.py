@@ -1,0 +1,135 @@
+"""The chain through DVC end to end, and the Prefect UI path: a real `prefect server`,
+`alexnet serve`, the REST API the UI calls, a deployment run to Completed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from alexnet.repro import STAGES, repro, status_clean
+from tests.conftest import TINY_CHAIN, repo_copy
+
+
+def dvc_repro(repo: Path) -> list[str]:
+    return repro(repo, log=lambda line: None)
+
+
+def test_dvc_repro_runs_the_chain_and_reruns_only_what_changed(tmp_path):
+    repo = repo_copy(tmp_path / "repo", {**TINY_CHAIN, "prepare": {**TINY_CHAIN["prepare"],
+                                                                   "raw": "../raw"}})  # fmt: skip
+    synth = [sys.executable, "-m", "alexnet.cli", "synth", str(tmp_path / "raw")]
+    subprocess.run([*synth, "-p", str(repo / "params.yaml")], cwd=repo, check=True,
+                   capture_output=True)  # fmt: skip
+    assert dvc_repro(repo) == list(STAGES)
+    metrics = json.loads((repo / "metrics" / "eval.json").read_text())
+    assert metrics["images"] == 4 and set(metrics) >= {"top1_error", "center_top5_error"}
+    assert dvc_repro(repo) == [] and status_clean(repo)
+
+    def edit(section: str, **values) -> None:
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        params[section] = {**params.get(section, {}), **values}
+        (repo / "params.yaml").write_text(yaml.safe_dump(params))
+
+    edit("train", lr=0.02)
+    assert dvc_repro(repo) == ["train", "evaluate"]
+    edit("prepare", quality=80)
+    assert dvc_repro(repo) == ["prepare", "stats", "pack", "train", "evaluate"]
+    # New images in the raw folder (outside the repo, as ImageNet's): from prepare on.
+    extra = next((tmp_path / "raw" / "train").iterdir())
+    first = next(extra.iterdir())
+    (extra / f"added{first.suffix}").write_bytes(first.read_bytes()[::-1][::-1])
+    assert dvc_repro(repo)[0] == "prepare" and status_clean(repo)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def api(url: str, path: str, body: dict | None = None, patience: float = 60) -> object:
+    """One REST call as the UI makes it; a busy server's 503 is retried for `patience` s."""
+    deadline = time.monotonic() + patience
+    while True:
+        request = urllib.request.Request(url + path, method="GET" if body is None else "POST",
+                                         data=None if body is None else json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            if error.code != 503 or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if result := check():
+                return result
+        except OSError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_prefect_ui_path_serve_deployments_and_a_triggered_stage(tmp_path):
+    repo = repo_copy(tmp_path / "repo", {**TINY_CHAIN, "serve": {"retrain_cron": "15 4 * * 2"}})
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": url}  # fmt: skip
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+         str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    serving = None
+    try:
+        wait_for(lambda: api(url, "/health") is True, 150, "the Prefect server")
+        log = open(tmp_path / "serve.log", "w")  # noqa: SIM115  (closed with the process)
+        serving = subprocess.Popen([sys.executable, "-m", "alexnet.cli", "serve"], cwd=repo,
+                                   env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
+        names = [*STAGES, "pipeline", "retrain"]
+        deployments = wait_for(
+            lambda: (found := api(url, "/deployments/filter", {})) and len(found) >= len(names)
+            and found, 120, "the served deployments",
+        )  # fmt: skip
+        by_name = {d["name"]: d for d in deployments}
+        assert sorted(by_name) == sorted(names)
+        crons = [s["schedule"].get("cron") for s in by_name["retrain"]["schedules"]]
+        assert crons == ["15 4 * * 2"]
+        assert by_name["prepare"]["parameters"]["stage"] == "prepare"
+        assert by_name["prepare"]["parameter_openapi_schema"]["properties"]["force"]["type"] == (
+            "boolean")  # fmt: skip
+        run = api(url, f"/deployments/{by_name['prepare']['id']}/create_flow_run", {})
+        state = wait_for(
+            lambda: (s := api(url, f"/flow_runs/{run['id']}")["state"]["type"]) in
+            ("COMPLETED", "FAILED", "CRASHED") and s, 300, "the flow run",
+        )  # fmt: skip
+        assert state == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
+        assert (repo / "data" / "prepared" / "report.json").exists()
+        status = subprocess.run([sys.executable, "-m", "dvc", "status", "prepare"], cwd=repo,
+                                capture_output=True, text=True)  # fmt: skip
+        assert "up to date" in status.stdout, status.stdout
+    finally:
+        for process in (serving, server):
+            if process is not None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
