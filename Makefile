@@ -24,6 +24,7 @@ bench: setup $(BASELINE_VENV)/bin/python
 	python bench/prepare.py --baseline-python $(BASELINE_VENV)/bin/python
 	python bench/store.py
 	python bench/model.py
+	python bench/train.py
 	python bench/evaluate.py
 
 lint: setup

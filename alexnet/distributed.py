@@ -36,8 +36,23 @@ class World:
         return cls(dist.get_rank(), size, int(os.environ.get("LOCAL_RANK", "0")))
 
     def device(self, name: str) -> str:
-        """`cuda` under torchrun means this process's own GPU, `cuda:LOCAL_RANK`."""
-        return f"cuda:{self.local_rank}" if self.size > 1 and name == "cuda" else name
+        """This process's devices under torchrun: `cuda` means its own GPU,
+        `cuda:LOCAL_RANK`; a two-device spec `cuda:0,cuda:1` (model parallel) means the
+        rank's own pair, `cuda:2r,cuda:2r+1`, so the modes combine."""
+        if self.size == 1:
+            return name
+        if name == "cuda":
+            return f"cuda:{self.local_rank}"
+        parts = [part.strip() for part in name.split(",")]
+        if len(parts) == 1:
+            return name  # one explicit device (cpu, or a chosen GPU): as given
+        shifted = []
+        for part in parts:
+            kind, _, index = part.partition(":")
+            if kind == "cuda":
+                part = f"cuda:{int(index or 0) + self.local_rank * len(parts)}"
+            shifted.append(part)
+        return ",".join(shifted)
 
     @property
     def rows(self) -> slice:

@@ -111,7 +111,10 @@ class TrainParams(_Section):
     stop_at_last_plateau: bool = Field(True, description="stop at the plateau after the last drop")
     seed: int = 0
     deterministic: bool = Field(True, description="bit-repeatable CPU runs")
-    device: str = Field("cpu", description="cpu, cuda, cuda:1, ...")
+    device: str | list[str] = Field(
+        "cpu", description="cpu, cuda, cuda:1, ...; two devices ([cuda:0, cuda:1]) = one "
+        "column of the network on each (model parallel)",
+    )
     random_crop: bool = Field(True, description="random 224 crops (else centre)")
     flip: bool = Field(True, description="horizontal reflections with p=0.5")
     lighting: float = Field(0.1, ge=0, description="PCA lighting sigma (0 = off)")

@@ -24,6 +24,8 @@ from alexnet.train import Interrupted, TrainConfig, Trainer, TrainError
 
 def _config(train: TrainParams, model: ModelParams) -> TrainConfig:
     values = {f.name: getattr(train, f.name) for f in fields(TrainConfig) if hasattr(train, f.name)}
+    if isinstance(train.device, list):  # [cuda:0, cuda:1] -> "cuda:0,cuda:1"
+        values["device"] = ",".join(train.device)
     return TrainConfig(**values, model=model.model_dump())
 
 

@@ -55,3 +55,18 @@ def test_one_process_world_is_inert():
     assert (world.rank, world.size, world.main) == (0, 1, True)
     assert world.sum([1.0, 2.0]) == [1.0, 2.0] and list(range(5)[world.rows]) == [0, 1, 2, 3, 4]
     assert world.device("cuda") == "cuda"
+
+
+def test_each_rank_gets_its_own_devices():
+    rank1 = World(rank=1, size=2, local_rank=1)
+    assert rank1.device("cuda") == "cuda:1"
+    assert rank1.device("cuda:0,cuda:1") == "cuda:2,cuda:3"  # DDP x two-device columns
+    assert rank1.device("cpu") == "cpu" and World().device("cuda:0,cuda:1") == "cuda:0,cuda:1"
+
+
+def test_a_device_list_in_params_means_two_columns():
+    from alexnet.params import ModelParams
+    from flows.train import _config
+
+    params = TrainParams(device=["cuda:0", "cuda:1"])
+    assert _config(params, ModelParams()).device == "cuda:0,cuda:1"

@@ -176,7 +176,8 @@ def test_loader_workers_stream_the_same_batches_across_epochs(data, tmp_path):
     assert ahead.digest == inline.digest
 
 
-def test_cli_train_killed_with_sigkill_resumes_to_the_same_weights(data, tmp_path):
+def test_cli_train_killed_with_sigkill_resumes_to_the_same_weights(data, tmp_path,
+                                                                   prefect_server):  # fmt: skip
     import os
     import signal
     import subprocess
@@ -185,35 +186,39 @@ def test_cli_train_killed_with_sigkill_resumes_to_the_same_weights(data, tmp_pat
 
     import yaml
 
-    from alexnet.params import load_params
-    from flows.train import _config
     from tests.conftest import REPO
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({
         "train": {"epochs": 2, "batch_size": 2, "val_batch_size": 4, "checkpoint_every": 1},
         "model": {"init": "caffe"},
     }))  # fmt: skip
-    params = load_params(tmp_path / "params.yaml")
-    checkpoint, model_path = tmp_path / "ckpt" / "train.pt", tmp_path / "alexnet.pt"
-    command = [sys.executable, "-m", "alexnet.cli", "train", str(data), str(data / "stats"),
-               str(model_path), "--checkpoint", str(checkpoint), "-p", "params.yaml"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("PREFECT_API_URL", None)
-    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+
+    def command(name: str) -> list[str]:
+        return [sys.executable, "-m", "alexnet.cli", "train", str(data), str(data / "stats"),
+                str(tmp_path / name / "alexnet.pt"), "--checkpoint",
+                str(tmp_path / name / "ckpt.pt"), "-p", "params.yaml"]  # fmt: skip
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # the session's Prefect server, inherited
+    first = subprocess.Popen(command("killed"), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)  # fmt: skip
+    checkpoint = tmp_path / "killed" / "ckpt.pt"
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and time.monotonic() < deadline and first.poll() is None:
         time.sleep(0.05)
     first.send_signal(signal.SIGKILL)
-    assert first.wait() == -signal.SIGKILL and checkpoint.exists() and not model_path.exists()
-    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert first.wait() == -signal.SIGKILL and checkpoint.exists()
+    assert not (tmp_path / "killed" / "alexnet.pt").exists()
+    again = subprocess.run(command("killed"), cwd=tmp_path, env=env, capture_output=True,
+                           text=True)  # fmt: skip
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming from" in again.stdout + again.stderr
-    whole = Trainer(_config(params.train, params.model), data / "train", data / "val",
-                    data / "stats", tmp_path / "whole.pt")  # fmt: skip
-    run_to_end(whole)
-    resumed = torch.load(model_path, weights_only=True)["state_dict"]
-    for name, value in whole.weights().items():
+    # An uninterrupted run of the same command, in the same kind of process.
+    whole = subprocess.run(command("whole"), cwd=tmp_path, env=env, capture_output=True,
+                           text=True)  # fmt: skip
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    resumed = torch.load(tmp_path / "killed" / "alexnet.pt", weights_only=True)["state_dict"]
+    for name, value in torch.load(tmp_path / "whole" / "alexnet.pt",
+                                  weights_only=True)["state_dict"].items():  # fmt: skip
         assert torch.equal(value, resumed[name]), name
 
 
