@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alexnet.augment import Augment, centre_crop, crop_grid, gather_crops, lighting_offsets
+from alexnet.augment import Augment, centre_crop, crop_windows, lighting_offsets
 
 N = 64
 
@@ -25,7 +25,7 @@ def eigen():
 def test_gather_equals_slicing():
     images = torch.randint(0, 256, (5, 3, 40, 50), dtype=torch.uint8)
     tops, lefts = torch.tensor([0, 3, 16, 8, 1]), torch.tensor([0, 26, 5, 13, 9])
-    crops = gather_crops(images, *crop_grid(tops, lefts, 24))
+    crops = crop_windows(images, tops, lefts, 24)
     for n in range(5):
         t, left = int(tops[n]), int(lefts[n])
         assert torch.equal(crops[n], images[n, :, t : t + 24, left : left + 24])
