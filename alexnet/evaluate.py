@@ -72,8 +72,6 @@ def crop_probabilities(model: torch.nn.Module, images: torch.Tensor, mean: torch
     return torch.softmax(logits.float(), dim=1).reshape(n, 10, -1)
 
 
-
-
 @dataclass
 class Results:
     """Per image: the label, the 10-crop prediction and the label's rank under the

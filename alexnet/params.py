@@ -41,6 +41,8 @@ class SynthParams(_Section):
         "truncated, empty, not an image) mixed into the training split",
     )
     quality: int = Field(90, ge=1, le=100, description="JPEG quality of the generated files")
+    clutter: int = Field(8, ge=0, description="background clutter items: clutter/2 to clutter "
+                         "lines, boxes and blobs per image")  # fmt: skip
 
 
 class PrepareParams(_Section):
@@ -112,7 +114,8 @@ class TrainParams(_Section):
     seed: int = 0
     deterministic: bool = Field(True, description="bit-repeatable CPU runs")
     device: str | list[str] = Field(
-        "cpu", description="cpu, cuda, cuda:1, ...; two devices ([cuda:0, cuda:1]) = one "
+        "cpu",
+        description="cpu, cuda, cuda:1, ...; two devices ([cuda:0, cuda:1]) = one "
         "column of the network on each (model parallel)",
     )
     random_crop: bool = Field(True, description="random 224 crops (else centre)")

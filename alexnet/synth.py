@@ -124,8 +124,9 @@ def _colours(rng) -> tuple[np.ndarray, np.ndarray]:
             return a.astype(float), b.astype(float)
 
 
-def _background(width: int, height: int, rng) -> Image.Image:
-    """A colour gradient with clutter: small lines, boxes and blobs in random colours."""
+def _background(width: int, height: int, rng, clutter: int = 8) -> Image.Image:
+    """A colour gradient with clutter: clutter/2 to clutter small lines, boxes and blobs in
+    random colours."""
     c1, c2 = _colours(rng)
     vertical = rng.random() < 0.5
     ramp = np.linspace(0, 1, height if vertical else width)[:, None]
@@ -134,7 +135,7 @@ def _background(width: int, height: int, rng) -> Image.Image:
     image = Image.fromarray(np.ascontiguousarray(np.broadcast_to(pixels, (height, width, 3))))
     draw = ImageDraw.Draw(image)
     side = min(width, height)
-    for _ in range(int(rng.integers(12, 30))):
+    for _ in range(int(rng.integers(clutter // 2, clutter + 1))):
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         x, y = rng.random(2) * [width, height]
         s = side * rng.uniform(0.02, 0.09)
@@ -149,12 +150,13 @@ def _background(width: int, height: int, rng) -> Image.Image:
     return image
 
 
-def render(label: int, rng, min_side: int = 160, max_side: int = 1000) -> Image.Image:
+def render(label: int, rng, min_side: int = 160, max_side: int = 1000,
+           clutter: int = 8) -> Image.Image:  # fmt: skip
     """One RGB image of class `label`."""
     aspect = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))  # width / height
     width = int(rng.integers(min_side, max_side + 1))
     height = int(np.clip(round(width / aspect), min_side, max_side))
-    image = _background(width, height, rng)
+    image = _background(width, height, rng, clutter)
     side = min(width, height)
     radius = side * rng.uniform(0.22, 0.4)
     centre = np.array([width, height]) / 2 + rng.uniform(-0.12, 0.12, 2) * side
@@ -227,13 +229,15 @@ def plan_jobs(classes: int, train_per_class: int, val_per_class: int, chunk: int
     return jobs
 
 
-def run_job(job: Job, root: Path, seed: int, min_side: int, max_side: int, quality: int) -> int:
+def run_job(job: Job, root: Path, seed: int, min_side: int, max_side: int, quality: int,
+            clutter: int = 8) -> int:  # fmt: skip
     """Draw and write the job's images; returns how many files it wrote."""
     wnid = synth_classes(job.label + 1)[job.label].wnid
     folder = Path(root) / job.split / wnid
     folder.mkdir(parents=True, exist_ok=True)
     for number in range(job.start, job.start + job.count):
-        image = render(job.label, image_rng(seed, job.split, job.label, number), min_side, max_side)
+        image = render(job.label, image_rng(seed, job.split, job.label, number), min_side,
+                       max_side, clutter)  # fmt: skip
         (folder / f"{wnid}_{number:05d}.JPEG").write_bytes(_jpeg(image, quality))
     return job.count
 

@@ -47,9 +47,10 @@ def check_placement() -> dict:
     F.cross_entropy(ref_logits, y).backward()
     logits = placed(x)
     F.cross_entropy(logits, y.to(logits.device)).backward()
-    devices = {str(p.device) for p in placed.column0.parameters()}, {
-        str(p.device) for p in placed.column1.parameters()
-    }
+    devices = (
+        {str(p.device) for p in placed.column0.parameters()},
+        {str(p.device) for p in placed.column1.parameters()},
+    )
     grads = {}
     for prefix, first, second in zip(
         [f"features.{i}" for i in range(placed.num_features)]

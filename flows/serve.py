@@ -20,17 +20,25 @@ from flows.pipeline import pipeline_flow, retrain_flow, stage_flow
 def deployments(repo: Path, params: ServeParams) -> list:
     where = {"repo": str(Path(repo).resolve())}
     stages = [
-        stage_flow.to_deployment(name=stage, parameters={"stage": stage, **where},
-                                 description=f"dvc repro {stage}", tags=["stage"])  # fmt: skip
+        stage_flow.to_deployment(
+            name=stage,
+            parameters={"stage": stage, **where},
+            description=f"dvc repro {stage}",
+            tags=["stage"],
+        )  # fmt: skip
         for stage in STAGES
     ]
     return [
         *stages,
-        pipeline_flow.to_deployment(name="pipeline", parameters=where,
-                                    description="dvc repro: the whole chain"),  # fmt: skip
-        retrain_flow.to_deployment(name="retrain", parameters=where,
-                                   schedules=[Cron(params.retrain_cron, timezone=params.timezone)],
-                                   description="dvc repro on a schedule"),  # fmt: skip
+        pipeline_flow.to_deployment(
+            name="pipeline", parameters=where, description="dvc repro: the whole chain"
+        ),  # fmt: skip
+        retrain_flow.to_deployment(
+            name="retrain",
+            parameters=where,
+            schedules=[Cron(params.retrain_cron, timezone=params.timezone)],
+            description="dvc repro on a schedule",
+        ),  # fmt: skip
     ]
 
 

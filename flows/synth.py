@@ -20,7 +20,9 @@ def synth_flow(out: str = "data/raw", params: SynthParams = SynthParams()) -> di
     jobs = plan_jobs(p.classes, p.train_per_class, p.val_per_class)
     with atomic_output(out) as root:
         futures = [
-            synth_images.submit(job, str(root), p.seed, p.min_side, p.max_side, p.quality)
+            synth_images.submit(
+                job, str(root), p.seed, p.min_side, p.max_side, p.quality, p.clutter
+            )
             for job in jobs
         ]
         images = sum(gather(futures, "synth", [job.count for job in jobs]))

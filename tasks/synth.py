@@ -11,5 +11,6 @@ from alexnet.synth import Job, run_job
 
 
 @task(name="synth-images", cache_policy=NO_CACHE)
-def synth_images(job: Job, root: str, seed: int, min_side: int, max_side: int, quality: int) -> int:
-    return run_job(job, Path(root), seed, min_side, max_side, quality)
+def synth_images(job: Job, root: str, seed: int, min_side: int, max_side: int, quality: int,
+                 clutter: int = 8) -> int:  # fmt: skip
+    return run_job(job, Path(root), seed, min_side, max_side, quality, clutter)

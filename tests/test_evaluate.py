@@ -154,8 +154,10 @@ def test_predict_cmyk_png_in_jpeg_and_a_bad_file(model_file, tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip() == f"error: {files[1]}: not an image"
     results = json.loads(done.stdout)
-    assert [r["path"] for r in results] == files and results[1] == {"path": files[1],
-                                                                   "error": "not an image"}
+    assert [r["path"] for r in results] == files and results[1] == {
+        "path": files[1],
+        "error": "not an image",
+    }
     assert results[0]["predictions"][0]["name"] == "c0"
     assert results[2]["predictions"][0]["name"] == "c1"
     assert len(results[0]["predictions"]) == 2
