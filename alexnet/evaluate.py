@@ -21,7 +21,7 @@ import torch
 from alexnet.errors import AlexnetError
 from alexnet.metrics import label_ranks
 from alexnet.model import AlexNet
-from alexnet.reader import Batches, LmdbSplit, batch_loader
+from alexnet.reader import LmdbSplit, batch_loader, in_order
 
 CENTRE = 4  # index of the (unreflected) centre crop among the ten
 
@@ -122,8 +122,7 @@ def evaluate(model: torch.nn.Module, split: LmdbSplit, mean: torch.Tensor | None
     """10-crop and centre-crop predictions for a whole split."""
     model.eval()
     mean = None if mean is None else mean.to(device)
-    starts = range(0, len(split), batch)
-    batches = Batches(split, [range(s, min(s + batch, len(split))) for s in starts], True)
+    batches = in_order(split, batch)
     parts: list[tuple[torch.Tensor, ...]] = []
     for images, labels in batch_loader(batches, range(len(batches)),
                                        pin_memory=device.type == "cuda"):  # fmt: skip

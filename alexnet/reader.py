@@ -106,6 +106,13 @@ class Batches(torch.utils.data.Dataset):
         return self.split.read_batch(self.batches[index], self.channels_last)
 
 
+def in_order(split: LmdbSplit, size: int, rows: slice = slice(None)) -> Batches:
+    """The split in store order, `size` records a batch (the last may be short), in
+    channels-last layout; `rows` keeps a rank's share of the batches."""
+    starts = range(0, len(split), size)[rows]
+    return Batches(split, [range(s, min(s + size, len(split))) for s in starts], True)
+
+
 def batch_loader(dataset: torch.utils.data.Dataset, keys: Sequence, workers: int = 0,
                  pin_memory: bool = False) -> torch.utils.data.DataLoader:  # fmt: skip
     """`dataset[key]` for each key in order, each item a whole batch; `workers` processes

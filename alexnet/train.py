@@ -33,7 +33,7 @@ from alexnet.errors import AlexnetError
 from alexnet.metrics import label_ranks
 from alexnet.model import AlexNet
 from alexnet.placement import TwoColumnAlexNet
-from alexnet.reader import Batches, LmdbSplit, batch_loader
+from alexnet.reader import LmdbSplit, batch_loader, in_order
 from alexnet.schedule import PlateauSchedule
 
 
@@ -153,8 +153,7 @@ def validate(model, store: LmdbSplit, mean: torch.Tensor, crop: int, batch: int,
     its share of the batches; the sums are added over ranks)."""
     model.eval()
     loss = top1 = top5 = 0.0
-    starts = range(0, len(store), batch)[world.rows]
-    batches = Batches(store, [range(s, min(s + batch, len(store))) for s in starts], True)
+    batches = in_order(store, batch, world.rows)
     for images, labels in batch_loader(batches, range(len(batches))):
         images, labels = images.to(device), labels.to(device)
         logits = model(centre_crop(images, mean, crop))
