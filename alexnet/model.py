@@ -69,13 +69,13 @@ _FUSED: dict[str, object] = {}
 
 def _fused(name: str):
     """On CUDA the LRN is memory-bound: ~10 elementwise kernels each way in eager mode.
-    torch.compile fuses each direction into one or two kernels (Triton). Compiled with
-    dynamic shapes (train and validation batches differ) and called with autocast off
-    (its state is part of the guards), so a run compiles each direction once per dtype
-    and memory layout instead of once per batch shape."""
+    torch.compile fuses each direction into one or two kernels (Triton). Called with
+    autocast off (its state would be part of the guards). Shapes are static: a run sees
+    a few (train, last partial and validation batches, per dtype), each compiled in
+    seconds, while one symbolic-shape compile of the backward took minutes."""
     if name not in _FUSED:
         function = {"forward": _fused_forward, "backward": _fused_backward}[name]
-        compiled = torch.compile(function, dynamic=True)
+        compiled = torch.compile(function, dynamic=False)
 
         def call(*args):
             with torch.autocast("cuda", enabled=False):

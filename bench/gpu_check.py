@@ -87,7 +87,25 @@ def check_lrn() -> dict:
     (fused,) = torch.autograd.grad(local_response_norm(small, groups=2), small, grad)
     cpu = small.detach().cpu().requires_grad_()
     (eager,) = torch.autograd.grad(local_response_norm(cpu, groups=2), cpu, grad.cpu())
-    return {"max_abs_forward_difference": float((ours.double() - ref).abs().max()),
+    from alexnet import model
+
+    compiled = {name: model._FUSED.get(name) not in (model._fused_forward, model._fused_backward)
+             for name in ("forward", "backward")}  # fmt: skip
+    x.requires_grad_()
+    grad = torch.randn_like(x)
+    timings = {}
+    for name, work in (("forward", lambda: local_response_norm(x, groups=2)),
+                       ("forward+backward",
+                        lambda: local_response_norm(x, groups=2).backward(grad))):  # fmt: skip
+        work()
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(20):
+            work()
+        torch.cuda.synchronize()
+        timings[f"{name} ms (128x96x55x55)"] = round((time.perf_counter() - started) / 20e-3, 3)
+    return {"compiled": compiled, **timings,
+            "max_abs_forward_difference": float((ours.double() - ref).abs().max()),
             "max_abs_gradient_difference": float((fused.cpu() - eager).abs().max()),
             "max_abs_gradient": float(eager.abs().max())}  # fmt: skip
 
@@ -127,19 +145,44 @@ def train_rate(root: Path, epochs: int = 2, **options) -> dict:
             "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
 
 
+def loader_ceiling(root: Path, workers: int, batches: int = 48) -> dict:
+    """Images/s of the data path alone: the trainer's read-ahead stream (LMDB raw HWC
+    batches, pinned) copied to the GPU and augmented there, with no model step."""
+    config = TrainConfig(epochs=4, batch_size=128, checkpoint_every=10_000, deterministic=False,
+                         device="cuda", loader_workers=workers, channels_last=True)  # fmt: skip
+    trainer = Trainer(config, root / "train", root / "val", root / "stats",
+                      root / f"ckpt-{time.monotonic_ns()}.pt")  # fmt: skip
+    stream, generator = trainer.batches(), torch.Generator(device="cuda").manual_seed(0)
+    for step in range(batches + 4):
+        if step == 4:  # the workers have started
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+        images, _, size = next(stream)
+        draws = trainer.augment.draw(size, *images.shape[-2:], generator, "cuda")
+        trainer.augment.apply(images.to("cuda", non_blocking=True), draws)
+    torch.cuda.synchronize()
+    return {
+        "workers": workers,
+        "images_per_s": round(batches * 128 / (time.perf_counter() - started), 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--training-only", action="store_true",
+                        help="skip the LRN, placement and two-device checks")  # fmt: skip
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: no CUDA device here")
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     print(results, flush=True)
-    results["lrn"] = check_lrn()
-    print("fused LRN on cuda vs float64 formula / eager CPU gradient:", results["lrn"])
-    results["placement"] = check_placement()
-    print("placement cuda:0 + cpu:", results["placement"], flush=True)
+    if not args.training_only:
+        results["lrn"] = check_lrn()
+        print("fused LRN on cuda vs float64 formula / eager CPU gradient:", results["lrn"])
+        results["placement"] = check_placement()
+        print("placement cuda:0 + cpu:", results["placement"], flush=True)
     with tempfile.TemporaryDirectory() as folder:
         root = make_data(Path(folder), args.images)
         runs = {
@@ -150,10 +193,18 @@ def main() -> None:
                                                "compile": True},
             "bf16 + channels_last, 4 loader workers": {"amp": True, "channels_last": True,
                                                        "loader_workers": 4},
+            "bf16 + channels_last + compile, 4 loader workers": {
+                "amp": True, "channels_last": True, "compile": True, "loader_workers": 4},
         }  # fmt: skip
+        for workers in (0, 4, 8):
+            results[f"loader ceiling, {workers} workers"] = loader_ceiling(root, workers)
+            print("data path alone (read + copy + augment on cuda):",
+                  results[f"loader ceiling, {workers} workers"], flush=True)  # fmt: skip
         for name, options in runs.items():
             results[f"cuda:0 {name}"] = train_rate(root, device="cuda", **options)
             print(f"train on cuda, batch 128, {name}:", results[f"cuda:0 {name}"], flush=True)
+        if args.training_only:
+            return
         results["two devices cuda:0,cpu"] = train_rate(root, epochs=1, device="cuda:0,cpu",
                                                        batch_size=64)  # fmt: skip
         print("train, columns on cuda:0 and cpu, batch 64:",
