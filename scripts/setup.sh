@@ -18,20 +18,45 @@ fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
-echo "setup: installing the project and its pinned dependencies into $VENV (minutes on a fresh machine)"
-"${pip[@]}" install --quiet -e '.[dev]' 2> >(grep -v "is ignored: it is neither" >&2)
+is_simd() { "$VENV/bin/python" -c 'from alexnet.doctor import is_pillow_simd as s; raise SystemExit(not s())' 2>/dev/null; }
 
-is_simd() { "$VENV/bin/python" -c 'from alexnet.doctor import is_pillow_simd as s; raise SystemExit(not s())'; }
-if ! is_simd; then
-  cc="cc"
+# pillow-simd compiles (~1 min, CPU) while the dependencies install (mostly unpacking).
+wheels=$(mktemp -d)
+build_simd() {
+  local cc="cc"
   grep -qw avx2 /proc/cpuinfo 2>/dev/null && cc="cc -mavx2"
-  echo "setup: building $PILLOW_SIMD with CC='$cc' to replace Pillow (~30 s)"
-  "${pip[@]}" uninstall --quiet -y pillow pillow-simd 2>/dev/null || true
-  if ! CC="$cc" "${pip[@]}" install --quiet --no-cache-dir --no-deps "$PILLOW_SIMD" 2>/tmp/pillow-simd-build.log; then
+  echo "setup: building $PILLOW_SIMD with CC='$cc' to replace Pillow"
+  CC="$cc" "${pip[@]}" wheel --quiet --no-cache-dir --no-deps -w "$wheels" "$PILLOW_SIMD" \
+    >/tmp/pillow-simd-build.log 2>&1
+}
+builder=""
+if ! is_simd; then
+  build_simd &
+  builder=$!
+fi
+
+echo "setup: installing the project and its pinned dependencies into $VENV (1-4 minutes)"
+# uv unpacks the ~3 GB of torch wheels in parallel (~45 s here, pip ~3 min); pip is the
+# fallback wherever uv cannot be installed or cannot reach the index.
+if "${pip[@]}" install --quiet uv 2>/dev/null &&
+   "$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python" -e '.[dev]'; then
+  :
+else
+  echo "setup: uv unavailable, installing with pip"
+  "${pip[@]}" install --quiet -e '.[dev]' 2> >(grep -v "is ignored: it is neither" >&2)
+fi
+
+# (Installing the dependencies can bring stock Pillow back over pillow-simd.)
+if [ -n "$builder" ] || ! is_simd; then
+  if { if [ -n "$builder" ]; then wait "$builder"; else build_simd; fi; } &&
+     ls "$wheels"/*.whl >/dev/null 2>&1; then
+    "${pip[@]}" uninstall --quiet -y pillow pillow-simd 2>/dev/null || true
+    "${pip[@]}" install --quiet --no-deps "$wheels"/*.whl
+  else
     echo "WARNING: pillow-simd could not be built (log: /tmp/pillow-simd-build.log);" \
-         "falling back to stock Pillow: prepare will be slower." >&2
-    "${pip[@]}" install --quiet pillow
+         "keeping stock Pillow: prepare will be slower." >&2
   fi
 fi
+rm -rf "$wheels"
 "$VENV/bin/python" -c 'from alexnet.doctor import pil_facts; print("setup: PIL is", pil_facts()["PIL"])'
 echo "$stamp" > "$VENV/.setup-stamp"
