@@ -21,31 +21,56 @@ from torch import nn
 Init = Literal["paper", "caffe", "kaiming"]
 
 
-def _window_sum(t: torch.Tensor, size: int, groups: int, transpose: bool = False) -> torch.Tensor:
-    """Sum over each map's window of `size` adjacent maps (within its channel group, maps
-    beyond the group's ends count as zero): `size` shifted slices of a zero-padded view.
-    `transpose` sums over the maps whose window contains this one (the same for odd n)."""
+def _band(per: int, size: int, like: torch.Tensor) -> torch.Tensor:
+    """(per, per) 0/1 matrix B with B[i, j] = 1 when map j is in map i's window of
+    `size` maps (i - size//2 ... i + size - 1 - size//2)."""
+    index = torch.arange(per, device=like.device)
+    offset = index[None, :] - index[:, None]
+    return ((offset >= -(size // 2)) & (offset <= size - 1 - size // 2)).to(like.dtype)
+
+
+def _window_sum(t: torch.Tensor, size: int, groups: int, transpose: bool = False,
+                alpha: float = 1.0, k: float = 0.0, slices: bool = False
+                ) -> torch.Tensor:  # fmt: skip
+    """k + alpha * (sum over each map's window of `size` adjacent maps), within each
+    channel group; maps beyond a group's ends count as zero. `transpose` sums over the
+    maps whose window contains this map instead (the backward's sum).
+
+    By default one batched product with the band matrix per group (a GEMM: one read of
+    t, one write, k and alpha folded in): on a CPU 3x faster than `slices`, `size`
+    shifted slices of a zero-padded view, each a memory pass unless a compiler fuses
+    them (the CUDA path)."""
     n, c, h, w = t.shape
     per, half = c // groups, size // 2
+    rows = t.reshape(n * groups, per, h * w)
+    if not slices:
+        band = _band(per, size, t)
+        band = (band.T if transpose else band).expand(n * groups, per, per)
+        return torch.baddbmm(t.new_full((1, 1, 1), k), band, rows, alpha=alpha).view(n, c, h, w)
     before, after = (size - 1 - half, half) if transpose else (half, size - 1 - half)
-    padded = F.pad(t.reshape(n * groups, per, h * w), (0, 0, before, after))  # (N*G, C/G+n-1, HW)
+    padded = F.pad(rows, (0, 0, before, after))  # (N*G, C/G+n-1, HW)
     total = padded[:, 0:per] + padded[:, 1 : per + 1]
     for shift in range(2, size):
         total += padded[:, shift : shift + per]
+    if alpha != 1.0 or k != 0.0:
+        total = total * alpha + k
     return total.reshape(n, c, h, w)
 
 
 def _lrn_terms(xf: torch.Tensor, size: int, alpha: float, k: float, beta: float,
-               groups: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+               groups: int, slices: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """d = k + alpha * (window sum of squares), and d^-beta."""
-    d = _window_sum(xf * xf, size, groups).mul_(alpha).add_(k)
-    return d, d.pow(-beta)  # (measured faster here than rsqrt(d) * rsqrt(sqrt(d)))
+    d = _window_sum(xf * xf, size, groups, alpha=alpha, k=k, slices=slices)
+    # d^-beta as exp(-beta log d): 2.5x faster on a CPU than pow with a fractional
+    # exponent, within 2e-7 relative (pow: 6e-8); d >= k > 0.
+    return d, torch.log(d).mul_(-beta).exp_()
 
 
-def _lrn_backward(grad, xf, d, scale, size: int, alpha: float, beta: float, groups: int):
-    g = grad.to(xf.dtype)
-    inner = _window_sum(g * xf * scale / d, size, groups, transpose=True)
-    return (g * scale - (2 * alpha * beta) * xf * inner).to(grad.dtype)
+def _lrn_backward(grad, xf, d, scale, size: int, alpha: float, beta: float, groups: int,
+                  slices: bool = False):  # fmt: skip
+    scaled = grad.to(xf.dtype) * scale  # g_j d_j^-beta
+    inner = _window_sum((scaled * xf).div_(d), size, groups, transpose=True, slices=slices)
+    return torch.addcmul(scaled, xf, inner, value=-2 * alpha * beta).to(grad.dtype)
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -55,13 +80,13 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
 
 def _fused_forward(x, size: int, alpha: float, beta: float, k: float, groups: int):
     xf = _wide(x)
-    return (xf * _lrn_terms(xf, size, alpha, k, beta, groups)[1]).to(x.dtype)
+    return (xf * _lrn_terms(xf, size, alpha, k, beta, groups, slices=True)[1]).to(x.dtype)
 
 
 def _fused_backward(grad, x, size: int, alpha: float, beta: float, k: float, groups: int):
     xf = _wide(x)  # d and d^-beta recomputed: cheaper than storing and re-reading them
-    d, scale = _lrn_terms(xf, size, alpha, k, beta, groups)
-    return _lrn_backward(grad, xf, d, scale, size, alpha, beta, groups)
+    d, scale = _lrn_terms(xf, size, alpha, k, beta, groups, slices=True)
+    return _lrn_backward(grad, xf, d, scale, size, alpha, beta, groups, slices=True)
 
 
 _FUSED: dict[str, object] = {}
@@ -136,8 +161,8 @@ def local_response_norm(
 
     Note: `torch.nn.LocalResponseNorm` (and Caffe) divide alpha by n; passing the paper's
     alpha=1e-4 to them is a 5x weaker normalisation. Here alpha multiplies the plain sum.
-    The window sum is shifted slices of the zero-padded squares (no 3-D pooling detour
-    as in `F.local_response_norm`), with a hand-written backward.
+    The window sum is a product with a band matrix (no 3-D pooling detour as in
+    `F.local_response_norm`), with a hand-written backward; see `_window_sum`.
     """
     return _LocalResponseNorm.apply(x, size, alpha, beta, k, groups)
 

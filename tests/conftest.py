@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import alexnet  # noqa: F401  (before torch: its allocator hint, as in every entry point)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

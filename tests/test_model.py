@@ -204,3 +204,23 @@ def test_fused_lrn_falls_back_to_eager_when_compilation_fails(monkeypatch):
         out = module._fused("forward")(x, 5, 1e-4, 0.75, 2.0, 1)
     assert torch.allclose(out, local_response_norm(x), rtol=1e-6)
     assert module._FUSED["forward"] is module._fused_forward
+
+
+@pytest.mark.parametrize(("size", "groups"), [(5, 2), (4, 1), (3, 2)])
+def test_window_sum_band_matrix_and_shifted_slices_agree_with_a_direct_sum(size, groups):
+    from alexnet.model import _window_sum
+
+    t = torch.randn(2, 8, 3, 4, dtype=torch.float64)
+    per, half = 8 // groups, size // 2
+    for transpose in (False, True):
+        # direct: map i sums maps j of its group with i - half <= j <= i + size-1-half
+        # (transposed: the maps j whose window holds i)
+        lo, hi = (size - 1 - half, half) if transpose else (half, size - 1 - half)
+        expected = torch.zeros_like(t)
+        for i in range(8):
+            first, last = i // per * per, i // per * per + per - 1
+            for j in range(max(first, i - lo), min(last, i + hi) + 1):
+                expected[:, i] += t[:, j]
+        for slices in (False, True):
+            got = _window_sum(t, size, groups, transpose, alpha=0.5, k=2.0, slices=slices)
+            assert torch.allclose(got, 2.0 + 0.5 * expected, rtol=1e-12), (transpose, slices)
