@@ -40,9 +40,10 @@ def test_two_gloo_processes_train_the_weights_of_one(data, tmp_path):  # noqa: F
     assert done.returncode == 0, done.stderr[-3000:]
     two = torch.load(model_path, weights_only=True)
     for name, value in one.weights().items():
-        # Equal up to float summation order (all-reduce vs one sum), which 20 steps
-        # amplify to ~3e-6; a rank training on its half alone would be ~1e-3 off.
-        torch.testing.assert_close(two["state_dict"][name], value, rtol=1e-3, atol=1e-5,
+        # Equal up to float rounding (all-reduce vs one sum, kernels blocked for 3 vs 2
+        # images), which 20 steps amplify to <= 1.5e-5 (weights up to 0.05); a rank
+        # training on its half alone, or an unscaled loss, is ~1e-3 off.
+        torch.testing.assert_close(two["state_dict"][name], value, rtol=1e-3, atol=5e-5,
                                    msg=name)  # fmt: skip
     for a, b in zip(one.history, two["history"], strict=True):
         assert a["val_top1_error"] == b["val_top1_error"]
