@@ -104,3 +104,27 @@ def test_same_generator_seed_same_batch():
     first = augment(images, torch.Generator().manual_seed(3))
     assert torch.equal(first, augment(images, torch.Generator().manual_seed(3)))
     assert not torch.equal(first, augment(images, torch.Generator().manual_seed(4)))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_whole_transform_equals_the_direct_order_per_image(channels_last):
+    # crop, subtract the mean's same window, reflect, add the lighting offset: one image
+    # at a time by slicing, against the batched transform (which reflects before
+    # subtracting, from a reflected mean), bit for bit.
+    images = torch.randint(0, 256, (16, 3, 256, 256), dtype=torch.uint8)
+    if channels_last:  # as the trainer reads them: an NCHW view of HWC rows
+        images = images.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    mean = torch.rand(3, 256, 256) * 255
+    augment = Augment(mean, *eigen())
+    draws = augment.draw(16, generator=torch.Generator().manual_seed(5))
+    assert draws.flips.any() and not draws.flips.all()
+    out = augment.apply(images, draws)
+    offsets = lighting_offsets(draws.alphas, augment.eigvals, augment.eigvecs)
+    for n in range(16):
+        window = (..., slice(draws.tops[n], draws.tops[n] + 224),
+                  slice(draws.lefts[n], draws.lefts[n] + 224))  # fmt: skip
+        expected = images[n][window].float() - mean[window]
+        if draws.flips[n]:
+            expected = expected.flip(-1)
+        expected += offsets[n][:, None, None]
+        assert torch.equal(out[n], expected), n
