@@ -111,6 +111,9 @@ class TrainParams(_Section):
     lr_threshold: float = Field(0.0, ge=0, description="relative val-error gain that counts")
     max_lr_drops: int = Field(3, ge=0, description="divisions by 10 before the final plateau")
     stop_at_last_plateau: bool = Field(True, description="stop at the plateau after the last drop")
+    max_epochs_per_rate: int | None = Field(
+        None, ge=1, description="also divide the rate after this many epochs at it (short "
+        "budgets; not in the paper; null = plateaus only)")  # fmt: skip
     seed: int = 0
     deterministic: bool = Field(True, description="bit-repeatable CPU runs")
     device: str | list[str] = Field(

@@ -56,6 +56,7 @@ class TrainConfig:
     lr_threshold: float = 0.0
     max_lr_drops: int = 3
     stop_at_last_plateau: bool = True
+    max_epochs_per_rate: int | None = None
     seed: int = 0
     deterministic: bool = True
     device: str = "cpu"
@@ -207,7 +208,7 @@ class Trainer:
         )  # fmt: skip
         self.schedule = PlateauSchedule(
             config.lr, config.lr_patience, config.lr_threshold, config.max_lr_drops,
-            config.stop_at_last_plateau,
+            config.stop_at_last_plateau, config.max_epochs_per_rate,
         )  # fmt: skip
         eig = torch.tensor(self.pca["eigenvalues"]), torch.tensor(self.pca["eigenvectors"])
         self.augment = Augment(mean, *eig, crop=self.crop, flip=config.flip,

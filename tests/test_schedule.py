@@ -44,3 +44,12 @@ def test_state_round_trip():
     other = PlateauSchedule(lr=1.0)
     other.load_state_dict(schedule.state_dict())
     assert other == schedule
+
+
+def test_max_epochs_per_rate_drops_a_still_improving_rate_once_it_is_spent():
+    # A slowly improving curve never plateaus; the cap divides after 3 epochs at a rate.
+    errors = [0.9, 0.8, 0.7, 0.6, 0.55, 0.5, 0.45]
+    rates, schedule = run(errors, patience=2, max_epochs_per_rate=3)
+    assert rates == pytest.approx([0.01, 0.01, 0.001, 0.001, 0.001, 1e-4, 1e-4])
+    assert schedule.drops == 2
+    assert run(errors, patience=2)[0] == pytest.approx([0.01] * 7)  # the paper's rule alone
