@@ -276,9 +276,9 @@ class Trainer:
         return self._stream
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, global_size: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                   ) -> tuple[torch.Tensor, int]:  # fmt: skip
         """One SGD step on this rank's rows of a global batch of `global_size` images.
-        Returns the summed loss and the top-1 mistakes as device tensors."""
+        Returns the summed loss (a device tensor) and the count of top-1 mistakes."""
         seed = derived_seed(self.config.seed, self.epoch, self.step)
         # Dropout masks: rank 0 draws what a one-process run draws, the others their own.
         torch.manual_seed(seed if self.world.rank == 0 else derived_seed(seed, self.world.rank))
@@ -306,8 +306,7 @@ class Trainer:
                 "lower train.batch_size"
             ) from None
         self.optimizer.step()
-        wrong = (label_ranks(logits.detach().float(), labels) >= 1).sum()
-        return loss.detach(), wrong
+        return loss.detach(), errors(logits.detach().float(), labels)[0]
 
     def _settle(self, done: tuple, stop: bool = False) -> bool:
         """Adds a step's loss and mistakes (summed over ranks) to the epoch's totals and
