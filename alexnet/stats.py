@@ -10,9 +10,11 @@ has the same bits whatever the number of workers, and equals a direct computatio
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numba
 import numpy as np
 from PIL import Image
 
@@ -53,33 +55,88 @@ def decode_rgb(jpeg: bytes) -> np.ndarray:
     return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
 
 
-def outer_sum(pixels: np.ndarray) -> np.ndarray:
-    """Sum over pixels of x x^T, (3, 3) float64, exact: six channel-pair dot products of
-    contiguous float64 rows (faster here than X.T @ X); each is an integer < 2**53."""
-    channels = np.ascontiguousarray(pixels.reshape(-1, 3).T, dtype=np.float64)  # (3, H*W)
-    out = np.empty((3, 3))
-    for i in range(3):
-        for j in range(i, 3):
-            out[i, j] = out[j, i] = channels[i] @ channels[j]
-    return out
+# The kernel below walks an image's bytes (HWC, so R G B R G B ...) in blocks of _LANES,
+# a multiple of 3: lane l always holds channel l % 3. Per lane it adds each byte's square
+# and its products with the next two bytes, which, for the right lanes, are R*G, G*B
+# and R*B of the same pixel. Contiguous, branch-free, so LLVM vectorises it: one pass
+# over the image instead of a float64 copy plus six dot products (~5x faster here).
+_LANES = 24
+_FLUSH = 16384  # blocks summed in int32 lanes before moving to int64: 16384 * 255**2 < 2**31
+
+
+@numba.njit(nogil=True, cache=True)
+def _accumulate(flat: np.ndarray, image_sum: np.ndarray, lanes: np.ndarray) -> None:
+    """image_sum += flat (uint32); lanes[0|1|2, l] += sum of flat[i] * flat[i + 0|1|2]
+    over the i in lane l (int64), exact integer arithmetic throughout."""
+    n = flat.size
+    blocks = (n - 2) // _LANES  # whole blocks whose i + 2 stays inside the image
+    # three 1-d int32 arrays, not one 2-d array: that is the form LLVM vectorises
+    squares = np.zeros(_LANES, np.int32)
+    next1 = np.zeros(_LANES, np.int32)
+    next2 = np.zeros(_LANES, np.int32)
+    for block in range(blocks):
+        base = block * _LANES
+        for lane in range(_LANES):
+            a = np.int32(flat[base + lane])
+            image_sum[base + lane] += a
+            squares[lane] += a * a
+            next1[lane] += a * np.int32(flat[base + lane + 1])
+            next2[lane] += a * np.int32(flat[base + lane + 2])
+        if block % _FLUSH == _FLUSH - 1 or block == blocks - 1:
+            lanes[0] += squares
+            lanes[1] += next1
+            lanes[2] += next2
+            squares[:], next1[:], next2[:] = 0, 0, 0
+    for i in range(blocks * _LANES, n):  # the last few bytes, one at a time
+        a = np.int64(flat[i])
+        image_sum[i] += a
+        lanes[0, i % _LANES] += a * a
+        for shift in (1, 2):
+            if i + shift < n:
+                lanes[shift, i % _LANES] += a * np.int64(flat[i + shift])
+
+
+def lanes_to_outer(lanes: np.ndarray) -> np.ndarray:
+    """The (3, 3) sum of x x^T (float64, exact below 2**53) from the kernel's lanes: keep
+    the products within a pixel (R*G, G*B at shift 1; R*B at shift 2), drop the rest."""
+    by_channel = lanes.reshape(3, -1, 3).sum(axis=1)  # [shift, channel of the first byte]
+    rr, gg, bb = by_channel[0]
+    rg, gb, rb = by_channel[1, 0], by_channel[1, 1], by_channel[2, 0]
+    return np.array([[rr, rg, rb], [rg, gg, gb], [rb, gb, bb]], np.float64)
+
+
+def image_moments(images: Iterable[np.ndarray], size: int) -> Moments:
+    """The sufficient statistics of (size, size, 3) uint8 images."""
+    count = 0
+    image_sum = np.zeros(size * size * 3, np.uint32)  # exact up to 16.8M images of 255
+    lanes = np.zeros((3, _LANES), np.int64)
+    for pixels in images:
+        if pixels.shape != (size, size, 3) or pixels.dtype != np.uint8:  # no bounds checks
+            shape = f"{pixels.shape} {pixels.dtype}"
+            raise ValueError(f"image is {shape}, expected {size}x{size} uint8")
+        _accumulate(np.ascontiguousarray(pixels).reshape(-1), image_sum, lanes)
+        count += 1
+    image_sum = image_sum.reshape(size, size, 3).astype(np.float64)
+    return Moments(count, image_sum, lanes_to_outer(lanes))
 
 
 def shard_moments(path: str | Path, size: int = 256) -> Moments:
     """The sufficient statistics of one prepared shard."""
-    images = 0
-    image_sum = np.zeros((size, size, 3), np.uint32)  # exact up to 16.8M images of 255
-    rgb_outer = np.zeros((3, 3))
-    try:
+
+    def pixels() -> Iterator[np.ndarray]:
         for record in iter_shard(Path(path)):
-            pixels = decode_rgb(record.jpeg)
-            if pixels.shape != (size, size, 3):
-                raise ValueError(f"image {record.key} is {pixels.shape}, expected {size}x{size}")
-            images += 1
-            image_sum += pixels
-            rgb_outer += outer_sum(pixels)
+            try:
+                image = decode_rgb(record.jpeg)
+            except OSError as error:
+                raise ValueError(f"image {record.key}: {error}") from None
+            if image.shape != (size, size, 3):
+                raise ValueError(f"image {record.key} is {image.shape}, expected {size}x{size}")
+            yield image
+
+    try:
+        return image_moments(pixels(), size)
     except (OSError, ValueError) as error:
         raise StatsError(f"{path}: cannot read shard: {error}") from None
-    return Moments(images, image_sum.astype(np.float64), rgb_outer)
 
 
 def reduce_moments(parts: list[Moments]) -> Moments:

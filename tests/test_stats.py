@@ -12,6 +12,7 @@ from alexnet.shards import Record, write_shard
 from alexnet.stats import (
     StatsError,
     fix_signs,
+    image_moments,
     mean_image,
     reduce_moments,
     rgb_pca,
@@ -53,6 +54,22 @@ def test_mean_and_covariance_equal_direct_numpy(tmp_path):
     assert np.allclose(direct @ vectors, vectors * values, rtol=1e-9, atol=1e-7)
     assert np.allclose(vectors.T @ vectors, np.eye(3), atol=1e-12)
     assert np.allclose(values, np.sort(np.linalg.eigvalsh(direct))[::-1], rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("size", "fill"),
+    [(31, None), (1, None), (520, 255)],  # odd sizes end mid-block; 520**2 saturated
+)  # pixels overflow int32 lanes unless they are flushed to int64 in time
+def test_moments_are_the_exact_integer_sums(size, fill):
+    rng = np.random.default_rng(size)
+    images = rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+    if fill is not None:
+        images[:] = fill
+    moments = image_moments(iter(images), size)
+    flat = images.reshape(-1, 3).astype(np.int64)
+    assert np.array_equal(moments.rgb_outer, (flat.T @ flat).astype(np.float64))
+    assert np.array_equal(moments.image_sum, images.astype(np.int64).sum(0))
+    assert moments.images == 3
 
 
 def test_same_bits_whatever_the_grouping_of_shards(tmp_path):
