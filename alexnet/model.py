@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alexnet import lrn_cpu
+
 Init = Literal["paper", "caffe", "kaiming"]
 
 
@@ -122,15 +124,20 @@ class _LocalResponseNorm(torch.autograd.Function):
     """Forward and a hand-derived backward, so autograd keeps 1-3 tensors instead of
     the ~10 intermediates of the composed ops. With d_i = k + alpha sum_{j in N(i)} a_j^2:
     dL/da_j = g_j d_j^-beta - 2 alpha beta a_j sum_{i: j in N(i)} g_i a_i d_i^(-beta-1).
-    Sums are in float32 or wider; on CUDA both directions run fused (see `_fused`)."""
+    Sums are in float32 or wider. Three paths, each direction one pass where it can:
+    CUDA compiled (`_fused`), CPU float32 with the paper's beta (`alexnet.lrn_cpu`'s
+    kernels), and the eager ops for everything else (float64, bf16, channels_last)."""
 
     @staticmethod
     def forward(ctx, x, size, alpha, beta, k, groups):
         ctx.options = (size, alpha, beta, k, groups)
-        ctx.fused = x.is_cuda
-        if ctx.fused:
+        ctx.path = "cuda" if x.is_cuda else "cpu" if lrn_cpu.applies(x, beta) else "eager"
+        if ctx.path != "eager":
             ctx.save_for_backward(x)
+        if ctx.path == "cuda":
             return _fused("forward")(x, size, alpha, beta, k, groups)
+        if ctx.path == "cpu":
+            return lrn_cpu.forward(x, size, alpha, k, groups)
         xf = _wide(x)
         d, scale = _lrn_terms(xf, size, alpha, k, beta, groups)
         ctx.save_for_backward(xf, d, scale)
@@ -139,9 +146,12 @@ class _LocalResponseNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         size, alpha, beta, k, groups = ctx.options
-        if ctx.fused:
+        if ctx.path == "cuda":
             (x,) = ctx.saved_tensors
             result = _fused("backward")(grad.contiguous(), x, size, alpha, beta, k, groups)
+        elif ctx.path == "cpu":
+            (x,) = ctx.saved_tensors
+            result = lrn_cpu.backward(grad, x, size, alpha, k, groups)
         else:
             xf, d, scale = ctx.saved_tensors
             result = _lrn_backward(grad, xf, d, scale, size, alpha, beta, groups)

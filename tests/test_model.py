@@ -65,6 +65,48 @@ def test_lrn_equals_torch_reference_with_alpha_times_n():
     assert not torch.allclose(F.local_response_norm(x, 5, 1e-4, 0.75, 2.0), reference, rtol=1e-3)
 
 
+@pytest.mark.parametrize(("size", "groups"), [(5, 2), (5, 1), (4, 1), (3, 2)])
+def test_cpu_kernels_equal_the_formula_and_its_gradient(size, groups):
+    # float32 on a CPU with the paper's beta runs alexnet.lrn_cpu's kernels; 23x27 pixels
+    # span two of their 512-pixel tiles
+    from alexnet import lrn_cpu
+
+    torch.manual_seed(size)
+    x = torch.relu(torch.randn(3, 8, 23, 27)) * 30
+    grad = torch.randn_like(x)
+    assert lrn_cpu.applies(x, 0.75) and not lrn_cpu.applies(x.double(), 0.75)
+    out = lrn_cpu.forward(x, size, 1e-3, 2.0, groups)
+    direct = lrn_direct(x, n=size, alpha=1e-3, groups=groups)
+    assert torch.allclose(out.double(), direct, rtol=1e-6, atol=1e-7)
+    x64 = x.double().requires_grad_()
+    lrn64 = local_response_norm(x64, size=size, alpha=1e-3, groups=groups)  # eager, float64
+    (expected,) = torch.autograd.grad(lrn64, x64, grad.double())
+    error = (lrn_cpu.backward(grad, x, size, 1e-3, 2.0, groups).double() - expected).abs()
+    assert error.max() <= 1e-6 * expected.abs().max()
+
+
+def test_float32_lrn_takes_the_kernels_and_any_thread_count_gives_the_same_bits(monkeypatch):
+    from alexnet import lrn_cpu
+
+    used = []
+    for name in ("forward", "backward"):
+        kernel = getattr(lrn_cpu, name)
+        monkeypatch.setattr(lrn_cpu, name, lambda *a, k=kernel, n=name: used.append(n) or k(*a))
+    x = (torch.relu(torch.randn(5, 12, 9, 9)) * 30).requires_grad_()
+    grad = torch.randn_like(x)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            out = local_response_norm(x, groups=2)
+            results.append((out, *torch.autograd.grad(out, x, grad)))
+    finally:
+        torch.set_num_threads(threads)
+    assert used == ["forward", "backward"] * 2
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
 def test_conv2_is_connected_within_a_column_only():
     model = AlexNet(num_classes=10)
     conv2 = model.layers()["conv2"]

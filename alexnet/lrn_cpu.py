@@ -1,0 +1,167 @@
+"""The paper's LRN on a CPU in one pass each way: numba kernels over tiles of pixels.
+
+In torch's eager ops the LRN is ~10 memory passes each way (square, window sum, power,
+products; backward the same again), so on a CPU it was a fifth of a training step.
+Here each direction reads its inputs once and writes its output once: a tile of
+`_TILE` pixels of every map of a channel group stays in cache while the window sums,
+the power and the backward's transposed sum are computed from it. d^-0.75 is
+1 / (sqrt(d) sqrt(sqrt(d))), two vector square roots instead of a log and an exp, so
+this path serves the paper's beta = 0.75; other betas and dtypes use the eager ops.
+
+Layout: (B, C/G, H*W) float32 rows, one row per (image, channel group); B is split
+across torch's thread count (the kernels release the GIL).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
+
+import numba
+import numpy as np
+import torch
+
+BETA = 0.75  # the exponent these kernels compute
+_TILE = 512  # pixels per tile: 48 maps x 512 x 4 B = 96 KB per buffer, in L2
+# no fast-math reciprocal or sqrt approximations (they cost ~5e-7 relative); division
+# checks off (error_model="numpy"), which is what lets LLVM vectorise the loops
+_JIT = {"nogil": True, "cache": True, "error_model": "numpy",
+        "fastmath": {"nnan", "ninf", "nsz", "contract"}}  # fmt: skip
+
+
+@numba.njit(**_JIT)
+def _denominators(squares, c, size, alpha, k, out, n):
+    """out[:n] = k + alpha * (sum of squares over map c's window), window clipped to
+    the group: maps c - size//2 ... c + size - 1 - size//2."""
+    per = squares.shape[0]
+    for p in range(n):
+        out[p] = k
+    for j in range(max(0, c - size // 2), min(per, c + size - size // 2)):
+        row = squares[j]
+        for p in range(n):
+            out[p] += alpha * row[p]
+
+
+@numba.njit(**_JIT)
+def _squares(x, b, start, n, squares):
+    for c in range(x.shape[1]):
+        row, out = x[b, c, start : start + n], squares[c]
+        for p in range(n):
+            out[p] = row[p] * row[p]
+
+
+@numba.njit(**_JIT)
+def _forward(x, y, first, last, size, alpha, k):
+    """y = x * d^-0.75 for rows first..last-1."""
+    per, points = x.shape[1], x.shape[2]
+    squares = np.empty((per, _TILE), np.float32)
+    d = np.empty(_TILE, np.float32)
+    for b in range(first, last):
+        for start in range(0, points, _TILE):
+            n = min(points - start, _TILE)
+            _squares(x, b, start, n, squares)
+            for c in range(per):
+                _denominators(squares, c, size, alpha, k, d, n)
+                xr, yr = x[b, c, start : start + n], y[b, c, start : start + n]
+                for p in range(n):
+                    root = math.sqrt(d[p])
+                    yr[p] = xr[p] / (root * math.sqrt(root))
+
+
+@numba.njit(**_JIT)
+def _backward(g, x, dx, first, last, size, alpha, k, coef):
+    """dx_j = g_j d_j^-0.75 - coef x_j sum_{i: j in window(i)} g_i x_i d_i^-1.75, with
+    coef = 2 alpha beta; d recomputed from x (cheaper than storing and reading it)."""
+    per, points = x.shape[1], x.shape[2]
+    squares = np.empty((per, _TILE), np.float32)
+    scale = np.empty((per, _TILE), np.float32)  # d^-0.75
+    inner = np.empty((per, _TILE), np.float32)  # g x d^-1.75
+    acc = np.empty(_TILE, np.float32)
+    for b in range(first, last):
+        for start in range(0, points, _TILE):
+            n = min(points - start, _TILE)
+            _squares(x, b, start, n, squares)
+            for c in range(per):
+                _denominators(squares, c, size, alpha, k, acc, n)
+                xr, gr = x[b, c, start : start + n], g[b, c, start : start + n]
+                sr, ir = scale[c], inner[c]
+                for p in range(n):
+                    root = math.sqrt(acc[p])
+                    sr[p] = np.float32(1.0) / (root * math.sqrt(root))
+                    ir[p] = gr[p] * xr[p] * sr[p] / acc[p]
+            for c in range(per):
+                for p in range(n):
+                    acc[p] = 0.0
+                # the maps i whose window holds c: c - (size - 1 - size//2) ... c + size//2
+                for i in range(max(0, c - (size - 1 - size // 2)), min(per, c + size // 2 + 1)):
+                    row = inner[i]
+                    for p in range(n):
+                        acc[p] += row[p]
+                xr, gr = x[b, c, start : start + n], g[b, c, start : start + n]
+                out, sr = dx[b, c, start : start + n], scale[c]
+                for p in range(n):
+                    out[p] = gr[p] * sr[p] - coef * xr[p] * acc[p]
+
+
+def applies(x: torch.Tensor, beta: float) -> bool:
+    """Whether these kernels serve this call (else the eager ops do)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and beta == BETA
+            and x.is_contiguous() and x.dim() == 4)  # fmt: skip
+
+
+_POOL: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _split(kernel, rows: int, *args) -> None:
+    """Run kernel(*args, first, last, ...) over rows, one slice per torch thread."""
+    *arrays, options = args
+    threads = min(torch.get_num_threads(), rows)
+    if threads <= 1:
+        kernel(*arrays, 0, rows, *options)
+        return
+    key = (os.getpid(), threads)  # a forked DataLoader worker makes its own pool
+    if key not in _POOL:
+        _POOL[key] = ThreadPoolExecutor(threads, thread_name_prefix="lrn")
+    bounds = [rows * i // threads for i in range(threads + 1)]
+    futures = [_POOL[key].submit(kernel, *arrays, first, last, *options)
+               for first, last in pairwise(bounds)]  # fmt: skip
+    for future in futures:
+        future.result()
+
+
+def _rows(t: torch.Tensor, groups: int) -> np.ndarray:
+    n, c, h, w = t.shape
+    return t.detach().numpy().reshape(n * groups, c // groups, h * w)
+
+
+# Custom ops, so torch.compile sees two opaque calls with known output shapes instead of
+# tracing into numpy and numba (a graph break).
+@torch.library.custom_op("alexnet::lrn_forward_cpu", mutates_args=())
+def forward(x: torch.Tensor, size: int, alpha: float, k: float, groups: int) -> torch.Tensor:
+    y = torch.empty_like(x)
+    options = (size, np.float32(alpha), np.float32(k))
+    _split(_forward, x.shape[0] * groups, _rows(x, groups), _rows(y, groups), options)
+    return y
+
+
+@torch.library.custom_op("alexnet::lrn_backward_cpu", mutates_args=())
+def backward(grad: torch.Tensor, x: torch.Tensor, size: int, alpha: float, k: float,
+             groups: int) -> torch.Tensor:  # fmt: skip
+    grad = grad.contiguous()
+    dx = torch.empty_like(x)
+    options = (size, np.float32(alpha), np.float32(k), np.float32(2 * alpha * BETA))
+    arrays = (_rows(grad, groups), _rows(x, groups), _rows(dx, groups))
+    _split(_backward, x.shape[0] * groups, *arrays, options)
+    return dx
+
+
+@forward.register_fake
+def _(x, size, alpha, k, groups):
+    return torch.empty_like(x)
+
+
+@backward.register_fake
+def _(grad, x, size, alpha, k, groups):
+    return torch.empty_like(x)
