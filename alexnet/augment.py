@@ -19,6 +19,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from alexnet import augment_cpu
+
 Scale = Literal["unit", "std255"]
 
 
@@ -116,6 +118,10 @@ class Augment:
         the mirrored column, gathered in the same op as the others; the subtraction
         writes into that window. Same values as the direct order, fewer memory passes."""
         flips = draws.flips if self.flip else torch.zeros_like(draws.flips)
+        if augment_cpu.applies(images):  # the same values in one pass (alexnet.augment_cpu)
+            means = self.means if self.subtract_mean else torch.zeros_like(self.means)
+            return augment_cpu.crops(images, draws.tops, draws.lefts, flips, means,
+                                     self._offsets(draws), self.crop)  # fmt: skip
         out = crop_windows(images, draws.tops, draws.lefts, self.crop)  # (N, 3, c, c) uint8
         if flips.any():
             out[flips] = out[flips].flip(-1)
@@ -127,10 +133,14 @@ class Augment:
         else:
             out = out.float()
         if self.lighting > 0:
-            offsets = lighting_offsets(draws.alphas, self.eigvals, self.eigvecs,
-                                       self.lighting_scale)  # fmt: skip
-            out += offsets[:, :, None, None]
+            out += self._offsets(draws)[:, :, None, None]
         return out
+
+    def _offsets(self, draws: Draws) -> torch.Tensor:
+        """(N, 3) lighting offsets; zeros when lighting is off (adding 0.0 changes no bits)."""
+        if self.lighting <= 0:
+            return torch.zeros(len(draws.alphas), 3, device=draws.alphas.device)
+        return lighting_offsets(draws.alphas, self.eigvals, self.eigvecs, self.lighting_scale)
 
     def __call__(
         self, images: torch.Tensor, generator: torch.Generator | None = None

@@ -9,19 +9,18 @@ the power and the backward's transposed sum are computed from it. d^-0.75 is
 this path serves the paper's beta = 0.75; other betas and dtypes use the eager ops.
 
 Layout: (B, C/G, H*W) float32 rows, one row per (image, channel group); B is split
-across torch's thread count (the kernels release the GIL).
+across torch's threads (`alexnet.threads`).
 """
 
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
-from itertools import pairwise
 
 import numba
 import numpy as np
 import torch
+
+from alexnet.threads import run_split
 
 BETA = 0.75  # the exponent these kernels compute
 _TILE = 512  # pixels per tile: 48 maps x 512 x 4 B = 96 KB per buffer, in L2
@@ -111,26 +110,6 @@ def applies(x: torch.Tensor, beta: float) -> bool:
             and x.is_contiguous() and x.dim() == 4)  # fmt: skip
 
 
-_POOL: dict[tuple[int, int], ThreadPoolExecutor] = {}
-
-
-def _split(kernel, rows: int, *args) -> None:
-    """Run kernel(*args, first, last, ...) over rows, one slice per torch thread."""
-    *arrays, options = args
-    threads = min(torch.get_num_threads(), rows)
-    if threads <= 1:
-        kernel(*arrays, 0, rows, *options)
-        return
-    key = (os.getpid(), threads)  # a forked DataLoader worker makes its own pool
-    if key not in _POOL:
-        _POOL[key] = ThreadPoolExecutor(threads, thread_name_prefix="lrn")
-    bounds = [rows * i // threads for i in range(threads + 1)]
-    futures = [_POOL[key].submit(kernel, *arrays, first, last, *options)
-               for first, last in pairwise(bounds)]  # fmt: skip
-    for future in futures:
-        future.result()
-
-
 def _rows(t: torch.Tensor, groups: int) -> np.ndarray:
     n, c, h, w = t.shape
     return t.detach().numpy().reshape(n * groups, c // groups, h * w)
@@ -142,7 +121,7 @@ def _rows(t: torch.Tensor, groups: int) -> np.ndarray:
 def forward(x: torch.Tensor, size: int, alpha: float, k: float, groups: int) -> torch.Tensor:
     y = torch.empty_like(x)
     options = (size, np.float32(alpha), np.float32(k))
-    _split(_forward, x.shape[0] * groups, _rows(x, groups), _rows(y, groups), options)
+    run_split(_forward, x.shape[0] * groups, (_rows(x, groups), _rows(y, groups)), options)
     return y
 
 
@@ -153,7 +132,7 @@ def backward(grad: torch.Tensor, x: torch.Tensor, size: int, alpha: float, k: fl
     dx = torch.empty_like(x)
     options = (size, np.float32(alpha), np.float32(k), np.float32(2 * alpha * BETA))
     arrays = (_rows(grad, groups), _rows(x, groups), _rows(dx, groups))
-    _split(_backward, x.shape[0] * groups, *arrays, options)
+    run_split(_backward, x.shape[0] * groups, arrays, options)
     return dx
 
 

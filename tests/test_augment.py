@@ -128,3 +128,34 @@ def test_whole_transform_equals_the_direct_order_per_image(channels_last):
             expected = expected.flip(-1)
         expected += offsets[n][:, None, None]
         assert torch.equal(out[n], expected), n
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [{}, {"lighting": 0.0}, {"subtract_mean": False}, {"flip": False, "random_crop": False}],
+)
+def test_cpu_kernel_equals_the_torch_ops_bit_for_bit(switches, monkeypatch):
+    # The loader's NHWC batches take alexnet.augment_cpu's one-pass kernel; NCHW ones the
+    # torch ops. The same draws must give the same bits through both, for each ablation.
+    from alexnet import augment_cpu
+
+    nchw = torch.randint(0, 256, (8, 3, 256, 256), dtype=torch.uint8)
+    nhwc = nchw.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    augment = Augment(torch.rand(3, 256, 256) * 255, *eigen(), **switches)
+    draws = augment.draw(8, generator=torch.Generator().manual_seed(9))
+    used = []
+    kernel = augment_cpu.crops
+    monkeypatch.setattr(augment_cpu, "crops", lambda *a: used.append(1) or kernel(*a))
+    expected = augment.apply(nchw, draws)
+    assert not used
+    assert torch.equal(augment.apply(nhwc, draws), expected) and used == [1]
+
+
+def test_cpu_kernel_refuses_windows_outside_the_image():
+    from alexnet import augment_cpu
+
+    images = torch.zeros(2, 256, 256, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
+    means = torch.zeros(2, 3, 256, 256)
+    tops, lefts, flips = torch.tensor([0, 33]), torch.zeros(2, dtype=torch.long), torch.ones(2) > 0
+    with pytest.raises(ValueError, match="outside 256x256"):
+        augment_cpu.crops(images, tops, lefts, flips, means, torch.zeros(2, 3), 224)
