@@ -31,9 +31,16 @@ class World:
         size = int(os.environ.get("WORLD_SIZE", "1"))
         if size == 1:
             return cls()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        return cls(dist.get_rank(), size, int(os.environ.get("LOCAL_RANK", "0")))
+            backend = "nccl" if device.startswith("cuda") else "gloo"
+            if backend == "nccl":
+                # NCCL runs a rank's collectives on the current CUDA device; unset, every
+                # rank of a node would use cuda:0. Make it the rank's own (first) GPU.
+                mine = cls(int(os.environ.get("RANK", "0")), size, local_rank).device(device)
+                torch.cuda.set_device(mine.split(",")[0])
+            dist.init_process_group(backend)
+        return cls(dist.get_rank(), size, local_rank)
 
     def device(self, name: str) -> str:
         """This process's devices under torchrun: `cuda` means its own GPU,
@@ -65,7 +72,7 @@ class World:
             return values
         tensor = torch.tensor(values, dtype=torch.float64)
         if dist.get_backend() == "nccl":
-            tensor = tensor.cuda()
+            tensor = tensor.cuda()  # the rank's own GPU, set in `from_env`
         dist.all_reduce(tensor)
         return tensor.cpu().tolist()
 

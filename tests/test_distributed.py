@@ -65,6 +65,28 @@ def test_each_rank_gets_its_own_devices():
     assert rank1.device("cpu") == "cpu" and World().device("cuda:0,cuda:1") == "cuda:0,cuda:1"
 
 
+@pytest.mark.parametrize(("device", "bound"), [("cuda", "cuda:1"), ("cuda:0,cuda:1", "cuda:2"),
+                                             ("cuda:0,cpu", "cuda:2")])  # fmt: skip
+def test_an_nccl_rank_binds_its_own_gpu_before_joining(device, bound, monkeypatch):
+    # No GPUs here: the calls are recorded. Unbound, every rank of a node would run its
+    # NCCL collectives on cuda:0.
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(dist, "init_process_group", lambda b: calls.append(("init", b)))
+    world = World.from_env(device)
+    assert calls == [("set_device", bound), ("init", "nccl")] and world.rank == 1
+    calls.clear()
+    World.from_env("cpu")
+    assert calls == [("init", "gloo")]
+
+
 def test_a_device_list_in_params_means_two_columns():
     from alexnet.params import ModelParams
     from flows.train import _config
