@@ -62,6 +62,9 @@ def crops(images: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, flips: 
     if n and (int(tops.max()) + size > height or int(lefts.max()) + size > width
               or int(tops.min()) < 0 or int(lefts.min()) < 0):  # fmt: skip
         raise ValueError(f"crop windows of {size} outside {height}x{width} images")
+    if tuple(means.shape) != (2, 3, height, width):  # the kernel does not check bounds
+        raise ValueError(f"mean images {tuple(means.shape)[1:]} do not match the batch's "
+                         f"{(3, height, width)}")  # fmt: skip
     out = torch.empty(n, 3, size, size)
     arrays = (
         images.permute(0, 2, 3, 1).numpy(),

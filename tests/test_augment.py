@@ -151,7 +151,7 @@ def test_cpu_kernel_equals_the_torch_ops_bit_for_bit(switches, monkeypatch):
     assert torch.equal(augment.apply(nhwc, draws), expected) and used == [1]
 
 
-def test_cpu_kernel_refuses_windows_outside_the_image():
+def test_cpu_kernel_refuses_windows_outside_the_image_and_a_mismatched_mean():
     from alexnet import augment_cpu
 
     images = torch.zeros(2, 256, 256, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
@@ -159,3 +159,5 @@ def test_cpu_kernel_refuses_windows_outside_the_image():
     tops, lefts, flips = torch.tensor([0, 33]), torch.zeros(2, dtype=torch.long), torch.ones(2) > 0
     with pytest.raises(ValueError, match="outside 256x256"):
         augment_cpu.crops(images, tops, lefts, flips, means, torch.zeros(2, 3), 224)
+    with pytest.raises(ValueError, match="do not match"):
+        augment_cpu.crops(images, tops * 0, lefts, flips, means[:, :, :200], torch.zeros(2, 3), 8)
