@@ -1,4 +1,5 @@
-"""What the pipeline runs on: imaging library, JPEG codec, torch devices."""
+"""What the pipeline runs on: imaging library, JPEG codec, torch devices; and compiling
+the numba kernels ahead of their first use."""
 
 from __future__ import annotations
 
@@ -53,3 +54,21 @@ def facts() -> dict[str, str]:
         **pil_facts(),
         **torch_facts(),
     }
+
+
+def compile_kernels() -> None:
+    """Run each numba kernel once on a tiny input, so numba compiles it and writes its
+    cache (`alexnet/__pycache__`) now: processes started later (stages, DataLoader
+    workers, tests in parallel) load it in milliseconds instead of each compiling it."""
+    import numpy as np
+    import torch
+
+    from alexnet import augment_cpu, lrn_cpu, stats
+
+    x = torch.rand(2, 4, 3, 3)
+    lrn_cpu.backward(lrn_cpu.forward(x, 5, 1e-4, 2.0, 2), x, 5, 1e-4, 2.0, 2)
+    images = torch.zeros(1, 8, 8, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
+    corner = torch.zeros(1, dtype=torch.long)
+    augment_cpu.crops(images, corner, corner, corner > 0, torch.zeros(2, 3, 8, 8),
+                      torch.zeros(1, 3), 4)  # fmt: skip
+    stats.image_moments(iter([np.zeros((4, 4, 3), np.uint8)]), 4)

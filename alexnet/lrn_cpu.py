@@ -115,19 +115,15 @@ def _rows(t: torch.Tensor, groups: int) -> np.ndarray:
     return t.detach().numpy().reshape(n * groups, c // groups, h * w)
 
 
-# Custom ops, so torch.compile sees two opaque calls with known output shapes instead of
-# tracing into numpy and numba (a graph break).
-@torch.library.custom_op("alexnet::lrn_forward_cpu", mutates_args=())
-def forward(x: torch.Tensor, size: int, alpha: float, k: float, groups: int) -> torch.Tensor:
+def _forward_op(x: torch.Tensor, size: int, alpha: float, k: float, groups: int) -> torch.Tensor:
     y = torch.empty_like(x)
     options = (size, np.float32(alpha), np.float32(k))
     run_split(_forward, x.shape[0] * groups, (_rows(x, groups), _rows(y, groups)), options)
     return y
 
 
-@torch.library.custom_op("alexnet::lrn_backward_cpu", mutates_args=())
-def backward(grad: torch.Tensor, x: torch.Tensor, size: int, alpha: float, k: float,
-             groups: int) -> torch.Tensor:  # fmt: skip
+def _backward_op(grad: torch.Tensor, x: torch.Tensor, size: int, alpha: float, k: float,
+                 groups: int) -> torch.Tensor:  # fmt: skip
     grad = grad.contiguous()
     dx = torch.empty_like(x)
     options = (size, np.float32(alpha), np.float32(k), np.float32(2 * alpha * BETA))
@@ -136,11 +132,17 @@ def backward(grad: torch.Tensor, x: torch.Tensor, size: int, alpha: float, k: fl
     return dx
 
 
-@forward.register_fake
-def _(x, size, alpha, k, groups):
-    return torch.empty_like(x)
-
-
-@backward.register_fake
-def _(grad, x, size, alpha, k, groups):
-    return torch.empty_like(x)
+# Registered as operators, so torch.compile sees two opaque calls with known output
+# shapes instead of tracing into numpy and numba (a graph break). The low-level
+# `Library` API: `torch.library.custom_op` would import torch._dynamo (~3 s) on the
+# first call of every process, compiled or not.
+_LIBRARY = torch.library.Library("alexnet", "DEF")
+_LIBRARY.define("lrn_forward_cpu(Tensor x, int size, float alpha, float k, int groups) -> Tensor")
+_LIBRARY.define("lrn_backward_cpu(Tensor grad, Tensor x, int size, float alpha, float k, "
+                "int groups) -> Tensor")  # fmt: skip
+_LIBRARY.impl("lrn_forward_cpu", _forward_op, "CPU")
+_LIBRARY.impl("lrn_backward_cpu", _backward_op, "CPU")
+torch.library.register_fake("alexnet::lrn_forward_cpu", lambda x, *_: torch.empty_like(x))
+torch.library.register_fake("alexnet::lrn_backward_cpu", lambda grad, x, *_: torch.empty_like(x))
+forward = torch.ops.alexnet.lrn_forward_cpu
+backward = torch.ops.alexnet.lrn_backward_cpu

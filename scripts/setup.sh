@@ -59,4 +59,6 @@ if [ -n "$builder" ] || ! is_simd; then
 fi
 rm -rf "$wheels"
 "$VENV/bin/python" -c 'from alexnet.doctor import pil_facts; print("setup: PIL is", pil_facts()["PIL"])'
+echo "setup: compiling the numba kernels into their cache (~15 s)"
+"$VENV/bin/python" -c 'from alexnet.doctor import compile_kernels; compile_kernels()'
 echo "$stamp" > "$VENV/.setup-stamp"

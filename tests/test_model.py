@@ -266,3 +266,13 @@ def test_window_sum_band_matrix_and_shifted_slices_agree_with_a_direct_sum(size,
         for slices in (False, True):
             got = _window_sum(t, size, groups, transpose, alpha=0.5, k=2.0, slices=slices)
             assert torch.allclose(got, 2.0 + 0.5 * expected, rtol=1e-12), (transpose, slices)
+
+
+def test_setup_compiles_every_numba_kernel():
+    # `make setup` calls this so later processes load the kernels from numba's cache.
+    from alexnet import augment_cpu, lrn_cpu, stats
+    from alexnet.doctor import compile_kernels
+
+    compile_kernels()
+    kernels = (lrn_cpu._forward, lrn_cpu._backward, augment_cpu._crops, stats._accumulate)
+    assert all(kernel.signatures for kernel in kernels)
