@@ -31,16 +31,19 @@ _JIT = {"nogil": True, "cache": True, "error_model": "numpy",
 
 
 @numba.njit(**_JIT)
-def _denominators(squares, c, size, alpha, k, out, n):
-    """out[:n] = k + alpha * (sum of squares over map c's window), window clipped to
-    the group: maps c - size//2 ... c + size - 1 - size//2."""
+def _terms(squares, c, size, alpha, k, d, scale, n):
+    """d[:n] = k + alpha * (sum of squares over map c's window), window clipped to the
+    group: maps c - size//2 ... c + size - 1 - size//2; scale[:n] = d^-0.75."""
     per = squares.shape[0]
     for p in range(n):
-        out[p] = k
+        d[p] = k
     for j in range(max(0, c - size // 2), min(per, c + size - size // 2)):
         row = squares[j]
         for p in range(n):
-            out[p] += alpha * row[p]
+            d[p] += alpha * row[p]
+    for p in range(n):
+        root = math.sqrt(d[p])
+        scale[p] = np.float32(1.0) / (root * math.sqrt(root))
 
 
 @numba.njit(**_JIT)
@@ -56,17 +59,16 @@ def _forward(x, y, first, last, size, alpha, k):
     """y = x * d^-0.75 for rows first..last-1."""
     per, points = x.shape[1], x.shape[2]
     squares = np.empty((per, _TILE), np.float32)
-    d = np.empty(_TILE, np.float32)
+    d, scale = np.empty(_TILE, np.float32), np.empty(_TILE, np.float32)
     for b in range(first, last):
         for start in range(0, points, _TILE):
             n = min(points - start, _TILE)
             _squares(x, b, start, n, squares)
             for c in range(per):
-                _denominators(squares, c, size, alpha, k, d, n)
+                _terms(squares, c, size, alpha, k, d, scale, n)
                 xr, yr = x[b, c, start : start + n], y[b, c, start : start + n]
                 for p in range(n):
-                    root = math.sqrt(d[p])
-                    yr[p] = xr[p] / (root * math.sqrt(root))
+                    yr[p] = xr[p] * scale[p]
 
 
 @numba.njit(**_JIT)
@@ -83,12 +85,10 @@ def _backward(g, x, dx, first, last, size, alpha, k, coef):
             n = min(points - start, _TILE)
             _squares(x, b, start, n, squares)
             for c in range(per):
-                _denominators(squares, c, size, alpha, k, acc, n)
+                _terms(squares, c, size, alpha, k, acc, scale[c], n)
                 xr, gr = x[b, c, start : start + n], g[b, c, start : start + n]
                 sr, ir = scale[c], inner[c]
                 for p in range(n):
-                    root = math.sqrt(acc[p])
-                    sr[p] = np.float32(1.0) / (root * math.sqrt(root))
                     ir[p] = gr[p] * xr[p] * sr[p] / acc[p]
             for c in range(per):
                 for p in range(n):
