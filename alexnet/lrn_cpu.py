@@ -23,7 +23,7 @@ import torch
 from alexnet.threads import run_split
 
 BETA = 0.75  # the exponent these kernels compute
-_TILE = 512  # pixels per tile: 48 maps x 512 x 4 B = 96 KB per buffer, in L2
+_TILE = 512  # pixels per tile: 48-128 maps x 512 x 4 B = 96-256 KB per buffer (L2)
 # no fast-math reciprocal or sqrt approximations (they cost ~5e-7 relative); division
 # checks off (error_model="numpy"), which is what lets LLVM vectorise the loops
 _JIT = {"nogil": True, "cache": True, "error_model": "numpy",
