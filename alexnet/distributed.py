@@ -37,7 +37,7 @@ class World:
             if backend == "nccl":
                 # NCCL runs a rank's collectives on the current CUDA device; unset, every
                 # rank of a node would use cuda:0. Make it the rank's own (first) GPU.
-                mine = cls(int(os.environ.get("RANK", "0")), size, local_rank).device(device)
+                mine = cls(size=size, local_rank=local_rank).device(device)
                 torch.cuda.set_device(mine.split(",")[0])
             dist.init_process_group(backend)
         return cls(dist.get_rank(), size, local_rank)
