@@ -45,7 +45,8 @@ class World:
     def device(self, name: str) -> str:
         """This process's devices under torchrun: `cuda` means its own GPU,
         `cuda:LOCAL_RANK`; a two-device spec `cuda:0,cuda:1` (model parallel) means the
-        rank's own pair, `cuda:2r,cuda:2r+1`, so the modes combine."""
+        rank's own pair, `cuda:2r,cuda:2r+1`, so the modes combine. The stride is the
+        number of GPUs in the spec: `cuda:0,cpu` gives rank r `cuda:r,cpu`."""
         if self.size == 1:
             return name
         if name == "cuda":
@@ -53,11 +54,12 @@ class World:
         parts = [part.strip() for part in name.split(",")]
         if len(parts) == 1:
             return name  # one explicit device (cpu, or a chosen GPU): as given
+        stride = sum(part.partition(":")[0] == "cuda" for part in parts)
         shifted = []
         for part in parts:
             kind, _, index = part.partition(":")
             if kind == "cuda":
-                part = f"cuda:{int(index or 0) + self.local_rank * len(parts)}"
+                part = f"cuda:{int(index or 0) + self.local_rank * stride}"
             shifted.append(part)
         return ",".join(shifted)
 

@@ -62,11 +62,13 @@ def test_each_rank_gets_its_own_devices():
     rank1 = World(rank=1, size=2, local_rank=1)
     assert rank1.device("cuda") == "cuda:1"
     assert rank1.device("cuda:0,cuda:1") == "cuda:2,cuda:3"  # DDP x two-device columns
+    assert rank1.device("cuda:0,cpu") == "cuda:1,cpu"  # one GPU per rank: no gaps
+    assert World(rank=3, size=4, local_rank=1).device("cpu,cuda:1") == "cpu,cuda:2"
     assert rank1.device("cpu") == "cpu" and World().device("cuda:0,cuda:1") == "cuda:0,cuda:1"
 
 
 @pytest.mark.parametrize(("device", "bound"), [("cuda", "cuda:1"), ("cuda:0,cuda:1", "cuda:2"),
-                                             ("cuda:0,cpu", "cuda:2")])  # fmt: skip
+                                             ("cuda:0,cpu", "cuda:1")])  # fmt: skip
 def test_an_nccl_rank_binds_its_own_gpu_before_joining(device, bound, monkeypatch):
     # No GPUs here: the calls are recorded. Unbound, every rank of a node would run its
     # NCCL collectives on cuda:0.
