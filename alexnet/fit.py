@@ -92,7 +92,8 @@ def main(argv: list[str]) -> int:
         lmdb = Path(run["lmdb"])
         trainer = Trainer(config, lmdb / "train", lmdb / "val", Path(run["stats"]),
                           Path(run["checkpoint"]), world)  # fmt: skip
-        if trainer.resume() and world.main:
+        say = (lambda line: print(line, flush=True)) if world.main else (lambda line: None)
+        if trainer.resume(say) and world.main:
             print(f"resuming from {run['checkpoint']} at epoch {trainer.epoch + 1}, "
                   f"step {trainer.step}", flush=True)  # fmt: skip
         stop_on_sigterm(trainer)

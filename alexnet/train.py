@@ -10,10 +10,15 @@ lighting, dropout) comes from seeds derived from (seed, e, s), not from a genera
 running state, so a run resumed from a checkpoint draws exactly what an uninterrupted run
 draws. Checkpoints (every `checkpoint_every` steps and at every epoch end) are written
 atomically; a checkpoint made for other parameters or data is ignored, not resumed.
+One made by other training code (`digests.TRAINING_CODE`) is resumed with a warning
+naming the changed files when it is unfinished (a run that crashed on a bug goes on
+after the fix), and trained again when it is finished: `dvc repro` reruns the stage
+because the code changed, and the model must then be the new code's.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 
 from alexnet.atomic import atomic_output
 from alexnet.augment import Augment, centre_crop
+from alexnet.digests import changed_code, code_digests, file_digest
 from alexnet.distributed import World
 from alexnet.errors import AlexnetError
 from alexnet.metrics import label_ranks
@@ -112,10 +118,6 @@ def errors(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
     rank = label_ranks(logits, labels)
     k5 = min(5, logits.shape[1])
     return int((rank >= 1).sum()), int((rank >= k5).sum())
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def load_stats(stats_dir: Path) -> tuple[torch.Tensor, dict]:
@@ -216,11 +218,13 @@ class Trainer:
                                lighting_scale=config.lighting_scale,
                                subtract_mean=config.subtract_mean).to(self.device)  # fmt: skip
         run = {k: v for k, v in asdict(config).items() if k not in EXECUTION_ONLY}
+        memo = self.checkpoint.with_name(f"{self.checkpoint.name}.data-digests.json")
         self.digest = hashlib.sha256(json.dumps(
-            {"config": run, "train": file_digest(Path(train_dir) / "data.mdb"),
-             "val": file_digest(Path(val_dir) / "data.mdb"),
-             "stats": file_digest(Path(stats_dir) / "mean.npy")}, sort_keys=True
+            {"config": run, "train": file_digest(Path(train_dir) / "data.mdb", memo),
+             "val": file_digest(Path(val_dir) / "data.mdb", memo),
+             "stats": file_digest(Path(stats_dir) / "mean.npy", memo)}, sort_keys=True
         ).encode()).hexdigest()  # fmt: skip
+        self.code = code_digests()
         self.epoch, self.step, self.history = 0, 0, []
         self.running = self._fresh_totals()  # of the current epoch, checkpointed with it
         self.stop_requested = False
@@ -234,15 +238,18 @@ class Trainer:
     def save(self) -> None:
         if not self.world.main:
             return
-        state = {"digest": self.digest, "epoch": self.epoch, "step": self.step,
+        state = {"digest": self.digest, "code": self.code, "epoch": self.epoch,
+                 "step": self.step,
                  "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "schedule": self.schedule.state_dict(), "history": self.history,
                  "running": self.running}  # fmt: skip
         with atomic_output(self.checkpoint) as temporary:
             torch.save(state, temporary)
 
-    def resume(self) -> bool:
-        """Load the checkpoint if it belongs to this run; returns whether it did."""
+    def resume(self, log: Callable[[str], None] = lambda line: None) -> bool:
+        """Load the checkpoint if it belongs to this run; returns whether it did.
+        `log` hears why a checkpoint of these params and data made by other code is
+        trained again (finished) or resumed anyway (unfinished)."""
         if not self.checkpoint.exists():
             return False
         try:
@@ -251,6 +258,15 @@ class Trainer:
             return False
         if state.get("digest") != self.digest:
             return False
+        changed = changed_code(state.get("code"), self.code)
+        if changed:
+            files = ", ".join(changed)
+            if self._finished_state(state):
+                log(f"training again: {self.checkpoint} holds a finished run of other "
+                    f"training code ({files} changed)")  # fmt: skip
+                return False
+            log(f"warning: resuming a run begun by other training code ({files} changed); "
+                f"delete {self.checkpoint} to start afresh")  # fmt: skip
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -362,6 +378,12 @@ class Trainer:
 
     def finished(self) -> bool:
         return self.epoch >= self.config.epochs or self.schedule.stopped
+
+    def _finished_state(self, state: dict) -> bool:
+        """Whether the checkpoint `state` ends its run (`finished` after loading it)."""
+        schedule = copy.deepcopy(self.schedule)
+        schedule.load_state_dict(state["schedule"])
+        return state["epoch"] >= self.config.epochs or schedule.stopped
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The weights in the one-device layout of `AlexNet`, on the CPU."""

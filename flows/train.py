@@ -82,7 +82,7 @@ def train_flow(
     else:
         trainer = Trainer(config, Path(lmdb) / "train", Path(lmdb) / "val", Path(stats),
                           Path(checkpoint))  # fmt: skip
-        if trainer.resume():
+        if trainer.resume(logger.info):
             logger.info("resuming from %s at epoch %d, step %d", checkpoint,
                         trainer.epoch + 1, trainer.step)  # fmt: skip
         stop_on_sigterm(trainer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,8 +83,34 @@ def test_resumed_run_ends_with_the_same_weights_bit_for_bit(data, tmp_path):
 def test_checkpoint_of_other_params_is_not_resumed(data, tmp_path):
     t = trainer(data, tmp_path, epochs=1)
     t.run_epoch()
-    assert trainer(data, tmp_path, epochs=1).resume()
+    heard = []
+    assert trainer(data, tmp_path, epochs=1).resume(heard.append) and heard == []
     assert not trainer(data, tmp_path, epochs=1, lr=0.02).resume()
+
+
+def recode(checkpoint: Path, name: str) -> None:
+    """Make `checkpoint` look written by other code: `name`'s recorded digest differs."""
+    state = torch.load(checkpoint, weights_only=True)
+    state["code"][name] = "0" * 16
+    torch.save(state, checkpoint)
+
+
+def test_a_finished_run_of_other_code_is_trained_again(data, tmp_path):
+    # dvc repro reruns train when its code changed: the model must be the new code's.
+    run_to_end(trainer(data, tmp_path, epochs=1))
+    recode(tmp_path / "ckpt.pt", "lrn_cpu.py")
+    heard, again = [], trainer(data, tmp_path, epochs=1)
+    assert not again.resume(heard.append) and again.epoch == 0
+    assert len(heard) == 1 and "training again" in heard[0] and "lrn_cpu.py changed" in heard[0]
+
+
+def test_an_unfinished_run_of_other_code_resumes_with_a_warning(data, tmp_path):
+    # A run that crashed on a bug goes on after the fix, and says so.
+    trainer(data, tmp_path, epochs=2).run_epoch()
+    recode(tmp_path / "ckpt.pt", "model.py")
+    heard, again = [], trainer(data, tmp_path, epochs=2)
+    assert again.resume(heard.append) and (again.epoch, again.step) == (1, 0)
+    assert len(heard) == 1 and heard[0].startswith("warning") and "model.py changed" in heard[0]
 
 
 def test_learns_the_tiny_task(data, tmp_path):
