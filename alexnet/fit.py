@@ -93,9 +93,9 @@ def main(argv: list[str]) -> int:
         trainer = Trainer(config, lmdb / "train", lmdb / "val", Path(run["stats"]),
                           Path(run["checkpoint"]), world)  # fmt: skip
         say = (lambda line: print(line, flush=True)) if world.main else (lambda line: None)
-        if trainer.resume(say) and world.main:
-            print(f"resuming from {run['checkpoint']} at epoch {trainer.epoch + 1}, "
-                  f"step {trainer.step}", flush=True)  # fmt: skip
+        if trainer.resume(say):
+            say(f"resuming from {run['checkpoint']} at epoch {trainer.epoch + 1}, "
+                f"step {trainer.step}")  # fmt: skip
         stop_on_sigterm(trainer)
         fit(trainer, Path(run["model_path"]), Path(run["metrics"]),
             lambda line: print(line, flush=True))  # fmt: skip

@@ -18,7 +18,6 @@ because the code changed, and the model must then be the new code's.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -261,7 +260,7 @@ class Trainer:
         changed = changed_code(state.get("code"), self.code)
         if changed:
             files = ", ".join(changed)
-            if self._finished_state(state):
+            if self._ends(state["epoch"], state["schedule"]["stopped"]):
                 log(f"training again: {self.checkpoint} holds a finished run of other "
                     f"training code ({files} changed)")  # fmt: skip
                 return False
@@ -377,13 +376,11 @@ class Trainer:
         return record
 
     def finished(self) -> bool:
-        return self.epoch >= self.config.epochs or self.schedule.stopped
+        return self._ends(self.epoch, self.schedule.stopped)
 
-    def _finished_state(self, state: dict) -> bool:
-        """Whether the checkpoint `state` ends its run (`finished` after loading it)."""
-        schedule = copy.deepcopy(self.schedule)
-        schedule.load_state_dict(state["schedule"])
-        return state["epoch"] >= self.config.epochs or schedule.stopped
+    def _ends(self, epoch: int, stopped: bool) -> bool:
+        """Whether a run at `epoch`, its schedule `stopped` or not, is over."""
+        return epoch >= self.config.epochs or stopped
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The weights in the one-device layout of `AlexNet`, on the CPU."""
