@@ -36,8 +36,13 @@ class Draws(NamedTuple):
         return Draws(*(t[index] for t in self))
 
 
-def crop_windows(images: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor,
-                 size: int, sources: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def crop_windows(
+    images: torch.Tensor,
+    tops: torch.Tensor,
+    lefts: torch.Tensor,
+    size: int,
+    sources: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(N, C, H, W) -> (N, C, size, size): image n's window at (tops[n], lefts[n]); with
     `sources`, window n is taken from image sources[n] instead.
 
@@ -50,8 +55,9 @@ def crop_windows(images: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor,
     return views[sources, :, tops, lefts]
 
 
-def lighting_offsets(alphas: torch.Tensor, eigvals: torch.Tensor, eigvecs: torch.Tensor,
-                     scale: Scale = "unit") -> torch.Tensor:  # fmt: skip
+def lighting_offsets(
+    alphas: torch.Tensor, eigvals: torch.Tensor, eigvecs: torch.Tensor, scale: Scale = "unit"
+) -> torch.Tensor:
     """(N, 3) RGB offsets in 0-255 units from (N, 3) draws a; eigvecs has the vectors as
     columns, eigvals are of the 0-255 covariance."""
     if scale == "unit":
@@ -66,10 +72,18 @@ def lighting_offsets(alphas: torch.Tensor, eigvals: torch.Tensor, eigvecs: torch
 class Augment:
     """The per-batch training transform; each step switchable for the paper's ablations."""
 
-    def __init__(self, mean: torch.Tensor, eigvals: torch.Tensor, eigvecs: torch.Tensor,
-                 crop: int = 224, flip: bool = True, random_crop: bool = True,
-                 lighting: float = 0.1, lighting_scale: Scale = "unit",
-                 subtract_mean: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        mean: torch.Tensor,
+        eigvals: torch.Tensor,
+        eigvecs: torch.Tensor,
+        crop: int = 224,
+        flip: bool = True,
+        random_crop: bool = True,
+        lighting: float = 0.1,
+        lighting_scale: Scale = "unit",
+        subtract_mean: bool = True,
+    ):
         self.mean = mean.float()  # (3, 256, 256), 0-255
         self.means = torch.stack([self.mean, self.mean.flip(-1)])  # as is, and reflected
         self.eigvals, self.eigvecs = eigvals.float(), eigvecs.float()
@@ -86,28 +100,37 @@ class Augment:
         )
         return self
 
-    def draw(self, n: int, height: int = 256, width: int = 256,
-             generator: torch.Generator | None = None,
-             device: torch.device | str = "cpu") -> Draws:  # fmt: skip
+    def draw(
+        self,
+        n: int,
+        height: int = 256,
+        width: int = 256,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Draws:
         """The random choices for a batch of n images, in a fixed order (tops, lefts,
         flips, lighting), so a data-parallel rank can draw for the whole global batch and
         keep its own rows: every image gets what it would get in a one-process run."""
         if self.random_crop:
-            tops = torch.randint(0, height - self.crop + 1, (n,), generator=generator,
-                                 device=device)  # fmt: skip
-            lefts = torch.randint(0, width - self.crop + 1, (n,), generator=generator,
-                                  device=device)  # fmt: skip
+            tops = torch.randint(
+                0, height - self.crop + 1, (n,), generator=generator, device=device
+            )
+            lefts = torch.randint(
+                0, width - self.crop + 1, (n,), generator=generator, device=device
+            )
         else:
             tops = torch.full((n,), (height - self.crop) // 2, device=device)
             lefts = torch.full((n,), (width - self.crop) // 2, device=device)
         flips = (
             torch.rand(n, generator=generator, device=device) < 0.5
-            if self.flip else torch.zeros(n, dtype=torch.bool, device=device)
-        )  # fmt: skip
+            if self.flip
+            else torch.zeros(n, dtype=torch.bool, device=device)
+        )
         alphas = (
             torch.randn(n, 3, generator=generator, device=device) * self.lighting
-            if self.lighting > 0 else torch.zeros(n, 3, device=device)
-        )  # fmt: skip
+            if self.lighting > 0
+            else torch.zeros(n, 3, device=device)
+        )
         return Draws(tops, lefts, flips, alphas)
 
     def apply(self, images: torch.Tensor, draws: Draws) -> torch.Tensor:
@@ -120,8 +143,9 @@ class Augment:
         flips = draws.flips if self.flip else torch.zeros_like(draws.flips)
         if augment_cpu.applies(images):  # the same values in one pass (alexnet.augment_cpu)
             means = self.means if self.subtract_mean else torch.zeros_like(self.means)
-            return augment_cpu.crops(images, draws.tops, draws.lefts, flips, means,
-                                     self._offsets(draws), self.crop)  # fmt: skip
+            return augment_cpu.crops(
+                images, draws.tops, draws.lefts, flips, means, self._offsets(draws), self.crop
+            )
         out = crop_windows(images, draws.tops, draws.lefts, self.crop)  # (N, 3, c, c) uint8
         if flips.any():
             out[flips] = out[flips].flip(-1)

@@ -50,21 +50,37 @@ def _crops(images, tops, lefts, flips, means, offsets, out, first, last):
 
 def applies(images: torch.Tensor) -> bool:
     """A CPU uint8 batch in the loader's NHWC memory (NCHW view), where the kernel runs."""
-    return (images.device.type == "cpu" and images.dtype == torch.uint8
-            and images.dim() == 4 and images.shape[1] == 3
-            and images.permute(0, 2, 3, 1).is_contiguous())  # fmt: skip
+    return (
+        images.device.type == "cpu"
+        and images.dtype == torch.uint8
+        and images.dim() == 4
+        and images.shape[1] == 3
+        and images.permute(0, 2, 3, 1).is_contiguous()
+    )
 
 
-def crops(images: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, flips: torch.Tensor,
-          means: torch.Tensor, offsets: torch.Tensor, size: int) -> torch.Tensor:  # fmt: skip
+def crops(
+    images: torch.Tensor,
+    tops: torch.Tensor,
+    lefts: torch.Tensor,
+    flips: torch.Tensor,
+    means: torch.Tensor,
+    offsets: torch.Tensor,
+    size: int,
+) -> torch.Tensor:
     """(N, 3, H, W) uint8 (NHWC memory) -> (N, 3, size, size) float32; see `_crops`."""
     n, _, height, width = images.shape
-    if n and (int(tops.max()) + size > height or int(lefts.max()) + size > width
-              or int(tops.min()) < 0 or int(lefts.min()) < 0):  # fmt: skip
+    if n and (
+        int(tops.max()) + size > height
+        or int(lefts.max()) + size > width
+        or int(tops.min()) < 0
+        or int(lefts.min()) < 0
+    ):
         raise ValueError(f"crop windows of {size} outside {height}x{width} images")
     if tuple(means.shape) != (2, 3, height, width):  # the kernel does not check bounds
-        raise ValueError(f"mean images {tuple(means.shape)[1:]} do not match the batch's "
-                         f"{(3, height, width)}")  # fmt: skip
+        raise ValueError(
+            f"mean images {tuple(means.shape)[1:]} do not match the batch's {(3, height, width)}"
+        )
     out = torch.empty(n, 3, size, size)
     arrays = (
         images.permute(0, 2, 3, 1).numpy(),

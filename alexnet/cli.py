@@ -201,9 +201,18 @@ def train(
     with _user_errors():
         params = _params(params_path)
         try:
-            summary = _run("flows.train", "train_flow", params, str(lmdb), str(stats),
-                           str(model_path), str(checkpoint), "metrics", params.train,
-                           params.model)  # fmt: skip
+            summary = _run(
+                "flows.train",
+                "train_flow",
+                params,
+                str(lmdb),
+                str(stats),
+                str(model_path),
+                str(checkpoint),
+                "metrics",
+                params.train,
+                params.model,
+            )
         except Interrupted as stop:
             console.print(f"train: {stop}; checkpoint saved, run again to continue")
             raise typer.Exit(143) from None
@@ -226,8 +235,16 @@ def evaluate(
     metrics/eval.json, a per-class CSV and the confusion plot's data in metrics/eval/."""
     with _user_errors():
         params = _params(params_path)
-        summary = _run("flows.evaluate", "evaluate_flow", params, str(val), str(stats),
-                       str(model_path), "metrics", params.evaluate)  # fmt: skip
+        summary = _run(
+            "flows.evaluate",
+            "evaluate_flow",
+            params,
+            str(val),
+            str(stats),
+            str(model_path),
+            "metrics",
+            params.evaluate,
+        )
     console.print(
         f"evaluate: {summary['images']} images; 10-crop top-1 error {summary['top1_error']:.3f}, "
         f"top-5 {summary['top5_error']:.3f} (centre crop {summary['center_top1_error']:.3f}, "
@@ -255,12 +272,23 @@ def predict(
 
     with _user_errors():
         prepare = _params(params_path).prepare
-        options = {"size": prepare.size, "quality": prepare.quality,
-                   "resample": prepare.resample, "max_pixels": prepare.max_pixels}  # fmt: skip
+        options = {
+            "size": prepare.size,
+            "quality": prepare.quality,
+            "resample": prepare.resample,
+            "max_pixels": prepare.max_pixels,
+        }
         results = run_predict(images, model_path, top, device, options)
     if as_json:
-        typer.echo(json.dumps([{"path": r.path, **({"error": r.error} if r.error else
-                                {"predictions": r.top})} for r in results], indent=2))  # fmt: skip
+        typer.echo(
+            json.dumps(
+                [
+                    {"path": r.path, **({"error": r.error} if r.error else {"predictions": r.top})}
+                    for r in results
+                ],
+                indent=2,
+            )
+        )
     for result in results:
         if result.error:
             console.print(f"error: {result.path}: {result.error}", markup=False, highlight=False)
@@ -283,8 +311,10 @@ def serve(params_path: ParamsOption = Path("params.yaml")) -> None:
     with _user_errors():
         params = _params(params_path)
         if not (os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()):
-            raise AlexnetError("serve needs a Prefect server: run `prefect server start` and set "
-                               "PREFECT_API_URL=http://127.0.0.1:4200/api")  # fmt: skip
+            raise AlexnetError(
+                "serve needs a Prefect server: run `prefect server start` and set "
+                "PREFECT_API_URL=http://127.0.0.1:4200/api"
+            )
         if not Path("dvc.yaml").exists():
             raise AlexnetError("serve runs in the repository: no dvc.yaml in this folder")
         from flows.serve import serve_all

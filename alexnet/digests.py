@@ -15,9 +15,20 @@ from alexnet.atomic import write_json
 # The modules whose code decides the trained weights. dvc.yaml's `train` stage lists
 # the same files as deps (a test keeps the two in step).
 TRAINING_CODE = (
-    "augment", "augment_cpu", "digests", "distributed", "fit", "lmdb_store", "lrn_cpu", "model",
-    "placement", "reader", "schedule", "threads", "train",
-)  # fmt: skip
+    "augment",
+    "augment_cpu",
+    "digests",
+    "distributed",
+    "fit",
+    "lmdb_store",
+    "lrn_cpu",
+    "model",
+    "placement",
+    "reader",
+    "schedule",
+    "threads",
+    "train",
+)
 
 
 def sha16(path: Path) -> str:

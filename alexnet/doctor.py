@@ -69,6 +69,7 @@ def compile_kernels() -> None:
     lrn_cpu.backward(lrn_cpu.forward(x, 5, 1e-4, 2.0, 2), x, 5, 1e-4, 2.0, 2)
     images = torch.zeros(1, 8, 8, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
     corner = torch.zeros(1, dtype=torch.long)
-    augment_cpu.crops(images, corner, corner, corner > 0, torch.zeros(2, 3, 8, 8),
-                      torch.zeros(1, 3), 4)  # fmt: skip
+    augment_cpu.crops(
+        images, corner, corner, corner > 0, torch.zeros(2, 3, 8, 8), torch.zeros(1, 3), 4
+    )
     stats.image_moments(iter([np.zeros((4, 4, 3), np.uint8)]), 4)

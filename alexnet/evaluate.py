@@ -61,8 +61,9 @@ def ten_crops(images: torch.Tensor, mean: torch.Tensor | None, crop: int = 224) 
 
 
 @torch.no_grad()
-def crop_probabilities(model: torch.nn.Module, images: torch.Tensor, mean: torch.Tensor | None,
-                       crop: int) -> torch.Tensor:  # fmt: skip
+def crop_probabilities(
+    model: torch.nn.Module, images: torch.Tensor, mean: torch.Tensor | None, crop: int
+) -> torch.Tensor:
     """(N, 10, classes) softmax outputs of the ten crops of each image. The 10N crops go
     through the model N at a time: the memory (and CPU cache use) of a batch of N."""
     crops = ten_crops(images, mean, crop)
@@ -90,52 +91,78 @@ class Results:
         def error(rank: torch.Tensor, top: int) -> float:
             return float((rank >= top).sum()) / max(n, 1)
 
-        return {"top1_error": error(self.rank, 1), "top5_error": error(self.rank, k),
-                "center_top1_error": error(self.centre_rank, 1),
-                "center_top5_error": error(self.centre_rank, k), "images": n}  # fmt: skip
+        return {
+            "top1_error": error(self.rank, 1),
+            "top5_error": error(self.rank, k),
+            "center_top1_error": error(self.centre_rank, 1),
+            "center_top5_error": error(self.centre_rank, k),
+            "images": n,
+        }
 
     def per_class(self, classes: list[dict]) -> list[dict]:
         rows = []
         for entry in classes:
             mine = self.labels == entry["index"]
             count = int(mine.sum())
-            rows.append({
-                "class": entry["index"], "wnid": entry["wnid"], "name": entry["name"],
-                "images": count,
-                "top1_error": round(float((self.rank[mine] >= 1).sum()) / count, 6)
-                if count else None,
-                "top5_error": round(float((self.rank[mine] >= 5).sum()) / count, 6)
-                if count else None,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "class": entry["index"],
+                    "wnid": entry["wnid"],
+                    "name": entry["name"],
+                    "images": count,
+                    "top1_error": round(float((self.rank[mine] >= 1).sum()) / count, 6)
+                    if count
+                    else None,
+                    "top5_error": round(float((self.rank[mine] >= 5).sum()) / count, 6)
+                    if count
+                    else None,
+                }
+            )
         return rows
 
     def confusion(self, classes: list[dict]) -> list[dict]:
         """One row per image, actual and predicted class names (DVC's confusion plot)."""
         names = {entry["index"]: entry["name"] for entry in classes}
-        return [{"actual": names[int(a)], "predicted": names[int(p)]}
-                for a, p in zip(self.labels, self.predicted, strict=True)]  # fmt: skip
+        return [
+            {"actual": names[int(a)], "predicted": names[int(p)]}
+            for a, p in zip(self.labels, self.predicted, strict=True)
+        ]
 
 
-def evaluate(model: torch.nn.Module, split: LmdbSplit, mean: torch.Tensor | None, crop: int,
-             batch: int, device: torch.device,
-             on_batch: Callable[[int], None] | None = None) -> Results:  # fmt: skip
+def evaluate(
+    model: torch.nn.Module,
+    split: LmdbSplit,
+    mean: torch.Tensor | None,
+    crop: int,
+    batch: int,
+    device: torch.device,
+    on_batch: Callable[[int], None] | None = None,
+) -> Results:
     """10-crop and centre-crop predictions for a whole split."""
     model.eval()
     mean = None if mean is None else mean.to(device)
     batches = in_order(split, batch)
     parts: list[tuple[torch.Tensor, ...]] = []
-    for images, labels in batch_loader(batches, range(len(batches)),
-                                       pin_memory=device.type == "cuda"):  # fmt: skip
+    for images, labels in batch_loader(
+        batches, range(len(batches)), pin_memory=device.type == "cuda"
+    ):
         labels = labels.to(device)
-        probabilities = crop_probabilities(model, images.to(device, non_blocking=True), mean,
-                                           crop)  # fmt: skip
+        probabilities = crop_probabilities(model, images.to(device, non_blocking=True), mean, crop)
         average = probabilities.mean(1)  # the paper: average the softmax, not the logits
-        parts.append((labels, average.argmax(1), label_ranks(average, labels),
-                      label_ranks(probabilities[:, CENTRE], labels)))  # fmt: skip
+        parts.append(
+            (
+                labels,
+                average.argmax(1),
+                label_ranks(average, labels),
+                label_ranks(probabilities[:, CENTRE], labels),
+            )
+        )
         if on_batch:
             on_batch(len(labels))
-    columns = [torch.cat([p[i].cpu() for p in parts]) if parts else torch.empty(0, dtype=torch.long)
-               for i in range(4)]  # fmt: skip
+    columns = [
+        torch.cat([p[i].cpu() for p in parts]) if parts else torch.empty(0, dtype=torch.long)
+        for i in range(4)
+    ]
     return Results(*columns)
 
 

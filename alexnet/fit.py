@@ -22,8 +22,15 @@ from alexnet.distributed import World
 from alexnet.errors import AlexnetError
 from alexnet.train import Interrupted, TrainConfig, Trainer
 
-METRICS = ("train_loss", "train_top1_error", "val_loss", "val_top1_error", "val_top5_error",
-           "lr", "images_per_s")  # fmt: skip
+METRICS = (
+    "train_loss",
+    "train_top1_error",
+    "val_loss",
+    "val_top1_error",
+    "val_top5_error",
+    "lr",
+    "images_per_s",
+)
 
 
 def stop_on_sigterm(trainer: Trainer) -> None:
@@ -38,14 +45,18 @@ def stop_on_sigterm(trainer: Trainer) -> None:
         pass
 
 
-def fit(trainer: Trainer, model_path: Path, metrics: Path,
-        log: Callable[[str], None] = print) -> dict:  # fmt: skip
+def fit(
+    trainer: Trainer, model_path: Path, metrics: Path, log: Callable[[str], None] = print
+) -> dict:
     """Train `trainer` (already resumed or fresh) to the end; returns the summary."""
     from dvclive import Live
 
     main = trainer.world.main
-    live = Live(str(metrics / "train"), dvcyaml=False, save_dvc_exp=False, report=None) if (
-        main) else None  # fmt: skip
+    live = (
+        Live(str(metrics / "train"), dvcyaml=False, save_dvc_exp=False, report=None)
+        if (main)
+        else None
+    )
     for record in trainer.history:  # a resumed run's plots start from epoch 1
         _log(live, record)
     with Progress(disable=not main) as progress:
@@ -56,8 +67,10 @@ def fit(trainer: Trainer, model_path: Path, metrics: Path,
                 on_step=lambda step, total, bar=bar: progress.update(bar, completed=step)
             )
             if main:
-                log(f"epoch {record['epoch']}: "
-                    + ", ".join(f"{k} {record[k]:.4g}" for k in METRICS))  # fmt: skip
+                log(
+                    f"epoch {record['epoch']}: "
+                    + ", ".join(f"{k} {record[k]:.4g}" for k in METRICS)
+                )
             _log(live, record)
     summary = {**{k: trainer.history[-1][k] for k in METRICS}, "epochs": len(trainer.history)}
     if main:
@@ -75,12 +88,20 @@ def _log(live, record: dict) -> None:
     live.next_step()
 
 
-def spec(config: TrainConfig, lmdb: Path, stats: Path, model_path: Path, checkpoint: Path,
-         metrics: Path) -> str:  # fmt: skip
+def spec(
+    config: TrainConfig, lmdb: Path, stats: Path, model_path: Path, checkpoint: Path, metrics: Path
+) -> str:
     """The command-line argument of `python -m alexnet.fit`: everything as JSON."""
-    return json.dumps({"config": asdict(config), "lmdb": str(lmdb), "stats": str(stats),
-                       "model_path": str(model_path), "checkpoint": str(checkpoint),
-                       "metrics": str(metrics)})  # fmt: skip
+    return json.dumps(
+        {
+            "config": asdict(config),
+            "lmdb": str(lmdb),
+            "stats": str(stats),
+            "model_path": str(model_path),
+            "checkpoint": str(checkpoint),
+            "metrics": str(metrics),
+        }
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -90,15 +111,22 @@ def main(argv: list[str]) -> int:
     world = World.from_env(config.device)
     try:
         lmdb = Path(run["lmdb"])
-        trainer = Trainer(config, lmdb / "train", lmdb / "val", Path(run["stats"]),
-                          Path(run["checkpoint"]), world)  # fmt: skip
+        trainer = Trainer(
+            config, lmdb / "train", lmdb / "val", Path(run["stats"]), Path(run["checkpoint"]), world
+        )
         say = (lambda line: print(line, flush=True)) if world.main else (lambda line: None)
         if trainer.resume(say):
-            say(f"resuming from {run['checkpoint']} at epoch {trainer.epoch + 1}, "
-                f"step {trainer.step}")  # fmt: skip
+            say(
+                f"resuming from {run['checkpoint']} at epoch {trainer.epoch + 1}, "
+                f"step {trainer.step}"
+            )
         stop_on_sigterm(trainer)
-        fit(trainer, Path(run["model_path"]), Path(run["metrics"]),
-            lambda line: print(line, flush=True))  # fmt: skip
+        fit(
+            trainer,
+            Path(run["model_path"]),
+            Path(run["metrics"]),
+            lambda line: print(line, flush=True),
+        )
     except Interrupted as stop:
         if world.main:
             print(f"train: {stop}; checkpoint saved", flush=True)

@@ -26,8 +26,12 @@ BETA = 0.75  # the exponent these kernels compute
 _TILE = 512  # pixels per tile: 48-128 maps x 512 x 4 B = 96-256 KB per buffer (L2)
 # no fast-math reciprocal or sqrt approximations (they cost ~5e-7 relative); division
 # checks off (error_model="numpy"), which is what lets LLVM vectorise the loops
-_JIT = {"nogil": True, "cache": True, "error_model": "numpy",
-        "fastmath": {"nnan", "ninf", "nsz", "contract"}}  # fmt: skip
+_JIT = {
+    "nogil": True,
+    "cache": True,
+    "error_model": "numpy",
+    "fastmath": {"nnan", "ninf", "nsz", "contract"},
+}
 
 
 @numba.njit(**_JIT)
@@ -106,8 +110,13 @@ def _backward(g, x, dx, first, last, size, alpha, k, coef):
 
 def applies(x: torch.Tensor, beta: float) -> bool:
     """Whether these kernels serve this call (else the eager ops do)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and beta == BETA
-            and x.is_contiguous() and x.dim() == 4)  # fmt: skip
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and beta == BETA
+        and x.is_contiguous()
+        and x.dim() == 4
+    )
 
 
 def _rows(t: torch.Tensor, groups: int) -> np.ndarray:
@@ -122,8 +131,9 @@ def _forward_op(x: torch.Tensor, size: int, alpha: float, k: float, groups: int)
     return y
 
 
-def _backward_op(grad: torch.Tensor, x: torch.Tensor, size: int, alpha: float, k: float,
-                 groups: int) -> torch.Tensor:  # fmt: skip
+def _backward_op(
+    grad: torch.Tensor, x: torch.Tensor, size: int, alpha: float, k: float, groups: int
+) -> torch.Tensor:
     grad = grad.contiguous()
     dx = torch.empty_like(x)
     options = (size, np.float32(alpha), np.float32(k), np.float32(2 * alpha * BETA))
@@ -138,8 +148,9 @@ def _backward_op(grad: torch.Tensor, x: torch.Tensor, size: int, alpha: float, k
 # first call of every process, compiled or not.
 _LIBRARY = torch.library.Library("alexnet", "DEF")
 _LIBRARY.define("lrn_forward_cpu(Tensor x, int size, float alpha, float k, int groups) -> Tensor")
-_LIBRARY.define("lrn_backward_cpu(Tensor grad, Tensor x, int size, float alpha, float k, "
-                "int groups) -> Tensor")  # fmt: skip
+_LIBRARY.define(
+    "lrn_backward_cpu(Tensor grad, Tensor x, int size, float alpha, float k, int groups) -> Tensor"
+)
 _LIBRARY.impl("lrn_forward_cpu", _forward_op, "CPU")
 _LIBRARY.impl("lrn_backward_cpu", _backward_op, "CPU")
 torch.library.register_fake("alexnet::lrn_forward_cpu", lambda x, *_: torch.empty_like(x))

@@ -31,9 +31,15 @@ def _band(per: int, size: int, like: torch.Tensor) -> torch.Tensor:
     return ((offset >= -(size // 2)) & (offset <= size - 1 - size // 2)).to(like.dtype)
 
 
-def _window_sum(t: torch.Tensor, size: int, groups: int, transpose: bool = False,
-                alpha: float = 1.0, k: float = 0.0, slices: bool = False
-                ) -> torch.Tensor:  # fmt: skip
+def _window_sum(
+    t: torch.Tensor,
+    size: int,
+    groups: int,
+    transpose: bool = False,
+    alpha: float = 1.0,
+    k: float = 0.0,
+    slices: bool = False,
+) -> torch.Tensor:
     """k + alpha * (sum over each map's window of `size` adjacent maps), within each
     channel group; maps beyond a group's ends count as zero. `transpose` sums over the
     maps whose window contains this map instead (the backward's sum).
@@ -59,8 +65,15 @@ def _window_sum(t: torch.Tensor, size: int, groups: int, transpose: bool = False
     return total.reshape(n, c, h, w)
 
 
-def _lrn_terms(xf: torch.Tensor, size: int, alpha: float, k: float, beta: float,
-               groups: int, slices: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _lrn_terms(
+    xf: torch.Tensor,
+    size: int,
+    alpha: float,
+    k: float,
+    beta: float,
+    groups: int,
+    slices: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """d = k + alpha * (window sum of squares), and d^-beta."""
     d = _window_sum(xf * xf, size, groups, alpha=alpha, k=k, slices=slices)
     # d^-beta as exp(-beta log d): 2.5x faster on a CPU than pow with a fractional
@@ -68,8 +81,9 @@ def _lrn_terms(xf: torch.Tensor, size: int, alpha: float, k: float, beta: float,
     return d, torch.log(d).mul_(-beta).exp_()
 
 
-def _lrn_backward(grad, xf, d, scale, size: int, alpha: float, beta: float, groups: int,
-                  slices: bool = False):  # fmt: skip
+def _lrn_backward(
+    grad, xf, d, scale, size: int, alpha: float, beta: float, groups: int, slices: bool = False
+):
     scaled = grad.to(xf.dtype) * scale  # g_j d_j^-beta
     inner = _window_sum((scaled * xf).div_(d), size, groups, transpose=True, slices=slices)
     return torch.addcmul(scaled, xf, inner, value=-2 * alpha * beta).to(grad.dtype)
@@ -111,8 +125,11 @@ def _fused(name: str):
                 except torch.OutOfMemoryError:
                     raise
                 except Exception as error:  # no Triton, or a compiler failure: run eagerly
-                    warnings.warn(f"LRN: torch.compile failed ({type(error).__name__}: "
-                                  f"{error}); using the eager kernels", stacklevel=2)  # fmt: skip
+                    warnings.warn(
+                        f"LRN: torch.compile failed ({type(error).__name__}: "
+                        f"{error}); using the eager kernels",
+                        stacklevel=2,
+                    )
                     _FUSED[name] = function
                     return function(*args)
 

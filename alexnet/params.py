@@ -41,8 +41,12 @@ class SynthParams(_Section):
         "truncated, empty, not an image) mixed into the training split",
     )
     quality: int = Field(90, ge=1, le=100, description="JPEG quality of the generated files")
-    clutter: int = Field(8, ge=0, description="background clutter items: clutter/2 to clutter "
-                         "lines, boxes and blobs per image")  # fmt: skip
+    clutter: int = Field(
+        8,
+        ge=0,
+        description="background clutter items: clutter/2 to clutter "
+        "lines, boxes and blobs per image",
+    )
 
 
 class PrepareParams(_Section):
@@ -112,8 +116,11 @@ class TrainParams(_Section):
     max_lr_drops: int = Field(3, ge=0, description="divisions by 10 before the final plateau")
     stop_at_last_plateau: bool = Field(True, description="stop at the plateau after the last drop")
     max_epochs_per_rate: int | None = Field(
-        None, ge=1, description="also divide the rate after this many epochs at it (short "
-        "budgets; not in the paper; null = plateaus only)")  # fmt: skip
+        None,
+        ge=1,
+        description="also divide the rate after this many epochs at it (short "
+        "budgets; not in the paper; null = plateaus only)",
+    )
     seed: int = 0
     deterministic: bool = Field(True, description="bit-repeatable CPU runs")
     device: str | list[str] = Field(
@@ -134,11 +141,14 @@ class TrainParams(_Section):
     channels_last: bool = Field(False, description="channels-last memory format")
     compile: bool = Field(False, description="torch.compile the model (no gain on CPU)")
     loader_workers: int = Field(0, ge=0, description="DataLoader processes reading ahead")
-    nproc_per_node: int = Field(1, ge=1, description="data-parallel processes per node "
-                                "(torchrun; one GPU each on CUDA)")  # fmt: skip
+    nproc_per_node: int = Field(
+        1, ge=1, description="data-parallel processes per node (torchrun; one GPU each on CUDA)"
+    )
     nnodes: int = Field(1, ge=1, description="nodes; run `alexnet train` on each")
-    rdzv_endpoint: str = Field("localhost:29400", description="torchrun rendezvous host:port "
-                               "(a node all nodes reach), multi-node only")  # fmt: skip
+    rdzv_endpoint: str = Field(
+        "localhost:29400",
+        description="torchrun rendezvous host:port (a node all nodes reach), multi-node only",
+    )
 
 
 class EvaluateParams(_Section):

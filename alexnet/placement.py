@@ -26,8 +26,13 @@ def _half(module: nn.Module, column: int) -> tuple[str, nn.Module]:
     if isinstance(module, nn.Conv2d):
         out = module.out_channels // 2
         reads = "own" if module.groups == 2 or module.in_channels == 3 else "both"
-        half = nn.Conv2d(module.in_channels // module.groups, out, module.kernel_size,
-                         module.stride, module.padding)  # fmt: skip
+        half = nn.Conv2d(
+            module.in_channels // module.groups,
+            out,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+        )
         rows = slice(column * out, (column + 1) * out)
     elif isinstance(module, nn.Linear):
         out = (module.out_features + 1 - column) // 2  # column 0 takes the odd one out

@@ -21,17 +21,28 @@ class Prediction:
     error: str | None = None
 
 
-def load_file(path: Path, size: int = 256, quality: int = 90, resample: str = "bilinear",
-              max_pixels: int = 178_956_970) -> torch.Tensor:  # fmt: skip
+def load_file(
+    path: Path,
+    size: int = 256,
+    quality: int = 90,
+    resample: str = "bilinear",
+    max_pixels: int = 178_956_970,
+) -> torch.Tensor:
     """(3, size, size) uint8, exactly as the prepare stage would store the file."""
-    prepared = prepare_image(Path(path).read_bytes(), Path(path).suffix, size, quality,
-                             resample, max_pixels)  # fmt: skip
+    prepared = prepare_image(
+        Path(path).read_bytes(), Path(path).suffix, size, quality, resample, max_pixels
+    )
     data = torch.frombuffer(bytearray(prepared.jpeg), dtype=torch.uint8)
     return decode_jpeg(data, mode=ImageReadMode.RGB)
 
 
-def predict(paths: list[Path], model_path: Path, top: int = 5, device: str = "cpu",
-            prepare: dict | None = None) -> list[Prediction]:  # fmt: skip
+def predict(
+    paths: list[Path],
+    model_path: Path,
+    top: int = 5,
+    device: str = "cpu",
+    prepare: dict | None = None,
+) -> list[Prediction]:
     """One `Prediction` per path, in order; a file that cannot be read or decoded gets
     its one-line `error` and the others are still predicted."""
     model, payload = load_model(model_path, device)
@@ -44,11 +55,17 @@ def predict(paths: list[Path], model_path: Path, top: int = 5, device: str = "cp
         except (BadImage, OSError) as error:
             results.append(Prediction(str(path), error=str(error) or type(error).__name__))
             continue
-        probabilities = crop_probabilities(model, image[None].to(device), mean,
-                                           model.input_size).mean(1)[0]  # fmt: skip
+        probabilities = crop_probabilities(
+            model, image[None].to(device), mean, model.input_size
+        ).mean(1)[0]
         values, indices = probabilities.topk(min(top, len(classes)))
-        results.append(Prediction(str(path), [
-            {**classes[i], "probability": round(float(v), 6)}
-            for v, i in zip(values.tolist(), indices.tolist(), strict=True)
-        ]))  # fmt: skip
+        results.append(
+            Prediction(
+                str(path),
+                [
+                    {**classes[i], "probability": round(float(v), 6)}
+                    for v, i in zip(values.tolist(), indices.tolist(), strict=True)
+                ],
+            )
+        )
     return results

@@ -94,8 +94,9 @@ class LmdbSplit(torch.utils.data.Dataset):
 class Batches(torch.utils.data.Dataset):
     """Item i = the whole batch `batches[i]` read at once (one transaction, no collate)."""
 
-    def __init__(self, split: LmdbSplit, batches: Sequence[Sequence[int]],
-                 channels_last: bool = False):  # fmt: skip
+    def __init__(
+        self, split: LmdbSplit, batches: Sequence[Sequence[int]], channels_last: bool = False
+    ):
         self.split, self.batches = split, [list(map(int, b)) for b in batches]
         self.channels_last = channels_last
 
@@ -113,13 +114,18 @@ def in_order(split: LmdbSplit, size: int, rows: slice = slice(None)) -> Batches:
     return Batches(split, [range(s, min(s + size, len(split))) for s in starts], True)
 
 
-def batch_loader(dataset: torch.utils.data.Dataset, keys: Sequence, workers: int = 0,
-                 pin_memory: bool = False) -> torch.utils.data.DataLoader:  # fmt: skip
+def batch_loader(
+    dataset: torch.utils.data.Dataset, keys: Sequence, workers: int = 0, pin_memory: bool = False
+) -> torch.utils.data.DataLoader:
     """`dataset[key]` for each key in order, each item a whole batch; `workers` processes
     read 2 items each ahead (none: read in the loop). Workers start by forkserver: a fork
     of a process that has run Prefect flows or CUDA inherits threads that break it."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=None, sampler=keys, num_workers=workers, pin_memory=pin_memory,
+        dataset,
+        batch_size=None,
+        sampler=keys,
+        num_workers=workers,
+        pin_memory=pin_memory,
         prefetch_factor=2 if workers else None,
         multiprocessing_context="forkserver" if workers else None,
-    )  # fmt: skip
+    )

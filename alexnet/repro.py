@@ -38,13 +38,21 @@ def _environment() -> dict[str, str]:
     return {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
 
 
-def repro(repo: Path, target: str | None = None, force: bool = False,
-          log: Callable[[str], None] = print) -> list[str]:  # fmt: skip
+def repro(
+    repo: Path, target: str | None = None, force: bool = False, log: Callable[[str], None] = print
+) -> list[str]:
     """`dvc repro [--force] [target]` in `repo`, its output passed to `log` line by line;
     returns the stages that ran (none when everything was up to date)."""
     command = _dvc(["repro", *(["--force"] if force else []), *([target] if target else [])])
-    process = subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE, env=_environment(),
-                               stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        env=_environment(),
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
     ran, last, cause = [], "", ""
     for line in process.stdout:
         line = line.rstrip()
@@ -56,22 +64,25 @@ def repro(repo: Path, target: str | None = None, force: bool = False,
         if match := _RUNNING.search(line):
             ran.append(match.group(1))
     if process.wait() != 0:
-        raise ReproError(" ".join(f"dvc repro {target or ''} failed in {repo}:".split())
-                         + f" {cause or last}")  # fmt: skip
+        raise ReproError(
+            " ".join(f"dvc repro {target or ''} failed in {repo}:".split()) + f" {cause or last}"
+        )
     return ran
 
 
 def status_clean(repo: Path) -> bool:
     """Whether `dvc status` says everything is up to date."""
-    done = subprocess.run(_dvc(["status", "--json"]), cwd=repo, capture_output=True,
-                          text=True, check=True)  # fmt: skip
+    done = subprocess.run(
+        _dvc(["status", "--json"]), cwd=repo, capture_output=True, text=True, check=True
+    )
     return json.loads(done.stdout or "{}") == {}
 
 
 def metrics(repo: Path) -> dict[str, float]:
     """The workspace's DVC metrics, flattened: {"metrics/eval.json:top1_error": 0.3, ...}."""
-    done = subprocess.run(_dvc(["metrics", "show", "--json"]), cwd=repo,
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        _dvc(["metrics", "show", "--json"]), cwd=repo, capture_output=True, text=True
+    )
     if done.returncode != 0 or not done.stdout.strip():
         return {}
     files = json.loads(done.stdout).get("", {}).get("data", {})

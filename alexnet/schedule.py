@@ -35,7 +35,8 @@ class PlateauSchedule:
             self.bad_epochs += 1
         plateau = self.bad_epochs > self.patience
         spent = self.max_epochs_per_rate is not None and (
-            self.epochs_at_rate >= self.max_epochs_per_rate)  # fmt: skip
+            self.epochs_at_rate >= self.max_epochs_per_rate
+        )
         if (plateau or spent) and self.drops < self.max_drops:
             self.drops += 1
             self.lr /= 10

@@ -19,10 +19,30 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-SHAPES = ["disc", "square", "triangle", "star", "cross", "ring", "hexagon", "crescent",
-          "arrow", "heart"]  # fmt: skip
-TEXTURES = ["plain", "striped", "checked", "dotted", "gridded", "wavy", "banded", "speckled",
-            "zigzag", "shaded"]  # fmt: skip
+SHAPES = [
+    "disc",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "ring",
+    "hexagon",
+    "crescent",
+    "arrow",
+    "heart",
+]
+TEXTURES = [
+    "plain",
+    "striped",
+    "checked",
+    "dotted",
+    "gridded",
+    "wavy",
+    "banded",
+    "speckled",
+    "zigzag",
+    "shaded",
+]
 ODDITIES = ["cmyk", "grey", "png", "truncated", "empty", "notimage"]
 SPLIT_CODES = {"train": 0, "val": 1}
 
@@ -73,15 +93,34 @@ def _polygon(shape: str, n: int = 96) -> list[np.ndarray]:
         return [regular(10) * radii[:, None]]
     if shape == "cross":
         a, b = 0.33, 1.0
-        return [np.array([[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a], [a, b], [-a, b],
-                          [-a, a], [-b, a], [-b, -a], [-a, -a]])]  # fmt: skip
+        return [
+            np.array(
+                [
+                    [-a, -b],
+                    [a, -b],
+                    [a, -a],
+                    [b, -a],
+                    [b, a],
+                    [a, a],
+                    [a, b],
+                    [-a, b],
+                    [-a, a],
+                    [-b, a],
+                    [-b, -a],
+                    [-a, -a],
+                ]
+            )
+        ]
     if shape == "ring":
         return [circle, circle * 0.55]
     if shape == "crescent":
         return [circle, circle * 0.85 + [0.45, 0.0]]
     if shape == "arrow":
-        return [np.array([[-1, -0.3], [0.2, -0.3], [0.2, -0.75], [1, 0], [0.2, 0.75],
-                          [0.2, 0.3], [-1, 0.3]])]  # fmt: skip
+        return [
+            np.array(
+                [[-1, -0.3], [0.2, -0.3], [0.2, -0.75], [1, 0], [0.2, 0.75], [0.2, 0.3], [-1, 0.3]]
+            )
+        ]
     if shape == "heart":
         x = 16 * np.sin(t) ** 3
         y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
@@ -150,8 +189,9 @@ def _background(width: int, height: int, rng, clutter: int = 8) -> Image.Image:
     return image
 
 
-def render(label: int, rng, min_side: int = 160, max_side: int = 1000,
-           clutter: int = 8) -> Image.Image:  # fmt: skip
+def render(
+    label: int, rng, min_side: int = 160, max_side: int = 1000, clutter: int = 8
+) -> Image.Image:
     """One RGB image of class `label`."""
     aspect = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))  # width / height
     width = int(rng.integers(min_side, max_side + 1))
@@ -229,15 +269,17 @@ def plan_jobs(classes: int, train_per_class: int, val_per_class: int, chunk: int
     return jobs
 
 
-def run_job(job: Job, root: Path, seed: int, min_side: int, max_side: int, quality: int,
-            clutter: int = 8) -> int:  # fmt: skip
+def run_job(
+    job: Job, root: Path, seed: int, min_side: int, max_side: int, quality: int, clutter: int = 8
+) -> int:
     """Draw and write the job's images; returns how many files it wrote."""
     wnid = synth_classes(job.label + 1)[job.label].wnid
     folder = Path(root) / job.split / wnid
     folder.mkdir(parents=True, exist_ok=True)
     for number in range(job.start, job.start + job.count):
-        image = render(job.label, image_rng(seed, job.split, job.label, number), min_side,
-                       max_side, clutter)  # fmt: skip
+        image = render(
+            job.label, image_rng(seed, job.split, job.label, number), min_side, max_side, clutter
+        )
         (folder / f"{wnid}_{number:05d}.JPEG").write_bytes(_jpeg(image, quality))
     return job.count
 

@@ -28,7 +28,9 @@ def run_split(kernel: Callable, rows: int, arrays: Sequence, options: Sequence =
     if key not in _POOLS:
         _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="kernel")
     bounds = [rows * i // threads for i in range(threads + 1)]
-    futures = [_POOLS[key].submit(kernel, *arrays, first, last, *options)
-               for first, last in pairwise(bounds)]  # fmt: skip
+    futures = [
+        _POOLS[key].submit(kernel, *arrays, first, last, *options)
+        for first, last in pairwise(bounds)
+    ]
     for future in futures:
         future.result()

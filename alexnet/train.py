@@ -141,16 +141,25 @@ def resolve_devices(name: str) -> list[torch.device]:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise TrainError(f"device {name!r} requested but CUDA is not available here")
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise TrainError(f"device {device} requested; this machine has "
-                             f"{torch.cuda.device_count()} CUDA device(s)")  # fmt: skip
+            raise TrainError(
+                f"device {device} requested; this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
     if len(devices) > 2:
         raise TrainError(f"device {name!r}: at most two devices (one per column)")
     return devices
 
 
 @torch.no_grad()
-def validate(model, store: LmdbSplit, mean: torch.Tensor, crop: int, batch: int, device,
-             world: World = World()) -> dict:  # fmt: skip
+def validate(
+    model,
+    store: LmdbSplit,
+    mean: torch.Tensor,
+    crop: int,
+    batch: int,
+    device,
+    world: World = World(),
+) -> dict:
     """Centre-crop loss and top-1 / top-5 error on a whole split (each rank evaluates
     its share of the batches; the sums are added over ranks)."""
     model.eval()
@@ -168,8 +177,15 @@ def validate(model, store: LmdbSplit, mean: torch.Tensor, crop: int, batch: int,
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, train_dir: Path, val_dir: Path, stats_dir: Path,
-                 checkpoint: Path, world: World = World()):  # fmt: skip
+    def __init__(
+        self,
+        config: TrainConfig,
+        train_dir: Path,
+        val_dir: Path,
+        stats_dir: Path,
+        checkpoint: Path,
+        world: World = World(),
+    ):
         self.config, self.checkpoint, self.world = config, Path(checkpoint), world
         self.devices = resolve_devices(world.device(config.device))
         self.device = self.devices[0]  # inputs, augmentation and logits live here
@@ -204,25 +220,44 @@ class Trainer:
         # fused: weight decay, momentum and the update in one pass over the 61M weights
         # (4 passes unfused, ~15% of a CPU step at batch 16); one device only.
         self.optimizer = torch.optim.SGD(
-            self.model.parameters(), config.lr, config.momentum,
-            weight_decay=config.weight_decay, fused=len(self.devices) == 1 or None,
-        )  # fmt: skip
+            self.model.parameters(),
+            config.lr,
+            config.momentum,
+            weight_decay=config.weight_decay,
+            fused=len(self.devices) == 1 or None,
+        )
         self.schedule = PlateauSchedule(
-            config.lr, config.lr_patience, config.lr_threshold, config.max_lr_drops,
-            config.stop_at_last_plateau, config.max_epochs_per_rate,
-        )  # fmt: skip
+            config.lr,
+            config.lr_patience,
+            config.lr_threshold,
+            config.max_lr_drops,
+            config.stop_at_last_plateau,
+            config.max_epochs_per_rate,
+        )
         eig = torch.tensor(self.pca["eigenvalues"]), torch.tensor(self.pca["eigenvectors"])
-        self.augment = Augment(mean, *eig, crop=self.crop, flip=config.flip,
-                               random_crop=config.random_crop, lighting=config.lighting,
-                               lighting_scale=config.lighting_scale,
-                               subtract_mean=config.subtract_mean).to(self.device)  # fmt: skip
+        self.augment = Augment(
+            mean,
+            *eig,
+            crop=self.crop,
+            flip=config.flip,
+            random_crop=config.random_crop,
+            lighting=config.lighting,
+            lighting_scale=config.lighting_scale,
+            subtract_mean=config.subtract_mean,
+        ).to(self.device)
         run = {k: v for k, v in asdict(config).items() if k not in EXECUTION_ONLY}
         memo = self.checkpoint.with_name(f"{self.checkpoint.name}.data-digests.json")
-        self.digest = hashlib.sha256(json.dumps(
-            {"config": run, "train": file_digest(Path(train_dir) / "data.mdb", memo),
-             "val": file_digest(Path(val_dir) / "data.mdb", memo),
-             "stats": file_digest(Path(stats_dir) / "mean.npy", memo)}, sort_keys=True
-        ).encode()).hexdigest()  # fmt: skip
+        self.digest = hashlib.sha256(
+            json.dumps(
+                {
+                    "config": run,
+                    "train": file_digest(Path(train_dir) / "data.mdb", memo),
+                    "val": file_digest(Path(val_dir) / "data.mdb", memo),
+                    "stats": file_digest(Path(stats_dir) / "mean.npy", memo),
+                },
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()
         self.code = code_digests()
         self.epoch, self.step, self.history = 0, 0, []
         self.running = self._fresh_totals()  # of the current epoch, checkpointed with it
@@ -237,11 +272,17 @@ class Trainer:
     def save(self) -> None:
         if not self.world.main:
             return
-        state = {"digest": self.digest, "code": self.code, "epoch": self.epoch,
-                 "step": self.step,
-                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "schedule": self.schedule.state_dict(), "history": self.history,
-                 "running": self.running}  # fmt: skip
+        state = {
+            "digest": self.digest,
+            "code": self.code,
+            "epoch": self.epoch,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "history": self.history,
+            "running": self.running,
+        }
         with atomic_output(self.checkpoint) as temporary:
             torch.save(state, temporary)
 
@@ -261,11 +302,15 @@ class Trainer:
         if changed:
             files = ", ".join(changed)
             if self._ends(state["epoch"], state["schedule"]["stopped"]):
-                log(f"training again: {self.checkpoint} holds a finished run of other "
-                    f"training code ({files} changed)")  # fmt: skip
+                log(
+                    f"training again: {self.checkpoint} holds a finished run of other "
+                    f"training code ({files} changed)"
+                )
                 return False
-            log(f"warning: resuming a run begun by other training code ({files} changed); "
-                f"delete {self.checkpoint} to start afresh")  # fmt: skip
+            log(
+                f"warning: resuming a run begun by other training code ({files} changed); "
+                f"delete {self.checkpoint} to start afresh"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -282,16 +327,24 @@ class Trainer:
         budget, read ahead by `loader_workers` processes that persist across epochs."""
         if self._stream is None:
             steps = self.steps_per_epoch()
-            keys = [(epoch, step) for epoch in range(self.epoch, self.config.epochs)
-                    for step in range(self.step if epoch == self.epoch else 0, steps)]  # fmt: skip
-            dataset = EpochBatches(self.train, self.config.seed, self.config.batch_size,
-                                   self.world.rows)  # fmt: skip
-            self._stream = iter(batch_loader(dataset, keys, self.config.loader_workers,
-                                             pin_memory=self.device.type == "cuda"))  # fmt: skip
+            keys = [
+                (epoch, step)
+                for epoch in range(self.epoch, self.config.epochs)
+                for step in range(self.step if epoch == self.epoch else 0, steps)
+            ]
+            dataset = EpochBatches(
+                self.train, self.config.seed, self.config.batch_size, self.world.rows
+            )
+            self._stream = iter(
+                batch_loader(
+                    dataset, keys, self.config.loader_workers, pin_memory=self.device.type == "cuda"
+                )
+            )
         return self._stream
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, global_size: int
-                   ) -> tuple[torch.Tensor, int]:  # fmt: skip
+    def train_step(
+        self, images: torch.Tensor, labels: torch.Tensor, global_size: int
+    ) -> tuple[torch.Tensor, int]:
         """One SGD step on this rank's rows of a global batch of `global_size` images.
         Returns the summed loss (a device tensor) and the count of top-1 mistakes."""
         seed = derived_seed(self.config.seed, self.epoch, self.step)
@@ -361,12 +414,21 @@ class Trainer:
             started = time.perf_counter()
         seen = max(totals["seen"], 1)
         record = {
-            "epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
-            "train_loss": totals["loss"] / seen, "train_top1_error": totals["wrong"] / seen,
+            "epoch": self.epoch + 1,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": totals["loss"] / seen,
+            "train_top1_error": totals["wrong"] / seen,
             "images_per_s": totals["seen"] / max(totals["seconds"], 1e-9),
-            **validate(self.model, self.val, self.mean, self.crop, self.config.val_batch_size,
-                       self.device, self.world),
-        }  # fmt: skip
+            **validate(
+                self.model,
+                self.val,
+                self.mean,
+                self.crop,
+                self.config.val_batch_size,
+                self.device,
+                self.world,
+            ),
+        }
         lr = self.schedule.step(record["val_top1_error"])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -385,21 +447,27 @@ class Trainer:
     def weights(self) -> dict[str, torch.Tensor]:
         """The weights in the one-device layout of `AlexNet`, on the CPU."""
         model = self.model
-        state = model.merged_state_dict() if isinstance(model, TwoColumnAlexNet) else (
-            model.state_dict())  # fmt: skip
+        state = (
+            model.merged_state_dict()
+            if isinstance(model, TwoColumnAlexNet)
+            else (model.state_dict())
+        )
         return {name: value.detach().cpu() for name, value in state.items()}
 
     def export(self, path: Path) -> None:
         """`models/alexnet.pt` (DESIGN.md): weights_only-loadable weights and what is
         needed to use them."""
         payload = {
-            "format": "alexnet-model", "version": 1,
+            "format": "alexnet-model",
+            "version": 1,
             "state_dict": self.weights(),
             "classes": self.classes,
             "model": {**self.config.model, "num_classes": len(self.classes)},
             "mean": self.mean.cpu(),
             "pca": {k: self.pca[k] for k in ("eigenvalues", "eigenvectors")},
-            "train": asdict(self.config), "digest": self.digest, "history": self.history,
-        }  # fmt: skip
+            "train": asdict(self.config),
+            "digest": self.digest,
+            "history": self.history,
+        }
         with atomic_output(path) as temporary:
             torch.save(payload, temporary)

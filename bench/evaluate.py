@@ -55,11 +55,15 @@ def main() -> None:
         for _ in range(10):
             torch.softmax(model(centre_crop(images, mean)), 1)
 
-    ours = best_seconds(lambda: crop_probabilities(model, images, mean, 224).mean(1),
-                        args.repeats, device)  # fmt: skip
+    ours = best_seconds(
+        lambda: crop_probabilities(model, images, mean, 224).mean(1), args.repeats, device
+    )
     baseline = best_seconds(ten_centre_forwards, args.repeats, device)
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda" else
-             f"{cpu_model()}; {torch.get_num_threads()} threads")  # fmt: skip
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{cpu_model()}; {torch.get_num_threads()} threads"
+    )
     print(f"{where}; AlexNet 1000 classes, batch {args.batch} images, best of {args.repeats}")
     print(f"10-crop (ours)          {args.batch / ours:8.1f} images/s")
     print(f"10 x centre-crop forward{args.batch / baseline:8.1f} images/s")

@@ -55,8 +55,10 @@ def check_placement() -> dict:
     for prefix, first, second in zip(
         [f"features.{i}" for i in range(placed.num_features)]
         + [f"classifier.{i}" for i in range(placed.num_classifier)],
-        placed.column0, placed.column1, strict=True,
-    ):  # fmt: skip
+        placed.column0,
+        placed.column1,
+        strict=True,
+    ):
         for name, p in first.named_parameters():
             q = dict(second.named_parameters())[name]
             grads[f"{prefix}.{name}"] = torch.cat([p.grad.cpu(), q.grad.cpu()])
@@ -66,10 +68,11 @@ def check_placement() -> dict:
     )
     result = {
         "logits_device": str(logits.device),
-        "column0_devices": sorted(devices[0]), "column1_devices": sorted(devices[1]),
+        "column0_devices": sorted(devices[0]),
+        "column1_devices": sorted(devices[1]),
         "max_abs_logit_difference": float((logits.detach().cpu() - ref_logits).abs().max()),
         "max_relative_gradient_difference": grad_error,
-    }  # fmt: skip
+    }
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     return result
 
@@ -80,8 +83,10 @@ def check_lrn() -> dict:
     torch.manual_seed(0)
     x = torch.relu(torch.randn(128, 96, 55, 55, device="cuda")) * 50
     ours = local_response_norm(x, groups=2)
-    ref = torch.cat([F.local_response_norm(half.double(), 5, 5e-4, 0.75, 2.0)
-                     for half in x.chunk(2, dim=1)], dim=1)  # fmt: skip
+    ref = torch.cat(
+        [F.local_response_norm(half.double(), 5, 5e-4, 0.75, 2.0) for half in x.chunk(2, dim=1)],
+        dim=1,
+    )
     small = x[:8].clone().requires_grad_()
     grad = torch.randn_like(small)
     (fused,) = torch.autograd.grad(local_response_norm(small, groups=2), small, grad)
@@ -89,14 +94,17 @@ def check_lrn() -> dict:
     (eager,) = torch.autograd.grad(local_response_norm(cpu, groups=2), cpu, grad.cpu())
     from alexnet import model
 
-    compiled = {name: model._FUSED.get(name) not in (model._fused_forward, model._fused_backward)
-             for name in ("forward", "backward")}  # fmt: skip
+    compiled = {
+        name: model._FUSED.get(name) not in (model._fused_forward, model._fused_backward)
+        for name in ("forward", "backward")
+    }
     x.requires_grad_()
     grad = torch.randn_like(x)
     timings = {}
-    for name, work in (("forward", lambda: local_response_norm(x, groups=2)),
-                       ("forward+backward",
-                        lambda: local_response_norm(x, groups=2).backward(grad))):  # fmt: skip
+    for name, work in (
+        ("forward", lambda: local_response_norm(x, groups=2)),
+        ("forward+backward", lambda: local_response_norm(x, groups=2).backward(grad)),
+    ):
         work()
         torch.cuda.synchronize()
         started = time.perf_counter()
@@ -104,10 +112,13 @@ def check_lrn() -> dict:
             work()
         torch.cuda.synchronize()
         timings[f"{name} ms (128x96x55x55)"] = round((time.perf_counter() - started) / 20e-3, 3)
-    return {"compiled": compiled, **timings,
-            "max_abs_forward_difference": float((ours.double() - ref).abs().max()),
-            "max_abs_gradient_difference": float((fused.cpu() - eager).abs().max()),
-            "max_abs_gradient": float(eager.abs().max())}  # fmt: skip
+    return {
+        "compiled": compiled,
+        **timings,
+        "max_abs_forward_difference": float((ours.double() - ref).abs().max()),
+        "max_abs_gradient_difference": float((fused.cpu() - eager).abs().max()),
+        "max_abs_gradient": float(eager.abs().max()),
+    }
 
 
 def make_data(root: Path, images: int) -> Path:
@@ -118,8 +129,9 @@ def make_data(root: Path, images: int) -> Path:
         image = rng.integers(0, 80, (256, 256, 3), dtype=np.uint8)
         image[label * 20 : label * 20 + 60, :, label % 3] = 230  # a learnable band
         records.append((label, image.tobytes()))
-    write_store(root / "train", [records[i : i + 256] for i in range(0, images, 256)],
-                "raw", CLASSES)  # fmt: skip
+    write_store(
+        root / "train", [records[i : i + 256] for i in range(0, images, 256)], "raw", CLASSES
+    )
     write_store(root / "val", [records[: min(images, 512)]], "raw", CLASSES)
     (root / "stats").mkdir()
     np.save(root / "stats" / "mean.npy", np.full((256, 256, 3), 50, np.float32))
@@ -130,28 +142,53 @@ def make_data(root: Path, images: int) -> Path:
 
 def train_rate(root: Path, epochs: int = 2, **options) -> dict:
     """Images/s of the last epoch (the first pays cuDNN tuning and compilation)."""
-    config = TrainConfig(epochs=epochs, batch_size=options.pop("batch_size", 128),
-                         val_batch_size=256, checkpoint_every=10_000, deterministic=False,
-                         model={"init": "caffe"}, **options)  # fmt: skip
-    trainer = Trainer(config, root / "train", root / "val", root / "stats",
-                      root / f"ckpt-{time.monotonic_ns()}.pt")  # fmt: skip
+    config = TrainConfig(
+        epochs=epochs,
+        batch_size=options.pop("batch_size", 128),
+        val_batch_size=256,
+        checkpoint_every=10_000,
+        deterministic=False,
+        model={"init": "caffe"},
+        **options,
+    )
+    trainer = Trainer(
+        config,
+        root / "train",
+        root / "val",
+        root / "stats",
+        root / f"ckpt-{time.monotonic_ns()}.pt",
+    )
     started = time.perf_counter()
     while not trainer.finished():
         trainer.run_epoch()
     last = trainer.history[-1]
-    return {"images_per_s": round(last["images_per_s"], 1),
-            "train_loss": [round(r["train_loss"], 4) for r in trainer.history],
-            "val_top1_error": last["val_top1_error"],
-            "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    return {
+        "images_per_s": round(last["images_per_s"], 1),
+        "train_loss": [round(r["train_loss"], 4) for r in trainer.history],
+        "val_top1_error": last["val_top1_error"],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def loader_ceiling(root: Path, workers: int, batches: int = 48) -> dict:
     """Images/s of the data path alone: the trainer's read-ahead stream (LMDB raw HWC
     batches, pinned) copied to the GPU and augmented there, with no model step."""
-    config = TrainConfig(epochs=4, batch_size=128, checkpoint_every=10_000, deterministic=False,
-                         device="cuda", loader_workers=workers, channels_last=True)  # fmt: skip
-    trainer = Trainer(config, root / "train", root / "val", root / "stats",
-                      root / f"ckpt-{time.monotonic_ns()}.pt")  # fmt: skip
+    config = TrainConfig(
+        epochs=4,
+        batch_size=128,
+        checkpoint_every=10_000,
+        deterministic=False,
+        device="cuda",
+        loader_workers=workers,
+        channels_last=True,
+    )
+    trainer = Trainer(
+        config,
+        root / "train",
+        root / "val",
+        root / "stats",
+        root / f"ckpt-{time.monotonic_ns()}.pt",
+    )
     stream, generator = trainer.batches(), torch.Generator(device="cuda").manual_seed(0)
     for step in range(batches + 4):
         if step == 4:  # the workers have started
@@ -171,8 +208,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--training-only", action="store_true",
-                        help="skip the LRN, placement and two-device checks")  # fmt: skip
+    parser.add_argument(
+        "--training-only", action="store_true", help="skip the LRN, placement and two-device checks"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: no CUDA device here")
@@ -189,26 +227,39 @@ def main() -> None:
             "float32": {},
             "bf16 autocast": {"amp": True},
             "bf16 + channels_last": {"amp": True, "channels_last": True},
-            "bf16 + channels_last + compile": {"amp": True, "channels_last": True,
-                                               "compile": True},
-            "bf16 + channels_last, 4 loader workers": {"amp": True, "channels_last": True,
-                                                       "loader_workers": 4},
+            "bf16 + channels_last + compile": {"amp": True, "channels_last": True, "compile": True},
+            "bf16 + channels_last, 4 loader workers": {
+                "amp": True,
+                "channels_last": True,
+                "loader_workers": 4,
+            },
             "bf16 + channels_last + compile, 4 loader workers": {
-                "amp": True, "channels_last": True, "compile": True, "loader_workers": 4},
-        }  # fmt: skip
+                "amp": True,
+                "channels_last": True,
+                "compile": True,
+                "loader_workers": 4,
+            },
+        }
         for workers in (0, 4, 8):
             results[f"loader ceiling, {workers} workers"] = loader_ceiling(root, workers)
-            print("data path alone (read + copy + augment on cuda):",
-                  results[f"loader ceiling, {workers} workers"], flush=True)  # fmt: skip
+            print(
+                "data path alone (read + copy + augment on cuda):",
+                results[f"loader ceiling, {workers} workers"],
+                flush=True,
+            )
         for name, options in runs.items():
             results[f"cuda:0 {name}"] = train_rate(root, device="cuda", **options)
             print(f"train on cuda, batch 128, {name}:", results[f"cuda:0 {name}"], flush=True)
         if args.training_only:
             return
-        results["two devices cuda:0,cpu"] = train_rate(root, epochs=1, device="cuda:0,cpu",
-                                                       batch_size=64)  # fmt: skip
-        print("train, columns on cuda:0 and cpu, batch 64:",
-              results["two devices cuda:0,cpu"], flush=True)  # fmt: skip
+        results["two devices cuda:0,cpu"] = train_rate(
+            root, epochs=1, device="cuda:0,cpu", batch_size=64
+        )
+        print(
+            "train, columns on cuda:0 and cpu, batch 64:",
+            results["two devices cuda:0,cpu"],
+            flush=True,
+        )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 

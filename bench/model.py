@@ -36,12 +36,22 @@ def naive(num_classes: int = 1000) -> nn.Module:
     lrn = lambda: nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)  # noqa: E731
     model = AlexNet(num_classes)
     model.features = nn.Sequential(
-        nn.Conv2d(3, 96, 11, 4, 2), nn.ReLU(inplace=True), lrn(), nn.MaxPool2d(3, 2),
-        nn.Conv2d(96, 256, 5, padding=2, groups=2), nn.ReLU(inplace=True), lrn(),
-        nn.MaxPool2d(3, 2), nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(384, 384, 3, padding=1, groups=2), nn.ReLU(inplace=True),
-        nn.Conv2d(384, 256, 3, padding=1, groups=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
-    )  # fmt: skip
+        nn.Conv2d(3, 96, 11, 4, 2),
+        nn.ReLU(inplace=True),
+        lrn(),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(96, 256, 5, padding=2, groups=2),
+        nn.ReLU(inplace=True),
+        lrn(),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(256, 384, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(384, 384, 3, padding=1, groups=2),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(384, 256, 3, padding=1, groups=2),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2),
+    )
     initialise(model, "paper")
     return model
 
@@ -51,11 +61,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_rate(model: nn.Module, batch: int, steps: int, device: torch.device = CPU,
-              amp: bool = False) -> float:  # fmt: skip
+def step_rate(
+    model: nn.Module, batch: int, steps: int, device: torch.device = CPU, amp: bool = False
+) -> float:
     model = model.to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4,
-                                fused=True)  # as the trainer's  # fmt: skip
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True
+    )  # as the trainer's
     x = torch.randn(batch, 3, 224, 224, device=device) * 50
     y = torch.randint(0, 1000, (batch,), device=device)
 
@@ -76,13 +88,21 @@ def step_rate(model: nn.Module, batch: int, steps: int, device: torch.device = C
     return batch * steps / (time.perf_counter() - start)
 
 
-def lrn_share(model: AlexNet, batch: int, seconds_per_step: float, device: torch.device = CPU,
-              repeats: int = 1) -> float:  # fmt: skip
+def lrn_share(
+    model: AlexNet,
+    batch: int,
+    seconds_per_step: float,
+    device: torch.device = CPU,
+    repeats: int = 1,
+) -> float:
     """Share of a training step spent in our LRN: the forward and backward of every LRN
     layer, timed alone on the activations it sees in the step, over the step's time."""
     inputs = []
-    hooks = [m.register_forward_hook(lambda m, i, o: inputs.append(i[0].detach()))
-             for m in model.features if type(m).__name__ == "LRN"]  # fmt: skip
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: inputs.append(i[0].detach()))
+        for m in model.features
+        if type(m).__name__ == "LRN"
+    ]
     model.to(device)(torch.randn(batch, 3, 224, 224, device=device) * 50)
     for hook in hooks:
         hook.remove()
@@ -111,18 +131,26 @@ def main() -> None:
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
     args = parser.parse_args()
     device = torch.device(args.device)
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda" else
-             f"{cpu_model()}; {torch.get_num_threads()} threads")  # fmt: skip
-    print(f"{where}; torch {torch.__version__}; batch {args.batch}; {args.steps} steps after "
-          f"warm-up; {'bf16 autocast' if args.amp else 'float32'}")  # fmt: skip
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{cpu_model()}; {torch.get_num_threads()} threads"
+    )
+    print(
+        f"{where}; torch {torch.__version__}; batch {args.batch}; {args.steps} steps after "
+        f"warm-up; {'bf16 autocast' if args.amp else 'float32'}"
+    )
     from torchvision.models import alexnet as torchvision_alexnet
 
     torch.manual_seed(0)
     rates = {
         name: step_rate(build(), args.batch, args.steps, device, args.amp)
-        for name, build in (("ours", AlexNet), ("naive stock layers", naive),
-                            ("torchvision alexnet", torchvision_alexnet))
-    }  # fmt: skip
+        for name, build in (
+            ("ours", AlexNet),
+            ("naive stock layers", naive),
+            ("torchvision alexnet", torchvision_alexnet),
+        )
+    }
     for name, rate in rates.items():
         print(f"{name:<22}{rate:8.1f} img/s   ours/this {rates['ours'] / rate:5.2f}x")
     repeats = 1 if device.type == "cpu" else 20

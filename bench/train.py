@@ -60,8 +60,15 @@ def make_data(root: Path, images: int) -> Path:
 
 
 def full_and_model_only(root: Path, batch: int, device: str) -> tuple[float, float]:
-    config = TrainConfig(epochs=2, batch_size=batch, val_batch_size=8, checkpoint_every=10**6,
-                         deterministic=False, device=device, model={"init": "caffe"})  # fmt: skip
+    config = TrainConfig(
+        epochs=2,
+        batch_size=batch,
+        val_batch_size=8,
+        checkpoint_every=10**6,
+        deterministic=False,
+        device=device,
+        model={"init": "caffe"},
+    )
     trainer = Trainer(config, root / "train", root / "val", root / "stats", root / "ckpt.pt")
     trainer.run_epoch()  # warm-up epoch
     full = trainer.run_epoch()["images_per_s"]  # train steps only, validation excluded
@@ -106,11 +113,18 @@ def loader_rates(root: Path, batch: int) -> tuple[float, float]:
     normalise = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     folder = datasets.ImageFolder(
         str(root / "folder"),
-        transforms.Compose([transforms.RandomCrop(224), transforms.RandomHorizontalFlip(),
-                            transforms.ToTensor(), normalise]),
-    )  # fmt: skip
-    loader = torch.utils.data.DataLoader(folder, batch_size=batch, shuffle=True, num_workers=0,
-                                         drop_last=True)  # fmt: skip
+        transforms.Compose(
+            [
+                transforms.RandomCrop(224),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                normalise,
+            ]
+        ),
+    )
+    loader = torch.utils.data.DataLoader(
+        folder, batch_size=batch, shuffle=True, num_workers=0, drop_last=True
+    )
 
     def baseline():
         for _ in loader:
@@ -133,8 +147,10 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         root = make_data(Path(folder), args.images)
-        print(f"{cpu_model()}; {torch.get_num_threads()} threads; {args.images} images "
-              f"256x256; batch {args.batch}; device {args.device}")  # fmt: skip
+        print(
+            f"{cpu_model()}; {torch.get_num_threads()} threads; {args.images} images "
+            f"256x256; batch {args.batch}; device {args.device}"
+        )
         full, model_only = full_and_model_only(root, args.batch, args.device)
         print(f"full training step (read + augment + step) {full:8.1f} img/s")
         print(f"model-only step (pre-loaded tensors)       {model_only:8.1f} img/s")

@@ -27,16 +27,28 @@ def _csv(rows: list[dict]) -> bytes:
 
 
 def _report(summary: dict, per_class: list[dict], worst: int = 5) -> str:
-    lines = ["# Evaluation", "", "| | top-1 error | top-5 error |", "|---|---|---|",
-             f"| 10-crop | {summary['top1_error']:.4f} | {summary['top5_error']:.4f} |",
-             f"| centre crop | {summary['center_top1_error']:.4f} | "
-             f"{summary['center_top5_error']:.4f} |", "",
-             f"{summary['images']} images.", "", "## Worst classes (top-1 error)", "",
-             "| class | images | top-1 error | top-5 error |", "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "# Evaluation",
+        "",
+        "| | top-1 error | top-5 error |",
+        "|---|---|---|",
+        f"| 10-crop | {summary['top1_error']:.4f} | {summary['top5_error']:.4f} |",
+        f"| centre crop | {summary['center_top1_error']:.4f} | "
+        f"{summary['center_top5_error']:.4f} |",
+        "",
+        f"{summary['images']} images.",
+        "",
+        "## Worst classes (top-1 error)",
+        "",
+        "| class | images | top-1 error | top-5 error |",
+        "|---|---|---|---|",
+    ]
     rated = [row for row in per_class if row["images"]]
     for row in sorted(rated, key=lambda r: -r["top1_error"])[:worst]:
-        lines.append(f"| {row['name']} ({row['wnid']}) | {row['images']} | "
-                     f"{row['top1_error']:.3f} | {row['top5_error']:.3f} |")  # fmt: skip
+        lines.append(
+            f"| {row['name']} ({row['wnid']}) | {row['images']} | "
+            f"{row['top1_error']:.3f} | {row['top5_error']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -54,23 +66,37 @@ def evaluate_flow(
     model, payload = load_model(Path(model_path), device)
     split = LmdbSplit(val)
     if len(split.classes) != len(payload["classes"]):
-        raise ModelFileError(f"{model_path} has {len(payload['classes'])} classes, "
-                             f"{val} has {len(split.classes)}")  # fmt: skip
+        raise ModelFileError(
+            f"{model_path} has {len(payload['classes'])} classes, {val} has {len(split.classes)}"
+        )
     if split.classes != payload["classes"]:
         raise ModelFileError(f"{model_path} and {val} list different classes")
     mean, _ = load_stats(Path(stats))
     with Progress() as progress:
         bar = progress.add_task("evaluate (10 crops)", total=len(split))
-        results = evaluate(model, split, mean, model.input_size, params.batch_size, device,
-                           on_batch=lambda n: progress.advance(bar, n))  # fmt: skip
+        results = evaluate(
+            model,
+            split,
+            mean,
+            model.input_size,
+            params.batch_size,
+            device,
+            on_batch=lambda n: progress.advance(bar, n),
+        )
     summary = results.summary()
     per_class = results.per_class(split.classes)
     write_json(Path(metrics) / "eval.json", summary)
     write_bytes(Path(metrics) / "eval" / "per_class.csv", _csv(per_class))
     write_bytes(Path(metrics) / "eval" / "confusion.csv", _csv(results.confusion(split.classes)))
-    logger.info("10-crop top-1 error %.4f, top-5 %.4f; centre crop %.4f / %.4f; %d images",
-                summary["top1_error"], summary["top5_error"], summary["center_top1_error"],
-                summary["center_top5_error"], summary["images"])  # fmt: skip
-    create_markdown_artifact(_report(summary, per_class), key="evaluation",
-                             description="10-crop evaluation")  # fmt: skip
+    logger.info(
+        "10-crop top-1 error %.4f, top-5 %.4f; centre crop %.4f / %.4f; %d images",
+        summary["top1_error"],
+        summary["top5_error"],
+        summary["center_top1_error"],
+        summary["center_top5_error"],
+        summary["images"],
+    )
+    create_markdown_artifact(
+        _report(summary, per_class), key="evaluation", description="10-crop evaluation"
+    )
     return summary

@@ -30,10 +30,20 @@ def _run(repo: str, target: str | None, force: bool, key: str) -> dict:
         logger.info("nothing changed: data and pipelines are up to date")
     rows = [row for row in changes if row["change"] != 0] or changes
     if rows:
-        create_table_artifact(rows, key=f"{key}-metrics", description="DVC metrics: "
-                              "old = the run before, new = this run")  # fmt: skip
-    summary = "\n".join([f"# {key}", "", f"Stages run: {', '.join(ran) or 'none (up to date)'}",
-                         "", f"`dvc status` clean: {status_clean(root)}"])  # fmt: skip
+        create_table_artifact(
+            rows,
+            key=f"{key}-metrics",
+            description="DVC metrics: old = the run before, new = this run",
+        )
+    summary = "\n".join(
+        [
+            f"# {key}",
+            "",
+            f"Stages run: {', '.join(ran) or 'none (up to date)'}",
+            "",
+            f"`dvc status` clean: {status_clean(root)}",
+        ]
+    )
     create_markdown_artifact(summary, key=f"{key}-run", description="What dvc repro did")
     return {"ran": ran, "metrics": after}
 

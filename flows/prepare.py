@@ -38,8 +38,12 @@ def prepare_flow(
     reused = sum(r.reused for r in reports)
     logger.info(
         "prepared %d files: %d kept, %d converted, %d skipped (%d of %d shards reused)",
-        report["files"], report["kept"], report["converted"], report["skipped"],
-        reused, len(reports),
-    )  # fmt: skip
+        report["files"],
+        report["kept"],
+        report["converted"],
+        report["skipped"],
+        reused,
+        len(reports),
+    )
     check_skipped(report, params.max_skipped, target / "report.json")
     return {k: report[k] for k in ("files", "kept", "converted", "skipped")}

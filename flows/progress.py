@@ -13,8 +13,12 @@ def gather(futures: Sequence[PrefectFuture], label: str, weights: Sequence[int])
     weight_of = {
         future.task_run_id: weight for future, weight in zip(futures, weights, strict=True)
     }
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeRemainingColumn())  # fmt: skip
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, transient=False) as progress:
         bar = progress.add_task(label, total=sum(weights))
         for future in as_completed(list(futures)):

@@ -25,20 +25,20 @@ def deployments(repo: Path, params: ServeParams) -> list:
             parameters={"stage": stage, **where},
             description=f"dvc repro {stage}",
             tags=["stage"],
-        )  # fmt: skip
+        )
         for stage in STAGES
     ]
     return [
         *stages,
         pipeline_flow.to_deployment(
             name="pipeline", parameters=where, description="dvc repro: the whole chain"
-        ),  # fmt: skip
+        ),
         retrain_flow.to_deployment(
             name="retrain",
             parameters=where,
             schedules=[Cron(params.retrain_cron, timezone=params.timezone)],
             description="dvc repro on a schedule",
-        ),  # fmt: skip
+        ),
     ]
 
 

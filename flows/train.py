@@ -32,11 +32,24 @@ def _config(train: TrainParams, model: ModelParams) -> TrainConfig:
 def torchrun_command(params: TrainParams, argument: str) -> list[str]:
     """torchrun for `python -m alexnet.fit`: standalone on one node, else a c10d
     rendezvous at `rdzv_endpoint` that every node's `alexnet train` joins."""
-    where = (["--standalone"] if params.nnodes == 1 else
-             ["--rdzv-backend", "c10d", "--rdzv-endpoint", params.rdzv_endpoint])  # fmt: skip
-    return [sys.executable, "-m", "torch.distributed.run", *where,
-            "--nnodes", str(params.nnodes), "--nproc-per-node", str(params.nproc_per_node),
-            "-m", "alexnet.fit", argument]  # fmt: skip
+    where = (
+        ["--standalone"]
+        if params.nnodes == 1
+        else ["--rdzv-backend", "c10d", "--rdzv-endpoint", params.rdzv_endpoint]
+    )
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *where,
+        "--nnodes",
+        str(params.nnodes),
+        "--nproc-per-node",
+        str(params.nproc_per_node),
+        "-m",
+        "alexnet.fit",
+        argument,
+    ]
 
 
 def _launch(command: list[str]) -> None:
@@ -75,22 +88,30 @@ def train_flow(
     paths = Path(lmdb), Path(stats), Path(model_path), Path(checkpoint), Path(metrics)
     if params.nproc_per_node * params.nnodes > 1:
         command = torchrun_command(params, spec(config, *paths))
-        logger.info("launching %d x %d processes: %s", params.nnodes, params.nproc_per_node,
-                    " ".join(command[:-1]))  # fmt: skip
+        logger.info(
+            "launching %d x %d processes: %s",
+            params.nnodes,
+            params.nproc_per_node,
+            " ".join(command[:-1]),
+        )
         _launch(command)
         history = torch.load(model_path, weights_only=True)["history"]
     else:
-        trainer = Trainer(config, Path(lmdb) / "train", Path(lmdb) / "val", Path(stats),
-                          Path(checkpoint))  # fmt: skip
+        trainer = Trainer(
+            config, Path(lmdb) / "train", Path(lmdb) / "val", Path(stats), Path(checkpoint)
+        )
         if trainer.resume(logger.info):
-            logger.info("resuming from %s at epoch %d, step %d", checkpoint,
-                        trainer.epoch + 1, trainer.step)  # fmt: skip
+            logger.info(
+                "resuming from %s at epoch %d, step %d", checkpoint, trainer.epoch + 1, trainer.step
+            )
         stop_on_sigterm(trainer)
         fit(trainer, Path(model_path), Path(metrics), logger.info)
         history = trainer.history
     last = history[-1]
     summary = {**{k: last[k] for k in METRICS}, "epochs": len(history)}
-    rows = [{k: round(r[k], 4) if isinstance(r[k], float) else r[k] for k in ("epoch", *METRICS)}
-            for r in history]  # fmt: skip
+    rows = [
+        {k: round(r[k], 4) if isinstance(r[k], float) else r[k] for k in ("epoch", *METRICS)}
+        for r in history
+    ]
     create_table_artifact(rows, key="train-epochs", description="Training, one row per epoch")
     return summary

@@ -19,8 +19,10 @@ def photo(width: int, height: int, seed: int = 0) -> Image.Image:
     """A smooth, photo-like RGB image (JPEG-friendly, with structure to resample)."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width] / max(width, height)
-    channels = [np.sin(x * rng.uniform(3, 12) + y * rng.uniform(3, 12) + rng.uniform(0, 6))
-                for _ in range(3)]  # fmt: skip
+    channels = [
+        np.sin(x * rng.uniform(3, 12) + y * rng.uniform(3, 12) + rng.uniform(0, 6))
+        for _ in range(3)
+    ]
     pixels = (np.stack(channels, -1) * 110 + 128).clip(0, 255).astype(np.uint8)
     return Image.fromarray(pixels, "RGB")
 
@@ -73,15 +75,26 @@ def prefect_server():
 
 
 TINY_CHAIN = {
-    "synth": {"classes": 2, "train_per_class": 4, "val_per_class": 2, "min_side": 64,
-              "max_side": 160, "oddities": 0},
+    "synth": {
+        "classes": 2,
+        "train_per_class": 4,
+        "val_per_class": 2,
+        "min_side": 64,
+        "max_side": 160,
+        "oddities": 0,
+    },
     "prepare": {"shard_size": 4, "raw": "data/raw"},
-    "train": {"epochs": 1, "batch_size": 4, "val_batch_size": 4, "checkpoint_every": 100,
-              "lighting": 0.0},
+    "train": {
+        "epochs": 1,
+        "batch_size": 4,
+        "val_batch_size": 4,
+        "checkpoint_every": 100,
+        "lighting": 0.0,
+    },
     "model": {"init": "caffe"},
     "evaluate": {"batch_size": 4},
     "compute": {"workers": 1},
-}  # fmt: skip
+}
 
 
 def repo_copy(root: Path, params: dict) -> Path:
@@ -92,8 +105,9 @@ def repo_copy(root: Path, params: dict) -> Path:
 
     import yaml
 
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
-                           check=True).stdout.split()  # fmt: skip
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     skip = ("dvc.lock", "metrics/")
     for name in files:
         if name.startswith(skip) or not (REPO / name).exists():
@@ -108,6 +122,9 @@ def repo_copy(root: Path, params: dict) -> Path:
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     # A first commit, as in any clone (dvclive refuses a git repository without one).
     subprocess.run(["git", "add", "-A"], cwd=root, check=True)
-    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit",
-                    "-qm", "copy"], cwd=root, check=True)  # fmt: skip
+    subprocess.run(
+        ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "copy"],
+        cwd=root,
+        check=True,
+    )
     return root

@@ -70,8 +70,15 @@ def test_flip_is_a_horizontal_mirror_about_half_the_time():
 def test_pca_lighting_offset_is_the_papers_formula(scale):
     eigvals, eigvecs = eigen()
     images = torch.randint(0, 256, (N, 3, 256, 256), dtype=torch.uint8)
-    augment = Augment(torch.zeros(3, 256, 256), eigvals, eigvecs, random_crop=False, flip=False,
-                      lighting=0.1, lighting_scale=scale)  # fmt: skip
+    augment = Augment(
+        torch.zeros(3, 256, 256),
+        eigvals,
+        eigvecs,
+        random_crop=False,
+        flip=False,
+        lighting=0.1,
+        lighting_scale=scale,
+    )
     out = augment(images, torch.Generator().manual_seed(5))
     alphas = torch.randn(N, 3, generator=torch.Generator().manual_seed(5)) * 0.1
     offsets = out - images[:, :, 16:240, 16:240].float()
@@ -121,8 +128,11 @@ def test_whole_transform_equals_the_direct_order_per_image(channels_last):
     out = augment.apply(images, draws)
     offsets = lighting_offsets(draws.alphas, augment.eigvals, augment.eigvecs)
     for n in range(16):
-        window = (..., slice(draws.tops[n], draws.tops[n] + 224),
-                  slice(draws.lefts[n], draws.lefts[n] + 224))  # fmt: skip
+        window = (
+            ...,
+            slice(draws.tops[n], draws.tops[n] + 224),
+            slice(draws.lefts[n], draws.lefts[n] + 224),
+        )
         expected = images[n][window].float() - mean[window]
         if draws.flips[n]:
             expected = expected.flip(-1)

@@ -19,8 +19,14 @@ from tests.test_train import data  # noqa: F401  (the module's tiny LMDB fixture
 
 def config(**options) -> TrainConfig:
     # batch 3 over 10 images: steps of 3, 3, 3, 1, so rank 1 also gets an empty share.
-    return TrainConfig(epochs=2, batch_size=3, val_batch_size=3, checkpoint_every=100,
-                       model={"init": "caffe", "dropout": 0.0}, **options)  # fmt: skip
+    return TrainConfig(
+        epochs=2,
+        batch_size=3,
+        val_batch_size=3,
+        checkpoint_every=100,
+        model={"init": "caffe", "dropout": 0.0},
+        **options,
+    )
 
 
 def test_two_gloo_processes_train_the_weights_of_one(data, tmp_path):  # noqa: F811
@@ -32,19 +38,25 @@ def test_two_gloo_processes_train_the_weights_of_one(data, tmp_path):  # noqa: F
     for split in ("train", "val"):
         (tmp_path / "lmdb" / split).symlink_to(data / split)
     model_path = tmp_path / "two" / "alexnet.pt"
-    argument = spec(config(), tmp_path / "lmdb", data / "stats", model_path,
-                    tmp_path / "2.pt", tmp_path / "metrics")  # fmt: skip
+    argument = spec(
+        config(),
+        tmp_path / "lmdb",
+        data / "stats",
+        model_path,
+        tmp_path / "2.pt",
+        tmp_path / "metrics",
+    )
     command = torchrun_command(TrainParams(nproc_per_node=2), argument)
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).parents[1])  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1]
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     two = torch.load(model_path, weights_only=True)
     for name, value in one.weights().items():
         # Equal up to float rounding (all-reduce vs one sum, kernels blocked for 3 vs 2
         # images), which 20 steps amplify to <= 1.5e-5 (weights up to 0.05); a rank
         # training on its half alone, or an unscaled loss, is ~1e-3 off.
-        torch.testing.assert_close(two["state_dict"][name], value, rtol=1e-3, atol=5e-5,
-                                   msg=name)  # fmt: skip
+        torch.testing.assert_close(two["state_dict"][name], value, rtol=1e-3, atol=5e-5, msg=name)
     for a, b in zip(one.history, two["history"], strict=True):
         assert a["val_top1_error"] == b["val_top1_error"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
@@ -67,8 +79,9 @@ def test_each_rank_gets_its_own_devices():
     assert rank1.device("cpu") == "cpu" and World().device("cuda:0,cuda:1") == "cuda:0,cuda:1"
 
 
-@pytest.mark.parametrize(("device", "bound"), [("cuda", "cuda:1"), ("cuda:0,cuda:1", "cuda:2"),
-                                             ("cuda:0,cpu", "cuda:1")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("device", "bound"), [("cuda", "cuda:1"), ("cuda:0,cuda:1", "cuda:2"), ("cuda:0,cpu", "cuda:1")]
+)
 def test_an_nccl_rank_binds_its_own_gpu_before_joining(device, bound, monkeypatch):
     # No GPUs here: the calls are recorded. Unbound, every rank of a node would run its
     # NCCL collectives on cuda:0.

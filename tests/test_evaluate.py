@@ -23,8 +23,9 @@ from tests.conftest import REPO
 from tests.test_train import CLASSES, blobs, data  # noqa: F401  (the tiny LMDB fixture)
 
 
-@pytest.mark.parametrize(("height", "width", "crop"), [(256, 256, 224), (256, 256, 227),
-                                                       (40, 50, 24), (41, 40, 24)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("height", "width", "crop"), [(256, 256, 224), (256, 256, 227), (40, 50, 24), (41, 40, 24)]
+)
 def test_ten_crops_are_torchvisions_in_position_and_order(height, width, crop):
     images = torch.randint(0, 256, (3, 3, height, width), dtype=torch.uint8)
     ours = ten_crops(images, None, crop)
@@ -66,26 +67,38 @@ def test_the_prediction_averages_softmax_outputs_not_logits():
 
 
 def test_topk_error_math_with_ties():
-    scores = torch.tensor([
-        [0.5, 0.1, 0.1, 0.1, 0.1, 0.1],   # label 0: rank 0
-        [0.3, 0.3, 0.1, 0.1, 0.1, 0.1],   # label 1 ties the best: counts as top-1 right
-        [0.6, 0.2, 0.05, 0.05, 0.05, 0.05],  # label 2: four ties, ranks 2 -> top-5 right
-        [0.3, 0.2, 0.2, 0.15, 0.14, 0.01],  # label 5: 5 classes strictly above -> top-5 wrong
-    ])  # fmt: skip
+    scores = torch.tensor(
+        [
+            [0.5, 0.1, 0.1, 0.1, 0.1, 0.1],  # label 0: rank 0
+            [0.3, 0.3, 0.1, 0.1, 0.1, 0.1],  # label 1 ties the best: counts as top-1 right
+            [0.6, 0.2, 0.05, 0.05, 0.05, 0.05],  # label 2: four ties, ranks 2 -> top-5 right
+            [0.3, 0.2, 0.2, 0.15, 0.14, 0.01],  # label 5: 5 classes strictly above -> top-5 wrong
+        ]
+    )
     labels = torch.tensor([0, 1, 2, 5])
     rank = label_ranks(scores, labels)
     assert rank.tolist() == [0, 0, 2, 5]
     results = Results(labels, scores.argmax(1), rank, torch.tensor([1, 0, 0, 0]))
-    assert results.summary() == {"top1_error": 0.5, "top5_error": 0.25,
-                                 "center_top1_error": 0.25, "center_top5_error": 0.0,
-                                 "images": 4}  # fmt: skip
+    assert results.summary() == {
+        "top1_error": 0.5,
+        "top5_error": 0.25,
+        "center_top1_error": 0.25,
+        "center_top5_error": 0.0,
+        "images": 4,
+    }
 
 
 @pytest.fixture(scope="module")
 def model_file(data, tmp_path_factory):  # noqa: F811
     path = tmp_path_factory.mktemp("model") / "alexnet.pt"
-    config = TrainConfig(batch_size=5, val_batch_size=4, epochs=6, lighting=0.0,
-                         checkpoint_every=100, model={"init": "caffe", "dropout": 0.0})  # fmt: skip
+    config = TrainConfig(
+        batch_size=5,
+        val_batch_size=4,
+        epochs=6,
+        lighting=0.0,
+        checkpoint_every=100,
+        model={"init": "caffe", "dropout": 0.0},
+    )
     t = Trainer(config, data / "train", data / "val", data / "stats", path.with_suffix(".ckpt"))
     while not t.finished():
         t.run_epoch()
@@ -97,8 +110,9 @@ def test_a_trained_model_file_classifies_its_training_images(data, model_file): 
     from alexnet.evaluate import load_model
 
     model, payload = load_model(model_file)
-    results = evaluate(model, LmdbSplit(data / "train"), payload["mean"], 224, 4,
-                       torch.device("cpu"))  # fmt: skip
+    results = evaluate(
+        model, LmdbSplit(data / "train"), payload["mean"], 224, 4, torch.device("cpu")
+    )
     summary = results.summary()
     assert summary["images"] == 10 and summary["top1_error"] <= 0.2, summary
     assert [row["images"] for row in results.per_class(CLASSES)] == [5, 5]
@@ -109,12 +123,22 @@ def test_evaluate_flow_writes_the_metric_files(data, model_file, tmp_path, prefe
     from alexnet.params import EvaluateParams
     from flows.evaluate import evaluate_flow
 
-    summary = evaluate_flow(str(data / "val"), str(data / "stats"), str(model_file),
-                            str(tmp_path), EvaluateParams(batch_size=3))  # fmt: skip
+    summary = evaluate_flow(
+        str(data / "val"),
+        str(data / "stats"),
+        str(model_file),
+        str(tmp_path),
+        EvaluateParams(batch_size=3),
+    )
     written = json.loads((tmp_path / "eval.json").read_text())
     assert written == summary
-    assert list(written) == ["top1_error", "top5_error", "center_top1_error",
-                             "center_top5_error", "images"]  # fmt: skip
+    assert list(written) == [
+        "top1_error",
+        "top5_error",
+        "center_top1_error",
+        "center_top5_error",
+        "images",
+    ]
     assert written["images"] == 4 and all(0 <= written[k] <= 1 for k in list(written)[:4])
     rows = list(csv.DictReader(io.StringIO((tmp_path / "eval" / "per_class.csv").read_text())))
     assert list(rows[0]) == ["class", "wnid", "name", "images", "top1_error", "top5_error"]
@@ -132,13 +156,19 @@ def test_evaluate_refuses_a_model_of_other_classes(data, model_file, tmp_path, p
     three = [{"index": i, "wnid": f"n{i}", "name": f"c{i}"} for i in range(3)]
     write_store(tmp_path / "val3", [blobs(0, 2, 9)], "raw", three)
     with pytest.raises(ModelFileError, match="has 2 classes, .* has 3"):
-        evaluate_flow(str(tmp_path / "val3"), str(data / "stats"), str(model_file),
-                      str(tmp_path), EvaluateParams())  # fmt: skip
+        evaluate_flow(
+            str(tmp_path / "val3"),
+            str(data / "stats"),
+            str(model_file),
+            str(tmp_path),
+            EvaluateParams(),
+        )
 
 
 def image_of(label: int) -> Image.Image:
-    return Image.fromarray(np.frombuffer(blobs(label, 1, 7 + label)[0][1], np.uint8)
-                           .reshape(256, 256, 3))  # fmt: skip
+    return Image.fromarray(
+        np.frombuffer(blobs(label, 1, 7 + label)[0][1], np.uint8).reshape(256, 256, 3)
+    )
 
 
 def test_predict_cmyk_png_in_jpeg_and_a_bad_file(model_file, tmp_path):
@@ -147,10 +177,22 @@ def test_predict_cmyk_png_in_jpeg_and_a_bad_file(model_file, tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"<html>not an image</html>")
     files = [str(tmp_path / name) for name in ("cmyk.jpg", "broken.jpg", "png.JPEG")]
     done = subprocess.run(
-        [sys.executable, "-m", "alexnet.cli", "predict", *files, "--model", str(model_file),
-         "--top", "2", "--json"],
-        cwd=REPO, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "alexnet.cli",
+            "predict",
+            *files,
+            "--model",
+            str(model_file),
+            "--top",
+            "2",
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 1
     assert done.stderr.strip() == f"error: {files[1]}: not an image"
     results = json.loads(done.stdout)

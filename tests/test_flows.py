@@ -115,11 +115,25 @@ def test_real_sigkill_then_rerun_gives_the_same_shards(tmp_path, prefect_server)
     for i in range(60):  # big images: slow enough to be killed in the middle
         (root / "train" / "n00000001" / f"big_{i:03d}.JPEG").write_bytes(jpeg(1600, 1200, i))
     (tmp_path / "params.yaml").write_text("prepare:\n  shard_size: 4\ncompute:\n  workers: 1\n")
-    command = [sys.executable, "-m", "alexnet.cli", "prepare", str(root), str(tmp_path / "out"),
-               "-p", str(tmp_path / "params.yaml")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "alexnet.cli",
+        "prepare",
+        str(root),
+        str(tmp_path / "out"),
+        "-p",
+        str(tmp_path / "params.yaml"),
+    ]
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
-    process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(tmp_path.glob("out/train/shard-*.tar"))) < 3:
         time.sleep(0.05)

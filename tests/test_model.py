@@ -12,9 +12,15 @@ from torch import nn
 from alexnet.model import LRN, AlexNet, local_response_norm, parameter_count
 
 PAPER_LAYERS = {
-    "conv1": 34_944, "conv2": 307_456, "conv3": 885_120, "conv4": 663_936,
-    "conv5": 442_624, "fc6": 37_752_832, "fc7": 16_781_312, "fc8": 4_097_000,
-}  # fmt: skip
+    "conv1": 34_944,
+    "conv2": 307_456,
+    "conv3": 885_120,
+    "conv4": 663_936,
+    "conv5": 442_624,
+    "fc6": 37_752_832,
+    "fc7": 16_781_312,
+    "fc8": 4_097_000,
+}
 
 
 def test_parameter_count_is_the_papers():

@@ -26,19 +26,26 @@ def dvc_repro(repo: Path) -> list[str]:
 
 
 def dvc_status(repo: Path) -> dict:
-    done = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo,
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(done.stdout)
 
 
 def test_dvc_repro_runs_the_chain_and_reruns_only_what_changed(tmp_path, prefect_server):
     # The stages report to the session's Prefect server (PREFECT_API_URL is inherited),
     # so none of the stage runs starts a temporary server of its own.
-    repo = repo_copy(tmp_path / "repo", {**TINY_CHAIN, "prepare": {**TINY_CHAIN["prepare"],
-                                                                   "raw": "../raw"}})  # fmt: skip
+    repo = repo_copy(
+        tmp_path / "repo", {**TINY_CHAIN, "prepare": {**TINY_CHAIN["prepare"], "raw": "../raw"}}
+    )
     synth = [sys.executable, "-m", "alexnet.cli", "synth", str(tmp_path / "raw")]
-    subprocess.run([*synth, "-p", str(repo / "params.yaml")], cwd=repo, check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        [*synth, "-p", str(repo / "params.yaml")], cwd=repo, check=True, capture_output=True
+    )
     assert dvc_repro(repo) == list(STAGES)
     metrics = json.loads((repo / "metrics" / "eval.json").read_text())
     assert metrics["images"] == 4 and set(metrics) >= {"top1_error", "center_top5_error"}
@@ -80,9 +87,12 @@ def api(url: str, path: str, body: dict | None = None, patience: float = 60) -> 
     """One REST call as the UI makes it; a busy server's 503 is retried for `patience` s."""
     deadline = time.monotonic() + patience
     while True:
-        request = urllib.request.Request(url + path, method="GET" if body is None else "POST",
-                                         data=None if body is None else json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        request = urllib.request.Request(
+            url + path,
+            method="GET" if body is None else "POST",
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return json.loads(response.read() or b"null")
@@ -108,41 +118,77 @@ def test_prefect_ui_path_serve_deployments_and_a_triggered_stage(tmp_path):
     repo = repo_copy(tmp_path / "repo", {**TINY_CHAIN, "serve": {"retrain_cron": "15 4 * * 2"}})
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": url}  # fmt: skip
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_URL": url,
+    }
     server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-         str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
-    )  # fmt: skip
+    )
     serving = None
     try:
         wait_for(lambda: api(url, "/health") is True, 150, "the Prefect server")
         log = open(tmp_path / "serve.log", "w")  # noqa: SIM115  (closed with the process)
-        serving = subprocess.Popen([sys.executable, "-m", "alexnet.cli", "serve"], cwd=repo,
-                                   env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)  # fmt: skip
+        serving = subprocess.Popen(
+            [sys.executable, "-m", "alexnet.cli", "serve"],
+            cwd=repo,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         names = [*STAGES, "pipeline", "retrain"]
         deployments = wait_for(
-            lambda: (found := api(url, "/deployments/filter", {})) and len(found) >= len(names)
-            and found, 120, "the served deployments",
-        )  # fmt: skip
+            lambda: (
+                (found := api(url, "/deployments/filter", {}))
+                and len(found) >= len(names)
+                and found
+            ),
+            120,
+            "the served deployments",
+        )
         by_name = {d["name"]: d for d in deployments}
         assert sorted(by_name) == sorted(names)
         crons = [s["schedule"].get("cron") for s in by_name["retrain"]["schedules"]]
         assert crons == ["15 4 * * 2"]
         assert by_name["prepare"]["parameters"]["stage"] == "prepare"
         assert by_name["prepare"]["parameter_openapi_schema"]["properties"]["force"]["type"] == (
-            "boolean")  # fmt: skip
+            "boolean"
+        )
         run = api(url, f"/deployments/{by_name['prepare']['id']}/create_flow_run", {})
         state = wait_for(
-            lambda: (s := api(url, f"/flow_runs/{run['id']}")["state"]["type"]) in
-            ("COMPLETED", "FAILED", "CRASHED") and s, 300, "the flow run",
-        )  # fmt: skip
+            lambda: (
+                (s := api(url, f"/flow_runs/{run['id']}")["state"]["type"])
+                in ("COMPLETED", "FAILED", "CRASHED")
+                and s
+            ),
+            300,
+            "the flow run",
+        )
         assert state == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
         assert (repo / "data" / "prepared" / "report.json").exists()
-        status = subprocess.run([sys.executable, "-m", "dvc", "status", "prepare"], cwd=repo,
-                                capture_output=True, text=True)  # fmt: skip
+        status = subprocess.run(
+            [sys.executable, "-m", "dvc", "status", "prepare"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+        )
         assert "up to date" in status.stdout, status.stdout
     finally:
         for process in (serving, server):

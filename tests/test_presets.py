@@ -48,10 +48,20 @@ def test_prepare_reads_an_ilsvrc_tree_with_the_preset(tmp_path):
     parse_params(preset)  # still valid with the one value a user sets
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(preset))
     done = subprocess.run(
-        [sys.executable, "-m", "alexnet.cli", "prepare", str(raw), str(tmp_path / "prepared"),
-         "-p", str(tmp_path / "params.yaml")],
-        cwd=REPO, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "alexnet.cli",
+            "prepare",
+            str(raw),
+            str(tmp_path / "prepared"),
+            "-p",
+            str(tmp_path / "params.yaml"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "10 kept" in done.stderr or "10 kept" in done.stdout
     assert sorted(p.name for p in (tmp_path / "prepared" / "val").iterdir())[0].endswith(".tar")

@@ -54,8 +54,16 @@ def test_flat_val_with_kaggle_csv(tmp_path):
 
 def _meta_mat(path, order):
     """The devkit's meta.mat: a struct array `synsets`; leaves have num_children == 0."""
-    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children",
-              "wordnet_height", "num_train_images"]  # fmt: skip
+    fields = [
+        "ILSVRC2012_ID",
+        "WNID",
+        "words",
+        "gloss",
+        "num_children",
+        "children",
+        "wordnet_height",
+        "num_train_images",
+    ]
     records = np.zeros((len(order) + 1,), dtype=[(f, object) for f in fields])
     for i, wnid in enumerate(order):
         records[i] = (i + 1, wnid, f"words {wnid}", "gloss", 0, np.array([]), 0, 1300)

@@ -45,7 +45,7 @@ def data(tmp_path_factory):
 
 def trainer(data, tmp_path, **options) -> Trainer:
     options = {"model": {"init": "caffe", "dropout": 0.5}, **options}
-    config = TrainConfig(batch_size=4, val_batch_size=4, checkpoint_every=1, **options)  # fmt: skip
+    config = TrainConfig(batch_size=4, val_batch_size=4, checkpoint_every=1, **options)
     return Trainer(config, data / "train", data / "val", data / "stats", tmp_path / "ckpt.pt")
 
 
@@ -114,8 +114,15 @@ def test_an_unfinished_run_of_other_code_resumes_with_a_warning(data, tmp_path):
 
 
 def test_learns_the_tiny_task(data, tmp_path):
-    config = TrainConfig(batch_size=5, val_batch_size=4, epochs=6, lr=0.01, lighting=0.0,
-                         checkpoint_every=100, model={"init": "caffe", "dropout": 0.0})  # fmt: skip
+    config = TrainConfig(
+        batch_size=5,
+        val_batch_size=4,
+        epochs=6,
+        lr=0.01,
+        lighting=0.0,
+        checkpoint_every=100,
+        model={"init": "caffe", "dropout": 0.0},
+    )
     t = Trainer(config, data / "train", data / "val", data / "stats", tmp_path / "c.pt")
     run_to_end(t)
     losses = [r["train_loss"] for r in t.history]
@@ -154,10 +161,15 @@ def test_train_flow_writes_model_metrics_plots_and_resumes(data, tmp_path, prefe
 
     params = TrainParams(epochs=1, batch_size=5, val_batch_size=4, lighting=0.0)
     model = ModelParams(init="caffe")
-    run = dict(lmdb=str(tmp_path / "lmdb"), stats=str(data / "stats"),
-               model_path=str(tmp_path / "models" / "alexnet.pt"),
-               checkpoint=str(tmp_path / "ckpt" / "t.pt"), metrics=str(tmp_path / "metrics"),
-               params=params, model=model)  # fmt: skip
+    run = dict(
+        lmdb=str(tmp_path / "lmdb"),
+        stats=str(data / "stats"),
+        model_path=str(tmp_path / "models" / "alexnet.pt"),
+        checkpoint=str(tmp_path / "ckpt" / "t.pt"),
+        metrics=str(tmp_path / "metrics"),
+        params=params,
+        model=model,
+    )
     (tmp_path / "lmdb").mkdir()
     for split in ("train", "val"):
         (tmp_path / "lmdb" / split).symlink_to(data / split)
@@ -203,8 +215,7 @@ def test_loader_workers_stream_the_same_batches_across_epochs(data, tmp_path):
     assert ahead.digest == inline.digest
 
 
-def test_cli_train_killed_with_sigkill_resumes_to_the_same_weights(data, tmp_path,
-                                                                   prefect_server):  # fmt: skip
+def test_cli_train_killed_with_sigkill_resumes_to_the_same_weights(data, tmp_path, prefect_server):
     import os
     import signal
     import subprocess
@@ -215,19 +226,38 @@ def test_cli_train_killed_with_sigkill_resumes_to_the_same_weights(data, tmp_pat
 
     from tests.conftest import REPO
 
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
-        "train": {"epochs": 2, "batch_size": 2, "val_batch_size": 4, "checkpoint_every": 1},
-        "model": {"init": "caffe"},
-    }))  # fmt: skip
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "train": {"epochs": 2, "batch_size": 2, "val_batch_size": 4, "checkpoint_every": 1},
+                "model": {"init": "caffe"},
+            }
+        )
+    )
 
     def command(name: str) -> list[str]:
-        return [sys.executable, "-m", "alexnet.cli", "train", str(data), str(data / "stats"),
-                str(tmp_path / name / "alexnet.pt"), "--checkpoint",
-                str(tmp_path / name / "ckpt.pt"), "-p", "params.yaml"]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "alexnet.cli",
+            "train",
+            str(data),
+            str(data / "stats"),
+            str(tmp_path / name / "alexnet.pt"),
+            "--checkpoint",
+            str(tmp_path / name / "ckpt.pt"),
+            "-p",
+            "params.yaml",
+        ]
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}  # the session's Prefect server, inherited
-    first = subprocess.Popen(command("killed"), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)  # fmt: skip
+    first = subprocess.Popen(
+        command("killed"),
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoint = tmp_path / "killed" / "ckpt.pt"
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and time.monotonic() < deadline and first.poll() is None:
@@ -235,17 +265,16 @@ def test_cli_train_killed_with_sigkill_resumes_to_the_same_weights(data, tmp_pat
     first.send_signal(signal.SIGKILL)
     assert first.wait() == -signal.SIGKILL and checkpoint.exists()
     assert not (tmp_path / "killed" / "alexnet.pt").exists()
-    again = subprocess.run(command("killed"), cwd=tmp_path, env=env, capture_output=True,
-                           text=True)  # fmt: skip
+    again = subprocess.run(command("killed"), cwd=tmp_path, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming from" in again.stdout + again.stderr
     # An uninterrupted run of the same command, in the same kind of process.
-    whole = subprocess.run(command("whole"), cwd=tmp_path, env=env, capture_output=True,
-                           text=True)  # fmt: skip
+    whole = subprocess.run(command("whole"), cwd=tmp_path, env=env, capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr[-2000:]
     resumed = torch.load(tmp_path / "killed" / "alexnet.pt", weights_only=True)["state_dict"]
-    for name, value in torch.load(tmp_path / "whole" / "alexnet.pt",
-                                  weights_only=True)["state_dict"].items():  # fmt: skip
+    for name, value in torch.load(tmp_path / "whole" / "alexnet.pt", weights_only=True)[
+        "state_dict"
+    ].items():
         assert torch.equal(value, resumed[name]), name
 
 
