@@ -5,7 +5,11 @@ From a batch of 256x256 uint8 images: subtract the mean image (section 2), take 
 and add PCA lighting noise -- one offset `eigvecs @ (a * eigvals)`, a ~ N(0, sigma) per
 image per use, added to every pixel. No per-image Python: crops are one gather.
 
-PCA scale (PAPER.md, "scale trap"): the stats stage stores the eigen-decomposition of
+`Augment.reference` is the transform in plain torch ops; with `kernels="fast"` (params
+`compute.kernels`, the default) a CPU batch in the loader's layout goes through
+`alexnet.augment_cpu`, one numba pass that equals the reference bit for bit (tested).
+
+PCA scale (docs/paper.md, "The scale trap"): the stats stage stores the eigen-decomposition of
 0-255 pixels. `lighting_scale` turns it into an offset in 0-255 units:
 - "unit": eigenvalues of [0, 1] pixels (fb.resnet.torch's convention; ~5.5 grey levels
   along PC1 at sigma 0.1 on ImageNet): offset = 255 * V (a * lambda / 255^2);
@@ -20,6 +24,8 @@ from typing import Literal, NamedTuple
 import torch
 
 from alexnet import augment_cpu
+from alexnet.crops import centre_offset, crop_windows
+from alexnet.params import Kernels
 
 Scale = Literal["unit", "std255"]
 
@@ -34,25 +40,6 @@ class Draws(NamedTuple):
 
     def rows(self, index: slice | torch.Tensor) -> Draws:
         return Draws(*(t[index] for t in self))
-
-
-def crop_windows(
-    images: torch.Tensor,
-    tops: torch.Tensor,
-    lefts: torch.Tensor,
-    size: int,
-    sources: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """(N, C, H, W) -> (N, C, size, size): image n's window at (tops[n], lefts[n]); with
-    `sources`, window n is taken from image sources[n] instead.
-
-    `unfold` makes every possible window a strided view (no copy); indexing it with the
-    N corners is one gather that copies whole window rows -- ~15x faster on a CPU than
-    indexing every pixel with row and column index tensors."""
-    views = images.unfold(2, size, 1).unfold(3, size, 1)  # (N, C, H-size+1, W-size+1, s, s)
-    if sources is None:
-        sources = torch.arange(len(tops), device=images.device)
-    return views[sources, :, tops, lefts]
 
 
 def lighting_offsets(
@@ -83,16 +70,14 @@ class Augment:
         lighting: float = 0.1,
         lighting_scale: Scale = "unit",
         subtract_mean: bool = True,
+        kernels: Kernels = "fast",
     ):
         self.mean = mean.float()  # (3, 256, 256), 0-255
         self.means = torch.stack([self.mean, self.mean.flip(-1)])  # as is, and reflected
         self.eigvals, self.eigvecs = eigvals.float(), eigvecs.float()
         self.crop, self.flip, self.random_crop = crop, flip, random_crop
-        self.lighting, self.lighting_scale, self.subtract_mean = (
-            lighting,
-            lighting_scale,
-            subtract_mean,
-        )
+        self.lighting, self.lighting_scale = lighting, lighting_scale
+        self.subtract_mean, self.kernels = subtract_mean, kernels
 
     def to(self, device: torch.device | str) -> Augment:
         self.mean, self.means, self.eigvals, self.eigvecs = (
@@ -119,8 +104,8 @@ class Augment:
                 0, width - self.crop + 1, (n,), generator=generator, device=device
             )
         else:
-            tops = torch.full((n,), (height - self.crop) // 2, device=device)
-            lefts = torch.full((n,), (width - self.crop) // 2, device=device)
+            tops = torch.full((n,), centre_offset(height, self.crop), device=device)
+            lefts = torch.full((n,), centre_offset(width, self.crop), device=device)
         flips = (
             torch.rand(n, generator=generator, device=device) < 0.5
             if self.flip
@@ -134,18 +119,25 @@ class Augment:
         return Draws(tops, lefts, flips, alphas)
 
     def apply(self, images: torch.Tensor, draws: Draws) -> torch.Tensor:
-        """(N, 3, H, W) uint8 -> (N, 3, crop, crop) float32, mean-subtracted 0-255.
+        """(N, 3, H, W) uint8 -> (N, 3, crop, crop) float32, mean-subtracted 0-255: the
+        reference, or its one-pass numba equal for a CPU batch with `kernels="fast"`."""
+        if self.kernels == "fast" and augment_cpu.applies(images):
+            flips = draws.flips if self.flip else torch.zeros_like(draws.flips)
+            means = self.means if self.subtract_mean else torch.zeros_like(self.means)
+            return augment_cpu.crops(
+                images, draws.tops, draws.lefts, flips, means, self._offsets(draws), self.crop
+            )
+        return self.reference(images, draws)
+
+    def reference(self, images: torch.Tensor, draws: Draws) -> torch.Tensor:
+        """Section 4.1 in plain torch: the window of each image at its corner, reflected
+        when drawn so, minus the same window of the mean image, plus the lighting offset.
 
         Reflect(crop - mean window) is computed as reflect(crop), reflected while still
         uint8 (a quarter of the bytes), minus the window of the reflected mean image at
         the mirrored column, gathered in the same op as the others; the subtraction
         writes into that window. Same values as the direct order, fewer memory passes."""
         flips = draws.flips if self.flip else torch.zeros_like(draws.flips)
-        if augment_cpu.applies(images):  # the same values in one pass (alexnet.augment_cpu)
-            means = self.means if self.subtract_mean else torch.zeros_like(self.means)
-            return augment_cpu.crops(
-                images, draws.tops, draws.lefts, flips, means, self._offsets(draws), self.crop
-            )
         out = crop_windows(images, draws.tops, draws.lefts, self.crop)  # (N, 3, c, c) uint8
         if flips.any():
             out[flips] = out[flips].flip(-1)
@@ -172,14 +164,3 @@ class Augment:
         """Draw for this batch and apply: (N, 3, 256, 256) uint8 -> (N, 3, crop, crop)."""
         n, _, height, width = images.shape
         return self.apply(images, self.draw(n, height, width, generator, images.device))
-
-
-def centre_crop(images: torch.Tensor, mean: torch.Tensor | None, crop: int = 224) -> torch.Tensor:
-    """Validation input: the central crop, minus the same window of the mean image."""
-    height, width = images.shape[-2:]
-    top, left = (height - crop) // 2, (width - crop) // 2
-    # contiguous: the batch may arrive in channels-last layout (see LmdbSplit.read_batch)
-    out = images[..., top : top + crop, left : left + crop].float().contiguous()
-    if mean is not None:
-        out -= mean[..., top : top + crop, left : left + crop]
-    return out

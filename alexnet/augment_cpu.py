@@ -1,11 +1,12 @@
-"""`Augment.apply` on a CPU in one pass: a numba kernel from the loader's uint8 batch
-straight to the float32 network input.
+"""The fast kernel of `alexnet.augment.Augment.reference` (equals it bit for bit): one numba
+pass on a CPU from the loader's uint8 batch straight to the float32 network input.
 
 The torch ops make ~5 memory passes over each crop (gather, reflect, widen, subtract,
 add); this reads each source row once and writes each output row once. It computes the
 same float32 operations in the same order -- (pixel - mean) + lighting offset -- so its
 output is bit-identical to the torch ops' (tested). Reflected images read the reflected
-mean image at the mirrored column, as `Augment.apply` does.
+mean image at the mirrored column, as `Augment.reference` does. Chosen by params
+`compute.kernels: fast`.
 
 Input: the NHWC buffer the loader reads (`LmdbSplit.read_batch(channels_last=True)`,
 viewed as NCHW); rows of the batch are split across torch's threads.

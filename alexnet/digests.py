@@ -11,24 +11,10 @@ import json
 from pathlib import Path
 
 from alexnet.atomic import write_json
+from alexnet.imports import closure
 
-# The modules whose code decides the trained weights. dvc.yaml's `train` stage lists
-# the same files as deps (a test keeps the two in step).
-TRAINING_CODE = (
-    "augment",
-    "augment_cpu",
-    "digests",
-    "distributed",
-    "fit",
-    "lmdb_store",
-    "lrn_cpu",
-    "model",
-    "placement",
-    "reader",
-    "schedule",
-    "threads",
-    "train",
-)
+# The training entry: every process that trains runs `alexnet.fit.fit`.
+TRAINING_ENTRY = "alexnet.fit"
 
 
 def sha16(path: Path) -> str:
@@ -65,10 +51,17 @@ def file_digest(path: Path, memo: Path) -> str:
     return digest
 
 
+def training_code() -> list[Path]:
+    """The files whose code decides the trained weights: the import closure of the
+    training entry, derived from the installed sources (never a hand-kept list)."""
+    root = Path(__file__).resolve().parents[1]
+    return sorted(closure(root, TRAINING_ENTRY))
+
+
 def code_digests() -> dict[str, str]:
-    """{file name: sha16} of `TRAINING_CODE`, as installed."""
-    here = Path(__file__).parent
-    return {f"{name}.py": sha16(here / f"{name}.py") for name in TRAINING_CODE}
+    """{path relative to the package's parent: sha16} of `training_code()`."""
+    root = Path(__file__).resolve().parents[1]
+    return {path.relative_to(root).as_posix(): sha16(path) for path in training_code()}
 
 
 def changed_code(recorded: object, current: dict[str, str]) -> list[str]:

@@ -9,6 +9,7 @@ collectives do nothing, so the training loop has one code path.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,41 +28,41 @@ class World:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls, device: str) -> World:
+    def from_env(cls, devices: Sequence[str]) -> World:
         size = int(os.environ.get("WORLD_SIZE", "1"))
         if size == 1:
             return cls()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if not dist.is_initialized():
-            backend = "nccl" if device.startswith("cuda") else "gloo"
+            backend = "nccl" if devices[0].startswith("cuda") else "gloo"
             if backend == "nccl":
                 # NCCL runs a rank's collectives on the current CUDA device; unset, every
                 # rank of a node would use cuda:0. Make it the rank's own (first) GPU.
-                mine = cls(size=size, local_rank=local_rank).device(device)
-                torch.cuda.set_device(mine.split(",")[0])
+                mine = cls(size=size, local_rank=local_rank).device(devices)
+                torch.cuda.set_device(mine[0])
             dist.init_process_group(backend)
         return cls(dist.get_rank(), size, local_rank)
 
-    def device(self, name: str) -> str:
+    def device(self, names: Sequence[str]) -> list[str]:
         """This process's devices under torchrun: `cuda` means its own GPU,
-        `cuda:LOCAL_RANK`; a two-device spec `cuda:0,cuda:1` (model parallel) means the
-        rank's own pair, `cuda:2r,cuda:2r+1`, so the modes combine. The stride is the
-        number of GPUs in the spec: `cuda:0,cpu` gives rank r `cuda:r,cpu`."""
+        `cuda:LOCAL_RANK`; two devices `[cuda:0, cuda:1]` (model parallel) mean the rank's
+        own pair, `[cuda:2r, cuda:2r+1]`, so the modes combine. The stride is the number
+        of GPUs in the list: `[cuda:0, cpu]` gives rank r `[cuda:r, cpu]`."""
+        names = list(names)
         if self.size == 1:
-            return name
-        if name == "cuda":
-            return f"cuda:{self.local_rank}"
-        parts = [part.strip() for part in name.split(",")]
-        if len(parts) == 1:
-            return name  # one explicit device (cpu, or a chosen GPU): as given
-        stride = sum(part.partition(":")[0] == "cuda" for part in parts)
+            return names
+        if names == ["cuda"]:
+            return [f"cuda:{self.local_rank}"]
+        if len(names) == 1:
+            return names  # one explicit device (cpu, or a chosen GPU): as given
+        stride = sum(name.partition(":")[0] == "cuda" for name in names)
         shifted = []
-        for part in parts:
-            kind, _, index = part.partition(":")
+        for name in names:
+            kind, _, index = name.partition(":")
             if kind == "cuda":
-                part = f"cuda:{int(index or 0) + self.local_rank * stride}"
-            shifted.append(part)
-        return ",".join(shifted)
+                name = f"cuda:{int(index or 0) + self.local_rank * stride}"
+            shifted.append(name)
+        return shifted
 
     @property
     def rows(self) -> slice:

@@ -3,3 +3,7 @@
 
 class AlexnetError(Exception):
     """Bad input or configuration; `str()` is a complete one-line explanation."""
+
+
+class Interrupted(Exception):
+    """A stop was requested (SIGTERM); the run saved its checkpoint and can continue."""

@@ -11,53 +11,17 @@ of the mean, as in training).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from alexnet.errors import AlexnetError
-from alexnet.metrics import label_ranks
-from alexnet.model import AlexNet
+from alexnet.crops import CENTRE, ten_crops
+from alexnet.metrics import label_ranks, missed
+from alexnet.modelfile import ModelFileError, load_model
+from alexnet.params import Kernels
 from alexnet.reader import LmdbSplit, batch_loader, in_order
-
-CENTRE = 4  # index of the (unreflected) centre crop among the ten
-
-
-class ModelFileError(AlexnetError):
-    """The model file is missing, unreadable or not an alexnet model file."""
-
-
-def ten_crop_windows(height: int, width: int, crop: int) -> tuple[list[int], list[int], list[bool]]:
-    """Tops, lefts and reflections of torchvision's `ten_crop`: top-left, top-right,
-    bottom-left, bottom-right, centre; then the same five of the reflected image (a crop
-    of the reflection at left L is the reflection of the original's crop at W-crop-L)."""
-    centre = (int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0)))
-    corners = [(0, 0), (0, width - crop), (height - crop, 0), (height - crop, width - crop), centre]
-    tops = [top for top, _ in corners] * 2
-    lefts = [left for _, left in corners] + [width - crop - left for _, left in corners]
-    return tops, lefts, [False] * 5 + [True] * 5
-
-
-def ten_crops(images: torch.Tensor, mean: torch.Tensor | None, crop: int = 224) -> torch.Tensor:
-    """(N, 3, H, W) uint8 -> (N, 10, 3, crop, crop) float32, mean-subtracted 0-255.
-
-    The windows are a strided view of the batch (`unfold` on a grid whose step divides
-    every crop offset), so the ten crops are one gather of whole rows from that view."""
-    height, width = images.shape[-2:]
-    tops, lefts, flips = ten_crop_windows(height, width, crop)
-    x = images.float()
-    if mean is not None:
-        x = x - mean  # each crop then loses its own window of the mean
-    step_y, step_x = math.gcd(*tops) or 1, math.gcd(*lefts) or 1
-    grid = x.unfold(2, crop, step_y).unfold(3, crop, step_x)  # (N, 3, gy, gx, crop, crop)
-    grid = grid.permute(0, 2, 3, 1, 4, 5)  # (N, gy, gx, 3, crop, crop), still a view
-    crops = grid[:, [t // step_y for t in tops], [left // step_x for left in lefts]]
-    reflected = [i for i, flip in enumerate(flips) if flip]
-    crops[:, reflected] = crops[:, reflected].flip(-1)
-    return crops
 
 
 @torch.no_grad()
@@ -84,18 +48,17 @@ class Results:
     centre_rank: torch.Tensor
 
     def summary(self) -> dict:
-        """`metrics/eval.json` (DESIGN.md)."""
+        """`metrics/eval.json` (docs/design.md)."""
         n = len(self.labels)
-        k = 5
 
-        def error(rank: torch.Tensor, top: int) -> float:
-            return float((rank >= top).sum()) / max(n, 1)
+        def error(rank: torch.Tensor, k: int) -> float:
+            return float(missed(rank, k).sum()) / max(n, 1)
 
         return {
             "top1_error": error(self.rank, 1),
-            "top5_error": error(self.rank, k),
+            "top5_error": error(self.rank, 5),
             "center_top1_error": error(self.centre_rank, 1),
-            "center_top5_error": error(self.centre_rank, k),
+            "center_top5_error": error(self.centre_rank, 5),
             "images": n,
         }
 
@@ -104,18 +67,18 @@ class Results:
         for entry in classes:
             mine = self.labels == entry["index"]
             count = int(mine.sum())
+
+            def error(k: int, mine=mine, count=count) -> float | None:
+                return round(float(missed(self.rank[mine], k).sum()) / count, 6) if count else None
+
             rows.append(
                 {
                     "class": entry["index"],
                     "wnid": entry["wnid"],
                     "name": entry["name"],
                     "images": count,
-                    "top1_error": round(float((self.rank[mine] >= 1).sum()) / count, 6)
-                    if count
-                    else None,
-                    "top5_error": round(float((self.rank[mine] >= 5).sum()) / count, 6)
-                    if count
-                    else None,
+                    "top1_error": error(1),
+                    "top5_error": error(5),
                 }
             )
         return rows
@@ -166,19 +129,13 @@ def evaluate(
     return Results(*columns)
 
 
-def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[AlexNet, dict]:
-    """The network of a model file (DESIGN.md) and the file's metadata."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ModelFileError(f"{path}: no such model file; run train") from None
-    except Exception as error:  # unpickling refuses anything but tensors and plain data
-        raise ModelFileError(f"{path}: not a readable model file ({error})") from None
-    if not isinstance(payload, dict) or payload.get("format") != "alexnet-model":
-        raise ModelFileError(f"{path}: not an alexnet model file")
-    model = AlexNet(**payload["model"])
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as error:
-        raise ModelFileError(f"{path}: weights do not fit the model ({error})") from None
-    return model.to(device).eval(), payload
+def load_model_for(split: LmdbSplit, path: Path, device: torch.device, kernels: Kernels = "fast"):
+    """The model of a model file, checked to classify the classes of `split`."""
+    model, payload = load_model(path, device, kernels)
+    if len(split.classes) != len(payload["classes"]):
+        raise ModelFileError(
+            f"{path} has {len(payload['classes'])} classes, {split.path} has {len(split.classes)}"
+        )
+    if split.classes != payload["classes"]:
+        raise ModelFileError(f"{path} and {split.path} list different classes")
+    return model

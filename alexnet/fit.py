@@ -1,26 +1,27 @@
-"""A whole training run with what the user sees: a progress bar per epoch, a log line
-per epoch, dvclive metrics and plots, `metrics/train.json` and the model file.
+"""A whole training run, the one function that runs one: `fit(run, world, log)`.
 
-`fit` is called in the train flow's process for one-process training, and in every
-process that torchrun starts for data-parallel training (`python -m alexnet.fit SPEC`,
-launched by the train flow): rank 0 reports and writes, the other ranks only train.
+It sets the determinism the params ask for, resumes from a checkpoint of this run,
+trains to the end with a progress bar and a log line per epoch, and writes dvclive
+metrics and plots, `metrics/train.json` and the model file. The train flow calls it in
+its own process for one-process training; for data-parallel training it launches
+torchrun, whose every process runs `python -m alexnet.fit RUN_JSON` -> `main` ->
+the same `fit` (rank 0 reports and writes, the other ranks only train).
 """
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
-from pathlib import Path
 
+import torch
 from rich.progress import Progress
 
 from alexnet.atomic import write_json
 from alexnet.distributed import World
-from alexnet.errors import AlexnetError
-from alexnet.train import Interrupted, TrainConfig, Trainer
+from alexnet.errors import AlexnetError, Interrupted
+from alexnet.runtime import configure
+from alexnet.train import Trainer, TrainRun
 
 METRICS = (
     "train_loss",
@@ -31,6 +32,11 @@ METRICS = (
     "lr",
     "images_per_s",
 )
+
+
+def summary(history: list[dict]) -> dict:
+    """`metrics/train.json`: the last epoch's metrics and the number of epochs."""
+    return {**{key: history[-1][key] for key in METRICS}, "epochs": len(history)}
 
 
 def stop_on_sigterm(trainer: Trainer) -> None:
@@ -45,39 +51,37 @@ def stop_on_sigterm(trainer: Trainer) -> None:
         pass
 
 
-def fit(
-    trainer: Trainer, model_path: Path, metrics: Path, log: Callable[[str], None] = print
-) -> dict:
-    """Train `trainer` (already resumed or fresh) to the end; returns the summary."""
+def fit(run: TrainRun, world: World = World(), log: Callable[[str], None] = print) -> list[dict]:
+    """Train `run` (resuming its checkpoint when it belongs to it) to the end; returns
+    the per-epoch records. Raises `Interrupted` after checkpointing on SIGTERM."""
     from dvclive import Live
 
-    main = trainer.world.main
-    live = (
-        Live(str(metrics / "train"), dvcyaml=False, save_dvc_exp=False, report=None)
-        if (main)
-        else None
-    )
+    # Bit-repeatable CPU runs; on CUDA this also needs CUBLAS_WORKSPACE_CONFIG=:4096:8.
+    torch.use_deterministic_algorithms(run.train.deterministic, warn_only=True)
+    trainer = Trainer(run, world)
+    say = log if world.main else (lambda line: None)
+    if trainer.resume(say):
+        say(f"resuming from {run.checkpoint} at epoch {trainer.epoch + 1}, step {trainer.step}")
+    stop_on_sigterm(trainer)
+    live = None
+    if world.main:
+        live = Live(str(run.metrics / "train"), dvcyaml=False, save_dvc_exp=False, report=None)
     for record in trainer.history:  # a resumed run's plots start from epoch 1
         _log(live, record)
-    with Progress(disable=not main) as progress:
+    with Progress(disable=not world.main) as progress:
         while not trainer.finished():
-            label = f"epoch {trainer.epoch + 1}/{trainer.config.epochs}"
+            label = f"epoch {trainer.epoch + 1}/{run.train.epochs}"
             bar = progress.add_task(label, total=trainer.steps_per_epoch(), completed=trainer.step)
             record = trainer.run_epoch(
                 on_step=lambda step, total, bar=bar: progress.update(bar, completed=step)
             )
-            if main:
-                log(
-                    f"epoch {record['epoch']}: "
-                    + ", ".join(f"{k} {record[k]:.4g}" for k in METRICS)
-                )
+            say(f"epoch {record['epoch']}: " + ", ".join(f"{k} {record[k]:.4g}" for k in METRICS))
             _log(live, record)
-    summary = {**{k: trainer.history[-1][k] for k in METRICS}, "epochs": len(trainer.history)}
-    if main:
+    if world.main:
         live.end()
-        trainer.export(model_path)
-        write_json(metrics / "train.json", summary)
-    return summary
+        trainer.export(run.model_path)
+        write_json(run.metrics / "train.json", summary(trainer.history))
+    return trainer.history
 
 
 def _log(live, record: dict) -> None:
@@ -88,45 +92,13 @@ def _log(live, record: dict) -> None:
     live.next_step()
 
 
-def spec(
-    config: TrainConfig, lmdb: Path, stats: Path, model_path: Path, checkpoint: Path, metrics: Path
-) -> str:
-    """The command-line argument of `python -m alexnet.fit`: everything as JSON."""
-    return json.dumps(
-        {
-            "config": asdict(config),
-            "lmdb": str(lmdb),
-            "stats": str(stats),
-            "model_path": str(model_path),
-            "checkpoint": str(checkpoint),
-            "metrics": str(metrics),
-        }
-    )
-
-
 def main(argv: list[str]) -> int:
-    """One torchrun process: join the group, resume, train, report from rank 0."""
-    run = json.loads(argv[0])
-    config = TrainConfig(**run["config"])
-    world = World.from_env(config.device)
+    """One torchrun process: join the group, then `fit`."""
+    configure()
+    run = TrainRun.model_validate_json(argv[0])
+    world = World.from_env(run.train.device)
     try:
-        lmdb = Path(run["lmdb"])
-        trainer = Trainer(
-            config, lmdb / "train", lmdb / "val", Path(run["stats"]), Path(run["checkpoint"]), world
-        )
-        say = (lambda line: print(line, flush=True)) if world.main else (lambda line: None)
-        if trainer.resume(say):
-            say(
-                f"resuming from {run['checkpoint']} at epoch {trainer.epoch + 1}, "
-                f"step {trainer.step}"
-            )
-        stop_on_sigterm(trainer)
-        fit(
-            trainer,
-            Path(run["model_path"]),
-            Path(run["metrics"]),
-            lambda line: print(line, flush=True),
-        )
+        fit(run, world, lambda line: print(line, flush=True))
     except Interrupted as stop:
         if world.main:
             print(f"train: {stop}; checkpoint saved", flush=True)

@@ -1,4 +1,4 @@
-"""The LMDB store of one split (DESIGN.md, "LMDB"): writer and format, no pickle.
+"""The LMDB store of one split (docs/design.md, "LMDB"): writer and format, no pickle.
 
 - key `__meta__`: UTF-8 JSON {"format": "alexnet-lmdb", "version": 1, "count": N,
   "encoding": "raw"|"jpeg", "height", "width", "channels", "classes": [...]};

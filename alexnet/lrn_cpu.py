@@ -1,4 +1,5 @@
-"""The paper's LRN on a CPU in one pass each way: numba kernels over tiles of pixels.
+"""The fast kernels of `alexnet.lrn.local_response_norm_reference` on a CPU (equal to it
+within float rounding), one pass each way: numba kernels over tiles of pixels.
 
 In torch's eager ops the LRN is ~10 memory passes each way (square, window sum, power,
 products; backward the same again), so on a CPU it was a fifth of a training step.
@@ -143,17 +144,40 @@ def _backward_op(
 
 
 # Registered as operators, so torch.compile sees two opaque calls with known output
-# shapes instead of tracing into numpy and numba (a graph break). The low-level
-# `Library` API: `torch.library.custom_op` would import torch._dynamo (~3 s) on the
-# first call of every process, compiled or not.
-_LIBRARY = torch.library.Library("alexnet", "DEF")
-_LIBRARY.define("lrn_forward_cpu(Tensor x, int size, float alpha, float k, int groups) -> Tensor")
-_LIBRARY.define(
-    "lrn_backward_cpu(Tensor grad, Tensor x, int size, float alpha, float k, int groups) -> Tensor"
-)
-_LIBRARY.impl("lrn_forward_cpu", _forward_op, "CPU")
-_LIBRARY.impl("lrn_backward_cpu", _backward_op, "CPU")
-torch.library.register_fake("alexnet::lrn_forward_cpu", lambda x, *_: torch.empty_like(x))
-torch.library.register_fake("alexnet::lrn_backward_cpu", lambda grad, x, *_: torch.empty_like(x))
-forward = torch.ops.alexnet.lrn_forward_cpu
-backward = torch.ops.alexnet.lrn_backward_cpu
+# shapes instead of tracing into numpy and numba (a graph break). Registered on first use,
+# not on import: importing the library registers nothing in the host's torch. The
+# low-level `Library` API: `torch.library.custom_op` would import torch._dynamo (~3 s) on
+# the first call of every process, compiled or not.
+_LIBRARY: list[torch.library.Library] = []
+
+
+def _ops():
+    if not _LIBRARY:
+        library = torch.library.Library("alexnet", "DEF")
+        library.define(
+            "lrn_forward_cpu(Tensor x, int size, float alpha, float k, int groups) -> Tensor"
+        )
+        library.define(
+            "lrn_backward_cpu(Tensor grad, Tensor x, int size, float alpha, float k, "
+            "int groups) -> Tensor"
+        )
+        library.impl("lrn_forward_cpu", _forward_op, "CPU")
+        library.impl("lrn_backward_cpu", _backward_op, "CPU")
+        torch.library.register_fake("alexnet::lrn_forward_cpu", lambda x, *_: torch.empty_like(x))
+        torch.library.register_fake(
+            "alexnet::lrn_backward_cpu", lambda grad, x, *_: torch.empty_like(x)
+        )
+        _LIBRARY.append(library)
+    return torch.ops.alexnet
+
+
+def forward(x: torch.Tensor, size: int, alpha: float, k: float, groups: int) -> torch.Tensor:
+    """y = x * d^-0.75 (`_forward`), as the operator alexnet::lrn_forward_cpu."""
+    return _ops().lrn_forward_cpu(x, size, alpha, k, groups)
+
+
+def backward(
+    grad: torch.Tensor, x: torch.Tensor, size: int, alpha: float, k: float, groups: int
+) -> torch.Tensor:
+    """dL/dx (`_backward`), as the operator alexnet::lrn_backward_cpu."""
+    return _ops().lrn_backward_cpu(grad, x, size, alpha, k, groups)

@@ -1,14 +1,30 @@
-"""Top-k accuracy bookkeeping shared by training and evaluation."""
+"""Top-k error, the one rule for training, validation, evaluation and reports (paper
+section 6 reports top-1 and top-5): an image is a top-k mistake when its label is not
+among the k highest-scoring classes."""
 
 from __future__ import annotations
 
 import torch
 
+# A label whose score is NaN (a diverged model) ranks beyond every class: wrong at every k.
+NAN_RANK = torch.iinfo(torch.int64).max
+
 
 def label_ranks(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """How many classes score strictly above the label (0 = top-1 right; < 5 = top-5
-    right). Ties count in the label's favour; a label whose score is NaN (a diverged
-    model) ranks last, so it is wrong at every k."""
+    """(N,) how many classes score strictly above the label: 0 = top-1 right, < k = top-k
+    right. Ties count in the label's favour."""
     true = scores.gather(1, labels[:, None])
     rank = (scores > true).sum(1)
-    return torch.where(torch.isnan(true[:, 0]), scores.shape[1], rank)
+    return torch.where(torch.isnan(true[:, 0]), NAN_RANK, rank)
+
+
+def missed(rank: torch.Tensor, k: int) -> torch.Tensor:
+    """(N,) bool: top-k mistakes from `label_ranks`. With fewer than k classes only a NaN
+    score is a mistake."""
+    return rank >= k
+
+
+def top_k_errors(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
+    """Counts of top-k mistakes for each k in `ks`."""
+    rank = label_ranks(scores, labels)
+    return [int(missed(rank, k).sum()) for k in ks]

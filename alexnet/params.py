@@ -1,19 +1,24 @@
 """The schema of `params.yaml`: every knob of the pipeline, declared once, typed and checked.
 
 One section per DVC stage (a stage lists only the leaf keys it reads as its params deps),
-plus `compute`, which says *where* work runs but never changes a result, so no stage
-depends on it. Loading fails with one line naming the offending key.
+plus `compute`, which says *where* and *how* work runs. Its `workers` and `scheduler`
+never change a result, so no stage depends on them; `kernels` chooses between the
+paper's formulas in plain torch and their fast equals, which may differ in float
+rounding, so train and evaluate depend on it. Every default is written here once.
+Loading fails with one line naming the offending key.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from alexnet.errors import AlexnetError
+
+Kernels = Literal["fast", "reference"]
 
 
 class ParamsError(AlexnetError, ValueError):
@@ -72,9 +77,18 @@ class PrepareParams(_Section):
         0.05, ge=0.0, le=1.0, description="fail the stage when a larger share of files is skipped"
     )
 
+    # The keys that decide each prepared image (the rest decide what is kept and how it
+    # is sharded). A shard's fingerprint hashes them; the model file records them, so
+    # `alexnet predict` prepares an image as the model's data was prepared.
+    IMAGE_KEYS: ClassVar[tuple[str, ...]] = ("size", "quality", "resample", "max_pixels")
+
+    def image_options(self) -> dict:
+        """{key: value} of `IMAGE_KEYS`: the keyword arguments of `prepare_image`."""
+        return self.model_dump(include=set(self.IMAGE_KEYS))
+
 
 class PackParams(_Section):
-    """Prepared shards -> one LMDB store per split (DESIGN.md, "LMDB")."""
+    """Prepared shards -> one LMDB store per split (docs/design.md, "LMDB")."""
 
     encoding: Literal["raw", "jpeg"] = Field(
         "raw", description="raw: HWC uint8 bytes (fastest reads, ~196 KB/image); jpeg: as prepared"
@@ -123,8 +137,9 @@ class TrainParams(_Section):
     )
     seed: int = 0
     deterministic: bool = Field(True, description="bit-repeatable CPU runs")
-    device: str | list[str] = Field(
-        "cpu",
+    # A tuple: the frozen section stays hashable; YAML lists and JSON arrays validate into it.
+    device: tuple[str, ...] = Field(
+        ("cpu",),
         description="cpu, cuda, cuda:1, ...; two devices ([cuda:0, cuda:1]) = one "
         "column of the network on each (model parallel)",
     )
@@ -132,7 +147,7 @@ class TrainParams(_Section):
     flip: bool = Field(True, description="horizontal reflections with p=0.5")
     lighting: float = Field(0.1, ge=0, description="PCA lighting sigma (0 = off)")
     lighting_scale: Literal["unit", "std255"] = Field(
-        "unit", description="eigenvalues of [0,1] pixels, or std devs of 0-255 (PAPER.md)"
+        "unit", description="eigenvalues of [0,1] pixels, or std devs of 0-255 (docs/paper.md)"
     )
     subtract_mean: bool = Field(True, description="subtract the mean image's window")
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
@@ -150,6 +165,14 @@ class TrainParams(_Section):
         description="torchrun rendezvous host:port (a node all nodes reach), multi-node only",
     )
 
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device_list(cls, value: object) -> object:
+        """`cpu` or `cuda:0,cuda:1` as written in YAML -> the device names."""
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(","))
+        return value
+
 
 class EvaluateParams(_Section):
     """Section 4.1's 10-crop test (alexnet/evaluate.py)."""
@@ -166,13 +189,19 @@ class ServeParams(_Section):
 
 
 class ComputeParams(_Section):
-    """Where parallel work runs. Results are identical whatever is chosen here."""
+    """Where parallel work runs (results are identical whatever `workers` and `scheduler`
+    say), and which implementation of the paper's formulas runs (`kernels`)."""
 
     workers: int = Field(0, ge=0, description="process-pool workers; 0 = one per CPU core")
     scheduler: str | None = Field(
         None,
         description="Dask scheduler: null = local process pool, 'local' = a temporary "
         "Dask LocalCluster, 'tcp://host:8786' = an existing cluster",
+    )
+    kernels: Kernels = Field(
+        "fast",
+        description="fast: one-pass kernels (numba on CPU, compiled on CUDA), equal to the "
+        "reference within float rounding; reference: the paper's formulas in plain torch",
     )
 
 

@@ -3,8 +3,10 @@ device, column 1 on another; activations cross devices only where the paper's co
 communicate (conv3 and the fully connected layers), and the logits come back to the
 first device.
 
-`place(model, devices)` builds this from an `AlexNet`'s grouped (one-device) weights: each
-layer is cut into its two columns' halves. With one device it only moves the model.
+`resolve_devices(names)` checks the device names a run asks for (params
+`train.device`, `evaluate.device`); `place(model, devices)` builds the placement from
+an `AlexNet`'s grouped (one-device) weights: each layer is cut into its two columns'
+halves. With one device it only moves the model.
 `TwoColumnAlexNet.merged_state_dict()` gives the weights back in the one-device layout,
 so checkpoints and model files never depend on the placement.
 """
@@ -17,7 +19,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from alexnet.model import LRN, AlexNet
+from alexnet.errors import AlexnetError
+from alexnet.lrn import LRN
+from alexnet.model import AlexNet
 
 
 def _half(module: nn.Module, column: int) -> tuple[str, nn.Module]:
@@ -39,7 +43,7 @@ def _half(module: nn.Module, column: int) -> tuple[str, nn.Module]:
         start = 0 if column == 0 else (module.out_features + 1) // 2
         reads, half, rows = "both", nn.Linear(module.in_features, out), slice(start, start + out)
     elif isinstance(module, LRN):
-        return "own", LRN(module.size, module.alpha, module.beta, module.k, groups=1)
+        return "own", LRN(module.size, module.alpha, module.beta, module.k, 1, module.kernels)
     else:  # ReLU, pooling, dropout, identity: the same operation on each column
         return "own", copy.deepcopy(module)
     with torch.no_grad():
@@ -101,3 +105,22 @@ def place(model: AlexNet, devices: Sequence[torch.device | str]) -> nn.Module:
     if len(devices) != 2:
         raise ValueError(f"place takes one or two devices, got {len(devices)}")
     return TwoColumnAlexNet(model, devices)
+
+
+class DeviceError(AlexnetError):
+    """A device that this machine does not have, or more devices than columns."""
+
+
+def resolve_devices(names: Sequence[str]) -> list[torch.device]:
+    """`[cpu]`, `[cuda]`, `[cuda:1]`, or two devices `[cuda:0, cuda:1]` for the paper's
+    two-column model parallelism (column 0 on the first)."""
+    devices = [torch.device(name) for name in names]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for device in devices:
+        if device.type == "cuda" and not count:
+            raise DeviceError(f"device {device} requested but CUDA is not available here")
+        if device.type == "cuda" and (device.index or 0) >= count:
+            raise DeviceError(f"device {device} requested; this machine has {count} CUDA device(s)")
+    if not 1 <= len(devices) <= 2:
+        raise DeviceError(f"devices {list(names)}: one, or two (one per column)")
+    return devices

@@ -17,6 +17,7 @@ import PIL
 
 from alexnet.errors import AlexnetError
 from alexnet.imageops import BadImage, prepare_image
+from alexnet.params import PrepareParams
 from alexnet.shards import Record, read_description, shard_name, unique_keys, write_shard
 from alexnet.sources import Source
 
@@ -44,14 +45,6 @@ class ShardPlan:
     @property
     def name(self) -> str:
         return f"{self.split}/{shard_name(self.index)}"
-
-
-@dataclass(frozen=True)
-class ImageOptions:
-    size: int = 256
-    quality: int = 90
-    resample: str = "bilinear"
-    max_pixels: int = 178_956_970
 
 
 @dataclass
@@ -86,11 +79,11 @@ def _read(path: str) -> bytes | OSError:
         return error
 
 
-def fingerprint(items: list[Item], contents: list[bytes | OSError], options: ImageOptions) -> str:
+def fingerprint(items: list[Item], contents: list[bytes | OSError], params: PrepareParams) -> str:
     """What a shard is made from: the files' names, labels and content, the options, and
     the imaging library (pillow and pillow-simd encode differently)."""
     digest = hashlib.sha256()
-    header = {"format": FORMAT_VERSION, "pil": PIL.__version__, **options.__dict__}
+    header = {"format": FORMAT_VERSION, "pil": PIL.__version__, **params.image_options()}
     digest.update(json.dumps(header, sort_keys=True).encode())
     for item, content in zip(items, contents, strict=True):
         body = hashlib.sha256(content).hexdigest() if isinstance(content, bytes) else "unreadable"
@@ -98,7 +91,7 @@ def fingerprint(items: list[Item], contents: list[bytes | OSError], options: Ima
     return digest.hexdigest()
 
 
-def _process(plan: ShardPlan, contents: list, options: ImageOptions):
+def _process(plan: ShardPlan, contents: list, params: PrepareParams):
     report = ShardReport(plan.split, plan.index, len(plan.items))
     records = []
     for item, content in zip(plan.items, contents, strict=True):
@@ -106,7 +99,14 @@ def _process(plan: ShardPlan, contents: list, options: ImageOptions):
             if isinstance(content, OSError):
                 raise BadImage(f"unreadable: {content.strerror or content}")
             extension = Path(item.relpath).suffix
-            prepared = prepare_image(content, extension, **options.__dict__)
+            prepared = prepare_image(
+                content,
+                extension,
+                size=params.size,
+                quality=params.quality,
+                resample=params.resample,
+                max_pixels=params.max_pixels,
+            )
         except BadImage as error:
             report.skipped.append({"path": item.relpath, "reason": str(error)})
             continue
@@ -117,16 +117,16 @@ def _process(plan: ShardPlan, contents: list, options: ImageOptions):
     return records, report
 
 
-def prepare_shard(plan: ShardPlan, out_dir: str | Path, options: ImageOptions) -> ShardReport:
+def prepare_shard(plan: ShardPlan, out_dir: str | Path, params: PrepareParams) -> ShardReport:
     """Make (or reuse) `out_dir/<split>/shard-NNNNN.tar` for one planned shard."""
     path = Path(out_dir) / plan.name
     path.parent.mkdir(parents=True, exist_ok=True)
     contents = [_read(item.path) for item in plan.items]
-    expected = fingerprint(plan.items, contents, options)
+    expected = fingerprint(plan.items, contents, params)
     stored = read_description(path)
     if stored and stored.get("fingerprint") == expected:
         return ShardReport(**stored["report"], reused=True)
-    records, report = _process(plan, contents, options)
+    records, report = _process(plan, contents, params)
     stored_report = {k: v for k, v in report.__dict__.items() if k != "reused"}
     write_shard(path, records, {"fingerprint": expected, "report": stored_report})
     return report

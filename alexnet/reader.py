@@ -1,4 +1,4 @@
-"""Reading an LMDB split (DESIGN.md, "LMDB") as uint8 tensors, for torch.
+"""Reading an LMDB split (docs/design.md, "LMDB") as uint8 tensors, for torch.
 
 `LmdbSplit` is a map-style `Dataset` of (CHW uint8 tensor, label) that is safe with
 `DataLoader(num_workers>0)`: the environment is opened lazily in each process,

@@ -1,4 +1,4 @@
-"""WebDataset-style tar shards (DESIGN.md, "Prepared shards").
+"""WebDataset-style tar shards (docs/design.md, "Prepared shards").
 
 A shard holds, per image, the members `<key>.jpg` (256x256 RGB JPEG) and `<key>.cls`
 (decimal class index). Shards are byte-deterministic: fixed member order, mtime 0, no

@@ -1,6 +1,6 @@
 """Dataset sources: where the raw images of each split are and which class each one is.
 
-Layouts read (see DESIGN.md, "Raw input"):
+Layouts read (see docs/design.md, "Raw input"):
 - ImageFolder: `ROOT/train/<wnid>/*`, `ROOT/val/<wnid>/*`;
 - ILSVRC-2012 val as a flat `ROOT/val/` folder, labelled by Kaggle's
   `LOC_val_solution.csv`, or by `ILSVRC2012_validation_ground_truth.txt` (one

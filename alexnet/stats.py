@@ -10,9 +10,11 @@ has the same bits whatever the number of workers, and equals a direct computatio
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numba
 import numpy as np
@@ -20,6 +22,9 @@ from PIL import Image
 
 from alexnet.errors import AlexnetError
 from alexnet.shards import iter_shard
+
+if TYPE_CHECKING:
+    import torch
 
 
 class StatsError(AlexnetError):
@@ -180,3 +185,15 @@ def rgb_pca(moments: Moments) -> dict:
         "eigenvectors": vectors.tolist(),  # rows of a 3x3 matrix whose columns are the vectors
         "sign_rule": "largest-magnitude component of each eigenvector is positive",
     }
+
+
+def load_stats(folder: Path) -> tuple[torch.Tensor, dict]:
+    """The stats stage's outputs: the mean image as (3, 256, 256) float32 and pca.json."""
+    import torch  # here: the stats stage itself runs without torch
+
+    try:
+        mean = np.load(folder / "mean.npy", allow_pickle=False)
+        pca = json.loads((folder / "pca.json").read_text())
+    except (OSError, ValueError) as error:
+        raise StatsError(f"{folder}: missing or corrupt stats ({error}); run stats") from None
+    return torch.from_numpy(mean).permute(2, 0, 1).contiguous(), pca

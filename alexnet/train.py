@@ -10,7 +10,7 @@ lighting, dropout) comes from seeds derived from (seed, e, s), not from a genera
 running state, so a run resumed from a checkpoint draws exactly what an uninterrupted run
 draws. Checkpoints (every `checkpoint_every` steps and at every epoch end) are written
 atomically; a checkpoint made for other parameters or data is ignored, not resumed.
-One made by other training code (`digests.TRAINING_CODE`) is resumed with a warning
+One made by other training code (`digests.training_code()`) is resumed with a warning
 naming the changed files when it is unfinished (a run that crashed on a bug goes on
 after the fix), and trained again when it is finished: `dvc repro` reruns the stage
 because the code changed, and the model must then be the new code's.
@@ -23,60 +23,48 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
 
 from alexnet.atomic import atomic_output
-from alexnet.augment import Augment, centre_crop
+from alexnet.augment import Augment
+from alexnet.crops import centre_crop
 from alexnet.digests import changed_code, code_digests, file_digest
 from alexnet.distributed import World
-from alexnet.errors import AlexnetError
-from alexnet.metrics import label_ranks
+from alexnet.errors import AlexnetError, Interrupted
+from alexnet.metrics import top_k_errors
 from alexnet.model import AlexNet
-from alexnet.placement import TwoColumnAlexNet
+from alexnet.modelfile import save_model
+from alexnet.params import Kernels, ModelParams, TrainParams
+from alexnet.placement import TwoColumnAlexNet, place, resolve_devices
 from alexnet.reader import LmdbSplit, batch_loader, in_order
 from alexnet.schedule import PlateauSchedule
+from alexnet.stats import load_stats
 
 
 class TrainError(AlexnetError):
-    """Training cannot start or go on (missing data, class mismatch, no CUDA...)."""
+    """Training cannot start or go on (missing data, class mismatch, divergence...)."""
 
 
-class Interrupted(Exception):
-    """A stop was requested (SIGTERM); the checkpoint is saved."""
+class TrainRun(BaseModel):
+    """One training run: the validated params sections as params.yaml gives them, and
+    the paths the train stage reads and writes. torchrun ranks receive it as JSON and
+    validate it again with the same classes."""
 
+    model_config = ConfigDict(frozen=True)
 
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_patience: int = 2
-    lr_threshold: float = 0.0
-    max_lr_drops: int = 3
-    stop_at_last_plateau: bool = True
-    max_epochs_per_rate: int | None = None
-    seed: int = 0
-    deterministic: bool = True
-    device: str = "cpu"
-    random_crop: bool = True
-    flip: bool = True
-    lighting: float = 0.1
-    lighting_scale: str = "unit"
-    subtract_mean: bool = True
-    checkpoint_every: int = 50
-    val_batch_size: int = 100
-    amp: bool = False  # bf16 autocast
-    channels_last: bool = False
-    compile: bool = False  # torch.compile the model (GPU; no gain on CPU, 1 min to compile)
-    loader_workers: int = 0  # DataLoader processes reading batches ahead; 0 = in the loop
-    model: dict = field(default_factory=dict)  # AlexNet keyword arguments
+    train: TrainParams
+    model: ModelParams
+    image: dict  # params prepare.image_options(): recorded in the model file for predict
+    kernels: Kernels = "fast"
+    lmdb: Path  # train/ and val/ stores
+    stats: Path  # mean.npy, pca.json
+    model_path: Path
+    checkpoint: Path
+    metrics: Path  # train.json and the dvclive folder train/ go here
 
 
 def derived_seed(*parts: int) -> int:
@@ -112,42 +100,14 @@ class EpochBatches(torch.utils.data.Dataset):
 
 
 def errors(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-    """Counts of top-1 and top-5 mistakes: a label is right when fewer than k classes
-    score strictly higher (ties count in the label's favour; a NaN score is wrong)."""
-    rank = label_ranks(logits, labels)
-    k5 = min(5, logits.shape[1])
-    return int((rank >= 1).sum()), int((rank >= k5).sum())
+    """Counts of top-1 and top-5 mistakes (alexnet.metrics' rule)."""
+    top1, top5 = top_k_errors(logits, labels, (1, 5))
+    return top1, top5
 
 
-def load_stats(stats_dir: Path) -> tuple[torch.Tensor, dict]:
-    try:
-        mean = np.load(stats_dir / "mean.npy", allow_pickle=False)
-        pca = json.loads((stats_dir / "pca.json").read_text())
-    except (OSError, ValueError) as error:
-        raise TrainError(f"{stats_dir}: missing or corrupt stats ({error}); run stats") from None
-    return torch.from_numpy(mean).permute(2, 0, 1).contiguous(), pca  # (3, 256, 256)
-
-
-# Keys that say how a run is executed, not what it computes: a checkpoint stays valid
-# when they change (more loader workers, or resuming on another number of processes).
-EXECUTION_ONLY = ("loader_workers",)
-
-
-def resolve_devices(name: str) -> list[torch.device]:
-    """`cpu`, `cuda`, `cuda:1`, or two devices `cuda:0,cuda:1` for the paper's two-column
-    model parallelism (column 0 on the first)."""
-    devices = [torch.device(part.strip()) for part in name.split(",")]
-    for device in devices:
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise TrainError(f"device {name!r} requested but CUDA is not available here")
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise TrainError(
-                f"device {device} requested; this machine has "
-                f"{torch.cuda.device_count()} CUDA device(s)"
-            )
-    if len(devices) > 2:
-        raise TrainError(f"device {name!r}: at most two devices (one per column)")
-    return devices
+# Params `train` keys that say how a run is executed, not what it computes: a checkpoint
+# stays valid when they change (more loader workers, another number of processes).
+EXECUTION_ONLY = {"loader_workers", "nproc_per_node", "nnodes", "rdzv_endpoint"}
 
 
 @torch.no_grad()
@@ -177,92 +137,90 @@ def validate(
 
 
 class Trainer:
-    def __init__(
-        self,
-        config: TrainConfig,
-        train_dir: Path,
-        val_dir: Path,
-        stats_dir: Path,
-        checkpoint: Path,
-        world: World = World(),
-    ):
-        self.config, self.checkpoint, self.world = config, Path(checkpoint), world
-        self.devices = resolve_devices(world.device(config.device))
+    """A training run's state (model, optimizer, schedule, position) and its loop. The
+    params sections of `run` are used as they are; `world` is this process's rank."""
+
+    def __init__(self, run: TrainRun, world: World = World()):
+        p = run.train
+        self.run, self.params, self.checkpoint, self.world = run, p, run.checkpoint, world
+        self.devices = resolve_devices(world.device(p.device))
         self.device = self.devices[0]  # inputs, augmentation and logits live here
-        self.train, self.val = LmdbSplit(train_dir), LmdbSplit(val_dir)
+        self.train, self.val = LmdbSplit(run.lmdb / "train"), LmdbSplit(run.lmdb / "val")
         if self.train.classes != self.val.classes:
-            raise TrainError(f"{train_dir} and {val_dir} have different class lists")
+            raise TrainError(f"{run.lmdb}: train and val have different class lists")
         self.classes = self.train.classes
-        num_classes = config.model.get("num_classes", len(self.classes))
-        if num_classes != len(self.classes):
-            raise TrainError(f"model has {num_classes} classes, the data {len(self.classes)}")
-        # Bit-repeatable CPU runs; on CUDA also needs CUBLAS_WORKSPACE_CONFIG=:4096:8.
-        torch.use_deterministic_algorithms(config.deterministic, warn_only=True)
-        mean, self.pca = load_stats(Path(stats_dir))
+        mean, self.pca = load_stats(run.stats)
         self.mean = mean.to(self.device)
-        torch.manual_seed(config.seed)
-        network = AlexNet(**{**config.model, "num_classes": len(self.classes)})
+        torch.manual_seed(p.seed)  # the initial weights
+        network = AlexNet(
+            **run.model.model_dump(), num_classes=len(self.classes), kernels=run.kernels
+        )
         self.crop = network.input_size
         # `model` is the placed module whose weights are checkpointed; `net` runs the
         # steps (wrapped in DDP across processes, compiled when asked).
-        self.model = network.place(self.devices)
-        if config.channels_last:
+        self.model = place(network, self.devices)
+        if p.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.net = self.model
         if world.size > 1:
             ids = [self.device] if self.device.type == "cuda" and len(self.devices) == 1 else None
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        if config.compile:
+        if p.compile:
             self.net = torch.compile(self.net)
-        self.memory_format = (
-            torch.channels_last if config.channels_last else torch.contiguous_format
-        )
+        self.memory_format = torch.channels_last if p.channels_last else torch.contiguous_format
         # fused: weight decay, momentum and the update in one pass over the 61M weights
         # (4 passes unfused, ~15% of a CPU step at batch 16); one device only.
         self.optimizer = torch.optim.SGD(
             self.model.parameters(),
-            config.lr,
-            config.momentum,
-            weight_decay=config.weight_decay,
+            lr=p.lr,
+            momentum=p.momentum,
+            weight_decay=p.weight_decay,
             fused=len(self.devices) == 1 or None,
         )
         self.schedule = PlateauSchedule(
-            config.lr,
-            config.lr_patience,
-            config.lr_threshold,
-            config.max_lr_drops,
-            config.stop_at_last_plateau,
-            config.max_epochs_per_rate,
+            lr_patience=p.lr_patience,
+            lr_threshold=p.lr_threshold,
+            max_lr_drops=p.max_lr_drops,
+            stop_at_last_plateau=p.stop_at_last_plateau,
+            max_epochs_per_rate=p.max_epochs_per_rate,
         )
-        eig = torch.tensor(self.pca["eigenvalues"]), torch.tensor(self.pca["eigenvectors"])
+        eigen = torch.tensor(self.pca["eigenvalues"]), torch.tensor(self.pca["eigenvectors"])
         self.augment = Augment(
             mean,
-            *eig,
+            *eigen,
             crop=self.crop,
-            flip=config.flip,
-            random_crop=config.random_crop,
-            lighting=config.lighting,
-            lighting_scale=config.lighting_scale,
-            subtract_mean=config.subtract_mean,
+            flip=p.flip,
+            random_crop=p.random_crop,
+            lighting=p.lighting,
+            lighting_scale=p.lighting_scale,
+            subtract_mean=p.subtract_mean,
+            kernels=run.kernels,
         ).to(self.device)
-        run = {k: v for k, v in asdict(config).items() if k not in EXECUTION_ONLY}
-        memo = self.checkpoint.with_name(f"{self.checkpoint.name}.data-digests.json")
-        self.digest = hashlib.sha256(
-            json.dumps(
-                {
-                    "config": run,
-                    "train": file_digest(Path(train_dir) / "data.mdb", memo),
-                    "val": file_digest(Path(val_dir) / "data.mdb", memo),
-                    "stats": file_digest(Path(stats_dir) / "mean.npy", memo),
-                },
-                sort_keys=True,
-            ).encode()
-        ).hexdigest()
+        self.digest = self._digest()
         self.code = code_digests()
         self.epoch, self.step, self.history = 0, 0, []
         self.running = self._fresh_totals()  # of the current epoch, checkpointed with it
         self.stop_requested = False
         self._stream = None  # the training batches, from the current step to the last epoch
+
+    def _digest(self) -> str:
+        """What this run computes: its params (less how it is executed) and data."""
+        run = self.run
+        memo = self.checkpoint.with_name(f"{self.checkpoint.name}.data-digests.json")
+        content = {
+            "train": run.train.model_dump(mode="json", exclude=EXECUTION_ONLY),
+            "model": run.model.model_dump(mode="json"),
+            "kernels": run.kernels,
+            "data": [
+                file_digest(path, memo)
+                for path in (
+                    run.lmdb / "train" / "data.mdb",
+                    run.lmdb / "val" / "data.mdb",
+                    run.stats / "mean.npy",
+                )
+            ],
+        }
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
     @staticmethod
     def _fresh_totals() -> dict:
@@ -294,7 +252,8 @@ class Trainer:
             return False
         try:
             state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
-        except Exception:  # a damaged checkpoint is only a lost shortcut: start fresh
+        except Exception as error:  # a damaged checkpoint is only a lost shortcut
+            log(f"warning: {self.checkpoint} is damaged ({type(error).__name__}); starting afresh")
             return False
         if state.get("digest") != self.digest:
             return False
@@ -320,7 +279,7 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.train) / self.config.batch_size)
+        return math.ceil(len(self.train) / self.params.batch_size)
 
     def batches(self):
         """This rank's training batches from the current step to the end of the epoch
@@ -329,15 +288,15 @@ class Trainer:
             steps = self.steps_per_epoch()
             keys = [
                 (epoch, step)
-                for epoch in range(self.epoch, self.config.epochs)
+                for epoch in range(self.epoch, self.params.epochs)
                 for step in range(self.step if epoch == self.epoch else 0, steps)
             ]
             dataset = EpochBatches(
-                self.train, self.config.seed, self.config.batch_size, self.world.rows
+                self.train, self.params.seed, self.params.batch_size, self.world.rows
             )
             self._stream = iter(
                 batch_loader(
-                    dataset, keys, self.config.loader_workers, pin_memory=self.device.type == "cuda"
+                    dataset, keys, self.params.loader_workers, pin_memory=self.device.type == "cuda"
                 )
             )
         return self._stream
@@ -347,7 +306,7 @@ class Trainer:
     ) -> tuple[torch.Tensor, int]:
         """One SGD step on this rank's rows of a global batch of `global_size` images.
         Returns the summed loss (a device tensor) and the count of top-1 mistakes."""
-        seed = derived_seed(self.config.seed, self.epoch, self.step)
+        seed = derived_seed(self.params.seed, self.epoch, self.step)
         # Dropout masks: rank 0 draws what a one-process run draws, the others their own.
         torch.manual_seed(seed if self.world.rank == 0 else derived_seed(seed, self.world.rank))
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -361,7 +320,7 @@ class Trainer:
         try:
             inputs = self.augment.apply(images, draws)
             inputs = inputs.contiguous(memory_format=self.memory_format)
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.config.amp):
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.params.amp):
                 logits = self.net(inputs)
             # Sum over this rank's rows / global batch, times ranks: DDP's gradient mean
             # over ranks is then exactly the gradient of the global batch's mean loss.
@@ -407,7 +366,7 @@ class Trainer:
             # until that is understood every step is read before the next is queued.
             stop = self._settle((*outcome, size, self.step), self.stop_requested)
             totals["seconds"] += time.perf_counter() - started
-            if stop or self.step % self.config.checkpoint_every == 0:
+            if stop or self.step % self.params.checkpoint_every == 0:
                 self.save()
                 if stop:  # every rank stops at the same step
                     raise Interrupted(f"stopped at epoch {self.epoch + 1}, step {self.step}")
@@ -424,14 +383,14 @@ class Trainer:
                 self.val,
                 self.mean,
                 self.crop,
-                self.config.val_batch_size,
+                self.params.val_batch_size,
                 self.device,
                 self.world,
             ),
         }
-        lr = self.schedule.step(record["val_top1_error"])
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        if self.schedule.step(record["val_top1_error"]):
+            for group in self.optimizer.param_groups:  # the rate's one home
+                group["lr"] /= 10
         self.history.append(record)
         self.epoch, self.step, self.running = self.epoch + 1, 0, self._fresh_totals()
         self.save()
@@ -442,32 +401,31 @@ class Trainer:
 
     def _ends(self, epoch: int, stopped: bool) -> bool:
         """Whether a run at `epoch`, its schedule `stopped` or not, is over."""
-        return epoch >= self.config.epochs or stopped
+        return epoch >= self.params.epochs or stopped
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The weights in the one-device layout of `AlexNet`, on the CPU."""
         model = self.model
-        state = (
-            model.merged_state_dict()
-            if isinstance(model, TwoColumnAlexNet)
-            else (model.state_dict())
-        )
+        two = isinstance(model, TwoColumnAlexNet)
+        state = model.merged_state_dict() if two else model.state_dict()
         return {name: value.detach().cpu() for name, value in state.items()}
 
     def export(self, path: Path) -> None:
-        """`models/alexnet.pt` (DESIGN.md): weights_only-loadable weights and what is
-        needed to use them."""
-        payload = {
-            "format": "alexnet-model",
-            "version": 1,
+        """The model file (alexnet/modelfile.py): the weights and everything needed to
+        use them; no timings, so identical runs give identical bytes."""
+        contents = {
             "state_dict": self.weights(),
             "classes": self.classes,
-            "model": {**self.config.model, "num_classes": len(self.classes)},
+            "model": {**self.run.model.model_dump(), "num_classes": len(self.classes)},
             "mean": self.mean.cpu(),
             "pca": {k: self.pca[k] for k in ("eigenvalues", "eigenvectors")},
-            "train": asdict(self.config),
+            "prepare": self.run.image,
+            "train": self.params.model_dump(mode="json"),
             "digest": self.digest,
-            "history": self.history,
         }
-        with atomic_output(path) as temporary:
-            torch.save(payload, temporary)
+        save_model(path, contents)
+
+
+def load_history(checkpoint: Path) -> list[dict]:
+    """The per-epoch records of the run in `checkpoint` (after a torchrun launch)."""
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["history"]

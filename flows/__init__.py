@@ -1,3 +1,2 @@
-"""Prefect flows, one per stage, and the pipeline; logic lives in `alexnet`."""
-
-import alexnet  # noqa: F401  (first: it sets torch's allocator hint before torch loads)
+"""The orchestration layer: Prefect flows, one per stage (`python -m flows.<stage>`), the
+pipeline flows and their deployments, and the command line. Logic lives in `alexnet`."""

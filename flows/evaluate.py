@@ -12,10 +12,12 @@ from prefect.artifacts import create_markdown_artifact
 from rich.progress import Progress
 
 from alexnet.atomic import write_bytes, write_json
-from alexnet.evaluate import ModelFileError, evaluate, load_model
-from alexnet.params import EvaluateParams
+from alexnet.evaluate import evaluate as evaluate_split
+from alexnet.evaluate import load_model_for
+from alexnet.params import ComputeParams, EvaluateParams
+from alexnet.placement import resolve_devices
 from alexnet.reader import LmdbSplit
-from alexnet.train import load_stats, resolve_devices
+from alexnet.stats import load_stats
 
 
 def _csv(rows: list[dict]) -> bytes:
@@ -54,32 +56,27 @@ def _report(summary: dict, per_class: list[dict], worst: int = 5) -> str:
 
 @flow(name="evaluate")
 def evaluate_flow(
-    val: str = "data/lmdb/val",
-    stats: str = "data/stats",
-    model_path: str = "models/alexnet.pt",
-    metrics: str = "metrics",
-    params: EvaluateParams = EvaluateParams(),
+    val: str,
+    stats: str,
+    model_path: str,
+    metrics: str,
+    evaluate: EvaluateParams,
+    compute: ComputeParams,
 ) -> dict:
     """Write metrics/eval.json, metrics/eval/per_class.csv and metrics/eval/confusion.csv."""
     logger = get_run_logger()
-    device = resolve_devices(params.device)[0]
-    model, payload = load_model(Path(model_path), device)
+    device = resolve_devices([evaluate.device])[0]
     split = LmdbSplit(val)
-    if len(split.classes) != len(payload["classes"]):
-        raise ModelFileError(
-            f"{model_path} has {len(payload['classes'])} classes, {val} has {len(split.classes)}"
-        )
-    if split.classes != payload["classes"]:
-        raise ModelFileError(f"{model_path} and {val} list different classes")
+    model = load_model_for(split, Path(model_path), device, compute.kernels)
     mean, _ = load_stats(Path(stats))
     with Progress() as progress:
         bar = progress.add_task("evaluate (10 crops)", total=len(split))
-        results = evaluate(
+        results = evaluate_split(
             model,
             split,
             mean,
             model.input_size,
-            params.batch_size,
+            evaluate.batch_size,
             device,
             on_batch=lambda n: progress.advance(bar, n),
         )
@@ -100,3 +97,9 @@ def evaluate_flow(
         _report(summary, per_class), key="evaluation", description="10-crop evaluation"
     )
     return summary
+
+
+if __name__ == "__main__":
+    from flows.stages import main
+
+    main("evaluate", evaluate_flow)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from rich.progress import Progress
 
 from alexnet.lmdb_store import write_store
 from alexnet.pack import chunks, index_shards, output_order
-from alexnet.params import PackParams
+from alexnet.params import ComputeParams, PackParams
 from tasks.pack import load_chunk_task
 
 SPLITS = ("train", "val")
@@ -31,28 +32,29 @@ def _ordered_results(futures_of, count: int, window: int, progress, bar) -> Iter
 
 
 @flow(name="pack")
-def pack_flow(
-    prepared: str = "data/prepared",
-    out: str = "data/lmdb",
-    params: PackParams = PackParams(),
-    workers: int = 2,
-) -> dict:
-    """Write `out/train` (seeded shuffled order) and `out/val` (source order)."""
+def pack_flow(prepared: str, out: str, pack: PackParams, compute: ComputeParams) -> dict:
+    """Write `out/train` (seeded shuffled order) and `out/val` (source order); the
+    workers read ahead by two chunks each."""
+    workers = compute.workers or os.cpu_count() or 1
     classes = json.loads((Path(prepared) / "classes.json").read_text())
     counts = {}
     with Progress() as progress:
         for split in SPLITS:
             entries = index_shards(Path(prepared) / split)
-            order = output_order(
-                len(entries), params.shuffle_train and split == "train", params.seed
-            )
-            parts = chunks(entries, order, params.batch)
+            order = output_order(len(entries), pack.shuffle_train and split == "train", pack.seed)
+            parts = chunks(entries, order, pack.batch)
             bar = progress.add_task(f"pack {split}", total=len(entries))
 
             def submit(i: int, parts=parts):
-                return load_chunk_task.submit(parts[i], params.encoding)
+                return load_chunk_task.submit(parts[i], pack.encoding)
 
             batches = _ordered_results(submit, len(parts), 2 * workers, progress, bar)
-            counts[split] = write_store(Path(out) / split, batches, params.encoding, classes)
-    get_run_logger().info("packed %s records (%s)", counts, params.encoding)
+            counts[split] = write_store(Path(out) / split, batches, pack.encoding, classes)
+    get_run_logger().info("packed %s records (%s)", counts, pack.encoding)
     return counts
+
+
+if __name__ == "__main__":
+    from flows.stages import main
+
+    main("pack", pack_flow)

@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 
 from alexnet.atomic import write_json
 from alexnet.params import PrepareParams
-from alexnet.prepare import ImageOptions, check_skipped, plan_shards, summarize
+from alexnet.prepare import check_skipped, plan_shards, summarize
 from alexnet.shards import remove_stale
 from alexnet.sources import open_source
 from flows.progress import gather
@@ -16,20 +16,17 @@ from tasks.prepare import prepare_shard_task
 
 
 @flow(name="prepare")
-def prepare_flow(
-    raw: str = "data/raw", out: str = "data/prepared", params: PrepareParams = PrepareParams()
-) -> dict:
+def prepare_flow(raw: str, out: str, prepare: PrepareParams) -> dict:
     """Prepare every split of `raw` into `out/<split>/shard-NNNNN.tar`; shards that are
     already complete and current are kept, so a killed run continues where it stopped."""
     logger = get_run_logger()
     source = open_source(raw)
-    plans = plan_shards(source, params.shard_size)
+    plans = plan_shards(source, prepare.shard_size)
     target = Path(out)
     for split in source.splits:
         (target / split).mkdir(parents=True, exist_ok=True)
         remove_stale(target / split, keep=sum(plan.split == split for plan in plans))
-    options = ImageOptions(params.size, params.quality, params.resample, params.max_pixels)
-    futures = [prepare_shard_task.submit(plan, out, options) for plan in plans]
+    futures = [prepare_shard_task.submit(plan, out, prepare) for plan in plans]
     reports = gather(futures, "prepare", [len(plan.items) for plan in plans])
 
     report = summarize(reports)
@@ -45,5 +42,11 @@ def prepare_flow(
         reused,
         len(reports),
     )
-    check_skipped(report, params.max_skipped, target / "report.json")
+    check_skipped(report, prepare.max_skipped, target / "report.json")
     return {k: report[k] for k in ("files", "kept", "converted", "skipped")}
+
+
+if __name__ == "__main__":
+    from flows.stages import main
+
+    main("prepare", prepare_flow)

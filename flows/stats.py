@@ -14,7 +14,7 @@ from tasks.stats import shard_moments_task
 
 
 @flow(name="stats")
-def stats_flow(train: str = "data/prepared/train", out: str = "data/stats") -> dict:
+def stats_flow(train: str, out: str) -> dict:
     """Map over the shards, reduce in shard order, write mean.npy and pca.json."""
     shards = sorted(Path(train).glob("shard-*.tar"))
     if not shards:
@@ -33,3 +33,9 @@ def stats_flow(train: str = "data/prepared/train", out: str = "data/stats") -> d
         np.round(pca["eigenvalues"], 1).tolist(),
     )
     return {"images": pca["images"], "eigenvalues": pca["eigenvalues"]}
+
+
+if __name__ == "__main__":
+    from flows.stages import main
+
+    main("stats", stats_flow)

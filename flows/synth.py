@@ -14,9 +14,9 @@ from tasks.synth import synth_images
 
 
 @flow(name="synth")
-def synth_flow(out: str = "data/raw", params: SynthParams = SynthParams()) -> dict:
+def synth_flow(out: str, synth: SynthParams) -> dict:
     """Draw the demo dataset into `out` (replaced whole when complete)."""
-    p = params
+    p = synth
     jobs = plan_jobs(p.classes, p.train_per_class, p.val_per_class)
     with atomic_output(out) as root:
         futures = [
@@ -30,3 +30,9 @@ def synth_flow(out: str = "data/raw", params: SynthParams = SynthParams()) -> di
         write_mapping(root, p.classes)
     get_run_logger().info("wrote %d images and %d odd files to %s", images, odd, out)
     return {"images": images, "oddities": odd, "path": str(Path(out))}
+
+
+if __name__ == "__main__":
+    from flows.stages import main
+
+    main("synth", synth_flow)

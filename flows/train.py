@@ -1,8 +1,9 @@
 """Flow of the train stage: the recipe on the LMDB stores, resumable, with live metrics.
 
-One process trains in the flow's own process. With `nproc_per_node` or `nnodes` above 1
-the flow launches torchrun, which starts that many `python -m alexnet.fit` processes
-(data parallel, DDP); rank 0 writes the same files as a one-process run.
+The flow only chooses how to launch `alexnet.fit.fit`, the one function that runs a
+training: in this process, or, with `nproc_per_node` or `nnodes` above 1, in every
+process torchrun starts (`python -m alexnet.fit RUN_JSON`, data parallel with DDP;
+rank 0 writes the same files as a one-process run).
 """
 
 from __future__ import annotations
@@ -10,23 +11,15 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from dataclasses import fields
 from pathlib import Path
 
-import torch
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from alexnet.fit import METRICS, fit, spec, stop_on_sigterm
-from alexnet.params import ModelParams, TrainParams
-from alexnet.train import Interrupted, TrainConfig, Trainer, TrainError
-
-
-def _config(train: TrainParams, model: ModelParams) -> TrainConfig:
-    values = {f.name: getattr(train, f.name) for f in fields(TrainConfig) if hasattr(train, f.name)}
-    if isinstance(train.device, list):  # [cuda:0, cuda:1] -> "cuda:0,cuda:1"
-        values["device"] = ",".join(train.device)
-    return TrainConfig(**values, model=model.model_dump())
+from alexnet.errors import Interrupted
+from alexnet.fit import METRICS, fit, summary
+from alexnet.params import ComputeParams, ModelParams, PrepareParams, TrainParams
+from alexnet.train import TrainError, TrainRun, load_history
 
 
 def torchrun_command(params: TrainParams, argument: str) -> list[str]:
@@ -74,44 +67,51 @@ def _launch(command: list[str]) -> None:
 
 @flow(name="train")
 def train_flow(
-    lmdb: str = "data/lmdb",
-    stats: str = "data/stats",
-    model_path: str = "models/alexnet.pt",
-    checkpoint: str = "models/checkpoints/train.pt",
-    metrics: str = "metrics",
-    params: TrainParams = TrainParams(),
-    model: ModelParams = ModelParams(),
+    lmdb: str,
+    stats: str,
+    model_path: str,
+    checkpoint: str,
+    metrics: str,
+    train: TrainParams,
+    model: ModelParams,
+    prepare: PrepareParams,
+    compute: ComputeParams,
 ) -> dict:
     """Train (or resume) and write the model file, metrics/train.json and dvclive plots."""
     logger = get_run_logger()
-    config = _config(params, model)
-    paths = Path(lmdb), Path(stats), Path(model_path), Path(checkpoint), Path(metrics)
-    if params.nproc_per_node * params.nnodes > 1:
-        command = torchrun_command(params, spec(config, *paths))
+    run = TrainRun(
+        train=train,
+        model=model,
+        image=prepare.image_options(),
+        kernels=compute.kernels,
+        lmdb=Path(lmdb),
+        stats=Path(stats),
+        model_path=Path(model_path),
+        checkpoint=Path(checkpoint),
+        metrics=Path(metrics),
+    )
+    if train.nproc_per_node * train.nnodes > 1:
+        command = torchrun_command(train, run.model_dump_json())
         logger.info(
             "launching %d x %d processes: %s",
-            params.nnodes,
-            params.nproc_per_node,
+            train.nnodes,
+            train.nproc_per_node,
             " ".join(command[:-1]),
         )
         _launch(command)
-        history = torch.load(model_path, weights_only=True)["history"]
+        history = load_history(run.checkpoint)
     else:
-        trainer = Trainer(
-            config, Path(lmdb) / "train", Path(lmdb) / "val", Path(stats), Path(checkpoint)
-        )
-        if trainer.resume(logger.info):
-            logger.info(
-                "resuming from %s at epoch %d, step %d", checkpoint, trainer.epoch + 1, trainer.step
-            )
-        stop_on_sigterm(trainer)
-        fit(trainer, Path(model_path), Path(metrics), logger.info)
-        history = trainer.history
-    last = history[-1]
-    summary = {**{k: last[k] for k in METRICS}, "epochs": len(history)}
-    rows = [
-        {k: round(r[k], 4) if isinstance(r[k], float) else r[k] for k in ("epoch", *METRICS)}
-        for r in history
-    ]
+        history = fit(run, log=logger.info)
+
+    def rounded(value):
+        return round(value, 4) if isinstance(value, float) else value
+
+    rows = [{key: rounded(r[key]) for key in ("epoch", *METRICS)} for r in history]
     create_table_artifact(rows, key="train-epochs", description="Training, one row per epoch")
-    return summary
+    return summary(history)
+
+
+if __name__ == "__main__":
+    from flows.stages import main
+
+    main("train", train_flow)

@@ -1,56 +1,16 @@
-"""Shared fixtures: images made by the tests themselves, and one Prefect test server."""
+"""Shared fixtures: one Prefect test server, a tiny LMDB training set. Helpers that
+tests call are in tests/helpers.py."""
 
 from __future__ import annotations
 
-import io
 import os
-from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-import alexnet  # noqa: F401  (before torch: its allocator hint, as in every entry point)
+from alexnet.runtime import configure
+from tests.helpers import tiny_training_data
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def photo(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A smooth, photo-like RGB image (JPEG-friendly, with structure to resample)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width] / max(width, height)
-    channels = [
-        np.sin(x * rng.uniform(3, 12) + y * rng.uniform(3, 12) + rng.uniform(0, 6))
-        for _ in range(3)
-    ]
-    pixels = (np.stack(channels, -1) * 110 + 128).clip(0, 255).astype(np.uint8)
-    return Image.fromarray(pixels, "RGB")
-
-
-def encode(image: Image.Image, fmt: str = "JPEG", **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
-def jpeg(width: int, height: int, seed: int = 0, quality: int = 90) -> bytes:
-    return encode(photo(width, height, seed), "JPEG", quality=quality)
-
-
-def make_imagefolder(root: Path, classes: int = 3, train: int = 4, val: int = 2) -> Path:
-    """A small raw dataset in ImageFolder layout with a synset mapping file."""
-    for split, count in (("train", train), ("val", val)):
-        for c in range(classes):
-            folder = root / split / f"n0000000{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                seed = c * 100 + i + (50 if split == "val" else 0)
-                (folder / f"n0000000{c}_{i}.JPEG").write_bytes(
-                    jpeg(300 + 17 * i, 260 + 9 * c, seed)
-                )
-    names = "".join(f"n0000000{c} class {c}, thing\n" for c in range(classes))
-    (root / "LOC_synset_mapping.txt").write_text(names)
-    return root
+configure()  # as every entry point does
 
 
 @pytest.fixture(scope="session")
@@ -74,57 +34,7 @@ def prefect_server():
                 os.environ["PREFECT_API_URL"] = previous
 
 
-TINY_CHAIN = {
-    "synth": {
-        "classes": 2,
-        "train_per_class": 4,
-        "val_per_class": 2,
-        "min_side": 64,
-        "max_side": 160,
-        "oddities": 0,
-    },
-    "prepare": {"shard_size": 4, "raw": "data/raw"},
-    "train": {
-        "epochs": 1,
-        "batch_size": 4,
-        "val_batch_size": 4,
-        "checkpoint_every": 100,
-        "lighting": 0.0,
-    },
-    "model": {"init": "caffe"},
-    "evaluate": {"batch_size": 4},
-    "compute": {"workers": 1},
-}
-
-
-def repo_copy(root: Path, params: dict) -> Path:
-    """The repository's tracked files (working-tree versions) in a fresh git + DVC
-    repository at `root`, its params.yaml overridden by `params` (section by section)."""
-    import shutil
-    import subprocess
-
-    import yaml
-
-    files = subprocess.run(
-        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.split()
-    skip = ("dvc.lock", "metrics/")
-    for name in files:
-        if name.startswith(skip) or not (REPO / name).exists():
-            continue
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, root / name)
-    # DVC needs every section a stage lists: the repo's params.yaml, `params` merged in.
-    merged = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in params.items():
-        merged[section] = {**merged.get(section, {}), **values}
-    (root / "params.yaml").write_text(yaml.safe_dump(merged))
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    # A first commit, as in any clone (dvclive refuses a git repository without one).
-    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
-    subprocess.run(
-        ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "copy"],
-        cwd=root,
-        check=True,
-    )
-    return root
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """lmdb/{train,val} and stats/ of two classes of 256x256 blobs (10 + 4 images)."""
+    return tiny_training_data(tmp_path_factory.mktemp("train-data"))

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from alexnet.cli import app
-from tests.conftest import REPO, make_imagefolder
+from tests.helpers import REPO, make_imagefolder
 
 runner = CliRunner()
 

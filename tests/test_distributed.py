@@ -14,7 +14,6 @@ from alexnet.fit import spec
 from alexnet.params import TrainParams
 from alexnet.train import TrainConfig, Trainer
 from flows.train import torchrun_command
-from tests.test_train import data  # noqa: F401  (the module's tiny LMDB fixture)
 
 
 def config(**options) -> TrainConfig:

@@ -19,8 +19,8 @@ from alexnet.evaluate import Results, crop_probabilities, evaluate, ten_crops
 from alexnet.metrics import label_ranks
 from alexnet.reader import LmdbSplit
 from alexnet.train import TrainConfig, Trainer
-from tests.conftest import REPO
-from tests.test_train import CLASSES, blobs, data  # noqa: F401  (the tiny LMDB fixture)
+from tests.helpers import REPO
+from tests.helpers import CLASSES, blobs
 
 
 @pytest.mark.parametrize(

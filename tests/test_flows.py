@@ -17,7 +17,7 @@ from alexnet.prepare import PrepareError
 from flows.prepare import prepare_flow
 from flows.runners import task_runner
 from flows.synth import synth_flow
-from tests.conftest import REPO, jpeg, make_imagefolder
+from tests.helpers import REPO, jpeg, make_imagefolder
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

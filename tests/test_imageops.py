@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from alexnet.imageops import BadImage, centre_box, draft_for, open_image, prepare_image
-from tests.conftest import encode, jpeg, photo
+from tests.helpers import encode, jpeg, photo
 
 
 def decoded(prepared) -> np.ndarray:

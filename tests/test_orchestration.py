@@ -18,7 +18,7 @@ import yaml
 
 from alexnet.repro import STAGES, repro, status_clean
 from flows.pipeline import retrain_flow
-from tests.conftest import TINY_CHAIN, repo_copy
+from tests.helpers import TINY_CHAIN, repo_copy
 
 
 def dvc_repro(repo: Path) -> list[str]:

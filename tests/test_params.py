@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from alexnet.params import Params, ParamsError, load_params, parse_params
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_repo_params_file_is_valid_and_complete():

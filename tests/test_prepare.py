@@ -14,7 +14,7 @@ from alexnet.prepare import (
 )
 from alexnet.shards import iter_shard
 from alexnet.sources import open_source
-from tests.conftest import jpeg, make_imagefolder
+from tests.helpers import jpeg, make_imagefolder
 
 
 @pytest.fixture

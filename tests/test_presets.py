@@ -9,7 +9,7 @@ import sys
 import yaml
 
 from alexnet.params import load_params, parse_params
-from tests.conftest import REPO, jpeg
+from tests.helpers import REPO, jpeg
 
 
 def test_imagenet_preset_is_the_papers_recipe():

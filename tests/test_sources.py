@@ -1,4 +1,4 @@
-"""Dataset sources: the three layouts of DESIGN.md, and their errors."""
+"""Dataset sources: the three layouts of docs/design.md, and their errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from scipy.io import savemat
 
 from alexnet.sources import SourceError, open_source, read_devkit_order
-from tests.conftest import jpeg, make_imagefolder
+from tests.helpers import jpeg, make_imagefolder
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
 

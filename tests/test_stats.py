@@ -18,7 +18,7 @@ from alexnet.stats import (
     rgb_pca,
     shard_moments,
 )
-from tests.conftest import encode, photo
+from tests.helpers import encode, photo
 
 
 def make_shards(folder, per_shard=(3, 2, 4), size=32):

@@ -18,7 +18,7 @@ import torch
 
 from alexnet.lmdb_store import StoreError, read_meta, write_store
 from alexnet.reader import LmdbSplit
-from tests.conftest import REPO, encode, photo
+from tests.helpers import REPO, encode, photo
 
 SIZE = 32
 CLASSES = [{"index": i, "wnid": f"n{i}", "name": f"class {i}"} for i in range(3)]
@@ -69,7 +69,7 @@ def test_jpeg_payloads_decode_like_pil(tmp_path):
 
 
 def test_outside_reader_with_only_lmdb_struct_json_numpy(tmp_path):
-    """Follows DESIGN.md's contract with no project code: proves the format."""
+    """Follows docs/design.md's contract with no project code: proves the format."""
     pixels = images(6)
     path = store(tmp_path, raw_records(pixels))
     env = lmdb.open(str(path), readonly=True, lock=False)

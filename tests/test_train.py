@@ -12,36 +12,6 @@ import torch
 from alexnet.lmdb_store import write_store
 from alexnet.train import Interrupted, TrainConfig, Trainer, TrainError, errors
 
-CLASSES = [{"index": i, "wnid": f"n{i}", "name": f"c{i}"} for i in range(2)]
-
-
-def blobs(label: int, count: int, seed: int) -> list[tuple[int, bytes]]:
-    """256x256 images: class 0 dark with a bright square, class 1 bright with stripes."""
-    rng = np.random.default_rng(seed)
-    records = []
-    for _ in range(count):
-        image = rng.integers(0, 40, (256, 256, 3)).astype(np.uint8)
-        if label == 0:
-            image[80:180, 80:180] = 220
-        else:
-            image[:, ::16] = 250
-        records.append((label, image.tobytes()))
-    return records
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train-data")
-    train = blobs(0, 5, 1) + blobs(1, 5, 2)
-    val = blobs(0, 2, 3) + blobs(1, 2, 4)
-    write_store(root / "train", [train[::2], train[1::2]], "raw", CLASSES)
-    write_store(root / "val", [val], "raw", CLASSES)
-    (root / "stats").mkdir()
-    np.save(root / "stats" / "mean.npy", np.full((256, 256, 3), 60, np.float32))
-    eig = {"eigenvalues": [900.0, 90.0, 9.0], "eigenvectors": np.eye(3).tolist()}
-    (root / "stats" / "pca.json").write_text(json.dumps(eig))
-    return root
-
 
 def trainer(data, tmp_path, **options) -> Trainer:
     options = {"model": {"init": "caffe", "dropout": 0.5}, **options}
@@ -224,7 +194,7 @@ def test_cli_train_killed_with_sigkill_resumes_to_the_same_weights(data, tmp_pat
 
     import yaml
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     (tmp_path / "params.yaml").write_text(
         yaml.safe_dump(

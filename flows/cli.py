@@ -1,0 +1,117 @@
+"""`alexnet`: the command line of the pipeline.
+
+The six stage commands come from the table `flows.stages.STAGES` (the same commands DVC
+runs as `python -m flows.<stage>`); besides them `predict`, `serve` and `doctor`. Flows
+and the library are imported only by the command that needs them, so `alexnet --help`
+stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from alexnet.errors import AlexnetError
+from alexnet.runtime import configure
+from flows.stages import STAGES, command, console, load, user_errors
+
+app = typer.Typer(
+    help="AlexNet (Krizhevsky et al. 2012) as a reproducible pipeline: synth -> prepare -> "
+    "stats -> pack -> train -> evaluate. Run the whole chain with `dvc repro`.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+for _stage in STAGES.values():
+    app.command(name=_stage.name)(command(_stage))
+
+ParamsOption = Annotated[
+    Path, typer.Option("--params", "-p", help="params file (see params.yaml for every knob)")
+]
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="image files (any format PIL reads)")],
+    model_path: Annotated[Path, typer.Option("--model", help="model file")] = Path(
+        "models/alexnet.pt"
+    ),
+    top: Annotated[int, typer.Option(min=1, help="classes to show per image")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+) -> None:
+    """Top classes of each image, prepared as the model's data was (the model file says
+    how) and averaged over the 10 crops. Reads only the model file. A file that cannot be
+    read gets one error line; the others are still predicted, and the exit status is 1."""
+    from alexnet.predict import predict as run_predict
+
+    with user_errors():
+        results = run_predict(images, model_path, top, device)
+    if as_json:
+        rows = [
+            {"path": r.path, **({"error": r.error} if r.error else {"predictions": r.top})}
+            for r in results
+        ]
+        typer.echo(json.dumps(rows, indent=2))
+    for result in results:
+        if result.error:
+            console.print(f"error: {result.path}: {result.error}", markup=False, highlight=False)
+        elif not as_json:
+            typer.echo(result.path)
+            for entry in result.top:
+                typer.echo(f"  {entry['probability']:7.2%}  {entry['name']} ({entry['wnid']})")
+    if any(result.error for result in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def serve(params_path: ParamsOption = Path("params.yaml")) -> None:
+    """Serve the Prefect deployments of this repository: one per stage, `pipeline` and
+    `retrain` (cron from params `serve`). Each runs `dvc repro`, so runs started from
+    the UI keep dvc.lock true. Needs a Prefect server: `prefect server start`, then
+    PREFECT_API_URL=http://127.0.0.1:4200/api. Stop with Ctrl-C."""
+    from prefect.settings import PREFECT_API_URL
+
+    with user_errors():
+        params = load(params_path)
+        if not (os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()):
+            raise AlexnetError(
+                "serve needs a Prefect server: run `prefect server start` and set "
+                "PREFECT_API_URL=http://127.0.0.1:4200/api"
+            )
+        if not Path("dvc.yaml").exists():
+            raise AlexnetError("serve runs in the repository: no dvc.yaml in this folder")
+        from flows.serve import serve_all
+
+        serve_all(Path.cwd(), params.serve)
+
+
+@app.command()
+def doctor() -> None:
+    """Print what the pipeline runs on: PIL (pillow-simd?), libjpeg-turbo, torch and CUDA
+    devices, and which Prefect API flows report to."""
+    from prefect.settings import PREFECT_API_URL
+
+    from alexnet.doctor import facts
+
+    rows = facts()
+    api = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+    rows["Prefect API"] = api or "none set: each run starts a temporary local server"
+    width = max(map(len, rows))
+    for key, value in rows.items():
+        typer.echo(f"{key:<{width}}  {value}")
+
+
+def main() -> None:
+    """The console script `alexnet`."""
+    configure()
+    app(prog_name="alexnet", args=sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

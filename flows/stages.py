@@ -1,0 +1,309 @@
+"""The six stage commands, built from one table: `STAGES`.
+
+Each row says which flow runs the stage, its paths with their defaults (the one place a
+stage's default paths are written: dvc.yaml's `python -m flows.<stage>` passes none, and a
+test checks dvc.yaml's deps and outs against this table), the params sections the flow
+takes, the params keys whose change re-runs the stage (dvc.yaml's `params`), and the line
+printed when it is done. `alexnet <stage>` (flows/cli.py) and `python -m flows.<stage>`
+both run `run_stage`: params.yaml validated, the flow run on the task runner params
+`compute` chooses, against one Prefect API, a user's error as one line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from alexnet.errors import AlexnetError, Interrupted
+from alexnet.params import Params, PrepareParams, load_params
+from alexnet.runtime import configure
+
+console = Console(stderr=True, soft_wrap=True)  # one error = one line, however long
+
+
+@dataclass(frozen=True)
+class PathArg:
+    name: str  # the flow's parameter
+    default: str  # or, for `from_params`, the params key that holds it
+    help: str
+    option: bool = False  # --name PATH instead of a positional argument
+    from_params: bool = False  # the default is the value of params key `default`
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    help: str
+    paths: tuple[PathArg, ...]
+    sections: tuple[str, ...]  # params sections the flow takes, as keyword arguments
+    params: tuple[str, ...]  # params keys the stage's result depends on (dvc.yaml)
+    done: str  # printed at the end, formatted with the flow's result and the paths
+    parallel: bool = False  # maps tasks on a process pool or Dask (--workers, --scheduler)
+
+    @property
+    def module(self) -> str:
+        return f"flows.{self.name}"
+
+    def flow(self) -> Callable:
+        return getattr(importlib.import_module(self.module), f"{self.name}_flow")
+
+
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage(
+            "synth",
+            "Generate the built-in demo dataset (params `synth`): shapes x textures, plus a "
+            "few CMYK, greyscale, PNG-as-JPEG, truncated, empty and non-image files.",
+            (PathArg("out", "data/raw", "folder to create (ImageFolder layout)"),),
+            ("synth",),
+            ("synth",),
+            "synth: {images} images and {oddities} odd files in {out}",
+            parallel=True,
+        ),
+        Stage(
+            "prepare",
+            "Rescale every image so its shorter side is 256, centre-crop 256x256, and write "
+            "WebDataset tar shards (params `prepare`). Bad files are skipped and listed in "
+            "OUT/report.json; a killed run continues where it stopped.",
+            (
+                PathArg(
+                    "raw",
+                    "prepare.raw",
+                    "raw dataset: train/<wnid>/*, val/... (default: params prepare.raw)",
+                    from_params=True,
+                ),
+                PathArg("out", "data/prepared", "output folder for shards + report.json"),
+            ),
+            ("prepare",),
+            ("prepare",),
+            "prepare: {kept} kept, {converted} converted, {skipped} skipped of {files} "
+            "files; report in {out}/report.json",
+            parallel=True,
+        ),
+        Stage(
+            "stats",
+            "Compute the mean image (256x256x3, RGB, 0-255) and the RGB PCA (covariance, "
+            "eigenvalues, eigenvectors) of the training set, exactly, by map-reduce over "
+            "shards.",
+            (
+                PathArg("train", "data/prepared/train", "prepared training shards"),
+                PathArg("out", "data/stats", "output folder: mean.npy, pca.json"),
+            ),
+            (),
+            (),
+            "stats: {images} images; written to {out}/mean.npy, {out}/pca.json",
+            parallel=True,
+        ),
+        Stage(
+            "pack",
+            "Pack the prepared shards into one LMDB store per split (params `pack`; schema "
+            "in docs/design.md): train in a seeded shuffled order, val in source order.",
+            (
+                PathArg("prepared", "data/prepared", "prepared folder (train/, val/ shards)"),
+                PathArg("out", "data/lmdb", "output folder: one LMDB per split"),
+            ),
+            ("pack", "compute"),
+            ("pack",),
+            "pack: {train} train and {val} val records written to {out}",
+            parallel=True,
+        ),
+        Stage(
+            "train",
+            "Train AlexNet with the paper's recipe (params `train`, `model`); resumes from "
+            "the last checkpoint after a kill, and checkpoints on SIGTERM before exiting.",
+            (
+                PathArg("lmdb", "data/lmdb", "folder with the train/ and val/ LMDB stores"),
+                PathArg("stats", "data/stats", "folder with mean.npy and pca.json"),
+                PathArg("model_path", "models/alexnet.pt", "model file to write"),
+                PathArg(
+                    "checkpoint",
+                    "models/checkpoints/train.pt",
+                    "checkpoint file (resumed when it belongs to this run)",
+                    option=True,
+                ),
+                PathArg("metrics", "metrics", "folder for train.json and plots", option=True),
+            ),
+            ("train", "model", "prepare", "compute"),
+            (
+                "train",
+                "model",
+                *(f"prepare.{key}" for key in PrepareParams.IMAGE_KEYS),  # in the model file
+                "compute.kernels",
+            ),
+            "train: {epochs} epochs; val top-1 error {val_top1_error:.3f}, top-5 "
+            "{val_top5_error:.3f}; model in {model_path}",
+        ),
+        Stage(
+            "evaluate",
+            "10-crop top-1/top-5 error of a model (paper section 4.1; params `evaluate`): "
+            "metrics/eval.json, a per-class CSV and the confusion plot's data in "
+            "metrics/eval/.",
+            (
+                PathArg("val", "data/lmdb/val", "the validation LMDB store"),
+                PathArg("stats", "data/stats", "folder with mean.npy"),
+                PathArg("model_path", "models/alexnet.pt", "model file from train"),
+                PathArg("metrics", "metrics", "folder for eval.json and eval/", option=True),
+            ),
+            ("evaluate", "compute"),
+            ("evaluate", "compute.kernels"),
+            "evaluate: {images} images; 10-crop top-1 error {top1_error:.3f}, top-5 "
+            "{top5_error:.3f} (centre crop {center_top1_error:.3f}, {center_top5_error:.3f})",
+        ),
+    )
+}
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """A user-fixable error becomes one red line and exit status 1 (no traceback)."""
+    try:
+        yield
+    except AlexnetError as error:
+        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+class _NoUserErrorTracebacks(logging.Filter):
+    """Drop console records carrying an AlexnetError: the CLI prints it as one line (the
+    Prefect API still receives the full record for the UI)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], AlexnetError))
+
+
+def _quiet_console_tracebacks() -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *map(logging.getLogger, logging.root.manager.loggerDict)]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.addFilter(_NoUserErrorTracebacks())
+
+
+def load(path: Path, workers: int | None = None, scheduler: str | None = None) -> Params:
+    """params.yaml with the command line's `compute` overrides applied."""
+    params = load_params(path)
+    overrides = {"workers": workers, "scheduler": scheduler}
+    changed = {key: value for key, value in overrides.items() if value is not None}
+    return params.model_copy(update={"compute": params.compute.model_copy(update=changed)})
+
+
+def resolve_paths(stage: Stage, given: dict[str, Path | None], params: Params) -> dict[str, str]:
+    """The stage's paths: as given, else the table's default (or the params key's value)."""
+    paths = {}
+    for arg in stage.paths:
+        value = given.get(arg.name)
+        if value is None:
+            value = _param(params, arg.default) if arg.from_params else arg.default
+        paths[arg.name] = str(value)
+    return paths
+
+
+def _param(params: Params, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(params, section), name)
+
+
+def run_stage(stage: Stage, paths: dict[str, str], params: Params, flow: Callable | None = None):
+    """Run the stage's flow on the task runner the params choose, against one Prefect
+    API for the whole run (flows/server.py); returns the flow's result."""
+    from flows.runners import task_runner
+    from flows.server import prefect_api
+
+    flow = flow or stage.flow()
+    runner = task_runner(params.compute.scheduler, params.compute.workers)
+    sections = {name: getattr(params, name) for name in stage.sections}
+    _quiet_console_tracebacks()
+    with prefect_api():
+        return flow.with_options(task_runner=runner)(**paths, **sections)
+
+
+def command(stage: Stage, flow: Callable | None = None) -> Callable[..., None]:
+    """The typer command of a stage: its paths as arguments (or options), `--params`, and
+    for the parallel stages `--workers` and `--scheduler`."""
+
+    def run(
+        params_path: Path,
+        workers: int | None = None,
+        scheduler: str | None = None,
+        **given: Path | None,
+    ) -> None:
+        with user_errors():
+            params = load(params_path, workers, scheduler)
+            paths = resolve_paths(stage, given, params)
+            try:
+                result = run_stage(stage, paths, params, flow)
+            except Interrupted as stop:
+                console.print(f"{stage.name}: {stop}; checkpoint saved, run again to continue")
+                raise typer.Exit(143) from None
+        console.print(stage.done.format(**result, **paths), highlight=False)
+
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    parameters = [
+        inspect.Parameter(
+            arg.name,
+            keyword,
+            default=None,
+            annotation=Annotated[
+                Path | None,
+                (typer.Option if arg.option else typer.Argument)(
+                    help=arg.help,
+                    show_default=f"params {arg.default}" if arg.from_params else arg.default,
+                ),
+            ],
+        )
+        for arg in stage.paths
+    ]
+    parameters.append(
+        inspect.Parameter(
+            "params_path",
+            keyword,
+            default=Path("params.yaml"),
+            annotation=Annotated[
+                Path, typer.Option("--params", "-p", help="params file (every knob: params.yaml)")
+            ],
+        )
+    )
+    if stage.parallel:
+        parameters += [
+            inspect.Parameter(
+                "workers",
+                keyword,
+                default=None,
+                annotation=Annotated[
+                    int | None,
+                    typer.Option(help="parallel workers (default: params compute.workers)"),
+                ],
+            ),
+            inspect.Parameter(
+                "scheduler",
+                keyword,
+                default=None,
+                annotation=Annotated[
+                    str | None,
+                    typer.Option(help="Dask: 'local' or tcp://host:port (default: params)"),
+                ],
+            ),
+        ]
+    run.__signature__ = inspect.Signature(parameters)
+    run.__doc__ = stage.help
+    return run
+
+
+def main(name: str, flow: Callable | None = None) -> None:
+    """`python -m flows.<name> [PATHS...] [--params FILE]`: the stage as DVC runs it."""
+    configure()
+    app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
+    app.command(name=name)(command(STAGES[name], flow))
+    app(prog_name=f"python -m flows.{name}")

@@ -1,0 +1,141 @@
+"""Helpers the tests share: images and datasets made by the tests themselves, a copy of
+the repository as a fresh git + DVC project, a tiny LMDB training set."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth, photo-like RGB image (JPEG-friendly, with structure to resample)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    channels = [
+        np.sin(x * rng.uniform(3, 12) + y * rng.uniform(3, 12) + rng.uniform(0, 6))
+        for _ in range(3)
+    ]
+    pixels = (np.stack(channels, -1) * 110 + 128).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def jpeg(width: int, height: int, seed: int = 0, quality: int = 90) -> bytes:
+    return encode(photo(width, height, seed), "JPEG", quality=quality)
+
+
+def make_imagefolder(root: Path, classes: int = 3, train: int = 4, val: int = 2) -> Path:
+    """A small raw dataset in ImageFolder layout with a synset mapping file."""
+    for split, count in (("train", train), ("val", val)):
+        for c in range(classes):
+            folder = root / split / f"n0000000{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                seed = c * 100 + i + (50 if split == "val" else 0)
+                (folder / f"n0000000{c}_{i}.JPEG").write_bytes(
+                    jpeg(300 + 17 * i, 260 + 9 * c, seed)
+                )
+    names = "".join(f"n0000000{c} class {c}, thing\n" for c in range(classes))
+    (root / "LOC_synset_mapping.txt").write_text(names)
+    return root
+
+
+TINY_CHAIN = {
+    "synth": {
+        "classes": 2,
+        "train_per_class": 4,
+        "val_per_class": 2,
+        "min_side": 64,
+        "max_side": 160,
+        "oddities": 0,
+    },
+    "prepare": {"shard_size": 4, "raw": "data/raw"},
+    "train": {
+        "epochs": 1,
+        "batch_size": 4,
+        "val_batch_size": 4,
+        "checkpoint_every": 100,
+        "lighting": 0.0,
+    },
+    "model": {"init": "caffe"},
+    "evaluate": {"batch_size": 4},
+    "compute": {"workers": 1},
+}
+
+
+def repo_copy(root: Path, params: dict) -> Path:
+    """The repository's tracked files (working-tree versions) in a fresh git + DVC
+    repository at `root`, its params.yaml overridden by `params` (section by section)."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    skip = ("dvc.lock", "metrics/")
+    for name in files:
+        if name.startswith(skip) or not (REPO / name).exists():
+            continue
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, root / name)
+    # DVC needs every section a stage lists: the repo's params.yaml, `params` merged in.
+    merged = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in params.items():
+        merged[section] = {**merged.get(section, {}), **values}
+    (root / "params.yaml").write_text(yaml.safe_dump(merged))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    # A first commit, as in any clone (dvclive refuses a git repository without one).
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "copy"],
+        cwd=root,
+        check=True,
+    )
+    return root
+
+
+CLASSES = [{"index": i, "wnid": f"n{i}", "name": f"c{i}"} for i in range(2)]
+
+
+def blobs(label: int, count: int, seed: int) -> list[tuple[int, bytes]]:
+    """256x256 images: class 0 dark with a bright square, class 1 bright with stripes."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for _ in range(count):
+        image = rng.integers(0, 40, (256, 256, 3)).astype(np.uint8)
+        if label == 0:
+            image[80:180, 80:180] = 220
+        else:
+            image[:, ::16] = 250
+        records.append((label, image.tobytes()))
+    return records
+
+
+def tiny_training_data(root: Path) -> Path:
+    """Train (10 images) and val (4) LMDB stores of `blobs`, and their stats, in `root`."""
+    import json
+
+    from alexnet.lmdb_store import write_store
+
+    train = blobs(0, 5, 1) + blobs(1, 5, 2)
+    val = blobs(0, 2, 3) + blobs(1, 2, 4)
+    write_store(root / "lmdb" / "train", [train[::2], train[1::2]], "raw", CLASSES)
+    write_store(root / "lmdb" / "val", [val], "raw", CLASSES)
+    (root / "stats").mkdir()
+    np.save(root / "stats" / "mean.npy", np.full((256, 256, 3), 60, np.float32))
+    eig = {"eigenvalues": [900.0, 90.0, 9.0], "eigenvectors": np.eye(3).tolist()}
+    (root / "stats" / "pca.json").write_text(json.dumps(eig))
+    return root
