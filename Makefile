@@ -11,7 +11,9 @@ setup:
 repro: setup
 	dvc repro
 
+# The formatter and the linter first: CI runs `make test`, so it checks them too.
 test: setup
+	ruff check . && ruff format --check .
 	python -m pytest
 
 BASELINE_VENV := .venv-bench-pillow

@@ -27,3 +27,23 @@ def cpu_model() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.machine()
+
+
+def bench_run(root: Path, model: dict | None = None, **train):
+    """A `TrainRun` on the benchmark's stores in `root` (train/, val/, stats/), with a
+    fresh checkpoint path, caffe init unless `model` says otherwise."""
+    import time
+
+    from alexnet.params import ModelParams, PrepareParams, TrainParams
+    from alexnet.train import TrainRun
+
+    return TrainRun(
+        train=TrainParams(**train),
+        model=ModelParams(**{"init": "caffe", **(model or {})}),
+        image=PrepareParams().image_options(),
+        lmdb=root,
+        stats=root / "stats",
+        model_path=root / "alexnet.pt",
+        checkpoint=root / f"ckpt-{time.monotonic_ns()}.pt",
+        metrics=root / "metrics",
+    )

@@ -19,9 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import cpu_model  # noqa: E402
 
-from alexnet.augment import centre_crop  # noqa: E402
+from alexnet.crops import centre_crop  # noqa: E402
 from alexnet.evaluate import crop_probabilities  # noqa: E402
 from alexnet.model import AlexNet  # noqa: E402
+from alexnet.runtime import configure  # noqa: E402
 
 
 def best_seconds(work, repeats: int, device: torch.device) -> float:
@@ -39,6 +40,7 @@ def best_seconds(work, repeats: int, device: torch.device) -> float:
 
 
 def main() -> None:
+    configure()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)

@@ -25,10 +25,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import bench_run  # noqa: E402
+
 from alexnet.lmdb_store import write_store  # noqa: E402
-from alexnet.model import AlexNet, local_response_norm  # noqa: E402
-from alexnet.train import TrainConfig, Trainer  # noqa: E402
+from alexnet.lrn import local_response_norm  # noqa: E402
+from alexnet.model import AlexNet  # noqa: E402
+from alexnet.placement import place  # noqa: E402
+from alexnet.runtime import configure  # noqa: E402
+from alexnet.train import Trainer  # noqa: E402
 
 CLASSES = [{"index": i, "wnid": f"n{i:08d}", "name": f"class {i}"} for i in range(10)]
 
@@ -40,7 +46,7 @@ def check_placement() -> dict:
     reference = AlexNet(num_classes=1000, dropout=0.0)
     placed = AlexNet(num_classes=1000, dropout=0.0)
     placed.load_state_dict(reference.state_dict())
-    placed = placed.place(["cuda:0", "cpu"])
+    placed = place(placed, ["cuda:0", "cpu"])
     x = torch.randn(8, 3, 224, 224) * 50
     y = torch.randint(0, 1000, (8,))
     ref_logits = reference(x)
@@ -142,22 +148,16 @@ def make_data(root: Path, images: int) -> Path:
 
 def train_rate(root: Path, epochs: int = 2, **options) -> dict:
     """Images/s of the last epoch (the first pays cuDNN tuning and compilation)."""
-    config = TrainConfig(
+    run = bench_run(
+        root,
         epochs=epochs,
         batch_size=options.pop("batch_size", 128),
         val_batch_size=256,
         checkpoint_every=10_000,
         deterministic=False,
-        model={"init": "caffe"},
         **options,
     )
-    trainer = Trainer(
-        config,
-        root / "train",
-        root / "val",
-        root / "stats",
-        root / f"ckpt-{time.monotonic_ns()}.pt",
-    )
+    trainer = Trainer(run)
     started = time.perf_counter()
     while not trainer.finished():
         trainer.run_epoch()
@@ -173,7 +173,9 @@ def train_rate(root: Path, epochs: int = 2, **options) -> dict:
 def loader_ceiling(root: Path, workers: int, batches: int = 48) -> dict:
     """Images/s of the data path alone: the trainer's read-ahead stream (LMDB raw HWC
     batches, pinned) copied to the GPU and augmented there, with no model step."""
-    config = TrainConfig(
+    run = bench_run(
+        root,
+        model={"init": "paper"},
         epochs=4,
         batch_size=128,
         checkpoint_every=10_000,
@@ -182,13 +184,7 @@ def loader_ceiling(root: Path, workers: int, batches: int = 48) -> dict:
         loader_workers=workers,
         channels_last=True,
     )
-    trainer = Trainer(
-        config,
-        root / "train",
-        root / "val",
-        root / "stats",
-        root / f"ckpt-{time.monotonic_ns()}.pt",
-    )
+    trainer = Trainer(run)
     stream, generator = trainer.batches(), torch.Generator(device="cuda").manual_seed(0)
     for step in range(batches + 4):
         if step == 4:  # the workers have started
@@ -205,6 +201,7 @@ def loader_ceiling(root: Path, workers: int, batches: int = 48) -> dict:
 
 
 def main() -> None:
+    configure()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--out", type=Path)

@@ -28,7 +28,9 @@ from common import cpu_model  # noqa: E402
 
 CPU = torch.device("cpu")
 
-from alexnet.model import AlexNet, initialise, local_response_norm  # noqa: E402
+from alexnet.lrn import local_response_norm  # noqa: E402
+from alexnet.model import AlexNet, initialise  # noqa: E402
+from alexnet.runtime import configure  # noqa: E402
 
 
 def naive(num_classes: int = 1000) -> nn.Module:
@@ -124,6 +126,7 @@ def lrn_share(
 
 
 def main() -> None:
+    configure()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)

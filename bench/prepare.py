@@ -25,7 +25,8 @@ from common import cpu_model, photo_like  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "prepare_worker.py"
-# Same allocator behaviour for every process (glibc maps every buffer >= 128 KB otherwise: it moves Pillow 15-45%).
+# Same allocator behaviour for every process: otherwise glibc maps and unmaps every
+# buffer >= 128 KB, which moves Pillow 15-45%.
 ENV = {
     **os.environ,
     "MALLOC_MMAP_THRESHOLD_": "67108864",

@@ -26,12 +26,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import cpu_model, photo_like  # noqa: E402
+from common import bench_run, cpu_model, photo_like  # noqa: E402
 
 from alexnet.augment import Augment  # noqa: E402
 from alexnet.lmdb_store import write_store  # noqa: E402
 from alexnet.reader import LmdbSplit  # noqa: E402
-from alexnet.train import EpochBatches, TrainConfig, Trainer  # noqa: E402
+from alexnet.runtime import configure  # noqa: E402
+from alexnet.train import EpochBatches, Trainer  # noqa: E402
 
 CLASSES = [{"index": i, "wnid": f"n{i:08d}", "name": f"class {i}"} for i in range(4)]
 
@@ -60,16 +61,16 @@ def make_data(root: Path, images: int) -> Path:
 
 
 def full_and_model_only(root: Path, batch: int, device: str) -> tuple[float, float]:
-    config = TrainConfig(
+    run = bench_run(
+        root,
         epochs=2,
         batch_size=batch,
         val_batch_size=8,
         checkpoint_every=10**6,
         deterministic=False,
         device=device,
-        model={"init": "caffe"},
     )
-    trainer = Trainer(config, root / "train", root / "val", root / "stats", root / "ckpt.pt")
+    trainer = Trainer(run)
     trainer.run_epoch()  # warm-up epoch
     full = trainer.run_epoch()["images_per_s"]  # train steps only, validation excluded
     inputs = torch.randn(batch, 3, 224, 224, device=trainer.device) * 50
@@ -140,6 +141,7 @@ def loader_rates(root: Path, batch: int) -> tuple[float, float]:
 
 
 def main() -> None:
+    configure()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)

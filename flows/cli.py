@@ -35,7 +35,11 @@ ParamsOption = Annotated[
 ]
 
 
-@app.command()
+@app.command(
+    help="Top classes of each image, prepared as the model's data was (the model file says "
+    "how) and averaged over the 10 crops. Reads only the model file. A file that cannot be "
+    "read gets one error line; the others are still predicted, and the exit status is 1."
+)
 def predict(
     images: Annotated[list[Path], typer.Argument(help="image files (any format PIL reads)")],
     model_path: Annotated[Path, typer.Option("--model", help="model file")] = Path(
@@ -45,9 +49,6 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
 ) -> None:
-    """Top classes of each image, prepared as the model's data was (the model file says
-    how) and averaged over the 10 crops. Reads only the model file. A file that cannot be
-    read gets one error line; the others are still predicted, and the exit status is 1."""
     from alexnet.predict import predict as run_predict
 
     with user_errors():
@@ -69,12 +70,13 @@ def predict(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(
+    help="Serve the Prefect deployments of this repository: one per stage, `pipeline` and "
+    "`retrain` (cron from params `serve`). Each runs `dvc repro`, so runs started from the UI "
+    "keep dvc.lock true. Needs a Prefect server: `prefect server start`, then "
+    "PREFECT_API_URL=http://127.0.0.1:4200/api. Stop with Ctrl-C."
+)
 def serve(params_path: ParamsOption = Path("params.yaml")) -> None:
-    """Serve the Prefect deployments of this repository: one per stage, `pipeline` and
-    `retrain` (cron from params `serve`). Each runs `dvc repro`, so runs started from
-    the UI keep dvc.lock true. Needs a Prefect server: `prefect server start`, then
-    PREFECT_API_URL=http://127.0.0.1:4200/api. Stop with Ctrl-C."""
     from prefect.settings import PREFECT_API_URL
 
     with user_errors():
@@ -91,10 +93,11 @@ def serve(params_path: ParamsOption = Path("params.yaml")) -> None:
         serve_all(Path.cwd(), params.serve)
 
 
-@app.command()
+@app.command(
+    help="Print what the pipeline runs on: PIL (pillow-simd?), libjpeg-turbo, torch and "
+    "CUDA devices, and which Prefect API flows report to."
+)
 def doctor() -> None:
-    """Print what the pipeline runs on: PIL (pillow-simd?), libjpeg-turbo, torch and CUDA
-    devices, and which Prefect API flows report to."""
     from prefect.settings import PREFECT_API_URL
 
     from alexnet.doctor import facts

@@ -139,3 +139,22 @@ def tiny_training_data(root: Path) -> Path:
     eig = {"eigenvalues": [900.0, 90.0, 9.0], "eigenvectors": np.eye(3).tolist()}
     (root / "stats" / "pca.json").write_text(json.dumps(eig))
     return root
+
+
+def train_run(data: Path, folder: Path, model: dict | None = None, **train):
+    """A `TrainRun` on `tiny_training_data(data)` writing into `folder`: batch 4, a
+    checkpoint every step, caffe init with dropout 0.5 unless `model` says otherwise."""
+    from alexnet.params import ModelParams, PrepareParams, TrainParams
+    from alexnet.train import TrainRun
+
+    train = {"batch_size": 4, "val_batch_size": 4, "checkpoint_every": 1, **train}
+    return TrainRun(
+        train=TrainParams(**train),
+        model=ModelParams(**{"init": "caffe", "dropout": 0.5, **(model or {})}),
+        image=PrepareParams().image_options(),
+        lmdb=data / "lmdb",
+        stats=data / "stats",
+        model_path=folder / "alexnet.pt",
+        checkpoint=folder / "ckpt.pt",
+        metrics=folder / "metrics",
+    )

@@ -8,25 +8,51 @@ import subprocess
 import sys
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
-from alexnet.cli import app
+from flows.cli import app
+from flows.stages import STAGES
 from tests.helpers import REPO, make_imagefolder
 
 runner = CliRunner()
 
 
 def alexnet(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "alexnet.cli", *args]
+    command = [sys.executable, "-m", "flows.cli", *args]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+
+
+COMMANDS = {  # command: words its help must say
+    "synth": "demo dataset",
+    "prepare": "shorter side is 256",
+    "stats": "mean image",
+    "pack": "LMDB",
+    "train": "paper's recipe",
+    "evaluate": "10-crop",
+    "predict": "Reads only the model file",
+    "serve": "deployments",
+    "doctor": "what the pipeline runs on",
+}
 
 
 def test_help_lists_every_command_with_its_purpose():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("synth", "prepare", "doctor"):
-        assert command in result.output
-    assert "shorter side is 256" in runner.invoke(app, ["prepare", "--help"]).output
+    listed = {c.name for c in typer.main.get_command(app).commands.values()}
+    assert listed == set(COMMANDS)
+    for command, words in COMMANDS.items():
+        help_text = " ".join(runner.invoke(app, [command, "--help"]).output.split())
+        assert words in help_text, command
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_each_stage_command_shows_the_tables_default_paths(stage):
+    text = " ".join(runner.invoke(app, [stage, "--help"]).output.split())
+    for arg in STAGES[stage].paths:
+        shown = f"params {arg.default}" if arg.from_params else arg.default
+        assert shown in text, (stage, arg.name)
+    assert ("--workers" in text) == STAGES[stage].parallel
 
 
 def test_doctor_names_the_imaging_library_and_devices():

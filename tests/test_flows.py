@@ -118,7 +118,7 @@ def test_real_sigkill_then_rerun_gives_the_same_shards(tmp_path, prefect_server)
     command = [
         sys.executable,
         "-m",
-        "alexnet.cli",
+        "flows.cli",
         "prepare",
         str(root),
         str(tmp_path / "out"),
@@ -190,7 +190,7 @@ def test_pack_flow_orders_and_worker_invariance(reference, tmp_path):
     import numpy as np
 
     from alexnet.pack import index_shards, load_chunk
-    from alexnet.params import PackParams
+    from alexnet.params import ComputeParams, PackParams
     from alexnet.reader import LmdbSplit
     from flows.pack import pack_flow
 
@@ -198,7 +198,7 @@ def test_pack_flow_orders_and_worker_invariance(reference, tmp_path):
     params = PackParams(batch=5, seed=3)
     for workers in (1, 2):
         counts = pack_flow.with_options(task_runner=task_runner(None, workers))(
-            str(prepared), str(tmp_path / f"l{workers}"), params, workers
+            str(prepared), str(tmp_path / f"l{workers}"), params, ComputeParams(workers=workers)
         )
         assert counts == {"train": 21, "val": 6}
     for split in ("train", "val"):

@@ -42,7 +42,7 @@ def test_dvc_repro_runs_the_chain_and_reruns_only_what_changed(tmp_path, prefect
     repo = repo_copy(
         tmp_path / "repo", {**TINY_CHAIN, "prepare": {**TINY_CHAIN["prepare"], "raw": "../raw"}}
     )
-    synth = [sys.executable, "-m", "alexnet.cli", "synth", str(tmp_path / "raw")]
+    synth = [sys.executable, "-m", "flows.cli", "synth", str(tmp_path / "raw")]
     subprocess.run(
         [*synth, "-p", str(repo / "params.yaml")], cwd=repo, check=True, capture_output=True
     )
@@ -57,11 +57,21 @@ def test_dvc_repro_runs_the_chain_and_reruns_only_what_changed(tmp_path, prefect
         params[section] = {**params.get(section, {}), **values}
         (repo / "params.yaml").write_text(yaml.safe_dump(params))
 
-    # DVC sees the stage whose params changed, or whose data changed, and nothing else
-    # (the stages after it run once its outputs change: the retrain below shows that).
+    # DVC sees the stages whose params changed, or whose data changed, and nothing else
+    # (the stages after them run once their outputs change: the retrain below shows it).
+    # prepare.quality: prepare makes the images with it, train records it in the model.
     edit("prepare", quality=80)
-    assert list(dvc_status(repo)) == ["prepare"]
+    assert sorted(dvc_status(repo)) == ["prepare", "train"]
     edit("prepare", quality=90)
+    # A one-line code edit marks exactly the stages whose code imports the file.
+    for name in ("alexnet/imageops.py", "alexnet/lrn.py", "alexnet/shards.py"):
+        source = repo / name
+        original = source.read_bytes()
+        source.write_bytes(original + b"# an edit\n")
+        importers = [s for s in STAGES if name in code_deps(repo, s)]
+        assert importers and sorted(dvc_status(repo)) == sorted(importers), name
+        source.write_bytes(original)
+    assert dvc_status(repo) == {}
     # New images in the raw folder (outside the repo, as ImageNet's) change prepare.
     extra = next((tmp_path / "raw" / "train").iterdir())
     first = next(extra.iterdir())
@@ -75,6 +85,12 @@ def test_dvc_repro_runs_the_chain_and_reruns_only_what_changed(tmp_path, prefect
     retrained = retrain_flow(repo=str(repo))
     assert retrained["ran"] == ["train", "evaluate"]
     assert retrained["metrics"]["metrics/eval.json:images"] == 4 and status_clean(repo)
+
+
+def code_deps(repo: Path, stage: str) -> set[str]:
+    return {
+        str(d) for d in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]["deps"]
+    }
 
 
 def free_port() -> int:
@@ -146,7 +162,7 @@ def test_prefect_ui_path_serve_deployments_and_a_triggered_stage(tmp_path):
         wait_for(lambda: api(url, "/health") is True, 150, "the Prefect server")
         log = open(tmp_path / "serve.log", "w")  # noqa: SIM115  (closed with the process)
         serving = subprocess.Popen(
-            [sys.executable, "-m", "alexnet.cli", "serve"],
+            [sys.executable, "-m", "flows.cli", "serve"],
             cwd=repo,
             env=env,
             stdout=log,

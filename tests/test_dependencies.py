@@ -1,0 +1,171 @@
+"""One truth for what each stage is made of: dvc.yaml against the code.
+
+A stage's code dependencies are the import closure of its entry module (imports inside
+functions included); its params, command and paths are those of its row in
+flows/stages.py. Also the layering: the library imports no Prefect, has no import cycles
+and changes nothing in the host process when imported.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from alexnet.digests import training_code
+from alexnet.imports import PACKAGES, closure, imported_modules, module_file
+from alexnet.repro import STAGES as CHAIN
+from flows.stages import STAGES
+from tests.helpers import REPO
+
+DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+CODE = tuple(f"{package}/" for package in PACKAGES)
+
+
+def code_deps(stage: str) -> set[str]:
+    return {dep for dep in DVC[stage]["deps"] if dep.startswith(CODE)}
+
+
+def stage_closure(stage: str) -> set[str]:
+    return {path.relative_to(REPO).as_posix() for path in closure(REPO, STAGES[stage].module)}
+
+
+def test_the_chain_is_the_table_in_order():
+    assert list(DVC) == list(STAGES) == list(CHAIN)
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_code_deps_are_the_import_closure_of_the_entry_module(stage):
+    deps, needed = code_deps(stage), stage_closure(stage)
+    assert not needed - deps, f"dvc.yaml's {stage} lacks files its code imports"
+    assert not deps - needed, f"dvc.yaml's {stage} lists files its code no longer imports"
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_command_params_and_paths_come_from_the_table(stage):
+    row, entry = STAGES[stage], DVC[stage]
+    assert entry["cmd"] == f"python -m {row.module}"  # no paths: the table's defaults
+    assert tuple(entry.get("params", ())) == row.params
+    # Every data path DVC tracks lies in one of the stage's paths (a renamed default
+    # path in the table leaves dvc.yaml pointing elsewhere, and fails here).
+    paths = [f"${{{arg.default}}}" if arg.from_params else arg.default for arg in row.paths]
+    tracked = [d for d in entry["deps"] if not d.startswith(CODE)]
+    for key in ("outs", "metrics"):
+        tracked += [next(iter(o)) if isinstance(o, dict) else o for o in entry.get(key, ())]
+    for path in tracked:
+        assert any(path == p or path.startswith(p.rstrip("/") + "/") for p in paths), path
+    for key in row.params:  # each params key names a real field
+        section, _, name = key.partition(".")
+        fields = type(getattr(__import__("alexnet.params").params.Params(), section)).model_fields
+        assert not name or name in fields, key
+
+
+def test_the_params_of_a_stage_are_sections_its_flow_takes():
+    for row in STAGES.values():
+        assert {key.split(".")[0] for key in row.params} <= set(row.sections), row.name
+
+
+def test_the_training_code_a_checkpoint_records_is_the_train_stage_code():
+    files = {path.relative_to(REPO).as_posix() for path in training_code()}
+    assert files == {p.relative_to(REPO).as_posix() for p in closure(REPO, "alexnet.fit")}
+    assert files <= code_deps("train") and "alexnet/model.py" in files
+
+
+def test_closure_follows_imports_inside_functions(tmp_path):
+    (tmp_path / "alexnet").mkdir()
+    (tmp_path / "alexnet" / "__init__.py").write_text("")
+    (tmp_path / "alexnet" / "a.py").write_text("def f():\n    from alexnet import b\n")
+    (tmp_path / "alexnet" / "b.py").write_text("from .c import x\n")
+    (tmp_path / "alexnet" / "c.py").write_text("import os\nx = 1\n")
+    (tmp_path / "alexnet" / "unused.py").write_text("")
+    found = {p.name for p in closure(tmp_path, "alexnet.a")}
+    assert found == {"__init__.py", "a.py", "b.py", "c.py"}
+
+
+def test_no_import_cycles_in_the_project():
+    modules = {}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).glob("*.py")):
+            name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+            modules[name] = {
+                m
+                for m in imported_modules(REPO, path)
+                if module_file(REPO, m) and m != name and not name.startswith(m + ".")
+            }
+
+    def visit(name: str, trail: tuple[str, ...]) -> None:
+        assert name not in trail, " -> ".join([*trail, name])
+        for other in modules.get(name, ()):
+            visit(other, (*trail, name))
+
+    for name in modules:
+        visit(name, ())
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+    )
+
+
+def library_modules() -> list[str]:
+    return sorted(
+        f"alexnet.{p.stem}" for p in (REPO / "alexnet").glob("*.py") if p.stem != "__init__"
+    )
+
+
+def test_the_library_imports_no_prefect():
+    # With prefect made unimportable, every module of alexnet/ still imports.
+    done = run_python(
+        f"""
+        import importlib, sys
+        sys.modules["prefect"] = None  # `import prefect` now raises ImportError
+        for name in {library_modules()!r}:
+            importlib.import_module(name)
+        print("ok")
+        """
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_importing_the_library_changes_nothing_in_the_host_process():
+    done = run_python(
+        f"""
+        import importlib, os, torch, torchvision.io  # third parties set their own
+        before = dict(os.environ)
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        for name in {library_modules()!r}:
+            importlib.import_module(name)
+        assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())
+        assert torch.are_deterministic_algorithms_enabled() == deterministic
+        assert not hasattr(torch.ops.alexnet, "lrn_forward_cpu"), "an op was registered"
+        from alexnet.runtime import HINTS, configure
+        configure()  # the explicit set-up entry points call
+        assert all(os.environ[k] == v for k, v in HINTS.items())
+        print("ok")
+        """
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_only_the_training_entry_sets_determinism(data, tmp_path):
+    from alexnet.train import Trainer
+    from tests.helpers import train_run
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        Trainer(train_run(data, tmp_path, deterministic=True, epochs=1))
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(previous)
