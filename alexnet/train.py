@@ -59,7 +59,7 @@ class TrainRun(BaseModel):
     train: TrainParams
     model: ModelParams
     image: dict  # params prepare.image_options(): recorded in the model file for predict
-    kernels: Kernels = "fast"
+    kernels: Kernels  # params compute.kernels
     lmdb: Path  # train/ and val/ stores
     stats: Path  # mean.npy, pca.json
     model_path: Path

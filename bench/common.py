@@ -34,13 +34,14 @@ def bench_run(root: Path, model: dict | None = None, **train):
     fresh checkpoint path, caffe init unless `model` says otherwise."""
     import time
 
-    from alexnet.params import ModelParams, PrepareParams, TrainParams
+    from alexnet.params import ComputeParams, ModelParams, PrepareParams, TrainParams
     from alexnet.train import TrainRun
 
     return TrainRun(
         train=TrainParams(**train),
         model=ModelParams(**{"init": "caffe", **(model or {})}),
         image=PrepareParams().image_options(),
+        kernels=ComputeParams().kernels,
         lmdb=root,
         stats=root / "stats",
         model_path=root / "alexnet.pt",

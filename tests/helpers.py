@@ -144,7 +144,7 @@ def tiny_training_data(root: Path) -> Path:
 def train_run(data: Path, folder: Path, model: dict | None = None, **train):
     """A `TrainRun` on `tiny_training_data(data)` writing into `folder`: batch 4, a
     checkpoint every step, caffe init with dropout 0.5 unless `model` says otherwise."""
-    from alexnet.params import ModelParams, PrepareParams, TrainParams
+    from alexnet.params import ComputeParams, ModelParams, PrepareParams, TrainParams
     from alexnet.train import TrainRun
 
     train = {"batch_size": 4, "val_batch_size": 4, "checkpoint_every": 1, **train}
@@ -152,6 +152,7 @@ def train_run(data: Path, folder: Path, model: dict | None = None, **train):
         train=TrainParams(**train),
         model=ModelParams(**{"init": "caffe", "dropout": 0.5, **(model or {})}),
         image=PrepareParams().image_options(),
+        kernels=ComputeParams().kernels,
         lmdb=data / "lmdb",
         stats=data / "stats",
         model_path=folder / "alexnet.pt",
