@@ -4,7 +4,6 @@ the repository as a fresh git + DVC project, a tiny LMDB training set."""
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +158,12 @@ def train_run(data: Path, folder: Path, model: dict | None = None, **train):
         checkpoint=folder / "ckpt.pt",
         metrics=folder / "metrics",
     )
+
+
+def within(got, expected, rtol: float) -> bool:
+    """|got - expected| <= rtol * max|expected| everywhere (tensors of any device and
+    float dtype, compared in float64 on the CPU): a tolerance relative to the largest
+    value, as float rounding errors of sums and products scale with it."""
+    got, expected = got.detach().cpu().double(), expected.detach().cpu().double()
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    return bool((got - expected).abs().max() <= rtol * expected.abs().max())

@@ -1,11 +1,13 @@
-"""Augmentation math of section 4.1 against direct computations."""
+"""Augmentation math of section 4.1 against direct computations; the fast CPU kernel
+against `Augment.reference` (crop windows themselves: tests/test_crops.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from alexnet.augment import Augment, centre_crop, crop_windows, lighting_offsets
+from alexnet import augment_cpu
+from alexnet.augment import Augment, lighting_offsets
 
 N = 64
 
@@ -20,15 +22,6 @@ def coordinate_images(n: int = N) -> torch.Tensor:
 def eigen():
     vectors = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(1)))[0]
     return torch.tensor([4000.0, 400.0, 40.0]), vectors
-
-
-def test_gather_equals_slicing():
-    images = torch.randint(0, 256, (5, 3, 40, 50), dtype=torch.uint8)
-    tops, lefts = torch.tensor([0, 3, 16, 8, 1]), torch.tensor([0, 26, 5, 13, 9])
-    crops = crop_windows(images, tops, lefts, 24)
-    for n in range(5):
-        t, left = int(tops[n]), int(lefts[n])
-        assert torch.equal(crops[n], images[n, :, t : t + 24, left : left + 24])
 
 
 def test_random_crops_are_224_windows_inside_the_image_and_vary():
@@ -98,13 +91,6 @@ def test_lighting_scale_magnitudes_match_the_known_imagenet_figures():
     assert abs(unit[0, 0].item() - 5.546) < 0.01 and abs(std[0, 0].item() - 11.89) < 0.01
 
 
-def test_centre_crop_and_its_mean_window():
-    images = coordinate_images(2).float()
-    out = centre_crop(images, images[0] * 0 + 1)
-    assert out.shape == (2, 3, 224, 224)
-    assert out[0, 0, 0, 0] == 16 - 1 and out[0, 1, 0, 0] == 16 - 1
-
-
 def test_same_generator_seed_same_batch():
     images = torch.randint(0, 256, (8, 3, 256, 256), dtype=torch.uint8)
     augment = Augment(torch.rand(3, 256, 256) * 255, *eigen())
@@ -113,16 +99,18 @@ def test_same_generator_seed_same_batch():
     assert not torch.equal(first, augment(images, torch.Generator().manual_seed(4)))
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_whole_transform_equals_the_direct_order_per_image(channels_last):
+@pytest.mark.parametrize(
+    ("channels_last", "kernels"), [(False, "fast"), (True, "fast"), (True, "reference")]
+)
+def test_whole_transform_equals_the_direct_order_per_image(channels_last, kernels):
     # crop, subtract the mean's same window, reflect, add the lighting offset: one image
     # at a time by slicing, against the batched transform (which reflects before
     # subtracting, from a reflected mean), bit for bit.
     images = torch.randint(0, 256, (16, 3, 256, 256), dtype=torch.uint8)
     if channels_last:  # as the trainer reads them: an NCHW view of HWC rows
-        images = images.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        images = nhwc(images)
     mean = torch.rand(3, 256, 256) * 255
-    augment = Augment(mean, *eigen())
+    augment = Augment(mean, *eigen(), kernels=kernels)
     draws = augment.draw(16, generator=torch.Generator().manual_seed(5))
     assert draws.flips.any() and not draws.flips.all()
     out = augment.apply(images, draws)
@@ -140,25 +128,54 @@ def test_whole_transform_equals_the_direct_order_per_image(channels_last):
         assert torch.equal(out[n], expected), n
 
 
-@pytest.mark.parametrize(
-    "switches",
-    [{}, {"lighting": 0.0}, {"subtract_mean": False}, {"flip": False, "random_crop": False}],
-)
-def test_cpu_kernel_equals_the_torch_ops_bit_for_bit(switches, monkeypatch):
-    # The loader's NHWC batches take alexnet.augment_cpu's one-pass kernel; NCHW ones the
-    # torch ops. The same draws must give the same bits through both, for each ablation.
-    from alexnet import augment_cpu
+def nhwc(images: torch.Tensor) -> torch.Tensor:
+    """The same images in the loader's memory layout: an NCHW view of HWC rows."""
+    return images.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
 
-    nchw = torch.randint(0, 256, (8, 3, 256, 256), dtype=torch.uint8)
-    nhwc = nchw.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+
+SWITCHES = [
+    {},
+    {"lighting": 0.0},
+    {"subtract_mean": False},
+    {"flip": False, "random_crop": False},
+    {"lighting_scale": "std255"},
+    {"crop": 227},
+]
+
+
+@pytest.mark.parametrize("switches", SWITCHES)
+def test_cpu_kernel_equals_the_reference_bit_for_bit(switches, monkeypatch):
+    # The loader's NHWC batches take alexnet.augment_cpu's one-pass kernel, other
+    # batches the reference. The same draws must give the same bits, for each ablation.
+    images = torch.randint(0, 256, (8, 3, 256, 256), dtype=torch.uint8)
     augment = Augment(torch.rand(3, 256, 256) * 255, *eigen(), **switches)
     draws = augment.draw(8, generator=torch.Generator().manual_seed(9))
+    assert not augment.flip or (draws.flips.any() and not draws.flips.all())
+    expected = augment.reference(images, draws)
+    assert torch.equal(augment.reference(nhwc(images), draws), expected)
     used = []
     kernel = augment_cpu.crops
     monkeypatch.setattr(augment_cpu, "crops", lambda *a: used.append(1) or kernel(*a))
-    expected = augment.apply(nchw, draws)
-    assert not used
-    assert torch.equal(augment.apply(nhwc, draws), expected) and used == [1]
+    assert torch.equal(augment.apply(images, draws), expected) and not used  # NCHW: reference
+    fast = augment.apply(nhwc(images), draws)
+    assert used == [1] and fast.dtype == expected.dtype and fast.shape == expected.shape
+    assert torch.equal(fast, expected)
+
+
+def test_reference_kernels_never_call_the_cpu_kernel(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("fast kernel called")
+
+    images = nhwc(torch.randint(0, 256, (4, 3, 256, 256), dtype=torch.uint8))
+    mean = torch.rand(3, 256, 256) * 255
+    fast, reference = Augment(mean, *eigen()), Augment(mean, *eigen(), kernels="reference")
+    draws = fast.draw(4, generator=torch.Generator().manual_seed(2))
+    expected = fast.apply(images, draws)
+    monkeypatch.setattr(augment_cpu, "crops", broken)
+    assert torch.equal(reference.apply(images, draws), expected)
+    assert torch.equal(reference(images, torch.Generator().manual_seed(2)), expected)
+    with pytest.raises(RuntimeError, match="fast kernel called"):
+        fast.apply(images, draws)  # the patch is where the fast path goes
 
 
 def test_cpu_kernel_refuses_windows_outside_the_image_and_a_mismatched_mean():

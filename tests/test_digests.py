@@ -3,11 +3,14 @@
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
 
-from alexnet.digests import TRAINING_CODE, changed_code, code_digests, file_digest
+from alexnet.digests import TRAINING_ENTRY, changed_code, code_digests, file_digest, training_code
+from alexnet.imports import closure
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,14 +37,53 @@ def test_file_digest_is_the_sha256_and_remembers_the_same_file(tmp_path):
     assert file_digest(path, memo) == sha16(b"other bytes")
 
 
+def test_code_digests_are_the_sha256_of_each_training_file_by_path():
+    current = code_digests()
+    files = training_code()
+    assert list(current) == sorted(current)
+    assert set(current) == {path.relative_to(ROOT).as_posix() for path in files}
+    for name, digest in current.items():
+        assert digest == sha16((ROOT / name).read_bytes()), name
+    # the files that decide the weights, and no orchestration
+    for name in ("fit", "train", "model", "lrn", "lrn_cpu", "augment", "augment_cpu", "crops"):
+        assert f"alexnet/{name}.py" in current, name
+    assert not any(name.startswith(("flows/", "tasks/", "tests/")) for name in current)
+
+
 def test_changed_code_names_the_files_that_differ():
     current = code_digests()
-    assert set(current) == {f"{name}.py" for name in TRAINING_CODE}
     assert changed_code(current, current) == []
-    assert changed_code({**current, "model.py": "0" * 16}, current) == ["model.py"]
+    edited = {**current, "alexnet/model.py": "0" * 16}
+    assert changed_code(edited, current) == ["alexnet/model.py"]
     assert changed_code(None, current) == sorted(current)  # a checkpoint from before
+    assert changed_code("garbage", current) == sorted(current)
+    # a file the recording run did not have counts as changed; one it had and we lost not
+    fewer = {k: v for k, v in current.items() if k != "alexnet/lrn.py"}
+    assert changed_code(fewer, current) == ["alexnet/lrn.py"]
+    assert changed_code(current, fewer) == []
 
 
-def test_training_code_is_what_dvc_yaml_lists_for_the_train_stage():
+def test_training_code_is_the_import_closure_of_the_training_entry():
+    assert TRAINING_ENTRY == "alexnet.fit"
+    assert set(training_code()) == closure(ROOT, TRAINING_ENTRY)
+    # Independently of the AST reading: every project module that importing the entry
+    # loads is in it (imports inside functions are in it too, but load later).
+    code = (
+        f"import sys, {TRAINING_ENTRY}\n"
+        "for name, module in sorted(sys.modules.items()):\n"
+        "    if name.split('.')[0] in ('alexnet', 'flows', 'tasks'):\n"
+        "        print(module.__file__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = {Path(line).resolve() for line in done.stdout.splitlines()}
+    assert ROOT / "alexnet" / "fit.py" in loaded
+    assert loaded <= set(training_code()), loaded - set(training_code())
+
+
+def test_training_code_is_in_the_train_stage_deps_of_dvc_yaml():
+    # a change to any file of the training code re-runs the train stage
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["deps"]
-    assert {Path(d).stem for d in deps if d.startswith("alexnet/")} == set(TRAINING_CODE)
+    assert set(code_digests()) <= set(deps)

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet.imageops import BadImage, centre_box, draft_for, open_image, prepare_image
+from alexnet.imageops import (
+    BadImage,
+    centre_box,
+    draft_for,
+    open_image,
+    prepare_image,
+    resize_crop,
+)
 from tests.helpers import encode, jpeg, photo
 
 
@@ -38,15 +45,71 @@ def test_shorter_side_is_rescaled_then_centre_cropped():
     assert out[:, :, 1].mean() > 190
 
 
-def test_matches_resize_then_crop_computed_directly():
-    source = photo(480, 360, seed=3)
-    ours = decoded(prepare_image(encode(source, "PNG"), ".png", quality=100))
-    # Direct computation: resize the whole image so the shorter side is 256, crop centre.
-    full = source.resize((341, 256), Image.Resampling.BILINEAR)
-    left = (341 - 256) // 2
-    direct = np.asarray(full.crop((left, 0, left + 256, 256)), dtype=np.float64)
-    # Same sampling up to the sub-pixel rounding of the intermediate width; JPEG q100.
-    assert np.abs(ours - direct).mean() < 3.0
+def stripes(width: int, height: int) -> Image.Image:
+    """High frequencies in both directions: red columns of period 3, green rows of
+    period 3, a blue checkerboard of period 2. Resampled, they alias into patterns that
+    a one-pixel shift or another filter changes everywhere."""
+    y, x = np.mgrid[0:height, 0:width]
+    red = np.where(x % 3 == 0, 255, 0)
+    green = np.where(y % 3 == 1, 255, 0)
+    blue = np.where((x + y) % 2 == 0, 230, 20)
+    return Image.fromarray(np.stack([red, green, blue], -1).astype(np.uint8), "RGB")
+
+
+def resize_then_crop(image: Image.Image, resample: str, dx: int = 0, dy: int = 0) -> np.ndarray:
+    """The independent expectation: resize the WHOLE image so its shorter side is 256
+    (sizes chosen so that both sides scale exactly), then crop the central 256 x 256
+    window of the result (moved by dx, dy to show what a shift would look like)."""
+    width, height = image.size
+    side = min(width, height)
+    assert width * 256 % side == 0 and height * 256 % side == 0
+    full_w, full_h = width * 256 // side, height * 256 // side
+    full = image.resize((full_w, full_h), FILTERS[resample])
+    left, top = (full_w - 256) // 2 + dx, (full_h - 256) // 2 + dy
+    assert (full_w - 256) % 2 == 0 and (full_h - 256) % 2 == 0
+    return np.asarray(full.crop((left, top, left + 256, top + 256)), dtype=np.int64)
+
+
+# (width, height): landscape and portrait, a centre window at a half-pixel source offset
+# (325 x 320: box left 2.5), and an upscale
+GEOMETRIES = [(600, 300), (375, 750), (325, 320), (200, 100)]
+OTHER = {"bilinear": "bicubic", "bicubic": "bilinear", "lanczos": "bilinear"}
+FILTERS = {  # Pillow's own, not the module's table
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@pytest.mark.parametrize("resample", ["bilinear", "bicubic", "lanczos"])
+@pytest.mark.parametrize(("width", "height"), GEOMETRIES)
+def test_prepared_pixels_are_resize_then_centre_crop_before_encoding(
+    width, height, resample, monkeypatch
+):
+    # The image prepare_image encodes (captured before JPEG), against the whole image
+    # resized with the same filter and cropped at the centre: the same pixels. Downscales
+    # agree exactly; Pillow's upscale of a box rounds a few values by up to 2 levels.
+    from alexnet import imageops
+
+    captured = []
+    monkeypatch.setattr(imageops, "encode_jpeg", lambda image, q: captured.append(image) or b"")
+    source = stripes(width, height)
+    prepare_image(encode(source, "PNG"), ".png", resample=resample)
+    (image,) = captured
+    assert image.size == (256, 256) and image.mode == "RGB"
+    ours = np.asarray(image, dtype=np.int64)
+    assert np.array_equal(ours, np.asarray(resize_crop(source, 256, resample)))
+    tolerance = 0 if min(width, height) >= 256 else 2
+
+    def matches(expected: np.ndarray) -> bool:
+        return np.abs(ours - expected).max() <= tolerance
+
+    assert matches(resize_then_crop(source, resample))
+    # What the comparison rules out: a window one pixel off, another filter.
+    dx, dy = (1, 0) if width > height else (0, 1)
+    assert not matches(resize_then_crop(source, resample, dx, dy))
+    assert not matches(resize_then_crop(source, resample, -dx, -dy))
+    assert not matches(resize_then_crop(source, OTHER[resample]))
 
 
 def test_centre_box_is_the_central_square_of_the_shorter_side():

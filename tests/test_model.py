@@ -1,15 +1,21 @@
-"""The network of section 3: parameter counts, shapes, the LRN formula, init, ablations."""
+"""The network of section 3: parameter counts, shapes, init, ablations, dropout (the LRN's
+formula and kernels: tests/test_lrn.py)."""
 
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alexnet.model import LRN, AlexNet, local_response_norm, parameter_count
+from alexnet.lrn import LRN
+from alexnet.model import AlexNet, parameter_count
+from tests.helpers import REPO
 
 PAPER_LAYERS = {
     "conv1": 34_944,
@@ -41,76 +47,6 @@ def test_feature_map_sizes(input_size):
             sizes.append(x.shape[-1])
     assert sizes == [55, 27, 27, 13, 13, 13, 13, 6]
     assert model(torch.zeros(2, 3, input_size, input_size)).shape == (2, 10)
-
-
-def lrn_direct(a: torch.Tensor, n=5, alpha=1e-4, beta=0.75, k=2.0, groups=1) -> torch.Tensor:
-    """The paper's formula, literally: a loop over maps, sums over existing neighbours."""
-    a = a.double()
-    out = torch.empty_like(a)
-    per = a.shape[1] // groups
-    for g in range(groups):
-        for i in range(per):
-            lo, hi = max(0, i - n // 2), min(per - 1, i + (n - 1) // 2)  # even n: torch's
-            s = (a[:, g * per + lo : g * per + hi + 1] ** 2).sum(1)
-            out[:, g * per + i] = a[:, g * per + i] / (k + alpha * s) ** beta
-    return out
-
-
-@pytest.mark.parametrize("groups", [1, 2])
-def test_lrn_is_the_papers_formula_within_each_column(groups):
-    x = torch.randn(2, 12, 5, 4) * 30  # large activations, where LRN matters
-    ours = local_response_norm(x, groups=groups)
-    assert torch.allclose(ours.double(), lrn_direct(x, groups=groups), rtol=1e-6, atol=1e-6)
-
-
-def test_lrn_equals_torch_reference_with_alpha_times_n():
-    x = torch.relu(torch.randn(3, 96, 27, 27)) * 50
-    reference = F.local_response_norm(x, size=5, alpha=5 * 1e-4, beta=0.75, k=2.0)
-    assert torch.allclose(local_response_norm(x), reference, rtol=1e-6, atol=1e-6)
-    # torch's alpha is divided by n: passing the paper's 1e-4 to it is another function.
-    assert not torch.allclose(F.local_response_norm(x, 5, 1e-4, 0.75, 2.0), reference, rtol=1e-3)
-
-
-@pytest.mark.parametrize(("size", "groups"), [(5, 2), (5, 1), (4, 1), (3, 2)])
-def test_cpu_kernels_equal_the_formula_and_its_gradient(size, groups):
-    # float32 on a CPU with the paper's beta runs alexnet.lrn_cpu's kernels; 23x27 pixels
-    # span two of their 512-pixel tiles
-    from alexnet import lrn_cpu
-
-    torch.manual_seed(size)
-    x = torch.relu(torch.randn(3, 8, 23, 27)) * 30
-    grad = torch.randn_like(x)
-    assert lrn_cpu.applies(x, 0.75) and not lrn_cpu.applies(x.double(), 0.75)
-    out = lrn_cpu.forward(x, size, 1e-3, 2.0, groups)
-    direct = lrn_direct(x, n=size, alpha=1e-3, groups=groups)
-    assert torch.allclose(out.double(), direct, rtol=1e-6, atol=1e-7)
-    x64 = x.double().requires_grad_()
-    lrn64 = local_response_norm(x64, size=size, alpha=1e-3, groups=groups)  # eager, float64
-    (expected,) = torch.autograd.grad(lrn64, x64, grad.double())
-    error = (lrn_cpu.backward(grad, x, size, 1e-3, 2.0, groups).double() - expected).abs()
-    assert error.max() <= 1e-6 * expected.abs().max()
-
-
-def test_float32_lrn_takes_the_kernels_and_any_thread_count_gives_the_same_bits(monkeypatch):
-    from alexnet import lrn_cpu
-
-    used = []
-    for name in ("forward", "backward"):
-        kernel = getattr(lrn_cpu, name)
-        monkeypatch.setattr(lrn_cpu, name, lambda *a, k=kernel, n=name: used.append(n) or k(*a))
-    x = (torch.relu(torch.randn(5, 12, 9, 9)) * 30).requires_grad_()
-    grad = torch.randn_like(x)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for count in (1, 3):
-            torch.set_num_threads(count)
-            out = local_response_norm(x, groups=2)
-            results.append((out, *torch.autograd.grad(out, x, grad)))
-    finally:
-        torch.set_num_threads(threads)
-    assert used == ["forward", "backward"] * 2
-    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
 
 def test_conv2_is_connected_within_a_column_only():
@@ -166,11 +102,59 @@ def test_ablation_switches():
     assert AlexNet(num_classes=7, overlap_pool=False)(torch.zeros(1, 3, 224, 224)).shape == (1, 7)
     drops = [m.p for m in AlexNet(dropout=0.3).classifier if isinstance(m, nn.Dropout)]
     assert drops == [0.3, 0.3]
-    # Dropout acts in training only (inverted dropout: same expectation at test time).
-    model = AlexNet(num_classes=5, dropout=0.5)
-    x = torch.randn(2, 3, 224, 224)
-    model.eval()
-    assert torch.equal(model(x), model(x))
+
+
+def dropout_traffic(model: AlexNet, x: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """The logits, and (input, output) of each dropout layer of the classifier."""
+    seen = []
+    hooks = [
+        module.register_forward_hook(lambda m, i, o: seen.append((i[0].clone(), o.clone())))
+        for module in model.classifier
+        if isinstance(module, nn.Dropout)
+    ]
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, seen
+
+
+@pytest.mark.parametrize("p", [0.5, 0.3])
+def test_dropout_zeroes_fc6_and_fc7_units_and_keeps_the_expectation(p):
+    # Section 4.2: each hidden unit of fc6 and fc7 is set to zero with probability p in
+    # training; inverted dropout scales the kept ones by 1/(1-p), so the expected input
+    # of the next layer is the test-time one, where dropout does nothing.
+    torch.manual_seed(0)
+    model = AlexNet(num_classes=10, init="caffe", dropout=p)
+    fc6, fc7 = model.layers()["fc6"], model.layers()["fc7"]
+    positions = [i for i, m in enumerate(model.classifier) if isinstance(m, nn.Dropout)]
+    assert [model.classifier[i - 2] for i in positions] == [fc6, fc7]  # after their ReLUs
+    x = torch.randn(8, 3, 224, 224) * 40
+
+    _, seen = dropout_traffic(model.train(), x)
+    assert len(seen) == 2
+    for layer, (before, after) in zip(("fc6", "fc7"), seen, strict=True):
+        active = before > 0  # ReLU outputs; a unit at 0 stays 0 whether dropped or not
+        assert active.sum() > 8 * 4096 // 2, layer  # enough units to count on
+        dropped = active & (after == 0)
+        share = dropped.sum().item() / active.sum().item()
+        assert abs(share - p) < 0.02, (layer, share)  # ~6 standard deviations
+        kept = active & ~dropped
+        assert torch.allclose(after[kept], before[kept] / (1 - p), rtol=1e-6), layer
+        assert torch.all(after[~active] == 0), layer
+        assert abs(after.mean() / before.mean() - 1) < 0.03, layer  # inverted scaling
+    _, again = dropout_traffic(model, x)
+    assert not torch.equal(again[0][1] == 0, seen[0][1] == 0)  # a new mask each pass
+
+    # Test time: dropout is the identity, so the net is the one without dropout.
+    logits, seen = dropout_traffic(model.eval(), x)
+    assert all(torch.equal(before, after) for before, after in seen)
+    plain = AlexNet(num_classes=10, dropout=0.0).eval()
+    plain.load_state_dict(model.state_dict())
+    assert torch.equal(logits, dropout_traffic(plain, x)[0])
+    assert torch.equal(logits, dropout_traffic(model, x)[0])
 
 
 def test_state_dict_round_trip_with_weights_only():
@@ -197,18 +181,6 @@ def test_channels_last_and_bf16_autocast_on_cpu():
     assert torch.allclose(low.float(), reference, rtol=0.1, atol=0.1 * reference.abs().max().item())
 
 
-@pytest.mark.parametrize(("size", "groups"), [(5, 1), (5, 2), (4, 1), (3, 2)])
-def test_lrn_backward_matches_numerical_gradient(size, groups):
-    x = (torch.randn(2, 8, 3, 3, dtype=torch.float64) * 20).requires_grad_()
-    assert torch.autograd.gradcheck(
-        lambda t: local_response_norm(t, size=size, alpha=1e-3, groups=groups), (x,)
-    )
-    ours = local_response_norm(x.detach(), size=size, alpha=1e-3, groups=groups)
-    assert torch.allclose(
-        ours, lrn_direct(x.detach(), n=size, alpha=1e-3, groups=groups), rtol=1e-12
-    )
-
-
 def test_torch_compile_forward_and_backward_on_cpu():
     # Inductor on CPU (C++ codegen): the compiled model gives the same outputs and trains.
     torch.manual_seed(0)
@@ -221,64 +193,64 @@ def test_torch_compile_forward_and_backward_on_cpu():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("groups", [1, 2])
-def test_fused_lrn_path_computes_the_same_forward_and_gradient(groups):
-    # The CUDA path (compiled there) recomputes d in the backward; its math, run eagerly
-    # here, must equal the formula and the saved-tensor backward.
-    from alexnet.model import _fused_backward, _fused_forward
-
-    x = (torch.randn(2, 8, 4, 3, dtype=torch.float64) * 20).requires_grad_()
-    grad = torch.randn(2, 8, 4, 3, dtype=torch.float64)
-    out = _fused_forward(x.detach(), 5, 1e-3, 0.75, 2.0, groups)
-    assert torch.allclose(out, lrn_direct(x.detach(), alpha=1e-3, groups=groups), rtol=1e-12)
-    (expected,) = torch.autograd.grad(local_response_norm(x, alpha=1e-3, groups=groups), x, grad)
-    fused = _fused_backward(grad, x.detach(), 5, 1e-3, 0.75, 2.0, groups)
-    assert torch.allclose(fused, expected, rtol=1e-10, atol=1e-12)
-
-
-def test_fused_lrn_falls_back_to_eager_when_compilation_fails(monkeypatch):
-    from alexnet import model as module
-
-    def broken(function, dynamic=None):
-        def fails(*args):
-            raise RuntimeError("no Triton here")
-
-        return fails
-
-    monkeypatch.setattr(module, "_FUSED", {})
-    monkeypatch.setattr(module.torch, "compile", broken)
-    x = torch.randn(2, 8, 3, 3) * 20
-    with pytest.warns(UserWarning, match="torch.compile failed"):
-        out = module._fused("forward")(x, 5, 1e-4, 0.75, 2.0, 1)
-    assert torch.allclose(out, local_response_norm(x), rtol=1e-6)
-    assert module._FUSED["forward"] is module._fused_forward
-
-
-@pytest.mark.parametrize(("size", "groups"), [(5, 2), (4, 1), (3, 2)])
-def test_window_sum_band_matrix_and_shifted_slices_agree_with_a_direct_sum(size, groups):
-    from alexnet.model import _window_sum
-
-    t = torch.randn(2, 8, 3, 4, dtype=torch.float64)
-    per, half = 8 // groups, size // 2
-    for transpose in (False, True):
-        # direct: map i sums maps j of its group with i - half <= j <= i + size-1-half
-        # (transposed: the maps j whose window holds i)
-        lo, hi = (size - 1 - half, half) if transpose else (half, size - 1 - half)
-        expected = torch.zeros_like(t)
-        for i in range(8):
-            first, last = i // per * per, i // per * per + per - 1
-            for j in range(max(first, i - lo), min(last, i + hi) + 1):
-                expected[:, i] += t[:, j]
-        for slices in (False, True):
-            got = _window_sum(t, size, groups, transpose, alpha=0.5, k=2.0, slices=slices)
-            assert torch.allclose(got, 2.0 + 0.5 * expected, rtol=1e-12), (transpose, slices)
-
-
-def test_setup_compiles_every_numba_kernel():
-    # `make setup` calls this so later processes load the kernels from numba's cache.
+def numba_kernels() -> list:
+    """Every numba kernel of the library (entry points and the ones they call)."""
     from alexnet import augment_cpu, lrn_cpu, stats
+
+    return [
+        lrn_cpu._forward,
+        lrn_cpu._backward,
+        lrn_cpu._terms,
+        lrn_cpu._squares,
+        augment_cpu._crops,
+        stats._accumulate,
+    ]
+
+
+ENTRIES = ("_forward", "_backward", "_crops", "_accumulate")  # what compile_kernels calls
+
+
+def cache_files(kernel) -> tuple[Path, list[Path]]:
+    """numba's cache of `kernel` in its module's __pycache__: the index
+    `<module>.<function>-<line>.py<XY>.nbi` and its data files `....<n>.nbc`."""
+    code = kernel.py_func.__code__
+    source = Path(code.co_filename)
+    stem = f"{source.stem}.{kernel.py_func.__qualname__}-{code.co_firstlineno}"
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}"
+    folder = source.parent / "__pycache__"
+    return folder / f"{stem}.{tag}.nbi", sorted(folder.glob(f"{stem}.{tag}.*.nbc"))
+
+
+def test_setup_compiles_every_numba_kernel_into_the_on_disk_cache():
+    # `make setup` calls compile_kernels so that later processes (stages, DataLoader
+    # workers, tests in parallel) load the kernels from numba's cache, not compile them.
     from alexnet.doctor import compile_kernels
 
     compile_kernels()
-    kernels = (lrn_cpu._forward, lrn_cpu._backward, augment_cpu._crops, stats._accumulate)
-    assert all(kernel.signatures for kernel in kernels)
+    kernels = numba_kernels()
+    # the entry kernels run (the ones they call are compiled into them, and cached too)
+    assert all(kernel.signatures for kernel in kernels if kernel.py_func.__name__ in ENTRIES)
+    for kernel in kernels:
+        index, data = cache_files(kernel)
+        assert index.parent == REPO / "alexnet" / "__pycache__"
+        assert index.is_file() and data, f"no cache for {kernel.py_func.__qualname__}: {index}"
+        # written for this source: numba rewrites the index when the source changes
+        source = Path(kernel.py_func.__code__.co_filename)
+        assert index.stat().st_mtime >= source.stat().st_mtime, index
+
+    # A new process loads every kernel compile_kernels runs from there: no compilation.
+    code = (
+        "from alexnet import augment_cpu, lrn_cpu, stats\n"
+        "from alexnet.doctor import compile_kernels\n"
+        "compile_kernels()\n"
+        "for k in (lrn_cpu._forward, lrn_cpu._backward, augment_cpu._crops, stats._accumulate):\n"
+        "    print(k.py_func.__name__, sum(k.stats.cache_hits.values()),"
+        " sum(k.stats.cache_misses.values()))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split() for line in done.stdout.splitlines()]
+    counts = {name: (int(hits), int(misses)) for name, hits, misses in rows}
+    assert counts == {name: (1, 0) for name in ENTRIES}

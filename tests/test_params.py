@@ -52,3 +52,35 @@ def test_invalid_yaml_names_the_line(tmp_path):
 
 def test_missing_file_means_defaults(tmp_path):
     assert load_params(tmp_path / "none.yaml") == Params()
+
+
+def test_train_device_is_always_a_list_of_names():
+    assert parse_params({}).train.device == ("cpu",)
+    assert parse_params({"train": {"device": "cuda"}}).train.device == ("cuda",)
+    two = parse_params({"train": {"device": "cuda:0, cuda:1"}}).train.device
+    assert two == ("cuda:0", "cuda:1")
+    assert parse_params({"train": {"device": ["cuda:0", "cpu"]}}).train.device == ("cuda:0", "cpu")
+    hash(parse_params({"train": {"device": ["cuda:0", "cpu"]}}))  # frozen sections stay hashable
+    with pytest.raises(ParamsError, match="train.device"):
+        parse_params({"train": {"device": 3}})
+
+
+def test_kernels_switch_is_fast_or_reference():
+    assert parse_params({}).compute.kernels == "fast"
+    assert parse_params({"compute": {"kernels": "reference"}}).compute.kernels == "reference"
+    with pytest.raises(ParamsError, match="compute.kernels"):
+        parse_params({"compute": {"kernels": "numba"}})
+
+
+def test_image_keys_are_prepare_fields():
+    from alexnet.params import PrepareParams
+
+    assert set(PrepareParams.IMAGE_KEYS) <= set(PrepareParams.model_fields)
+    assert "IMAGE_KEYS" not in PrepareParams.model_fields  # a class constant, not a knob
+    params = PrepareParams(size=128, resample="lanczos")
+    assert params.image_options() == {
+        "size": 128,
+        "quality": 90,
+        "resample": "lanczos",
+        "max_pixels": 178_956_970,
+    }

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from alexnet.model import AlexNet
-from alexnet.placement import TwoColumnAlexNet
+from alexnet.placement import DeviceError, TwoColumnAlexNet, place, resolve_devices
+from tests.helpers import REPO
 
 DEVICES = ["cpu", "cpu"]  # two "devices" on CPU exercise the split path (CUDA: see issue note)
 
 
 def test_columns_communicate_only_at_conv3_and_fc_layers():
-    placed = AlexNet(num_classes=10).place(DEVICES)
+    placed = place(AlexNet(num_classes=10), DEVICES)
     assert isinstance(placed, TwoColumnAlexNet)
     crossing = [
         type(m).__name__
@@ -25,7 +27,7 @@ def test_columns_communicate_only_at_conv3_and_fc_layers():
 
 def test_merged_weights_are_the_original_layout():
     model = AlexNet(num_classes=11)
-    placed = model.place(DEVICES)
+    placed = place(model, DEVICES)
     merged = placed.merged_state_dict()
     original = model.state_dict()
     assert merged.keys() == original.keys()
@@ -35,7 +37,7 @@ def test_merged_weights_are_the_original_layout():
 def test_same_function_forward_and_backward():
     torch.manual_seed(0)
     model = AlexNet(num_classes=7, init="caffe", dropout=0.0)
-    placed = model.place(DEVICES)  # from the same weights
+    placed = place(model, DEVICES)  # from the same weights
     x = torch.randn(3, 3, 224, 224) * 40
     target = torch.tensor([0, 3, 6])
     one, two = model(x), placed(x)
@@ -53,4 +55,44 @@ def test_same_function_forward_and_backward():
 
 def test_one_device_is_the_model_itself():
     model = AlexNet(num_classes=3)
-    assert model.place(["cpu"]) is model
+    assert place(model, ["cpu"]) is model
+
+
+def test_the_halves_keep_the_kernels_choice():
+    from alexnet.lrn import LRN
+
+    for kernels in ("fast", "reference"):
+        placed = place(AlexNet(num_classes=3, kernels=kernels), DEVICES)
+        lrns = [m for m in [*placed.column0, *placed.column1] if isinstance(m, LRN)]
+        assert len(lrns) == 4 and {(m.kernels, m.groups) for m in lrns} == {(kernels, 1)}
+
+
+def test_placement_refuses_what_it_cannot_split():
+    with pytest.raises(ValueError, match="one or two devices"):
+        place(AlexNet(num_classes=3), ["cpu"] * 3)
+    with pytest.raises(ValueError, match="two-column network"):
+        place(AlexNet(num_classes=3, columns=1), DEVICES)
+
+
+def test_resolve_devices_checks_the_names_a_run_asks_for():
+    assert resolve_devices(["cpu"]) == [torch.device("cpu")]
+    assert resolve_devices(("cpu", "cpu")) == [torch.device("cpu")] * 2
+    with pytest.raises(DeviceError, match="one, or two"):
+        resolve_devices(["cpu"] * 3)
+    with pytest.raises(DeviceError, match="one, or two"):
+        resolve_devices([])
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count:
+        with pytest.raises(DeviceError, match=f"has {count} CUDA device"):
+            resolve_devices([f"cuda:{count}"])
+    else:
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            resolve_devices(["cuda:0"])
+
+
+def test_the_model_does_not_import_the_placement():
+    # placement builds on the model, not the other way round (no import cycle)
+    from alexnet.imports import imported_modules
+
+    assert "alexnet.placement" not in imported_modules(REPO, REPO / "alexnet" / "model.py")
+    assert "alexnet.model" in imported_modules(REPO, REPO / "alexnet" / "placement.py")

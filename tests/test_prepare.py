@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
+
 import pytest
 
+from alexnet.imageops import prepare_image
+from alexnet.params import PrepareParams
 from alexnet.prepare import (
-    ImageOptions,
     PrepareError,
     check_skipped,
+    fingerprint,
     plan_shards,
     prepare_shard,
     summarize,
@@ -37,7 +42,7 @@ def test_plan_keeps_sorted_order_and_fixed_shard_contents(source):
 
 def test_shard_contents_labels_and_skips(source, tmp_path):
     plan = plan_shards(source, shard_size=4)[0]  # n00000000 x3, then n00000001/broken.JPEG
-    report = prepare_shard(plan, tmp_path / "out", ImageOptions())
+    report = prepare_shard(plan, tmp_path / "out", PrepareParams())
     assert report.skipped == [{"path": "train/n00000001/broken.JPEG", "reason": "empty file"}]
     records = list(iter_shard(tmp_path / "out" / "train" / "shard-00000.tar"))
     assert [r.label for r in records] == [0, 0, 0] and report.kept == 3
@@ -47,23 +52,23 @@ def test_shard_contents_labels_and_skips(source, tmp_path):
 def test_current_shard_is_reused_and_a_changed_input_rebuilds_it(source, tmp_path):
     plan = plan_shards(source, shard_size=4)[0]
     out = tmp_path / "out"
-    first = prepare_shard(plan, out, ImageOptions())
+    first = prepare_shard(plan, out, PrepareParams())
     shard = out / "train" / "shard-00000.tar"
     made = shard.stat().st_mtime_ns
-    again = prepare_shard(plan, out, ImageOptions())
+    again = prepare_shard(plan, out, PrepareParams())
     assert again.reused and not first.reused and shard.stat().st_mtime_ns == made
     assert again.kept == first.kept
 
     # Other options or other content: the shard is rebuilt, not wrongly reused.
-    assert not prepare_shard(plan, out, ImageOptions(quality=70)).reused
+    assert not prepare_shard(plan, out, PrepareParams(quality=70)).reused
     changed = plan.items[0].path
     with open(changed, "wb") as stream:
         stream.write(jpeg(320, 300, seed=99))
-    assert not prepare_shard(plan, out, ImageOptions(quality=70)).reused
+    assert not prepare_shard(plan, out, PrepareParams(quality=70)).reused
 
 
 def test_summary_counts_and_threshold(source, tmp_path):
-    reports = [prepare_shard(p, tmp_path, ImageOptions()) for p in plan_shards(source, 4)]
+    reports = [prepare_shard(p, tmp_path, PrepareParams()) for p in plan_shards(source, 4)]
     summary = summarize(list(reversed(reports)))  # order of completion does not matter
     assert summary == summarize(reports)
     assert (summary["files"], summary["kept"], summary["skipped"]) == (9, 8, 1)
@@ -71,3 +76,49 @@ def test_summary_counts_and_threshold(source, tmp_path):
     check_skipped(summary, 0.2, "report.json")  # 1/9 = 11% is allowed at 20%
     with pytest.raises(PrepareError, match=r"1 of 9 files skipped \(11.1% > max_skipped 10.0%\)"):
         check_skipped(summary, 0.1, "report.json")
+
+
+# A value other than the default for each image key (a new key must be added here).
+OTHER_VALUES = {"size": 200, "quality": 70, "resample": "bicubic", "max_pixels": 10_000_000}
+
+
+def test_image_keys_are_the_options_of_prepare_image():
+    parameters = list(inspect.signature(prepare_image).parameters.values())
+    assert [p.name for p in parameters[:2]] == ["data", "extension"]
+    options = {p.name: p.default for p in parameters[2:]}
+    assert tuple(options) == PrepareParams.IMAGE_KEYS
+    # and the function's defaults are the params' defaults
+    assert PrepareParams().image_options() == options
+    params = PrepareParams(**OTHER_VALUES)
+    assert params.image_options() == OTHER_VALUES
+
+
+def test_prepare_shard_prepares_with_every_image_option(source, tmp_path, monkeypatch):
+    from alexnet import prepare
+
+    calls = []
+    real = prepare.prepare_image
+    monkeypatch.setattr(
+        prepare, "prepare_image", lambda *a, **k: calls.append((a, k)) or real(*a, **k)
+    )
+    params = PrepareParams(**OTHER_VALUES)
+    prepare_shard(plan_shards(source, shard_size=4)[0], tmp_path / "out", params)
+    assert len(calls) == len(plan_shards(source, shard_size=4)[0].items)
+    for args, options in calls:
+        given = inspect.signature(real).bind(*args, **options).arguments
+        assert {key: given.get(key) for key in PrepareParams.IMAGE_KEYS} == OTHER_VALUES
+
+
+def test_fingerprint_follows_every_image_key_and_not_the_sharding(source):
+    plan = plan_shards(source, shard_size=4)[0]
+    contents = [Path(item.path).read_bytes() for item in plan.items]
+    base = fingerprint(plan.items, contents, PrepareParams())
+    assert set(OTHER_VALUES) == set(PrepareParams.IMAGE_KEYS)
+    for key, value in OTHER_VALUES.items():
+        changed = fingerprint(plan.items, contents, PrepareParams(**{key: value}))
+        assert changed != base, key
+    # What decides what is kept or how files are grouped, not the bytes of an image:
+    for other in ({"shard_size": 7}, {"max_skipped": 0.5}, {"raw": "/somewhere/else"}):
+        assert fingerprint(plan.items, contents, PrepareParams(**other)) == base, other
+    # the content and the labels count
+    assert fingerprint(plan.items, [b"x", *contents[1:]], PrepareParams()) != base

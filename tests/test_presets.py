@@ -18,6 +18,7 @@ def test_imagenet_preset_is_the_papers_recipe():
     assert (params.train.momentum, params.train.weight_decay) == (0.9, 5e-4)
     assert params.model.init == "paper" and params.model.columns == 2
     assert params.prepare.raw.startswith("/")  # outside the repo
+    assert params.train.device == ("cuda",) and params.compute.kernels == "fast"
 
 
 def ilsvrc_tree(root, classes=("n01440764", "n01443537"), per_class=3, val=2):
@@ -51,7 +52,7 @@ def test_prepare_reads_an_ilsvrc_tree_with_the_preset(tmp_path):
         [
             sys.executable,
             "-m",
-            "alexnet.cli",
+            "flows.cli",
             "prepare",
             str(raw),
             str(tmp_path / "prepared"),

@@ -6,7 +6,6 @@ import pytest
 
 from alexnet.schedule import PlateauSchedule
 
-
 PAPER = {
     "lr_patience": 2,
     "lr_threshold": 0.0,

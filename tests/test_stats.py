@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,12 +16,13 @@ from alexnet.stats import (
     StatsError,
     fix_signs,
     image_moments,
+    load_stats,
     mean_image,
     reduce_moments,
     rgb_pca,
     shard_moments,
 )
-from tests.helpers import encode, photo
+from tests.helpers import REPO, encode, photo
 
 
 def make_shards(folder, per_shard=(3, 2, 4), size=32):
@@ -100,3 +104,37 @@ def test_wrong_image_size_is_an_error(tmp_path):
     write_shard(tmp_path / "s.tar", [Record("a", encode(photo(40, 32), "JPEG"), 0)], {})
     with pytest.raises(StatsError, match="expected 32x32"):
         shard_moments(tmp_path / "s.tar", size=32)
+
+
+def test_load_stats_gives_the_mean_image_channels_first_and_the_pca(tmp_path):
+    # as the stats stage writes them: mean.npy (H, W, 3) float32 and pca.json
+    paths, _ = make_shards(tmp_path, per_shard=(2, 3))
+    moments = reduce_moments([shard_moments(p, size=32) for p in paths])
+    mean, pca = mean_image(moments), rgb_pca(moments)
+    folder = tmp_path / "stats"
+    folder.mkdir()
+    np.save(folder / "mean.npy", mean, allow_pickle=False)
+    (folder / "pca.json").write_text(json.dumps(pca))
+    loaded, loaded_pca = load_stats(folder)
+    assert loaded.shape == (3, 32, 32) and loaded.dtype.is_floating_point
+    assert loaded.is_contiguous()
+    assert np.array_equal(loaded.numpy(), mean.transpose(2, 0, 1))  # channel c = mean[..., c]
+    assert loaded_pca == pca
+
+
+def test_missing_or_corrupt_stats_are_one_clear_error(tmp_path):
+    with pytest.raises(StatsError, match="missing or corrupt stats.*run stats"):
+        load_stats(tmp_path)
+    np.save(tmp_path / "mean.npy", np.zeros((4, 4, 3), np.float32))
+    (tmp_path / "pca.json").write_text("{not json")
+    with pytest.raises(StatsError, match=f"{tmp_path}: missing or corrupt stats"):
+        load_stats(tmp_path)
+
+
+def test_the_stats_module_runs_without_torch():
+    # the stats stage's workers import alexnet.stats; torch is imported only by load_stats
+    code = "import sys, alexnet.stats\nassert 'torch' not in sys.modules, 'torch imported'\n"
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
