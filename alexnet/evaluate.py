@@ -129,8 +129,11 @@ def evaluate(
     return Results(*columns)
 
 
-def load_model_for(split: LmdbSplit, path: Path, device: torch.device, kernels: Kernels = "fast"):
-    """The model of a model file, checked to classify the classes of `split`."""
+def load_model_for(
+    split: LmdbSplit, path: Path, device: torch.device, kernels: Kernels = "fast"
+) -> tuple[torch.nn.Module, dict]:
+    """The model of a model file, checked to classify the classes of `split`, and the
+    file's contents (its mean image is the one training subtracted)."""
     model, payload = load_model(path, device, kernels)
     if len(split.classes) != len(payload["classes"]):
         raise ModelFileError(
@@ -138,4 +141,4 @@ def load_model_for(split: LmdbSplit, path: Path, device: torch.device, kernels: 
         )
     if split.classes != payload["classes"]:
         raise ModelFileError(f"{path} and {split.path} list different classes")
-    return model
+    return model, payload

@@ -54,10 +54,19 @@ def stop_on_sigterm(trainer: Trainer) -> None:
 def fit(run: TrainRun, world: World = World(), log: Callable[[str], None] = print) -> list[dict]:
     """Train `run` (resuming its checkpoint when it belongs to it) to the end; returns
     the per-epoch records. Raises `Interrupted` after checkpointing on SIGTERM."""
+    # Bit-repeatable CPU runs; on CUDA this also needs CUBLAS_WORKSPACE_CONFIG=:4096:8.
+    # Set for this training only: the caller's setting comes back afterwards.
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(run.train.deterministic, warn_only=True)
+    try:
+        return _fit(run, world, log)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _fit(run: TrainRun, world: World, log: Callable[[str], None]) -> list[dict]:
     from dvclive import Live
 
-    # Bit-repeatable CPU runs; on CUDA this also needs CUBLAS_WORKSPACE_CONFIG=:4096:8.
-    torch.use_deterministic_algorithms(run.train.deterministic, warn_only=True)
     trainer = Trainer(run, world)
     say = log if world.main else (lambda line: None)
     if trainer.resume(say):

@@ -8,7 +8,8 @@ first device.
 an `AlexNet`'s grouped (one-device) weights: each layer is cut into its two columns'
 halves. With one device it only moves the model.
 `TwoColumnAlexNet.merged_state_dict()` gives the weights back in the one-device layout,
-so checkpoints and model files never depend on the placement.
+so model files never depend on the placement. (Checkpoints hold the placed layout with
+its optimizer state; a run on other devices is another run and starts afresh.)
 """
 
 from __future__ import annotations

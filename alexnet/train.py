@@ -255,6 +255,9 @@ class Trainer:
         except Exception as error:  # a damaged checkpoint is only a lost shortcut
             log(f"warning: {self.checkpoint} is damaged ({type(error).__name__}); starting afresh")
             return False
+        if not isinstance(state, dict):
+            log(f"warning: {self.checkpoint} is damaged (not a checkpoint); starting afresh")
+            return False
         if state.get("digest") != self.digest:
             return False
         changed = changed_code(state.get("code"), self.code)

@@ -17,7 +17,6 @@ from alexnet.evaluate import load_model_for
 from alexnet.params import ComputeParams, EvaluateParams
 from alexnet.placement import resolve_devices
 from alexnet.reader import LmdbSplit
-from alexnet.stats import load_stats
 
 
 def _csv(rows: list[dict]) -> bytes:
@@ -57,18 +56,18 @@ def _report(summary: dict, per_class: list[dict], worst: int = 5) -> str:
 @flow(name="evaluate")
 def evaluate_flow(
     val: str,
-    stats: str,
     model_path: str,
     metrics: str,
     evaluate: EvaluateParams,
     compute: ComputeParams,
 ) -> dict:
-    """Write metrics/eval.json, metrics/eval/per_class.csv and metrics/eval/confusion.csv."""
+    """Write metrics/eval.json, metrics/eval/per_class.csv and metrics/eval/confusion.csv.
+    The mean image is the model file's: the one its training subtracted."""
     logger = get_run_logger()
     device = resolve_devices([evaluate.device])[0]
     split = LmdbSplit(val)
-    model = load_model_for(split, Path(model_path), device, compute.kernels)
-    mean, _ = load_stats(Path(stats))
+    model, payload = load_model_for(split, Path(model_path), device, compute.kernels)
+    mean = payload["mean"].float()
     with Progress() as progress:
         bar = progress.add_task("evaluate (10 crops)", total=len(split))
         results = evaluate_split(

@@ -150,7 +150,6 @@ STAGES: dict[str, Stage] = {
             "metrics/eval/.",
             (
                 PathArg("val", "data/lmdb/val", "the validation LMDB store"),
-                PathArg("stats", "data/stats", "folder with mean.npy"),
                 PathArg("model_path", "models/alexnet.pt", "model file from train"),
                 PathArg("metrics", "metrics", "folder for eval.json and eval/", option=True),
             ),

@@ -10,76 +10,63 @@ import pytest
 import torch
 
 from alexnet.distributed import World
-from alexnet.fit import spec
+from alexnet.errors import Interrupted
 from alexnet.params import TrainParams
-from alexnet.train import TrainConfig, Trainer
+from alexnet.train import Trainer, TrainRun, load_history
 from flows.train import torchrun_command
+from tests.helpers import train_run
 
 
-def config(**options) -> TrainConfig:
+def two_epochs(data, folder: Path, **train) -> TrainRun:
     # batch 3 over 10 images: steps of 3, 3, 3, 1, so rank 1 also gets an empty share.
-    return TrainConfig(
-        epochs=2,
-        batch_size=3,
-        val_batch_size=3,
-        checkpoint_every=100,
-        model={"init": "caffe", "dropout": 0.0},
-        **options,
-    )
+    options = {"epochs": 2, "batch_size": 3, "val_batch_size": 3, "checkpoint_every": 100}
+    return train_run(data, folder, {"dropout": 0.0}, **{**options, **train})
 
 
-def test_two_gloo_processes_train_the_weights_of_one(data, tmp_path):  # noqa: F811
-    one = Trainer(config(), data / "train", data / "val", data / "stats", tmp_path / "1.pt")
+def test_two_gloo_processes_train_the_weights_of_one(data, tmp_path):
+    one = Trainer(two_epochs(data, tmp_path / "one"))
     while not one.finished():
         one.run_epoch()
 
-    (tmp_path / "lmdb").mkdir()
-    for split in ("train", "val"):
-        (tmp_path / "lmdb" / split).symlink_to(data / split)
-    model_path = tmp_path / "two" / "alexnet.pt"
-    argument = spec(
-        config(),
-        tmp_path / "lmdb",
-        data / "stats",
-        model_path,
-        tmp_path / "2.pt",
-        tmp_path / "metrics",
-    )
-    command = torchrun_command(TrainParams(nproc_per_node=2), argument)
+    run = two_epochs(data, tmp_path / "two", nproc_per_node=2)
+    command = torchrun_command(run.train, run.model_dump_json())
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1]
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    two = torch.load(model_path, weights_only=True)
+    two = torch.load(run.model_path, weights_only=True)
     for name, value in one.weights().items():
         # Equal up to float rounding (all-reduce vs one sum, kernels blocked for 3 vs 2
         # images), which 20 steps amplify to <= 1.5e-5 (weights up to 0.05); a rank
         # training on its half alone, or an unscaled loss, is ~1e-3 off.
         torch.testing.assert_close(two["state_dict"][name], value, rtol=1e-3, atol=5e-5, msg=name)
-    for a, b in zip(one.history, two["history"], strict=True):
+    for a, b in zip(one.history, load_history(run.checkpoint), strict=True):
         assert a["val_top1_error"] == b["val_top1_error"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
-    assert (tmp_path / "metrics" / "train.json").exists()
+    assert (run.metrics / "train.json").exists()
 
 
 def test_one_process_world_is_inert():
-    world = World.from_env("cpu")
+    world = World.from_env(["cpu"])
     assert (world.rank, world.size, world.main) == (0, 1, True)
     assert world.sum([1.0, 2.0]) == [1.0, 2.0] and list(range(5)[world.rows]) == [0, 1, 2, 3, 4]
-    assert world.device("cuda") == "cuda"
+    assert world.device(["cuda"]) == ["cuda"] and world.device(("cpu", "cpu")) == ["cpu", "cpu"]
 
 
 def test_each_rank_gets_its_own_devices():
     rank1 = World(rank=1, size=2, local_rank=1)
-    assert rank1.device("cuda") == "cuda:1"
-    assert rank1.device("cuda:0,cuda:1") == "cuda:2,cuda:3"  # DDP x two-device columns
-    assert rank1.device("cuda:0,cpu") == "cuda:1,cpu"  # one GPU per rank: no gaps
-    assert World(rank=3, size=4, local_rank=1).device("cpu,cuda:1") == "cpu,cuda:2"
-    assert rank1.device("cpu") == "cpu" and World().device("cuda:0,cuda:1") == "cuda:0,cuda:1"
+    assert rank1.device(["cuda"]) == ["cuda:1"]
+    assert rank1.device(["cuda:0", "cuda:1"]) == ["cuda:2", "cuda:3"]  # DDP x two columns
+    assert rank1.device(["cuda:0", "cpu"]) == ["cuda:1", "cpu"]  # one GPU per rank: no gaps
+    assert World(rank=3, size=4, local_rank=1).device(["cpu", "cuda:1"]) == ["cpu", "cuda:2"]
+    assert rank1.device(["cpu"]) == ["cpu"]
+    assert World().device(["cuda:0", "cuda:1"]) == ["cuda:0", "cuda:1"]
+    assert rank1.device(("cuda:0", "cuda:1")) == ["cuda:2", "cuda:3"]  # TrainParams' tuple
 
 
 @pytest.mark.parametrize(
-    ("device", "bound"), [("cuda", "cuda:1"), ("cuda:0,cuda:1", "cuda:2"), ("cuda:0,cpu", "cuda:1")]
+    ("device", "bound"),
+    [(["cuda"], "cuda:1"), (["cuda:0", "cuda:1"], "cuda:2"), (["cuda:0", "cpu"], "cuda:1")],
 )
 def test_an_nccl_rank_binds_its_own_gpu_before_joining(device, bound, monkeypatch):
     # No GPUs here: the calls are recorded. Unbound, every rank of a node would run its
@@ -97,13 +84,67 @@ def test_an_nccl_rank_binds_its_own_gpu_before_joining(device, bound, monkeypatc
     world = World.from_env(device)
     assert calls == [("set_device", bound), ("init", "nccl")] and world.rank == 1
     calls.clear()
-    World.from_env("cpu")
+    World.from_env(["cpu"])
     assert calls == [("init", "gloo")]
 
 
-def test_a_device_list_in_params_means_two_columns():
-    from alexnet.params import ModelParams
-    from flows.train import _config
+def test_a_device_list_in_params_means_two_columns(data, tmp_path):
+    for written in ("cuda:0,cuda:1", "cuda:0, cuda:1", ["cuda:0", "cuda:1"]):
+        assert TrainParams(device=written).device == ("cuda:0", "cuda:1")
+    assert TrainParams(device="cpu").device == ("cpu",) == TrainParams().device
+    # torchrun ranks receive the run as JSON and validate it again: the list survives.
+    run = train_run(data, tmp_path, device="cpu,cpu")
+    assert TrainRun.model_validate_json(run.model_dump_json()) == run
+    assert run.train.device == ("cpu", "cpu")
 
-    params = TrainParams(device=["cuda:0", "cuda:1"])
-    assert _config(params, ModelParams()).device == "cuda:0,cuda:1"
+
+def test_a_two_column_run_resumes_bit_for_bit_and_its_model_file_predicts(data, tmp_path):
+    # The paper's model parallelism on two "devices" (both the CPU: the split path).
+    from alexnet.evaluate import crop_probabilities
+    from alexnet.modelfile import load_model
+    from alexnet.placement import TwoColumnAlexNet
+    from alexnet.predict import load_file, predict
+    from tests.helpers import jpeg
+
+    def two_columns(name: str) -> Trainer:
+        run = train_run(data, tmp_path / name, epochs=1, batch_size=5, device=["cpu", "cpu"])
+        return Trainer(run)
+
+    whole = two_columns("whole")
+    assert isinstance(whole.model, TwoColumnAlexNet)
+    whole.save = lambda: None  # its checkpoints are not what is tested
+    while not whole.finished():
+        whole.run_epoch()
+
+    first = two_columns("stopped")
+
+    def stop(step, total):
+        first.stop_requested = True  # what the SIGTERM handler does, after step 1
+
+    with pytest.raises(Interrupted):
+        first.run_epoch(on_step=stop)
+    resumed = two_columns("stopped")
+    assert resumed.resume() and (resumed.epoch, resumed.step) == (0, 1)
+    while not resumed.finished():
+        resumed.run_epoch()
+    weights = whole.weights()
+    assert weights.keys() == resumed.weights().keys()
+    for name, value in resumed.weights().items():
+        assert torch.equal(value, weights[name]), name
+    assert resumed.history[0]["val_loss"] == whole.history[0]["val_loss"]
+
+    path = tmp_path / "alexnet.pt"
+    resumed.export(path)
+    model, payload = load_model(path)
+    assert model.columns == 2 and payload["classes"] == whole.classes
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+    (tmp_path / "image.jpg").write_bytes(jpeg(300, 260, seed=5))
+    [prediction] = predict([tmp_path / "image.jpg"], path, top=2)
+    assert prediction.error is None and len(prediction.top) == 2
+    # The file's one-device network predicts what the trained two-column one computes.
+    image = load_file(tmp_path / "image.jpg", payload["prepare"])[None]
+    resumed.model.eval()
+    placed = crop_probabilities(resumed.model, image, payload["mean"], 224).mean(1)[0]
+    for entry in prediction.top:
+        assert entry["probability"] == pytest.approx(float(placed[entry["index"]]), abs=1e-5)

@@ -15,12 +15,13 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from alexnet.evaluate import Results, crop_probabilities, evaluate, ten_crops
+from alexnet.crops import ten_crops
+from alexnet.evaluate import Results, crop_probabilities, evaluate
 from alexnet.metrics import label_ranks
+from alexnet.modelfile import ModelFileError, load_model
 from alexnet.reader import LmdbSplit
-from alexnet.train import TrainConfig, Trainer
-from tests.helpers import REPO
-from tests.helpers import CLASSES, blobs
+from alexnet.train import Trainer
+from tests.helpers import CLASSES, REPO, blobs, train_run
 
 
 @pytest.mark.parametrize(
@@ -89,29 +90,29 @@ def test_topk_error_math_with_ties():
 
 
 @pytest.fixture(scope="module")
-def model_file(data, tmp_path_factory):  # noqa: F811
-    path = tmp_path_factory.mktemp("model") / "alexnet.pt"
-    config = TrainConfig(
+def model_file(data, tmp_path_factory):
+    run = train_run(
+        data,
+        tmp_path_factory.mktemp("model"),
+        {"dropout": 0.0},
         batch_size=5,
-        val_batch_size=4,
-        epochs=6,
+        epochs=4,
+        lr=0.02,
         lighting=0.0,
         checkpoint_every=100,
-        model={"init": "caffe", "dropout": 0.0},
     )
-    t = Trainer(config, data / "train", data / "val", data / "stats", path.with_suffix(".ckpt"))
+    t = Trainer(run)
+    t.save = lambda: None  # only the model file is used (a checkpoint costs ~1-3 s)
     while not t.finished():
         t.run_epoch()
-    t.export(path)
-    return path
+    t.export(run.model_path)
+    return run.model_path
 
 
-def test_a_trained_model_file_classifies_its_training_images(data, model_file):  # noqa: F811
-    from alexnet.evaluate import load_model
-
+def test_a_trained_model_file_classifies_its_training_images(data, model_file):
     model, payload = load_model(model_file)
     results = evaluate(
-        model, LmdbSplit(data / "train"), payload["mean"], 224, 4, torch.device("cpu")
+        model, LmdbSplit(data / "lmdb" / "train"), payload["mean"], 224, 4, torch.device("cpu")
     )
     summary = results.summary()
     assert summary["images"] == 10 and summary["top1_error"] <= 0.2, summary
@@ -119,16 +120,16 @@ def test_a_trained_model_file_classifies_its_training_images(data, model_file): 
     assert len(results.confusion(CLASSES)) == 10
 
 
-def test_evaluate_flow_writes_the_metric_files(data, model_file, tmp_path, prefect_server):  # noqa: F811
-    from alexnet.params import EvaluateParams
+def test_evaluate_flow_writes_the_metric_files(data, model_file, tmp_path, prefect_server):
+    from alexnet.params import ComputeParams, EvaluateParams
     from flows.evaluate import evaluate_flow
 
     summary = evaluate_flow(
-        str(data / "val"),
-        str(data / "stats"),
+        str(data / "lmdb" / "val"),
         str(model_file),
         str(tmp_path),
         EvaluateParams(batch_size=3),
+        ComputeParams(),
     )
     written = json.loads((tmp_path / "eval.json").read_text())
     assert written == summary
@@ -147,10 +148,9 @@ def test_evaluate_flow_writes_the_metric_files(data, model_file, tmp_path, prefe
     assert len(confusion) == 4 and set(confusion[0]) == {"actual", "predicted"}
 
 
-def test_evaluate_refuses_a_model_of_other_classes(data, model_file, tmp_path, prefect_server):  # noqa: F811
-    from alexnet.evaluate import ModelFileError
+def test_evaluate_refuses_a_model_of_other_classes(data, model_file, tmp_path, prefect_server):
     from alexnet.lmdb_store import write_store
-    from alexnet.params import EvaluateParams
+    from alexnet.params import ComputeParams, EvaluateParams
     from flows.evaluate import evaluate_flow
 
     three = [{"index": i, "wnid": f"n{i}", "name": f"c{i}"} for i in range(3)]
@@ -158,10 +158,10 @@ def test_evaluate_refuses_a_model_of_other_classes(data, model_file, tmp_path, p
     with pytest.raises(ModelFileError, match="has 2 classes, .* has 3"):
         evaluate_flow(
             str(tmp_path / "val3"),
-            str(data / "stats"),
             str(model_file),
             str(tmp_path),
             EvaluateParams(),
+            ComputeParams(),
         )
 
 
@@ -180,7 +180,7 @@ def test_predict_cmyk_png_in_jpeg_and_a_bad_file(model_file, tmp_path):
         [
             sys.executable,
             "-m",
-            "alexnet.cli",
+            "flows.cli",
             "predict",
             *files,
             "--model",
@@ -207,5 +207,11 @@ def test_predict_cmyk_png_in_jpeg_and_a_bad_file(model_file, tmp_path):
 
 
 def test_a_nan_score_is_an_error_not_a_hit():
+    # A NaN ranks last at every k, even a k above the number of classes (3 here).
+    from alexnet.metrics import missed
+
     scores = torch.tensor([[float("nan")] * 3, [0.1, 0.7, 0.2]])
-    assert label_ranks(scores, torch.tensor([0, 1])).tolist() == [3, 0]
+    rank = label_ranks(scores, torch.tensor([0, 1]))
+    assert rank[1] == 0 and all(missed(rank, k).tolist() == [True, False] for k in (1, 5, 1000))
+    results = Results(torch.tensor([0, 1]), torch.tensor([0, 1]), rank, rank)
+    assert results.summary()["top5_error"] == 0.5 == results.summary()["center_top1_error"]

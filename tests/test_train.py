@@ -1,22 +1,33 @@
-"""The training loop: resume bit-identity, learning on tiny data, clear errors."""
+"""The training loop: resume bit-identity, the recipe's wiring, learning on tiny data,
+clear errors, and the train stage's command killed or stopped and run again."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from alexnet.errors import AlexnetError, Interrupted
 from alexnet.lmdb_store import write_store
-from alexnet.train import Interrupted, TrainConfig, Trainer, TrainError, errors
+from alexnet.train import Trainer, TrainError, errors
+from tests.helpers import CLASSES, REPO, blobs, train_run
+
+# Batch 4 over 10 images: steps of 4, 4, 2. A test that needs no particular steps
+# takes batch 10, one step per epoch (the cheapest epoch: a step costs ~1-3 s here).
+TWO_EPOCHS = {"epochs": 2, "checkpoint_every": 100}
+ONE_STEP = {"batch_size": 10, "checkpoint_every": 100}
 
 
-def trainer(data, tmp_path, **options) -> Trainer:
-    options = {"model": {"init": "caffe", "dropout": 0.5}, **options}
-    config = TrainConfig(batch_size=4, val_batch_size=4, checkpoint_every=1, **options)
-    return Trainer(config, data / "train", data / "val", data / "stats", tmp_path / "ckpt.pt")
+def trainer(data, folder, model=None, **train) -> Trainer:
+    return Trainer(train_run(data, folder, model, **train))
 
 
 def run_to_end(t: Trainer) -> None:
@@ -25,98 +36,174 @@ def run_to_end(t: Trainer) -> None:
         t.run_epoch()
 
 
-def test_resumed_run_ends_with_the_same_weights_bit_for_bit(data, tmp_path):
-    whole = trainer(data, tmp_path / "a", epochs=2)
-    run_to_end(whole)
+def stop_at(t: Trainer, epoch: int, step: int) -> None:
+    """Train until `step` of `epoch` (0-based epoch), then stop as SIGTERM does."""
 
-    first = trainer(data, tmp_path / "b", epochs=2)
-
-    def stop_in_epoch_two(step, total):
-        if first.epoch == 1 and step == 1:
-            first.stop_requested = True  # what the SIGTERM handler does
+    def on_step(done, total):
+        if t.epoch == epoch and done == step:
+            t.stop_requested = True  # what the SIGTERM handler does
 
     with pytest.raises(Interrupted):
-        while not first.finished():
-            first.run_epoch(on_step=stop_in_epoch_two)
-    resumed = trainer(data, tmp_path / "b", epochs=2)
+        while not t.finished():
+            t.run_epoch(on_step=on_step)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name, value in a.items():
+        assert torch.equal(value, b[name]), name
+
+
+def timeless(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in history]
+
+
+def test_resumed_run_ends_with_the_same_weights_bit_for_bit(data, tmp_path):
+    whole = trainer(data, tmp_path / "whole", **TWO_EPOCHS)
+    run_to_end(whole)
+    first = trainer(data, tmp_path, **TWO_EPOCHS)
+    stop_at(first, epoch=1, step=1)  # across an epoch boundary: schedule, history, order
+    resumed = trainer(data, tmp_path, **TWO_EPOCHS)
     assert resumed.resume() and (resumed.epoch, resumed.step) == (1, 1)
     run_to_end(resumed)
-    for name, value in whole.model.state_dict().items():
-        assert torch.equal(value, resumed.model.state_dict()[name]), name
-
-    def timeless(history):
-        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in history]
-
+    assert_same_weights(whole.model.state_dict(), resumed.model.state_dict())
+    assert_same_weights(
+        whole.optimizer.state_dict()["state"][0], resumed.optimizer.state_dict()["state"][0]
+    )
     assert timeless(resumed.history) == timeless(whole.history)
 
 
 def test_checkpoint_of_other_params_is_not_resumed(data, tmp_path):
-    t = trainer(data, tmp_path, epochs=1)
-    t.run_epoch()
+    stop_at(trainer(data, tmp_path, epochs=1), epoch=0, step=1)
     heard = []
-    assert trainer(data, tmp_path, epochs=1).resume(heard.append) and heard == []
-    assert not trainer(data, tmp_path, epochs=1, lr=0.02).resume()
+    same = trainer(data, tmp_path, epochs=1)
+    assert same.resume(heard.append) and (same.epoch, same.step) == (0, 1) and heard == []
+    other = trainer(data, tmp_path, epochs=1, lr=0.02)
+    assert not other.resume() and (other.epoch, other.step) == (0, 0)
 
 
 def recode(checkpoint: Path, name: str) -> None:
     """Make `checkpoint` look written by other code: `name`'s recorded digest differs."""
     state = torch.load(checkpoint, weights_only=True)
+    assert name in state["code"], sorted(state["code"])
     state["code"][name] = "0" * 16
     torch.save(state, checkpoint)
 
 
 def test_a_finished_run_of_other_code_is_trained_again(data, tmp_path):
     # dvc repro reruns train when its code changed: the model must be the new code's.
-    run_to_end(trainer(data, tmp_path, epochs=1))
-    recode(tmp_path / "ckpt.pt", "lrn_cpu.py")
-    heard, again = [], trainer(data, tmp_path, epochs=1)
-    assert not again.resume(heard.append) and again.epoch == 0
-    assert len(heard) == 1 and "training again" in heard[0] and "lrn_cpu.py changed" in heard[0]
+    run_to_end(trainer(data, tmp_path, epochs=1, **ONE_STEP))
+    recode(tmp_path / "ckpt.pt", "alexnet/lrn_cpu.py")
+    heard, again = [], trainer(data, tmp_path, epochs=1, **ONE_STEP)
+    assert not again.resume(heard.append) and (again.epoch, again.step) == (0, 0)
+    assert len(heard) == 1 and "training again" in heard[0], heard
+    assert "alexnet/lrn_cpu.py changed" in heard[0], heard
 
 
 def test_an_unfinished_run_of_other_code_resumes_with_a_warning(data, tmp_path):
     # A run that crashed on a bug goes on after the fix, and says so.
-    trainer(data, tmp_path, epochs=2).run_epoch()
-    recode(tmp_path / "ckpt.pt", "model.py")
+    stop_at(trainer(data, tmp_path, epochs=2), epoch=0, step=1)
+    recode(tmp_path / "ckpt.pt", "alexnet/model.py")
     heard, again = [], trainer(data, tmp_path, epochs=2)
-    assert again.resume(heard.append) and (again.epoch, again.step) == (1, 0)
-    assert len(heard) == 1 and heard[0].startswith("warning") and "model.py changed" in heard[0]
+    assert again.resume(heard.append) and (again.epoch, again.step) == (0, 1)
+    assert len(heard) == 1 and heard[0].startswith("warning"), heard
+    assert "alexnet/model.py changed" in heard[0], heard
+
+
+def test_a_damaged_checkpoint_is_reported_once_and_training_starts_afresh(data, tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"\x00garbage, not a torch file" * 1000)
+    heard, t = [], trainer(data, tmp_path, epochs=1)
+    initial = {name: value.clone() for name, value in t.model.state_dict().items()}
+    assert not t.resume(heard.append)
+    assert len(heard) == 1 and "damaged" in heard[0], heard
+    assert (t.epoch, t.step, t.history) == (0, 0, [])
+    assert_same_weights(t.model.state_dict(), initial)
+    # It trains from the start and its checkpoint replaces the damaged file.
+    stop_at(t, epoch=0, step=1)
+    again = trainer(data, tmp_path, epochs=1)
+    assert again.resume() and (again.epoch, again.step) == (0, 1)
+
+
+def test_the_recipe_reaches_the_optimizer_and_a_plateau_divides_its_rate(
+    data, tmp_path, monkeypatch
+):
+    # The validation curve is scripted (flat: every epoch is a plateau candidate) and
+    # the steps do no arithmetic: what is tested is the wiring params -> optimizer and
+    # schedule -> optimizer, not the learning.
+    t = trainer(
+        data,
+        tmp_path,
+        epochs=50,
+        lr=0.02,
+        momentum=0.8,
+        weight_decay=1e-3,
+        lr_patience=1,
+        max_lr_drops=1,
+    )
+    for group in t.optimizer.param_groups:
+        assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.02, 0.8, 1e-3)
+    assert (t.schedule.lr_patience, t.schedule.max_lr_drops) == (1, 1)
+    flat = {"val_loss": 0.69, "val_top1_error": 0.5, "val_top5_error": 0.0}
+    monkeypatch.setattr("alexnet.train.validate", lambda *args, **kwargs: dict(flat))
+    monkeypatch.setattr(t, "train_step", lambda images, labels, size: (torch.tensor(0.0), 0))
+    monkeypatch.setattr(t, "save", lambda: None)
+    rates = []
+    while not t.finished():
+        rates.append(t.run_epoch()["lr"])
+        assert len(rates) <= 10, rates
+    # Patience 1: the third flat epoch is a plateau (rate / 10), the fifth the plateau
+    # after the last drop, which ends training long before the 50-epoch budget.
+    assert rates == pytest.approx([0.02, 0.02, 0.02, 0.002, 0.002])
+    assert all(g["lr"] == pytest.approx(0.002) for g in t.optimizer.param_groups)
+    assert t.schedule.stopped and t.epoch == 5
 
 
 def test_learns_the_tiny_task(data, tmp_path):
-    config = TrainConfig(
+    t = trainer(
+        data,
+        tmp_path,
+        model={"dropout": 0.0},
         batch_size=5,
-        val_batch_size=4,
-        epochs=6,
-        lr=0.01,
+        epochs=4,
+        lr=0.02,
         lighting=0.0,
         checkpoint_every=100,
-        model={"init": "caffe", "dropout": 0.0},
     )
-    t = Trainer(config, data / "train", data / "val", data / "stats", tmp_path / "c.pt")
+    t.save = lambda: None  # learning, not checkpoints, is tested here (saves cost ~3 s)
     run_to_end(t)
     losses = [r["train_loss"] for r in t.history]
     assert losses[-1] < losses[0] * 0.8, losses
     assert t.history[-1]["val_top1_error"] <= 0.25
 
 
-def test_export_is_weights_only_loadable(data, tmp_path):
-    t = trainer(data, tmp_path, epochs=1)
-    t.run_epoch()
-    t.export(tmp_path / "alexnet.pt")
-    payload = torch.load(tmp_path / "alexnet.pt", weights_only=True)
+def test_export_is_a_weights_only_model_file_that_load_model_reads(data, tmp_path):
+    from alexnet.modelfile import load_model
+
+    run = train_run(data, tmp_path, epochs=1)
+    t = Trainer(run)
+    t.export(run.model_path)
+    payload = torch.load(run.model_path, weights_only=True)
+    assert (payload["format"], payload["version"]) == ("alexnet-model", 2)
     assert payload["classes"] == CLASSES and payload["model"]["num_classes"] == 2
     assert payload["mean"].shape == (3, 256, 256)
+    assert payload["prepare"] == run.image and "history" not in payload
+    model, _ = load_model(run.model_path)
+    assert_same_weights(model.state_dict(), t.weights())
 
 
 def test_clear_errors(data, tmp_path):
-    with pytest.raises(TrainError, match="model has 5 classes, the data 2"):
-        trainer(data, tmp_path, epochs=1, model={"num_classes": 5})
+    three = [{"index": i, "wnid": f"n{i}", "name": f"c{i}"} for i in range(3)]
+    (tmp_path / "lmdb").mkdir()
+    (tmp_path / "lmdb" / "train").symlink_to(data / "lmdb" / "train")
+    write_store(tmp_path / "lmdb" / "val", [blobs(0, 2, 9)], "raw", three)
+    with pytest.raises(TrainError, match="train and val have different class lists"):
+        trainer(tmp_path, tmp_path, epochs=1)
     if not torch.cuda.is_available():
-        with pytest.raises(TrainError, match="CUDA is not available"):
+        with pytest.raises(AlexnetError, match="CUDA is not available"):
             trainer(data, tmp_path, epochs=1, device="cuda:0")
-    with pytest.raises(TrainError, match="missing or corrupt stats"):
-        Trainer(TrainConfig(), data / "train", data / "val", tmp_path, tmp_path / "c.pt")
+    run = train_run(data, tmp_path, epochs=1).model_copy(update={"stats": tmp_path / "none"})
+    with pytest.raises(AlexnetError, match="missing or corrupt stats"):
+        Trainer(run)
 
 
 def test_topk_errors_count_ties_for_the_label():
@@ -125,38 +212,63 @@ def test_topk_errors_count_ties_for_the_label():
     assert errors(logits, labels) == (1, 0)  # row 2: label ranks second (top-1 wrong)
 
 
-def test_train_flow_writes_model_metrics_plots_and_resumes(data, tmp_path, prefect_server):
-    from alexnet.params import ModelParams, TrainParams
+def test_train_flow_writes_model_metrics_plots_and_resumes(
+    data, tmp_path, prefect_server, monkeypatch
+):
+    from alexnet.params import ComputeParams, ModelParams, PrepareParams, TrainParams
     from flows.train import train_flow
 
-    params = TrainParams(epochs=1, batch_size=5, val_batch_size=4, lighting=0.0)
-    model = ModelParams(init="caffe")
     run = dict(
-        lmdb=str(tmp_path / "lmdb"),
+        lmdb=str(data / "lmdb"),
         stats=str(data / "stats"),
         model_path=str(tmp_path / "models" / "alexnet.pt"),
         checkpoint=str(tmp_path / "ckpt" / "t.pt"),
         metrics=str(tmp_path / "metrics"),
-        params=params,
-        model=model,
+        train=TrainParams(epochs=1, batch_size=10, val_batch_size=4, lighting=0.0),
+        model=ModelParams(init="caffe"),
+        prepare=PrepareParams(),
+        compute=ComputeParams(),
     )
-    (tmp_path / "lmdb").mkdir()
-    for split in ("train", "val"):
-        (tmp_path / "lmdb" / split).symlink_to(data / split)
     summary = train_flow(**run)
     assert summary["epochs"] == 1
     assert json.loads((tmp_path / "metrics" / "train.json").read_text()) == summary
     assert (tmp_path / "metrics" / "train" / "plots" / "metrics" / "val_top1_error.tsv").exists()
     assert torch.load(tmp_path / "models" / "alexnet.pt", weights_only=True)["classes"] == CLASSES
+
     # Same params again: the finished checkpoint is resumed, nothing is retrained.
-    again = train_flow(**{**run, "params": params})
+    def no_training(self, on_step=None):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(Trainer, "run_epoch", no_training)
+    again = train_flow(**run)
     assert again == summary
+
+
+def test_two_fit_runs_write_byte_identical_model_files(data, tmp_path):
+    from alexnet.distributed import World
+    from alexnet.fit import fit
+
+    was = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    try:
+        for name in ("a", "b"):
+            run = train_run(data, tmp_path / name, epochs=1, **ONE_STEP)
+            fit(run, World(), log=lambda line: None)
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+    a, b = (tmp_path / name / "alexnet.pt" for name in ("a", "b"))
+    assert a.read_bytes() == b.read_bytes()
 
 
 def test_bf16_autocast_and_channels_last_steps_on_cpu(data, tmp_path):
     t = trainer(data, tmp_path, epochs=1, amp=True, channels_last=True)
-    record = t.run_epoch()
-    assert np.isfinite(record["train_loss"]) and t.model.features[0].weight.dtype == torch.float32
+    before = t.model.features[0].weight.detach().clone()
+    loss, wrong = t.train_step(*next(t.batches()))
+    assert np.isfinite(loss.item()) and 0 <= wrong <= 4
+    weight = t.model.features[0].weight
+    assert weight.dtype == torch.float32 and not torch.equal(weight, before)
 
 
 def test_out_of_memory_names_the_batch_size(data, tmp_path):
@@ -175,80 +287,147 @@ def test_out_of_memory_names_the_batch_size(data, tmp_path):
 
 def test_loader_workers_stream_the_same_batches_across_epochs(data, tmp_path):
     # Two persistent worker processes read ahead over an epoch boundary; the run is the
-    # one the in-loop reader gives, bit for bit (and a checkpoint stays resumable).
-    inline = trainer(data, tmp_path / "a", epochs=2)
+    # one the in-loop reader gives, bit for bit, and the number of workers does not
+    # make a checkpoint another run's: the inline run's resumes with workers.
+    inline = trainer(data, tmp_path / "a", epochs=2, **ONE_STEP)
     run_to_end(inline)
-    ahead = trainer(data, tmp_path / "b", epochs=2, loader_workers=2)
+    ahead = trainer(data, tmp_path / "b", epochs=2, **ONE_STEP, loader_workers=2)
+    ahead.save = lambda: None  # its checkpoint is not used
     run_to_end(ahead)
-    for name, value in inline.model.state_dict().items():
-        assert torch.equal(value, ahead.model.state_dict()[name]), name
+    assert_same_weights(inline.model.state_dict(), ahead.model.state_dict())
     assert ahead.digest == inline.digest
+    other = trainer(data, tmp_path / "a", epochs=2, **ONE_STEP, loader_workers=2)
+    assert other.resume() and (other.epoch, other.step) == (2, 0) and other.finished()
+    assert_same_weights(other.model.state_dict(), inline.model.state_dict())
 
 
-def test_cli_train_killed_with_sigkill_resumes_to_the_same_weights(data, tmp_path, prefect_server):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
+# -- the train stage's command, killed or stopped ------------------------------------
+CLI_TRAIN = {"epochs": 1, "batch_size": 2, "val_batch_size": 4, "checkpoint_every": 2}
 
+
+@pytest.fixture(scope="module")
+def cli_params(tmp_path_factory) -> Path:
+    """A params file for the command: 5 steps, checkpoints after steps 2, 4 and 5."""
     import yaml
 
-    from tests.helpers import REPO
+    path = tmp_path_factory.mktemp("cli") / "params.yaml"
+    path.write_text(yaml.safe_dump({"train": CLI_TRAIN, "model": {"init": "caffe"}}))
+    return path
 
-    (tmp_path / "params.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "train": {"epochs": 2, "batch_size": 2, "val_batch_size": 4, "checkpoint_every": 1},
-                "model": {"init": "caffe"},
-            }
+
+def cli_train(data, params: Path, folder: Path) -> list[str]:
+    """`alexnet train` (the console script) on the tiny data, writing into `folder`."""
+    return [
+        str(Path(sys.executable).with_name("alexnet")),
+        "train",
+        str(data / "lmdb"),
+        str(data / "stats"),
+        str(folder / "alexnet.pt"),
+        "--checkpoint",
+        str(folder / "ckpt.pt"),
+        "--metrics",
+        str(folder / "metrics"),
+        "-p",
+        str(params),
+    ]
+
+
+def cli_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO)}  # the session's Prefect server, inherited
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, cli_params, tmp_path_factory) -> dict:
+    """The weights of an uninterrupted run of what the command runs, trained in this
+    process: the `TrainRun` the train stage builds from the params file. (A run of the
+    command itself gives the same bits, and costs ~20 s more to start.)"""
+    from alexnet.params import load_params
+    from alexnet.train import TrainRun
+
+    params = load_params(cli_params)
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    run = TrainRun(
+        train=params.train,
+        model=params.model,
+        image=params.prepare.image_options(),
+        kernels=params.compute.kernels,
+        lmdb=data / "lmdb",
+        stats=data / "stats",
+        model_path=folder / "alexnet.pt",
+        checkpoint=folder / "ckpt.pt",
+        metrics=folder / "metrics",
+    )
+    t = Trainer(run)
+    t.save = lambda: None  # only its weights are compared
+    while not t.finished():
+        t.run_epoch()
+    return t.weights()
+
+
+def start_until_checkpoint(data, params: Path, folder: Path) -> subprocess.Popen:
+    """The command, started; returns once it has written its first checkpoint. Its
+    output goes to folder/output.txt (a pipe nobody reads could block it)."""
+    with open(folder / "output.txt", "w") as output:
+        process = subprocess.Popen(
+            cli_train(data, params, folder), env=cli_env(), stdout=output, stderr=output
         )
-    )
-
-    def command(name: str) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "alexnet.cli",
-            "train",
-            str(data),
-            str(data / "stats"),
-            str(tmp_path / name / "alexnet.pt"),
-            "--checkpoint",
-            str(tmp_path / name / "ckpt.pt"),
-            "-p",
-            "params.yaml",
-        ]
-
-    env = {**os.environ, "PYTHONPATH": str(REPO)}  # the session's Prefect server, inherited
-    first = subprocess.Popen(
-        command("killed"),
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    checkpoint = tmp_path / "killed" / "ckpt.pt"
+    checkpoint = folder / "ckpt.pt"
     deadline = time.monotonic() + 120
-    while not checkpoint.exists() and time.monotonic() < deadline and first.poll() is None:
+    while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
-    first.send_signal(signal.SIGKILL)
-    assert first.wait() == -signal.SIGKILL and checkpoint.exists()
-    assert not (tmp_path / "killed" / "alexnet.pt").exists()
-    again = subprocess.run(command("killed"), cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert checkpoint.exists() and process.poll() is None, (folder / "output.txt").read_text()
+    return process
+
+
+def checkpoint_position(folder: Path) -> tuple[int, int]:
+    state = torch.load(folder / "ckpt.pt", map_location="cpu", weights_only=True)
+    return state["epoch"], state["step"]
+
+
+def resume_to_the_end(data, params: Path, folder: Path, whole: dict) -> None:
+    """Run the command again: it resumes where the checkpoint is and ends with the
+    uninterrupted run's weights, bit for bit."""
+    epoch, step = checkpoint_position(folder)
+    again = subprocess.run(
+        cli_train(data, params, folder), env=cli_env(), capture_output=True, text=True
+    )
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "resuming from" in again.stdout + again.stderr
-    # An uninterrupted run of the same command, in the same kind of process.
-    whole = subprocess.run(command("whole"), cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    resumed = torch.load(tmp_path / "killed" / "alexnet.pt", weights_only=True)["state_dict"]
-    for name, value in torch.load(tmp_path / "whole" / "alexnet.pt", weights_only=True)[
-        "state_dict"
-    ].items():
-        assert torch.equal(value, resumed[name]), name
+    output = again.stdout + again.stderr
+    assert "resuming from" in output, output[-2000:]
+    assert f"at epoch {epoch + 1}, step {step}" in output, output[-2000:]
+    resumed = torch.load(folder / "alexnet.pt", weights_only=True)["state_dict"]
+    assert_same_weights(whole, resumed)
+
+
+def test_cli_train_killed_with_sigkill_resumes_to_the_same_weights(
+    data, cli_params, uninterrupted, tmp_path, prefect_server
+):
+    first = start_until_checkpoint(data, cli_params, tmp_path)
+    first.send_signal(signal.SIGKILL)
+    assert first.wait() == -signal.SIGKILL
+    assert not (tmp_path / "alexnet.pt").exists()
+    resume_to_the_end(data, cli_params, tmp_path, uninterrupted)
+
+
+def test_cli_train_stopped_with_sigterm_checkpoints_and_resumes_to_the_same_weights(
+    data, cli_params, uninterrupted, tmp_path, prefect_server
+):
+    first = start_until_checkpoint(data, cli_params, tmp_path)
+    first.send_signal(signal.SIGTERM)
+    status = first.wait(timeout=120)
+    output = (tmp_path / "output.txt").read_text()
+    assert status == 143, output[-2000:]
+    assert "checkpoint saved" in output, output[-2000:]
+    assert not (tmp_path / "alexnet.pt").exists()
+    # The step under way when the signal came was finished and checkpointed (the first
+    # checkpoint is step 2's; a kill would lose the steps after it).
+    epoch, step = checkpoint_position(tmp_path)
+    assert epoch == 0 and step > 2, (epoch, step)
+    resume_to_the_end(data, cli_params, tmp_path, uninterrupted)
 
 
 def test_a_diverging_run_stops_with_one_clear_line(data, tmp_path):
     t = trainer(data, tmp_path, epochs=1, lr=1e6)
-    with pytest.raises(TrainError, match="training diverged; lower train.lr"):
+    with pytest.raises(TrainError, match="training diverged; lower train.lr") as raised:
         t.run_epoch()
+    assert "\n" not in str(raised.value)
