@@ -167,3 +167,19 @@ def within(got, expected, rtol: float) -> bool:
     got, expected = got.detach().cpu().double(), expected.detach().cpu().double()
     assert got.shape == expected.shape, (got.shape, expected.shape)
     return bool((got - expected).abs().max() <= rtol * expected.abs().max())
+
+
+def run_python(code: str, env: dict | None = None):
+    """`python -c code` in a fresh process at the repository's root; returns the
+    completed process (the test asserts on its status and output)."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )

@@ -8,8 +8,6 @@ and changes nothing in the host process when imported.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from alexnet.digests import training_code
 from alexnet.imports import PACKAGES, closure, imported_modules, module_file
 from alexnet.repro import STAGES as CHAIN
 from flows.stages import STAGES
-from tests.helpers import REPO
+from tests.helpers import REPO, run_python
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 CODE = tuple(f"{package}/" for package in PACKAGES)
@@ -107,15 +105,8 @@ def test_no_import_cycles_in_the_project():
         visit(name, ())
 
 
-def run_python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
-    )
+# No inherited hints: the child starts as a user's shell would.
+CLEAN = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
 
 
 def library_modules() -> list[str]:
@@ -127,20 +118,24 @@ def library_modules() -> list[str]:
 def test_the_library_imports_no_prefect():
     # With prefect made unimportable, every module of alexnet/ still imports.
     done = run_python(
-        f"""
+        textwrap.dedent(
+            f"""
         import importlib, sys
         sys.modules["prefect"] = None  # `import prefect` now raises ImportError
         for name in {library_modules()!r}:
             importlib.import_module(name)
         print("ok")
         """
+        ),
+        env=CLEAN,
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_importing_the_library_changes_nothing_in_the_host_process():
     done = run_python(
-        f"""
+        textwrap.dedent(
+            f"""
         import importlib, os, torch, torchvision.io  # third parties set their own
         before = dict(os.environ)
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -154,6 +149,8 @@ def test_importing_the_library_changes_nothing_in_the_host_process():
         assert all(os.environ[k] == v for k, v in HINTS.items())
         print("ok")
         """
+        ),
+        env=CLEAN,
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 

@@ -3,14 +3,13 @@
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
 from alexnet.digests import TRAINING_ENTRY, changed_code, code_digests, file_digest, training_code
 from alexnet.imports import closure
+from tests.helpers import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,9 +73,7 @@ def test_training_code_is_the_import_closure_of_the_training_entry():
         "    if name.split('.')[0] in ('alexnet', 'flows', 'tasks'):\n"
         "        print(module.__file__)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    done = run_python(code)
     assert done.returncode == 0, done.stderr[-2000:]
     loaded = {Path(line).resolve() for line in done.stdout.splitlines()}
     assert ROOT / "alexnet" / "fit.py" in loaded

@@ -3,9 +3,6 @@ fast kernels equal the reference, and `kernels=` really chooses which one runs."
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +17,7 @@ from alexnet.lrn import (
     local_response_norm_reference,
 )
 from alexnet.model import AlexNet
-from tests.helpers import REPO, within
+from tests.helpers import run_python, within
 
 # float32 tolerance of the fast path against the reference, relative to the largest
 # magnitude of the compared tensor (the fast kernels round differently: d^-beta as
@@ -284,7 +281,5 @@ def test_importing_the_library_registers_no_torch_operator():
         "k.forward(x, 5, 1e-4, 2.0, 1)\n"
         "assert torch.ops.alexnet.lrn_forward_cpu is not None and k._LIBRARY\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    done = run_python(code)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -4,7 +4,6 @@ formula and kernels: tests/test_lrn.py)."""
 from __future__ import annotations
 
 import io
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from torch import nn
 
 from alexnet.lrn import LRN
 from alexnet.model import AlexNet, parameter_count
-from tests.helpers import REPO
+from tests.helpers import REPO, run_python
 
 PAPER_LAYERS = {
     "conv1": 34_944,
@@ -247,9 +246,7 @@ def test_setup_compiles_every_numba_kernel_into_the_on_disk_cache():
         "    print(k.py_func.__name__, sum(k.stats.cache_hits.values()),"
         " sum(k.stats.cache_misses.values()))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    done = run_python(code)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line.split() for line in done.stdout.splitlines()]
     counts = {name: (int(hits), int(misses)) for name, hits, misses in rows}

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,7 +20,7 @@ from alexnet.stats import (
     rgb_pca,
     shard_moments,
 )
-from tests.helpers import REPO, encode, photo
+from tests.helpers import encode, photo, run_python
 
 
 def make_shards(folder, per_shard=(3, 2, 4), size=32):
@@ -134,7 +132,5 @@ def test_missing_or_corrupt_stats_are_one_clear_error(tmp_path):
 def test_the_stats_module_runs_without_torch():
     # the stats stage's workers import alexnet.stats; torch is imported only by load_stats
     code = "import sys, alexnet.stats\nassert 'torch' not in sys.modules, 'torch imported'\n"
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    done = run_python(code)
     assert done.returncode == 0, done.stderr[-2000:]
