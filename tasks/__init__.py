@@ -1,0 +1,1 @@
+"""Prefect tasks: thin typed wrappers over `alexnet` (retries, caching policy, logging)."""
