@@ -19,15 +19,13 @@ PCA scale (docs/paper.md, "The scale trap"): the stats stage stores the eigen-de
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from alexnet import augment_cpu
 from alexnet.crops import centre_offset, crop_windows
-from alexnet.params import Kernels
-
-Scale = Literal["unit", "std255"]
+from alexnet.params import DEFAULTS, Kernels, LightingScale
 
 
 class Draws(NamedTuple):
@@ -43,7 +41,10 @@ class Draws(NamedTuple):
 
 
 def lighting_offsets(
-    alphas: torch.Tensor, eigvals: torch.Tensor, eigvecs: torch.Tensor, scale: Scale = "unit"
+    alphas: torch.Tensor,
+    eigvals: torch.Tensor,
+    eigvecs: torch.Tensor,
+    scale: LightingScale = DEFAULTS.train.lighting_scale,
 ) -> torch.Tensor:
     """(N, 3) RGB offsets in 0-255 units from (N, 3) draws a; eigvecs has the vectors as
     columns, eigvals are of the 0-255 covariance."""
@@ -64,13 +65,13 @@ class Augment:
         mean: torch.Tensor,
         eigvals: torch.Tensor,
         eigvecs: torch.Tensor,
-        crop: int = 224,
-        flip: bool = True,
-        random_crop: bool = True,
-        lighting: float = 0.1,
-        lighting_scale: Scale = "unit",
-        subtract_mean: bool = True,
-        kernels: Kernels = "fast",
+        crop: int = DEFAULTS.model.input_size,
+        flip: bool = DEFAULTS.train.flip,
+        random_crop: bool = DEFAULTS.train.random_crop,
+        lighting: float = DEFAULTS.train.lighting,
+        lighting_scale: LightingScale = DEFAULTS.train.lighting_scale,
+        subtract_mean: bool = DEFAULTS.train.subtract_mean,
+        kernels: Kernels = DEFAULTS.compute.kernels,
     ):
         self.mean = mean.float()  # (3, 256, 256), 0-255
         self.means = torch.stack([self.mean, self.mean.flip(-1)])  # as is, and reflected

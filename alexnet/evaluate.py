@@ -20,7 +20,7 @@ import torch
 from alexnet.crops import CENTRE, ten_crops
 from alexnet.metrics import label_ranks, missed
 from alexnet.modelfile import ModelFileError, load_model
-from alexnet.params import Kernels
+from alexnet.params import DEFAULTS, Kernels
 from alexnet.reader import LmdbSplit, batch_loader, in_order
 
 
@@ -130,7 +130,7 @@ def evaluate(
 
 
 def load_model_for(
-    split: LmdbSplit, path: Path, device: torch.device, kernels: Kernels = "fast"
+    split: LmdbSplit, path: Path, device: torch.device, kernels: Kernels = DEFAULTS.compute.kernels
 ) -> tuple[torch.nn.Module, dict]:
     """The model of a model file, checked to classify the classes of `split`, and the
     file's contents (its mean image is the one training subtracted)."""

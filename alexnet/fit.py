@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from rich.progress import Progress
@@ -39,29 +40,39 @@ def summary(history: list[dict]) -> dict:
     return {**{key: history[-1][key] for key in METRICS}, "epochs": len(history)}
 
 
-def stop_on_sigterm(trainer: Trainer) -> None:
-    """SIGTERM: finish the current step, checkpoint, then raise `Interrupted`."""
+@contextmanager
+def stop_on_sigterm(trainer: Trainer) -> Iterator[None]:
+    """While inside: SIGTERM finishes the current step, checkpoints, then raises
+    `Interrupted`. The previous handler comes back on the way out."""
 
     def request_stop(signum, frame):
         trainer.stop_requested = True
 
     try:
-        signal.signal(signal.SIGTERM, request_stop)
+        previous = signal.signal(signal.SIGTERM, request_stop)
     except ValueError:  # not the main thread: no handler; a kill falls back to checkpoints
-        pass
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def fit(run: TrainRun, world: World = World(), log: Callable[[str], None] = print) -> list[dict]:
     """Train `run` (resuming its checkpoint when it belongs to it) to the end; returns
     the per-epoch records. Raises `Interrupted` after checkpointing on SIGTERM."""
     # Bit-repeatable CPU runs; on CUDA this also needs CUBLAS_WORKSPACE_CONFIG=:4096:8.
-    # Set for this training only: the caller's setting comes back afterwards.
-    previous = torch.are_deterministic_algorithms_enabled()
+    # Set for this training only: the caller's settings come back afterwards.
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     torch.use_deterministic_algorithms(run.train.deterministic, warn_only=True)
     try:
         return _fit(run, world, log)
     finally:
-        torch.use_deterministic_algorithms(previous)
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 def _fit(run: TrainRun, world: World, log: Callable[[str], None]) -> list[dict]:
@@ -71,13 +82,12 @@ def _fit(run: TrainRun, world: World, log: Callable[[str], None]) -> list[dict]:
     say = log if world.main else (lambda line: None)
     if trainer.resume(say):
         say(f"resuming from {run.checkpoint} at epoch {trainer.epoch + 1}, step {trainer.step}")
-    stop_on_sigterm(trainer)
     live = None
     if world.main:
         live = Live(str(run.metrics / "train"), dvcyaml=False, save_dvc_exp=False, report=None)
     for record in trainer.history:  # a resumed run's plots start from epoch 1
         _log(live, record)
-    with Progress(disable=not world.main) as progress:
+    with stop_on_sigterm(trainer), Progress(disable=not world.main) as progress:
         while not trainer.finished():
             label = f"epoch {trainer.epoch + 1}/{run.train.epochs}"
             bar = progress.add_task(label, total=trainer.steps_per_epoch(), completed=trainer.step)

@@ -13,10 +13,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-# A truncated file must be an error, never a silently grey-padded image.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
+from alexnet.params import DEFAULTS, Resample
 
 RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -130,12 +129,13 @@ def conversion_of(image: Image.Image, extension: str) -> str | None:
 def prepare_image(
     data: bytes,
     extension: str = ".jpeg",
-    size: int = 256,
-    quality: int = 90,
-    resample: str = "bilinear",
-    max_pixels: int = 178_956_970,
+    size: int = DEFAULTS.prepare.size,
+    quality: int = DEFAULTS.prepare.quality,
+    resample: Resample = DEFAULTS.prepare.resample,
+    max_pixels: int = DEFAULTS.prepare.max_pixels,
 ) -> Prepared:
-    """Encoded file -> `Prepared` 256x256 RGB JPEG, or `BadImage`."""
+    """Encoded file -> `Prepared` size x size RGB JPEG, or `BadImage`. The keywords are
+    params `prepare`'s image options (`PrepareParams.IMAGE_KEYS`)."""
     image = open_image(data, max_pixels)
     converted = conversion_of(image, extension)
     try:

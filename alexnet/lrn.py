@@ -27,15 +27,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from alexnet import lrn_cpu
-from alexnet.params import Kernels
+from alexnet.params import DEFAULTS, Kernels
+
+# Section 3.3's constants: n, alpha, beta, k.
+SIZE, ALPHA, BETA, K = 5, 1e-4, 0.75, 2.0
 
 
 def local_response_norm_reference(
     x: torch.Tensor,
-    size: int = 5,
-    alpha: float = 1e-4,
-    beta: float = 0.75,
-    k: float = 2.0,
+    size: int = SIZE,
+    alpha: float = ALPHA,
+    beta: float = BETA,
+    k: float = K,
     groups: int = 1,
 ) -> torch.Tensor:
     """The paper's formula (section 3.3), literally: map i's window is maps
@@ -207,12 +210,12 @@ class _LocalResponseNorm(torch.autograd.Function):
 
 def local_response_norm(
     x: torch.Tensor,
-    size: int = 5,
-    alpha: float = 1e-4,
-    beta: float = 0.75,
-    k: float = 2.0,
+    size: int = SIZE,
+    alpha: float = ALPHA,
+    beta: float = BETA,
+    k: float = K,
     groups: int = 1,
-    kernels: Kernels = "fast",
+    kernels: Kernels = DEFAULTS.compute.kernels,
 ) -> torch.Tensor:
     """Section 3.3's LRN: `local_response_norm_reference`, or its fast equal (module
     docstring) with `kernels="fast"`."""
@@ -224,12 +227,12 @@ def local_response_norm(
 class LRN(nn.Module):
     def __init__(
         self,
-        size: int = 5,
-        alpha: float = 1e-4,
-        beta: float = 0.75,
-        k: float = 2.0,
+        size: int = SIZE,
+        alpha: float = ALPHA,
+        beta: float = BETA,
+        k: float = K,
         groups: int = 1,
-        kernels: Kernels = "fast",
+        kernels: Kernels = DEFAULTS.compute.kernels,
     ):
         super().__init__()
         self.size, self.alpha, self.beta, self.k, self.groups = size, alpha, beta, k, groups

@@ -10,15 +10,11 @@ normalises within a column. Shapes for a 224 input (conv1 padding 2; 227 without
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import nn
 
 from alexnet.lrn import LRN
-from alexnet.params import Kernels
-
-Init = Literal["paper", "caffe", "kaiming"]
+from alexnet.params import DEFAULTS, Columns, Init, InputSize, Kernels
 
 
 def widths(columns: int) -> tuple[int, int, int, int, int]:
@@ -31,17 +27,17 @@ def widths(columns: int) -> tuple[int, int, int, int, int]:
 class AlexNet(nn.Module):
     def __init__(
         self,
-        num_classes: int = 1000,
-        columns: Literal[1, 2] = 2,
-        lrn: bool = True,
-        overlap_pool: bool = True,
-        dropout: float = 0.5,
-        input_size: Literal[224, 227] = 224,
-        init: Init = "paper",
-        kernels: Kernels = "fast",
+        num_classes: int = 1000,  # ImageNet's
+        columns: Columns = DEFAULTS.model.columns,
+        lrn: bool = DEFAULTS.model.lrn,
+        overlap_pool: bool = DEFAULTS.model.overlap_pool,
+        dropout: float = DEFAULTS.model.dropout,
+        input_size: InputSize = DEFAULTS.model.input_size,
+        init: Init = DEFAULTS.model.init,
+        kernels: Kernels = DEFAULTS.compute.kernels,
     ):
-        """`kernels` picks the LRN's implementation (alexnet/lrn.py): the same function,
-        not part of the model."""
+        """The keywords are params `model` (defaults: alexnet/params.py); `kernels` picks
+        the LRN's implementation (alexnet/lrn.py): the same function, not the model."""
         super().__init__()
         if columns not in (1, 2):
             raise ValueError(f"columns must be 1 or 2, got {columns}")

@@ -23,7 +23,7 @@ import torch
 from alexnet.atomic import atomic_output
 from alexnet.errors import AlexnetError
 from alexnet.model import AlexNet
-from alexnet.params import Kernels
+from alexnet.params import DEFAULTS, Kernels
 
 FORMAT = {"format": "alexnet-model", "version": 2}
 
@@ -40,7 +40,7 @@ def save_model(path: Path, contents: dict) -> None:
 
 
 def load_model(
-    path: Path, device: torch.device | str = "cpu", kernels: Kernels = "fast"
+    path: Path, device: torch.device | str = "cpu", kernels: Kernels = DEFAULTS.compute.kernels
 ) -> tuple[AlexNet, dict]:
     """The network of a model file, on `device` in eval mode, and the file's contents."""
     try:

@@ -60,7 +60,7 @@ def chunks(entries: list[Entry], order: np.ndarray, size: int) -> list[list[Entr
     ]
 
 
-def payload(jpeg: bytes, encoding: str, size: int = 256) -> bytes:
+def payload(jpeg: bytes, encoding: str, size: int) -> bytes:
     if encoding == "jpeg":
         return jpeg
     image = Image.open(io.BytesIO(jpeg))
@@ -69,8 +69,8 @@ def payload(jpeg: bytes, encoding: str, size: int = 256) -> bytes:
     return image.convert("RGB").tobytes()  # HWC uint8 RGB
 
 
-def load_chunk(chunk: list[Entry], encoding: str, size: int = 256) -> list[tuple[int, bytes]]:
-    """(label, payload) of each entry, read by offset from its shard."""
+def load_chunk(chunk: list[Entry], encoding: str, size: int) -> list[tuple[int, bytes]]:
+    """(label, payload) of each entry (size x size images), read by offset from its shard."""
     records = []
     handles: dict[str, io.BufferedReader] = {}
     try:

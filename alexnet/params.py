@@ -19,6 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from alexnet.errors import AlexnetError
 
 Kernels = Literal["fast", "reference"]
+Resample = Literal["bilinear", "bicubic", "lanczos"]
+Columns = Literal[1, 2]
+InputSize = Literal[224, 227]
+Init = Literal["paper", "caffe", "kaiming"]
+LightingScale = Literal["unit", "std255"]
 
 
 class ParamsError(AlexnetError, ValueError):
@@ -66,9 +71,7 @@ class PrepareParams(_Section):
         256, ge=8, description="shorter side is rescaled to this, then centre-cropped"
     )
     quality: int = Field(90, ge=1, le=100, description="JPEG quality of the prepared images")
-    resample: Literal["bilinear", "bicubic", "lanczos"] = Field(
-        "bilinear", description="antialiased resampling filter"
-    )
+    resample: Resample = Field("bilinear", description="antialiased resampling filter")
     shard_size: int = Field(500, ge=1, description="images per tar shard")
     max_pixels: int = Field(
         178_956_970, ge=1, description="larger images are skipped as decompression bombs"
@@ -101,16 +104,16 @@ class PackParams(_Section):
 class ModelParams(_Section):
     """The network (paper section 3) and its ablation switches."""
 
-    columns: Literal[1, 2] = Field(
+    columns: Columns = Field(
         2, description="2 = the paper's two columns; 1 = section 3.2's one-GPU net"
     )
     lrn: bool = Field(True, description="local response normalisation after conv1, conv2 (3.3)")
     overlap_pool: bool = Field(True, description="max-pool 3x3 stride 2 (3.4); false: 2x2 stride 2")
     dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout on fc6 and fc7 outputs (4.2)")
-    input_size: Literal[224, 227] = Field(
+    input_size: InputSize = Field(
         224, description="224 with conv1 padding 2 (torchvision), or 227 unpadded (Caffe)"
     )
-    init: Literal["paper", "caffe", "kaiming"] = Field(
+    init: Init = Field(
         "paper",
         description="paper: N(0, 0.01), biases 1/0 as section 5; caffe: bias 0.1, "
         "fc6/fc7 std 0.005; kaiming: He-normal",
@@ -119,6 +122,12 @@ class ModelParams(_Section):
 
 class TrainParams(_Section):
     """The recipe of paper sections 4-5 (alexnet/train.py)."""
+
+    # Keys that say how a run is executed, not what it computes: a checkpoint stays
+    # valid, the model file and the train stage's DVC params leave them out.
+    EXECUTION_KEYS: ClassVar[frozenset[str]] = frozenset(
+        {"loader_workers", "nproc_per_node", "nnodes", "rdzv_endpoint"}
+    )
 
     epochs: int = Field(90, ge=1, description="epoch budget (paper: ~90)")
     batch_size: int = Field(128, ge=1, description="SGD batch (paper: 128)")
@@ -146,7 +155,7 @@ class TrainParams(_Section):
     random_crop: bool = Field(True, description="random 224 crops (else centre)")
     flip: bool = Field(True, description="horizontal reflections with p=0.5")
     lighting: float = Field(0.1, ge=0, description="PCA lighting sigma (0 = off)")
-    lighting_scale: Literal["unit", "std255"] = Field(
+    lighting_scale: LightingScale = Field(
         "unit", description="eigenvalues of [0,1] pixels, or std devs of 0-255 (docs/paper.md)"
     )
     subtract_mean: bool = Field(True, description="subtract the mean image's window")
@@ -251,3 +260,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         where = f" line {mark.line + 1}" if mark else ""
         raise ParamsError(f"{path}:{where} not valid YAML") from None
     return parse_params(data, str(path))
+
+
+# Every default of the schema, for library functions whose keyword defaults follow it
+# (`AlexNet(columns=DEFAULTS.model.columns, ...)`): written once, above.
+DEFAULTS = Params()

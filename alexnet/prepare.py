@@ -99,14 +99,7 @@ def _process(plan: ShardPlan, contents: list, params: PrepareParams):
             if isinstance(content, OSError):
                 raise BadImage(f"unreadable: {content.strerror or content}")
             extension = Path(item.relpath).suffix
-            prepared = prepare_image(
-                content,
-                extension,
-                size=params.size,
-                quality=params.quality,
-                resample=params.resample,
-                max_pixels=params.max_pixels,
-            )
+            prepared = prepare_image(content, extension, **params.image_options())
         except BadImage as error:
             report.skipped.append({"path": item.relpath, "reason": str(error)})
             continue

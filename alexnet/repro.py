@@ -32,7 +32,7 @@ def _dvc(args: list[str]) -> list[str]:
 
 
 def _environment() -> dict[str, str]:
-    """The stages' `alexnet ...` commands must be this environment's, even when it is
+    """The stages' `python -m flows.<stage>` commands must be this environment's, even when it is
     not activated (a Prefect worker, `.venv/bin/python -m ...`): its bin/ goes first."""
     bin_dir = str(Path(sys.executable).parent)
     return {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}

@@ -8,6 +8,8 @@ torch and MKL read lazily, at the first allocation and the first MKL call:
 - MKL (the fc layers' and the LRN's GEMMs) keeps the thread count it is given and one
   code path per CPU, so deterministic runs repeat bit for bit: by default it may use
   fewer threads (another summation order) when it judges it better.
+It also makes Pillow refuse truncated files (its default, which a host program may have
+changed): a truncated image must be skipped, never grey-padded.
 """
 
 from __future__ import annotations
@@ -19,5 +21,8 @@ HINTS = {"THP_MEM_ALLOC_ENABLE": "1", "MKL_DYNAMIC": "FALSE", "MKL_CBWR": "AUTO"
 
 def configure() -> None:
     """Set the environment hints of this module (keeping any value already set)."""
+    from PIL import ImageFile
+
     for name, value in HINTS.items():
         os.environ.setdefault(name, value)
+    ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -125,8 +125,8 @@ def image_moments(images: Iterable[np.ndarray], size: int) -> Moments:
     return Moments(count, image_sum, lanes_to_outer(lanes))
 
 
-def shard_moments(path: str | Path, size: int = 256) -> Moments:
-    """The sufficient statistics of one prepared shard."""
+def shard_moments(path: str | Path, size: int) -> Moments:
+    """The sufficient statistics of one prepared shard of size x size images."""
 
     def pixels() -> Iterator[np.ndarray]:
         for record in iter_shard(Path(path)):

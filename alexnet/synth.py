@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from alexnet.params import DEFAULTS
+
 SHAPES = [
     "disc",
     "square",
@@ -163,7 +165,7 @@ def _colours(rng) -> tuple[np.ndarray, np.ndarray]:
             return a.astype(float), b.astype(float)
 
 
-def _background(width: int, height: int, rng, clutter: int = 8) -> Image.Image:
+def _background(width: int, height: int, rng, clutter: int) -> Image.Image:
     """A colour gradient with clutter: clutter/2 to clutter small lines, boxes and blobs in
     random colours."""
     c1, c2 = _colours(rng)
@@ -190,7 +192,11 @@ def _background(width: int, height: int, rng, clutter: int = 8) -> Image.Image:
 
 
 def render(
-    label: int, rng, min_side: int = 160, max_side: int = 1000, clutter: int = 8
+    label: int,
+    rng,
+    min_side: int = DEFAULTS.synth.min_side,
+    max_side: int = DEFAULTS.synth.max_side,
+    clutter: int = DEFAULTS.synth.clutter,
 ) -> Image.Image:
     """One RGB image of class `label`."""
     aspect = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))  # width / height
@@ -270,7 +276,7 @@ def plan_jobs(classes: int, train_per_class: int, val_per_class: int, chunk: int
 
 
 def run_job(
-    job: Job, root: Path, seed: int, min_side: int, max_side: int, quality: int, clutter: int = 8
+    job: Job, root: Path, seed: int, min_side: int, max_side: int, quality: int, clutter: int
 ) -> int:
     """Draw and write the job's images; returns how many files it wrote."""
     wnid = synth_classes(job.label + 1)[job.label].wnid

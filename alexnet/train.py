@@ -99,17 +99,6 @@ class EpochBatches(torch.utils.data.Dataset):
         return images, labels, len(batch)
 
 
-def errors(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-    """Counts of top-1 and top-5 mistakes (alexnet.metrics' rule)."""
-    top1, top5 = top_k_errors(logits, labels, (1, 5))
-    return top1, top5
-
-
-# Params `train` keys that say how a run is executed, not what it computes: a checkpoint
-# stays valid when they change (more loader workers, another number of processes).
-EXECUTION_ONLY = {"loader_workers", "nproc_per_node", "nnodes", "rdzv_endpoint"}
-
-
 @torch.no_grad()
 def validate(
     model,
@@ -129,7 +118,7 @@ def validate(
         images, labels = images.to(device), labels.to(device)
         logits = model(centre_crop(images, mean, crop))
         loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-        wrong1, wrong5 = errors(logits, labels)
+        wrong1, wrong5 = top_k_errors(logits, labels, (1, 5))
         top1, top5 = top1 + wrong1, top5 + wrong5
     loss, top1, top5 = world.sum([loss, top1, top5])
     n = len(store)
@@ -208,7 +197,7 @@ class Trainer:
         run = self.run
         memo = self.checkpoint.with_name(f"{self.checkpoint.name}.data-digests.json")
         content = {
-            "train": run.train.model_dump(mode="json", exclude=EXECUTION_ONLY),
+            "train": run.train.model_dump(mode="json", exclude=TrainParams.EXECUTION_KEYS),
             "model": run.model.model_dump(mode="json"),
             "kernels": run.kernels,
             "data": [
@@ -336,7 +325,7 @@ class Trainer:
                 "lower train.batch_size"
             ) from None
         self.optimizer.step()
-        return loss.detach(), errors(logits.detach().float(), labels)[0]
+        return loss.detach(), top_k_errors(logits.detach().float(), labels, (1,))[0]
 
     def _settle(self, done: tuple, stop: bool = False) -> bool:
         """Adds a step's loss and mistakes (summed over ranks) to the epoch's totals and
@@ -423,7 +412,7 @@ class Trainer:
             "mean": self.mean.cpu(),
             "pca": {k: self.pca[k] for k in ("eigenvalues", "eigenvectors")},
             "prepare": self.run.image,
-            "train": self.params.model_dump(mode="json"),
+            "train": self.params.model_dump(mode="json", exclude=TrainParams.EXECUTION_KEYS),
             "digest": self.digest,
         }
         save_model(path, contents)

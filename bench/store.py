@@ -30,6 +30,7 @@ from common import cpu_model, photo_like  # noqa: E402
 
 from alexnet.lmdb_store import encode_value, key, write_store  # noqa: E402
 from alexnet.reader import LmdbSplit  # noqa: E402
+from alexnet.runtime import configure  # noqa: E402
 from alexnet.shards import Record, iter_shard, write_shard  # noqa: E402
 from alexnet.stats import decode_rgb, shard_moments  # noqa: E402
 
@@ -115,11 +116,12 @@ def bench_stats(folder: Path, jpegs: list[bytes]) -> tuple[float, float]:
             for record in iter_shard(shard):
                 decode_rgb(record.jpeg)
 
-    ours = best(lambda: [shard_moments(s) for s in shards])
+    ours = best(lambda: [shard_moments(s, 256) for s in shards])
     return len(jpegs) / ours, len(jpegs) / best(decode_only)
 
 
 def main() -> None:
+    configure()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000)
     args = parser.parse_args()

@@ -12,7 +12,7 @@ from rich.progress import Progress
 
 from alexnet.lmdb_store import write_store
 from alexnet.pack import chunks, index_shards, output_order
-from alexnet.params import ComputeParams, PackParams
+from alexnet.params import ComputeParams, PackParams, PrepareParams
 from tasks.pack import load_chunk_task
 
 SPLITS = ("train", "val")
@@ -32,7 +32,9 @@ def _ordered_results(futures_of, count: int, window: int, progress, bar) -> Iter
 
 
 @flow(name="pack")
-def pack_flow(prepared: str, out: str, pack: PackParams, compute: ComputeParams) -> dict:
+def pack_flow(
+    prepared: str, out: str, pack: PackParams, prepare: PrepareParams, compute: ComputeParams
+) -> dict:
     """Write `out/train` (seeded shuffled order) and `out/val` (source order); the
     workers read ahead by two chunks each."""
     workers = compute.workers or os.cpu_count() or 1
@@ -46,7 +48,7 @@ def pack_flow(prepared: str, out: str, pack: PackParams, compute: ComputeParams)
             bar = progress.add_task(f"pack {split}", total=len(entries))
 
             def submit(i: int, parts=parts):
-                return load_chunk_task.submit(parts[i], pack.encoding)
+                return load_chunk_task.submit(parts[i], pack.encoding, prepare.size)
 
             batches = _ordered_results(submit, len(parts), 2 * workers, progress, bar)
             counts[split] = write_store(Path(out) / split, batches, pack.encoding, classes)

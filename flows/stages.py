@@ -24,7 +24,7 @@ import typer
 from rich.console import Console
 
 from alexnet.errors import AlexnetError, Interrupted
-from alexnet.params import Params, PrepareParams, load_params
+from alexnet.params import Params, PrepareParams, TrainParams, load_params
 from alexnet.runtime import configure
 
 console = Console(stderr=True, soft_wrap=True)  # one error = one line, however long
@@ -99,8 +99,8 @@ STAGES: dict[str, Stage] = {
                 PathArg("train", "data/prepared/train", "prepared training shards"),
                 PathArg("out", "data/stats", "output folder: mean.npy, pca.json"),
             ),
-            (),
-            (),
+            ("prepare",),
+            ("prepare.size",),
             "stats: {images} images; written to {out}/mean.npy, {out}/pca.json",
             parallel=True,
         ),
@@ -112,8 +112,8 @@ STAGES: dict[str, Stage] = {
                 PathArg("prepared", "data/prepared", "prepared folder (train/, val/ shards)"),
                 PathArg("out", "data/lmdb", "output folder: one LMDB per split"),
             ),
-            ("pack", "compute"),
-            ("pack",),
+            ("pack", "prepare", "compute"),
+            ("pack", "prepare.size"),
             "pack: {train} train and {val} val records written to {out}",
             parallel=True,
         ),
@@ -135,7 +135,12 @@ STAGES: dict[str, Stage] = {
             ),
             ("train", "model", "prepare", "compute"),
             (
-                "train",
+                # not the keys of how it is executed (more loader workers, processes...)
+                *(
+                    f"train.{key}"
+                    for key in TrainParams.model_fields
+                    if key not in TrainParams.EXECUTION_KEYS
+                ),
                 "model",
                 *(f"prepare.{key}" for key in PrepareParams.IMAGE_KEYS),  # in the model file
                 "compute.kernels",

@@ -8,18 +8,19 @@ import numpy as np
 from prefect import flow, get_run_logger
 
 from alexnet.atomic import atomic_output, write_json
+from alexnet.params import PrepareParams
 from alexnet.stats import StatsError, mean_image, reduce_moments, rgb_pca
 from flows.progress import gather
 from tasks.stats import shard_moments_task
 
 
 @flow(name="stats")
-def stats_flow(train: str, out: str) -> dict:
+def stats_flow(train: str, out: str, prepare: PrepareParams) -> dict:
     """Map over the shards, reduce in shard order, write mean.npy and pca.json."""
     shards = sorted(Path(train).glob("shard-*.tar"))
     if not shards:
         raise StatsError(f"{train}: no shard-*.tar files (run prepare first)")
-    futures = [shard_moments_task.submit(str(shard)) for shard in shards]
+    futures = [shard_moments_task.submit(str(shard), prepare.size) for shard in shards]
     moments = reduce_moments(gather(futures, "stats", [1] * len(shards)))
     pca = rgb_pca(moments)
     target = Path(out)

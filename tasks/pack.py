@@ -9,5 +9,5 @@ from alexnet.pack import Entry, load_chunk
 
 
 @task(name="load-chunk", cache_policy=NO_CACHE)
-def load_chunk_task(chunk: list[Entry], encoding: str) -> list[tuple[int, bytes]]:
-    return load_chunk(chunk, encoding)
+def load_chunk_task(chunk: list[Entry], encoding: str, size: int) -> list[tuple[int, bytes]]:
+    return load_chunk(chunk, encoding, size)

@@ -9,5 +9,5 @@ from alexnet.stats import Moments, shard_moments
 
 
 @task(name="shard-moments", cache_policy=NO_CACHE)
-def shard_moments_task(shard: str) -> Moments:
-    return shard_moments(shard)
+def shard_moments_task(shard: str, size: int) -> Moments:
+    return shard_moments(shard, size)

@@ -12,6 +12,6 @@ from alexnet.synth import Job, run_job
 
 @task(name="synth-images", cache_policy=NO_CACHE)
 def synth_images(
-    job: Job, root: str, seed: int, min_side: int, max_side: int, quality: int, clutter: int = 8
+    job: Job, root: str, seed: int, min_side: int, max_side: int, quality: int, clutter: int
 ) -> int:
     return run_job(job, Path(root), seed, min_side, max_side, quality, clutter)

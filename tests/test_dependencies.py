@@ -8,6 +8,8 @@ and changes nothing in the host process when imported.
 
 from __future__ import annotations
 
+import ast
+import signal
 import textwrap
 from pathlib import Path
 
@@ -115,6 +117,18 @@ def library_modules() -> list[str]:
     )
 
 
+def test_no_prefect_import_is_written_in_the_library():
+    # Also the imports that only run inside a function: read from the source.
+    for path in sorted((REPO / "alexnet").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            assert not [n for n in names if n.split(".")[0] == "prefect"], path.name
+
+
 def test_the_library_imports_no_prefect():
     # With prefect made unimportable, every module of alexnet/ still imports.
     done = run_python(
@@ -153,6 +167,29 @@ def test_importing_the_library_changes_nothing_in_the_host_process():
         env=CLEAN,
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_fit_sets_determinism_and_sigterm_for_its_run_only(data, tmp_path):
+    from alexnet.fit import fit
+    from tests.helpers import train_run
+
+    before = signal.getsignal(signal.SIGTERM)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    seen = []
+
+    def log(line: str) -> None:  # called during the run, after each epoch
+        seen.append(
+            (torch.are_deterministic_algorithms_enabled(), signal.getsignal(signal.SIGTERM))
+        )
+
+    try:
+        fit(train_run(data, tmp_path, epochs=1, batch_size=10, deterministic=True), log=log)
+        assert seen and seen[-1][0] and seen[-1][1] is not before
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def test_only_the_training_entry_sets_determinism(data, tmp_path):

@@ -13,36 +13,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.transforms.v2 import functional as TF
 
-from alexnet.crops import ten_crops
 from alexnet.evaluate import Results, crop_probabilities, evaluate
 from alexnet.metrics import label_ranks
 from alexnet.modelfile import ModelFileError, load_model
 from alexnet.reader import LmdbSplit
 from alexnet.train import Trainer
 from tests.helpers import CLASSES, REPO, blobs, train_run
-
-
-@pytest.mark.parametrize(
-    ("height", "width", "crop"), [(256, 256, 224), (256, 256, 227), (40, 50, 24), (41, 40, 24)]
-)
-def test_ten_crops_are_torchvisions_in_position_and_order(height, width, crop):
-    images = torch.randint(0, 256, (3, 3, height, width), dtype=torch.uint8)
-    ours = ten_crops(images, None, crop)
-    assert ours.shape == (3, 10, 3, crop, crop)
-    for n in range(3):
-        for i, expected in enumerate(TF.ten_crop(images[n].float(), [crop, crop])):
-            assert torch.equal(ours[n, i], expected), (n, i)
-
-
-def test_each_crop_loses_its_own_window_of_the_mean():
-    images = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8)
-    mean = torch.rand(3, 256, 256) * 255
-    ours = ten_crops(images, mean, 224)
-    for n in range(2):
-        for i, expected in enumerate(TF.ten_crop(images[n].float() - mean, [224, 224])):
-            assert torch.allclose(ours[n, i], expected)
 
 
 class CropTable(torch.nn.Module):
@@ -67,29 +44,6 @@ def test_the_prediction_averages_softmax_outputs_not_logits():
     assert probabilities.mean(1).argmax(1).item() == 1 and table.mean(0).argmax().item() == 0
 
 
-def test_topk_error_math_with_ties():
-    scores = torch.tensor(
-        [
-            [0.5, 0.1, 0.1, 0.1, 0.1, 0.1],  # label 0: rank 0
-            [0.3, 0.3, 0.1, 0.1, 0.1, 0.1],  # label 1 ties the best: counts as top-1 right
-            [0.6, 0.2, 0.05, 0.05, 0.05, 0.05],  # label 2: four ties, ranks 2 -> top-5 right
-            [0.3, 0.2, 0.2, 0.15, 0.14, 0.01],  # label 5: 5 classes strictly above -> top-5 wrong
-        ]
-    )
-    labels = torch.tensor([0, 1, 2, 5])
-    rank = label_ranks(scores, labels)
-    assert rank.tolist() == [0, 0, 2, 5]
-    results = Results(labels, scores.argmax(1), rank, torch.tensor([1, 0, 0, 0]))
-    assert results.summary() == {
-        "top1_error": 0.5,
-        "top5_error": 0.25,
-        "center_top1_error": 0.25,
-        "center_top5_error": 0.0,
-        "images": 4,
-    }
-
-
-@pytest.fixture(scope="module")
 def model_file(data, tmp_path_factory):
     run = train_run(
         data,

@@ -164,7 +164,7 @@ def test_stats_flow_same_bits_for_any_worker_count_and_equal_direct(reference, t
     train = reference[0] / "train"
     for workers in (1, 2):
         stats_flow.with_options(task_runner=task_runner(None, workers))(
-            str(train), str(tmp_path / f"s{workers}")
+            str(train), str(tmp_path / f"s{workers}"), PrepareParams()
         )
     for name in ("mean.npy", "pca.json"):
         assert (tmp_path / "s1" / name).read_bytes() == (tmp_path / "s2" / name).read_bytes()
@@ -198,7 +198,11 @@ def test_pack_flow_orders_and_worker_invariance(reference, tmp_path):
     params = PackParams(batch=5, seed=3)
     for workers in (1, 2):
         counts = pack_flow.with_options(task_runner=task_runner(None, workers))(
-            str(prepared), str(tmp_path / f"l{workers}"), params, ComputeParams(workers=workers)
+            str(prepared),
+            str(tmp_path / f"l{workers}"),
+            params,
+            PrepareParams(),
+            ComputeParams(workers=workers),
         )
         assert counts == {"train": 21, "val": 6}
     for split in ("train", "val"):
@@ -209,7 +213,7 @@ def test_pack_flow_orders_and_worker_invariance(reference, tmp_path):
         ("train", np.random.default_rng(3).permutation(21)),
         ("val", np.arange(6)),
     ):
-        source = load_chunk(index_shards(prepared / split), "raw")
+        source = load_chunk(index_shards(prepared / split), "raw", 256)
         stored = LmdbSplit(tmp_path / "l1" / split)
         images, labels = stored.read_batch(range(len(stored)))
         for position, index in enumerate(order):

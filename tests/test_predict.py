@@ -54,7 +54,12 @@ def test_predict_equals_evaluate_on_the_same_image(
     path.write_bytes(jpeg(411, 300, seed=3))
     # The pipeline: prepare (the options the model was trained with), pack, evaluate.
     prepared = prepare_image(path.read_bytes(), path.suffix, **IMAGE)
-    write_store(tmp_path / "val", [[(1, payload(prepared.jpeg, encoding))]], encoding, CLASSES)
+    write_store(
+        tmp_path / "val",
+        [[(1, payload(prepared.jpeg, encoding, IMAGE["size"]))]],
+        encoding,
+        CLASSES,
+    )
     split = LmdbSplit(tmp_path / "val")
     device = torch.device("cpu")
     model, contents = load_model_for(split, model_file, device)

@@ -55,7 +55,7 @@ def test_colour_alone_does_not_tell_the_class():
 
 def test_layout_mapping_and_oddities(tmp_path):
     for job in plan_jobs(classes=3, train_per_class=2, val_per_class=1, chunk=2):
-        run_job(job, tmp_path, seed=0, min_side=160, max_side=300, quality=90)
+        run_job(job, tmp_path, seed=0, min_side=160, max_side=300, quality=90, clutter=8)
     assert write_oddities(tmp_path, classes=3, per_kind=1, seed=0, quality=90) == len(ODDITIES)
     write_mapping(tmp_path, 3)
     source = open_source(tmp_path)

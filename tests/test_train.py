@@ -17,7 +17,7 @@ import torch
 
 from alexnet.errors import AlexnetError, Interrupted
 from alexnet.lmdb_store import write_store
-from alexnet.train import Trainer, TrainError, errors
+from alexnet.train import Trainer, TrainError
 from tests.helpers import CLASSES, REPO, blobs, train_run
 
 # Batch 4 over 10 images: steps of 4, 4, 2. A test that needs no particular steps
@@ -204,12 +204,6 @@ def test_clear_errors(data, tmp_path):
     run = train_run(data, tmp_path, epochs=1).model_copy(update={"stats": tmp_path / "none"})
     with pytest.raises(AlexnetError, match="missing or corrupt stats"):
         Trainer(run)
-
-
-def test_topk_errors_count_ties_for_the_label():
-    logits = torch.tensor([[3.0, 1.0, 2.0], [1.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
-    labels = torch.tensor([0, 1, 2])
-    assert errors(logits, labels) == (1, 0)  # row 2: label ranks second (top-1 wrong)
 
 
 def test_train_flow_writes_model_metrics_plots_and_resumes(
