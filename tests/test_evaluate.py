@@ -44,6 +44,7 @@ def test_the_prediction_averages_softmax_outputs_not_logits():
     assert probabilities.mean(1).argmax(1).item() == 1 and table.mean(0).argmax().item() == 0
 
 
+@pytest.fixture(scope="module")
 def model_file(data, tmp_path_factory):
     run = train_run(
         data,

@@ -296,12 +296,13 @@ def test_loader_workers_stream_the_same_batches_across_epochs(data, tmp_path):
 
 
 # -- the train stage's command, killed or stopped ------------------------------------
-CLI_TRAIN = {"epochs": 1, "batch_size": 2, "val_batch_size": 4, "checkpoint_every": 2}
+CLI_TRAIN = {"epochs": 2, "batch_size": 2, "val_batch_size": 4, "checkpoint_every": 2}
 
 
 @pytest.fixture(scope="module")
 def cli_params(tmp_path_factory) -> Path:
-    """A params file for the command: 5 steps, checkpoints after steps 2, 4 and 5."""
+    """A params file for the command: 2 epochs of 5 steps, checkpoints after steps 2, 4
+    and 5 of each."""
     import yaml
 
     path = tmp_path_factory.mktemp("cli") / "params.yaml"
@@ -358,18 +359,25 @@ def uninterrupted(data, cli_params, tmp_path_factory) -> dict:
     return t.weights()
 
 
-def start_until_checkpoint(data, params: Path, folder: Path) -> subprocess.Popen:
-    """The command, started; returns once it has written its first checkpoint. Its
-    output goes to folder/output.txt (a pipe nobody reads could block it)."""
+def start_until_checkpoint(
+    data, params: Path, folder: Path, newer_than: int = -1
+) -> subprocess.Popen:
+    """The command, started; returns once it has written a checkpoint (modified after
+    `newer_than`, in ns). Its output goes to folder/output.txt (a pipe nobody reads
+    could block it)."""
     with open(folder / "output.txt", "w") as output:
         process = subprocess.Popen(
             cli_train(data, params, folder), env=cli_env(), stdout=output, stderr=output
         )
     checkpoint = folder / "ckpt.pt"
     deadline = time.monotonic() + 120
-    while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
+
+    def written() -> bool:
+        return checkpoint.exists() and checkpoint.stat().st_mtime_ns > newer_than
+
+    while not written() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
-    assert checkpoint.exists() and process.poll() is None, (folder / "output.txt").read_text()
+    assert written() and process.poll() is None, (folder / "output.txt").read_text()
     return process
 
 
@@ -393,19 +401,10 @@ def resume_to_the_end(data, params: Path, folder: Path, whole: dict) -> None:
     assert_same_weights(whole, resumed)
 
 
-def test_cli_train_killed_with_sigkill_resumes_to_the_same_weights(
+def test_cli_train_sigterm_then_sigkill_then_resume_gives_the_same_weights(
     data, cli_params, uninterrupted, tmp_path, prefect_server
 ):
-    first = start_until_checkpoint(data, cli_params, tmp_path)
-    first.send_signal(signal.SIGKILL)
-    assert first.wait() == -signal.SIGKILL
-    assert not (tmp_path / "alexnet.pt").exists()
-    resume_to_the_end(data, cli_params, tmp_path, uninterrupted)
-
-
-def test_cli_train_stopped_with_sigterm_checkpoints_and_resumes_to_the_same_weights(
-    data, cli_params, uninterrupted, tmp_path, prefect_server
-):
+    # SIGTERM: the step under way is finished and checkpointed, exit status 143.
     first = start_until_checkpoint(data, cli_params, tmp_path)
     first.send_signal(signal.SIGTERM)
     status = first.wait(timeout=120)
@@ -413,10 +412,18 @@ def test_cli_train_stopped_with_sigterm_checkpoints_and_resumes_to_the_same_weig
     assert status == 143, output[-2000:]
     assert "checkpoint saved" in output, output[-2000:]
     assert not (tmp_path / "alexnet.pt").exists()
-    # The step under way when the signal came was finished and checkpointed (the first
-    # checkpoint is step 2's; a kill would lose the steps after it).
-    epoch, step = checkpoint_position(tmp_path)
-    assert epoch == 0 and step > 2, (epoch, step)
+    # (the first checkpoint is step 2's; a kill would lose the steps after it)
+    stopped = checkpoint_position(tmp_path)
+    assert stopped[0] == 0 and stopped[1] > 2, stopped
+    # SIGKILL of the resumed run once it has checkpointed again: nothing but the
+    # checkpoint survives, and the last run continues from it.
+    written = (tmp_path / "ckpt.pt").stat().st_mtime_ns
+    second = start_until_checkpoint(data, cli_params, tmp_path, newer_than=written)
+    second.send_signal(signal.SIGKILL)
+    assert second.wait() == -signal.SIGKILL
+    assert "resuming from" in (tmp_path / "output.txt").read_text()
+    assert checkpoint_position(tmp_path) > stopped
+    assert not (tmp_path / "alexnet.pt").exists()
     resume_to_the_end(data, cli_params, tmp_path, uninterrupted)
 
 
