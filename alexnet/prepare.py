@@ -143,7 +143,11 @@ def summarize(reports: list[ShardReport]) -> dict:
         **totals,
         "splits": splits,
         "shards": {split: sum(r.split == split for r in reports) for split in splits},
-        "converted_files": [c for r in reports for c in r.converted],
+        # Each entry's keys in one order, whether the shard was made now or reused (its
+        # stored report comes back from the tar header with sorted keys).
+        "converted_files": [
+            {"path": c["path"], "from": c["from"]} for r in reports for c in r.converted
+        ],
         "skipped_files": [s for r in reports for s in r.skipped],
     }
 

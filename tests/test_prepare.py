@@ -19,7 +19,7 @@ from alexnet.prepare import (
 )
 from alexnet.shards import iter_shard
 from alexnet.sources import open_source
-from tests.helpers import jpeg, make_imagefolder
+from tests.helpers import encode, jpeg, make_imagefolder, photo
 
 
 @pytest.fixture
@@ -122,3 +122,23 @@ def test_fingerprint_follows_every_image_key_and_not_the_sharding(source):
         assert fingerprint(plan.items, contents, PrepareParams(**other)) == base, other
     # the content and the labels count
     assert fingerprint(plan.items, [b"x", *contents[1:]], PrepareParams()) != base
+
+
+def test_the_report_of_a_reused_shard_is_the_bytes_of_a_made_one(tmp_path):
+    # report.json is a DVC output: a re-run that reuses every shard must not change it.
+    import json
+
+    from alexnet.prepare import plan_shards, prepare_shard, summarize
+    from alexnet.sources import open_source
+
+    raw = make_imagefolder(tmp_path / "raw", classes=2, train=2, val=1)
+    (raw / "train" / "n00000000" / "grey.JPEG").write_bytes(encode(photo(300, 260).convert("L")))
+    (raw / "train" / "n00000001" / "empty.JPEG").write_bytes(b"")
+    plans = plan_shards(open_source(raw), 4)
+    params = PrepareParams()
+    made = [prepare_shard(plan, tmp_path / "out", params) for plan in plans]
+    reused = [prepare_shard(plan, tmp_path / "out", params) for plan in plans]
+    assert all(r.reused for r in reused) and not any(r.reused for r in made)
+    report = summarize(made)
+    assert report["converted_files"] and report["skipped_files"]
+    assert json.dumps(summarize(reused)) == json.dumps(report)
