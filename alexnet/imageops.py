@@ -2,20 +2,28 @@
 
 A raw file becomes a 256x256 RGB JPEG: decode (format found from the content, not the
 extension), convert any mode to RGB, rescale so the shorter side is 256 with an
-antialiased filter, crop the central 256x256 patch, encode. Files that cannot become
-such an image raise `BadImage` with a short reason; nothing here prints or logs.
+antialiased filter, crop the central 256x256 patch, encode. Whatever goes wrong with one
+file (any exception type, a codec this PIL lacks, a decompression bomb, running out of
+memory) raises `BadImage` with a one-line reason; nothing here prints or logs. Crashes
+and hangs of the decoder itself are `alexnet.decoder`'s concern.
+
+Three decisions are params (`prepare`), each defaulting to what the original pipeline
+did: the EXIF orientation is not applied, an embedded ICC profile is dropped with the
+values kept as stored, and an animated or multi-page file gives its first frame.
 """
 
 from __future__ import annotations
 
+import importlib
 import io
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from alexnet.params import DEFAULTS, Resample
+from alexnet.params import DEFAULTS, Frames, Resample
 
 RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -38,12 +46,17 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Identify the image from its content and check its declared size (no decode yet)."""
     if not data:
         raise BadImage("empty file")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise BadImage("not an image") from None
-    except Image.DecompressionBombError:
-        raise BadImage("decompression bomb") from None
+    # PIL says why it could not identify a file it would need a missing codec for (WebP,
+    # AVIF) only in a warning, before raising; keep that reason.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            missing = [str(w.message) for w in caught if "not installed" in str(w.message)]
+            raise BadImage(_missing_codec(missing[0]) if missing else "not an image") from None
+        except Image.DecompressionBombError:
+            raise BadImage("decompression bomb") from None
     width, height = image.size
     if width * height > max_pixels:
         raise BadImage(f"decompression bomb: {width}x{height} pixels > max_pixels {max_pixels}")
@@ -114,8 +127,8 @@ def encode_jpeg(image: Image.Image, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def conversion_of(image: Image.Image, extension: str) -> str | None:
-    """What prepare changes besides geometry, for the report; None for a plain RGB JPEG."""
+def conversion_of(image: Image.Image, extension: str) -> list[str]:
+    """What prepare changes besides geometry, for the report; empty for a plain RGB JPEG."""
     notes = []
     if image.format != "JPEG" and extension.lower() in (".jpg", ".jpeg"):
         notes.append(f"{image.format} as JPEG")
@@ -123,7 +136,81 @@ def conversion_of(image: Image.Image, extension: str) -> str | None:
         notes.append(str(image.format))
     if image.mode != "RGB":
         notes.append(image.mode)
-    return ", ".join(notes) or None
+    return notes
+
+
+def first_frame(image: Image.Image, frames: Frames) -> str | None:
+    """The note for an animated or multi-page file (whose first frame is what PIL has
+    open), or `BadImage` when such files are to be skipped."""
+    count = getattr(image, "n_frames", 1)
+    if count <= 1:
+        return None
+    if frames == "skip":
+        raise BadImage(f"{count} frames (params prepare.frames: skip)")
+    return f"first of {count} frames"
+
+
+def orient(image: Image.Image) -> tuple[Image.Image, str | None]:
+    """The image turned upright by its EXIF orientation tag (2-8), and a note."""
+    orientation = image.getexif().get(0x0112, 1)
+    if orientation in (1, None) or not 2 <= int(orientation) <= 8:
+        return image, None
+    return ImageOps.exif_transpose(image), f"EXIF orientation {orientation} applied"
+
+
+def to_srgb(image: Image.Image) -> tuple[Image.Image, str | None]:
+    """RGB converted from the embedded ICC profile to sRGB (LittleCMS), and a note; an
+    image without a usable profile is converted as if it had none."""
+    profile = image.info.get("icc_profile")
+    if not profile:
+        return to_rgb(image), None
+    from PIL import ImageCms  # ImportError without LittleCMS: the file's reason says so
+
+    if image.mode not in ("RGB", "CMYK", "L", "LAB"):
+        image = to_rgb(image)
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        converted = ImageCms.profileToProfile(image, source, _srgb(), outputMode="RGB")
+    except ImageCms.PyCMSError as error:
+        return to_rgb(image), f"ICC profile unusable, ignored ({_first_line(error)})"
+    return converted, "ICC profile to sRGB"
+
+
+def _srgb():
+    from PIL import ImageCms
+
+    return ImageCms.createProfile("sRGB")
+
+
+def load_plugins(names: tuple[str, ...] | list[str]) -> None:
+    """Import the modules that register more formats with PIL (params prepare.plugins)."""
+    for name in names:
+        importlib.import_module(name)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
+
+
+def _missing_codec(message: str) -> str:
+    return f"needs a codec this PIL lacks ({message}; `alexnet doctor` lists codecs)"
+
+
+def reason_for(error: Exception) -> str:
+    """The one-line reason a file is skipped for an unexpected exception."""
+    message = _first_line(error)
+    if isinstance(error, MemoryError):
+        return "out of memory while decoding"
+    if isinstance(error, ImportError) and "imagingcms" in message.lower():
+        return _missing_codec("LittleCMS colour management")
+    if isinstance(error, OSError) and message.endswith("not available"):
+        return _missing_codec(message)  # "decoder libtiff not available"
+    if isinstance(error, Image.DecompressionBombError):
+        return "decompression bomb"
+    if isinstance(error, OSError | SyntaxError | ValueError | EOFError):
+        return f"corrupt: {message}"  # how PIL reports truncated and damaged data
+    return f"cannot decode: {type(error).__name__}: {message}"
 
 
 def prepare_image(
@@ -133,18 +220,32 @@ def prepare_image(
     quality: int = DEFAULTS.prepare.quality,
     resample: Resample = DEFAULTS.prepare.resample,
     max_pixels: int = DEFAULTS.prepare.max_pixels,
+    exif_orientation: bool = DEFAULTS.prepare.exif_orientation,
+    icc_to_srgb: bool = DEFAULTS.prepare.icc_to_srgb,
+    frames: Frames = DEFAULTS.prepare.frames,
+    plugins: tuple[str, ...] = DEFAULTS.prepare.plugins,
 ) -> Prepared:
-    """Encoded file -> `Prepared` size x size RGB JPEG, or `BadImage`. The keywords are
-    params `prepare`'s image options (`PrepareParams.IMAGE_KEYS`)."""
-    image = open_image(data, max_pixels)
-    converted = conversion_of(image, extension)
+    """Encoded file -> `Prepared` size x size RGB JPEG, or `BadImage` whatever went wrong.
+    The keywords are params `prepare`'s image options (`PrepareParams.IMAGE_KEYS`)."""
+    load_plugins(plugins)
     try:
+        image = open_image(data, max_pixels)
+        notes = conversion_of(image, extension)
+        notes.append(first_frame(image, frames))
         draft_for(image, size)
         image.load()
-        out = resize_crop(to_rgb(image), size, resample)
+        if exif_orientation:
+            image, note = orient(image)
+            notes.append(note)
+        if icc_to_srgb:
+            rgb, note = to_srgb(image)
+            notes.append(note)
+        else:
+            rgb = to_rgb(image)
+        out = resize_crop(rgb, size, resample)
+        jpeg = encode_jpeg(out, quality)
     except BadImage:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        # Pillow reports truncated and corrupt data as OSError / SyntaxError.
-        raise BadImage(f"corrupt: {error}") from None
-    return Prepared(encode_jpeg(out, quality), converted)
+    except Exception as error:  # one file's failure, of whatever kind, is that file's
+        raise BadImage(reason_for(error)) from None
+    return Prepared(jpeg, ", ".join(note for note in notes if note) or None)

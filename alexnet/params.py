@@ -24,6 +24,7 @@ Columns = Literal[1, 2]
 InputSize = Literal[224, 227]
 Init = Literal["paper", "caffe", "kaiming"]
 LightingScale = Literal["unit", "std255"]
+Frames = Literal["first", "skip"]
 
 
 class ParamsError(AlexnetError, ValueError):
@@ -79,11 +80,46 @@ class PrepareParams(_Section):
     max_skipped: float = Field(
         0.05, ge=0.0, le=1.0, description="fail the stage when a larger share of files is skipped"
     )
+    exif_orientation: bool = Field(
+        False,
+        description="rotate/flip by the EXIF orientation tag before resizing; the original "
+        "pipeline did not (false)",
+    )
+    icc_to_srgb: bool = Field(
+        False,
+        description="convert images with an embedded ICC profile to sRGB (needs LittleCMS); "
+        "false keeps the stored values and drops the profile, as the original pipeline",
+    )
+    frames: Frames = Field(
+        "first",
+        description="animated GIF/APNG/WebP and multi-page TIFF: keep the first frame "
+        "(reported as converted) or skip the file",
+    )
+    plugins: tuple[str, ...] = Field(
+        (),
+        description="Python modules imported before decoding, to register more formats "
+        "with PIL (e.g. pillow_heif.HeifImagePlugin for HEIC photos)",
+    )
+    file_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="seconds one file may take to decode; a slower file is skipped as "
+        "timed out (a crafted or pathological file)",
+    )
 
     # The keys that decide each prepared image (the rest decide what is kept and how it
     # is sharded). A shard's fingerprint hashes them; the model file records them, so
     # `alexnet predict` prepares an image as the model's data was prepared.
-    IMAGE_KEYS: ClassVar[tuple[str, ...]] = ("size", "quality", "resample", "max_pixels")
+    IMAGE_KEYS: ClassVar[tuple[str, ...]] = (
+        "size",
+        "quality",
+        "resample",
+        "max_pixels",
+        "exif_orientation",
+        "icc_to_srgb",
+        "frames",
+        "plugins",
+    )
 
     def image_options(self) -> dict:
         """{key: value} of `IMAGE_KEYS`: the keyword arguments of `prepare_image`."""

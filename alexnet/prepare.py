@@ -4,22 +4,30 @@ Shard k of a split always holds the same images (the split's sorted samples, chu
 `shard_size`), and its bytes depend only on those images and the parameters, never on
 which worker made it or when. A shard whose stored fingerprint matches what it would be
 made from is reused as is, which is how a killed run continues.
+
+No file can stop a shard: each is read once (the same bytes are fingerprinted and
+prepared, so a file that changes later cannot tear a shard) and prepared in a child
+process (`alexnet.decoder`); whatever goes wrong with it, from a missing codec to a
+segfault or a hang, makes it a skipped file with a one-line reason.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import PIL
 
+from alexnet.decoder import isolated
 from alexnet.errors import AlexnetError
-from alexnet.imageops import BadImage, prepare_image
+from alexnet.imageops import BadImage, load_plugins
 from alexnet.params import PrepareParams
 from alexnet.shards import Record, read_description, shard_name, unique_keys, write_shard
-from alexnet.sources import Source
+from alexnet.sources import ClassInfo, Source
 
 FORMAT_VERSION = 1
 
@@ -34,6 +42,7 @@ class Item:
     relpath: str  # relative to the dataset root, for reports
     label: int
     key: str  # WebDataset key inside the shard
+    problem: str | None = None  # why the scan found it unusable (a broken symlink, ...)
 
 
 @dataclass(frozen=True)
@@ -64,42 +73,75 @@ def plan_shards(source: Source, shard_size: int) -> list[ShardPlan]:
     for split, samples in source.splits.items():
         keys = unique_keys(s.relpath for s in samples)
         items = [
-            Item(str(s.path), s.relpath, s.label, k) for s, k in zip(samples, keys, strict=True)
+            Item(str(s.path), s.relpath, s.label, k, s.problem)
+            for s, k in zip(samples, keys, strict=True)
         ]
         for start in range(0, len(items), shard_size):
             plans.append(ShardPlan(split, start // shard_size, items[start : start + shard_size]))
     return plans
 
 
-def _read(path: str) -> bytes | OSError:
+class Changing(OSError):
+    """A file that changed while it was read (being written to, replaced)."""
+
+
+def _read(item: Item) -> bytes | OSError | None:
+    """The file's bytes, an OSError saying why they cannot be read, or None for an entry
+    the scan already found unusable (which is never opened: it may be a FIFO)."""
+    if item.problem:
+        return None
     try:
-        with open(path, "rb") as stream:
-            return stream.read()
+        with open(item.path, "rb") as stream:
+            before = os.fstat(stream.fileno())
+            data = stream.read()
+            after = os.fstat(stream.fileno())
     except OSError as error:
         return error
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or len(
+        data
+    ) != after.st_size:
+        return Changing("changed while being read")
+    return data
 
 
-def fingerprint(items: list[Item], contents: list[bytes | OSError], params: PrepareParams) -> str:
+def fingerprint(items: list[Item], contents: list, params: PrepareParams) -> str:
     """What a shard is made from: the files' names, labels and content, the options, and
     the imaging library (pillow and pillow-simd encode differently)."""
     digest = hashlib.sha256()
-    header = {"format": FORMAT_VERSION, "pil": PIL.__version__, **params.image_options()}
+    header = {
+        "format": FORMAT_VERSION,
+        "pil": PIL.__version__,
+        "file_timeout": params.file_timeout,
+        **params.image_options(),
+    }
     digest.update(json.dumps(header, sort_keys=True).encode())
     for item, content in zip(items, contents, strict=True):
-        body = hashlib.sha256(content).hexdigest() if isinstance(content, bytes) else "unreadable"
+        if isinstance(content, bytes):
+            body = hashlib.sha256(content).hexdigest()
+        else:
+            body = f"unusable: {item.problem or content}"
         digest.update(f"\n{item.relpath}\t{item.label}\t{item.key}\t{body}".encode())
     return digest.hexdigest()
 
 
+def _unreadable(error: OSError) -> str:
+    if isinstance(error, Changing):
+        return str(error)
+    return f"unreadable: {error.strerror or error}"
+
+
 def _process(plan: ShardPlan, contents: list, params: PrepareParams):
     report = ShardReport(plan.split, plan.index, len(plan.items))
+    decoder = isolated(params.file_timeout)
+    options = params.image_options()
     records = []
     for item, content in zip(plan.items, contents, strict=True):
         try:
+            if content is None:
+                raise BadImage(item.problem)
             if isinstance(content, OSError):
-                raise BadImage(f"unreadable: {content.strerror or content}")
-            extension = Path(item.relpath).suffix
-            prepared = prepare_image(content, extension, **params.image_options())
+                raise BadImage(_unreadable(content))
+            prepared = decoder.prepare(content, Path(item.relpath).suffix, options)
         except BadImage as error:
             report.skipped.append({"path": item.relpath, "reason": str(error)})
             continue
@@ -114,7 +156,8 @@ def prepare_shard(plan: ShardPlan, out_dir: str | Path, params: PrepareParams) -
     """Make (or reuse) `out_dir/<split>/shard-NNNNN.tar` for one planned shard."""
     path = Path(out_dir) / plan.name
     path.parent.mkdir(parents=True, exist_ok=True)
-    contents = [_read(item.path) for item in plan.items]
+    check_plugins(params.plugins)
+    contents = [_read(item) for item in plan.items]
     expected = fingerprint(plan.items, contents, params)
     stored = read_description(path)
     if stored and stored.get("fingerprint") == expected:
@@ -123,6 +166,14 @@ def prepare_shard(plan: ShardPlan, out_dir: str | Path, params: PrepareParams) -
     stored_report = {k: v for k, v in report.__dict__.items() if k != "reused"}
     write_shard(path, records, {"fingerprint": expected, "report": stored_report})
     return report
+
+
+def check_plugins(plugins: tuple[str, ...]) -> None:
+    """Fail the stage, not every file, when a module of params prepare.plugins is missing."""
+    try:
+        load_plugins(plugins)
+    except Exception as error:
+        raise PrepareError(f"params prepare.plugins: cannot import it ({error})") from None
 
 
 def summarize(reports: list[ShardReport]) -> dict:
@@ -159,4 +210,23 @@ def check_skipped(report: dict, max_skipped: float, report_path: str | Path) -> 
         raise PrepareError(
             f"{report['skipped']} of {report['files']} files skipped ({share:.1%} > "
             f"max_skipped {max_skipped:.1%}); reasons in {report_path}"
+        )
+
+
+def check_classes(plans: list[ShardPlan], report: dict, classes: list[ClassInfo], root) -> None:
+    """Fail when a training class has no usable image left: it could not be learned."""
+    skipped = {entry["path"] for entry in report["skipped_files"]}
+    usable = Counter(
+        item.label
+        for plan in plans
+        if plan.split == "train"
+        for item in plan.items
+        if item.relpath not in skipped
+    )
+    empty = [c for c in classes if usable[c.index] == 0]
+    if empty:
+        more = f" (and {len(empty) - 1} more classes)" if len(empty) > 1 else ""
+        raise PrepareError(
+            f"{Path(root) / 'train' / empty[0].wnid}: no usable image in this class, every "
+            f"file was skipped{more}; reasons in report.json"
         )

@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 
 from alexnet.atomic import write_json
 from alexnet.params import PrepareParams
-from alexnet.prepare import check_skipped, plan_shards, summarize
+from alexnet.prepare import check_classes, check_skipped, plan_shards, summarize
 from alexnet.shards import remove_stale
 from alexnet.sources import open_source
 from flows.progress import gather
@@ -43,6 +43,7 @@ def prepare_flow(raw: str, out: str, prepare: PrepareParams) -> dict:
         len(reports),
     )
     check_skipped(report, prepare.max_skipped, target / "report.json")
+    check_classes(plans, report, source.classes, source.root)
     return {k: report[k] for k in ("files", "kept", "converted", "skipped")}
 
 

@@ -221,3 +221,44 @@ def test_pack_flow_orders_and_worker_invariance(reference, tmp_path):
             assert labels[position] == label
             expected = np.frombuffer(payload, np.uint8).reshape(256, 256, 3)
             assert np.array_equal(images[position].permute(1, 2, 0).numpy(), expected)
+
+
+def records(out: Path) -> list[tuple[str, bytes]]:
+    """Every member of every shard, in order: the prepared data, whatever the sharding."""
+    import tarfile
+
+    members = []
+    for path in sorted(out.rglob("*.tar")):
+        with tarfile.open(path) as tar:
+            members += [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    return members
+
+
+@pytest.mark.parametrize(("scheduler", "workers"), [(None, 1), ("local", 2)])
+def test_files_that_crash_or_hang_the_decoder_cost_only_themselves(
+    raw, reference, tmp_path, scheduler, workers
+):
+    import json
+    import shutil
+
+    from tests.decoder_plugin import ABORT, CRASH, HANG
+
+    folder = tmp_path / "raw"
+    shutil.copytree(raw, folder)
+    classes = sorted(p.name for p in (folder / "train").iterdir())
+    (folder / "train" / classes[0] / "crash.JPEG").write_bytes(CRASH + b"...")
+    (folder / "train" / classes[1] / "hang.JPEG").write_bytes(HANG + b"...")
+    (folder / "val" / classes[2] / "abort.JPEG").write_bytes(ABORT + b"...")
+    params = SHARDS.model_copy(update={"plugins": ("tests.decoder_plugin",), "file_timeout": 2})
+    out = tmp_path / "prep"
+    counts = prepare_flow.with_options(task_runner=task_runner(scheduler, workers))(
+        str(folder), str(out), params
+    )
+    assert counts["files"] == 33 and counts["skipped"] == 3 + 3 and counts["kept"] == 27
+    # The same images as a run in which these files never existed, in the same order.
+    assert records(out) == records(reference[0])
+    skipped = json.loads((out / "report.json").read_text())["skipped_files"]
+    reasons = {s["path"].rsplit("/", 1)[1]: s["reason"] for s in skipped}
+    assert reasons["crash.JPEG"] == "decoder crashed (SIGSEGV)"
+    assert reasons["hang.JPEG"] == "timed out after 2 s"
+    assert reasons["abort.JPEG"] == "decoder crashed (SIGABRT)"

@@ -208,3 +208,143 @@ def test_decompression_bomb_is_refused_before_decoding():
         prepare_image(_png_claiming(40_000, 40_000), ".png")
     with pytest.raises(BadImage, match="max_pixels 1000"):
         open_image(jpeg(100, 100), max_pixels=1000)
+
+
+# Issue 14: any failure of one file is that file's BadImage; the params' decisions.
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (MemoryError(), "out of memory while decoding"),
+        (NotImplementedError("Unimplemented DXGI format 99"), "cannot decode: "),
+        (RuntimeError("boom\nsecond line"), "cannot decode: RuntimeError: boom$"),
+        (ImportError("The _imagingcms C module is not installed"), "needs a codec .*LittleCMS"),
+        (OSError("decoder libtiff not available"), r"needs a codec .*\(decoder libtiff not"),
+        (OSError("Unsupported BMP pixel depth (64)"), "corrupt: Unsupported BMP pixel depth"),
+    ],
+)
+def test_any_exception_of_one_file_becomes_its_one_line_reason(monkeypatch, error, reason):
+    from alexnet import imageops
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(imageops, "resize_crop", fail)
+    with pytest.raises(BadImage, match=reason) as caught:
+        prepare_image(jpeg(300, 200))
+    assert "\n" not in str(caught.value)
+
+
+def test_a_format_whose_codec_is_missing_names_it(monkeypatch):
+    from PIL import WebPImagePlugin
+
+    data = encode(photo(300, 260), "WEBP") if WebPImagePlugin.SUPPORTED else None
+    monkeypatch.setattr(WebPImagePlugin, "SUPPORTED", False)
+    data = data or b"RIFF\x24\x00\x00\x00WEBPVP8 " + bytes(40)
+    with pytest.raises(BadImage, match=r"needs a codec this PIL lacks \(.*WEBP support not"):
+        prepare_image(data, ".webp")
+
+
+def _oriented(orientation: int) -> bytes:
+    """A 300x200 JPEG, red on its left half, tagged with an EXIF orientation."""
+    image = Image.new("RGB", (300, 200), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 150, 200))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(image, "JPEG", exif=exif.tobytes())
+
+
+def test_exif_orientation_is_kept_by_default_and_applied_when_set():
+    data = _oriented(6)  # "rotate 90 CW to view": the red left half ends up on top
+    plain = decoded(prepare_image(data))
+    assert plain[128, 20, 0] > 200 and plain[128, 235, 2] > 200  # left red, right blue
+    assert prepare_image(data).converted is None
+    upright = prepare_image(data, exif_orientation=True)
+    rotated = decoded(upright)
+    assert rotated[20, 128, 0] > 200 and rotated[235, 128, 2] > 200  # top red, bottom blue
+    assert upright.converted == "EXIF orientation 6 applied"
+    assert prepare_image(_oriented(1), exif_orientation=True).converted is None
+
+
+def test_animated_and_multipage_files_give_their_first_frame_or_are_skipped():
+    frames = [Image.new("RGB", (300, 260), colour) for colour in ((255, 0, 0), (0, 255, 0))]
+    for fmt, extension in (("GIF", ".gif"), ("PNG", ".png"), ("TIFF", ".tif")):
+        data = encode(frames[0], fmt, save_all=True, append_images=frames[1:])
+        prepared = prepare_image(data, extension)
+        assert prepared.converted.endswith("first of 2 frames"), fmt
+        assert decoded(prepared)[128, 128, 0] > 200 and decoded(prepared)[128, 128, 1] < 60
+        with pytest.raises(BadImage, match=r"2 frames \(params prepare.frames: skip\)"):
+            prepare_image(data, extension, frames="skip")
+
+
+def _linear_rgb_profile() -> bytes:
+    """A minimal ICC v2 RGB display profile: sRGB's primaries (D50-adapted) with a linear
+    tone curve, so that its values differ from sRGB's in every midtone."""
+    import struct
+
+    def s15(value: float) -> bytes:
+        return struct.pack(">i", round(value * 65536))
+
+    def xyz(x: float, y: float, z: float) -> bytes:
+        return b"XYZ " + bytes(4) + s15(x) + s15(y) + s15(z)
+
+    text = b"linear sRGB\0"
+    desc = b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(4 + 4 + 2 + 1 + 67)
+    curve = b"curv" + bytes(4) + struct.pack(">IH", 1, 0x0100) + bytes(2)  # gamma 1.0
+    tags = [
+        (b"desc", desc),
+        (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
+        (b"rXYZ", xyz(0.4361, 0.2225, 0.0139)),
+        (b"gXYZ", xyz(0.3851, 0.7169, 0.0971)),
+        (b"bXYZ", xyz(0.1431, 0.0606, 0.7141)),
+        (b"rTRC", curve),
+        (b"gTRC", curve),
+        (b"bTRC", curve),
+    ]
+    offset = 128 + 4 + 12 * len(tags)
+    table, body = b"", b""
+    for signature, data in tags:
+        data += bytes(-len(data) % 4)
+        table += signature + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    size = offset + len(body)
+    header = (
+        struct.pack(">I", size)
+        + bytes(4)
+        + bytes([2, 0x10, 0, 0])
+        + b"mntrRGB XYZ "
+        + bytes(12)
+        + b"acsp"
+        + bytes(24)
+        + bytes(4)
+        + s15(0.9642)
+        + s15(1.0)
+        + s15(0.8249)
+        + bytes(4 + 16 + 28)
+    )
+    assert len(header) == 128
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
+def test_icc_profile_is_dropped_by_default_and_converted_to_srgb_when_set():
+    from PIL import ImageCms
+
+    profile = _linear_rgb_profile()
+    image = photo(300, 260, seed=5)
+    tagged = encode(image, "PNG", icc_profile=profile)
+    # Default: the stored values, as if there were no profile (the original pipeline).
+    assert prepare_image(tagged, ".png").jpeg == prepare_image(encode(image, "PNG"), ".png").jpeg
+    converted = prepare_image(tagged, ".png", icc_to_srgb=True)
+    assert converted.converted == "PNG, ICC profile to sRGB"
+    # Equal to LittleCMS's transform of the whole image, then prepared as any PNG.
+    source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+    srgb = ImageCms.createProfile("sRGB")
+    direct = ImageCms.profileToProfile(image, source, srgb, outputMode="RGB")
+    assert converted.jpeg == prepare_image(encode(direct, "PNG"), ".png").jpeg
+    difference = decoded(converted) - decoded(prepare_image(tagged, ".png"))
+    assert difference.mean() > 20  # linear-light values are much brighter in sRGB
+    # A profile that does not fit the pixels (LAB on RGB) is ignored and reported.
+    lab = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    note = prepare_image(encode(image, "PNG", icc_profile=lab), ".png", icc_to_srgb=True)
+    assert note.converted.startswith("PNG, ICC profile unusable, ignored")

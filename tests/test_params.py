@@ -83,4 +83,8 @@ def test_image_keys_are_prepare_fields():
         "quality": 90,
         "resample": "lanczos",
         "max_pixels": 178_956_970,
+        "exif_orientation": False,
+        "icc_to_srgb": False,
+        "frames": "first",
+        "plugins": (),
     }

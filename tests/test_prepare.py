@@ -79,7 +79,16 @@ def test_summary_counts_and_threshold(source, tmp_path):
 
 
 # A value other than the default for each image key (a new key must be added here).
-OTHER_VALUES = {"size": 200, "quality": 70, "resample": "bicubic", "max_pixels": 10_000_000}
+OTHER_VALUES = {
+    "size": 200,
+    "quality": 70,
+    "resample": "bicubic",
+    "max_pixels": 10_000_000,
+    "exif_orientation": True,
+    "icc_to_srgb": True,
+    "frames": "skip",
+    "plugins": ("tests.decoder_plugin",),
+}
 
 
 def test_image_keys_are_the_options_of_prepare_image():
@@ -95,18 +104,22 @@ def test_image_keys_are_the_options_of_prepare_image():
 
 def test_prepare_shard_prepares_with_every_image_option(source, tmp_path, monkeypatch):
     from alexnet import prepare
+    from alexnet.decoder import Isolated
 
     calls = []
-    real = prepare.prepare_image
-    monkeypatch.setattr(
-        prepare, "prepare_image", lambda *a, **k: calls.append((a, k)) or real(*a, **k)
-    )
+    real = Isolated.prepare
+
+    def spy(self, data, extension, options):
+        calls.append(options)
+        return real(self, data, extension, options)
+
+    monkeypatch.setattr(Isolated, "prepare", spy)
     params = PrepareParams(**OTHER_VALUES)
-    prepare_shard(plan_shards(source, shard_size=4)[0], tmp_path / "out", params)
-    assert len(calls) == len(plan_shards(source, shard_size=4)[0].items)
-    for args, options in calls:
-        given = inspect.signature(real).bind(*args, **options).arguments
-        assert {key: given.get(key) for key in PrepareParams.IMAGE_KEYS} == OTHER_VALUES
+    plan = plan_shards(source, shard_size=4)[0]
+    prepare_shard(plan, tmp_path / "out", params)
+    assert len(calls) == len(plan.items)
+    assert all(options == OTHER_VALUES for options in calls)
+    assert prepare.isolated(params.file_timeout).timeout == params.file_timeout
 
 
 def test_fingerprint_follows_every_image_key_and_not_the_sharding(source):

@@ -1,0 +1,194 @@
+"""Images are prepared in a child process, so that a file that crashes its decoder (a
+segfault or abort in C code) or hangs it costs that file alone.
+
+`Isolated.prepare` sends one file at a time to a long-lived child (`python -m
+alexnet.decoder`) and waits for its answer at most `timeout` seconds. A child that dies
+while preparing a file, or answers too late, is killed; that file becomes a `BadImage`
+("decoder crashed (SIGSEGV)", "timed out after 60 s") and the next file gets a fresh
+child. Nothing else changes: the child runs the same `prepare_image` on the same bytes,
+so a shard is the same whichever files crashed, and with one child kept per thread the
+cost when nothing crashes is two pipe round trips per file (well under 1% of a decode;
+`bench/prepare.py` measures it).
+
+Wire format, both ways: frames of a 4-byte little-endian length and a payload. A request
+is a JSON header ({"extension", "options"}) and the file's bytes; an answer is a JSON
+header ({"converted"} or {"reason"}) and the prepared JPEG (empty for a bad file).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import BinaryIO
+
+from alexnet.imageops import BadImage, Prepared, prepare_image, reason_for
+
+LENGTH = struct.Struct("<I")
+READY = b"alexnet-decoder ready\n"
+START_TIMEOUT = 120.0  # s for a fresh child to import PIL, numpy and the plugins
+
+
+class DecoderDied(Exception):
+    """The child ended or stopped answering; `str()` is the file's reason."""
+
+
+class Isolated:
+    """One child process that prepares images; restarted after a crash or a hang."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._child: subprocess.Popen | None = None
+        self._pending = b""  # bytes read from the child beyond the last frame
+
+    def prepare(self, data: bytes, extension: str, options: dict) -> Prepared:
+        """`prepare_image(data, extension, **options)`, computed in the child."""
+        header = json.dumps({"extension": extension, "options": options}).encode()
+        child = self._running()
+        try:
+            _send(child.stdin, header, data)
+            answer = json.loads(self._receive(child, self.timeout))
+            jpeg = self._receive(child, self.timeout)
+        except DecoderDied as died:
+            self.close()
+            raise BadImage(str(died)) from None
+        if "reason" in answer:
+            raise BadImage(answer["reason"])
+        return Prepared(jpeg, answer["converted"])
+
+    def close(self) -> None:
+        """Stop the child (killed: it may be stuck in C code)."""
+        if self._child is not None:
+            self._child.kill()
+            self._child.wait()
+            self._child.stdin.close()
+            self._child.stdout.close()
+        self._child, self._pending = None, b""
+
+    def _running(self) -> subprocess.Popen:
+        # A child that ended between files (killed from outside) is replaced, so that its
+        # death is not put on the next file.
+        if self._child is not None and self._child.poll() is not None:
+            self.close()
+        if self._child is None:
+            # The child imports from where this process does (params prepare.plugins).
+            path = os.pathsep.join(entry for entry in sys.path if entry)
+            self._child = subprocess.Popen(
+                [sys.executable, "-m", "alexnet.decoder", str(os.getpid())],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env={**os.environ, "PYTHONPATH": path},
+            )
+            try:
+                ready = self._read(self._child, len(READY), START_TIMEOUT)
+            except DecoderDied as died:
+                self.close()
+                raise RuntimeError(f"the image decoder process did not start: {died}") from None
+            assert ready == READY, ready
+        return self._child
+
+    def _receive(self, child: subprocess.Popen, timeout: float) -> bytes:
+        (size,) = LENGTH.unpack(self._read(child, LENGTH.size, timeout))
+        return self._read(child, size, timeout)
+
+    def _read(self, child: subprocess.Popen, size: int, timeout: float) -> bytes:
+        """Exactly `size` bytes from the child, or `DecoderDied` when it ends first or
+        `timeout` seconds pass without them."""
+        deadline = time.monotonic() + timeout
+        fd = child.stdout.fileno()
+        buffer = bytearray(self._pending)
+        while len(buffer) < size:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise DecoderDied(f"timed out after {timeout:g} s")
+            chunk = os.read(fd, max(size - len(buffer), 1 << 16))
+            if not chunk:
+                raise DecoderDied(_death(child))
+            buffer += chunk
+        self._pending = bytes(buffer[size:])
+        return bytes(buffer[:size])
+
+
+def _death(child: subprocess.Popen) -> str:
+    try:
+        code = child.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        return "decoder crashed (closed its output)"
+    if code < 0:
+        return f"decoder crashed ({signal.Signals(-code).name})"
+    return f"decoder crashed (exit status {code})"
+
+
+def _send(stream: BinaryIO, *frames: bytes) -> None:
+    try:
+        for frame in frames:
+            stream.write(LENGTH.pack(len(frame)))
+            stream.write(frame)
+        stream.flush()
+    except (BrokenPipeError, ValueError):  # the child is gone
+        raise DecoderDied("decoder crashed (stopped reading)") from None
+
+
+_local = threading.local()
+
+
+def isolated(timeout: float) -> Isolated:
+    """This thread's decoder (threads of one Dask worker each get their own child)."""
+    decoders: dict[float, Isolated] = _local.__dict__.setdefault("decoders", {})
+    if timeout not in decoders:
+        decoders[timeout] = decoder = Isolated(timeout)
+        atexit.register(decoder.close)
+    return decoders[timeout]
+
+
+# The child.
+
+
+def _read_frame(stream: BinaryIO) -> bytes | None:
+    head = stream.read(LENGTH.size)
+    if len(head) < LENGTH.size:
+        return None  # the parent closed the pipe: done
+    (size,) = LENGTH.unpack(head)
+    return stream.read(size)
+
+
+def _watch_parent(parent: int) -> None:
+    # A child stuck in C code never reads the closed pipe; it must not outlive its parent.
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+def serve(parent: int) -> None:
+    """The child's loop: answer requests until the parent closes the pipe."""
+    from alexnet.runtime import configure
+
+    configure()
+    requests = os.fdopen(os.dup(0), "rb")
+    answers = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything a library prints goes to stderr, never into the answers
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    answers.write(READY)
+    answers.flush()
+    while (header := _read_frame(requests)) is not None:
+        request = json.loads(header)
+        data = _read_frame(requests)
+        try:
+            prepared = prepare_image(data, request["extension"], **request["options"])
+            reply, jpeg = {"converted": prepared.converted}, prepared.jpeg
+        except BadImage as error:
+            reply, jpeg = {"reason": str(error)}, b""
+        except Exception as error:  # a plugin that failed to import
+            reply, jpeg = {"reason": reason_for(error)}, b""
+        _send(answers, json.dumps(reply).encode(), jpeg)
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))
