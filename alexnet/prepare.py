@@ -124,30 +124,35 @@ def fingerprint(items: list[Item], contents: list, params: PrepareParams) -> str
     return digest.hexdigest()
 
 
-def _unreadable(error: OSError) -> str:
-    if isinstance(error, Changing):
-        return str(error)
-    return f"unreadable: {error.strerror or error}"
+def _reason(item: Item, content: bytes | OSError | None) -> str | None:
+    """Why a file is skipped before decoding: the scan's problem, or the read's error."""
+    if content is None:
+        return item.problem
+    if isinstance(content, Changing):
+        return str(content)
+    if isinstance(content, OSError):
+        return f"unreadable: {content.strerror or content}"
+    return None
 
 
 def _process(plan: ShardPlan, contents: list, params: PrepareParams):
     report = ShardReport(plan.split, plan.index, len(plan.items))
-    decoder = isolated(params.file_timeout)
-    options = params.image_options()
+    readable = [
+        (content, Path(item.relpath).suffix)
+        for item, content in zip(plan.items, contents, strict=True)
+        if isinstance(content, bytes)
+    ]
+    decoded = iter(isolated(params.file_timeout).prepare_all(readable, params.image_options()))
     records = []
     for item, content in zip(plan.items, contents, strict=True):
-        try:
-            if content is None:
-                raise BadImage(item.problem)
-            if isinstance(content, OSError):
-                raise BadImage(_unreadable(content))
-            prepared = decoder.prepare(content, Path(item.relpath).suffix, options)
-        except BadImage as error:
-            report.skipped.append({"path": item.relpath, "reason": str(error)})
+        reason = _reason(item, content)
+        result = BadImage(reason) if reason else next(decoded)
+        if isinstance(result, BadImage):
+            report.skipped.append({"path": item.relpath, "reason": str(result)})
             continue
-        if prepared.converted:
-            report.converted.append({"path": item.relpath, "from": prepared.converted})
-        records.append(Record(item.key, prepared.jpeg, item.label))
+        if result.converted:
+            report.converted.append({"path": item.relpath, "from": result.converted})
+        records.append(Record(item.key, result.jpeg, item.label))
     report.kept = len(records)
     return records, report
 

@@ -5,16 +5,35 @@ Layouts read (see docs/design.md, "Raw input"):
 - ILSVRC-2012 val as a flat `ROOT/val/` folder, labelled by Kaggle's
   `LOC_val_solution.csv`, or by `ILSVRC2012_validation_ground_truth.txt` (one
   ILSVRC2012_ID per image, in file-name order) with the devkit's `meta.mat` giving the
-  ID -> wnid order.
+  ID -> wnid order. `val/` is flat when none of its folders is named after a class.
 Classes are the sorted wnid folders of `train/` (index 0..C-1); names come from a
 `LOC_synset_mapping.txt` / `synset_words.txt` / `classes.txt` file when present.
-Every regular, non-hidden file is a candidate image: its content decides later.
+
+Every entry of a class folder (or of a flat `val/`) is accounted for, in one sorted pass
+that stats each entry at most once (ImageNet has 1.28M files):
+- a regular file, or a symlink to one, is a candidate image: its content decides later;
+- anything else (a broken symlink, a directory, a FIFO, a socket, a device) becomes a
+  `Sample` whose `problem` says why it cannot be an image; `prepare` reports it as
+  skipped without opening it (opening a FIFO would block);
+- hidden entries (names starting with '.': `.DS_Store`, `._x.JPEG`, `.ipynb_checkpoints`)
+  are ignored, as are hidden class folders and non-folder entries beside the class
+  folders of `train/` or an ImageFolder `val/`.
+A name that is not valid UTF-8 keeps its real path in `Sample.path` (so it opens) and
+reads with `\\xNN` escapes in `Sample.relpath` (see `display_name`).
+A dataset that cannot be read as a layout (a missing or empty split, an empty class
+folder, an unlistable folder, a malformed label or name file) is one `SourceError`
+line naming the path, and the line where there is one.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
+import os
+import stat
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 
 from alexnet.errors import AlexnetError
@@ -22,8 +41,19 @@ from alexnet.errors import AlexnetError
 SPLITS = ("train", "val")
 NAME_FILES = ("LOC_synset_mapping.txt", "synset_words.txt", "classes.txt")
 KAGGLE_CSV = "LOC_val_solution.csv"
+KAGGLE_COLUMNS = ("ImageId", "PredictionString")
 GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 META_MAT = "meta.mat"
+DIRECTORY = "a directory, not a file"
+
+# C0 and C1 control characters and DEL: a name holding them would break one-line reports.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_FILE_TYPES = (
+    (stat.S_ISFIFO, "fifo"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
 
 
 class SourceError(AlexnetError, ValueError):
@@ -39,9 +69,10 @@ class ClassInfo:
 
 @dataclass(frozen=True)
 class Sample:
-    path: Path  # absolute
-    relpath: str  # relative to the dataset root, '/'-separated: names the image in reports
+    path: Path  # absolute; the real name, which may not be valid UTF-8
+    relpath: str  # relative to the dataset root, '/'-separated, printable: names it in reports
     label: int
+    problem: str | None = None  # why this entry cannot be an image (decided at scan time)
 
 
 @dataclass(frozen=True)
@@ -51,12 +82,96 @@ class Source:
     splits: dict[str, list[Sample]]
 
 
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+def display_name(path: str | bytes | os.PathLike) -> str:
+    """A file name or path as reports, JSON and keys show it: valid, printable text.
+
+    On POSIX, `os` hands a name that is not valid UTF-8 over with its odd bytes as lone
+    surrogates (PEP 383), which `.encode()` and JSON output reject; here they become
+    `\\xNN` escapes (Latin-1 `café` reads `caf\\xe9`), as do control characters. Only for
+    showing: the file opens by its real path. (A name holding a literal `\\xNN` reads
+    the same as the escaped one.)"""
+    name = os.fsdecode(path)
+    if name.isprintable():  # nearly every name: nothing to escape
+        return name
+    try:
+        raw = name.encode("utf-8", "surrogateescape")  # the bytes the OS gave
+    except UnicodeEncodeError:  # a lone surrogate no POSIX listing makes: show its code
+        raw = name.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace").translate(_CONTROLS)
 
 
-def _dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _strerror(error: OSError) -> str:
+    return error.strerror or str(error)
+
+
+def _scan(folder: str | os.PathLike) -> list[os.DirEntry]:
+    """The non-hidden entries of a folder, sorted by name, in one listing."""
+    try:
+        with os.scandir(folder) as listing:
+            entries = [e for e in listing if not e.name.startswith(".")]
+    except OSError as error:
+        raise SourceError(f"{display_name(folder)}: cannot list ({_strerror(error)})") from None
+    return sorted(entries, key=attrgetter("name"))
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """A folder, or a symlink to one (a symlinked class folder is read as a class)."""
+    try:
+        return entry.is_dir()
+    except OSError:  # a symlink loop, an unreachable target: not a folder
+        return False
+
+
+def _broken_link(entry: os.DirEntry, error: OSError) -> str | None:
+    """The problem of a symlink whose target cannot be reached; None if not a symlink."""
+    try:
+        if not entry.is_symlink():
+            return None
+        target = display_name(os.readlink(entry.path))
+    except OSError:  # gone meanwhile
+        return None
+    if isinstance(error, FileNotFoundError):
+        return f"broken symlink -> {target}"
+    return f"broken symlink -> {target} ({_strerror(error)})"  # a loop, a denied target
+
+
+def _problem(entry: os.DirEntry) -> str | None:
+    """Why a folder entry cannot be an image, or None for a regular file or a symlink to
+    one. At most one stat: the listing already tells a plain file's type, and DirEntry
+    caches the stat it makes."""
+    try:
+        if entry.is_file(follow_symlinks=False):
+            return None
+        mode = entry.stat().st_mode  # follows a symlink
+    except OSError as error:
+        return _broken_link(entry, error) or f"unreadable: {_strerror(error)}"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return DIRECTORY
+    kind = next((name for test, name in _FILE_TYPES if test(mode)), None)
+    return f"not a regular file ({kind or f'type {stat.S_IFMT(mode):#o}'})"
+
+
+def _read_text(path: Path) -> str:
+    """A metadata file's UTF-8 text (a byte-order mark dropped); a SourceError naming the
+    file, and the line of the first bad byte, if it cannot be read or is not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise SourceError(f"{display_name(path)}: cannot read ({_strerror(error)})") from None
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise SourceError(f"{display_name(path)}:{line}: not valid UTF-8 text") from None
+
+
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, stripped text) of the non-blank lines of a metadata file."""
+    lines = enumerate(_read_text(path).split("\n"), start=1)
+    return [(number, text.strip()) for number, text in lines if text.strip()]
 
 
 def _find(root: Path, name: str) -> Path | None:
@@ -73,10 +188,9 @@ def read_names(root: Path) -> dict[str, str]:
         path = root / filename
         if path.is_file():
             names = {}
-            for line in path.read_text(encoding="utf-8").splitlines():
-                wnid, _, name = line.strip().partition(" ")
-                if wnid:
-                    names[wnid] = name.strip() or wnid
+            for _, line in _lines(path):
+                wnid, _, name = line.partition(" ")
+                names[wnid] = name.strip() or wnid
             return names
     return {}
 
@@ -84,104 +198,162 @@ def read_names(root: Path) -> dict[str, str]:
 def _split_dir(root: Path, split: str) -> Path:
     folder = root / split
     if not folder.is_dir():
-        raise SourceError(f"{root}: no '{split}' split (expected the folder {folder})")
+        shown = display_name(root)
+        raise SourceError(f"{shown}: no '{split}' split (expected the folder {shown}/{split})")
     return folder
 
 
-def _image_folder(folder: Path, root: Path, index: dict[str, int]) -> list[Sample]:
+def _samples(folder: Path, prefix: str, label: int) -> list[Sample]:
+    """Every non-hidden entry of a class folder, its problem (if any) decided now."""
+    # `folder / name`: parsing only the name is 2-3x faster than `Path(entry.path)`.
+    return [
+        Sample(folder / e.name, prefix + display_name(e.name), label, _problem(e))
+        for e in _scan(folder)
+    ]
+
+
+def _image_folder(split: str, class_dirs: list[os.DirEntry], index: dict[str, int]) -> list[Sample]:
     samples = []
-    for class_dir in _dirs(folder):
-        if class_dir.name not in index:
-            raise SourceError(f"{class_dir}: class '{class_dir.name}' is not a training class")
-        files = _files(class_dir)
-        if not files:
-            raise SourceError(f"{class_dir}: empty class folder")
-        label = index[class_dir.name]
-        samples += [Sample(f, f.relative_to(root).as_posix(), label) for f in files]
+    for class_dir in class_dirs:
+        wnid = display_name(class_dir.name)
+        if wnid not in index:
+            shown = display_name(class_dir.path)
+            raise SourceError(f"{shown}: class '{wnid}' is not a training class")
+        found = _samples(Path(class_dir.path), f"{split}/{wnid}/", index[wnid])
+        if not found:
+            raise SourceError(f"{display_name(class_dir.path)}: empty class folder")
+        samples += found
     return samples
 
 
 def _kaggle_labels(csv_path: Path, index: dict[str, int]) -> dict[str, int]:
     """ImageId -> label from `LOC_val_solution.csv` (`ImageId,PredictionString`; the
     first token of the prediction string is the wnid)."""
+    shown = display_name(csv_path)
+    reader = csv.reader(io.StringIO(_read_text(csv_path), newline=""), strict=True)
     labels = {}
-    with csv_path.open(newline="", encoding="utf-8") as stream:
-        for line_no, row in enumerate(csv.DictReader(stream), start=2):
-            try:
-                wnid = row["PredictionString"].split()[0]
-                image_id = row["ImageId"]
-            except (KeyError, IndexError, AttributeError):
-                raise SourceError(f"{csv_path}:{line_no}: malformed row") from None
-            if wnid not in index:
-                raise SourceError(f"{csv_path}:{line_no}: unknown label '{wnid}' for {image_id}")
-            labels[image_id] = index[wnid]
+    try:
+        header = [column.strip() for column in next(reader, [])]
+        if not set(KAGGLE_COLUMNS) <= set(header):
+            got = ",".join(header)[:80]
+            raise SourceError(f"{shown}:1: header '{got}', expected '{','.join(KAGGLE_COLUMNS)}'")
+        id_column, wnid_column = (header.index(column) for column in KAGGLE_COLUMNS)
+        for row in reader:
+            line_no = reader.line_num
+            if not row:  # a blank line
+                continue
+            if len(row) <= max(id_column, wnid_column):
+                raise SourceError(
+                    f"{shown}:{line_no}: malformed row ({len(row)} columns, expected "
+                    f"{len(header)}: {','.join(header)})"
+                )
+            image_id, prediction = row[id_column].strip(), row[wnid_column].split()
+            if not prediction:
+                raise SourceError(f"{shown}:{line_no}: empty PredictionString for '{image_id}'")
+            if prediction[0] not in index:
+                raise SourceError(
+                    f"{shown}:{line_no}: unknown label '{prediction[0]}' for {image_id}"
+                )
+            labels[image_id] = index[prediction[0]]
+    except csv.Error as error:  # a NUL byte, an unclosed quote
+        raise SourceError(f"{shown}:{reader.line_num}: malformed CSV ({error})") from None
     return labels
 
 
 def read_devkit_order(meta_path: Path) -> list[str]:
     """The wnids of ILSVRC2012_ID 1..1000 from the devkit's `meta.mat` (leaf synsets)."""
     from scipy.io import loadmat  # only this layout needs scipy
+    from scipy.io.matlab import MatReadError
 
-    synsets = loadmat(str(meta_path), squeeze_me=True)["synsets"]
-    leaves = [s for s in synsets if int(s["num_children"]) == 0]
-    leaves.sort(key=lambda s: int(s["ILSVRC2012_ID"]))
-    return [str(s["WNID"]) for s in leaves]
+    try:
+        synsets = loadmat(str(meta_path), squeeze_me=True)["synsets"]
+        leaves = [s for s in synsets if int(s["num_children"]) == 0]
+        leaves.sort(key=lambda s: int(s["ILSVRC2012_ID"]))
+        return [str(s["WNID"]) for s in leaves]
+    except (MatReadError, OSError, ValueError, KeyError, IndexError, TypeError) as error:
+        why = (str(error).splitlines() or [""])[0] or type(error).__name__
+        raise SourceError(
+            f"{display_name(meta_path)}: not the devkit's {META_MAT} ({why})"
+        ) from None
 
 
-def _ground_truth_labels(gt_path: Path, root: Path, files: list[Path], index: dict[str, int]):
+def _ground_truth_labels(
+    gt_path: Path, root: Path, names: list[str], index: dict[str, int]
+) -> list[int]:
+    """The label of each of `names` (val/'s entries in sorted order), from its line."""
+    shown = display_name(gt_path)
     meta = _find(root, META_MAT)
     if meta is None:
-        raise SourceError(f"{gt_path}: needs the devkit's {META_MAT} for the class order")
+        raise SourceError(f"{shown}: needs the devkit's {META_MAT} for the class order")
     order = read_devkit_order(meta)
-    ids = [line.strip() for line in gt_path.read_text().splitlines() if line.strip()]
-    if len(ids) != len(files):
-        raise SourceError(f"{gt_path}: {len(ids)} labels for {len(files)} files in val/")
-    labels = {}
-    for line_no, (path, raw_id) in enumerate(zip(files, ids, strict=True), start=1):
-        try:
-            wnid = order[int(raw_id) - 1]
-        except (ValueError, IndexError):
-            raise SourceError(f"{gt_path}:{line_no}: unknown label '{raw_id}'") from None
+    lines = _lines(gt_path)
+    if len(lines) != len(names):
+        raise SourceError(f"{shown}: {len(lines)} labels for {len(names)} entries in val/")
+    labels = []
+    for (line_no, raw_id), name in zip(lines, names, strict=True):
+        if not raw_id.isdecimal() or not 1 <= int(raw_id) <= len(order):
+            raise SourceError(
+                f"{shown}:{line_no}: unknown label '{raw_id[:40]}' "
+                f"(an ILSVRC2012_ID is 1..{len(order)})"
+            )
+        wnid = order[int(raw_id) - 1]
         if wnid not in index:
-            raise SourceError(f"{gt_path}:{line_no}: unknown label '{wnid}' for {path.name}")
-        labels[path.stem] = index[wnid]
+            raise SourceError(f"{shown}:{line_no}: unknown label '{wnid}' for {name}")
+        labels.append(index[wnid])
     return labels
 
 
-def _flat_val(folder: Path, root: Path, index: dict[str, int]) -> list[Sample]:
-    files = _files(folder)
-    files = [f for f in files if f.name not in (KAGGLE_CSV, GROUND_TRUTH, META_MAT)]
+def _flat_val(
+    folder: Path, entries: list[os.DirEntry], root: Path, index: dict[str, int]
+) -> list[Sample]:
+    entries = [e for e in entries if e.name not in (KAGGLE_CSV, GROUND_TRUTH, META_MAT)]
+    shown = display_name(folder)
+    if not entries:
+        raise SourceError(f"{shown}: empty split (no class folders, no files)")
+    names = [display_name(e.name) for e in entries]
     if (csv_path := _find(root, KAGGLE_CSV)) is not None:
-        labels = _kaggle_labels(csv_path, index)
-        where = csv_path
+        by_id = _kaggle_labels(csv_path, index)
+        labels = []
+        for name in names:
+            # The ImageId is the name up to its first dot, as reports show it.
+            if (label := by_id.get(name.split(".")[0])) is None:
+                raise SourceError(f"{display_name(csv_path)}: no label for {name}")
+            labels.append(label)
     elif (gt_path := _find(root, GROUND_TRUTH)) is not None:
-        labels = _ground_truth_labels(gt_path, root, files, index)
-        where = gt_path
+        labels = _ground_truth_labels(gt_path, root, names, index)
     else:
-        raise SourceError(f"{folder}: flat val folder without {KAGGLE_CSV} or {GROUND_TRUTH}")
-    samples = []
-    for path in files:
-        stem = path.name.split(".")[0]
-        if stem not in labels:
-            raise SourceError(f"{where}: no label for {path.name}")
-        samples.append(Sample(path, path.relative_to(root).as_posix(), labels[stem]))
-    return samples
+        raise SourceError(
+            f"{shown}: no class folder of train/ in it, and no {KAGGLE_CSV} or "
+            f"{GROUND_TRUTH} to label it as a flat val folder"
+        )
+    prefix = f"{folder.name}/"
+    return [
+        Sample(folder / e.name, prefix + name, label, _problem(e))
+        for e, name, label in zip(entries, names, labels, strict=True)
+    ]
 
 
 def open_source(root: str | Path, splits: tuple[str, ...] = SPLITS) -> Source:
     """Scan a raw dataset: classes from `train/`, samples of each split in sorted order."""
-    root = Path(root).resolve()
+    try:
+        root = Path(root).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        raise SourceError(f"{display_name(root)}: no such dataset folder") from None
     if not root.is_dir():
-        raise SourceError(f"{root}: no such dataset folder")
-    wnids = [d.name for d in _dirs(_split_dir(root, "train"))]
-    if not wnids:
-        raise SourceError(f"{root / 'train'}: no class folders")
+        raise SourceError(f"{display_name(root)}: no such dataset folder")
+    # Each split's top folder, listed once (train/ also gives the classes).
+    tops = {split: _scan(_split_dir(root, split)) for split in dict.fromkeys(("train", *splits))}
+    folders = {split: [e for e in entries if _is_dir(e)] for split, entries in tops.items()}
+    if not folders["train"]:
+        raise SourceError(f"{display_name(root / 'train')}: empty split (no class folders)")
+    wnids = [display_name(d.name) for d in folders["train"]]
     names = read_names(root)
     classes = [ClassInfo(i, w, names.get(w, w)) for i, w in enumerate(wnids)]
     index = {c.wnid: c.index for c in classes}
     result = {}
     for split in splits:
-        folder = _split_dir(root, split)
-        flat = not _dirs(folder) and split != "train"
-        result[split] = (_flat_val if flat else _image_folder)(folder, root, index)
+        if split == "train" or any(display_name(d.name) in index for d in folders[split]):
+            result[split] = _image_folder(split, folders[split], index)
+        else:
+            result[split] = _flat_val(root / split, tops[split], root, index)
     return Source(root, classes, result)

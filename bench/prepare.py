@@ -1,7 +1,8 @@
 """Benchmark of the prepare stage's per-image work, in one run, one core each:
 ours (pillow-simd + draft + crop-region resize) vs a plain stock-Pillow baseline (run in a
 side environment that `make bench` creates) vs decode-only, on photo-like JPEGs of
-ImageNet size (~500x375) and large ones (~2000x1500).
+ImageNet size (~500x375) and large ones (~2000x1500); and what isolating each file in the
+decoder's child process (as the stage runs it) costs over preparing it in-process.
 
     make bench
     python bench/prepare.py --baseline-python .venv-bench-pillow/bin/python
@@ -70,8 +71,8 @@ def main() -> None:
             "large ~2000x1500": (Path(tmp) / "large", args.large, (2000, 1500)),
         }
         header = (
-            f"{'images':<26}{'KB':>6}{'stock Pillow':>14}{'ours':>8}{'decode':>8}"
-            f"{'ours/Pillow':>13}{'ours time/decode':>18}"
+            f"{'images':<26}{'KB':>6}{'stock Pillow':>14}{'ours':>8}{'isolated':>10}"
+            f"{'decode':>8}{'ours/Pillow':>13}{'ours time/decode':>18}{'isolation':>11}"
         )
         print(header)
         for label, (folder, count, size) in sets.items():
@@ -81,17 +82,22 @@ def main() -> None:
             for name, python, mode in (
                 ("pillow", args.baseline_python, "pillow"),
                 ("ours", sys.executable, "ours"),
+                ("isolated", sys.executable, "isolated"),
                 ("decode", sys.executable, "decode"),
             ):
                 result = timed(python, mode, folder, args.repeats)
                 rate[name] = result["images"] / result["seconds"]
                 versions[name] = result["pil"]
+            cost = rate["ours"] / rate["isolated"] - 1
             print(
-                f"{label:<26}{kb:>6.0f}{rate['pillow']:>14.0f}{rate['ours']:>8.0f}{rate['decode']:>8.0f}"
+                f"{label:<26}{kb:>6.0f}{rate['pillow']:>14.0f}{rate['ours']:>8.0f}"
+                f"{rate['isolated']:>10.0f}{rate['decode']:>8.0f}"
                 f"{rate['ours'] / rate['pillow']:>12.2f}x{rate['decode'] / rate['ours']:>17.2f}x"
+                f"{cost:>+10.1%}"
             )
         print(
-            f"(images/s per core; stock Pillow {versions['pillow']}, ours PIL {versions['ours']})"
+            f"(images/s per core; stock Pillow {versions['pillow']}, ours PIL {versions['ours']};"
+            " isolation: the time a file's round trip to the decoder process adds)"
         )
 
 

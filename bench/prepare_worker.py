@@ -1,9 +1,10 @@
 """Times one way of preparing a folder of JPEGs; run by bench/prepare.py in the
 interpreter under test (ours, or a side environment with stock Pillow). Prints JSON.
 
-Modes: `ours` (alexnet.imageops.prepare_image), `pillow` (the plain-Pillow baseline:
-open, convert RGB, antialiased resize of the shorter side to 256, centre crop, save
-JPEG), `decode` (decode only: the floor).
+Modes: `ours` (alexnet.imageops.prepare_image in this process), `isolated` (the same
+through alexnet.decoder's child process, as the prepare stage runs it), `pillow` (the
+plain-Pillow baseline: open, convert RGB, antialiased resize of the shorter side to 256,
+centre crop, save JPEG), `decode` (decode only: the floor).
 """
 
 from __future__ import annotations
@@ -33,18 +34,34 @@ def decode_only(data: bytes) -> None:
     Image.open(io.BytesIO(data)).load()
 
 
+def isolated_prepare():
+    """prepare_image of every file through the decoder's child process, streamed as the
+    stage streams a shard's files."""
+    from alexnet.decoder import Isolated
+    from alexnet.params import DEFAULTS
+
+    decoder, options = Isolated(timeout=60.0), DEFAULTS.prepare.image_options()
+    decoder._running()  # start the child outside the timing
+    return lambda files: decoder.prepare_all([(data, ".jpg") for data in files], options)
+
+
+def each(work):
+    return lambda files: [work(data) for data in files]
+
+
 def main(mode: str, folder: str, repeats: int) -> None:
-    if mode == "ours":
+    if mode in ("ours", "isolated"):
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from alexnet.imageops import prepare_image as work
+        from alexnet.imageops import prepare_image
+
+        work = each(prepare_image) if mode == "ours" else isolated_prepare()
     else:
-        work = {"pillow": pillow_baseline, "decode": decode_only}[mode]
+        work = each({"pillow": pillow_baseline, "decode": decode_only}[mode])
     files = [p.read_bytes() for p in sorted(Path(folder).glob("*.jpg"))]
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        for data in files:
-            work(data)
+        work(files)
         best = min(best, time.perf_counter() - start)
     import PIL
 

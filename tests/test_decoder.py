@@ -106,3 +106,29 @@ def test_each_thread_has_its_own_decoder():
     thread.start()
     thread.join()
     assert others[0] is not mine
+
+
+def test_a_stream_of_files_with_crashes_and_hangs_in_it_gives_every_answer_in_order(decoder):
+    good = list(FILES.items())
+    batch = [
+        *[(data, ".jpg") for _, data in good[:3]],
+        (CRASH, ".jpg"),
+        *[(data, ".jpg") for _, data in good[3:]],
+        (HANG, ".jpg"),
+        (ABORT, ".jpg"),
+        *[(data, ".jpg") for _, data in good],
+    ]
+    results = decoder.prepare_all(batch, OPTIONS)
+    assert len(results) == len(batch)
+    crashed = {
+        CRASH: "decoder crashed (SIGSEGV)",
+        ABORT: "decoder crashed (SIGABRT)",
+        HANG: "timed out after 3 s",
+    }
+    for index, (result, (data, extension)) in enumerate(zip(results, batch, strict=True)):
+        got = ("skipped", str(result)) if isinstance(result, BadImage) else result
+        if data in crashed:  # (never decoded in this process: it would crash the tests)
+            assert got == ("skipped", crashed[data]), index
+        else:
+            expected = outcome(lambda d, e: prepare_image(d, e, **OPTIONS), data, extension)
+            assert (got if isinstance(got, tuple) else (got.jpeg, got.converted)) == expected

@@ -107,13 +107,13 @@ def test_prepare_shard_prepares_with_every_image_option(source, tmp_path, monkey
     from alexnet.decoder import Isolated
 
     calls = []
-    real = Isolated.prepare
+    real = Isolated.prepare_all
 
-    def spy(self, data, extension, options):
-        calls.append(options)
-        return real(self, data, extension, options)
+    def spy(self, files, options):
+        calls.extend(options for _ in files)
+        return real(self, files, options)
 
-    monkeypatch.setattr(Isolated, "prepare", spy)
+    monkeypatch.setattr(Isolated, "prepare_all", spy)
     params = PrepareParams(**OTHER_VALUES)
     plan = plan_shards(source, shard_size=4)[0]
     prepare_shard(plan, tmp_path / "out", params)

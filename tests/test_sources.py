@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import codecs
+import errno
+import json
+import os
+import re
+import socket
+
 import numpy as np
 import pytest
 from scipy.io import savemat
 
-from alexnet.sources import SourceError, open_source, read_devkit_order
+from alexnet import sources
+from alexnet.sources import SourceError, display_name, open_source, read_devkit_order
 from tests.helpers import jpeg, make_imagefolder
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
@@ -133,3 +141,320 @@ def test_hidden_files_are_ignored_other_files_are_candidates(tmp_path):
     relpaths = [s.relpath for s in open_source(tmp_path).splits["train"]]
     assert "train/n00000000/notes.txt" in relpaths
     assert not any(".DS_Store" in p for p in relpaths)
+
+
+# --- The file system: every entry accounted for, no oddity stops the scan -------------
+
+
+def _only(source, split="train"):
+    """The samples of a split by relpath."""
+    return {s.relpath: s for s in source.splits[split]}
+
+
+def test_broken_symlink_is_a_sample_with_its_problem(tmp_path):
+    make_imagefolder(tmp_path, classes=1, train=1, val=1)
+    (tmp_path / "train" / "n00000000" / "gone.JPEG").symlink_to("/nowhere/gone.JPEG")
+    (tmp_path / "train" / "n00000000" / "loop.JPEG").symlink_to("loop.JPEG")
+    samples = _only(open_source(tmp_path))
+    assert samples["train/n00000000/gone.JPEG"].problem == "broken symlink -> /nowhere/gone.JPEG"
+    loop = samples["train/n00000000/loop.JPEG"].problem
+    assert loop == f"broken symlink -> loop.JPEG ({os.strerror(errno.ELOOP)})"
+    assert samples["train/n00000000/n00000000_0.JPEG"].problem is None
+
+
+def test_symlink_to_a_file_is_followed(tmp_path):
+    make_imagefolder(tmp_path, classes=1, train=1, val=1)
+    target = tmp_path / "elsewhere.JPEG"
+    target.write_bytes(jpeg(32, 32))
+    link = tmp_path / "train" / "n00000000" / "linked.JPEG"
+    link.symlink_to(target)
+    sample = _only(open_source(tmp_path))["train/n00000000/linked.JPEG"]
+    assert sample.problem is None and sample.path == link and sample.label == 0
+
+
+def test_directory_in_a_class_folder_is_a_sample_with_its_problem(tmp_path):
+    make_imagefolder(tmp_path, classes=2, train=1, val=1)
+    (tmp_path / "train" / "n00000001" / "x.jpg").mkdir()
+    (tmp_path / "train" / "n00000001" / "x.jpg" / "inner.JPEG").write_bytes(jpeg(32, 32))
+    samples = _only(open_source(tmp_path))
+    assert samples["train/n00000001/x.jpg"].problem == "a directory, not a file"
+    assert samples["train/n00000001/x.jpg"].label == 1
+    assert not any("inner" in relpath for relpath in samples)  # not descended into
+
+
+@pytest.mark.timeout(60)  # opening the FIFO would block forever
+def test_fifo_and_socket_are_samples_never_opened(tmp_path, monkeypatch):
+    make_imagefolder(tmp_path, classes=1, train=1, val=1)
+    folder = tmp_path / "train" / "n00000000"
+    os.mkfifo(folder / "pipe.JPEG")
+    monkeypatch.chdir(folder)  # a socket's path must fit in 108 bytes: bind a relative one
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind("sock.JPEG")
+        samples = _only(open_source(tmp_path))
+    assert samples["train/n00000000/pipe.JPEG"].problem == "not a regular file (fifo)"
+    assert samples["train/n00000000/sock.JPEG"].problem == "not a regular file (socket)"
+    (folder / "dev.JPEG").symlink_to("/dev/null")  # a symlink to a device
+    samples = _only(open_source(tmp_path))
+    assert samples["train/n00000000/dev.JPEG"].problem == "not a regular file (character device)"
+
+
+def test_hidden_entries_of_any_kind_are_ignored(tmp_path):
+    make_imagefolder(tmp_path, classes=1, train=1, val=1)
+    folder = tmp_path / "train" / "n00000000"
+    (folder / ".ipynb_checkpoints").mkdir()
+    (folder / ".gone.JPEG").symlink_to("/nowhere")
+    (tmp_path / "train" / ".cache").mkdir()  # a hidden folder is not a class
+    source = open_source(tmp_path)
+    assert [c.wnid for c in source.classes] == ["n00000000"]
+    assert list(_only(source)) == ["train/n00000000/n00000000_0.JPEG"]
+
+
+def test_class_folder_with_only_problems_is_not_a_scan_error(tmp_path):
+    make_imagefolder(tmp_path, classes=2, train=1, val=1)
+    folder = tmp_path / "val" / "n00000001"
+    (folder / "n00000001_0.JPEG").unlink()
+    (folder / "gone.JPEG").symlink_to("/nowhere/gone.JPEG")
+    samples = _only(open_source(tmp_path), "val")
+    assert samples["val/n00000001/gone.JPEG"].problem == "broken symlink -> /nowhere/gone.JPEG"
+
+
+def test_directory_in_a_flat_val_folder_is_a_sample_with_its_problem(tmp_path):
+    _train(tmp_path)
+    _flat_val(tmp_path, [1, 2])
+    (tmp_path / "val" / "ILSVRC2012_val_00000003.JPEG").mkdir()
+    rows = [f"ILSVRC2012_val_{i:08d},{WNIDS[i - 1]} 1 2 3 4" for i in (1, 2, 3)]
+    (tmp_path / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows))
+    val = open_source(tmp_path).splits["val"]
+    assert [(s.relpath, s.label, s.problem) for s in val] == [
+        ("val/ILSVRC2012_val_00000001.JPEG", 0, None),
+        ("val/ILSVRC2012_val_00000002.JPEG", 1, None),
+        ("val/ILSVRC2012_val_00000003.JPEG", 2, "a directory, not a file"),
+    ]
+
+
+def test_display_name_escapes_undecodable_bytes_and_controls():
+    assert display_name("n01440764_10026.JPEG") == "n01440764_10026.JPEG"
+    assert display_name(os.fsdecode(b"caf\xe9.jpg")) == "caf\\xe9.jpg"
+    assert display_name(b"caf\xe9.jpg") == "caf\\xe9.jpg"
+    assert display_name("café.jpg") == "café.jpg"  # valid UTF-8 stays as it is
+    assert display_name("a\nb\x85.jpg") == "a\\x0ab\\x85.jpg"
+    assert display_name("\ud800.jpg") == "\\ud800.jpg"  # a surrogate no listing makes
+
+
+def _bytes_file(folder, name: bytes, data: bytes):
+    try:
+        with open(os.path.join(os.fsencode(folder), name), "wb") as stream:
+            stream.write(data)
+    except OSError as error:  # a file system that insists on UTF-8 names
+        pytest.skip(f"cannot make a non-UTF-8 name here: {error}")
+
+
+def test_non_utf8_name_keeps_its_path_and_reads_escaped(tmp_path):
+    make_imagefolder(tmp_path, classes=1, train=1, val=1)
+    _bytes_file(tmp_path / "train" / "n00000000", b"caf\xe9.jpg", jpeg(32, 32, 7))
+    sample = _only(open_source(tmp_path))["train/n00000000/caf\\xe9.jpg"]
+    assert sample.problem is None
+    assert os.fsencode(sample.path).endswith(b"/train/n00000000/caf\xe9.jpg")
+    assert sample.path.read_bytes() == jpeg(32, 32, 7)  # the real path opens
+    json.dumps(sample.relpath, ensure_ascii=False).encode("utf-8")  # no lone surrogate
+
+
+def test_non_utf8_names_in_a_flat_val_folder(tmp_path):
+    _train(tmp_path)
+    _flat_val(tmp_path, [1])
+    _bytes_file(tmp_path / "val", b"caf\xe9.JPEG", jpeg(32, 32))
+    csv = f"ImageId,PredictionString\nILSVRC2012_val_00000001,{WNIDS[0]} 1 2 3 4\n"
+    (tmp_path / "LOC_val_solution.csv").write_text(csv)
+    with pytest.raises(SourceError) as caught:
+        open_source(tmp_path)
+    message = str(caught.value)
+    assert message.endswith("LOC_val_solution.csv: no label for caf\\xe9.JPEG")
+    message.encode("utf-8")  # printable: no lone surrogate
+    # The ImageId is the name as reports show it.
+    (tmp_path / "LOC_val_solution.csv").write_text(csv + f"caf\\xe9,{WNIDS[2]} 1 2 3 4\n")
+    samples = _only(open_source(tmp_path), "val")
+    assert samples["val/caf\\xe9.JPEG"].label == 2
+
+
+def test_non_utf8_control_character_name(tmp_path):
+    make_imagefolder(tmp_path, classes=1, train=1, val=1)
+    (tmp_path / "train" / "n00000000" / "a\nb.JPEG").write_bytes(jpeg(32, 32))
+    assert "train/n00000000/a\\x0ab.JPEG" in _only(open_source(tmp_path))
+
+
+def test_empty_split_is_one_clear_error(tmp_path):
+    make_imagefolder(tmp_path, classes=1, train=1, val=1)
+    for entry in (tmp_path / "val" / "n00000000").iterdir():
+        entry.unlink()
+    (tmp_path / "val" / "n00000000").rmdir()
+    (tmp_path / "val" / ".DS_Store").write_bytes(b"junk")  # hidden: not an entry
+    with pytest.raises(SourceError, match=rf"^{re.escape(str(tmp_path / 'val'))}: empty split"):
+        open_source(tmp_path)
+    (tmp_path / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n")
+    (tmp_path / "val" / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n")
+    with pytest.raises(SourceError, match="val: empty split"):  # metadata is not a sample
+        open_source(tmp_path)
+
+
+def test_train_without_class_folders_is_an_empty_split(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "stray.JPEG").write_bytes(jpeg(32, 32))
+    (tmp_path / "val").mkdir()
+    train = re.escape(str(tmp_path / "train"))
+    with pytest.raises(SourceError, match=rf"^{train}: empty split \(no class folders\)$"):
+        open_source(tmp_path)
+
+
+def test_class_folder_with_only_hidden_files_is_empty(tmp_path):
+    make_imagefolder(tmp_path, classes=2, train=1, val=1)
+    (tmp_path / "train" / "n00000001" / "n00000001_0.JPEG").unlink()
+    (tmp_path / "train" / "n00000001" / "._n00000001_0.JPEG").write_bytes(b"resource fork")
+    folder = re.escape(str(tmp_path / "train" / "n00000001"))
+    with pytest.raises(SourceError, match=rf"^{folder}: empty class folder$"):
+        open_source(tmp_path)
+
+
+def test_unlistable_folder_is_one_error_naming_it(tmp_path, monkeypatch):
+    make_imagefolder(tmp_path, classes=2, train=1, val=1)
+    scandir = os.scandir
+
+    def denied(path):
+        if os.fspath(path).endswith(("n00000001", "val")):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(sources.os, "scandir", denied)
+    denial = os.strerror(errno.EACCES)
+    val = re.escape(str(tmp_path / "val"))
+    with pytest.raises(SourceError, match=rf"^{val}: cannot list \({denial}\)$"):
+        open_source(tmp_path)
+    folder = re.escape(str(tmp_path / "train" / "n00000001"))
+    with pytest.raises(SourceError, match=rf"^{folder}: cannot list \({denial}\)$"):
+        open_source(tmp_path, splits=("train",))
+
+
+def _kaggle(tmp_path, text: str | bytes):
+    _train(tmp_path)
+    _flat_val(tmp_path, [1, 2])
+    path = tmp_path / "LOC_val_solution.csv"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return re.escape(str(path))
+
+
+GOOD_ROW = f"ILSVRC2012_val_00000001,{WNIDS[0]} 1 2 3 4\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "ImageId,PredictionString\n" + GOOD_ROW + "ILSVRC2012_val_00000002\n",
+            r":3: malformed row \(1 columns, expected 2: ImageId,PredictionString\)$",
+        ),
+        (
+            "ImageId,PredictionString\nILSVRC2012_val_00000001,  \n",
+            r":2: empty PredictionString for 'ILSVRC2012_val_00000001'$",
+        ),
+        (
+            b"ImageId,PredictionString\n" + GOOD_ROW.encode() + b"caf\xe9,n0 1 2 3 4\n",
+            r":3: not valid UTF-8 text$",
+        ),
+        ("ImageId;PredictionString\n" + GOOD_ROW, r":1: header 'ImageId;PredictionString', "),
+        ("", r":1: header '', expected 'ImageId,PredictionString'$"),
+        (
+            "ImageId,PredictionString\n" + GOOD_ROW + 'x,"n0\n',
+            r":3: malformed CSV \(unexpected end of data\)$",
+        ),
+    ],
+    ids=["few-columns", "empty-prediction", "not-utf8", "wrong-header", "empty", "open-quote"],
+)
+def test_malformed_kaggle_csv_names_file_and_line(tmp_path, text, expected):
+    path = _kaggle(tmp_path, text)
+    with pytest.raises(SourceError, match=f"^{path}{expected}"):
+        open_source(tmp_path)
+
+
+def test_kaggle_csv_with_byte_order_mark_and_blank_lines(tmp_path):
+    rows = "ImageId,PredictionString\n\n" + GOOD_ROW + f"ILSVRC2012_val_00000002,{WNIDS[2]}\n"
+    _kaggle(tmp_path, codecs.BOM_UTF8 + rows.encode())
+    assert [s.label for s in open_source(tmp_path).splits["val"]] == [0, 2]
+
+
+def _ground_truth(tmp_path, text: str | bytes, images: int = 3):
+    _train(tmp_path)
+    data = tmp_path / "ILSVRC2012_devkit_t12" / "data"
+    data.mkdir(parents=True)
+    _meta_mat(data / "meta.mat", WNIDS)
+    _flat_val(tmp_path, list(range(images)))
+    path = data / "ILSVRC2012_validation_ground_truth.txt"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return re.escape(str(path))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1\n\nthree\n2\n", r":3: unknown label 'three' \(an ILSVRC2012_ID is 1..3\)$"),
+        ("1\n0\n2\n", r":2: unknown label '0' \(an ILSVRC2012_ID is 1..3\)$"),
+        ("1\n4\n2\n", r":2: unknown label '4' "),
+        (b"1\n2\n3\xff\n", r":3: not valid UTF-8 text$"),
+        ("1\n2\n", r": 2 labels for 3 entries in val/$"),
+    ],
+    ids=["not-integer", "zero", "too-large", "not-utf8", "count"],
+)
+def test_malformed_ground_truth_names_file_and_line(tmp_path, text, expected):
+    path = _ground_truth(tmp_path, text)
+    with pytest.raises(SourceError, match=f"^{path}{expected}"):
+        open_source(tmp_path)
+
+
+def test_ground_truth_counts_problem_entries_in_file_name_order(tmp_path):
+    _ground_truth(tmp_path, "3\n1\n2\n", images=2)
+    (tmp_path / "val" / "ILSVRC2012_val_00000003.JPEG").symlink_to("/nowhere")
+    val = open_source(tmp_path).splits["val"]
+    assert [(s.label, s.problem) for s in val] == [
+        (2, None),
+        (0, None),
+        (1, "broken symlink -> /nowhere"),
+    ]
+
+
+def test_meta_mat_that_is_not_one_is_one_error(tmp_path):
+    _ground_truth(tmp_path, "1\n2\n3\n")
+    meta = tmp_path / "ILSVRC2012_devkit_t12" / "data" / "meta.mat"
+    meta.write_bytes(b"not a MATLAB file at all" * 10)
+    with pytest.raises(SourceError, match=rf"^{re.escape(str(meta))}: not the devkit's meta.mat"):
+        open_source(tmp_path)
+
+
+def test_synset_mapping_not_utf8_names_file_and_line(tmp_path):
+    make_imagefolder(tmp_path, classes=2, train=1, val=1)
+    mapping = tmp_path / "LOC_synset_mapping.txt"
+    mapping.write_bytes(b"n00000000 tench\nn00000001 caf\xe9\n")
+    with pytest.raises(SourceError, match=rf"^{re.escape(str(mapping))}:2: not valid UTF-8 text$"):
+        open_source(tmp_path)
+
+
+def test_flat_val_without_labels_or_classes_is_one_error(tmp_path):
+    _train(tmp_path)
+    (tmp_path / "val" / "n77777777").mkdir(parents=True)  # not a class: val/ reads flat
+    (tmp_path / "val" / "n77777777" / "x.JPEG").write_bytes(jpeg(32, 32))
+    val = re.escape(str(tmp_path / "val"))
+    with pytest.raises(SourceError, match=rf"^{val}: no class folder of train/ in it, and no "):
+        open_source(tmp_path)
+
+
+def test_non_utf8_folder_names_read_escaped_in_classes_and_errors(tmp_path):
+    make_imagefolder(tmp_path, classes=1, train=1, val=1)
+    bad = os.path.join(os.fsencode(tmp_path / "train"), b"n\xff")
+    try:
+        os.mkdir(bad)
+    except OSError as error:
+        pytest.skip(f"cannot make a non-UTF-8 name here: {error}")
+    with pytest.raises(SourceError) as caught:
+        open_source(tmp_path)
+    assert str(caught.value) == f"{tmp_path}/train/n\\xff: empty class folder"
+    _bytes_file(bad.decode("utf-8", "surrogateescape"), b"a.JPEG", jpeg(32, 32))
+    source = open_source(tmp_path)
+    assert [c.wnid for c in source.classes] == ["n00000000", "n\\xff"]
+    assert "train/n\\xff/a.JPEG" in _only(source)
