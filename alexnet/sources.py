@@ -333,6 +333,14 @@ def _flat_val(
     ]
 
 
+def _check_class_links(entries: list[os.DirEntry]) -> None:
+    # A class folder that is a broken symlink (an unmounted disk) would drop that class
+    # and shift the index of every class after it: the class list must not depend on it.
+    for entry in entries:
+        if entry.is_symlink() and not _is_dir(entry) and _problem(entry) is not None:
+            raise SourceError(f"{display_name(entry.path)}: {_problem(entry)} (a class folder?)")
+
+
 def open_source(root: str | Path, splits: tuple[str, ...] = SPLITS) -> Source:
     """Scan a raw dataset: classes from `train/`, samples of each split in sorted order."""
     try:
@@ -344,6 +352,7 @@ def open_source(root: str | Path, splits: tuple[str, ...] = SPLITS) -> Source:
     # Each split's top folder, listed once (train/ also gives the classes).
     tops = {split: _scan(_split_dir(root, split)) for split in dict.fromkeys(("train", *splits))}
     folders = {split: [e for e in entries if _is_dir(e)] for split, entries in tops.items()}
+    _check_class_links(tops["train"])
     if not folders["train"]:
         raise SourceError(f"{display_name(root / 'train')}: empty split (no class folders)")
     wnids = [display_name(d.name) for d in folders["train"]]

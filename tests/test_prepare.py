@@ -155,3 +155,77 @@ def test_the_report_of_a_reused_shard_is_the_bytes_of_a_made_one(tmp_path):
     report = summarize(made)
     assert report["converted_files"] and report["skipped_files"]
     assert json.dumps(summarize(reused)) == json.dumps(report)
+
+
+# Issue 14, the file system: each oddity is reported, none stops the shard.
+
+
+def test_file_system_oddities_are_reported_and_the_rest_prepared(tmp_path, monkeypatch):
+    import json
+    import os
+
+    root = make_imagefolder(tmp_path / "raw", classes=2, train=2, val=1)
+    folder = root / "train" / "n00000000"
+    (folder / "gone.JPEG").symlink_to(tmp_path / "nowhere.JPEG")
+    os.mkfifo(folder / "pipe.JPEG")  # opening it would block forever
+    (folder / "dir.JPEG").mkdir()
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.JPEG"), "wb") as stream:
+        stream.write(jpeg(300, 280, seed=7))
+    (folder / "vanishes.JPEG").write_bytes(jpeg(300, 280, seed=8))
+    (folder / "changes.JPEG").write_bytes(jpeg(300, 280, seed=9))
+    (folder / "denied.JPEG").write_bytes(jpeg(300, 280, seed=10))
+    plans = plan_shards(open_source(root), shard_size=100)
+    (folder / "vanishes.JPEG").unlink()  # between the scan and the read
+
+    real_open, real_fstat = open, os.fstat
+    growing = {}
+
+    def fake_open(path, *args, **kwargs):  # as root, permission bits do not stop reads
+        if str(path).endswith("denied.JPEG"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    def fake_fstat(fd):  # another process appends while the file is read
+        result = real_fstat(fd)
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("changes.JPEG"):
+            growing[fd] = growing.get(fd, 0) + 1
+            return os.stat_result((*result[:6], result.st_size + growing[fd], *result[7:]))
+        return result
+
+    from alexnet import prepare
+
+    monkeypatch.setattr(prepare, "open", fake_open, raising=False)
+    monkeypatch.setattr(prepare.os, "fstat", fake_fstat)
+    reports = [prepare_shard(plan, tmp_path / "out", PrepareParams()) for plan in plans]
+    summary = summarize(reports)
+    reasons = {s["path"].rsplit("/", 1)[1]: s["reason"] for s in summary["skipped_files"]}
+    assert reasons == {
+        "changes.JPEG": "changed while being read",
+        "denied.JPEG": "unreadable: Permission denied",
+        "dir.JPEG": "a directory, not a file",
+        "gone.JPEG": f"broken symlink -> {tmp_path / 'nowhere.JPEG'}",
+        "pipe.JPEG": "not a regular file (fifo)",
+        "vanishes.JPEG": "unreadable: No such file or directory",
+    }
+    kept = [r.key for p in plans for r in iter_shard(tmp_path / "out" / p.name)]
+    assert "n00000000/caf_xe9" in kept  # a name that is not UTF-8 is still an image
+    assert summary["files"] == summary["kept"] + summary["skipped"] == 6 + 7
+    json.dumps(summary, ensure_ascii=False).encode()  # the report is valid UTF-8
+
+
+def test_a_class_whose_every_file_is_skipped_stops_the_stage(tmp_path):
+    from alexnet.prepare import check_classes
+
+    root = make_imagefolder(tmp_path / "raw", classes=3, train=1, val=1)
+    for path in (root / "train" / "n00000001").iterdir():
+        path.write_bytes(b"not an image")
+    source = open_source(root)
+    plans = plan_shards(source, shard_size=100)
+    summary = summarize([prepare_shard(plan, tmp_path / "out", PrepareParams()) for plan in plans])
+    with pytest.raises(PrepareError, match=r"raw/train/n00000001: no usable image in this class"):
+        check_classes(plans, summary, source.classes, source.root)
+    (root / "train" / "n00000001" / "good.JPEG").write_bytes(jpeg(300, 280))
+    source = open_source(root)
+    plans = plan_shards(source, shard_size=100)
+    summary = summarize([prepare_shard(plan, tmp_path / "out", PrepareParams()) for plan in plans])
+    check_classes(plans, summary, source.classes, source.root)

@@ -458,3 +458,11 @@ def test_non_utf8_folder_names_read_escaped_in_classes_and_errors(tmp_path):
     source = open_source(tmp_path)
     assert [c.wnid for c in source.classes] == ["n00000000", "n\\xff"]
     assert "train/n\\xff/a.JPEG" in _only(source)
+
+
+def test_a_broken_symlink_among_the_class_folders_stops_the_scan(tmp_path):
+    # Dropping it would shift the index of every later class: a silent relabelling.
+    root = make_imagefolder(tmp_path / "raw", classes=2, train=1, val=1)
+    (root / "train" / "n00000005").symlink_to(tmp_path / "unmounted" / "n00000005")
+    with pytest.raises(SourceError, match=r"train/n00000005: broken symlink -> .*class folder"):
+        open_source(root)
