@@ -1,5 +1,5 @@
-"""What the pipeline runs on: imaging library, JPEG codec, torch devices; and compiling
-the numba kernels ahead of their first use."""
+"""What the pipeline runs on: imaging library and its codecs, torch devices; and
+compiling the numba kernels ahead of their first use."""
 
 from __future__ import annotations
 
@@ -24,6 +24,45 @@ def pil_facts() -> dict[str, str]:
 
 def is_pillow_simd() -> bool:
     return pil_facts()["SIMD resize"] == "yes"
+
+
+# What the live PIL can decode, by the names PIL.features gives them, with the
+# Debian/Ubuntu package whose headers pillow-simd's build needs for each (scripts/setup.sh
+# checks the same headers before it builds, and warns about the missing ones).
+CODECS: dict[str, tuple[str, str]] = {
+    "jpg": ("codec", "libjpeg-dev"),
+    "zlib": ("codec", "zlib1g-dev"),
+    "libtiff": ("codec", "libtiff-dev"),
+    "webp": ("codec", "libwebp-dev"),
+    "jpg_2000": ("codec", "libopenjp2-7-dev"),
+    "avif": ("codec", "libavif-dev (1.0 or later)"),
+    "littlecms2": ("module", "liblcms2-dev"),
+    "freetype2": ("module", "libfreetype-dev"),
+    "libjpeg_turbo": ("feature", "libjpeg62-turbo-dev (Ubuntu: libjpeg-turbo8-dev)"),
+}
+
+
+def pil_codecs() -> dict[str, str]:
+    """Each codec, module and feature of CODECS: "yes (its version)" where the live PIL
+    has it, else what to install for it. (PIL counts WebP and AVIF among its modules,
+    not its codecs; `features.check` finds a name in either.)"""
+    from PIL import features
+
+    rows = {}
+    for name, (kind, package) in CODECS.items():
+        if features.check(name):
+            version = features.version(name)
+            rows[f"{kind} {name}"] = f"yes ({version})" if version else "yes"
+        else:
+            rows[f"{kind} {name}"] = f"no — install {package} and re-run make setup"
+    return rows
+
+
+def missing_codec_hint(name: str) -> str:
+    """A skip reason's words for a codec (a PIL.features name) this PIL lacks."""
+    package = CODECS.get(name, ("", ""))[1]
+    install = f"install {package} and re-run make setup; " if package else ""
+    return f"{name} (not in this PIL: {install}`alexnet doctor` lists codecs)"
 
 
 def torch_facts() -> dict[str, str]:
@@ -52,6 +91,7 @@ def facts() -> dict[str, str]:
         "python": platform.python_version(),
         "CPU": cpu_model(),
         **pil_facts(),
+        **pil_codecs(),
         **torch_facts(),
     }
 

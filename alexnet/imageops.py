@@ -142,8 +142,12 @@ def conversion_of(image: Image.Image, extension: str) -> list[str]:
 def first_frame(image: Image.Image, frames: Frames) -> str | None:
     """The note for an animated or multi-page file (whose first frame is what PIL has
     open), or `BadImage` when such files are to be skipped."""
-    count = getattr(image, "n_frames", 1)
-    if count <= 1:
+    try:
+        count = getattr(image, "n_frames", 1)
+    except Exception:  # a later frame is damaged; the first may still be whole
+        image.seek(0)
+        count = "several"
+    if count == 1:
         return None
     if frames == "skip":
         raise BadImage(f"{count} frames (params prepare.frames: skip)")
