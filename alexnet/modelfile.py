@@ -16,6 +16,8 @@ identical bytes (run timings are metrics).
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,26 +41,103 @@ def save_model(path: Path, contents: dict) -> None:
         torch.save({**FORMAT, **contents}, temporary)
 
 
-def load_model(
-    path: Path, device: torch.device | str = "cpu", kernels: Kernels = DEFAULTS.compute.kernels
-) -> tuple[AlexNet, dict]:
-    """The network of a model file, on `device` in eval mode, and the file's contents."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ModelFileError(f"{path}: no such model file; run train") from None
-    except Exception as error:  # unpickling refuses anything but tensors and plain data
-        raise ModelFileError(f"{path}: not a readable model file ({error})") from None
+# torch's weights-only unpickler names what it refused: "Unsupported global: GLOBAL
+# torch.nn.Linear ..." for a class, "unsupported GLOBAL posix.system whose module ..."
+# for a function of a blocked module.
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_PICKLE_START = re.compile(rb"\x80[\x02-\x05]")  # PROTO 2..5: torch's and today's pickles
+REQUIRED = ("model", "state_dict", "classes", "mean", "prepare")  # what loaders read
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _read(path: Path) -> object:
+    """torch.load with weights only (tensors and plain data, never code); its warnings
+    (e.g. about a foreign pickle protocol) would only add lines to the one error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _unreadable(path: Path, error: OSError) -> ModelFileError:
+    if isinstance(error, FileNotFoundError):
+        broken = " (a broken symbolic link)" if path.is_symlink() else ""
+        return ModelFileError(f"{path}: no such model file{broken}; run train")
+    if isinstance(error, IsADirectoryError):
+        return ModelFileError(f"{path}: is a directory, not a model file")
+    return ModelFileError(f"{path}: cannot read the model file ({error.strerror or error})")
+
+
+def _refused(path: Path, error: Exception) -> ModelFileError:
+    """One line for a file torch's weights-only loader refused. Never torch's own message:
+    it spans lines and advises loading with weights_only=False, which runs whatever code
+    the file holds (the wrong advice for a file that is not ours)."""
+    refused = _REFUSED_GLOBAL.search(str(error))
+    kind = "pickle" if refused else _kind(path)
+    if refused:
+        what = f"it holds pickled code: {refused[1]}"
+    elif kind == "pickle":  # a pickle the loader could not follow to a named global
+        what = "it holds pickled objects other than weights"
+    else:
+        return ModelFileError(f"{path}: not an alexnet model file ({_KINDS[kind]})")
+    return ModelFileError(
+        f"{path}: refused: not an alexnet model file ({what}; only weights are loaded)"
+    )
+
+
+_KINDS = {
+    "empty": "an empty file",
+    "zip": "a damaged torch file, or a zip archive that is not one",
+    "other": "not a torch zip/pickle",
+}
+
+
+def _kind(path: Path) -> str:
+    """What a file is by its first bytes: torch's zip format starts with a zip's local
+    header, a pickle of protocol 2 or later with the PROTO opcode."""
+    with open(path, "rb") as stream:
+        start = stream.read(4)
+    if not start:
+        return "empty"
+    if start == b"PK\x03\x04":
+        return "zip"
+    return "pickle" if _PICKLE_START.match(start) else "other"
+
+
+def _check_contents(path: Path, payload: object) -> dict:
+    """The loaded contents, if they are those of a model file this code reads."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT["format"]:
-        raise ModelFileError(f"{path}: not an alexnet model file")
+        raise ModelFileError(f"{path}: not an alexnet model file (no format 'alexnet-model')")
     if payload.get("version") != FORMAT["version"]:
         raise ModelFileError(
             f"{path}: model file version {payload.get('version')}, this code reads "
             f"{FORMAT['version']}; train again"
         )
-    model = AlexNet(**payload["model"], kernels=kernels)
+    missing = [key for key in REQUIRED if key not in payload]
+    if missing:
+        raise ModelFileError(f"{path}: damaged model file: no {', '.join(missing)}")
+    return payload
+
+
+def load_model(
+    path: Path, device: torch.device | str = "cpu", kernels: Kernels = DEFAULTS.compute.kernels
+) -> tuple[AlexNet, dict]:
+    """The network of a model file, on `device` in eval mode, and the file's contents.
+    Anything else (missing, unreadable, foreign, or holding code) raises a one-line
+    `ModelFileError` that names the file."""
+    path = Path(path)
     try:
+        contents = _read(path)
+    except OSError as error:
+        raise _unreadable(path, error) from None
+    except Exception as error:  # torch's loader raises many types for a foreign file
+        raise _refused(path, error) from None
+    payload = _check_contents(path, contents)
+    try:
+        model = AlexNet(**payload["model"], kernels=kernels)
         model.load_state_dict(payload["state_dict"])
-    except RuntimeError as error:
-        raise ModelFileError(f"{path}: weights do not fit the model ({error})") from None
+    except Exception as error:  # a wrong shape, key or argument: the file is not this net
+        raise ModelFileError(f"{path}: weights do not fit the model ({_one_line(error)})") from None
     return model.to(device).eval(), payload

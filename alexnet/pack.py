@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from alexnet.errors import AlexnetError
-from alexnet.shards import index_shard
+from alexnet.shards import bad_image, check_image, check_size, index_shard
 
 
 class PackError(AlexnetError):
@@ -25,26 +25,28 @@ class PackError(AlexnetError):
 
 @dataclass(frozen=True)
 class Entry:
-    """Where one prepared image lies: a byte range of a shard."""
+    """Where one prepared image lies: a byte range of a shard, member `key`.jpg."""
 
     shard: str
     offset: int
     size: int
     label: int
+    key: str  # for the error line of a damaged member
 
 
-def index_shards(folder: str | Path) -> list[Entry]:
-    """Every record of a split's shards in source order (shard order, then member order)."""
+def index_shards(folder: str | Path, classes: int | None = None) -> list[Entry]:
+    """Every record of a split's shards in source order (shard order, then member order);
+    a damaged shard or a label out of range (of `classes`, the number in classes.json)
+    raises `ShardError` naming the shard and the member."""
     shards = sorted(Path(folder).glob("shard-*.tar"))
     if not shards:
         raise PackError(f"{folder}: no shard-*.tar files (run prepare first)")
     entries = []
     for shard in shards:
-        try:
-            index = index_shard(shard)
-        except ValueError as error:
-            raise PackError(str(error)) from None
-        entries += [Entry(str(shard), offset, size, label) for _, offset, size, label in index]
+        index = index_shard(shard, classes)
+        entries += [
+            Entry(str(shard), offset, size, label, key) for key, offset, size, label in index
+        ]
     return entries
 
 
@@ -61,16 +63,18 @@ def chunks(entries: list[Entry], order: np.ndarray, size: int) -> list[list[Entr
 
 
 def payload(jpeg: bytes, encoding: str, size: int) -> bytes:
+    """The stored bytes of a prepared image: as is (`jpeg`), or decoded to HWC uint8 RGB
+    (`raw`; an image that is not size x size raises `WrongSize` before decoding)."""
     if encoding == "jpeg":
         return jpeg
     image = Image.open(io.BytesIO(jpeg))
-    if image.size != (size, size):
-        raise ValueError(f"image is {image.size[0]}x{image.size[1]}, expected {size}x{size}")
-    return image.convert("RGB").tobytes()  # HWC uint8 RGB
+    check_size(image, size)
+    return image.convert("RGB").tobytes()
 
 
 def load_chunk(chunk: list[Entry], encoding: str, size: int) -> list[tuple[int, bytes]]:
-    """(label, payload) of each entry (size x size images), read by offset from its shard."""
+    """(label, payload) of each entry (size x size images), read by offset from its shard;
+    a member cut short, not a JPEG or not decodable raises one line naming it."""
     records = []
     handles: dict[str, io.BufferedReader] = {}
     try:
@@ -80,10 +84,11 @@ def load_chunk(chunk: list[Entry], encoding: str, size: int) -> list[tuple[int, 
             )
             stream.seek(entry.offset)
             data = stream.read(entry.size)
+            check_image(entry.shard, entry.key, data, entry.size)  # for `jpeg`, the only check
             try:
                 records.append((entry.label, payload(data, encoding, size)))
-            except (OSError, ValueError) as error:
-                raise PackError(f"{entry.shard}: record at byte {entry.offset}: {error}") from None
+            except Exception as error:  # whatever the decoder raises, the line names the member
+                raise PackError(bad_image(entry.shard, entry.key, error)) from None
     finally:
         for stream in handles.values():
             stream.close()

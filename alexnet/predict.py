@@ -24,10 +24,34 @@ class Prediction:
     error: str | None = None
 
 
+def read_file(path: Path) -> bytes:
+    """The bytes of an image file; `BadImage` for what is not a regular file (a folder, a
+    FIFO that would block), `OSError` when it cannot be read."""
+    if path.is_dir():
+        raise BadImage("is a directory")
+    if path.exists() and not path.is_file():
+        raise BadImage("not a regular file")
+    return path.read_bytes()
+
+
+def why_unusable(path: Path, error: Exception) -> str:
+    """One line for a file that cannot be predicted: its reason, without repeating the
+    path (an `OSError`'s message does), on one line whatever the decoder said."""
+    if isinstance(error, FileNotFoundError):
+        return "broken symbolic link" if path.is_symlink() else "no such file"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror[:1].lower() + error.strerror[1:]  # "permission denied"
+    text = " ".join(str(error).split())
+    if isinstance(error, BadImage) and text:
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def load_file(path: Path, image_options: dict) -> torch.Tensor:
     """(3, size, size) uint8, exactly as the prepare stage with `image_options` (the
     model file's `prepare`) stores the file."""
-    prepared = prepare_image(Path(path).read_bytes(), Path(path).suffix, **image_options)
+    path = Path(path)
+    prepared = prepare_image(read_file(path), path.suffix, **image_options)
     data = torch.frombuffer(bytearray(prepared.jpeg), dtype=torch.uint8)
     return decode_jpeg(data, mode=ImageReadMode.RGB)
 
@@ -44,8 +68,8 @@ def predict(
     for path in paths:
         try:
             image = load_file(path, payload["prepare"])
-        except (BadImage, OSError) as error:
-            results.append(Prediction(str(path), error=str(error) or type(error).__name__))
+        except Exception as error:  # any file, any decoder failure: one line, go on
+            results.append(Prediction(str(path), error=why_unusable(Path(path), error)))
             continue
         probabilities = crop_probabilities(model, image[None].to(device), mean, model.input_size)
         values, indices = probabilities.mean(1)[0].topk(min(top, len(classes)))

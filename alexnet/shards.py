@@ -20,7 +20,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
+
 from alexnet.atomic import atomic_output, remove_leftovers
+from alexnet.errors import AlexnetError
 
 SHARD_PATTERN = "shard-{:05d}.tar"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_/-]")
@@ -92,34 +95,150 @@ def read_description(path: Path) -> dict | None:
         return None
 
 
-def index_shard(path: Path) -> list[tuple[str, int, int, int]]:
-    """(key, byte offset, size, label) of each image of a shard, in stored order; a
-    damaged shard raises naming the file."""
+class ShardError(AlexnetError):
+    """A damaged shard; `str()` names the file and, where one is at fault, the member."""
+
+
+# JPEG's start-of-image marker and the first byte of the next marker: every JPEG starts
+# so, and checking three bytes is free where a record's bytes are read anyway.
+JPEG_START = b"\xff\xd8\xff"
+_LABEL = re.compile(rb"\s*-?[0-9]+\s*")
+_LABEL_BYTES = 32  # a .cls member holds a few digits; more is not a label
+
+
+def load_classes(prepared: str | Path) -> list[dict]:
+    """`classes.json` of a prepared folder (written by prepare): [{index, wnid, name}]."""
+    path = Path(prepared) / "classes.json"
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            pending: dict[str, tarfile.TarInfo] = {}
-            entries = []
-            for member in tar:
-                key, _, extension = member.name.rpartition(".")
-                if extension == "jpg":
-                    pending[key] = member
-                elif extension == "cls":
-                    jpg, label = pending.pop(key), int(tar.extractfile(member).read())
-                    entries.append((key, jpg.offset_data, jpg.size, label))
-            return entries
-    except (OSError, tarfile.TarError, KeyError, ValueError) as error:
-        raise ValueError(f"{path}: damaged shard ({error})") from None
+        classes = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ShardError(f"{path}: no such file (run prepare first)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ShardError(f"{path}: unreadable ({one_line(error)})") from None
+    if not isinstance(classes, list) or not classes:
+        raise ShardError(f"{path}: not a list of classes")
+    return classes
 
 
-def iter_shard(path: Path) -> Iterator[Record]:
-    """The records of a shard in stored order; a damaged shard raises naming the file."""
-    entries = index_shard(path)
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (some libraries' span several), or its type."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _label(path: Path, name: str, data: bytes, classes: int | None) -> int:
+    """The class index a `.cls` member holds, checked against the number of classes."""
+    if len(data) > _LABEL_BYTES or not _LABEL.fullmatch(data):
+        raise ShardError(f"{path}: member {name} is not an integer label ({data[:20]!r})")
+    label = int(data)
+    if label < 0 or (classes is not None and label >= classes):
+        valid = "labels are >= 0" if classes is None else f"{classes} classes: 0..{classes - 1}"
+        raise ShardError(f"{path}: member {name}: label {label} is out of range ({valid})")
+    return label
+
+
+def _members(path: Path, tar: tarfile.TarFile, end: int) -> Iterator[tarfile.TarInfo]:
+    """The members of an open shard, each checked to lie whole inside the file (`end`
+    bytes), then the end of the archive checked."""
+    last = None
+    try:
+        for member in tar:
+            if member.offset_data + member.size > end:
+                raise ShardError(f"{path}: truncated tar: member {member.name} is cut short")
+            last = member.name
+            yield member
+    except tarfile.TarError as error:  # a bad header, or the file ends before the next one
+        where = f"after member {last}" if last else "before its first member"
+        if tar.offset + tarfile.BLOCKSIZE > end:
+            raise ShardError(f"{path}: truncated tar: it ends {where}") from None
+        raise ShardError(f"{path}: damaged tar {where} ({one_line(error)})") from None
+    _check_end(path, tar, last)
+
+
+def _check_end(path: Path, tar: tarfile.TarFile, last: str | None) -> None:
+    """tarfile ends its listing quietly at a file cut between members or at a corrupt
+    header; a whole tar (ours, any POSIX tar) ends with two zero blocks right there."""
+    tar.fileobj.seek(tar.offset)
+    tail = tar.fileobj.read(2 * tarfile.BLOCKSIZE)
+    where = f"after member {last}" if last else "before its first member"
+    if len(tail) < 2 * tarfile.BLOCKSIZE:
+        raise ShardError(f"{path}: truncated tar: it ends {where}, without the end blocks")
+    if tail.count(0) != len(tail):
+        raise ShardError(f"{path}: damaged tar: the header {where} is corrupt")
+
+
+def index_shard(path: Path, classes: int | None = None) -> list[tuple[str, int, int, int]]:
+    """(key, byte offset, size, label) of each image of a shard, in stored order. A damaged
+    shard raises `ShardError` naming the file and the member: a truncated tar, a `.cls`
+    that is not an integer or (with `classes`, the number of classes) out of range, a
+    `.jpg` without its `.cls` or the other way round. The images' bytes are not read
+    here: `check_image` checks them where they are read."""
+    path = Path(path)
+    try:
+        end = path.stat().st_size
+        tar = tarfile.open(path, mode="r:")
+    except (OSError, tarfile.TarError) as error:
+        raise ShardError(f"{path}: not a readable tar ({one_line(error)})") from None
+    with tar:
+        pending: dict[str, tarfile.TarInfo] = {}  # .jpg members waiting for their .cls
+        entries = []
+        for member in _members(path, tar, end):
+            if not member.isfile():  # folders and links carry no record
+                continue
+            key, _, extension = member.name.rpartition(".")
+            if extension == "jpg":
+                if key in pending:
+                    raise ShardError(f"{path}: member {member.name} appears twice")
+                pending[key] = member
+            elif extension == "cls":
+                jpg = pending.pop(key, None)
+                if jpg is None:
+                    raise ShardError(f"{path}: member {member.name} has no {key}.jpg before it")
+                data = tar.extractfile(member).read(_LABEL_BYTES + 1)  # there: _members checked
+                label = _label(path, member.name, data, classes)
+                entries.append((key, jpg.offset_data, jpg.size, label))
+    if pending:
+        key = next(iter(pending))
+        raise ShardError(f"{path}: member {key}.jpg has no {key}.cls")
+    return entries
+
+
+def check_image(path: str | Path, key: str, data: bytes, size: int) -> None:
+    """Raise `ShardError` unless `data`, the `size` bytes of member `key`.jpg just read
+    from shard `path`, are whole and start as a JPEG (a cheap check, no decoding)."""
+    if len(data) != size:
+        raise ShardError(f"{path}: truncated tar: member {key}.jpg is cut short")
+    if not data.startswith(JPEG_START):
+        raise ShardError(f"{path}: member {key}.jpg is not a JPEG (no JPEG start marker)")
+
+
+class WrongSize(ValueError):
+    """A prepared image that is not size x size; `str()` says what it is."""
+
+
+def check_size(image: Image.Image, size: int) -> None:
+    """Refuse an opened image that is not `size` x `size` (from its header: no decoding)."""
+    if image.size != (size, size):
+        raise WrongSize(f"is {image.size[0]}x{image.size[1]}, expected {size}x{size}")
+
+
+def bad_image(path: str | Path, key: str, error: BaseException) -> str:
+    """The line for member `key`.jpg of shard `path` that opening, checking or decoding
+    raised `error` for (of any type: a corrupt image can make a decoder fail many ways)."""
+    if isinstance(error, WrongSize):
+        return f"{path}: member {key}.jpg {error}"
+    reason = "not an image" if isinstance(error, UnidentifiedImageError) else one_line(error)
+    return f"{path}: member {key}.jpg cannot be decoded ({reason})"
+
+
+def iter_shard(path: Path, classes: int | None = None) -> Iterator[Record]:
+    """The records of a shard in stored order; a damaged shard raises `ShardError` naming
+    the file and the member (see `index_shard`; also an image that is not a JPEG)."""
+    entries = index_shard(path, classes)
     with open(path, "rb") as stream:
         for key, offset, size, label in entries:
             stream.seek(offset)
             data = stream.read(size)
-            if len(data) != size:
-                raise ValueError(f"{path}: damaged shard (image {key} is cut short)")
+            check_image(path, key, data, size)
             yield Record(key, data, label)
 
 

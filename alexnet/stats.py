@@ -21,14 +21,15 @@ import numpy as np
 from PIL import Image
 
 from alexnet.errors import AlexnetError
-from alexnet.shards import iter_shard
+from alexnet.shards import bad_image, check_size, iter_shard, load_classes
 
 if TYPE_CHECKING:
     import torch
 
 
 class StatsError(AlexnetError):
-    """A shard whose images cannot be decoded (corruption: prepare filtered bad files)."""
+    """A shard image that cannot be decoded (corruption: prepare filtered bad files), or
+    missing stats; names the shard and member, or the folder."""
 
 
 @dataclass
@@ -54,9 +55,12 @@ class Moments:
         )
 
 
-def decode_rgb(jpeg: bytes) -> np.ndarray:
-    """(H, W, 3) uint8 pixels of an encoded image."""
+def decode_rgb(jpeg: bytes, size: int | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 pixels of an encoded image; with `size`, an image that is not
+    size x size raises `WrongSize` before it is decoded."""
     image = Image.open(io.BytesIO(jpeg))
+    if size is not None:
+        check_size(image, size)
     return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
 
 
@@ -125,23 +129,29 @@ def image_moments(images: Iterable[np.ndarray], size: int) -> Moments:
     return Moments(count, image_sum, lanes_to_outer(lanes))
 
 
-def shard_moments(path: str | Path, size: int) -> Moments:
+def shard_pixels(path: str | Path, size: int, classes: int | None = None) -> Iterator[np.ndarray]:
+    """The decoded size x size images of a shard; a damaged shard, a label out of range
+    (of `classes`, when known) or an image that does not decode raises one line naming
+    the shard and the member."""
+    for record in iter_shard(Path(path), classes):
+        try:
+            pixels = decode_rgb(record.jpeg, size)
+        except Exception as error:  # whatever the decoder raises, the line names the member
+            raise StatsError(bad_image(path, record.key, error)) from None
+        yield pixels
+
+
+def shard_moments(path: str | Path, size: int, classes: int | None = None) -> Moments:
     """The sufficient statistics of one prepared shard of size x size images."""
+    return image_moments(shard_pixels(path, size, classes), size)
 
-    def pixels() -> Iterator[np.ndarray]:
-        for record in iter_shard(Path(path)):
-            try:
-                image = decode_rgb(record.jpeg)
-            except OSError as error:
-                raise ValueError(f"image {record.key}: {error}") from None
-            if image.shape != (size, size, 3):
-                raise ValueError(f"image {record.key} is {image.shape}, expected {size}x{size}")
-            yield image
 
-    try:
-        return image_moments(pixels(), size)
-    except (OSError, ValueError) as error:
-        raise StatsError(f"{path}: cannot read shard: {error}") from None
+def class_count(train: str | Path) -> int | None:
+    """The number of classes of the prepared folder that `train` lies in (its
+    classes.json), against which stats checks the labels; None for shards on their own
+    (stats needs only images: it then checks that labels are not negative)."""
+    folder = Path(train).parent
+    return len(load_classes(folder)) if (folder / "classes.json").exists() else None
 
 
 def reduce_moments(parts: list[Moments]) -> Moments:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ from rich.progress import Progress
 from alexnet.lmdb_store import write_store
 from alexnet.pack import chunks, index_shards, output_order
 from alexnet.params import ComputeParams, PackParams, PrepareParams
+from alexnet.shards import load_classes
 from tasks.pack import load_chunk_task
 
 SPLITS = ("train", "val")
@@ -38,11 +38,11 @@ def pack_flow(
     """Write `out/train` (seeded shuffled order) and `out/val` (source order); the
     workers read ahead by two chunks each."""
     workers = compute.workers or os.cpu_count() or 1
-    classes = json.loads((Path(prepared) / "classes.json").read_text())
+    classes = load_classes(prepared)
     counts = {}
     with Progress() as progress:
         for split in SPLITS:
-            entries = index_shards(Path(prepared) / split)
+            entries = index_shards(Path(prepared) / split, len(classes))
             order = output_order(len(entries), pack.shuffle_train and split == "train", pack.seed)
             parts = chunks(entries, order, pack.batch)
             bar = progress.add_task(f"pack {split}", total=len(entries))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from rich.console import Console
 from alexnet.errors import AlexnetError, Interrupted
 from alexnet.params import Params, PrepareParams, TrainParams, load_params
 from alexnet.runtime import configure
+from tasks.quiet import quiet_console_tracebacks
 
 console = Console(stderr=True, soft_wrap=True)  # one error = one line, however long
 
@@ -177,24 +177,6 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-class _NoUserErrorTracebacks(logging.Filter):
-    """Drop console records carrying an AlexnetError: the CLI prints it as one line (the
-    Prefect API still receives the full record for the UI)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], AlexnetError))
-
-
-def _quiet_console_tracebacks() -> None:
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    loggers = [logging.getLogger(), *map(logging.getLogger, logging.root.manager.loggerDict)]
-    for logger in loggers:
-        for handler in getattr(logger, "handlers", []):
-            if isinstance(handler, PrefectConsoleHandler):
-                handler.addFilter(_NoUserErrorTracebacks())
-
-
 def load(path: Path, workers: int | None = None, scheduler: str | None = None) -> Params:
     """params.yaml with the command line's `compute` overrides applied."""
     params = load_params(path)
@@ -228,7 +210,7 @@ def run_stage(stage: Stage, paths: dict[str, str], params: Params, flow: Callabl
     flow = flow or stage.flow()
     runner = task_runner(params.compute.scheduler, params.compute.workers)
     sections = {name: getattr(params, name) for name in stage.sections}
-    _quiet_console_tracebacks()
+    quiet_console_tracebacks()
     with prefect_api():
         return flow.with_options(task_runner=runner)(**paths, **sections)
 

@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger
 
 from alexnet.atomic import atomic_output, write_json
 from alexnet.params import PrepareParams
-from alexnet.stats import StatsError, mean_image, reduce_moments, rgb_pca
+from alexnet.stats import StatsError, class_count, mean_image, reduce_moments, rgb_pca
 from flows.progress import gather
 from tasks.stats import shard_moments_task
 
@@ -20,7 +20,8 @@ def stats_flow(train: str, out: str, prepare: PrepareParams) -> dict:
     shards = sorted(Path(train).glob("shard-*.tar"))
     if not shards:
         raise StatsError(f"{train}: no shard-*.tar files (run prepare first)")
-    futures = [shard_moments_task.submit(str(shard), prepare.size) for shard in shards]
+    classes = class_count(train)  # the labels are checked, though stats does not use them
+    futures = [shard_moments_task.submit(str(s), prepare.size, classes) for s in shards]
     moments = reduce_moments(gather(futures, "stats", [1] * len(shards)))
     pca = rgb_pca(moments)
     target = Path(out)

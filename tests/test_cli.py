@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.stages import STAGES
-from tests.helpers import REPO, make_imagefolder
+from tests.helpers import REPO, jpeg, make_imagefolder
 
 runner = CliRunner()
 
@@ -103,3 +103,35 @@ def test_prepare_command_end_to_end(tmp_path, prefect_server):
     assert report["skipped_files"] == [
         {"path": "train/n00000001/empty.JPEG", "reason": "empty file"}
     ]
+
+
+@pytest.mark.parametrize("stage", ["stats", "pack"])
+def test_a_damaged_shard_stops_the_stage_with_one_line(tmp_path, prefect_server, stage):
+    # Both fail in a worker process (stats decodes, pack reads by offset): the user sees
+    # the task's error once, as one line, and no traceback from the worker's log.
+    from alexnet.shards import Record, write_shard
+
+    prepared = tmp_path / "prepared"
+    for split in ("train", "val"):
+        (prepared / split).mkdir(parents=True)
+        for s in range(2):
+            records = [Record(f"n{i}/img_{s}{i}", jpeg(16, 16, i), i) for i in range(2)]
+            if (split, s) == ("train", 1):
+                records[1] = Record("n1/img_11", b"GIF89a not a jpeg", 1)
+            write_shard(prepared / split / f"shard-{s:05d}.tar", records, {})
+    classes = [{"index": i, "wnid": f"n{i}", "name": f"c{i}"} for i in range(2)]
+    (prepared / "classes.json").write_text(json.dumps(classes))
+    params = tmp_path / "params.yaml"
+    params.write_text("prepare:\n  size: 16\ncompute:\n  workers: 1\npack:\n  batch: 2\n")
+    paths = {
+        "stats": (prepared / "train", tmp_path / "stats"),
+        "pack": (prepared, tmp_path / "lmdb"),
+    }
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    result = alexnet(stage, *map(str, paths[stage]), "-p", str(params), env=env)
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    shard = prepared / "train" / "shard-00001.tar"
+    assert errors == [f"error: {shard}: member n1/img_11.jpg is not a JPEG (no JPEG start marker)"]
+    assert "Traceback" not in result.stderr
+    assert not [p for p in paths[stage][1].rglob("*") if p.is_file()]  # nothing half-written

@@ -4,11 +4,16 @@ softmax average; nothing but the model file is read."""
 
 from __future__ import annotations
 
+import json
+import os
+import pickle
+import random
 from pathlib import Path
 
 import pytest
 import torch
 from torchvision.io import decode_jpeg
+from typer.testing import CliRunner
 
 from alexnet.evaluate import crop_probabilities, evaluate, load_model_for
 from alexnet.imageops import prepare_image
@@ -19,7 +24,8 @@ from alexnet.params import PrepareParams
 from alexnet.predict import predict
 from alexnet.reader import LmdbSplit
 from alexnet.train import Trainer
-from tests.helpers import CLASSES, jpeg, train_run
+from flows.cli import app
+from tests.helpers import CLASSES, encode, jpeg, photo, train_run
 
 # Not the defaults: predict must take them from the model file.
 IMAGE = PrepareParams(quality=60, resample="bicubic").image_options()
@@ -92,3 +98,164 @@ def test_predict_refuses_a_model_file_of_another_version(tmp_path):
     torch.save({"format": "alexnet-model", "version": 1, "history": []}, path)
     with pytest.raises(ModelFileError, match="model file version 1, this code reads 2; train"):
         predict([tmp_path / "any.jpg"], path)
+
+
+def bad_and_good_files(folder: Path, monkeypatch) -> tuple[list[Path], dict[str, str | None]]:
+    """Image paths, good and bad, and the error each must get (None: predicted; "" for a
+    reason the decoder gives, whatever its words)."""
+    files = {
+        "good.jpg": jpeg(300, 260, seed=1),
+        "text.jpg": b"this is not an image\n",
+        "cut.jpg": jpeg(300, 260, seed=2)[:700],
+        "empty.jpg": b"",
+        "locked.jpg": jpeg(64, 64),
+        "odd.jpg": jpeg(64, 64),
+        "good.png": encode(photo(200, 240, seed=3), "PNG"),
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    (folder / "folder.jpg").mkdir()
+    (folder / "dangling.jpg").symlink_to(folder / "gone.jpg")
+    expected = {
+        "good.jpg": None,
+        "text.jpg": "",
+        "cut.jpg": "",
+        "empty.jpg": "",
+        "locked.jpg": "permission denied",
+        "odd.jpg": "SyntaxError: broken chunk at 12",
+        "folder.jpg": "is a directory",
+        "missing.jpg": "no such file",
+        "dangling.jpg": "broken symbolic link",
+        "good.png": None,
+    }
+    # As root, a chmod 000 file stays readable: the refusal is made up where it happens.
+    read_bytes = Path.read_bytes
+
+    def refusing(path: Path) -> bytes:
+        if path.name == "locked.jpg":
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refusing)
+    # A decoder may raise any type (Pillow raises SyntaxError from some plugins).
+    import alexnet.predict
+
+    prepare = alexnet.predict.prepare_image
+
+    def decoder_bug(data: bytes, suffix: str, **options):
+        if data == files["odd.jpg"]:
+            raise SyntaxError("broken chunk\nat 12")
+        return prepare(data, suffix, **options)
+
+    monkeypatch.setattr(alexnet.predict, "prepare_image", decoder_bug)
+    return [folder / name for name in expected], expected
+
+
+def test_each_bad_file_gets_one_error_line_and_the_others_are_predicted(
+    model_file, tmp_path, monkeypatch
+):
+    paths, expected = bad_and_good_files(tmp_path, monkeypatch)
+    command = ["predict", *map(str, paths), "--model", str(model_file), "--top", "2", "--json"]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 1
+    rows = json.loads(result.stdout)
+    assert [row["path"] for row in rows] == [str(p) for p in paths]
+    lines = iter(result.stderr.splitlines())
+    for path, row, (name, error) in zip(paths, rows, expected.items(), strict=True):
+        if error is None:
+            assert "error" not in row and len(row["predictions"]) == 2, name
+            continue
+        assert row["error"] and "\n" not in row["error"], name
+        assert error == "" or row["error"] == error, (name, row["error"])
+        assert next(lines) == f"error: {path}: {row['error']}"  # the path once, first
+    assert next(lines, None) is None
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a hostile model file carries."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+FOREIGN = {  # a model file that is not ours: how it is made, and the line refusing it
+    "random bytes": (
+        lambda p, marker: p.write_bytes(random.Random(0).randbytes(4096)),
+        "not an alexnet model file (not a torch zip/pickle)",
+    ),
+    "zero-length": (
+        lambda p, marker: p.write_bytes(b""),
+        "not an alexnet model file (an empty file)",
+    ),
+    "text": (
+        lambda p, marker: p.write_text("weights: none\nhello\n"),
+        "not an alexnet model file (not a torch zip/pickle)",
+    ),
+    "torch file with code": (
+        lambda p, marker: torch.save({"state_dict": RunsCode(marker)}, p),
+        "refused: not an alexnet model file (it holds pickled code: posix.system; only "
+        "weights are loaded)",
+    ),
+    "legacy torch file with code": (
+        lambda p, marker: torch.save(RunsCode(marker), p, _use_new_zipfile_serialization=False),
+        "refused: not an alexnet model file (it holds pickled code: posix.system; only "
+        "weights are loaded)",
+    ),
+    "torch file with a class": (
+        lambda p, marker: torch.save({"model": torch.nn.Linear}, p),
+        "refused: not an alexnet model file (it holds pickled code: "
+        "torch.nn.modules.linear.Linear; only weights are loaded)",
+    ),
+    "plain pickle with code": (
+        lambda p, marker: p.write_bytes(pickle.dumps(RunsCode(marker), protocol=2)),
+        "refused: not an alexnet model file (it holds pickled code: posix.system; only "
+        "weights are loaded)",
+    ),
+    "plain pickle, protocol 5": (
+        lambda p, marker: p.write_bytes(pickle.dumps(RunsCode(marker), protocol=5)),
+        "refused: not an alexnet model file (it holds pickled objects other than weights; "
+        "only weights are loaded)",
+    ),
+    "torch file cut short": (
+        lambda p, marker: (torch.save({"w": torch.zeros(99)}, p), cut_to(p, 300)),
+        "not an alexnet model file (a damaged torch file, or a zip archive that is not one)",
+    ),
+    "another torch file": (
+        lambda p, marker: torch.save({"w": torch.zeros(3)}, p),
+        "not an alexnet model file (no format 'alexnet-model')",
+    ),
+    "a folder": (lambda p, marker: p.mkdir(), "is a directory, not a model file"),
+    "missing": (lambda p, marker: None, "no such model file; run train"),
+}
+
+
+def cut_to(path: Path, size: int) -> None:
+    path.write_bytes(path.read_bytes()[:size])
+
+
+@pytest.mark.parametrize("case", list(FOREIGN))
+def test_a_model_file_that_is_not_ours_is_refused_in_one_line(tmp_path, case):
+    make, reason = FOREIGN[case]
+    path, marker = tmp_path / "model.pt", tmp_path / "code-ran"
+    make(path, marker)
+    with pytest.raises(ModelFileError) as caught:
+        predict([tmp_path / "any.jpg"], path)
+    line = str(caught.value)
+    assert line == f"{path}: {reason}"
+    assert "weights_only" not in line and "\n" not in line
+    assert not marker.exists()  # never unpickled with code allowed
+
+
+def test_the_refusal_is_the_commands_one_error_line(tmp_path):
+    path, marker = tmp_path / "model.pt", tmp_path / "code-ran"
+    torch.save({"state_dict": RunsCode(marker)}, path)
+    (tmp_path / "a.jpg").write_bytes(jpeg(64, 64))
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "a.jpg"), "--model", str(path)])
+    assert result.exit_code == 1 and not marker.exists()
+    assert result.output.strip() == (
+        f"error: {path}: refused: not an alexnet model file (it holds pickled code: "
+        "posix.system; only weights are loaded)"
+    )

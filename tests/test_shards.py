@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import io
 import tarfile
 
 import pytest
 
+from alexnet.errors import AlexnetError
 from alexnet.shards import (
     Record,
+    ShardError,
+    index_shard,
     iter_shard,
     key_for,
+    load_classes,
     read_description,
     remove_stale,
     unique_keys,
     write_shard,
 )
 
-RECORDS = [Record("n01/n01_1", b"\xff\xd8jpeg-one", 0), Record("n02/n02_7", b"\xff\xd8two", 12)]
+RECORDS = [
+    Record("n01/n01_1", b"\xff\xd8\xffjpeg-one", 0),
+    Record("n02/n02_7", b"\xff\xd8\xfftwo", 12),
+]
 
 
 def test_webdataset_members_readable_with_plain_tarfile(tmp_path):
@@ -26,7 +34,7 @@ def test_webdataset_members_readable_with_plain_tarfile(tmp_path):
         names = tar.getnames()
         assert names == ["n01/n01_1.jpg", "n01/n01_1.cls", "n02/n02_7.jpg", "n02/n02_7.cls"]
         assert tar.extractfile("n02/n02_7.cls").read() == b"12"
-        assert tar.extractfile("n01/n01_1.jpg").read() == b"\xff\xd8jpeg-one"
+        assert tar.extractfile("n01/n01_1.jpg").read() == b"\xff\xd8\xffjpeg-one"
         assert all(m.mtime == 0 and m.uname == "" for m in tar.getmembers())
     assert list(iter_shard(path)) == RECORDS
     assert read_description(path) == {"fingerprint": "abc"}
@@ -57,9 +65,140 @@ def test_damaged_shard_is_reported_by_name(tmp_path):
     path = tmp_path / "shard-00003.tar"
     write_shard(path, RECORDS, {})
     path.write_bytes(path.read_bytes()[:1500])
-    with pytest.raises(ValueError, match="shard-00003.tar: damaged shard"):
+    with pytest.raises(
+        ShardError, match=r"shard-00003.tar: not a readable tar \(truncated"
+    ) as caught:
         list(iter_shard(path))
+    assert isinstance(caught.value, AlexnetError)  # the CLI prints it as one line
     assert read_description(tmp_path / "missing.tar") is None
+
+
+def plain_tar(path, members: list[tuple[str, bytes]]):
+    """A tar of `members` in order, with none of write_shard's guarantees."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def member_at(path, name: str) -> tarfile.TarInfo:
+    with tarfile.open(path) as tar:
+        return tar.getmember(name)
+
+
+def cut(path, size: int):
+    path.write_bytes(path.read_bytes()[:size])
+    return path
+
+
+def shard(tmp_path):
+    path = tmp_path / "shard-00001.tar"
+    write_shard(path, RECORDS, {})
+    return path
+
+
+JPG = b"\xff\xd8\xffimage"
+DAMAGED = {  # how to damage a shard: the line that names it
+    "cut inside an image": (
+        lambda p: cut(p, member_at(p, "n02/n02_7.jpg").offset_data + 3),
+        "truncated tar: member n02/n02_7.jpg is cut short",
+    ),
+    "cut in an image's padding": (
+        lambda p: cut(p, member_at(p, "n02/n02_7.cls").offset - 10),
+        "truncated tar: it ends after member n02/n02_7.jpg",
+    ),
+    "cut between members": (
+        lambda p: cut(p, member_at(p, "n02/n02_7.cls").offset),
+        "truncated tar: it ends after member n02/n02_7.jpg, without the end blocks",
+    ),
+    "cut inside a header": (
+        lambda p: cut(p, member_at(p, "n02/n02_7.cls").offset + 100),
+        "truncated tar: it ends after member n02/n02_7.jpg, without the end blocks",
+    ),
+    "no end blocks": (
+        lambda p: cut(p, member_at(p, "n02/n02_7.cls").offset_data + 512),
+        "truncated tar: it ends after member n02/n02_7.cls, without the end blocks",
+    ),
+    "corrupt header": (
+        lambda p: p.write_bytes(
+            p.read_bytes()[: member_at(p, "n02/n02_7.jpg").offset]
+            + b"garbage" * 200
+            + p.read_bytes()[member_at(p, "n02/n02_7.jpg").offset + 1400 :]
+        ),
+        "damaged tar: the header after member n01/n01_1.cls is corrupt",
+    ),
+    "zero-length": (lambda p: p.write_bytes(b""), "not a readable tar (empty file)"),
+    "not a tar": (lambda p: p.write_bytes(b"x" * 5000), "not a readable tar ("),
+    "label not an integer": (
+        lambda p: plain_tar(p, [("a/k.jpg", JPG), ("a/k.cls", b"one")]),
+        "member a/k.cls is not an integer label (b'one')",
+    ),
+    "label too long": (
+        lambda p: plain_tar(p, [("a/k.jpg", JPG), ("a/k.cls", b"1" * 40)]),
+        "member a/k.cls is not an integer label",
+    ),
+    "negative label": (
+        lambda p: write_shard(p, [Record("a/k", JPG, -2)], {}),
+        "member a/k.cls: label -2 is out of range (labels are >= 0)",
+    ),
+    "jpg without cls": (
+        lambda p: plain_tar(p, [("a/k.jpg", JPG), ("a/j.jpg", JPG), ("a/j.cls", b"0")]),
+        "member a/k.jpg has no a/k.cls",
+    ),
+    "cls without jpg": (
+        lambda p: plain_tar(p, [("a/k.cls", b"0"), ("a/k.jpg", JPG)]),
+        "member a/k.cls has no a/k.jpg before it",
+    ),
+    "jpg twice": (
+        lambda p: plain_tar(p, [("a/k.jpg", JPG), ("a/k.jpg", JPG), ("a/k.cls", b"0")]),
+        "member a/k.jpg appears twice",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED))
+def test_a_damaged_shard_is_one_line_naming_the_file_and_member(tmp_path, case):
+    damage, message = DAMAGED[case]
+    path = shard(tmp_path)
+    damage(path)
+    for read in (index_shard, lambda p: list(iter_shard(p))):
+        with pytest.raises(ShardError) as caught:
+            read(path)
+        line = str(caught.value)
+        assert line.startswith(f"{path}: {message}"), line
+        assert "\n" not in line
+
+
+def test_labels_are_checked_against_the_number_of_classes(tmp_path):
+    path = tmp_path / "shard-00000.tar"
+    write_shard(path, [Record("a/k", JPG, 2), Record("b/k", JPG, 3)], {})
+    assert [label for *_, label in index_shard(path, classes=4)] == [2, 3]
+    assert [record.label for record in iter_shard(path)] == [2, 3]  # no range: >= 0 only
+    with pytest.raises(ShardError) as caught:
+        list(iter_shard(path, classes=3))
+    assert str(caught.value) == f"{path}: member b/k.cls: label 3 is out of range (3 classes: 0..2)"
+
+
+@pytest.mark.parametrize("data", [b"hello", b"", b"\xff\xd8", b"\x89PNG\r\n\x1a\n"])
+def test_an_image_that_is_not_a_jpeg_is_named(tmp_path, data):
+    path = tmp_path / "shard-00000.tar"
+    write_shard(path, [Record("a/good", JPG, 0), Record("n01/img_3", data, 1)], {})
+    assert len(index_shard(path)) == 2  # the index reads no image bytes
+    with pytest.raises(ShardError) as caught:
+        list(iter_shard(path))
+    assert str(caught.value) == f"{path}: member n01/img_3.jpg is not a JPEG (no JPEG start marker)"
+
+
+def test_classes_json_missing_or_corrupt_is_one_line(tmp_path):
+    with pytest.raises(ShardError, match=f"{tmp_path / 'classes.json'}: no such file"):
+        load_classes(tmp_path)
+    (tmp_path / "classes.json").write_text("[{")
+    with pytest.raises(ShardError, match="classes.json: unreadable"):
+        load_classes(tmp_path)
+    (tmp_path / "classes.json").write_text('[{"index": 0, "wnid": "n0", "name": "zero"}]')
+    assert len(load_classes(tmp_path)) == 1
 
 
 def test_keys_have_no_dots_and_are_unique():

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet.shards import Record, write_shard
+from alexnet.shards import Record, ShardError, write_shard
 from alexnet.stats import (
     StatsError,
+    class_count,
     fix_signs,
     image_moments,
     load_stats,
@@ -92,16 +93,63 @@ def test_sign_rule_makes_largest_component_positive():
     assert np.array_equal(fix_signs(-vectors), fixed)  # either sign in, the same out
 
 
-def test_corrupt_shard_is_named(tmp_path):
-    write_shard(tmp_path / "shard-00000.tar", [Record("a", b"\xff\xd8 not really", 0)], {})
-    with pytest.raises(StatsError, match="shard-00000.tar: cannot read shard"):
-        shard_moments(tmp_path / "shard-00000.tar", size=32)
+GOOD = encode(photo(32, 32, seed=9), "JPEG")
 
 
-def test_wrong_image_size_is_an_error(tmp_path):
-    write_shard(tmp_path / "s.tar", [Record("a", encode(photo(40, 32), "JPEG"), 0)], {})
-    with pytest.raises(StatsError, match="expected 32x32"):
+@pytest.mark.parametrize(
+    ("jpeg", "problem"),
+    [
+        (b"\xff\xd8\xff not really", "cannot be decoded (not an image)"),
+        (GOOD[: len(GOOD) // 2], "cannot be decoded ("),  # Pillow refuses a truncated file
+        (encode(photo(40, 32), "JPEG"), "is 40x32, expected 32x32"),
+    ],
+)
+def test_an_image_that_does_not_decode_is_named_with_its_member(tmp_path, jpeg, problem):
+    path = tmp_path / "shard-00000.tar"
+    write_shard(path, [Record("n01/ok", GOOD, 0), Record("n01/img_3", jpeg, 0)], {})
+    with pytest.raises(StatsError) as caught:
+        shard_moments(path, size=32)
+    assert str(caught.value).startswith(f"{path}: member n01/img_3.jpg {problem}")
+
+
+def test_any_decoder_exception_becomes_the_members_line(tmp_path, monkeypatch):
+    write_shard(tmp_path / "s.tar", [Record("a/b", GOOD, 0)], {})
+
+    def decoder_bug(jpeg, size):
+        raise IndexError("list index\nout of range")  # not a type the code expects
+
+    monkeypatch.setattr("alexnet.stats.decode_rgb", decoder_bug)
+    with pytest.raises(StatsError) as caught:
         shard_moments(tmp_path / "s.tar", size=32)
+    line = f"{tmp_path / 's.tar'}: member a/b.jpg cannot be decoded (list index out of range)"
+    assert str(caught.value) == line
+
+
+def test_damaged_shards_stop_stats_naming_the_member(tmp_path):
+    path = tmp_path / "shard-00000.tar"
+    write_shard(path, [Record("n01/img_3", b"GIF89a", 0)], {})
+    with pytest.raises(ShardError, match=r"shard-00000.tar: member n01/img_3.jpg is not a JPEG"):
+        shard_moments(path, size=32)
+    path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(ShardError, match="shard-00000.tar: truncated tar"):
+        shard_moments(path, size=32)
+
+
+def test_labels_are_checked_against_classes_json_beside_the_train_folder(tmp_path):
+    train = tmp_path / "prepared" / "train"
+    train.mkdir(parents=True)
+    path = train / "shard-00000.tar"
+    write_shard(path, [Record("n01/a", GOOD, 1), Record("n01/b", GOOD, 3)], {})
+    assert class_count(train) is None  # shards on their own: labels only >= 0
+    assert shard_moments(path, 32, class_count(train)).images == 2
+    classes = [{"index": i, "wnid": f"n{i}", "name": str(i)} for i in range(3)]
+    (tmp_path / "prepared" / "classes.json").write_text(json.dumps(classes))
+    assert class_count(train) == 3
+    with pytest.raises(ShardError) as caught:
+        shard_moments(path, 32, class_count(train))
+    assert (
+        str(caught.value) == f"{path}: member n01/b.cls: label 3 is out of range (3 classes: 0..2)"
+    )
 
 
 def test_load_stats_gives_the_mean_image_channels_first_and_the_pca(tmp_path):

@@ -17,8 +17,10 @@ import pytest
 import torch
 
 from alexnet.lmdb_store import StoreError, read_meta, write_store
+from alexnet.pack import PackError, index_shards, load_chunk
 from alexnet.reader import LmdbSplit
-from tests.helpers import REPO, encode, photo
+from alexnet.shards import Record, ShardError, write_shard
+from tests.helpers import REPO, encode, jpeg, photo
 
 SIZE = 32
 CLASSES = [{"index": i, "wnid": f"n{i}", "name": f"class {i}"} for i in range(3)]
@@ -198,3 +200,75 @@ def test_wrong_version_or_missing_store_is_named(tmp_path):
         LmdbSplit(tmp_path / "missing")
     with pytest.raises(StoreError, match="version 7"):
         read_meta(path)
+
+
+# Pack reads the prepared shards: a damaged one stops it with one line naming the shard
+# and the member (index_shards in the flow, load_chunk in the tasks).
+
+
+def prepared_split(tmp_path, bad: Record | None = None) -> list:
+    """Two shards of 32x32 JPEGs (labels 0..2); `bad` replaces the second shard's middle
+    record. Returns the index of the split."""
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for s in range(2):
+        records = [
+            Record(f"n{i}/img_{3 * s + i}", jpeg(SIZE, SIZE, 3 * s + i), i) for i in range(3)
+        ]
+        if bad is not None and s == 1:
+            records[1] = bad
+        write_shard(folder / f"shard-{s:05d}.tar", records, {})
+    return folder
+
+
+def test_index_checks_labels_against_the_number_of_classes(tmp_path):
+    folder = prepared_split(tmp_path, Record("n01/img_4", jpeg(SIZE, SIZE), 3))
+    assert [entry.label for entry in index_shards(folder)] == [0, 1, 2, 0, 3, 2]
+    assert index_shards(folder)[4].key == "n01/img_4"
+    with pytest.raises(ShardError) as caught:
+        index_shards(folder, classes=3)
+    shard = folder / "shard-00001.tar"
+    assert (
+        str(caught.value)
+        == f"{shard}: member n01/img_4.cls: label 3 is out of range (3 classes: 0..2)"
+    )
+
+
+@pytest.mark.parametrize("encoding", ["raw", "jpeg"])
+def test_a_member_that_is_not_a_jpeg_stops_the_chunk(tmp_path, encoding):
+    folder = prepared_split(tmp_path, Record("n01/img_4", encode(photo(SIZE, SIZE), "PNG"), 1))
+    entries = index_shards(folder, classes=3)
+    assert len(load_chunk(entries[:3], encoding, SIZE)) == 3
+    with pytest.raises(ShardError) as caught:
+        load_chunk(entries[3:], encoding, SIZE)
+    line = (
+        f"{folder / 'shard-00001.tar'}: member n01/img_4.jpg is not a JPEG (no JPEG start marker)"
+    )
+    assert str(caught.value) == line
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (b"\xff\xd8\xff" + bytes(300), "cannot be decoded (not an image)"),
+        (jpeg(SIZE, SIZE)[:300], "cannot be decoded ("),
+        (jpeg(40, SIZE), "is 40x32, expected 32x32"),
+    ],
+)
+def test_an_image_that_does_not_decode_is_named_with_its_member(tmp_path, data, problem):
+    folder = prepared_split(tmp_path, Record("n01/img_4", data, 1))
+    with pytest.raises(PackError) as caught:
+        load_chunk(index_shards(folder, classes=3), "raw", SIZE)
+    line = str(caught.value)
+    assert line.startswith(f"{folder / 'shard-00001.tar'}: member n01/img_4.jpg {problem}"), line
+    assert "\n" not in line
+
+
+def test_a_shard_cut_short_after_indexing_is_named(tmp_path):
+    folder = prepared_split(tmp_path)
+    entries = index_shards(folder, classes=3)
+    shard = folder / "shard-00001.tar"
+    shard.write_bytes(shard.read_bytes()[: entries[5].offset + 10])
+    with pytest.raises(ShardError) as caught:
+        load_chunk(entries, "jpeg", SIZE)
+    assert str(caught.value) == f"{shard}: truncated tar: member n2/img_5.jpg is cut short"

@@ -1,0 +1,49 @@
+"""User errors (`AlexnetError`) on the console as the CLI's one line, without the
+traceback Prefect's console handler would add, in whichever process raised them: the
+CLI's own, or a worker of the task runner (the Prefect API still gets the whole record
+for the UI)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+from alexnet.errors import AlexnetError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class NoUserErrorTracebacks(logging.Filter):
+    """Drop console records that carry an AlexnetError."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], AlexnetError))
+
+
+def quiet_console_tracebacks() -> None:
+    """Filter every Prefect console handler of this process."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *map(logging.getLogger, logging.root.manager.loggerDict)]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.addFilter(NoUserErrorTracebacks())
+
+
+def quiet_user_errors(function: Callable[P, R]) -> Callable[P, R]:
+    """For a task's function: when it raises a user error, quiet this (worker) process's
+    console before the task engine logs it."""
+
+    @functools.wraps(function)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return function(*args, **kwargs)
+        except AlexnetError:
+            quiet_console_tracebacks()
+            raise
+
+    return run
