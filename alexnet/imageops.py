@@ -18,6 +18,7 @@ import importlib
 import io
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -186,7 +187,7 @@ def _srgb():
     return ImageCms.createProfile("sRGB")
 
 
-def load_plugins(names: tuple[str, ...] | list[str]) -> None:
+def load_plugins(names: Sequence[str]) -> None:
     """Import the modules that register more formats with PIL (params prepare.plugins)."""
     for name in names:
         importlib.import_module(name)
@@ -227,7 +228,7 @@ def prepare_image(
     exif_orientation: bool = DEFAULTS.prepare.exif_orientation,
     icc_to_srgb: bool = DEFAULTS.prepare.icc_to_srgb,
     frames: Frames = DEFAULTS.prepare.frames,
-    plugins: tuple[str, ...] = DEFAULTS.prepare.plugins,
+    plugins: Sequence[str] = DEFAULTS.prepare.plugins,
 ) -> Prepared:
     """Encoded file -> `Prepared` size x size RGB JPEG, or `BadImage` whatever went wrong.
     The keywords are params `prepare`'s image options (`PrepareParams.IMAGE_KEYS`)."""

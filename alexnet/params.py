@@ -122,8 +122,10 @@ class PrepareParams(_Section):
     )
 
     def image_options(self) -> dict:
-        """{key: value} of `IMAGE_KEYS`: the keyword arguments of `prepare_image`."""
-        return self.model_dump(include=set(self.IMAGE_KEYS))
+        """{key: value} of `IMAGE_KEYS`: the keyword arguments of `prepare_image`, as JSON
+        values (a list for `plugins`), so they survive a JSON round trip unchanged (torchrun
+        ranks and the decoder process receive them as JSON)."""
+        return self.model_dump(include=set(self.IMAGE_KEYS), mode="json")
 
 
 class PackParams(_Section):

@@ -86,5 +86,5 @@ def test_image_keys_are_prepare_fields():
         "exif_orientation": False,
         "icc_to_srgb": False,
         "frames": "first",
-        "plugins": (),
+        "plugins": [],
     }
