@@ -1,18 +1,24 @@
 """Images are prepared in a child process, so that a file that crashes its decoder (a
 segfault or abort in C code) or hangs it costs that file alone.
 
-`Isolated.prepare` sends one file at a time to a long-lived child (`python -m
-alexnet.decoder`) and waits for its answer at most `timeout` seconds. A child that dies
+`Isolated.prepare_all` hands a shard's files to a long-lived child (`python -m
+alexnet.decoder`) and waits for each answer at most `timeout` seconds. A child that dies
 while preparing a file, or answers too late, is killed; that file becomes a `BadImage`
-("decoder crashed (SIGSEGV)", "timed out after 60 s") and the next file gets a fresh
-child. Nothing else changes: the child runs the same `prepare_image` on the same bytes,
-so a shard is the same whichever files crashed, and with one child kept per thread the
-cost when nothing crashes is two pipe round trips per file (well under 1% of a decode;
-`bench/prepare.py` measures it).
+("decoder crashed (SIGSEGV)", "timed out after 60 s") and the rest go to a fresh child.
+Nothing else changes: the child runs the same `prepare_image` on the same bytes, so a
+shard is the same whichever files crashed.
 
-Wire format, both ways: frames of a 4-byte little-endian length and a payload. A request
-is a JSON header ({"extension", "options"}) and the file's bytes; an answer is a JSON
-header ({"converted"} or {"reason"}) and the prepared JPEG (empty for a bad file).
+What it costs when nothing crashes is kept small (`bench/prepare.py` measures it): one
+child per thread for the whole run; the files' bytes are not sent through a pipe (which
+on a VM costs as much as a tenth of a decode) but copied into a shared memory file that
+the child maps, so the pipes carry only small requests and the prepared JPEGs; and the
+requests are streamed by a thread while the answers are read, with no round trip per
+file.
+
+Wire format, both ways: frames of a 4-byte little-endian length and a payload. A
+request is a JSON header ({"extension", "options", "offset", "size"}: where the file
+lies in the shared file); an answer is a JSON header ({"converted"} or {"reason"}) and
+the prepared JPEG (empty for a bad file).
 """
 
 from __future__ import annotations
@@ -20,12 +26,14 @@ from __future__ import annotations
 import atexit
 import fcntl
 import json
+import mmap
 import os
 import select
 import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -36,7 +44,10 @@ from alexnet.imageops import BadImage, Prepared, prepare_image, reason_for
 LENGTH = struct.Struct("<I")
 READY = b"alexnet-decoder ready\n"
 PIPE_SIZE = 1 << 20  # Linux's default /proc/sys/fs/pipe-max-size
+BATCH_WAIT = 0.05  # s the reader sleeps before it looks for more answers
 START_TIMEOUT = 120.0  # s for a fresh child to import PIL, numpy and the plugins
+# Where the shared file lives: memory (tmpfs) where there is one.
+_SHM = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
 class DecoderDied(Exception):
@@ -50,7 +61,11 @@ class Isolated:
         self.timeout = timeout
         self._child: subprocess.Popen | None = None
         self._feeder: threading.Thread | None = None
-        self._pending = b""  # bytes read from the child beyond the last frame
+        self._pending = bytearray()  # bytes read from the child, from offset `_start` on
+        self._start = 0
+        self._chunk = bytearray(PIPE_SIZE)
+        self._shared: mmap.mmap | None = None  # the files' bytes, which the child maps
+        self._shared_fd = -1
 
     def prepare(self, data: bytes, extension: str, options: dict) -> Prepared:
         """`prepare_image(data, extension, **options)`, computed in the child."""
@@ -70,9 +85,8 @@ class Isolated:
         while len(results) < len(files):
             child = self._running()
             rest = files[len(results) :]
-            self._feeder = threading.Thread(
-                target=_feed, args=(child.stdin, rest, options), daemon=True
-            )
+            requests = self._share(rest, options)
+            self._feeder = threading.Thread(target=_feed, args=(child.stdin, requests), daemon=True)
             self._feeder.start()
             try:
                 for _ in rest:
@@ -93,7 +107,11 @@ class Isolated:
                 self._feeder.join()  # its write fails now that the child is gone
             self._child.stdin.close()
             self._child.stdout.close()
-        self._child, self._feeder, self._pending = None, None, b""
+        if self._shared is not None:
+            self._shared.close()
+            os.close(self._shared_fd)
+        self._child, self._feeder, self._shared, self._shared_fd = None, None, None, -1
+        self._pending, self._start = bytearray(), 0
 
     def _answer(self, child: subprocess.Popen) -> Prepared | BadImage:
         deadline = time.monotonic() + self.timeout
@@ -111,8 +129,9 @@ class Isolated:
         if self._child is None:
             # The child imports from where this process does (params prepare.plugins).
             path = os.pathsep.join(entry for entry in sys.path if entry)
+            self._shared_fd, shared = tempfile.mkstemp(prefix="alexnet-decoder-", dir=_SHM)
             self._child = subprocess.Popen(
-                [sys.executable, "-m", "alexnet.decoder", str(os.getpid())],
+                [sys.executable, "-m", "alexnet.decoder", str(os.getpid()), shared],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 env={**os.environ, "PYTHONPATH": path},
@@ -123,8 +142,27 @@ class Isolated:
             except DecoderDied as died:
                 self.close()
                 raise RuntimeError(f"the image decoder process did not start: {died}") from None
+            finally:
+                os.unlink(shared)  # both hold it open: nothing is left behind, even on a kill
             assert ready == READY, ready
         return self._child
+
+    def _share(self, files: Sequence[tuple[bytes, str]], options: dict) -> list[bytes]:
+        """Copy the files' bytes into the shared file; the requests that point at them."""
+        total = sum(len(data) for data, _ in files)
+        if self._shared is None or len(self._shared) < total:
+            size = max(total, mmap.PAGESIZE)
+            os.ftruncate(self._shared_fd, size)
+            if self._shared is not None:
+                self._shared.close()
+            self._shared = mmap.mmap(self._shared_fd, size)
+        requests, offset = [], 0
+        for data, extension in files:
+            self._shared[offset : offset + len(data)] = data
+            header = {"extension": extension, "options": options, "offset": offset}
+            requests.append(json.dumps({**header, "size": len(data)}).encode())
+            offset += len(data)
+        return requests
 
     def _frame(self, child: subprocess.Popen, deadline: float) -> bytes:
         (size,) = LENGTH.unpack(self._read(child, LENGTH.size, deadline))
@@ -134,17 +172,26 @@ class Isolated:
         """Exactly `size` bytes from the child, or `DecoderDied` when it ends first or
         the deadline passes without them."""
         fd = child.stdout.fileno()
-        buffer = bytearray(self._pending)
-        while len(buffer) < size:
+        while len(self._pending) - self._start < size:
+            left = deadline - time.monotonic()
+            # Let a few answers pile up: waking up for each one costs CPU next to the
+            # child's (a tenth of a decode on a VM), and the pipe holds ~40 of them.
+            time.sleep(min(BATCH_WAIT, max(left, 0)))
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
                 raise DecoderDied(f"timed out after {self.timeout:g} s")
-            chunk = os.read(fd, max(size - len(buffer), PIPE_SIZE))
-            if not chunk:
+            # All the answers that are there, into one reused buffer (a fresh 1 MB
+            # bytes object per read would cost more than the answer's copy).
+            count = os.readv(fd, [self._chunk])
+            if not count:
                 raise DecoderDied(_death(child))
-            buffer += chunk
-        self._pending = bytes(buffer[size:])
-        return bytes(buffer[:size])
+            if self._start:  # drop what was consumed before growing the buffer
+                del self._pending[: self._start]
+                self._start = 0
+            self._pending += memoryview(self._chunk)[:count]
+        frame = bytes(self._pending[self._start : self._start + size])
+        self._start += size
+        return frame
 
 
 def _widen(*pipes: int) -> None:
@@ -167,21 +214,20 @@ def _death(child: subprocess.Popen) -> str:
     return f"decoder crashed (exit status {code})"
 
 
-def _feed(stream: BinaryIO, files: Sequence[tuple[bytes, str]], options: dict) -> None:
-    """Send each file as a request; stop quietly when the child is gone."""
+def _feed(stream: BinaryIO, requests: list[bytes]) -> None:
+    """Send each request; stop quietly when the child is gone."""
     try:
-        for data, extension in files:
-            header = json.dumps({"extension": extension, "options": options}).encode()
-            _send(stream, header, data)
+        for request in requests:
+            _send(stream, request)
     except DecoderDied:
         pass
 
 
 def _send(stream: BinaryIO, *frames: bytes) -> None:
+    # One write per message: the reader wakes once for it, not once per piece.
+    message = b"".join(part for frame in frames for part in (LENGTH.pack(len(frame)), frame))
     try:
-        for frame in frames:
-            stream.write(LENGTH.pack(len(frame)))
-            stream.write(frame)
+        stream.write(message)
         stream.flush()
     except (BrokenPipeError, ValueError):  # the child is gone
         raise DecoderDied("decoder crashed (stopped reading)") from None
@@ -217,11 +263,29 @@ def _watch_parent(parent: int) -> None:
     os._exit(0)
 
 
-def serve(parent: int) -> None:
+class _Shared:
+    """The child's view of the parent's shared file, mapped again when it has grown."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+        self.map: mmap.mmap | None = None
+
+    def read(self, offset: int, size: int) -> bytes:
+        if size == 0:
+            return b""
+        if self.map is None or len(self.map) < offset + size:
+            if self.map is not None:
+                self.map.close()
+            self.map = mmap.mmap(self.fd, os.fstat(self.fd).st_size, access=mmap.ACCESS_READ)
+        return self.map[offset : offset + size]
+
+
+def serve(parent: int, shared_path: str) -> None:
     """The child's loop: answer requests until the parent closes the pipe."""
     from alexnet.runtime import configure
 
     configure()
+    shared = _Shared(shared_path)
     requests = os.fdopen(os.dup(0), "rb")
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything a library prints goes to stderr, never into the answers
@@ -230,7 +294,7 @@ def serve(parent: int) -> None:
     answers.flush()
     while (header := _read_frame(requests)) is not None:
         request = json.loads(header)
-        data = _read_frame(requests)
+        data = shared.read(request["offset"], request["size"])
         try:
             prepared = prepare_image(data, request["extension"], **request["options"])
             reply, jpeg = {"converted": prepared.converted}, prepared.jpeg
@@ -242,4 +306,4 @@ def serve(parent: int) -> None:
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]))
+    serve(int(sys.argv[1]), sys.argv[2])

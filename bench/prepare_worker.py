@@ -1,8 +1,9 @@
 """Times one way of preparing a folder of JPEGs; run by bench/prepare.py in the
 interpreter under test (ours, or a side environment with stock Pillow). Prints JSON.
 
-Modes: `ours` (alexnet.imageops.prepare_image in this process), `isolated` (the same
-through alexnet.decoder's child process, as the prepare stage runs it), `pillow` (the
+Modes: `ours` (alexnet.imageops.prepare_image in this process, and taking turns with
+it, the same through alexnet.decoder's child process as the prepare stage runs it:
+`isolated`), `pillow` (the
 plain-Pillow baseline: open, convert RGB, antialiased resize of the shorter side to 256,
 centre crop, save JPEG), `decode` (decode only: the floor).
 """
@@ -49,23 +50,31 @@ def each(work):
     return lambda files: [work(data) for data in files]
 
 
+def best_of(works: dict, files: list[bytes], repeats: int) -> dict[str, float]:
+    """Best seconds of each way over `repeats` rounds, the ways taking turns in each round
+    (so that a slow spell of the machine hits them alike)."""
+    best = dict.fromkeys(works, float("inf"))
+    for _ in range(repeats):
+        for name, work in works.items():
+            start = time.perf_counter()
+            work(files)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def main(mode: str, folder: str, repeats: int) -> None:
-    if mode in ("ours", "isolated"):
+    if mode == "ours":  # in this process, and isolated as the stage runs it, in turns
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from alexnet.imageops import prepare_image
 
-        work = each(prepare_image) if mode == "ours" else isolated_prepare()
+        works = {"ours": each(prepare_image), "isolated": isolated_prepare()}
     else:
-        work = each({"pillow": pillow_baseline, "decode": decode_only}[mode])
+        works = {mode: each({"pillow": pillow_baseline, "decode": decode_only}[mode])}
     files = [p.read_bytes() for p in sorted(Path(folder).glob("*.jpg"))]
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work(files)
-        best = min(best, time.perf_counter() - start)
+    seconds = best_of(works, files, repeats)
     import PIL
 
-    print(json.dumps({"mode": mode, "images": len(files), "seconds": best, "pil": PIL.__version__}))
+    print(json.dumps({"images": len(files), "seconds": seconds, "pil": PIL.__version__}))
 
 
 if __name__ == "__main__":
