@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from typing import BinaryIO
 
@@ -285,6 +286,9 @@ def serve(parent: int, shared_path: str) -> None:
     from alexnet.runtime import configure
 
     configure()
+    # PIL warns about what it tolerates in a file (corrupt EXIF, ...): thousands of lines
+    # on a real folder, while each file's result already says what happened to it.
+    warnings.simplefilter("ignore")
     shared = _Shared(shared_path)
     requests = os.fdopen(os.dup(0), "rb")
     answers = os.fdopen(os.dup(1), "wb")

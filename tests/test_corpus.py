@@ -155,3 +155,25 @@ def test_prepare_over_the_corpus(run, prefect_server):
     every_output_is_a_256_rgb_jpeg_of_a_kept_file(run)
     every_file_pil_can_use_is_kept(run)
     a_second_run_gives_byte_identical_shards(run, prefect_server)
+
+
+def test_predict_reads_every_corpus_file_or_gives_one_line(tmp_path):
+    # `alexnet predict` prepares a file in its own process, as prepare does in the
+    # decoder's: each file gives the model's input or one line saying why not.
+    from alexnet.params import PrepareParams
+    from alexnet.predict import load_file, why_unusable
+
+    kinds = write_corpus(tmp_path / "raw")
+    options = PrepareParams().image_options()
+    read = 0
+    for relpath in kinds:
+        path = tmp_path / "raw" / relpath
+        try:
+            image = load_file(path, options)
+        except Exception as error:
+            reason = why_unusable(path, error)
+            assert reason.strip() and "\n" not in reason, (relpath, reason)
+            continue
+        assert image.shape == (3, 256, 256), relpath
+        read += 1
+    assert read > len(kinds) / 2
