@@ -9,16 +9,16 @@ Nothing else changes: the child runs the same `prepare_image` on the same bytes,
 shard is the same whichever files crashed.
 
 What it costs when nothing crashes is kept small (`bench/prepare.py` measures it): one
-child per thread for the whole run; the files' bytes are not sent through a pipe (which
-on a VM costs as much as a tenth of a decode) but copied into a shared memory file that
-the child maps, so the pipes carry only small requests and the prepared JPEGs; and the
-requests are streamed by a thread while the answers are read, with no round trip per
-file.
+child per thread for the whole run; no file's bytes cross a pipe (on a VM, 100 KB
+through a pipe costs ~160 us, a twentieth of a decode): the parent copies a shard's files
+into one shared memory file the child maps and the child writes the JPEGs into another,
+so the pipes carry one request per shard and a short JSON answer per file, which the
+parent collects every 50 ms.
 
-Wire format, both ways: frames of a 4-byte little-endian length and a payload. A
-request is a JSON header ({"extension", "options", "offset", "size"}: where the file
-lies in the shared file); an answer is a JSON header ({"converted"} or {"reason"}) and
-the prepared JPEG (empty for a bad file).
+Wire format: frames of a 4-byte little-endian length and JSON. The request: {"options",
+"files": [[offset, size, extension], ...]} (where each file lies in the shared file);
+each answer: {"converted", "offset", "size"} (where its JPEG lies in the child's shared
+file) or {"reason"}.
 """
 
 from __future__ import annotations
@@ -55,6 +55,40 @@ class DecoderDied(Exception):
     """The child ended or stopped answering; `str()` is the file's reason."""
 
 
+class _SharedFile:
+    """A file in memory (tmpfs) that both processes map: the files' bytes one way, the
+    prepared JPEGs the other. Unlinked once both have it open, so a kill leaves nothing."""
+
+    def __init__(self, path: str, writable: bool) -> None:
+        self.fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        self.writable = writable
+        self.map: mmap.mmap | None = None
+
+    def ensure(self, size: int) -> mmap.mmap:
+        """The mapping, grown (the file too, when writable) to hold `size` bytes."""
+        if self.map is None or len(self.map) < size:
+            if self.writable and os.fstat(self.fd).st_size < size:
+                os.ftruncate(self.fd, max(size, 2 * (len(self.map) if self.map else 0)))
+            length = os.fstat(self.fd).st_size
+            if self.map is not None:
+                self.map.close()
+            access = mmap.ACCESS_WRITE if self.writable else mmap.ACCESS_READ
+            self.map = mmap.mmap(self.fd, length, access=access)
+        return self.map
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self.ensure(offset + size)[offset : offset + size] if size else b""
+
+    def write(self, offset: int, data: bytes) -> None:
+        if data:
+            self.ensure(offset + len(data))[offset : offset + len(data)] = data
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+        os.close(self.fd)
+
+
 class Isolated:
     """One child process that prepares images; restarted after a crash or a hang."""
 
@@ -65,8 +99,8 @@ class Isolated:
         self._pending = bytearray()  # bytes read from the child, from offset `_start` on
         self._start = 0
         self._chunk = bytearray(PIPE_SIZE)
-        self._shared: mmap.mmap | None = None  # the files' bytes, which the child maps
-        self._shared_fd = -1
+        self._files: _SharedFile | None = None  # the files' bytes, for the child
+        self._jpegs: _SharedFile | None = None  # the child's prepared JPEGs
 
     def prepare(self, data: bytes, extension: str, options: dict) -> Prepared:
         """`prepare_image(data, extension, **options)`, computed in the child."""
@@ -78,16 +112,16 @@ class Isolated:
     def prepare_all(
         self, files: Sequence[tuple[bytes, str]], options: dict
     ) -> list[Prepared | BadImage]:
-        """`prepare_image` of each (bytes, extension), in order. The files are streamed
-        to the child by a thread while its answers are read here, so the child never
-        waits for the next file; each answer is waited for at most `timeout` seconds
-        after the one before it. After a crash or a hang, the rest go to a new child."""
+        """`prepare_image` of each (bytes, extension), in order. The child gets them all
+        in one request and answers file by file; each answer is waited for at most
+        `timeout` seconds after the one before it. After a crash or a hang, the rest go
+        to a new child."""
         results: list[Prepared | BadImage] = []
         while len(results) < len(files):
             child = self._running()
             rest = files[len(results) :]
-            requests = self._share(rest, options)
-            self._feeder = threading.Thread(target=_feed, args=(child.stdin, requests), daemon=True)
+            request = self._share(rest, options)
+            self._feeder = threading.Thread(target=_feed, args=(child.stdin, request), daemon=True)
             self._feeder.start()
             try:
                 for _ in rest:
@@ -108,19 +142,17 @@ class Isolated:
                 self._feeder.join()  # its write fails now that the child is gone
             self._child.stdin.close()
             self._child.stdout.close()
-        if self._shared is not None:
-            self._shared.close()
-            os.close(self._shared_fd)
-        self._child, self._feeder, self._shared, self._shared_fd = None, None, None, -1
+        for shared in (self._files, self._jpegs):
+            if shared is not None:
+                shared.close()
+        self._child, self._feeder, self._files, self._jpegs = None, None, None, None
         self._pending, self._start = bytearray(), 0
 
     def _answer(self, child: subprocess.Popen) -> Prepared | BadImage:
-        deadline = time.monotonic() + self.timeout
-        answer = json.loads(self._frame(child, deadline))
-        jpeg = self._frame(child, deadline)
+        answer = json.loads(self._frame(child, time.monotonic() + self.timeout))
         if "reason" in answer:
             return BadImage(answer["reason"])
-        return Prepared(jpeg, answer["converted"])
+        return Prepared(self._jpegs.read(answer["offset"], answer["size"]), answer["converted"])
 
     def _running(self) -> subprocess.Popen:
         # A child that ended between files (killed from outside) is replaced, so that its
@@ -128,15 +160,20 @@ class Isolated:
         if self._child is not None and self._child.poll() is not None:
             self.close()
         if self._child is None:
+            paths = [tempfile.mkstemp(prefix="alexnet-decoder-", dir=_SHM) for _ in range(2)]
+            for fd, _ in paths:
+                os.close(fd)
             # The child imports from where this process does (params prepare.plugins).
             path = os.pathsep.join(entry for entry in sys.path if entry)
-            self._shared_fd, shared = tempfile.mkstemp(prefix="alexnet-decoder-", dir=_SHM)
             self._child = subprocess.Popen(
-                [sys.executable, "-m", "alexnet.decoder", str(os.getpid()), shared],
+                [sys.executable, "-m", "alexnet.decoder", str(os.getpid())]
+                + [name for _, name in paths],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 env={**os.environ, "PYTHONPATH": path},
             )
+            self._files = _SharedFile(paths[0][1], writable=True)
+            self._jpegs = _SharedFile(paths[1][1], writable=False)
             _widen(self._child.stdin.fileno(), self._child.stdout.fileno())
             try:
                 ready = self._read(self._child, len(READY), time.monotonic() + START_TIMEOUT)
@@ -144,26 +181,20 @@ class Isolated:
                 self.close()
                 raise RuntimeError(f"the image decoder process did not start: {died}") from None
             finally:
-                os.unlink(shared)  # both hold it open: nothing is left behind, even on a kill
+                for _, name in paths:  # both sides hold them open now
+                    os.unlink(name)
             assert ready == READY, ready
         return self._child
 
-    def _share(self, files: Sequence[tuple[bytes, str]], options: dict) -> list[bytes]:
-        """Copy the files' bytes into the shared file; the requests that point at them."""
-        total = sum(len(data) for data, _ in files)
-        if self._shared is None or len(self._shared) < total:
-            size = max(total, mmap.PAGESIZE)
-            os.ftruncate(self._shared_fd, size)
-            if self._shared is not None:
-                self._shared.close()
-            self._shared = mmap.mmap(self._shared_fd, size)
-        requests, offset = [], 0
+    def _share(self, files: Sequence[tuple[bytes, str]], options: dict) -> bytes:
+        """Copy the files' bytes into the shared file; the request that points at them."""
+        entries, offset = [], 0
+        self._files.ensure(max(sum(len(data) for data, _ in files), 1))
         for data, extension in files:
-            self._shared[offset : offset + len(data)] = data
-            header = {"extension": extension, "options": options, "offset": offset}
-            requests.append(json.dumps({**header, "size": len(data)}).encode())
+            self._files.write(offset, data)
+            entries.append((offset, len(data), extension))
             offset += len(data)
-        return requests
+        return json.dumps({"options": options, "files": entries}).encode()
 
     def _frame(self, child: subprocess.Popen, deadline: float) -> bytes:
         (size,) = LENGTH.unpack(self._read(child, LENGTH.size, deadline))
@@ -215,11 +246,10 @@ def _death(child: subprocess.Popen) -> str:
     return f"decoder crashed (exit status {code})"
 
 
-def _feed(stream: BinaryIO, requests: list[bytes]) -> None:
-    """Send each request; stop quietly when the child is gone."""
+def _feed(stream: BinaryIO, request: bytes) -> None:
+    """Send the request; stop quietly when the child is gone."""
     try:
-        for request in requests:
-            _send(stream, request)
+        _send(stream, request)
     except DecoderDied:
         pass
 
@@ -264,24 +294,7 @@ def _watch_parent(parent: int) -> None:
     os._exit(0)
 
 
-class _Shared:
-    """The child's view of the parent's shared file, mapped again when it has grown."""
-
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDONLY)
-        self.map: mmap.mmap | None = None
-
-    def read(self, offset: int, size: int) -> bytes:
-        if size == 0:
-            return b""
-        if self.map is None or len(self.map) < offset + size:
-            if self.map is not None:
-                self.map.close()
-            self.map = mmap.mmap(self.fd, os.fstat(self.fd).st_size, access=mmap.ACCESS_READ)
-        return self.map[offset : offset + size]
-
-
-def serve(parent: int, shared_path: str) -> None:
+def serve(parent: int, files_path: str, jpegs_path: str) -> None:
     """The child's loop: answer requests until the parent closes the pipe."""
     from alexnet.runtime import configure
 
@@ -289,25 +302,31 @@ def serve(parent: int, shared_path: str) -> None:
     # PIL warns about what it tolerates in a file (corrupt EXIF, ...): thousands of lines
     # on a real folder, while each file's result already says what happened to it.
     warnings.simplefilter("ignore")
-    shared = _Shared(shared_path)
+    files = _SharedFile(files_path, writable=False)
+    jpegs = _SharedFile(jpegs_path, writable=True)
     requests = os.fdopen(os.dup(0), "rb")
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything a library prints goes to stderr, never into the answers
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     answers.write(READY)
     answers.flush()
-    while (header := _read_frame(requests)) is not None:
-        request = json.loads(header)
-        data = shared.read(request["offset"], request["size"])
-        try:
-            prepared = prepare_image(data, request["extension"], **request["options"])
-            reply, jpeg = {"converted": prepared.converted}, prepared.jpeg
-        except BadImage as error:
-            reply, jpeg = {"reason": str(error)}, b""
-        except Exception as error:  # a plugin that failed to import
-            reply, jpeg = {"reason": reason_for(error)}, b""
-        _send(answers, json.dumps(reply).encode(), jpeg)
+    while (request := _read_frame(requests)) is not None:
+        request = json.loads(request)
+        written = 0  # the parent has copied out every answer of an earlier request
+        for offset, size, extension in request["files"]:
+            try:
+                prepared = prepare_image(files.read(offset, size), extension, **request["options"])
+            except BadImage as error:
+                reply = {"reason": str(error)}
+            except Exception as error:  # a plugin that failed to import
+                reply = {"reason": reason_for(error)}
+            else:
+                jpegs.write(written, prepared.jpeg)
+                reply = {"converted": prepared.converted, "offset": written}
+                reply["size"] = len(prepared.jpeg)
+                written += len(prepared.jpeg)
+            _send(answers, json.dumps(reply).encode())
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]), sys.argv[2])
+    serve(int(sys.argv[1]), sys.argv[2], sys.argv[3])
