@@ -95,7 +95,6 @@ class Isolated:
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self._child: subprocess.Popen | None = None
-        self._feeder: threading.Thread | None = None
         self._pending = bytearray()  # bytes read from the child, from offset `_start` on
         self._start = 0
         self._chunk = bytearray(PIPE_SIZE)
@@ -120,17 +119,19 @@ class Isolated:
         while len(results) < len(files):
             child = self._running()
             rest = files[len(results) :]
-            request = self._share(rest, options)
-            self._feeder = threading.Thread(target=_feed, args=(child.stdin, request), daemon=True)
-            self._feeder.start()
+            try:
+                # The child reads the whole request before it starts on a file, so this
+                # write cannot wait on it; failing, it blames no file (a new child retries).
+                _send(child.stdin, self._share(rest, options))
+            except DecoderDied:
+                self.close()
+                continue
             try:
                 for _ in rest:
                     results.append(self._answer(child))
             except DecoderDied as died:
                 results.append(BadImage(str(died)))  # the file the child was on
                 self.close()
-            else:
-                self._feeder.join()
         return results
 
     def close(self) -> None:
@@ -138,14 +139,12 @@ class Isolated:
         if self._child is not None:
             self._child.kill()
             self._child.wait()
-            if self._feeder is not None:
-                self._feeder.join()  # its write fails now that the child is gone
             self._child.stdin.close()
             self._child.stdout.close()
         for shared in (self._files, self._jpegs):
             if shared is not None:
                 shared.close()
-        self._child, self._feeder, self._files, self._jpegs = None, None, None, None
+        self._child, self._files, self._jpegs = None, None, None
         self._pending, self._start = bytearray(), 0
 
     def _answer(self, child: subprocess.Popen) -> Prepared | BadImage:
@@ -244,14 +243,6 @@ def _death(child: subprocess.Popen) -> str:
     if code < 0:
         return f"decoder crashed ({signal.Signals(-code).name})"
     return f"decoder crashed (exit status {code})"
-
-
-def _feed(stream: BinaryIO, request: bytes) -> None:
-    """Send the request; stop quietly when the child is gone."""
-    try:
-        _send(stream, request)
-    except DecoderDied:
-        pass
 
 
 def _send(stream: BinaryIO, *frames: bytes) -> None:

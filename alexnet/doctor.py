@@ -6,6 +6,8 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
+from alexnet.pilcodecs import CODECS
+
 
 def pil_facts() -> dict[str, str]:
     """Which PIL is live (pillow-simd or stock Pillow) and whether it uses libjpeg-turbo."""
@@ -26,22 +28,6 @@ def is_pillow_simd() -> bool:
     return pil_facts()["SIMD resize"] == "yes"
 
 
-# What the live PIL can decode, by the names PIL.features gives them, with the
-# Debian/Ubuntu package whose headers pillow-simd's build needs for each (scripts/setup.sh
-# checks the same headers before it builds, and warns about the missing ones).
-CODECS: dict[str, tuple[str, str]] = {
-    "jpg": ("codec", "libjpeg-dev"),
-    "zlib": ("codec", "zlib1g-dev"),
-    "libtiff": ("codec", "libtiff-dev"),
-    "webp": ("codec", "libwebp-dev"),
-    "jpg_2000": ("codec", "libopenjp2-7-dev"),
-    "avif": ("codec", "libavif-dev (1.0 or later)"),
-    "littlecms2": ("module", "liblcms2-dev"),
-    "freetype2": ("module", "libfreetype-dev"),
-    "libjpeg_turbo": ("feature", "libjpeg62-turbo-dev (Ubuntu: libjpeg-turbo8-dev)"),
-}
-
-
 def pil_codecs() -> dict[str, str]:
     """Each codec, module and feature of CODECS: "yes (its version)" where the live PIL
     has it, else what to install for it. (PIL counts WebP and AVIF among its modules,
@@ -56,13 +42,6 @@ def pil_codecs() -> dict[str, str]:
         else:
             rows[f"{kind} {name}"] = f"no — install {package} and re-run make setup"
     return rows
-
-
-def missing_codec_hint(name: str) -> str:
-    """A skip reason's words for a codec (a PIL.features name) this PIL lacks."""
-    package = CODECS.get(name, ("", ""))[1]
-    install = f"install {package} and re-run make setup; " if package else ""
-    return f"{name} (not in this PIL: {install}`alexnet doctor` lists codecs)"
 
 
 def torch_facts() -> dict[str, str]:

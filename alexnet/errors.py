@@ -7,3 +7,11 @@ class AlexnetError(Exception):
 
 class Interrupted(Exception):
     """A stop was requested (SIGTERM); the run saved its checkpoint and can continue."""
+
+
+def one_line(error: BaseException, first_only: bool = False) -> str:
+    """An exception's message on one line (some libraries' span several; `first_only`
+    keeps only the first), or its type when it has none."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if first_only and lines else " ".join(lines)
+    return " ".join(text.split()) or type(error).__name__

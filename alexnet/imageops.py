@@ -24,7 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from alexnet.errors import one_line
 from alexnet.params import DEFAULTS, Frames, Resample
+from alexnet.pilcodecs import missing_codec_hint
 
 RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -55,7 +57,11 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
             image = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
             missing = [str(w.message) for w in caught if "not installed" in str(w.message)]
-            raise BadImage(_missing_codec(missing[0]) if missing else "not an image") from None
+            if not missing:
+                raise BadImage("not an image") from None
+            # "... because WEBP support not installed"
+            feature = missing[0].rsplit(" support", 1)[0].rsplit(" ", 1)[-1].lower()
+            raise BadImage(_missing_codec(missing[0], feature)) from None
         except Image.DecompressionBombError:
             raise BadImage("decompression bomb") from None
     width, height = image.size
@@ -175,16 +181,11 @@ def to_srgb(image: Image.Image) -> tuple[Image.Image, str | None]:
         image = to_rgb(image)
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
-        converted = ImageCms.profileToProfile(image, source, _srgb(), outputMode="RGB")
+        srgb = ImageCms.createProfile("sRGB")
+        converted = ImageCms.profileToProfile(image, source, srgb, outputMode="RGB")
     except ImageCms.PyCMSError as error:
-        return to_rgb(image), f"ICC profile unusable, ignored ({_first_line(error)})"
+        return to_rgb(image), f"ICC profile unusable, ignored ({one_line(error)})"
     return converted, "ICC profile to sRGB"
-
-
-def _srgb():
-    from PIL import ImageCms
-
-    return ImageCms.createProfile("sRGB")
 
 
 def load_plugins(names: Sequence[str]) -> None:
@@ -193,24 +194,26 @@ def load_plugins(names: Sequence[str]) -> None:
         importlib.import_module(name)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
+# PIL's decoder names where they differ from its feature names (alexnet.pilcodecs.CODECS).
+_FEATURE_OF_DECODER = {"jpeg": "jpg", "zip": "zlib", "jpeg2k": "jpg_2000"}
 
 
-def _missing_codec(message: str) -> str:
-    return f"needs a codec this PIL lacks ({message}; `alexnet doctor` lists codecs)"
+def _missing_codec(message: str, feature: str) -> str:
+    """The reason for a file that needs a codec this PIL lacks: PIL's words, then which
+    codec and the package that provides it."""
+    return f"needs a codec this PIL lacks ({message}): {missing_codec_hint(feature)}"
 
 
 def reason_for(error: Exception) -> str:
     """The one-line reason a file is skipped for an unexpected exception."""
-    message = _first_line(error)
+    message = one_line(error, first_only=True)  # a decoder's later lines are detail
     if isinstance(error, MemoryError):
         return "out of memory while decoding"
     if isinstance(error, ImportError) and "imagingcms" in message.lower():
-        return _missing_codec("LittleCMS colour management")
+        return _missing_codec("LittleCMS colour management", "littlecms2")
     if isinstance(error, OSError) and message.endswith("not available"):
-        return _missing_codec(message)  # "decoder libtiff not available"
+        decoder = message.split()[1]  # "decoder libtiff not available"
+        return _missing_codec(message, _FEATURE_OF_DECODER.get(decoder, decoder))
     if isinstance(error, Image.DecompressionBombError):
         return "decompression bomb"
     if isinstance(error, OSError | SyntaxError | ValueError | EOFError):

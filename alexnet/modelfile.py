@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from alexnet.atomic import atomic_output
-from alexnet.errors import AlexnetError
+from alexnet.errors import AlexnetError, one_line
 from alexnet.model import AlexNet
 from alexnet.params import DEFAULTS, Kernels
 
@@ -47,10 +47,6 @@ def save_model(path: Path, contents: dict) -> None:
 _REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 _PICKLE_START = re.compile(rb"\x80[\x02-\x05]")  # PROTO 2..5: torch's and today's pickles
 REQUIRED = ("model", "state_dict", "classes", "mean", "prepare")  # what loaders read
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _read(path: Path) -> object:
@@ -139,5 +135,5 @@ def load_model(
         model = AlexNet(**payload["model"], kernels=kernels)
         model.load_state_dict(payload["state_dict"])
     except Exception as error:  # a wrong shape, key or argument: the file is not this net
-        raise ModelFileError(f"{path}: weights do not fit the model ({_one_line(error)})") from None
+        raise ModelFileError(f"{path}: weights do not fit the model ({one_line(error)})") from None
     return model.to(device).eval(), payload

@@ -23,7 +23,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from alexnet.atomic import atomic_output, remove_leftovers
-from alexnet.errors import AlexnetError
+from alexnet.errors import AlexnetError, one_line
 
 SHARD_PATTERN = "shard-{:05d}.tar"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_/-]")
@@ -118,11 +118,6 @@ def load_classes(prepared: str | Path) -> list[dict]:
     if not isinstance(classes, list) or not classes:
         raise ShardError(f"{path}: not a list of classes")
     return classes
-
-
-def one_line(error: BaseException) -> str:
-    """An exception's message on one line (some libraries' span several), or its type."""
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _label(path: Path, name: str, data: bytes, classes: int | None) -> int:

@@ -10,7 +10,8 @@ import pytest
 from PIL import features
 from typer.testing import CliRunner
 
-from alexnet.doctor import CODECS, missing_codec_hint, pil_codecs
+from alexnet.doctor import pil_codecs
+from alexnet.pilcodecs import CODECS, missing_codec_hint
 from flows.cli import app
 from tests.helpers import REPO
 
