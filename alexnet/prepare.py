@@ -6,9 +6,9 @@ which worker made it or when. A shard whose stored fingerprint matches what it w
 made from is reused as is, which is how a killed run continues.
 
 No file can stop a shard: each is read once (the same bytes are fingerprinted and
-prepared, so a file that changes later cannot tear a shard) and prepared in a child
-process (`alexnet.decoder`); whatever goes wrong with it, from a missing codec to a
-segfault or a hang, makes it a skipped file with a one-line reason.
+prepared, so a file that changes later cannot tear a shard), and a shard is made in a
+child process (`alexnet.decoder`); whatever goes wrong with a file, from a missing codec
+to a segfault or a hang, makes it a skipped file with a one-line reason.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import hashlib
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import PIL
 
-from alexnet.decoder import isolated
+from alexnet.decoder import At, isolated
 from alexnet.errors import AlexnetError
-from alexnet.imageops import BadImage, load_plugins
+from alexnet.imageops import BadImage, Prepared, load_plugins, prepare_image
 from alexnet.params import PrepareParams
 from alexnet.shards import Record, read_description, shard_name, unique_keys, write_shard
 from alexnet.sources import ClassInfo, Source
@@ -85,6 +85,10 @@ class Changing(OSError):
     """A file that changed while it was read (being written to, replaced)."""
 
 
+class Unread(OSError):
+    """A file whose read crashed or hung the process that read it."""
+
+
 def _read(item: Item) -> bytes | OSError | None:
     """The file's bytes, an OSError saying why they cannot be read, or None for an entry
     the scan already found unusable (which is never opened: it may be a FIFO)."""
@@ -128,49 +132,88 @@ def _reason(item: Item, content: bytes | OSError | None) -> str | None:
     """Why a file is skipped before decoding: the scan's problem, or the read's error."""
     if content is None:
         return item.problem
-    if isinstance(content, Changing):
+    if isinstance(content, (Changing, Unread)):
         return str(content)
     if isinstance(content, OSError):
         return f"unreadable: {content.strerror or content}"
     return None
 
 
-def _process(plan: ShardPlan, contents: list, params: PrepareParams):
+def prepare_shard(plan: ShardPlan, out_dir: str | Path, params: PrepareParams) -> ShardReport:
+    """Make (or reuse) `out_dir/<split>/shard-NNNNN.tar` for one planned shard, in the
+    decoder's child process: a file that crashes or hangs it is skipped with the reason
+    and the shard made again without it."""
+    check_plugins(params.plugins)
+    request = {
+        "plan": asdict(plan),
+        "out": str(out_dir),
+        "params": params.model_dump(mode="json"),
+    }
+    answer = isolated(params.file_timeout).call(f"{__name__}:{_in_child.__name__}", request)
+    return ShardReport(**answer)
+
+
+def _in_child(request: dict, skip: dict[int, str], at: At) -> dict:
+    """`make_shard` of a request of `prepare_shard`, in the decoder's child."""
+    plan = request["plan"]
+    items = [Item(**item) for item in plan["items"]]
+    params = PrepareParams.model_validate(request["params"])
+    report = make_shard(
+        ShardPlan(plan["split"], plan["index"], items), request["out"], params, skip, at
+    )
+    return asdict(report)
+
+
+def make_shard(
+    plan: ShardPlan,
+    out_dir: str | Path,
+    params: PrepareParams,
+    skip: dict[int, str] | None = None,
+    at: At = lambda index: None,
+) -> ShardReport:
+    """`prepare_shard` in this process. The steps that can fail on a file are numbered
+    for `at` and `skip`: reading file i is step i, preparing it is step n + i (n files).
+    `at(step)` is called as each starts; the steps in `skip` ({step: reason}) are not
+    taken and their file is skipped with that reason."""
+    path = Path(out_dir) / plan.name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    skip, n = skip or {}, len(plan.items)
+    contents = []
+    for index, item in enumerate(plan.items):
+        at(index)
+        contents.append(Unread(skip[index]) if index in skip else _read(item))
+    expected = fingerprint(plan.items, contents, params)
+    stored = read_description(path)
+    if stored and stored.get("fingerprint") == expected:
+        at(-1)
+        return ShardReport(**stored["report"], reused=True)
     report = ShardReport(plan.split, plan.index, len(plan.items))
-    readable = [
-        (content, Path(item.relpath).suffix)
-        for item, content in zip(plan.items, contents, strict=True)
-        if isinstance(content, bytes)
-    ]
-    decoded = iter(isolated(params.file_timeout).prepare_all(readable, params.image_options()))
     records = []
-    for item, content in zip(plan.items, contents, strict=True):
-        reason = _reason(item, content)
-        result = BadImage(reason) if reason else next(decoded)
+    options = params.image_options()
+    for index, (item, content) in enumerate(zip(plan.items, contents, strict=True)):
+        at(n + index)
+        result = _prepared(item, content, skip.get(n + index), options)
         if isinstance(result, BadImage):
             report.skipped.append({"path": item.relpath, "reason": str(result)})
             continue
         if result.converted:
             report.converted.append({"path": item.relpath, "from": result.converted})
         records.append(Record(item.key, result.jpeg, item.label))
+    at(-1)
     report.kept = len(records)
-    return records, report
-
-
-def prepare_shard(plan: ShardPlan, out_dir: str | Path, params: PrepareParams) -> ShardReport:
-    """Make (or reuse) `out_dir/<split>/shard-NNNNN.tar` for one planned shard."""
-    path = Path(out_dir) / plan.name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    check_plugins(params.plugins)
-    contents = [_read(item) for item in plan.items]
-    expected = fingerprint(plan.items, contents, params)
-    stored = read_description(path)
-    if stored and stored.get("fingerprint") == expected:
-        return ShardReport(**stored["report"], reused=True)
-    records, report = _process(plan, contents, params)
     stored_report = {k: v for k, v in report.__dict__.items() if k != "reused"}
     write_shard(path, records, {"fingerprint": expected, "report": stored_report})
     return report
+
+
+def _prepared(item: Item, content, skipped: str | None, options: dict) -> Prepared | BadImage:
+    reason = skipped or _reason(item, content)
+    if reason:
+        return BadImage(reason)
+    try:
+        return prepare_image(content, Path(item.relpath).suffix, **options)
+    except BadImage as error:
+        return error
 
 
 def check_plugins(plugins: tuple[str, ...]) -> None:

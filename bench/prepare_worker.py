@@ -1,9 +1,9 @@
 """Times one way of preparing a folder of JPEGs; run by bench/prepare.py in the
 interpreter under test (ours, or a side environment with stock Pillow). Prints JSON.
 
-Modes: `ours` (alexnet.imageops.prepare_image in this process, and taking turns with
-it, the same through alexnet.decoder's child process as the prepare stage runs it:
-`isolated`), `pillow` (the
+Modes: `ours` (alexnet.imageops.prepare_image of each file's bytes, and taking turns
+with it, the stage's whole work on the folder as one shard, in this process: `shard`,
+and in alexnet.decoder's child process as the stage runs it: `isolated`), `pillow` (the
 plain-Pillow baseline: open, convert RGB, antialiased resize of the shorter side to 256,
 centre crop, save JPEG), `decode` (decode only: the floor).
 """
@@ -35,31 +35,45 @@ def decode_only(data: bytes) -> None:
     Image.open(io.BytesIO(data)).load()
 
 
-def isolated_prepare():
-    """prepare_image of every file through the decoder's child process, streamed as the
-    stage streams a shard's files."""
-    from alexnet.decoder import Isolated
-    from alexnet.params import DEFAULTS
+def shards(folder: str, isolated: bool):
+    """The prepare stage's work on the folder as one shard (read, fingerprint, prepare,
+    write the tar to memory): in this process, or in the decoder's child as the stage
+    runs it."""
+    import shutil
+    import tempfile
 
-    decoder, options = Isolated(timeout=60.0), DEFAULTS.prepare.image_options()
-    decoder._running()  # start the child outside the timing
-    return lambda files: decoder.prepare_all([(data, ".jpg") for data in files], options)
+    from alexnet.params import DEFAULTS
+    from alexnet.prepare import Item, ShardPlan, make_shard, prepare_shard
+
+    paths = sorted(Path(folder).glob("*.jpg"))
+    items = [Item(str(p), p.name, 0, p.stem) for p in paths]
+    plan, params = ShardPlan("train", 0, items), DEFAULTS.prepare
+    make = prepare_shard if isolated else make_shard
+    out = tempfile.mkdtemp(dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+    if isolated:  # start the child outside the timing
+        make(ShardPlan("val", 0, []), out, params)
+
+    def run(files):
+        shutil.rmtree(Path(out) / "train", ignore_errors=True)  # made, never reused
+        make(plan, out, params)
+
+    return run
 
 
 def each(work):
     return lambda files: [work(data) for data in files]
 
 
-def best_of(works: dict, files: list[bytes], repeats: int) -> dict[str, float]:
-    """Best seconds of each way over `repeats` rounds, the ways taking turns in each round
-    (so that a slow spell of the machine hits them alike)."""
-    best = dict.fromkeys(works, float("inf"))
+def rounds(works: dict, files: list[bytes], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each way in each of `repeats` rounds, the ways taking turns in each
+    round (so that a slow spell of the machine hits them alike)."""
+    seconds: dict[str, list[float]] = {name: [] for name in works}
     for _ in range(repeats):
         for name, work in works.items():
             start = time.perf_counter()
             work(files)
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
 
 
 def main(mode: str, folder: str, repeats: int) -> None:
@@ -67,11 +81,15 @@ def main(mode: str, folder: str, repeats: int) -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from alexnet.imageops import prepare_image
 
-        works = {"ours": each(prepare_image), "isolated": isolated_prepare()}
+        works = {
+            "ours": each(prepare_image),
+            "shard": shards(folder, isolated=False),
+            "isolated": shards(folder, isolated=True),
+        }
     else:
         works = {mode: each({"pillow": pillow_baseline, "decode": decode_only}[mode])}
     files = [p.read_bytes() for p in sorted(Path(folder).glob("*.jpg"))]
-    seconds = best_of(works, files, repeats)
+    seconds = rounds(works, files, repeats)
     import PIL
 
     print(json.dumps({"images": len(files), "seconds": seconds, "pil": PIL.__version__}))

@@ -36,3 +36,15 @@ def _accept(prefix: bytes) -> bool:
 
 
 Image.register_open(Misbehaving.format, Misbehaving, _accept)
+
+
+# Targets of `alexnet.decoder.Isolated.call` that fail outside any file.
+
+
+def crash_outside_files(request, skip, at) -> None:
+    at(-1)
+    ctypes.string_at(0)
+
+
+def fail(request, skip, at) -> None:
+    raise OSError(28, "No space left on device")

@@ -1,134 +1,161 @@
-"""The isolated decoder: the child's answers equal `prepare_image` in this process, and
-a file that crashes or hangs the decoder costs that file alone."""
+"""The isolated shard: what the child makes is what this process makes, and a file that
+crashes or hangs the decoder costs that file alone."""
 
 from __future__ import annotations
 
+import os
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from alexnet.decoder import Isolated, isolated
-from alexnet.imageops import BadImage, prepare_image
+from alexnet.decoder import CallFailed, Isolated, isolated
 from alexnet.params import PrepareParams
+from alexnet.prepare import (
+    Item,
+    PrepareError,
+    ShardPlan,
+    make_shard,
+    plan_shards,
+    prepare_shard,
+)
+from alexnet.sources import open_source
 from tests.decoder_plugin import ABORT, CRASH, HANG
 from tests.helpers import encode, jpeg, photo
 
-OPTIONS = PrepareParams(plugins=("tests.decoder_plugin",)).image_options()
+TIMEOUT = 3.0
+PARAMS = PrepareParams(plugins=("tests.decoder_plugin",), file_timeout=TIMEOUT)
 FILES = {
-    "plain.jpg": jpeg(320, 240, seed=1),
-    "grey.jpg": encode(photo(300, 280, seed=2).convert("L")),
-    "png.jpg": encode(photo(260, 300, seed=3), "PNG"),
-    "empty.jpg": b"",
-    "text.jpg": b"hello, not an image",
-    "truncated.jpg": jpeg(400, 300, seed=4)[:900],
+    "plain.JPEG": jpeg(320, 240, seed=1),
+    "grey.JPEG": encode(photo(300, 280, seed=2).convert("L")),
+    "png.JPEG": encode(photo(260, 300, seed=3), "PNG"),
+    "empty.JPEG": b"",
+    "text.JPEG": b"hello, not an image",
+    "truncated.JPEG": jpeg(400, 300, seed=4)[:900],
+}
+BAD = {"crash.JPEG": CRASH, "hang.JPEG": HANG, "abort.JPEG": ABORT}
+REASONS = {
+    "crash.JPEG": "decoder crashed (SIGSEGV)",
+    "abort.JPEG": "decoder crashed (SIGABRT)",
+    "hang.JPEG": f"timed out after {TIMEOUT:g} s",
 }
 
 
-def outcome(call, data: bytes, extension: str):
-    try:
-        prepared = call(data, extension)
-    except BadImage as error:
-        return "skipped", str(error)
-    return prepared.jpeg, prepared.converted
+def folder_plan(root: Path, files: dict[str, bytes]) -> ShardPlan:
+    folder = root / "train" / "n00000000"
+    folder.mkdir(parents=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    (root / "val" / "n00000000").mkdir(parents=True)
+    (root / "val" / "n00000000" / "v.JPEG").write_bytes(FILES["plain.JPEG"])
+    return plan_shards(open_source(root), shard_size=100)[0]
+
+
+def made_here(plan: ShardPlan, out: Path, params: PrepareParams = PARAMS, drop=()) -> bytes:
+    """The shard this process makes of the plan, less the files named in `drop`."""
+    items = [item for item in plan.items if Path(item.relpath).name not in drop]
+    make_shard(ShardPlan(plan.split, plan.index, items), out, params)
+    return (out / plan.name).read_bytes()
+
+
+def members(shard: bytes) -> list[tuple[str, bytes]]:
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(shard)) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
 
 
 @pytest.fixture
 def decoder():
-    decoder = Isolated(timeout=3.0)
-    yield decoder
-    decoder.close()
+    yield isolated(TIMEOUT)
+    isolated(TIMEOUT).close()
 
 
-def test_the_child_gives_what_prepare_image_gives_here(decoder):
-    for name, data in FILES.items():
-        extension = "." + name.rsplit(".", 1)[1]
-        here = outcome(lambda d, e: prepare_image(d, e, **OPTIONS), data, extension)
-        there = outcome(lambda d, e: decoder.prepare(d, e, OPTIONS), data, extension)
-        assert there == here, name
-    assert outcome(lambda d, e: decoder.prepare(d, e, OPTIONS), b"", ".jpg")[1] == "empty file"
+def test_the_child_makes_the_shard_this_process_makes(tmp_path, decoder):
+    root = tmp_path / "raw"
+    folder_plan(root, FILES)
+    folder = root / "train" / "n00000000"
+    os.mkfifo(folder / "pipe.JPEG")  # never opened: it would block
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.JPEG"), "wb") as stream:
+        stream.write(jpeg(300, 280, seed=7))  # a name that is not UTF-8 crosses to the child
+    plan = plan_shards(open_source(root), shard_size=100)[0]
+    for options in ({}, {"size": 64, "quality": 50, "resample": "bicubic"}):
+        params = PARAMS.model_copy(update=options)
+        report = prepare_shard(plan, tmp_path / "there", params)
+        assert report == make_shard(plan, tmp_path / "here", params)
+        there = (tmp_path / "there" / plan.name).read_bytes()
+        assert there == (tmp_path / "here" / plan.name).read_bytes(), options
+        assert report.kept == 4 and len(report.skipped) == 4
+    assert "n00000000/caf_xe9.jpg" in dict(members(there))
 
 
-def test_the_child_applies_the_options_it_is_sent(decoder):
-    small = {**OPTIONS, "size": 64, "quality": 50}
-    assert decoder.prepare(FILES["plain.jpg"], ".jpg", small).jpeg == (
-        prepare_image(FILES["plain.jpg"], ".jpg", **small).jpeg
-    )
-    assert decoder.prepare(FILES["plain.jpg"], ".jpg", small).jpeg != (
-        decoder.prepare(FILES["plain.jpg"], ".jpg", OPTIONS).jpeg
-    )
-
-
-@pytest.mark.parametrize(
-    ("magic", "reason"),
-    [
-        (CRASH, "decoder crashed (SIGSEGV)"),
-        (ABORT, "decoder crashed (SIGABRT)"),
-        (HANG, "timed out after 3 s"),
-    ],
-)
-def test_a_crash_or_a_hang_costs_only_that_file(decoder, magic, reason):
-    good = FILES["plain.jpg"]
-    expected = prepare_image(good, ".jpg", **OPTIONS).jpeg
-    assert decoder.prepare(good, ".jpg", OPTIONS).jpeg == expected
-    first = decoder._child.pid
+def test_crashes_and_hangs_cost_only_their_files(tmp_path, decoder):
+    # The bad files among good ones, each of the three in one shard.
+    files = {**FILES, **BAD, "zlast.JPEG": jpeg(280, 300, seed=5)}
+    plan = folder_plan(tmp_path / "raw", files)
+    first = decoder._running().pid
     start = time.monotonic()
-    with pytest.raises(BadImage) as error:
-        decoder.prepare(magic + b"rest of the file", ".jpg", OPTIONS)
-    assert str(error.value) == reason
-    assert time.monotonic() - start < 3.0 + 2.0  # killed at the limit, not later
-    # The next file gets a fresh child and the same bytes as ever.
-    assert decoder.prepare(good, ".jpg", OPTIONS).jpeg == expected
+    report = prepare_shard(plan, tmp_path / "out", PARAMS)
+    # one hang: killed at the limit (plus the poll and three child starts), not later
+    assert time.monotonic() - start < TIMEOUT + 6.0
+    reasons = {Path(s["path"]).name: s["reason"] for s in report.skipped}
+    assert {name: reasons[name] for name in BAD} == REASONS
     assert decoder._child.pid != first
+    # byte-identical, member by member, to the shard of the folder without them
+    expected = made_here(plan, tmp_path / "here", drop=BAD)
+    assert members((tmp_path / "out" / plan.name).read_bytes()) == members(expected)
+    # and a second run reuses it: the fingerprint is of what was read, not of the crash
+    assert prepare_shard(plan, tmp_path / "out", PARAMS).reused
 
 
-def test_a_child_killed_between_files_is_replaced_without_blaming_the_next(decoder):
-    good = FILES["plain.jpg"]
-    decoder.prepare(good, ".jpg", OPTIONS)
+def test_a_child_killed_between_shards_is_replaced_without_blaming_the_next(tmp_path, decoder):
+    plan = folder_plan(tmp_path / "raw", {"plain.JPEG": FILES["plain.JPEG"]})
+    prepare_shard(plan, tmp_path / "a", PARAMS)
     decoder._child.kill()
     decoder._child.wait()
-    assert (
-        decoder.prepare(good, ".jpg", OPTIONS).jpeg == prepare_image(good, ".jpg", **OPTIONS).jpeg
-    )
+    assert prepare_shard(plan, tmp_path / "b", PARAMS).kept == 1
 
 
-def test_a_plugin_that_cannot_be_imported_skips_files_with_the_reason(decoder):
-    with pytest.raises(BadImage, match="cannot decode: ModuleNotFoundError: No module named"):
-        decoder.prepare(FILES["plain.jpg"], ".jpg", {**OPTIONS, "plugins": ["no_such_plugin"]})
+def test_a_step_in_skip_is_not_taken_and_its_file_gets_the_reason(tmp_path, monkeypatch):
+    from alexnet import prepare
+
+    plan = folder_plan(tmp_path / "raw", {"a.JPEG": FILES["plain.JPEG"], "b.JPEG": b"x"})
+    opened = []
+    real_open = open
+    monkeypatch.setattr(prepare, "open", lambda p, *a: opened.append(p) or real_open(p, *a), False)
+    steps = []
+    # step 0: reading a.JPEG; step 2 + 1: preparing b.JPEG
+    skip = {0: "timed out after 9 s", 3: "decoder crashed (SIGBUS)"}
+    report = make_shard(plan, tmp_path / "out", PARAMS, skip, steps.append)
+    assert report.skipped == [
+        {"path": "train/n00000000/a.JPEG", "reason": "timed out after 9 s"},
+        {"path": "train/n00000000/b.JPEG", "reason": "decoder crashed (SIGBUS)"},
+    ]
+    assert [Path(p).name for p in opened] == ["b.JPEG"]
+    assert steps == [0, 1, 2, 3, -1]
 
 
-def test_each_thread_has_its_own_decoder():
-    import threading
+def test_a_failure_outside_any_file_is_the_calls_error(decoder):
+    with pytest.raises(RuntimeError, match=r"failed: decoder crashed \(SIGSEGV\)"):
+        decoder.call("tests.decoder_plugin:crash_outside_files", {})
+    with pytest.raises(CallFailed, match=r"^OSError: \[Errno 28\] No space left on device$"):
+        decoder.call("tests.decoder_plugin:fail", {})
 
+
+def test_a_plugin_that_cannot_be_imported_stops_the_stage_in_one_line(tmp_path):
+    plan = ShardPlan("train", 0, [Item(str(tmp_path / "a.JPEG"), "a.JPEG", 0, "a")])
+    params = PrepareParams(plugins=("no_such_plugin",))
+    with pytest.raises(PrepareError, match=r"^params prepare.plugins: cannot import it \(No"):
+        prepare_shard(plan, tmp_path / "out", params)
+
+
+def test_each_thread_has_its_own_child():
     mine = isolated(5.0)
     assert isolated(5.0) is mine
     others = []
     thread = threading.Thread(target=lambda: others.append(isolated(5.0)))
     thread.start()
     thread.join()
-    assert others[0] is not mine
-
-
-def test_a_stream_of_files_with_crashes_and_hangs_in_it_gives_every_answer_in_order(decoder):
-    good = list(FILES.items())
-    batch = [
-        *[(data, ".jpg") for _, data in good[:3]],
-        (CRASH, ".jpg"),
-        *[(data, ".jpg") for _, data in good[3:]],
-        (HANG, ".jpg"),
-        (ABORT, ".jpg"),
-        *[(data, ".jpg") for _, data in good],
-    ]
-    results = decoder.prepare_all(batch, OPTIONS)
-    assert len(results) == len(batch)
-    crashed = {
-        CRASH: "decoder crashed (SIGSEGV)",
-        ABORT: "decoder crashed (SIGABRT)",
-        HANG: "timed out after 3 s",
-    }
-    for index, (result, (data, extension)) in enumerate(zip(results, batch, strict=True)):
-        got = ("skipped", str(result)) if isinstance(result, BadImage) else result
-        if data in crashed:  # (never decoded in this process: it would crash the tests)
-            assert got == ("skipped", crashed[data]), index
-        else:
-            expected = outcome(lambda d, e: prepare_image(d, e, **OPTIONS), data, extension)
-            assert (got if isinstance(got, tuple) else (got.jpeg, got.converted)) == expected
+    assert others[0] is not mine and isinstance(mine, Isolated)

@@ -13,6 +13,7 @@ from alexnet.prepare import (
     PrepareError,
     check_skipped,
     fingerprint,
+    make_shard,
     plan_shards,
     prepare_shard,
     summarize,
@@ -102,24 +103,21 @@ def test_image_keys_are_the_options_of_prepare_image():
     assert params.image_options() == OTHER_VALUES
 
 
-def test_prepare_shard_prepares_with_every_image_option(source, tmp_path, monkeypatch):
+def test_a_shard_is_prepared_with_every_image_option(source, tmp_path, monkeypatch):
     from alexnet import prepare
-    from alexnet.decoder import Isolated
 
     calls = []
-    real = Isolated.prepare_all
 
-    def spy(self, files, options):
-        calls.extend(options for _ in files)
-        return real(self, files, options)
+    def spy(data, extension, **options):
+        calls.append(options)
+        return prepare_image(data, extension, **options)
 
-    monkeypatch.setattr(Isolated, "prepare_all", spy)
+    monkeypatch.setattr(prepare, "prepare_image", spy)
     params = PrepareParams(**OTHER_VALUES)
     plan = plan_shards(source, shard_size=4)[0]
-    prepare_shard(plan, tmp_path / "out", params)
+    make_shard(plan, tmp_path / "out", params)  # (the child runs it: tests/test_decoder.py)
     assert len(calls) == len(plan.items)
     assert all(options == OTHER_VALUES for options in calls)
-    assert prepare.isolated(params.file_timeout).timeout == params.file_timeout
 
 
 def test_fingerprint_follows_every_image_key_and_not_the_sharding(source):
@@ -196,7 +194,8 @@ def test_file_system_oddities_are_reported_and_the_rest_prepared(tmp_path, monke
 
     monkeypatch.setattr(prepare, "open", fake_open, raising=False)
     monkeypatch.setattr(prepare.os, "fstat", fake_fstat)
-    reports = [prepare_shard(plan, tmp_path / "out", PrepareParams()) for plan in plans]
+    # in this process, where the fakes apply (the child reads the same way)
+    reports = [make_shard(plan, tmp_path / "out", PrepareParams()) for plan in plans]
     summary = summarize(reports)
     reasons = {s["path"].rsplit("/", 1)[1]: s["reason"] for s in summary["skipped_files"]}
     assert reasons == {
