@@ -66,10 +66,12 @@ def each(work):
 
 def rounds(works: dict, files: list[bytes], repeats: int) -> dict[str, list[float]]:
     """Seconds of each way in each of `repeats` rounds, the ways taking turns in each
-    round (so that a slow spell of the machine hits them alike)."""
+    round (so that a slow spell of the machine hits them alike), in reverse order every
+    other round (so that none always runs after another)."""
     seconds: dict[str, list[float]] = {name: [] for name in works}
-    for _ in range(repeats):
-        for name, work in works.items():
+    for round_ in range(repeats):
+        for name in list(works)[:: -1 if round_ % 2 else 1]:
+            work = works[name]
             start = time.perf_counter()
             work(files)
             seconds[name].append(time.perf_counter() - start)
