@@ -89,6 +89,15 @@ def _put(env: lmdb.Environment, items: list[tuple[bytes, bytes]]) -> None:
             env.set_mapsize(env.info()["map_size"] * 2)
 
 
+def _append(env: lmdb.Environment, start: int, batch: list[tuple[int, bytes]], size: int) -> int:
+    items = [
+        (key(start + i), encode_value(label, size, size, payload))
+        for i, (label, payload) in enumerate(batch)
+    ]
+    _put(env, items)
+    return len(items)
+
+
 def write_store(
     path: str | Path,
     batches: Iterable[list[tuple[int, bytes]]],
@@ -98,7 +107,8 @@ def write_store(
     map_size: int = 1 << 30,
 ) -> int:
     """Write batches of (label, payload) records as keys 0, 1, 2, ... (one transaction
-    per batch; callers make batches of ~100 MB), then `__meta__`; returns the count."""
+    per batch), then `__meta__`; returns the count. Memory: about three batches (the
+    batch, its values with their headers, the transaction's pages), whatever the count."""
     if encoding not in ENCODINGS:
         raise StoreError(f"unknown encoding {encoding!r} (choose from {', '.join(ENCODINGS)})")
     count = 0
@@ -111,12 +121,8 @@ def write_store(
         env = lmdb.open(str(folder), map_size=map_size, lock=False, sync=False)
         try:
             for batch in batches:
-                items = [
-                    (key(count + i), encode_value(label, size, size, payload))
-                    for i, (label, payload) in enumerate(batch)
-                ]
-                _put(env, items)
-                count += len(items)
+                count += _append(env, count, batch, size)
+                del batch  # gone before the next is fetched: one batch in memory at a time
             meta = {
                 "format": FORMAT,
                 "version": VERSION,

@@ -62,6 +62,13 @@ def chunks(entries: list[Entry], order: np.ndarray, size: int) -> list[list[Entr
     ]
 
 
+def chunk_bytes(chunk: list[Entry], encoding: str, size: int) -> int:
+    """The bytes of a chunk's payloads (what its read task sends back)."""
+    if encoding == "jpeg":
+        return sum(entry.size for entry in chunk)
+    return len(chunk) * size * size * 3
+
+
 def payload(jpeg: bytes, encoding: str, size: int) -> bytes:
     """The stored bytes of a prepared image: as is (`jpeg`), or decoded to HWC uint8 RGB
     (`raw`; an image that is not size x size raises `WrongSize` before decoding)."""

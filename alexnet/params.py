@@ -245,6 +245,12 @@ class ComputeParams(_Section):
         description="Dask scheduler: null = local process pool, 'local' = a temporary "
         "Dask LocalCluster, 'tcp://host:8786' = an existing cluster",
     )
+    window_mb: int = Field(
+        256,
+        ge=1,
+        description="MB of task results a flow holds at once: how far pack's readers and "
+        "stats' shards run ahead of the single writer (memory stays flat, whatever the data)",
+    )
     kernels: Kernels = Field(
         "fast",
         description="fast: one-pass kernels (numba on CPU, compiled on CUDA), equal to the "

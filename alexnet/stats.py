@@ -154,12 +154,18 @@ def class_count(train: str | Path) -> int | None:
     return len(load_classes(folder)) if (folder / "classes.json").exists() else None
 
 
-def reduce_moments(parts: list[Moments]) -> Moments:
-    """Sum in the given (shard) order."""
-    total = parts[0]
-    for part in parts[1:]:
+def reduce_moments(parts: Iterable[Moments]) -> Moments:
+    """Sum in the given (shard) order, holding one part at a time."""
+    parts = iter(parts)
+    total = next(parts)
+    for part in parts:
         total = total + part
     return total
+
+
+def moments_bytes(size: int) -> int:
+    """The bytes of one shard's `Moments` (its image sum; the rest is small)."""
+    return size * size * 3 * np.dtype(np.float64).itemsize
 
 
 def mean_image(moments: Moments) -> np.ndarray:

@@ -99,7 +99,7 @@ STAGES: dict[str, Stage] = {
                 PathArg("train", "data/prepared/train", "prepared training shards"),
                 PathArg("out", "data/stats", "output folder: mean.npy, pca.json"),
             ),
-            ("prepare",),
+            ("prepare", "compute"),
             ("prepare.size",),
             "stats: {images} images; written to {out}/mean.npy, {out}/pca.json",
             parallel=True,

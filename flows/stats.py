@@ -8,21 +8,34 @@ import numpy as np
 from prefect import flow, get_run_logger
 
 from alexnet.atomic import atomic_output, write_json
-from alexnet.params import PrepareParams
-from alexnet.stats import StatsError, class_count, mean_image, reduce_moments, rgb_pca
-from flows.progress import gather
+from alexnet.params import ComputeParams, PrepareParams
+from alexnet.stats import (
+    StatsError,
+    class_count,
+    mean_image,
+    moments_bytes,
+    reduce_moments,
+    rgb_pca,
+)
+from flows.progress import in_order
 from tasks.stats import shard_moments_task
 
 
 @flow(name="stats")
-def stats_flow(train: str, out: str, prepare: PrepareParams) -> dict:
-    """Map over the shards, reduce in shard order, write mean.npy and pca.json."""
+def stats_flow(train: str, out: str, prepare: PrepareParams, compute: ComputeParams) -> dict:
+    """Map over the shards, reduce in shard order (holding at most params
+    `compute.window_mb` of shard moments), write mean.npy and pca.json."""
     shards = sorted(Path(train).glob("shard-*.tar"))
     if not shards:
         raise StatsError(f"{train}: no shard-*.tar files (run prepare first)")
     classes = class_count(train)  # the labels are checked, though stats does not use them
-    futures = [shard_moments_task.submit(str(s), prepare.size, classes) for s in shards]
-    moments = reduce_moments(gather(futures, "stats", [1] * len(shards)))
+
+    def submit(index: int):
+        return shard_moments_task.submit(str(shards[index]), prepare.size, classes)
+
+    sizes = [moments_bytes(prepare.size)] * len(shards)
+    parts = in_order(submit, sizes, compute.window_mb << 20, "stats", [1] * len(shards))
+    moments = reduce_moments(parts)
     pca = rgb_pca(moments)
     target = Path(out)
     with atomic_output(target / "mean.npy") as temporary, open(temporary, "wb") as stream:

@@ -1,0 +1,98 @@
+"""Memory that stays flat whatever the data (issue 15): the LMDB writer, and the pack flow
+whose workers send every record back, run on n and 4n records of ~200 KB; the growth of
+the main process's peak anonymous memory must stay under a quarter of the extra data
+written. (It grew by ~1.4 bytes per byte written when Prefect's finished futures kept
+their results.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from bench.memory import run_sampled
+from tests.helpers import CLASSES, REPO, jpeg
+
+RECORD = 256 * 256 * 3  # bytes of a raw record: ~200 KB
+
+
+def writer_peak(tmp_path, count: int) -> int:
+    code = f"""
+import numpy as np
+from alexnet.lmdb_store import write_store
+rng = np.random.default_rng(0)
+def batches():
+    for start in range(0, {count}, 8):  # fresh records, as the pack flow's chunks arrive
+        yield [(i % 2, rng.bytes({RECORD})) for i in range(start, min(start + 8, {count}))]
+print(write_store({str(tmp_path / f"store{count}")!r}, batches(), "raw", {CLASSES!r}))
+"""
+    result = run_sampled([sys.executable, "-c", code], cwd=REPO)
+    assert result.returncode == 0 and result.output.split()[-1] == str(count), result.output
+    return result.main_peak
+
+
+def test_the_store_writers_memory_does_not_grow_with_the_records(tmp_path):
+    n = 64
+    growth = writer_peak(tmp_path, 4 * n) - writer_peak(tmp_path, n)
+    assert growth < 3 * n * RECORD / 4, f"+{growth >> 20} MB for {3 * n * RECORD >> 20} MB more"
+
+
+def prepared(root, count: int):
+    """A prepared folder: `count` train and 4 val 256x256 JPEGs of two classes."""
+    from alexnet.shards import Record, write_shard
+
+    images = [jpeg(256, 256, seed=i % 8) for i in range(8)]  # few distinct: fast to make
+    for split, total in (("train", count), ("val", 4)):
+        folder = root / split
+        folder.mkdir(parents=True)
+        for shard, start in enumerate(range(0, total, 32)):
+            records = [
+                Record(f"{split}/{i:05d}", images[i % 8], i % 2)
+                for i in range(start, min(start + 32, total))
+            ]
+            write_shard(folder / f"shard-{shard:05d}.tar", records, {})
+    (root / "classes.json").write_text(json.dumps(CLASSES))
+    return root
+
+
+def pack_peak(tmp_path, count: int, api_url: str) -> int:
+    root = tmp_path / f"n{count}"
+    params = tmp_path / "params.yaml"
+    params.write_text("pack:\n  batch: 8\ncompute:\n  workers: 2\n  window_mb: 4\n")
+    command = [sys.executable, "-m", "flows.pack", str(prepared(root / "prepared", count))]
+    command += [str(root / "lmdb"), "--params", str(params)]
+    env = {**os.environ, "PREFECT_API_URL": api_url}
+    result = run_sampled(command, cwd=REPO, env=env)
+    assert result.returncode == 0, result.output[-3000:]
+    assert f"{count} train and 4 val records" in result.output
+    return result.main_peak
+
+
+def test_the_pack_flows_memory_does_not_grow_with_the_records(tmp_path, prefect_server):
+    n = 48
+    growth = pack_peak(tmp_path, 4 * n, prefect_server) - pack_peak(tmp_path, n, prefect_server)
+    assert growth < 3 * n * RECORD / 4, f"+{growth >> 20} MB for {3 * n * RECORD >> 20} MB more"
+
+
+def test_in_order_yields_in_order_and_holds_at_most_the_window():
+    from flows.progress import in_order
+
+    class Done:  # a finished future
+        def __init__(self, value):
+            self.value = value
+
+        def result(self):
+            return self.value
+
+    sizes = [3, 5, 2, 9, 1, 1, 4]  # 9 > the window: submitted alone, when its turn comes
+    submitted, consumed = [], []
+
+    def submit(index):
+        submitted.append(index)
+        held = sum(sizes[i] for i in submitted if i not in consumed)
+        assert held <= 8 or submitted[-1] == len(consumed), (submitted, consumed)
+        return Done(index * 10)
+
+    for result in in_order(submit, sizes, 8, "test", [1] * len(sizes)):
+        consumed.append(result // 10)
+    assert consumed == list(range(len(sizes))) and submitted == consumed
