@@ -22,15 +22,17 @@ def prepare_flow(raw: str, out: str, prepare: PrepareParams) -> dict:
     logger = get_run_logger()
     source = open_source(raw)
     plans = plan_shards(source, prepare.shard_size)
+    splits, classes, root = list(source.splits), source.classes, source.root
+    del source  # its samples, ~0.5 KB a file: the plans hold what the shards need
     target = Path(out)
-    for split in source.splits:
+    for split in splits:
         (target / split).mkdir(parents=True, exist_ok=True)
         remove_stale(target / split, keep=sum(plan.split == split for plan in plans))
     futures = [prepare_shard_task.submit(plan, out, prepare) for plan in plans]
     reports = gather(futures, "prepare", [len(plan.items) for plan in plans])
 
     report = summarize(reports)
-    write_json(target / "classes.json", [c.__dict__ for c in source.classes])
+    write_json(target / "classes.json", [c.__dict__ for c in classes])
     write_json(target / "report.json", report)
     reused = sum(r.reused for r in reports)
     logger.info(
@@ -43,7 +45,7 @@ def prepare_flow(raw: str, out: str, prepare: PrepareParams) -> dict:
         len(reports),
     )
     check_skipped(report, prepare.max_skipped, target / "report.json")
-    check_classes(plans, report, source.classes, source.root)
+    check_classes(plans, report, classes, root)
     return {k: report[k] for k in ("files", "kept", "converted", "skipped")}
 
 

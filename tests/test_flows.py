@@ -158,13 +158,19 @@ def test_stats_flow_same_bits_for_any_worker_count_and_equal_direct(reference, t
     import numpy as np
     from PIL import Image
 
+    from alexnet.params import ComputeParams
     from alexnet.shards import iter_shard
     from flows.stats import stats_flow
 
     train = reference[0] / "train"
     for workers in (1, 2):
+        # a window of one shard's moments for one worker: the same bits as one of all
+        window = {1: 1, 2: 256}[workers]
         stats_flow.with_options(task_runner=task_runner(None, workers))(
-            str(train), str(tmp_path / f"s{workers}"), PrepareParams()
+            str(train),
+            str(tmp_path / f"s{workers}"),
+            PrepareParams(),
+            ComputeParams(workers=workers, window_mb=window),
         )
     for name in ("mean.npy", "pca.json"):
         assert (tmp_path / "s1" / name).read_bytes() == (tmp_path / "s2" / name).read_bytes()
