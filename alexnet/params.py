@@ -246,7 +246,7 @@ class ComputeParams(_Section):
         "Dask LocalCluster, 'tcp://host:8786' = an existing cluster",
     )
     window_mb: int = Field(
-        256,
+        128,
         ge=1,
         description="MB of task results a flow holds at once: how far pack's readers and "
         "stats' shards run ahead of the single writer (memory stays flat, whatever the data)",

@@ -46,7 +46,7 @@ def in_order(
     pending: dict[int, PrefectFuture] = {}
     # Prefect's futures reference themselves (their done callbacks), so a finished one
     # and its result live until the cycle collector runs, which, with few container
-    # objects allocated per result, is rarely: every result would stay (issue 15).
+    # objects allocated per result, is rarely: every result would stay in memory.
     # Collecting after each result frees it; freezing what exists now keeps each
     # collection to the objects made since (a millisecond, not a full heap scan).
     gc.freeze()

@@ -1,0 +1,265 @@
+"""How each stage's cost grows with the data: every stage, as DVC runs it (`python -m
+flows.<stage>`), at N, 4N and 16N images, with its seconds, the fixed cost and the
+marginal cost per image (a least-squares line through the three), the peak anonymous
+memory of its main process and of its largest worker (bench/memory.py), and the sizes of
+what it writes; then the projection of those figures onto ImageNet.
+
+    make bench
+    python bench/scale.py [--images 500] [--model-images 64] [--repeats 2] [--keep DIR]
+
+The data is the built-in demo's kind (synth), 90% train, 10% val, with small raw files
+(sides 160-320) so that it takes minutes. The data stages run at N = --images; training
+(one epoch) and the 10-crop evaluation, ~100x dearer per image on a CPU, at N =
+--model-images, on a chain of their own. Each data stage runs --repeats times per size
+and its best time counts: their per-image work is small next to the ~10 s a stage
+costs to start, and this VM's noise is of that order. The stages share one Prefect
+server (started here, so its start-up is no stage's fixed cost). `compute.window_mb`
+and `pack.batch` are set small, so that pack's and stats' read-ahead windows are full
+from the smallest size on: with the defaults (128 MB, 50 MB chunks) they fill only past
+~650 images, and memory grows until then, by design.
+
+Targets (issue 15): each stage's peak memory at 16N within 1.2x of its peak at N, and
+the marginal cost per image from 4N to 16N within 1.25x of that from N to 4N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+from bench.common import cpu_model  # noqa: E402
+from bench.memory import Sampled, run_sampled  # noqa: E402
+
+IMAGENET = {"train": 1_281_167, "val": 50_000}
+MEMORY_TARGET = 1.2
+LINEAR_TARGET = 1.25
+MB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    args: tuple[str, ...]  # relative to the size's folder
+    images: str  # which images the cost is per: "all", "train" or "val"
+    params: tuple[tuple[str, dict], ...] = ()  # extra overrides of this run
+    output: str | None = None  # what it writes, for the sizes
+
+
+DATA = (
+    Stage("synth", ("raw",), "all", output="raw"),
+    Stage("prepare", ("raw", "prepared"), "all", output="prepared"),
+    Stage("stats", ("prepared/train", "stats"), "train"),
+    Stage("pack", ("prepared", "lmdb"), "all", output="lmdb"),
+    Stage(
+        "pack",
+        ("prepared", "lmdb-jpeg"),
+        "all",
+        (("pack", {"encoding": "jpeg"}),),
+        output="lmdb-jpeg",
+    ),
+)
+MODEL = (
+    Stage(
+        "train",
+        ("lmdb", "stats", "model.pt", "--checkpoint", "ckpt.pt", "--metrics", "metrics"),
+        "train",
+    ),
+    Stage("evaluate", ("lmdb/val", "model.pt", "--metrics", "metrics"), "val"),
+)
+STAGES = DATA + MODEL
+
+
+def label(stage: Stage) -> str:
+    extra = ",".join(f"{k}={v}" for _, values in stage.params for k, v in values.items())
+    return f"{stage.name}({extra})" if extra else stage.name
+
+
+def params_for(images: int, base: dict) -> dict:
+    """params.yaml of one size: the repository's, with the bench's overrides."""
+    per_class = max(images // 10, 2)
+    train = round(per_class * 0.9)
+    overrides = {
+        "synth": {
+            "classes": 10,
+            "train_per_class": train,
+            "val_per_class": per_class - train,
+            "oddities": 0,
+            "min_side": 160,
+            "max_side": 320,
+        },
+        "prepare": {"shard_size": 100},
+        "pack": {"batch": 64},  # 12 MB chunks: three in the window
+        # full batches at every size: a smaller last batch would need less memory
+        "train": {"epochs": 1, "batch_size": 16, "val_batch_size": 4, "checkpoint_every": 10**6},
+        "evaluate": {"batch_size": 4},
+        "compute": {"workers": 2, "window_mb": 40},
+    }
+    return {section: {**base.get(section, {}), **overrides.get(section, {})} for section in base}
+
+
+def counts(params: dict) -> dict[str, int]:
+    synth = params["synth"]
+    train = synth["classes"] * synth["train_per_class"]
+    val = synth["classes"] * synth["val_per_class"]
+    return {"all": train + val, "train": train, "val": val}
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run_stage(stage: Stage, folder: Path, params: dict) -> Sampled:
+    for section, values in stage.params:
+        params = {**params, section: {**params[section], **values}}
+    path = folder / f"params-{label(stage)}.yaml"
+    path.write_text(yaml.safe_dump(params))
+    command = [sys.executable, "-m", f"flows.{stage.name}"]
+    command += [str(folder / a) if not a.startswith("--") else a for a in stage.args]
+    command += ["--params", str(path)]
+    result = run_sampled(command, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if result.returncode != 0:
+        sys.exit(f"{label(stage)} failed at {folder.name}:\n{result.output[-3000:]}")
+    return result
+
+
+def fit(images: list[int], seconds: list[float]) -> tuple[float, float]:
+    """Fixed seconds and seconds per image of the least-squares line."""
+    slope, intercept = np.polyfit(images, seconds, 1)
+    return float(intercept), float(slope)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=500, help="N of the data stages")
+    parser.add_argument("--model-images", type=int, default=64, help="N of train, evaluate")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of a data stage per size")
+    parser.add_argument("--keep", type=Path, help="keep the data in this folder")
+    args = parser.parse_args()
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    plan = [(args.images * k, DATA, args.repeats) for k in (1, 4, 16)]
+    plan += [(args.model_images * k, STAGES, 1) for k in (1, 4, 16)]
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    root = Path(args.keep or tempfile.mkdtemp(prefix="alexnet-scale-"))
+    results: dict[str, list[Sampled]] = {label(s): [] for s in STAGES}
+    images: dict[str, list[int]] = {label(s): [] for s in STAGES}
+    stored: dict[str, list[int]] = {s.output: [] for s in DATA if s.output}
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; data in {root}", flush=True)
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            from prefect.settings import PREFECT_API_URL
+
+            os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
+            for size, stages, repeats in plan:
+                measured = MODEL if stages is STAGES else DATA
+                folder = root / f"{'model' if stages is STAGES else 'data'}{size}"
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir(parents=True)
+                params = params_for(size, base)
+                params["prepare"]["raw"] = str(folder / "raw")
+                for stage in stages:
+                    runs = [run_stage(stage, folder, params) for _ in range(repeats)]
+                    if stage not in measured:
+                        continue
+                    best = min(runs, key=lambda r: r.seconds)
+                    results[label(stage)].append(
+                        Sampled(
+                            best.seconds,
+                            max(r.main_peak for r in runs),
+                            max(r.worker_peak for r in runs),
+                            0,
+                            "",
+                        )
+                    )
+                    images[label(stage)].append(counts(params)[stage.images])
+                    print(f"  {folder.name} {label(stage)}: {best.seconds:.1f} s", flush=True)
+                if stages is DATA:
+                    for output in stored:
+                        stored[output].append(folder_bytes(folder / output))
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    report(results, images, stored)
+
+
+def report(results, images, stored) -> None:
+    print(
+        f"\n{'stage':<22}{'images':>16}{'seconds':>20}{'fixed s':>9}{'ms/img':>8}"
+        f"{'marginal 16N/4N':>17}{'main MB':>16}{'worker MB':>16}{'memory 16N/N':>14}"
+    )
+    fitted = {}
+    met = True
+    for name, runs in results.items():
+        n = images[name]
+        seconds = [r.seconds for r in runs]
+        fixed, per_image = fit(n, seconds)
+        fitted[name] = (fixed, per_image, runs[-1])
+        low = (seconds[1] - seconds[0]) / (n[1] - n[0])
+        high = (seconds[2] - seconds[1]) / (n[2] - n[1])
+        linear = high / low if low > 0 else float("inf")
+        memory = max(
+            runs[-1].main_peak / runs[0].main_peak,
+            runs[-1].worker_peak / max(runs[0].worker_peak, 1) if runs[0].worker_peak else 1.0,
+        )
+        ok = linear <= LINEAR_TARGET and memory <= MEMORY_TARGET
+        met &= ok
+        print(
+            f"{name:<22}{'/'.join(map(str, n)):>16}{'/'.join(f'{s:.1f}' for s in seconds):>20}"
+            f"{fixed:>9.1f}{per_image * 1000:>8.2f}{linear:>16.2f}x"
+            f"{'/'.join(str(r.main_peak // MB) for r in runs):>16}"
+            f"{'/'.join(str(r.worker_peak // MB) for r in runs):>16}{memory:>13.2f}x"
+            f"{'' if ok else '  (target missed)'}"
+        )
+    print(
+        f"targets: memory at 16N <= {MEMORY_TARGET}x N (main and largest worker), "
+        f"marginal cost 16N/4N <= {LINEAR_TARGET}x: {'all met' if met else 'NOT all met'}"
+    )
+    print("\nstored (MB at N/4N/16N, and per image):")
+    per_image_bytes = {}
+    for output, sizes_ in stored.items():
+        per = (sizes_[-1] - sizes_[0]) / (images["prepare"][-1] - images["prepare"][0])
+        per_image_bytes[output] = per
+        print(f"  {output:<10}{'/'.join(str(s // MB) for s in sizes_):>20}{per / 1024:>10.1f} KB")
+    project(fitted, per_image_bytes)
+
+
+def project(fitted, per_image_bytes) -> None:
+    """ImageNet from the fitted costs: hours on this machine, and per 16 cores where the
+    stage's work is spread over worker processes (all but train and evaluate, whose
+    ImageNet runs are on GPUs: BENCHMARKS.md's GPU section)."""
+    cores = os.cpu_count() or 1
+    total = IMAGENET["train"] + IMAGENET["val"]
+    which = {"all": total, "train": IMAGENET["train"], "val": IMAGENET["val"]}
+    print(f"\nImageNet ({IMAGENET['train']:,} train + {IMAGENET['val']:,} val images), projected:")
+    print(f"{'stage':<22}{'hours here':>12}{'hours, 16 cores':>17}{'peak MB':>10}{'disk GB':>10}")
+    for stage in STAGES[1:]:  # not synth: ImageNet is not generated
+        name = label(stage)
+        fixed, per_image, last = fitted[name]
+        n = which[stage.images]
+        here = (fixed + per_image * n) / 3600
+        parallel = stage.name not in ("train", "evaluate")
+        sixteen = (
+            f"{(fixed + per_image * n * cores / 16) / 3600:>17.2f}"
+            if parallel
+            else (f"{'(GPU)':>17}")
+        )
+        disk = per_image_bytes.get(stage.output)
+        disk_text = f"{disk * total / 1e9:>10.1f}" if disk else f"{'':>10}"
+        peak = max(last.main_peak, last.worker_peak) // MB
+        print(f"{name:<22}{here:>12.2f}{sixteen}{peak:>10}{disk_text}")
+
+
+if __name__ == "__main__":
+    main()
