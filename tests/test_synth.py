@@ -82,6 +82,23 @@ def test_layout_mapping_and_oddities(tmp_path):
 
 def test_jobs_cover_every_image_once():
     jobs = plan_jobs(classes=2, train_per_class=7, val_per_class=3, chunk=3)
-    covered = [(j.split, j.label, n) for j in jobs for n in range(j.start, j.start + j.count)]
-    assert len(covered) == len(set(covered)) == 2 * 7 + 2 * 3
-    assert Job("train", 0, 0, 3) in jobs
+    covered = [(j.split, label, n) for j in jobs for label, n in j.images()]
+    expected = [
+        (split, label, n)
+        for split, per_class in (("train", 7), ("val", 3))
+        for label in range(2)
+        for n in range(per_class)
+    ]
+    assert covered == expected  # each once, in order
+    assert Job("train", 7, 6, 3).images() == [(0, 6), (1, 0), (1, 1)]  # spans two classes
+
+
+def test_files_do_not_depend_on_how_the_work_is_cut(tmp_path):
+    def draw(chunk: int) -> dict[str, bytes]:
+        root = tmp_path / str(chunk)
+        for job in plan_jobs(classes=3, train_per_class=2, val_per_class=1, chunk=chunk):
+            run_job(job, root, seed=3, min_side=160, max_side=200, quality=90, clutter=2)
+        return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*.JPEG")}
+
+    assert len(draw(1)) == 9
+    assert draw(1) == draw(4)
