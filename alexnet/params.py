@@ -11,7 +11,7 @@ Loading fails with one line naming the offending key.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -233,6 +233,9 @@ class ServeParams(_Section):
 
     retrain_cron: str = Field("0 3 * * 1", description="cron schedule of the retrain deployment")
     timezone: str = Field("UTC", description="time zone of the cron schedule")
+    late_after_minutes: int = Field(
+        60, ge=1, description="a retrain starting later than this after its time is skipped"
+    )
 
 
 class ComputeParams(_Section):
@@ -304,6 +307,15 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         where = f" line {mark.line + 1}" if mark else ""
         raise ParamsError(f"{path}:{where} not valid YAML") from None
     return parse_params(data, str(path))
+
+
+def param_value(params: Params, key: str) -> Any:
+    """The value of `section.name` (ParamsError for a key the schema does not have)."""
+    section, _, name = key.partition(".")
+    values = getattr(params, section, None)
+    if not isinstance(values, _Section) or name not in type(values).model_fields:
+        raise ParamsError(f"no parameter {key!r}: keys are section.name, as in params.yaml")
+    return getattr(values, name)
 
 
 # Every default of the schema, for library functions whose keyword defaults follow it

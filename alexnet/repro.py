@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -23,8 +26,11 @@ STAGES: tuple[str, ...] = Stage.__args__  # the chain's order
 _RUNNING = re.compile(r"Running stage '([\w-]+)'")
 
 
+STOP_GRACE_S = 30  # a stopped run's stages get this long to exit (train checkpoints)
+
+
 class ReproError(AlexnetError):
-    """`dvc repro` failed; the message ends with DVC's last line."""
+    """`dvc repro` failed; the message ends with the line that says why."""
 
 
 def _dvc(args: list[str]) -> list[str]:
@@ -38,36 +44,124 @@ def _environment() -> dict[str, str]:
     return {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
 
 
-def repro(
-    repo: Path, target: str | None = None, force: bool = False, log: Callable[[str], None] = print
+def repro_args(
+    target: str | None = None, force: bool = False, single: bool = False, pull: bool = False
 ) -> list[str]:
-    """`dvc repro [--force] [target]` in `repo`, its output passed to `log` line by line;
-    returns the stages that ran (none when everything was up to date)."""
-    command = _dvc(["repro", *(["--force"] if force else []), *([target] if target else [])])
+    """`dvc repro`'s arguments. `force` alone regenerates every stage up to `target`;
+    with `single` (DVC's `--single-item`) only `target` runs, its inputs taken as they are.
+    `pull` fetches missing inputs from the remote and restores a stage the remote's run
+    cache has seen instead of running it (what is in neither is run)."""
+    flags = ["--force"] * force + ["--single-item"] * (single and target is not None)
+    return ["repro", *flags, *["--pull"] * pull, *([target] if target else [])]
+
+
+def repro(
+    repo: Path,
+    target: str | None = None,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    single: bool = False,
+    pull: bool = False,
+) -> list[str]:
+    """`dvc repro` (`repro_args`) in `repo`, its output passed to `log` line by line;
+    returns the stages that ran (none when everything was up to date). If the caller is
+    stopped (an exception: Prefect turns a cancellation's SIGTERM into one), the whole
+    process tree of `dvc repro` is stopped with it, so no stage keeps writing outputs."""
     process = subprocess.Popen(
-        command,
+        _dvc(repro_args(target, force, single, pull)),
         cwd=repo,
         stdout=subprocess.PIPE,
         env=_environment(),
         stderr=subprocess.STDOUT,
         text=True,
         bufsize=1,
+        start_new_session=True,  # its own process group: the stages are in it too
     )
-    ran, last, cause = [], "", ""
-    for line in process.stdout:
-        line = line.rstrip()
-        if line:
-            log(line)
-            last = line
-        if line.startswith("error:"):  # a stage's own one-line error (alexnet CLI)
-            cause = line
-        if match := _RUNNING.search(line):
-            ran.append(match.group(1))
-    if process.wait() != 0:
-        raise ReproError(
-            " ".join(f"dvc repro {target or ''} failed in {repo}:".split()) + f" {cause or last}"
-        )
+    ran, cause = [], ""
+    last: deque[str] = deque(maxlen=3)  # DVC's own errors (an invalid dvc.yaml) span lines
+    try:
+        for line in process.stdout:
+            line = line.rstrip()
+            if line:
+                log(line)
+                last.append(" ".join(line.split()))
+            cause = _cause(line, cause)
+            if match := _RUNNING.search(line):
+                ran.append(match.group(1))
+        code = process.wait()
+    except BaseException:
+        stop_group(process)
+        raise
+    if code != 0:
+        where = " ".join(f"dvc repro {target or ''} failed in {repo}:".split())
+        raise ReproError(f"{where} {cause or ' | '.join(last)}")
     return ran
+
+
+def _cause(line: str, cause: str) -> str:
+    """The line that says why a run failed: a stage's own one-line error (the alexnet
+    CLI's `error:`) first, else DVC's first `ERROR:` (its last line is often a hint)."""
+    if line.startswith("error:"):
+        return line
+    if line.startswith("ERROR:") and not cause:
+        return line
+    return cause
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the process group of `process` (started in a session of its own), then,
+    after `STOP_GRACE_S`, SIGKILL to whatever of it is left: dvc exits at once on SIGTERM,
+    while its stage goes on unless signalled itself."""
+    group = process.pid
+    _signal_group(group, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while time.monotonic() < deadline:
+        process.poll()  # reap dvc, or its zombie keeps the group alive
+        if not _signal_group(group, 0):
+            return
+        time.sleep(0.2)
+    _signal_group(group, signal.SIGKILL)
+    process.wait()
+
+
+def _signal_group(group: int, number: int) -> bool:
+    """Send `number` to the group; whether any process of it was there."""
+    try:
+        os.killpg(group, number)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def default_remote(repo: Path) -> str | None:
+    """The name of the repository's default DVC remote, if it has one."""
+    done = subprocess.run(
+        _dvc(["remote", "default"]), cwd=repo, capture_output=True, text=True, env=_environment()
+    )
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
+
+
+def push_outputs(repo: Path, log: Callable[[str], None] = print) -> bool:
+    """`dvc push --run-cache`: the workspace's outputs, and the run cache (so that another
+    clone's `dvc repro --pull` restores a stage instead of running it), to the default
+    remote; False, with a line saying so, when the repository has none."""
+    remote = default_remote(repo)
+    if remote is None:
+        log("no default DVC remote (dvc remote add -d): nothing pushed")
+        return False
+    done = subprocess.run(
+        _dvc(["push", "--run-cache"]),
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=_environment(),
+    )
+    for line in done.stdout.splitlines():
+        log(line)
+    if done.returncode != 0:
+        cause = next((line for line in done.stderr.splitlines() if line.startswith("ERROR")), "")
+        raise ReproError(f"dvc push to {remote} failed in {repo}: {cause}")
+    return True
 
 
 def status_clean(repo: Path) -> bool:

@@ -55,19 +55,22 @@ class Stage:
     name: str
     args: tuple[str, ...]  # relative to the size's folder
     images: str  # which images the cost is per: "all", "train" or "val"
+    writes: tuple[str, ...]  # deleted before each run, as DVC deletes a stage's outs:
+    # a second run would otherwise reuse them (prepare's shards, train's checkpoint)
     params: tuple[tuple[str, dict], ...] = ()  # extra overrides of this run
     output: str | None = None  # what it writes, for the sizes
 
 
 DATA = (
-    Stage("synth", ("raw",), "all", output="raw"),
-    Stage("prepare", ("raw", "prepared"), "all", output="prepared"),
-    Stage("stats", ("prepared/train", "stats"), "train"),
-    Stage("pack", ("prepared", "lmdb"), "all", output="lmdb"),
+    Stage("synth", ("raw",), "all", ("raw",), output="raw"),
+    Stage("prepare", ("raw", "prepared"), "all", ("prepared",), output="prepared"),
+    Stage("stats", ("prepared/train", "stats"), "train", ("stats",)),
+    Stage("pack", ("prepared", "lmdb"), "all", ("lmdb",), output="lmdb"),
     Stage(
         "pack",
         ("prepared", "lmdb-jpeg"),
         "all",
+        ("lmdb-jpeg",),
         (("pack", {"encoding": "jpeg"}),),
         output="lmdb-jpeg",
     ),
@@ -77,8 +80,14 @@ MODEL = (
         "train",
         ("lmdb", "stats", "model.pt", "--checkpoint", "ckpt.pt", "--metrics", "metrics"),
         "train",
+        ("model.pt", "ckpt.pt", "metrics"),
     ),
-    Stage("evaluate", ("lmdb/val", "model.pt", "--metrics", "metrics"), "val"),
+    Stage(
+        "evaluate",
+        ("lmdb/val", "model.pt", "--metrics", "metrics"),
+        "val",
+        ("metrics/eval.json", "metrics/eval"),
+    ),
 )
 STAGES = DATA + MODEL
 
@@ -127,6 +136,12 @@ def run_stage(stage: Stage, folder: Path, params: dict) -> Sampled:
         params = {**params, section: {**params[section], **values}}
     path = folder / f"params-{label(stage)}.yaml"
     path.write_text(yaml.safe_dump(params))
+    for name in stage.writes:
+        target = folder / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
     command = [sys.executable, "-m", f"flows.{stage.name}"]
     command += [str(folder / a) if not a.startswith("--") else a for a in stage.args]
     command += ["--params", str(path)]

@@ -71,10 +71,11 @@ def predict(
 
 
 @app.command(
-    help="Serve the Prefect deployments of this repository: one per stage, `pipeline` and "
-    "`retrain` (cron from params `serve`). Each runs `dvc repro`, so runs started from the UI "
-    "keep dvc.lock true. Needs a Prefect server: `prefect server start`, then "
-    "PREFECT_API_URL=http://127.0.0.1:4200/api. Stop with Ctrl-C."
+    help="Serve the Prefect deployments of prefect.yaml from this process (one machine, no "
+    "work pools): one per stage, `pipeline` and `retrain` (cron from params `serve`). Each "
+    "runs `dvc repro`, so runs started from the UI keep dvc.lock true. Needs a Prefect "
+    "server: `prefect server start`, then PREFECT_API_URL=http://127.0.0.1:4200/api. Stop "
+    "with Ctrl-C."
 )
 def serve(params_path: ParamsOption = Path("params.yaml")) -> None:
     from prefect.settings import PREFECT_API_URL
@@ -90,7 +91,21 @@ def serve(params_path: ParamsOption = Path("params.yaml")) -> None:
             raise AlexnetError("serve runs in the repository: no dvc.yaml in this folder")
         from flows.serve import serve_all
 
-        serve_all(Path.cwd(), params.serve)
+        serve_all(Path.cwd(), params)
+
+
+@app.command(
+    help="Print one parameter's value, as validated (defaults filled in), e.g. "
+    "`alexnet param serve.retrain_cron` (prefect.yaml's build steps read the cron so)."
+)
+def param(
+    key: Annotated[str, typer.Argument(help="section.name, as in params.yaml")],
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
+    from alexnet.params import param_value
+
+    with user_errors():
+        typer.echo(param_value(load(params_path), key))
 
 
 @app.command(

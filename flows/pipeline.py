@@ -1,28 +1,100 @@
-"""Flows for the Prefect UI and schedules: each goes through `dvc repro`, so a run from
-the UI and a `dvc repro` at the terminal never disagree (alexnet/repro.py).
+"""Flows for the Prefect UI, workers and schedules: each goes through `dvc repro`, so a
+run from the UI and a `dvc repro` at the terminal never disagree (alexnet/repro.py).
 
-- `stage`: one stage of the chain (and whatever it needs that changed);
-- `pipeline`: the whole chain, or up to one stage;
-- `retrain`: the pipeline on a schedule; with no new data it does nothing, quickly.
-Each publishes the metrics (and what changed since the run before) as an artifact.
+- `stage` (one flow per stage, all named "stage"): one stage of the chain, after
+  whatever it needs that changed; `force` re-runs that stage alone;
+- `pipeline`: the whole chain, or up to one stage; `force` re-runs all of it;
+- `retrain`: the pipeline on a schedule; with no new data it does nothing, quickly, and a
+  run that starts too late (after downtime) is skipped rather than stacked.
+
+Runs on one repository take turns (a Prefect global concurrency limit of 1 per
+repository: DVC locks the repository, so a second `dvc repro` would fail), and each
+successful run pushes what it produced to the DVC remote. Each publishes the metrics (and
+what changed since the run before) as an artifact.
 """
 
 from __future__ import annotations
 
+import hashlib
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import Flow, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.runtime import flow_run
 
-from alexnet.repro import Stage, metrics, metrics_diff, repro, status_clean
+from alexnet.params import load_params
+from alexnet.repro import (
+    STAGES,
+    Stage,
+    default_remote,
+    metrics,
+    metrics_diff,
+    push_outputs,
+    repro,
+    status_clean,
+)
 
 
-def _run(repo: str, target: str | None, force: bool, key: str) -> dict:
+def repository_key(repo: Path) -> str:
+    """What identifies the repository: its git `origin`, so that a worker's clone and the
+    checkout `alexnet serve` runs in are one; else its path."""
+    done = subprocess.run(
+        ["git", "remote", "get-url", "origin"], cwd=repo, capture_output=True, text=True
+    )
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else str(repo)
+
+
+def repository_limit(repo: Path) -> str:
+    """The name of the concurrency limit that the runs on `repo` share."""
+    return f"dvc-repro-{hashlib.sha256(repository_key(repo).encode()).hexdigest()[:16]}"
+
+
+@contextmanager
+def one_run_at_a_time(repo: Path) -> Iterator[None]:
+    """Hold the repository's slot (created on first use, limit 1) while the body runs;
+    a second run waits here, in the Running state, until the first lets go."""
+    name = repository_limit(repo)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=1)
+                )
+            except ObjectAlreadyExists:  # another run created it first
+                pass
+    get_run_logger().info(
+        "waiting for the turn of %s (concurrency limit %s)", repository_key(repo), name
+    )
+    with concurrency(name, occupy=1, strict=True):
+        yield
+
+
+def _run(
+    repo: str,
+    target: str | None,
+    force: bool,
+    key: str,
+    push: bool,
+    single: bool = False,
+) -> dict:
     logger = get_run_logger()
     root = Path(repo).resolve()
-    before = metrics(root)
-    ran = repro(root, target, force, logger.info)
-    after = metrics(root)
+    with one_run_at_a_time(root):
+        before = metrics(root)
+        remote = default_remote(root) is not None
+        ran = repro(root, target, force, logger.info, single=single, pull=remote)
+        after = metrics(root)
+        pushed = push and push_outputs(root, logger.info)
     changes = metrics_diff(before, after)
     if ran:
         logger.info("stages run: %s", ", ".join(ran))
@@ -42,28 +114,87 @@ def _run(repo: str, target: str | None, force: bool, key: str) -> dict:
             f"Stages run: {', '.join(ran) or 'none (up to date)'}",
             "",
             f"`dvc status` clean: {status_clean(root)}",
+            "",
+            f"Pushed to the DVC remote: {'yes' if pushed else 'no'}",
         ]
     )
     create_markdown_artifact(summary, key=f"{key}-run", description="What dvc repro did")
-    return {"ran": ran, "metrics": after}
+    return {"ran": ran, "metrics": after, "pushed": pushed}
 
 
-@flow(name="stage")
-def stage_flow(stage: Stage = "train", force: bool = False, repo: str = ".") -> dict:
-    """`dvc repro <stage>`: the stage, after whatever it depends on that changed.
-    `force` re-runs the stage even when nothing changed."""
-    return _run(repo, stage, force, f"stage-{stage}")
+def _stage_flow(stage: str) -> Flow:
+    """The flow of one stage's deployment: its form has no stage to change."""
+
+    def run(force: bool = False, push: bool = True, repo: str = ".") -> dict:
+        return _run(repo, stage, force, f"stage-{stage}", push, single=force)
+
+    run.__name__ = run.__qualname__ = f"{stage}_stage"
+    run.__doc__ = f"""`dvc repro {stage}`: the stage, after whatever it depends on that changed.
+
+    Args:
+        force: re-run {stage} even when nothing changed, and only {stage} (DVC's
+            `--force --single-item`: its inputs are taken as they are).
+        push: push the outputs and the run cache to the DVC remote after a success.
+        repo: the repository (a folder on the worker) to run `dvc repro` in.
+    """
+    return flow(name="stage")(run)
+
+
+# One module-level flow per stage: the deployments' entrypoints (prefect.yaml).
+synth_stage = _stage_flow("synth")
+prepare_stage = _stage_flow("prepare")
+stats_stage = _stage_flow("stats")
+pack_stage = _stage_flow("pack")
+train_stage = _stage_flow("train")
+evaluate_stage = _stage_flow("evaluate")
+STAGE_FLOWS: dict[str, Flow] = {stage: globals()[f"{stage}_stage"] for stage in STAGES}
 
 
 @flow(name="pipeline")
-def pipeline_flow(until: Stage | None = None, force: bool = False, repo: str = ".") -> dict:
-    """`dvc repro`: the whole chain (or up to `until`), re-running only what changed."""
-    return _run(repo, until, force, "pipeline")
+def pipeline_flow(
+    until: Stage | None = None, force: bool = False, push: bool = True, repo: str = "."
+) -> dict:
+    """`dvc repro`: the whole chain (or up to `until`), re-running only what changed.
+
+    Args:
+        until: the last stage to run (empty: the whole chain, up to evaluate).
+        force: re-run every stage of the chain up to `until`, changed or not (on
+            ImageNet: hours of training). To re-run one stage, use its own deployment.
+        push: push the outputs and the run cache to the DVC remote after a success.
+        repo: the repository (a folder on the worker) to run `dvc repro` in.
+    """
+    return _run(repo, until, force, "pipeline", push)
 
 
 @flow(name="retrain")
-def retrain_flow(repo: str = ".") -> dict:
+def retrain_flow(late_after_minutes: int | None = None, push: bool = True, repo: str = ".") -> dict:
     """The scheduled retraining: `dvc repro`. New images in the raw folder re-run the
     chain from prepare; with nothing new it finishes at once. The artifact compares the
-    metrics with the run before."""
-    return _run(repo, None, False, "retrain")
+    metrics with the run before.
+
+    Args:
+        late_after_minutes: skip the run when it starts this many minutes after its
+            scheduled time (after downtime, or behind a long run), instead of stacking
+            (empty: params.yaml's serve.late_after_minutes).
+        push: push the outputs and the run cache to the DVC remote after a success.
+        repo: the repository (a folder on the worker) to run `dvc repro` in.
+    """
+    if late_after_minutes is None:
+        late_after_minutes = load_params(Path(repo) / "params.yaml").serve.late_after_minutes
+    late = lateness(flow_run.scheduled_start_time)
+    if late > timedelta(minutes=late_after_minutes):
+        get_run_logger().warning(
+            "skipped: started %s after its scheduled time (late_after_minutes=%d)",
+            late,
+            late_after_minutes,
+        )
+        return {"ran": [], "metrics": {}, "pushed": False, "skipped": True}
+    return _run(repo, None, False, "retrain", push)
+
+
+def lateness(scheduled: datetime | None, now: datetime | None = None) -> timedelta:
+    """How long after `scheduled` a run starts (a run started by hand is scheduled for
+    when it was created)."""
+    if scheduled is None:
+        return timedelta(0)
+    return max((now or datetime.now(UTC)) - scheduled, timedelta(0))

@@ -1,47 +1,66 @@
-"""`alexnet serve`: the deployments the Prefect UI runs, served from this process.
+"""`alexnet serve`: the deployments of prefect.yaml, served from this process.
 
-One deployment per stage (`stage/<name>`), `pipeline/pipeline` (the whole chain) and
-`retrain/retrain` (the pipeline on the cron schedule of params `serve`). Each runs
-`dvc repro` in the repository `alexnet serve` was started in.
+prefect.yaml declares the deployments once, for `prefect deploy --all` and its workers;
+`alexnet serve` reads it and serves the same flows, names, tags and schedules on one
+machine, without work pools: each run does `dvc repro` in the repository `alexnet serve`
+was started in. The schedules' `{{ step.stdout }}` placeholders are the values of the
+build steps `alexnet param KEY`, read here from params.yaml as `prefect deploy` would.
 """
 
 from __future__ import annotations
 
+import importlib
+import shlex
 from pathlib import Path
 
-from prefect import serve
+import yaml
+from prefect import Flow, serve
 from prefect.schedules import Cron
+from prefect.utilities.templating import apply_values
 
-from alexnet.params import ServeParams
-from alexnet.repro import STAGES
-from flows.pipeline import pipeline_flow, retrain_flow, stage_flow
+from alexnet.params import Params, param_value
+
+SPEC = "prefect.yaml"
 
 
-def deployments(repo: Path, params: ServeParams) -> list:
+def flow_at(entrypoint: str) -> Flow:
+    """The flow of an entrypoint `path/to/module.py:name`."""
+    path, name = entrypoint.split(":")
+    return getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
+
+
+def param_outputs(spec: dict, params: Params) -> dict[str, dict[str, str]]:
+    """{step id: {"stdout": value}} of the build steps that print a parameter."""
+    outputs = {}
+    for step in spec.get("build") or []:
+        (inputs,) = step.values()
+        words = shlex.split(inputs.get("script", ""))
+        if words[:2] == ["alexnet", "param"] and len(words) == 3:
+            outputs[inputs["id"]] = {"stdout": str(param_value(params, words[2]))}
+    return outputs
+
+
+def _cron(schedule: dict) -> Cron:
+    """A prefect.yaml schedule (`cron:`, `timezone:`): the only kind the file uses."""
+    options = {key: value for key, value in schedule.items() if key != "cron"}
+    return Cron(schedule["cron"], **options)
+
+
+def deployments(repo: Path, params: Params) -> list:
+    spec = yaml.safe_load((repo / SPEC).read_text())
+    values = param_outputs(spec, params)
     where = {"repo": str(Path(repo).resolve())}
-    stages = [
-        stage_flow.to_deployment(
-            name=stage,
-            parameters={"stage": stage, **where},
-            description=f"dvc repro {stage}",
-            tags=["stage"],
-        )
-        for stage in STAGES
-    ]
     return [
-        *stages,
-        pipeline_flow.to_deployment(
-            name="pipeline", parameters=where, description="dvc repro: the whole chain"
-        ),
-        retrain_flow.to_deployment(
-            name="retrain",
-            parameters=where,
-            schedules=[Cron(params.retrain_cron, timezone=params.timezone)],
-            description="dvc repro on a schedule",
-        ),
+        flow_at(entry["entrypoint"]).to_deployment(
+            name=entry["name"],
+            parameters={**entry.get("parameters", {}), **where},
+            tags=entry.get("tags"),
+            schedules=[_cron(s) for s in apply_values(entry.get("schedules") or [], values)],
+        )
+        for entry in spec["deployments"]
     ]
 
 
-def serve_all(repo: Path, params: ServeParams) -> None:
+def serve_all(repo: Path, params: Params) -> None:
     """Register the deployments and run their flow runs until interrupted (Ctrl-C)."""
     serve(*deployments(repo, params))

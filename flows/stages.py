@@ -17,13 +17,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from alexnet.errors import AlexnetError, Interrupted
-from alexnet.params import Params, PrepareParams, TrainParams, load_params
+from alexnet.params import Params, PrepareParams, TrainParams, load_params, param_value
 from alexnet.runtime import configure
 from tasks.quiet import quiet_console_tracebacks
 
@@ -191,14 +191,9 @@ def resolve_paths(stage: Stage, given: dict[str, Path | None], params: Params) -
     for arg in stage.paths:
         value = given.get(arg.name)
         if value is None:
-            value = _param(params, arg.default) if arg.from_params else arg.default
+            value = param_value(params, arg.default) if arg.from_params else arg.default
         paths[arg.name] = str(value)
     return paths
-
-
-def _param(params: Params, key: str) -> Any:
-    section, name = key.split(".")
-    return getattr(getattr(params, section), name)
 
 
 def run_stage(stage: Stage, paths: dict[str, str], params: Params, flow: Callable | None = None):

@@ -31,7 +31,8 @@ COMMANDS = {  # command: words its help must say
     "train": "paper's recipe",
     "evaluate": "10-crop",
     "predict": "Reads only the model file",
-    "serve": "deployments",
+    "serve": "deployments of prefect.yaml",
+    "param": "one parameter's value",
     "doctor": "what the pipeline runs on",
 }
 
@@ -53,6 +54,17 @@ def test_each_stage_command_shows_the_tables_default_paths(stage):
         shown = f"params {arg.default}" if arg.from_params else arg.default
         assert shown in text, (stage, arg.name)
     assert ("--workers" in text) == STAGES[stage].parallel
+
+
+def test_param_prints_a_validated_value_and_names_a_wrong_key(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("serve:\n  retrain_cron: '15 4 * * 2'\n")
+    result = runner.invoke(app, ["param", "serve.retrain_cron", "-p", str(params)])
+    assert result.exit_code == 0 and result.output == "15 4 * * 2\n"
+    default = runner.invoke(app, ["param", "serve.late_after_minutes", "-p", str(params)])
+    assert default.output == "60\n"  # the schema's default fills in
+    wrong = runner.invoke(app, ["param", "serve.cron", "-p", str(params)])
+    assert wrong.exit_code == 1 and "no parameter 'serve.cron'" in wrong.output
 
 
 def test_doctor_names_the_imaging_library_and_devices():

@@ -87,6 +87,22 @@ def test_dvc_repro_runs_the_chain_and_reruns_only_what_changed(tmp_path, prefect
     retrained = retrain_flow(repo=str(repo))
     assert retrained["ran"] == ["train", "evaluate"]
     assert retrained["metrics"]["metrics/eval.json:images"] == 4 and status_clean(repo)
+    # It pushed to the default remote (next to the repository): a second clone pulls
+    # every output back, and nothing is left to run.
+    assert retrained["pushed"]
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "retrained"], cwd=repo, check=True)
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    pulled = subprocess.run(
+        [sys.executable, "-m", "dvc", "pull"], cwd=clone, capture_output=True, text=True
+    )
+    assert pulled.returncode == 0, pulled.stderr
+    assert dvc_status(clone) == {}
+    assert (clone / "models" / "alexnet.pt").read_bytes() == (
+        repo / "models" / "alexnet.pt"
+    ).read_bytes()
 
 
 def free_port() -> int:
@@ -179,10 +195,10 @@ def test_prefect_ui_path_serve_deployments_and_a_triggered_stage(tmp_path):
         assert sorted(by_name) == sorted(names)
         crons = [s["schedule"].get("cron") for s in by_name["retrain"]["schedules"]]
         assert crons == ["15 4 * * 2"]
-        assert by_name["prepare"]["parameters"]["stage"] == "prepare"
-        assert by_name["prepare"]["parameter_openapi_schema"]["properties"]["force"]["type"] == (
-            "boolean"
-        )
+        # The run form: every field says what it does, and a stage's has no stage to edit.
+        form = by_name["prepare"]["parameter_openapi_schema"]["properties"]
+        assert sorted(form) == ["force", "push", "repo"] and form["force"]["type"] == "boolean"
+        assert all(field.get("description") for field in form.values())
         run = api(url, f"/deployments/{by_name['prepare']['id']}/create_flow_run", {})
         state = wait_for(
             lambda: (

@@ -1,0 +1,46 @@
+"""prefect.yaml, the one list of deployments: a deployment per stage on the pool of its
+kind of work, forms that explain themselves, and `alexnet serve` serving the same list."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from alexnet.params import parse_params
+from alexnet.repro import STAGES
+from flows.pipeline import STAGE_FLOWS
+from flows.serve import deployments, flow_at
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = yaml.safe_load((REPO / "prefect.yaml").read_text())
+DATA_STAGES = ("synth", "prepare", "stats", "pack")
+
+
+def test_one_deployment_per_stage_on_its_pool_then_pipeline_and_retrain():
+    entries = {entry["name"]: entry for entry in SPEC["deployments"]}
+    assert list(entries) == [*STAGES, "pipeline", "retrain"]
+    for stage in STAGES:
+        assert flow_at(entries[stage]["entrypoint"]) is STAGE_FLOWS[stage]
+        pool = "alexnet-data" if stage in DATA_STAGES else "alexnet-gpu"
+        assert entries[stage]["work_pool"]["name"] == pool, stage
+    assert flow_at(entries["retrain"]["entrypoint"]).name == "retrain"
+
+
+def test_every_field_of_every_run_form_says_what_it_does():
+    for entry in SPEC["deployments"]:
+        form = flow_at(entry["entrypoint"]).parameters.properties
+        assert form and all(field.get("description") for field in form.values()), entry["name"]
+        assert "stage" not in form  # a stage's deployment runs that stage
+    until = flow_at("flows/pipeline.py:pipeline_flow").parameters.properties["until"]
+    assert "the whole chain" in until["description"]
+
+
+def test_serve_serves_the_same_deployments_with_the_cron_from_params(tmp_path):
+    params = parse_params({"serve": {"retrain_cron": "15 4 * * 2", "timezone": "Europe/Paris"}})
+    served = {d.name: d for d in deployments(REPO, params)}
+    assert list(served) == [entry["name"] for entry in SPEC["deployments"]]
+    assert all(d.parameters == {"repo": str(REPO)} for d in served.values())
+    (schedule,) = served["retrain"].schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == ("15 4 * * 2", "Europe/Paris")
+    assert not served["train"].schedules

@@ -1,0 +1,206 @@
+"""`dvc repro` as the deployments run it (alexnet/repro.py), on a two-stage DVC project
+of shell commands: what `force` re-runs, the line a failure is reported with, a stopped
+run that leaves no stage behind, and the remote another clone pulls from."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alexnet.repro import ReproError, _cause, push_outputs, repro, repro_args, status_clean
+from flows.pipeline import lateness
+
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+
+
+# Stage `a` writes out/a; `b` copies it to out/b. Each appends its name to ../runs.log
+# (outside the project: DVC does not track it), so a test sees which commands ran.
+def dvc_yaml(a: str) -> str:
+    b = "cp out/a out/b && echo b >> ../runs.log"
+    stages = {
+        "a": {"cmd": a, "deps": ["input"], "outs": ["out/a"]},  # no deps: no run cache
+        "b": {"cmd": b, "deps": ["out/a"], "outs": ["out/b"]},
+    }
+    return yaml.safe_dump({"stages": stages})
+
+
+def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True
+    )
+
+
+def project(root: Path, a: str = "mkdir -p out && echo a > out/a && echo a >> ../runs.log"):
+    """A git + DVC project at root/project whose default remote is root/remote."""
+    repo = root / "project"
+    repo.mkdir(parents=True)
+    (repo / "dvc.yaml").write_text(dvc_yaml(a))
+    (repo / "input").write_text("input\n")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    assert dvc("init", "-q", cwd=repo).returncode == 0
+    assert dvc("remote", "add", "-d", "shared", "../remote", cwd=repo).returncode == 0
+    subprocess.run([*GIT, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "project"], cwd=repo, check=True)
+    return repo
+
+
+def runs(repo: Path) -> list[str]:
+    log = repo.parent / "runs.log"
+    return log.read_text().split() if log.exists() else []
+
+
+def test_force_on_a_stage_reruns_it_alone_and_on_the_chain_all_of_it(tmp_path):
+    repo = project(tmp_path)
+    assert repro(repo, log=lambda line: None) == ["a", "b"]
+    assert repro(repo, "b", log=lambda line: None) == []  # up to date
+    assert repro(repo, "b", force=True, single=True, log=lambda line: None) == ["b"]
+    assert repro(repo, "b", force=True, log=lambda line: None) == ["a", "b"]
+    assert runs(repo) == ["a", "b", "b", "a", "b"]
+    assert repro_args("b", force=True, single=True) == ["repro", "--force", "--single-item", "b"]
+    assert repro_args(None, force=True, single=True) == ["repro", "--force"]
+
+
+def test_a_failure_is_reported_with_the_line_that_says_why(tmp_path):
+    repo = project(tmp_path, a="echo 'error: raw folder data/raw does not exist' && exit 1")
+    with pytest.raises(ReproError, match=r"failed in .*: error: raw folder data/raw does not"):
+        repro(repo, log=lambda line: None)
+    # Without a stage's own line, DVC's ERROR line, not its last (a hint), is the cause.
+    assert _cause("ERROR: failed to reproduce 'a': is busy", "") == (
+        "ERROR: failed to reproduce 'a': is busy"
+    )
+    assert _cause("ERROR: a later one", "ERROR: the first") == "ERROR: the first"
+    assert _cause("error: the stage's own", "ERROR: dvc's") == "error: the stage's own"
+    # Neither (DVC on an invalid dvc.yaml): the last lines, together.
+    (repo / "dvc.yaml").write_text("stages:\n  a:\n    cmd: echo a: b\n")
+    with pytest.raises(ReproError, match=r"dvc.yaml' is invalid\. \| Mapping values"):
+        repro(repo, log=lambda line: None)
+
+
+def test_a_second_repro_on_the_repository_fails_with_dvcs_reason(tmp_path):
+    # What the deployments' shared concurrency limit prevents: DVC's lock on the repository.
+    repo = project(tmp_path, a="sleep 5 && mkdir -p out && echo a > out/a")
+    first = threading.Thread(target=repro, args=(repo,), kwargs={"log": lambda line: None})
+    first.start()
+    deadline = time.monotonic() + 30
+    while not (repo / ".dvc" / "tmp" / "rwlock").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    with pytest.raises(ReproError, match="ERROR: .*(busy|lock)"):
+        repro(repo, log=lambda line: None)
+    first.join()
+
+
+def test_stopping_the_caller_stops_the_stage_dvc_started(tmp_path):
+    # The stage ignores nothing and sleeps; the caller is stopped as Prefect stops a
+    # cancelled run: SIGTERM, which its engine turns into an exception in the flow.
+    stage = "mkdir -p out && echo $$ > ../stage.pid && sleep 600 && echo a > out/a"
+    repo = project(tmp_path, a=stage)
+    caller = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import signal, sys
+                from pathlib import Path
+                from alexnet.repro import repro
+                signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+                repro(Path({str(repo)!r}), log=lambda line: None)
+                """
+            ),
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    pid_file = tmp_path / "stage.pid"
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stage_pid = int(pid_file.read_text())
+    caller.send_signal(signal.SIGTERM)
+    assert caller.wait(timeout=60) == 143
+    with pytest.raises(ProcessLookupError):
+        os.kill(stage_pid, 0)  # gone, not orphaned and still writing
+    assert not (repo / "out" / "a").exists()
+
+
+def test_a_second_clone_pulls_the_outputs_and_restores_stages_from_the_run_cache(tmp_path):
+    repo = project(tmp_path)
+    assert repro(repo, log=lambda line: None) == ["a", "b"]
+    logged = []
+    assert push_outputs(repo, logged.append)
+    assert (tmp_path / "remote").is_dir()  # made by the first push
+    # A clone at the commit before dvc.lock: `dvc repro --pull` finds both stages in the
+    # pushed run cache and restores their outputs without running them.
+    before_lock = tmp_path / "before-lock"
+    subprocess.run(["git", "clone", "-q", str(repo), str(before_lock)], check=True)
+    restored = dvc("repro", "--pull", cwd=before_lock)
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert runs(repo) == ["a", "b"]  # no stage ran again
+    assert (before_lock / "out" / "b").read_text() == "a\n"
+    # A clone of the commit with dvc.lock: `dvc pull` brings back every output.
+    subprocess.run([*GIT, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "run"], cwd=repo, check=True)
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    assert dvc("pull", cwd=clone).returncode == 0
+    assert (clone / "out" / "b").read_text() == "a\n" and status_clean(clone)
+
+
+def test_no_remote_means_nothing_pushed_with_a_line_saying_so(tmp_path):
+    repo = project(tmp_path)
+    assert dvc("remote", "default", "--unset", cwd=repo).returncode == 0
+    logged = []
+    assert not push_outputs(repo, logged.append)
+    assert logged == ["no default DVC remote (dvc remote add -d): nothing pushed"]
+
+
+def test_lateness_of_a_scheduled_run():
+    now = datetime(2026, 12, 1, 3, 0, tzinfo=UTC)
+    assert lateness(now - timedelta(minutes=90), now) == timedelta(minutes=90)
+    assert lateness(now + timedelta(seconds=5), now) == timedelta(0)  # clocks differ
+    assert lateness(None, now) == timedelta(0)
+
+
+def test_two_runs_on_one_repository_take_turns_and_both_complete(tmp_path, prefect_server):
+    # Stage a takes 3 s and logs when it starts and ends; two forced pipeline runs are
+    # started together (as from the UI while the cron retrain runs).
+    stamp = 'echo "$1 $(date +%s.%N)" >> ../runs.log'
+    stage = f"sh -c '{stamp}' - start && sleep 3 && mkdir -p out && echo a > out/a"
+    repo = project(tmp_path, a=f"{stage} && sh -c '{stamp}' - end")
+    script = (
+        "from flows.pipeline import pipeline_flow; "
+        f"print(pipeline_flow(force=True, push=False, repo={str(repo)!r})['ran'])"
+    )
+    callers = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            cwd=Path(__file__).resolve().parents[1],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [caller.communicate(timeout=300)[0] for caller in callers]
+    for caller, output in zip(callers, outputs, strict=True):
+        assert caller.returncode == 0, output[-3000:]
+        assert "['a', 'b']" in output
+    lines = (tmp_path / "runs.log").read_text().split("\n")
+    events = [(line.split()[0], float(line.split()[1])) for line in lines if line[:1] in ("s", "e")]
+    # start, end, start, end: the second run's stage began after the first one's ended
+    assert [kind for kind, _ in sorted(events, key=lambda e: e[1])] == [
+        "start",
+        "end",
+        "start",
+        "end",
+    ]
