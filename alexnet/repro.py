@@ -18,12 +18,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+import yaml
+
 from alexnet.errors import AlexnetError
 
 Stage = Literal["synth", "prepare", "stats", "pack", "train", "evaluate"]
 STAGES: tuple[str, ...] = Stage.__args__  # the chain's order
 
 _RUNNING = re.compile(r"Running stage '([\w-]+)'")
+RESTORED = re.compile(r"Stage '([\w-]+)' is cached")  # from the run cache, not run
 
 
 STOP_GRACE_S = 30  # a stopped run's stages get this long to exit (train checkpoints)
@@ -44,6 +47,15 @@ def _environment() -> dict[str, str]:
     return {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
 
 
+def chain(repo: Path, until: str | None = None) -> list[str]:
+    """The stages of the repository's dvc.yaml in file order (each after the stages it
+    depends on, as the file is written), up to `until`."""
+    stages = list(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
+    if until is not None and until not in stages:
+        raise ReproError(f"no stage {until!r} in {repo / 'dvc.yaml'}")
+    return stages[: stages.index(until) + 1] if until else stages
+
+
 def repro_args(
     target: str | None = None, force: bool = False, single: bool = False, pull: bool = False
 ) -> list[str]:
@@ -62,6 +74,7 @@ def repro(
     log: Callable[[str], None] = print,
     single: bool = False,
     pull: bool = False,
+    env: dict[str, str] | None = None,
 ) -> list[str]:
     """`dvc repro` (`repro_args`) in `repo`, its output passed to `log` line by line;
     returns the stages that ran (none when everything was up to date). If the caller is
@@ -71,7 +84,7 @@ def repro(
         _dvc(repro_args(target, force, single, pull)),
         cwd=repo,
         stdout=subprocess.PIPE,
-        env=_environment(),
+        env={**_environment(), **(env or {})},
         stderr=subprocess.STDOUT,
         text=True,
         bufsize=1,

@@ -21,19 +21,25 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from uuid import UUID
 
-from prefect import Flow, flow, get_run_logger
+from prefect import Flow, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
+from prefect.context import TaskRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.runtime import flow_run
+from prefect.states import Completed, State
 
 from alexnet.params import load_params
 from alexnet.repro import (
+    RESTORED,
     STAGES,
     Stage,
+    chain,
     default_remote,
     metrics,
     metrics_diff,
@@ -41,6 +47,8 @@ from alexnet.repro import (
     repro,
     status_clean,
 )
+from flows.stages import PLANNED_RUN
+from flows.stages import STAGES as STAGE_TABLE
 
 
 def repository_key(repo: Path) -> str:
@@ -79,27 +87,84 @@ def one_run_at_a_time(repo: Path) -> Iterator[None]:
         yield
 
 
-def _run(
-    repo: str,
-    target: str | None,
-    force: bool,
-    key: str,
-    push: bool,
-    single: bool = False,
-) -> dict:
+@task(name="dvc-repro", task_run_name="{stage}", cache_policy=NO_CACHE)
+def repro_stage(stage: str, repo: str, force: bool, pull: bool) -> State:
+    """`dvc repro --single-item <stage>`, the previous stages being done. The stage's own
+    flow run is created here, as a child of this task, and handed to the stage command
+    (PLANNED_RUN), so its logs, progress and artifacts are one click from the pipeline's
+    run; the task ends as "Ran", "Restored" (from the run cache) or "Up to date"."""
+    logger = get_run_logger()
+    planned = _plan_stage_run(stage)
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        logger.info(line)
+
+    try:
+        env = {PLANNED_RUN: planned} if planned else {}
+        ran = repro(Path(repo), stage, force, log, single=True, pull=pull, env=env)
+    finally:
+        if planned:
+            _drop_if_unused(planned)
+    if ran:
+        return Completed(name="Ran", message=f"{stage} ran", data=stage)
+    if any(RESTORED.search(line) for line in lines):
+        return Completed(name="Restored", message=f"{stage} restored from the run cache")
+    return Completed(name="Up to date", message=f"{stage} was up to date")
+
+
+def _plan_stage_run(stage: str) -> str | None:
+    """A flow run of the stage's flow, child of the running task, for its command to run
+    (none for a stage of dvc.yaml that is not one of the pipeline's own)."""
+    if stage not in STAGE_TABLE:
+        return None
+    parent = TaskRunContext.get().task_run.id
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(STAGE_TABLE[stage].flow(), parent_task_run_id=parent)
+    return str(run.id)
+
+
+def _drop_if_unused(flow_run_id: str) -> None:
+    """Delete the planned run when DVC did not run the stage (it never left Pending)."""
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(UUID(flow_run_id))
+        if run.state is None or run.state.is_pending() or run.state.is_scheduled():
+            client.delete_flow_run(run.id)
+
+
+def _run(repo: str, until: str | None, force: str, key: str, push: bool) -> dict:
+    """The chain up to `until` (alexnet.repro.chain), a task per stage, each waiting for
+    the one before; `force`: "none", "last" (the stage `until`) or "all"."""
     logger = get_run_logger()
     root = Path(repo).resolve()
+    stages = chain(root, until)
+    forced = {"none": set(), "last": set(stages[-1:]), "all": set(stages)}[force]
     with one_run_at_a_time(root):
         before = metrics(root)
-        remote = default_remote(root) is not None
-        ran = repro(root, target, force, logger.info, single=single, pull=remote)
+        pull = default_remote(root) is not None
+        previous, ran = None, []
+        for stage in stages:
+            previous = repro_stage.submit(
+                stage, str(root), stage in forced, pull, wait_for=[previous] if previous else []
+            )
+            previous.wait()
+            if previous.state.is_failed():
+                previous.result()  # raises the stage's error
+            if previous.state.name == "Ran":
+                ran.append(stage)
         after = metrics(root)
         pushed = push and push_outputs(root, logger.info)
-    changes = metrics_diff(before, after)
     if ran:
         logger.info("stages run: %s", ", ".join(ran))
     else:
         logger.info("nothing changed: data and pipelines are up to date")
+    _publish(key, metrics_diff(before, after), ran, status_clean(root), pushed)
+    return {"ran": ran, "metrics": after, "pushed": pushed}
+
+
+def _publish(key: str, changes: list[dict], ran: list[str], clean: bool, pushed: bool) -> None:
+    """The run's artifacts: the metrics that changed, and what `dvc repro` did."""
     rows = [row for row in changes if row["change"] != 0] or changes
     if rows:
         create_table_artifact(
@@ -113,27 +178,26 @@ def _run(
             "",
             f"Stages run: {', '.join(ran) or 'none (up to date)'}",
             "",
-            f"`dvc status` clean: {status_clean(root)}",
+            f"`dvc status` clean: {clean}",
             "",
             f"Pushed to the DVC remote: {'yes' if pushed else 'no'}",
         ]
     )
     create_markdown_artifact(summary, key=f"{key}-run", description="What dvc repro did")
-    return {"ran": ran, "metrics": after, "pushed": pushed}
 
 
 def _stage_flow(stage: str) -> Flow:
     """The flow of one stage's deployment: its form has no stage to change."""
 
     def run(force: bool = False, push: bool = True, repo: str = ".") -> dict:
-        return _run(repo, stage, force, f"stage-{stage}", push, single=force)
+        return _run(repo, stage, "last" if force else "none", f"stage-{stage}", push)
 
     run.__name__ = run.__qualname__ = f"{stage}_stage"
     run.__doc__ = f"""`dvc repro {stage}`: the stage, after whatever it depends on that changed.
 
     Args:
-        force: re-run {stage} even when nothing changed, and only {stage} (DVC's
-            `--force --single-item`: its inputs are taken as they are).
+        force: re-run {stage} even when nothing changed (the stages before it run
+            only if they changed, as without force).
         push: push the outputs and the run cache to the DVC remote after a success.
         repo: the repository (a folder on the worker) to run `dvc repro` in.
     """
@@ -163,7 +227,7 @@ def pipeline_flow(
         push: push the outputs and the run cache to the DVC remote after a success.
         repo: the repository (a folder on the worker) to run `dvc repro` in.
     """
-    return _run(repo, until, force, "pipeline", push)
+    return _run(repo, until, "all" if force else "none", "pipeline", push)
 
 
 @flow(name="retrain")
@@ -189,7 +253,7 @@ def retrain_flow(late_after_minutes: int | None = None, push: bool = True, repo:
             late_after_minutes,
         )
         return {"ran": [], "metrics": {}, "pushed": False, "skipped": True}
-    return _run(repo, None, False, "retrain", push)
+    return _run(repo, None, "none", "retrain", push)
 
 
 def lateness(scheduled: datetime | None, now: datetime | None = None) -> timedelta:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
+from uuid import UUID
 
 import typer
 from rich.console import Console
@@ -27,7 +29,10 @@ from alexnet.params import Params, PrepareParams, TrainParams, load_params, para
 from alexnet.runtime import configure
 from tasks.quiet import quiet_console_tracebacks
 
-console = Console(stderr=True, soft_wrap=True)  # one error = one line, however long
+console = Console(stderr=True, soft_wrap=True)
+# The id of a flow run a pipeline run created for this stage, as a child of its task
+# (flows/pipeline.py): the stage command runs that one instead of a new one.
+PLANNED_RUN = "ALEXNET_PLANNED_FLOW_RUN"  # one error = one line, however long
 
 
 @dataclass(frozen=True)
@@ -198,16 +203,26 @@ def resolve_paths(stage: Stage, given: dict[str, Path | None], params: Params) -
 
 def run_stage(stage: Stage, paths: dict[str, str], params: Params, flow: Callable | None = None):
     """Run the stage's flow on the task runner the params choose, against one Prefect
-    API for the whole run (flows/server.py); returns the flow's result."""
+    API for the whole run (flows/server.py); returns the flow's result. When a pipeline
+    run planned this stage's flow run (its id in PLANNED_RUN), that run is the one run."""
     from flows.runners import task_runner
     from flows.server import prefect_api
 
-    flow = flow or stage.flow()
-    runner = task_runner(params.compute.scheduler, params.compute.workers)
-    sections = {name: getattr(params, name) for name in stage.sections}
+    flow = (flow or stage.flow()).with_options(
+        task_runner=task_runner(params.compute.scheduler, params.compute.workers)
+    )
+    arguments = {**paths, **{name: getattr(params, name) for name in stage.sections}}
+    planned = os.environ.pop(PLANNED_RUN, None)  # not for this process's children
     quiet_console_tracebacks()
     with prefect_api():
-        return flow.with_options(task_runner=runner)(**paths, **sections)
+        if not planned:
+            return flow(**arguments)
+        from prefect.client.orchestration import get_client
+        from prefect.flow_engine import run_flow
+
+        with get_client(sync_client=True) as client:
+            flow_run = client.read_flow_run(UUID(planned))
+        return run_flow(flow, flow_run=flow_run, parameters=arguments)
 
 
 def command(stage: Stage, flow: Callable | None = None) -> Callable[..., None]:

@@ -84,8 +84,19 @@ def test_dvc_repro_runs_the_chain_and_reruns_only_what_changed(tmp_path, prefect
     # A retrain after a changed train param runs train and evaluate only, and reports
     # the metrics of the new model.
     edit("train", lr=0.02)
-    retrained = retrain_flow(repo=str(repo))
+    state = retrain_flow(repo=str(repo), return_state=True)
+    retrained = state.result()
     assert retrained["ran"] == ["train", "evaluate"]
+    # The run as the UI shows it: a task per stage in chain order, each marked, and the
+    # stages that ran have their own flow run as a child of their task.
+    tasks, children = stage_tasks(state.state_details.flow_run_id)
+    assert [t.name for t in tasks] == list(STAGES)
+    assert [t.state.name for t in tasks] == ["Up to date"] * 4 + ["Ran", "Ran"]
+    assert {name: run.state.type.value for name, run in children.items()} == {
+        "train": "COMPLETED",
+        "evaluate": "COMPLETED",
+    }
+    assert all(run.parent_task_run_id in {t.id for t in tasks} for run in children.values())
     assert retrained["metrics"]["metrics/eval.json:images"] == 4 and status_clean(repo)
     # It pushed to the default remote (next to the repository): a second clone pulls
     # every output back, and nothing is left to run.
@@ -103,6 +114,29 @@ def test_dvc_repro_runs_the_chain_and_reruns_only_what_changed(tmp_path, prefect
     assert (clone / "models" / "alexnet.pt").read_bytes() == (
         repo / "models" / "alexnet.pt"
     ).read_bytes()
+
+
+def stage_tasks(flow_run_id) -> tuple[list, dict]:
+    """A pipeline run's task runs in start order, and its child flow runs by flow name."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentTaskRunId,
+    )
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+        )
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[t.id for t in tasks])
+            )
+        )
+        names = {f.id: f.name for f in client.read_flows()}
+    return tasks, {names[run.flow_id]: run for run in children}
 
 
 def free_port() -> int:

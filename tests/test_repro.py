@@ -17,7 +17,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alexnet.repro import ReproError, _cause, push_outputs, repro, repro_args, status_clean
+from alexnet.repro import (
+    STAGES,
+    ReproError,
+    _cause,
+    chain,
+    push_outputs,
+    repro,
+    repro_args,
+    status_clean,
+)
 from flows.pipeline import lateness
 
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
@@ -162,6 +171,15 @@ def test_no_remote_means_nothing_pushed_with_a_line_saying_so(tmp_path):
     logged = []
     assert not push_outputs(repo, logged.append)
     assert logged == ["no default DVC remote (dvc remote add -d): nothing pushed"]
+
+
+def test_the_chain_is_dvc_yamls_stages_in_order(tmp_path):
+    repo = project(tmp_path)
+    assert chain(repo) == ["a", "b"] and chain(repo, "a") == ["a"]
+    with pytest.raises(ReproError, match="no stage 'c'"):
+        chain(repo, "c")
+    main = Path(__file__).resolve().parents[1]
+    assert chain(main) == list(STAGES)  # the pipeline's own dvc.yaml: the six, in order
 
 
 def test_lateness_of_a_scheduled_run():
