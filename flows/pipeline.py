@@ -2,15 +2,16 @@
 run from the UI and a `dvc repro` at the terminal never disagree (alexnet/repro.py).
 
 - `stage` (one flow per stage, all named "stage"): one stage of the chain, after
-  whatever it needs that changed; `force` re-runs that stage alone;
+  whatever it needs that changed; `force` re-runs that stage even if unchanged;
 - `pipeline`: the whole chain, or up to one stage; `force` re-runs all of it;
 - `retrain`: the pipeline on a schedule; with no new data it does nothing, quickly, and a
   run that starts too late (after downtime) is skipped rather than stacked.
 
-Runs on one repository take turns (a Prefect global concurrency limit of 1 per
-repository: DVC locks the repository, so a second `dvc repro` would fail), and each
-successful run pushes what it produced to the DVC remote. Each publishes the metrics (and
-what changed since the run before) as an artifact.
+Each runs the chain as one task per stage (`dvc repro --single-item`), the stage's own
+flow run a child of its task. Runs on one repository take turns (a Prefect global
+concurrency limit of 1 per repository: DVC locks the repository, so a second `dvc
+repro` would fail), and each successful run pushes what it produced to the DVC remote.
+Each publishes the metrics (and what changed since the run before) as an artifact.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def repro_stage(stage: str, repo: str, force: bool, pull: bool) -> State:
         if planned:
             _drop_if_unused(planned)
     if ran:
-        return Completed(name="Ran", message=f"{stage} ran", data=stage)
+        return Completed(name="Ran", message=f"{stage} ran")
     if any(RESTORED.search(line) for line in lines):
         return Completed(name="Restored", message=f"{stage} restored from the run cache")
     return Completed(name="Up to date", message=f"{stage} was up to date")

@@ -4,11 +4,12 @@ tests call are in tests/helpers.py."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from alexnet.runtime import configure
-from tests.helpers import tiny_training_data
+from tests.helpers import SHARDS, TINY, tiny_training_data
 
 configure()  # as every entry point does
 
@@ -38,3 +39,26 @@ def prefect_server():
 def data(tmp_path_factory):
     """lmdb/{train,val} and stats/ of two classes of 256x256 blobs (10 + 4 images)."""
     return tiny_training_data(tmp_path_factory.mktemp("train-data"))
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory, prefect_server) -> Path:
+    """The demo dataset, drawn by the synth flow on a 2-process pool."""
+    from flows.runners import task_runner
+    from flows.synth import synth_flow
+
+    out = tmp_path_factory.mktemp("synth") / "raw"
+    result = synth_flow.with_options(task_runner=task_runner(None, 2))(str(out), TINY)
+    assert result == {"images": 3 * 6 + 3 * 2, "oddities": 6, "path": str(out)}
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(raw, tmp_path_factory) -> tuple[Path, dict]:
+    """prepare on one worker: what every other way of running must reproduce bit for bit."""
+    from flows.prepare import prepare_flow
+    from flows.runners import task_runner
+
+    out = tmp_path_factory.mktemp("prep") / "one"
+    counts = prepare_flow.with_options(task_runner=task_runner(None, 1))(str(raw), str(out), SHARDS)
+    return out, counts

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from alexnet.params import PrepareParams, SynthParams
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -183,3 +185,12 @@ def run_python(code: str, env: dict | None = None):
         timeout=300,
         env=env,
     )
+
+
+# The demo dataset of the flow tests (the `raw` and `reference` fixtures, conftest.py).
+TINY = SynthParams(classes=3, train_per_class=6, val_per_class=2, max_side=400, oddities=1)
+SHARDS = PrepareParams(shard_size=4, max_skipped=0.2)  # 3 of 30 demo files are broken
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.tar"))}

@@ -12,38 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from alexnet.params import PrepareParams, SynthParams
+from alexnet.params import PrepareParams
 from alexnet.prepare import PrepareError
 from flows.prepare import prepare_flow
 from flows.runners import task_runner
 from flows.synth import synth_flow
-from tests.helpers import REPO, jpeg, make_imagefolder
+from tests.helpers import REPO, SHARDS, TINY, jpeg, make_imagefolder, shard_bytes
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-
-TINY = SynthParams(classes=3, train_per_class=6, val_per_class=2, max_side=400, oddities=1)
-SHARDS = PrepareParams(shard_size=4, max_skipped=0.2)  # 3 of 30 demo files are broken
-
-
-def shard_bytes(out: Path) -> dict[str, bytes]:
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.tar"))}
-
-
-@pytest.fixture(scope="module")
-def raw(tmp_path_factory) -> Path:
-    """The demo dataset, drawn by the synth flow on a 2-process pool."""
-    out = tmp_path_factory.mktemp("synth") / "raw"
-    result = synth_flow.with_options(task_runner=task_runner(None, 2))(str(out), TINY)
-    assert result == {"images": 3 * 6 + 3 * 2, "oddities": 6, "path": str(out)}
-    return out
-
-
-@pytest.fixture(scope="module")
-def reference(raw, tmp_path_factory) -> tuple[Path, dict]:
-    """prepare on one worker: what every other way of running must reproduce bit for bit."""
-    out = tmp_path_factory.mktemp("prep") / "one"
-    counts = prepare_flow.with_options(task_runner=task_runner(None, 1))(str(raw), str(out), SHARDS)
-    return out, counts
 
 
 def test_synth_is_deterministic_across_worker_counts(raw, tmp_path):

@@ -1,0 +1,122 @@
+"""The data stages on a real Dask cluster: a `dask scheduler` and two `dask worker`
+processes started on their own (as on a team's nodes, here on 127.0.0.1), reached by
+address. prepare, stats and pack through it give the bytes of the process pool."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from alexnet.params import ComputeParams, PackParams, PrepareParams
+from flows.pack import pack_flow
+from flows.prepare import prepare_flow
+from flows.runners import task_runner
+from flows.stats import stats_flow
+from tests.helpers import REPO, SHARDS, shard_bytes
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(*command: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", *command],
+        cwd=REPO,
+        env=os.environ,  # the session's Prefect API: the tasks report to it
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """tcp://127.0.0.1:PORT of a scheduler with two single-threaded workers."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    processes = [
+        start(
+            "distributed.cli.dask_scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dashboard-address",
+            ":0",
+        ),
+    ]
+    processes += [
+        start(
+            "distributed.cli.dask_worker",
+            address,
+            "--nthreads",
+            "1",
+            "--nworkers",
+            "1",
+            "--dashboard-address",
+            ":0",
+            "--name",
+            f"node{i}",
+        )
+        for i in range(2)
+    ]
+    try:
+        from distributed import Client
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with Client(address, timeout=10) as client:
+                    client.wait_for_workers(2, timeout=60)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        yield address
+    finally:
+        for process in processes:
+            os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_prepare_stats_and_pack_on_a_cluster_give_the_process_pools_bytes(
+    raw, reference, cluster, tmp_path
+):
+    out = tmp_path / "prepared"
+    prepare_flow.with_options(task_runner=task_runner(cluster, 2))(str(raw), str(out), SHARDS)
+    assert shard_bytes(out) == shard_bytes(reference[0])
+    assert (out / "report.json").read_bytes() == (reference[0] / "report.json").read_bytes()
+
+    compute = ComputeParams(workers=2, window_mb=4)
+    results = {}
+    for name, runner in (("pool", task_runner(None, 2)), ("cluster", task_runner(cluster, 2))):
+        stats_flow.with_options(task_runner=runner)(
+            str(out / "train"), str(tmp_path / name / "stats"), PrepareParams(), compute
+        )
+        pack_flow.with_options(task_runner=runner)(
+            str(out), str(tmp_path / name / "lmdb"), PackParams(batch=4), PrepareParams(), compute
+        )
+        results[name] = {
+            p.relative_to(tmp_path / name).as_posix(): p.read_bytes()
+            for p in sorted((tmp_path / name).rglob("*"))
+            if p.is_file() and p.name != "lock.mdb"
+        }
+    assert sorted(results["pool"]) == sorted(results["cluster"])
+    assert "lmdb/train/data.mdb" in results["pool"] and "stats/mean.npy" in results["pool"]
+    assert results["pool"] == results["cluster"]
