@@ -4,6 +4,7 @@ the repository as a fresh git + DVC project, a tiny LMDB training set."""
 from __future__ import annotations
 
 import io
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -194,3 +195,10 @@ SHARDS = PrepareParams(shard_size=4, max_skipped=0.2)  # 3 of 30 demo files are 
 
 def shard_bytes(out: Path) -> dict[str, bytes]:
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.tar"))}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

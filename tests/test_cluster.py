@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,15 +17,9 @@ from flows.pack import pack_flow
 from flows.prepare import prepare_flow
 from flows.runners import task_runner
 from flows.stats import stats_flow
-from tests.helpers import REPO, SHARDS, shard_bytes
+from tests.helpers import REPO, SHARDS, free_port, shard_bytes
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(*command: str) -> subprocess.Popen:

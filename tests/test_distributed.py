@@ -4,6 +4,7 @@ trains with the same global batch."""
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from alexnet.errors import Interrupted
 from alexnet.params import TrainParams
 from alexnet.train import Trainer, TrainRun, load_history
 from flows.train import torchrun_command
-from tests.helpers import train_run
+from tests.helpers import free_port, train_run
 
 
 def two_epochs(data, folder: Path, **train) -> TrainRun:
@@ -148,3 +149,55 @@ def test_a_two_column_run_resumes_bit_for_bit_and_its_model_file_predicts(data, 
     placed = crop_probabilities(resumed.model, image, payload["mean"], 224).mean(1)[0]
     for entry in prediction.top:
         assert entry["probability"] == pytest.approx(float(placed[entry["index"]]), abs=1e-5)
+
+
+def test_two_torchrun_nodes_train_the_weights_of_one_and_resume_after_a_kill(data, tmp_path):
+    # Two nodes (two torchrun agents, one process each) meeting at a c10d rendezvous on
+    # 127.0.0.1, as `alexnet train` on each node with `nnodes: 2` runs them.
+    import psutil
+
+    one = Trainer(two_epochs(data, tmp_path / "one"))
+    while not one.finished():
+        one.run_epoch()
+
+    def nodes(run: TrainRun) -> list[subprocess.Popen]:
+        command = torchrun_command(run.train, run.model_dump_json())
+        return [
+            subprocess.Popen(
+                command,
+                cwd=Path(__file__).parents[1],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for _ in range(2)
+        ]
+
+    def two_nodes(port: int) -> TrainRun:
+        return two_epochs(
+            data, tmp_path / "two", nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}", checkpoint_every=1
+        )
+
+    first = nodes(two_nodes(free_port()))
+    run = two_nodes(0)
+    deadline = time.monotonic() + 240
+    while not run.checkpoint.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert run.checkpoint.exists(), "no checkpoint from the first run"
+    # kill -9 the training process of one node (its torchrun agent's child)
+    (worker,) = [c for c in psutil.Process(first[1].pid).children() if "alexnet.fit" in c.cmdline()]
+    worker.kill()
+    for node in first:
+        node.communicate(timeout=240)
+    assert any(node.returncode != 0 for node in first)
+    stopped = torch.load(run.checkpoint, weights_only=True)
+
+    again = nodes(two_nodes(free_port()))
+    outputs = [node.communicate(timeout=300)[0] for node in again]
+    for node, output in zip(again, outputs, strict=True):
+        assert node.returncode == 0, output[-3000:]
+    assert any(f"resuming from {run.checkpoint}" in output for output in outputs)
+    two = torch.load(run.model_path, weights_only=True)
+    for name, value in one.weights().items():
+        torch.testing.assert_close(two["state_dict"][name], value, rtol=1e-3, atol=5e-5, msg=name)
+    assert stopped["epoch"] < 2  # killed before the end

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import yaml
 from alexnet.imports import closure
 from alexnet.repro import STAGES, repro, status_clean
 from flows.pipeline import retrain_flow
-from tests.helpers import TINY_CHAIN, repo_copy
+from tests.helpers import TINY_CHAIN, free_port, repo_copy
 
 
 def dvc_repro(repo: Path) -> list[str]:
@@ -137,12 +136,6 @@ def stage_tasks(flow_run_id) -> tuple[list, dict]:
         )
         names = {f.id: f.name for f in client.read_flows()}
     return tasks, {names[run.flow_id]: run for run in children}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def api(url: str, path: str, body: dict | None = None, patience: float = 60) -> object:
