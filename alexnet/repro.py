@@ -154,11 +154,10 @@ def default_remote(repo: Path) -> str | None:
     return (done.stdout.strip() or None) if done.returncode == 0 else None
 
 
-def push_outputs(repo: Path, log: Callable[[str], None] = print) -> bool:
+def push_outputs(repo: Path, remote: str | None, log: Callable[[str], None] = print) -> bool:
     """`dvc push --run-cache`: the workspace's outputs, and the run cache (so that another
     clone's `dvc repro --pull` restores a stage instead of running it), to the default
-    remote; False, with a line saying so, when the repository has none."""
-    remote = default_remote(repo)
+    remote (`default_remote(repo)`); False, with a line saying so, when there is none."""
     if remote is None:
         log("no default DVC remote (dvc remote add -d): nothing pushed")
         return False

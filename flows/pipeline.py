@@ -61,16 +61,17 @@ def repository_key(repo: Path) -> str:
     return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else str(repo)
 
 
-def repository_limit(repo: Path) -> str:
-    """The name of the concurrency limit that the runs on `repo` share."""
-    return f"dvc-repro-{hashlib.sha256(repository_key(repo).encode()).hexdigest()[:16]}"
+def repository_limit(key: str) -> str:
+    """The name of the concurrency limit that the runs on the repository `key` share."""
+    return f"dvc-repro-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 @contextmanager
 def one_run_at_a_time(repo: Path) -> Iterator[None]:
     """Hold the repository's slot (created on first use, limit 1) while the body runs;
     a second run waits here, in the Running state, until the first lets go."""
-    name = repository_limit(repo)
+    key = repository_key(repo)
+    name = repository_limit(key)
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(name)
@@ -82,7 +83,7 @@ def one_run_at_a_time(repo: Path) -> Iterator[None]:
             except ObjectAlreadyExists:  # another run created it first
                 pass
     get_run_logger().info(
-        "waiting for the turn of %s (concurrency limit %s)", repository_key(repo), name
+        "taking the turn of %s (concurrency limit %s; a run holding it goes first)", key, name
     )
     with concurrency(name, occupy=1, strict=True):
         yield
@@ -96,10 +97,11 @@ def repro_stage(stage: str, repo: str, force: bool, pull: bool) -> State:
     run; the task ends as "Ran", "Restored" (from the run cache) or "Up to date"."""
     logger = get_run_logger()
     planned = _plan_stage_run(stage)
-    lines: list[str] = []
+    restored = False
 
     def log(line: str) -> None:
-        lines.append(line)
+        nonlocal restored
+        restored |= RESTORED.search(line) is not None
         logger.info(line)
 
     try:
@@ -110,7 +112,7 @@ def repro_stage(stage: str, repo: str, force: bool, pull: bool) -> State:
             _drop_if_unused(planned)
     if ran:
         return Completed(name="Ran", message=f"{stage} ran")
-    if any(RESTORED.search(line) for line in lines):
+    if restored:
         return Completed(name="Restored", message=f"{stage} restored from the run cache")
     return Completed(name="Up to date", message=f"{stage} was up to date")
 
@@ -143,11 +145,15 @@ def _run(repo: str, until: str | None, force: str, key: str, push: bool) -> dict
     forced = {"none": set(), "last": set(stages[-1:]), "all": set(stages)}[force]
     with one_run_at_a_time(root):
         before = metrics(root)
-        pull = default_remote(root) is not None
+        remote = default_remote(root)
         previous, ran = None, []
         for stage in stages:
             previous = repro_stage.submit(
-                stage, str(root), stage in forced, pull, wait_for=[previous] if previous else []
+                stage,
+                str(root),
+                stage in forced,
+                remote is not None,
+                wait_for=[previous] if previous else [],
             )
             previous.wait()
             if previous.state.is_failed():
@@ -155,7 +161,7 @@ def _run(repo: str, until: str | None, force: str, key: str, push: bool) -> dict
             if previous.state.name == "Ran":
                 ran.append(stage)
         after = metrics(root)
-        pushed = push and push_outputs(root, logger.info)
+        pushed = push and push_outputs(root, remote, logger.info)
     if ran:
         logger.info("stages run: %s", ", ".join(ran))
     else:

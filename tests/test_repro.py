@@ -22,6 +22,7 @@ from alexnet.repro import (
     ReproError,
     _cause,
     chain,
+    default_remote,
     push_outputs,
     repro,
     repro_args,
@@ -146,7 +147,7 @@ def test_a_second_clone_pulls_the_outputs_and_restores_stages_from_the_run_cache
     repo = project(tmp_path)
     assert repro(repo, log=lambda line: None) == ["a", "b"]
     logged = []
-    assert push_outputs(repo, logged.append)
+    assert push_outputs(repo, default_remote(repo), logged.append)
     assert (tmp_path / "remote").is_dir()  # made by the first push
     # A clone at the commit before dvc.lock: `dvc repro --pull` finds both stages in the
     # pushed run cache and restores their outputs without running them.
@@ -169,7 +170,7 @@ def test_no_remote_means_nothing_pushed_with_a_line_saying_so(tmp_path):
     repo = project(tmp_path)
     assert dvc("remote", "default", "--unset", cwd=repo).returncode == 0
     logged = []
-    assert not push_outputs(repo, logged.append)
+    assert not push_outputs(repo, default_remote(repo), logged.append)
     assert logged == ["no default DVC remote (dvc remote add -d): nothing pushed"]
 
 
