@@ -9,6 +9,7 @@ decodes them to HWC RGB bytes. The single LMDB writer then appends the chunks in
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from alexnet.errors import AlexnetError
-from alexnet.shards import bad_image, check_image, check_size, index_shard
+from alexnet.shards import ShardError, bad_image, check_image, check_size, index_shard
 
 
 class PackError(AlexnetError):
@@ -25,29 +26,73 @@ class PackError(AlexnetError):
 
 @dataclass(frozen=True)
 class Entry:
-    """Where one prepared image lies: a byte range of a shard, member `key`.jpg."""
+    """Where one prepared image lies: a byte range of a shard. Its member's name is not
+    kept (ImageNet has 1.28M): `member_key` finds it to name it in an error line."""
 
     shard: str
     offset: int
     size: int
     label: int
-    key: str  # for the error line of a damaged member
 
 
-def index_shards(folder: str | Path, classes: int | None = None) -> list[Entry]:
+@dataclass(frozen=True)
+class SplitIndex:
+    """Every record of a split's shards in source order, as arrays: ~20 bytes a record
+    (ImageNet's 1.28M in ~26 MB, where `Entry` objects took ~300 bytes each). Indexing
+    with an int gives an `Entry`, with a slice or an array of rows a list of them."""
+
+    shards: tuple[str, ...]
+    shard: np.ndarray  # int32: which of `shards`
+    offset: np.ndarray  # int64
+    size: np.ndarray  # int64
+    label: np.ndarray  # int32
+
+    def __len__(self) -> int:
+        return len(self.offset)
+
+    def __getitem__(self, rows):
+        if isinstance(rows, (int, np.integer)):
+            return self._entry(int(rows))
+        return [self._entry(int(row)) for row in np.arange(len(self))[rows]]
+
+    def __iter__(self):
+        return iter(self[:])
+
+    def _entry(self, row: int) -> Entry:
+        return Entry(
+            self.shards[self.shard[row]],
+            int(self.offset[row]),
+            int(self.size[row]),
+            int(self.label[row]),
+        )
+
+
+def index_shards(folder: str | Path, classes: int | None = None) -> SplitIndex:
     """Every record of a split's shards in source order (shard order, then member order);
     a damaged shard or a label out of range (of `classes`, the number in classes.json)
     raises `ShardError` naming the shard and the member."""
     shards = sorted(Path(folder).glob("shard-*.tar"))
     if not shards:
         raise PackError(f"{folder}: no shard-*.tar files (run prepare first)")
-    entries = []
-    for shard in shards:
-        index = index_shard(shard, classes)
-        entries += [
-            Entry(str(shard), offset, size, label, key) for key, offset, size, label in index
+    tables = []
+    for number, shard in enumerate(shards):
+        rows = [
+            (number, offset, size, label) for _, offset, size, label in index_shard(shard, classes)
         ]
-    return entries
+        tables.append(np.array(rows, dtype=np.int64).reshape(-1, 4))
+    table = np.concatenate(tables)
+    return SplitIndex(
+        tuple(map(str, shards)),
+        table[:, 0].astype(np.int32),
+        table[:, 1].copy(),
+        table[:, 2].copy(),
+        table[:, 3].astype(np.int32),
+    )
+
+
+def member_key(entry: Entry) -> str:
+    """The key of the member an entry points at, read again from its shard's headers."""
+    return next(key for key, offset, *_ in index_shard(Path(entry.shard)) if offset == entry.offset)
 
 
 def output_order(count: int, shuffle: bool, seed: int) -> np.ndarray:
@@ -55,11 +100,11 @@ def output_order(count: int, shuffle: bool, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(count) if shuffle else np.arange(count)
 
 
-def chunks(entries: list[Entry], order: np.ndarray, size: int) -> list[list[Entry]]:
-    """The entries of output positions [0, size), [size, 2 size), ..."""
-    return [
-        [entries[i] for i in order[start : start + size]] for start in range(0, len(order), size)
-    ]
+def chunks(index: SplitIndex, order: np.ndarray, size: int) -> Iterator[list[Entry]]:
+    """The entries of output positions [0, size), [size, 2 size), ..., each chunk made
+    when it is asked for."""
+    for start in range(0, len(order), size):
+        yield index[order[start : start + size]]
 
 
 def chunk_bytes(chunk: list[Entry], encoding: str, size: int) -> int:
@@ -91,12 +136,22 @@ def load_chunk(chunk: list[Entry], encoding: str, size: int) -> list[tuple[int, 
             )
             stream.seek(entry.offset)
             data = stream.read(entry.size)
-            check_image(entry.shard, entry.key, data, entry.size)  # for `jpeg`, the only check
+            _check(entry, data)  # for `jpeg`, the only check
             try:
                 records.append((entry.label, payload(data, encoding, size)))
             except Exception as error:  # whatever the decoder raises, the line names the member
-                raise PackError(bad_image(entry.shard, entry.key, error)) from None
+                raise PackError(bad_image(entry.shard, member_key(entry), error)) from None
     finally:
         for stream in handles.values():
             stream.close()
     return records
+
+
+def _check(entry: Entry, data: bytes) -> None:
+    """`check_image` of an entry's bytes; the member's key is looked up only to name it
+    when the check fails (then the second call raises, with it)."""
+    try:
+        check_image(entry.shard, "", data, entry.size)
+    except ShardError:
+        check_image(entry.shard, member_key(entry), data, entry.size)
+        raise

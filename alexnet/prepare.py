@@ -1,8 +1,9 @@
 """The prepare stage's logic: plan shards over a source, prepare one shard, sum the report.
 
 Shard k of a split always holds the same images (the split's sorted samples, chunked by
-`shard_size`), and its bytes depend only on those images and the parameters, never on
-which worker made it or when. A shard whose stored fingerprint matches what it would be
+`shard_size`, planned as the split's folders are listed: the plan is never held whole),
+and its bytes depend only on those images and the parameters, never on which worker
+made it or when. A shard whose stored fingerprint matches what it would be
 made from is reused as is, which is how a killed run continues.
 
 No file can stop a shard: each is read once (the same bytes are fingerprinted and
@@ -17,6 +18,7 @@ import hashlib
 import json
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from alexnet.decoder import At, isolated
 from alexnet.errors import AlexnetError
 from alexnet.imageops import BadImage, Prepared, load_plugins, prepare_image
 from alexnet.params import PrepareParams
-from alexnet.shards import Record, read_description, shard_name, unique_keys, write_shard
+from alexnet.shards import Record, SplitKeys, read_description, shard_name, write_shard
 from alexnet.sources import ClassInfo, Source
 
 FORMAT_VERSION = 1
@@ -67,18 +69,26 @@ class ShardReport:
     reused: bool = False  # found complete and current from an earlier run
 
 
-def plan_shards(source: Source, shard_size: int) -> list[ShardPlan]:
-    """Every split's samples in sorted order, cut into shards of `shard_size` files."""
-    plans = []
-    for split, samples in source.splits.items():
-        keys = unique_keys(s.relpath for s in samples)
-        items = [
-            Item(str(s.path), s.relpath, s.label, k, s.problem)
-            for s, k in zip(samples, keys, strict=True)
-        ]
-        for start in range(0, len(items), shard_size):
-            plans.append(ShardPlan(split, start // shard_size, items[start : start + shard_size]))
-    return plans
+def plan_shards(source: Source, shard_size: int) -> Iterator[ShardPlan]:
+    """Every split's samples in sorted order, cut into shards of `shard_size` files, as
+    the split's folders are listed: one folder's samples and one shard's items are held
+    at a time, whatever the number of files."""
+    for name, split in source.splits.items():
+        keys = SplitKeys(folder.prefix for folder in split.folders)
+        items: list[Item] = []
+        index = 0
+        for folder in split.folders:
+            samples = folder.samples()
+            folder_keys = keys.folder(folder.prefix, (s.relpath for s in samples))
+            for sample, key in zip(samples, folder_keys, strict=True):
+                items.append(
+                    Item(str(sample.path), sample.relpath, sample.label, key, sample.problem)
+                )
+                if len(items) == shard_size:
+                    yield ShardPlan(name, index, items)
+                    items, index = [], index + 1
+        if items:
+            yield ShardPlan(name, index, items)
 
 
 class Changing(OSError):
@@ -223,31 +233,50 @@ def check_plugins(plugins: tuple[str, ...]) -> None:
         raise PrepareError(f"params prepare.plugins: cannot import it ({error})") from None
 
 
-def summarize(reports: list[ShardReport]) -> dict:
-    """The stage report (`report.json`): totals, per split, and every converted or
-    skipped file with what happened to it. Independent of the order shards finished."""
-    reports = sorted(reports, key=lambda r: (r.split, r.index))
-    splits: dict[str, dict] = {}
-    for r in reports:
-        counts = splits.setdefault(r.split, {"files": 0, "kept": 0, "converted": 0, "skipped": 0})
-        counts["files"] += r.images
-        counts["kept"] += r.kept
-        counts["converted"] += len(r.converted)
-        counts["skipped"] += len(r.skipped)
-    totals = {
-        k: sum(s[k] for s in splits.values()) for k in ("files", "kept", "converted", "skipped")
-    }
-    return {
-        **totals,
-        "splits": splits,
-        "shards": {split: sum(r.split == split for r in reports) for split in splits},
+class Summary:
+    """The stage report (`report.json`), summed shard by shard as each report comes back,
+    in shard order: totals, per split, and every converted or skipped file with what
+    happened to it; and how many usable images each training class has left."""
+
+    def __init__(self) -> None:
+        self.splits: dict[str, dict[str, int]] = {}
+        self.shards: dict[str, int] = {}
+        self.converted: list[dict] = []
+        self.skipped: list[dict] = []
+        self.usable: Counter[int] = Counter()  # training class -> images kept
+        self.reused = 0  # shards found complete and current
+
+    def add(self, report: ShardReport, plan: ShardPlan | None = None) -> None:
+        """Count one shard's report; with its plan, also its training images by class."""
+        counts = self.splits.setdefault(
+            report.split, {"files": 0, "kept": 0, "converted": 0, "skipped": 0}
+        )
+        counts["files"] += report.images
+        counts["kept"] += report.kept
+        counts["converted"] += len(report.converted)
+        counts["skipped"] += len(report.skipped)
+        self.shards[report.split] = self.shards.get(report.split, 0) + 1
+        self.reused += report.reused
         # Each entry's keys in one order, whether the shard was made now or reused (its
         # stored report comes back from the tar header with sorted keys).
-        "converted_files": [
-            {"path": c["path"], "from": c["from"]} for r in reports for c in r.converted
-        ],
-        "skipped_files": [s for r in reports for s in r.skipped],
-    }
+        self.converted += [{"path": c["path"], "from": c["from"]} for c in report.converted]
+        self.skipped += report.skipped
+        if plan is not None and plan.split == "train":
+            skipped = {entry["path"] for entry in report.skipped}
+            self.usable.update(i.label for i in plan.items if i.relpath not in skipped)
+
+    def report(self) -> dict:
+        totals = {
+            k: sum(s[k] for s in self.splits.values())
+            for k in ("files", "kept", "converted", "skipped")
+        }
+        return {
+            **totals,
+            "splits": dict(sorted(self.splits.items())),
+            "shards": dict(sorted(self.shards.items())),
+            "converted_files": self.converted,
+            "skipped_files": self.skipped,
+        }
 
 
 def check_skipped(report: dict, max_skipped: float, report_path: str | Path) -> None:
@@ -260,16 +289,9 @@ def check_skipped(report: dict, max_skipped: float, report_path: str | Path) -> 
         )
 
 
-def check_classes(plans: list[ShardPlan], report: dict, classes: list[ClassInfo], root) -> None:
-    """Fail when a training class has no usable image left: it could not be learned."""
-    skipped = {entry["path"] for entry in report["skipped_files"]}
-    usable = Counter(
-        item.label
-        for plan in plans
-        if plan.split == "train"
-        for item in plan.items
-        if item.relpath not in skipped
-    )
+def check_classes(usable: Counter[int], classes: list[ClassInfo], root) -> None:
+    """Fail when a training class has no usable image left (`usable`: class -> images
+    kept, `Summary.usable`): it could not be learned."""
     empty = [c for c in classes if usable[c.index] == 0]
     if empty:
         more = f" (and {len(empty) - 1} more classes)" if len(empty) > 1 else ""

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import tarfile
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +50,10 @@ def key_for(relpath: str) -> str:
     return _UNSAFE.sub("_", f"{head}/{stem}" if head else stem)
 
 
-def unique_keys(relpaths: Iterable[str]) -> list[str]:
-    """Keys for a whole split, made unique with a `_N` suffix where sanitizing collided."""
-    used: set[str] = set()
+def unique_keys(relpaths: Iterable[str], used: set[str] | None = None) -> list[str]:
+    """Keys for a whole split, made unique with a `_N` suffix where sanitizing collided
+    (with each other, or with the keys already in `used`, which gets the new ones)."""
+    used = set() if used is None else used
     keys = []
     for relpath in relpaths:
         key = base = key_for(relpath)
@@ -62,6 +64,32 @@ def unique_keys(relpaths: Iterable[str]) -> list[str]:
         used.add(key)
         keys.append(key)
     return keys
+
+
+class SplitKeys:
+    """`unique_keys` of a split given folder by folder, in order, without holding every
+    key of the split: a key keeps its folder's (sanitized) name, so keys of two folders
+    can only collide where their names sanitize alike. The keys given so far are kept
+    per sanitized folder name, and dropped once no folder of that name is left."""
+
+    def __init__(self, prefixes: Iterable[str]):
+        """`prefixes`: the relpath prefix ("<split>/<folder>/") of each folder to come."""
+        self._left = Counter(_folder_key(prefix) for prefix in prefixes)
+        self._used: dict[str, set[str]] = {}
+
+    def folder(self, prefix: str, relpaths: Iterable[str]) -> list[str]:
+        """The keys of one folder's files (relpaths starting with `prefix`), in order."""
+        name = _folder_key(prefix)
+        keys = unique_keys(relpaths, self._used.setdefault(name, set()))
+        self._left[name] -= 1
+        if not self._left[name]:
+            del self._used[name]
+        return keys
+
+
+def _folder_key(prefix: str) -> str:
+    """The part of its files' keys that a folder's relpath prefix makes."""
+    return key_for(prefix + "_").rpartition("/")[0]
 
 
 def _member(name: str, payload: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:

@@ -9,8 +9,12 @@ Layouts read (see docs/design.md, "Raw input"):
 Classes are the sorted wnid folders of `train/` (index 0..C-1); names come from a
 `LOC_synset_mapping.txt` / `synset_words.txt` / `classes.txt` file when present.
 
-Every entry of a class folder (or of a flat `val/`) is accounted for, in one sorted pass
-that stats each entry at most once (ImageNet has 1.28M files):
+A split is listed one class folder at a time, as its samples are asked for: opening a
+source lists the top folders and counts each class folder's entries (which also finds an
+empty or unlistable one before any work starts), and never holds ImageNet's 1.28M
+samples at once. A flat `val/` is listed whole when opened (its labels come from one
+file). Every entry of a class folder (or of a flat `val/`) is accounted for, in one sorted
+pass that stats each entry at most once:
 - a regular file, or a symlink to one, is a candidate image: its content decides later;
 - anything else (a broken symlink, a directory, a FIFO, a socket, a device) becomes a
   `Sample` whose `problem` says why it cannot be an image; `prepare` reports it as
@@ -32,6 +36,7 @@ import csv
 import io
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
@@ -76,10 +81,57 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class ClassFolder:
+    """One class folder of a split, listed when its samples are asked for."""
+
+    path: Path
+    prefix: str  # of its samples' relpaths: "<split>/<wnid>/"
+    label: int
+    size: int  # its entries when the source was opened
+
+    def samples(self) -> list[Sample]:
+        found = _samples(self.path, self.prefix, self.label)
+        if not found:  # emptied since the source was opened
+            raise SourceError(f"{display_name(self.path)}: empty class folder")
+        return found
+
+
+@dataclass(frozen=True)
+class Listed:
+    """A folder whose samples were made when the source was opened (a flat `val/`)."""
+
+    prefix: str
+    listed: tuple[Sample, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.listed)
+
+    def samples(self) -> list[Sample]:
+        return list(self.listed)
+
+
+@dataclass(frozen=True)
+class Split:
+    """A split's samples in sorted order, folder by folder; iterating lists each class
+    folder anew, so only one folder's samples are held at a time."""
+
+    folders: tuple[ClassFolder | Listed, ...]
+
+    def __iter__(self) -> Iterator[Sample]:
+        for folder in self.folders:
+            yield from folder.samples()
+
+    def __len__(self) -> int:
+        """The number of entries when the source was opened (for progress bars)."""
+        return sum(folder.size for folder in self.folders)
+
+
+@dataclass(frozen=True)
 class Source:
     root: Path
     classes: list[ClassInfo]
-    splits: dict[str, list[Sample]]
+    splits: dict[str, Split]
 
 
 def display_name(path: str | bytes | os.PathLike) -> str:
@@ -203,6 +255,15 @@ def _split_dir(root: Path, split: str) -> Path:
     return folder
 
 
+def _count(folder: str | os.PathLike) -> int:
+    """The non-hidden entries of a folder, counted without keeping or stating them."""
+    try:
+        with os.scandir(folder) as listing:
+            return sum(not e.name.startswith(".") for e in listing)
+    except OSError as error:
+        raise SourceError(f"{display_name(folder)}: cannot list ({_strerror(error)})") from None
+
+
 def _samples(folder: Path, prefix: str, label: int) -> list[Sample]:
     """Every non-hidden entry of a class folder, its problem (if any) decided now."""
     # `folder / name`: parsing only the name is 2-3x faster than `Path(entry.path)`.
@@ -212,18 +273,18 @@ def _samples(folder: Path, prefix: str, label: int) -> list[Sample]:
     ]
 
 
-def _image_folder(split: str, class_dirs: list[os.DirEntry], index: dict[str, int]) -> list[Sample]:
-    samples = []
+def _image_folder(split: str, class_dirs: list[os.DirEntry], index: dict[str, int]) -> Split:
+    folders = []
     for class_dir in class_dirs:
         wnid = display_name(class_dir.name)
         if wnid not in index:
             shown = display_name(class_dir.path)
             raise SourceError(f"{shown}: class '{wnid}' is not a training class")
-        found = _samples(Path(class_dir.path), f"{split}/{wnid}/", index[wnid])
-        if not found:
+        size = _count(class_dir.path)
+        if not size:
             raise SourceError(f"{display_name(class_dir.path)}: empty class folder")
-        samples += found
-    return samples
+        folders.append(ClassFolder(Path(class_dir.path), f"{split}/{wnid}/", index[wnid], size))
+    return Split(tuple(folders))
 
 
 def _kaggle_labels(csv_path: Path, index: dict[str, int]) -> dict[str, int]:
@@ -303,9 +364,7 @@ def _ground_truth_labels(
     return labels
 
 
-def _flat_val(
-    folder: Path, entries: list[os.DirEntry], root: Path, index: dict[str, int]
-) -> list[Sample]:
+def _flat_val(folder: Path, entries: list[os.DirEntry], root: Path, index: dict[str, int]) -> Split:
     entries = [e for e in entries if e.name not in (KAGGLE_CSV, GROUND_TRUTH, META_MAT)]
     shown = display_name(folder)
     if not entries:
@@ -327,10 +386,11 @@ def _flat_val(
             f"{GROUND_TRUTH} to label it as a flat val folder"
         )
     prefix = f"{folder.name}/"
-    return [
+    samples = (
         Sample(folder / e.name, prefix + name, label, _problem(e))
         for e, name, label in zip(entries, names, labels, strict=True)
-    ]
+    )
+    return Split((Listed(prefix, tuple(samples)),))
 
 
 def _check_class_links(entries: list[os.DirEntry]) -> None:
@@ -342,7 +402,8 @@ def _check_class_links(entries: list[os.DirEntry]) -> None:
 
 
 def open_source(root: str | Path, splits: tuple[str, ...] = SPLITS) -> Source:
-    """Scan a raw dataset: classes from `train/`, samples of each split in sorted order."""
+    """Scan a raw dataset: classes from `train/`, and each split's folders, whose
+    samples are listed in sorted order when the split is iterated."""
     try:
         root = Path(root).resolve()
     except (OSError, RuntimeError):  # a symlink loop

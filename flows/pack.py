@@ -10,7 +10,7 @@ from alexnet.lmdb_store import write_store
 from alexnet.pack import chunk_bytes, chunks, index_shards, output_order
 from alexnet.params import ComputeParams, PackParams, PrepareParams
 from alexnet.shards import load_classes
-from flows.progress import in_order
+from flows.progress import Bar, in_order
 from tasks.pack import load_chunk_task
 
 SPLITS = ("train", "val")
@@ -25,16 +25,16 @@ def pack_flow(
     classes = load_classes(prepared)
     counts = {}
     for split in SPLITS:
-        entries = index_shards(Path(prepared) / split, len(classes))
-        order = output_order(len(entries), pack.shuffle_train and split == "train", pack.seed)
-        parts = chunks(entries, order, pack.batch)
-
-        def submit(i: int, parts=parts):
-            return load_chunk_task.submit(parts[i], pack.encoding, prepare.size)
-
-        sizes = [chunk_bytes(part, pack.encoding, prepare.size) for part in parts]
-        window = compute.window_mb << 20
-        batches = in_order(submit, sizes, window, f"pack {split}", [len(p) for p in parts])
+        index = index_shards(Path(prepared) / split, len(classes))
+        order = output_order(len(index), pack.shuffle_train and split == "train", pack.seed)
+        results = in_order(
+            chunks(index, order, pack.batch),
+            lambda part: load_chunk_task.submit(part, pack.encoding, prepare.size),
+            compute.window_mb << 20,
+            Bar(f"pack {split}", len(index), len),
+            size=lambda part: chunk_bytes(part, pack.encoding, prepare.size),
+        )
+        batches = (batch for _, batch in results)
         counts[split] = write_store(Path(out) / split, batches, pack.encoding, classes)
     get_run_logger().info("packed %s records (%s)", counts, pack.encoding)
     return counts

@@ -7,46 +7,61 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from alexnet.atomic import write_json
-from alexnet.params import PrepareParams
-from alexnet.prepare import check_classes, check_skipped, plan_shards, summarize
+from alexnet.params import ComputeParams, PrepareParams
+from alexnet.prepare import Summary, check_classes, check_skipped, plan_shards
 from alexnet.shards import remove_stale
 from alexnet.sources import open_source
-from flows.progress import gather
+from flows.progress import Bar, in_order
+from flows.runners import parallelism
 from tasks.prepare import prepare_shard_task
+
+# Shards in flight per worker: enough that a slow shard (a file that hangs until
+# params prepare.file_timeout) does not leave the other workers idle.
+AHEAD_PER_WORKER = 4
 
 
 @flow(name="prepare")
-def prepare_flow(raw: str, out: str, prepare: PrepareParams) -> dict:
+def prepare_flow(
+    raw: str, out: str, prepare: PrepareParams, compute: ComputeParams = ComputeParams()
+) -> dict:
     """Prepare every split of `raw` into `out/<split>/shard-NNNNN.tar`; shards that are
-    already complete and current are kept, so a killed run continues where it stopped."""
+    already complete and current are kept, so a killed run continues where it stopped.
+    Shards are planned as the class folders are listed and handed out a few per worker
+    ahead, so memory does not grow with the number of files."""
     logger = get_run_logger()
     source = open_source(raw)
-    plans = plan_shards(source, prepare.shard_size)
-    splits, classes, root = list(source.splits), source.classes, source.root
-    del source  # its samples, ~0.5 KB a file: the plans hold what the shards need
     target = Path(out)
-    for split in splits:
-        (target / split).mkdir(parents=True, exist_ok=True)
-        remove_stale(target / split, keep=sum(plan.split == split for plan in plans))
-    futures = [prepare_shard_task.submit(plan, out, prepare) for plan in plans]
-    reports = gather(futures, "prepare", [len(plan.items) for plan in plans])
+    summary = Summary()
+    results = in_order(
+        plan_shards(source, prepare.shard_size),
+        lambda plan: prepare_shard_task.submit(plan, out, prepare),
+        AHEAD_PER_WORKER * parallelism(compute.workers),
+        Bar("prepare", sum(len(split) for split in source.splits.values()), _files),
+    )
+    for plan, shard_report in results:
+        summary.add(shard_report, plan)
+    for split, shards in summary.shards.items():
+        remove_stale(target / split, keep=shards)  # shards of an earlier, larger input
 
-    report = summarize(reports)
-    write_json(target / "classes.json", [c.__dict__ for c in classes])
+    report = summary.report()
+    write_json(target / "classes.json", [c.__dict__ for c in source.classes])
     write_json(target / "report.json", report)
-    reused = sum(r.reused for r in reports)
     logger.info(
         "prepared %d files: %d kept, %d converted, %d skipped (%d of %d shards reused)",
         report["files"],
         report["kept"],
         report["converted"],
         report["skipped"],
-        reused,
-        len(reports),
+        summary.reused,
+        sum(summary.shards.values()),
     )
     check_skipped(report, prepare.max_skipped, target / "report.json")
-    check_classes(plans, report, classes, root)
+    check_classes(summary.usable, source.classes, source.root)
     return {k: report[k] for k in ("files", "kept", "converted", "skipped")}
+
+
+def _files(plan) -> int:
+    return len(plan.items)
 
 
 if __name__ == "__main__":

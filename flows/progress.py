@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from prefect.futures import PrefectFuture, as_completed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+W = TypeVar("W")
+_END: Any = object()  # the end of the works
 COLUMNS = (
     TextColumn("{task.description}"),
     BarColumn(),
@@ -30,20 +35,32 @@ def gather(futures: Sequence[PrefectFuture], label: str, weights: Sequence[int])
     return [future.result() for future in futures]
 
 
+@dataclass(frozen=True)
+class Bar:
+    """A progress bar over work items: its label, its total, and each item's share."""
+
+    label: str
+    total: int
+    weight: Callable[[Any], int] = lambda work: 1
+
+
 def in_order(
-    submit: Callable[[int], PrefectFuture],
-    sizes: Sequence[int],
+    works: Iterable[W],
+    submit: Callable[[W], PrefectFuture],
     window: int,
-    label: str,
-    weights: Sequence[int],
-) -> Iterator:
-    """The results of tasks 0, 1, ... (`submit(i)` starts task i) in that order, holding
-    at most `window` bytes of them: task i is submitted only while the `sizes` (bytes of
-    its result) of the tasks submitted and not yet consumed stay within it (the next
-    one to consume is always submitted). A result is released as soon as the caller
-    asks for the next, so memory stays flat whatever the number of tasks."""
-    ahead = held = 0
-    pending: dict[int, PrefectFuture] = {}
+    bar: Bar,
+    size: Callable[[W], int] = lambda work: 1,
+) -> Iterator[tuple[W, Any]]:
+    """(work, result) for each of `works` in order, `submit(work)` starting its task,
+    holding at most `window` of them: a work is taken from `works` (which may be a
+    generator) and submitted only while the `size`s (e.g. bytes of its result; 1 counts
+    tasks) of those submitted and not yet consumed stay within it (the next one to
+    consume is always submitted). A result is released as soon as the caller asks for
+    the next, so memory stays flat whatever the number of works."""
+    works = iter(works)
+    pending: deque[tuple[W, int, PrefectFuture]] = deque()
+    held = 0
+    following = next(works, _END)
     # Prefect's futures reference themselves (their done callbacks), so a finished one
     # and its result live until the cycle collector runs, which, with few container
     # objects allocated per result, is rarely: every result would stay in memory.
@@ -52,17 +69,21 @@ def in_order(
     gc.freeze()
     try:
         with Progress(*COLUMNS, transient=False) as progress:
-            bar = progress.add_task(label, total=sum(weights))
-            for index in range(len(sizes)):
-                while ahead < len(sizes) and (ahead == index or held + sizes[ahead] <= window):
-                    pending[ahead] = submit(ahead)
-                    held += sizes[ahead]
-                    ahead += 1
-                result = pending.pop(index).result()
-                progress.advance(bar, weights[index])
-                yield result
-                del result
-                held -= sizes[index]
+            task = progress.add_task(bar.label, total=bar.total)
+            while True:
+                while following is not _END and (not pending or held + size(following) <= window):
+                    pending.append((following, size(following), submit(following)))
+                    held += pending[-1][1]
+                    following = next(works, _END)
+                if not pending:
+                    return
+                work, work_size, future = pending.popleft()
+                result = future.result()
+                del future
+                progress.advance(task, bar.weight(work))
+                yield work, result
+                del work, result
+                held -= work_size
                 gc.collect()
     finally:
         gc.unfreeze()

@@ -89,7 +89,7 @@ STAGES: dict[str, Stage] = {
                 ),
                 PathArg("out", "data/prepared", "output folder for shards + report.json"),
             ),
-            ("prepare",),
+            ("prepare", "compute"),
             ("prepare",),
             "prepare: {kept} kept, {converted} converted, {skipped} skipped of {files} "
             "files; report in {out}/report.json",

@@ -17,7 +17,7 @@ from alexnet.stats import (
     reduce_moments,
     rgb_pca,
 )
-from flows.progress import in_order
+from flows.progress import Bar, in_order
 from tasks.stats import shard_moments_task
 
 
@@ -30,12 +30,14 @@ def stats_flow(train: str, out: str, prepare: PrepareParams, compute: ComputePar
         raise StatsError(f"{train}: no shard-*.tar files (run prepare first)")
     classes = class_count(train)  # the labels are checked, though stats does not use them
 
-    def submit(index: int):
-        return shard_moments_task.submit(str(shards[index]), prepare.size, classes)
-
-    sizes = [moments_bytes(prepare.size)] * len(shards)
-    parts = in_order(submit, sizes, compute.window_mb << 20, "stats", [1] * len(shards))
-    moments = reduce_moments(parts)
+    results = in_order(
+        shards,
+        lambda shard: shard_moments_task.submit(str(shard), prepare.size, classes),
+        compute.window_mb << 20,
+        Bar("stats", len(shards)),
+        size=lambda shard: moments_bytes(prepare.size),
+    )
+    moments = reduce_moments(part for _, part in results)
     pca = rgb_pca(moments)
     target = Path(out)
     with atomic_output(target / "mean.npy") as temporary, open(temporary, "wb") as stream:

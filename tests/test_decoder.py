@@ -50,7 +50,7 @@ def folder_plan(root: Path, files: dict[str, bytes]) -> ShardPlan:
         (folder / name).write_bytes(data)
     (root / "val" / "n00000000").mkdir(parents=True)
     (root / "val" / "n00000000" / "v.JPEG").write_bytes(FILES["plain.JPEG"])
-    return plan_shards(open_source(root), shard_size=100)[0]
+    return next(plan_shards(open_source(root), shard_size=100))
 
 
 def made_here(plan: ShardPlan, out: Path, params: PrepareParams = PARAMS, drop=()) -> Path:
@@ -73,7 +73,7 @@ def test_the_child_makes_the_shard_this_process_makes(tmp_path, decoder):
     os.mkfifo(folder / "pipe.JPEG")  # never opened: it would block
     with open(os.path.join(os.fsencode(folder), b"caf\xe9.JPEG"), "wb") as stream:
         stream.write(jpeg(300, 280, seed=7))  # a name that is not UTF-8 crosses to the child
-    plan = plan_shards(open_source(root), shard_size=100)[0]
+    plan = next(plan_shards(open_source(root), shard_size=100))
     for options in ({}, {"size": 64, "quality": 50, "resample": "bicubic"}):
         params = PARAMS.model_copy(update=options)
         report = prepare_shard(plan, tmp_path / "there", params)

@@ -75,7 +75,7 @@ def test_the_pack_flows_memory_does_not_grow_with_the_records(tmp_path, prefect_
 
 
 def test_in_order_yields_in_order_and_holds_at_most_the_window():
-    from flows.progress import in_order
+    from flows.progress import Bar, in_order
 
     class Done:  # a finished future
         def __init__(self, value):
@@ -85,7 +85,12 @@ def test_in_order_yields_in_order_and_holds_at_most_the_window():
             return self.value
 
     sizes = [3, 5, 2, 9, 1, 1, 4]  # 9 > the window: submitted alone, when its turn comes
-    submitted, consumed = [], []
+    taken, submitted, consumed = [], [], []
+
+    def works():  # a generator: only what the window admits is taken from it
+        for index in range(len(sizes)):
+            taken.append(index)
+            yield index
 
     def submit(index):
         submitted.append(index)
@@ -93,6 +98,60 @@ def test_in_order_yields_in_order_and_holds_at_most_the_window():
         assert held <= 8 or submitted[-1] == len(consumed), (submitted, consumed)
         return Done(index * 10)
 
-    for result in in_order(submit, sizes, 8, "test", [1] * len(sizes)):
-        consumed.append(result // 10)
+    results = in_order(works(), submit, 8, Bar("test", len(sizes)), size=sizes.__getitem__)
+    for work, result in results:
+        assert result == work * 10 and len(taken) <= len(submitted) + 1
+        consumed.append(work)
     assert consumed == list(range(len(sizes))) and submitted == consumed
+
+
+def plan_peak(root, classes: int) -> int:
+    """tracemalloc's peak while prepare's plans of `classes` folders of 50 files are taken
+    one by one, as the flow takes them."""
+    import tracemalloc
+
+    from alexnet.prepare import plan_shards
+    from alexnet.sources import open_source
+
+    for split, count in (("train", classes), ("val", 1)):
+        for wnid in range(count):
+            folder = root / split / f"n{wnid:08d}"
+            folder.mkdir(parents=True)
+            for i in range(50):
+                (folder / f"n{wnid:08d}_{i}.JPEG").touch()
+    tracemalloc.start()
+    try:
+        for plan in plan_shards(open_source(root), shard_size=20):
+            del plan
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_prepares_plan_does_not_grow_with_the_files(tmp_path):
+    # Holding the whole plan took ~1 KB a file (the listing and the items): 3,000 more
+    # files would add ~3 MB. Now one folder's samples and one shard's items are held.
+    n = 20
+    small, large = plan_peak(tmp_path / "small", n), plan_peak(tmp_path / "large", 4 * n)
+    assert large - small < 3 * n * 50 * 50, f"{small} -> {large} bytes"
+
+
+def test_packs_index_takes_a_few_bytes_a_record(tmp_path):
+    # A list of Entry objects took ~300 bytes a record: ~0.4 GB for ImageNet's 1.28M.
+    import tracemalloc
+
+    from alexnet.pack import index_shards
+    from alexnet.shards import Record, write_shard
+
+    for shard in range(4):
+        records = [Record(f"n0/img_{shard}_{i}", b"\xff\xd8\xff", i % 2) for i in range(500)]
+        write_shard(tmp_path / f"shard-{shard:05d}.tar", records, {})
+    index_shards(tmp_path, classes=2)  # tarfile's and numpy's first-use caches, once
+    tracemalloc.start()
+    try:
+        index = index_shards(tmp_path, classes=2)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(index) == 2000 and index[1999].label == 1
+    assert held < 2000 * 40, f"{held / 2000:.0f} bytes a record"

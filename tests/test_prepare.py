@@ -11,12 +11,12 @@ from alexnet.imageops import prepare_image
 from alexnet.params import PrepareParams
 from alexnet.prepare import (
     PrepareError,
+    Summary,
     check_skipped,
     fingerprint,
     make_shard,
     plan_shards,
     prepare_shard,
-    summarize,
 )
 from alexnet.shards import iter_shard
 from alexnet.sources import open_source
@@ -30,8 +30,16 @@ def source(tmp_path):
     return open_source(root)
 
 
+def summarize(reports) -> dict:
+    """The stage report of shard reports given in shard order, as the flow sums them."""
+    summary = Summary()
+    for report in reports:
+        summary.add(report)
+    return summary.report()
+
+
 def test_plan_keeps_sorted_order_and_fixed_shard_contents(source):
-    plans = plan_shards(source, shard_size=4)
+    plans = list(plan_shards(source, shard_size=4))
     assert [(p.split, p.index, len(p.items)) for p in plans] == [
         ("train", 0, 4),
         ("train", 1, 3),
@@ -42,7 +50,7 @@ def test_plan_keeps_sorted_order_and_fixed_shard_contents(source):
 
 
 def test_shard_contents_labels_and_skips(source, tmp_path):
-    plan = plan_shards(source, shard_size=4)[0]  # n00000000 x3, then n00000001/broken.JPEG
+    plan = next(plan_shards(source, shard_size=4))  # n00000000 x3, then n00000001/broken.JPEG
     report = prepare_shard(plan, tmp_path / "out", PrepareParams())
     assert report.skipped == [{"path": "train/n00000001/broken.JPEG", "reason": "empty file"}]
     records = list(iter_shard(tmp_path / "out" / "train" / "shard-00000.tar"))
@@ -51,7 +59,7 @@ def test_shard_contents_labels_and_skips(source, tmp_path):
 
 
 def test_current_shard_is_reused_and_a_changed_input_rebuilds_it(source, tmp_path):
-    plan = plan_shards(source, shard_size=4)[0]
+    plan = next(plan_shards(source, shard_size=4))
     out = tmp_path / "out"
     first = prepare_shard(plan, out, PrepareParams())
     shard = out / "train" / "shard-00000.tar"
@@ -70,8 +78,7 @@ def test_current_shard_is_reused_and_a_changed_input_rebuilds_it(source, tmp_pat
 
 def test_summary_counts_and_threshold(source, tmp_path):
     reports = [prepare_shard(p, tmp_path, PrepareParams()) for p in plan_shards(source, 4)]
-    summary = summarize(list(reversed(reports)))  # order of completion does not matter
-    assert summary == summarize(reports)
+    summary = summarize(reports)
     assert (summary["files"], summary["kept"], summary["skipped"]) == (9, 8, 1)
     assert summary["splits"]["val"] == {"files": 2, "kept": 2, "converted": 0, "skipped": 0}
     check_skipped(summary, 0.2, "report.json")  # 1/9 = 11% is allowed at 20%
@@ -114,14 +121,14 @@ def test_a_shard_is_prepared_with_every_image_option(source, tmp_path, monkeypat
 
     monkeypatch.setattr(prepare, "prepare_image", spy)
     params = PrepareParams(**OTHER_VALUES)
-    plan = plan_shards(source, shard_size=4)[0]
+    plan = next(plan_shards(source, shard_size=4))
     make_shard(plan, tmp_path / "out", params)  # (the child runs it: tests/test_decoder.py)
     assert len(calls) == len(plan.items)
     assert all(options == OTHER_VALUES for options in calls)
 
 
 def test_fingerprint_follows_every_image_key_and_not_the_sharding(source):
-    plan = plan_shards(source, shard_size=4)[0]
+    plan = next(plan_shards(source, shard_size=4))
     contents = [Path(item.path).read_bytes() for item in plan.items]
     base = fingerprint(plan.items, contents, PrepareParams())
     assert set(OTHER_VALUES) == set(PrepareParams.IMAGE_KEYS)
@@ -139,13 +146,13 @@ def test_the_report_of_a_reused_shard_is_the_bytes_of_a_made_one(tmp_path):
     # report.json is a DVC output: a re-run that reuses every shard must not change it.
     import json
 
-    from alexnet.prepare import plan_shards, prepare_shard, summarize
+    from alexnet.prepare import plan_shards, prepare_shard
     from alexnet.sources import open_source
 
     raw = make_imagefolder(tmp_path / "raw", classes=2, train=2, val=1)
     (raw / "train" / "n00000000" / "grey.JPEG").write_bytes(encode(photo(300, 260).convert("L")))
     (raw / "train" / "n00000001" / "empty.JPEG").write_bytes(b"")
-    plans = plan_shards(open_source(raw), 4)
+    plans = list(plan_shards(open_source(raw), 4))
     params = PrepareParams()
     made = [prepare_shard(plan, tmp_path / "out", params) for plan in plans]
     reused = [prepare_shard(plan, tmp_path / "out", params) for plan in plans]
@@ -172,7 +179,7 @@ def test_file_system_oddities_are_reported_and_the_rest_prepared(tmp_path, monke
     (folder / "vanishes.JPEG").write_bytes(jpeg(300, 280, seed=8))
     (folder / "changes.JPEG").write_bytes(jpeg(300, 280, seed=9))
     (folder / "denied.JPEG").write_bytes(jpeg(300, 280, seed=10))
-    plans = plan_shards(open_source(root), shard_size=100)
+    plans = list(plan_shards(open_source(root), shard_size=100))
     (folder / "vanishes.JPEG").unlink()  # between the scan and the read
 
     real_open, real_fstat = open, os.fstat
@@ -215,16 +222,20 @@ def test_file_system_oddities_are_reported_and_the_rest_prepared(tmp_path, monke
 def test_a_class_whose_every_file_is_skipped_stops_the_stage(tmp_path):
     from alexnet.prepare import check_classes
 
-    root = make_imagefolder(tmp_path / "raw", classes=3, train=1, val=1)
+    def usable(root):
+        summary = Summary()
+        for plan in plan_shards(open_source(root), shard_size=2):
+            summary.add(prepare_shard(plan, tmp_path / "out", PrepareParams()), plan)
+        return summary.usable
+
+    root = make_imagefolder(tmp_path / "raw", classes=3, train=2, val=1)
     for path in (root / "train" / "n00000001").iterdir():
         path.write_bytes(b"not an image")
-    source = open_source(root)
-    plans = plan_shards(source, shard_size=100)
-    summary = summarize([prepare_shard(plan, tmp_path / "out", PrepareParams()) for plan in plans])
+    (root / "train" / "n00000002" / "bad.JPEG").write_bytes(b"")
+    counts = usable(root)
+    assert counts == {0: 2, 2: 2}  # n00000002's third file skipped, n00000001's both
+    classes = open_source(root).classes
     with pytest.raises(PrepareError, match=r"raw/train/n00000001: no usable image in this class"):
-        check_classes(plans, summary, source.classes, source.root)
+        check_classes(counts, classes, root)
     (root / "train" / "n00000001" / "good.JPEG").write_bytes(jpeg(300, 280))
-    source = open_source(root)
-    plans = plan_shards(source, shard_size=100)
-    summary = summarize([prepare_shard(plan, tmp_path / "out", PrepareParams()) for plan in plans])
-    check_classes(plans, summary, source.classes, source.root)
+    check_classes(usable(root), classes, root)

@@ -11,6 +11,7 @@ from alexnet.errors import AlexnetError
 from alexnet.shards import (
     Record,
     ShardError,
+    SplitKeys,
     index_shard,
     iter_shard,
     key_for,
@@ -210,6 +211,22 @@ def test_keys_have_no_dots_and_are_unique():
         "a/x_y_1",
         "a/x_y_1_1",
     ]
+
+
+def test_split_keys_given_folder_by_folder_are_the_whole_splits_keys():
+    # "a.b" and "a_b" sanitize alike, and "a0" lies between them in sorted order.
+    folders = {
+        "train/a.b/": ["x.jpg", "x_1.jpg"],
+        "train/a0/": ["x.jpg"],
+        "train/a_b/": ["x.jpg", "x.png"],
+        "train/c/": ["x.jpg", "x.png"],
+    }
+    relpaths = {prefix: [prefix + name for name in names] for prefix, names in folders.items()}
+    keys = SplitKeys(folders)
+    given = [key for prefix in folders for key in keys.folder(prefix, relpaths[prefix])]
+    assert given == unique_keys(path for paths in relpaths.values() for path in paths)
+    assert given[3:5] == ["a_b/x_2", "a_b/x_3"]  # unique across the two folders
+    assert keys._used == {}  # nothing kept once every folder is given
 
 
 def test_remove_stale_drops_leftovers_and_extra_shards(tmp_path):

@@ -37,7 +37,7 @@ def test_imagefolder_classes_sorted_and_named(tmp_path):
     assert [c.wnid for c in source.classes] == ["n00000000", "n00000001", "n00000002"]
     assert source.classes[1].name == "class 1, thing"
     assert [s.label for s in source.splits["train"]] == [0, 0, 1, 1, 2, 2]
-    assert source.splits["val"][0].relpath == "val/n00000000/n00000000_0.JPEG"
+    assert next(iter(source.splits["val"])).relpath == "val/n00000000/n00000000_0.JPEG"
 
 
 def test_class_index_is_sorted_wnid_order_not_creation_order(tmp_path):
@@ -46,7 +46,7 @@ def test_class_index_is_sorted_wnid_order_not_creation_order(tmp_path):
     (tmp_path / "val" / "n2" / "a.JPEG").write_bytes(jpeg(32, 32))
     source = open_source(tmp_path)
     assert [c.wnid for c in source.classes] == ["n1", "n2", "n3"]
-    assert source.splits["val"][0].label == 1
+    assert next(iter(source.splits["val"])).label == 1
     assert source.classes[0].name == "n1"  # no mapping file: the wnid is the name
 
 

@@ -77,7 +77,9 @@ def test_layout_mapping_and_oddities(tmp_path):
     assert outcome["png"] == "PNG as JPEG"
     assert outcome["truncated"].startswith("bad: corrupt")
     assert outcome["empty"] == "bad: empty file" and outcome["notimage"] == "bad: not an image"
-    assert Image.open(io.BytesIO(source.splits["val"][0].path.read_bytes())).format == "JPEG"
+    assert (
+        Image.open(io.BytesIO(next(iter(source.splits["val"])).path.read_bytes())).format == "JPEG"
+    )
 
 
 def test_jobs_cover_every_image_once():
