@@ -242,7 +242,12 @@ class ComputeParams(_Section):
     """Where parallel work runs (results are identical whatever `workers` and `scheduler`
     say), and which implementation of the paper's formulas runs (`kernels`)."""
 
-    workers: int = Field(0, ge=0, description="process-pool workers; 0 = one per CPU core")
+    workers: int = Field(
+        0,
+        ge=0,
+        description="parallel workers: the process pool's size, and how many tasks prepare "
+        "keeps in flight (4 each); 0 = one per CPU core; on a Dask cluster, its worker count",
+    )
     scheduler: str | None = Field(
         None,
         description="Dask scheduler: null = local process pool, 'local' = a temporary "

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -11,6 +12,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -169,8 +173,10 @@ def wait_for(check, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def test_prefect_ui_path_serve_deployments_and_a_triggered_stage(tmp_path):
-    repo = repo_copy(tmp_path / "repo", {**TINY_CHAIN, "serve": {"retrain_cron": "15 4 * * 2"}})
+@contextmanager
+def real_server(tmp_path: Path, **settings: str) -> Iterator[tuple[str, dict]]:
+    """A `prefect server start` on 127.0.0.1 (Prefect `settings` as environment variables)
+    with a home of its own; yields its API URL and the environment of its clients."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {
@@ -178,36 +184,50 @@ def test_prefect_ui_path_serve_deployments_and_a_triggered_stage(tmp_path):
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_API_URL": url,
+        **settings,
     }
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    serving = None
-    try:
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+    with background([*command, "--port", str(port)], env, tmp_path / "server.log"):
         wait_for(lambda: api(url, "/health") is True, 150, "the Prefect server")
-        log = open(tmp_path / "serve.log", "w")  # noqa: SIM115  (closed with the process)
-        serving = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "serve"],
-            cwd=repo,
+        yield url, env
+
+
+@contextmanager
+def background(command: list[str], env: dict, log: Path, cwd: Path | None = None):
+    """A process of its own session, its output in `log`; stopped (its whole group) on
+    leaving, as a terminal's Ctrl-C would."""
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            command,
+            cwd=cwd,
             env=env,
-            stdout=log,
+            stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        try:
+            yield process
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def finished(url: str, run_id: str) -> str | None:
+    state = api(url, f"/flow_runs/{run_id}")["state"]["type"]
+    return state if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+
+
+def test_prefect_ui_path_serve_deployments_and_a_triggered_stage(tmp_path):
+    repo = repo_copy(tmp_path / "repo", {**TINY_CHAIN, "serve": {"retrain_cron": "15 4 * * 2"}})
+    with (
+        real_server(tmp_path) as (url, env),
+        background(
+            [sys.executable, "-m", "flows.cli", "serve"], env, tmp_path / "serve.log", cwd=repo
+        ),
+    ):
         names = [*STAGES, "pipeline", "retrain"]
         deployments = wait_for(
             lambda: (
@@ -227,15 +247,7 @@ def test_prefect_ui_path_serve_deployments_and_a_triggered_stage(tmp_path):
         assert sorted(form) == ["force", "push", "repo"] and form["force"]["type"] == "boolean"
         assert all(field.get("description") for field in form.values())
         run = api(url, f"/deployments/{by_name['prepare']['id']}/create_flow_run", {})
-        state = wait_for(
-            lambda: (
-                (s := api(url, f"/flow_runs/{run['id']}")["state"]["type"])
-                in ("COMPLETED", "FAILED", "CRASHED")
-                and s
-            ),
-            300,
-            "the flow run",
-        )
+        state = wait_for(lambda: finished(url, run["id"]), 300, "the flow run")
         assert state == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
         assert (repo / "data" / "prepared" / "report.json").exists()
         status = subprocess.run(
@@ -245,11 +257,84 @@ def test_prefect_ui_path_serve_deployments_and_a_triggered_stage(tmp_path):
             text=True,
         )
         assert "up to date" in status.stdout, status.stdout
-    finally:
-        for process in (serving, server):
-            if process is not None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
+
+
+def shared_repository(tmp_path: Path) -> Path:
+    """A clone of the project whose `origin` (a bare repository) and DVC remote are
+    absolute paths, as a team's are: what every worker's fresh clone fetches from."""
+    repo = repo_copy(tmp_path / "repo", TINY_CHAIN)
+    dvc = [sys.executable, "-m", "dvc", "remote", "modify", "shared", "url"]
+    subprocess.run([*dvc, str(tmp_path / "dvc-remote")], cwd=repo, check=True)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    subprocess.run([*git, "commit", "-qam", "the team's remote"], cwd=repo, check=True)
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(repo), str(origin)], check=True)
+    subprocess.run(["git", "remote", "add", "origin", str(origin)], cwd=repo, check=True)
+    return repo
+
+
+def test_workers_run_the_deployments_of_prefect_yaml(tmp_path):
+    # README, "More machines": pools, `prefect deploy --all`, a worker on the data pool.
+    repo = shared_repository(tmp_path)
+    fast = {  # the scheduler and the worker poll every 2 s, not every minute or 10 s
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        # one scheduled run of a schedule at a time, not the next hundred
+        "PREFECT_SERVER_SERVICES_SCHEDULER_MIN_RUNS": "1",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS": "1",
+    }
+    with real_server(tmp_path, **fast) as (url, env):
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # alexnet, dvc
+        prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
+        for pool in ("alexnet-data", "alexnet-gpu"):
+            command = [*prefect, "work-pool", "create", pool, "--type", "process"]
+            subprocess.run(command, env=env, check=True, capture_output=True)
+        deployed = subprocess.run(
+            [*prefect, "deploy", "--all"], cwd=repo, env=env, capture_output=True, text=True
+        )
+        assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+        by_name = {d["name"]: d for d in api(url, "/deployments/filter", {})}
+        assert sorted(by_name) == sorted([*STAGES, "pipeline", "retrain"])
+        assert by_name["synth"]["work_pool_name"] == "alexnet-data"
+        assert by_name["train"]["work_pool_name"] == "alexnet-gpu"
+        crons = [s["schedule"].get("cron") for s in by_name["retrain"]["schedules"]]
+        assert crons == [
+            yaml.safe_load((repo / "params.yaml").read_text())["serve"]["retrain_cron"]
+        ]
+
+        synth = by_name["synth"]["id"]
+        worker = [*prefect, "worker", "start", "--pool", "alexnet-data"]
+        (tmp_path / "node").mkdir()
+        with background(worker, env, tmp_path / "worker.log", cwd=tmp_path / "node"):
+            # Two runs at once on one repository, and a cron due within the minute.
+            runs = [
+                api(url, f"/deployments/{synth}/create_flow_run", {"parameters": {"force": True}})
+                for _ in range(2)
+            ]
+            every_minute = {"schedule": {"cron": "* * * * *"}, "active": True}
+            api(url, f"/deployments/{synth}/schedules", [every_minute])
+            by_deployment = {"flow_runs": {"deployment_id": {"any_": [synth]}}}
+            scheduled = wait_for(
+                lambda: sorted(
+                    (run["expected_start_time"], run["id"])
+                    for run in api(url, "/flow_runs/filter", by_deployment)
+                    if run["auto_scheduled"]
+                )[:1],
+                90,
+                "the scheduler to create the cron's run",
+            )
+            ids = [run["id"] for run in runs] + [scheduled[0][1]]  # the first due
+            states = [wait_for(lambda i=i: finished(url, i), 240, f"run {i}") for i in ids]
+            log = (tmp_path / "worker.log").read_text()[-4000:]
+            assert states == ["COMPLETED"] * 3, log
+            turns = sorted(repro_span(url, i) for i in ids)
+    # Each run's `dvc repro` began after the one before had ended: one at a time.
+    assert all(first[1] <= second[0] for first, second in itertools.pairwise(turns)), turns
+    assert any((tmp_path / "dvc-remote").rglob("*"))  # the runs pushed what they made
+
+
+def repro_span(url: str, flow_run_id: str) -> tuple[datetime, datetime]:
+    """When the `dvc repro` task of a stage deployment's run started and ended."""
+    tasks = api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    (task,) = [t for t in tasks if t["task_key"].startswith("repro_stage")] or tasks
+    return datetime.fromisoformat(task["start_time"]), datetime.fromisoformat(task["end_time"])
