@@ -12,15 +12,18 @@ The data is the built-in demo's kind (synth), 90% train, 10% val, with small raw
 (sides 160-320) so that it takes minutes. The data stages run at N = --images; training
 (one epoch) and the 10-crop evaluation, ~100x dearer per image on a CPU, at N =
 --model-images, on a chain of their own. A stage runs --repeats times at 16N and once
-more at N and 4N (stats three more, train and evaluate one more); the best time counts:
+more at N and 4N (stats three more, train and evaluate one more), in rounds (N, 4N, 16N,
+then again: the VM's slower minutes fall on every size alike); the best time counts:
 the fixed cost of a stage (~6 s, Prefect and a process pool starting; ~10 s for train
 and evaluate) varies by a few seconds on this VM, as much as the work of a thousand
 images (of 10 to evaluate), and the first run of a stage also pays for cold file caches
 (torch's libraries). The stages share one Prefect server (started here, so its start-up
-is no stage's fixed cost). `compute.window_mb` and `pack.batch` are set small, so that
-pack's and stats' read-ahead windows are full from the smallest size on: with the
-defaults (128 MB, 50 MB chunks) they fill only past ~650 images, and memory grows until
-then, by design.
+is no stage's fixed cost). `compute.window_mb` (per stage) and `pack.batch` are set
+small, so that pack's and stats' read-ahead windows are full from the smallest size on:
+with the defaults (128 MB, 50 MB chunks) they fill only past ~650 images, and memory
+grows until then, by design (a first run with one 40 MB window for all measured stats'
+main process 1.19x and `jpeg` pack's 1.16x from N to 16N: their windows were not full
+at N).
 
 Targets (issue 15): each stage's peak memory at 16N within 1.2x of its peak at N, and
 the marginal cost per image from 4N to 16N within 1.25x of that from N to 4N.
@@ -68,14 +71,22 @@ DATA = (
     Stage("prepare", ("raw", "prepared"), "all", ("prepared",), output="prepared"),
     # ~0.6 ms an image beside ~7 s fixed: from N to 4N it adds ~1.6 s, about what the
     # fixed cost varies by, so the best of 3 is not yet the steady time.
-    Stage("stats", ("prepared/train", "stats"), "train", ("stats",), steadier=3),
+    Stage(
+        "stats",
+        ("prepared/train", "stats"),
+        "train",
+        ("stats",),
+        (("compute", {"window_mb": 8}),),  # 5 shards' moments (1.5 MB each): N has 9
+        steadier=3,
+    ),
     Stage("pack", ("prepared", "lmdb"), "all", ("lmdb",), output="lmdb"),
     Stage(
         "pack",
         ("prepared", "lmdb-jpeg"),
         "all",
         ("lmdb-jpeg",),
-        (("pack", {"encoding": "jpeg"}),),
+        # 1.1 MB chunks: 7 in an 8 MB window (N has 16)
+        (("pack", {"encoding": "jpeg"}), ("compute", {"window_mb": 8})),
         output="lmdb-jpeg",
     ),
 )
@@ -102,7 +113,13 @@ STAGES = DATA + MODEL
 
 
 def label(stage: Stage) -> str:
-    extra = ",".join(f"{k}={v}" for _, values in stage.params for k, v in values.items())
+    """The stage and what it stores differently (not its compute settings)."""
+    extra = ",".join(
+        f"{k}={v}"
+        for section, values in stage.params
+        if section != "compute"
+        for k, v in values.items()
+    )
     return f"{stage.name}({extra})" if extra else stage.name
 
 
@@ -175,12 +192,15 @@ def main() -> None:
     parser.add_argument("--only", choices=("data", "model"), help="one half of the table")
     args = parser.parse_args()
     base = yaml.safe_load((REPO / "params.yaml").read_text())
-    plan = []  # (images, stages to run, runs of each measured one, a size below 16N)
+    halves = []  # (name, N, the chain to run, the stages measured)
     if args.only != "model":
-        plan += [(args.images * k, DATA, args.repeats, k < 16) for k in (1, 4, 16)]
+        halves.append(("data", args.images, DATA, DATA))
     if args.only != "data":
-        plan += [(args.model_images * k, STAGES, args.repeats, k < 16) for k in (1, 4, 16)]
+        halves.append(("model", args.model_images, STAGES, MODEL))
 
+    # as flows/server.py does for a stage's own server: its telemetry heartbeat, with no
+    # network to reach, only prints tracebacks
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.testing.utilities import prefect_test_harness
 
     root = Path(args.keep or tempfile.mkdtemp(prefix="alexnet-scale-"))
@@ -193,39 +213,48 @@ def main() -> None:
             from prefect.settings import PREFECT_API_URL
 
             os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
-            for size, stages, repeats, small in plan:
-                measured = MODEL if stages is STAGES else DATA
-                folder = root / f"{'model' if stages is STAGES else 'data'}{size}"
-                shutil.rmtree(folder, ignore_errors=True)
-                folder.mkdir(parents=True)
-                params = params_for(size, base)
-                params["prepare"]["raw"] = str(folder / "raw")
-                for stage in stages:
+            for half, n, chain, measured in halves:
+                sizes = [root / f"{half}{n * k}" for k in (1, 4, 16)]
+                params = [params_for(n * k, base) for k in (1, 4, 16)]
+                for folder, values in zip(sizes, params, strict=True):
+                    shutil.rmtree(folder, ignore_errors=True)
+                    folder.mkdir(parents=True)
+                    values["prepare"]["raw"] = str(folder / "raw")
+                for stage in chain:
                     if stage not in measured:  # the inputs of train and evaluate
-                        run_stage(stage, folder, params)
+                        for folder, values in zip(sizes, params, strict=True):
+                            run_stage(stage, folder, values)
                         continue
-                    # once more at N and 4N (the first run pays for cold caches)
-                    more = 1 + stage.steadier if small else 0
-                    runs = [run_stage(stage, folder, params) for _ in range(repeats + more)]
-                    best = min(runs, key=lambda r: r.seconds)
-                    results[label(stage)].append(
-                        Sampled(
-                            best.seconds,
-                            max(r.main_peak for r in runs),
-                            max(r.worker_peak for r in runs),
-                            0,
-                            "",
+                    runs = rounds(stage, sizes, params, args.repeats)
+                    for folder, values, sampled in zip(sizes, params, runs, strict=True):
+                        best = min(sampled, key=lambda r: r.seconds)
+                        main_peak = max(r.main_peak for r in sampled)
+                        worker_peak = max(r.worker_peak for r in sampled)
+                        results[label(stage)].append(
+                            Sampled(best.seconds, main_peak, worker_peak, 0, "")
                         )
-                    )
-                    images[label(stage)].append(counts(params)[stage.images])
-                    print(f"  {folder.name} {label(stage)}: {best.seconds:.1f} s", flush=True)
-                if stages is DATA:
+                        images[label(stage)].append(counts(values)[stage.images])
+                        print(f"  {folder.name} {label(stage)}: {best.seconds:.1f} s", flush=True)
+                if half == "data":
                     for output in stored:
-                        stored[output].append(folder_bytes(folder / output))
+                        stored[output] += [folder_bytes(folder / output) for folder in sizes]
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     report(results, images, stored)
+
+
+def rounds(stage: Stage, sizes: list[Path], params: list[dict], repeats: int) -> list[list]:
+    """The runs of a stage at N, 4N and 16N, taken in rounds (N, 4N, 16N, then again), so
+    that a slower minute of the VM falls on every size alike: `repeats` at 16N, and at N
+    and 4N one more (the first run pays for cold caches) and `stage.steadier` more."""
+    wanted = [repeats + 1 + stage.steadier] * (len(sizes) - 1) + [repeats]
+    runs: list[list] = [[] for _ in sizes]
+    for turn in range(max(wanted)):
+        for index, (folder, values) in enumerate(zip(sizes, params, strict=True)):
+            if turn < wanted[index]:
+                runs[index].append(run_stage(stage, folder, values))
+    return runs
 
 
 def report(results, images, stored) -> None:
