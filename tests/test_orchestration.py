@@ -306,7 +306,9 @@ def test_workers_run_the_deployments_of_prefect_yaml(tmp_path):
         worker = [*prefect, "worker", "start", "--pool", "alexnet-data"]
         (tmp_path / "node").mkdir()
         with background(worker, env, tmp_path / "worker.log", cwd=tmp_path / "node"):
-            # Two runs at once on one repository, and a cron due within the minute.
+            # Two runs at once on one repository (as from the UI while the cron retrain
+            # runs: in each worker's clone, so they would overlap), and a cron due within
+            # the minute; the repository's concurrency limit makes them take turns.
             runs = [
                 api(url, f"/deployments/{synth}/create_flow_run", {"parameters": {"force": True}})
                 for _ in range(2)

@@ -188,38 +188,3 @@ def test_lateness_of_a_scheduled_run():
     assert lateness(now - timedelta(minutes=90), now) == timedelta(minutes=90)
     assert lateness(now + timedelta(seconds=5), now) == timedelta(0)  # clocks differ
     assert lateness(None, now) == timedelta(0)
-
-
-def test_two_runs_on_one_repository_take_turns_and_both_complete(tmp_path, prefect_server):
-    # Stage a takes 3 s and logs when it starts and ends; two forced pipeline runs are
-    # started together (as from the UI while the cron retrain runs).
-    stamp = 'echo "$1 $(date +%s.%N)" >> ../runs.log'
-    stage = f"sh -c '{stamp}' - start && sleep 3 && mkdir -p out && echo a > out/a"
-    repo = project(tmp_path, a=f"{stage} && sh -c '{stamp}' - end")
-    script = (
-        "from flows.pipeline import pipeline_flow; "
-        f"print(pipeline_flow(force=True, push=False, repo={str(repo)!r})['ran'])"
-    )
-    callers = [
-        subprocess.Popen(
-            [sys.executable, "-c", script],
-            cwd=Path(__file__).resolve().parents[1],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    outputs = [caller.communicate(timeout=300)[0] for caller in callers]
-    for caller, output in zip(callers, outputs, strict=True):
-        assert caller.returncode == 0, output[-3000:]
-        assert "['a', 'b']" in output
-    lines = (tmp_path / "runs.log").read_text().split("\n")
-    events = [(line.split()[0], float(line.split()[1])) for line in lines if line[:1] in ("s", "e")]
-    # start, end, start, end: the second run's stage began after the first one's ended
-    assert [kind for kind, _ in sorted(events, key=lambda e: e[1])] == [
-        "start",
-        "end",
-        "start",
-        "end",
-    ]
