@@ -11,9 +11,9 @@ what it writes; then the projection of those figures onto ImageNet.
 The data is the built-in demo's kind (synth), 90% train, 10% val, with small raw files
 (sides 160-320) so that it takes minutes. The data stages run at N = --images; training
 (one epoch) and the 10-crop evaluation, ~100x dearer per image on a CPU, at N =
---model-images, on a chain of their own. A stage runs --repeats times at 16N and once
-more at N and 4N (stats three more, train and evaluate one more), in rounds (N, 4N, 16N,
-then again: the VM's slower minutes fall on every size alike); the best time counts:
+--model-images, on a chain of their own. A stage runs --repeats + 1 times at each size
+(stats, train and evaluate one more), in rounds (N, 4N, 16N, then again: the VM's slower
+minutes fall on every size alike); the best time counts:
 the fixed cost of a stage (~6 s, Prefect and a process pool starting; ~10 s for train
 and evaluate) varies by a few seconds on this VM, as much as the work of a thousand
 images (of 10 to evaluate), and the first run of a stage also pays for cold file caches
@@ -77,7 +77,7 @@ DATA = (
         "train",
         ("stats",),
         (("compute", {"window_mb": 8}),),  # 5 shards' moments (1.5 MB each): N has 9
-        steadier=3,
+        steadier=1,
     ),
     Stage("pack", ("prepared", "lmdb"), "all", ("lmdb",), output="lmdb"),
     Stage(
@@ -246,9 +246,10 @@ def main() -> None:
 
 def rounds(stage: Stage, sizes: list[Path], params: list[dict], repeats: int) -> list[list]:
     """The runs of a stage at N, 4N and 16N, taken in rounds (N, 4N, 16N, then again), so
-    that a slower minute of the VM falls on every size alike: `repeats` at 16N, and at N
-    and 4N one more (the first run pays for cold caches) and `stage.steadier` more."""
-    wanted = [repeats + 1 + stage.steadier] * (len(sizes) - 1) + [repeats]
+    that a slower minute of the VM falls on every size alike: at every size `repeats`,
+    one more (the first run pays for cold caches) and `stage.steadier` more. As many at
+    each size: the best of more runs is lower, which would tilt the ratio of sizes."""
+    wanted = [repeats + 1 + stage.steadier] * len(sizes)
     runs: list[list] = [[] for _ in sizes]
     for turn in range(max(wanted)):
         for index, (folder, values) in enumerate(zip(sizes, params, strict=True)):
