@@ -53,7 +53,9 @@ class SplitIndex:
     def __getitem__(self, rows):
         if isinstance(rows, (int, np.integer)):
             return self._entry(int(rows))
-        return [self._entry(int(row)) for row in np.arange(len(self))[rows]]
+        # a slice's rows without an arange of the whole split (pack asks once per chunk)
+        rows = range(len(self))[rows] if isinstance(rows, slice) else rows
+        return [self._entry(int(row)) for row in rows]
 
     def __iter__(self):
         return iter(self[:])
