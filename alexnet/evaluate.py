@@ -11,13 +11,15 @@ of the mean, as in training).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from alexnet.crops import CENTRE, ten_crops
+from alexnet.lmdb_store import key
 from alexnet.metrics import label_ranks, missed
 from alexnet.modelfile import ModelFileError, load_model
 from alexnet.params import DEFAULTS, Kernels
@@ -40,12 +42,14 @@ def crop_probabilities(
 @dataclass
 class Results:
     """Per image: the label, the 10-crop prediction and the label's rank under the
-    10-crop average and under the centre crop alone."""
+    10-crop average and under the centre crop alone. `kept`: the 10-crop average softmax
+    (K, classes) of the images `evaluate` was asked to keep, in that order."""
 
     labels: torch.Tensor
     predicted: torch.Tensor
     rank: torch.Tensor
     centre_rank: torch.Tensor
+    kept: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0))
 
     def summary(self) -> dict:
         """`metrics/eval.json` (docs/design.md)."""
@@ -100,18 +104,24 @@ def evaluate(
     batch: int,
     device: torch.device,
     on_batch: Callable[[int], None] | None = None,
+    keep: Sequence[int] = (),
 ) -> Results:
-    """10-crop and centre-crop predictions for a whole split."""
+    """10-crop and centre-crop predictions for a whole split, and the 10-crop softmax of
+    the images `keep` lists (only theirs: a split's would be images x classes)."""
     model.eval()
     mean = None if mean is None else mean.to(device)
     batches = in_order(split, batch)
     parts: list[tuple[torch.Tensor, ...]] = []
-    for images, labels in batch_loader(
-        batches, range(len(batches)), pin_memory=device.type == "cuda"
-    ):
+    wanted = {index: position for position, index in enumerate(keep)}
+    kept: dict[int, torch.Tensor] = {}
+    loader = batch_loader(batches, range(len(batches)), pin_memory=device.type == "cuda")
+    for rows, (images, labels) in zip(batches.batches, loader, strict=True):
         labels = labels.to(device)
         probabilities = crop_probabilities(model, images.to(device, non_blocking=True), mean, crop)
         average = probabilities.mean(1)  # the paper: average the softmax, not the logits
+        for row, index in enumerate(rows):
+            if index in wanted:
+                kept[wanted[index]] = average[row].cpu()
         parts.append(
             (
                 labels,
@@ -126,7 +136,33 @@ def evaluate(
         torch.cat([p[i].cpu() for p in parts]) if parts else torch.empty(0, dtype=torch.long)
         for i in range(4)
     ]
-    return Results(*columns)
+    gallery = torch.stack([kept[p] for p in range(len(keep))]) if keep else torch.empty(0, 0)
+    return Results(*columns, kept=gallery)
+
+
+def top5_table(
+    indices: Sequence[int], labels: Sequence[int], kept: torch.Tensor, names: Sequence[str]
+) -> list[dict]:
+    """`metrics/eval/top5.csv`, the gallery's data: one row per (image, rank), the image
+    by its key in the val store, its true class and the k-th most probable class."""
+    top = kept.topk(min(5, kept.shape[1]), dim=1)
+    return [
+        {
+            "key": key(index).decode(),
+            "true_class": names[label],
+            "rank": rank + 1,
+            "class": names[int(top.indices[row, rank])],
+            "probability": round(float(top.values[row, rank]), 6),
+        }
+        for row, (index, label) in enumerate(zip(indices, labels, strict=True))
+        for rank in range(top.indices.shape[1])
+    ]
+
+
+def sample(count: int, size: int, seed: int) -> list[int]:
+    """A seeded choice of `size` (at most `count`) distinct indices of a split: the
+    figures' validation images (the same ones run after run)."""
+    return np.random.default_rng(seed).permutation(count)[:size].tolist()
 
 
 def load_model_for(

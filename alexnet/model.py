@@ -86,6 +86,11 @@ class AlexNet(nn.Module):
         x = self.features(x)  # (N, 256, 6, 6)
         return self.classifier(torch.flatten(x, 1))  # (N, classes)
 
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 4096): the last hidden layer (fc7 after its ReLU and dropout), the vector
+        whose Euclidean distances section 6.1 compares between images."""
+        return self.classifier[:-1](torch.flatten(self.features(x), 1))
+
 
 def initialise(model: AlexNet, scheme: Init) -> None:
     """Section 5: weights N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7 (so early

@@ -226,6 +226,14 @@ class EvaluateParams(_Section):
 
     batch_size: int = Field(50, ge=1, description="images per batch (x10 crops on the device)")
     device: str = Field("cpu", description="cpu, cuda, cuda:1, ...")
+    # Section 6.1's figures (alexnet/figures.py): which images, how many neighbours.
+    gallery: int = Field(16, ge=1, description="validation images shown with their top 5")
+    queries: int = Field(5, ge=1, description="validation images whose neighbours are shown")
+    neighbours: int = Field(6, ge=1, description="nearest training images per query")
+    neighbour_batch: int = Field(
+        128, ge=1, description="training images per batch of the neighbour search (its memory)"
+    )
+    seed: int = Field(0, description="picks the gallery's and the queries' images")
 
 
 class ServeParams(_Section):

@@ -1,9 +1,9 @@
 """`alexnet`: the command line of the pipeline.
 
 The six stage commands come from the table `flows.stages.STAGES` (the same commands DVC
-runs as `python -m flows.<stage>`); besides them `predict`, `serve` and `doctor`. Flows
-and the library are imported only by the command that needs them, so `alexnet --help`
-stays fast.
+runs as `python -m flows.<stage>`); besides them `predict`, `report`, `serve`, `param`
+and `doctor`. Flows and the library are imported only by the command that needs them, so
+`alexnet --help` stays fast.
 """
 
 from __future__ import annotations
@@ -106,6 +106,27 @@ def param(
 
     with user_errors():
         typer.echo(param_value(load(params_path), key))
+
+
+@app.command(
+    help="Write one self-contained HTML page of the run: the evaluation, the training "
+    "curves, section 6.1's figures (conv1's kernels, top-5 gallery, nearest neighbours) "
+    "and the params. It needs no network to open; send it as one file."
+)
+def report(
+    out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write")] = Path(
+        "report.html"
+    ),
+    metrics: Annotated[Path, typer.Option(help="the stages' metrics folder")] = Path(
+        STAGES["evaluate"].path("metrics").default
+    ),
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
+    from alexnet.report import write_report
+
+    with user_errors():
+        written = write_report(metrics, out, params_path)
+    console.print(f"report: {written}", highlight=False)
 
 
 @app.command(

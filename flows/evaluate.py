@@ -1,22 +1,35 @@
 """Flow of the evaluate stage: 10-crop and centre-crop error on the validation store,
-a per-class report, the confusion plot's data and a Prefect artifact."""
+a per-class report, the confusion plot's data, section 6.1's figures (conv1's kernels,
+a top-5 gallery, nearest neighbours in the last hidden layer) and Prefect artifacts."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 from pathlib import Path
 
+import torch
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from rich.progress import Progress
 
 from alexnet.atomic import write_bytes, write_json
+from alexnet.evaluate import Results, load_model_for, sample, top5_table
 from alexnet.evaluate import evaluate as evaluate_split
-from alexnet.evaluate import load_model_for
+from alexnet.figures import kernels_figure, neighbours_figure, png, top5_figure
+from alexnet.lmdb_store import StoreError
+from alexnet.neighbours import hidden_vectors, images_of, nearest, table
 from alexnet.params import ComputeParams, EvaluateParams
 from alexnet.placement import resolve_devices
 from alexnet.reader import LmdbSplit
+
+# The figures (dvc.yaml lists them as plots), in metrics/eval/.
+FIGURES = {
+    "kernels": "conv1's kernels (paper figure 3)",
+    "top5": "validation images with the model's top 5 (figure 4, left)",
+    "neighbours": "nearest training images in the last hidden layer (figure 4, right)",
+}
 
 
 def _csv(rows: list[dict]) -> bytes:
@@ -50,24 +63,74 @@ def _report(summary: dict, per_class: list[dict], worst: int = 5) -> str:
             f"| {row['name']} ({row['wnid']}) | {row['images']} | "
             f"{row['top1_error']:.3f} | {row['top5_error']:.3f} |"
         )
+    lines += ["", "## Figures", "", "The artifacts `evaluation-<name>` show them:", ""]
+    lines += [f"- `metrics/eval/{name}.png`: {what}" for name, what in FIGURES.items()]
     return "\n".join(lines)
+
+
+def _figures(
+    model: torch.nn.Module,
+    mean: torch.Tensor,
+    val: LmdbSplit,
+    train: LmdbSplit,
+    results: Results,
+    chosen: list[int],
+    evaluate: EvaluateParams,
+    device: torch.device,
+    progress: Progress,
+) -> tuple[dict[str, bytes], dict[str, list[dict]]]:
+    """The three PNGs, and the tables of the gallery and of the neighbours."""
+    names = [entry["name"] for entry in val.classes]
+    gallery = chosen[: evaluate.gallery]
+    images, labels = val.read_batch(gallery)
+    pictures = {
+        "kernels": kernels_figure(model.layers()["conv1"].weight, model.columns),
+        "top5": top5_figure(images, labels.tolist(), results.kept, names),
+    }
+    tables = {"top5": top5_table(gallery, labels.tolist(), results.kept, names)}
+    queries = chosen[: evaluate.queries]
+    images, labels = val.read_batch(queries)
+    vectors = hidden_vectors(model, images.to(device), mean.to(device), model.input_size)
+    bar = progress.add_task("nearest neighbours (train store)", total=len(train))
+    found = nearest(
+        model,
+        vectors,
+        train,
+        mean,
+        model.input_size,
+        evaluate.neighbours,
+        evaluate.neighbour_batch,
+        device,
+        on_batch=lambda n: progress.advance(bar, n),
+    )
+    pictures["neighbours"] = neighbours_figure(
+        images, labels.tolist(), images_of(train, found), found.labels, found.distances, names
+    )
+    tables["neighbours"] = table(queries, labels.tolist(), found, names)
+    return {name: png(figure) for name, figure in pictures.items()}, tables
 
 
 @flow(name="evaluate")
 def evaluate_flow(
     val: str,
     model_path: str,
+    train: str,
     metrics: str,
     evaluate: EvaluateParams,
     compute: ComputeParams,
 ) -> dict:
-    """Write metrics/eval.json, metrics/eval/per_class.csv and metrics/eval/confusion.csv.
-    The mean image is the model file's: the one its training subtracted."""
+    """Write metrics/eval.json and, in metrics/eval/, per_class.csv, confusion.csv,
+    kernels.png, top5.png and top5.csv, neighbours.png and neighbours.csv. The mean
+    image is the model file's: the one its training subtracted."""
     logger = get_run_logger()
     device = resolve_devices([evaluate.device])[0]
     split = LmdbSplit(val)
     model, payload = load_model_for(split, Path(model_path), device, compute.kernels)
+    training = LmdbSplit(train)
+    if training.classes != split.classes:
+        raise StoreError(f"{train} and {val} list different classes")
     mean = payload["mean"].float()
+    chosen = sample(len(split), max(evaluate.gallery, evaluate.queries), evaluate.seed)
     with Progress() as progress:
         bar = progress.add_task("evaluate (10 crops)", total=len(split))
         results = evaluate_split(
@@ -78,12 +141,21 @@ def evaluate_flow(
             evaluate.batch_size,
             device,
             on_batch=lambda n: progress.advance(bar, n),
+            keep=chosen[: evaluate.gallery],
+        )
+        figures, tables = _figures(
+            model, mean, split, training, results, chosen, evaluate, device, progress
         )
     summary = results.summary()
     per_class = results.per_class(split.classes)
+    out = Path(metrics) / "eval"
     write_json(Path(metrics) / "eval.json", summary)
-    write_bytes(Path(metrics) / "eval" / "per_class.csv", _csv(per_class))
-    write_bytes(Path(metrics) / "eval" / "confusion.csv", _csv(results.confusion(split.classes)))
+    write_bytes(out / "per_class.csv", _csv(per_class))
+    write_bytes(out / "confusion.csv", _csv(results.confusion(split.classes)))
+    for name, data in figures.items():
+        write_bytes(out / f"{name}.png", data)
+    for name, rows in tables.items():
+        write_bytes(out / f"{name}.csv", _csv(rows))
     logger.info(
         "10-crop top-1 error %.4f, top-5 %.4f; centre crop %.4f / %.4f; %d images",
         summary["top1_error"],
@@ -95,6 +167,9 @@ def evaluate_flow(
     create_markdown_artifact(
         _report(summary, per_class), key="evaluation", description="10-crop evaluation"
     )
+    for name, data in figures.items():  # the UI shows an image artifact from a data URL
+        url = "data:image/png;base64," + base64.b64encode(data).decode()
+        create_image_artifact(url, key=f"evaluation-{name}", description=FIGURES[name])
     return summary
 
 

@@ -58,6 +58,9 @@ class Stage:
     def module(self) -> str:
         return f"flows.{self.name}"
 
+    def path(self, name: str) -> PathArg:
+        return next(arg for arg in self.paths if arg.name == name)
+
     def flow(self) -> Callable:
         return getattr(importlib.import_module(self.module), f"{self.name}_flow")
 
@@ -157,10 +160,17 @@ STAGES: dict[str, Stage] = {
             "evaluate",
             "10-crop top-1/top-5 error of a model (paper section 4.1; params `evaluate`): "
             "metrics/eval.json, a per-class CSV and the confusion plot's data in "
-            "metrics/eval/.",
+            "metrics/eval/; and section 6.1's pictures there: conv1's kernels, validation "
+            "images with their top 5, and their nearest training images.",
             (
                 PathArg("val", "data/lmdb/val", "the validation LMDB store"),
                 PathArg("model_path", "models/alexnet.pt", "model file from train"),
+                PathArg(
+                    "train",
+                    "data/lmdb/train",
+                    "the training LMDB store (searched for the nearest neighbours)",
+                    option=True,
+                ),
                 PathArg("metrics", "metrics", "folder for eval.json and eval/", option=True),
             ),
             ("evaluate", "compute"),

@@ -31,6 +31,7 @@ COMMANDS = {  # command: words its help must say
     "train": "paper's recipe",
     "evaluate": "10-crop",
     "predict": "Reads only the model file",
+    "report": "self-contained HTML page",
     "serve": "deployments of prefect.yaml",
     "param": "one parameter's value",
     "doctor": "what the pipeline runs on",

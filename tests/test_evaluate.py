@@ -82,8 +82,9 @@ def test_evaluate_flow_writes_the_metric_files(data, model_file, tmp_path, prefe
     summary = evaluate_flow(
         str(data / "lmdb" / "val"),
         str(model_file),
+        str(data / "lmdb" / "train"),
         str(tmp_path),
-        EvaluateParams(batch_size=3),
+        EvaluateParams(batch_size=3, gallery=3, queries=2, neighbours=4, neighbour_batch=3),
         ComputeParams(),
     )
     written = json.loads((tmp_path / "eval.json").read_text())
@@ -101,6 +102,28 @@ def test_evaluate_flow_writes_the_metric_files(data, model_file, tmp_path, prefe
     assert [r["name"] for r in rows] == ["c0", "c1"]
     confusion = list(csv.DictReader(io.StringIO((tmp_path / "eval" / "confusion.csv").read_text())))
     assert len(confusion) == 4 and set(confusion[0]) == {"actual", "predicted"}
+    # Section 6.1's figures, and the data they show.
+    for name, least in {
+        "kernels": (700, 300),
+        "top5": (600, 150),
+        "neighbours": (500, 250),
+    }.items():
+        image = Image.open(tmp_path / "eval" / f"{name}.png")
+        assert image.format == "PNG" and min(np.subtract(image.size, least)) >= 0, image.size
+    val = LmdbSplit(data / "lmdb" / "val")
+    gallery = read_csv(tmp_path / "eval" / "top5.csv")
+    assert len(gallery) == 3 * 2  # 3 images, 2 classes each (fewer than 5)
+    for row in gallery:  # the true class is the store's label of that key
+        assert row["true_class"] == f"c{val[int(row['key'])][1]}"
+    neighbours = read_csv(tmp_path / "eval" / "neighbours.csv")
+    assert [int(r["rank"]) for r in neighbours] == [1, 2, 3, 4] * 2
+    assert len({r["neighbour_key"] for r in neighbours[:4]}) == 4
+    distances = [float(r["distance"]) for r in neighbours[:4]]
+    assert distances == sorted(distances)
+
+
+def read_csv(path) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(path.read_text())))
 
 
 def test_evaluate_refuses_a_model_of_other_classes(data, model_file, tmp_path, prefect_server):
@@ -114,6 +137,7 @@ def test_evaluate_refuses_a_model_of_other_classes(data, model_file, tmp_path, p
         evaluate_flow(
             str(tmp_path / "val3"),
             str(model_file),
+            str(data / "lmdb" / "train"),
             str(tmp_path),
             EvaluateParams(),
             ComputeParams(),

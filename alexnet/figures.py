@@ -1,0 +1,144 @@
+"""The pictures of paper section 6.1, drawn with matplotlib: the first layer's kernels
+(figure 3), validation images with the model's top-5 labels (figure 4, left) and the
+training images nearest to a few validation images in the last hidden layer (figure 4,
+right).
+
+Figures are built as `matplotlib.figure.Figure` objects (no pyplot: no global state, no
+GUI backend) and written by `png`, without the "Software" tag, so the same inputs give
+the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+PER_ROW = 16  # kernels per row: figure 3 has 3 rows of 16 per GPU
+TRUE = "tab:red"  # the true class, wherever it appears
+OTHER = "tab:blue"
+
+
+def png(figure: Figure, dpi: int = 100) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def kernel_cells(weight: torch.Tensor) -> np.ndarray:
+    """(K, 3, h, w) conv weights -> (K, h, w, 3) in [0, 1]: each kernel stretched from
+    its own minimum to its own maximum, so every kernel is visible whatever its scale
+    (figure 3 shows them so). A constant kernel is mid-grey."""
+    cells = weight.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+    low = cells.min(axis=(1, 2, 3), keepdims=True)
+    span = cells.max(axis=(1, 2, 3), keepdims=True) - low
+    return np.where(span > 0, (cells - low) / np.where(span > 0, span, 1), 0.5)
+
+
+def kernels_figure(weight: torch.Tensor, columns: int) -> Figure:
+    """conv1's kernels as figure 3 lays them out: one block per column of the network
+    (the paper's GPUs; conv1's first K/2 kernels feed column 1), the blocks apart and
+    labelled; one grid for a one-column net."""
+    cells = kernel_cells(weight)
+    blocks = np.split(cells, columns)
+    rows = math.ceil(len(blocks[0]) / PER_ROW)
+    size = 0.5  # inches a kernel
+    figure = Figure(
+        figsize=(PER_ROW * size + 0.2, columns * (rows * size + 0.35) + 0.45), layout="constrained"
+    )
+    k = weight.shape[-1]
+    figure.suptitle(f"conv1: {len(cells)} kernels of {k}x{k}x3")
+    parts = figure.subfigures(columns, 1, hspace=0.04, squeeze=False)[:, 0]
+    for column, (part, block) in enumerate(zip(parts, blocks, strict=True)):
+        if columns > 1:
+            part.suptitle(f"column {column + 1} (GPU {column + 1} in the paper)", fontsize=9)
+            part.set_facecolor("0.93")  # the two blocks read as two
+        axes = part.subplots(rows, PER_ROW, squeeze=False)
+        for ax in axes.flat:
+            ax.set_axis_off()
+        for ax, cell in zip(axes.flat, block, strict=False):
+            ax.imshow(cell, interpolation="nearest")
+    return figure
+
+
+def _hwc(image: torch.Tensor) -> np.ndarray:
+    return image.permute(1, 2, 0).numpy()
+
+
+def _short(name: str, width: int = 22) -> str:
+    """A class name fit for a tick label (ImageNet's run to 60+ characters)."""
+    name = name.split(",")[0]
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def top5_figure(
+    images: torch.Tensor,
+    labels: Sequence[int],
+    probabilities: torch.Tensor,
+    names: Sequence[str],
+    per_row: int = 4,
+) -> Figure:
+    """Each image (uint8 CHW) with its true class above it and, beside it, bars of the
+    five classes of highest (10-crop average) probability; the true class's bar in red
+    when it is among them."""
+    count = len(labels)
+    rows = math.ceil(count / per_row)
+    figure = Figure(figsize=(per_row * 4.2, rows * 1.9), layout="constrained")
+    figure.suptitle("Validation images and the model's top 5 (10-crop average softmax)")
+    axes = figure.subplots(rows, per_row * 2, squeeze=False, width_ratios=[1, 1.25] * per_row)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    top = probabilities.float().topk(min(5, probabilities.shape[1]), dim=1)
+    for i, label in enumerate(labels):
+        picture, bars = axes[i // per_row, 2 * (i % per_row) : 2 * (i % per_row) + 2]
+        picture.imshow(_hwc(images[i]))
+        picture.set_title(_short(names[label]), fontsize=8, color=TRUE)
+        classes = top.indices[i].tolist()
+        bars.set_axis_on()
+        bars.barh(
+            range(len(classes)),
+            top.values[i].tolist(),
+            color=[TRUE if c == label else OTHER for c in classes],
+        )
+        bars.set_yticks(range(len(classes)), [_short(names[c], 16) for c in classes], fontsize=7)
+        bars.invert_yaxis()  # the most probable on top
+        bars.set_xlim(0, 1)
+        bars.tick_params(axis="x", labelsize=6)
+        for side in ("top", "right"):
+            bars.spines[side].set_visible(False)
+    return figure
+
+
+def neighbours_figure(
+    queries: torch.Tensor,
+    query_labels: Sequence[int],
+    neighbours: torch.Tensor,
+    neighbour_labels: torch.Tensor,
+    distances: torch.Tensor,
+    names: Sequence[str],
+) -> Figure:
+    """One row per query: the validation image, then its k nearest training images in
+    the last hidden layer, nearest first, each with its class (red: the query's class)
+    and its distance."""
+    count, k = neighbour_labels.shape
+    figure = Figure(figsize=((k + 1) * 1.35, count * 1.55 + 0.4), layout="constrained")
+    figure.suptitle("Nearest training images in the last hidden layer (4096-d, Euclidean)")
+    axes = figure.subplots(count, k + 1, squeeze=False)
+    for row in range(count):
+        label = query_labels[row]
+        cells = [(queries[row], label, "query")] + [
+            (neighbours[row, j], int(neighbour_labels[row, j]), f"{float(distances[row, j]):.3g}")
+            for j in range(k)
+        ]
+        for ax, (image, shown, note) in zip(axes[row], cells, strict=True):
+            ax.imshow(_hwc(image))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            color = TRUE if shown == label else "black"
+            ax.set_title(f"{_short(names[shown], 14)}\n{note}", fontsize=7, color=color)
+        axes[row, 0].spines[:].set(color=TRUE, linewidth=2)
+    return figure

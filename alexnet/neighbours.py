@@ -1,0 +1,120 @@
+"""Section 6.1's nearest neighbours: the training images whose last-hidden-layer vectors
+(4096-d, fc7 after its ReLU, of the centre crop) lie closest in Euclidean distance to a
+query image's.
+
+The training store is read once, in store order, `batch` images at a time; for each
+query only its k nearest so far are kept. Memory is one batch (its images, crops and
+vectors) plus queries x k, whatever the size of the store: ImageNet's 1.28M training
+images take one pass, as long as a centre-crop evaluation of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from alexnet.crops import centre_crop
+from alexnet.lmdb_store import key
+from alexnet.reader import LmdbSplit, batch_loader, in_order
+
+
+@dataclass
+class Neighbours:
+    """For each query (rows): its k nearest training records, nearest first; ties go
+    to the lower store index."""
+
+    indices: torch.Tensor  # (Q, k) int64 indices into the training store
+    labels: torch.Tensor  # (Q, k) their classes
+    distances: torch.Tensor  # (Q, k) float32 Euclidean distances
+
+
+@torch.no_grad()
+def hidden_vectors(
+    model: torch.nn.Module, images: torch.Tensor, mean: torch.Tensor | None, crop: int
+) -> torch.Tensor:
+    """(N, 4096) float32 last-hidden-layer vectors of the centre crops of uint8 images."""
+    return model.hidden(centre_crop(images, mean, crop)).float()
+
+
+def distances(queries: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """(Q, N) Euclidean distances, from the differences themselves: the |a|^2 - 2ab +
+    |b|^2 shortcut loses the small distances that matter here to cancellation."""
+    return torch.cdist(queries, vectors, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def keep_nearest(best: Neighbours, batch: Neighbours, k: int) -> Neighbours:
+    """The k nearest of two candidate sets per query, ordered by (distance, index)."""
+    merged = [torch.cat(pair, 1) for pair in zip(_fields(best), _fields(batch), strict=True)]
+    indices, labels, dist = merged
+    by_index = indices.argsort(dim=1, stable=True)
+    order = by_index.gather(1, dist.gather(1, by_index).argsort(dim=1, stable=True))[:, :k]
+    return Neighbours(*(field.gather(1, order) for field in merged))
+
+
+def _fields(n: Neighbours) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return n.indices, n.labels, n.distances
+
+
+@torch.no_grad()
+def nearest(
+    model: torch.nn.Module,
+    queries: torch.Tensor,
+    train: LmdbSplit,
+    mean: torch.Tensor | None,
+    crop: int,
+    k: int,
+    batch: int,
+    device: torch.device,
+    on_batch: Callable[[int], None] | None = None,
+) -> Neighbours:
+    """The k (at most the store's size) training records nearest to each of the query
+    vectors (Q, 4096) from `hidden_vectors`, by one streamed pass over `train`."""
+    model.eval()
+    queries = queries.to(device).float()
+    mean = None if mean is None else mean.to(device)
+    count = len(queries)
+    best = Neighbours(
+        torch.empty(count, 0, dtype=torch.long),
+        torch.empty(count, 0, dtype=torch.long),
+        torch.empty(count, 0),
+    )
+    batches = in_order(train, batch)
+    loader = batch_loader(batches, range(len(batches)), pin_memory=device.type == "cuda")
+    for rows, (images, labels) in zip(batches.batches, loader, strict=True):
+        vectors = hidden_vectors(model, images.to(device, non_blocking=True), mean, crop)
+        found = Neighbours(
+            torch.as_tensor(rows).expand(count, -1),
+            labels.expand(count, -1),
+            distances(queries, vectors).cpu(),
+        )
+        best = keep_nearest(best, found, k)
+        if on_batch:
+            on_batch(len(rows))
+    return best
+
+
+def images_of(train: LmdbSplit, found: Neighbours) -> torch.Tensor:
+    """(Q, k, 3, H, W) uint8: the neighbours' images, for the figure."""
+    images, _ = train.read_batch(found.indices.flatten())
+    return images.reshape(*found.indices.shape, *images.shape[1:])
+
+
+def table(
+    queries: list[int], query_labels: list[int], found: Neighbours, names: list[str]
+) -> list[dict]:
+    """`metrics/eval/neighbours.csv`: one row per (query, neighbour), nearest first; keys
+    are the records' keys in the val and train stores."""
+    return [
+        {
+            "query_key": key(query).decode(),
+            "query_class": names[query_labels[q]],
+            "rank": rank + 1,
+            "neighbour_key": key(int(found.indices[q, rank])).decode(),
+            "neighbour_class": names[int(found.labels[q, rank])],
+            "distance": round(float(found.distances[q, rank]), 6),
+        }
+        for q, query in enumerate(queries)
+        for rank in range(found.indices.shape[1])
+    ]

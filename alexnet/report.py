@@ -1,0 +1,175 @@
+"""`alexnet report`: one self-contained HTML page of a run -- the evaluation's metrics,
+the training curves, section 6.1's figures and the params -- that opens without network
+access: the figures are PNGs inside the page as data URLs, the curves are drawn here
+with matplotlib from dvclive's files, and there is no script.
+
+It reads only files the stages wrote (docs/design.md, "Metrics"); a file that is not
+there yet leaves its section saying which stage writes it.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+from pathlib import Path
+
+import jinja2
+from matplotlib.figure import Figure
+
+from alexnet.atomic import write_bytes
+from alexnet.errors import AlexnetError
+from alexnet.figures import png
+
+FIGURES = ("kernels", "top5", "neighbours")
+# dvclive's per-epoch series (metrics/train/plots/metrics/<name>.tsv), one panel each group
+PANELS = {
+    "loss": ("train_loss", "val_loss"),
+    "top-k error": ("train_top1_error", "val_top1_error", "val_top5_error"),
+    "learning rate": ("lr",),
+}
+
+PAGE = jinja2.Template(
+    """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
+<style>
+body { font: 15px/1.45 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;
+       color: #222; }
+table { border-collapse: collapse; margin: .5em 0 1.2em; }
+td, th { border: 1px solid #ccc; padding: .25em .7em; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+img { max-width: 100%; border: 1px solid #ddd; } figure { margin: 1em 0 2em; }
+figcaption { color: #555; font-size: 90%; } .missing { color: #a33; }
+pre { background: #f6f6f6; padding: .8em; overflow-x: auto; font-size: 85%; }
+</style></head><body>
+<h1>{{ title }}</h1>
+<p>Written by <code>alexnet report</code> from <code>{{ metrics }}</code>. Errors are fractions
+of the validation images.</p>
+
+<h2>Evaluation (10-crop, paper section 4.1)</h2>
+{% if evaluation %}
+<table><tr><th></th><th>top-1 error</th><th>top-5 error</th></tr>
+<tr><td>10 crops</td><td>{{ "%.4f"|format(evaluation.top1_error) }}</td>
+<td>{{ "%.4f"|format(evaluation.top5_error) }}</td></tr>
+<tr><td>centre crop</td><td>{{ "%.4f"|format(evaluation.center_top1_error) }}</td>
+<td>{{ "%.4f"|format(evaluation.center_top5_error) }}</td></tr></table>
+<p>{{ evaluation.images }} validation images.</p>
+{% else %}<p class="missing">No eval.json yet: the evaluate stage writes it.</p>{% endif %}
+
+<h2>Training</h2>
+{% if training %}
+<table><tr>{% for key in training %}<th>{{ key }}</th>{% endfor %}</tr>
+<tr>{% for value in training.values() %}<td>{{ value }}</td>{% endfor %}</tr></table>
+{% else %}<p class="missing">No train.json yet: the train stage writes it.</p>{% endif %}
+{% if curves %}<figure><img alt="training curves" src="{{ curves }}">
+<figcaption>Per epoch, from dvclive's files in train/plots/metrics/.</figcaption></figure>
+{% endif %}
+
+<h2>What the network learned (paper section 6.1)</h2>
+{% for name, caption, url in figures %}
+<figure>{% if url %}<img alt="{{ name }}" src="{{ url }}">{% else %}
+<p class="missing">No eval/{{ name }}.png yet: the evaluate stage writes it.</p>{% endif %}
+<figcaption>{{ caption }}</figcaption></figure>
+{% endfor %}
+
+{% if per_class %}
+<h2>Per class</h2>
+<details><summary>{{ per_class|length }} classes, worst top-1 error first</summary>
+<table><tr>{% for key in per_class[0] %}<th>{{ key }}</th>{% endfor %}</tr>
+{% for row in per_class %}<tr>{% for value in row.values() %}<td>{{ value }}</td>{% endfor %}
+</tr>{% endfor %}</table></details>
+{% endif %}
+
+{% if params %}<h2>Params</h2><pre>{{ params }}</pre>{% endif %}
+</body></html>
+""",
+    autoescape=True,
+)
+
+CAPTIONS = {
+    "kernels": "conv1's kernels, each stretched to its own range; one block per column "
+    "of the network, as figure 3 (the paper's two GPUs).",
+    "top5": "Validation images (a seeded choice) with their true class above them and "
+    "the model's five most probable classes; red marks the true class.",
+    "neighbours": "Each row: a validation image, then the training images whose "
+    "last-hidden-layer vectors are nearest (Euclidean distance above each; red: same class).",
+}
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def read_series(folder: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """dvclive's series: name -> (epochs from 1, values)."""
+    series = {}
+    for path in sorted(folder.glob("*.tsv")):
+        with path.open(newline="") as file:
+            rows = list(csv.DictReader(file, delimiter="\t"))
+        series[path.stem] = (
+            [int(row["step"]) + 1 for row in rows],
+            [float(row[path.stem]) for row in rows],
+        )
+    return series
+
+
+def curves_figure(series: dict[str, tuple[list[int], list[float]]]) -> Figure | None:
+    """One panel per group of `PANELS` that has data; None when there is none."""
+    panels = {
+        title: [n for n in names if n in series]
+        for title, names in PANELS.items()
+        if any(n in series for n in names)
+    }
+    if not panels:
+        return None
+    figure = Figure(figsize=(4.2 * len(panels), 3.2), layout="constrained")
+    for ax, (title, names) in zip(figure.subplots(1, len(panels)), panels.items(), strict=True):
+        for name in names:
+            ax.plot(*series[name], marker="o", markersize=3, label=name)
+        ax.set(title=title, xlabel="epoch")
+        if title == "learning rate":
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return figure
+
+
+def render(metrics: Path, params: Path | None = None) -> str:
+    """The page's HTML for the run whose files are in `metrics`."""
+    if not metrics.is_dir():
+        raise AlexnetError(f"{metrics}: no such folder (run `dvc repro` first)")
+    per_class = []
+    if (metrics / "eval" / "per_class.csv").is_file():
+        with (metrics / "eval" / "per_class.csv").open(newline="") as file:
+            per_class = list(csv.DictReader(file))
+        per_class.sort(key=lambda row: -float(row["top1_error"] or 0))
+    curves = curves_figure(read_series(metrics / "train" / "plots" / "metrics"))
+    figures = [
+        (
+            name,
+            CAPTIONS[name],
+            _data_url(path.read_bytes())
+            if (path := metrics / "eval" / f"{name}.png").is_file()
+            else None,
+        )
+        for name in FIGURES
+    ]
+    return PAGE.render(
+        title="AlexNet: evaluation report",
+        metrics=str(metrics),
+        evaluation=_json(metrics / "eval.json"),
+        training=_json(metrics / "train.json"),
+        curves=_data_url(png(curves)) if curves else None,
+        figures=figures,
+        per_class=per_class,
+        params=params.read_text() if params and params.is_file() else None,
+    )
+
+
+def write_report(metrics: Path, out: Path, params: Path | None = None) -> Path:
+    write_bytes(out, render(metrics, params).encode())
+    return out
