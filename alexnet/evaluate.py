@@ -105,16 +105,18 @@ def evaluate(
     device: torch.device,
     on_batch: Callable[[int], None] | None = None,
     keep: Sequence[int] = (),
+    workers: int = 0,
 ) -> Results:
     """10-crop and centre-crop predictions for a whole split, and the 10-crop softmax of
-    the images `keep` lists (only theirs: a split's would be images x classes)."""
+    the images `keep` lists (only theirs: a split's would be images x classes). `workers`
+    processes read and decode batches ahead (a JPEG store needs them to feed a GPU)."""
     model.eval()
     mean = None if mean is None else mean.to(device)
     batches = in_order(split, batch)
     parts: list[tuple[torch.Tensor, ...]] = []
     wanted = {index: position for position, index in enumerate(keep)}
     kept: dict[int, torch.Tensor] = {}
-    loader = batch_loader(batches, range(len(batches)), pin_memory=device.type == "cuda")
+    loader = batch_loader(batches, range(len(batches)), workers, device.type == "cuda")
     for rows, (images, labels) in zip(batches.batches, loader, strict=True):
         labels = labels.to(device)
         probabilities = crop_probabilities(model, images.to(device, non_blocking=True), mean, crop)

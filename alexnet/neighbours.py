@@ -68,9 +68,11 @@ def nearest(
     batch: int,
     device: torch.device,
     on_batch: Callable[[int], None] | None = None,
+    workers: int = 0,
 ) -> Neighbours:
     """The k (at most the store's size) training records nearest to each of the query
-    vectors (Q, 4096) from `hidden_vectors`, by one streamed pass over `train`."""
+    vectors (Q, 4096) from `hidden_vectors`, by one streamed pass over `train`, read
+    ahead by `workers` processes."""
     model.eval()
     queries = queries.to(device).float()
     mean = None if mean is None else mean.to(device)
@@ -81,7 +83,7 @@ def nearest(
         torch.empty(count, 0),
     )
     batches = in_order(train, batch)
-    loader = batch_loader(batches, range(len(batches)), pin_memory=device.type == "cuda")
+    loader = batch_loader(batches, range(len(batches)), workers, device.type == "cuda")
     for rows, (images, labels) in zip(batches.batches, loader, strict=True):
         vectors = hidden_vectors(model, images.to(device, non_blocking=True), mean, crop)
         found = Neighbours(

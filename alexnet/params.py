@@ -226,6 +226,9 @@ class EvaluateParams(_Section):
 
     batch_size: int = Field(50, ge=1, description="images per batch (x10 crops on the device)")
     device: str = Field("cpu", description="cpu, cuda, cuda:1, ...")
+    loader_workers: int = Field(
+        0, ge=0, description="DataLoader processes reading ahead (0 = in the loop)"
+    )
     # Section 6.1's figures (alexnet/figures.py): which images, how many neighbours.
     gallery: int = Field(16, ge=1, description="validation images shown with their top 5")
     queries: int = Field(5, ge=1, description="validation images whose neighbours are shown")

@@ -102,6 +102,7 @@ def _figures(
         evaluate.neighbour_batch,
         device,
         on_batch=lambda n: progress.advance(bar, n),
+        workers=evaluate.loader_workers,
     )
     pictures["neighbours"] = neighbours_figure(
         images, labels.tolist(), images_of(train, found), found.labels, found.distances, names
@@ -142,6 +143,7 @@ def evaluate_flow(
             device,
             on_batch=lambda n: progress.advance(bar, n),
             keep=chosen[: evaluate.gallery],
+            workers=evaluate.loader_workers,
         )
         figures, tables = _figures(
             model, mean, split, training, results, chosen, evaluate, device, progress
