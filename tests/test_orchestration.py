@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from alexnet.imports import closure
+from alexnet.report import FIGURES, render
 from alexnet.repro import STAGES, repro, status_clean
 from flows.pipeline import retrain_flow
 from tests.helpers import TINY_CHAIN, free_port, repo_copy
@@ -53,6 +55,13 @@ def test_dvc_repro_runs_the_chain_and_reruns_only_what_changed(tmp_path, prefect
     assert dvc_repro(repo) == list(STAGES)
     metrics = json.loads((repo / "metrics" / "eval.json").read_text())
     assert metrics["images"] == 4 and set(metrics) >= {"top1_error", "center_top5_error"}
+    # Section 6.1's figures are DVC plots, and the report page holds them and the curves.
+    shown = dvc_json(repo, "plots", "show", "--json")["data"]
+    for name in FIGURES:
+        [image] = shown[f"metrics/eval/{name}.png"]
+        figure = (repo / "metrics" / "eval" / f"{name}.png").read_bytes()
+        assert image["type"] == "image" and Path(image["url"]).read_bytes() == figure
+    assert render(repo / "metrics").count('src="data:image/png;base64,') == 1 + len(FIGURES)
     # A scheduled retrain with nothing new does nothing.
     assert retrain_flow(repo=str(repo))["ran"] == [] and status_clean(repo)
 
@@ -117,6 +126,44 @@ def test_dvc_repro_runs_the_chain_and_reruns_only_what_changed(tmp_path, prefect
     assert (clone / "models" / "alexnet.pt").read_bytes() == (
         repo / "models" / "alexnet.pt"
     ).read_bytes()
+    # An experiment: a param set on the command line runs the stages it affects, `dvc exp
+    # show` lists its params and metrics beside the commit's, `dvc plots diff` draws both.
+    identity = {
+        f"GIT_{who}_{what}": value
+        for who in ("AUTHOR", "COMMITTER")
+        for what, value in (("NAME", "test"), ("EMAIL", "test@localhost"))
+    }
+    ran = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "run", "-n", "lr-003", "-S", "train.lr=0.03"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **identity},
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert re.findall(r"Running stage '(\w+)'", ran.stdout + ran.stderr) == ["train", "evaluate"]
+    experiment = named(dvc_json(repo, "exp", "show", "--json"), "lr-003")
+    assert experiment["params"]["params.yaml"]["data"]["train"]["lr"] == 0.03
+    assert experiment["metrics"]["metrics/eval.json"]["data"]["images"] == 4
+    diff = dvc_json(repo, "plots", "diff", "HEAD", "lr-003", "--json")["data"]
+    assert diff["metrics/train/plots/metrics/val_loss.tsv"][0]["revisions"] == ["HEAD", "lr-003"]
+    assert [e["revisions"] for e in diff["metrics/eval/kernels.png"]] == [["HEAD"], ["lr-003"]]
+
+
+def dvc_json(repo: Path, *args: str) -> object:
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def named(node: object, name: str) -> dict | None:
+    """The `data` of the entry called `name` anywhere in `dvc exp show --json`."""
+    if isinstance(node, dict) and node.get("name") == name and "data" in node:
+        return node["data"]
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    return next((found for c in children if (found := named(c, name)) is not None), None)
 
 
 def stage_tasks(flow_run_id) -> tuple[list, dict]:
