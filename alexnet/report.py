@@ -100,6 +100,15 @@ def _json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _readable(row: dict | None) -> dict | None:
+    """Floats to 4 significant digits, for a table (a loss has 16)."""
+    if row is None:
+        return None
+    return {
+        key: f"{value:.4g}" if isinstance(value, float) else value for key, value in row.items()
+    }
+
+
 def _data_url(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
@@ -162,7 +171,7 @@ def render(metrics: Path, params: Path | None = None) -> str:
         title="AlexNet: evaluation report",
         metrics=str(metrics),
         evaluation=_json(metrics / "eval.json"),
-        training=_json(metrics / "train.json"),
+        training=_readable(_json(metrics / "train.json")),
         curves=_data_url(png(curves)) if curves else None,
         figures=figures,
         per_class=per_class,

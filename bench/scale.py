@@ -10,9 +10,11 @@ what it writes; then the projection of those figures onto ImageNet.
 
 The data is the built-in demo's kind (synth), 90% train, 10% val, with small raw files
 (sides 160-320) so that it takes minutes. The data stages run at N = --images; training
-(one epoch) and the 10-crop evaluation, ~100x dearer per image on a CPU, at N =
---model-images, on a chain of their own. A stage runs --repeats + 1 times at each size
-(stats, train and evaluate one more), in rounds (N, 4N, 16N, then again: the VM's slower
+(one epoch) and the evaluation (10 crops of each val image, and the centre crop of each
+train image for the nearest neighbours: its count is crops), ~100x dearer per image on a
+CPU, at N = --model-images, on a chain of their own. A stage runs --repeats + 1 times at each size
+(stats, train and evaluate one more; stats reads every shard four times, so its sizes
+are 4x the others'), in rounds (N, 4N, 16N, then again: the VM's slower
 minutes fall on every size alike); the best time counts:
 the fixed cost of a stage (~6 s, Prefect and a process pool starting; ~10 s for train
 and evaluate) varies by a few seconds on this VM, as much as the work of a thousand
@@ -58,26 +60,30 @@ MB = 1 << 20
 class Stage:
     name: str
     args: tuple[str, ...]  # relative to the size's folder
-    images: str  # which images the cost is per: "all", "train" or "val"
+    images: str  # what the cost is per: "all", "train" or "val" images, or "crops"
     writes: tuple[str, ...]  # deleted before each run, as DVC deletes a stage's outs:
     # a second run would otherwise reuse them (prepare's shards, train's checkpoint)
     params: tuple[tuple[str, dict], ...] = ()  # extra overrides of this run
     output: str | None = None  # what it writes, for the sizes
-    steadier: int = 0  # more runs at N and 4N, where its work is small beside the noise
+    steadier: int = 0  # more runs at every size, where its work is small beside the noise
+    reads: int = 1  # how often it reads each prepared shard (symlinks; see `replicate`)
 
 
 DATA = (
     Stage("synth", ("raw",), "all", ("raw",), output="raw"),
     Stage("prepare", ("raw", "prepared"), "all", ("prepared",), output="prepared"),
-    # ~0.6 ms an image beside ~7 s fixed: from N to 4N it adds ~1.6 s, about what the
-    # fixed cost varies by, so the best of 3 is not yet the steady time.
+    # ~1 ms an image beside ~7 s fixed: from N to 4N one pass adds ~3 s, about what the
+    # fixed cost varies by (four whole benches measured 0.92x, 1.39x, 1.28x and 1.96x,
+    # while runs of stats alone at 9/36/144 shards gave 0.79x and 0.87x). Reading every
+    # shard four times makes its work at N ~4 s and at 16N ~60 s.
     Stage(
         "stats",
-        ("prepared/train", "stats"),
+        ("prepared-x4/train", "stats"),
         "train",
         ("stats",),
-        (("compute", {"window_mb": 8}),),  # 5 shards' moments (1.5 MB each): N has 9
+        (("compute", {"window_mb": 8}),),  # 5 shards' moments (1.5 MB each): N has 36
         steadier=1,
+        reads=4,
     ),
     Stage("pack", ("prepared", "lmdb"), "all", ("lmdb",), output="lmdb"),
     Stage(
@@ -101,10 +107,13 @@ MODEL = (
         ("model.pt", "ckpt.pt", "metrics"),
         steadier=1,
     ),
+    # Its work: ten crops of each val image, and one (centre) crop of each train image
+    # for the nearest-neighbour search: per crop, so ImageNet's 25.6 train images per val
+    # image (9 here) project right.
     Stage(
         "evaluate",
-        ("lmdb/val", "model.pt", "--metrics", "metrics"),
-        "val",
+        ("lmdb/val", "model.pt", "--train", "lmdb/train", "--metrics", "metrics"),
+        "crops",
         ("metrics/eval.json", "metrics/eval"),
         steadier=1,
     ),
@@ -150,7 +159,13 @@ def counts(params: dict) -> dict[str, int]:
     synth = params["synth"]
     train = synth["classes"] * synth["train_per_class"]
     val = synth["classes"] * synth["val_per_class"]
-    return {"all": train + val, "train": train, "val": val}
+    return {"all": train + val, "train": train, "val": val, "crops": evaluated_crops(train, val)}
+
+
+def evaluated_crops(train: int, val: int) -> int:
+    """The crops the evaluate stage runs through the model: 10 per val image (section
+    4.1), 1 per train image (the centre crop, for section 6.1's neighbours)."""
+    return 10 * val + train
 
 
 def folder_bytes(path: Path) -> int:
@@ -162,6 +177,8 @@ def run_stage(stage: Stage, folder: Path, params: dict) -> Sampled:
         params = {**params, section: {**params[section], **values}}
     path = folder / f"params-{label(stage)}.yaml"
     path.write_text(yaml.safe_dump(params))
+    if stage.reads > 1:
+        replicate(folder / "prepared", folder / f"prepared-x{stage.reads}", stage.reads)
     for name in stage.writes:
         target = folder / name
         if target.is_dir():
@@ -175,6 +192,19 @@ def run_stage(stage: Stage, folder: Path, params: dict) -> Sampled:
     if result.returncode != 0:
         sys.exit(f"{label(stage)} failed at {folder.name}:\n{result.output[-3000:]}")
     return result
+
+
+def replicate(prepared: Path, target: Path, times: int) -> None:
+    """`target/train`: every train shard of `prepared` `times` over, as symlinks, and
+    `target/classes.json`: a prepared folder with `times` as many images."""
+    if target.exists():
+        return
+    (target / "train").mkdir(parents=True)
+    shutil.copy(prepared / "classes.json", target / "classes.json")
+    shards = sorted((prepared / "train").glob("shard-*.tar"))
+    for copy in range(times):
+        for index, shard in enumerate(shards):
+            (target / "train" / f"shard-{copy * len(shards) + index:05d}.tar").symlink_to(shard)
 
 
 def fit(images: list[int], seconds: list[float]) -> tuple[float, float]:
@@ -233,7 +263,7 @@ def main() -> None:
                         results[label(stage)].append(
                             Sampled(best.seconds, main_peak, worker_peak, 0, "")
                         )
-                        images[label(stage)].append(counts(values)[stage.images])
+                        images[label(stage)].append(counts(values)[stage.images] * stage.reads)
                         print(f"  {folder.name} {label(stage)}: {best.seconds:.1f} s", flush=True)
                 if half == "data":
                     for output in stored:
@@ -309,7 +339,12 @@ def project(fitted, per_image_bytes) -> None:
     ImageNet runs are on GPUs: BENCHMARKS.md's GPU section)."""
     cores = os.cpu_count() or 1
     total = IMAGENET["train"] + IMAGENET["val"]
-    which = {"all": total, "train": IMAGENET["train"], "val": IMAGENET["val"]}
+    which = {
+        "all": total,
+        "train": IMAGENET["train"],
+        "val": IMAGENET["val"],
+        "crops": evaluated_crops(IMAGENET["train"], IMAGENET["val"]),
+    }
     print(f"\nImageNet ({IMAGENET['train']:,} train + {IMAGENET['val']:,} val images), projected:")
     print(f"{'stage':<22}{'hours here':>12}{'hours, 16 cores':>17}{'peak MB':>10}{'disk GB':>10}")
     for stage in STAGES[1:]:  # not synth: ImageNet is not generated
