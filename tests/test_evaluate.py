@@ -3,6 +3,7 @@ math, a trained model file, the metric files, and predict on odd files."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -120,6 +121,21 @@ def test_evaluate_flow_writes_the_metric_files(data, model_file, tmp_path, prefe
     assert len({r["neighbour_key"] for r in neighbours[:4]}) == 4
     distances = [float(r["distance"]) for r in neighbours[:4]]
     assert distances == sorted(distances)
+    # The Prefect UI shows each figure as an image artifact of the run (a data URL).
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        for name in ("kernels", "top5", "neighbours"):
+            key = ArtifactFilterKey(any_=[f"evaluation-{name}"])
+            [artifact] = client.read_artifacts(  # this run's: the newest of the key
+                artifact_filter=ArtifactFilter(key=key), sort=ArtifactSort.CREATED_DESC, limit=1
+            )
+            url = artifact.data
+            assert url.startswith("data:image/png;base64,") and artifact.type == "image"
+            figure = (tmp_path / "eval" / f"{name}.png").read_bytes()
+            assert base64.b64decode(url.split(",", 1)[1]) == figure
 
 
 def read_csv(path) -> list[dict]:
@@ -142,6 +158,27 @@ def test_evaluate_refuses_a_model_of_other_classes(data, model_file, tmp_path, p
             EvaluateParams(),
             ComputeParams(),
         )
+
+
+def test_evaluate_refuses_a_train_store_of_other_classes(
+    data, model_file, tmp_path, prefect_server
+):
+    from alexnet.lmdb_store import StoreError, write_store
+    from alexnet.params import ComputeParams, EvaluateParams
+    from flows.evaluate import evaluate_flow
+
+    others = [{"index": i, "wnid": f"n{i}", "name": f"other{i}"} for i in range(2)]
+    write_store(tmp_path / "train", [blobs(0, 2, 9)], "raw", others)
+    with pytest.raises(StoreError, match="list different classes"):
+        evaluate_flow(
+            str(data / "lmdb" / "val"),
+            str(model_file),
+            str(tmp_path / "train"),
+            str(tmp_path),
+            EvaluateParams(),
+            ComputeParams(),
+        )
+    assert not (tmp_path / "eval.json").exists()
 
 
 def image_of(label: int) -> Image.Image:
