@@ -28,13 +28,19 @@ main process 1.19x and `jpeg` pack's 1.16x from N to 16N: their windows were not
 at N).
 
 Targets (issue 15): each stage's peak memory at 16N within 1.2x of its peak at N, and
-the marginal cost per image from 4N to 16N within 1.25x of that from N to 4N.
+the marginal cost per image from 4N to 16N within 1.25x of that from N to 4N. The table
+gives that ratio from the process's seconds and from its flow's own ("in flow": from
+Prefect's "Beginning flow run" line to "Finished in state"), and judges the second: the
+process's start (imports, ~4-6 s) is the same at every size, and its noise was as large
+as the work N adds to synth or stats (four whole runs missed one stage or another by
+it, each a different one).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -51,6 +57,12 @@ from bench.common import cpu_model  # noqa: E402
 from bench.memory import Sampled, run_sampled  # noqa: E402
 
 IMAGENET = {"train": 1_281_167, "val": 50_000}
+# Prefect's log lines of a stage's flow run: its first and its last
+FLOW_LINE = re.compile(
+    r"^(\d\d):(\d\d):(\d\d\.\d+) \| \w+ +\| Flow run '[^']+' - "
+    r"(?:Beginning flow run|Finished in state)",
+    re.MULTILINE,
+)
 MEMORY_TARGET = 1.2
 LINEAR_TARGET = 1.25
 MB = 1 << 20
@@ -207,6 +219,14 @@ def replicate(prepared: Path, target: Path, times: int) -> None:
             (target / "train" / f"shard-{copy * len(shards) + index:05d}.tar").symlink_to(shard)
 
 
+def flow_seconds(output: str) -> float:
+    """The seconds from a stage's "Beginning flow run" line to its "Finished in state":
+    its run less the process's start (torch's and Prefect's imports, the API client),
+    which cannot depend on the data and varies by seconds from run to run."""
+    stamps = [int(h) * 3600 + int(m) * 60 + float(s) for h, m, s in FLOW_LINE.findall(output)]
+    return (stamps[-1] - stamps[0]) % 86400 if len(stamps) >= 2 else float("nan")
+
+
 def fit(images: list[int], seconds: list[float]) -> tuple[float, float]:
     """Fixed seconds and seconds per image of the least-squares line."""
     slope, intercept = np.polyfit(images, seconds, 1)
@@ -235,6 +255,7 @@ def main() -> None:
 
     root = Path(args.keep or tempfile.mkdtemp(prefix="alexnet-scale-"))
     results: dict[str, list[Sampled]] = {label(s): [] for s in STAGES}
+    in_flow: dict[str, list[float]] = {label(s): [] for s in STAGES}  # best flow_seconds
     images: dict[str, list[int]] = {label(s): [] for s in STAGES}
     stored: dict[str, list[int]] = {s.output: [] for s in DATA if s.output}
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; data in {root}", flush=True)
@@ -264,6 +285,7 @@ def main() -> None:
                             Sampled(best.seconds, main_peak, worker_peak, 0, "")
                         )
                         images[label(stage)].append(counts(values)[stage.images] * stage.reads)
+                        in_flow[label(stage)].append(min(flow_seconds(r.output) for r in sampled))
                         print(f"  {folder.name} {label(stage)}: {best.seconds:.1f} s", flush=True)
                 if half == "data":
                     for output in stored:
@@ -271,7 +293,7 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    report(results, images, stored)
+    report(results, in_flow, images, stored)
 
 
 def rounds(stage: Stage, sizes: list[Path], params: list[dict], repeats: int) -> list[list]:
@@ -288,10 +310,21 @@ def rounds(stage: Stage, sizes: list[Path], params: list[dict], repeats: int) ->
     return runs
 
 
-def report(results, images, stored) -> None:
+def marginal_ratio(n: list[int], seconds: list[float]) -> float:
+    """Seconds per image from 4N to 16N over seconds per image from N to 4N."""
+    low = (seconds[1] - seconds[0]) / (n[1] - n[0])
+    high = (seconds[2] - seconds[1]) / (n[2] - n[1])
+    return high / low if low > 0 else float("inf")
+
+
+def report(results, in_flow, images, stored) -> None:
+    """The table. The linearity target is judged on the flow's own seconds (`flow_seconds`):
+    the process's start is the same work at every size, but its few seconds of noise
+    are as large as the work N adds to some stages. Both ratios are printed."""
     print(
         f"\n{'stage':<22}{'images':>16}{'seconds':>20}{'fixed s':>9}{'ms/img':>8}"
-        f"{'marginal 16N/4N':>17}{'main MB':>16}{'worker MB':>16}{'memory 16N/N':>14}"
+        f"{'marginal 16N/4N':>17}{'in flow':>9}{'main MB':>16}{'worker MB':>16}"
+        f"{'memory 16N/N':>14}"
     )
     fitted = {}
     met = True
@@ -302,25 +335,25 @@ def report(results, images, stored) -> None:
         seconds = [r.seconds for r in runs]
         fixed, per_image = fit(n, seconds)
         fitted[name] = (fixed, per_image, runs[-1])
-        low = (seconds[1] - seconds[0]) / (n[1] - n[0])
-        high = (seconds[2] - seconds[1]) / (n[2] - n[1])
-        linear = high / low if low > 0 else float("inf")
+        linear = marginal_ratio(n, seconds)
+        flow_linear = marginal_ratio(n, in_flow[name])
         memory = max(
             runs[-1].main_peak / runs[0].main_peak,
             runs[-1].worker_peak / max(runs[0].worker_peak, 1) if runs[0].worker_peak else 1.0,
         )
-        ok = linear <= LINEAR_TARGET and memory <= MEMORY_TARGET
+        ok = flow_linear <= LINEAR_TARGET and memory <= MEMORY_TARGET
         met &= ok
         print(
             f"{name:<22}{'/'.join(map(str, n)):>16}{'/'.join(f'{s:.1f}' for s in seconds):>20}"
-            f"{fixed:>9.1f}{per_image * 1000:>8.2f}{linear:>16.2f}x"
+            f"{fixed:>9.1f}{per_image * 1000:>8.2f}{linear:>16.2f}x{flow_linear:>8.2f}x"
             f"{'/'.join(str(r.main_peak // MB) for r in runs):>16}"
             f"{'/'.join(str(r.worker_peak // MB) for r in runs):>16}{memory:>13.2f}x"
             f"{'' if ok else '  (target missed)'}"
         )
     print(
         f"targets: memory at 16N <= {MEMORY_TARGET}x N (main and largest worker), "
-        f"marginal cost 16N/4N <= {LINEAR_TARGET}x: {'all met' if met else 'NOT all met'}"
+        f"marginal cost 16N/4N in the flow <= {LINEAR_TARGET}x: "
+        f"{'all met' if met else 'NOT all met'}"
     )
     print("\nstored (MB at N/4N/16N, and per image):")
     per_image_bytes = {}
