@@ -28,6 +28,7 @@ bench: setup $(BASELINE_VENV)/bin/python
 	python bench/model.py
 	python bench/train.py
 	python bench/evaluate.py
+	python bench/neighbours.py
 	python bench/scale.py
 
 lint: setup
