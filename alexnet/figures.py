@@ -18,6 +18,17 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+# The figures the evaluate stage writes (metrics/eval/<name>.png; dvc.yaml lists them as
+# plots), with the caption the report and the Prefect artifacts give them.
+FIGURES = {
+    "kernels": "conv1's kernels (paper figure 3), each stretched to its own range; one "
+    "block per column of the network (the paper's two GPUs).",
+    "top5": "Validation images (a seeded choice) with their true class above them and the "
+    "model's five most probable classes (figure 4, left); red marks the true class.",
+    "neighbours": "Each row: a validation image, then the training images whose "
+    "last-hidden-layer vectors are nearest (figure 4, right; Euclidean distance above "
+    "each; red: same class).",
+}
 PER_ROW = 16  # kernels per row: figure 3 has 3 rows of 16 per GPU
 TRUE = "tab:red"  # the true class, wherever it appears
 OTHER = "tab:blue"

@@ -19,9 +19,8 @@ from matplotlib.figure import Figure
 
 from alexnet.atomic import write_bytes
 from alexnet.errors import AlexnetError
-from alexnet.figures import png
+from alexnet.figures import FIGURES, png
 
-FIGURES = ("kernels", "top5", "neighbours")
 # dvclive's per-epoch series (metrics/train/plots/metrics/<name>.tsv), one panel each group
 PANELS = {
     "loss": ("train_loss", "val_loss"),
@@ -85,15 +84,6 @@ of the validation images.</p>
 """,
     autoescape=True,
 )
-
-CAPTIONS = {
-    "kernels": "conv1's kernels, each stretched to its own range; one block per column "
-    "of the network, as figure 3 (the paper's two GPUs).",
-    "top5": "Validation images (a seeded choice) with their true class above them and "
-    "the model's five most probable classes; red marks the true class.",
-    "neighbours": "Each row: a validation image, then the training images whose "
-    "last-hidden-layer vectors are nearest (Euclidean distance above each; red: same class).",
-}
 
 
 def _json(path: Path) -> dict | None:
@@ -160,7 +150,7 @@ def render(metrics: Path, params: Path | None = None) -> str:
     figures = [
         (
             name,
-            CAPTIONS[name],
+            FIGURES[name],
             _data_url(path.read_bytes())
             if (path := metrics / "eval" / f"{name}.png").is_file()
             else None,

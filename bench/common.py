@@ -22,6 +22,36 @@ def photo_like(width: int, height: int, seed: int) -> bytes:
     return out.getvalue()
 
 
+def device_name(device) -> str:
+    """What a torch benchmark ran on: the GPU's name, or the CPU's and its threads.
+    (torch is imported here: the Pillow baseline's environment has none.)"""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()}; {torch.get_num_threads()} threads"
+
+
+def best_seconds(work, repeats: int, device) -> float:
+    """The least seconds of `repeats` calls of `work` after one warm-up call, the
+    device's queue drained around each."""
+    import time
+
+    import torch
+
+    work()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        work()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):

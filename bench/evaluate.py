@@ -10,33 +10,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import cpu_model  # noqa: E402
+from common import best_seconds, device_name  # noqa: E402
 
 from alexnet.crops import centre_crop  # noqa: E402
 from alexnet.evaluate import crop_probabilities  # noqa: E402
 from alexnet.model import AlexNet  # noqa: E402
 from alexnet.runtime import configure  # noqa: E402
-
-
-def best_seconds(work, repeats: int, device: torch.device) -> float:
-    work()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        work()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -61,11 +46,7 @@ def main() -> None:
         lambda: crop_probabilities(model, images, mean, 224).mean(1), args.repeats, device
     )
     baseline = best_seconds(ten_centre_forwards, args.repeats, device)
-    where = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"{cpu_model()}; {torch.get_num_threads()} threads"
-    )
+    where = device_name(device)
     print(f"{where}; AlexNet 1000 classes, batch {args.batch} images, best of {args.repeats}")
     print(f"10-crop (ours)          {args.batch / ours:8.1f} images/s")
     print(f"10 x centre-crop forward{args.batch / baseline:8.1f} images/s")

@@ -24,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import cpu_model  # noqa: E402
+from common import device_name  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -134,11 +134,7 @@ def main() -> None:
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
     args = parser.parse_args()
     device = torch.device(args.device)
-    where = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"{cpu_model()}; {torch.get_num_threads()} threads"
-    )
+    where = device_name(device)
     print(
         f"{where}; torch {torch.__version__}; batch {args.batch}; {args.steps} steps after "
         f"warm-up; {'bf16 autocast' if args.amp else 'float32'}"

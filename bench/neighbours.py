@@ -21,8 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import cpu_model  # noqa: E402
-from evaluate import best_seconds  # noqa: E402
+from common import best_seconds, device_name  # noqa: E402
 
 from alexnet.lmdb_store import write_store  # noqa: E402
 from alexnet.model import AlexNet  # noqa: E402
@@ -70,11 +69,7 @@ def main() -> None:
 
         ours = best_seconds(search, args.repeats, device)
         baseline = best_seconds(forward_only, args.repeats, device)
-    where = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"{cpu_model()}; {torch.get_num_threads()} threads"
-    )
+    where = device_name(device)
     print(f"{where}; {args.images} training images, batch {args.batch}, 5 queries, k 6")
     print(f"neighbour search (ours)      {args.images / ours:8.1f} images/s  {ours:6.1f} s")
     print(f"centre-crop fc7 forward pass {args.images / baseline:8.1f} images/s  {baseline:6.1f} s")

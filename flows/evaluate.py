@@ -17,19 +17,12 @@ from rich.progress import Progress
 from alexnet.atomic import write_bytes, write_json
 from alexnet.evaluate import Results, load_model_for, sample, top5_table
 from alexnet.evaluate import evaluate as evaluate_split
-from alexnet.figures import kernels_figure, neighbours_figure, png, top5_figure
+from alexnet.figures import FIGURES, kernels_figure, neighbours_figure, png, top5_figure
 from alexnet.lmdb_store import StoreError
 from alexnet.neighbours import hidden_vectors, images_of, nearest, table
 from alexnet.params import ComputeParams, EvaluateParams
 from alexnet.placement import resolve_devices
 from alexnet.reader import LmdbSplit
-
-# The figures (dvc.yaml lists them as plots), in metrics/eval/.
-FIGURES = {
-    "kernels": "conv1's kernels (paper figure 3)",
-    "top5": "validation images with the model's top 5 (figure 4, left)",
-    "neighbours": "nearest training images in the last hidden layer (figure 4, right)",
-}
 
 
 def _csv(rows: list[dict]) -> bytes:

@@ -203,3 +203,11 @@ def test_only_the_training_entry_sets_determinism(data, tmp_path):
         assert not torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(previous)
+
+
+def test_the_evaluate_stages_image_plots_are_the_figures_it_draws():
+    from alexnet.figures import FIGURES
+
+    plots = [next(iter(p)) if isinstance(p, dict) else p for p in DVC["evaluate"]["plots"]]
+    images = [p for p in plots if p.endswith(".png")]
+    assert images == [f"metrics/eval/{name}.png" for name in FIGURES]

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import yaml
 
+from alexnet.figures import FIGURES
 from alexnet.imports import closure
-from alexnet.report import FIGURES, render
+from alexnet.report import render
 from alexnet.repro import STAGES, repro, status_clean
 from flows.pipeline import retrain_flow
 from tests.helpers import TINY_CHAIN, free_port, repo_copy
