@@ -74,18 +74,31 @@ def test_the_pack_flows_memory_does_not_grow_with_the_records(tmp_path, prefect_
     assert growth < 3 * n * RECORD / 4, f"+{growth >> 20} MB for {3 * n * RECORD >> 20} MB more"
 
 
-def test_in_order_yields_in_order_and_holds_at_most_the_window():
+class Done:  # a finished future
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+def run_in_order(sizes: list[int], window: int, monkeypatch) -> tuple[list, list, list]:
+    """Consume `in_order` over works of `sizes`, checking at each submission that the
+    works submitted and not yet freed (consumed, then collected) stay within `window`
+    (the next to consume excepted); returns (taken, consumed, collections: how many
+    had been consumed at each collection)."""
+    import gc
+
     from flows.progress import Bar, in_order
 
-    class Done:  # a finished future
-        def __init__(self, value):
-            self.value = value
+    taken, submitted, consumed, collections = [], [], [], []
+    collect = gc.collect
 
-        def result(self):
-            return self.value
+    def collected():
+        collections.append(len(consumed))
+        return collect()
 
-    sizes = [3, 5, 2, 9, 1, 1, 4]  # 9 > the window: submitted alone, when its turn comes
-    taken, submitted, consumed = [], [], []
+    monkeypatch.setattr(gc, "collect", collected)
 
     def works():  # a generator: only what the window admits is taken from it
         for index in range(len(sizes)):
@@ -94,15 +107,32 @@ def test_in_order_yields_in_order_and_holds_at_most_the_window():
 
     def submit(index):
         submitted.append(index)
-        held = sum(sizes[i] for i in submitted if i not in consumed)
-        assert held <= 8 or submitted[-1] == len(consumed), (submitted, consumed)
+        freed = collections[-1] if collections else 0
+        held = sum(sizes[i] for i in submitted[freed:])
+        assert held <= window or submitted[-1] == len(consumed), (submitted, consumed)
         return Done(index * 10)
 
-    results = in_order(works(), submit, 8, Bar("test", len(sizes)), size=sizes.__getitem__)
-    for work, result in results:
+    bar = Bar("test", len(sizes))
+    for work, result in in_order(works(), submit, window, bar, sizes.__getitem__):
         assert result == work * 10 and len(taken) <= len(submitted) + 1
         consumed.append(work)
     assert consumed == list(range(len(sizes))) and submitted == consumed
+    return taken, consumed, collections
+
+
+def test_in_order_yields_in_order_and_holds_at_most_the_window(monkeypatch):
+    # 9 > the window: submitted alone, when its turn comes
+    run_in_order([3, 5, 2, 9, 1, 1, 4], 8, monkeypatch)
+
+
+def test_in_order_collects_once_a_quarter_of_the_window_is_released(monkeypatch):
+    # works of 1 in a window of 8: a collection every 2 (each walks Prefect's buffered
+    # events, so not after every result), and one at the end
+    *_, collections = run_in_order([1] * 20, 8, monkeypatch)
+    assert collections == list(range(2, 21, 2))
+    # a work of a quarter of the window or more: a collection after each
+    *_, collections = run_in_order([2, 5, 3, 2], 8, monkeypatch)
+    assert collections == [1, 2, 3, 4]
 
 
 def plan_peak(root, classes: int) -> int:
