@@ -13,7 +13,8 @@ it within float rounding (tests/test_lrn.py: 1e-5 of the largest value in float3
 measured ~3e-7; 1e-12 in float64) and is one memory pass each way where it can be, with a
 hand-derived backward:
 - a CPU, float32, the paper's beta: numba kernels (`alexnet.lrn_cpu`);
-- CUDA: the same math compiled by `torch.compile` (Triton), see `_fused`;
+- CUDA: the forward compiled by `torch.compile` (Triton), see `_fused`; the backward one
+  hand-written Triton kernel that keeps both window sums in registers (`alexnet.lrn_triton`);
 - anything else (float64, bf16, other betas): eager ops, the window sum as one GEMM.
 The switch is params `compute.kernels`.
 """
@@ -170,6 +171,26 @@ def _fused(name: str):
     return _FUSED[name]
 
 
+def _cuda_backward(grad, x, size: int, alpha: float, beta: float, k: float, groups: int):
+    """The one-pass Triton kernel (`alexnet.lrn_triton`); the compiled ops where Triton
+    cannot run it (warned once)."""
+    if "backward" not in _FUSED:
+        try:
+            from alexnet import lrn_triton
+
+            return lrn_triton.backward(grad, x, size, alpha, beta, k, groups)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:
+            warnings.warn(
+                f"LRN: the Triton backward failed ({type(error).__name__}: {error}); "
+                "using the compiled ops",
+                stacklevel=2,
+            )
+            _fused("backward")
+    return _FUSED["backward"](grad.contiguous(), x, size, alpha, beta, k, groups)
+
+
 class _LocalResponseNorm(torch.autograd.Function):
     """Forward and a hand-derived backward, so autograd keeps 1-3 tensors instead of
     the ~10 intermediates of the composed ops. With d_i = k + alpha sum_{j in N(i)} a_j^2:
@@ -198,7 +219,7 @@ class _LocalResponseNorm(torch.autograd.Function):
         size, alpha, beta, k, groups = ctx.options
         if ctx.path == "cuda":
             (x,) = ctx.saved_tensors
-            result = _fused("backward")(grad.contiguous(), x, size, alpha, beta, k, groups)
+            result = _cuda_backward(grad, x, size, alpha, beta, k, groups)
         elif ctx.path == "cpu":
             (x,) = ctx.saved_tensors
             result = lrn_cpu.backward(grad, x, size, alpha, k, groups)

@@ -164,7 +164,7 @@ class TrainParams(_Section):
     # Keys that say how a run is executed, not what it computes: a checkpoint stays
     # valid, the model file and the train stage's DVC params leave them out.
     EXECUTION_KEYS: ClassVar[frozenset[str]] = frozenset(
-        {"loader_workers", "nproc_per_node", "nnodes", "rdzv_endpoint"}
+        {"loader_workers", "sync_every", "nproc_per_node", "nnodes", "rdzv_endpoint"}
     )
 
     epochs: int = Field(90, ge=1, description="epoch budget (paper: ~90)")
@@ -198,6 +198,12 @@ class TrainParams(_Section):
     )
     subtract_mean: bool = Field(True, description="subtract the mean image's window")
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
+    sync_every: int = Field(
+        20,
+        ge=1,
+        description="steps between reads of the loss on the host: the device runs ahead "
+        "meanwhile, and a NaN stops the run within this many steps (1 = every step)",
+    )
     val_batch_size: int = Field(100, ge=1)
     amp: bool = Field(False, description="bf16 autocast (GPU speed switch)")
     channels_last: bool = Field(False, description="channels-last memory format")

@@ -35,7 +35,7 @@ from alexnet.crops import centre_crop
 from alexnet.digests import changed_code, code_digests, file_digest
 from alexnet.distributed import World
 from alexnet.errors import AlexnetError, Interrupted
-from alexnet.metrics import top_k_errors
+from alexnet.metrics import label_ranks, missed, top_k_errors
 from alexnet.model import AlexNet
 from alexnet.modelfile import save_model
 from alexnet.params import Kernels, ModelParams, TrainParams
@@ -189,6 +189,10 @@ class Trainer:
         self.code = code_digests()
         self.epoch, self.step, self.history = 0, 0, []
         self.running = self._fresh_totals()  # of the current epoch, checkpointed with it
+        # Steps whose loss and mistakes are still on the device: (loss, wrong, images,
+        # step). Read together every `sync_every` steps, so the host queues the next
+        # steps instead of waiting for each; never left unread at a checkpoint.
+        self.unread: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
         self.stop_requested = False
         self._stream = None  # the training batches, from the current step to the last epoch
 
@@ -295,9 +299,10 @@ class Trainer:
 
     def train_step(
         self, images: torch.Tensor, labels: torch.Tensor, global_size: int
-    ) -> tuple[torch.Tensor, int]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One SGD step on this rank's rows of a global batch of `global_size` images.
-        Returns the summed loss (a device tensor) and the count of top-1 mistakes."""
+        Returns the summed loss and the count of top-1 mistakes, as device tensors: the
+        step queues its work and does not wait for the device."""
         seed = derived_seed(self.params.seed, self.epoch, self.step)
         # Dropout masks: rank 0 draws what a one-process run draws, the others their own.
         torch.manual_seed(seed if self.world.rank == 0 else derived_seed(seed, self.world.rank))
@@ -325,22 +330,31 @@ class Trainer:
                 "lower train.batch_size"
             ) from None
         self.optimizer.step()
-        return loss.detach(), top_k_errors(logits.detach().float(), labels, (1,))[0]
+        return loss.detach(), missed(label_ranks(logits.detach().float(), labels), 1).sum()
 
-    def _settle(self, done: tuple, stop: bool = False) -> bool:
-        """Adds a step's loss and mistakes (summed over ranks) to the epoch's totals and
-        returns whether any rank asked to stop. `done` is (loss, wrong, images, step)."""
-        loss, wrong, size, step = done
-        loss, wrong, stop = self.world.sum([float(loss), float(wrong), float(stop)])
-        if not math.isfinite(loss):  # summed first, so every rank stops here
-            raise TrainError(
-                f"the loss became {loss} at epoch {self.epoch + 1}, step {step}: "
-                "training diverged; lower train.lr or use another model.init"
-            )
+    def _settle(self, stop: bool = False) -> bool:
+        """Reads the unread steps' losses and mistakes (one wait for the device, one sum
+        over ranks), adds them to the epoch's totals in step order, as reading each step
+        at once would, and returns whether any rank asked to stop. A loss that is not
+        finite stops the run, naming its step (the first such)."""
+        losses = torch.stack([loss for loss, *_ in self.unread]).double()
+        wrongs = torch.stack([wrong for _, wrong, *_ in self.unread]).double()
+        # float32 losses and counts below 2**53 are exact in float64: the same numbers
+        values = torch.cat([losses, wrongs]).cpu().tolist() + [float(stop)]
+        *values, stop = self.world.sum(values)  # summed first, so every rank stops alike
+        steps, self.unread = self.unread, []
         totals = self.running
-        totals["loss"] += loss
-        totals["wrong"] += int(wrong)
-        totals["seen"] += size
+        for (_, _, size, step), loss, wrong in zip(
+            steps, values[: len(steps)], values[len(steps) :], strict=True
+        ):
+            if not math.isfinite(loss):
+                raise TrainError(
+                    f"the loss became {loss} at epoch {self.epoch + 1}, step {step}: "
+                    "training diverged; lower train.lr or use another model.init"
+                )
+            totals["loss"] += loss
+            totals["wrong"] += int(wrong)
+            totals["seen"] += size
         return bool(stop)
 
     def run_epoch(self, on_step: Callable[[int, int], None] | None = None) -> dict:
@@ -349,16 +363,17 @@ class Trainer:
         started = time.perf_counter()
         while self.step < self.steps_per_epoch():
             images, labels, size = next(stream)
-            outcome = self.train_step(images, labels, size)
+            outcome = self.train_step(images, labels, size)  # seeded by the step's number
             self.step += 1
+            self.unread.append((*outcome, size, self.step))
             if on_step:
                 on_step(self.step, self.steps_per_epoch())
-            # Reading the step's results waits for the device. Reading them one step
-            # later was 1.3x faster on an H100 but one bf16 run then diverged at step 2;
-            # until that is understood every step is read before the next is queued.
-            stop = self._settle((*outcome, size, self.step), self.stop_requested)
+            checkpoint = self.step % self.params.checkpoint_every == 0
+            if not (checkpoint or self._read_now()):
+                continue
+            stop = self._settle(self.stop_requested)  # waits for the device
             totals["seconds"] += time.perf_counter() - started
-            if stop or self.step % self.params.checkpoint_every == 0:
+            if stop or checkpoint:
                 self.save()
                 if stop:  # every rank stops at the same step
                     raise Interrupted(f"stopped at epoch {self.epoch + 1}, step {self.step}")
@@ -387,6 +402,16 @@ class Trainer:
         self.epoch, self.step, self.running = self.epoch + 1, 0, self._fresh_totals()
         self.save()
         return record
+
+    def _read_now(self) -> bool:
+        """Whether to read the unread steps now: every `sync_every` steps, at the epoch's
+        end, and, in a one-process run, as soon as a stop is asked (ranks learn of one
+        rank's stop only at a read they all make)."""
+        return (
+            len(self.unread) >= self.params.sync_every
+            or self.step == self.steps_per_epoch()
+            or (self.stop_requested and self.world.size == 1)
+        )
 
     def finished(self) -> bool:
         return self._ends(self.epoch, self.schedule.stopped)

@@ -3,6 +3,8 @@ fast kernels equal the reference, and `kernels=` really chooses which one runs."
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -283,3 +285,36 @@ def test_importing_the_library_registers_no_torch_operator():
     )
     done = run_python(code)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+TRITON_CHECK = """
+import torch
+from alexnet import lrn_triton
+from alexnet.lrn import local_response_norm_reference
+from tests.helpers import within
+generator = torch.Generator().manual_seed(0)
+for dtype, rtol in ((torch.float32, {rtol32}), (torch.bfloat16, 2**-7)):
+    cases = ((5, 2, (2, 96, 5, 7)), (5, 1, (1, 48, 6, 6)), (4, 1, (1, 20, 3, 3)))
+    for size, groups, shape in cases:
+        x = (torch.relu(torch.randn(shape, generator=generator)) * 30).to(dtype)
+        g = torch.randn(shape, generator=generator).to(dtype)
+        leaf = x.float().requires_grad_()
+        ref = local_response_norm_reference(leaf, size, 1e-3, 0.75, 2.0, groups)
+        (expected,) = torch.autograd.grad(ref, leaf, g.float())
+        got = lrn_triton.backward(g, x, size, 1e-3, 0.75, 2.0, groups)
+        assert got.dtype == dtype, got.dtype
+        error = (got.float() - expected).abs().max()
+        assert within(got, expected, rtol), (dtype, size, groups, error)
+print("ok")
+"""
+
+
+def test_triton_backward_equals_the_reference_gradient_in_the_interpreter():
+    # The CUDA kernel's program, run by Triton's interpreter on the CPU (as on a GPU,
+    # in float32): float32 and bf16 inputs, one and two columns, 48 and 96 maps (tiles
+    # of 64 and 128 rows with masked ends), an even window, and positions past the
+    # last block of 32.
+    done = run_python(
+        TRITON_CHECK.format(rtol32=RTOL32), env={**os.environ, "TRITON_INTERPRET": "1"}
+    )
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]

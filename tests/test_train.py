@@ -145,7 +145,8 @@ def test_the_recipe_reaches_the_optimizer_and_a_plateau_divides_its_rate(
     assert (t.schedule.lr_patience, t.schedule.max_lr_drops) == (1, 1)
     flat = {"val_loss": 0.69, "val_top1_error": 0.5, "val_top5_error": 0.0}
     monkeypatch.setattr("alexnet.train.validate", lambda *args, **kwargs: dict(flat))
-    monkeypatch.setattr(t, "train_step", lambda images, labels, size: (torch.tensor(0.0), 0))
+    zero = torch.tensor(0.0), torch.tensor(0)
+    monkeypatch.setattr(t, "train_step", lambda images, labels, size: zero)
     monkeypatch.setattr(t, "save", lambda: None)
     rates = []
     while not t.finished():
@@ -425,6 +426,59 @@ def test_cli_train_sigterm_then_sigkill_then_resume_gives_the_same_weights(
     assert checkpoint_position(tmp_path) > stopped
     assert not (tmp_path / "alexnet.pt").exists()
     resume_to_the_end(data, cli_params, tmp_path, uninterrupted)
+
+
+def test_reading_the_loss_every_n_steps_gives_the_run_of_reading_every_step(
+    data, tmp_path, monkeypatch
+):
+    # The read on the host is deferred; what the steps compute must not change with it:
+    # the same history and weights, bit for bit (a read that raced the device, or a
+    # total added in another order, would show here).
+    from alexnet.distributed import World
+
+    reads, summed = [], World.sum
+
+    def counted(world, values):  # each read of the unread steps is one sum over ranks
+        reads.append(t.step)
+        return summed(world, values)
+
+    monkeypatch.setattr(World, "sum", counted)
+    runs = {}
+    for every in (1, 2):
+        reads.clear()
+        t = trainer(
+            data,
+            tmp_path / str(every),
+            epochs=2,
+            batch_size=2,
+            sync_every=every,
+            checkpoint_every=100,
+        )
+        run_to_end(t)
+        runs[every] = t, list(reads)
+    (each, each_reads), (deferred, deferred_reads) = runs[1], runs[2]
+    # batch 2 over 10 images: 5 steps an epoch; every 2 steps and at the epoch's end
+    # (then one more sum: the validation's)
+    assert each_reads == [1, 2, 3, 4, 5, 5] * 2 and deferred_reads == [2, 4, 5, 5] * 2
+    assert timeless(deferred.history) == timeless(each.history)
+    assert_same_weights(deferred.model.state_dict(), each.model.state_dict())
+
+
+def test_a_nan_between_reads_names_its_step_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    t = trainer(data, tmp_path, epochs=1, batch_size=1, checkpoint_every=3, sync_every=10)
+    forward, calls = t.net.forward, []
+
+    def nan_at_step_5(inputs):
+        calls.append(1)
+        logits = forward(inputs)
+        return logits * float("nan") if len(calls) == 5 else logits
+
+    t.net.forward = nan_at_step_5
+    with pytest.raises(TrainError, match="at epoch 1, step 5: training diverged") as raised:
+        t.run_epoch()
+    assert len(calls) == 6  # read at the checkpoint of step 6, not before
+    assert torch.load(t.checkpoint, weights_only=True)["step"] == 3  # not saved after it
+    assert "\n" not in str(raised.value)
 
 
 def test_a_diverging_run_stops_with_one_clear_line(data, tmp_path):
