@@ -140,8 +140,8 @@ class Augment:
         writes into that window. Same values as the direct order, fewer memory passes."""
         flips = draws.flips if self.flip else torch.zeros_like(draws.flips)
         out = crop_windows(images, draws.tops, draws.lefts, self.crop)  # (N, 3, c, c) uint8
-        if flips.any():
-            out[flips] = out[flips].flip(-1)
+        # one select, not a masked assignment: counting a mask's rows waits for the device
+        out = torch.where(flips[:, None, None, None], out.flip(-1), out)
         if self.subtract_mean:
             mirrored = images.shape[-1] - self.crop - draws.lefts
             lefts = torch.where(flips, mirrored, draws.lefts)

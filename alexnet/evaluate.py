@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 from alexnet.crops import CENTRE, ten_crops
+from alexnet.jpeg import to_device
 from alexnet.lmdb_store import key
 from alexnet.metrics import label_ranks, missed
 from alexnet.modelfile import ModelFileError, load_model
 from alexnet.params import DEFAULTS, Kernels
-from alexnet.reader import LmdbSplit, batch_loader, in_order
+from alexnet.reader import LmdbSplit, batch_loader, encoded_for, in_order
 
 
 @torch.no_grad()
@@ -112,14 +113,15 @@ def evaluate(
     processes read and decode batches ahead (a JPEG store needs them to feed a GPU)."""
     model.eval()
     mean = None if mean is None else mean.to(device)
-    batches = in_order(split, batch)
+    batches = in_order(split, batch, encoded=encoded_for(split, device))
     parts: list[tuple[torch.Tensor, ...]] = []
     wanted = {index: position for position, index in enumerate(keep)}
     kept: dict[int, torch.Tensor] = {}
     loader = batch_loader(batches, range(len(batches)), workers, device.type == "cuda")
     for rows, (images, labels) in zip(batches.batches, loader, strict=True):
         labels = labels.to(device)
-        probabilities = crop_probabilities(model, images.to(device, non_blocking=True), mean, crop)
+        images = to_device(images, device, split.shape)
+        probabilities = crop_probabilities(model, images, mean, crop)
         average = probabilities.mean(1)  # the paper: average the softmax, not the logits
         for row, index in enumerate(rows):
             if index in wanted:

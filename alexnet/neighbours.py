@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from alexnet.crops import centre_crop
+from alexnet.jpeg import to_device
 from alexnet.lmdb_store import key
-from alexnet.reader import LmdbSplit, batch_loader, in_order
+from alexnet.reader import LmdbSplit, batch_loader, encoded_for, in_order
 
 
 @dataclass
@@ -82,10 +83,10 @@ def nearest(
         torch.empty(count, 0, dtype=torch.long),
         torch.empty(count, 0),
     )
-    batches = in_order(train, batch)
+    batches = in_order(train, batch, encoded=encoded_for(train, device))
     loader = batch_loader(batches, range(len(batches)), workers, device.type == "cuda")
     for rows, (images, labels) in zip(batches.batches, loader, strict=True):
-        vectors = hidden_vectors(model, images.to(device, non_blocking=True), mean, crop)
+        vectors = hidden_vectors(model, to_device(images, device, train.shape), mean, crop)
         found = Neighbours(
             torch.as_tensor(rows).expand(count, -1),
             labels.expand(count, -1),

@@ -3,8 +3,8 @@
 `LmdbSplit` is a map-style `Dataset` of (CHW uint8 tensor, label) that is safe with
 `DataLoader(num_workers>0)`: the environment is opened lazily in each process,
 read-only, without a lock file. `read_batch(indices)` returns one contiguous (N, 3, H, W)
-uint8 tensor for the training loop. JPEG payloads are decoded by libjpeg-turbo through
-`torchvision.io.decode_jpeg`, straight into CHW tensors.
+uint8 tensor for the training loop; JPEG payloads are decoded on `threads` threads
+(`alexnet.jpeg`). `read_encoded(indices)` leaves them encoded, for a GPU to decode.
 """
 
 from __future__ import annotations
@@ -14,14 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
 
+from alexnet.jpeg import Encoded, decode_into, decode_threads, read_payloads
 from alexnet.lmdb_store import StoreError, decode_value, key, read_meta, shared_readonly
 
 
 class LmdbSplit(torch.utils.data.Dataset):
-    def __init__(self, path: str | Path):
+    """`threads`: how many threads decode a JPEG batch (default: every core)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
         self.path = Path(path)
+        self.threads = decode_threads(0) if threads is None else threads
         self.meta = read_meta(self.path)
         self.encoding = self.meta["encoding"]
         self.shape = (3, self.meta["height"], self.meta["width"])
@@ -50,21 +53,26 @@ class LmdbSplit(torch.utils.data.Dataset):
             raise StoreError(f"{where}: image is {height}x{width}, store says {self.shape[1:]}")
         return label, payload, where
 
-    def _decode_into(self, out: np.ndarray, payload, where: str) -> None:
-        """Write one image into `out`, a (3, H, W) uint8 numpy view of the result."""
-        if self.encoding == "raw":
-            # A numpy copy: the payload is a read-only view into the memory map.
-            hwc = np.frombuffer(payload, dtype=np.uint8).reshape(self.shape[1], self.shape[2], 3)
-            out.transpose(1, 2, 0)[...] = hwc  # a memcpy when `out` is an NHWC row
-            return
-        try:
-            data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-            image = decode_jpeg(data, mode=ImageReadMode.RGB)
-        except RuntimeError as error:
-            raise StoreError(f"{where}: cannot decode JPEG payload ({error})") from None
-        if tuple(image.shape) != self.shape:
-            raise StoreError(f"{where}: JPEG is {tuple(image.shape)}, store says {self.shape}")
-        out[...] = image.numpy()
+    def _copy_into(self, out: np.ndarray, payload) -> None:
+        """Write one raw image into `out`, a (3, H, W) uint8 numpy view of the result."""
+        # A numpy copy: the payload is a read-only view into the memory map.
+        hwc = np.frombuffer(payload, dtype=np.uint8).reshape(self.shape[1], self.shape[2], 3)
+        out.transpose(1, 2, 0)[...] = hwc  # a memcpy when `out` is an NHWC row
+
+    def read_encoded(self, indices) -> Encoded:
+        """The JPEG payloads of `indices` (a `jpeg` store), their labels and keys."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if self.encoding != "jpeg":
+            raise StoreError(f"{self.path}: a {self.encoding} store has no JPEG payloads")
+        labels, values, where = np.empty(len(indices), dtype=np.int64), [], []
+        with self._txn() as txn:
+            for row, index in enumerate(indices.tolist()):
+                label, payload, place = self._value(txn, index)
+                labels[row] = label
+                values.append(payload)
+                where.append(place)
+            payloads = read_payloads(values)  # copied while the transaction holds them
+        return Encoded(payloads, torch.from_numpy(labels), where)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         images, labels = self.read_batch([index])
@@ -81,37 +89,57 @@ class LmdbSplit(torch.utils.data.Dataset):
             images = buffer.transpose(0, 3, 1, 2)  # an NCHW view of the NHWC buffer
         else:
             buffer = images = np.empty((len(indices), *self.shape), dtype=np.uint8)
-        labels = np.empty(len(indices), dtype=np.int64)
-        with self._txn() as txn:
-            for row, index in enumerate(indices.tolist()):
-                label, payload, where = self._value(txn, index)
-                self._decode_into(images[row], payload, where)
-                labels[row] = label
+        if self.encoding == "jpeg":
+            encoded = self.read_encoded(indices)
+            decode_into(images, encoded, self.threads)
+            labels = encoded.labels.numpy()
+        else:
+            labels = np.empty(len(indices), dtype=np.int64)
+            with self._txn() as txn:
+                for row, index in enumerate(indices.tolist()):
+                    label, payload, _ = self._value(txn, index)
+                    self._copy_into(images[row], payload)
+                    labels[row] = label
         tensor = torch.from_numpy(buffer)
         return (tensor.permute(0, 3, 1, 2) if channels_last else tensor), torch.from_numpy(labels)
 
 
-class Batches(torch.utils.data.Dataset):
-    """Item i = the whole batch `batches[i]` read at once (one transaction, no collate)."""
+def read(split: LmdbSplit, indices, encoded: bool) -> tuple[torch.Tensor | Encoded, torch.Tensor]:
+    """(images, labels) of `indices`: pixels in channels-last layout, or, with `encoded`
+    (a JPEG store whose batches a GPU decodes), the payloads (`alexnet.jpeg.to_device`)."""
+    if encoded:
+        batch = split.read_encoded(indices)
+        return batch, batch.labels
+    return split.read_batch(indices, channels_last=True)
 
-    def __init__(
-        self, split: LmdbSplit, batches: Sequence[Sequence[int]], channels_last: bool = False
-    ):
+
+def encoded_for(split: LmdbSplit, device: torch.device) -> bool:
+    """Whether batches of `split` are better left encoded for `device` to decode."""
+    return split.encoding == "jpeg" and device.type == "cuda"
+
+
+class Batches(torch.utils.data.Dataset):
+    """Item i = the whole batch `batches[i]` read at once (one transaction, no collate),
+    as `read` gives it."""
+
+    def __init__(self, split: LmdbSplit, batches: Sequence[Sequence[int]], encoded: bool = False):
         self.split, self.batches = split, [list(map(int, b)) for b in batches]
-        self.channels_last = channels_last
+        self.encoded = encoded
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.split.read_batch(self.batches[index], self.channels_last)
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | Encoded, torch.Tensor]:
+        return read(self.split, self.batches[index], self.encoded)
 
 
-def in_order(split: LmdbSplit, size: int, rows: slice = slice(None)) -> Batches:
+def in_order(
+    split: LmdbSplit, size: int, rows: slice = slice(None), encoded: bool = False
+) -> Batches:
     """The split in store order, `size` records a batch (the last may be short), in
-    channels-last layout; `rows` keeps a rank's share of the batches."""
+    channels-last layout (or `encoded`); `rows` keeps a rank's share of the batches."""
     starts = range(0, len(split), size)[rows]
-    return Batches(split, [range(s, min(s + size, len(split))) for s in starts], True)
+    return Batches(split, [range(s, min(s + size, len(split))) for s in starts], encoded)
 
 
 def batch_loader(

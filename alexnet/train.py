@@ -35,12 +35,13 @@ from alexnet.crops import centre_crop
 from alexnet.digests import changed_code, code_digests, file_digest
 from alexnet.distributed import World
 from alexnet.errors import AlexnetError, Interrupted
-from alexnet.metrics import label_ranks, missed, top_k_errors
+from alexnet.jpeg import decode_threads, to_device
+from alexnet.metrics import label_ranks, missed
 from alexnet.model import AlexNet
 from alexnet.modelfile import save_model
 from alexnet.params import Kernels, ModelParams, TrainParams
 from alexnet.placement import TwoColumnAlexNet, place, resolve_devices
-from alexnet.reader import LmdbSplit, batch_loader, in_order
+from alexnet.reader import LmdbSplit, batch_loader, encoded_for, in_order, read
 from alexnet.schedule import PlateauSchedule
 from alexnet.stats import load_stats
 
@@ -80,11 +81,15 @@ def epoch_order(count: int, seed: int, epoch: int) -> torch.Tensor:
 
 class EpochBatches(torch.utils.data.Dataset):
     """Item (epoch, step): this rank's rows of global batch `step` of `epoch` (uint8, in
-    channels-last layout), their labels, and the global batch's size. Workers compute
-    the epoch's order themselves, so one persistent loader streams across epochs."""
+    channels-last layout, or JPEG payloads left `encoded` for a GPU to decode), their
+    labels, and the global batch's size. Workers compute the epoch's order themselves,
+    so one persistent loader streams across epochs."""
 
-    def __init__(self, split: LmdbSplit, seed: int, batch_size: int, rows: slice):
+    def __init__(
+        self, split: LmdbSplit, seed: int, batch_size: int, rows: slice, encoded: bool = False
+    ):
         self.split, self.seed, self.batch_size, self.rows = split, seed, batch_size, rows
+        self.encoded = encoded
         self._order: tuple[int, torch.Tensor] | None = None
 
     def order(self, epoch: int) -> torch.Tensor:
@@ -95,7 +100,7 @@ class EpochBatches(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, step = key
         batch = self.order(epoch)[step * self.batch_size : (step + 1) * self.batch_size]
-        images, labels = self.split.read_batch(batch[self.rows], channels_last=True)
+        images, labels = read(self.split, batch[self.rows], self.encoded)
         return images, labels, len(batch)
 
 
@@ -112,15 +117,17 @@ def validate(
     """Centre-crop loss and top-1 / top-5 error on a whole split (each rank evaluates
     its share of the batches; the sums are added over ranks)."""
     model.eval()
-    loss = top1 = top5 = 0.0
-    batches = in_order(store, batch, world.rows)
+    # loss, top-1 and top-5 mistakes, summed on the device in float64 (the float32
+    # losses added in order, exactly as on the host) and read once at the end
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    batches = in_order(store, batch, world.rows, encoded_for(store, device))
     for images, labels in batch_loader(batches, range(len(batches))):
-        images, labels = images.to(device), labels.to(device)
+        images, labels = to_device(images, device, store.shape), labels.to(device)
         logits = model(centre_crop(images, mean, crop))
-        loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-        wrong1, wrong5 = top_k_errors(logits, labels, (1, 5))
-        top1, top5 = top1 + wrong1, top5 + wrong5
-    loss, top1, top5 = world.sum([loss, top1, top5])
+        rank = label_ranks(logits, labels)
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        totals += torch.stack([loss.double(), missed(rank, 1).sum(), missed(rank, 5).sum()])
+    loss, top1, top5 = world.sum(totals.tolist())
     n = len(store)
     return {"val_loss": loss / n, "val_top1_error": top1 / n, "val_top5_error": top5 / n}
 
@@ -134,7 +141,9 @@ class Trainer:
         self.run, self.params, self.checkpoint, self.world = run, p, run.checkpoint, world
         self.devices = resolve_devices(world.device(p.device))
         self.device = self.devices[0]  # inputs, augmentation and logits live here
-        self.train, self.val = LmdbSplit(run.lmdb / "train"), LmdbSplit(run.lmdb / "val")
+        threads = decode_threads(p.loader_workers)  # per loader process
+        self.train = LmdbSplit(run.lmdb / "train", threads)
+        self.val = LmdbSplit(run.lmdb / "val", threads)
         if self.train.classes != self.val.classes:
             raise TrainError(f"{run.lmdb}: train and val have different class lists")
         self.classes = self.train.classes
@@ -288,7 +297,11 @@ class Trainer:
                 for step in range(self.step if epoch == self.epoch else 0, steps)
             ]
             dataset = EpochBatches(
-                self.train, self.params.seed, self.params.batch_size, self.world.rows
+                self.train,
+                self.params.seed,
+                self.params.batch_size,
+                self.world.rows,
+                encoded_for(self.train, self.device),
             )
             self._stream = iter(
                 batch_loader(
@@ -311,7 +324,7 @@ class Trainer:
         # and lighting per image whatever the number of processes.
         draws = self.augment.draw(global_size, *images.shape[-2:], generator, self.device)
         draws = draws.rows(self.world.rows)
-        images = images.to(self.device, non_blocking=True)
+        images = to_device(images, self.device, self.train.shape)
         labels = labels.to(self.device, non_blocking=True)
         self.net.train()
         try:

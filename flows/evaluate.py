@@ -18,6 +18,7 @@ from alexnet.atomic import write_bytes, write_json
 from alexnet.evaluate import Results, load_model_for, sample, top5_table
 from alexnet.evaluate import evaluate as evaluate_split
 from alexnet.figures import FIGURES, kernels_figure, neighbours_figure, png, top5_figure
+from alexnet.jpeg import decode_threads
 from alexnet.lmdb_store import StoreError
 from alexnet.neighbours import hidden_vectors, images_of, nearest, table
 from alexnet.params import ComputeParams, EvaluateParams
@@ -118,9 +119,10 @@ def evaluate_flow(
     image is the model file's: the one its training subtracted."""
     logger = get_run_logger()
     device = resolve_devices([evaluate.device])[0]
-    split = LmdbSplit(val)
+    threads = decode_threads(evaluate.loader_workers)  # per loader process
+    split = LmdbSplit(val, threads)
     model, payload = load_model_for(split, Path(model_path), device, compute.kernels)
-    training = LmdbSplit(train)
+    training = LmdbSplit(train, threads)
     if training.classes != split.classes:
         raise StoreError(f"{train} and {val} list different classes")
     mean = payload["mean"].float()

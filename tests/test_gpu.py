@@ -56,7 +56,7 @@ TOLERANCES = [(torch.float32, 1e-5), (torch.bfloat16, 2**-6)]
 
 @pytest.mark.parametrize(("dtype", "rtol"), TOLERANCES)
 @pytest.mark.parametrize("groups", [1, 2])
-def test_compiled_cuda_lrn_equals_the_reference(dtype, rtol, groups, monkeypatch):
+def test_cuda_lrn_equals_the_reference(dtype, rtol, groups, monkeypatch):
     monkeypatch.setattr(lrn, "_FUSED", {})  # compiled in this test, not reused
     generator = torch.Generator().manual_seed(groups)
     x = (torch.relu(torch.randn(4, 16, 27, 27, generator=generator)) * 30).to(CUDA, dtype)
@@ -64,11 +64,10 @@ def test_compiled_cuda_lrn_equals_the_reference(dtype, rtol, groups, monkeypatch
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fast, fast_grad = output_and_gradient(x, grad, "fast", groups)
-    failed = [str(w.message) for w in caught if "torch.compile failed" in str(w.message)]
-    assert not failed, failed  # the compiled kernels ran, not the eager fallback
-    assert set(lrn._FUSED) == {"forward", "backward"}
+    failed = [str(w.message) for w in caught if "failed" in str(w.message)]
+    assert not failed, failed  # the compiled forward and the Triton backward ran
+    assert set(lrn._FUSED) == {"forward"}  # no fallback registered for the backward
     assert lrn._FUSED["forward"] is not lrn._fused_forward
-    assert lrn._FUSED["backward"] is not lrn._fused_backward
     reference, reference_grad = output_and_gradient(x, grad, "reference", groups)
     assert fast.is_cuda and fast.dtype == fast_grad.dtype == reference.dtype == dtype
     assert within(fast, reference, rtol) and within(fast_grad, reference_grad, rtol)
@@ -156,3 +155,107 @@ def test_two_column_placement_on_a_gpu_and_the_cpu_equals_one_device(exact_float
         for p in column.parameters():
             assert p.grad is not None and p.grad.device == device
             assert torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), TOLERANCES)
+@pytest.mark.parametrize(("shape", "groups"), [((8, 96, 55, 55), 2), ((8, 256, 27, 27), 2)])
+def test_triton_lrn_backward_on_conv1_and_conv2_maps(dtype, rtol, shape, groups):
+    # The one-pass kernel at the model's own sizes: 48 and 128 maps a column, positions
+    # past the last block of 32.
+    from alexnet import lrn_triton
+
+    generator = torch.Generator().manual_seed(7)
+    x = (torch.relu(torch.randn(shape, generator=generator)) * 30).to(dtype)
+    grad = torch.randn(shape, generator=generator).to(dtype)
+    leaf = x.double().requires_grad_()
+    reference = local_response_norm_reference(leaf, groups=groups)
+    (expected,) = torch.autograd.grad(reference, leaf, grad.double())
+    got = lrn_triton.backward(grad.to(CUDA), x.to(CUDA), 5, 1e-4, 0.75, 2.0, groups)
+    assert got.is_cuda and got.dtype == dtype
+    assert within(got, expected, rtol)
+
+
+# nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's: a pixel may differ by a few
+# levels at a sharp colour edge, the image on average by well under one level.
+NVJPEG_MEAN, NVJPEG_MAX = 1.0, 24
+
+
+def test_nvjpeg_batch_decode_equals_the_cpu_decode_within_decoder_differences(tmp_path):
+    from alexnet.jpeg import decode_on
+    from alexnet.lmdb_store import write_store
+    from alexnet.reader import LmdbSplit
+    from tests.helpers import encode, photo
+
+    jpegs = [encode(photo(256, 256, seed=i), "JPEG", quality=90) for i in range(12)]
+    classes = [{"index": 0, "wnid": "n0", "name": "class 0"}]
+    write_store(tmp_path / "jpeg", [[(0, data) for data in jpegs]], "jpeg", classes)
+    split = LmdbSplit(tmp_path / "jpeg")
+    on_cpu, _ = split.read_batch(range(12))
+    on_gpu = decode_on(split.read_encoded(range(12)), CUDA, split.shape)
+    assert on_gpu.is_cuda and on_gpu.shape == on_cpu.shape and on_gpu.dtype == torch.uint8
+    difference = (on_gpu.cpu().int() - on_cpu.int()).abs()
+    assert difference.float().mean() <= NVJPEG_MEAN and difference.max() <= NVJPEG_MAX
+
+
+DEFERRED_CHECK = """
+import sys, torch
+from pathlib import Path
+from alexnet.train import Trainer
+from tests.helpers import tiny_training_data, train_run
+torch.use_deterministic_algorithms(True)
+torch.backends.cudnn.benchmark = False
+data = tiny_training_data(Path(sys.argv[1]))
+runs = []
+for every in (1, 3):
+    run = train_run(
+        data, Path(sys.argv[1]) / str(every), epochs=2, batch_size=2, sync_every=every,
+        checkpoint_every=100, device=["cuda"], amp=True, channels_last=True, loader_workers=2,
+    )
+    t = Trainer(run)
+    while not t.finished():
+        t.run_epoch()
+    runs.append(t)
+a, b = runs
+assert [r["train_loss"] for r in a.history] == [r["train_loss"] for r in b.history]
+for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+    assert torch.equal(x, y), name
+print("same")
+"""
+
+
+def test_deferred_loss_reads_give_the_same_run_on_cuda_bit_for_bit(tmp_path):
+    # The configuration in which a deferred read once ended in a NaN at step 2: bf16,
+    # channels-last, pinned batches from loader workers. Deterministic kernels in a
+    # fresh process (cuBLAS reads its workspace setting when it starts).
+    import os
+
+    from tests.helpers import run_python
+
+    env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    done = run_python(DEFERRED_CHECK.replace("sys.argv[1]", repr(str(tmp_path))), env=env)
+    assert done.returncode == 0 and "same" in done.stdout, done.stderr[-3000:]
+
+
+def test_training_from_a_jpeg_store_decodes_the_batches_on_the_gpu(tmp_path):
+    import json
+
+    import numpy as np
+
+    from alexnet.jpeg import Encoded
+    from alexnet.lmdb_store import write_store
+    from tests.helpers import CLASSES, encode, photo, train_run
+
+    records = [(i % 2, encode(photo(256, 256, seed=i), "JPEG", quality=90)) for i in range(8)]
+    for split in ("train", "val"):
+        write_store(tmp_path / "lmdb" / split, [records], "jpeg", CLASSES)
+    (tmp_path / "stats").mkdir()
+    np.save(tmp_path / "stats" / "mean.npy", np.full((256, 256, 3), 100, np.float32))
+    eig = {"eigenvalues": [900.0, 90.0, 9.0], "eigenvectors": np.eye(3).tolist()}
+    (tmp_path / "stats" / "pca.json").write_text(json.dumps(eig))
+    from alexnet.train import Trainer
+
+    run = train_run(tmp_path, tmp_path / "run", epochs=1, device=["cuda"])
+    images, labels, size = next(Trainer(run).batches())  # what the loader hands the step
+    assert isinstance(images, Encoded) and len(images.payloads) == size == 4
+    record = Trainer(run).run_epoch()
+    assert math.isfinite(record["train_loss"]) and record["images_per_s"] > 0

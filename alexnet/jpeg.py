@@ -1,0 +1,119 @@
+"""Decoding a JPEG store's batches where they are used.
+
+A batch of the `jpeg` encoding leaves the LMDB reader as `Encoded`: each image's JPEG
+bytes and its label. `to_device` turns it into the (N, 3, H, W) uint8 batch the
+augmentation and the model take, on the device they run on:
+- CUDA: one batched nvJPEG call (`torchvision.io.decode_jpeg` on a list of images,
+  `device="cuda"`). The loader's workers then only copy bytes out of the store, and the
+  host's cores are free: decoding 256x256 JPEGs on a CPU costs ~1 ms an image a core,
+  so 16 cores cannot feed one modern GPU.
+- a CPU: libjpeg-turbo (`torchvision.io.decode_jpeg`), on a pool of threads (the op
+  releases the GIL), each image written straight into its row of the batch.
+
+Both give what `PIL` gives for the same bytes within JPEG decoder differences (nvJPEG's
+IDCT and upsampling are not libjpeg-turbo's): tests/test_jpeg.py states the tolerances.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from alexnet.lmdb_store import StoreError
+
+
+class Encoded(NamedTuple):
+    """A batch of JPEG payloads (uint8 tensors of their bytes), their labels, and where
+    each comes from (`"store: key 00000042"`, for an error line)."""
+
+    payloads: list[torch.Tensor]
+    labels: torch.Tensor
+    where: list[str]
+
+
+def decode_threads(workers: int) -> int:
+    """Threads a process decodes with: the cores, shared among `workers` loader
+    processes (none: the main process decodes alone)."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """This process's pool of `threads` threads (a forked loader worker makes its own)."""
+    key = (os.getpid(), threads)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="jpeg")
+    return _POOLS[key]
+
+
+def decode_one(payload: torch.Tensor, where: str, shape: tuple[int, int, int]) -> torch.Tensor:
+    """(3, H, W) uint8 RGB of one payload on the CPU; `StoreError` names it when it does
+    not decode or is not `shape`."""
+    try:
+        image = decode_jpeg(payload, mode=ImageReadMode.RGB)
+    except RuntimeError as error:
+        raise StoreError(f"{where}: cannot decode JPEG payload ({error})") from None
+    if tuple(image.shape) != shape:
+        raise StoreError(f"{where}: JPEG is {tuple(image.shape)}, store says {shape}")
+    return image
+
+
+def decode_into(out: np.ndarray, batch: Encoded, threads: int = 1) -> None:
+    """Decode every payload of `batch` into its row of `out`, (N, 3, H, W) uint8 (a view
+    of an NHWC buffer takes libjpeg-turbo's HWC output as one copy), on `threads`
+    threads of this process."""
+    shape, count = out.shape[1:], len(batch.payloads)
+
+    def rows(part: range) -> None:
+        for index in part:
+            out[index] = decode_one(batch.payloads[index], batch.where[index], shape).numpy()
+
+    threads = min(threads, count)
+    if threads <= 1:
+        rows(range(count))
+        return
+    # one task a thread (a task an image cost as much as 2 threads gained)
+    list(_pool(threads).map(rows, (range(t, count, threads) for t in range(threads))))
+
+
+def decode_on(batch: Encoded, device: torch.device, shape: tuple[int, int, int]) -> torch.Tensor:
+    """(N, 3, H, W) uint8 on `device`: a CUDA device decodes the whole batch in one nvJPEG
+    call; a payload it cannot decode is found again on the CPU, to be named."""
+    if device.type != "cuda":
+        out = np.empty((len(batch.payloads), *shape), dtype=np.uint8)
+        decode_into(out, batch, decode_threads(0))
+        return torch.from_numpy(out).to(device)
+    try:
+        images = decode_jpeg(batch.payloads, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        for payload, where in zip(batch.payloads, batch.where, strict=True):
+            decode_one(payload, where, shape)  # raises, naming the payload
+        raise
+    for image, where in zip(images, batch.where, strict=True):
+        if tuple(image.shape) != shape:
+            raise StoreError(f"{where}: JPEG is {tuple(image.shape)}, store says {shape}")
+    return torch.stack(images)
+
+
+def to_device(
+    images: torch.Tensor | Encoded, device: torch.device, shape: tuple[int, int, int]
+) -> torch.Tensor:
+    """A loader's batch on `device`: pixels copied (asynchronously from pinned memory),
+    or JPEG payloads decoded there."""
+    if isinstance(images, Encoded):
+        return decode_on(images, device, shape)
+    return images.to(device, non_blocking=True)
+
+
+def read_payloads(values: Sequence[memoryview]) -> list[torch.Tensor]:
+    """Tensors of payload bytes, copied out of the store's memory map (valid only
+    inside its transaction)."""
+    return [torch.frombuffer(bytearray(value), dtype=torch.uint8) for value in values]

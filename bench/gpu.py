@@ -1,0 +1,282 @@
+"""The training machine's data path and step, measured: one table and a JSON file.
+
+On a CUDA GPU (`python bench/gpu.py`, ~6 minutes on one GPU):
+- the model step alone (forward, backward, SGD on inputs already on the device);
+- the full training step from a `raw` and from a `jpeg` LMDB (the trainer's own loop:
+  read-ahead workers, the copy or the nvJPEG decode, augmentation, step), batch 128 and
+  256, float32 and bf16 (+ channels-last);
+- the data path alone (the same stream, decoded and augmented, no model);
+- the LRN's share of the step (the step with and without it);
+- the 10-crop evaluation, crops/s.
+Targets (issue 18, H100/H200, bf16): full step from the JPEG LMDB >= 15,000 img/s, the
+data path alone >= 2x the full step, LRN <= 10% of the step, evaluation >= 40,000 crops/s.
+
+On a CPU (`--cpu`, in `make bench`): the JPEG loader (`LmdbSplit.read_batch` of a `jpeg`
+store: libjpeg-turbo on a pool of threads) against torchvision `ImageFolder` + PIL
+(+ `pil_to_tensor`, stacked) on the same 256x256 JPEGs, per core (one thread, one
+process) and on every core (threads; DataLoader worker processes). Target: >= 2x per core.
+
+    python bench/gpu.py [--images 2048] [--out gpu.json]
+    python bench/gpu.py --cpu [--images 1024] [--out cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.io import decode_jpeg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import bench_run, best_seconds, device_name, photo_like  # noqa: E402
+
+from alexnet.evaluate import evaluate  # noqa: E402
+from alexnet.jpeg import to_device  # noqa: E402
+from alexnet.lmdb_store import write_store  # noqa: E402
+from alexnet.model import AlexNet  # noqa: E402
+from alexnet.reader import LmdbSplit  # noqa: E402
+from alexnet.runtime import configure  # noqa: E402
+from alexnet.train import Trainer  # noqa: E402
+
+CLASSES = [{"index": i, "wnid": f"n{i:08d}", "name": f"class {i}"} for i in range(10)]
+# (figure, at least or at most, value): issue 18's targets
+TARGETS = (
+    ("full step, jpeg LMDB, batch 256, bf16 + channels_last", ">=", 15_000),
+    ("data path / full step", ">=", 2.0),
+    ("LRN share of the step", "<=", 0.10),
+    ("10-crop evaluation, jpeg LMDB (crops/s)", ">=", 40_000),
+    ("JPEG loader / ImageFolder + PIL, per core", ">=", 2.0),
+)
+
+
+def make_stores(root: Path, images: int, encodings: tuple[str, ...]) -> list[bytes]:
+    """A store per encoding in `root/<encoding>/` (train/, val/: the first quarter, and
+    stats/) of the same photo-like 256x256 JPEGs; returns the JPEGs."""
+    jpegs = [photo_like(256, 256, seed) for seed in range(images)]
+    labels = [i % len(CLASSES) for i in range(images)]
+    for encoding in encodings:
+        payloads = jpegs if encoding == "jpeg" else [pixels(data) for data in jpegs]
+        records = list(zip(labels, payloads, strict=True))
+        for split, part in (("train", records), ("val", records[: max(images // 4, 1)])):
+            batches = [part[i : i + 256] for i in range(0, len(part), 256)]
+            write_store(root / encoding / split, batches, encoding, CLASSES)
+        (root / encoding / "stats").mkdir()
+        np.save(root / encoding / "stats" / "mean.npy", np.full((256, 256, 3), 110, np.float32))
+        eig = {"eigenvalues": [900.0, 90.0, 9.0], "eigenvectors": np.eye(3).tolist()}
+        (root / encoding / "stats" / "pca.json").write_text(json.dumps(eig))
+    return jpegs
+
+
+def pixels(jpeg: bytes) -> bytes:
+    """The HWC RGB bytes a JPEG decodes to: what a `raw` store holds for it."""
+    image = decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8))
+    return image.permute(1, 2, 0).contiguous().numpy().tobytes()
+
+
+# -- on a CPU -----------------------------------------------------------------------
+
+
+def cpu_loader(root: Path, jpegs: list[bytes], batches: int) -> dict:
+    """img/s of the JPEG loader and of ImageFolder + PIL over the same random batches of
+    128, per core and on every core."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms.functional import pil_to_tensor
+
+    folder = root / "imagefolder" / "c0"
+    folder.mkdir(parents=True)
+    for i, data in enumerate(jpegs):
+        (folder / f"{i:05d}.jpg").write_bytes(data)
+    rng = np.random.default_rng(0)
+    picks = [rng.integers(0, len(jpegs), 128).tolist() for _ in range(batches)]
+    images, cores = 128 * batches, os.cpu_count() or 1
+    dataset = ImageFolder(str(folder.parent), transform=pil_to_tensor)
+    split = LmdbSplit(root / "jpeg" / "train")
+    cpu = torch.device("cpu")
+
+    def ours(threads: int):
+        split.threads = threads
+        return lambda: [split.read_batch(pick, channels_last=True) for pick in picks]
+
+    def imagefolder(workers: int):
+        # the classic loader: an image an item, PIL decode, collated into batches
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=picks,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            multiprocessing_context="forkserver" if workers else None,
+        )
+        return lambda: list(loader)
+
+    rates = {}
+    for name, work in (
+        ("JPEG loader, 1 thread", ours(1)),
+        (f"JPEG loader, {cores} threads", ours(cores)),
+        ("ImageFolder + PIL, 1 process", imagefolder(0)),
+        (f"ImageFolder + PIL, {cores} worker processes", imagefolder(cores)),
+    ):
+        rates[name] = round(images / best_seconds(work, 3, cpu), 1)
+    per_core = rates["JPEG loader, 1 thread"] / rates["ImageFolder + PIL, 1 process"]
+    return {
+        "device": device_name(cpu),
+        "images": images,
+        **rates,
+        "JPEG loader / ImageFolder + PIL, per core": round(per_core, 2),
+    }
+
+
+# -- on a GPU -----------------------------------------------------------------------
+
+
+def model_step(batch: int, amp: bool, channels_last: bool, lrn: bool = True) -> float:
+    """img/s of forward + backward + SGD on a batch already on the GPU."""
+    cuda = torch.device("cuda")
+    model = AlexNet(num_classes=1000, lrn=lrn).to(cuda)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
+    inputs = torch.randn(batch, 3, 224, 224, device=cuda).contiguous(memory_format=layout)
+    labels = torch.randint(0, 1000, (batch,), device=cuda)
+
+    def step():
+        for _ in range(10):
+            with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+                logits = model(inputs)
+            loss = F.cross_entropy(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    return 10 * batch / best_seconds(step, 3, cuda)
+
+
+def full_step(root: Path, batch: int, **train) -> float:
+    """img/s of the trainer's last of two epochs (the first pays cuDNN's tuning)."""
+    run = bench_run(
+        root,
+        epochs=2,
+        batch_size=batch,
+        val_batch_size=256,
+        checkpoint_every=10**6,
+        deterministic=False,
+        device="cuda",
+        loader_workers=4,
+        **train,
+    )
+    trainer = Trainer(run)
+    while not trainer.finished():
+        trainer.run_epoch()
+    return trainer.history[-1]["images_per_s"]
+
+
+def data_path(root: Path, batch: int, steps: int = 24) -> float:
+    """img/s of the trainer's stream alone: read ahead, copied or decoded on the GPU,
+    augmented there; no model step."""
+    run = bench_run(
+        root,
+        epochs=4,
+        batch_size=batch,
+        checkpoint_every=10**6,
+        deterministic=False,
+        device="cuda",
+        loader_workers=4,
+        channels_last=True,
+    )
+    trainer = Trainer(run)
+    stream, generator = trainer.batches(), torch.Generator(device="cuda").manual_seed(0)
+    for step in range(steps + 4):
+        if step == 4:  # the workers have started
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+        images, _, size = next(stream)
+        images = to_device(images, trainer.device, trainer.train.shape)
+        draws = trainer.augment.draw(size, *images.shape[-2:], generator, trainer.device)
+        trainer.augment.apply(images, draws)
+    torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - started)
+
+
+def evaluation(root: Path) -> float:
+    """crops/s of the 10-crop evaluation of the val store (bf16 not used: as the stage)."""
+    cuda = torch.device("cuda")
+    model = AlexNet(num_classes=len(CLASSES)).to(cuda).eval()
+    split = LmdbSplit(root / "val")
+    mean = torch.full((3, 256, 256), 110.0)
+    seconds = best_seconds(lambda: evaluate(model, split, mean, 224, 250, cuda, workers=4), 2, cuda)
+    return 10 * len(split) / seconds
+
+
+def gpu(root: Path) -> dict:
+    results: dict = {"device": device_name(torch.device("cuda")), "torch": torch.__version__}
+    for batch in (128, 256):
+        for amp in (False, True):
+            name = f"model step, batch {batch}, {'bf16 + channels_last' if amp else 'float32'}"
+            results[name] = round(model_step(batch, amp, amp))
+            print(name, results[name], flush=True)
+    for encoding in ("raw", "jpeg"):
+        for batch in (128, 256):
+            for amp in (False, True):
+                options = {"amp": amp, "channels_last": amp}
+                precision = "bf16 + channels_last" if amp else "float32"
+                name = f"full step, {encoding} LMDB, batch {batch}, {precision}"
+                results[name] = round(full_step(root / encoding, batch, **options))
+                print(name, results[name], flush=True)
+        name = f"data path alone, {encoding} LMDB, batch 256"
+        results[name] = round(data_path(root / encoding, 256))
+        print(name, results[name], flush=True)
+    with_lrn = model_step(256, True, True)
+    without = model_step(256, True, True, lrn=False)
+    results["LRN share of the step"] = round(1 - with_lrn / without, 3)
+    results["10-crop evaluation, jpeg LMDB (crops/s)"] = round(evaluation(root / "jpeg"))
+    step = results["full step, jpeg LMDB, batch 256, bf16 + channels_last"]
+    results["data path / full step"] = round(
+        results["data path alone, jpeg LMDB, batch 256"] / step, 2
+    )
+    return results
+
+
+def table(results: dict) -> None:
+    print(f"\n{'what':<58}{'figure':>12}")
+    for name, value in results.items():
+        print(f"{name:<58}{value!s:>12}")
+    for name, sense, target in TARGETS:
+        if name in results:
+            value = results[name]
+            met = value >= target if sense == ">=" else value <= target
+            print(f"target: {name} {sense} {target}: {value} ({'met' if met else 'MISSED'})")
+
+
+def main() -> None:
+    configure()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", action="store_true", help="the CPU loader comparison only")
+    parser.add_argument("--images", type=int, help="images in the stores (2048; CPU: 1024)")
+    parser.add_argument("--out", type=Path, help="also write the figures here, as JSON")
+    args = parser.parse_args()
+    if not args.cpu and not torch.cuda.is_available():
+        sys.exit("error: no CUDA device here (the CPU part: python bench/gpu.py --cpu)")
+    images = args.images or (1024 if args.cpu else 2048)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as folder:
+        root = Path(folder)
+        jpegs = make_stores(root, images, ("jpeg",) if args.cpu else ("raw", "jpeg"))
+        if args.cpu:
+            torch.set_num_threads(1)
+            results = cpu_loader(root, jpegs, batches=images // 128)
+        else:
+            results = gpu(root)
+    table(results)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Decoding a JPEG store's batches (alexnet/jpeg.py): on a pool of threads, what one
+thread gives, bit for bit; like PIL within libjpeg's IDCT differences; left encoded for a
+GPU; a damaged payload named. The CUDA decode is in tests/test_gpu.py."""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from alexnet.jpeg import Encoded, decode_threads, to_device
+from alexnet.lmdb_store import StoreError, write_store
+from alexnet.reader import LmdbSplit, encoded_for, in_order
+from tests.helpers import encode, photo
+
+SIZE = 48
+CLASSES = [{"index": i, "wnid": f"n{i}", "name": f"class {i}"} for i in range(3)]
+
+
+def jpeg_store(tmp_path, count: int = 12, damaged: int | None = None):
+    """A `jpeg` store of `count` photos (one cut short: `damaged`), and their JPEGs."""
+    jpegs = [encode(photo(SIZE, SIZE, seed=i), "JPEG", quality=90) for i in range(count)]
+    if damaged is not None:
+        jpegs[damaged] = jpegs[damaged][: len(jpegs[damaged]) // 3]  # cut short
+    records = [(i % 3, data) for i, data in enumerate(jpegs)]
+    write_store(tmp_path / "jpeg", [records[:5], records[5:]], "jpeg", CLASSES, size=SIZE)
+    return LmdbSplit(tmp_path / "jpeg"), jpegs
+
+
+def test_threads_decode_what_one_thread_does_and_pil_within_one_idct_step(tmp_path):
+    (split, jpegs), rows = jpeg_store(tmp_path), [11, 0, 7, 3, 3, 9]
+    split.threads = 1
+    one, labels = split.read_batch(rows, channels_last=True)
+    split.threads = 3
+    many, same = split.read_batch(rows, channels_last=True)
+    assert torch.equal(many, one) and torch.equal(same, labels) and labels.tolist()[:2] == [2, 0]
+    assert many.is_contiguous(memory_format=torch.channels_last)
+    for row, index in enumerate(rows):
+        reference = np.asarray(Image.open(BytesIO(jpegs[index])).convert("RGB")).astype(int)
+        ours = many[row].permute(1, 2, 0).numpy().astype(int)
+        # both libjpeg-turbo; its integer IDCT builds may round a sample differently
+        assert np.abs(ours - reference).max() <= 2, index
+
+
+def test_encoded_batches_decode_on_the_device_to_the_loaders_pixels(tmp_path):
+    split, _ = jpeg_store(tmp_path)
+    cpu = torch.device("cpu")
+    assert not encoded_for(split, cpu) and encoded_for(split, torch.device("cuda"))
+    encoded = split.read_encoded([4, 1, 8])
+    assert isinstance(encoded, Encoded) and encoded.labels.tolist() == [1, 1, 2]
+    assert encoded.where[0].endswith("key 00000004")
+    pixels, _ = split.read_batch([4, 1, 8])
+    assert torch.equal(to_device(encoded, cpu, split.shape), pixels)
+    batches = in_order(split, 5, encoded=True)
+    images, labels = batches[1]
+    assert isinstance(images, Encoded) and len(images.payloads) == 5
+    assert torch.equal(labels, split.read_batch(range(5, 10))[1])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_damaged_payload_is_named_by_its_key(tmp_path, threads):
+    split, _ = jpeg_store(tmp_path, damaged=6)
+    split.threads = threads
+    split.read_batch([0, 5, 7])  # the others decode
+    with pytest.raises(StoreError, match=r"jpeg: key 00000006: cannot decode JPEG payload"):
+        split.read_batch([5, 6, 7])
+    with pytest.raises(StoreError, match=r"key 00000006"):
+        to_device(split.read_encoded([6]), torch.device("cpu"), split.shape)
+
+
+def test_a_raw_store_has_no_payloads_to_leave_encoded(tmp_path):
+    records = [(0, np.zeros((SIZE, SIZE, 3), np.uint8).tobytes())]
+    write_store(tmp_path / "raw", [records], "raw", CLASSES, size=SIZE)
+    split = LmdbSplit(tmp_path / "raw")
+    assert not encoded_for(split, torch.device("cuda"))
+    with pytest.raises(StoreError, match="a raw store has no JPEG payloads"):
+        split.read_encoded([0])
+
+
+def test_decode_threads_share_the_cores_among_loader_processes(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert [decode_threads(w) for w in (0, 1, 4, 8, 32)] == [16, 16, 4, 2, 1]
