@@ -37,7 +37,7 @@ from torchvision.io import decode_jpeg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import bench_run, best_seconds, device_name, photo_like  # noqa: E402
+from common import bench_run, best_seconds, cpu_model, device_name, photo_like  # noqa: E402
 
 from alexnet.evaluate import evaluate  # noqa: E402
 from alexnet.jpeg import to_device  # noqa: E402
@@ -127,7 +127,7 @@ def cpu_loader(root: Path, jpegs: list[bytes], batches: int) -> dict:
         rates[name] = round(images / best_seconds(work, 3, cpu), 1)
     per_core = rates["JPEG loader, 1 thread"] / rates["ImageFolder + PIL, 1 process"]
     return {
-        "device": device_name(cpu),
+        "device": f"{cpu_model()}, {cores} cores",
         "images": images,
         **rates,
         "JPEG loader / ImageFolder + PIL, per core": round(per_core, 2),
