@@ -137,29 +137,39 @@ def cpu_loader(root: Path, jpegs: list[bytes], batches: int) -> dict:
 # -- on a GPU -----------------------------------------------------------------------
 
 
-def model_step(batch: int, amp: bool, channels_last: bool, lrn: bool = True) -> float:
-    """img/s of forward + backward + SGD on a batch already on the GPU."""
-    cuda = torch.device("cuda")
-    model = AlexNet(num_classes=1000, lrn=lrn).to(cuda)
+CUDA = torch.device("cuda")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def model_step(
+    batch: int, amp: bool, channels_last: bool, lrn: bool = True, device: torch.device = CUDA
+) -> float:
+    """img/s of forward + backward + SGD on a batch already on the GPU. (Every GPU
+    function takes `device`: on a CPU, with small sizes, it checks the script.)"""
+    model = AlexNet(num_classes=1000, lrn=lrn).to(device)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=layout)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
-    inputs = torch.randn(batch, 3, 224, 224, device=cuda).contiguous(memory_format=layout)
-    labels = torch.randint(0, 1000, (batch,), device=cuda)
+    inputs = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=layout)
+    labels = torch.randint(0, 1000, (batch,), device=device)
 
     def step():
         for _ in range(10):
-            with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
                 logits = model(inputs)
             loss = F.cross_entropy(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
 
-    return 10 * batch / best_seconds(step, 3, cuda)
+    return 10 * batch / best_seconds(step, 3, device)
 
 
-def full_step(root: Path, batch: int, **train) -> float:
+def full_step(root: Path, batch: int, device: torch.device = CUDA, **train) -> float:
     """img/s of the trainer's last of two epochs (the first pays cuDNN's tuning)."""
     run = bench_run(
         root,
@@ -168,7 +178,7 @@ def full_step(root: Path, batch: int, **train) -> float:
         val_batch_size=256,
         checkpoint_every=10**6,
         deterministic=False,
-        device="cuda",
+        device=str(device),
         loader_workers=4,
         **train,
     )
@@ -178,7 +188,7 @@ def full_step(root: Path, batch: int, **train) -> float:
     return trainer.history[-1]["images_per_s"]
 
 
-def data_path(root: Path, batch: int, steps: int = 24) -> float:
+def data_path(root: Path, batch: int, steps: int = 24, device: torch.device = CUDA) -> float:
     """img/s of the trainer's stream alone: read ahead, copied or decoded on the GPU,
     augmented there; no model step."""
     run = bench_run(
@@ -187,36 +197,35 @@ def data_path(root: Path, batch: int, steps: int = 24) -> float:
         batch_size=batch,
         checkpoint_every=10**6,
         deterministic=False,
-        device="cuda",
+        device=str(device),
         loader_workers=4,
         channels_last=True,
     )
     trainer = Trainer(run)
-    stream, generator = trainer.batches(), torch.Generator(device="cuda").manual_seed(0)
+    stream, generator = trainer.batches(), torch.Generator(device=device).manual_seed(0)
     for step in range(steps + 4):
         if step == 4:  # the workers have started
-            torch.cuda.synchronize()
+            synchronize(device)
             started = time.perf_counter()
         images, _, size = next(stream)
         images = to_device(images, trainer.device, trainer.train.shape)
         draws = trainer.augment.draw(size, *images.shape[-2:], generator, trainer.device)
         trainer.augment.apply(images, draws)
-    torch.cuda.synchronize()
+    synchronize(device)
     return steps * batch / (time.perf_counter() - started)
 
 
-def evaluation(root: Path) -> float:
+def evaluation(root: Path, device: torch.device = CUDA) -> float:
     """crops/s of the 10-crop evaluation of the val store (bf16 not used: as the stage)."""
-    cuda = torch.device("cuda")
-    model = AlexNet(num_classes=len(CLASSES)).to(cuda).eval()
+    model = AlexNet(num_classes=len(CLASSES)).to(device).eval()
     split = LmdbSplit(root / "val")
     mean = torch.full((3, 256, 256), 110.0)
-    seconds = best_seconds(lambda: evaluate(model, split, mean, 224, 250, cuda, workers=4), 2, cuda)
-    return 10 * len(split) / seconds
+    work = lambda: evaluate(model, split, mean, 224, 250, device, workers=4)  # noqa: E731
+    return 10 * len(split) / best_seconds(work, 2, device)
 
 
 def gpu(root: Path) -> dict:
-    results: dict = {"device": device_name(torch.device("cuda")), "torch": torch.__version__}
+    results: dict = {"device": device_name(CUDA), "torch": torch.__version__}
     for batch in (128, 256):
         for amp in (False, True):
             name = f"model step, batch {batch}, {'bf16 + channels_last' if amp else 'float32'}"
