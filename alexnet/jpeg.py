@@ -61,6 +61,10 @@ def decode_one(payload: torch.Tensor, where: str, shape: tuple[int, int, int]) -
         image = decode_jpeg(payload, mode=ImageReadMode.RGB)
     except RuntimeError as error:
         raise StoreError(f"{where}: cannot decode JPEG payload ({error})") from None
+    return _checked(image, where, shape)
+
+
+def _checked(image: torch.Tensor, where: str, shape: tuple[int, int, int]) -> torch.Tensor:
     if tuple(image.shape) != shape:
         raise StoreError(f"{where}: JPEG is {tuple(image.shape)}, store says {shape}")
     return image
@@ -97,10 +101,7 @@ def decode_on(batch: Encoded, device: torch.device, shape: tuple[int, int, int])
         for payload, where in zip(batch.payloads, batch.where, strict=True):
             decode_one(payload, where, shape)  # raises, naming the payload
         raise
-    for image, where in zip(images, batch.where, strict=True):
-        if tuple(image.shape) != shape:
-            raise StoreError(f"{where}: JPEG is {tuple(image.shape)}, store says {shape}")
-    return torch.stack(images)
+    return torch.stack([_checked(*pair, shape) for pair in zip(images, batch.where, strict=True)])
 
 
 def to_device(
