@@ -121,8 +121,10 @@ class Augment:
 
     def apply(self, images: torch.Tensor, draws: Draws) -> torch.Tensor:
         """(N, 3, H, W) uint8 -> (N, 3, crop, crop) float32, mean-subtracted 0-255: the
-        reference, or its one-pass numba equal for a CPU batch with `kernels="fast"`."""
-        if self.kernels == "fast" and augment_cpu.applies(images):
+        reference, or its one-pass numba equal for a CPU batch with `kernels="fast"`
+        (not under torch.compile, which fuses the reference's ops itself)."""
+        fast = self.kernels == "fast" and not torch.compiler.is_compiling()
+        if fast and augment_cpu.applies(images):
             flips = draws.flips if self.flip else torch.zeros_like(draws.flips)
             means = self.means if self.subtract_mean else torch.zeros_like(self.means)
             return augment_cpu.crops(

@@ -121,12 +121,24 @@ def applies(x: torch.Tensor, beta: float) -> bool:
 
 
 def _rows(t: torch.Tensor, groups: int) -> np.ndarray:
+    """A view of contiguous NCHW memory as (N * groups, C / groups, H * W) rows."""
     n, c, h, w = t.shape
     return t.detach().numpy().reshape(n * groups, c // groups, h * w)
 
 
+def _contiguous_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+# The operators return contiguous NCHW tensors, whatever the strides they are given.
+# torch.compile traces them with the strides of eager calls (where `applies` held), then
+# may run its convolutions channels-last (inductor's layout optimisation): tagged
+# `needs_contiguous_strides` (`_ops`), they are handed contiguous inputs there. Without
+# that, a channels-last x was handed over, its rows view (`_rows`) was a reshaped copy,
+# and the kernel wrote its output into a copy: the compiled step's LRN output was garbage.
 def _forward_op(x: torch.Tensor, size: int, alpha: float, k: float, groups: int) -> torch.Tensor:
-    y = torch.empty_like(x)
+    x = x.contiguous()
+    y = _contiguous_like(x)
     options = (size, np.float32(alpha), np.float32(k))
     run_split(_forward, x.shape[0] * groups, (_rows(x, groups), _rows(y, groups)), options)
     return y
@@ -135,8 +147,8 @@ def _forward_op(x: torch.Tensor, size: int, alpha: float, k: float, groups: int)
 def _backward_op(
     grad: torch.Tensor, x: torch.Tensor, size: int, alpha: float, k: float, groups: int
 ) -> torch.Tensor:
-    grad = grad.contiguous()
-    dx = torch.empty_like(x)
+    grad, x = grad.contiguous(), x.contiguous()
+    dx = _contiguous_like(x)
     options = (size, np.float32(alpha), np.float32(k), np.float32(2 * alpha * BETA))
     arrays = (_rows(grad, groups), _rows(x, groups), _rows(dx, groups))
     run_split(_backward, x.shape[0] * groups, arrays, options)
@@ -154,18 +166,21 @@ _LIBRARY: list[torch.library.Library] = []
 def _ops():
     if not _LIBRARY:
         library = torch.library.Library("alexnet", "DEF")
+        contiguous = (torch.Tag.needs_contiguous_strides,)  # see `_forward_op`
         library.define(
-            "lrn_forward_cpu(Tensor x, int size, float alpha, float k, int groups) -> Tensor"
+            "lrn_forward_cpu(Tensor x, int size, float alpha, float k, int groups) -> Tensor",
+            tags=contiguous,
         )
         library.define(
             "lrn_backward_cpu(Tensor grad, Tensor x, int size, float alpha, float k, "
-            "int groups) -> Tensor"
+            "int groups) -> Tensor",
+            tags=contiguous,
         )
         library.impl("lrn_forward_cpu", _forward_op, "CPU")
         library.impl("lrn_backward_cpu", _backward_op, "CPU")
-        torch.library.register_fake("alexnet::lrn_forward_cpu", lambda x, *_: torch.empty_like(x))
+        torch.library.register_fake("alexnet::lrn_forward_cpu", lambda x, *_: _contiguous_like(x))
         torch.library.register_fake(
-            "alexnet::lrn_backward_cpu", lambda grad, x, *_: torch.empty_like(x)
+            "alexnet::lrn_backward_cpu", lambda grad, x, *_: _contiguous_like(x)
         )
         _LIBRARY.append(library)
     return torch.ops.alexnet

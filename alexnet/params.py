@@ -207,7 +207,11 @@ class TrainParams(_Section):
     val_batch_size: int = Field(100, ge=1)
     amp: bool = Field(False, description="bf16 autocast (GPU speed switch)")
     channels_last: bool = Field(False, description="channels-last memory format")
-    compile: bool = Field(False, description="torch.compile the model (no gain on CPU)")
+    compile: bool = Field(
+        False,
+        description="torch.compile the whole step (augmentation, forward, backward, SGD "
+        "update), as CUDA graphs on CUDA; dropout draws differ from the eager step's",
+    )
     loader_workers: int = Field(0, ge=0, description="DataLoader processes reading ahead")
     nproc_per_node: int = Field(
         1, ge=1, description="data-parallel processes per node (torchrun; one GPU each on CUDA)"

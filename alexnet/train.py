@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
 from alexnet.atomic import atomic_output
-from alexnet.augment import Augment
+from alexnet.augment import Augment, Draws
 from alexnet.crops import centre_crop
 from alexnet.digests import changed_code, code_digests, file_digest
 from alexnet.distributed import World
@@ -155,7 +155,7 @@ class Trainer:
         )
         self.crop = network.input_size
         # `model` is the placed module whose weights are checkpointed; `net` runs the
-        # steps (wrapped in DDP across processes, compiled when asked).
+        # steps (wrapped in DDP across processes).
         self.model = place(network, self.devices)
         if p.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -163,8 +163,6 @@ class Trainer:
         if world.size > 1:
             ids = [self.device] if self.device.type == "cuda" and len(self.devices) == 1 else None
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        if p.compile:
-            self.net = torch.compile(self.net)
         self.memory_format = torch.channels_last if p.channels_last else torch.contiguous_format
         # fused: weight decay, momentum and the update in one pass over the 61M weights
         # (4 passes unfused, ~15% of a CPU step at batch 16); one device only.
@@ -175,6 +173,16 @@ class Trainer:
             weight_decay=p.weight_decay,
             fused=len(self.devices) == 1 or None,
         )
+        # `train.compile`: the whole step as compiled graphs (augmentation, forward and
+        # loss; their backward; the SGD update), on CUDA each replayed as a CUDA graph
+        # ("reduce-overhead": one launch per graph, not one per kernel). One graph per
+        # batch shape (the full batch and the epoch's last); a rate drop recompiles the
+        # update, whose rate is a constant in it.
+        self.forward, self.update = self._losses, self.optimizer.step
+        if p.compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self.forward = torch.compile(self._losses, dynamic=False, mode=mode)
+            self.update = torch.compile(self.optimizer.step, dynamic=False, mode=mode)
         self.schedule = PlateauSchedule(
             lr_patience=p.lr_patience,
             lr_threshold=p.lr_threshold,
@@ -327,23 +335,34 @@ class Trainer:
         images = to_device(images, self.device, self.train.shape)
         labels = labels.to(self.device, non_blocking=True)
         self.net.train()
+        torch.compiler.cudagraph_mark_step_begin()  # a new step (CUDA graphs only)
         try:
-            inputs = self.augment.apply(images, draws)
-            inputs = inputs.contiguous(memory_format=self.memory_format)
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.params.amp):
-                logits = self.net(inputs)
+            loss, wrong = self.forward(images, draws, labels)
+            self.optimizer.zero_grad(set_to_none=True)
             # Sum over this rank's rows / global batch, times ranks: DDP's gradient mean
             # over ranks is then exactly the gradient of the global batch's mean loss.
-            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-            self.optimizer.zero_grad(set_to_none=True)
             (loss * (self.world.size / global_size)).backward()
         except torch.OutOfMemoryError:
             raise TrainError(
                 f"out of memory on {self.device} at batch size {global_size}; "
                 "lower train.batch_size"
             ) from None
-        self.optimizer.step()
-        return loss.detach(), missed(label_ranks(logits.detach().float(), labels), 1).sum()
+        self.update()
+        # Copies: a CUDA graph's next replay overwrites its outputs, and these wait in
+        # `unread` for up to `sync_every` steps.
+        return loss.detach().clone(), wrong.clone()
+
+    def _losses(
+        self, images: torch.Tensor, draws: Draws, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's forward: the augmented batch through the network; the summed loss
+        and the count of top-1 mistakes."""
+        inputs = self.augment.apply(images, draws)
+        inputs = inputs.contiguous(memory_format=self.memory_format)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.params.amp):
+            logits = self.net(inputs)
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        return loss, missed(label_ranks(logits.detach().float(), labels), 1).sum()
 
     def _settle(self, stop: bool = False) -> bool:
         """Reads the unread steps' losses and mistakes (one wait for the device, one sum

@@ -262,3 +262,100 @@ def test_training_from_a_jpeg_store_decodes_the_batches_on_the_gpu(tmp_path):
     assert isinstance(images, Encoded) and len(images.payloads) == size == 4
     record = Trainer(run).run_epoch()
     assert math.isfinite(record["train_loss"]) and record["images_per_s"] > 0
+
+
+def test_the_compiled_step_on_cuda_is_the_eager_step_up_to_rounding(
+    tmp_path, exact_float32, monkeypatch
+):
+    # train.compile on CUDA: CUDA graphs ("reduce-overhead"). Each step's loss waits
+    # unread for up to 4 steps (4 replays of the graphs, whose outputs each replay
+    # overwrites): the losses read must be the eager run's, step by step. Dropout off:
+    # inductor's random numbers are not eager's.
+    from alexnet.train import Trainer
+    from tests.helpers import tiny_training_data, train_run
+
+    data = tiny_training_data(tmp_path / "data")
+    read, settle = [], Trainer._settle
+
+    def recorded(self, stop=False):
+        read.extend(float(loss) for loss, *_ in self.unread)
+        return settle(self, stop)
+
+    monkeypatch.setattr(Trainer, "_settle", recorded)
+    runs = {}
+    for compiled in (False, True):
+        read.clear()
+        run = train_run(
+            data,
+            tmp_path / str(compiled),
+            {"dropout": 0.0},
+            epochs=2,
+            batch_size=2,
+            max_epochs_per_rate=1,
+            sync_every=4,
+            checkpoint_every=100,
+            device=["cuda"],
+            compile=compiled,
+        )
+        t = Trainer(run)
+        start = {name: value.clone() for name, value in t.model.state_dict().items()}
+        while not t.finished():
+            t.run_epoch()
+        runs[compiled] = t, list(read)
+    (eager, eager_losses), (compiled, compiled_losses) = runs[False], runs[True]
+    assert len(compiled_losses) == 10
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-3)
+    assert [r["lr"] for r in compiled.history] == pytest.approx([0.01, 0.001])
+    for name, value in eager.model.state_dict().items():
+        update = compiled.model.state_dict()[name] - start[name]
+        assert within(update, value - start[name], 2e-2), name
+
+
+COMPILED_RESUME_CHECK = """
+import sys, torch
+from pathlib import Path
+from alexnet.errors import Interrupted
+from alexnet.train import Trainer
+from tests.helpers import tiny_training_data, train_run
+torch.use_deterministic_algorithms(True, warn_only=True)
+torch.backends.cudnn.benchmark = False
+root = Path(sys.argv[1])
+data = tiny_training_data(root / "data")
+def trainer(name):
+    return Trainer(train_run(
+        data, root / name, {"overlap_pool": False}, epochs=2, batch_size=2,
+        checkpoint_every=100, device=["cuda"], compile=True,
+    ))
+whole = trainer("whole")
+while not whole.finished():
+    whole.run_epoch()
+first = trainer("parts")
+def on_step(done, total):
+    if first.epoch == 1 and done == 2:
+        first.stop_requested = True
+try:
+    while not first.finished():
+        first.run_epoch(on_step=on_step)
+except Interrupted:
+    pass
+resumed = trainer("parts")
+assert resumed.resume() and (resumed.epoch, resumed.step) == (1, 2)
+while not resumed.finished():
+    resumed.run_epoch()
+for (name, x), y in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+    assert torch.equal(x, y), name
+print("same")
+"""
+
+
+def test_a_compiled_run_on_cuda_resumes_bit_for_bit(tmp_path):
+    # Dropout's masks inside CUDA graphs come from each step's seed, as in the eager
+    # step: a run stopped and resumed ends with the uninterrupted run's weights
+    # (deterministic kernels in a fresh process, as above).
+    import os
+
+    from tests.helpers import run_python
+
+    env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    done = run_python(COMPILED_RESUME_CHECK.replace("sys.argv[1]", repr(str(tmp_path))), env=env)
+    assert done.returncode == 0 and "same" in done.stdout, done.stderr[-3000:]

@@ -153,6 +153,22 @@ def test_cpu_kernels_equal_the_formula_and_its_gradient(size, groups):
     assert within(lrn_cpu.backward(grad, x, size, 1e-3, 2.0, groups), expected, RTOL32)
 
 
+def test_cpu_operators_take_any_strides_and_return_contiguous_outputs():
+    # torch.compile may hand the operators channels-last tensors (its layout
+    # optimisation); once, the kernel then wrote into a copy and the output was garbage.
+    x = activations(seed=7)
+    grad = torch.randn_like(x)
+    out = lrn_cpu.forward(x, 5, 1e-3, 2.0, 2)
+    dx = lrn_cpu.backward(grad, x, 5, 1e-3, 2.0, 2)
+    last = torch.channels_last
+    x_last, grad_last = x.to(memory_format=last), grad.to(memory_format=last)
+    assert not x_last.is_contiguous()
+    got = lrn_cpu.forward(x_last, 5, 1e-3, 2.0, 2)
+    assert got.is_contiguous() and torch.equal(got, out)
+    got = lrn_cpu.backward(grad_last, x_last, 5, 1e-3, 2.0, 2)
+    assert got.is_contiguous() and torch.equal(got, dx)
+
+
 def test_float32_lrn_takes_the_kernels_and_any_thread_count_gives_the_same_bits(monkeypatch):
     used = []
     for name in ("forward", "backward"):
