@@ -230,12 +230,18 @@ def test_deferred_loss_reads_give_the_same_run_on_cuda_bit_for_bit(tmp_path):
     # fresh process (cuBLAS reads its workspace setting when it starts), and pooling
     # windows that do not overlap: overlapping max-pool's CUDA backward adds with
     # atomics, in an order that differs from run to run.
+    assert_prints_same(DEFERRED_CHECK, tmp_path)
+
+
+def assert_prints_same(script: str, folder) -> None:
+    """Run a check script, its folder as `sys.argv[1]`, in a fresh process with cuBLAS's
+    deterministic workspace (read when cuBLAS starts), and see it print "same"."""
     import os
 
     from tests.helpers import run_python
 
     env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
-    done = run_python(DEFERRED_CHECK.replace("sys.argv[1]", repr(str(tmp_path))), env=env)
+    done = run_python(script.replace("sys.argv[1]", repr(str(folder))), env=env)
     assert done.returncode == 0 and "same" in done.stdout, done.stderr[-3000:]
 
 
@@ -352,10 +358,4 @@ def test_a_compiled_run_on_cuda_resumes_bit_for_bit(tmp_path):
     # Dropout's masks inside CUDA graphs come from each step's seed, as in the eager
     # step: a run stopped and resumed ends with the uninterrupted run's weights
     # (deterministic kernels in a fresh process, as above).
-    import os
-
-    from tests.helpers import run_python
-
-    env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
-    done = run_python(COMPILED_RESUME_CHECK.replace("sys.argv[1]", repr(str(tmp_path))), env=env)
-    assert done.returncode == 0 and "same" in done.stdout, done.stderr[-3000:]
+    assert_prints_same(COMPILED_RESUME_CHECK, tmp_path)
