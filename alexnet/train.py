@@ -335,7 +335,8 @@ class Trainer:
         images = to_device(images, self.device, self.train.shape)
         labels = labels.to(self.device, non_blocking=True)
         self.net.train()
-        torch.compiler.cudagraph_mark_step_begin()  # a new step (CUDA graphs only)
+        if self.params.compile:  # a new step for the CUDA graphs (importing inductor: ~3 s)
+            torch.compiler.cudagraph_mark_step_begin()
         try:
             loss, wrong = self.forward(images, draws, labels)
             self.optimizer.zero_grad(set_to_none=True)
