@@ -172,6 +172,13 @@ def within(got, expected, rtol: float) -> bool:
     return bool((got - expected).abs().max() <= rtol * expected.abs().max())
 
 
+def assert_updates_within(got: dict, expected: dict, start: dict, rtol: float) -> None:
+    """Two runs from the same weights `start` made the same updates (weights less the
+    initial ones) within `rtol` of the largest (`within`), tensor by tensor."""
+    for name, value in expected.items():
+        assert within(got[name] - start[name], value - start[name], rtol), name
+
+
 def run_python(code: str, env: dict | None = None):
     """`python -c code` in a fresh process at the repository's root; returns the
     completed process (the test asserts on its status and output)."""

@@ -278,7 +278,7 @@ def test_the_compiled_step_on_cuda_is_the_eager_step_up_to_rounding(
     # overwrites): the losses read must be the eager run's, step by step. Dropout off:
     # inductor's random numbers are not eager's.
     from alexnet.train import Trainer
-    from tests.helpers import tiny_training_data, train_run
+    from tests.helpers import assert_updates_within, tiny_training_data, train_run
 
     data = tiny_training_data(tmp_path / "data")
     read, settle = [], Trainer._settle
@@ -312,9 +312,7 @@ def test_the_compiled_step_on_cuda_is_the_eager_step_up_to_rounding(
     assert len(compiled_losses) == 10
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-3)
     assert [r["lr"] for r in compiled.history] == pytest.approx([0.01, 0.001])
-    for name, value in eager.model.state_dict().items():
-        update = compiled.model.state_dict()[name] - start[name]
-        assert within(update, value - start[name], 2e-2), name
+    assert_updates_within(compiled.model.state_dict(), eager.model.state_dict(), start, 2e-2)
 
 
 COMPILED_RESUME_CHECK = """

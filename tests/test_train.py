@@ -18,7 +18,7 @@ import torch
 from alexnet.errors import AlexnetError, Interrupted
 from alexnet.lmdb_store import write_store
 from alexnet.train import Trainer, TrainError
-from tests.helpers import CLASSES, REPO, blobs, run_python, train_run, within
+from tests.helpers import CLASSES, REPO, assert_updates_within, blobs, run_python, train_run
 
 # Batch 4 over 10 images: steps of 4, 4, 2. A test that needs no particular steps
 # takes batch 10, one step per epoch (the cheapest epoch: a step costs ~1-3 s here).
@@ -495,7 +495,7 @@ def test_the_compiled_step_is_the_eager_step_up_to_rounding(data, tmp_path):
     # rate is a constant in its graph: a drop must recompile it).
     import torch._inductor.config as inductor
 
-    runs, start = {}, {}
+    runs = {}
     for compiled in (False, True):
         t = trainer(
             data,
@@ -520,9 +520,7 @@ def test_the_compiled_step_is_the_eager_step_up_to_rounding(data, tmp_path):
     # eager step itself in channels-last differs from the contiguous one by up to 0.8%
     # here (a few steps of sums in other orders); a missed rate drop or other dropout masks
     # change them by far more.
-    for name, value in eager.model.state_dict().items():
-        update = compiled.model.state_dict()[name] - start[name]
-        assert within(update, value - start[name], 2e-2), name
+    assert_updates_within(compiled.model.state_dict(), eager.model.state_dict(), start, 2e-2)
 
 
 def test_a_compiled_run_resumes_bit_for_bit(data, tmp_path):
