@@ -52,7 +52,19 @@ def torch_facts() -> dict[str, str]:
         "torch": torch.__version__,
         "CUDA devices": ", ".join(devices) if devices else "none (CPU only)",
         "CPU threads": str(torch.get_num_threads()),
+        "NVIDIA DALI": dali_fact(),
     }
+
+
+def dali_fact() -> str:
+    """DALI's version, or why `compute.jpeg_decoder: dali` falls back to torchvision."""
+    from importlib.metadata import version
+
+    from alexnet.jpeg_dali import missing
+
+    if why := missing():
+        return f"no ({why}): compute.jpeg_decoder dali decodes with torchvision"
+    return f"yes ({version('nvidia-dali-cuda130')})"
 
 
 def cpu_model() -> str:

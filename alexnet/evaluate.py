@@ -23,7 +23,7 @@ from alexnet.jpeg import to_device
 from alexnet.lmdb_store import key
 from alexnet.metrics import label_ranks, missed
 from alexnet.modelfile import ModelFileError, load_model
-from alexnet.params import DEFAULTS, Kernels
+from alexnet.params import DEFAULTS, JpegDecoder, Kernels
 from alexnet.reader import LmdbSplit, batch_loader, encoded_for, in_order
 
 
@@ -107,10 +107,12 @@ def evaluate(
     on_batch: Callable[[int], None] | None = None,
     keep: Sequence[int] = (),
     workers: int = 0,
+    decoder: JpegDecoder = DEFAULTS.compute.jpeg_decoder,
 ) -> Results:
     """10-crop and centre-crop predictions for a whole split, and the 10-crop softmax of
     the images `keep` lists (only theirs: a split's would be images x classes). `workers`
-    processes read and decode batches ahead (a JPEG store needs them to feed a GPU)."""
+    processes read and decode batches ahead (a JPEG store needs them to feed a GPU);
+    on a CUDA device a jpeg store's batches are decoded there by `decoder`."""
     model.eval()
     mean = None if mean is None else mean.to(device)
     batches = in_order(split, batch, encoded=encoded_for(split, device))
@@ -120,7 +122,7 @@ def evaluate(
     loader = batch_loader(batches, range(len(batches)), workers, device.type == "cuda")
     for rows, (images, labels) in zip(batches.batches, loader, strict=True):
         labels = labels.to(device)
-        images = to_device(images, device, split.shape)
+        images = to_device(images, device, split.shape, decoder)
         probabilities = crop_probabilities(model, images, mean, crop)
         average = probabilities.mean(1)  # the paper: average the softmax, not the logits
         for row, index in enumerate(rows):

@@ -17,7 +17,9 @@ IDCT and upsampling are not libjpeg-turbo's): tests/test_jpeg.py states the tole
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -26,7 +28,9 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from alexnet import jpeg_dali
 from alexnet.lmdb_store import StoreError
+from alexnet.params import DEFAULTS, JpegDecoder
 
 
 class Encoded(NamedTuple):
@@ -89,9 +93,24 @@ def decode_into(out: np.ndarray, batch: Encoded, threads: int = 1) -> None:
     list(_pool(threads).map(rows, (range(t, count, threads) for t in range(threads))))
 
 
-def decode_on(batch: Encoded, device: torch.device, shape: tuple[int, int, int]) -> torch.Tensor:
-    """(N, 3, H, W) uint8 on `device`: a CUDA device decodes the whole batch in one nvJPEG
-    call; a payload it cannot decode is found again on the CPU, to be named."""
+def decode_on(
+    batch: Encoded,
+    device: torch.device,
+    shape: tuple[int, int, int],
+    decoder: JpegDecoder = DEFAULTS.compute.jpeg_decoder,
+) -> torch.Tensor:
+    """(N, 3, H, W) uint8 on `device`, the whole batch in one call of `decoder`: on CUDA,
+    torchvision's batched nvJPEG or DALI (`alexnet.jpeg_dali`); on a CPU, our pool of
+    threads or DALI's. A payload that does not decode is found again on the CPU, to be
+    named."""
+    if usable(decoder) == "dali":
+        try:
+            # DALI's (N, H, W, 3) is the channels-last layout the augmentation takes
+            hwc = jpeg_dali.decode(batch.payloads, device, _dali_threads(), (*shape[1:], shape[0]))
+        except (RuntimeError, ValueError):
+            _name_the_damaged(batch, shape)
+            raise
+        return hwc.permute(0, 3, 1, 2)
     if device.type != "cuda":
         out = np.empty((len(batch.payloads), *shape), dtype=np.uint8)
         decode_into(out, batch, decode_threads(0))
@@ -99,19 +118,43 @@ def decode_on(batch: Encoded, device: torch.device, shape: tuple[int, int, int])
     try:
         images = decode_jpeg(batch.payloads, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
-        for payload, where in zip(batch.payloads, batch.where, strict=True):
-            decode_one(payload, where, shape)  # raises, naming the payload
+        _name_the_damaged(batch, shape)
         raise
     return torch.stack([_checked(*pair, shape) for pair in zip(images, batch.where, strict=True)])
 
 
+def _name_the_damaged(batch: Encoded, shape: tuple[int, int, int]) -> None:
+    """Raise `StoreError` naming the first payload of `batch` that does not decode on the
+    CPU to `shape` (a batched decoder's error does not say which)."""
+    for payload, where in zip(batch.payloads, batch.where, strict=True):
+        decode_one(payload, where, shape)
+
+
+def _dali_threads() -> int:
+    """DALI's host threads (parsing on CUDA, decoding on a CPU): the cores, as ours."""
+    return decode_threads(0)
+
+
+@functools.cache
+def usable(decoder: JpegDecoder) -> JpegDecoder:
+    """`decoder`, or torchvision's where DALI is asked for and does not import here (said
+    once, as a warning)."""
+    if decoder == "dali" and (why := jpeg_dali.missing()):
+        warnings.warn(f"{why}: JPEG batches decode with torchvision instead", stacklevel=2)
+        return "torchvision"
+    return decoder
+
+
 def to_device(
-    images: torch.Tensor | Encoded, device: torch.device, shape: tuple[int, int, int]
+    images: torch.Tensor | Encoded,
+    device: torch.device,
+    shape: tuple[int, int, int],
+    decoder: JpegDecoder = DEFAULTS.compute.jpeg_decoder,
 ) -> torch.Tensor:
     """A loader's batch on `device`: pixels copied (asynchronously from pinned memory),
-    or JPEG payloads decoded there."""
+    or JPEG payloads decoded there by `decoder`."""
     if isinstance(images, Encoded):
-        return decode_on(images, device, shape)
+        return decode_on(images, device, shape, decoder)
     return images.to(device, non_blocking=True)
 
 

@@ -18,6 +18,7 @@ import torch
 from alexnet.crops import centre_crop
 from alexnet.jpeg import to_device
 from alexnet.lmdb_store import key
+from alexnet.params import DEFAULTS, JpegDecoder
 from alexnet.reader import LmdbSplit, batch_loader, encoded_for, in_order
 
 
@@ -70,10 +71,11 @@ def nearest(
     device: torch.device,
     on_batch: Callable[[int], None] | None = None,
     workers: int = 0,
+    decoder: JpegDecoder = DEFAULTS.compute.jpeg_decoder,
 ) -> Neighbours:
     """The k (at most the store's size) training records nearest to each of the query
     vectors (Q, 4096) from `hidden_vectors`, by one streamed pass over `train`, read
-    ahead by `workers` processes."""
+    ahead by `workers` processes (a jpeg store's batches decoded on CUDA by `decoder`)."""
     model.eval()
     queries = queries.to(device).float()
     mean = None if mean is None else mean.to(device)
@@ -86,7 +88,8 @@ def nearest(
     batches = in_order(train, batch, encoded=encoded_for(train, device))
     loader = batch_loader(batches, range(len(batches)), workers, device.type == "cuda")
     for rows, (images, labels) in zip(batches.batches, loader, strict=True):
-        vectors = hidden_vectors(model, to_device(images, device, train.shape), mean, crop)
+        images = to_device(images, device, train.shape, decoder)
+        vectors = hidden_vectors(model, images, mean, crop)
         found = Neighbours(
             torch.as_tensor(rows).expand(count, -1),
             labels.expand(count, -1),

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from alexnet.errors import AlexnetError
 
 Kernels = Literal["fast", "reference"]
+JpegDecoder = Literal["torchvision", "dali"]
 Resample = Literal["bilinear", "bicubic", "lanczos"]
 Columns = Literal[1, 2]
 InputSize = Literal[224, 227]
@@ -284,6 +285,13 @@ class ComputeParams(_Section):
         "fast",
         description="fast: one-pass kernels (numba on CPU, compiled on CUDA), equal to the "
         "reference within float rounding; reference: the paper's formulas in plain torch",
+    )
+    jpeg_decoder: JpegDecoder = Field(
+        "torchvision",
+        description="what decodes a jpeg store's batches on a CUDA device: torchvision "
+        "(batched nvJPEG) or dali (NVIDIA DALI, also the GPU's hardware JPEG engines; "
+        "the [dali] extra, torchvision where it is missing); equal within decoder "
+        "differences (docs/design.md)",
     )
 
 

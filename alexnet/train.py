@@ -39,7 +39,7 @@ from alexnet.jpeg import decode_threads, to_device
 from alexnet.metrics import label_ranks, missed
 from alexnet.model import AlexNet
 from alexnet.modelfile import save_model
-from alexnet.params import Kernels, ModelParams, TrainParams
+from alexnet.params import DEFAULTS, JpegDecoder, Kernels, ModelParams, TrainParams
 from alexnet.placement import TwoColumnAlexNet, place, resolve_devices
 from alexnet.reader import LmdbSplit, batch_loader, encoded_for, in_order, read
 from alexnet.schedule import PlateauSchedule
@@ -61,6 +61,7 @@ class TrainRun(BaseModel):
     model: ModelParams
     image: dict  # params prepare.image_options(): recorded in the model file for predict
     kernels: Kernels  # params compute.kernels
+    jpeg_decoder: JpegDecoder = DEFAULTS.compute.jpeg_decoder  # params compute.jpeg_decoder
     lmdb: Path  # train/ and val/ stores
     stats: Path  # mean.npy, pca.json
     model_path: Path
@@ -113,16 +114,18 @@ def validate(
     batch: int,
     device,
     world: World = World(),
+    decoder: JpegDecoder = DEFAULTS.compute.jpeg_decoder,
 ) -> dict:
     """Centre-crop loss and top-1 / top-5 error on a whole split (each rank evaluates
-    its share of the batches; the sums are added over ranks)."""
+    its share of the batches; the sums are added over ranks; a jpeg store's batches
+    decoded on a CUDA device by `decoder`)."""
     model.eval()
     # loss, top-1 and top-5 mistakes, summed on the device in float64 (the float32
     # losses added in order, exactly as on the host) and read once at the end
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     batches = in_order(store, batch, world.rows, encoded_for(store, device))
     for images, labels in batch_loader(batches, range(len(batches))):
-        images, labels = to_device(images, device, store.shape), labels.to(device)
+        images, labels = to_device(images, device, store.shape, decoder), labels.to(device)
         logits = model(centre_crop(images, mean, crop))
         rank = label_ranks(logits, labels)
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
@@ -221,6 +224,7 @@ class Trainer:
             "train": run.train.model_dump(mode="json", exclude=TrainParams.EXECUTION_KEYS),
             "model": run.model.model_dump(mode="json"),
             "kernels": run.kernels,
+            "jpeg_decoder": run.jpeg_decoder,
             "data": [
                 file_digest(path, memo)
                 for path in (
@@ -332,7 +336,7 @@ class Trainer:
         # and lighting per image whatever the number of processes.
         draws = self.augment.draw(global_size, *images.shape[-2:], generator, self.device)
         draws = draws.rows(self.world.rows)
-        images = to_device(images, self.device, self.train.shape)
+        images = to_device(images, self.device, self.train.shape, self.run.jpeg_decoder)
         labels = labels.to(self.device, non_blocking=True)
         self.net.train()
         if self.params.compile:  # a new step for the CUDA graphs (its first call: ~1.4 s)
@@ -426,6 +430,7 @@ class Trainer:
                 self.params.val_batch_size,
                 self.device,
                 self.world,
+                self.run.jpeg_decoder,
             ),
         }
         if self.schedule.step(record["val_top1_error"]):

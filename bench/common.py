@@ -53,9 +53,10 @@ def best_seconds(work, repeats: int, device) -> float:
     return min(times)
 
 
-def bench_run(root: Path, model: dict | None = None, **train):
+def bench_run(root: Path, model: dict | None = None, jpeg_decoder: str | None = None, **train):
     """A `TrainRun` on the benchmark's stores in `root` (train/, val/, stats/), with a
-    fresh checkpoint path, caffe init unless `model` says otherwise."""
+    fresh checkpoint path, caffe init unless `model` says otherwise, the default JPEG
+    decoder unless `jpeg_decoder` names one."""
     import time
 
     from alexnet.params import ComputeParams, ModelParams, PrepareParams, TrainParams
@@ -66,6 +67,7 @@ def bench_run(root: Path, model: dict | None = None, **train):
         model=ModelParams(**{"init": "caffe", **(model or {})}),
         image=PrepareParams().image_options(),
         kernels=ComputeParams().kernels,
+        jpeg_decoder=jpeg_decoder or ComputeParams().jpeg_decoder,
         lmdb=root,
         stats=root / "stats",
         model_path=root / "alexnet.pt",

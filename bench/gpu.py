@@ -5,8 +5,10 @@ On a CUDA GPU (`python bench/gpu.py`, ~6 minutes on one GPU, estimated: never ru
 - the full training step from a `raw` and from a `jpeg` LMDB (the trainer's own loop:
   read-ahead workers, the copy or the nvJPEG decode, augmentation, step), batch 128 and
   256, float32 and bf16 (+ channels-last), and from the `jpeg` LMDB at batch 256 in bf16
-  with `train.compile` (the whole step compiled, replayed as CUDA graphs);
-- the data path alone (the same stream, decoded and augmented, no model);
+  with `train.compile` (the whole step compiled, replayed as CUDA graphs) and with the
+  batches decoded by DALI (`compute.jpeg_decoder: dali`) instead of torchvision's nvJPEG;
+- the data path alone (the same stream, decoded and augmented, no model), with either
+  decoder: the faster is the one to keep as the default;
 - the LRN's share of the step (the step with and without it);
 - the 10-crop evaluation, crops/s.
 Targets (issue 18, H100/H200, bf16): full step from the JPEG LMDB >= 15,000 img/s, the
@@ -16,9 +18,15 @@ On a CPU (`--cpu`, in `make bench`): the JPEG loader (`LmdbSplit.read_batch` of 
 store: libjpeg-turbo on a pool of threads) against torchvision `ImageFolder` + PIL
 (+ `pil_to_tensor`, stacked) on the same 256x256 JPEGs, per core (one thread, one
 process) and on every core (threads; DataLoader worker processes). Target: >= 2x per core.
+Beside them, DALI's CPU decode of the same batches on every core (the decoder the tests
+run DALI with; the CPU loader decodes on its own threads).
 
     python bench/gpu.py [--images 2048] [--out gpu.json]
     python bench/gpu.py --cpu [--images 1024] [--out cpu.json]
+    python bench/gpu.py --device cpu --images 64 --batches 8 16   # a dry run
+
+The dry run goes through every GPU row on the CPU, small (~5 minutes on 2 cores): it
+checks the script before a GPU's time is spent on it. Its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -40,8 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import bench_run, best_seconds, cpu_model, device_name, photo_like  # noqa: E402
 
+from alexnet import jpeg_dali  # noqa: E402
 from alexnet.evaluate import evaluate  # noqa: E402
-from alexnet.jpeg import to_device  # noqa: E402
+from alexnet.jpeg import decode_on, to_device  # noqa: E402
 from alexnet.lmdb_store import write_store  # noqa: E402
 from alexnet.model import AlexNet  # noqa: E402
 from alexnet.reader import LmdbSplit  # noqa: E402
@@ -51,7 +60,7 @@ from alexnet.train import Trainer  # noqa: E402
 CLASSES = [{"index": i, "wnid": f"n{i:08d}", "name": f"class {i}"} for i in range(10)]
 # (figure, at least or at most, value): issue 18's targets
 TARGETS = (
-    ("full step, jpeg LMDB, batch 256, bf16, best of eager and compiled", ">=", 15_000),
+    ("full step, jpeg LMDB, batch 256, bf16, best of torchvision, DALI, compiled", ">=", 15_000),
     ("data path / full step", ">=", 2.0),
     ("LRN share of the step", "<=", 0.10),
     ("10-crop evaluation, jpeg LMDB (crops/s)", ">=", 40_000),
@@ -118,21 +127,33 @@ def cpu_loader(root: Path, jpegs: list[bytes], batches: int) -> dict:
         )
         return lambda: list(loader)
 
+    def dali():
+        # the same batches read encoded, decoded by DALI's CPU decoder on `cores` threads
+        shape = split.shape
+        return lambda: [decode_on(split.read_encoded(pick), cpu, shape, "dali") for pick in picks]
+
     rates = {}
-    for name, work in (
+    works = [
         ("JPEG loader, 1 thread", ours(1)),
         (f"JPEG loader, {cores} threads", ours(cores)),
         ("ImageFolder + PIL, 1 process", imagefolder(0)),
         (f"ImageFolder + PIL, {cores} worker processes", imagefolder(cores)),
-    ):
+    ]
+    if not jpeg_dali.missing():
+        works.append((f"DALI's CPU decode, {cores} threads", dali()))
+    for name, work in works:
         rates[name] = round(images / best_seconds(work, 3, cpu), 1)
     per_core = rates["JPEG loader, 1 thread"] / rates["ImageFolder + PIL, 1 process"]
-    return {
+    results = {
         "device": f"{cpu_model()}, {cores} cores",
         "images": images,
         **rates,
         "JPEG loader / ImageFolder + PIL, per core": round(per_core, 2),
     }
+    if (dali_rate := rates.get(f"DALI's CPU decode, {cores} threads")) is not None:
+        ratio = dali_rate / rates[f"JPEG loader, {cores} threads"]
+        results["DALI's CPU decode / JPEG loader, every core"] = round(ratio, 2)
+    return results
 
 
 # -- on a GPU -----------------------------------------------------------------------
@@ -170,10 +191,14 @@ def model_step(
     return 10 * batch / best_seconds(step, 3, device)
 
 
-def full_step(root: Path, batch: int, device: torch.device = CUDA, **train) -> float:
-    """img/s of the trainer's last of two epochs (the first pays cuDNN's tuning)."""
+def full_step(
+    root: Path, batch: int, device: torch.device = CUDA, decoder: str | None = None, **train
+) -> float:
+    """img/s of the trainer's last of two epochs (the first pays cuDNN's tuning), a jpeg
+    store decoded by `decoder` (else the default)."""
     run = bench_run(
         root,
+        jpeg_decoder=decoder,
         epochs=2,
         batch_size=batch,
         val_batch_size=256,
@@ -189,11 +214,14 @@ def full_step(root: Path, batch: int, device: torch.device = CUDA, **train) -> f
     return trainer.history[-1]["images_per_s"]
 
 
-def data_path(root: Path, batch: int, steps: int = 24, device: torch.device = CUDA) -> float:
-    """img/s of the trainer's stream alone: read ahead, copied or decoded on the GPU,
-    augmented there; no model step."""
+def data_path(
+    root: Path, batch: int, steps: int, device: torch.device = CUDA, decoder: str | None = None
+) -> float:
+    """img/s of the trainer's stream alone over `steps` batches: read ahead, copied or
+    decoded on the GPU (by `decoder`, else the default), augmented there; no model step."""
     run = bench_run(
         root,
+        jpeg_decoder=decoder,
         epochs=4,
         batch_size=batch,
         checkpoint_every=10**6,
@@ -209,7 +237,7 @@ def data_path(root: Path, batch: int, steps: int = 24, device: torch.device = CU
             synchronize(device)
             started = time.perf_counter()
         images, _, size = next(stream)
-        images = to_device(images, trainer.device, trainer.train.shape)
+        images = to_device(images, trainer.device, trainer.train.shape, run.jpeg_decoder)
         draws = trainer.augment.draw(size, *images.shape[-2:], generator, trainer.device)
         trainer.augment.apply(images, draws)
     synchronize(device)
@@ -225,45 +253,63 @@ def evaluation(root: Path, device: torch.device = CUDA) -> float:
     return 10 * len(split) / best_seconds(work, 2, device)
 
 
-def gpu(root: Path) -> dict:
-    results: dict = {"device": device_name(CUDA), "torch": torch.__version__}
-    for batch in (128, 256):
+def gpu(root: Path, images: int, device: torch.device, batches: tuple[int, int]) -> dict:
+    """Every row, at the two batch sizes `batches` (the issue's: 128 and 256; the
+    target rows are at the larger)."""
+    results: dict = {"device": device_name(device), "torch": torch.__version__}
+
+    def row(name: str, value: float, digits: int = 0) -> None:
+        results[name] = round(value, digits or None)
+        print(name, results[name], flush=True)
+
+    large = batches[1]
+    for batch in batches:
         for amp in (False, True):
-            name = f"model step, batch {batch}, {'bf16 + channels_last' if amp else 'float32'}"
-            results[name] = round(model_step(batch, amp, amp))
-            print(name, results[name], flush=True)
+            precision = "bf16 + channels_last" if amp else "float32"
+            step = model_step(batch, amp, amp, device=device)
+            row(f"model step, batch {batch}, {precision}", step)
+    # the data path's stream: 4 epochs of the store, less the 4 batches of warm-up
+    steps = min(24, 4 * (images // large) - 4)
     for encoding in ("raw", "jpeg"):
-        for batch in (128, 256):
+        for batch in batches:
             for amp in (False, True):
                 options = {"amp": amp, "channels_last": amp}
                 precision = "bf16 + channels_last" if amp else "float32"
-                name = f"full step, {encoding} LMDB, batch {batch}, {precision}"
-                results[name] = round(full_step(root / encoding, batch, **options))
-                print(name, results[name], flush=True)
-        name = f"data path alone, {encoding} LMDB, batch 256"
-        results[name] = round(data_path(root / encoding, 256))
-        print(name, results[name], flush=True)
+                step = full_step(root / encoding, batch, device, **options)
+                row(f"full step, {encoding} LMDB, batch {batch}, {precision}", step)
+        stream = data_path(root / encoding, large, steps, device)
+        row(f"data path alone, {encoding} LMDB, batch {large}", stream)
+    # the target's rows again, the JPEG batches decoded by DALI (compute.jpeg_decoder:
+    # dali) instead of torchvision's nvJPEG: the faster becomes the default
+    dali_stream = dali = 0.0
+    if why := jpeg_dali.missing():
+        results["DALI"] = f"not measured: {why}"
+    else:
+        dali_stream = data_path(root / "jpeg", large, steps, device, "dali")
+        row(f"data path alone, jpeg LMDB, batch {large}, DALI", dali_stream)
+        dali = full_step(root / "jpeg", large, device, "dali", amp=True, channels_last=True)
+        row(f"full step, jpeg LMDB, batch {large}, bf16 + channels_last, DALI", dali)
     # compiled only from the jpeg store (the target's row): each compile takes ~1 min
-    name = "full step, jpeg LMDB, batch 256, bf16 + channels_last + compile"
-    results[name] = round(full_step(root / "jpeg", 256, amp=True, channels_last=True, compile=True))
-    print(name, results[name], flush=True)
-    with_lrn = model_step(256, True, True)
-    without = model_step(256, True, True, lrn=False)
-    results["LRN share of the step"] = round(1 - with_lrn / without, 3)
-    results["10-crop evaluation, jpeg LMDB (crops/s)"] = round(evaluation(root / "jpeg"))
-    eager = results["full step, jpeg LMDB, batch 256, bf16 + channels_last"]
-    step = max(eager, results["full step, jpeg LMDB, batch 256, bf16 + channels_last + compile"])
-    results["full step, jpeg LMDB, batch 256, bf16, best of eager and compiled"] = step
-    results["data path / full step"] = round(
-        results["data path alone, jpeg LMDB, batch 256"] / step, 2
-    )
+    compiled = full_step(root / "jpeg", large, device, amp=True, channels_last=True, compile=True)
+    row(f"full step, jpeg LMDB, batch {large}, bf16 + channels_last + compile", compiled)
+    with_lrn = model_step(large, True, True, device=device)
+    without = model_step(large, True, True, lrn=False, device=device)
+    row("LRN share of the step", 1 - with_lrn / without, 3)
+    row("10-crop evaluation, jpeg LMDB (crops/s)", evaluation(root / "jpeg", device))
+    eager = results[f"full step, jpeg LMDB, batch {large}, bf16 + channels_last"]
+    if dali:
+        row("DALI / torchvision, data path alone", dali_stream / stream, 2)
+        row("DALI / torchvision, full step", dali / eager, 2)
+    best = max(eager, dali, compiled)
+    row(f"full step, jpeg LMDB, batch {large}, bf16, best of torchvision, DALI, compiled", best)
+    row("data path / full step", max(stream, dali_stream) / best, 2)
     return results
 
 
 def table(results: dict) -> None:
-    print(f"\n{'what':<58}{'figure':>12}")
+    print(f"\n{'what':<78}{'figure':>12}")
     for name, value in results.items():
-        print(f"{name:<58}{value!s:>12}")
+        print(f"{name:<78}{value!s:>12}")
     for name, sense, target in TARGETS:
         if name in results:
             value = results[name]
@@ -277,8 +323,13 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="the CPU loader comparison only")
     parser.add_argument("--images", type=int, help="images in the stores (2048; CPU: 1024)")
     parser.add_argument("--out", type=Path, help="also write the figures here, as JSON")
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run of the GPU rows")
+    parser.add_argument(
+        "--batches", type=int, nargs=2, default=(128, 256), help="the two batch sizes"
+    )
     args = parser.parse_args()
-    if not args.cpu and not torch.cuda.is_available():
+    device = torch.device(args.device)
+    if not args.cpu and device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: no CUDA device here (the CPU part: python bench/gpu.py --cpu)")
     images = args.images or (1024 if args.cpu else 2048)
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as folder:
@@ -288,7 +339,7 @@ def main() -> None:
             torch.set_num_threads(1)
             results = cpu_loader(root, jpegs, batches=images // 128)
         else:
-            results = gpu(root)
+            results = gpu(root, images, device, tuple(args.batches))
     table(results)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))

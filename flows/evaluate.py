@@ -21,7 +21,7 @@ from alexnet.figures import FIGURES, kernels_figure, neighbours_figure, png, top
 from alexnet.jpeg import decode_threads
 from alexnet.lmdb_store import StoreError
 from alexnet.neighbours import hidden_vectors, images_of, nearest, table
-from alexnet.params import ComputeParams, EvaluateParams
+from alexnet.params import ComputeParams, EvaluateParams, JpegDecoder
 from alexnet.placement import resolve_devices
 from alexnet.reader import LmdbSplit
 
@@ -71,6 +71,7 @@ def _figures(
     chosen: list[int],
     evaluate: EvaluateParams,
     device: torch.device,
+    decoder: JpegDecoder,
     progress: Progress,
 ) -> tuple[dict[str, bytes], dict[str, list[dict]]]:
     """The three PNGs, and the tables of the gallery and of the neighbours."""
@@ -97,6 +98,7 @@ def _figures(
         device,
         on_batch=lambda n: progress.advance(bar, n),
         workers=evaluate.loader_workers,
+        decoder=decoder,
     )
     pictures["neighbours"] = neighbours_figure(
         images, labels.tolist(), images_of(train, found), found.labels, found.distances, names
@@ -139,9 +141,19 @@ def evaluate_flow(
             on_batch=lambda n: progress.advance(bar, n),
             keep=chosen[: evaluate.gallery],
             workers=evaluate.loader_workers,
+            decoder=compute.jpeg_decoder,
         )
         figures, tables = _figures(
-            model, mean, split, training, results, chosen, evaluate, device, progress
+            model,
+            mean,
+            split,
+            training,
+            results,
+            chosen,
+            evaluate,
+            device,
+            compute.jpeg_decoder,
+            progress,
         )
     summary = results.summary()
     per_class = results.per_class(split.classes)

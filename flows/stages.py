@@ -152,6 +152,7 @@ STAGES: dict[str, Stage] = {
                 "model",
                 *(f"prepare.{key}" for key in PrepareParams.IMAGE_KEYS),  # in the model file
                 "compute.kernels",
+                "compute.jpeg_decoder",
             ),
             "train: {epochs} epochs; val top-1 error {val_top1_error:.3f}, top-5 "
             "{val_top5_error:.3f}; model in {model_path}",
@@ -174,7 +175,7 @@ STAGES: dict[str, Stage] = {
                 PathArg("metrics", "metrics", "folder for eval.json and eval/", option=True),
             ),
             ("evaluate", "compute"),
-            ("evaluate", "compute.kernels"),
+            ("evaluate", "compute.kernels", "compute.jpeg_decoder"),
             "evaluate: {images} images; 10-crop top-1 error {top1_error:.3f}, top-5 "
             "{top5_error:.3f} (centre crop {center_top1_error:.3f}, {center_top5_error:.3f})",
         ),

@@ -84,6 +84,7 @@ def train_flow(
         model=model,
         image=prepare.image_options(),
         kernels=compute.kernels,
+        jpeg_decoder=compute.jpeg_decoder,
         lmdb=Path(lmdb),
         stats=Path(stats),
         model_path=Path(model_path),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -73,6 +74,7 @@ def test_doctor_names_the_imaging_library_and_devices():
     assert result.exit_code == 0
     for field in ("PIL", "SIMD resize", "libjpeg-turbo", "torch", "CUDA devices", "Prefect API"):
         assert field in result.output
+    assert re.search(r"NVIDIA DALI +yes \(\d", result.output)  # the [dali] extra
     assert ("pillow-simd" in result.output) == (".post" in __import__("PIL").__version__)
 
 

@@ -83,3 +83,52 @@ def test_a_raw_store_has_no_payloads_to_leave_encoded(tmp_path):
 def test_decode_threads_share_the_cores_among_loader_processes(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert [decode_threads(w) for w in (0, 1, 4, 8, 32)] == [16, 16, 4, 2, 1]
+
+
+# -- NVIDIA DALI (compute.jpeg_decoder: dali); its CUDA decode is in tests/test_gpu.py
+
+
+def test_dali_decodes_what_our_threads_do(tmp_path):
+    from alexnet.jpeg import usable
+
+    assert usable("dali") == "dali"  # the test environment has DALI (the [dali] extra)
+    split, _ = jpeg_store(tmp_path)
+    rows = [11, 0, 7, 3, 3, 9]
+    ours, _ = split.read_batch(rows)
+    theirs = to_device(split.read_encoded(rows), torch.device("cpu"), split.shape, "dali")
+    # both libjpeg-turbo's integer IDCT: the same pixels
+    assert theirs.shape == ours.shape and torch.equal(theirs, ours)
+    assert theirs.is_contiguous(memory_format=torch.channels_last)  # DALI's HWC, not copied
+
+
+def test_dali_names_a_damaged_payload_and_decodes_on(tmp_path):
+    split, _ = jpeg_store(tmp_path, damaged=6)
+    cpu = torch.device("cpu")
+    with pytest.raises(StoreError, match=r"jpeg: key 00000006: cannot decode JPEG payload"):
+        to_device(split.read_encoded([5, 6, 7]), cpu, split.shape, "dali")
+    pixels, _ = split.read_batch([5, 7])
+    assert torch.equal(to_device(split.read_encoded([5, 7]), cpu, split.shape, "dali"), pixels)
+
+
+def test_dali_names_a_payload_of_another_size(tmp_path):
+    jpegs = [encode(photo(SIZE, SIZE, seed=i), "JPEG", quality=90) for i in range(3)]
+    jpegs[1] = encode(photo(SIZE, SIZE // 2, seed=1), "JPEG", quality=90)
+    write_store(tmp_path / "jpeg", [[(0, data) for data in jpegs]], "jpeg", CLASSES, size=SIZE)
+    split = LmdbSplit(tmp_path / "jpeg")
+    with pytest.raises(StoreError, match=r"key 00000001: JPEG is \(3, 24, 48\), store says"):
+        to_device(split.read_encoded([0, 1, 2]), torch.device("cpu"), split.shape, "dali")
+
+
+def test_without_dali_torchvision_decodes_after_a_warning(tmp_path, monkeypatch):
+    from alexnet import jpeg, jpeg_dali
+
+    split, _ = jpeg_store(tmp_path)
+    monkeypatch.setattr(jpeg_dali, "missing", lambda: "NVIDIA DALI does not import (test)")
+    monkeypatch.setattr(jpeg_dali, "decode", None)  # would fail if it were called
+    jpeg.usable.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=r"does not import \(test\): JPEG batches decode"):
+            images = to_device(split.read_encoded([2, 4]), torch.device("cpu"), split.shape, "dali")
+        assert torch.equal(images, split.read_batch([2, 4])[0])
+    finally:
+        jpeg.usable.cache_clear()

@@ -347,6 +347,7 @@ def uninterrupted(data, cli_params, tmp_path_factory) -> dict:
         model=params.model,
         image=params.prepare.image_options(),
         kernels=params.compute.kernels,
+        jpeg_decoder=params.compute.jpeg_decoder,
         lmdb=data / "lmdb",
         stats=data / "stats",
         model_path=folder / "alexnet.pt",
