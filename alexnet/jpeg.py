@@ -10,9 +10,12 @@ augmentation and the model take, on the device they run on:
   doing nothing else, on a host whose threads scale poorly in one process.
 - a CPU: libjpeg-turbo (`torchvision.io.decode_jpeg`), on a pool of threads (the op
   releases the GIL), each image written straight into its row of the batch.
+With params `compute.jpeg_decoder: dali`, NVIDIA DALI decodes the batch instead
+(`alexnet.jpeg_dali`), where it imports.
 
-Both give what `PIL` gives for the same bytes within JPEG decoder differences (nvJPEG's
-IDCT and upsampling are not libjpeg-turbo's): tests/test_jpeg.py states the tolerances.
+All give what `PIL` gives for the same bytes within JPEG decoder differences (nvJPEG's
+IDCT and upsampling are not libjpeg-turbo's): tests/test_jpeg.py and tests/test_gpu.py
+state the tolerances.
 """
 
 from __future__ import annotations
@@ -104,13 +107,14 @@ def decode_on(
     threads or DALI's. A payload that does not decode is found again on the CPU, to be
     named."""
     if usable(decoder) == "dali":
+        hwc_shape = (*shape[1:], shape[0])
         try:
-            # DALI's (N, H, W, 3) is the channels-last layout the augmentation takes
-            hwc = jpeg_dali.decode(batch.payloads, device, _dali_threads(), (*shape[1:], shape[0]))
+            # DALI's host threads (parsing on CUDA, decoding on a CPU): the cores, as ours
+            hwc = jpeg_dali.decode(batch.payloads, device, decode_threads(0), hwc_shape)
         except (RuntimeError, ValueError):
             _name_the_damaged(batch, shape)
             raise
-        return hwc.permute(0, 3, 1, 2)
+        return hwc.permute(0, 3, 1, 2)  # the channels-last layout the augmentation takes
     if device.type != "cuda":
         out = np.empty((len(batch.payloads), *shape), dtype=np.uint8)
         decode_into(out, batch, decode_threads(0))
@@ -128,11 +132,6 @@ def _name_the_damaged(batch: Encoded, shape: tuple[int, int, int]) -> None:
     CPU to `shape` (a batched decoder's error does not say which)."""
     for payload, where in zip(batch.payloads, batch.where, strict=True):
         decode_one(payload, where, shape)
-
-
-def _dali_threads() -> int:
-    """DALI's host threads (parsing on CUDA, decoding on a CPU): the cores, as ours."""
-    return decode_threads(0)
 
 
 @functools.cache
