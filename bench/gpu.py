@@ -253,14 +253,19 @@ def evaluation(root: Path, device: torch.device = CUDA) -> float:
     return 10 * len(split) / best_seconds(work, 2, device)
 
 
-def gpu(root: Path, images: int, device: torch.device, batches: tuple[int, int]) -> dict:
+def gpu(
+    root: Path, images: int, device: torch.device, batches: tuple[int, int], out: Path | None
+) -> dict:
     """Every row, at the two batch sizes `batches` (the issue's: 128 and 256; the
-    target rows are at the larger)."""
+    target rows are at the larger). `out` gets the figures so far after each row, so a
+    run cut short by a time limit still leaves them."""
     results: dict = {"device": device_name(device), "torch": torch.__version__}
 
     def row(name: str, value: float, digits: int = 0) -> None:
         results[name] = round(value, digits or None)
         print(name, results[name], flush=True)
+        if out:
+            out.write_text(json.dumps(results, indent=2))
 
     large = batches[1]
     for batch in batches:
@@ -339,7 +344,7 @@ def main() -> None:
             torch.set_num_threads(1)
             results = cpu_loader(root, jpegs, batches=images // 128)
         else:
-            results = gpu(root, images, device, tuple(args.batches))
+            results = gpu(root, images, device, tuple(args.batches), args.out)
     table(results)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))

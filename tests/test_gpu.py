@@ -183,11 +183,12 @@ NVJPEG_MEAN, NVJPEG_MAX = 1.0, 24
 
 @pytest.mark.parametrize("decoder", ["torchvision", "dali"])
 def test_the_gpu_batch_decode_equals_the_cpu_decode_within_decoder_differences(tmp_path, decoder):
-    from alexnet.jpeg import decode_on
+    from alexnet.jpeg import decode_on, usable
     from alexnet.lmdb_store import write_store
     from alexnet.reader import LmdbSplit
     from tests.helpers import encode, photo
 
+    assert usable(decoder) == decoder  # DALI is installed (the [dali] extra), not replaced
     jpegs = [encode(photo(256, 256, seed=i), "JPEG", quality=90) for i in range(12)]
     classes = [{"index": 0, "wnid": "n0", "name": "class 0"}]
     write_store(tmp_path / "jpeg", [[(0, data) for data in jpegs]], "jpeg", classes)
