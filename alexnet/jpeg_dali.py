@@ -3,7 +3,8 @@
 DALI's image decoder on a GPU (its "mixed" backend: the host parses each file, the device
 decodes) gives part of every batch to the hardware JPEG engines of the GPUs that have
 them (A100, H100, H200) and the rest to CUDA nvJPEG; torchvision's batched `decode_jpeg`
-decodes on the CUDA cores alone. `bench/gpu.py` times both; the faster is the default.
+decodes on the CUDA cores alone. `bench/gpu.py` times both, and the faster is to be the
+default (torchvision until a GPU has measured them).
 On a CPU, DALI decodes with libjpeg-turbo on its own threads: what the tests check this
 module with (the trainer's CPU loader keeps its own pool of threads, as fast: BENCHMARKS).
 
@@ -33,33 +34,34 @@ def missing() -> str | None:
 
 
 @functools.cache
-def _context(device: torch.device, threads: int):
-    """DALI's evaluation context for `device`: its pool of `threads` host threads (kept:
-    making one starts threads) and, on CUDA, the device and torch's stream there, so
-    the decode is ordered with the work torch queues before and after it."""
+def _context(device: torch.device, threads: int, stream: torch.cuda.Stream | None):
+    """DALI's evaluation context: its pool of `threads` host threads (kept: making one
+    starts threads) and, on a CUDA `device`, torch's `stream` there, so that the decode
+    is ordered with the work torch queues before and after it."""
     import nvidia.dali.experimental.dynamic as ndd
 
-    if device.type != "cuda":
+    if stream is None:
         return ndd.EvalContext(num_threads=threads, device_id=None)
-    return ndd.EvalContext(
-        num_threads=threads,
-        device_id=device.index,
-        cuda_stream=torch.cuda.current_stream(device),
-    )
+    return ndd.EvalContext(num_threads=threads, device_id=device.index, cuda_stream=stream)
 
 
 def decode(
     payloads: list[torch.Tensor], device: torch.device, threads: int, shape: tuple[int, int, int]
 ) -> torch.Tensor:
-    """(N, H, W, 3) uint8 RGB on `device` (a CUDA device with its index), one DALI call
-    for the batch. Raises `ValueError` where an image is not `shape` (H, W, 3), and
-    DALI's `RuntimeError` where a payload does not decode."""
+    """(N, H, W, 3) uint8 RGB on `device`, one DALI call for the batch. Raises
+    `ValueError` where an image is not `shape` (H, W, 3), and DALI's `RuntimeError`
+    where a payload does not decode."""
     import nvidia.dali.experimental.dynamic as ndd
     import nvidia.dali.types as types
 
-    with _context(device, threads):
+    stream = None
+    if device.type == "cuda":  # torch's current device and stream, named for DALI
+        index = torch.cuda.current_device() if device.index is None else device.index
+        device = torch.device("cuda", index)
+        stream = torch.cuda.current_stream(device)
+    with _context(device, threads, stream):
         batch = ndd.batch([payload.numpy() for payload in payloads])
-        backend = "gpu" if device.type == "cuda" else "cpu"
+        backend = "gpu" if stream is not None else "cpu"
         images = ndd.decoders.image(batch, device=backend, output_type=types.RGB)
         odd = [row for row, each in enumerate(images.shape) if tuple(each) != shape]
         if odd:
