@@ -113,8 +113,12 @@ def cpu_loader(root: Path, jpegs: list[bytes], batches: int) -> dict:
     cpu = torch.device("cpu")
 
     def ours(threads: int):
-        split.threads = threads
-        return lambda: [split.read_batch(pick, channels_last=True) for pick in picks]
+        def work():
+            # set when it runs: the works are all made before the first one runs
+            split.threads = threads
+            return [split.read_batch(pick, channels_last=True) for pick in picks]
+
+        return work
 
     def imagefolder(workers: int):
         # the classic loader: an image an item, PIL decode, collated into batches
