@@ -5,9 +5,9 @@ bytes and its label. `to_device` turns it into the (N, 3, H, W) uint8 batch the
 augmentation and the model take, on the device they run on:
 - CUDA: one batched nvJPEG call (`torchvision.io.decode_jpeg` on a list of images,
   `device="cuda"`). The loader's workers then only copy bytes out of the store, and the
-  host's cores are free: a 256x256 JPEG costs ~0.3 ms a core to decode (3,325 a second
-  on one thread in `bench/gpu.py --cpu`), so 15,000 images a second would take ~5 cores
-  doing nothing else, on a host whose threads scale poorly in one process.
+  host's cores are free: a 256x256 JPEG costs ~0.45 ms a core to decode (2,000-2,300 a
+  second on one thread in `bench/gpu.py --cpu`), so 15,000 images a second would take
+  ~7 cores doing nothing else.
 - a CPU: libjpeg-turbo (`torchvision.io.decode_jpeg`), on a pool of threads (the op
   releases the GIL), each image written straight into its row of the batch.
 With params `compute.jpeg_decoder: dali`, NVIDIA DALI decodes the batch instead

@@ -18,6 +18,8 @@ On a CPU (`--cpu`, in `make bench`): the JPEG loader (`LmdbSplit.read_batch` of 
 store: libjpeg-turbo on a pool of threads) against torchvision `ImageFolder` + PIL
 (+ `pil_to_tensor`, stacked) on the same 256x256 JPEGs, per core (one thread, one
 process) and on every core (threads; DataLoader worker processes). Target: >= 2x per core.
+Both decode every image with libjpeg-turbo, so the decode alone (torchvision's, PIL's) is
+timed too: the baseline's time over it is the most any such loader can gain on one core.
 Beside them, DALI's CPU decode of the same batches on every core (the decoder the tests
 run DALI with; the CPU loader decodes on its own threads).
 
@@ -32,6 +34,7 @@ checks the script before a GPU's time is spent on it. Its figures mean nothing.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -42,7 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.io import decode_jpeg
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -131,6 +135,14 @@ def cpu_loader(root: Path, jpegs: list[bytes], batches: int) -> dict:
         )
         return lambda: list(loader)
 
+    def decode_alone(pil: bool):
+        # what both loaders pay for each image: the decode (libjpeg-turbo in both), alone
+        chosen = [jpegs[i] for pick in picks for i in pick]
+        if pil:
+            return lambda: [Image.open(io.BytesIO(data)).convert("RGB") for data in chosen]
+        payloads = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in chosen]
+        return lambda: [decode_jpeg(payload, mode=ImageReadMode.RGB) for payload in payloads]
+
     def dali():
         # the same batches read encoded, decoded by DALI's CPU decoder on `cores` threads
         shape = split.shape
@@ -142,6 +154,8 @@ def cpu_loader(root: Path, jpegs: list[bytes], batches: int) -> dict:
         (f"JPEG loader, {cores} threads", ours(cores)),
         ("ImageFolder + PIL, 1 process", imagefolder(0)),
         (f"ImageFolder + PIL, {cores} worker processes", imagefolder(cores)),
+        ("decode alone, torchvision, 1 thread", decode_alone(pil=False)),
+        ("decode alone, PIL, 1 thread", decode_alone(pil=True)),
     ]
     if not jpeg_dali.missing():
         works.append((f"DALI's CPU decode, {cores} threads", dali()))
@@ -153,6 +167,10 @@ def cpu_loader(root: Path, jpegs: list[bytes], batches: int) -> dict:
         "images": images,
         **rates,
         "JPEG loader / ImageFolder + PIL, per core": round(per_core, 2),
+        # a loader that decodes every image cannot pass this ratio on one core
+        "ceiling: decode alone / ImageFolder + PIL, per core": round(
+            rates["decode alone, torchvision, 1 thread"] / rates["ImageFolder + PIL, 1 process"], 2
+        ),
     }
     if (dali_rate := rates.get(f"DALI's CPU decode, {cores} threads")) is not None:
         ratio = dali_rate / rates[f"JPEG loader, {cores} threads"]

@@ -106,7 +106,9 @@ def test_the_neighbours_are_the_brute_force_nearest(store, model):
     for q in range(2):
         assert set(found.indices[q].tolist()) == set(expected[q].tolist())
         assert found.distances[q].tolist() == sorted(found.distances[q].tolist())
-        assert torch.allclose(found.distances[q], direct[q, found.indices[q]], rtol=1e-4)
+        # atol: the features of one image differ by float noise with the batch it is in
+        # (here 5 a batch, there all 23), which puts ~1e-3 on a distance of 0
+        assert torch.allclose(found.distances[q], direct[q, found.indices[q]], rtol=1e-4, atol=1e-2)
     assert torch.equal(found.labels, labels[found.indices])
     # A training image is its own nearest neighbour.
     assert found.indices[1, 0] == 4 and found.distances[1, 0] < 1e-3 * found.distances[1, 1]
