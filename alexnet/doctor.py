@@ -58,13 +58,13 @@ def torch_facts() -> dict[str, str]:
 
 def dali_fact() -> str:
     """DALI's version, or why `compute.jpeg_decoder: dali` falls back to torchvision."""
-    from importlib.metadata import version
-
     from alexnet.jpeg_dali import missing
 
     if why := missing():
         return f"no ({why}): compute.jpeg_decoder dali decodes with torchvision"
-    return f"yes ({version('nvidia-dali-cuda130')})"
+    import nvidia.dali  # the package's own version: its name on the registry names a CUDA
+
+    return f"yes ({nvidia.dali.__version__})"
 
 
 def cpu_model() -> str:
