@@ -33,6 +33,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_CLIENT_RETRY_EXTRA_CODES, temporary_settings
 from prefect.states import Completed, State
 
 from alexnet.params import load_params
@@ -123,7 +124,12 @@ def _plan_stage_run(stage: str) -> str | None:
     if stage not in STAGE_TABLE:
         return None
     parent = TaskRunContext.get().task_run.id
-    with get_client(sync_client=True) as client:
+    # Prefect records a task run from its events, after a delay: until it has, a child
+    # naming it is refused (409, a foreign key). The client's own retries wait it out.
+    with (
+        temporary_settings({PREFECT_CLIENT_RETRY_EXTRA_CODES: {409}}),
+        get_client(sync_client=True) as client,
+    ):
         run = client.create_flow_run(STAGE_TABLE[stage].flow(), parent_task_run_id=parent)
     return str(run.id)
 

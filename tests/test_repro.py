@@ -188,3 +188,34 @@ def test_lateness_of_a_scheduled_run():
     assert lateness(now - timedelta(minutes=90), now) == timedelta(minutes=90)
     assert lateness(now + timedelta(seconds=5), now) == timedelta(0)  # clocks differ
     assert lateness(None, now) == timedelta(0)
+
+
+def test_a_stage_run_is_planned_with_conflicts_retried(monkeypatch):
+    # The parent task run reaches the server's tables from its events, after a delay;
+    # creating its child before then is a 409, which the client must retry, not raise.
+    from types import SimpleNamespace
+
+    from prefect.settings import PREFECT_CLIENT_RETRY_EXTRA_CODES
+
+    from flows import pipeline
+
+    retried = []
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def create_flow_run(self, flow, parent_task_run_id):
+            retried.append(409 in PREFECT_CLIENT_RETRY_EXTRA_CODES.value())
+            assert parent_task_run_id == "parent"
+            return SimpleNamespace(id="child")
+
+    task_run = SimpleNamespace(task_run=SimpleNamespace(id="parent"))
+    monkeypatch.setattr(pipeline, "get_client", lambda sync_client: Client())
+    monkeypatch.setattr(pipeline.TaskRunContext, "get", lambda: task_run)
+    assert pipeline._plan_stage_run("train") == "child"
+    assert retried == [True]
+    assert 409 not in PREFECT_CLIENT_RETRY_EXTRA_CODES.value()  # for this call only
