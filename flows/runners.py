@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
+
+if TYPE_CHECKING:
+    from distributed import LocalCluster
 
 
 def parallelism(workers: int) -> int:
@@ -23,5 +27,25 @@ def task_runner(scheduler: str | None, workers: int) -> TaskRunner:
 
     if scheduler == "local":
         cluster = {"n_workers": workers, "threads_per_worker": 1, "dashboard_address": None}
-        return DaskTaskRunner(cluster_kwargs=cluster)
+        return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs=cluster)
     return DaskTaskRunner(address=scheduler)
+
+
+def local_cluster(**kwargs) -> LocalCluster:
+    """A LocalCluster that leaves this process's environment as it found it.
+
+    distributed's nannies give their workers one thread each for OpenMP, MKL and
+    OpenBLAS (its `distributed.nanny.pre-spawn-environ`) by writing them into the
+    os.environ of the process that starts the cluster, where they stay: every process
+    it starts afterwards (the train command, torchrun) would inherit them, train on one
+    thread, and compute other bits than a run on all cores. The workers, spawned by
+    then, keep theirs. (A worker that a nanny restarts later sets them again.)"""
+    from distributed import LocalCluster
+
+    before = dict(os.environ)
+    try:
+        return LocalCluster(**kwargs)
+    finally:
+        for name in set(os.environ) - set(before):
+            del os.environ[name]
+        os.environ.update(before)

@@ -15,7 +15,7 @@ import pytest
 from alexnet.params import PrepareParams
 from alexnet.prepare import PrepareError
 from flows.prepare import prepare_flow
-from flows.runners import task_runner
+from flows.runners import local_cluster, task_runner
 from flows.synth import synth_flow
 from tests.helpers import REPO, SHARDS, TINY, jpeg, make_imagefolder, shard_bytes
 
@@ -46,13 +46,30 @@ def test_prepare_report_counts_every_oddity(reference):
 @pytest.mark.parametrize(("scheduler", "workers"), [(None, 2), ("local", 2)])
 def test_prepare_shards_identical_whatever_the_runner(raw, reference, tmp_path, scheduler, workers):
     out = tmp_path / "prep"
+    environment = dict(os.environ)
     prepare_flow.with_options(task_runner=task_runner(scheduler, workers))(
         str(raw), str(out), SHARDS
     )
+    assert dict(os.environ) == environment  # what this process starts next inherits it
     expected = shard_bytes(reference[0])
     assert len(expected) == 6 + 2  # 24 train and 6 val files, 4 per shard
     assert shard_bytes(out) == expected
     assert (out / "report.json").read_bytes() == (reference[0] / "report.json").read_bytes()
+
+
+def test_a_local_dask_cluster_leaves_the_environment_and_limits_its_workers_threads():
+    # distributed's nannies write their workers' thread limits (OMP_NUM_THREADS=1, ...)
+    # into the starting process's os.environ: a train command started from it later
+    # would train on one thread and compute other bits than the same run on all cores.
+    from distributed import Client
+
+    before = dict(os.environ)
+    options = {"n_workers": 1, "threads_per_worker": 1, "dashboard_address": None}
+    with local_cluster(**options) as cluster, Client(cluster) as client:
+        during = dict(os.environ)
+        workers = client.run(os.getenv, "OMP_NUM_THREADS")  # read there
+    assert during == before and dict(os.environ) == before
+    assert list(workers.values()) == [before.get("OMP_NUM_THREADS", "1")]
 
 
 def test_rerun_after_simulated_kill_reuses_complete_shards(raw, reference, tmp_path):
