@@ -40,7 +40,7 @@ def _dvc(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "dvc", *args]
 
 
-def _environment() -> dict[str, str]:
+def stage_environment() -> dict[str, str]:
     """The stages' `python -m flows.<stage>` commands must be this environment's, even when it is
     not activated (a Prefect worker, `.venv/bin/python -m ...`): its bin/ goes first."""
     bin_dir = str(Path(sys.executable).parent)
@@ -84,7 +84,7 @@ def repro(
         _dvc(repro_args(target, force, single, pull)),
         cwd=repo,
         stdout=subprocess.PIPE,
-        env={**_environment(), **(env or {})},
+        env={**stage_environment(), **(env or {})},
         stderr=subprocess.STDOUT,
         text=True,
         bufsize=1,
@@ -149,7 +149,11 @@ def _signal_group(group: int, number: int) -> bool:
 def default_remote(repo: Path) -> str | None:
     """The name of the repository's default DVC remote, if it has one."""
     done = subprocess.run(
-        _dvc(["remote", "default"]), cwd=repo, capture_output=True, text=True, env=_environment()
+        _dvc(["remote", "default"]),
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=stage_environment(),
     )
     return (done.stdout.strip() or None) if done.returncode == 0 else None
 
@@ -166,7 +170,7 @@ def push_outputs(repo: Path, remote: str | None, log: Callable[[str], None] = pr
         cwd=repo,
         capture_output=True,
         text=True,
-        env=_environment(),
+        env=stage_environment(),
     )
     for line in done.stdout.splitlines():
         log(line)

@@ -439,6 +439,8 @@ class Trainer:
         self.history.append(record)
         self.epoch, self.step, self.running = self.epoch + 1, 0, self._fresh_totals()
         self.save()
+        if self.finished():  # the loader's worker processes end now, not when collected
+            self._stream = None
         return record
 
     def _read_now(self) -> bool:

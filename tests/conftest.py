@@ -14,6 +14,22 @@ from tests.helpers import SHARDS, TINY, tiny_training_data
 configure()  # as every entry point does
 
 
+# Set by pytest for each test, and by inductor at its first compile (for itself).
+LIBRARIES_OWN = {"PYTEST_CURRENT_TEST", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"}
+
+
+@pytest.fixture(autouse=True)
+def environment_kept():
+    """Each test leaves this process's environment as it found it: the commands later
+    tests start inherit it. (distributed once wrote OMP_NUM_THREADS=1 here, and a train
+    command then computed other bits than the same run in this process.)"""
+    before = dict(os.environ)
+    yield
+    names = (set(before) | set(os.environ)) - LIBRARIES_OWN
+    changed = sorted(name for name in names if before.get(name) != os.environ.get(name))
+    assert not changed, f"the test changed the environment: {changed}"
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """One Prefect test server for the whole session (building its database costs ~15 s).

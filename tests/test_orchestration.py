@@ -23,7 +23,7 @@ import yaml
 from alexnet.figures import FIGURES
 from alexnet.imports import closure
 from alexnet.report import render
-from alexnet.repro import STAGES, repro, status_clean
+from alexnet.repro import STAGES, repro, stage_environment, status_clean
 from flows.pipeline import retrain_flow
 from tests.helpers import TINY_CHAIN, free_port, repo_copy
 
@@ -139,7 +139,7 @@ def test_dvc_repro_runs_the_chain_and_reruns_only_what_changed(tmp_path, prefect
         cwd=repo,
         capture_output=True,
         text=True,
-        env={**os.environ, **identity},
+        env={**stage_environment(), **identity},  # the stages' python: this one
     )
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert re.findall(r"Running stage '(\w+)'", ran.stdout + ran.stderr) == ["train", "evaluate"]

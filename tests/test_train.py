@@ -4,6 +4,7 @@ clear errors, and the train stage's command killed or stopped and run again."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -288,7 +289,9 @@ def test_loader_workers_stream_the_same_batches_across_epochs(data, tmp_path):
     run_to_end(inline)
     ahead = trainer(data, tmp_path / "b", epochs=2, **ONE_STEP, loader_workers=2)
     ahead.save = lambda: None  # its checkpoint is not used
+    children = set(multiprocessing.active_children())
     run_to_end(ahead)
+    assert set(multiprocessing.active_children()) <= children  # its workers ended with it
     assert_same_weights(inline.model.state_dict(), ahead.model.state_dict())
     assert ahead.digest == inline.digest
     other = trainer(data, tmp_path / "a", epochs=2, **ONE_STEP, loader_workers=2)
