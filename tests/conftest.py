@@ -18,16 +18,30 @@ configure()  # as every entry point does
 LIBRARIES_OWN = {"PYTEST_CURRENT_TEST", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"}
 
 
+def torch_settings() -> dict:
+    """The process-wide torch settings that change what a computation gives."""
+    import torch
+
+    return {
+        "threads": torch.get_num_threads(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+        "dtype": torch.get_default_dtype(),
+    }
+
+
 @pytest.fixture(autouse=True)
 def environment_kept():
-    """Each test leaves this process's environment as it found it: the commands later
-    tests start inherit it. (distributed once wrote OMP_NUM_THREADS=1 here, and a train
-    command then computed other bits than the same run in this process.)"""
-    before = dict(os.environ)
+    """Each test leaves this process's environment and torch settings as it found them:
+    the commands later tests start inherit the one, the runs later tests compare bit for
+    bit compute with the other. (distributed once wrote OMP_NUM_THREADS=1 here, and a
+    train command then computed other bits than the same run in this process.)"""
+    before, settings = dict(os.environ), torch_settings()
     yield
     names = (set(before) | set(os.environ)) - LIBRARIES_OWN
     changed = sorted(name for name in names if before.get(name) != os.environ.get(name))
     assert not changed, f"the test changed the environment: {changed}"
+    assert torch_settings() == settings, "the test changed torch's settings"
 
 
 @pytest.fixture(scope="session")
