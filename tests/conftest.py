@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from alexnet.runtime import configure
 from tests.helpers import SHARDS, TINY, tiny_training_data
@@ -20,8 +21,6 @@ LIBRARIES_OWN = {"PYTEST_CURRENT_TEST", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR
 
 def torch_settings() -> dict:
     """The process-wide torch settings that change what a computation gives."""
-    import torch
-
     return {
         "threads": torch.get_num_threads(),
         "deterministic": torch.are_deterministic_algorithms_enabled(),
