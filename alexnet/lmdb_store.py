@@ -110,7 +110,8 @@ def write_store(
     batches: Iterable[list[tuple[int, bytes]]],
     encoding: str,
     classes: list[dict],
-    size: int = 256,
+    *,
+    size: int,
     map_size: int = 1 << 30,
 ) -> int:
     """Write batches of (label, payload) records as keys 0, 1, 2, ... (one transaction

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from alexnet.errors import AlexnetError
 
@@ -305,6 +312,16 @@ class Params(_Section):
     serve: ServeParams = ServeParams()
     compute: ComputeParams = ComputeParams()
 
+    @model_validator(mode="after")
+    def _crops_fit(self) -> Params:
+        # Training and evaluation crop `model.input_size` out of each prepared image.
+        if self.prepare.size < self.model.input_size:
+            raise ValueError(
+                f"prepare.size ({self.prepare.size}) is smaller than the crops of "
+                f"model.input_size ({self.model.input_size})"
+            )
+        return self
+
 
 def _describe(error: ValidationError, source: str) -> str:
     """The first validation error as one line: `params.yaml: prepare.quality: <why>`."""
@@ -312,6 +329,8 @@ def _describe(error: ValidationError, source: str) -> str:
     key = ".".join(str(part) for part in first["loc"])
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}'"
+    if not key:  # a check across sections: its message names the keys
+        return f"{source}: {first['ctx']['error']}"
     got = first.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     return f"{source}: {key}: {first['msg']}{shown}"

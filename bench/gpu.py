@@ -82,7 +82,7 @@ def make_stores(root: Path, images: int, encodings: tuple[str, ...]) -> list[byt
         records = list(zip(labels, payloads, strict=True))
         for split, part in (("train", records), ("val", records[: max(images // 4, 1)])):
             batches = [part[i : i + 256] for i in range(0, len(part), 256)]
-            write_store(root / encoding / split, batches, encoding, CLASSES)
+            write_store(root / encoding / split, batches, encoding, CLASSES, size=256)
         (root / encoding / "stats").mkdir()
         np.save(root / encoding / "stats" / "mean.npy", np.full((256, 256, 3), 110, np.float32))
         eig = {"eigenvalues": [900.0, 90.0, 9.0], "eigenvectors": np.eye(3).tolist()}

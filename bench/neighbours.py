@@ -39,7 +39,7 @@ def store(folder: Path, images: int) -> LmdbSplit:
         (i % 10, rng.integers(0, 256, (256, 256, 3), dtype=np.uint8).tobytes())
         for i in range(images)
     ]
-    write_store(folder, [records], "raw", CLASSES)
+    write_store(folder, [records], "raw", CLASSES, size=256)
     return LmdbSplit(folder)
 
 

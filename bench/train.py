@@ -51,8 +51,8 @@ def make_data(root: Path, images: int) -> Path:
         (folder / f"{i}.jpg").write_bytes(jpeg)
         pixels = np.asarray(Image.open(folder / f"{i}.jpg").convert("RGB"))
         records.append((label, pixels.tobytes()))
-    write_store(root / "train", [records], "raw", CLASSES)
-    write_store(root / "val", [records[:8]], "raw", CLASSES)
+    write_store(root / "train", [records], "raw", CLASSES, size=256)
+    write_store(root / "val", [records[:8]], "raw", CLASSES, size=256)
     (root / "stats").mkdir()
     np.save(root / "stats" / "mean.npy", np.full((256, 256, 3), 120, np.float32))
     eig = {"eigenvalues": [900.0, 90.0, 9.0], "eigenvectors": np.eye(3).tolist()}

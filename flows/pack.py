@@ -35,7 +35,9 @@ def pack_flow(
             size=lambda part: chunk_bytes(part, pack.encoding, prepare.size),
         )
         batches = (batch for _, batch in results)
-        counts[split] = write_store(Path(out) / split, batches, pack.encoding, classes)
+        counts[split] = write_store(
+            Path(out) / split, batches, pack.encoding, classes, size=prepare.size
+        )
     get_run_logger().info("packed %s records (%s)", counts, pack.encoding)
     return counts
 

@@ -15,8 +15,13 @@ from tests.helpers import SHARDS, TINY, tiny_training_data
 configure()  # as every entry point does
 
 
-# Set by pytest for each test, and by inductor at its first compile (for itself).
-LIBRARIES_OWN = {"PYTEST_CURRENT_TEST", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"}
+# Set by pytest for each test, and by inductor at its first compile or first look at its
+# cache (for itself; the cache folder is its default, the one a child process would pick).
+LIBRARIES_OWN = {
+    "PYTEST_CURRENT_TEST",
+    "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR",
+    "TORCHINDUCTOR_CACHE_DIR",
+}
 
 
 def torch_settings() -> dict:

@@ -62,7 +62,8 @@ TINY_CHAIN = {
         "max_side": 160,
         "oddities": 0,
     },
-    "prepare": {"shard_size": 4, "raw": "data/raw"},
+    # Not the default 256: the chain must carry `prepare.size` through every stage.
+    "prepare": {"shard_size": 4, "raw": "data/raw", "size": 240},
     "train": {
         "epochs": 1,
         "batch_size": 4,
@@ -134,8 +135,8 @@ def tiny_training_data(root: Path) -> Path:
 
     train = blobs(0, 5, 1) + blobs(1, 5, 2)
     val = blobs(0, 2, 3) + blobs(1, 2, 4)
-    write_store(root / "lmdb" / "train", [train[::2], train[1::2]], "raw", CLASSES)
-    write_store(root / "lmdb" / "val", [val], "raw", CLASSES)
+    write_store(root / "lmdb" / "train", [train[::2], train[1::2]], "raw", CLASSES, size=256)
+    write_store(root / "lmdb" / "val", [val], "raw", CLASSES, size=256)
     (root / "stats").mkdir()
     np.save(root / "stats" / "mean.npy", np.full((256, 256, 3), 60, np.float32))
     eig = {"eigenvalues": [900.0, 90.0, 9.0], "eigenvectors": np.eye(3).tolist()}

@@ -148,7 +148,7 @@ def test_evaluate_refuses_a_model_of_other_classes(data, model_file, tmp_path, p
     from flows.evaluate import evaluate_flow
 
     three = [{"index": i, "wnid": f"n{i}", "name": f"c{i}"} for i in range(3)]
-    write_store(tmp_path / "val3", [blobs(0, 2, 9)], "raw", three)
+    write_store(tmp_path / "val3", [blobs(0, 2, 9)], "raw", three, size=256)
     with pytest.raises(ModelFileError, match="has 2 classes, .* has 3"):
         evaluate_flow(
             str(tmp_path / "val3"),
@@ -168,7 +168,7 @@ def test_evaluate_refuses_a_train_store_of_other_classes(
     from flows.evaluate import evaluate_flow
 
     others = [{"index": i, "wnid": f"n{i}", "name": f"other{i}"} for i in range(2)]
-    write_store(tmp_path / "train", [blobs(0, 2, 9)], "raw", others)
+    write_store(tmp_path / "train", [blobs(0, 2, 9)], "raw", others, size=256)
     with pytest.raises(StoreError, match="list different classes"):
         evaluate_flow(
             str(data / "lmdb" / "val"),

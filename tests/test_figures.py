@@ -84,7 +84,7 @@ def test_the_gallery_names_the_true_class_and_marks_it_when_in_the_top5():
 def store(tmp_path_factory):
     """23 training records of two classes."""
     root = tmp_path_factory.mktemp("neighbours")
-    write_store(root / "train", [blobs(0, 12, 5) + blobs(1, 11, 6)], "raw", CLASSES)
+    write_store(root / "train", [blobs(0, 12, 5) + blobs(1, 11, 6)], "raw", CLASSES, size=256)
     return LmdbSplit(root / "train")
 
 

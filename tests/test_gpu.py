@@ -191,7 +191,7 @@ def test_the_gpu_batch_decode_equals_the_cpu_decode_within_decoder_differences(t
     assert usable(decoder) == decoder  # DALI is installed (the [dali] extra), not replaced
     jpegs = [encode(photo(256, 256, seed=i), "JPEG", quality=90) for i in range(12)]
     classes = [{"index": 0, "wnid": "n0", "name": "class 0"}]
-    write_store(tmp_path / "jpeg", [[(0, data) for data in jpegs]], "jpeg", classes)
+    write_store(tmp_path / "jpeg", [[(0, data) for data in jpegs]], "jpeg", classes, size=256)
     split = LmdbSplit(tmp_path / "jpeg")
     on_cpu, _ = split.read_batch(range(12))
     on_gpu = decode_on(split.read_encoded(range(12)), CUDA, split.shape, decoder)
@@ -259,7 +259,7 @@ def test_training_from_a_jpeg_store_decodes_the_batches_on_the_gpu(tmp_path):
 
     records = [(i % 2, encode(photo(256, 256, seed=i), "JPEG", quality=90)) for i in range(8)]
     for split in ("train", "val"):
-        write_store(tmp_path / "lmdb" / split, [records], "jpeg", CLASSES)
+        write_store(tmp_path / "lmdb" / split, [records], "jpeg", CLASSES, size=256)
     (tmp_path / "stats").mkdir()
     np.save(tmp_path / "stats" / "mean.npy", np.full((256, 256, 3), 100, np.float32))
     eig = {"eigenvalues": [900.0, 90.0, 9.0], "eigenvectors": np.eye(3).tolist()}

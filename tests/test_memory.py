@@ -24,7 +24,7 @@ rng = np.random.default_rng(0)
 def batches():
     for start in range(0, {count}, 8):  # fresh records, as the pack flow's chunks arrive
         yield [(i % 2, rng.bytes({RECORD})) for i in range(start, min(start + 8, {count}))]
-print(write_store({str(tmp_path / f"store{count}")!r}, batches(), "raw", {CLASSES!r}))
+print(write_store({str(tmp_path / f"store{count}")!r}, batches(), "raw", {CLASSES!r}, size=256))
 """
     result = run_sampled([sys.executable, "-c", code], cwd=REPO)
     assert result.returncode == 0 and result.output.split()[-1] == str(count), result.output

@@ -43,6 +43,16 @@ def test_out_of_range_and_bad_choice():
         parse_params({"prepare": {"resample": "nearest"}})
 
 
+def test_prepared_images_smaller_than_the_crops_are_refused_naming_both_keys():
+    refused = r"^params: prepare.size \(223\) is smaller than the crops of model.input_size "
+    refused += r"\(224\)$"
+    with pytest.raises(ParamsError, match=refused):
+        parse_params({"prepare": {"size": 223}})
+    with pytest.raises(ParamsError, match=r"\(226\) .* \(227\)$"):
+        parse_params({"prepare": {"size": 226}, "model": {"input_size": 227}})
+    assert parse_params({"prepare": {"size": 227}, "model": {"input_size": 227}})
+
+
 def test_invalid_yaml_names_the_line(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("prepare:\n  size: [256\n")

@@ -65,6 +65,7 @@ def test_predict_equals_evaluate_on_the_same_image(
         [[(1, payload(prepared.jpeg, encoding, IMAGE["size"]))]],
         encoding,
         CLASSES,
+        size=IMAGE["size"],
     )
     split = LmdbSplit(tmp_path / "val")
     device = torch.device("cpu")

@@ -197,7 +197,7 @@ def test_clear_errors(data, tmp_path):
     three = [{"index": i, "wnid": f"n{i}", "name": f"c{i}"} for i in range(3)]
     (tmp_path / "lmdb").mkdir()
     (tmp_path / "lmdb" / "train").symlink_to(data / "lmdb" / "train")
-    write_store(tmp_path / "lmdb" / "val", [blobs(0, 2, 9)], "raw", three)
+    write_store(tmp_path / "lmdb" / "val", [blobs(0, 2, 9)], "raw", three, size=256)
     with pytest.raises(TrainError, match="train and val have different class lists"):
         trainer(tmp_path, tmp_path, epochs=1)
     if not torch.cuda.is_available():
