@@ -2,7 +2,8 @@
 
 A killed process leaves at most a hidden `.NAME.tmp-PID` beside the target, which the
 next run removes (`remove_leftovers`); the target itself is either the previous complete
-version or the new complete one.
+version or the new complete one (a folder is swapped by two renames, the old one set
+aside as a leftover first, so a kill between them leaves no target, never part of one).
 """
 
 from __future__ import annotations
@@ -28,8 +29,12 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     try:
         yield temporary
         if path.is_dir() and temporary.is_dir():
-            shutil.rmtree(path)
-        os.replace(temporary, path)
+            aside = path.with_name(f"{temporary.name}-old")
+            os.replace(path, aside)
+            os.replace(temporary, path)
+            shutil.rmtree(aside)
+        else:
+            os.replace(temporary, path)
     finally:
         if temporary.is_dir():
             shutil.rmtree(temporary, ignore_errors=True)
@@ -49,9 +54,11 @@ def write_json(path: str | Path, value: object) -> None:
     write_bytes(path, (json.dumps(value, indent=2, sort_keys=False) + "\n").encode())
 
 
-def remove_leftovers(folder: str | Path) -> None:
-    """Delete what killed runs left behind in `folder` (hidden `.*.tmp-*` entries)."""
-    for path in Path(folder).glob(".*.tmp-*"):
+def remove_leftovers(folder: str | Path, name: str = "*") -> None:
+    """Delete what killed runs left behind in `folder` (hidden `.*.tmp-*` entries; those
+    of the target `name` only, when given). Only for a target one process writes at a
+    time: a live writer's temporary would go too."""
+    for path in Path(folder).glob(f".{name}.tmp-*"):
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:

@@ -3,13 +3,15 @@
 One section per DVC stage (a stage lists only the leaf keys it reads as its params deps),
 plus `compute`, which says *where* and *how* work runs. Its `workers` and `scheduler`
 never change a result, so no stage depends on them; `kernels` chooses between the
-paper's formulas in plain torch and their fast equals, which may differ in float
-rounding, so train and evaluate depend on it. Every default is written here once.
-Loading fails with one line naming the offending key.
+paper's formulas in plain torch and their fast equals, and `jpeg_decoder` between two
+GPU JPEG decoders, which may differ in rounding, so train and evaluate depend on both.
+Every default is written here once. Loading fails with one line naming the offending
+key (or, for a check across keys, both).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -39,6 +41,10 @@ class ParamsError(AlexnetError, ValueError):
     """A params file that cannot be used; the message is one line naming the key."""
 
 
+SCHEDULER_ADDRESS = re.compile(r"([a-z]+://)?(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d+")
+DEFAULT_FILE = "params.yaml"  # may be absent (all defaults); a file named otherwise may not
+
+
 class _Section(BaseModel):
     # Unknown keys are errors: a typo must not silently fall back to a default.
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -66,6 +72,13 @@ class SynthParams(_Section):
         description="background clutter items: clutter/2 to clutter "
         "lines, boxes and blobs per image",
     )
+
+    @model_validator(mode="after")
+    def _sides_ordered(self) -> SynthParams:
+        if self.min_side > self.max_side:
+            sides = f"min_side ({self.min_side}) is larger than max_side ({self.max_side})"
+            raise ValueError(sides)
+        return self
 
 
 class PrepareParams(_Section):
@@ -282,6 +295,15 @@ class ComputeParams(_Section):
         description="Dask scheduler: null = local process pool, 'local' = a temporary "
         "Dask LocalCluster, 'tcp://host:8786' = an existing cluster",
     )
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler_address(cls, value: str | None) -> str | None:
+        # Dask needs the port; without this check a typo fails deep inside distributed.
+        if value is None or value == "local" or SCHEDULER_ADDRESS.fullmatch(value):
+            return value
+        raise ValueError("expected null, 'local' or a Dask scheduler's address, tcp://host:port")
+
     window_mb: int = Field(
         128,
         ge=1,
@@ -323,17 +345,20 @@ class Params(_Section):
         return self
 
 
-def _describe(error: ValidationError, source: str) -> str:
-    """The first validation error as one line: `params.yaml: prepare.quality: <why>`."""
+def _describe(error: ValidationError, source: str, section: str = "") -> str:
+    """The first validation error as one line: `params.yaml: prepare.quality: <why>`
+    (`section`: the one the validated mapping is, when it is not the whole file)."""
     first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"])
+    key = ".".join(str(part) for part in (section, *first["loc"]) if part)
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}'"
-    if not key:  # a check across sections: its message names the keys
-        return f"{source}: {first['ctx']['error']}"
+    # Our own checks' messages, without pydantic's "Value error, " before them.
+    why = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"]
+    if not key:  # a check across keys: its message names them
+        return f"{source}: {why}"
     got = first.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{source}: {key}: {first['msg']}{shown}"
+    return f"{source}: {key}: {why}{shown}"
 
 
 def parse_params(data: object, source: str = "params") -> Params:
@@ -348,18 +373,36 @@ def parse_params(data: object, source: str = "params") -> Params:
         raise ParamsError(_describe(error, source)) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file; a missing file means all defaults."""
+def load_params(path: str | Path | None = None) -> Params:
+    """Read and validate a params file. Without a path, `params.yaml` here, and all
+    defaults when it is absent; a file named by the user must be there (a typo must not
+    run on the defaults)."""
+    if path is None:
+        path = Path(DEFAULT_FILE)
+        if not path.exists():
+            return Params()
     path = Path(path)
-    if not path.exists():
-        return Params()
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such params file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ParamsError(f"{path}: cannot read it ({type(error).__name__})") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ParamsError(f"{path}:{where} not valid YAML") from None
     return parse_params(data, str(path))
+
+
+def with_compute(params: Params, **values: object) -> Params:
+    """`params` with `compute` keys replaced (the command line's --workers, --scheduler),
+    validated as the file's values are."""
+    compute = {**params.compute.model_dump(), **values}
+    try:
+        return params.model_copy(update={"compute": ComputeParams.model_validate(compute)})
+    except ValidationError as error:
+        raise ParamsError(_describe(error, "command line", "compute")) from None
 
 
 def param_value(params: Params, key: str) -> Any:

@@ -112,10 +112,17 @@ class DeviceError(AlexnetError):
     """A device that this machine does not have, or more devices than columns."""
 
 
+def _device(name: str) -> torch.device:
+    try:
+        return torch.device(name)
+    except RuntimeError:  # torch's message lists every backend, over several lines
+        raise DeviceError(f"device {name!r}: not a device name (cpu, cuda, cuda:1, ...)") from None
+
+
 def resolve_devices(names: Sequence[str]) -> list[torch.device]:
     """`[cpu]`, `[cuda]`, `[cuda:1]`, or two devices `[cuda:0, cuda:1]` for the paper's
     two-column model parallelism (column 0 on the first)."""
-    devices = [torch.device(name) for name in names]
+    devices = [_device(name) for name in names]
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     for device in devices:
         if device.type == "cuda" and not count:

@@ -170,5 +170,7 @@ def render(metrics: Path, params: Path | None = None) -> str:
 
 
 def write_report(metrics: Path, out: Path, params: Path | None = None) -> Path:
+    if out.is_dir():
+        raise AlexnetError(f"{out}: is a folder; name the HTML file to write")
     write_bytes(out, render(metrics, params).encode())
     return out

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
-from alexnet.atomic import atomic_output
+from alexnet.atomic import atomic_output, remove_leftovers
 from alexnet.augment import Augment, Draws
 from alexnet.crops import centre_crop
 from alexnet.digests import changed_code, code_digests, file_digest
@@ -255,6 +255,8 @@ class Trainer:
             "history": self.history,
             "running": self.running,
         }
+        # A killed save leaves a temporary of the checkpoint's size: the next save removes it.
+        remove_leftovers(self.checkpoint.parent, self.checkpoint.name)
         with atomic_output(self.checkpoint) as temporary:
             torch.save(state, temporary)
 

@@ -18,7 +18,7 @@ import typer
 
 from alexnet.errors import AlexnetError
 from alexnet.runtime import configure
-from flows.stages import STAGES, command, console, load, user_errors
+from flows.stages import STAGES, ParamsOption, command, console, load, user_errors
 
 app = typer.Typer(
     help="AlexNet (Krizhevsky et al. 2012) as a reproducible pipeline: synth -> prepare -> "
@@ -30,10 +30,6 @@ app = typer.Typer(
 for _stage in STAGES.values():
     app.command(name=_stage.name)(command(_stage))
 
-ParamsOption = Annotated[
-    Path, typer.Option("--params", "-p", help="params file (see params.yaml for every knob)")
-]
-
 
 @app.command(
     help="Top classes of each image, prepared as the model's data was (the model file says "
@@ -43,7 +39,7 @@ ParamsOption = Annotated[
 def predict(
     images: Annotated[list[Path], typer.Argument(help="image files (any format PIL reads)")],
     model_path: Annotated[Path, typer.Option("--model", help="model file")] = Path(
-        "models/alexnet.pt"
+        STAGES["train"].path("model_path").default
     ),
     top: Annotated[int, typer.Option(min=1, help="classes to show per image")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
@@ -77,7 +73,7 @@ def predict(
     "server: `prefect server start`, then PREFECT_API_URL=http://127.0.0.1:4200/api. Stop "
     "with Ctrl-C."
 )
-def serve(params_path: ParamsOption = Path("params.yaml")) -> None:
+def serve(params_path: ParamsOption = None) -> None:
     from prefect.settings import PREFECT_API_URL
 
     with user_errors():
@@ -100,7 +96,7 @@ def serve(params_path: ParamsOption = Path("params.yaml")) -> None:
 )
 def param(
     key: Annotated[str, typer.Argument(help="section.name, as in params.yaml")],
-    params_path: ParamsOption = Path("params.yaml"),
+    params_path: ParamsOption = None,
 ) -> None:
     from alexnet.params import param_value
 
@@ -120,12 +116,14 @@ def report(
     metrics: Annotated[Path, typer.Option(help="the stages' metrics folder")] = Path(
         STAGES["evaluate"].path("metrics").default
     ),
-    params_path: ParamsOption = Path("params.yaml"),
+    params_path: ParamsOption = None,
 ) -> None:
+    from alexnet.params import DEFAULT_FILE
     from alexnet.report import write_report
 
     with user_errors():
-        written = write_report(metrics, out, params_path)
+        load(params_path)  # a file named but missing, or not valid, is an error here too
+        written = write_report(metrics, out, params_path or Path(DEFAULT_FILE))
     console.print(f"report: {written}", highlight=False)
 
 

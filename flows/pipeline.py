@@ -36,7 +36,7 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_CLIENT_RETRY_EXTRA_CODES, temporary_settings
 from prefect.states import Completed, State
 
-from alexnet.params import load_params
+from alexnet.params import DEFAULT_FILE, load_params
 from alexnet.repro import (
     RESTORED,
     STAGES,
@@ -257,7 +257,7 @@ def retrain_flow(late_after_minutes: int | None = None, push: bool = True, repo:
         repo: the repository (a folder on the worker) to run `dvc repro` in.
     """
     if late_after_minutes is None:
-        late_after_minutes = load_params(Path(repo) / "params.yaml").serve.late_after_minutes
+        late_after_minutes = load_params(Path(repo) / DEFAULT_FILE).serve.late_after_minutes
     late = lateness(flow_run.scheduled_start_time)
     if late > timedelta(minutes=late_after_minutes):
         get_run_logger().warning(

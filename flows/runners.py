@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
+
+from alexnet.errors import AlexnetError
 
 if TYPE_CHECKING:
     from distributed import LocalCluster
@@ -29,6 +33,25 @@ def task_runner(scheduler: str | None, workers: int) -> TaskRunner:
         cluster = {"n_workers": workers, "threads_per_worker": 1, "dashboard_address": None}
         return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs=cluster)
     return DaskTaskRunner(address=scheduler)
+
+
+def check_scheduler(scheduler: str | None, timeout: float = 10.0) -> None:
+    """Fail in one line when params `compute.scheduler` names a cluster that does not
+    answer (otherwise distributed fails after its own timeout, in pages of traceback).
+    Only TCP addresses (tcp://, tls://, or no scheme) are checked."""
+    if scheduler in (None, "local"):
+        return
+    address = urlsplit(scheduler if "://" in scheduler else f"tcp://{scheduler}")
+    if address.scheme not in ("tcp", "tls"):
+        return
+    try:
+        socket.create_connection((address.hostname, address.port), timeout=timeout).close()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise AlexnetError(
+            f"compute.scheduler: no Dask scheduler answers at {scheduler} ({reason}); "
+            "start one (`dask scheduler`) or set compute.scheduler to null or 'local'"
+        ) from None
 
 
 def local_cluster(**kwargs) -> LocalCluster:

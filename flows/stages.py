@@ -25,7 +25,15 @@ import typer
 from rich.console import Console
 
 from alexnet.errors import AlexnetError, Interrupted
-from alexnet.params import Params, PrepareParams, TrainParams, load_params, param_value
+from alexnet.params import (
+    DEFAULT_FILE,
+    Params,
+    PrepareParams,
+    TrainParams,
+    load_params,
+    param_value,
+    with_compute,
+)
 from alexnet.runtime import configure
 from tasks.quiet import quiet_console_tracebacks
 
@@ -183,6 +191,17 @@ STAGES: dict[str, Stage] = {
 }
 
 
+ParamsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--params",
+        "-p",
+        help="params file (every knob: params.yaml; a missing params.yaml means defaults)",
+        show_default=DEFAULT_FILE,
+    ),
+]
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """A user-fixable error becomes one red line and exit status 1 (no traceback)."""
@@ -193,12 +212,13 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def load(path: Path, workers: int | None = None, scheduler: str | None = None) -> Params:
-    """params.yaml with the command line's `compute` overrides applied."""
+def load(path: Path | None, workers: int | None = None, scheduler: str | None = None) -> Params:
+    """The params file (None: params.yaml, if any) with the command line's `compute`
+    overrides applied."""
     params = load_params(path)
     overrides = {"workers": workers, "scheduler": scheduler}
     changed = {key: value for key, value in overrides.items() if value is not None}
-    return params.model_copy(update={"compute": params.compute.model_copy(update=changed)})
+    return with_compute(params, **changed) if changed else params
 
 
 def resolve_paths(stage: Stage, given: dict[str, Path | None], params: Params) -> dict[str, str]:
@@ -216,13 +236,17 @@ def run_stage(stage: Stage, paths: dict[str, str], params: Params, flow: Callabl
     """Run the stage's flow on the task runner the params choose, against one Prefect
     API for the whole run (flows/server.py); returns the flow's result. When a pipeline
     run planned this stage's flow run (its id in PLANNED_RUN), that run is the one run."""
-    from flows.runners import task_runner
+    from flows.runners import check_scheduler, task_runner
     from flows.server import prefect_api
 
+    check_scheduler(params.compute.scheduler)
     flow = (flow or stage.flow()).with_options(
         task_runner=task_runner(params.compute.scheduler, params.compute.workers)
     )
-    arguments = {**paths, **{name: getattr(params, name) for name in stage.sections}}
+    # Absolute: a Dask worker started in another folder, or on another machine sharing
+    # the file system, reads and writes the same files as this process.
+    absolute = {name: os.path.abspath(path) for name, path in paths.items()}
+    arguments = {**absolute, **{name: getattr(params, name) for name in stage.sections}}
     planned = os.environ.pop(PLANNED_RUN, None)  # not for this process's children
     quiet_console_tracebacks()
     with prefect_api():
@@ -241,7 +265,7 @@ def command(stage: Stage, flow: Callable | None = None) -> Callable[..., None]:
     for the parallel stages `--workers` and `--scheduler`."""
 
     def run(
-        params_path: Path,
+        params_path: Path | None,
         workers: int | None = None,
         scheduler: str | None = None,
         **given: Path | None,
@@ -273,14 +297,7 @@ def command(stage: Stage, flow: Callable | None = None) -> Callable[..., None]:
         for arg in stage.paths
     ]
     parameters.append(
-        inspect.Parameter(
-            "params_path",
-            keyword,
-            default=Path("params.yaml"),
-            annotation=Annotated[
-                Path, typer.Option("--params", "-p", help="params file (every knob: params.yaml)")
-            ],
-        )
+        inspect.Parameter("params_path", keyword, default=None, annotation=ParamsOption)
     )
     if stage.parallel:
         parameters += [

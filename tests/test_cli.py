@@ -95,6 +95,31 @@ def test_bad_params_are_one_line_and_exit_1(tmp_path, yaml_text, message):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-p", "params.imagenet.yml"], "error: params.imagenet.yml: no such params file"),
+        (["--workers", "-1"], "error: command line: compute.workers: Input should be greater"),
+        (
+            ["--scheduler", "tcp://127.0.0.1:1"],  # nothing listens on port 1
+            "error: compute.scheduler: no Dask scheduler answers at tcp://127.0.0.1:1 (",
+        ),
+    ],
+)
+def test_a_wrong_command_line_is_one_error_line_before_any_work(tmp_path, args, message):
+    result = alexnet("synth", str(tmp_path / "raw"), *args)
+    assert result.returncode == 1 and not (tmp_path / "raw").exists()
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_report_into_a_folder_is_one_error_line(tmp_path):
+    (tmp_path / "metrics").mkdir()
+    result = runner.invoke(
+        app, ["report", "-o", str(tmp_path), "--metrics", str(tmp_path / "metrics")]
+    )
+    assert result.exit_code == 1 and "is a folder; name the HTML file to write" in result.output
+
+
 def test_missing_dataset_is_one_error_line(tmp_path, prefect_server):
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
     result = alexnet("prepare", str(tmp_path / "nowhere"), str(tmp_path / "out"), env=env)
@@ -130,14 +155,14 @@ def test_a_damaged_shard_stops_the_stage_with_one_line(tmp_path, prefect_server,
     for split in ("train", "val"):
         (prepared / split).mkdir(parents=True)
         for s in range(2):
-            records = [Record(f"n{i}/img_{s}{i}", jpeg(16, 16, i), i) for i in range(2)]
+            records = [Record(f"n{i}/img_{s}{i}", jpeg(224, 224, i), i) for i in range(2)]
             if (split, s) == ("train", 1):
                 records[1] = Record("n1/img_11", b"GIF89a not a jpeg", 1)
             write_shard(prepared / split / f"shard-{s:05d}.tar", records, {})
     classes = [{"index": i, "wnid": f"n{i}", "name": f"c{i}"} for i in range(2)]
     (prepared / "classes.json").write_text(json.dumps(classes))
     params = tmp_path / "params.yaml"
-    params.write_text("prepare:\n  size: 16\ncompute:\n  workers: 1\npack:\n  batch: 2\n")
+    params.write_text("prepare:\n  size: 224\ncompute:\n  workers: 1\npack:\n  batch: 2\n")
     paths = {
         "stats": (prepared / "train", tmp_path / "stats"),
         "pack": (prepared, tmp_path / "lmdb"),

@@ -1,6 +1,7 @@
 """The data stages on a real Dask cluster: a `dask scheduler` and two `dask worker`
 processes started on their own (as on a team's nodes, here on 127.0.0.1), reached by
-address. prepare, stats and pack through it give the bytes of the process pool."""
+address, the workers in a folder of their own. prepare, stats and pack through it give
+the bytes of the process pool; a stage command's relative paths reach the right files."""
 
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ from tests.helpers import REPO, SHARDS, free_port, shard_bytes
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
-def start(*command: str) -> subprocess.Popen:
+def start(*command: str, cwd=REPO) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", *command],
-        cwd=REPO,
-        env=os.environ,  # the session's Prefect API: the tasks report to it
+        cwd=cwd,
+        # the session's Prefect API (the tasks report to it), the code wherever they run
+        env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -34,8 +36,14 @@ def start(*command: str) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """tcp://127.0.0.1:PORT of a scheduler with two single-threaded workers."""
+def workers_folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("workers")
+
+
+@pytest.fixture(scope="module")
+def cluster(workers_folder):
+    """tcp://127.0.0.1:PORT of a scheduler with two single-threaded workers, started in
+    a folder that is not the repository's (as on another node)."""
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     processes = [
@@ -61,6 +69,7 @@ def cluster():
             ":0",
             "--name",
             f"node{i}",
+            cwd=workers_folder,
         )
         for i in range(2)
     ]
@@ -113,3 +122,19 @@ def test_prepare_stats_and_pack_on_a_cluster_give_the_process_pools_bytes(
     assert sorted(results["pool"]) == sorted(results["cluster"])
     assert "lmdb/train/data.mdb" in results["pool"] and "stats/mean.npy" in results["pool"]
     assert results["pool"] == results["cluster"]
+
+
+def test_a_stage_commands_relative_paths_reach_the_same_files_on_the_workers(
+    cluster, workers_folder, tmp_path
+):
+    # The command runs in tmp_path, the workers in a folder of their own: a relative
+    # output path handed to them as it was would put the images in their folder.
+    (tmp_path / "params.yaml").write_text(
+        "synth:\n  classes: 2\n  train_per_class: 2\n  val_per_class: 1\n  oddities: 0\n"
+    )
+    command = [sys.executable, "-m", "flows.cli", "synth", "raw", "--scheduler", cluster]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    images = sorted(p.relative_to(tmp_path / "raw") for p in (tmp_path / "raw").rglob("*.JPEG"))
+    assert len(images) == 2 * (2 + 1) and not list(workers_folder.rglob("*.JPEG"))

@@ -65,6 +65,19 @@ def test_command_params_and_paths_come_from_the_table(stage):
         assert not name or name in fields, key
 
 
+def test_each_stage_reads_what_an_earlier_stage_writes():
+    # A renamed output must take its readers along: the table holds both ends, and the
+    # test above holds dvc.yaml to the table.
+    written: list[str] = []
+    for name, entry in DVC.items():
+        data = [d for d in entry["deps"] if not d.startswith(CODE)]
+        for path in data:
+            if path == "${prepare.raw}":  # the user's folder: no stage writes it
+                continue
+            assert any(path == out or path.startswith(f"{out}/") for out in written), (name, path)
+        written += [next(iter(o)) if isinstance(o, dict) else o for o in entry.get("outs", ())]
+
+
 def test_the_params_of_a_stage_are_sections_its_flow_takes():
     for row in STAGES.values():
         assert {key.split(".")[0] for key in row.params} <= set(row.sections), row.name

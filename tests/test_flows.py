@@ -24,7 +24,10 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 
 def test_synth_is_deterministic_across_worker_counts(raw, tmp_path):
     again = tmp_path / "raw"
+    killed = tmp_path / ".raw.tmp-424242"  # what a killed run left: half a dataset
+    (killed / "train").mkdir(parents=True)
     synth_flow.with_options(task_runner=task_runner(None, 1))(str(again), TINY)
+    assert [p.name for p in tmp_path.iterdir()] == ["raw"]
     files = sorted(p.relative_to(raw) for p in raw.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
     assert all((raw / f).read_bytes() == (again / f).read_bytes() for f in files)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from alexnet.params import Params, ParamsError, load_params, parse_params
+from alexnet.params import Params, ParamsError, load_params, parse_params, with_compute
 from tests.helpers import REPO
 
 
@@ -53,15 +53,41 @@ def test_prepared_images_smaller_than_the_crops_are_refused_naming_both_keys():
     assert parse_params({"prepare": {"size": 227}, "model": {"input_size": 227}})
 
 
+def test_values_that_fail_only_later_are_refused_when_loaded():
+    for address in ("local", "tcp://10.0.0.5:8786", "node7:8786", "tls://[::1]:8786", None):
+        assert parse_params({"compute": {"scheduler": address}}).compute.scheduler == address
+    for address in ("foo", "tcp://node7", "tcp://node7:port"):  # distributed needs the port
+        with pytest.raises(
+            ParamsError, match=rf"^params: compute.scheduler: .*\(got '{address}'\)$"
+        ):
+            parse_params({"compute": {"scheduler": address}})
+    with pytest.raises(ParamsError, match=r"^params: synth: min_side \(500\) is larger than max"):
+        parse_params({"synth": {"min_side": 500, "max_side": 200}})
+
+
+def test_command_line_overrides_are_checked_as_the_files_values():
+    assert with_compute(Params(), workers=3, scheduler="local").compute.workers == 3
+    with pytest.raises(ParamsError, match=r"^command line: compute.workers: .* 0 \(got -1\)$"):
+        with_compute(Params(), workers=-1)
+
+
+def test_a_params_file_named_must_be_there_and_readable(tmp_path, monkeypatch):
+    with pytest.raises(ParamsError, match=r"params.imagenet.yml: no such params file$"):
+        load_params(tmp_path / "params.imagenet.yml")  # a typo must not run on defaults
+    with pytest.raises(ParamsError, match=r": cannot read it \(IsADirectoryError\)$"):
+        load_params(tmp_path)
+    (tmp_path / "latin1.yaml").write_bytes("prepare:\n  raw: /données\n".encode("latin-1"))
+    with pytest.raises(ParamsError, match=r": cannot read it \(UnicodeDecodeError\)$"):
+        load_params(tmp_path / "latin1.yaml")
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: the default file may be absent
+    assert load_params() == Params()
+
+
 def test_invalid_yaml_names_the_line(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("prepare:\n  size: [256\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(path)
-
-
-def test_missing_file_means_defaults(tmp_path):
-    assert load_params(tmp_path / "none.yaml") == Params()
 
 
 def test_train_device_is_always_a_list_of_names():

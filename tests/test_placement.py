@@ -81,6 +81,8 @@ def test_resolve_devices_checks_the_names_a_run_asks_for():
         resolve_devices(["cpu"] * 3)
     with pytest.raises(DeviceError, match="one, or two"):
         resolve_devices([])
+    with pytest.raises(DeviceError, match=r"^device 'gpu': not a device name \(cpu, cuda"):
+        resolve_devices(["gpu"])  # torch's own error: a list of every backend, many lines
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count:
         with pytest.raises(DeviceError, match=f"has {count} CUDA device"):

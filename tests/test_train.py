@@ -193,6 +193,19 @@ def test_export_is_a_weights_only_model_file_that_load_model_reads(data, tmp_pat
     assert_same_weights(model.state_dict(), t.weights())
 
 
+def test_what_killed_saves_left_goes_with_the_next_save(data, tmp_path):
+    run = train_run(data, tmp_path, epochs=1)
+    killed = [tmp_path / ".ckpt.pt.tmp-424242", tmp_path / ".alexnet.pt.tmp-424243"]
+    other = tmp_path / ".other.pt.tmp-1"  # another target's: not ours to remove
+    for path in (*killed, other):
+        path.write_bytes(b"a partial file of a killed save")
+    trainer = Trainer(run)
+    trainer.save()
+    trainer.export(run.model_path)
+    hidden = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert hidden == [other.name] and run.checkpoint.exists() and run.model_path.exists()
+
+
 def test_clear_errors(data, tmp_path):
     three = [{"index": i, "wnid": f"n{i}", "name": f"c{i}"} for i in range(3)]
     (tmp_path / "lmdb").mkdir()
