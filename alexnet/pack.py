@@ -17,7 +17,14 @@ import numpy as np
 from PIL import Image
 
 from alexnet.errors import AlexnetError
-from alexnet.shards import ShardError, bad_image, check_image, check_size, index_shard
+from alexnet.shards import (
+    ShardError,
+    bad_image,
+    check_image,
+    check_size,
+    index_shard,
+    shard_files,
+)
 
 
 class PackError(AlexnetError):
@@ -73,9 +80,7 @@ def index_shards(folder: str | Path, classes: int | None = None) -> SplitIndex:
     """Every record of a split's shards in source order (shard order, then member order);
     a damaged shard or a label out of range (of `classes`, the number in classes.json)
     raises `ShardError` naming the shard and the member."""
-    shards = sorted(Path(folder).glob("shard-*.tar"))
-    if not shards:
-        raise PackError(f"{folder}: no shard-*.tar files (run prepare first)")
+    shards = shard_files(folder)
     tables = []
     for number, shard in enumerate(shards):
         rows = [

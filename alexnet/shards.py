@@ -27,6 +27,8 @@ from alexnet.atomic import atomic_output, remove_leftovers
 from alexnet.errors import AlexnetError, one_line
 
 SHARD_PATTERN = "shard-{:05d}.tar"
+SHARD_GLOB = SHARD_PATTERN.replace("{:05d}", "*")
+CLASSES_FILE = "classes.json"  # of a prepared folder: [{index, wnid, name}]
 _UNSAFE = re.compile(r"[^A-Za-z0-9_/-]")
 
 
@@ -134,9 +136,17 @@ _LABEL = re.compile(rb"\s*-?[0-9]+\s*")
 _LABEL_BYTES = 32  # a .cls member holds a few digits; more is not a label
 
 
+def shard_files(folder: str | Path) -> list[Path]:
+    """A split's shards in order; none is an error (the split was not prepared)."""
+    shards = sorted(Path(folder).glob(SHARD_GLOB))
+    if not shards:
+        raise ShardError(f"{folder}: no {SHARD_GLOB} files (run prepare first)")
+    return shards
+
+
 def load_classes(prepared: str | Path) -> list[dict]:
     """`classes.json` of a prepared folder (written by prepare): [{index, wnid, name}]."""
-    path = Path(prepared) / "classes.json"
+    path = Path(prepared) / CLASSES_FILE
     try:
         classes = json.loads(path.read_text())
     except FileNotFoundError:
@@ -269,7 +279,7 @@ def remove_stale(folder: Path, keep: int) -> None:
     """Delete leftovers of killed runs and shards numbered `keep` or above (from an
     earlier, larger input)."""
     remove_leftovers(folder)
-    for path in folder.glob("shard-*.tar"):
+    for path in folder.glob(SHARD_GLOB):
         number = path.stem.removeprefix("shard-")
         if number.isdigit() and int(number) >= keep:
             path.unlink()

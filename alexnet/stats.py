@@ -20,8 +20,9 @@ import numba
 import numpy as np
 from PIL import Image
 
+from alexnet.atomic import atomic_output, write_json
 from alexnet.errors import AlexnetError
-from alexnet.shards import bad_image, check_size, iter_shard, load_classes
+from alexnet.shards import CLASSES_FILE, bad_image, check_size, iter_shard, load_classes
 
 if TYPE_CHECKING:
     import torch
@@ -151,7 +152,7 @@ def class_count(train: str | Path) -> int | None:
     classes.json), against which stats checks the labels; None for shards on their own
     (stats needs only images: it then checks that labels are not negative)."""
     folder = Path(train).parent
-    return len(load_classes(folder)) if (folder / "classes.json").exists() else None
+    return len(load_classes(folder)) if (folder / CLASSES_FILE).exists() else None
 
 
 def reduce_moments(parts: Iterable[Moments]) -> Moments:
@@ -203,13 +204,23 @@ def rgb_pca(moments: Moments) -> dict:
     }
 
 
+MEAN_FILE, PCA_FILE = "mean.npy", "pca.json"  # the stats stage's outputs, in its folder
+
+
+def save_stats(folder: Path, mean: np.ndarray, pca: dict) -> None:
+    """Write the mean image (H, W, 3 float32, no pickle) and pca.json, each whole."""
+    with atomic_output(folder / MEAN_FILE) as temporary, open(temporary, "wb") as stream:
+        np.save(stream, mean, allow_pickle=False)
+    write_json(folder / PCA_FILE, pca)
+
+
 def load_stats(folder: Path) -> tuple[torch.Tensor, dict]:
     """The stats stage's outputs: the mean image as (3, 256, 256) float32 and pca.json."""
     import torch  # here: the stats stage itself runs without torch
 
     try:
-        mean = np.load(folder / "mean.npy", allow_pickle=False)
-        pca = json.loads((folder / "pca.json").read_text())
+        mean = np.load(folder / MEAN_FILE, allow_pickle=False)
+        pca = json.loads((folder / PCA_FILE).read_text())
     except (OSError, ValueError) as error:
         raise StatsError(f"{folder}: missing or corrupt stats ({error}); run stats") from None
     return torch.from_numpy(mean).permute(2, 0, 1).contiguous(), pca

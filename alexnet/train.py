@@ -43,7 +43,7 @@ from alexnet.params import DEFAULTS, JpegDecoder, Kernels, ModelParams, TrainPar
 from alexnet.placement import TwoColumnAlexNet, place, resolve_devices
 from alexnet.reader import LmdbSplit, batch_loader, encoded_for, in_order, read
 from alexnet.schedule import PlateauSchedule
-from alexnet.stats import load_stats
+from alexnet.stats import MEAN_FILE, PCA_FILE, load_stats
 
 
 class TrainError(AlexnetError):
@@ -230,7 +230,8 @@ class Trainer:
                 for path in (
                     run.lmdb / "train" / "data.mdb",
                     run.lmdb / "val" / "data.mdb",
-                    run.stats / "mean.npy",
+                    run.stats / MEAN_FILE,
+                    run.stats / PCA_FILE,  # the lighting's eigenvectors
                 )
             ],
         }

@@ -59,6 +59,7 @@ from alexnet.lmdb_store import write_store  # noqa: E402
 from alexnet.model import AlexNet  # noqa: E402
 from alexnet.reader import LmdbSplit  # noqa: E402
 from alexnet.runtime import configure  # noqa: E402
+from alexnet.stats import save_stats  # noqa: E402
 from alexnet.train import Trainer  # noqa: E402
 
 CLASSES = [{"index": i, "wnid": f"n{i:08d}", "name": f"class {i}"} for i in range(10)]
@@ -83,10 +84,8 @@ def make_stores(root: Path, images: int, encodings: tuple[str, ...]) -> list[byt
         for split, part in (("train", records), ("val", records[: max(images // 4, 1)])):
             batches = [part[i : i + 256] for i in range(0, len(part), 256)]
             write_store(root / encoding / split, batches, encoding, CLASSES, size=256)
-        (root / encoding / "stats").mkdir()
-        np.save(root / encoding / "stats" / "mean.npy", np.full((256, 256, 3), 110, np.float32))
         eig = {"eigenvalues": [900.0, 90.0, 9.0], "eigenvectors": np.eye(3).tolist()}
-        (root / encoding / "stats" / "pca.json").write_text(json.dumps(eig))
+        save_stats(root / encoding / "stats", np.full((256, 256, 3), 110, np.float32), eig)
     return jpegs
 
 

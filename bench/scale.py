@@ -53,6 +53,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
+from alexnet.shards import CLASSES_FILE, SHARD_PATTERN, shard_files  # noqa: E402
 from bench.common import cpu_model  # noqa: E402
 from bench.memory import Sampled, run_sampled  # noqa: E402
 
@@ -218,13 +219,13 @@ def replicate(prepared: Path, target: Path, times: int) -> None:
     if target.exists():
         return
     target.mkdir()
-    shutil.copy(prepared / "classes.json", target / "classes.json")
+    shutil.copy(prepared / CLASSES_FILE, target / CLASSES_FILE)
     for split in ("train", "val"):
         (target / split).mkdir()
-        shards = sorted((prepared / split).glob("shard-*.tar"))
+        shards = shard_files(prepared / split)
         for copy in range(times):
             for index, shard in enumerate(shards):
-                name = f"shard-{copy * len(shards) + index:05d}.tar"
+                name = SHARD_PATTERN.format(copy * len(shards) + index)
                 (target / split / name).symlink_to(shard)
 
 

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from alexnet.augment import Augment  # noqa: E402
 from alexnet.lmdb_store import write_store  # noqa: E402
 from alexnet.reader import LmdbSplit  # noqa: E402
 from alexnet.runtime import configure  # noqa: E402
+from alexnet.stats import save_stats  # noqa: E402
 from alexnet.train import EpochBatches, Trainer  # noqa: E402
 
 CLASSES = [{"index": i, "wnid": f"n{i:08d}", "name": f"class {i}"} for i in range(4)]
@@ -53,10 +53,8 @@ def make_data(root: Path, images: int) -> Path:
         records.append((label, pixels.tobytes()))
     write_store(root / "train", [records], "raw", CLASSES, size=256)
     write_store(root / "val", [records[:8]], "raw", CLASSES, size=256)
-    (root / "stats").mkdir()
-    np.save(root / "stats" / "mean.npy", np.full((256, 256, 3), 120, np.float32))
     eig = {"eigenvalues": [900.0, 90.0, 9.0], "eigenvectors": np.eye(3).tolist()}
-    (root / "stats" / "pca.json").write_text(json.dumps(eig))
+    save_stats(root / "stats", np.full((256, 256, 3), 120, np.float32), eig)
     return root
 
 

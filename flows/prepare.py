@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger
 from alexnet.atomic import write_json
 from alexnet.params import ComputeParams, PrepareParams
 from alexnet.prepare import Summary, check_classes, check_skipped, plan_shards
-from alexnet.shards import remove_stale
+from alexnet.shards import CLASSES_FILE, remove_stale
 from alexnet.sources import open_source
 from flows.progress import Bar, in_order
 from flows.runners import parallelism
@@ -44,7 +44,7 @@ def prepare_flow(
         remove_stale(target / split, keep=shards)  # shards of an earlier, larger input
 
     report = summary.report()
-    write_json(target / "classes.json", [c.__dict__ for c in source.classes])
+    write_json(target / CLASSES_FILE, [c.__dict__ for c in source.classes])
     write_json(target / "report.json", report)
     logger.info(
         "prepared %d files: %d kept, %d converted, %d skipped (%d of %d shards reused)",

@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 from prefect import flow, get_run_logger
 
-from alexnet.atomic import atomic_output, write_json
 from alexnet.params import ComputeParams, PrepareParams
+from alexnet.shards import shard_files
 from alexnet.stats import (
-    StatsError,
     class_count,
     mean_image,
     moments_bytes,
     reduce_moments,
     rgb_pca,
+    save_stats,
 )
 from flows.progress import Bar, in_order
 from tasks.stats import shard_moments_task
@@ -25,9 +25,7 @@ from tasks.stats import shard_moments_task
 def stats_flow(train: str, out: str, prepare: PrepareParams, compute: ComputeParams) -> dict:
     """Map over the shards, reduce in shard order (holding at most params
     `compute.window_mb` of shard moments), write mean.npy and pca.json."""
-    shards = sorted(Path(train).glob("shard-*.tar"))
-    if not shards:
-        raise StatsError(f"{train}: no shard-*.tar files (run prepare first)")
+    shards = shard_files(train)
     classes = class_count(train)  # the labels are checked, though stats does not use them
 
     results = in_order(
@@ -39,10 +37,7 @@ def stats_flow(train: str, out: str, prepare: PrepareParams, compute: ComputePar
     )
     moments = reduce_moments(part for _, part in results)
     pca = rgb_pca(moments)
-    target = Path(out)
-    with atomic_output(target / "mean.npy") as temporary, open(temporary, "wb") as stream:
-        np.save(stream, mean_image(moments), allow_pickle=False)
-    write_json(target / "pca.json", pca)
+    save_stats(Path(out), mean_image(moments), pca)
     get_run_logger().info(
         "stats of %d images: RGB mean %s, eigenvalues %s",
         pca["images"],

@@ -129,18 +129,16 @@ def blobs(label: int, count: int, seed: int) -> list[tuple[int, bytes]]:
 
 def tiny_training_data(root: Path) -> Path:
     """Train (10 images) and val (4) LMDB stores of `blobs`, and their stats, in `root`."""
-    import json
 
     from alexnet.lmdb_store import write_store
+    from alexnet.stats import save_stats
 
     train = blobs(0, 5, 1) + blobs(1, 5, 2)
     val = blobs(0, 2, 3) + blobs(1, 2, 4)
     write_store(root / "lmdb" / "train", [train[::2], train[1::2]], "raw", CLASSES, size=256)
     write_store(root / "lmdb" / "val", [val], "raw", CLASSES, size=256)
-    (root / "stats").mkdir()
-    np.save(root / "stats" / "mean.npy", np.full((256, 256, 3), 60, np.float32))
     eig = {"eigenvalues": [900.0, 90.0, 9.0], "eigenvectors": np.eye(3).tolist()}
-    (root / "stats" / "pca.json").write_text(json.dumps(eig))
+    save_stats(root / "stats", np.full((256, 256, 3), 60, np.float32), eig)
     return root
 
 

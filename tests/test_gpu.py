@@ -249,21 +249,18 @@ def assert_prints_same(script: str, folder) -> None:
 
 
 def test_training_from_a_jpeg_store_decodes_the_batches_on_the_gpu(tmp_path):
-    import json
-
     import numpy as np
 
     from alexnet.jpeg import Encoded
     from alexnet.lmdb_store import write_store
+    from alexnet.stats import save_stats
     from tests.helpers import CLASSES, encode, photo, train_run
 
     records = [(i % 2, encode(photo(256, 256, seed=i), "JPEG", quality=90)) for i in range(8)]
     for split in ("train", "val"):
         write_store(tmp_path / "lmdb" / split, [records], "jpeg", CLASSES, size=256)
-    (tmp_path / "stats").mkdir()
-    np.save(tmp_path / "stats" / "mean.npy", np.full((256, 256, 3), 100, np.float32))
     eig = {"eigenvalues": [900.0, 90.0, 9.0], "eigenvectors": np.eye(3).tolist()}
-    (tmp_path / "stats" / "pca.json").write_text(json.dumps(eig))
+    save_stats(tmp_path / "stats", np.full((256, 256, 3), 100, np.float32), eig)
     from alexnet.train import Trainer
 
     run = train_run(tmp_path, tmp_path / "run", epochs=1, device=["cuda"])

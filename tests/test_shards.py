@@ -235,3 +235,11 @@ def test_remove_stale_drops_leftovers_and_extra_shards(tmp_path):
     (tmp_path / ".shard-00001.tar.tmp-123").write_bytes(b"half")
     remove_stale(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.tar", "shard-00001.tar"]
+
+
+def test_a_split_without_shards_is_named_with_what_to_run(tmp_path):
+    from alexnet.shards import ShardError, shard_files
+
+    (tmp_path / "train").mkdir()
+    with pytest.raises(ShardError, match=r"train: no shard-\*\.tar files \(run prepare first\)$"):
+        shard_files(tmp_path / "train")

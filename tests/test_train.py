@@ -83,6 +83,18 @@ def test_checkpoint_of_other_params_is_not_resumed(data, tmp_path):
     assert not other.resume() and (other.epoch, other.step) == (0, 0)
 
 
+def test_checkpoint_of_other_stats_is_not_resumed(data, tmp_path):
+    import json
+    import shutil
+
+    mine = shutil.copytree(data, tmp_path / "data")
+    stop_at(trainer(mine, tmp_path, epochs=1), epoch=0, step=1)
+    pca = json.loads((mine / "stats" / "pca.json").read_text())
+    pca["eigenvalues"][0] *= 2  # the same mean image, other lighting noise
+    (mine / "stats" / "pca.json").write_text(json.dumps(pca))
+    assert not trainer(mine, tmp_path, epochs=1).resume()
+
+
 def recode(checkpoint: Path, name: str) -> None:
     """Make `checkpoint` look written by other code: `name`'s recorded digest differs."""
     state = torch.load(checkpoint, weights_only=True)
