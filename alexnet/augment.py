@@ -89,8 +89,8 @@ class Augment:
     def draw(
         self,
         n: int,
-        height: int = 256,
-        width: int = 256,
+        height: int = DEFAULTS.prepare.size,
+        width: int = DEFAULTS.prepare.size,
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
     ) -> Draws:

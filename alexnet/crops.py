@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from alexnet.params import DEFAULTS
+
 
 def centre_offset(size: int, crop: int) -> int:
     """Offset of the central `crop` window along a side of `size` (torchvision's rule)."""
@@ -37,7 +39,9 @@ def crop_windows(
     return views[sources, :, tops, lefts]
 
 
-def centre_crop(images: torch.Tensor, mean: torch.Tensor | None, crop: int = 224) -> torch.Tensor:
+def centre_crop(
+    images: torch.Tensor, mean: torch.Tensor | None, crop: int = DEFAULTS.model.input_size
+) -> torch.Tensor:
     """Validation input: the central crop as float32, minus the same window of the mean."""
     height, width = images.shape[-2:]
     top, left = centre_offset(height, crop), centre_offset(width, crop)
@@ -63,7 +67,9 @@ def ten_crop_windows(height: int, width: int, crop: int) -> tuple[list[int], lis
 CENTRE = 4  # index of the (unreflected) centre patch among the ten
 
 
-def ten_crops(images: torch.Tensor, mean: torch.Tensor | None, crop: int = 224) -> torch.Tensor:
+def ten_crops(
+    images: torch.Tensor, mean: torch.Tensor | None, crop: int = DEFAULTS.model.input_size
+) -> torch.Tensor:
     """(N, 3, H, W) uint8 -> (N, 10, 3, crop, crop) float32, mean-subtracted 0-255 (each
     patch loses its own window of the mean, as in training).
 

@@ -121,7 +121,9 @@ def centre_box(width: int, height: int, size: int) -> tuple[float, float, float,
     return (left, top, left + side, top + side)
 
 
-def resize_crop(image: Image.Image, size: int, resample: str = "bilinear") -> Image.Image:
+def resize_crop(
+    image: Image.Image, size: int, resample: Resample = DEFAULTS.prepare.resample
+) -> Image.Image:
     """Shorter side to `size`, central `size` x `size` crop, in one antialiased resample of
     only the cropped region (the same sampling as resizing all, then cropping)."""
     box = centre_box(*image.size, size)

@@ -10,6 +10,8 @@ normalises within a column. Shapes for a 224 input (conv1 padding 2; 227 without
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 from torch import nn
 
@@ -39,10 +41,10 @@ class AlexNet(nn.Module):
         """The keywords are params `model` (defaults: alexnet/params.py); `kernels` picks
         the LRN's implementation (alexnet/lrn.py): the same function, not the model."""
         super().__init__()
-        if columns not in (1, 2):
-            raise ValueError(f"columns must be 1 or 2, got {columns}")
-        if input_size not in (224, 227):
-            raise ValueError(f"input_size must be 224 (conv1 padding 2) or 227, got {input_size}")
+        if columns not in get_args(Columns):
+            raise ValueError(f"columns must be one of {get_args(Columns)}, got {columns}")
+        if input_size not in get_args(InputSize):
+            raise ValueError(f"input_size must be one of {get_args(InputSize)}, got {input_size}")
         c1, c2, c3, c4, c5 = widths(columns)
         pool = (3, 2) if overlap_pool else (2, 2)  # section 3.4: z=3, s=2 vs z=s=2
         norm = (lambda: LRN(groups=columns, kernels=kernels)) if lrn else nn.Identity

@@ -9,7 +9,6 @@ there yet leaves its section saying which stage writes it.
 
 from __future__ import annotations
 
-import base64
 import csv
 import json
 from pathlib import Path
@@ -19,6 +18,7 @@ from matplotlib.figure import Figure
 
 from alexnet.atomic import write_bytes
 from alexnet.errors import AlexnetError
+from alexnet.eval_files import FOLDER, PER_CLASS, SUMMARY, data_url, worst_first
 from alexnet.figures import FIGURES, png
 
 # dvclive's per-epoch series (metrics/train/plots/metrics/<name>.tsv), one panel each group
@@ -99,10 +99,6 @@ def _readable(row: dict | None) -> dict | None:
     }
 
 
-def _data_url(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode()
-
-
 def read_series(folder: Path) -> dict[str, tuple[list[int], list[float]]]:
     """dvclive's series: name -> (epochs from 1, values)."""
     series = {}
@@ -142,17 +138,16 @@ def render(metrics: Path, params: Path | None = None) -> str:
     if not metrics.is_dir():
         raise AlexnetError(f"{metrics}: no such folder (run `dvc repro` first)")
     per_class = []
-    if (metrics / "eval" / "per_class.csv").is_file():
-        with (metrics / "eval" / "per_class.csv").open(newline="") as file:
-            per_class = list(csv.DictReader(file))
-        per_class.sort(key=lambda row: -float(row["top1_error"] or 0))
+    if (path := metrics / FOLDER / PER_CLASS).is_file():
+        with path.open(newline="") as file:
+            per_class = worst_first(list(csv.DictReader(file)))
     curves = curves_figure(read_series(metrics / "train" / "plots" / "metrics"))
     figures = [
         (
             name,
             FIGURES[name],
-            _data_url(path.read_bytes())
-            if (path := metrics / "eval" / f"{name}.png").is_file()
+            data_url(path.read_bytes())
+            if (path := metrics / FOLDER / f"{name}.png").is_file()
             else None,
         )
         for name in FIGURES
@@ -160,9 +155,9 @@ def render(metrics: Path, params: Path | None = None) -> str:
     return PAGE.render(
         title="AlexNet: evaluation report",
         metrics=str(metrics),
-        evaluation=_json(metrics / "eval.json"),
+        evaluation=_json(metrics / SUMMARY),
         training=_readable(_json(metrics / "train.json")),
-        curves=_data_url(png(curves)) if curves else None,
+        curves=data_url(png(curves)) if curves else None,
         figures=figures,
         per_class=per_class,
         params=params.read_text() if params and params.is_file() else None,

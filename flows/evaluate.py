@@ -4,9 +4,6 @@ a top-5 gallery, nearest neighbours in the last hidden layer) and Prefect artifa
 
 from __future__ import annotations
 
-import base64
-import csv
-import io
 from pathlib import Path
 
 import torch
@@ -14,7 +11,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from rich.progress import Progress
 
-from alexnet.atomic import write_bytes, write_json
+from alexnet.eval_files import data_url, markdown_summary, write_evaluation
 from alexnet.evaluate import Results, load_model_for, sample, top5_table
 from alexnet.evaluate import evaluate as evaluate_split
 from alexnet.figures import FIGURES, kernels_figure, neighbours_figure, png, top5_figure
@@ -24,42 +21,6 @@ from alexnet.neighbours import hidden_vectors, images_of, nearest, table
 from alexnet.params import ComputeParams, EvaluateParams, JpegDecoder
 from alexnet.placement import resolve_devices
 from alexnet.reader import LmdbSplit
-
-
-def _csv(rows: list[dict]) -> bytes:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue().encode()
-
-
-def _report(summary: dict, per_class: list[dict], worst: int = 5) -> str:
-    lines = [
-        "# Evaluation",
-        "",
-        "| | top-1 error | top-5 error |",
-        "|---|---|---|",
-        f"| 10-crop | {summary['top1_error']:.4f} | {summary['top5_error']:.4f} |",
-        f"| centre crop | {summary['center_top1_error']:.4f} | "
-        f"{summary['center_top5_error']:.4f} |",
-        "",
-        f"{summary['images']} images.",
-        "",
-        "## Worst classes (top-1 error)",
-        "",
-        "| class | images | top-1 error | top-5 error |",
-        "|---|---|---|---|",
-    ]
-    rated = [row for row in per_class if row["images"]]
-    for row in sorted(rated, key=lambda r: -r["top1_error"])[:worst]:
-        lines.append(
-            f"| {row['name']} ({row['wnid']}) | {row['images']} | "
-            f"{row['top1_error']:.3f} | {row['top5_error']:.3f} |"
-        )
-    lines += ["", "## Figures", "", "The artifacts `evaluation-<name>` show them:", ""]
-    lines += [f"- `metrics/eval/{name}.png`: {what}" for name, what in FIGURES.items()]
-    return "\n".join(lines)
 
 
 def _figures(
@@ -157,14 +118,8 @@ def evaluate_flow(
         )
     summary = results.summary()
     per_class = results.per_class(split.classes)
-    out = Path(metrics) / "eval"
-    write_json(Path(metrics) / "eval.json", summary)
-    write_bytes(out / "per_class.csv", _csv(per_class))
-    write_bytes(out / "confusion.csv", _csv(results.confusion(split.classes)))
-    for name, data in figures.items():
-        write_bytes(out / f"{name}.png", data)
-    for name, rows in tables.items():
-        write_bytes(out / f"{name}.csv", _csv(rows))
+    confusion = results.confusion(split.classes)
+    write_evaluation(Path(metrics), summary, per_class, confusion, figures, tables)
     logger.info(
         "10-crop top-1 error %.4f, top-5 %.4f; centre crop %.4f / %.4f; %d images",
         summary["top1_error"],
@@ -174,11 +129,10 @@ def evaluate_flow(
         summary["images"],
     )
     create_markdown_artifact(
-        _report(summary, per_class), key="evaluation", description="10-crop evaluation"
+        markdown_summary(summary, per_class), key="evaluation", description="10-crop evaluation"
     )
     for name, data in figures.items():  # the UI shows an image artifact from a data URL
-        url = "data:image/png;base64," + base64.b64encode(data).decode()
-        create_image_artifact(url, key=f"evaluation-{name}", description=FIGURES[name])
+        create_image_artifact(data_url(data), key=f"evaluation-{name}", description=FIGURES[name])
     return summary
 
 

@@ -224,3 +224,9 @@ def test_the_evaluate_stages_image_plots_are_the_figures_it_draws():
     plots = [next(iter(p)) if isinstance(p, dict) else p for p in DVC["evaluate"]["plots"]]
     images = [p for p in plots if p.endswith(".png")]
     assert images == [f"metrics/eval/{name}.png" for name in FIGURES]
+
+
+def test_the_design_docs_layout_names_every_module():
+    layout = (REPO / "docs" / "design.md").read_text()
+    for path in sorted((REPO / "alexnet").glob("*.py")):
+        assert path.name == "__init__.py" or f"\n  {path.name} " in layout, path.name

@@ -231,3 +231,26 @@ def test_a_nan_score_is_an_error_not_a_hit():
     assert rank[1] == 0 and all(missed(rank, k).tolist() == [True, False] for k in (1, 5, 1000))
     results = Results(torch.tensor([0, 1]), torch.tensor([0, 1]), rank, rank)
     assert results.summary()["top5_error"] == 0.5 == results.summary()["center_top1_error"]
+
+
+def test_the_ui_summary_lists_the_worst_classes_as_the_report_does():
+    from alexnet.eval_files import csv_bytes, markdown_summary, worst_first
+
+    rows = [
+        {
+            "index": i,
+            "wnid": f"n{i}",
+            "name": f"c{i}",
+            "images": n,
+            "top1_error": e,
+            "top5_error": 0.0,
+        }
+        for i, (n, e) in enumerate([(4, 0.25), (0, None), (4, 0.75), (4, 0.5)])
+    ]
+    summary = {"top1_error": 0.5, "top5_error": 0.0, "center_top1_error": 0.5}
+    text = markdown_summary({**summary, "center_top5_error": 0.0, "images": 12}, rows, worst=2)
+    listed = [line.split(" (")[0].strip("| ") for line in text.splitlines() if "(n" in line]
+    assert listed == ["c2", "c3"]  # highest top-1 error first; a class without images never
+    # `alexnet report` orders the rows read back from the CSV (strings) the same way
+    read = list(__import__("csv").DictReader(csv_bytes(rows).decode().splitlines()))
+    assert [row["name"] for row in worst_first(read)] == ["c2", "c3", "c0", "c1"]
