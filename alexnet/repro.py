@@ -29,7 +29,9 @@ _RUNNING = re.compile(r"Running stage '([\w-]+)'")
 RESTORED = re.compile(r"Stage '([\w-]+)' is cached")  # from the run cache, not run
 
 
-STOP_GRACE_S = 30  # a stopped run's stages get this long to exit (train checkpoints)
+# A stopped run's stages get this long to exit (train checkpoints), then SIGKILL: less
+# than the 30 s a Prefect runner gives a cancelled flow's process before it kills it.
+STOP_GRACE_S = 20
 
 
 class ReproError(AlexnetError):

@@ -142,37 +142,50 @@ def _drop_if_unused(flow_run_id: str) -> None:
             client.delete_flow_run(run.id)
 
 
-def _run(repo: str, until: str | None, force: str, key: str, push: bool) -> dict:
+def _run(
+    repo: str,
+    until: str | None,
+    force: str,
+    key: str,
+    push: bool,
+    late_after: timedelta | None = None,
+) -> dict:
     """The chain up to `until` (alexnet.repro.chain), a task per stage, each waiting for
-    the one before; `force`: "none", "last" (the stage `until`) or "all"."""
+    the one before; `force`: "none", "last" (the stage `until`) or "all". With
+    `late_after`, a run whose turn comes later than that after its scheduled time does
+    nothing (it was down, or behind a long run): missed schedules do not pile up."""
     logger = get_run_logger()
     root = Path(repo).resolve()
     stages = chain(root, until)
     forced = {"none": set(), "last": set(stages[-1:]), "all": set(stages)}[force]
     with one_run_at_a_time(root):
+        late = lateness(flow_run.scheduled_start_time)
+        if late_after is not None and late > late_after:
+            logger.warning("skipped: its turn came %s after its scheduled time", late)
+            return {"ran": [], "metrics": {}, "pushed": False, "skipped": True}
         before = metrics(root)
         remote = default_remote(root)
-        previous, ran = None, []
+        ran = []
         for stage in stages:
-            previous = repro_stage.submit(
-                stage,
-                str(root),
-                stage in forced,
-                remote is not None,
-                wait_for=[previous] if previous else [],
+            # Called, not submitted: the task runs in this, the main, thread, where
+            # Prefect turns a cancellation's SIGTERM into an exception, and `repro`
+            # stops dvc's process tree on it. (A submitted task's thread is never told:
+            # the run let go of the turn while its stage ran on, orphaned.)
+            state = repro_stage(
+                stage, str(root), stage in forced, remote is not None, return_state=True
             )
-            previous.wait()
-            if previous.state.is_failed():
-                previous.result()  # raises the stage's error
-            if previous.state.name == "Ran":
+            if not state.is_completed():
+                state.result()  # raises the stage's error (failed, crashed or cancelled)
+            if state.name == "Ran":
                 ran.append(stage)
         after = metrics(root)
         pushed = push and push_outputs(root, remote, logger.info)
+        # Still this run's turn: `dvc status` takes DVC's lock, as the next run's repro does.
+        _publish(key, metrics_diff(before, after), ran, status_clean(root), pushed)
     if ran:
         logger.info("stages run: %s", ", ".join(ran))
     else:
         logger.info("nothing changed: data and pipelines are up to date")
-    _publish(key, metrics_diff(before, after), ran, status_clean(root), pushed)
     return {"ran": ran, "metrics": after, "pushed": pushed}
 
 
@@ -244,29 +257,23 @@ def pipeline_flow(
 
 
 @flow(name="retrain")
-def retrain_flow(late_after_minutes: int | None = None, push: bool = True, repo: str = ".") -> dict:
+def retrain_flow(
+    late_after_minutes: float | None = None, push: bool = True, repo: str = "."
+) -> dict:
     """The scheduled retraining: `dvc repro`. New images in the raw folder re-run the
     chain from prepare; with nothing new it finishes at once. The artifact compares the
     metrics with the run before.
 
     Args:
-        late_after_minutes: skip the run when it starts this many minutes after its
-            scheduled time (after downtime, or behind a long run), instead of stacking
-            (empty: params.yaml's serve.late_after_minutes).
+        late_after_minutes: skip the run when its turn comes this many minutes after
+            its scheduled time (after downtime, or behind a long run), instead of
+            stacking (empty: params.yaml's serve.late_after_minutes).
         push: push the outputs and the run cache to the DVC remote after a success.
         repo: the repository (a folder on the worker) to run `dvc repro` in.
     """
     if late_after_minutes is None:
         late_after_minutes = load_params(Path(repo) / DEFAULT_FILE).serve.late_after_minutes
-    late = lateness(flow_run.scheduled_start_time)
-    if late > timedelta(minutes=late_after_minutes):
-        get_run_logger().warning(
-            "skipped: started %s after its scheduled time (late_after_minutes=%d)",
-            late,
-            late_after_minutes,
-        )
-        return {"ran": [], "metrics": {}, "pushed": False, "skipped": True}
-    return _run(repo, None, "none", "retrain", push)
+    return _run(repo, None, "none", "retrain", push, timedelta(minutes=late_after_minutes))
 
 
 def lateness(scheduled: datetime | None, now: datetime | None = None) -> timedelta:

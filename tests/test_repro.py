@@ -4,6 +4,7 @@ run that leaves no stage behind, and the remote another clone pulls from."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -141,6 +142,68 @@ def test_stopping_the_caller_stops_the_stage_dvc_started(tmp_path):
     with pytest.raises(ProcessLookupError):
         os.kill(stage_pid, 0)  # gone, not orphaned and still writing
     assert not (repo / "out" / "a").exists()
+
+
+def test_cancelling_a_pipeline_run_stops_its_stage_and_keeps_the_turn_until_then(
+    tmp_path, prefect_server
+):
+    # As the UI's Cancel does it: the runner sends the flow's process SIGTERM. The stage
+    # runs in a task; its `dvc repro` must be stopped there, before the run lets go of
+    # the repository's turn, not orphaned (it runs in a session of its own) and writing.
+    stage = "mkdir -p out && echo $$ > ../stage.pid && sleep 600 && echo a > out/a"
+    repo = project(tmp_path, a=stage)
+    code = (
+        f"from flows.pipeline import pipeline_flow; pipeline_flow(repo={str(repo)!r}, push=False)"
+    )
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    caller = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env
+    )
+    pid_file = tmp_path / "stage.pid"
+    deadline = time.monotonic() + 120
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stage_pid = int(pid_file.read_text())
+    caller.send_signal(signal.SIGTERM)
+    try:
+        caller.wait(timeout=60)
+        with pytest.raises(ProcessLookupError):
+            os.kill(stage_pid, 0)  # gone with the run
+    finally:
+        caller.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stage_pid, signal.SIGKILL)  # an orphan of a failed check: not left behind
+    assert not (repo / "out" / "a").exists()
+
+
+def test_a_retrain_whose_turn_comes_too_late_does_nothing(tmp_path, prefect_server):
+    # Behind a long run (here: the repository's turn held for 6 s), a scheduled retrain
+    # waits; when its turn comes more than late_after_minutes (3 s) after its scheduled
+    # time, it skips instead of running the chain again, late.
+    from prefect.concurrency.sync import concurrency
+
+    from flows.pipeline import repository_key, repository_limit, retrain_flow
+
+    repo = project(tmp_path)
+    assert retrain_flow(late_after_minutes=1, push=False, repo=str(repo))["ran"] == ["a", "b"]
+    (repo / "input").write_text("new data\n")  # so a run that is not skipped runs a
+    holding, release = threading.Event(), threading.Event()
+
+    def long_run() -> None:
+        limit = repository_limit(repository_key(repo.resolve()))
+        with concurrency(limit, occupy=1, strict=True):
+            holding.set()
+            release.wait(60)
+
+    other = threading.Thread(target=long_run)
+    other.start()
+    assert holding.wait(30)
+    threading.Timer(6, release.set).start()
+    late = retrain_flow(late_after_minutes=0.05, push=False, repo=str(repo))
+    other.join()
+    assert late == {"ran": [], "metrics": {}, "pushed": False, "skipped": True}
+    on_time = retrain_flow(late_after_minutes=0.05, push=False, repo=str(repo))
+    assert on_time["ran"] == ["a"]  # (b's input, out/a, is the same bytes)
 
 
 def test_a_second_clone_pulls_the_outputs_and_restores_stages_from_the_run_cache(tmp_path):
