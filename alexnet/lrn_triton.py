@@ -8,9 +8,10 @@ needs each position's d over its window of maps and then a second window sum ove
 maps whose window holds j. Composed ops (or torch.compile's kernels) write d and the
 inner products to memory between the two sums: ~6x the forward's time on an H100. Here
 one program takes one image's channel group at a block of pixel positions, loads a and g
-there once (all the group's maps: 48 or 96), keeps both window sums in registers, as
-products with the 0/1 band matrix of the window (`tl.dot` in IEEE float32), and writes
-the gradient once. Inputs of any float dtype; sums in float32.
+there once (all the group's maps: 48 or 128 with two columns, 96 or 256 with one),
+keeps both window sums in registers, as products with the 0/1 band matrix of the window
+(`tl.dot` in IEEE float32), and writes the gradient once. Inputs of any float dtype;
+sums in float32.
 
 It must equal `alexnet.lrn.local_response_norm_reference` differentiated by autograd
 (tests/test_lrn.py, float32 and bf16; on a CPU through Triton's interpreter).

@@ -193,7 +193,12 @@ class TrainParams(_Section):
     lr: float = Field(0.01, gt=0, description="initial learning rate (paper: 0.01)")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
-    lr_patience: int = Field(2, ge=0, description="epochs without val improvement = plateau")
+    lr_patience: int = Field(
+        2,
+        ge=0,
+        description="a plateau is more epochs than this without val improvement (2: the "
+        "rate drops after the third)",
+    )
     lr_threshold: float = Field(0.0, ge=0, description="relative val-error gain that counts")
     max_lr_drops: int = Field(3, ge=0, description="divisions by 10 before the final plateau")
     stop_at_last_plateau: bool = Field(True, description="stop at the plateau after the last drop")

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 @dataclass
 class PlateauSchedule:
-    lr_patience: int  # epochs without improvement that make a plateau
+    lr_patience: int  # a plateau: more epochs than this without improvement
     lr_threshold: float  # relative improvement that counts: error < best * (1 - threshold)
     max_lr_drops: int
     stop_at_last_plateau: bool

@@ -3,7 +3,7 @@
 SGD with momentum and weight decay; torch's update `v <- m v + (g + wd w); w <- w - lr v`
 is the paper's `v <- m v - wd lr w - lr g; w <- w + v` with the velocity scaled by 1/lr:
 the same trajectory while the rate is constant, and at a rate drop torch keeps the
-velocity in gradient units (the paper's carries the old rate for one step).
+velocity in gradient units (the paper's carries the old rate, fading by m each step).
 
 Every random choice of step s of epoch e (the batch order, the crops, flips and
 lighting, dropout) comes from seeds derived from (seed, e, s), not from a generator's
