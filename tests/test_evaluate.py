@@ -45,6 +45,18 @@ def test_the_prediction_averages_softmax_outputs_not_logits():
     assert probabilities.mean(1).argmax(1).item() == 1 and table.mean(0).argmax().item() == 0
 
 
+def test_the_centre_crop_errors_are_the_centre_patchs(tmp_path):
+    # Only the centre patch (crop 4 of ten_crops' order) is right about each image, the
+    # nine others strongly wrong: 10-crop top-1 error 1, centre-crop top-1 error 0.
+    from alexnet.lmdb_store import write_store
+
+    write_store(tmp_path / "val", [blobs(1, 6, 0)], "raw", CLASSES, size=256)
+    table = torch.tensor([[9.0, 0.0]] * 4 + [[0.0, 9.0]] + [[9.0, 0.0]] * 5)
+    split = LmdbSplit(tmp_path / "val")
+    summary = evaluate(CropTable(table), split, None, 224, 4, torch.device("cpu")).summary()
+    assert (summary["top1_error"], summary["center_top1_error"]) == (1.0, 0.0)
+
+
 @pytest.fixture(scope="module")
 def model_file(data, tmp_path_factory):
     run = train_run(

@@ -136,6 +136,8 @@ def test_real_sigkill_then_rerun_gives_the_same_shards(tmp_path, prefect_server)
     process.wait()
     survivors = {p.name for p in tmp_path.glob("out/train/shard-*.tar")}
     assert survivors, "the run was killed before any shard was written"
+    # ... and before its end (the report is written last): a resume, not a repeat
+    assert not (tmp_path / "out" / "report.json").exists()
 
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -144,6 +146,7 @@ def test_real_sigkill_then_rerun_gives_the_same_shards(tmp_path, prefect_server)
         str(root), str(fresh), PrepareParams(shard_size=4)
     )
     assert shard_bytes(tmp_path / "out") == shard_bytes(fresh)
+    assert len(survivors) < len(list((fresh / "train").glob("shard-*.tar")))
     assert not list(tmp_path.glob("out/**/.*tmp*"))
 
 

@@ -89,7 +89,7 @@ def test_a_params_file_named_must_be_there_and_readable(tmp_path, monkeypatch):
 def test_invalid_yaml_names_the_line(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("prepare:\n  size: [256\n")
-    with pytest.raises(ParamsError, match="not valid YAML"):
+    with pytest.raises(ParamsError, match=r"p.yaml: line 3 not valid YAML$"):
         load_params(path)
 
 
