@@ -20,7 +20,7 @@ import torch
 
 from alexnet.crops import CENTRE, ten_crops
 from alexnet.jpeg import to_device
-from alexnet.lmdb_store import key
+from alexnet.lmdb_store import StoreError, key
 from alexnet.metrics import label_ranks, missed
 from alexnet.modelfile import ModelFileError, load_model
 from alexnet.params import DEFAULTS, JpegDecoder, Kernels
@@ -113,6 +113,8 @@ def evaluate(
     the images `keep` lists (only theirs: a split's would be images x classes). `workers`
     processes read and decode batches ahead (a JPEG store needs them to feed a GPU);
     on a CUDA device a jpeg store's batches are decoded there by `decoder`."""
+    if not len(split):  # no error rate, rather than a perfect one
+        raise StoreError(f"{split.path}: no images to evaluate")
     model.eval()
     mean = None if mean is None else mean.to(device)
     batches = in_order(split, batch, encoded=encoded_for(split, device))

@@ -75,6 +75,11 @@ def check_meta(raw: bytes | None, path: Path) -> dict:
         raise StoreError(f"{path}: key __meta__: version {meta.get('version')!r}, need {VERSION}")
     if meta.get("encoding") not in ENCODINGS:
         raise StoreError(f"{path}: key __meta__: unknown encoding {meta.get('encoding')!r}")
+    for name in ("count", "height", "width"):  # what readers size batches by
+        if not isinstance(meta.get(name), int) or meta[name] < 0:
+            raise StoreError(f"{path}: key __meta__: {name} {meta.get(name)!r}, not a count")
+    if not isinstance(meta.get("classes"), list):
+        raise StoreError(f"{path}: key __meta__: no list of classes")
     return meta
 
 

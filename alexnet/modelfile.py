@@ -115,6 +115,18 @@ def _check_contents(path: Path, payload: object) -> dict:
     missing = [key for key in REQUIRED if key not in payload]
     if missing:
         raise ModelFileError(f"{path}: damaged model file: no {', '.join(missing)}")
+    mean, classes, model = payload["mean"], payload["classes"], payload["model"]
+    if not (isinstance(mean, torch.Tensor) and mean.dim() == 3 and mean.shape[0] == 3):
+        raise ModelFileError(f"{path}: damaged model file: mean is not a (3, H, W) image")
+    if not isinstance(model, dict) or not isinstance(payload["prepare"], dict):
+        raise ModelFileError(f"{path}: damaged model file: model or prepare is not a mapping")
+    count = model.get("num_classes")
+    if not (isinstance(classes, list) and all(isinstance(c, dict) for c in classes)):
+        raise ModelFileError(f"{path}: damaged model file: classes is not a list of classes")
+    if len(classes) != count:
+        raise ModelFileError(
+            f"{path}: damaged model file: {len(classes)} classes for {count} outputs"
+        )
     return payload
 
 

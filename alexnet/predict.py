@@ -6,15 +6,22 @@ after training does not change a prediction."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from alexnet.errors import AlexnetError, one_line
 from alexnet.evaluate import crop_probabilities
-from alexnet.imageops import BadImage, prepare_image
+from alexnet.imageops import BadImage, load_plugins, prepare_image
 from alexnet.modelfile import load_model
+from alexnet.placement import resolve_devices
+
+
+class PluginError(AlexnetError):
+    """A model file asks for PIL plugins the user did not allow, or that do not load."""
 
 
 @dataclass
@@ -56,12 +63,36 @@ def load_file(path: Path, image_options: dict) -> torch.Tensor:
     return decode_jpeg(data, mode=ImageReadMode.RGB)
 
 
+def allow_plugins(model_path: Path, asked: Sequence[str], allowed: Sequence[str]) -> None:
+    """Import the PIL plugins the model file's images were prepared with, each only if
+    the user allowed it: importing a module runs its code, and a model file is data
+    (never code) even when it comes from someone else."""
+    refused = [name for name in asked if name not in allowed]
+    if refused:
+        flags = " ".join(f"--plugin {name}" for name in refused)
+        raise PluginError(
+            f"{model_path}: its images were prepared with the PIL plugins "
+            f"{', '.join(refused)}; importing them runs their code: allow them with {flags}"
+        )
+    try:
+        load_plugins(asked)
+    except Exception as error:  # not installed, or failing as it loads: not per image
+        raise PluginError(f"{model_path}: PIL plugin {one_line(error)}") from None
+
+
 def predict(
-    paths: list[Path], model_path: Path, top: int = 5, device: str = "cpu"
+    paths: list[Path],
+    model_path: Path,
+    top: int = 5,
+    device: str = "cpu",
+    plugins: Sequence[str] = (),
 ) -> list[Prediction]:
     """One `Prediction` per path, in order; a file that cannot be read or decoded gets
-    its one-line `error` and the others are still predicted."""
+    its one-line `error` and the others are still predicted. `plugins`: the PIL plugin
+    modules the user allows the model file's preparation to import."""
+    [device] = resolve_devices([device])  # a wrong name: one line, as train and evaluate
     model, payload = load_model(model_path, device)
+    allow_plugins(Path(model_path), payload["prepare"].get("plugins") or (), plugins)
     mean = payload["mean"].float().to(device)
     classes = payload["classes"]
     results = []

@@ -289,6 +289,17 @@ def check_skipped(report: dict, max_skipped: float, report_path: str | Path) -> 
         )
 
 
+def check_splits(splits: dict[str, dict[str, int]], root) -> None:
+    """Fail when a split kept no image (`Summary.splits`): nothing to train on, or to
+    evaluate (an error rate of nothing would read as perfect)."""
+    for split, counts in splits.items():
+        if counts["kept"] == 0:
+            raise PrepareError(
+                f"{Path(root) / split}: no usable image in this split, all {counts['files']} "
+                "files were skipped; reasons in report.json"
+            )
+
+
 def check_classes(usable: Counter[int], classes: list[ClassInfo], root) -> None:
     """Fail when a training class has no usable image left (`usable`: class -> images
     kept, `Summary.usable`): it could not be learned."""

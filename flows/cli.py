@@ -44,11 +44,19 @@ def predict(
     top: Annotated[int, typer.Option(min=1, help="classes to show per image")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+    plugins: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--plugin",
+            help="a PIL plugin module the model file's preparation may import (its "
+            "params prepare.plugins); each must be allowed, as importing runs its code",
+        ),
+    ] = None,
 ) -> None:
     from alexnet.predict import predict as run_predict
 
     with user_errors():
-        results = run_predict(images, model_path, top, device)
+        results = run_predict(images, model_path, top, device, plugins or ())
     if as_json:
         rows = [
             {"path": r.path, **({"error": r.error} if r.error else {"predictions": r.top})}

@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 
 from alexnet.atomic import write_json
 from alexnet.params import ComputeParams, PrepareParams
-from alexnet.prepare import Summary, check_classes, check_skipped, plan_shards
+from alexnet.prepare import Summary, check_classes, check_skipped, check_splits, plan_shards
 from alexnet.shards import CLASSES_FILE, remove_stale
 from alexnet.sources import open_source
 from flows.progress import Bar, in_order
@@ -56,6 +56,7 @@ def prepare_flow(
         sum(summary.shards.values()),
     )
     check_skipped(report, prepare.max_skipped, target / "report.json")
+    check_splits(summary.splits, source.root)
     check_classes(summary.usable, source.classes, source.root)
     return {k: report[k] for k in ("files", "kept", "converted", "skipped")}
 

@@ -266,3 +266,13 @@ def test_the_ui_summary_lists_the_worst_classes_as_the_report_does():
     # `alexnet report` orders the rows read back from the CSV (strings) the same way
     read = list(__import__("csv").DictReader(csv_bytes(rows).decode().splitlines()))
     assert [row["name"] for row in worst_first(read)] == ["c2", "c3", "c0", "c1"]
+
+
+def test_an_empty_split_has_no_error_rate_rather_than_a_perfect_one(tmp_path):
+    from alexnet.lmdb_store import StoreError, write_store
+
+    write_store(tmp_path / "val", [], "raw", CLASSES, size=256)
+    split = LmdbSplit(tmp_path / "val")
+    model = CropTable(torch.zeros(10, 2))
+    with pytest.raises(StoreError, match=r"val: no images to evaluate$"):
+        evaluate(model, split, None, 224, 4, torch.device("cpu"))

@@ -104,6 +104,16 @@ def test_too_many_skipped_files_fail_after_writing_the_report(tmp_path):
     assert (out / "report.json").exists()
 
 
+def test_a_split_left_without_any_image_stops_the_stage(tmp_path):
+    root = make_imagefolder(tmp_path / "raw")
+    for path in (root / "val").rglob("*.JPEG"):
+        path.write_bytes(b"not a jpeg")  # every validation file unusable
+    with pytest.raises(PrepareError, match=r"raw/val: no usable image in this split, all 6 files"):
+        prepare_flow.with_options(task_runner=task_runner(None, 1))(
+            str(root), str(tmp_path / "prep"), PrepareParams(max_skipped=0.5)
+        )
+
+
 def test_real_sigkill_then_rerun_gives_the_same_shards(tmp_path, prefect_server):
     root = tmp_path / "raw"
     make_imagefolder(root, classes=2, train=1, val=1)

@@ -21,7 +21,7 @@ from alexnet.lmdb_store import write_store
 from alexnet.modelfile import ModelFileError
 from alexnet.pack import payload
 from alexnet.params import PrepareParams
-from alexnet.predict import predict
+from alexnet.predict import PluginError, predict
 from alexnet.reader import LmdbSplit
 from alexnet.train import Trainer
 from flows.cli import app
@@ -260,3 +260,57 @@ def test_the_refusal_is_the_commands_one_error_line(tmp_path):
         f"error: {path}: refused: not an alexnet model file (it holds pickled code: "
         "posix.system; only weights are loaded)"
     )
+
+
+def recorded(model_file: Path, folder: Path, **changes) -> Path:
+    """A copy of the model file with some of its contents replaced."""
+    contents = torch.load(model_file, weights_only=True)
+    path = folder / "changed.pt"
+    torch.save({**contents, **changes}, path)
+    return path
+
+
+def test_the_plugins_a_model_file_names_are_imported_only_when_allowed(
+    model_file, tmp_path, monkeypatch
+):
+    # Importing a module runs its code: a model file from someone else must not make
+    # predict import what it names (here a module that leaves a mark when imported).
+    marker = tmp_path / "imported"
+    name = f"plugin_{os.getpid()}_{random.randrange(10**9)}"
+    (tmp_path / f"{name}.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prepare = torch.load(model_file, weights_only=True)["prepare"]
+    path = recorded(model_file, tmp_path, prepare={**prepare, "plugins": [name]})
+    image = tmp_path / "a.jpg"
+    image.write_bytes(jpeg(300, 260, seed=1))
+    with pytest.raises(PluginError, match=rf"importing them runs their code: .*--plugin {name}$"):
+        predict([image], path)
+    assert not marker.exists()
+    [result] = predict([image], path, plugins=[name])
+    assert marker.exists() and result.error is None and len(result.top) == 2
+    missing = recorded(model_file, tmp_path, prepare={**prepare, "plugins": ["no_such_plugin"]})
+    with pytest.raises(PluginError, match="PIL plugin .*no_such_plugin"):  # once, not per image
+        predict([image], missing, plugins=["no_such_plugin"])
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"mean": [1.0, 2.0]}, "mean is not a (3, H, W) image"),
+        ({"classes": CLASSES[:1]}, "1 classes for 2 outputs"),
+        ({"classes": "two"}, "classes is not a list of classes"),
+    ],
+)
+def test_a_model_file_whose_contents_do_not_fit_is_refused(model_file, tmp_path, changes, reason):
+    path = recorded(model_file, tmp_path, **changes)
+    with pytest.raises(ModelFileError) as caught:
+        predict([tmp_path / "any.jpg"], path)
+    assert str(caught.value) == f"{path}: damaged model file: {reason}"
+
+
+def test_a_wrong_device_is_one_error_line(model_file, tmp_path):
+    (tmp_path / "a.jpg").write_bytes(jpeg(64, 64))
+    args = ["predict", str(tmp_path / "a.jpg"), "--model", str(model_file), "--device", "gpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and result.output.startswith("error: device 'gpu': not a device")
+    assert result.output.count("\n") == 1

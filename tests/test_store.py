@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -200,6 +201,25 @@ def test_wrong_version_or_missing_store_is_named(tmp_path):
         LmdbSplit(tmp_path / "missing")
     with pytest.raises(StoreError, match="version 7"):
         read_meta(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"height": None}, "height None, not a count"),
+        ({"count": "7"}, "count '7', not a count"),
+        ({"classes": {}}, "no list of classes"),
+    ],
+)
+def test_a_foreign_stores_meta_is_named_in_one_line(tmp_path, change, message):
+    path = store(tmp_path, raw_records(images(1)))
+    env = lmdb.open(str(path), lock=False)
+    with env.begin(write=True) as txn:
+        meta = {**json.loads(txn.get(b"__meta__")), **change}
+        txn.put(b"__meta__", json.dumps({k: v for k, v in meta.items() if v is not None}).encode())
+    env.close()
+    with pytest.raises(StoreError, match=f"key __meta__: {re.escape(message)}$"):
+        LmdbSplit(path)
 
 
 # Pack reads the prepared shards: a damaged one stops it with one line naming the shard
