@@ -111,6 +111,15 @@ def test_a_second_repro_on_the_repository_fails_with_dvcs_reason(tmp_path):
     first.join()
 
 
+def stage_started(folder: Path, timeout: float = 120) -> int:
+    """The pid of the sleeping stage once it runs (it writes ../stage.pid)."""
+    pid_file = folder / "stage.pid"
+    deadline = time.monotonic() + timeout
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return int(pid_file.read_text())
+
+
 def test_stopping_the_caller_stops_the_stage_dvc_started(tmp_path):
     # The stage ignores nothing and sleeps; the caller is stopped as Prefect stops a
     # cancelled run: SIGTERM, which its engine turns into an exception in the flow.
@@ -132,11 +141,7 @@ def test_stopping_the_caller_stops_the_stage_dvc_started(tmp_path):
         ],
         cwd=Path(__file__).resolve().parents[1],
     )
-    pid_file = tmp_path / "stage.pid"
-    deadline = time.monotonic() + 60
-    while not pid_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    stage_pid = int(pid_file.read_text())
+    stage_pid = stage_started(tmp_path)
     caller.send_signal(signal.SIGTERM)
     assert caller.wait(timeout=60) == 143
     with pytest.raises(ProcessLookupError):
@@ -144,12 +149,10 @@ def test_stopping_the_caller_stops_the_stage_dvc_started(tmp_path):
     assert not (repo / "out" / "a").exists()
 
 
-def test_cancelling_a_pipeline_run_stops_its_stage_and_keeps_the_turn_until_then(
-    tmp_path, prefect_server
-):
+def test_cancelling_a_pipeline_run_stops_its_stage(tmp_path, prefect_server):
     # As the UI's Cancel does it: the runner sends the flow's process SIGTERM. The stage
-    # runs in a task; its `dvc repro` must be stopped there, before the run lets go of
-    # the repository's turn, not orphaned (it runs in a session of its own) and writing.
+    # runs in a task; its `dvc repro` must be stopped there (it runs in a session of its
+    # own), not left orphaned and writing while the next run takes the turn.
     stage = "mkdir -p out && echo $$ > ../stage.pid && sleep 600 && echo a > out/a"
     repo = project(tmp_path, a=stage)
     code = (
@@ -159,11 +162,7 @@ def test_cancelling_a_pipeline_run_stops_its_stage_and_keeps_the_turn_until_then
     caller = subprocess.Popen(
         [sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env
     )
-    pid_file = tmp_path / "stage.pid"
-    deadline = time.monotonic() + 120
-    while not pid_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    stage_pid = int(pid_file.read_text())
+    stage_pid = stage_started(tmp_path)
     caller.send_signal(signal.SIGTERM)
     try:
         caller.wait(timeout=60)
