@@ -233,16 +233,17 @@ def resolve_paths(stage: Stage, given: dict[str, Path | None], params: Params) -
 
 
 def run_stage(stage: Stage, paths: dict[str, str], params: Params, flow: Callable | None = None):
-    """Run the stage's flow on the task runner the params choose, against one Prefect
-    API for the whole run (flows/server.py); returns the flow's result. When a pipeline
+    """Run the stage's flow (a data stage's on the task runner the params choose)
+    against one Prefect API for the whole run (flows/server.py); returns its result. When a pipeline
     run planned this stage's flow run (its id in PLANNED_RUN), that run is the one run."""
     from flows.runners import check_scheduler, task_runner
     from flows.server import prefect_api
 
-    check_scheduler(params.compute.scheduler)
-    flow = (flow or stage.flow()).with_options(
-        task_runner=task_runner(params.compute.scheduler, params.compute.workers)
-    )
+    flow = flow or stage.flow()
+    if stage.parallel:  # train and evaluate map no tasks: no pool, no cluster to reach
+        check_scheduler(params.compute.scheduler)
+        runner = task_runner(params.compute.scheduler, params.compute.workers)
+        flow = flow.with_options(task_runner=runner)
     # Absolute: a Dask worker started in another folder, or on another machine sharing
     # the file system, reads and writes the same files as this process.
     absolute = {name: os.path.abspath(path) for name, path in paths.items()}

@@ -112,6 +112,29 @@ def test_a_wrong_command_line_is_one_error_line_before_any_work(tmp_path, args, 
     assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
 
 
+def test_only_the_data_stages_use_the_cluster_the_params_name(tmp_path, prefect_server):
+    # With compute.scheduler in params.yaml (the data stages on a cluster), train and
+    # evaluate, which map no tasks, must neither need the cluster up nor start one.
+    from prefect import flow
+
+    from alexnet.params import Params, with_compute
+    from flows.stages import run_stage
+
+    @flow
+    def stub(val: str, model_path: str, train: str, metrics: str, evaluate, compute) -> dict:
+        return {"val": val, "runner": type(stub_runner()).__name__}
+
+    def stub_runner():
+        from prefect.context import FlowRunContext
+
+        return FlowRunContext.get().task_runner
+
+    params = with_compute(Params(), scheduler="tcp://127.0.0.1:1")  # nothing listens
+    paths = {"val": "v", "model_path": "m", "train": "t", "metrics": "x"}
+    result = run_stage(STAGES["evaluate"], paths, params, stub)
+    assert result == {"val": os.path.abspath("v"), "runner": "ThreadPoolTaskRunner"}
+
+
 def test_report_into_a_folder_is_one_error_line(tmp_path):
     (tmp_path / "metrics").mkdir()
     result = runner.invoke(
