@@ -81,9 +81,11 @@ def repro(
     """`dvc repro` (`repro_args`) in `repo`, its output passed to `log` line by line;
     returns the stages that ran (none when everything was up to date). If the caller is
     stopped (an exception: Prefect turns a cancellation's SIGTERM into one), the whole
-    process tree of `dvc repro` is stopped with it, so no stage keeps writing outputs."""
+    process tree of `dvc repro` is stopped with it, so no stage keeps writing outputs;
+    if it is killed outright, `alexnet.guard`, the tree's leader, stops it."""
+    guard = [sys.executable, "-m", "alexnet.guard", str(os.getpid()), str(STOP_GRACE_S)]
     process = subprocess.Popen(
-        _dvc(repro_args(target, force, single, pull)),
+        [*guard, *_dvc(repro_args(target, force, single, pull))],
         cwd=repo,
         stdout=subprocess.PIPE,
         env={**stage_environment(), **(env or {})},

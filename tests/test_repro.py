@@ -149,6 +149,31 @@ def test_stopping_the_caller_stops_the_stage_dvc_started(tmp_path):
     assert not (repo / "out" / "a").exists()
 
 
+def test_a_caller_killed_outright_still_takes_its_stage_with_it(tmp_path):
+    # SIGKILL (or the OOM killer) runs no handler in the caller: the guard that leads
+    # dvc's process group learns of its death from the kernel and stops the group.
+    stage = "mkdir -p out && echo $$ > ../stage.pid && sleep 600 && echo a > out/a"
+    repo = project(tmp_path, a=stage)
+    code = f"from pathlib import Path; from alexnet.repro import repro; repro(Path({str(repo)!r}))"
+    caller = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
+    stage_pid = stage_started(tmp_path)
+    group = os.getpgid(stage_pid)  # the shell's and its sleep's
+    caller.kill()
+    caller.wait()
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            os.kill(stage_pid, 0)  # raises once the stage is gone
+            time.sleep(0.2)
+        raise AssertionError("the stage outlived its killed caller by 30 s")
+    except ProcessLookupError:
+        pass
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)  # an orphan of a failed check: not left behind
+    assert not (repo / "out" / "a").exists()
+
+
 def test_cancelling_a_pipeline_run_stops_its_stage(tmp_path, prefect_server):
     # As the UI's Cancel does it: the runner sends the flow's process SIGTERM. The stage
     # runs in a task; its `dvc repro` must be stopped there (it runs in a session of its
