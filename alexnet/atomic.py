@@ -21,9 +21,13 @@ def temporary_name(path: Path) -> Path:
 
 
 @contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path to write (a file or a folder); on success it replaces `path`."""
+def atomic_output(path: str | Path, sole_writer: bool = False) -> Iterator[Path]:
+    """Yield a temporary path to write (a file or a folder); on success it replaces `path`.
+    `sole_writer`: no other process writes `path` now, so what killed writers of it left
+    goes first (a large output's temporary is as large as the output)."""
     path = Path(path)
+    if sole_writer:
+        remove_leftovers(path.parent, path.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = temporary_name(path)
     try:

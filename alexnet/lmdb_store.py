@@ -22,7 +22,7 @@ from pathlib import Path
 
 import lmdb
 
-from alexnet.atomic import atomic_output, remove_leftovers
+from alexnet.atomic import atomic_output
 from alexnet.errors import AlexnetError
 
 FORMAT = "alexnet-lmdb"
@@ -125,8 +125,7 @@ def write_store(
     if encoding not in ENCODINGS:
         raise StoreError(f"unknown encoding {encoding!r} (choose from {', '.join(ENCODINGS)})")
     count = 0
-    remove_leftovers(Path(path).parent)  # temporary folders of killed earlier runs
-    with atomic_output(path) as folder:
+    with atomic_output(path, sole_writer=True) as folder:  # a killed run's leftover goes
         folder.mkdir()
         # lock=False: no lock.mdb; sync=False: one sync at the end (the rename covers
         # crashes); no writemap: it would make data.mdb a sparse file of map_size; meminit

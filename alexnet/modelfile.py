@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from alexnet.atomic import atomic_output, remove_leftovers
+from alexnet.atomic import atomic_output
 from alexnet.errors import AlexnetError, one_line
 from alexnet.model import AlexNet
 from alexnet.params import DEFAULTS, Kernels
@@ -37,8 +37,7 @@ class ModelFileError(AlexnetError):
 def save_model(path: Path, contents: dict) -> None:
     """Write a model file with `contents` (the keys of the module docstring), whole or
     not at all."""
-    remove_leftovers(Path(path).parent, Path(path).name)  # killed saves' (~240 MB each)
-    with atomic_output(path) as temporary:
+    with atomic_output(path, sole_writer=True) as temporary:
         torch.save({**FORMAT, **contents}, temporary)
 
 

@@ -82,8 +82,8 @@ def repro(
     returns the stages that ran (none when everything was up to date). If the caller is
     stopped (an exception: Prefect turns a cancellation's SIGTERM into one), the whole
     process tree of `dvc repro` is stopped with it, so no stage keeps writing outputs;
-    if it is killed outright, `alexnet.guard`, the tree's leader, stops it."""
-    guard = [sys.executable, "-m", "alexnet.guard", str(os.getpid()), str(STOP_GRACE_S)]
+    if it is killed outright, `alexnet.guard`, which starts dvc, stops the tree."""
+    guard = [sys.executable, "-m", "alexnet.guard", str(os.getpid())]
     process = subprocess.Popen(
         [*guard, *_dvc(repro_args(target, force, single, pull))],
         cwd=repo,
@@ -92,7 +92,7 @@ def repro(
         stderr=subprocess.STDOUT,
         text=True,
         bufsize=1,
-        start_new_session=True,  # its own process group: the stages are in it too
+        start_new_session=True,  # a terminal's Ctrl-C is for this process, not the guard
     )
     ran, cause = [], ""
     last: deque[str] = deque(maxlen=3)  # DVC's own errors (an invalid dvc.yaml) span lines
@@ -107,7 +107,8 @@ def repro(
                 ran.append(match.group(1))
         code = process.wait()
     except BaseException:
-        stop_group(process)
+        process.terminate()  # the guard stops dvc's tree (STOP_GRACE_S at most), then ends
+        process.wait()
         raise
     if code != 0:
         where = " ".join(f"dvc repro {target or ''} failed in {repo}:".split())

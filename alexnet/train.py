@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
-from alexnet.atomic import atomic_output, remove_leftovers
+from alexnet.atomic import atomic_output
 from alexnet.augment import Augment, Draws
 from alexnet.crops import centre_crop
 from alexnet.digests import changed_code, code_digests, file_digest
@@ -256,9 +256,7 @@ class Trainer:
             "history": self.history,
             "running": self.running,
         }
-        # A killed save leaves a temporary of the checkpoint's size: the next save removes it.
-        remove_leftovers(self.checkpoint.parent, self.checkpoint.name)
-        with atomic_output(self.checkpoint) as temporary:
+        with atomic_output(self.checkpoint, sole_writer=True) as temporary:
             torch.save(state, temporary)
 
     def resume(self, log: Callable[[str], None] = lambda line: None) -> bool:

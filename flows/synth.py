@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from alexnet.atomic import atomic_output, remove_leftovers
+from alexnet.atomic import atomic_output
 from alexnet.params import SynthParams
 from alexnet.synth import plan_jobs, write_mapping, write_oddities
 from flows.progress import gather
@@ -18,8 +18,7 @@ def synth_flow(out: str, synth: SynthParams) -> dict:
     """Draw the demo dataset into `out` (replaced whole when complete)."""
     p = synth
     jobs = plan_jobs(p.classes, p.train_per_class, p.val_per_class)
-    remove_leftovers(Path(out).parent, Path(out).name)  # what killed runs left
-    with atomic_output(out) as root:
+    with atomic_output(out, sole_writer=True) as root:
         futures = [
             synth_images.submit(
                 job, str(root), p.seed, p.min_side, p.max_side, p.quality, p.clutter
