@@ -51,15 +51,17 @@ def write_evaluation(
     figures: dict[str, bytes],
     tables: dict[str, list[dict]],
 ) -> None:
-    """Every file of the stage, each whole (alexnet/atomic.py)."""
+    """Every file of the stage, each whole (alexnet/atomic.py), the summary last: a run
+    stopped while writing leaves the previous summary, and a new one means every file
+    is new."""
     out = metrics / FOLDER
-    write_json(metrics / SUMMARY, summary)
     write_bytes(out / PER_CLASS, csv_bytes(per_class))
     write_bytes(out / CONFUSION, csv_bytes(confusion))
     for name, data in figures.items():
         write_bytes(out / f"{name}.png", data)
     for name, rows in tables.items():
         write_bytes(out / f"{name}.csv", csv_bytes(rows))
+    write_json(metrics / SUMMARY, summary)
 
 
 def markdown_summary(summary: dict, per_class: list[dict], worst: int = 5) -> str:

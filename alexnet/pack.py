@@ -9,6 +9,7 @@ decodes them to HWC RGB bytes. The single LMDB writer then appends the chunks in
 from __future__ import annotations
 
 import io
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,26 +133,27 @@ def payload(jpeg: bytes, encoding: str, size: int) -> bytes:
 
 
 def load_chunk(chunk: list[Entry], encoding: str, size: int) -> list[tuple[int, bytes]]:
-    """(label, payload) of each entry (size x size images), read by offset from its shard;
-    a member cut short, not a JPEG or not decodable raises one line naming it."""
-    records = []
-    handles: dict[str, io.BufferedReader] = {}
-    try:
-        for entry in chunk:
-            stream = handles.get(entry.shard) or handles.setdefault(
-                entry.shard, open(entry.shard, "rb")
-            )
-            stream.seek(entry.offset)
-            data = stream.read(entry.size)
-            _check(entry, data)  # for `jpeg`, the only check
-            try:
-                records.append((entry.label, payload(data, encoding, size)))
-            except Exception as error:  # whatever the decoder raises, the line names the member
-                raise PackError(bad_image(entry.shard, member_key(entry), error)) from None
-    finally:
-        for stream in handles.values():
-            stream.close()
+    """(label, payload) of each entry (size x size images), in the chunk's order; a
+    member cut short, not a JPEG or not decodable raises one line naming it. Each shard
+    is read in offset order with one file open at a time: a shuffled chunk of ImageNet's
+    train split touches ~700 of its ~1,300 shards, near the usual limit of 1,024 open files."""
+    records: list = [None] * len(chunk)
+    by_shard = sorted(range(len(chunk)), key=lambda i: (chunk[i].shard, chunk[i].offset))
+    for shard, positions in itertools.groupby(by_shard, key=lambda i: chunk[i].shard):
+        with open(shard, "rb") as stream:
+            for i in positions:
+                records[i] = _load(chunk[i], stream, encoding, size)
     return records
+
+
+def _load(entry: Entry, stream: io.BufferedReader, encoding: str, size: int) -> tuple[int, bytes]:
+    stream.seek(entry.offset)
+    data = stream.read(entry.size)
+    _check(entry, data)  # for `jpeg`, the only check
+    try:
+        return entry.label, payload(data, encoding, size)
+    except Exception as error:  # whatever the decoder raises, the line names the member
+        raise PackError(bad_image(entry.shard, member_key(entry), error)) from None
 
 
 def _check(entry: Entry, data: bytes) -> None:

@@ -51,6 +51,11 @@ class LmdbSplit(torch.utils.data.Dataset):
         label, height, width, payload = decode_value(value, where, self.encoding)
         if (3, height, width) != self.shape:
             raise StoreError(f"{where}: image is {height}x{width}, store says {self.shape[1:]}")
+        if label >= len(self.classes):  # a store another tool wrote (pack checks its own)
+            raise StoreError(
+                f"{where}: label {label} is out of range "
+                f"({len(self.classes)} classes in __meta__: 0..{len(self.classes) - 1})"
+            )
         return label, payload, where
 
     def _copy_into(self, out: np.ndarray, payload) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from alexnet.atomic import check_replaceable
 from alexnet.lmdb_store import write_store
 from alexnet.pack import chunk_bytes, chunks, index_shards, output_order
 from alexnet.params import ComputeParams, PackParams, PrepareParams
@@ -22,6 +23,8 @@ def pack_flow(
 ) -> dict:
     """Write `out/train` (seeded shuffled order) and `out/val` (source order); the
     workers read ahead of the single writer by at most params `compute.window_mb`."""
+    for split in SPLITS:  # both refused before any work, not val after train is written
+        check_replaceable(Path(out) / split)
     classes = load_classes(prepared)
     counts = {}
     for split in SPLITS:

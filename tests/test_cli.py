@@ -112,6 +112,30 @@ def test_a_wrong_command_line_is_one_error_line_before_any_work(tmp_path, args, 
     assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
 
 
+def test_an_output_folder_of_the_users_files_is_refused_and_kept(tmp_path, prefect_server):
+    # synth and pack replace their output folders whole: named by mistake as a folder of
+    # the user's files (here pack's `out` the same as its input), nothing may be lost.
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    mine = tmp_path / "mine"
+    (mine / "train").mkdir(parents=True)
+    (mine / "train" / "shard-00000.tar").write_bytes(b"the user's")
+    (mine / "thesis.txt").write_text("the user's")
+    before = {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()}
+    for args, target in (
+        (["synth", str(mine)], mine),
+        (["pack", str(mine), str(mine)], mine / "train"),
+    ):
+        result = alexnet(*args, env=env)
+        assert result.returncode == 1, result.stderr[-2000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert errors == [
+            f"error: {target}: a folder of files alexnet did not write (it has no "
+            ".alexnet-output), and this output would replace it whole; name a new or empty "
+            "folder, or remove this one"
+        ]
+        assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before
+
+
 def test_only_the_data_stages_use_the_cluster_the_params_name(tmp_path, prefect_server):
     # With compute.scheduler in params.yaml (the data stages on a cluster), train and
     # evaluate, which map no tasks, must neither need the cluster up nor start one.

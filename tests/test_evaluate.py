@@ -276,3 +276,24 @@ def test_an_empty_split_has_no_error_rate_rather_than_a_perfect_one(tmp_path):
     model = CropTable(torch.zeros(10, 2))
     with pytest.raises(StoreError, match=r"val: no images to evaluate$"):
         evaluate(model, split, None, 224, 4, torch.device("cpu"))
+
+
+def test_the_summary_is_written_last(tmp_path, monkeypatch):
+    # A run stopped while writing the figures keeps the previous eval.json: a new summary
+    # never stands beside the last run's per-class report or figures.
+    import alexnet.eval_files as files
+
+    rows = [{"index": 0, "name": "c0", "top1_error": 0.5}]
+    files.write_evaluation(tmp_path, {"top1_error": 0.5}, rows, rows, {"kernels": b"1"}, {})
+    written = []
+
+    def stopped_at_the_figure(path, data):
+        written.append(path.name)
+        if path.suffix == ".png":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(files, "write_bytes", stopped_at_the_figure)
+    with pytest.raises(KeyboardInterrupt):
+        files.write_evaluation(tmp_path, {"top1_error": 0.1}, rows, rows, {"kernels": b"2"}, {})
+    assert written == ["per_class.csv", "confusion.csv", "kernels.png"]
+    assert json.loads((tmp_path / "eval.json").read_text()) == {"top1_error": 0.5}

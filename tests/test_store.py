@@ -3,6 +3,7 @@ atomic writes, and clear errors on corrupted data."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -64,7 +65,7 @@ def test_jpeg_payloads_decode_like_pil(tmp_path):
     from PIL import Image
 
     jpegs = [encode(photo(SIZE, SIZE, seed=i), "JPEG", quality=90) for i in range(5)]
-    split = LmdbSplit(store(tmp_path, [(i, j) for i, j in enumerate(jpegs)], encoding="jpeg"))
+    split = LmdbSplit(store(tmp_path, [(i % 3, j) for i, j in enumerate(jpegs)], encoding="jpeg"))
     assert split.meta["encoding"] == "jpeg"
     reference = np.asarray(Image.open(BytesIO(jpegs[3])).convert("RGB")).astype(int)
     ours = split[3][0].permute(1, 2, 0).numpy().astype(int)
@@ -188,6 +189,25 @@ def test_corrupted_value_is_one_clear_error(tmp_path):
         split.read_batch([0, 1])
 
 
+@pytest.mark.parametrize("encoding", ["raw", "jpeg"])
+def test_a_label_outside_the_stores_classes_is_one_clear_error(tmp_path, encoding):
+    # A store another tool wrote: training would otherwise fail inside the loss (on CUDA
+    # a device-side assert that takes the process's CUDA context with it).
+    records = (
+        raw_records(images(4))
+        if encoding == "raw"
+        else [(i % 3, jpeg(SIZE, SIZE, i)) for i in range(4)]
+    )
+    records[2] = (3, records[2][1])
+    split = LmdbSplit(store(tmp_path, records, encoding))
+    assert split.read_batch([0, 1, 3])[1].tolist() == [0, 1, 0]
+    message = r"split: key 00000002: label 3 is out of range \(3 classes in __meta__: 0..2\)$"
+    with pytest.raises(StoreError, match=message):
+        split.read_batch([1, 2])
+    with pytest.raises(StoreError, match=message):
+        split[2]
+
+
 def test_wrong_version_or_missing_store_is_named(tmp_path):
     path = store(tmp_path, raw_records(images(1)))
     env = lmdb.open(str(path), lock=False)
@@ -252,6 +272,29 @@ def test_index_checks_labels_against_the_number_of_classes(tmp_path):
         str(caught.value)
         == f"{shard}: member n01/img_4.cls: label 3 is out of range (3 classes: 0..2)"
     )
+
+
+def test_a_shuffled_chunk_reads_one_shard_at_a_time_in_the_chunks_order(tmp_path, monkeypatch):
+    # A chunk of ImageNet's shuffled train split touches ~700 shards: they are read one
+    # after the other, not held open together, and the records still come in its order.
+    import alexnet.pack
+
+    entries = index_shards(prepared_split(tmp_path), classes=3)
+    chunk = [entries[i] for i in (4, 0, 5, 2, 3, 1)]  # the two shards interleaved
+    open_now, most = [], []
+
+    class Counted(io.FileIO):
+        def __init__(self, *args):
+            super().__init__(*args)
+            open_now.append(self)
+            most.append(len([f for f in open_now if not f.closed]))
+
+    monkeypatch.setattr(alexnet.pack, "open", Counted, raising=False)
+    records = load_chunk(chunk, "jpeg", SIZE)
+    assert [label for label, _ in records] == [1, 0, 2, 2, 0, 1]
+    expected = [jpeg(SIZE, SIZE, i) for i in (4, 0, 5, 2, 3, 1)]  # as prepared_split made them
+    assert [bytes(data) for _, data in records] == expected
+    assert len(open_now) == 2 and max(most) == 1 and all(f.closed for f in open_now)
 
 
 @pytest.mark.parametrize("encoding", ["raw", "jpeg"])
