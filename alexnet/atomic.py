@@ -69,8 +69,9 @@ def check_replaceable(path: Path) -> None:
     """Refuse (one line) to replace a folder that holds files and not the `OWNED` mark."""
     if path.is_dir() and not (path / OWNED).is_file() and next(path.iterdir(), None):
         raise OutputError(
-            f"{path}: a folder of files alexnet did not write (it has no {OWNED}), and this "
-            "output would replace it whole; name a new or empty folder, or remove this one"
+            f"{path}: a folder with files and without the {OWNED} mark of alexnet's "
+            "output folders, which this output would replace whole; name a new or empty "
+            "folder, or remove this one"
         )
 
 

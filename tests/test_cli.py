@@ -129,9 +129,9 @@ def test_an_output_folder_of_the_users_files_is_refused_and_kept(tmp_path, prefe
         assert result.returncode == 1, result.stderr[-2000:]
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert errors == [
-            f"error: {target}: a folder of files alexnet did not write (it has no "
-            ".alexnet-output), and this output would replace it whole; name a new or empty "
-            "folder, or remove this one"
+            f"error: {target}: a folder with files and without the .alexnet-output mark of "
+            "alexnet's output folders, which this output would replace whole; name a new or "
+            "empty folder, or remove this one"
         ]
         assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before
 
