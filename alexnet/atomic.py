@@ -7,7 +7,10 @@ aside as a leftover first, so a kill between them leaves no target, never part o
 
 A folder is replaced whole only when it is empty or alexnet wrote it (the `OWNED` file in
 it says so): a folder of the user's files named as an output by mistake (`alexnet synth
-~/photos`) is refused before any work, and loses nothing.
+~/photos`, `alexnet prepare raw raw`) is refused before any work, and loses nothing. An
+output folder that is a symbolic link is written where the link points (the data stays
+on that disk); an output file that is one is replaced by the new file, never written
+through (with DVC's symlink cache the link's target is the cache).
 """
 
 from __future__ import annotations
@@ -16,15 +19,15 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from alexnet.errors import AlexnetError
 
-# Written into every folder alexnet writes whole: the mark that it may replace it. Fixed
+# In every output folder of alexnet: the mark that it may replace or update it. Fixed
 # bytes, so a folder's content (and DVC's hash of it) depends only on its data.
 OWNED = ".alexnet-output"
-OWNED_TEXT = b"written whole by alexnet-pipeline, which replaces it whole when run again\n"
+OWNED_TEXT = b"an output folder of alexnet-pipeline, which replaces or updates it when run\n"
 
 
 class OutputError(AlexnetError):
@@ -36,22 +39,25 @@ def temporary_name(path: Path) -> Path:
 
 
 @contextmanager
-def atomic_output(path: str | Path, sole_writer: bool = False) -> Iterator[Path]:
-    """Yield a temporary path to write (a file or a folder); on success it replaces `path`.
-    `sole_writer`: no other process writes `path` now, so what killed writers of it left
-    goes first (a large output's temporary is as large as the output). A folder written
-    gets the `OWNED` mark; an existing folder at `path` must be empty or have it."""
-    path = Path(path)
-    check_replaceable(path)
+def atomic_output(
+    path: str | Path, sole_writer: bool = False, folder: bool = False
+) -> Iterator[Path]:
+    """Yield a temporary path to write, a file (or, with `folder`, a folder made here and
+    given the `OWNED` mark); on success it replaces `path` (`file_target`,
+    `folder_target`). `sole_writer`: no other process writes `path` now, so what killed
+    writers of it left goes first (a large output's temporary is as large as the output)."""
+    path = folder_target(path) if folder else file_target(path)
     if sole_writer:
         remove_leftovers(path.parent, path.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = temporary_name(path)
     try:
+        if folder:
+            temporary.mkdir()
         yield temporary
-        if temporary.is_dir():
+        if folder:
             (temporary / OWNED).write_bytes(OWNED_TEXT)
-        if path.is_dir() and temporary.is_dir():
+        if folder and path.is_dir():
             aside = path.with_name(f"{temporary.name}-old")
             os.replace(path, aside)
             os.replace(temporary, path)
@@ -59,20 +65,61 @@ def atomic_output(path: str | Path, sole_writer: bool = False) -> Iterator[Path]
         else:
             os.replace(temporary, path)
     finally:
-        if temporary.is_dir():
-            shutil.rmtree(temporary, ignore_errors=True)
-        else:
-            temporary.unlink(missing_ok=True)
+        with suppress(OSError):  # a failed cleanup must not hide the error that led here
+            if temporary.is_dir():
+                shutil.rmtree(temporary, ignore_errors=True)
+            else:
+                temporary.unlink(missing_ok=True)
 
 
-def check_replaceable(path: Path) -> None:
-    """Refuse (one line) to replace a folder that holds files and not the `OWNED` mark."""
-    if path.is_dir() and not (path / OWNED).is_file() and next(path.iterdir(), None):
+def file_target(path: str | Path) -> Path:
+    """An output file's path, checked before any work: not a folder, nor under a file."""
+    path = Path(path)
+    _check_parents(path)
+    if path.is_dir():
+        raise OutputError(f"{path}: a folder, where this output is a file; name the file")
+    return path
+
+
+def output_folder(path: str | Path) -> Path:
+    """A folder that outputs are written into, checked before any work: not a file,
+    nor under one."""
+    path = Path(path)
+    _check_parents(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{path}: a file, where this output is a folder; name a folder")
+    return path
+
+
+def folder_target(path: str | Path) -> Path:
+    """The folder an output folder at `path` replaces, checked before any work (a
+    symbolic link's target): `output_folder`, and empty or with the `OWNED` mark."""
+    output_folder(path)
+    target = Path(os.path.realpath(path))
+    if target.is_dir() and not (target / OWNED).is_file() and next(target.iterdir(), None):
         raise OutputError(
-            f"{path}: a folder with files and without the {OWNED} mark of alexnet's "
-            "output folders, which this output would replace whole; name a new or empty "
-            "folder, or remove this one"
+            f"{path}: holds files and not the {OWNED} mark of the output folders that "
+            "alexnet replaces or updates; name a new or empty folder, or remove this one"
         )
+    return target
+
+
+def _check_parents(path: Path) -> None:
+    for parent in path.parents:  # the nearest that exists
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"{path}: {parent} is a file, not a folder")
+            return
+
+
+def claim_folder(path: str | Path) -> Path:
+    """An output folder that a stage fills over several runs (prepare's, which resumes):
+    checked as `folder_target`, then made and marked."""
+    target = folder_target(path)
+    target.mkdir(parents=True, exist_ok=True)
+    if not (target / OWNED).is_file():
+        write_bytes(target / OWNED, OWNED_TEXT)
+    return target
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

@@ -42,7 +42,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from alexnet.errors import AlexnetError, one_line
+from alexnet.errors import USER_ERRORS, AlexnetError, user_line
 
 LENGTH = struct.Struct("<I")
 PROGRESS = struct.Struct("<qq")  # steps taken (each at()), index of the current file
@@ -217,13 +217,9 @@ def _run(message: dict, at: At) -> dict:
     try:
         result = target(message["request"], skip, at)
     except Exception as error:
-        traceback.print_exc()  # to stderr, the parent's: the whole story for a bug
-        line = (
-            one_line(error)
-            if isinstance(error, AlexnetError)
-            else (f"{type(error).__name__}: {one_line(error)}")
-        )
-        return {"error": line}
+        if not isinstance(error, USER_ERRORS):
+            traceback.print_exc()  # to stderr, the parent's: the whole story for a bug
+        return {"error": user_line(error)}
     finally:
         at(-1)
     return {"result": result}

@@ -1,4 +1,6 @@
-"""The one base class of errors a user can fix: the CLI prints them as one line."""
+"""The errors a user can fix, which the CLI prints as one line: ours (`AlexnetError`),
+and the operating system's (`OSError`: a read-only folder, a full disk, a file where a
+folder must be), which the user fixes, not the code."""
 
 
 class AlexnetError(Exception):
@@ -7,6 +9,19 @@ class AlexnetError(Exception):
 
 class Interrupted(Exception):
     """A stop was requested (SIGTERM); the run saved its checkpoint and can continue."""
+
+
+USER_ERRORS = (AlexnetError, OSError)
+
+
+def user_line(error: BaseException) -> str:
+    """The one line of a user error: ours as written, the system's as 'PATH: reason'."""
+    if isinstance(error, OSError) and error.strerror:
+        paths = [str(path) for path in (error.filename, error.filename2) if path is not None]
+        return ": ".join([" -> ".join(paths), error.strerror] if paths else [error.strerror])
+    if isinstance(error, AlexnetError):
+        return one_line(error)
+    return f"{type(error).__name__}: {one_line(error)}"
 
 
 def one_line(error: BaseException, first_only: bool = False) -> str:

@@ -16,7 +16,7 @@ import csv
 import io
 from pathlib import Path
 
-from alexnet.atomic import write_bytes, write_json
+from alexnet.atomic import file_target, output_folder, write_bytes, write_json
 from alexnet.figures import FIGURES
 
 SUMMARY, FOLDER = "eval.json", "eval"
@@ -41,6 +41,13 @@ def worst_first(per_class: list[dict]) -> list[dict]:
     """The per-class rows, highest top-1 error first (as read back from the CSV too,
     where the values are strings and a class without images has none)."""
     return sorted(per_class, key=lambda row: -float(row["top1_error"] or 0))
+
+
+def check_targets(metrics: Path) -> None:
+    """Where `write_evaluation` will write, checked before the evaluation (hours on
+    ImageNet) rather than after it."""
+    file_target(metrics / SUMMARY)
+    output_folder(metrics / FOLDER)
 
 
 def write_evaluation(

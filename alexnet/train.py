@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
-from alexnet.atomic import atomic_output
+from alexnet.atomic import atomic_output, file_target, output_folder
 from alexnet.augment import Augment, Draws
 from alexnet.crops import centre_crop
 from alexnet.digests import changed_code, code_digests, file_digest
@@ -135,12 +135,24 @@ def validate(
     return {"val_loss": loss / n, "val_top1_error": top1 / n, "val_top5_error": top5 / n}
 
 
+def check_outputs(run: TrainRun) -> None:
+    """The files train writes, checked before any work."""
+    file_target(run.model_path)
+    file_target(run.checkpoint)
+    output_folder(run.metrics)
+    if run.model_path.resolve() == run.checkpoint.resolve():
+        raise TrainError(
+            f"{run.model_path}: named as both the model file and the checkpoint; name two files"
+        )
+
+
 class Trainer:
     """A training run's state (model, optimizer, schedule, position) and its loop. The
     params sections of `run` are used as they are; `world` is this process's rank."""
 
     def __init__(self, run: TrainRun, world: World = World()):
         p = run.train
+        check_outputs(run)
         self.run, self.params, self.checkpoint, self.world = run, p, run.checkpoint, world
         self.devices = resolve_devices(world.device(p.device))
         self.device = self.devices[0]  # inputs, augmentation and logits live here
@@ -273,6 +285,11 @@ class Trainer:
         if not isinstance(state, dict):
             log(f"warning: {self.checkpoint} is damaged (not a checkpoint); starting afresh")
             return False
+        if "optimizer" not in state:  # a model file, say: the user's, not to overwrite
+            raise TrainError(
+                f"{self.checkpoint}: a file of torch tensors that is not a training "
+                "checkpoint (a model file?); name another --checkpoint, or remove it"
+            )
         if state.get("digest") != self.digest:
             return False
         changed = changed_code(state.get("code"), self.code)

@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from rich.progress import Progress
 
-from alexnet.eval_files import data_url, markdown_summary, write_evaluation
+from alexnet.eval_files import check_targets, data_url, markdown_summary, write_evaluation
 from alexnet.evaluate import Results, load_model_for, sample, top5_table
 from alexnet.evaluate import evaluate as evaluate_split
 from alexnet.figures import FIGURES, kernels_figure, neighbours_figure, png, top5_figure
@@ -81,6 +81,7 @@ def evaluate_flow(
     kernels.png, top5.png and top5.csv, neighbours.png and neighbours.csv. The mean
     image is the model file's: the one its training subtracted."""
     logger = get_run_logger()
+    check_targets(Path(metrics))
     device = resolve_devices([evaluate.device])[0]
     threads = decode_threads(evaluate.loader_workers)  # per loader process
     split = LmdbSplit(val, threads)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow, get_run_logger
 
-from alexnet.atomic import write_json
+from alexnet.atomic import claim_folder, write_json
 from alexnet.params import ComputeParams, PrepareParams
 from alexnet.prepare import Summary, check_classes, check_skipped, check_splits, plan_shards
 from alexnet.shards import CLASSES_FILE, remove_stale
@@ -30,7 +28,7 @@ def prepare_flow(
     ahead, so memory does not grow with the number of files."""
     logger = get_run_logger()
     source = open_source(raw)
-    target = Path(out)
+    target = claim_folder(out)  # not a folder of the user's files (`prepare raw raw`)
     summary = Summary()
     results = in_order(
         plan_shards(source, prepare.shard_size),

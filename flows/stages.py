@@ -24,7 +24,7 @@ from uuid import UUID
 import typer
 from rich.console import Console
 
-from alexnet.errors import AlexnetError, Interrupted
+from alexnet.errors import USER_ERRORS, Interrupted, user_line
 from alexnet.params import (
     DEFAULT_FILE,
     Params,
@@ -207,8 +207,8 @@ def user_errors() -> Iterator[None]:
     """A user-fixable error becomes one red line and exit status 1 (no traceback)."""
     try:
         yield
-    except AlexnetError as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False)
+    except USER_ERRORS as error:
+        console.print(f"[bold red]error:[/] {user_line(error)}", highlight=False)
         raise typer.Exit(1) from None
 
 

@@ -1,4 +1,4 @@
-"""User errors (`AlexnetError`) on the console as the CLI's one line, without the
+"""User errors (`alexnet.errors.USER_ERRORS`) on the console as the CLI's one line, without the
 traceback Prefect's console handler would add, in whichever process raised them: the
 CLI's own, or a worker of the task runner (the Prefect API still gets the whole record
 for the UI)."""
@@ -10,17 +10,17 @@ import logging
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
-from alexnet.errors import AlexnetError
+from alexnet.errors import USER_ERRORS
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
 class NoUserErrorTracebacks(logging.Filter):
-    """Drop console records that carry an AlexnetError."""
+    """Drop console records that carry a user error."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], AlexnetError))
+        return not (record.exc_info and isinstance(record.exc_info[1], USER_ERRORS))
 
 
 def quiet_console_tracebacks() -> None:
@@ -42,7 +42,7 @@ def quiet_user_errors(function: Callable[P, R]) -> Callable[P, R]:
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return function(*args, **kwargs)
-        except AlexnetError:
+        except USER_ERRORS:
             quiet_console_tracebacks()
             raise
 

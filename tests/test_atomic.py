@@ -1,16 +1,25 @@
-"""Outputs appear whole or not at all (alexnet/atomic.py)."""
+"""Outputs appear whole or not at all, and never in place of the user's files
+(alexnet/atomic.py)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
 
-from alexnet.atomic import OWNED, OWNED_TEXT, OutputError, atomic_output, remove_leftovers
+from alexnet.atomic import (
+    OWNED,
+    OWNED_TEXT,
+    OutputError,
+    atomic_output,
+    claim_folder,
+    remove_leftovers,
+)
 
 
 def folder(path, files: dict[str, bytes]) -> None:
-    path.mkdir()
+    path.mkdir(exist_ok=True)
     for name, data in files.items():
         (path / name).write_bytes(data)
 
@@ -27,7 +36,7 @@ def ours(files: dict[str, bytes]) -> dict[str, bytes]:
 def test_a_folder_is_replaced_whole_and_nothing_is_left_beside_it(tmp_path):
     target = tmp_path / "raw"
     folder(target, ours({"a": b"old a", "b": b"old b"}))
-    with atomic_output(target) as temporary:
+    with atomic_output(target, folder=True) as temporary:
         folder(temporary, {"a": b"new a"})
     assert contents(target) == ours({"a": b"new a"})
     assert [p.name for p in tmp_path.iterdir()] == ["raw"]
@@ -40,21 +49,91 @@ def test_a_folder_alexnet_did_not_write_is_never_replaced(tmp_path, old):
     target = tmp_path / "raw"
     folder(target, old)
     ran = []
-    with pytest.raises(OutputError, match=f"raw: a folder with files and without the {OWNED} mark"):
-        with atomic_output(target, sole_writer=True):
+    with pytest.raises(
+        OutputError, match=f"raw: holds files and not the {OWNED} mark of the output folders"
+    ):
+        with atomic_output(target, sole_writer=True, folder=True):
             ran.append(True)
     assert not ran and contents(target) == old
     assert [p.name for p in tmp_path.iterdir()] == ["raw"]
+    with pytest.raises(OutputError, match="not the"):
+        claim_folder(target)  # nor filled over time (prepare's)
+    assert contents(target) == old
 
 
 def test_an_empty_folder_is_replaced_and_a_file_output_gets_no_mark(tmp_path):
     (tmp_path / "raw").mkdir()
-    with atomic_output(tmp_path / "raw") as temporary:
+    with atomic_output(tmp_path / "raw", folder=True) as temporary:
         folder(temporary, {"a": b"a"})
     assert contents(tmp_path / "raw") == ours({"a": b"a"})
     with atomic_output(tmp_path / "raw" / "a") as temporary:
         temporary.write_bytes(b"new a")
     assert contents(tmp_path / "raw") == ours({"a": b"new a"})
+
+
+def test_a_folder_output_at_a_link_is_written_where_the_link_points(tmp_path):
+    # data/raw -> /bigdisk/raw: the data stays on the big disk, and the link stays.
+    (tmp_path / "big").mkdir()
+    (tmp_path / "raw").symlink_to(tmp_path / "big" / "raw")
+    for data in (b"first", b"second"):  # the link's target absent, then a marked folder
+        with atomic_output(tmp_path / "raw", sole_writer=True, folder=True) as temporary:
+            folder(temporary, {"a": data})
+        assert (tmp_path / "raw").is_symlink()
+        assert contents(tmp_path / "big" / "raw") == ours({"a": data})
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "raw"]
+        assert [p.name for p in (tmp_path / "big").iterdir()] == ["raw"]
+
+
+def test_a_file_output_at_a_link_replaces_the_link_not_its_target(tmp_path):
+    # DVC's symlink cache: models/alexnet.pt -> .dvc/cache/...; the cache must not change.
+    (tmp_path / "cache").write_bytes(b"cached")
+    (tmp_path / "model.pt").symlink_to(tmp_path / "cache")
+    with atomic_output(tmp_path / "model.pt") as temporary:
+        temporary.write_bytes(b"new")
+    assert not (tmp_path / "model.pt").is_symlink()
+    assert (tmp_path / "model.pt").read_bytes() == b"new"
+    assert (tmp_path / "cache").read_bytes() == b"cached"
+
+
+@pytest.mark.parametrize(
+    ("where", "is_folder", "message"),
+    [
+        ("file", True, "file: a file, where this output is a folder; name a folder"),
+        ("folder", False, "folder: a folder, where this output is a file; name the file"),
+        ("file/x", False, "file/x: .*file is a file, not a folder"),
+        ("file/x/y", True, "file/x/y: .*file is a file, not a folder"),
+    ],
+)
+def test_the_wrong_kind_of_path_is_refused_before_any_work(tmp_path, where, is_folder, message):
+    (tmp_path / "file").write_bytes(b"the user's")
+    (tmp_path / "folder").mkdir()
+    ran = []
+    with pytest.raises(OutputError, match=message):
+        with atomic_output(tmp_path / where, folder=is_folder):
+            ran.append(True)
+    assert not ran and (tmp_path / "file").read_bytes() == b"the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]
+
+
+def test_a_failed_cleanup_does_not_hide_the_error(tmp_path, monkeypatch):
+    # On a read-only or vanished disk the cleanup fails too: the user must see why the
+    # write failed, not why the cleanup did.
+    def unwritable(path, *args, **kwargs):
+        raise OSError(30, "Read-only file system", str(path))
+
+    with pytest.raises(ValueError, match="the real error"):
+        with atomic_output(tmp_path / "out.json") as temporary:
+            temporary.write_bytes(b"x")
+            monkeypatch.setattr(os, "unlink", unwritable)
+            raise ValueError("the real error")
+
+
+def test_claiming_a_folder_marks_it_once(tmp_path):
+    target = claim_folder(tmp_path / "prepared")
+    assert contents(target) == ours({})
+    folder(target, {"train": b""})
+    assert claim_folder(tmp_path / "prepared") == target  # a resumed run
+    assert contents(target) == ours({"train": b""})
 
 
 def test_a_kill_while_the_old_folder_is_deleted_leaves_the_new_one_whole(tmp_path, monkeypatch):
@@ -68,7 +147,7 @@ def test_a_kill_while_the_old_folder_is_deleted_leaves_the_new_one_whole(tmp_pat
         next(p for p in sorted(path.iterdir())).unlink()
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt), atomic_output(target) as temporary:
+    with pytest.raises(KeyboardInterrupt), atomic_output(target, folder=True) as temporary:
         folder(temporary, {"a": b"new a", "c": b"new c"})
         monkeypatch.setattr(shutil, "rmtree", killed)
     monkeypatch.undo()

@@ -113,27 +113,50 @@ def test_a_wrong_command_line_is_one_error_line_before_any_work(tmp_path, args, 
 
 
 def test_an_output_folder_of_the_users_files_is_refused_and_kept(tmp_path, prefect_server):
-    # synth and pack replace their output folders whole: named by mistake as a folder of
-    # the user's files (here pack's `out` the same as its input), nothing may be lost.
+    # synth and pack replace their output folders whole, prepare fills its own: named by
+    # mistake as a folder of the user's files (here pack's `out` the same as its input,
+    # prepare's the raw dataset), nothing may be lost or added.
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
     mine = tmp_path / "mine"
     (mine / "train").mkdir(parents=True)
     (mine / "train" / "shard-00000.tar").write_bytes(b"the user's")
     (mine / "thesis.txt").write_text("the user's")
-    before = {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()}
+    raw = make_imagefolder(tmp_path / "raw", classes=2, train=1, val=1)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     for args, target in (
         (["synth", str(mine)], mine),
         (["pack", str(mine), str(mine)], mine / "train"),
+        (["prepare", str(raw), str(mine)], mine),
+        (["prepare", str(raw), str(raw)], raw),
     ):
         result = alexnet(*args, env=env)
         assert result.returncode == 1, result.stderr[-2000:]
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert errors == [
-            f"error: {target}: a folder with files and without the .alexnet-output mark of "
-            "alexnet's output folders, which this output would replace whole; name a new or "
-            "empty folder, or remove this one"
+            f"error: {target}: holds files and not the .alexnet-output mark of the output "
+            "folders that alexnet replaces or updates; name a new or empty folder, or remove "
+            "this one"
         ]
-        assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_an_error_of_the_operating_system_is_one_line(tmp_path, prefect_server):
+    # A read-only folder, a full disk, a name too long: the user's to fix, so one line
+    # naming the path, as an error of ours (the command's exit status is 1 either way).
+    out = tmp_path / ("x" * 300)
+    result = alexnet("synth", str(out), env={**os.environ, "PREFECT_API_URL": prefect_server})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {out}: File name too long"]
+
+
+def test_the_line_of_an_error_of_the_operating_system_names_its_paths():
+    from alexnet.errors import user_line
+
+    assert user_line(OSError(30, "Read-only file system", "/x")) == "/x: Read-only file system"
+    moved = OSError(18, "Invalid cross-device link", "/a", None, "/b")  # as os.replace
+    assert user_line(moved) == "/a -> /b: Invalid cross-device link"
+    assert user_line(TimeoutError("no answer\nin 5 s")) == "TimeoutError: no answer in 5 s"
 
 
 def test_only_the_data_stages_use_the_cluster_the_params_name(tmp_path, prefect_server):

@@ -129,7 +129,7 @@ def test_a_step_in_skip_is_not_taken_and_its_file_gets_the_reason(tmp_path, monk
 def test_a_failure_outside_any_file_is_the_calls_error(decoder):
     with pytest.raises(RuntimeError, match=r"failed: decoder crashed \(SIGSEGV\)"):
         decoder.call("tests.decoder_plugin:crash_outside_files", {})
-    with pytest.raises(CallFailed, match=r"^OSError: \[Errno 28\] No space left on device$"):
+    with pytest.raises(CallFailed, match=r"^No space left on device$"):
         decoder.call("tests.decoder_plugin:fail", {})
 
 

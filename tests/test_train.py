@@ -136,6 +136,36 @@ def test_a_damaged_checkpoint_is_reported_once_and_training_starts_afresh(data, 
     assert again.resume() and (again.epoch, again.step) == (0, 1)
 
 
+def test_a_file_that_is_not_a_checkpoint_is_refused_and_kept(data, tmp_path):
+    # `--checkpoint models/alexnet.pt`: resuming from a model file failed on a missing
+    # key, and the next checkpoint would have replaced the user's model file.
+    t = trainer(data, tmp_path, epochs=1, **ONE_STEP)
+    run_to_end(t)
+    t.export(tmp_path / "alexnet.pt")
+    model_file = (tmp_path / "alexnet.pt").read_bytes()
+    run = train_run(data, tmp_path, epochs=1, **ONE_STEP)
+    paths = {"checkpoint": tmp_path / "alexnet.pt", "model_path": tmp_path / "new.pt"}
+    again = Trainer(run.model_copy(update=paths))
+    with pytest.raises(TrainError, match="alexnet.pt: a file of torch tensors that is not a"):
+        again.resume()
+    assert (tmp_path / "alexnet.pt").read_bytes() == model_file
+
+
+@pytest.mark.parametrize("path", ["model", "folder", "under a file"])
+def test_output_paths_are_refused_before_any_work(data, tmp_path, path):
+    run = train_run(data, tmp_path, epochs=1)
+    (tmp_path / "a folder").mkdir()
+    (tmp_path / "a file").write_text("the user's")
+    change, message = {
+        "model": ({"checkpoint": run.model_path}, "named as both the model file and the"),
+        "folder": ({"model_path": tmp_path / "a folder"}, "a folder, where this output is a"),
+        "under a file": ({"metrics": tmp_path / "a file" / "m"}, "a file, not a folder"),
+    }[path]
+    with pytest.raises(AlexnetError, match=message):
+        Trainer(run.model_copy(update=change))
+    assert (tmp_path / "a file").read_text() == "the user's"
+
+
 def test_the_recipe_reaches_the_optimizer_and_a_plateau_divides_its_rate(
     data, tmp_path, monkeypatch
 ):
