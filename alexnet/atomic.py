@@ -15,6 +15,7 @@ through (with DVC's symlink cache the link's target is the cache).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -28,6 +29,10 @@ from alexnet.errors import AlexnetError
 # bytes, so a folder's content (and DVC's hash of it) depends only on its data.
 OWNED = ".alexnet-output"
 OWNED_TEXT = b"an output folder of alexnet-pipeline, which replaces or updates it when run\n"
+
+
+# The write errors that name no file (`write`, `fsync`): the output's path is added.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 class OutputError(AlexnetError):
@@ -54,7 +59,12 @@ def atomic_output(
     try:
         if folder:
             temporary.mkdir()
-        yield temporary
+        try:
+            yield temporary
+        except OSError as error:
+            if error.filename is None and error.errno in WRITE_ERRNOS:  # say where
+                raise OSError(error.errno, error.strerror, str(path)) from error
+            raise
         if folder:
             (temporary / OWNED).write_bytes(OWNED_TEXT)
         if folder and path.is_dir():
@@ -91,17 +101,32 @@ def output_folder(path: str | Path) -> Path:
     return path
 
 
-def folder_target(path: str | Path) -> Path:
-    """The folder an output folder at `path` replaces, checked before any work (a
-    symbolic link's target): `output_folder`, and empty or with the `OWNED` mark."""
+def folder_target(path: str | Path, replaced: bool = True) -> Path:
+    """The folder an output folder at `path` replaces (`replaced`) or fills (where it
+    points, if it is a symbolic link), checked before any work: `output_folder`, empty or
+    with the `OWNED` mark, and if replaced not a mount point (which cannot be renamed)."""
     output_folder(path)
-    target = Path(os.path.realpath(path))
+    target = link_target(Path(path))
+    if replaced and os.path.ismount(target):
+        raise OutputError(f"{path}: a mount point, which cannot be replaced; name a folder in it")
     if target.is_dir() and not (target / OWNED).is_file() and next(target.iterdir(), None):
         raise OutputError(
             f"{path}: holds files and not the {OWNED} mark of the output folders that "
-            "alexnet replaces or updates; name a new or empty folder, or remove this one"
+            "alexnet replaces or updates; name a new or empty folder, or remove this one "
+            f"(one alexnet wrote before it marked them: touch {Path(path) / OWNED})"
         )
     return target
+
+
+def link_target(path: Path) -> Path:
+    """`path`, or where it points while it is a symbolic link. Only the last part is
+    followed: the rest stays as given, which a Dask worker on another machine (the same
+    file system, mounted through other links) also reaches."""
+    for _ in range(40):  # the kernel's own limit on a chain of links
+        if not path.is_symlink():
+            return path
+        path = path.parent / os.readlink(path)  # a relative link is relative to its folder
+    raise OutputError(f"{path}: too many levels of symbolic links")
 
 
 def _check_parents(path: Path) -> None:
@@ -115,7 +140,7 @@ def _check_parents(path: Path) -> None:
 def claim_folder(path: str | Path) -> Path:
     """An output folder that a stage fills over several runs (prepare's, which resumes):
     checked as `folder_target`, then made and marked."""
-    target = folder_target(path)
+    target = folder_target(path, replaced=False)
     target.mkdir(parents=True, exist_ok=True)
     if not (target / OWNED).is_file():
         write_bytes(target / OWNED, OWNED_TEXT)

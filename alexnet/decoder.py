@@ -42,7 +42,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from alexnet.errors import USER_ERRORS, AlexnetError, user_line
+from alexnet.errors import AlexnetError, is_user_error, user_line
 
 LENGTH = struct.Struct("<I")
 PROGRESS = struct.Struct("<qq")  # steps taken (each at()), index of the current file
@@ -217,7 +217,7 @@ def _run(message: dict, at: At) -> dict:
     try:
         result = target(message["request"], skip, at)
     except Exception as error:
-        if not isinstance(error, USER_ERRORS):
+        if not is_user_error(error):
             traceback.print_exc()  # to stderr, the parent's: the whole story for a bug
         return {"error": user_line(error)}
     finally:

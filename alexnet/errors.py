@@ -1,6 +1,6 @@
 """The errors a user can fix, which the CLI prints as one line: ours (`AlexnetError`),
-and the operating system's (`OSError`: a read-only folder, a full disk, a file where a
-folder must be), which the user fixes, not the code."""
+and the operating system's refusals (an `OSError` with an errno: a read-only folder, no
+space left, a name too long), which the user fixes, not the code."""
 
 
 class AlexnetError(Exception):
@@ -11,7 +11,12 @@ class Interrupted(Exception):
     """A stop was requested (SIGTERM); the run saved its checkpoint and can continue."""
 
 
-USER_ERRORS = (AlexnetError, OSError)
+def is_user_error(error: BaseException) -> bool:
+    """Ours, or the operating system's refusal. Not an OSError without an errno (a bare
+    TimeoutError, a library's closed connection): its traceback is the story."""
+    return isinstance(error, AlexnetError) or (
+        isinstance(error, OSError) and error.errno is not None
+    )
 
 
 def user_line(error: BaseException) -> str:

@@ -20,7 +20,7 @@ from rich.progress import Progress
 
 from alexnet.atomic import write_json
 from alexnet.distributed import World
-from alexnet.errors import USER_ERRORS, Interrupted, user_line
+from alexnet.errors import Interrupted, is_user_error, user_line
 from alexnet.runtime import configure
 from alexnet.train import Trainer, TrainRun
 
@@ -122,7 +122,9 @@ def main(argv: list[str]) -> int:
         if world.main:
             print(f"train: {stop}; checkpoint saved", flush=True)
         return 143
-    except USER_ERRORS as error:
+    except Exception as error:
+        if not is_user_error(error):
+            raise
         print(f"error: rank {world.rank}: {user_line(error)}", file=sys.stderr, flush=True)
         return 1
     finally:

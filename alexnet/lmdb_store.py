@@ -23,7 +23,7 @@ from pathlib import Path
 import lmdb
 
 from alexnet.atomic import atomic_output
-from alexnet.errors import AlexnetError
+from alexnet.errors import AlexnetError, one_line
 
 FORMAT = "alexnet-lmdb"
 VERSION = 1
@@ -146,6 +146,8 @@ def write_store(
             }
             _put(env, lambda: [(META_KEY, json.dumps(meta).encode("utf-8"))])  # sorts after digits
             env.sync(True)
+        except lmdb.Error as error:  # a full disk: "mdb_txn_commit: No space left on device"
+            raise StoreError(f"{path}: cannot write the store ({one_line(error)})") from None
         finally:
             env.close()
     return count

@@ -17,12 +17,13 @@ identical bytes (run timings are metrics).
 from __future__ import annotations
 
 import re
+import shutil
 import warnings
 from pathlib import Path
 
 import torch
 
-from alexnet.atomic import atomic_output
+from alexnet.atomic import OutputError, atomic_output
 from alexnet.errors import AlexnetError, one_line
 from alexnet.model import AlexNet
 from alexnet.params import DEFAULTS, Kernels
@@ -37,8 +38,22 @@ class ModelFileError(AlexnetError):
 def save_model(path: Path, contents: dict) -> None:
     """Write a model file with `contents` (the keys of the module docstring), whole or
     not at all."""
+    save_tensors({**FORMAT, **contents}, path)
+
+
+def save_tensors(value: dict, path: Path) -> None:
+    """`torch.save`, whole or not at all (a model file, a checkpoint). torch's writer
+    reports a failed write (a full disk) as a RuntimeError naming neither the file nor the
+    cause: it becomes one line with both, and the space left on the file's disk."""
     with atomic_output(path, sole_writer=True) as temporary:
-        torch.save({**FORMAT, **contents}, temporary)
+        try:
+            torch.save(value, temporary)
+        except RuntimeError as error:
+            free = shutil.disk_usage(temporary.parent).free / 1e9
+            raise OutputError(
+                f"{path}: torch could not write it ({one_line(error, first_only=True)}); "
+                f"{free:.1f} GB free on its disk"
+            ) from None
 
 
 # torch's weights-only unpickler names what it refused: "Unsupported global: GLOBAL

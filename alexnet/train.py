@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
-from alexnet.atomic import atomic_output, file_target, output_folder
+from alexnet.atomic import file_target, output_folder
 from alexnet.augment import Augment, Draws
 from alexnet.crops import centre_crop
 from alexnet.digests import changed_code, code_digests, file_digest
@@ -38,7 +38,7 @@ from alexnet.errors import AlexnetError, Interrupted
 from alexnet.jpeg import decode_threads, to_device
 from alexnet.metrics import label_ranks, missed
 from alexnet.model import AlexNet
-from alexnet.modelfile import save_model
+from alexnet.modelfile import save_model, save_tensors
 from alexnet.params import DEFAULTS, JpegDecoder, Kernels, ModelParams, TrainParams
 from alexnet.placement import TwoColumnAlexNet, place, resolve_devices
 from alexnet.reader import LmdbSplit, batch_loader, encoded_for, in_order, read
@@ -268,8 +268,7 @@ class Trainer:
             "history": self.history,
             "running": self.running,
         }
-        with atomic_output(self.checkpoint, sole_writer=True) as temporary:
-            torch.save(state, temporary)
+        save_tensors(state, self.checkpoint)
 
     def resume(self, log: Callable[[str], None] = lambda line: None) -> bool:
         """Load the checkpoint if it belongs to this run; returns whether it did.

@@ -24,7 +24,7 @@ from uuid import UUID
 import typer
 from rich.console import Console
 
-from alexnet.errors import USER_ERRORS, Interrupted, user_line
+from alexnet.errors import Interrupted, is_user_error, user_line
 from alexnet.params import (
     DEFAULT_FILE,
     Params,
@@ -207,7 +207,9 @@ def user_errors() -> Iterator[None]:
     """A user-fixable error becomes one red line and exit status 1 (no traceback)."""
     try:
         yield
-    except USER_ERRORS as error:
+    except Exception as error:
+        if not is_user_error(error):
+            raise
         console.print(f"[bold red]error:[/] {user_line(error)}", highlight=False)
         raise typer.Exit(1) from None
 

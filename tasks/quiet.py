@@ -1,4 +1,4 @@
-"""User errors (`alexnet.errors.USER_ERRORS`) on the console as the CLI's one line, without the
+"""User errors (`alexnet.errors.is_user_error`) on the console as the CLI's one line, without the
 traceback Prefect's console handler would add, in whichever process raised them: the
 CLI's own, or a worker of the task runner (the Prefect API still gets the whole record
 for the UI)."""
@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
-from alexnet.errors import USER_ERRORS
+from alexnet.errors import is_user_error
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -20,7 +20,7 @@ class NoUserErrorTracebacks(logging.Filter):
     """Drop console records that carry a user error."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], USER_ERRORS))
+        return not (record.exc_info and is_user_error(record.exc_info[1]))
 
 
 def quiet_console_tracebacks() -> None:
@@ -42,8 +42,9 @@ def quiet_user_errors(function: Callable[P, R]) -> Callable[P, R]:
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return function(*args, **kwargs)
-        except USER_ERRORS:
-            quiet_console_tracebacks()
+        except Exception as error:
+            if is_user_error(error):
+                quiet_console_tracebacks()
             raise
 
     return run

@@ -71,10 +71,11 @@ def test_an_empty_folder_is_replaced_and_a_file_output_gets_no_mark(tmp_path):
     assert contents(tmp_path / "raw") == ours({"a": b"new a"})
 
 
-def test_a_folder_output_at_a_link_is_written_where_the_link_points(tmp_path):
+@pytest.mark.parametrize("relative", [False, True])
+def test_a_folder_output_at_a_link_is_written_where_the_link_points(tmp_path, relative):
     # data/raw -> /bigdisk/raw: the data stays on the big disk, and the link stays.
     (tmp_path / "big").mkdir()
-    (tmp_path / "raw").symlink_to(tmp_path / "big" / "raw")
+    (tmp_path / "raw").symlink_to("big/raw" if relative else tmp_path / "big" / "raw")
     for data in (b"first", b"second"):  # the link's target absent, then a marked folder
         with atomic_output(tmp_path / "raw", sole_writer=True, folder=True) as temporary:
             folder(temporary, {"a": data})
@@ -82,6 +83,36 @@ def test_a_folder_output_at_a_link_is_written_where_the_link_points(tmp_path):
         assert contents(tmp_path / "big" / "raw") == ours({"a": data})
         assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "raw"]
         assert [p.name for p in (tmp_path / "big").iterdir()] == ["raw"]
+
+
+def test_only_the_last_part_of_an_output_folders_path_is_followed(tmp_path):
+    # The path's prefix stays as given: a Dask worker on another machine reaches the
+    # same file system through its own links, not necessarily through this one's targets.
+    (tmp_path / "real").mkdir()
+    (tmp_path / "via").symlink_to(tmp_path / "real")
+    with atomic_output(tmp_path / "via" / "raw", folder=True) as temporary:
+        folder(temporary, {"a": b"a"})
+        assert temporary.parent == tmp_path / "via"
+    assert contents(tmp_path / "real" / "raw") == ours({"a": b"a"})
+
+
+def test_a_mount_point_is_refused_before_any_work(tmp_path, monkeypatch):
+    # A Docker volume as the output: renaming it fails (EBUSY), after all the work.
+    (tmp_path / "volume").mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda path: str(path) == str(tmp_path / "volume"))
+    with pytest.raises(OutputError, match="volume: a mount point, which cannot be replaced"):
+        with atomic_output(tmp_path / "volume", folder=True):
+            raise AssertionError("the work ran")
+    assert claim_folder(tmp_path / "volume") == tmp_path / "volume"  # filled, not replaced
+
+
+def test_a_write_error_without_a_file_names_the_output(tmp_path):
+    # `write` and `fsync` report a full disk without a file name: the line must say where.
+    with pytest.raises(OSError) as caught:
+        with atomic_output(tmp_path / "out.json"):
+            raise OSError(28, "No space left on device")
+    assert caught.value.filename == str(tmp_path / "out.json")
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_file_output_at_a_link_replaces_the_link_not_its_target(tmp_path):
@@ -163,3 +194,44 @@ def test_leftovers_of_one_target_only(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".prepared.tmp-13", "raw"]
     remove_leftovers(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["raw"]
+
+
+FULL_DISK = """
+import resource, signal, sys
+from pathlib import Path
+import numpy as np, torch
+from alexnet.errors import is_user_error, user_line
+from alexnet.lmdb_store import write_store
+from alexnet.modelfile import save_model
+
+folder = Path(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+classes = [{"index": 0, "wnid": "n0", "name": "c"}]
+writes = {
+    "model.pt": lambda path: save_model(path, {"weights": torch.zeros(100_000)}),
+    "store": lambda path: write_store(path, [[(0, bytes(12288))] * 50], "raw", classes, size=64),
+}
+for name, write in writes.items():
+    try:
+        write(folder / name)
+    except Exception as error:
+        print(is_user_error(error), user_line(error))
+print(sorted(p.name for p in folder.iterdir()))
+"""
+
+
+def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(tmp_path):
+    # The model file and the checkpoint (torch's writer raised a RuntimeError naming
+    # neither the file nor the cause) and a store (LMDB's own error), past a file size
+    # limit: what a full disk does to them.
+    from tests.helpers import run_python
+
+    done = run_python(FULL_DISK.replace("sys.argv[1]", repr(str(tmp_path))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    model, store, left = done.stdout.splitlines()
+    assert model.startswith(f"True {tmp_path / 'model.pt'}: torch could not write it (")
+    assert model.endswith(" GB free on its disk")
+    # (LMDB reports the refused write as EIO)
+    assert store.startswith(f"True {tmp_path / 'store'}: cannot write the store (mdb_txn_commit")
+    assert left == "[]"

@@ -135,7 +135,8 @@ def test_an_output_folder_of_the_users_files_is_refused_and_kept(tmp_path, prefe
         assert errors == [
             f"error: {target}: holds files and not the .alexnet-output mark of the output "
             "folders that alexnet replaces or updates; name a new or empty folder, or remove "
-            "this one"
+            "this one (one alexnet wrote before it marked them: touch "
+            f"{target / '.alexnet-output'})"
         ]
         assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
@@ -151,12 +152,16 @@ def test_an_error_of_the_operating_system_is_one_line(tmp_path, prefect_server):
 
 
 def test_the_line_of_an_error_of_the_operating_system_names_its_paths():
-    from alexnet.errors import user_line
+    from alexnet.errors import is_user_error, user_line
 
     assert user_line(OSError(30, "Read-only file system", "/x")) == "/x: Read-only file system"
     moved = OSError(18, "Invalid cross-device link", "/a", None, "/b")  # as os.replace
     assert user_line(moved) == "/a -> /b: Invalid cross-device link"
     assert user_line(TimeoutError("no answer\nin 5 s")) == "TimeoutError: no answer in 5 s"
+    # An OSError without an errno is a library's or a bug's, not the system's refusal:
+    # its traceback is kept.
+    assert is_user_error(OSError(30, "Read-only file system"))
+    assert not is_user_error(TimeoutError("no answer")) and not is_user_error(ValueError())
 
 
 def test_only_the_data_stages_use_the_cluster_the_params_name(tmp_path, prefect_server):
