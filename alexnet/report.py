@@ -16,7 +16,7 @@ from pathlib import Path
 import jinja2
 from matplotlib.figure import Figure
 
-from alexnet.atomic import write_bytes
+from alexnet.atomic import file_target, write_bytes
 from alexnet.errors import AlexnetError
 from alexnet.eval_files import FOLDER, PER_CLASS, SUMMARY, data_url, worst_first
 from alexnet.figures import FIGURES, png
@@ -165,7 +165,15 @@ def render(metrics: Path, params: Path | None = None) -> str:
 
 
 def write_report(metrics: Path, out: Path, params: Path | None = None) -> Path:
-    if out.is_dir():
-        raise AlexnetError(f"{out}: is a folder; name the HTML file to write")
+    """Write the page to `out`. A file there is replaced only if it is an HTML page (an
+    earlier report), never another (`-o params.yaml`)."""
+    file_target(out)
+    if out.is_file() and not _is_html(out):
+        raise AlexnetError(f"{out}: a file that is not an HTML page; name another, or remove it")
     write_bytes(out, render(metrics, params).encode())
     return out
+
+
+def _is_html(path: Path) -> bool:
+    with open(path, "rb") as stream:
+        return stream.read(64).lstrip().lower().startswith(b"<!doctype html")

@@ -192,7 +192,22 @@ def test_report_into_a_folder_is_one_error_line(tmp_path):
     result = runner.invoke(
         app, ["report", "-o", str(tmp_path), "--metrics", str(tmp_path / "metrics")]
     )
-    assert result.exit_code == 1 and "is a folder; name the HTML file to write" in result.output
+    assert result.exit_code == 1 and "a folder, where this output is a file" in result.output
+
+
+def test_report_replaces_an_earlier_report_but_no_other_file(tmp_path):
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: 3\n")
+    (tmp_path / "old.html").write_text("<!DOCTYPE html>\n<p>an earlier report</p>\n")
+    outputs = {}
+    for name, code in (("params.yaml", 1), ("old.html", 0), ("new.html", 0)):
+        args = ["report", "-o", str(tmp_path / name), "--metrics", str(tmp_path / "metrics")]
+        result = runner.invoke(app, [*args, "-p", str(tmp_path / "params.yaml")])
+        assert result.exit_code == code, result.output
+        outputs[name] = " ".join(result.output.split())
+    assert "params.yaml: a file that is not an HTML page; name another" in outputs["params.yaml"]
+    assert (tmp_path / "params.yaml").read_text() == "train:\n  epochs: 3\n"
+    assert (tmp_path / "old.html").read_text() == (tmp_path / "new.html").read_text()
 
 
 def test_missing_dataset_is_one_error_line(tmp_path, prefect_server):
