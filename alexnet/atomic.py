@@ -5,9 +5,10 @@ next run removes (`remove_leftovers`); the target itself is either the previous 
 version or the new complete one (a folder is swapped by two renames, the old one set
 aside as a leftover first, so a kill between them leaves no target, never part of one).
 
-A folder is replaced whole only when it is empty or alexnet wrote it (the `OWNED` file in
-it says so): a folder of the user's files named as an output by mistake (`alexnet synth
-~/photos`, `alexnet prepare raw raw`) is refused before any work, and loses nothing. An
+A folder is replaced whole (or filled) only when it is empty or the same stage wrote it
+(the `OWNED` file in it says which): a folder of the user's files named as an output by
+mistake (`alexnet synth ~/photos`, `alexnet prepare raw raw`), or another stage's
+output (`alexnet synth data/prepared`), is refused before any work, and loses nothing. An
 output folder that is a symbolic link is written where the link points (the data stays
 on that disk); an output file that is one is replaced by the new file, never written
 through (with DVC's symlink cache the link's target is the cache).
@@ -25,10 +26,14 @@ from pathlib import Path
 
 from alexnet.errors import AlexnetError
 
-# In every output folder of alexnet: the mark that it may replace or update it. Fixed
-# bytes, so a folder's content (and DVC's hash of it) depends only on its data.
+# In every output folder of alexnet: the mark that the stage it names may replace or
+# update it. Fixed bytes, so a folder's content (and DVC's hash of it) depends only on
+# its data. An empty mark (one a user made with `touch`) is any stage's.
 OWNED = ".alexnet-output"
-OWNED_TEXT = b"an output folder of alexnet-pipeline, which replaces or updates it when run\n"
+
+
+def owned_text(owner: str) -> bytes:
+    return f"alexnet-pipeline output: {owner}\n".encode()
 
 
 # The write errors that name no file (`write`, `fsync`): the output's path is added.
@@ -45,13 +50,14 @@ def temporary_name(path: Path) -> Path:
 
 @contextmanager
 def atomic_output(
-    path: str | Path, sole_writer: bool = False, folder: bool = False
+    path: str | Path, sole_writer: bool = False, folder: str | None = None
 ) -> Iterator[Path]:
-    """Yield a temporary path to write, a file (or, with `folder`, a folder made here and
-    given the `OWNED` mark); on success it replaces `path` (`file_target`,
-    `folder_target`). `sole_writer`: no other process writes `path` now, so what killed
-    writers of it left goes first (a large output's temporary is as large as the output)."""
-    path = folder_target(path) if folder else file_target(path)
+    """Yield a temporary path to write, a file (or, with `folder` naming the stage that
+    owns it, a folder made here and marked as that stage's); on success it replaces
+    `path` (`file_target`, `folder_target`). `sole_writer`: no other process writes
+    `path` now, so what killed writers of it left goes first (a large output's temporary
+    is as large as the output)."""
+    path = folder_target(path, folder) if folder else file_target(path)
     if sole_writer:
         remove_leftovers(path.parent, path.name)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +72,7 @@ def atomic_output(
                 raise OSError(error.errno, error.strerror, str(path)) from error
             raise
         if folder:
-            (temporary / OWNED).write_bytes(OWNED_TEXT)
+            (temporary / OWNED).write_bytes(owned_text(folder))
         if folder and path.is_dir():
             aside = path.with_name(f"{temporary.name}-old")
             os.replace(path, aside)
@@ -101,19 +107,28 @@ def output_folder(path: str | Path) -> Path:
     return path
 
 
-def folder_target(path: str | Path, replaced: bool = True) -> Path:
-    """The folder an output folder at `path` replaces (`replaced`) or fills (where it
-    points, if it is a symbolic link), checked before any work: `output_folder`, empty or
-    with the `OWNED` mark, and if replaced not a mount point (which cannot be renamed)."""
+def folder_target(path: str | Path, owner: str, replaced: bool = True) -> Path:
+    """The folder that stage `owner`'s output at `path` replaces (`replaced`) or fills
+    (where it points, if it is a symbolic link), checked before any work:
+    `output_folder`, empty or marked as `owner`'s, and if replaced not a mount point
+    (which cannot be renamed)."""
     output_folder(path)
     target = link_target(Path(path))
     if replaced and os.path.ismount(target):
         raise OutputError(f"{path}: a mount point, which cannot be replaced; name a folder in it")
-    if target.is_dir() and not (target / OWNED).is_file() and next(target.iterdir(), None):
+    mark = target / OWNED
+    if not mark.is_file():
+        if target.is_dir() and next(target.iterdir(), None):
+            raise OutputError(
+                f"{path}: holds files and not the {OWNED} mark of the output folders that "
+                "alexnet replaces or updates; name a new or empty folder, or remove this "
+                f"one (one alexnet wrote before it marked them: touch {Path(path) / OWNED})"
+            )
+    elif (text := mark.read_bytes()).strip() and text != owned_text(owner):
+        other = text.decode(errors="replace").strip().rpartition(": ")[2]
         raise OutputError(
-            f"{path}: holds files and not the {OWNED} mark of the output folders that "
-            "alexnet replaces or updates; name a new or empty folder, or remove this one "
-            f"(one alexnet wrote before it marked them: touch {Path(path) / OWNED})"
+            f"{path}: the output of alexnet's {other}, not of its {owner}; name another "
+            "folder, or remove this one"
         )
     return target
 
@@ -137,13 +152,14 @@ def _check_parents(path: Path) -> None:
             return
 
 
-def claim_folder(path: str | Path) -> Path:
-    """An output folder that a stage fills over several runs (prepare's, which resumes):
-    checked as `folder_target`, then made and marked."""
-    target = folder_target(path, replaced=False)
+def claim_folder(path: str | Path, owner: str) -> Path:
+    """An output folder that stage `owner` fills over several runs (prepare's, which
+    resumes): checked as `folder_target`, then made and marked."""
+    target = folder_target(path, owner, replaced=False)
     target.mkdir(parents=True, exist_ok=True)
-    if not (target / OWNED).is_file():
-        write_bytes(target / OWNED, OWNED_TEXT)
+    mark = target / OWNED
+    if not mark.is_file() or mark.read_bytes() != owned_text(owner):
+        write_bytes(mark, owned_text(owner))
     return target
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from alexnet.atomic import folder_target
-from alexnet.lmdb_store import write_store
+from alexnet.lmdb_store import STORE_OWNER, write_store
 from alexnet.pack import chunk_bytes, chunks, index_shards, output_order
 from alexnet.params import ComputeParams, PackParams, PrepareParams
 from alexnet.shards import load_classes
@@ -24,7 +24,7 @@ def pack_flow(
     """Write `out/train` (seeded shuffled order) and `out/val` (source order); the
     workers read ahead of the single writer by at most params `compute.window_mb`."""
     for split in SPLITS:  # both refused before any work, not val after train is written
-        folder_target(Path(out) / split)
+        folder_target(Path(out) / split, STORE_OWNER)
     classes = load_classes(prepared)
     counts = {}
     for split in SPLITS:

@@ -28,7 +28,7 @@ def prepare_flow(
     ahead, so memory does not grow with the number of files."""
     logger = get_run_logger()
     source = open_source(raw)
-    target = claim_folder(out)  # not a folder of the user's files (`prepare raw raw`)
+    target = claim_folder(out, "prepare")  # not a folder of the user's files, nor raw
     summary = Summary()
     results = in_order(
         plan_shards(source, prepare.shard_size),

@@ -10,10 +10,10 @@ import pytest
 
 from alexnet.atomic import (
     OWNED,
-    OWNED_TEXT,
     OutputError,
     atomic_output,
     claim_folder,
+    owned_text,
     remove_leftovers,
 )
 
@@ -28,15 +28,15 @@ def contents(path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
 
 
-def ours(files: dict[str, bytes]) -> dict[str, bytes]:
-    """The files of a folder alexnet wrote: with its mark."""
-    return {**files, OWNED: OWNED_TEXT}
+def ours(files: dict[str, bytes], owner: str = "synth") -> dict[str, bytes]:
+    """The files of a folder a stage of alexnet wrote: with its mark."""
+    return {**files, OWNED: owned_text(owner)}
 
 
 def test_a_folder_is_replaced_whole_and_nothing_is_left_beside_it(tmp_path):
     target = tmp_path / "raw"
     folder(target, ours({"a": b"old a", "b": b"old b"}))
-    with atomic_output(target, folder=True) as temporary:
+    with atomic_output(target, folder="synth") as temporary:
         folder(temporary, {"a": b"new a"})
     assert contents(target) == ours({"a": b"new a"})
     assert [p.name for p in tmp_path.iterdir()] == ["raw"]
@@ -52,18 +52,18 @@ def test_a_folder_alexnet_did_not_write_is_never_replaced(tmp_path, old):
     with pytest.raises(
         OutputError, match=f"raw: holds files and not the {OWNED} mark of the output folders"
     ):
-        with atomic_output(target, sole_writer=True, folder=True):
+        with atomic_output(target, sole_writer=True, folder="synth"):
             ran.append(True)
     assert not ran and contents(target) == old
     assert [p.name for p in tmp_path.iterdir()] == ["raw"]
     with pytest.raises(OutputError, match="not the"):
-        claim_folder(target)  # nor filled over time (prepare's)
+        claim_folder(target, "prepare")  # nor filled over time (prepare's)
     assert contents(target) == old
 
 
 def test_an_empty_folder_is_replaced_and_a_file_output_gets_no_mark(tmp_path):
     (tmp_path / "raw").mkdir()
-    with atomic_output(tmp_path / "raw", folder=True) as temporary:
+    with atomic_output(tmp_path / "raw", folder="synth") as temporary:
         folder(temporary, {"a": b"a"})
     assert contents(tmp_path / "raw") == ours({"a": b"a"})
     with atomic_output(tmp_path / "raw" / "a") as temporary:
@@ -77,7 +77,7 @@ def test_a_folder_output_at_a_link_is_written_where_the_link_points(tmp_path, re
     (tmp_path / "big").mkdir()
     (tmp_path / "raw").symlink_to("big/raw" if relative else tmp_path / "big" / "raw")
     for data in (b"first", b"second"):  # the link's target absent, then a marked folder
-        with atomic_output(tmp_path / "raw", sole_writer=True, folder=True) as temporary:
+        with atomic_output(tmp_path / "raw", sole_writer=True, folder="synth") as temporary:
             folder(temporary, {"a": data})
         assert (tmp_path / "raw").is_symlink()
         assert contents(tmp_path / "big" / "raw") == ours({"a": data})
@@ -90,7 +90,7 @@ def test_only_the_last_part_of_an_output_folders_path_is_followed(tmp_path):
     # same file system through its own links, not necessarily through this one's targets.
     (tmp_path / "real").mkdir()
     (tmp_path / "via").symlink_to(tmp_path / "real")
-    with atomic_output(tmp_path / "via" / "raw", folder=True) as temporary:
+    with atomic_output(tmp_path / "via" / "raw", folder="synth") as temporary:
         folder(temporary, {"a": b"a"})
         assert temporary.parent == tmp_path / "via"
     assert contents(tmp_path / "real" / "raw") == ours({"a": b"a"})
@@ -101,9 +101,9 @@ def test_a_mount_point_is_refused_before_any_work(tmp_path, monkeypatch):
     (tmp_path / "volume").mkdir()
     monkeypatch.setattr(os.path, "ismount", lambda path: str(path) == str(tmp_path / "volume"))
     with pytest.raises(OutputError, match="volume: a mount point, which cannot be replaced"):
-        with atomic_output(tmp_path / "volume", folder=True):
+        with atomic_output(tmp_path / "volume", folder="synth"):
             raise AssertionError("the work ran")
-    assert claim_folder(tmp_path / "volume") == tmp_path / "volume"  # filled, not replaced
+    assert claim_folder(tmp_path / "volume", "prepare") == tmp_path / "volume"  # filled
 
 
 def test_a_write_error_without_a_file_names_the_output(tmp_path):
@@ -160,11 +160,26 @@ def test_a_failed_cleanup_does_not_hide_the_error(tmp_path, monkeypatch):
 
 
 def test_claiming_a_folder_marks_it_once(tmp_path):
-    target = claim_folder(tmp_path / "prepared")
-    assert contents(target) == ours({})
+    target = claim_folder(tmp_path / "prepared", "prepare")
+    assert contents(target) == ours({}, "prepare")
     folder(target, {"train": b""})
-    assert claim_folder(tmp_path / "prepared") == target  # a resumed run
-    assert contents(target) == ours({"train": b""})
+    assert claim_folder(tmp_path / "prepared", "prepare") == target  # a resumed run
+    assert contents(target) == ours({"train": b""}, "prepare")
+
+
+def test_another_stages_output_is_refused_and_a_mark_made_by_hand_is_any_stages(tmp_path):
+    # `alexnet synth data/prepared` would replace hours of ImageNet shards with the demo.
+    target = claim_folder(tmp_path / "prepared", "prepare")
+    folder(target, {"train": b"shards"})
+    with pytest.raises(OutputError, match="prepared: the output of alexnet's prepare, not of"):
+        with atomic_output(target, folder="synth"):
+            raise AssertionError("the work ran")
+    assert contents(target) == ours({"train": b"shards"}, "prepare")
+    # `touch OUT/.alexnet-output` (an output from before the marks): taken, then marked
+    (target / OWNED).write_bytes(b"")
+    with atomic_output(target, folder="synth") as temporary:
+        folder(temporary, {"a": b"a"})
+    assert contents(target) == ours({"a": b"a"}, "synth")
 
 
 def test_a_kill_while_the_old_folder_is_deleted_leaves_the_new_one_whole(tmp_path, monkeypatch):
@@ -178,7 +193,7 @@ def test_a_kill_while_the_old_folder_is_deleted_leaves_the_new_one_whole(tmp_pat
         next(p for p in sorted(path.iterdir())).unlink()
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt), atomic_output(target, folder=True) as temporary:
+    with pytest.raises(KeyboardInterrupt), atomic_output(target, folder="synth") as temporary:
         folder(temporary, {"a": b"new a", "c": b"new c"})
         monkeypatch.setattr(shutil, "rmtree", killed)
     monkeypatch.undo()
