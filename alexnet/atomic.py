@@ -28,12 +28,23 @@ from alexnet.errors import AlexnetError
 
 # In every output folder of alexnet: the mark that the stage it names may replace or
 # update it. Fixed bytes, so a folder's content (and DVC's hash of it) depends only on
-# its data. An empty mark (one a user made with `touch`) is any stage's.
+# its data. A mark that names no stage (one a user made with `touch`, or one from before
+# marks named their stage) is any stage's.
 OWNED = ".alexnet-output"
+OWNED_PREFIX = "alexnet-pipeline output:"
 
 
 def owned_text(owner: str) -> bytes:
-    return f"alexnet-pipeline output: {owner}\n".encode()
+    return f"{OWNED_PREFIX} {owner}\n".encode()
+
+
+def mark_owner(folder: Path) -> str | None:
+    """The stage a folder's mark names: None without a mark, "" for a mark naming none."""
+    try:
+        text = (folder / OWNED).read_bytes().decode(errors="replace").strip()
+    except OSError:  # none there, or none to read
+        return None
+    return text.removeprefix(OWNED_PREFIX).strip() if text.startswith(OWNED_PREFIX) else ""
 
 
 # The write errors that name no file (`write`, `fsync`): the output's path is added.
@@ -116,18 +127,23 @@ def folder_target(path: str | Path, owner: str, replaced: bool = True) -> Path:
     target = link_target(Path(path))
     if replaced and os.path.ismount(target):
         raise OutputError(f"{path}: a mount point, which cannot be replaced; name a folder in it")
-    mark = target / OWNED
-    if not mark.is_file():
-        if target.is_dir() and next(target.iterdir(), None):
+    found = mark_owner(target)
+    if found is None and target.is_dir() and next(target.iterdir(), None):
+        outer = next((p for p in target.parents if mark_owner(p) is not None), None)
+        if outer is not None:  # e.g. `pack data/prepared data/prepared`: its train/
+            stage = mark_owner(outer)
+            whose = f"alexnet's {stage}" if stage else "alexnet"
             raise OutputError(
-                f"{path}: holds files and not the {OWNED} mark of the output folders that "
-                "alexnet replaces or updates; name a new or empty folder, or remove this "
-                f"one (one alexnet wrote before it marked them: touch {Path(path) / OWNED})"
+                f"{path}: inside {outer}, an output of {whose}; name a folder outside it"
             )
-    elif (text := mark.read_bytes()).strip() and text != owned_text(owner):
-        other = text.decode(errors="replace").strip().rpartition(": ")[2]
         raise OutputError(
-            f"{path}: the output of alexnet's {other}, not of its {owner}; name another "
+            f"{path}: holds files and not the {OWNED} mark of the output folders that "
+            "alexnet replaces or updates; name a new or empty folder, or remove this one "
+            f"(one alexnet wrote before it marked them: touch {Path(path) / OWNED})"
+        )
+    if found and found != owner:
+        raise OutputError(
+            f"{path}: the output of alexnet's {found}, not of its {owner}; name another "
             "folder, or remove this one"
         )
     return target

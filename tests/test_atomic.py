@@ -167,6 +167,35 @@ def test_claiming_a_folder_marks_it_once(tmp_path):
     assert contents(target) == ours({"train": b""}, "prepare")
 
 
+@pytest.mark.parametrize(
+    "mark",
+    [
+        b"alexnet-pipeline output: prepare\r\n",  # edited on Windows
+        b"an output folder of alexnet-pipeline, which replaces or updates it when run\n",
+        b"",  # `touch`
+    ],
+)
+def test_a_mark_naming_no_other_stage_is_taken_and_rewritten(tmp_path, mark):
+    # The second: the marks of this project's first day, which named no stage.
+    folder(tmp_path / "prepared", {"train": b"shards", OWNED: mark})
+    claim_folder(tmp_path / "prepared", "prepare")
+    assert contents(tmp_path / "prepared") == ours({"train": b"shards"}, "prepare")
+
+
+def test_a_folder_inside_another_output_is_named_as_such(tmp_path):
+    # `alexnet pack data/prepared data/prepared`: its train/ holds prepare's shards; the
+    # line must not suggest marking it (which would let pack replace them).
+    target = claim_folder(tmp_path / "prepared", "prepare")
+    folder(target / "train", {"shard-00000.tar": b"shards"})
+    with pytest.raises(OutputError) as caught:
+        with atomic_output(target / "train", folder="pack"):
+            raise AssertionError("the work ran")
+    assert str(caught.value) == (
+        f"{target / 'train'}: inside {target}, an output of alexnet's prepare; name a "
+        "folder outside it"
+    )
+
+
 def test_another_stages_output_is_refused_and_a_mark_made_by_hand_is_any_stages(tmp_path):
     # `alexnet synth data/prepared` would replace hours of ImageNet shards with the demo.
     target = claim_folder(tmp_path / "prepared", "prepare")
