@@ -129,24 +129,28 @@ def folder_target(path: str | Path, owner: str, replaced: bool = True) -> Path:
         raise OutputError(f"{path}: a mount point, which cannot be replaced; name a folder in it")
     found = mark_owner(target)
     if found is None and target.is_dir() and next(target.iterdir(), None):
-        outer = next((p for p in target.parents if mark_owner(p) is not None), None)
-        if outer is not None:  # e.g. `pack data/prepared data/prepared`: its train/
-            stage = mark_owner(outer)
-            whose = f"alexnet's {stage}" if stage else "alexnet"
-            raise OutputError(
-                f"{path}: inside {outer}, an output of {whose}; name a folder outside it"
-            )
-        raise OutputError(
-            f"{path}: holds files and not the {OWNED} mark of the output folders that "
-            "alexnet replaces or updates; name a new or empty folder, or remove this one "
-            f"(one alexnet wrote before it marked them: touch {Path(path) / OWNED})"
-        )
+        raise OutputError(_unmarked(path, target))
     if found and found != owner:
         raise OutputError(
             f"{path}: the output of alexnet's {found}, not of its {owner}; name another "
             "folder, or remove this one"
         )
     return target
+
+
+def _unmarked(path: str | Path, target: Path) -> str:
+    """Why a folder of files without a mark is refused: it lies inside another output
+    (`pack data/prepared data/prepared`: its train/), or it is the user's."""
+    for outer in target.parents:
+        stage = mark_owner(outer)
+        if stage is not None:  # no hint to mark it: that would let this output replace it
+            whose = f"alexnet's {stage}" if stage else "alexnet"
+            return f"{path}: inside {outer}, an output of {whose}; name a folder outside it"
+    return (
+        f"{path}: holds files and not the {OWNED} mark of the output folders that alexnet "
+        "replaces or updates; name a new or empty folder, or remove this one (one alexnet "
+        f"wrote before it marked them: touch {Path(path) / OWNED})"
+    )
 
 
 def link_target(path: Path) -> Path:

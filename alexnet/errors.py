@@ -22,8 +22,8 @@ def is_user_error(error: BaseException) -> bool:
 def user_line(error: BaseException) -> str:
     """The one line of a user error: ours as written, the system's as 'PATH: reason'."""
     if isinstance(error, OSError) and error.strerror:
-        paths = [str(path) for path in (error.filename, error.filename2) if path is not None]
-        return ": ".join([" -> ".join(paths), error.strerror] if paths else [error.strerror])
+        where = " -> ".join(str(p) for p in (error.filename, error.filename2) if p is not None)
+        return f"{where}: {error.strerror}" if where else error.strerror
     if isinstance(error, AlexnetError):
         return one_line(error)
     return f"{type(error).__name__}: {one_line(error)}"
