@@ -205,13 +205,16 @@ def rgb_pca(moments: Moments) -> dict:
 
 
 MEAN_FILE, PCA_FILE = "mean.npy", "pca.json"  # the stats stage's outputs, in its folder
+STATS_OWNER = "stats"  # the stage named in its folder's mark (alexnet.atomic.OWNED)
 
 
 def save_stats(folder: Path, mean: np.ndarray, pca: dict) -> None:
-    """Write the mean image (H, W, 3 float32, no pickle) and pca.json, each whole."""
-    with atomic_output(folder / MEAN_FILE) as temporary, open(temporary, "wb") as stream:
-        np.save(stream, mean, allow_pickle=False)
-    write_json(folder / PCA_FILE, pca)
+    """Write the mean image (H, W, 3 float32, no pickle) and pca.json as one folder,
+    replaced whole: a run killed between the two files cannot leave a new mean beside
+    an old PCA."""
+    with atomic_output(folder, folder=STATS_OWNER) as temporary:
+        np.save(temporary / MEAN_FILE, mean, allow_pickle=False)
+        write_json(temporary / PCA_FILE, pca)
 
 
 def load_stats(folder: Path) -> tuple[torch.Tensor, dict]:

@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 from prefect import flow, get_run_logger
 
+from alexnet.atomic import folder_target
 from alexnet.params import ComputeParams, PrepareParams
 from alexnet.shards import shard_files
 from alexnet.stats import (
+    STATS_OWNER,
     class_count,
     mean_image,
     moments_bytes,
@@ -24,7 +26,9 @@ from tasks.stats import shard_moments_task
 @flow(name="stats")
 def stats_flow(train: str, out: str, prepare: PrepareParams, compute: ComputeParams) -> dict:
     """Map over the shards, reduce in shard order (holding at most params
-    `compute.window_mb` of shard moments), write mean.npy and pca.json."""
+    `compute.window_mb` of shard moments), write mean.npy and pca.json into `out`,
+    replaced whole."""
+    folder_target(out, STATS_OWNER)  # a folder it may not replace: refused before the work
     shards = shard_files(train)
     classes = class_count(train)  # the labels are checked, though stats does not use them
 

@@ -113,7 +113,7 @@ def test_a_wrong_command_line_is_one_error_line_before_any_work(tmp_path, args, 
 
 
 def test_an_output_folder_of_the_users_files_is_refused_and_kept(tmp_path, prefect_server):
-    # synth and pack replace their output folders whole, prepare fills its own: named by
+    # synth, stats and pack replace their output folders whole, prepare fills its own: named by
     # mistake as a folder of the user's files (here pack's `out` the same as its input,
     # prepare's the raw dataset), nothing may be lost or added.
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
@@ -126,6 +126,7 @@ def test_an_output_folder_of_the_users_files_is_refused_and_kept(tmp_path, prefe
     for args, target in (
         (["synth", str(mine)], mine),
         (["pack", str(mine), str(mine)], mine / "train"),
+        (["stats", str(mine / "train"), str(mine)], mine),
         (["prepare", str(raw), str(mine)], mine),
         (["prepare", str(raw), str(raw)], raw),
     ):

@@ -19,6 +19,7 @@ from alexnet.stats import (
     mean_image,
     reduce_moments,
     rgb_pca,
+    save_stats,
     shard_moments,
 )
 from tests.helpers import encode, photo, run_python
@@ -158,14 +159,30 @@ def test_load_stats_gives_the_mean_image_channels_first_and_the_pca(tmp_path):
     moments = reduce_moments([shard_moments(p, size=32) for p in paths])
     mean, pca = mean_image(moments), rgb_pca(moments)
     folder = tmp_path / "stats"
-    folder.mkdir()
-    np.save(folder / "mean.npy", mean, allow_pickle=False)
-    (folder / "pca.json").write_text(json.dumps(pca))
+    save_stats(folder, mean, pca)
+    assert sorted(p.name for p in folder.iterdir()) == [".alexnet-output", "mean.npy", "pca.json"]
     loaded, loaded_pca = load_stats(folder)
     assert loaded.shape == (3, 32, 32) and loaded.dtype.is_floating_point
     assert loaded.is_contiguous()
     assert np.array_equal(loaded.numpy(), mean.transpose(2, 0, 1))  # channel c = mean[..., c]
     assert loaded_pca == pca
+
+
+def test_a_save_stopped_between_the_two_files_keeps_the_previous_pair(tmp_path, monkeypatch):
+    # mean.npy and pca.json are one output: a new mean beside the old PCA would train
+    # with a mixed pair and no error
+    folder = tmp_path / "stats"
+    save_stats(folder, np.full((4, 4, 3), 1, np.float32), {"images": 1})
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as a kill between the two writes
+
+    monkeypatch.setattr("alexnet.stats.write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_stats(folder, np.full((4, 4, 3), 2, np.float32), {"images": 2})
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["stats"]  # no temporary left
 
 
 def test_missing_or_corrupt_stats_are_one_clear_error(tmp_path):
