@@ -106,7 +106,7 @@ def evaluate(
     device: torch.device,
     on_batch: Callable[[int], None] | None = None,
     keep: Sequence[int] = (),
-    workers: int = 0,
+    workers: int = DEFAULTS.evaluate.loader_workers,
     decoder: JpegDecoder = DEFAULTS.compute.jpeg_decoder,
 ) -> Results:
     """10-crop and centre-crop predictions for a whole split, and the 10-crop softmax of

@@ -23,6 +23,7 @@ from alexnet.distributed import World
 from alexnet.errors import Interrupted, is_user_error, user_line
 from alexnet.runtime import configure
 from alexnet.train import Trainer, TrainRun
+from alexnet.train_files import LIVE, SUMMARY
 
 METRICS = (
     "train_loss",
@@ -84,7 +85,7 @@ def _fit(run: TrainRun, world: World, log: Callable[[str], None]) -> list[dict]:
         say(f"resuming from {run.checkpoint} at epoch {trainer.epoch + 1}, step {trainer.step}")
     live = None
     if world.main:
-        live = Live(str(run.metrics / "train"), dvcyaml=False, save_dvc_exp=False, report=None)
+        live = Live(str(run.metrics / LIVE), dvcyaml=False, save_dvc_exp=False, report=None)
     for record in trainer.history:  # a resumed run's plots start from epoch 1
         _log(live, record)
     with stop_on_sigterm(trainer), Progress(disable=not world.main) as progress:
@@ -99,7 +100,7 @@ def _fit(run: TrainRun, world: World, log: Callable[[str], None]) -> list[dict]:
     if world.main:
         live.end()
         trainer.export(run.model_path)
-        write_json(run.metrics / "train.json", summary(trainer.history))
+        write_json(run.metrics / SUMMARY, summary(trainer.history))
     return trainer.history
 
 

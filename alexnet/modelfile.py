@@ -7,8 +7,8 @@ A dict that `torch.load(path, weights_only=True)` reads (no pickle of code):
 - `model`: its keyword arguments (params `model` and `num_classes`);
 - `classes`: [{index, wnid, name}, ...];
 - `mean`: the (3, 256, 256) float32 mean image; `pca`: eigenvalues and eigenvectors;
-- `prepare`: how an image was prepared (params `prepare`'s image options: size, quality,
-  resample, max_pixels), so `alexnet predict` needs nothing but this file;
+- `prepare`: how an image was prepared (params `prepare`'s image options,
+  `PrepareParams.IMAGE_KEYS`), so `alexnet predict` needs nothing but this file;
 - `train`: the training params; `digest`: of the params and data it was trained on.
 Nothing that depends on when or how fast a run went: identical deterministic runs give
 identical bytes (run timings are metrics).

@@ -70,7 +70,7 @@ def nearest(
     batch: int,
     device: torch.device,
     on_batch: Callable[[int], None] | None = None,
-    workers: int = 0,
+    workers: int = DEFAULTS.evaluate.loader_workers,
     decoder: JpegDecoder = DEFAULTS.compute.jpeg_decoder,
 ) -> Neighbours:
     """The k (at most the store's size) training records nearest to each of the query

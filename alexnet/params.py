@@ -182,8 +182,11 @@ class ModelParams(_Section):
 class TrainParams(_Section):
     """The recipe of paper sections 4-5 (alexnet/train.py)."""
 
-    # Keys that say how a run is executed, not what it computes: a checkpoint stays
-    # valid, the model file and the train stage's DVC params leave them out.
+    # Keys that say where and how a run is executed, none of the recipe: a checkpoint
+    # stays valid, the model file and the train stage's DVC params leave them out. The
+    # number of processes is not bit-neutral (ranks past 0 draw their own dropout masks,
+    # the gradient is summed in another order), but it is kept out so that a run resumes
+    # on another count (a lost node) and moving to more GPUs retrains nothing.
     EXECUTION_KEYS: ClassVar[frozenset[str]] = frozenset(
         {"loader_workers", "sync_every", "nproc_per_node", "nnodes", "rdzv_endpoint"}
     )
@@ -293,7 +296,7 @@ class ComputeParams(_Section):
         0,
         ge=0,
         description="parallel workers: the process pool's size, and how many tasks prepare "
-        "keeps in flight (4 each); 0 = one per CPU core; on a Dask cluster, its worker count",
+        "keeps in flight (a few each); 0 = one per CPU core; on a Dask cluster, its worker count",
     )
     scheduler: str | None = Field(
         None,

@@ -20,6 +20,8 @@ from alexnet.atomic import file_target, write_bytes
 from alexnet.errors import AlexnetError
 from alexnet.eval_files import FOLDER, PER_CLASS, SUMMARY, data_url, worst_first
 from alexnet.figures import FIGURES, png
+from alexnet.train_files import SUMMARY as TRAIN_SUMMARY
+from alexnet.train_files import series_folder
 
 # dvclive's per-epoch series (metrics/train/plots/metrics/<name>.tsv), one panel each group
 PANELS = {
@@ -141,7 +143,7 @@ def render(metrics: Path, params: Path | None = None) -> str:
     if (path := metrics / FOLDER / PER_CLASS).is_file():
         with path.open(newline="") as file:
             per_class = worst_first(list(csv.DictReader(file)))
-    curves = curves_figure(read_series(metrics / "train" / "plots" / "metrics"))
+    curves = curves_figure(read_series(series_folder(metrics)))
     figures = [
         (
             name,
@@ -156,7 +158,7 @@ def render(metrics: Path, params: Path | None = None) -> str:
         title="AlexNet: evaluation report",
         metrics=str(metrics),
         evaluation=_json(metrics / SUMMARY),
-        training=_readable(_json(metrics / "train.json")),
+        training=_readable(_json(metrics / TRAIN_SUMMARY)),
         curves=data_url(png(curves)) if curves else None,
         figures=figures,
         per_class=per_class,

@@ -254,6 +254,16 @@ def check_size(image: Image.Image, size: int) -> None:
         raise WrongSize(f"is {image.size[0]}x{image.size[1]}, expected {size}x{size}")
 
 
+def open_rgb(jpeg: bytes, size: int | None = None) -> Image.Image:
+    """A prepared image as RGB, the one decode of stats' mean image and of pack's `raw`
+    records (so the mean is of the pixels the network trains on); with `size`, an image
+    that is not size x size raises `WrongSize` before it is decoded."""
+    image = Image.open(io.BytesIO(jpeg))
+    if size is not None:
+        check_size(image, size)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def bad_image(path: str | Path, key: str, error: BaseException) -> str:
     """The line for member `key`.jpg of shard `path` that opening, checking or decoding
     raised `error` for (of any type: a corrupt image can make a decoder fail many ways)."""

@@ -9,7 +9,6 @@ has the same bits whatever the number of workers, and equals a direct computatio
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -18,11 +17,10 @@ from typing import TYPE_CHECKING
 
 import numba
 import numpy as np
-from PIL import Image
 
 from alexnet.atomic import atomic_output, write_json
 from alexnet.errors import AlexnetError
-from alexnet.shards import CLASSES_FILE, bad_image, check_size, iter_shard, load_classes
+from alexnet.shards import CLASSES_FILE, bad_image, iter_shard, load_classes, open_rgb
 
 if TYPE_CHECKING:
     import torch
@@ -57,12 +55,8 @@ class Moments:
 
 
 def decode_rgb(jpeg: bytes, size: int | None = None) -> np.ndarray:
-    """(H, W, 3) uint8 pixels of an encoded image; with `size`, an image that is not
-    size x size raises `WrongSize` before it is decoded."""
-    image = Image.open(io.BytesIO(jpeg))
-    if size is not None:
-        check_size(image, size)
-    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    """(H, W, 3) uint8 pixels of a prepared image (`alexnet.shards.open_rgb`)."""
+    return np.asarray(open_rgb(jpeg, size))
 
 
 # The kernel below walks an image's bytes (HWC, so R G B R G B ...) in blocks of _LANES,

@@ -44,6 +44,7 @@ from alexnet.placement import TwoColumnAlexNet, place, resolve_devices
 from alexnet.reader import LmdbSplit, batch_loader, encoded_for, in_order, read
 from alexnet.schedule import PlateauSchedule
 from alexnet.stats import MEAN_FILE, PCA_FILE, load_stats
+from alexnet.train_files import SUMMARY
 
 
 class TrainError(AlexnetError):
@@ -140,6 +141,7 @@ def check_outputs(run: TrainRun) -> None:
     file_target(run.model_path)
     file_target(run.checkpoint)
     output_folder(run.metrics)
+    file_target(run.metrics / SUMMARY)
     if run.model_path.resolve() == run.checkpoint.resolve():
         raise TrainError(
             f"{run.model_path}: named as both the model file and the checkpoint; name two files"

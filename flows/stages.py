@@ -73,6 +73,8 @@ class Stage:
         return getattr(importlib.import_module(self.module), f"{self.name}_flow")
 
 
+DEMO_RAW: str = PrepareParams.model_fields["raw"].default
+
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
@@ -80,7 +82,8 @@ STAGES: dict[str, Stage] = {
             "synth",
             "Generate the built-in demo dataset (params `synth`): shapes x textures, plus a "
             "few CMYK, greyscale, PNG-as-JPEG, truncated, empty and non-image files.",
-            (PathArg("out", "data/raw", "folder to create (ImageFolder layout)"),),
+            # the demo's raw folder: where prepare reads by default
+            (PathArg("out", DEMO_RAW, "folder to create (ImageFolder layout)"),),
             ("synth",),
             ("synth",),
             "synth: {images} images and {oddities} odd files in {out}",
@@ -88,9 +91,10 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "prepare",
-            "Rescale every image so its shorter side is 256, centre-crop 256x256, and write "
-            "WebDataset tar shards (params `prepare`). Bad files are skipped and listed in "
-            "OUT/report.json; a killed run continues where it stopped.",
+            "Rescale every image so its shorter side is params `prepare.size` (the paper's "
+            "256), centre-crop it square, and write WebDataset tar shards (params "
+            "`prepare`). Bad files are skipped and listed in OUT/report.json; a killed run "
+            "continues where it stopped.",
             (
                 PathArg(
                     "raw",
@@ -108,9 +112,9 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "stats",
-            "Compute the mean image (256x256x3, RGB, 0-255) and the RGB PCA (covariance, "
-            "eigenvalues, eigenvectors) of the training set, exactly, by map-reduce over "
-            "shards.",
+            "Compute the mean image (`prepare.size` square, RGB, 0-255) and the RGB PCA "
+            "(covariance, eigenvalues, eigenvectors) of the training set, exactly, by "
+            "map-reduce over shards.",
             (
                 PathArg("train", "data/prepared/train", "prepared training shards"),
                 PathArg("out", "data/stats", "output folder: mean.npy, pca.json"),

@@ -63,7 +63,7 @@ TINY_CHAIN = {
         "oddities": 0,
     },
     # Not the default 256: the chain must carry `prepare.size` through every stage.
-    "prepare": {"shard_size": 4, "raw": "data/raw", "size": 240},
+    "prepare": {"shard_size": 4, "size": 240},
     "train": {
         "epochs": 1,
         "batch_size": 4,

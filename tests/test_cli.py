@@ -26,7 +26,7 @@ def alexnet(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 COMMANDS = {  # command: words its help must say
     "synth": "demo dataset",
-    "prepare": "shorter side is 256",
+    "prepare": "centre-crop it square",
     "stats": "mean image",
     "pack": "LMDB",
     "train": "paper's recipe",

@@ -22,6 +22,57 @@ def test_repo_params_files_are_valid_and_complete(name):
         assert set(written[section]) == set(model.annotation.model_fields), section
 
 
+# Where each params file departs from the schema's defaults, on purpose (the file's
+# comments say why): the demo's small budget, and ImageNet's paths and GPU settings.
+DEPARTURES = {
+    "params.yaml": {
+        "prepare.shard_size",
+        "model.dropout",
+        "model.init",
+        "train.epochs",
+        "train.batch_size",
+        "train.max_epochs_per_rate",
+        "train.checkpoint_every",
+        "train.val_batch_size",
+    },
+    "params.imagenet.yaml": {
+        "prepare.raw",
+        "prepare.shard_size",
+        "prepare.max_skipped",
+        "pack.encoding",
+        "pack.batch",
+        "train.stop_at_last_plateau",
+        "train.deterministic",
+        "train.device",
+        "train.checkpoint_every",
+        "train.sync_every",
+        "train.val_batch_size",
+        "train.channels_last",
+        "train.loader_workers",
+        "evaluate.batch_size",
+        "evaluate.device",
+        "evaluate.loader_workers",
+        "evaluate.neighbour_batch",
+        "compute.window_mb",
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEPARTURES))
+def test_repo_params_files_keep_every_other_default(name):
+    # The files write every key out (above), so each is a copy of a schema default: a
+    # default changed in alexnet/params.py must change them too, or fail here.
+    written = load_params(REPO / name).model_dump(mode="json")
+    defaults = Params().model_dump(mode="json")
+    differ = {
+        f"{section}.{key}"
+        for section, values in defaults.items()
+        for key, value in values.items()
+        if written[section][key] != value
+    }
+    assert differ == DEPARTURES[name]
+
+
 def test_unknown_key_is_named():
     with pytest.raises(ParamsError, match=r"^params: unknown key 'prepare.qualty'$"):
         parse_params({"prepare": {"qualty": 80}})

@@ -13,6 +13,7 @@ from alexnet.shards import Record, ShardError, write_shard
 from alexnet.stats import (
     StatsError,
     class_count,
+    decode_rgb,
     fix_signs,
     image_moments,
     load_stats,
@@ -151,6 +152,18 @@ def test_labels_are_checked_against_classes_json_beside_the_train_folder(tmp_pat
     assert (
         str(caught.value) == f"{path}: member n01/b.cls: label 3 is out of range (3 classes: 0..2)"
     )
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_the_mean_is_of_the_pixels_pack_stores(mode):
+    # stats' decode and pack's `raw` records: the mean image is subtracted from what the
+    # network trains on, so the two must be the same pixels (a greyscale or CMYK JPEG in
+    # a store another tool wrote too)
+    from alexnet.pack import payload
+
+    data = encode(photo(24, 24).convert(mode), "JPEG", quality=90)
+    assert payload(data, "raw", 24) == decode_rgb(data, 24).tobytes()
+    assert decode_rgb(data, 24).shape == (24, 24, 3)
 
 
 def test_load_stats_gives_the_mean_image_channels_first_and_the_pca(tmp_path):

@@ -8,9 +8,12 @@ import numpy as np
 from PIL import Image
 
 from alexnet.imageops import BadImage, prepare_image
+from alexnet.params import SynthParams
 from alexnet.sources import open_source
 from alexnet.synth import (
     ODDITIES,
+    SHAPES,
+    TEXTURES,
     Job,
     image_rng,
     plan_jobs,
@@ -20,6 +23,15 @@ from alexnet.synth import (
     write_mapping,
     write_oddities,
 )
+
+
+def test_the_schema_allows_as_many_classes_as_there_are_shapes():
+    # `synth.classes`' bound is the number of drawable classes, not a number of its own:
+    # a class past the shapes would be a validated params file that fails in synth.
+    (bound,) = [m.le for m in SynthParams.model_fields["classes"].metadata if hasattr(m, "le")]
+    assert bound == len(SHAPES) == len(TEXTURES)
+    names = [c.name for c in synth_classes(bound)]
+    assert len(set(names)) == bound
 
 
 def test_same_seed_same_image_and_different_seeds_differ():
