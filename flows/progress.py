@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -21,17 +22,34 @@ COLUMNS = (
 )
 
 
+def settle(futures: Iterable[PrefectFuture]) -> None:
+    """When a stage stops early (a task's error, a Ctrl-C): cancel its tasks not yet
+    started and wait for those running, so that none writes into an output the stage is
+    removing on its way out (a second Ctrl-C stops the wait)."""
+    futures = list(futures)
+    for future in futures:
+        if (wrapped := getattr(future, "wrapped_future", None)) is not None:
+            wrapped.cancel()  # only a task not started: a running one cannot be
+    for future in futures:
+        with suppress(Exception):  # its error, or its cancellation: the first one counts
+            future.wait()
+
+
 def gather(futures: Sequence[PrefectFuture], label: str, weights: Sequence[int]) -> list:
     """Results of `futures` in submission order; the bar counts `weights` (e.g. images).
     For small results (all are kept): larger ones go through `in_order`."""
     weight_of = {
         future.task_run_id: weight for future, weight in zip(futures, weights, strict=True)
     }
-    with Progress(*COLUMNS, transient=False) as progress:
-        bar = progress.add_task(label, total=sum(weights))
-        for future in as_completed(list(futures)):
-            future.result()  # raise a task's error as soon as it happens
-            progress.advance(bar, weight_of[future.task_run_id])
+    try:
+        with Progress(*COLUMNS, transient=False) as progress:
+            bar = progress.add_task(label, total=sum(weights))
+            for future in as_completed(list(futures)):
+                future.result()  # raise a task's error as soon as it happens
+                progress.advance(bar, weight_of[future.task_run_id])
+    except BaseException:
+        settle(futures)
+        raise
     return [future.result() for future in futures]
 
 
@@ -96,5 +114,8 @@ def in_order(
                 if released * 4 >= window or not pending:
                     gc.collect()
                     released = 0
+    except BaseException:  # also the consumer's (GeneratorExit when it is closed)
+        settle(future for _, _, future in pending)
+        raise
     finally:
         gc.unfreeze()

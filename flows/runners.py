@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -21,12 +22,20 @@ def parallelism(workers: int) -> int:
     return workers or os.cpu_count() or 1
 
 
+def leave_interrupts() -> None:
+    """In each pool worker: ignore SIGINT. A Ctrl-C at the terminal reaches every process
+    of the stage; a worker it killed broke the pool, whose other workers ran on, and the
+    stage hung at exit. Now the stage alone stops: it cancels the queued tasks and waits
+    for the running ones (DVC and the next run see whole outputs or none)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def task_runner(scheduler: str | None, workers: int) -> TaskRunner:
     """A process pool by default; Dask when a scheduler is named ('local' starts a
     temporary LocalCluster, anything else is the address of a running one)."""
     workers = parallelism(workers)
     if scheduler is None:
-        return ProcessPoolTaskRunner(max_workers=workers)
+        return ProcessPoolTaskRunner(max_workers=workers, initializer=leave_interrupts)
     from prefect_dask import DaskTaskRunner
 
     if scheduler == "local":

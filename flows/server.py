@@ -8,13 +8,29 @@ workers inherit it.
 
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from unittest import mock
 
+from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 STARTUP_TIMEOUT_S = 90  # Prefect's 20 s default is too short on a busy 2-core machine
+
+
+class _OwnSessionServer(SubprocessASGIServer):
+    """Prefect's temporary server, started in a session of its own. A Ctrl-C at the
+    terminal goes to every process of its foreground group: in the stage's group the
+    server died with the stage, whose Prefect clients then retried the dead API for
+    minutes before it could exit. Stopped at exit as before (`atexit`)."""
+
+    def _run_uvicorn_command(self) -> subprocess.Popen:
+        popen = functools.partial(subprocess.Popen, start_new_session=True)
+        with mock.patch.object(subprocess, "Popen", popen):  # Prefect's call, one argument more
+            return super()._run_uvicorn_command()
 
 
 @contextmanager
@@ -24,11 +40,9 @@ def prefect_api() -> Iterator[str]:
     if configured:
         yield configured
         return
-    from prefect.server.api.server import SubprocessASGIServer
-
     # No network here: the server's telemetry would only log a failure.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    server = SubprocessASGIServer()  # Prefect's own singleton: its clients reuse it
+    server = _OwnSessionServer()  # Prefect's own singleton: its clients reuse it
     server.start(timeout=STARTUP_TIMEOUT_S)  # stopped by Prefect at exit, after logs drain
     os.environ["PREFECT_API_URL"] = server.api_url
     try:

@@ -285,6 +285,10 @@ def command(stage: Stage, flow: Callable | None = None) -> Callable[..., None]:
             except Interrupted as stop:
                 console.print(f"{stage.name}: {stop}; checkpoint saved, run again to continue")
                 raise typer.Exit(143) from None
+            except KeyboardInterrupt:  # Ctrl-C: what was whole is kept (prepare's shards,
+                # train's last checkpoint), what was not is removed
+                console.print(f"{stage.name}: interrupted; run again to continue")
+                raise typer.Exit(130) from None
         console.print(stage.done.format(**result, **paths), highlight=False)
 
     keyword = inspect.Parameter.KEYWORD_ONLY

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import typer
@@ -266,3 +270,34 @@ def test_a_damaged_shard_stops_the_stage_with_one_line(tmp_path, prefect_server,
     assert errors == [f"error: {shard}: member n1/img_11.jpg is not a JPEG (no JPEG start marker)"]
     assert "Traceback" not in result.stderr
     assert not [p for p in paths[stage][1].rglob("*") if p.is_file()]  # nothing half-written
+
+
+def test_ctrl_c_stops_a_stage_in_seconds_with_one_line(tmp_path):
+    # A Ctrl-C at the terminal is SIGINT to every process of the foreground group. It
+    # killed Prefect's temporary server and a pool worker with the stage, which then
+    # retried the dead API for minutes, and a second Ctrl-C did not help (measured: still
+    # running after 12 minutes). Now the stage alone stops, its queued tasks cancelled.
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    log = tmp_path / "log"
+    command = [sys.executable, "-m", "flows.cli", "synth", str(tmp_path / "raw")]
+    with open(log, "w") as stream:
+        stage = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=stream, stderr=stream, start_new_session=True
+        )
+    try:
+        for _ in range(1200):  # until its first task is done: the server up, the pool busy
+            if "Task run" in log.read_text() or stage.poll() is not None:
+                break
+            time.sleep(0.1)
+        os.killpg(stage.pid, signal.SIGINT)
+        returncode = stage.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(stage.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert returncode == 130, text[-3000:]
+    assert "synth: interrupted; run again to continue" in text and "Traceback" not in text
+    assert [p.name for p in tmp_path.iterdir()] == ["log"]  # no half-written output
+    (port,) = set(re.findall(r"temporary server on http://127.0.0.1:(\d+)", text))
+    with pytest.raises(ConnectionRefusedError):  # and the server went with it
+        socket.create_connection(("127.0.0.1", int(port)), timeout=5).close()
