@@ -18,6 +18,7 @@ import typer
 
 from alexnet.errors import AlexnetError
 from alexnet.runtime import configure
+from flows.server import check_api
 from flows.stages import STAGES, ParamsOption, command, console, load, user_errors
 
 app = typer.Typer(
@@ -93,8 +94,10 @@ def serve(params_path: ParamsOption = None) -> None:
             )
         if not Path("dvc.yaml").exists():
             raise AlexnetError("serve runs in the repository: no dvc.yaml in this folder")
-        from flows.serve import serve_all
+        from flows.serve import check_schedule, serve_all
 
+        check_schedule(params)
+        check_api(os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value())
         serve_all(Path.cwd(), params)
 
 
@@ -106,10 +109,20 @@ def param(
     key: Annotated[str, typer.Argument(help="section.name, as in params.yaml")],
     params_path: ParamsOption = None,
 ) -> None:
+    from pydantic_core import to_jsonable_python
+
     from alexnet.params import param_value
 
     with user_errors():
-        typer.echo(param_value(load(params_path), key))
+        params = load(params_path)
+        value = param_value(params, key)
+        if key.startswith("serve."):  # what prefect deploy schedules: checked as Prefect will
+            from flows.serve import check_schedule
+
+            check_schedule(params)
+    # A string as it is (a build step's stdout is the cron), anything else as JSON (which
+    # YAML reads too): true, null, ["cpu"], not Python's True, None, ('cpu',).
+    typer.echo(value if isinstance(value, str) else json.dumps(to_jsonable_python(value)))
 
 
 @app.command(

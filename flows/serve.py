@@ -17,8 +17,9 @@ import yaml
 from prefect import Flow, serve
 from prefect.schedules import Cron
 from prefect.utilities.templating import apply_values
+from pydantic import ValidationError
 
-from alexnet.params import Params, param_value
+from alexnet.params import Params, ParamsError, param_value
 
 SPEC = "prefect.yaml"
 
@@ -38,6 +39,20 @@ def param_outputs(spec: dict, params: Params) -> dict[str, dict[str, str]]:
         if words[:2] == ["alexnet", "param"] and len(words) == 3:
             outputs[inputs["id"]] = {"stdout": str(param_value(params, words[2]))}
     return outputs
+
+
+def check_schedule(params: Params) -> None:
+    """params `serve`'s cron and time zone, as Prefect will read them: a wrong one is one
+    line naming the key now, not a traceback when `serve` or `prefect deploy` uses it."""
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=params.serve.retrain_cron, timezone=params.serve.timezone)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = {"cron": "retrain_cron"}.get(first["loc"][0], first["loc"][0])
+        message = first["msg"].removeprefix("Value error, ")
+        raise ParamsError(f"params serve.{key}: {message}") from None
 
 
 def _cron(schedule: dict) -> Cron:

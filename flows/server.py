@@ -15,8 +15,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from unittest import mock
 
+import httpx
 from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from alexnet.errors import AlexnetError, one_line
 
 STARTUP_TIMEOUT_S = 90  # Prefect's 20 s default is too short on a busy 2-core machine
 
@@ -33,11 +36,26 @@ class _OwnSessionServer(SubprocessASGIServer):
             return super()._run_uvicorn_command()
 
 
+def check_api(url: str, timeout: float = 10.0) -> None:
+    """One line when `PREFECT_API_URL` names a server that does not answer (a `prefect
+    server start` stopped or never started): Prefect's own failure comes after its
+    retries, as a page of traceback. Any HTTP answer counts (Prefect Cloud asks for a key)."""
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=timeout)
+    except httpx.TransportError as error:
+        raise AlexnetError(
+            f"PREFECT_API_URL: no Prefect server answers at {url} ({one_line(error)}); "
+            "start it (`prefect server start`), or unset PREFECT_API_URL for a temporary one"
+        ) from None
+
+
 @contextmanager
 def prefect_api() -> Iterator[str]:
-    """Yield the API URL in use, starting a temporary local server when none is set."""
+    """Yield the API URL in use (checked), starting a temporary local server when none is
+    set."""
     configured = PREFECT_API_URL.value()
     if configured:
+        check_api(configured)
         yield configured
         return
     # No network here: the server's telemetry would only log a failure.

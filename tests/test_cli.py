@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.stages import STAGES
-from tests.helpers import REPO, jpeg, make_imagefolder
+from tests.helpers import REPO, free_port, jpeg, make_imagefolder
 
 runner = CliRunner()
 
@@ -71,6 +71,52 @@ def test_param_prints_a_validated_value_and_names_a_wrong_key(tmp_path):
     assert default.output == "60\n"  # the schema's default fills in
     wrong = runner.invoke(app, ["param", "serve.cron", "-p", str(params)])
     assert wrong.exit_code == 1 and "no parameter 'serve.cron'" in wrong.output
+
+
+def test_param_prints_values_as_yaml_reads_them(tmp_path):
+    # JSON for anything not a string (YAML reads it too): not Python's ('cpu',) or True
+    for key, shown in [
+        ("train.device", '["cpu"]'),
+        ("model.lrn", "true"),
+        ("compute.scheduler", "null"),
+        ("train.lr", "0.01"),
+    ]:
+        (tmp_path / "params.yaml").write_text("train: {}\n")  # every default
+        result = runner.invoke(app, ["param", key, "-p", str(tmp_path / "params.yaml")])
+        assert result.output == f"{shown}\n", key
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ("retrain_cron: every monday", 'serve.retrain_cron: Invalid cron string: "every monday"'),
+        ("timezone: Mars/Base", 'serve.timezone: Invalid timezone: "Mars/Base"'),
+    ],
+)
+def test_a_schedule_prefect_cannot_read_is_one_line(tmp_path, section, message):
+    # Valid YAML of the right type, but a deployment's schedule would fail with a
+    # traceback in `alexnet serve` and in `prefect deploy` (which reads it with `param`).
+    params = tmp_path / "params.yaml"
+    params.write_text(f"serve:\n  {section}\n")
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # not reached
+    key = "serve." + section.split(":")[0]
+    for args in (["param", key], ["serve"]):
+        result = alexnet(*args, "-p", str(params), env=env)
+        assert result.returncode == 1 and result.stdout == "", result.stderr[-2000:]
+        assert result.stderr.startswith(f"error: params {message}"), result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_a_prefect_server_that_does_not_answer_is_one_line(tmp_path):
+    # PREFECT_API_URL set, its server stopped: Prefect retried, then a page of traceback
+    url = f"http://127.0.0.1:{free_port()}/api"
+    env = {**os.environ, "PREFECT_API_URL": url}
+    for args in (["synth", str(tmp_path / "raw")], ["serve"]):
+        result = alexnet(*args, env=env)
+        assert result.returncode == 1 and not (tmp_path / "raw").exists()
+        line = f"error: PREFECT_API_URL: no Prefect server answers at {url}"
+        assert result.stderr.startswith(line), result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
 
 
 def test_doctor_names_the_imaging_library_and_devices():
