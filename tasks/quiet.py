@@ -10,17 +10,19 @@ import logging
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
-from alexnet.errors import is_user_error
+from alexnet.errors import Interrupted, is_user_error
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
 class NoUserErrorTracebacks(logging.Filter):
-    """Drop console records that carry a user error."""
+    """Drop console records that carry a user error, or a stop that was asked for
+    (SIGTERM: the CLI says where the run stopped, in one line)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and is_user_error(record.exc_info[1]))
+        error = record.exc_info and record.exc_info[1]
+        return not (error and (is_user_error(error) or isinstance(error, Interrupted)))
 
 
 def quiet_console_tracebacks() -> None:
