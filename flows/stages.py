@@ -50,6 +50,9 @@ class PathArg:
     help: str
     option: bool = False  # --name PATH instead of a positional argument
     from_params: bool = False  # the default is the value of params key `default`
+    # When the path named here is given and this one is not: this one where it stands
+    # beside that one as the defaults do (`evaluate VAL`: VAL/../train).
+    beside: str | None = None
 
 
 @dataclass(frozen=True)
@@ -148,8 +151,10 @@ STAGES: dict[str, Stage] = {
                 PathArg(
                     "checkpoint",
                     "models/checkpoints/train.pt",
-                    "checkpoint file (resumed when it belongs to this run)",
+                    "checkpoint file (resumed when it belongs to this run; default: "
+                    "checkpoints/train.pt beside MODEL_PATH)",
                     option=True,
+                    beside="model_path",
                 ),
                 PathArg("metrics", "metrics", "folder for train.json and plots", option=True),
             ),
@@ -181,8 +186,10 @@ STAGES: dict[str, Stage] = {
                 PathArg(
                     "train",
                     "data/lmdb/train",
-                    "the training LMDB store (searched for the nearest neighbours)",
+                    "the training LMDB store (searched for the nearest neighbours; default: "
+                    "train/ beside VAL)",
                     option=True,
+                    beside="val",
                 ),
                 PathArg("metrics", "metrics", "folder for eval.json and eval/", option=True),
             ),
@@ -228,10 +235,14 @@ def load(path: Path | None, workers: int | None = None, scheduler: str | None = 
 
 
 def resolve_paths(stage: Stage, given: dict[str, Path | None], params: Params) -> dict[str, str]:
-    """The stage's paths: as given, else the table's default (or the params key's value)."""
+    """The stage's paths: as given, else the table's default (or the params key's value),
+    or, beside a path given in its place, where its default stands beside that one's."""
     paths = {}
     for arg in stage.paths:
         value = given.get(arg.name)
+        if value is None and arg.beside and given.get(arg.beside) is not None:
+            anchor = Path(stage.path(arg.beside).default).parent
+            value = Path(given[arg.beside]).parent / Path(arg.default).relative_to(anchor)
         if value is None:
             value = param_value(params, arg.default) if arg.from_params else arg.default
         paths[arg.name] = str(value)

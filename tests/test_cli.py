@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import typer
@@ -60,6 +61,24 @@ def test_each_stage_command_shows_the_tables_default_paths(stage):
         shown = f"params {arg.default}" if arg.from_params else arg.default
         assert shown in text, (stage, arg.name)
     assert ("--workers" in text) == STAGES[stage].parallel
+
+
+def test_a_path_not_given_stands_beside_the_one_given():
+    # `evaluate /big/lmdb/val model.pt` searched the neighbours in the repository's
+    # data/lmdb/train; `train ... /runs/a/alexnet.pt` checkpointed in its models/
+    from alexnet.params import DEFAULTS
+    from flows.stages import resolve_paths
+
+    evaluate = resolve_paths(STAGES["evaluate"], {"val": Path("/big/lmdb/val")}, DEFAULTS)
+    assert evaluate["train"] == "/big/lmdb/train" and evaluate["metrics"] == "metrics"
+    model = {"model_path": Path("/runs/a/alexnet.pt")}
+    assert resolve_paths(STAGES["train"], model, DEFAULTS)["checkpoint"] == (
+        "/runs/a/checkpoints/train.pt"
+    )
+    both = {"val": Path("/v/val"), "train": Path("/t/train")}
+    assert resolve_paths(STAGES["evaluate"], both, DEFAULTS)["train"] == "/t/train"
+    chain = {arg.name: arg.default for arg in STAGES["evaluate"].paths}
+    assert resolve_paths(STAGES["evaluate"], {}, DEFAULTS) == chain
 
 
 def test_param_prints_a_validated_value_and_names_a_wrong_key(tmp_path):
