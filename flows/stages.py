@@ -221,8 +221,19 @@ def user_errors() -> Iterator[None]:
     except Exception as error:
         if not is_user_error(error):
             raise
+        _send_prefect_logs()
         console.print(f"[bold red]error:[/] {user_line(error)}", highlight=False)
         raise typer.Exit(1) from None
+
+
+def _send_prefect_logs(timeout: float = 5.0) -> None:
+    """Let Prefect send the events and logs it still holds now, which it otherwise does
+    at exit with a warning that came after the error line: the error is the last word."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (EventsWorker, APILogWorker):
+        worker.drain_all(timeout=timeout, at_exit=False)
 
 
 def load(path: Path | None, workers: int | None = None, scheduler: str | None = None) -> Params:

@@ -366,3 +366,15 @@ def test_ctrl_c_stops_a_stage_in_seconds_with_one_line(tmp_path):
     (port,) = set(re.findall(r"temporary server on http://127.0.0.1:(\d+)", text))
     with pytest.raises(ConnectionRefusedError):  # and the server went with it
         socket.create_connection(("127.0.0.1", int(port)), timeout=5).close()
+
+
+def test_a_stage_error_is_the_last_word(tmp_path):
+    # Prefect sent its last events at exit, with a warning after the error line; they
+    # are sent first now. Only the temporary server's "Stopping" line may follow.
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    (tmp_path / "empty").mkdir()
+    result = alexnet("stats", str(tmp_path / "empty"), str(tmp_path / "stats"), env=env)
+    lines = result.stderr.splitlines()
+    (at,) = [i for i, line in enumerate(lines) if line.startswith("error:")]
+    assert lines[at] == f"error: {tmp_path / 'empty'}: no shard-*.tar files (run prepare first)"
+    assert all("Stopping temporary server" in line for line in lines[at + 1 :]), lines[at:]
