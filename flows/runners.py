@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -71,13 +72,20 @@ def local_cluster(**kwargs) -> LocalCluster:
     os.environ of the process that starts the cluster, where they stay: every process
     it starts afterwards (the train command, torchrun) would inherit them, train on one
     thread, and compute other bits than a run on all cores. The workers, spawned by
-    then, keep theirs. (A worker that a nanny restarts later sets them again.)"""
+    then, keep theirs. (A worker that a nanny restarts later sets them again.)
+
+    Its worker processes start with SIGINT ignored, as the process pool's workers
+    (`leave_interrupts`): a Ctrl-C stops the stage, not each worker with a traceback."""
     from distributed import LocalCluster
 
     before = dict(os.environ)
+    main = threading.current_thread() is threading.main_thread()  # signals: main only
+    interrupts = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
     try:
         return LocalCluster(**kwargs)
     finally:
+        if main:
+            signal.signal(signal.SIGINT, interrupts)
         for name in set(os.environ) - set(before):
             del os.environ[name]
         os.environ.update(before)
