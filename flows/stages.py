@@ -84,7 +84,10 @@ STAGES: dict[str, Stage] = {
         Stage(
             "synth",
             "Generate the built-in demo dataset (params `synth`): shapes x textures, plus a "
-            "few CMYK, greyscale, PNG-as-JPEG, truncated, empty and non-image files.",
+            "few CMYK, greyscale, PNG-as-JPEG, truncated, empty and non-image files. Its size: "
+            "params synth.classes, train_per_class, val_per_class; synth.oddities files of "
+            "each odd kind (a small set needs few, or prepare.max_skipped raised: prepare "
+            "skips the unusable ones).",
             # the demo's raw folder: where prepare reads by default
             (PathArg("out", DEMO_RAW, "folder to create (ImageFolder layout)"),),
             ("synth",),
