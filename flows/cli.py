@@ -18,7 +18,6 @@ import typer
 
 from alexnet.errors import AlexnetError
 from alexnet.runtime import configure
-from flows.server import check_api
 from flows.stages import STAGES, ParamsOption, command, console, load, user_errors
 
 app = typer.Typer(
@@ -95,6 +94,7 @@ def serve(params_path: ParamsOption = None) -> None:
         if not Path("dvc.yaml").exists():
             raise AlexnetError("serve runs in the repository: no dvc.yaml in this folder")
         from flows.serve import check_schedule, serve_all
+        from flows.server import check_api
 
         check_schedule(params)
         check_api(os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value())

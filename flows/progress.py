@@ -103,8 +103,9 @@ def in_order(
                     following = next(works, _END)
                 if not pending:
                     return
-                work, work_size, future = pending.popleft()
+                work, work_size, future = pending[0]  # still pending while it runs: settled
                 result = future.result()
+                pending.popleft()
                 del future
                 progress.advance(task, bar.weight(work))
                 yield work, result

@@ -8,15 +8,17 @@ workers inherit it.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
+import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from unittest import mock
 
 import httpx
-from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from alexnet.errors import AlexnetError, one_line
@@ -24,25 +26,42 @@ from alexnet.errors import AlexnetError, one_line
 STARTUP_TIMEOUT_S = 90  # Prefect's 20 s default is too short on a busy 2-core machine
 
 
-class _OwnSessionServer(SubprocessASGIServer):
+def _own_session_server():
     """Prefect's temporary server, started in a session of its own. A Ctrl-C at the
     terminal goes to every process of its foreground group: in the stage's group the
     server died with the stage, whose Prefect clients then retried the dead API for
-    minutes before it could exit. Stopped at exit as before (`atexit`)."""
+    minutes before it could exit. Stopped at exit as before (`atexit`), and by Linux when
+    this process dies without it (a closed terminal, `timeout`): out of the group, no
+    signal to the group reaches it. Imported here: every command loads this module."""
+    from prefect.server.api.server import SubprocessASGIServer
 
-    def _run_uvicorn_command(self) -> subprocess.Popen:
-        popen = functools.partial(subprocess.Popen, start_new_session=True)
-        with mock.patch.object(subprocess, "Popen", popen):  # Prefect's call, one argument more
-            return super()._run_uvicorn_command()
+    class OwnSessionServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            popen = functools.partial(
+                subprocess.Popen, start_new_session=True, preexec_fn=_die_with_parent
+            )
+            with mock.patch.object(subprocess, "Popen", popen):  # Prefect's call, 2 more args
+                return super()._run_uvicorn_command()
+
+    return OwnSessionServer()  # Prefect's own singleton: its clients reuse it
+
+
+def _die_with_parent() -> None:
+    """In the server's process before it runs: SIGTERM when its parent dies (Linux)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def check_api(url: str, timeout: float = 10.0) -> None:
     """One line when `PREFECT_API_URL` names a server that does not answer (a `prefect
     server start` stopped or never started): Prefect's own failure comes after its
     retries, as a page of traceback. Any HTTP answer counts (Prefect Cloud asks for a key)."""
-    try:
-        httpx.get(f"{url.rstrip('/')}/health", timeout=timeout)
-    except httpx.TransportError as error:
+    try:  # whether anything answers: no certificate check (Prefect's own may differ)
+        httpx.get(f"{url.rstrip('/')}/health", timeout=timeout, verify=False)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as error:
         raise AlexnetError(
             f"PREFECT_API_URL: no Prefect server answers at {url} ({one_line(error)}); "
             "start it (`prefect server start`), or unset PREFECT_API_URL for a temporary one"
@@ -60,7 +79,7 @@ def prefect_api() -> Iterator[str]:
         return
     # No network here: the server's telemetry would only log a failure.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    server = _OwnSessionServer()  # Prefect's own singleton: its clients reuse it
+    server = _own_session_server()
     server.start(timeout=STARTUP_TIMEOUT_S)  # stopped by Prefect at exit, after logs drain
     os.environ["PREFECT_API_URL"] = server.api_url
     try:

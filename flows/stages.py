@@ -256,7 +256,8 @@ def resolve_paths(stage: Stage, given: dict[str, Path | None], params: Params) -
         value = given.get(arg.name)
         if value is None and arg.beside and given.get(arg.beside) is not None:
             anchor = Path(stage.path(arg.beside).default).parent
-            value = Path(given[arg.beside]).parent / Path(arg.default).relative_to(anchor)
+            beside = Path(os.path.abspath(given[arg.beside])).parent  # `.` has a parent too
+            value = beside / Path(arg.default).relative_to(anchor)
         if value is None:
             value = param_value(params, arg.default) if arg.from_params else arg.default
         paths[arg.name] = str(value)

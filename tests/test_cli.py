@@ -75,6 +75,8 @@ def test_a_path_not_given_stands_beside_the_one_given():
     assert resolve_paths(STAGES["train"], model, DEFAULTS)["checkpoint"] == (
         "/runs/a/checkpoints/train.pt"
     )
+    here = resolve_paths(STAGES["evaluate"], {"val": Path(".")}, DEFAULTS)["train"]
+    assert here == str(Path.cwd().parent / "train")  # not ./train, inside VAL
     both = {"val": Path("/v/val"), "train": Path("/t/train")}
     assert resolve_paths(STAGES["evaluate"], both, DEFAULTS)["train"] == "/t/train"
     chain = {arg.name: arg.default for arg in STAGES["evaluate"].paths}
@@ -347,6 +349,7 @@ def test_ctrl_c_stops_a_stage_in_seconds_with_one_line(tmp_path, scheduler):
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
     log = tmp_path / "log"
     command = [sys.executable, "-m", "flows.cli", "synth", str(tmp_path / "raw"), *scheduler]
+    command += ["--workers", "2"]  # on many cores all 10 tasks would be done at once
     with open(log, "w") as stream:
         stage = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=stream, stderr=stream, start_new_session=True
