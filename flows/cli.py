@@ -86,7 +86,8 @@ def serve(params_path: ParamsOption = None) -> None:
 
     with user_errors():
         params = load(params_path)
-        if not (os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()):
+        api = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+        if not api:
             raise AlexnetError(
                 "serve needs a Prefect server: run `prefect server start` and set "
                 "PREFECT_API_URL=http://127.0.0.1:4200/api"
@@ -97,7 +98,7 @@ def serve(params_path: ParamsOption = None) -> None:
         from flows.server import check_api
 
         check_schedule(params)
-        check_api(os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value())
+        check_api(api)
         serve_all(Path.cwd(), params)
 
 
