@@ -15,15 +15,13 @@ caller's own stop is heard.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
 import sys
 
+from alexnet.orphans import die_with_parent
 from alexnet.repro import stop_group
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class Stop(Exception):
@@ -37,9 +35,8 @@ def _stop(*_) -> None:
 def main(argv: list[str]) -> int:
     parent, command = int(argv[0]), argv[1:]
     signal.signal(signal.SIGTERM, _stop)  # reset to the default in COMMAND (exec)
-    if sys.platform.startswith("linux"):
-        signal.signal(signal.SIGUSR1, _stop)
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGUSR1)
+    signal.signal(signal.SIGUSR1, _stop)
+    die_with_parent(signal.SIGUSR1)
     child = None
     try:
         if os.getppid() != parent:  # died before the request above: nobody to run for

@@ -225,7 +225,10 @@ class TrainParams(_Section):
     lighting_scale: LightingScale = Field(
         "unit", description="eigenvalues of [0,1] pixels, or std devs of 0-255 (docs/paper.md)"
     )
-    subtract_mean: bool = Field(True, description="subtract the mean image's window")
+    subtract_mean: bool = Field(
+        True,
+        description="subtract the mean image's window (off: in validation and the model file too)",
+    )
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
     sync_every: int = Field(
         20,

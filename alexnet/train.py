@@ -165,6 +165,8 @@ class Trainer:
             raise TrainError(f"{run.lmdb}: train and val have different class lists")
         self.classes = self.train.classes
         mean, self.pca = load_stats(run.stats)
+        if not p.subtract_mean:  # the ablation: no mean wherever the model sees an image
+            mean = torch.zeros_like(mean)  # (validation, and the model file's users)
         self.mean = mean.to(self.device)
         torch.manual_seed(p.seed)  # the initial weights
         network = AlexNet(

@@ -6,6 +6,8 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -31,12 +33,42 @@ def leave_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@contextmanager
+def interrupts_ignored() -> Iterator[None]:
+    """SIGINT ignored meanwhile, in the main thread (signals are the main thread's; from
+    another, nothing changes). A process started meanwhile keeps ignoring it from its
+    first instruction: the disposition survives exec, and Python then installs no
+    KeyboardInterrupt handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    interrupts = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, interrupts)
+
+
+class PoolTaskRunner(ProcessPoolTaskRunner):
+    """Prefect's process pool, every worker started on entry with SIGINT ignored. Started
+    on demand, a worker spends seconds importing before its initializer runs: a Ctrl-C
+    then printed its traceback and broke the pool. (`leave_interrupts` stays the
+    initializer, for a pool entered outside the main thread.)"""
+
+    def __enter__(self) -> PoolTaskRunner:
+        super().__enter__()
+        with interrupts_ignored():  # a submit starts a worker while none is idle
+            for _ in range(self._max_workers):
+                self._executor.submit(os.getpid)
+        return self
+
+
 def task_runner(scheduler: str | None, workers: int) -> TaskRunner:
     """A process pool by default; Dask when a scheduler is named ('local' starts a
     temporary LocalCluster, anything else is the address of a running one)."""
     workers = parallelism(workers)
     if scheduler is None:
-        return ProcessPoolTaskRunner(max_workers=workers, initializer=leave_interrupts)
+        return PoolTaskRunner(max_workers=workers, initializer=leave_interrupts)
     from prefect_dask import DaskTaskRunner
 
     if scheduler == "local":
@@ -79,13 +111,10 @@ def local_cluster(**kwargs) -> LocalCluster:
     from distributed import LocalCluster
 
     before = dict(os.environ)
-    main = threading.current_thread() is threading.main_thread()  # signals: main only
-    interrupts = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
     try:
-        return LocalCluster(**kwargs)
+        with interrupts_ignored():
+            return LocalCluster(**kwargs)
     finally:
-        if main:
-            signal.signal(signal.SIGINT, interrupts)
         for name in set(os.environ) - set(before):
             del os.environ[name]
         os.environ.update(before)

@@ -8,12 +8,10 @@ workers inherit it.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from unittest import mock
@@ -22,6 +20,7 @@ import httpx
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from alexnet.errors import AlexnetError, one_line
+from alexnet.orphans import die_with_parent
 
 STARTUP_TIMEOUT_S = 90  # Prefect's 20 s default is too short on a busy 2-core machine
 
@@ -47,12 +46,8 @@ def _own_session_server():
 
 
 def _die_with_parent() -> None:
-    """In the server's process before it runs: SIGTERM when its parent dies (Linux)."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
+    """In the server's process before it runs: SIGTERM when its parent dies."""
+    die_with_parent(signal.SIGTERM)
 
 
 def check_api(url: str, timeout: float = 10.0) -> None:

@@ -339,13 +339,18 @@ def test_a_damaged_shard_stops_the_stage_with_one_line(tmp_path, prefect_server,
     assert not [p for p in paths[stage][1].rglob("*") if p.is_file()]  # nothing half-written
 
 
-@pytest.mark.parametrize("scheduler", [[], ["--scheduler", "local"]], ids=["pool", "dask"])
-def test_ctrl_c_stops_a_stage_in_seconds_with_one_line(tmp_path, scheduler):
+@pytest.mark.parametrize(
+    "scheduler, when",
+    [([], "Task run"), (["--scheduler", "local"], "Task run"), ([], "Beginning flow run")],
+    ids=["pool", "dask", "pool-starting"],
+)
+def test_ctrl_c_stops_a_stage_in_seconds_with_one_line(tmp_path, scheduler, when):
     # A Ctrl-C at the terminal is SIGINT to every process of the foreground group. It
     # killed Prefect's temporary server and a pool worker with the stage, which then
     # retried the dead API for minutes, and a second Ctrl-C did not help (measured: still
     # running after 12 minutes); Dask's workers each printed a traceback. Now the stage
-    # alone stops, its queued tasks cancelled.
+    # alone stops, its queued tasks cancelled. "pool-starting": while the pool's workers
+    # still import (seconds, before their initializer), where each printed a traceback.
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
     log = tmp_path / "log"
     command = [sys.executable, "-m", "flows.cli", "synth", str(tmp_path / "raw"), *scheduler]
@@ -355,8 +360,8 @@ def test_ctrl_c_stops_a_stage_in_seconds_with_one_line(tmp_path, scheduler):
             command, cwd=REPO, env=env, stdout=stream, stderr=stream, start_new_session=True
         )
     try:
-        for _ in range(1200):  # until its first task is done: the server up, the pool busy
-            if "Task run" in log.read_text() or stage.poll() is not None:
+        for _ in range(1200):  # until its first task is done (the pool busy), or the flow
+            if when in log.read_text() or stage.poll() is not None:  # begins (it starts)
                 break
             time.sleep(0.1)
         os.killpg(stage.pid, signal.SIGINT)
@@ -374,6 +379,39 @@ def test_ctrl_c_stops_a_stage_in_seconds_with_one_line(tmp_path, scheduler):
     (port,) = set(re.findall(r"temporary server on http://127.0.0.1:(\d+)", text))
     with pytest.raises(ConnectionRefusedError):  # and the server went with it
         socket.create_connection(("127.0.0.1", int(port)), timeout=5).close()
+
+
+def test_a_stage_killed_outright_takes_its_temporary_server_with_it(tmp_path):
+    # The server runs in a session of its own (a Ctrl-C to the stage's group must not
+    # reach it), so no signal to the stage's group reaches it either. A stage killed by
+    # SIGKILL (the OOM killer) runs no exit handler: Linux stops the server instead.
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    log = tmp_path / "log"
+    command = [sys.executable, "-m", "flows.cli", "synth", str(tmp_path / "raw")]
+    with open(log, "w") as stream:
+        stage = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=stream, stderr=stream, start_new_session=True
+        )
+    try:
+        for _ in range(1200):  # until its first task is done: the server answers
+            if "Task run" in log.read_text() or stage.poll() is not None:
+                break
+            time.sleep(0.1)
+        (port,) = set(re.findall(r"temporary server on http://127.0.0.1:(\d+)", log.read_text()))
+        socket.create_connection(("127.0.0.1", int(port)), timeout=5).close()
+        stage.kill()  # the stage alone, not its group
+        stage.wait(timeout=30)
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", int(port)), timeout=5).close()
+            except ConnectionRefusedError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the temporary server outlived its killed stage by 30 s")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(stage.pid, signal.SIGKILL)
 
 
 def test_a_stage_error_is_the_last_word(tmp_path):

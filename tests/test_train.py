@@ -201,6 +201,31 @@ def test_the_recipe_reaches_the_optimizer_and_a_plateau_divides_its_rate(
     assert t.schedule.stopped and t.epoch == 5
 
 
+def test_the_update_is_the_papers_momentum_and_weight_decay(data, tmp_path):
+    # Section 5: v <- 0.9 v - 0.0005 eps w - eps grad; w <- w + v (v starts at 0). At a
+    # constant rate torch's SGD (v' = 0.9 v' + grad + 0.0005 w; w <- w - eps v') is the
+    # same update; after a drop it is not (docs/paper.md, "SGD velocity").
+    lr, momentum, decay = 0.01, 0.9, 0.5  # a decay the size of the gradient: seen if wrong
+    t = trainer(data, tmp_path, lr=lr, momentum=momentum, weight_decay=decay)
+    named = dict(t.model.named_parameters())
+    names = ["features.0.weight", "features.4.bias", "classifier.6.weight"]  # conv1, conv2, fc8
+    start = {name: named[name].detach().clone() for name in names}
+    weights = {name: value.double() for name, value in start.items()}
+    velocity = {name: torch.zeros_like(value) for name, value in weights.items()}
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for value in named.values():
+            value.grad = torch.randn(value.shape, generator=generator) / 100
+        for name in names:
+            grad = named[name].grad.double()
+            velocity[name] = momentum * velocity[name] - decay * lr * weights[name] - lr * grad
+            weights[name] = weights[name] + velocity[name]
+        t.optimizer.step()
+    got = {name: named[name].detach().double() for name in names}
+    start = {name: value.double() for name, value in start.items()}
+    assert_updates_within(got, weights, start, rtol=1e-5)
+
+
 def test_learns_the_tiny_task(data, tmp_path):
     t = trainer(
         data,
@@ -232,6 +257,34 @@ def test_export_is_a_weights_only_model_file_that_load_model_reads(data, tmp_pat
     assert payload["prepare"] == run.image and "history" not in payload
     model, _ = load_model(run.model_path)
     assert_same_weights(model.state_dict(), t.weights())
+
+
+@pytest.mark.parametrize("subtract", [True, False])
+def test_validation_and_the_model_file_subtract_the_mean_training_subtracted(
+    data, tmp_path, monkeypatch, subtract
+):
+    # The ablation `train.subtract_mean: false` trained on the raw pixels, but validated
+    # (the schedule's input) and exported the stats' mean, which evaluate and predict
+    # then subtracted. The same centre crop must be the same input in all three.
+    from alexnet.crops import centre_crop
+
+    switches = {"random_crop": False, "flip": False, "lighting": 0.0}
+    t = trainer(data, tmp_path, subtract_mean=subtract, **switches, **ONE_STEP)
+    images = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8)
+    trained = t.augment.apply(images, t.augment.draw(2))
+    validated = []
+
+    def validate(model, split, mean, crop, *rest):
+        validated.append(centre_crop(images, mean.cpu(), crop))
+        return {"val_loss": 0.7, "val_top1_error": 0.5, "val_top5_error": 0.0}
+
+    monkeypatch.setattr("alexnet.train.validate", validate)
+    t.run_epoch()
+    t.export(tmp_path / "alexnet.pt")
+    exported = torch.load(tmp_path / "alexnet.pt", weights_only=True)["mean"]
+    for seen in (validated[0], centre_crop(images, exported, t.crop)):
+        assert torch.equal(seen, trained)
+    assert torch.equal(trained, images[..., 16:240, 16:240] - (60.0 if subtract else 0.0))
 
 
 def test_what_killed_saves_left_goes_with_the_next_save(data, tmp_path):
