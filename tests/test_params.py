@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from alexnet.params import Params, ParamsError, load_params, parse_params, with_compute
+from alexnet.params import (
+    Params,
+    ParamsError,
+    load_params,
+    param_value,
+    parse_params,
+    with_compute,
+)
 from tests.helpers import REPO
 
 
@@ -142,6 +151,71 @@ def test_invalid_yaml_names_the_line(tmp_path):
     path.write_text("prepare:\n  size: [256\n")
     with pytest.raises(ParamsError, match=r"p.yaml: line 3 not valid YAML$"):
         load_params(path)
+
+
+def test_a_key_written_twice_is_refused_naming_it_and_its_line(tmp_path):
+    # PyYAML keeps the last of two equal keys: a second `train:` section appended to the
+    # file replaced the whole first one, and train.epochs went back to its default.
+    path = tmp_path / "params.yaml"
+    lines = (REPO / "params.yaml").read_text().splitlines()
+    path.write_text("\n".join([*lines, "train:", "  lr: 0.02", ""]))
+    first = next(n for n, line in enumerate(lines, 1) if line.startswith("train:"))
+    refused = rf"^{re.escape(str(path))}: duplicate key 'train' on line {len(lines) + 1} "
+    with pytest.raises(ParamsError, match=refused + rf"\(first on line {first}\)$"):
+        load_params(path)
+    path.write_text("train:\n  lr: 0.1\n  epochs: 3\n  lr: 0.2\n")  # within a section
+    refused = r"params.yaml: duplicate key 'train.lr' on line 4 \(first on line 2\)$"
+    with pytest.raises(ParamsError, match=refused):
+        load_params(path)
+    # A merge key's values may still be overridden beside it, as YAML says.
+    path.write_text("x-base: &b {lr: 0.1}\ntrain:\n  <<: *b\n  lr: 0.2\n")
+    with pytest.raises(ParamsError, match=r": unknown key 'x-base'$"):
+        load_params(path)
+
+
+def number_fields():
+    """section.name of every int and float key (Literal ints included), as its default says."""
+    numbers = {"train.max_epochs_per_rate"}  # int | None, None by default
+    for section, values in Params().model_dump().items():
+        for name, value in values.items():
+            if type(value) in (int, float):  # not bool, a subclass of int
+                numbers.add(f"{section}.{name}")
+    return sorted(numbers)
+
+
+def test_a_bool_is_not_a_number(tmp_path):
+    # pydantic's lax mode reads `true` as 1: `epochs: true` trained one epoch.
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  epochs: true\n")
+    refused = rf"^{re.escape(str(path))}: train.epochs: Input should be a valid integer "
+    with pytest.raises(ParamsError, match=refused + r"\(got True\)$"):
+        load_params(path)
+    keys = number_fields()
+    assert {"train.lr", "train.epochs", "model.columns", "prepare.max_skipped"} <= set(keys)
+    for key in keys:
+        section, name = key.split(".")
+        path.write_text(f"{section}:\n  {name}: false\n")
+        with pytest.raises(ParamsError, match=rf": {key}: Input should be .* \(got False\)$"):
+            load_params(path)
+    # A YAML int is still a float; a bool is still a bool.
+    path.write_text("train:\n  lr: 1\n  amp: true\nmodel:\n  dropout: 0\n")
+    params = load_params(path)
+    assert (params.train.lr, params.train.amp, params.model.dropout) == (1.0, True, 0.0)
+    assert type(params.train.lr) is float
+
+
+def test_an_infinite_or_nan_float_is_refused(tmp_path):
+    # `lr: .inf` passed `gt=0`; no knob means an infinite or NaN value.
+    path = tmp_path / "params.yaml"
+    floats = [key for key in number_fields() if type(param_value(Params(), key)) is float]
+    assert {"train.lr", "train.momentum", "model.dropout", "prepare.file_timeout"} <= set(floats)
+    for key in floats:
+        section, name = key.split(".")
+        for written, shown in ((".inf", "inf"), ("-.inf", "-inf"), (".nan", "nan")):
+            path.write_text(f"{section}:\n  {name}: {written}\n")
+            refused = rf"^{re.escape(str(path))}: {key}: Input should be a finite number "
+            with pytest.raises(ParamsError, match=refused + rf"\(got {shown}\)$"):
+                load_params(path)
 
 
 def test_train_device_is_always_a_list_of_names():
