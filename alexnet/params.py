@@ -12,10 +12,8 @@ key (or, for a check across keys, both).
 from __future__ import annotations
 
 import re
-import types
-from functools import cache
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -49,35 +47,6 @@ SCHEDULER_ADDRESS = re.compile(r"([a-z]+://)?(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\
 DEFAULT_FILE = "params.yaml"  # may be absent (all defaults); a file named otherwise may not
 
 
-@cache
-def _not_a_bool(annotation: Any) -> tuple[str, str] | None:
-    """pydantic's (error type, message) for a bool given to a field of this type, which
-    pydantic's lax mode would take as a number (`epochs: true` as 1); None for a type that
-    takes a bool, or refuses one itself (str, tuple)."""
-    if annotation is bool:
-        return None
-    if get_origin(annotation) in (Union, types.UnionType):
-        options = get_args(annotation)
-        if bool in options:
-            return None
-        found = {_not_a_bool(option) for option in options} - {None}
-        return min(found) if found else None  # float's message before int's (f < i)
-    if get_origin(annotation) is Literal:
-        values = get_args(annotation)
-        if any(isinstance(value, bool) for value in values):
-            return None
-        if all(isinstance(value, int) for value in values):
-            shown = [repr(value) for value in values]
-            choices = f"{', '.join(shown[:-1])} or {shown[-1]}" if len(shown) > 1 else shown[0]
-            return "literal_error", f"Input should be {choices}"
-        return None
-    if annotation is float:
-        return "float_type", "Input should be a valid number"
-    if annotation is int:
-        return "int_type", "Input should be a valid integer"
-    return None
-
-
 class _Section(BaseModel):
     # Unknown keys are errors: a typo must not silently fall back to a default. An
     # infinite or NaN float (`.inf`, `.nan` in YAML) is never a setting, only a mistake.
@@ -85,13 +54,12 @@ class _Section(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_bool_as_number(cls, value: object, info: ValidationInfo) -> object:
-        """A bool is refused where a number is expected (pydantic would take `true` as 1),
-        with the message pydantic gives any other value of the wrong type."""
-        if isinstance(value, bool) and info.field_name is not None:
-            refused = _not_a_bool(cls.model_fields[info.field_name].annotation)
-            if refused is not None:
-                raise PydanticCustomError(*refused)
+    def _bools_for_bools(cls, value: object, info: ValidationInfo) -> object:
+        """true/false only where a bool is expected: pydantic's lax mode takes `epochs:
+        true` as 1 (and for a string or a list it says so itself)."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and bool not in (annotation, *get_args(annotation)):
+            raise PydanticCustomError("bool_type", "Input should not be true or false")
         return value
 
 
@@ -401,44 +369,21 @@ class Params(_Section):
         return self
 
 
-class _DuplicateKey(yaml.constructor.ConstructorError):
-    """A key written twice in one mapping of a params file."""
-
-    def __init__(self, key: str, first: yaml.Mark, again: yaml.Mark) -> None:
-        super().__init__(None, first, f"duplicate key {key!r}", again)
-        self.key, self.first, self.again = key, first, again
-
-
 class _UniqueKeyLoader(yaml.SafeLoader):
     """`yaml.safe_load`'s loader, but a key written twice in one mapping is an error:
-    PyYAML keeps the last, so a second `train:` section would silently replace the whole
-    first one. Checked on the composed nodes, where each key's line is known."""
+    PyYAML keeps the last, so a second `train:` section silently replaced the first."""
 
-    def construct_document(self, node: yaml.Node) -> Any:
-        self._refuse_duplicates(node, (), set())
-        return super().construct_document(node)
-
-    def _refuse_duplicates(self, node: yaml.Node, path: tuple[str, ...], seen: set[int]) -> None:
-        if id(node) in seen:  # an alias of a node checked already (or of its parent)
-            return
-        seen.add(id(node))
-        if isinstance(node, yaml.SequenceNode):
-            for index, item in enumerate(node.value):
-                self._refuse_duplicates(item, (*path, str(index)), seen)
-        elif isinstance(node, yaml.MappingNode):
-            first: dict[Any, yaml.Mark] = {}
-            for key_node, value_node in node.value:
-                inner = path
-                # A merge key (`<<: *base`) may be overridden by the keys beside it, as
-                # YAML says; a non-scalar key is left to PyYAML's own checks.
-                merge = key_node.tag == "tag:yaml.org,2002:merge"
-                if isinstance(key_node, yaml.ScalarNode) and not merge:
-                    key = self.construct_object(key_node)
-                    inner = (*path, str(key))
-                    if key in first:
-                        raise _DuplicateKey(".".join(inner), first[key], key_node.start_mark)
-                    first[key] = key_node.start_mark
-                self._refuse_duplicates(value_node, inner, seen)
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:  # before merge keys (`<<`) are flattened in
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in first:
+                line, again = first[key].line + 1, key_node.start_mark.line + 1
+                raise ParamsError(f"duplicate key {key!r} on line {again} (first on line {line})")
+            first[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
 
 
 def _read_yaml(path: Path) -> Any:
@@ -489,11 +434,8 @@ def load_params(path: str | Path | None = None) -> Params:
         raise ParamsError(f"{path}: no such params file") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ParamsError(f"{path}: cannot read it ({type(error).__name__})") from None
-    except _DuplicateKey as error:
-        again, first = error.again.line + 1, error.first.line + 1
-        raise ParamsError(
-            f"{path}: duplicate key '{error.key}' on line {again} (first on line {first})"
-        ) from None
+    except ParamsError as error:  # a duplicate key
+        raise ParamsError(f"{path}: {error}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

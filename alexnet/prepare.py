@@ -99,7 +99,19 @@ class Unread(OSError):
     """A file whose read crashed or hung the process that read it."""
 
 
-def _read(item: Item) -> bytes | OSError | None:
+class TooLarge(OSError):
+    """A file larger than any image within params `prepare.max_pixels` can be."""
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file an image within `max_pixels` can be: uncompressed at 8 bytes a
+    pixel (16-bit RGBA or CMYK, the widest PIL reads), plus 1 MiB of headers and
+    metadata. A larger file (a video named .JPEG, a disk image) is skipped unread: read
+    whole, it could exceed the memory and stop the stage."""
+    return 8 * max_pixels + 2**20
+
+
+def _read(item: Item, limit: int) -> bytes | OSError | None:
     """The file's bytes, an OSError saying why they cannot be read, or None for an entry
     the scan already found unusable (which is never opened: it may be a FIFO)."""
     if item.problem:
@@ -107,6 +119,11 @@ def _read(item: Item) -> bytes | OSError | None:
     try:
         with open(item.path, "rb") as stream:
             before = os.fstat(stream.fileno())
+            if before.st_size > limit:
+                return TooLarge(
+                    f"too large: {before.st_size:,} bytes, more than any image "
+                    f"of prepare.max_pixels can be ({limit:,})"
+                )
             data = stream.read()
             after = os.fstat(stream.fileno())
     except OSError as error:
@@ -142,7 +159,7 @@ def _reason(item: Item, content: bytes | OSError | None) -> str | None:
     """Why a file is skipped before decoding: the scan's problem, or the read's error."""
     if content is None:
         return item.problem
-    if isinstance(content, (Changing, Unread)):
+    if isinstance(content, (Changing, Unread, TooLarge)):
         return str(content)
     if isinstance(content, OSError):
         return f"unreadable: {content.strerror or content}"
@@ -188,10 +205,11 @@ def make_shard(
     path = Path(out_dir) / plan.name
     path.parent.mkdir(parents=True, exist_ok=True)
     skip, n = skip or {}, len(plan.items)
+    limit = max_file_bytes(params.max_pixels)
     contents = []
     for index, item in enumerate(plan.items):
         at(index)
-        contents.append(Unread(skip[index]) if index in skip else _read(item))
+        contents.append(Unread(skip[index]) if index in skip else _read(item, limit))
     expected = fingerprint(plan.items, contents, params)
     stored = read_description(path)
     if stored and stored.get("fingerprint") == expected:

@@ -117,12 +117,27 @@ def write_shard(path: Path, records: Iterable[Record], description: dict) -> Non
 
 
 def read_description(path: Path) -> dict | None:
-    """The description stored in a shard, or None when the file is missing or unreadable."""
+    """The description stored in a shard, or None when the file is missing, unreadable
+    or cut short (prepare then makes it again rather than reuse it)."""
     try:
         with tarfile.open(path, mode="r:") as tar:
+            if not _ends_whole(tar.fileobj):
+                return None
             return json.loads(tar.pax_headers.get("comment", "null"))
     except (OSError, tarfile.TarError, json.JSONDecodeError):
         return None
+
+
+def _ends_whole(stream) -> bool:
+    """Whether a tar that `write_shard` made still has its end: a whole number of
+    tarfile's records, the last 1,024 bytes the end-of-archive zeros. A file cut short
+    (a copy, a full disk) has neither, but for a cut just inside that padding, where
+    nothing of a member is lost. One read at the end, not a walk of every member."""
+    size = stream.seek(0, os.SEEK_END)
+    if size < tarfile.RECORDSIZE or size % tarfile.RECORDSIZE:
+        return False
+    stream.seek(size - 2 * tarfile.BLOCKSIZE)
+    return not any(stream.read(2 * tarfile.BLOCKSIZE))
 
 
 class ShardError(AlexnetError):
@@ -150,7 +165,7 @@ def load_classes(prepared: str | Path) -> list[dict]:
     try:
         classes = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ShardError(f"{path}: no such file (run prepare first)") from None
+        raise ShardError(f"{path}: no such file (prepare writes it when it succeeds)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ShardError(f"{path}: unreadable ({one_line(error)})") from None
     if not isinstance(classes, list) or not classes:

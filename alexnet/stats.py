@@ -212,7 +212,8 @@ def save_stats(folder: Path, mean: np.ndarray, pca: dict) -> None:
 
 
 def load_stats(folder: Path) -> tuple[torch.Tensor, dict]:
-    """The stats stage's outputs: the mean image as (3, 256, 256) float32 and pca.json."""
+    """The stats stage's outputs: the mean image as (3, H, W) float32 and pca.json,
+    checked: a NaN or a wrong shape would otherwise train on, or fail deep in a step."""
     import torch  # here: the stats stage itself runs without torch
 
     try:
@@ -220,4 +221,35 @@ def load_stats(folder: Path) -> tuple[torch.Tensor, dict]:
         pca = json.loads((folder / PCA_FILE).read_text())
     except (OSError, ValueError) as error:
         raise StatsError(f"{folder}: missing or corrupt stats ({error}); run stats") from None
-    return torch.from_numpy(mean).permute(2, 0, 1).contiguous(), pca
+    problem = mean_problem(mean) or pca_problem(pca)
+    if problem:
+        raise StatsError(f"{folder}: corrupt stats: {problem}; run stats")
+    return torch.from_numpy(mean.astype(np.float32, copy=False)).permute(2, 0, 1).contiguous(), pca
+
+
+def mean_problem(mean: np.ndarray) -> str | None:
+    """What is wrong with a mean image, or None: (H, W, 3) floats within 0-255."""
+    if mean.ndim != 3 or mean.shape[2] != 3 or not np.issubdtype(mean.dtype, np.floating):
+        return f"{MEAN_FILE} is {mean.dtype} {mean.shape}, not an (H, W, 3) float image"
+    if not np.isfinite(mean).all() or mean.min() < 0 or mean.max() > 255:
+        return f"{MEAN_FILE} has values outside 0-255 (NaN, infinite or out of range)"
+    return None
+
+
+def pca_problem(pca: object) -> str | None:
+    """What is wrong with pca.json, or None: 3 eigenvalues (a covariance's: not below 0
+    but by rounding) and a 3x3 matrix of eigenvectors, all finite."""
+    if not isinstance(pca, dict):
+        return f"{PCA_FILE} is not a JSON object"
+    try:
+        values = np.asarray(pca["eigenvalues"], dtype=np.float64)
+        vectors = np.asarray(pca["eigenvectors"], dtype=np.float64)
+    except (KeyError, TypeError, ValueError) as error:
+        return f"{PCA_FILE}: no numeric eigenvalues and eigenvectors ({type(error).__name__})"
+    if values.shape != (3,) or vectors.shape != (3, 3):
+        return f"{PCA_FILE}: eigenvalues {values.shape}, eigenvectors {vectors.shape}, not 3, 3x3"
+    if not (np.isfinite(values).all() and np.isfinite(vectors).all()):
+        return f"{PCA_FILE}: eigenvalues and eigenvectors must be finite"
+    if values.min() < -1e-9 * max(np.abs(values).max(), 1.0):  # beyond eigh's rounding
+        return f"{PCA_FILE}: a negative eigenvalue {values.min()}"
+    return None

@@ -165,6 +165,11 @@ class Trainer:
             raise TrainError(f"{run.lmdb}: train and val have different class lists")
         self.classes = self.train.classes
         mean, self.pca = load_stats(run.stats)
+        if mean.shape != self.train.shape:  # or every step fails on the mean's window
+            raise TrainError(
+                f"{run.stats}: the mean image is {tuple(mean.shape[1:])}, the store's images "
+                f"{self.train.shape[1:]}; run stats on the data that was packed"
+            )
         if not p.subtract_mean:  # the ablation: no mean wherever the model sees an image
             mean = torch.zeros_like(mean)  # (validation, and the model file's users)
         self.mean = mean.to(self.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from alexnet.atomic import claim_folder, write_json
+from alexnet.errors import AlexnetError
 from alexnet.params import ComputeParams, PrepareParams
 from alexnet.prepare import Summary, check_classes, check_skipped, check_splits, plan_shards
 from alexnet.shards import CLASSES_FILE, remove_stale
@@ -42,8 +43,7 @@ def prepare_flow(
         remove_stale(target / split, keep=shards)  # shards of an earlier, larger input
 
     report = summary.report()
-    write_json(target / CLASSES_FILE, [c.__dict__ for c in source.classes])
-    write_json(target / "report.json", report)
+    write_json(target / "report.json", report)  # a failed run's too: its skip reasons
     logger.info(
         "prepared %d files: %d kept, %d converted, %d skipped (%d of %d shards reused)",
         report["files"],
@@ -53,9 +53,14 @@ def prepare_flow(
         summary.reused,
         sum(summary.shards.values()),
     )
-    check_skipped(report, prepare.max_skipped, target / "report.json")
-    check_splits(summary.splits, source.root)
-    check_classes(summary.usable, source.classes, source.root)
+    try:
+        check_skipped(report, prepare.max_skipped, target / "report.json")
+        check_splits(summary.splits, source.root)
+        check_classes(summary.usable, source.classes, source.root)
+    except AlexnetError:  # no classes.json: the next stages refuse a failed prepare
+        (target / CLASSES_FILE).unlink(missing_ok=True)
+        raise
+    write_json(target / CLASSES_FILE, [c.__dict__ for c in source.classes])  # written last
     return {k: report[k] for k in ("files", "kept", "converted", "skipped")}
 
 

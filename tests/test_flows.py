@@ -14,6 +14,7 @@ import pytest
 
 from alexnet.params import PrepareParams
 from alexnet.prepare import PrepareError
+from alexnet.shards import ShardError, load_classes
 from flows.prepare import prepare_flow
 from flows.runners import local_cluster, task_runner
 from flows.synth import synth_flow
@@ -93,15 +94,20 @@ def test_rerun_after_simulated_kill_reuses_complete_shards(raw, reference, tmp_p
 
 
 def test_too_many_skipped_files_fail_after_writing_the_report(tmp_path):
+    # ... and without classes.json, which the next stages read: they accepted the output
+    # of a failed prepare (an earlier success's classes.json included) and trained on it.
     root = make_imagefolder(tmp_path / "raw", classes=2, train=2, val=1)
     for i in range(2):
         (root / "train" / "n00000000" / f"bad{i}.JPEG").write_bytes(b"not a jpeg")
     out = tmp_path / "prep"
+    prepare = prepare_flow.with_options(task_runner=task_runner(None, 1))
+    prepare(str(root), str(out), PrepareParams(max_skipped=0.5))
+    assert load_classes(out) and (out / "report.json").exists()
     with pytest.raises(PrepareError, match=r"2 of 8 files skipped"):
-        prepare_flow.with_options(task_runner=task_runner(None, 1))(
-            str(root), str(out), PrepareParams(max_skipped=0.1)
-        )
+        prepare(str(root), str(out), PrepareParams(max_skipped=0.1))
     assert (out / "report.json").exists()
+    with pytest.raises(ShardError, match=r"classes.json: no such file \(prepare writes it when"):
+        load_classes(out)
 
 
 def test_a_split_left_without_any_image_stops_the_stage(tmp_path):

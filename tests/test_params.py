@@ -164,7 +164,7 @@ def test_a_key_written_twice_is_refused_naming_it_and_its_line(tmp_path):
     with pytest.raises(ParamsError, match=refused + rf"\(first on line {first}\)$"):
         load_params(path)
     path.write_text("train:\n  lr: 0.1\n  epochs: 3\n  lr: 0.2\n")  # within a section
-    refused = r"params.yaml: duplicate key 'train.lr' on line 4 \(first on line 2\)$"
+    refused = r"params.yaml: duplicate key 'lr' on line 4 \(first on line 2\)$"
     with pytest.raises(ParamsError, match=refused):
         load_params(path)
     # A merge key's values may still be overridden beside it, as YAML says.
@@ -187,7 +187,7 @@ def test_a_bool_is_not_a_number(tmp_path):
     # pydantic's lax mode reads `true` as 1: `epochs: true` trained one epoch.
     path = tmp_path / "params.yaml"
     path.write_text("train:\n  epochs: true\n")
-    refused = rf"^{re.escape(str(path))}: train.epochs: Input should be a valid integer "
+    refused = rf"^{re.escape(str(path))}: train.epochs: Input should not be true or false "
     with pytest.raises(ParamsError, match=refused + r"\(got True\)$"):
         load_params(path)
     keys = number_fields()
@@ -195,7 +195,7 @@ def test_a_bool_is_not_a_number(tmp_path):
     for key in keys:
         section, name = key.split(".")
         path.write_text(f"{section}:\n  {name}: false\n")
-        with pytest.raises(ParamsError, match=rf": {key}: Input should be .* \(got False\)$"):
+        with pytest.raises(ParamsError, match=rf": {key}: Input should not be .* \(got False\)$"):
             load_params(path)
     # A YAML int is still a float; a bool is still a bool.
     path.write_text("train:\n  lr: 1\n  amp: true\nmodel:\n  dropout: 0\n")

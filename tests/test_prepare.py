@@ -15,6 +15,7 @@ from alexnet.prepare import (
     check_skipped,
     fingerprint,
     make_shard,
+    max_file_bytes,
     plan_shards,
     prepare_shard,
 )
@@ -217,6 +218,25 @@ def test_file_system_oddities_are_reported_and_the_rest_prepared(tmp_path, monke
     assert "n00000000/caf_xe9" in kept  # a name that is not UTF-8 is still an image
     assert summary["files"] == summary["kept"] + summary["skipped"] == 6 + 7
     json.dumps(summary, ensure_ascii=False).encode()  # the report is valid UTF-8
+
+
+def test_a_file_larger_than_any_image_is_skipped_unread(tmp_path):
+    # A 1 TB file (a disk image, a video named .JPEG) was read whole: MemoryError, and
+    # the stage stopped with a traceback naming no file.
+    root = make_imagefolder(tmp_path / "raw", classes=1, train=2, val=1)
+    with open(root / "train" / "n00000000" / "video.JPEG", "wb") as stream:
+        stream.truncate(2**40)  # sparse: no disk used
+    (plan,) = [p for p in plan_shards(open_source(root), shard_size=100) if p.split == "train"]
+    report = prepare_shard(plan, tmp_path / "out", PrepareParams())
+    limit = max_file_bytes(PrepareParams().max_pixels)
+    assert report.skipped == [
+        {
+            "path": "train/n00000000/video.JPEG",
+            "reason": f"too large: {2**40:,} bytes, more than any image of "
+            f"prepare.max_pixels can be ({limit:,})",
+        }
+    ]
+    assert report.kept == 2
 
 
 def test_a_class_whose_every_file_is_skipped_stops_the_stage(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 
 from alexnet.errors import AlexnetError
 from alexnet.shards import (
+    JPEG_START,
     Record,
     ShardError,
     SplitKeys,
@@ -60,6 +61,19 @@ def test_failed_write_leaves_previous_shard_and_no_temporary(tmp_path):
         write_shard(path, broken(), {"v": 2})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["shard-00000.tar"]
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.9, -tarfile.RECORDSIZE, -1])
+def test_a_shard_cut_short_has_no_description_so_prepare_makes_it_again(tmp_path, cut):
+    # prepare reused a truncated shard (its header intact), and stats and pack failed on
+    # it at every run until the user deleted it
+    path = tmp_path / "shard-00000.tar"
+    jpeg = JPEG_START + bytes(range(256)) * 100  # members longer than a tar record
+    write_shard(path, [Record(f"n01/n01_{i}", jpeg, 1) for i in range(8)], {"fingerprint": "a"})
+    assert read_description(path) == {"fingerprint": "a"}
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * cut) if isinstance(cut, float) else cut])
+    assert read_description(path) is None
 
 
 def test_damaged_shard_is_reported_by_name(tmp_path):

@@ -207,6 +207,54 @@ def test_missing_or_corrupt_stats_are_one_clear_error(tmp_path):
         load_stats(tmp_path)
 
 
+GOOD_PCA = {"eigenvalues": [900.0, 90.0, 0.0], "eigenvectors": np.eye(3).tolist()}
+
+
+@pytest.mark.parametrize(
+    "mean, pca, problem",
+    [
+        (np.full((4, 4, 3), np.nan, np.float32), GOOD_PCA, "mean.npy has values outside 0-255"),
+        (np.full((4, 4, 3), 300, np.float32), GOOD_PCA, "mean.npy has values outside 0-255"),
+        (np.zeros((4, 4), np.float32), GOOD_PCA, r"mean.npy is float32 \(4, 4\), not an"),
+        (np.zeros((4, 4, 3), np.uint8), GOOD_PCA, r"mean.npy is uint8 \(4, 4, 3\)"),
+        (np.zeros((4, 4, 3), np.float32), {}, "pca.json: no numeric eigenvalues"),
+        (np.zeros((4, 4, 3), np.float32), [], "pca.json is not a JSON object"),
+        (
+            np.zeros((4, 4, 3), np.float32),
+            {**GOOD_PCA, "eigenvalues": [1.0, 2.0]},
+            r"pca.json: eigenvalues \(2,\), eigenvectors \(3, 3\), not 3, 3x3",
+        ),
+        (
+            np.zeros((4, 4, 3), np.float32),
+            {**GOOD_PCA, "eigenvalues": [1.0, "x", 2.0]},
+            "pca.json: no numeric eigenvalues",
+        ),
+        (
+            np.zeros((4, 4, 3), np.float32),
+            {**GOOD_PCA, "eigenvalues": [1.0, -5.0, 2.0]},
+            "pca.json: a negative eigenvalue -5.0",
+        ),
+    ],
+    ids=["nan", "above-255", "2d", "uint8", "empty", "list", "two-values", "text", "negative"],
+)
+def test_stats_that_would_train_wrong_or_fail_mid_step_are_refused(tmp_path, mean, pca, problem):
+    # A NaN in the mean trained a model without error, whose evaluation then said top-5
+    # error 1.0 of 4 classes; a malformed pca.json failed in the first step, as a page of
+    # traceback.
+    np.save(tmp_path / "mean.npy", mean)
+    (tmp_path / "pca.json").write_text(json.dumps(pca))
+    with pytest.raises(StatsError, match=f"{tmp_path}: corrupt stats: {problem}.*; run stats"):
+        load_stats(tmp_path)
+
+
+def test_an_eigenvalue_below_zero_by_rounding_is_accepted(tmp_path):
+    # a covariance of grey images has two zero eigenvalues, which eigh may give as -1e-13
+    np.save(tmp_path / "mean.npy", np.full((4, 4, 3), 128, np.float32))
+    pca = {**GOOD_PCA, "eigenvalues": [900.0, 1e-12, -1e-13]}
+    (tmp_path / "pca.json").write_text(json.dumps(pca))
+    assert load_stats(tmp_path)[1] == pca
+
+
 def test_the_stats_module_runs_without_torch():
     # the stats stage's workers import alexnet.stats; torch is imported only by load_stats
     code = "import sys, alexnet.stats\nassert 'torch' not in sys.modules, 'torch imported'\n"

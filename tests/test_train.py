@@ -12,11 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from alexnet.errors import AlexnetError, Interrupted
 from alexnet.lmdb_store import write_store
+from alexnet.stats import load_stats, save_stats
 from alexnet.train import Trainer, TrainError
 from tests.helpers import CLASSES, REPO, assert_updates_within, blobs, run_python, train_run
 
@@ -312,6 +314,14 @@ def test_clear_errors(data, tmp_path):
             trainer(data, tmp_path, epochs=1, device="cuda:0")
     run = train_run(data, tmp_path, epochs=1).model_copy(update={"stats": tmp_path / "none"})
     with pytest.raises(AlexnetError, match="missing or corrupt stats"):
+        Trainer(run)
+    # stats of other images than the store's: every step failed on the mean's window
+    save_stats(
+        tmp_path / "small", np.full((224, 224, 3), 60, np.float32), load_stats(data / "stats")[1]
+    )
+    run = run.model_copy(update={"stats": tmp_path / "small"})
+    message = r"small: the mean image is \(224, 224\), the store's images \(256, 256\); run stats"
+    with pytest.raises(TrainError, match=message):
         Trainer(run)
 
 
