@@ -154,12 +154,52 @@ def write_store(
     return count
 
 
+# What LMDB says when the file itself is damaged (a bad header, a bad page, a format of
+# another LMDB version); its other errors at open are the system's (permissions, memory).
+DAMAGE = (lmdb.InvalidError, lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.VersionMismatchError)
+
+
+def _damaged(path: Path, reason: str) -> StoreError:
+    return StoreError(f"{path}: damaged LMDB store: {reason}; run pack again to rewrite it")
+
+
+def _open_error(path: Path, error: lmdb.Error) -> StoreError:
+    """The one line of an error of `lmdb.open`, whose message starts with the path."""
+    reason = one_line(error).removeprefix(f"{path}: ")
+    if (path / "data.mdb").stat().st_size == 0:  # LMDB says "Bad file descriptor"
+        return _damaged(path, "data.mdb is empty")
+    if isinstance(error, DAMAGE):
+        return _damaged(path, reason)
+    return StoreError(f"{path}: cannot open the LMDB store ({reason})")
+
+
+def check_size(env: lmdb.Environment, path: Path) -> None:
+    """Refuse a data.mdb shorter than its used pages. LMDB memory-maps the file: reading
+    a page past its end kills the process with SIGBUS, no exception. Opening reads only
+    the two meta pages (with read(), which a short file fails cleanly), so this check
+    comes before any other page is touched."""
+    size = (path / "data.mdb").stat().st_size
+    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    if size < need:
+        raise _damaged(path, f"data.mdb is truncated: {size} bytes where its pages need {need}")
+
+
 def open_readonly(path: str | Path) -> lmdb.Environment:
-    """Read-only, no lock file, readahead on (7-10x faster cold reads of large values)."""
+    """Read-only, no lock file, readahead on (7-10x faster cold reads of large values).
+    Every read of a store opens it here: a damaged one is a StoreError, not a crash."""
     path = Path(path)
     if not (path / "data.mdb").is_file():
         raise StoreError(f"{path}: no LMDB store here (expected {path / 'data.mdb'})")
-    return lmdb.open(str(path), readonly=True, lock=False, readahead=True, max_readers=512)
+    try:
+        env = lmdb.open(str(path), readonly=True, lock=False, readahead=True, max_readers=512)
+    except lmdb.Error as error:
+        raise _open_error(path, error) from None
+    try:
+        check_size(env, path)
+    except StoreError:
+        env.close()
+        raise
+    return env
 
 
 _SHARED: dict[str, tuple[int, tuple[int, int], lmdb.Environment]] = {}
@@ -178,6 +218,7 @@ def shared_readonly(path: str | Path) -> lmdb.Environment:
     pid, seen, env = _SHARED.get(key, (None, None, None))
     if env is None or pid != os.getpid() or seen != version:
         if env is not None:
+            del _SHARED[key]  # not left closed in the table if the reopen fails
             env.close()
         env = open_readonly(path)
         _SHARED[key] = (os.getpid(), version, env)
@@ -185,5 +226,12 @@ def shared_readonly(path: str | Path) -> lmdb.Environment:
 
 
 def read_meta(path: str | Path) -> dict:
-    with shared_readonly(path).begin() as txn:
-        return check_meta(txn.get(META_KEY), Path(path))
+    """The store's checked `__meta__`. The first read of a store: a damaged page on the
+    way to the key is named here (the reads of records are not checked, being the hot path)."""
+    path = Path(path)
+    try:
+        with shared_readonly(path).begin() as txn:
+            raw = txn.get(META_KEY)
+    except DAMAGE as error:
+        raise _damaged(path, one_line(error)) from None
+    return check_meta(raw, path)

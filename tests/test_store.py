@@ -22,7 +22,7 @@ from alexnet.lmdb_store import StoreError, read_meta, write_store
 from alexnet.pack import PackError, index_shards, load_chunk, member_key
 from alexnet.reader import LmdbSplit
 from alexnet.shards import Record, ShardError, write_shard
-from tests.helpers import REPO, encode, jpeg, photo
+from tests.helpers import REPO, encode, jpeg, photo, run_python
 
 SIZE = 32
 CLASSES = [{"index": i, "wnid": f"n{i}", "name": f"class {i}"} for i in range(3)]
@@ -240,6 +240,91 @@ def test_a_foreign_stores_meta_is_named_in_one_line(tmp_path, change, message):
     env.close()
     with pytest.raises(StoreError, match=f"key __meta__: {re.escape(message)}$"):
         LmdbSplit(path)
+
+
+# A damaged data.mdb (a copy cut short, overwritten, emptied) is one line that names the
+# store and says to pack again, whichever way it is opened, and is left as it was.
+
+
+PAGE = os.sysconf("SC_PAGESIZE")
+
+
+def damaged(path, reason: str) -> str:
+    return f"{path}: damaged LMDB store: {reason}; run pack again to rewrite it"
+
+
+def truncated_store(tmp_path, keep: int | None = None):
+    """A store whose data.mdb lost its second half (or all but `keep` bytes); returns it
+    and its error line."""
+    path = store(tmp_path, raw_records(images(10)))
+    size = (path / "data.mdb").stat().st_size
+    keep = size // 2 if keep is None else keep
+    os.truncate(path / "data.mdb", keep)
+    return path, damaged(path, f"data.mdb is truncated: {keep} bytes where its pages need {size}")
+
+
+READ_EVERY_RECORD = """
+from alexnet.lmdb_store import read_meta
+from alexnet.reader import LmdbSplit
+
+def every_record(path):
+    split = LmdbSplit(path)
+    split.read_batch(range(len(split)))  # every page, those past the end of the file too
+
+for read in (read_meta, every_record):
+    try:
+        read(sys.argv[1])
+    except Exception as error:
+        print(type(error).__name__, error)
+"""
+
+
+def test_a_truncated_store_is_a_store_error_not_a_bus_error(tmp_path):
+    # LMDB maps the file: a page past its end is a SIGBUS, so this runs in its own process.
+    path, line = truncated_store(tmp_path)
+    done = run_python(READ_EVERY_RECORD.replace("sys.argv[1]", repr(str(path))))
+    assert done.returncode == 0, f"status {done.returncode}: {done.stderr[-2000:]}"
+    assert done.stdout.splitlines() == [f"StoreError {line}"] * 2
+
+
+def test_evaluate_of_a_truncated_store_is_one_error_line(tmp_path):
+    # Only the meta pages left: the first read, of __meta__, is past the end (before the
+    # model file, which is not there, is looked for).
+    path, line = truncated_store(tmp_path, keep=2 * PAGE)
+    before = (path / "data.mdb").read_bytes()
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    command = [sys.executable, "-m", "flows.cli", "evaluate", str(path), str(tmp_path / "m.pt")]
+    command += ["--metrics", str(tmp_path / "metrics")]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 1, f"status {done.returncode}: {done.stderr[-2000:]}"
+    errors = [row for row in done.stderr.splitlines() if row.startswith("error:")]
+    assert errors == [f"error: {line}"] and "Traceback" not in done.stderr
+    assert (path / "data.mdb").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda data: b"\xab" * len(data), "MDB_INVALID: File is not an LMDB file"),
+        (lambda data: b"", "data.mdb is empty"),  # LMDB itself: "Bad file descriptor"
+        # The two meta pages kept, the tree's pages zeroed: the size is right. (LMDB's
+        # page is the system's.)
+        (
+            lambda data: data[: 2 * PAGE] + bytes(len(data) - 2 * PAGE),
+            "mdb_get: MDB_CORRUPTED: Located page was wrong type",
+        ),
+    ],
+    ids=["garbage", "empty", "zeroed-pages"],
+)
+def test_a_damaged_store_is_one_line_and_left_as_it_was(tmp_path, damage, reason):
+    path = store(tmp_path, raw_records(images(4)))
+    (path / "data.mdb").write_bytes(damage((path / "data.mdb").read_bytes()))
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    for read in (LmdbSplit, read_meta):
+        with pytest.raises(StoreError) as caught:
+            read(path)
+        assert str(caught.value) == damaged(path, reason)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before  # read-only, no lock file
 
 
 # Pack reads the prepared shards: a damaged one stops it with one line naming the shard
