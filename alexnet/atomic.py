@@ -99,6 +99,21 @@ def atomic_output(
                 temporary.unlink(missing_ok=True)
 
 
+def check_apart(outputs: dict[str, str], inputs: dict[str, str]) -> None:
+    """No output at or inside an input (`{name: path}`; links followed): it would change
+    what the next run reads (`prepare RAW RAW/train/x` made a class of its own shards).
+    An input inside an output folder is left to `folder_target`: a folder the stage
+    replaces may hold only its own output."""
+    for out in outputs.values():
+        written = Path(out).resolve()
+        for name, read in inputs.items():
+            if written.is_relative_to(Path(read).resolve()):
+                where = "is" if written == Path(read).resolve() else "is inside"
+                raise OutputError(
+                    f"{out}: {where} the input {name.upper()} ({read}); name an output outside it"
+                )
+
+
 def file_target(path: str | Path) -> Path:
     """An output file's path, checked before any work: not a folder, nor under a file."""
     path = Path(path)

@@ -24,6 +24,7 @@ from uuid import UUID
 import typer
 from rich.console import Console
 
+from alexnet.atomic import check_apart
 from alexnet.errors import Interrupted, is_user_error, user_line
 from alexnet.params import (
     DEFAULT_FILE,
@@ -53,6 +54,7 @@ class PathArg:
     # When the path named here is given and this one is not: this one where it stands
     # beside that one as the defaults do (`evaluate VAL`: VAL/../train).
     beside: str | None = None
+    output: bool = False  # what the stage writes (dvc.yaml's outs); the rest it reads
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ STAGES: dict[str, Stage] = {
             "each odd kind (a small set needs few, or prepare.max_skipped raised: prepare "
             "skips the unusable ones).",
             # the demo's raw folder: where prepare reads by default
-            (PathArg("out", DEMO_RAW, "folder to create (ImageFolder layout)"),),
+            (PathArg("out", DEMO_RAW, "folder to create (ImageFolder layout)", output=True),),
             ("synth",),
             ("synth",),
             "synth: {images} images and {oddities} odd files in {out}",
@@ -108,7 +110,9 @@ STAGES: dict[str, Stage] = {
                     "raw dataset: train/<wnid>/*, val/... (default: params prepare.raw)",
                     from_params=True,
                 ),
-                PathArg("out", "data/prepared", "output folder for shards + report.json"),
+                PathArg(
+                    "out", "data/prepared", "output folder for shards + report.json", output=True
+                ),
             ),
             ("prepare", "compute"),
             ("prepare",),
@@ -123,7 +127,7 @@ STAGES: dict[str, Stage] = {
             "map-reduce over shards.",
             (
                 PathArg("train", "data/prepared/train", "prepared training shards"),
-                PathArg("out", "data/stats", "output folder: mean.npy, pca.json"),
+                PathArg("out", "data/stats", "output folder: mean.npy, pca.json", output=True),
             ),
             ("prepare", "compute"),
             ("prepare.size",),
@@ -136,7 +140,7 @@ STAGES: dict[str, Stage] = {
             "in docs/design.md): train in a seeded shuffled order, val in source order.",
             (
                 PathArg("prepared", "data/prepared", "prepared folder (train/, val/ shards)"),
-                PathArg("out", "data/lmdb", "output folder: one LMDB per split"),
+                PathArg("out", "data/lmdb", "output folder: one LMDB per split", output=True),
             ),
             ("pack", "prepare", "compute"),
             ("pack", "prepare.size"),
@@ -150,7 +154,7 @@ STAGES: dict[str, Stage] = {
             (
                 PathArg("lmdb", "data/lmdb", "folder with the train/ and val/ LMDB stores"),
                 PathArg("stats", "data/stats", "folder with mean.npy and pca.json"),
-                PathArg("model_path", "models/alexnet.pt", "model file to write"),
+                PathArg("model_path", "models/alexnet.pt", "model file to write", output=True),
                 PathArg(
                     "checkpoint",
                     "models/checkpoints/train.pt",
@@ -158,8 +162,15 @@ STAGES: dict[str, Stage] = {
                     "checkpoints/train.pt beside MODEL_PATH)",
                     option=True,
                     beside="model_path",
+                    output=True,
                 ),
-                PathArg("metrics", "metrics", "folder for train.json and plots", option=True),
+                PathArg(
+                    "metrics",
+                    "metrics",
+                    "folder for train.json and plots",
+                    option=True,
+                    output=True,
+                ),
             ),
             ("train", "model", "prepare", "compute"),
             (
@@ -194,7 +205,13 @@ STAGES: dict[str, Stage] = {
                     option=True,
                     beside="val",
                 ),
-                PathArg("metrics", "metrics", "folder for eval.json and eval/", option=True),
+                PathArg(
+                    "metrics",
+                    "metrics",
+                    "folder for eval.json and eval/",
+                    option=True,
+                    output=True,
+                ),
             ),
             ("evaluate", "compute"),
             ("evaluate", "compute.kernels", "compute.jpeg_decoder"),
@@ -272,6 +289,11 @@ def run_stage(stage: Stage, paths: dict[str, str], params: Params, flow: Callabl
     from flows.server import prefect_api
 
     flow = flow or stage.flow()
+    roles = {arg.name: arg.output for arg in stage.paths}
+    check_apart(
+        {name: path for name, path in paths.items() if roles[name]},
+        {name: path for name, path in paths.items() if not roles[name]},
+    )
     if stage.parallel:  # train and evaluate map no tasks: no pool, no cluster to reach
         check_scheduler(params.compute.scheduler)
         runner = task_runner(params.compute.scheduler, params.compute.workers)

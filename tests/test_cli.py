@@ -196,10 +196,9 @@ def test_an_output_folder_of_the_users_files_is_refused_and_kept(tmp_path, prefe
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     for args, target in (
         (["synth", str(mine)], mine),
-        (["pack", str(mine), str(mine)], mine / "train"),
+        (["pack", str(mine / "train"), str(mine)], mine / "train"),
         (["stats", str(mine / "train"), str(mine)], mine),
         (["prepare", str(raw), str(mine)], mine),
-        (["prepare", str(raw), str(raw)], raw),
     ):
         result = alexnet(*args, env=env)
         assert result.returncode == 1, result.stderr[-2000:]
@@ -211,6 +210,48 @@ def test_an_output_folder_of_the_users_files_is_refused_and_kept(tmp_path, prefe
             f"{target / '.alexnet-output'})"
         ]
         assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_an_output_at_or_inside_an_input_is_refused_before_any_work(tmp_path):
+    # `prepare RAW RAW/train/x` made a class of its own shards on the next run; pack and
+    # stats wrote into prepare's output. Refused before the Prefect server starts.
+    raw = make_imagefolder(tmp_path / "raw", classes=2, train=1, val=1)
+    prepared = tmp_path / "prepared"
+    (prepared / "train").mkdir(parents=True)
+    (tmp_path / "model.pt").write_bytes(b"a model")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for args, out, where, name, source in (
+        (["prepare", raw, raw / "train" / "x"], raw / "train" / "x", "is inside", "RAW", raw),
+        (["prepare", raw, raw], raw, "is", "RAW", raw),
+        (
+            ["pack", prepared, prepared / "lmdb"],
+            prepared / "lmdb",
+            "is inside",
+            "PREPARED",
+            prepared,
+        ),
+        (
+            ["stats", prepared / "train", prepared / "train" / "s"],
+            prepared / "train" / "s",
+            "is inside",
+            "TRAIN",
+            prepared / "train",
+        ),
+        (
+            ["evaluate", raw, tmp_path / "model.pt", "--metrics", raw / "m"],
+            raw / "m",
+            "is inside",
+            "VAL",
+            raw,
+        ),
+    ):
+        result = alexnet(*map(str, args))
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert result.stderr.splitlines()[-1] == (
+            f"error: {out}: {where} the input {name} ({source}); name an output outside it"
+        )
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+        assert not (raw / "train" / "x").exists() and not (prepared / "lmdb").exists()
 
 
 def test_an_error_of_the_operating_system_is_one_line(tmp_path, prefect_server):

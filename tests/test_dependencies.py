@@ -66,6 +66,22 @@ def test_command_params_and_paths_come_from_the_table(stage):
         assert not name or name in fields, key
 
 
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_the_paths_a_stage_writes_are_its_dvc_outs(stage):
+    # `output` decides which paths may not lie inside the others (alexnet.atomic.check_apart)
+    entry = DVC[stage]
+    outs = [
+        next(iter(o)) if isinstance(o, dict) else o
+        for k in ("outs", "metrics")
+        for o in entry.get(k, ())
+    ]
+    for arg in STAGES[stage].paths:
+        default = arg.default.rstrip("/")
+        written = any(out == default or out.startswith(f"{default}/") for out in outs)
+        kept = (stage, arg.name) == ("train", "checkpoint")  # written, not an out (dvc.yaml)
+        assert arg.output == (written or kept), arg.name
+
+
 def test_each_stage_reads_what_an_earlier_stage_writes():
     # A renamed output must take its readers along: the table holds both ends, and the
     # test above holds dvc.yaml to the table.
