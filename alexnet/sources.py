@@ -21,7 +21,8 @@ pass that stats each entry at most once:
   skipped without opening it (opening a FIFO would block);
 - hidden entries (names starting with '.': `.DS_Store`, `._x.JPEG`, `.ipynb_checkpoints`)
   are ignored, as are hidden class folders and non-folder entries beside the class
-  folders of `train/` or an ImageFolder `val/`.
+  folders of `train/` or an ImageFolder `val/`, but for an archive in `train/` (a class
+  not extracted), which is an error.
 A name that is not valid UTF-8 keeps its real path in `Sample.path` (so it opens) and
 reads with `\\xNN` escapes in `Sample.relpath` (see `display_name`).
 A dataset that cannot be read as a layout (a missing or empty split, an empty class
@@ -401,6 +402,21 @@ def _check_class_links(entries: list[os.DirEntry]) -> None:
             raise SourceError(f"{display_name(entry.path)}: {_problem(entry)} (a class folder?)")
 
 
+ARCHIVES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip", ".7z", ".rar")
+
+
+def _check_archives(entries: list[os.DirEntry]) -> None:
+    # A class left in its archive (ImageNet's training tar holds one tar per class) would
+    # drop that class and shift the index of every class after it, silently.
+    for entry in entries:
+        name = os.fsdecode(entry.name).lower()
+        if name.endswith(ARCHIVES) and not name.startswith(".") and not _is_dir(entry):
+            raise SourceError(
+                f"{display_name(entry.path)}: an archive beside the class folders; extract "
+                "it into a folder of its own, or move it out"
+            )
+
+
 def open_source(root: str | Path, splits: tuple[str, ...] = SPLITS) -> Source:
     """Scan a raw dataset: classes from `train/`, and each split's folders, whose
     samples are listed in sorted order when the split is iterated."""
@@ -414,6 +430,7 @@ def open_source(root: str | Path, splits: tuple[str, ...] = SPLITS) -> Source:
     tops = {split: _scan(_split_dir(root, split)) for split in dict.fromkeys(("train", *splits))}
     folders = {split: [e for e in entries if _is_dir(e)] for split, entries in tops.items()}
     _check_class_links(tops["train"])
+    _check_archives(tops["train"])
     if not folders["train"]:
         raise SourceError(f"{display_name(root / 'train')}: empty split (no class folders)")
     wnids = [display_name(d.name) for d in folders["train"]]

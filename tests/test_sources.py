@@ -460,3 +460,17 @@ def test_a_broken_symlink_among_the_class_folders_stops_the_scan(tmp_path):
     (root / "train" / "n00000005").symlink_to(tmp_path / "unmounted" / "n00000005")
     with pytest.raises(SourceError, match=r"train/n00000005: broken symlink -> .*class folder"):
         open_source(root)
+
+
+@pytest.mark.parametrize("name", ["n00000001.tar", "n00000002.TAR.GZ", "n00000003.zip"])
+def test_a_class_left_in_its_archive_stops_the_scan(tmp_path, name):
+    # ImageNet's training tar holds one tar per class: one not extracted was ignored as a
+    # stray file, dropping its class and shifting the index of every later class.
+    root = make_imagefolder(tmp_path / "raw", classes=2, train=1, val=1)
+    (root / "train" / name).write_bytes(b"an archive")
+    archive = re.escape(str(root / "train" / name))
+    with pytest.raises(SourceError, match=rf"^{archive}: an archive beside the class folders"):
+        open_source(root)
+    (root / "train" / name).unlink()
+    (root / "train" / "README.txt").write_text("not an archive: ignored, as documented")
+    assert len(open_source(root).classes) == 2
