@@ -20,6 +20,7 @@ import errno
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -115,7 +116,8 @@ def check_apart(outputs: dict[str, str], inputs: dict[str, str]) -> None:
 
 
 def file_target(path: str | Path) -> Path:
-    """An output file's path, checked before any work: not a folder, nor under a file."""
+    """An output file's path, checked before any work: not a folder, nor under a file,
+    and its folder writable."""
     path = Path(path)
     _check_parents(path)
     if path.is_dir():
@@ -125,11 +127,13 @@ def file_target(path: str | Path) -> Path:
 
 def output_folder(path: str | Path) -> Path:
     """A folder that outputs are written into, checked before any work: not a file,
-    nor under one."""
+    nor under one, and writable (it, or the folder it will be made in)."""
     path = Path(path)
     _check_parents(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{path}: a file, where this output is a folder; name a folder")
+    if path.is_dir():
+        _check_writable(path, path)
     return path
 
 
@@ -180,11 +184,23 @@ def link_target(path: Path) -> Path:
 
 
 def _check_parents(path: Path) -> None:
-    for parent in path.parents:  # the nearest that exists
+    for parent in path.parents:  # the nearest that exists: the temporary is made there
         if parent.exists():
             if not parent.is_dir():
                 raise OutputError(f"{path}: {parent} is a file, not a folder")
+            _check_writable(parent, path)
             return
+
+
+def _check_writable(folder: Path, path: Path) -> None:
+    """Fail before the work, not after it, where no file can be made: a read-only mount,
+    an immutable folder (which root's permission bits do not show)."""
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".alexnet-probe-", dir=folder)
+    except OSError as error:
+        raise OutputError(f"{path}: cannot write in {folder} ({error.strerror or error})") from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 def claim_folder(path: str | Path, owner: str) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -13,6 +14,8 @@ from alexnet.atomic import (
     OutputError,
     atomic_output,
     claim_folder,
+    file_target,
+    output_folder,
     owned_text,
     remove_leftovers,
 )
@@ -279,3 +282,25 @@ def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(tmp_path):
     # (LMDB reports the refused write as EIO)
     assert store.startswith(f"True {tmp_path / 'store'}: cannot write the store (mdb_txn_commit")
     assert left == "[]"
+
+
+@pytest.mark.parametrize("check", [file_target, output_folder], ids=["file", "folder"])
+def test_an_output_where_nothing_can_be_written_is_refused_before_any_work(tmp_path, check):
+    # An immutable folder (or a read-only mount; root's permission bits show neither):
+    # evaluate ran its whole 10-crop pass, then failed naming a hidden temporary.
+    frozen = tmp_path / "frozen"
+    (frozen / "eval").mkdir(parents=True)
+    # the output's folder, or the nearest that exists; for a folder written into, itself
+    cases = [(frozen, frozen / "x.json"), (frozen, frozen / "new" / "x")]
+    if check is output_folder:
+        cases.append((frozen / "eval", frozen / "eval"))
+    for probed, path in cases:
+        subprocess.run(["chattr", "+i", str(probed)], check=True)
+        try:
+            with pytest.raises(OutputError) as refused:
+                check(path)
+        finally:
+            subprocess.run(["chattr", "-i", str(probed)], check=True)
+        assert str(refused.value) == f"{path}: cannot write in {probed} (Operation not permitted)"
+        assert check(path) == path
+    assert sorted(p.name for p in frozen.rglob("*")) == ["eval"]  # no probe left
