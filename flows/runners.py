@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 
 from alexnet.errors import AlexnetError
+from alexnet.orphans import die_with_parent
 
 if TYPE_CHECKING:
     from distributed import LocalCluster
@@ -25,12 +26,17 @@ def parallelism(workers: int) -> int:
     return workers or os.cpu_count() or 1
 
 
-def leave_interrupts() -> None:
-    """In each pool worker: ignore SIGINT. A Ctrl-C at the terminal reaches every process
-    of the stage; a worker it killed broke the pool, whose other workers ran on, and the
-    stage hung at exit. Now the stage alone stops: it cancels the queued tasks and waits
-    for the running ones (DVC and the next run see whole outputs or none)."""
+def worker_setup(stage: int) -> None:
+    """In each pool worker, first: ignore SIGINT, and end with the stage (process
+    `stage`). A Ctrl-C at the terminal reaches every process of the stage; a worker it
+    killed broke the pool, whose other workers ran on, and the stage hung at exit. Now
+    the stage alone stops: it cancels the queued tasks and waits for the running ones
+    (DVC and the next run see whole outputs or none). A stage killed outright (SIGKILL,
+    the OOM killer) left its workers idle, and their decoder children with them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(signal.SIGKILL)  # nothing of a worker's is left to save
+    if os.getppid() != stage:  # it died before the request above
+        os._exit(1)
 
 
 @contextmanager
@@ -52,8 +58,8 @@ def interrupts_ignored() -> Iterator[None]:
 class PoolTaskRunner(ProcessPoolTaskRunner):
     """Prefect's process pool, every worker started on entry with SIGINT ignored. Started
     on demand, a worker spends seconds importing before its initializer runs: a Ctrl-C
-    then printed its traceback and broke the pool. (`leave_interrupts` stays the
-    initializer, for a pool entered outside the main thread.)"""
+    then printed its traceback and broke the pool. (`worker_setup` ignores it too, for a
+    pool entered outside the main thread.)"""
 
     def __enter__(self) -> PoolTaskRunner:
         super().__enter__()
@@ -68,7 +74,9 @@ def task_runner(scheduler: str | None, workers: int) -> TaskRunner:
     temporary LocalCluster, anything else is the address of a running one)."""
     workers = parallelism(workers)
     if scheduler is None:
-        return PoolTaskRunner(max_workers=workers, initializer=leave_interrupts)
+        return PoolTaskRunner(
+            max_workers=workers, initializer=worker_setup, initargs=(os.getpid(),)
+        )
     from prefect_dask import DaskTaskRunner
 
     if scheduler == "local":
@@ -107,7 +115,7 @@ def local_cluster(**kwargs) -> LocalCluster:
     then, keep theirs. (A worker that a nanny restarts later sets them again.)
 
     Its worker processes start with SIGINT ignored, as the process pool's workers
-    (`leave_interrupts`): a Ctrl-C stops the stage, not each worker with a traceback."""
+    (`worker_setup`): a Ctrl-C stops the stage, not each worker with a traceback."""
     from distributed import LocalCluster
 
     before = dict(os.environ)
