@@ -36,7 +36,7 @@ from alexnet.params import (
     with_compute,
 )
 from alexnet.runtime import configure
-from tasks.quiet import quiet_console_tracebacks
+from tasks.quiet import INTERRUPTED, note_interrupts, quiet_console_tracebacks
 
 console = Console(stderr=True, soft_wrap=True)
 # The id of a flow run a pipeline run created for this stage, as a child of its task
@@ -304,6 +304,7 @@ def run_stage(stage: Stage, paths: dict[str, str], params: Params, flow: Callabl
     arguments = {**absolute, **{name: getattr(params, name) for name in stage.sections}}
     planned = os.environ.pop(PLANNED_RUN, None)  # not for this process's children
     quiet_console_tracebacks()
+    note_interrupts()
     with prefect_api():
         if not planned:
             return flow(**arguments)
@@ -333,8 +334,11 @@ def command(stage: Stage, flow: Callable | None = None) -> Callable[..., None]:
             except Interrupted as stop:
                 console.print(f"{stage.name}: {stop}; checkpoint saved, run again to continue")
                 raise typer.Exit(143) from None
-            except KeyboardInterrupt:  # Ctrl-C: what was whole is kept (prepare's shards,
-                # train's last checkpoint), what was not is removed
+            except (Exception, KeyboardInterrupt) as error:
+                # Ctrl-C (or an error a library made of it): what was whole is kept
+                # (prepare's shards, train's last checkpoint), what was not is removed
+                if not (isinstance(error, KeyboardInterrupt) or INTERRUPTED.is_set()):
+                    raise
                 console.print(f"{stage.name}: interrupted; run again to continue")
                 raise typer.Exit(130) from None
         console.print(stage.done.format(**result, **paths), highlight=False)

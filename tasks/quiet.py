@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
+import threading
 from collections.abc import Callable
+from types import FrameType
 from typing import ParamSpec, TypeVar
 
 from alexnet.errors import Interrupted, is_user_error
@@ -16,13 +19,31 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+# Set when this process gets a Ctrl-C (`note_interrupts`). Prefect or pydantic may turn
+# the KeyboardInterrupt into an error of their own (a serializer wraps it as
+# PydanticSerializationError): whatever a run raises after one is the interruption.
+INTERRUPTED = threading.Event()
+
+
+def note_interrupts() -> None:
+    """Remember a Ctrl-C in INTERRUPTED, then raise KeyboardInterrupt as Python does."""
+
+    def interrupted(signum: int, frame: FrameType | None) -> None:
+        INTERRUPTED.set()
+        signal.default_int_handler(signum, frame)
+
+    if threading.current_thread() is threading.main_thread():  # signals: main only
+        signal.signal(signal.SIGINT, interrupted)
+
+
 class NoUserErrorTracebacks(logging.Filter):
-    """Drop console records that carry a user error, or a stop that was asked for
-    (SIGTERM: the CLI says where the run stopped, in one line)."""
+    """Drop console records that carry a user error, a stop that was asked for (SIGTERM:
+    the CLI says where the run stopped, in one line) or any error after a Ctrl-C."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info and record.exc_info[1]
-        return not (error and (is_user_error(error) or isinstance(error, Interrupted)))
+        quiet = is_user_error(error) or isinstance(error, Interrupted) or INTERRUPTED.is_set()
+        return not (error and quiet)
 
 
 def quiet_console_tracebacks() -> None:
