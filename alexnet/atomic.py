@@ -1,9 +1,11 @@
 """Outputs appear whole or not at all: write under a temporary name, then rename.
 
-A killed process leaves at most a hidden `.NAME.tmp-PID` beside the target, which the
-next run removes (`remove_leftovers`); the target itself is either the previous complete
-version or the new complete one (a folder is swapped by two renames, the old one set
-aside as a leftover first, so a kill between them leaves no target, never part of one).
+A killed process leaves at most a hidden `.NAME.tmp-PID` beside the target (or
+`.NAME.tmp-PID-old`), which the next write of that target removes, whatever the output
+(`remove_leftovers`: those of processes no longer alive, so never a concurrent writer's);
+the target itself is either the previous complete version or the new complete one (a
+folder is swapped by two renames, the old one set aside as a leftover first, so a kill
+between them leaves no target, never part of one).
 
 A folder is replaced whole (or filled) only when it is empty or the same stage wrote it
 (the `OWNED` file in it says which): a folder of the user's files named as an output by
@@ -19,6 +21,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -61,17 +64,14 @@ def temporary_name(path: Path) -> Path:
 
 
 @contextmanager
-def atomic_output(
-    path: str | Path, sole_writer: bool = False, folder: str | None = None
-) -> Iterator[Path]:
+def atomic_output(path: str | Path, folder: str | None = None) -> Iterator[Path]:
     """Yield a temporary path to write, a file (or, with `folder` naming the stage that
     owns it, a folder made here and marked as that stage's); on success it replaces
-    `path` (`file_target`, `folder_target`). `sole_writer`: no other process writes
-    `path` now, so what killed writers of it left goes first (a large output's temporary
-    is as large as the output)."""
+    `path` (`file_target`, `folder_target`). What killed writers of `path` left goes
+    first (a large output's temporary is as large as the output); a live process's
+    temporary stays (`remove_leftovers`)."""
     path = folder_target(path, folder) if folder else file_target(path)
-    if sole_writer:
-        remove_leftovers(path.parent, path.name)
+    remove_leftovers(path.parent, path.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = temporary_name(path)
     try:
@@ -226,12 +226,49 @@ def write_json(path: str | Path, value: object) -> None:
     write_bytes(path, (json.dumps(value, indent=2, sort_keys=False) + "\n").encode())
 
 
-def remove_leftovers(folder: str | Path, name: str = "*") -> None:
-    """Delete what killed runs left behind in `folder` (hidden `.*.tmp-*` entries; those
-    of the target `name` only, when given). Only for a target one process writes at a
-    time: a live writer's temporary would go too."""
-    for path in Path(folder).glob(f".{name}.tmp-*"):
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
+def remove_leftovers(folder: str | Path, name: str | None = None) -> None:
+    """Delete what killed runs left in `folder`: the temporaries `.NAME.tmp-PID` (files
+    or folders, and the `-old` that a folder's swap sets aside) of the target `name`, or
+    of any target when None, whose process is gone. Another live process's may be
+    written now and stays (as does a dead run's whose PID an unrelated process has
+    since been given: left for a later run). This process's own are leftovers too: it
+    writes a target from one place at a time, so one there now is a dead run's whose
+    PID it was given (a container starts the same command with the same PID)."""
+    prefix = "." if name is None else f".{name}.tmp-"
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # none yet (made for the write), or not to be listed
+        return
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        if name is None:
+            found = _ANY_TEMPORARY.fullmatch(entry.name)
         else:
-            path.unlink(missing_ok=True)
+            found = _SUFFIX.fullmatch(entry.name, len(prefix))
+        if found is None or _alive(int(found["pid"])):
+            continue
+        with suppress(OSError):  # best effort: a leftover never stops the write
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+
+
+# What follows `.NAME.tmp-` in a temporary's name (`temporary_name`, and the aside of
+# `atomic_output`'s swap), and a whole such name.
+_SUFFIX = re.compile(r"(?P<pid>[0-9]+)(?:-old)?")
+_ANY_TEMPORARY = re.compile(r"\..+\.tmp-" + _SUFFIX.pattern)
+
+
+def _alive(pid: int) -> bool:
+    """Whether another process with this PID runs now (on this machine)."""
+    if pid == os.getpid() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # no signal: only the check that it exists
+    except (ProcessLookupError, OverflowError):  # none, or past any PID
+        return False
+    except OSError:  # PermissionError: another user's process; anything else: keep it
+        return True
+    return True

@@ -7,6 +7,8 @@ by the same names.
   plot's data;
 - `eval/<figure>.png` for each of `alexnet.figures.FIGURES`, and `eval/top5.csv`,
   `eval/neighbours.csv`: the figures' numbers.
+
+`eval/` is one output, replaced whole (with its `.alexnet-output` mark), then `eval.json`.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import csv
 import io
 from pathlib import Path
 
-from alexnet.atomic import file_target, output_folder, write_bytes, write_json
+from alexnet.atomic import atomic_output, file_target, folder_target, write_bytes, write_json
 from alexnet.figures import FIGURES
 
 SUMMARY, FOLDER = "eval.json", "eval"
+EVAL_OWNER = "evaluate"  # the stage named in its folder's mark (alexnet.atomic.OWNED)
 PER_CLASS, CONFUSION = "per_class.csv", "confusion.csv"
 
 
@@ -47,7 +50,7 @@ def check_targets(metrics: Path) -> None:
     """Where `write_evaluation` will write, checked before the evaluation (hours on
     ImageNet) rather than after it."""
     file_target(metrics / SUMMARY)
-    output_folder(metrics / FOLDER)
+    folder_target(metrics / FOLDER, EVAL_OWNER)
 
 
 def write_evaluation(
@@ -58,16 +61,16 @@ def write_evaluation(
     figures: dict[str, bytes],
     tables: dict[str, list[dict]],
 ) -> None:
-    """Every file of the stage, each whole (alexnet/atomic.py), the summary last: a run
-    stopped while writing leaves the previous summary, and a new one means every file
-    is new."""
-    out = metrics / FOLDER
-    write_bytes(out / PER_CLASS, csv_bytes(per_class))
-    write_bytes(out / CONFUSION, csv_bytes(confusion))
-    for name, data in figures.items():
-        write_bytes(out / f"{name}.png", data)
-    for name, rows in tables.items():
-        write_bytes(out / f"{name}.csv", csv_bytes(rows))
+    """Every file of the stage (alexnet/atomic.py): the folder `eval/` replaced whole, so
+    a run stopped while writing it leaves the previous set (never new files beside old
+    ones), then the summary: a new summary means every file is new."""
+    with atomic_output(metrics / FOLDER, folder=EVAL_OWNER) as out:
+        write_bytes(out / PER_CLASS, csv_bytes(per_class))
+        write_bytes(out / CONFUSION, csv_bytes(confusion))
+        for name, data in figures.items():
+            write_bytes(out / f"{name}.png", data)
+        for name, rows in tables.items():
+            write_bytes(out / f"{name}.csv", csv_bytes(rows))
     write_json(metrics / SUMMARY, summary)
 
 

@@ -126,7 +126,7 @@ def write_store(
     if encoding not in ENCODINGS:
         raise StoreError(f"unknown encoding {encoding!r} (choose from {', '.join(ENCODINGS)})")
     count = 0
-    with atomic_output(path, sole_writer=True, folder=STORE_OWNER) as folder:
+    with atomic_output(path, folder=STORE_OWNER) as folder:
         # lock=False: no lock.mdb; sync=False: one sync at the end (the rename covers
         # crashes); no writemap: it would make data.mdb a sparse file of map_size; meminit
         # (default) zeroes unused page bytes, so the same records give the same file.

@@ -45,7 +45,7 @@ def save_tensors(value: dict, path: Path) -> None:
     """`torch.save`, whole or not at all (a model file, a checkpoint). torch's writer
     reports a failed write (a full disk) as a RuntimeError naming neither the file nor the
     cause: it becomes one line with both, and the space left on the file's disk."""
-    with atomic_output(path, sole_writer=True) as temporary:
+    with atomic_output(path) as temporary:
         try:
             torch.save(value, temporary)
         except RuntimeError as error:

@@ -18,7 +18,7 @@ def synth_flow(out: str, synth: SynthParams) -> dict:
     """Draw the demo dataset into `out` (replaced whole when complete)."""
     p = synth
     jobs = plan_jobs(p.classes, p.train_per_class, p.val_per_class)
-    with atomic_output(out, sole_writer=True, folder="synth") as root:
+    with atomic_output(out, folder="synth") as root:
         futures = [
             synth_images.submit(
                 job, str(root), p.seed, p.min_side, p.max_side, p.quality, p.clutter

@@ -13,6 +13,9 @@ from PIL import Image
 from alexnet.params import PrepareParams, SynthParams
 
 REPO = Path(__file__).resolve().parents[1]
+# A PID no process has: Linux gives PIDs below pid_max. A temporary named with it is
+# what a run killed long ago left.
+DEAD_PID = int(Path("/proc/sys/kernel/pid_max").read_text())
 
 
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -18,7 +19,10 @@ from alexnet.atomic import (
     output_folder,
     owned_text,
     remove_leftovers,
+    write_bytes,
+    write_json,
 )
+from tests.helpers import DEAD_PID
 
 
 def folder(path, files: dict[str, bytes]) -> None:
@@ -55,7 +59,7 @@ def test_a_folder_alexnet_did_not_write_is_never_replaced(tmp_path, old):
     with pytest.raises(
         OutputError, match=f"raw: holds files and not the {OWNED} mark of the output folders"
     ):
-        with atomic_output(target, sole_writer=True, folder="synth"):
+        with atomic_output(target, folder="synth"):
             ran.append(True)
     assert not ran and contents(target) == old
     assert [p.name for p in tmp_path.iterdir()] == ["raw"]
@@ -80,7 +84,7 @@ def test_a_folder_output_at_a_link_is_written_where_the_link_points(tmp_path, re
     (tmp_path / "big").mkdir()
     (tmp_path / "raw").symlink_to("big/raw" if relative else tmp_path / "big" / "raw")
     for data in (b"first", b"second"):  # the link's target absent, then a marked folder
-        with atomic_output(tmp_path / "raw", sole_writer=True, folder="synth") as temporary:
+        with atomic_output(tmp_path / "raw", folder="synth") as temporary:
             folder(temporary, {"a": data})
         assert (tmp_path / "raw").is_symlink()
         assert contents(tmp_path / "big" / "raw") == ours({"a": data})
@@ -235,12 +239,98 @@ def test_a_kill_while_the_old_folder_is_deleted_leaves_the_new_one_whole(tmp_pat
 
 
 def test_leftovers_of_one_target_only(tmp_path):
-    for name in (".raw.tmp-11", ".raw.tmp-12-old", ".prepared.tmp-13", "raw"):
+    dead = DEAD_PID
+    for name in (f".raw.tmp-{dead}", f".raw.tmp-{dead}-old", f".prepared.tmp-{dead}", "raw"):
         folder(tmp_path / name, {"x": b"x"})
     remove_leftovers(tmp_path, "raw")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".prepared.tmp-13", "raw"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".prepared.tmp-{dead}", "raw"]
     remove_leftovers(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["raw"]
+
+
+def hidden(path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.name.startswith("."))
+
+
+# Names like a target's temporaries, of other targets (each written by the tests below
+# with a dead PID): `.NAME.tmp-PID` is target NAME's leftover, and no other's.
+def others(target: str) -> list[str]:
+    return [
+        f".other.json.tmp-{DEAD_PID}",  # another target's
+        f".{target}.bak.tmp-{DEAD_PID}",  # `TARGET.bak`'s
+        f".{target}.tmp-{DEAD_PID}.tmp-{DEAD_PID}",  # `TARGET.tmp-N`'s
+        f".{target}.tmp-{DEAD_PID}x",  # not a temporary's name
+        f"{target}.tmp-{DEAD_PID}",  # not hidden: the user's
+    ]
+
+
+def test_the_next_write_of_a_file_removes_what_killed_writes_of_it_left(tmp_path):
+    # Any output, not only the large ones: evaluate's per_class.csv, prepare's report.json
+    # (hashed by DVC with its folder), each written with write_bytes / write_json.
+    killed = [f".report.json.tmp-{DEAD_PID}", f".report.json.tmp-{DEAD_PID - 1}-old"]
+    for name in killed + others("report.json"):
+        (tmp_path / name).write_bytes(b"half a report")
+    write_json(tmp_path / "report.json", {"files": 1})
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["report.json", *others("report.json")])
+
+
+def test_the_next_write_of_a_folder_removes_what_killed_writes_of_it_left(tmp_path):
+    # stats killed in the middle: data/.stats.tmp-PID/ with a mean and half a pca.json.
+    killed = tmp_path / f".stats.tmp-{DEAD_PID}"
+    folder(killed, {"mean.npy": b"mean", f".pca.json.tmp-{DEAD_PID}": b"{"})
+    folder(tmp_path / f".stats.tmp-{DEAD_PID - 1}-old", {"mean.npy": b"old mean"})
+    for name in others("stats"):
+        folder(tmp_path / name, {"x": b"x"})
+    with atomic_output(tmp_path / "stats", folder="stats") as temporary:
+        folder(temporary, {"pca.json": b"{}"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["stats", *others("stats")])
+    assert contents(tmp_path / "stats") == ours({"pca.json": b"{}"}, "stats")
+
+
+def test_a_leftover_of_this_processs_pid_is_a_dead_runs(tmp_path):
+    # In a container the same command often gets the same PID as the killed run: its
+    # temporary folder has this process's name, and must not stop the write.
+    folder(tmp_path / f".raw.tmp-{os.getpid()}", {"half": b"x"})
+    with atomic_output(tmp_path / "raw", folder="synth") as temporary:
+        folder(temporary, {"a": b"a"})
+    assert [p.name for p in tmp_path.iterdir()] == ["raw"]
+
+
+def test_a_live_writers_temporary_stays(tmp_path):
+    # A concurrent run (its process alive) may be writing its temporary now: not even
+    # the writers that removed every temporary of their target (the model file and the
+    # checkpoint, a store) remove it.
+    from alexnet.lmdb_store import write_store
+    from alexnet.modelfile import save_tensors
+
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        live = [f".model.pt.tmp-{writer.pid}", f".store.tmp-{writer.pid}"]
+        (tmp_path / live[0]).write_bytes(b"half a model")
+        folder(tmp_path / live[1], {"data.mdb": b"half a store"})
+        folder(tmp_path / f".store.tmp-{writer.pid}-old", {"data.mdb": b"set aside"})
+        save_tensors({"weights": [1.0]}, tmp_path / "model.pt")
+        write_store(tmp_path / "store", [], "raw", [], size=32)
+        write_bytes(tmp_path / "report.json", b"{}")
+        (tmp_path / f".report.json.tmp-{writer.pid}").write_bytes(b"{")
+        write_bytes(tmp_path / "report.json", b"{}")
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert left == sorted(
+            [
+                *live,
+                f".store.tmp-{writer.pid}-old",
+                f".report.json.tmp-{writer.pid}",
+                "model.pt",
+                "store",
+                "report.json",
+            ]
+        )
+        assert (tmp_path / live[0]).read_bytes() == b"half a model"
+        assert contents(tmp_path / live[1]) == {"data.mdb": b"half a store"}
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 FULL_DISK = """

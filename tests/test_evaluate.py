@@ -278,22 +278,62 @@ def test_an_empty_split_has_no_error_rate_rather_than_a_perfect_one(tmp_path):
         evaluate(model, split, None, 224, 4, torch.device("cpu"))
 
 
-def test_the_summary_is_written_last(tmp_path, monkeypatch):
-    # A run stopped while writing the figures keeps the previous eval.json: a new summary
-    # never stands beside the last run's per-class report or figures.
+def test_a_run_stopped_between_two_files_keeps_the_previous_set(tmp_path, monkeypatch):
+    # eval/ is replaced whole, then eval.json: a run stopped after per_class.csv and
+    # confusion.csv, at the figure, keeps every previous file and the previous summary
+    # (never a new per-class report beside the last run's figures), and leaves nothing.
     import alexnet.eval_files as files
+    from alexnet.atomic import OWNED
 
     rows = [{"index": 0, "name": "c0", "top1_error": 0.5}]
     files.write_evaluation(tmp_path, {"top1_error": 0.5}, rows, rows, {"kernels": b"1"}, {})
+    before = {p.name: p.read_bytes() for p in (tmp_path / "eval").iterdir()}
+    assert sorted(before) == sorted([OWNED, "per_class.csv", "confusion.csv", "kernels.png"])
     written = []
+    write_bytes = files.write_bytes
 
     def stopped_at_the_figure(path, data):
-        written.append(path.name)
         if path.suffix == ".png":
             raise KeyboardInterrupt
+        write_bytes(path, data)
+        written.append(path.name)
 
     monkeypatch.setattr(files, "write_bytes", stopped_at_the_figure)
+    new_rows = [{"index": 0, "name": "c0", "top1_error": 0.1}]
     with pytest.raises(KeyboardInterrupt):
-        files.write_evaluation(tmp_path, {"top1_error": 0.1}, rows, rows, {"kernels": b"2"}, {})
-    assert written == ["per_class.csv", "confusion.csv", "kernels.png"]
+        files.write_evaluation(
+            tmp_path, {"top1_error": 0.1}, new_rows, new_rows, {"kernels": b"2"}, {}
+        )
+    assert written == ["per_class.csv", "confusion.csv"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "eval").iterdir()} == before
     assert json.loads((tmp_path / "eval.json").read_text()) == {"top1_error": 0.5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "eval.json"]
+
+
+def test_a_rerun_leaves_no_file_of_a_killed_run(tmp_path):
+    # What evaluate killed (SIGKILL: no cleanup) left: half a per-class report in the
+    # folder git tracks, and a half-written folder beside it; the next run removes both.
+    import alexnet.eval_files as files
+    from tests.helpers import DEAD_PID
+
+    rows = [{"index": 0, "name": "c0", "top1_error": 0.5}]
+    files.write_evaluation(tmp_path, {"top1_error": 0.5}, rows, rows, {"kernels": b"1"}, {})
+    (tmp_path / "eval" / f".per_class.csv.tmp-{DEAD_PID}").write_bytes(b"index,na")
+    (tmp_path / f".eval.tmp-{DEAD_PID}").mkdir()
+    (tmp_path / f".eval.json.tmp-{DEAD_PID}").write_bytes(b"{")
+    files.write_evaluation(tmp_path, {"top1_error": 0.1}, rows, rows, {"kernels": b"2"}, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "eval.json"]
+    assert not [p.name for p in (tmp_path / "eval").iterdir() if ".tmp-" in p.name]
+
+
+def test_evaluate_refuses_a_folder_of_other_files_before_any_work(tmp_path):
+    # eval/ is replaced whole: a folder without evaluate's mark (the user's, or another
+    # stage's output named as --metrics) is refused before hours of evaluation.
+    from alexnet.atomic import OutputError
+    from alexnet.eval_files import check_targets
+
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "notes.txt").write_bytes(b"mine")
+    with pytest.raises(OutputError, match="eval: holds files and not the"):
+        check_targets(tmp_path)
+    assert (tmp_path / "eval" / "notes.txt").read_bytes() == b"mine"

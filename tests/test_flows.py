@@ -18,14 +18,14 @@ from alexnet.shards import ShardError, load_classes
 from flows.prepare import prepare_flow
 from flows.runners import local_cluster, task_runner
 from flows.synth import synth_flow
-from tests.helpers import REPO, SHARDS, TINY, jpeg, make_imagefolder, shard_bytes
+from tests.helpers import DEAD_PID, REPO, SHARDS, TINY, jpeg, make_imagefolder, shard_bytes
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
 def test_synth_is_deterministic_across_worker_counts(raw, tmp_path):
     again = tmp_path / "raw"
-    killed = tmp_path / ".raw.tmp-424242"  # what a killed run left: half a dataset
+    killed = tmp_path / f".raw.tmp-{DEAD_PID}"  # what a killed run left: half a dataset
     (killed / "train").mkdir(parents=True)
     synth_flow.with_options(task_runner=task_runner(None, 1))(str(again), TINY)
     assert [p.name for p in tmp_path.iterdir()] == ["raw"]
@@ -83,12 +83,13 @@ def test_rerun_after_simulated_kill_reuses_complete_shards(raw, reference, tmp_p
     # and a stale shard from an earlier, larger input.
     for path in sorted((out / "train").glob("shard-*.tar"))[3:]:
         path.unlink()
-    (out / "train" / ".shard-00003.tar.tmp-4242").write_bytes(b"half a tar")
+    (out / "train" / f".shard-00003.tar.tmp-{DEAD_PID}").write_bytes(b"half a tar")
+    (out / f".report.json.tmp-{DEAD_PID}").write_bytes(b"half a report")
     (out / "train" / "shard-00042.tar").write_bytes(b"stale")
     made = {p.name: p.stat().st_mtime_ns for p in (out / "train").glob("shard-*.tar")}
     run(str(raw), str(out), SHARDS)
     assert shard_bytes(out) == shard_bytes(reference[0])
-    assert not list((out / "train").glob(".*tmp*"))
+    assert not list(out.glob("**/.*tmp*"))
     kept = {p.name: p.stat().st_mtime_ns for p in (out / "train").glob("shard-0000[012].tar")}
     assert kept == {k: v for k, v in made.items() if k in kept}  # reused, not rewritten
 

@@ -22,6 +22,7 @@ from alexnet.shards import (
     unique_keys,
     write_shard,
 )
+from tests.helpers import DEAD_PID
 
 RECORDS = [
     Record("n01/n01_1", b"\xff\xd8\xffjpeg-one", 0),
@@ -246,7 +247,7 @@ def test_split_keys_given_folder_by_folder_are_the_whole_splits_keys():
 def test_remove_stale_drops_leftovers_and_extra_shards(tmp_path):
     for i in range(4):
         write_shard(tmp_path / f"shard-{i:05d}.tar", RECORDS, {})
-    (tmp_path / ".shard-00001.tar.tmp-123").write_bytes(b"half")
+    (tmp_path / f".shard-00001.tar.tmp-{DEAD_PID}").write_bytes(b"half")
     remove_stale(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.tar", "shard-00001.tar"]
 

@@ -20,7 +20,15 @@ from alexnet.errors import AlexnetError, Interrupted
 from alexnet.lmdb_store import write_store
 from alexnet.stats import load_stats, save_stats
 from alexnet.train import Trainer, TrainError
-from tests.helpers import CLASSES, REPO, assert_updates_within, blobs, run_python, train_run
+from tests.helpers import (
+    CLASSES,
+    DEAD_PID,
+    REPO,
+    assert_updates_within,
+    blobs,
+    run_python,
+    train_run,
+)
 
 # Batch 4 over 10 images: steps of 4, 4, 2. A test that needs no particular steps
 # takes batch 10, one step per epoch (the cheapest epoch: a step costs ~1-3 s here).
@@ -291,7 +299,7 @@ def test_validation_and_the_model_file_subtract_the_mean_training_subtracted(
 
 def test_what_killed_saves_left_goes_with_the_next_save(data, tmp_path):
     run = train_run(data, tmp_path, epochs=1)
-    killed = [tmp_path / ".ckpt.pt.tmp-424242", tmp_path / ".alexnet.pt.tmp-424243"]
+    killed = [tmp_path / f".ckpt.pt.tmp-{DEAD_PID}", tmp_path / f".alexnet.pt.tmp-{DEAD_PID}"]
     other = tmp_path / ".other.pt.tmp-1"  # another target's: not ours to remove
     for path in (*killed, other):
         path.write_bytes(b"a partial file of a killed save")
