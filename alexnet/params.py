@@ -11,6 +11,7 @@ key (or, for a check across keys, both).
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
@@ -25,7 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import PydanticCustomError, to_jsonable_python
 
 from alexnet.errors import AlexnetError
 
@@ -460,6 +461,14 @@ def param_value(params: Params, key: str) -> Any:
     if not isinstance(values, _Section) or name not in type(values).model_fields:
         raise ParamsError(f"no parameter {key!r}: keys are section.name, as in params.yaml")
     return getattr(values, name)
+
+
+def param_text(params: Params, key: str) -> str:
+    """`param_value` as `alexnet param` prints it and prefect.yaml's build steps read it:
+    a string as it is (the cron), anything else as JSON, which YAML reads too (true,
+    null, ["cpu"]; not Python's True, None, ('cpu',))."""
+    value = param_value(params, key)
+    return value if isinstance(value, str) else json.dumps(to_jsonable_python(value))
 
 
 # Every default of the schema, for library functions whose keyword defaults follow it

@@ -110,20 +110,16 @@ def param(
     key: Annotated[str, typer.Argument(help="section.name, as in params.yaml")],
     params_path: ParamsOption = None,
 ) -> None:
-    from pydantic_core import to_jsonable_python
-
-    from alexnet.params import param_value
+    from alexnet.params import param_text
 
     with user_errors():
         params = load(params_path)
-        value = param_value(params, key)
+        text = param_text(params, key)
         if key.startswith("serve."):  # what prefect deploy schedules: checked as Prefect will
             from flows.serve import check_schedule
 
             check_schedule(params)
-    # A string as it is (a build step's stdout is the cron), anything else as JSON (which
-    # YAML reads too): true, null, ["cpu"], not Python's True, None, ('cpu',).
-    typer.echo(value if isinstance(value, str) else json.dumps(to_jsonable_python(value)))
+    typer.echo(text)
 
 
 @app.command(

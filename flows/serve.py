@@ -19,7 +19,7 @@ from prefect.schedules import Cron
 from prefect.utilities.templating import apply_values
 from pydantic import ValidationError
 
-from alexnet.params import Params, ParamsError, param_value
+from alexnet.params import Params, ParamsError, param_text
 
 SPEC = "prefect.yaml"
 
@@ -37,7 +37,7 @@ def param_outputs(spec: dict, params: Params) -> dict[str, dict[str, str]]:
         (inputs,) = step.values()
         words = shlex.split(inputs.get("script", ""))
         if words[:2] == ["alexnet", "param"] and len(words) == 3:
-            outputs[inputs["id"]] = {"stdout": str(param_value(params, words[2]))}
+            outputs[inputs["id"]] = {"stdout": param_text(params, words[2])}
     return outputs
 
 

@@ -3,6 +3,8 @@ kind of work, forms that explain themselves, and `alexnet serve` serving the sam
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -10,7 +12,7 @@ import yaml
 from alexnet.params import parse_params
 from alexnet.repro import STAGES
 from flows.pipeline import STAGE_FLOWS
-from flows.serve import deployments, flow_at
+from flows.serve import deployments, flow_at, param_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = yaml.safe_load((REPO / "prefect.yaml").read_text())
@@ -44,3 +46,15 @@ def test_serve_serves_the_same_deployments_with_the_cron_from_params(tmp_path):
     (schedule,) = served["retrain"].schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone) == ("15 4 * * 2", "Europe/Paris")
     assert not served["train"].schedules
+
+
+def test_serve_reads_a_build_steps_value_as_alexnet_param_prints_it(tmp_path):
+    # `prefect deploy` runs the step; `alexnet serve` computes its stdout: not a string
+    # value (a list, a bool) was Python's repr in one and JSON in the other
+    (tmp_path / "params.yaml").write_text("{}\n")
+    params = parse_params({})
+    for key in ("train.device", "train.amp", "serve.retrain_cron"):
+        spec = {"build": [{"step": {"id": "value", "script": f"alexnet param {key}"}}]}
+        command = [sys.executable, "-m", "flows.cli", "param", key, "-p", "params.yaml"]
+        printed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+        assert param_outputs(spec, params) == {"value": {"stdout": printed.stdout.strip()}}, key
