@@ -122,18 +122,19 @@ def file_target(path: str | Path) -> Path:
     _check_parents(path)
     if path.is_dir():
         raise OutputError(f"{path}: a folder, where this output is a file; name the file")
+    _check_writable(_nearest(path.parent), path)  # its temporary is made beside it
     return path
 
 
-def output_folder(path: str | Path) -> Path:
+def output_folder(path: str | Path, filled: bool = True) -> Path:
     """A folder that outputs are written into, checked before any work: not a file,
-    nor under one, and writable (it, or the folder it will be made in)."""
+    nor under one, and (`filled`) writable: it, or the folder it will be made in."""
     path = Path(path)
     _check_parents(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{path}: a file, where this output is a folder; name a folder")
-    if path.is_dir():
-        _check_writable(path, path)
+    if filled:
+        _check_writable(_nearest(path), path)
     return path
 
 
@@ -142,10 +143,12 @@ def folder_target(path: str | Path, owner: str, replaced: bool = True) -> Path:
     (where it points, if it is a symbolic link), checked before any work:
     `output_folder`, empty or marked as `owner`'s, and if replaced not a mount point
     (which cannot be renamed)."""
-    output_folder(path)
+    output_folder(path, filled=not replaced)
     target = link_target(Path(path))
     if replaced and os.path.ismount(target):
         raise OutputError(f"{path}: a mount point, which cannot be replaced; name a folder in it")
+    if replaced:  # its temporary is made beside where it points, and renamed there
+        _check_writable(_nearest(target.parent), path)
     found = mark_owner(target)
     if found is None and target.is_dir() and next(target.iterdir(), None):
         raise OutputError(_unmarked(path, target))
@@ -184,12 +187,14 @@ def link_target(path: Path) -> Path:
 
 
 def _check_parents(path: Path) -> None:
-    for parent in path.parents:  # the nearest that exists: the temporary is made there
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputError(f"{path}: {parent} is a file, not a folder")
-            _check_writable(parent, path)
-            return
+    parent = _nearest(path.parent)
+    if not parent.is_dir():
+        raise OutputError(f"{path}: {parent} is a file, not a folder")
+
+
+def _nearest(path: Path) -> Path:
+    """`path` or its nearest parent that exists (where a missing folder will be made)."""
+    return next(p for p in (path, *path.parents) if p.exists())
 
 
 def _check_writable(folder: Path, path: Path) -> None:

@@ -15,7 +15,6 @@ caller's own stop is heard.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -36,10 +35,10 @@ def main(argv: list[str]) -> int:
     parent, command = int(argv[0]), argv[1:]
     signal.signal(signal.SIGTERM, _stop)  # reset to the default in COMMAND (exec)
     signal.signal(signal.SIGUSR1, _stop)
-    die_with_parent(signal.SIGUSR1)
+    alive = die_with_parent(signal.SIGUSR1, parent)
     child = None
     try:
-        if os.getppid() != parent:  # died before the request above: nobody to run for
+        if not alive:  # died before the request above: nobody to run for
             raise Stop
         child = subprocess.Popen(command, start_new_session=True)
         code = child.wait()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
@@ -380,6 +381,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):  # PyYAML's own error says so, with its line
+                continue
             if key in first:
                 line, again = first[key].line + 1, key_node.start_mark.line + 1
                 raise ParamsError(f"duplicate key {key!r} on line {again} (first on line {line})")

@@ -104,11 +104,12 @@ class TooLarge(OSError):
 
 
 def max_file_bytes(max_pixels: int) -> int:
-    """The largest file an image within `max_pixels` can be: uncompressed at 8 bytes a
-    pixel (16-bit RGBA or CMYK, the widest PIL reads), plus 1 MiB of headers and
-    metadata. A larger file (a video named .JPEG, a disk image) is skipped unread: read
-    whole, it could exceed the memory and stop the stage."""
-    return 8 * max_pixels + 2**20
+    """The largest file prepare reads: a frame within `max_pixels` uncompressed at 8
+    bytes a pixel (16-bit RGBA or CMYK, the widest PIL reads), plus 1 GiB for metadata
+    and a multi-frame file's other frames (of which `prepare.frames: first` keeps one).
+    A larger file (a video named .JPEG, a disk image) is skipped unread: read whole, it
+    could exceed the memory and stop the stage."""
+    return 8 * max_pixels + 2**30
 
 
 def _read(item: Item, limit: int) -> bytes | OSError | None:

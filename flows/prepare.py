@@ -5,7 +5,6 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from alexnet.atomic import claim_folder, write_json
-from alexnet.errors import AlexnetError
 from alexnet.params import ComputeParams, PrepareParams
 from alexnet.prepare import Summary, check_classes, check_skipped, check_splits, plan_shards
 from alexnet.shards import CLASSES_FILE, remove_stale
@@ -30,6 +29,9 @@ def prepare_flow(
     logger = get_run_logger()
     source = open_source(raw)
     target = claim_folder(out, "prepare")  # not a folder of the user's files, nor raw
+    # written last, by a run that succeeds: a failed or stopped run leaves none beside
+    # its new shards, and pack refuses the folder
+    (target / CLASSES_FILE).unlink(missing_ok=True)
     summary = Summary()
     results = in_order(
         plan_shards(source, prepare.shard_size),
@@ -53,14 +55,10 @@ def prepare_flow(
         summary.reused,
         sum(summary.shards.values()),
     )
-    try:
-        check_skipped(report, prepare.max_skipped, target / "report.json")
-        check_splits(summary.splits, source.root)
-        check_classes(summary.usable, source.classes, source.root)
-    except AlexnetError:  # no classes.json: the next stages refuse a failed prepare
-        (target / CLASSES_FILE).unlink(missing_ok=True)
-        raise
-    write_json(target / CLASSES_FILE, [c.__dict__ for c in source.classes])  # written last
+    check_skipped(report, prepare.max_skipped, target / "report.json")
+    check_splits(summary.splits, source.root)
+    check_classes(summary.usable, source.classes, source.root)
+    write_json(target / CLASSES_FILE, [c.__dict__ for c in source.classes])
     return {k: report[k] for k in ("files", "kept", "converted", "skipped")}
 
 

@@ -34,8 +34,7 @@ def worker_setup(stage: int) -> None:
     (DVC and the next run see whole outputs or none). A stage killed outright (SIGKILL,
     the OOM killer) left its workers idle, and their decoder children with them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    die_with_parent(signal.SIGKILL)  # nothing of a worker's is left to save
-    if os.getppid() != stage:  # it died before the request above
+    if not die_with_parent(signal.SIGKILL, stage):  # nothing of a worker's is left to save
         os._exit(1)
 
 

@@ -36,18 +36,18 @@ def _own_session_server():
 
     class OwnSessionServer(SubprocessASGIServer):
         def _run_uvicorn_command(self) -> subprocess.Popen:
-            popen = functools.partial(
-                subprocess.Popen, start_new_session=True, preexec_fn=_die_with_parent
-            )
+            stage = functools.partial(_die_with_parent, os.getpid())
+            popen = functools.partial(subprocess.Popen, start_new_session=True, preexec_fn=stage)
             with mock.patch.object(subprocess, "Popen", popen):  # Prefect's call, 2 more args
                 return super()._run_uvicorn_command()
 
     return OwnSessionServer()  # Prefect's own singleton: its clients reuse it
 
 
-def _die_with_parent() -> None:
-    """In the server's process before it runs: SIGTERM when its parent dies."""
-    die_with_parent(signal.SIGTERM)
+def _die_with_parent(stage: int) -> None:
+    """In the server's process before it runs: SIGTERM when the stage dies."""
+    if not die_with_parent(signal.SIGTERM, stage):
+        os._exit(1)
 
 
 def check_api(url: str, timeout: float = 10.0) -> None:

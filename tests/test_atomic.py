@@ -394,3 +394,11 @@ def test_an_output_where_nothing_can_be_written_is_refused_before_any_work(tmp_p
         assert str(refused.value) == f"{path}: cannot write in {probed} (Operation not permitted)"
         assert check(path) == path
     assert sorted(p.name for p in frozen.rglob("*")) == ["eval"]  # no probe left
+    # a folder that is filled is probed itself, not the folder it is in (a writable
+    # volume mounted under a read-only root)
+    subprocess.run(["chattr", "+i", str(frozen)], check=True)
+    try:
+        assert output_folder(frozen / "eval") == frozen / "eval"
+        assert claim_folder(frozen / "eval", "prepare") == frozen / "eval"
+    finally:
+        subprocess.run(["chattr", "-i", str(frozen)], check=True)

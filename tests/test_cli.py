@@ -485,3 +485,37 @@ def test_a_stage_error_is_the_last_word(tmp_path):
     (at,) = [i for i, line in enumerate(lines) if line.startswith("error:")]
     assert lines[at] == f"error: {tmp_path / 'empty'}: no shard-*.tar files (run prepare first)"
     assert all("Stopping temporary server" in line for line in lines[at + 1 :]), lines[at:]
+
+
+def test_an_error_a_library_made_of_a_ctrl_c_is_the_interrupted_line(
+    tmp_path, prefect_server, monkeypatch
+):
+    # pydantic wraps a KeyboardInterrupt raised in a serializer (Prefect's first task
+    # submit) as PydanticSerializationError: a traceback and status 1 after a Ctrl-C.
+    import signal as signals
+
+    from typer.testing import CliRunner
+
+    from flows.stages import command
+    from tasks.quiet import INTERRUPTED
+
+    ctrl_c = [True, False]
+
+    def flow(**arguments):
+        if ctrl_c.pop(0):
+            INTERRUPTED.set()  # as the stage's SIGINT handler does
+        raise ValueError("Error calling function `_ser_model`: KeyboardInterrupt")
+
+    app = typer.Typer()
+    app.command(name="train")(command(STAGES["train"], flow))
+    handler = signals.getsignal(signals.SIGINT)
+    try:
+        result = CliRunner().invoke(app, [str(tmp_path / "l"), str(tmp_path / "s")])
+    finally:
+        INTERRUPTED.clear()
+        signals.signal(signals.SIGINT, handler)
+    assert result.exit_code == 130, result.output
+    assert "train: interrupted; run again to continue" in result.output
+    result = CliRunner().invoke(app, [str(tmp_path / "l"), str(tmp_path / "s")])
+    signals.signal(signals.SIGINT, handler)
+    assert result.exit_code == 1 and not ctrl_c  # without a Ctrl-C it is an error
