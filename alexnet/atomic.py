@@ -59,8 +59,13 @@ class OutputError(AlexnetError):
     """An output path whose present content alexnet must not replace."""
 
 
+TMP, ASIDE = ".tmp-", "-old"  # `.NAME.tmp-PID`, and a replaced folder set aside `...-old`
+# Any such name: what `remove_leftovers` looks for.
+_TEMPORARY = re.compile(rf"\.(?P<name>.+){re.escape(TMP)}(?P<pid>[0-9]+)(?:{ASIDE})?")
+
+
 def temporary_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return path.with_name(f".{path.name}{TMP}{os.getpid()}")
 
 
 @contextmanager
@@ -86,7 +91,7 @@ def atomic_output(path: str | Path, folder: str | None = None) -> Iterator[Path]
         if folder:
             (temporary / OWNED).write_bytes(owned_text(folder))
         if folder and path.is_dir():
-            aside = path.with_name(f"{temporary.name}-old")
+            aside = path.with_name(f"{temporary.name}{ASIDE}")
             os.replace(path, aside)
             os.replace(temporary, path)
             shutil.rmtree(aside)
@@ -105,11 +110,12 @@ def check_apart(outputs: dict[str, str], inputs: dict[str, str]) -> None:
     what the next run reads (`prepare RAW RAW/train/x` made a class of its own shards).
     An input inside an output folder is left to `folder_target`: a folder the stage
     replaces may hold only its own output."""
+    sources = {name: (read, Path(read).resolve()) for name, read in inputs.items()}
     for out in outputs.values():
         written = Path(out).resolve()
-        for name, read in inputs.items():
-            if written.is_relative_to(Path(read).resolve()):
-                where = "is" if written == Path(read).resolve() else "is inside"
+        for name, (read, source) in sources.items():
+            if written.is_relative_to(source):
+                where = "is" if written == source else "is inside"
                 raise OutputError(
                     f"{out}: {where} the input {name.upper()} ({read}); name an output outside it"
                 )
@@ -239,31 +245,20 @@ def remove_leftovers(folder: str | Path, name: str | None = None) -> None:
     since been given: left for a later run). This process's own are leftovers too: it
     writes a target from one place at a time, so one there now is a dead run's whose
     PID it was given (a container starts the same command with the same PID)."""
-    prefix = "." if name is None else f".{name}.tmp-"
+    prefix = "." if name is None else f".{name}{TMP}"  # a cheap first look at each entry
     try:
         entries = list(os.scandir(folder))
     except OSError:  # none yet (made for the write), or not to be listed
         return
     for entry in entries:
-        if not entry.name.startswith(prefix):
-            continue
-        if name is None:
-            found = _ANY_TEMPORARY.fullmatch(entry.name)
-        else:
-            found = _SUFFIX.fullmatch(entry.name, len(prefix))
-        if found is None or _alive(int(found["pid"])):
+        found = entry.name.startswith(prefix) and _TEMPORARY.fullmatch(entry.name)
+        if not found or name not in (None, found["name"]) or _alive(int(found["pid"])):
             continue
         with suppress(OSError):  # best effort: a leftover never stops the write
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
                 os.unlink(entry.path)
-
-
-# What follows `.NAME.tmp-` in a temporary's name (`temporary_name`, and the aside of
-# `atomic_output`'s swap), and a whole such name.
-_SUFFIX = re.compile(r"(?P<pid>[0-9]+)(?:-old)?")
-_ANY_TEMPORARY = re.compile(r"\..+\.tmp-" + _SUFFIX.pattern)
 
 
 def _alive(pid: int) -> bool:
