@@ -15,10 +15,11 @@ import json
 import re
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -47,6 +48,31 @@ class ParamsError(AlexnetError, ValueError):
 
 SCHEDULER_ADDRESS = re.compile(r"([a-z]+://)?(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d+")
 DEFAULT_FILE = "params.yaml"  # may be absent (all defaults); a file named otherwise may not
+DEVICE_HINT = "cpu, cuda, cuda:1, ..."
+
+
+def device_problem(name: str) -> str | None:
+    """Why `name` is no device name torch knows (`gpu`), else None. Checked where the
+    params load, so a typo stops `dvc repro` at its first stage, not after the stages
+    before train; whether this machine has the device is checked where it runs."""
+    if name == "cpu":  # the default: no need to import torch to know it
+        return None
+    import torch  # here: only a file naming another device pays for it, and its stages use torch
+
+    try:
+        torch.device(name)
+    except RuntimeError:  # torch's own message lists every backend, over several lines
+        return f"not a device name ({DEVICE_HINT})"
+    return None
+
+
+def _known_device(name: str) -> str:
+    if problem := device_problem(name):
+        raise ValueError(problem)
+    return name
+
+
+DeviceName = Annotated[str, AfterValidator(_known_device)]
 
 
 class _Section(BaseModel):
@@ -229,9 +255,9 @@ class TrainParams(_Section):
     seed: int = 0
     deterministic: bool = Field(True, description="bit-repeatable CPU runs")
     # A tuple: the frozen section stays hashable; YAML lists and JSON arrays validate into it.
-    device: tuple[str, ...] = Field(
+    device: tuple[DeviceName, ...] = Field(
         ("cpu",),
-        description="cpu, cuda, cuda:1, ...; two devices ([cuda:0, cuda:1]) = one "
+        description=f"{DEVICE_HINT}; two devices ([cuda:0, cuda:1]) = one "
         "column of the network on each (model parallel)",
     )
     random_crop: bool = Field(True, description="random 224 crops (else centre)")
@@ -282,7 +308,7 @@ class EvaluateParams(_Section):
     """Section 4.1's 10-crop test (alexnet/evaluate.py)."""
 
     batch_size: int = Field(50, ge=1, description="images per batch (x10 crops on the device)")
-    device: str = Field("cpu", description="cpu, cuda, cuda:1, ...")
+    device: DeviceName = Field("cpu", description=DEVICE_HINT)
     loader_workers: int = Field(
         0, ge=0, description="DataLoader processes reading ahead (0 = in the loop)"
     )

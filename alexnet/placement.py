@@ -23,6 +23,7 @@ from torch import nn
 from alexnet.errors import AlexnetError
 from alexnet.lrn import LRN
 from alexnet.model import AlexNet
+from alexnet.params import device_problem
 
 
 def _half(module: nn.Module, column: int) -> tuple[str, nn.Module]:
@@ -113,10 +114,9 @@ class DeviceError(AlexnetError):
 
 
 def _device(name: str) -> torch.device:
-    try:
-        return torch.device(name)
-    except RuntimeError:  # torch's message lists every backend, over several lines
-        raise DeviceError(f"device {name!r}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    if problem := device_problem(name):
+        raise DeviceError(f"device {name!r}: {problem}")
+    return torch.device(name)
 
 
 def resolve_devices(names: Sequence[str]) -> list[torch.device]:

@@ -83,13 +83,14 @@ def allow_plugins(model_path: Path, asked: Sequence[str], allowed: Sequence[str]
 def predict(
     paths: list[Path],
     model_path: Path,
-    top: int = 5,
-    device: str = "cpu",
+    top: int,
+    device: str,
     plugins: Sequence[str] = (),
 ) -> list[Prediction]:
-    """One `Prediction` per path, in order; a file that cannot be read or decoded gets
-    its one-line `error` and the others are still predicted. `plugins`: the PIL plugin
-    modules the user allows the model file's preparation to import."""
+    """One `Prediction` per path, in order: its `top` classes, run on `device` (their
+    defaults are the command's, `alexnet predict`); a file that cannot be read or decoded
+    gets its one-line `error` and the others are still predicted. `plugins`: the PIL
+    plugin modules the user allows the model file's preparation to import."""
     [device] = resolve_devices([device])  # a wrong name: one line, as train and evaluate
     model, payload = load_model(model_path, device)
     allow_plugins(Path(model_path), payload["prepare"].get("plugins") or (), plugins)

@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from alexnet.errors import AlexnetError
+from alexnet.params import DEVICE_HINT
 from alexnet.runtime import configure
 from flows.stages import STAGES, ParamsOption, command, console, load, user_errors
 
@@ -43,7 +44,7 @@ def predict(
     ),
     top: Annotated[int, typer.Option(min=1, help="classes to show per image")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
-    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+    device: Annotated[str, typer.Option(help=DEVICE_HINT)] = "cpu",
     plugins: Annotated[
         list[str] | None,
         typer.Option(

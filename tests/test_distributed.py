@@ -141,7 +141,7 @@ def test_a_two_column_run_resumes_bit_for_bit_and_its_model_file_predicts(data, 
     for name, value in model.state_dict().items():
         assert torch.equal(value, weights[name]), name
     (tmp_path / "image.jpg").write_bytes(jpeg(300, 260, seed=5))
-    [prediction] = predict([tmp_path / "image.jpg"], path, top=2)
+    [prediction] = predict([tmp_path / "image.jpg"], path, top=2, device="cpu")
     assert prediction.error is None and len(prediction.top) == 2
     # The file's one-device network predicts what the trained two-column one computes.
     image = load_file(tmp_path / "image.jpg", payload["prepare"])[None]

@@ -229,6 +229,19 @@ def test_train_device_is_always_a_list_of_names():
         parse_params({"train": {"device": 3}})
 
 
+def test_a_device_name_torch_does_not_know_is_refused_when_loaded():
+    """Not after the stages before train: `gpu` stops `dvc repro` at its first stage. A
+    device this machine lacks is a name all the same (a deployment may run elsewhere)."""
+    assert parse_params({"evaluate": {"device": "cuda:3"}}).evaluate.device == "cuda:3"
+    bad = {"train.device": "gpu", "train.device.1": "cuda:0, gpu", "evaluate.device": "gpu"}
+    for key, value in bad.items():
+        section = key.split(".")[0]
+        with pytest.raises(
+            ParamsError, match=rf"^params: {re.escape(key)}: not a device name \(cpu, cuda"
+        ):
+            parse_params({section: {"device": value}})
+
+
 def test_kernels_switch_is_fast_or_reference():
     assert parse_params({}).compute.kernels == "fast"
     assert parse_params({"compute": {"kernels": "reference"}}).compute.kernels == "reference"

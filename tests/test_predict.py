@@ -82,7 +82,7 @@ def test_predict_equals_evaluate_on_the_same_image(
     [crops] = seen
     evaluated = crops.mean(1)[0]
 
-    [prediction] = predict([path], model_file, top=2)
+    [prediction] = predict([path], model_file, top=2, device="cpu")
     assert prediction.error is None and prediction.top[0]["index"] == int(results.predicted[0])
     predicted = {entry["index"]: entry["probability"] for entry in prediction.top}
     assert sorted(predicted) == [0, 1]
@@ -98,7 +98,7 @@ def test_predict_refuses_a_model_file_of_another_version(tmp_path):
     path = tmp_path / "old.pt"
     torch.save({"format": "alexnet-model", "version": 1, "history": []}, path)
     with pytest.raises(ModelFileError, match="model file version 1, this code reads 2; train"):
-        predict([tmp_path / "any.jpg"], path)
+        predict([tmp_path / "any.jpg"], path, 5, "cpu")
 
 
 def bad_and_good_files(folder: Path, monkeypatch) -> tuple[list[Path], dict[str, str | None]]:
@@ -243,7 +243,7 @@ def test_a_model_file_that_is_not_ours_is_refused_in_one_line(tmp_path, case):
     path, marker = tmp_path / "model.pt", tmp_path / "code-ran"
     make(path, marker)
     with pytest.raises(ModelFileError) as caught:
-        predict([tmp_path / "any.jpg"], path)
+        predict([tmp_path / "any.jpg"], path, 5, "cpu")
     line = str(caught.value)
     assert line == f"{path}: {reason}"
     assert "weights_only" not in line and "\n" not in line
@@ -284,13 +284,13 @@ def test_the_plugins_a_model_file_names_are_imported_only_when_allowed(
     image = tmp_path / "a.jpg"
     image.write_bytes(jpeg(300, 260, seed=1))
     with pytest.raises(PluginError, match=rf"importing them runs their code: .*--plugin {name}$"):
-        predict([image], path)
+        predict([image], path, 5, "cpu")
     assert not marker.exists()
-    [result] = predict([image], path, plugins=[name])
+    [result] = predict([image], path, 5, "cpu", plugins=[name])
     assert marker.exists() and result.error is None and len(result.top) == 2
     missing = recorded(model_file, tmp_path, prepare={**prepare, "plugins": ["no_such_plugin"]})
     with pytest.raises(PluginError, match="PIL plugin .*no_such_plugin"):  # once, not per image
-        predict([image], missing, plugins=["no_such_plugin"])
+        predict([image], missing, 5, "cpu", plugins=["no_such_plugin"])
 
 
 @pytest.mark.parametrize(
@@ -304,7 +304,7 @@ def test_the_plugins_a_model_file_names_are_imported_only_when_allowed(
 def test_a_model_file_whose_contents_do_not_fit_is_refused(model_file, tmp_path, changes, reason):
     path = recorded(model_file, tmp_path, **changes)
     with pytest.raises(ModelFileError) as caught:
-        predict([tmp_path / "any.jpg"], path)
+        predict([tmp_path / "any.jpg"], path, 5, "cpu")
     assert str(caught.value) == f"{path}: damaged model file: {reason}"
 
 
