@@ -29,6 +29,7 @@ from alexnet.errors import AlexnetError, one_line
 SHARD_PATTERN = "shard-{:05d}.tar"
 SHARD_GLOB = SHARD_PATTERN.replace("{:05d}", "*")
 CLASSES_FILE = "classes.json"  # of a prepared folder: [{index, wnid, name}]
+PREPARE_OWNER = "prepare"  # the stage named in a prepared folder's mark (alexnet.atomic.OWNED)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_/-]")
 
 

@@ -18,9 +18,16 @@ from typing import TYPE_CHECKING
 import numba
 import numpy as np
 
-from alexnet.atomic import atomic_output, write_json
+from alexnet.atomic import atomic_output, mark_owner, write_json
 from alexnet.errors import AlexnetError
-from alexnet.shards import CLASSES_FILE, bad_image, iter_shard, load_classes, open_rgb
+from alexnet.shards import (
+    CLASSES_FILE,
+    PREPARE_OWNER,
+    bad_image,
+    iter_shard,
+    load_classes,
+    open_rgb,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -144,9 +151,12 @@ def shard_moments(path: str | Path, size: int, classes: int | None = None) -> Mo
 def class_count(train: str | Path) -> int | None:
     """The number of classes of the prepared folder that `train` lies in (its
     classes.json), against which stats checks the labels; None for shards on their own
-    (stats needs only images: it then checks that labels are not negative)."""
+    (stats needs only images: it then checks that labels are not negative). A folder
+    prepare made but did not finish (no classes.json: it is written last) is refused:
+    its shards may be any part of the data."""
     folder = Path(train).parent
-    return len(load_classes(folder)) if (folder / CLASSES_FILE).exists() else None
+    finished = (folder / CLASSES_FILE).exists() or mark_owner(folder) == PREPARE_OWNER
+    return len(load_classes(folder)) if finished else None
 
 
 def reduce_moments(parts: Iterable[Moments]) -> Moments:

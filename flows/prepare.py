@@ -7,7 +7,7 @@ from prefect import flow, get_run_logger
 from alexnet.atomic import claim_folder, write_json
 from alexnet.params import ComputeParams, PrepareParams
 from alexnet.prepare import Summary, check_classes, check_skipped, check_splits, plan_shards
-from alexnet.shards import CLASSES_FILE, remove_stale
+from alexnet.shards import CLASSES_FILE, PREPARE_OWNER, remove_stale
 from alexnet.sources import open_source
 from flows.progress import Bar, in_order
 from flows.runners import parallelism
@@ -28,7 +28,7 @@ def prepare_flow(
     ahead, so memory does not grow with the number of files."""
     logger = get_run_logger()
     source = open_source(raw)
-    target = claim_folder(out, "prepare")  # not a folder of the user's files, nor raw
+    target = claim_folder(out, PREPARE_OWNER)  # not a folder of the user's files, nor raw
     # written last, by a run that succeeds: a failed or stopped run leaves none beside
     # its new shards, and pack refuses the folder
     (target / CLASSES_FILE).unlink(missing_ok=True)

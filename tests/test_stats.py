@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet.shards import Record, ShardError, write_shard
+from alexnet.atomic import claim_folder
+from alexnet.shards import PREPARE_OWNER, Record, ShardError, write_shard
 from alexnet.stats import (
     StatsError,
     class_count,
@@ -152,6 +153,16 @@ def test_labels_are_checked_against_classes_json_beside_the_train_folder(tmp_pat
     assert (
         str(caught.value) == f"{path}: member n01/b.cls: label 3 is out of range (3 classes: 0..2)"
     )
+
+
+def test_a_prepared_folder_that_prepare_did_not_finish_is_refused(tmp_path):
+    # Its mark says prepare made it, and classes.json (written last) is missing: a stopped
+    # or failed prepare, whose shards are any part of the data.
+    train = claim_folder(tmp_path / "prepared", PREPARE_OWNER) / "train"
+    train.mkdir()
+    write_shard(train / "shard-00000.tar", [Record("n01/a", GOOD, 0)], {})
+    with pytest.raises(ShardError, match=r"classes.json: no such file \(prepare writes it when"):
+        class_count(train)
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
