@@ -79,6 +79,9 @@ class _Section(BaseModel):
     # Unknown keys are errors: a typo must not silently fall back to a default. An
     # infinite or NaN float (`.inf`, `.nan` in YAML) is never a setting, only a mistake.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # Keys that say how a stage's run is executed, none of its result: the stage's DVC
+    # params (and a model file) leave them out, so changing them re-runs nothing.
+    EXECUTION_KEYS: ClassVar[frozenset[str]] = frozenset()
 
     @field_validator("*", mode="before")
     @classmethod
@@ -224,7 +227,7 @@ class TrainParams(_Section):
     """The recipe of paper sections 4-5 (alexnet/train.py)."""
 
     # Keys that say where and how a run is executed, none of the recipe: a checkpoint
-    # stays valid, the model file and the train stage's DVC params leave them out. The
+    # stays valid too. The
     # number of processes is not bit-neutral (ranks past 0 draw their own dropout masks,
     # the gradient is summed in another order), but it is kept out so that a run resumes
     # on another count (a lost node) and moving to more GPUs retrains nothing.
@@ -306,6 +309,10 @@ class TrainParams(_Section):
 
 class EvaluateParams(_Section):
     """Section 4.1's 10-crop test (alexnet/evaluate.py)."""
+
+    # Read-ahead keeps the batches' order: the same numbers. (The batch size and the
+    # device are not here: they change the rounding, so the metrics' last digits.)
+    EXECUTION_KEYS: ClassVar[frozenset[str]] = frozenset({"loader_workers"})
 
     batch_size: int = Field(50, ge=1, description="images per batch (x10 crops on the device)")
     device: DeviceName = Field("cpu", description=DEVICE_HINT)
@@ -395,6 +402,15 @@ class Params(_Section):
                 f"model.input_size ({self.model.input_size})"
             )
         return self
+
+
+def recipe_keys(section: str) -> tuple[str, ...]:
+    """`section.key` for each key of a section but its execution keys: the params deps
+    of a stage that reads the section."""
+    fields = type(getattr(Params(), section))
+    return tuple(
+        f"{section}.{key}" for key in fields.model_fields if key not in fields.EXECUTION_KEYS
+    )
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -30,9 +30,9 @@ from alexnet.params import (
     DEFAULT_FILE,
     Params,
     PrepareParams,
-    TrainParams,
     load_params,
     param_value,
+    recipe_keys,
     with_compute,
 )
 from alexnet.runtime import configure
@@ -174,12 +174,7 @@ STAGES: dict[str, Stage] = {
             ),
             ("train", "model", "prepare", "compute"),
             (
-                # not the keys of how it is executed (more loader workers, processes...)
-                *(
-                    f"train.{key}"
-                    for key in TrainParams.model_fields
-                    if key not in TrainParams.EXECUTION_KEYS
-                ),
+                *recipe_keys("train"),
                 "model",
                 *(f"prepare.{key}" for key in PrepareParams.IMAGE_KEYS),  # in the model file
                 "compute.kernels",
@@ -214,7 +209,7 @@ STAGES: dict[str, Stage] = {
                 ),
             ),
             ("evaluate", "compute"),
-            ("evaluate", "compute.kernels", "compute.jpeg_decoder"),
+            (*recipe_keys("evaluate"), "compute.kernels", "compute.jpeg_decoder"),
             "evaluate: {images} images; 10-crop top-1 error {top1_error:.3f}, top-5 "
             "{top5_error:.3f} (centre crop {center_top1_error:.3f}, {center_top5_error:.3f})",
         ),

@@ -88,6 +88,23 @@ def test_a_trained_model_file_classifies_its_training_images(data, model_file):
     assert len(results.confusion(CLASSES)) == 10
 
 
+def test_read_ahead_gives_the_same_numbers(data, model_file):
+    # Why evaluate.loader_workers is an execution key (no DVC param of the stage): loader
+    # processes read the batches in order, and the model sees the same batches.
+    model, payload = load_model(model_file)
+    split = LmdbSplit(data / "lmdb" / "val")
+
+    def run(workers: int) -> Results:
+        every = range(len(split))
+        return evaluate(
+            model, split, payload["mean"], 224, 3, torch.device("cpu"), None, every, workers
+        )
+
+    alone, ahead = run(0), run(2)
+    for name in ("labels", "predicted", "rank", "centre_rank", "kept"):
+        assert torch.equal(getattr(alone, name), getattr(ahead, name)), name
+
+
 def test_evaluate_flow_writes_the_metric_files(data, model_file, tmp_path, prefect_server):
     from alexnet.params import ComputeParams, EvaluateParams
     from flows.evaluate import evaluate_flow
