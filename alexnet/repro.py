@@ -50,12 +50,20 @@ def stage_environment() -> dict[str, str]:
 
 
 def chain(repo: Path, until: str | None = None) -> list[str]:
-    """The stages of the repository's dvc.yaml in file order (each after the stages it
-    depends on, as the file is written), up to `until`."""
+    """The stages `dvc repro [until]` considers, in the file order of the repository's
+    dvc.yaml (each after the stages it depends on, as the file is written): all of
+    them, or `until` and the stages it depends on, as DVC's graph says (with the
+    ImageNet preset, prepare reads no output of synth, so `stage/prepare` skips it)."""
     stages = list(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
-    if until is not None and until not in stages:
+    if until is None:
+        return stages
+    if until not in stages:
         raise ReproError(f"no stage {until!r} in {repo / 'dvc.yaml'}")
-    return stages[: stages.index(until) + 1] if until else stages
+    from dvc.repo import Repo  # here: the rest of this module only starts dvc commands
+
+    with Repo(str(repo)) as dvc:  # (a target names its file: DVC reads a bare name from the cwd)
+        needed = {s.name for s in dvc.stage.collect(f"{repo / 'dvc.yaml'}:{until}", with_deps=True)}
+    return [stage for stage in stages if stage in needed]
 
 
 def repro_args(
