@@ -80,13 +80,13 @@ def predict(
     "work pools): one per stage, `pipeline` and `retrain` (cron from params `serve`). Each "
     "runs `dvc repro`, so runs started from the UI keep dvc.lock true. Needs a Prefect "
     "server: `prefect server start`, then PREFECT_API_URL=http://127.0.0.1:4200/api. Stop "
-    "with Ctrl-C."
+    "with Ctrl-C. Reads the repository's params.yaml, as the runs' `dvc repro` does."
 )
-def serve(params_path: ParamsOption = None) -> None:
+def serve() -> None:
     from prefect.settings import PREFECT_API_URL
 
     with user_errors():
-        params = load(params_path)
+        params = load(None)  # no --params: the runs (dvc repro) read this file, so must serve
         api = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
         if not api:
             raise AlexnetError(

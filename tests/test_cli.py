@@ -24,9 +24,10 @@ from tests.helpers import REPO, free_port, jpeg, make_imagefolder
 runner = CliRunner()
 
 
-def alexnet(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def alexnet(*args: str, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "flows.cli", *args]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+    env = {**(env or os.environ), "PYTHONPATH": str(REPO)}  # flows/ from any folder
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env)
 
 
 COMMANDS = {  # command: words its help must say
@@ -121,8 +122,10 @@ def test_a_schedule_prefect_cannot_read_is_one_line(tmp_path, section, message):
     params.write_text(f"serve:\n  {section}\n")
     env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # not reached
     key = "serve." + section.split(":")[0]
-    for args in (["param", key], ["serve"]):
-        result = alexnet(*args, "-p", str(params), env=env)
+    # (serve reads the folder's params.yaml, as the runs' `dvc repro` does, there)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    for args in (["param", key, "-p", str(params)], ["serve"]):
+        result = alexnet(*args, env=env, cwd=tmp_path)
         assert result.returncode == 1 and result.stdout == "", result.stderr[-2000:]
         assert result.stderr.startswith(f"error: params {message}"), result.stderr
         assert result.stderr.count("\n") == 1, result.stderr
