@@ -11,6 +11,7 @@ key (or, for a check across keys, both).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from collections.abc import Hashable
@@ -305,6 +306,38 @@ class TrainParams(_Section):
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(","))
         return value
+
+    @model_validator(mode="after")
+    def _rendezvous_reachable(self) -> TrainParams:
+        # On several nodes a loopback endpoint is each node's own: every node would wait
+        # for peers that never come, until torchrun's join timeout.
+        if self.nnodes > 1 and _loopback(_rendezvous_host(self.rdzv_endpoint)):
+            raise ValueError(
+                f"nnodes ({self.nnodes}) needs an rdzv_endpoint every node reaches, not "
+                f"the loopback {self.rdzv_endpoint!r}"
+            )
+        return self
+
+
+def _rendezvous_host(endpoint: str) -> str:
+    """The host of `host:port` as torchrun reads it (`[::1]:29400`, a port left out)."""
+    # torch here: only a multi-node file pays for it, and its train stage imports torch.
+    from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
+
+    try:
+        host, _ = parse_rendezvous_endpoint(endpoint, default_port=0)  # any port will do
+    except ValueError as error:  # a bad port or host: torch's one line, with the key's name
+        raise ValueError(f"rdzv_endpoint: {error}") from None
+    return host
+
+
+def _loopback(host: str) -> bool:
+    """localhost, 127.x.x.x or ::1, by the name alone (resolving it here would make
+    loading params wait on DNS; the machine's own name passes, as it may be the host)."""
+    try:
+        return host.lower() == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
 
 
 class EvaluateParams(_Section):

@@ -3,7 +3,8 @@
 The flow only chooses how to launch `alexnet.fit.fit`, the one function that runs a
 training: in this process, or, with `nproc_per_node` or `nnodes` above 1, in every
 process torchrun starts (`python -m alexnet.fit RUN_JSON`, data parallel with DDP;
-rank 0 writes the same files as a one-process run).
+rank 0 writes the same files as a one-process run; on several nodes the rendezvous
+picks its node, so `models/` and `metrics/` are shared by all of them).
 """
 
 from __future__ import annotations

@@ -153,7 +153,10 @@ def test_a_two_column_run_resumes_bit_for_bit_and_its_model_file_predicts(data, 
 
 def test_two_torchrun_nodes_train_the_weights_of_one_and_resume_after_a_kill(data, tmp_path):
     # Two nodes (two torchrun agents, one process each) meeting at a c10d rendezvous on
-    # 127.0.0.1, as `alexnet train` on each node with `nnodes: 2` runs them.
+    # this machine, as `alexnet train` on each node with `nnodes: 2` runs them. By its
+    # name: params refuse a loopback endpoint on several nodes (the name resolves to it).
+    import socket
+
     import psutil
 
     one = Trainer(two_epochs(data, tmp_path / "one"))
@@ -175,7 +178,11 @@ def test_two_torchrun_nodes_train_the_weights_of_one_and_resume_after_a_kill(dat
 
     def two_nodes(port: int) -> TrainRun:
         return two_epochs(
-            data, tmp_path / "two", nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}", checkpoint_every=1
+            data,
+            tmp_path / "two",
+            nnodes=2,
+            rdzv_endpoint=f"{socket.gethostname()}:{port}",
+            checkpoint_every=1,
         )
 
     first = nodes(two_nodes(free_port()))

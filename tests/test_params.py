@@ -128,6 +128,22 @@ def test_values_that_fail_only_later_are_refused_when_loaded():
         parse_params({"synth": {"min_side": 500, "max_side": 200}})
 
 
+def test_several_nodes_meeting_at_a_loopback_endpoint_are_refused_naming_both_keys():
+    # Each node's loopback is its own: the nodes would wait for each other until
+    # torchrun's join timeout.
+    for endpoint in ("localhost:29400", "127.0.1.1:29400", "[::1]:29400", "LOCALHOST"):
+        refused = (
+            rf"^params: train: nnodes \(2\) needs an rdzv_endpoint .* '{re.escape(endpoint)}'$"
+        )
+        with pytest.raises(ParamsError, match=refused):
+            parse_params({"train": {"nnodes": 2, "rdzv_endpoint": endpoint}})
+    with pytest.raises(ParamsError, match=r"^params: train: rdzv_endpoint: The port number"):
+        parse_params({"train": {"nnodes": 2, "rdzv_endpoint": "node0:http"}})
+    assert parse_params({"train": {"nnodes": 2, "rdzv_endpoint": "node0:29400"}})
+    assert parse_params({"train": {"nnodes": 2, "rdzv_endpoint": "10.0.0.1"}})
+    assert parse_params({"train": {"nnodes": 1}}).train.rdzv_endpoint == "localhost:29400"
+
+
 def test_command_line_overrides_are_checked_as_the_files_values():
     assert with_compute(Params(), workers=3, scheduler="local").compute.workers == 3
     with pytest.raises(ParamsError, match=r"^command line: compute.workers: .* 0 \(got -1\)$"):
