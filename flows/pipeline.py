@@ -86,7 +86,10 @@ def one_run_at_a_time(repo: Path) -> Iterator[None]:
     get_run_logger().info(
         "taking the turn of %s (concurrency limit %s; a run holding it goes first)", key, name
     )
-    with concurrency(name, occupy=1, strict=True):
+    # strict: the limit must be there (made above), or the runs would not take turns.
+    # A lease renewal that fails (an API outage, a server restart) only warns, in
+    # Prefect's own line: strict alone would also cancel the run, hours into a train.
+    with concurrency(name, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
         yield
 
 

@@ -230,6 +230,37 @@ def test_a_retrain_whose_turn_comes_too_late_does_nothing(tmp_path, prefect_serv
     assert on_time["ran"] == ["a"]  # (b's input, out/a, is the same bytes)
 
 
+def test_a_failed_renewal_of_the_turn_warns_and_the_run_goes_on(
+    tmp_path, prefect_server, monkeypatch, caplog
+):
+    # An API outage while a run holds its turn (the lease renewal fails after its retries)
+    # must not cancel a chain hours into train: Prefect says so and the body goes on.
+    from prefect import flow
+    from prefect.client.orchestration import SyncPrefectClient
+
+    from flows.pipeline import one_run_at_a_time
+
+    def outage(self, **lease) -> None:
+        raise ConnectionError("the API is down")
+
+    monkeypatch.setattr(SyncPrefectClient, "renew_concurrency_lease", outage)
+
+    @flow
+    def holding_the_turn() -> str:
+        with one_run_at_a_time(tmp_path):
+            renewing = [t for t in threading.enumerate() if "lease-renewal" in t.name]
+            assert renewing, "no lease renewal thread: Prefect renamed it?"
+            for thread in renewing:
+                thread.join(30)  # its retries over, the failure handled
+            for _ in range(50):  # a cancellation is injected at a next instruction
+                time.sleep(0.01)
+        return "finished"
+
+    with caplog.at_level("WARNING", logger="prefect"):
+        assert holding_the_turn() == "finished"
+    assert "lease renewal failed" in caplog.text
+
+
 def test_a_second_clone_pulls_the_outputs_and_restores_stages_from_the_run_cache(tmp_path):
     repo = project(tmp_path)
     assert repro(repo, log=lambda line: None) == ["a", "b"]
