@@ -79,6 +79,17 @@ class World:
         dist.all_reduce(tensor)
         return tensor.cpu().tolist()
 
+    def gather(self, values: Sequence[int]) -> list[list[int]]:
+        """Every rank's `values` (as many on each), in rank order."""
+        if self.size == 1:
+            return [list(values)]
+        tensor = torch.tensor(values, dtype=torch.int64)
+        if dist.get_backend() == "nccl":
+            tensor = tensor.cuda()  # the rank's own GPU, set in `from_env`
+        views = [torch.empty_like(tensor) for _ in range(self.size)]
+        dist.all_gather(views, tensor)
+        return [view.cpu().tolist() for view in views]
+
     def close(self) -> None:
         if self.size > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -136,6 +136,33 @@ def validate(
     return {"val_loss": loss / n, "val_top1_error": top1 / n, "val_top5_error": top5 / n}
 
 
+def start_view(resumed: bool, epoch: int, step: int, run: str, code: dict[str, str]) -> list[int]:
+    """Where a rank starts, as integers the ranks gather: whether it resumed, the epoch
+    and step, and 60-bit prefixes of the run's digest (params, data) and its code's."""
+    code_digest = hashlib.sha256(json.dumps(code, sort_keys=True).encode()).hexdigest()
+    return [int(resumed), epoch, step, int(run[:15], 16), int(code_digest[:15], 16)]
+
+
+def disagreement(views: list[list[int]]) -> str | None:
+    """One line saying how the ranks' `start_view`s differ from rank 0's; None if they
+    do not."""
+    differ = [rank for rank, view in enumerate(views) if view != views[0]]
+    if not differ:
+        return None
+    more = f" ({len(differ) - 1} more ranks differ)" if len(differ) > 1 else ""
+    return (
+        f"the ranks do not agree where training starts: rank 0 {_start(views[0])}, rank "
+        f"{differ[0]} {_start(views[differ[0]])}{more}; every node must see the same "
+        "checkpoint, data and code"
+    )
+
+
+def _start(view: list[int]) -> str:
+    resumed, epoch, step, run, code = view
+    where = f"resumes epoch {epoch + 1}, step {step}" if resumed else "starts afresh"
+    return f"{where} (run {run:015x}, code {code:015x})"
+
+
 def check_outputs(run: TrainRun) -> None:
     """The files train writes, checked before any work."""
     file_target(run.model_path)
@@ -282,7 +309,19 @@ class Trainer:
     def resume(self, log: Callable[[str], None] = lambda line: None) -> bool:
         """Load the checkpoint if it belongs to this run; returns whether it did.
         `log` hears why a checkpoint of these params and data made by other code is
-        trained again (finished) or resumed anyway (unfinished)."""
+        trained again (finished) or resumed anyway (unfinished). Every rank decides
+        alike, or all raise `TrainError`."""
+        resumed = self._load(log)
+        # Each rank reads the checkpoint itself: one that saw a stale copy (NFS) or runs
+        # another checkout would start elsewhere, so run other collectives (a hang) or,
+        # from the same step, train other weights without a word.
+        mine = start_view(resumed, self.epoch, self.step, self.digest, self.code)
+        if problem := disagreement(self.world.gather(mine)):
+            raise TrainError(f"{self.checkpoint}: {problem}")
+        return resumed
+
+    def _load(self, log: Callable[[str], None]) -> bool:
+        """`resume` on this rank alone."""
         if not self.checkpoint.exists():
             return False
         try:

@@ -13,7 +13,7 @@ import torch
 from alexnet.distributed import World
 from alexnet.errors import Interrupted
 from alexnet.params import TrainParams
-from alexnet.train import Trainer, TrainRun, load_history
+from alexnet.train import Trainer, TrainError, TrainRun, disagreement, load_history, start_view
 from flows.train import torchrun_command
 from tests.helpers import free_port, train_run
 
@@ -52,6 +52,40 @@ def test_one_process_world_is_inert():
     assert (world.rank, world.size, world.main) == (0, 1, True)
     assert world.sum([1.0, 2.0]) == [1.0, 2.0] and list(range(5)[world.rows]) == [0, 1, 2, 3, 4]
     assert world.device(["cuda"]) == ["cuda"] and world.device(("cpu", "cpu")) == ["cpu", "cpu"]
+
+
+def test_ranks_that_would_start_elsewhere_are_told_apart():
+    code = {"alexnet/train.py": "ab" * 8}
+    start = start_view(True, 2, 7, "f" * 64, code)
+    assert disagreement([start, list(start)]) is None
+    assert disagreement([start]) is None
+    fresh = start_view(False, 0, 0, "f" * 64, code)
+    stale = start_view(True, 1, 7, "f" * 64, code)  # an older copy of the checkpoint
+    other = start_view(True, 2, 7, "f" * 64, {"alexnet/train.py": "cd" * 8})
+    said = disagreement([start, start, fresh, stale, other])
+    assert said.startswith("the ranks do not agree where training starts: rank 0 resumes ")
+    assert "rank 2 starts afresh" in said and "(2 more ranks differ)" in said
+    assert "\n" not in said
+    assert "rank 1 resumes epoch 3, step 7 (run fffffffffffffff, code" in disagreement(
+        [other, start]
+    )
+
+
+class WithAFreshPeer(World):
+    """A one-process world whose gather adds a rank that found no checkpoint."""
+
+    def gather(self, values):
+        return [list(values), start_view(False, 0, 0, "0" * 64, {})]
+
+
+def test_a_rank_resuming_alone_stops_instead_of_hanging(data, tmp_path):
+    trainer = Trainer(train_run(data, tmp_path, epochs=1), WithAFreshPeer())
+    assert not trainer.checkpoint.exists()
+    with pytest.raises(TrainError, match=r"ckpt.pt: the ranks do not agree .* rank 1 starts"):
+        trainer.resume()  # neither resumes, but the peer's run differs
+    trainer.save()
+    with pytest.raises(TrainError, match=r"rank 0 resumes epoch 1, step 0 .* rank 1 starts"):
+        trainer.resume()
 
 
 def test_each_rank_gets_its_own_devices():
