@@ -23,32 +23,62 @@ def sha16(path: Path) -> str:
         return hashlib.file_digest(stream, "sha256").hexdigest()[:16]
 
 
+# Digests a memo keeps per file: one per node that reads it (see `file_digest`), the
+# oldest dropped past this many.
+MEMO_ENTRIES = 64
+
+
 def file_digest(path: Path, memo: Path) -> str:
     """`sha16(path)`, remembered in the JSON file `memo` under the file's identity.
 
     Hashing ImageNet's LMDB reads it whole (minutes, on every rank); a restart with the
     same file reuses the digest. The identity (device, inode, size, mtime) changes
     whenever the bytes can have: the stores are written once, into a new file renamed
-    into place, and `dvc checkout` writes a new file too."""
+    into place, and `dvc checkout` writes a new file too. It differs between nodes too
+    (an NFS mount's device number is each client's own; a copy per node is another
+    inode and mtime), and the memo, next to the checkpoint, is shared by all of them:
+    so it keeps a digest per identity, not one per file that each node replaced. (Size
+    and mtime alone would agree across NFS clients, but not across copies, and would
+    miss a file replaced by one of the same size and mtime, as `cp -p` makes.)"""
     path = Path(path).resolve()
     stat = path.stat()
-    identity = [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns]
-    try:
-        known = json.loads(Path(memo).read_text())
-        if not isinstance(known, dict):
-            known = {}
-    except (OSError, ValueError):  # absent or damaged: only a lost shortcut
-        known = {}
-    entry = known.get(str(path))
-    if isinstance(entry, dict) and entry.get("identity") == identity:
-        return str(entry["sha"])
+    identity = f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"
+    known = _entries(_read_memo(memo), str(path))
+    if identity in known:
+        return known[identity]
     digest = sha16(path)
-    known[str(path)] = {"identity": identity, "sha": digest}
+    _remember(memo, str(path), identity, digest)
+    return digest
+
+
+def _remember(memo: Path, key: str, identity: str, digest: str) -> None:
+    # Read again: other nodes may have added theirs while this one was hashing.
+    memos = _read_memo(memo)
+    known = _entries(memos, key)
+    known.pop(identity, None)  # the newest last: the oldest is dropped first
+    known[identity] = digest
+    memos[key] = dict(list(known.items())[-MEMO_ENTRIES:])
     try:
-        write_json(memo, known)
+        write_json(memo, memos)
     except OSError:  # a read-only checkpoint folder only costs the next start a re-read
         pass
-    return digest
+
+
+def _read_memo(memo: Path) -> dict:
+    try:
+        known = json.loads(Path(memo).read_text())
+    except (OSError, ValueError):  # absent or damaged: only a lost shortcut
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _entries(memos: dict, key: str) -> dict[str, str]:
+    """{identity: digest} of one file (a memo of the former format, {identity: [...],
+    sha: ...}, or a damaged one gives none)."""
+    entries = memos.get(key)
+    if not isinstance(entries, dict):
+        return {}
+    return {name: sha for name, sha in entries.items() if ":" in name and isinstance(sha, str)}
 
 
 def training_code() -> list[Path]:

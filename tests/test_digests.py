@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from alexnet import digests
 from alexnet.digests import TRAINING_ENTRY, changed_code, code_digests, file_digest, training_code
 from alexnet.imports import closure
 from tests.helpers import run_python
@@ -25,7 +26,8 @@ def test_file_digest_is_the_sha256_and_remembers_the_same_file(tmp_path):
     assert file_digest(path, memo) == sha16(content)
     # The same file again: the memo answers, without reading (a planted value proves it).
     known = json.loads(memo.read_text())
-    known[str(path.resolve())]["sha"] = "planted"
+    [identity] = known[str(path.resolve())]
+    known[str(path.resolve())][identity] = "planted"
     memo.write_text(json.dumps(known))
     assert file_digest(path, memo) == "planted"
     # A new file renamed into place, as pack and `dvc checkout` make: read again.
@@ -34,6 +36,29 @@ def test_file_digest_is_the_sha256_and_remembers_the_same_file(tmp_path):
     assert file_digest(path, memo) == sha16(b"other bytes")
     memo.write_text("{damaged")  # a damaged memo costs a re-read, nothing else
     assert file_digest(path, memo) == sha16(b"other bytes")
+
+
+def test_nodes_sharing_the_memo_hash_the_data_once_each(tmp_path, monkeypatch):
+    # The memo lies next to the checkpoint, on the filesystem all nodes share; each node
+    # sees the data under its own device number (an NFS mount's is the client's own).
+    path, memo = tmp_path / "data.mdb", tmp_path / "memo.json"
+    path.write_bytes(b"the store")
+    hashed, real_sha16, real_stat = [], digests.sha16, Path.stat
+    monkeypatch.setattr(digests, "sha16", lambda p: hashed.append(p) or real_sha16(p))
+
+    def seen_from(node: int):
+        def stat(self, *, follow_symlinks=True):
+            fields = list(real_stat(self, follow_symlinks=follow_symlinks))
+            fields[2] += node  # st_dev
+            return os.stat_result(fields, {"st_mtime_ns": real_stat(self).st_mtime_ns})
+
+        return stat
+
+    for node in (0, 1, 0, 1, 2, 0):  # restarts, each node hashing at once
+        with monkeypatch.context() as patch:
+            patch.setattr(Path, "stat", seen_from(node))
+            assert file_digest(path, memo) == sha16(b"the store")
+    assert len(hashed) == 3  # once per node
 
 
 def test_code_digests_are_the_sha256_of_each_training_file_by_path():
