@@ -19,6 +19,8 @@ from alexnet.orphans import die_with_parent
 if TYPE_CHECKING:
     from distributed import LocalCluster
 
+    from alexnet.cluster import WorkerCheck
+
 
 def parallelism(workers: int) -> int:
     """How many tasks run at once for params `compute.workers` (0: one per CPU core; on
@@ -68,20 +70,25 @@ class PoolTaskRunner(ProcessPoolTaskRunner):
         return self
 
 
-def task_runner(scheduler: str | None, workers: int) -> TaskRunner:
+def task_runner(
+    scheduler: str | None, workers: int, check: WorkerCheck | None = None
+) -> TaskRunner:
     """A process pool by default; Dask when a scheduler is named ('local' starts a
-    temporary LocalCluster, anything else is the address of a running one)."""
+    temporary LocalCluster, anything else is the address of a running one), whose
+    workers are checked first with `check` (flows/cluster.py; a stage's always are)."""
     workers = parallelism(workers)
     if scheduler is None:
         return PoolTaskRunner(
             max_workers=workers, initializer=worker_setup, initargs=(os.getpid(),)
         )
-    from prefect_dask import DaskTaskRunner
+    from flows.cluster import CheckedDaskTaskRunner
 
     if scheduler == "local":
         cluster = {"n_workers": workers, "threads_per_worker": 1, "dashboard_address": None}
-        return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs=cluster)
-    return DaskTaskRunner(address=scheduler)
+        return CheckedDaskTaskRunner(
+            cluster_class=local_cluster, cluster_kwargs=cluster, check=check
+        )
+    return CheckedDaskTaskRunner(address=scheduler, check=check)
 
 
 def check_scheduler(scheduler: str | None, timeout: float = 10.0) -> None:

@@ -25,6 +25,7 @@ import typer
 from rich.console import Console
 
 from alexnet.atomic import check_apart
+from alexnet.cluster import WorkerCheck
 from alexnet.errors import Interrupted, is_user_error, user_line
 from alexnet.params import (
     DEFAULT_FILE,
@@ -289,13 +290,19 @@ def run_stage(stage: Stage, paths: dict[str, str], params: Params, flow: Callabl
         {name: path for name, path in paths.items() if roles[name]},
         {name: path for name, path in paths.items() if not roles[name]},
     )
-    if stage.parallel:  # train and evaluate map no tasks: no pool, no cluster to reach
-        check_scheduler(params.compute.scheduler)
-        runner = task_runner(params.compute.scheduler, params.compute.workers)
-        flow = flow.with_options(task_runner=runner)
     # Absolute: a Dask worker started in another folder, or on another machine sharing
     # the file system, reads and writes the same files as this process.
     absolute = {name: os.path.abspath(path) for name, path in paths.items()}
+    if stage.parallel:  # train and evaluate map no tasks: no pool, no cluster to reach
+        check_scheduler(params.compute.scheduler)
+        # on Dask, every worker must see these paths and run this code (alexnet/cluster.py)
+        check = WorkerCheck(
+            stage.module,
+            outputs=tuple(path for name, path in absolute.items() if roles[name]),
+            inputs=tuple(path for name, path in absolute.items() if not roles[name]),
+        )
+        runner = task_runner(params.compute.scheduler, params.compute.workers, check)
+        flow = flow.with_options(task_runner=runner)
     arguments = {**absolute, **{name: getattr(params, name) for name in stage.sections}}
     planned = os.environ.pop(PLANNED_RUN, None)  # not for this process's children
     quiet_console_tracebacks()

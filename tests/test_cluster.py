@@ -1,7 +1,9 @@
 """The data stages on a real Dask cluster: a `dask scheduler` and two `dask worker`
 processes started on their own (as on a team's nodes, here on 127.0.0.1), reached by
 address, the workers in a folder of their own. prepare, stats and pack through it give
-the bytes of the process pool; a stage command's relative paths reach the right files."""
+the bytes of the process pool; a stage command's relative paths reach the right files;
+a stage refuses, before any work, workers that see other files at its paths or run
+other code."""
 
 from __future__ import annotations
 
@@ -13,10 +15,13 @@ import time
 
 import pytest
 
-from alexnet.params import ComputeParams, PackParams, PrepareParams
+import alexnet.cluster
+from alexnet.errors import AlexnetError
+from alexnet.params import ComputeParams, PackParams, Params, PrepareParams, with_compute
 from flows.pack import pack_flow
 from flows.prepare import prepare_flow
 from flows.runners import task_runner
+from flows.stages import STAGES, run_stage
 from flows.stats import stats_flow
 from tests.helpers import REPO, SHARDS, free_port, shard_bytes
 
@@ -138,3 +143,56 @@ def test_a_stage_commands_relative_paths_reach_the_same_files_on_the_workers(
     assert done.returncode == 0, done.stderr[-2000:]
     images = sorted(p.relative_to(tmp_path / "raw") for p in (tmp_path / "raw").rglob("*.JPEG"))
     assert len(images) == 2 * (2 + 1) and not list(workers_folder.rglob("*.JPEG"))
+
+
+# Each process's own working folder: at this one absolute path the stage (here, in the
+# test's folder) and the workers (in theirs) find different files, as a worker on a
+# machine without the shared file system does at the stage's paths.
+OWN_FOLDER = "/proc/self/cwd"
+ADDRESS = r"compute\.scheduler: Dask worker tcp://127\.0\.0\.1:\d+"
+SAME_FILES = "the workers need the same file system at the same paths"
+
+
+def on_cluster(cluster: str) -> Params:
+    return with_compute(Params(prepare=SHARDS), scheduler=cluster, workers=2)
+
+
+def test_workers_that_see_other_files_at_the_output_path_are_refused_before_any_work(
+    raw, cluster, workers_folder, tmp_path, monkeypatch
+):
+    # Unchecked, the workers wrote the shards into their own folder, and prepare
+    # reported success over a prepared folder without them.
+    monkeypatch.chdir(tmp_path)
+    paths = {"raw": str(raw), "out": f"{OWN_FOLDER}/prepared"}
+    expected = rf"^{ADDRESS} does not see {OWN_FOLDER} \(no file \.alexnet-check\.tmp-\d+ there\)"
+    with pytest.raises(AlexnetError, match=rf"{expected}: {SAME_FILES}$"):
+        run_stage(STAGES["prepare"], paths, on_cluster(cluster))
+    assert not (tmp_path / "prepared").exists() and not (workers_folder / "prepared").exists()
+    assert list(tmp_path.iterdir()) == []  # the marker removed
+
+
+def test_workers_that_do_not_see_the_input_path_are_refused_before_any_work(
+    reference, cluster, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train").symlink_to(reference[0] / "train")  # here, not for the workers
+    paths = {"train": f"{OWN_FOLDER}/train", "out": str(tmp_path / "stats")}
+    expected = rf"^{ADDRESS} does not see {OWN_FOLDER}/train \(no such file or folder there\)"
+    with pytest.raises(AlexnetError, match=rf"{expected}: {SAME_FILES}$"):
+        run_stage(STAGES["stats"], paths, on_cluster(cluster))
+    assert not (tmp_path / "stats").exists()
+
+
+def test_workers_that_imported_other_code_are_refused_before_any_work(
+    raw, cluster, tmp_path, monkeypatch
+):
+    # The stage's code changed after the workers imported theirs (or they run another
+    # checkout): unchecked, they made the shards with their code and DVC recorded this.
+    monkeypatch.setitem(alexnet.cluster.IMPORTED_CODE, "alexnet/prepare.py", "0" * 16)
+    paths = {"raw": str(raw), "out": str(tmp_path / "prepared")}
+    expected = (
+        r"runs other code \(alexnet/prepare\.py differs; restart the workers after a change\)"
+    )
+    with pytest.raises(AlexnetError, match=rf"^{ADDRESS} {expected}$"):
+        run_stage(STAGES["prepare"], paths, on_cluster(cluster))
+    assert list(tmp_path.iterdir()) == []

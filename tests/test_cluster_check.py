@@ -1,0 +1,57 @@
+"""The worker check's own rules (alexnet/cluster.py, flows/cluster.py), without a
+cluster: what a worker's answer is refused for, the marker's life. A real cluster's
+workers are checked in tests/test_cluster.py, a LocalCluster's in tests/test_flows.py."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from alexnet.cluster import MARKER, WorkerCheck, markers, problem, stage_view, worker_view
+from alexnet.errors import AlexnetError
+from flows.cluster import check_workers
+from tests.helpers import DEAD_PID
+
+
+def test_a_worker_that_sees_the_stages_files_and_runs_its_code_passes(tmp_path):
+    (tmp_path / "raw").mkdir()
+    with markers([str(tmp_path / "out")]) as tokens:  # not made yet: in its parent
+        seen = worker_view(list(tokens), [str(tmp_path / "raw")])
+        assert [path.rsplit("/", 1)[0] for path in tokens] == [str(tmp_path)]
+    assert problem(seen, stage_view(tokens), ["alexnet/prepare.py"]) is None
+    assert list(tmp_path.iterdir()) == [tmp_path / "raw"]  # the marker removed
+
+
+def test_a_worker_with_other_library_versions_is_refused(tmp_path):
+    stage = stage_view({})
+    seen = replace(stage, versions={**stage.versions, "PIL": "9.5.0"})
+    line = problem(seen, stage, [])
+    assert line == (
+        f"runs other libraries (PIL 9.5.0 where the stage has {stage.versions['PIL']}): "
+        "install the stage's on the workers"
+    )
+
+
+def test_a_worker_that_cannot_run_the_check_is_refused_in_one_line(tmp_path):
+    class Client:  # a worker of an older checkout, without alexnet/cluster.py
+        def run(self, function, *args, on_error):
+            assert on_error == "return"
+            return {"tcp://10.0.0.7:4312": ModuleNotFoundError("No module named 'alexnet.cluster'")}
+
+    check = WorkerCheck("flows.synth", outputs=(str(tmp_path),), inputs=())
+    with pytest.raises(AlexnetError) as refused:
+        check_workers(Client(), check)
+    assert str(refused.value) == (
+        "compute.scheduler: Dask worker tcp://10.0.0.7:4312 cannot run the check "
+        "(ModuleNotFoundError: No module named 'alexnet.cluster'): the workers need the "
+        "stage's code and libraries"
+    )
+
+
+def test_a_killed_stages_marker_is_swept_by_the_next_check(tmp_path):
+    left = tmp_path / f".{MARKER}.tmp-{DEAD_PID}"
+    left.write_text("a killed stage's token")
+    with markers([str(tmp_path)]):
+        assert not left.exists()
+    assert list(tmp_path.iterdir()) == []
