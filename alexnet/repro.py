@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
@@ -169,6 +170,37 @@ def default_remote(repo: Path) -> str | None:
         env=stage_environment(),
     )
     return (done.stdout.strip() or None) if done.returncode == 0 else None
+
+
+# A Prefect process worker without a `working_dir` runs each flow in a folder of
+# `tempfile.TemporaryDirectory(suffix="prefect")`, deleted after the run.
+WORKER_SCRATCH_SUFFIX = "prefect"
+
+
+def remote_url(repo: Path, name: str) -> str | None:
+    """The url of the DVC remote `name`, as DVC reads its config files (a local folder's
+    made absolute). (`dvc remote list` wraps a long path in its table.)"""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc:
+        return dvc.config["remote"].get(name, {}).get("url")
+
+
+def check_remote_kept(repo: Path, name: str, url: str | None) -> None:
+    """Refuse, before the work, a push to a remote that goes with the run: a local folder
+    inside the temporary folder a Prefect worker cloned the repository into (the default
+    remote, a folder beside the repository, lands there). Its "Pushed" was a lie."""
+    scratch = repo.resolve().parent
+    temporary = (
+        scratch.name.endswith(WORKER_SCRATCH_SUFFIX)
+        and scratch.parent == Path(tempfile.gettempdir()).resolve()
+    )
+    if url and "://" not in url and temporary and Path(url).resolve().is_relative_to(scratch):
+        raise ReproError(
+            f"DVC remote {name!r} ({url}) is inside this run's temporary folder {scratch}, "
+            "deleted after the run: commit a remote the workers share in .dvc/config "
+            '(README, "More machines"), or run with push off'
+        )
 
 
 def push_outputs(repo: Path, remote: str | None, log: Callable[[str], None] = print) -> bool:

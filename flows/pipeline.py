@@ -42,10 +42,12 @@ from alexnet.repro import (
     STAGES,
     Stage,
     chain,
+    check_remote_kept,
     default_remote,
     metrics,
     metrics_diff,
     push_outputs,
+    remote_url,
     repro,
     status_clean,
 )
@@ -168,6 +170,8 @@ def _run(
             return {"ran": [], "metrics": {}, "pushed": False, "skipped": True}
         before = metrics(root)
         remote = default_remote(root)
+        if push and remote:
+            check_remote_kept(root, remote, remote_url(root, remote))
         ran = []
         for stage in stages:
             # Called, not submitted: the task runs in this, the main, thread, where

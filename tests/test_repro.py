@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -20,11 +21,14 @@ import yaml
 
 from alexnet.repro import (
     STAGES,
+    WORKER_SCRATCH_SUFFIX,
     ReproError,
     _cause,
     chain,
+    check_remote_kept,
     default_remote,
     push_outputs,
+    remote_url,
     repro,
     repro_args,
     status_clean,
@@ -282,6 +286,21 @@ def test_a_second_clone_pulls_the_outputs_and_restores_stages_from_the_run_cache
     subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
     assert dvc("pull", cwd=clone).returncode == 0
     assert (clone / "out" / "b").read_text() == "a\n" and status_clean(clone)
+
+
+def test_a_push_to_a_remote_inside_a_workers_temporary_folder_is_refused(tmp_path, monkeypatch):
+    # A Prefect process worker clones into tempfile.TemporaryDirectory(suffix="prefect"):
+    # the default remote, a folder beside the repository, would be deleted with it.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    scratch = tmp_path / f"tmpab12{WORKER_SCRATCH_SUFFIX}"
+    repo = project(scratch)
+    url = remote_url(repo, "shared")
+    assert url == str(scratch / "remote")  # as DVC resolves `../remote`
+    with pytest.raises(ReproError, match=rf"^DVC remote 'shared' \({url}\) is inside this run's"):
+        check_remote_kept(repo, "shared", url)
+    check_remote_kept(repo, "shared", "s3://bucket/alexnet")  # shared storage: kept
+    check_remote_kept(repo, "shared", str(tmp_path / "kept"))  # outside the run's folder
+    check_remote_kept(project(tmp_path / "mine"), "shared", str(tmp_path / "mine" / "remote"))
 
 
 def test_no_remote_means_nothing_pushed_with_a_line_saying_so(tmp_path):
