@@ -163,6 +163,16 @@ def _damaged(path: Path, reason: str) -> StoreError:
     return StoreError(f"{path}: damaged LMDB store: {reason}; run pack again to rewrite it")
 
 
+def get_record(txn: lmdb.Transaction, index: int, path: Path):
+    """The stored value of record `index` (None where there is none). A damaged page is
+    found only when a read reaches it (opening checks the file's size, not every page):
+    a StoreError naming the record, not LMDB's traceback."""
+    try:
+        return txn.get(key(index))
+    except lmdb.Error as error:  # MDB_CORRUPTED: "Located page was wrong type", ...
+        raise _damaged(path, f"key {index:08d}: {one_line(error)}") from None
+
+
 def _open_error(path: Path, error: lmdb.Error) -> StoreError:
     """The one line of an error of `lmdb.open`, whose message starts with the path."""
     reason = one_line(error).removeprefix(f"{path}: ")

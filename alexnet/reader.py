@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from alexnet.jpeg import Encoded, decode_into, decode_threads, read_payloads
-from alexnet.lmdb_store import StoreError, decode_value, key, read_meta, shared_readonly
+from alexnet.lmdb_store import StoreError, decode_value, get_record, read_meta, shared_readonly
 
 
 class LmdbSplit(torch.utils.data.Dataset):
@@ -44,7 +44,7 @@ class LmdbSplit(torch.utils.data.Dataset):
     def _value(self, txn, index: int):
         if not 0 <= index < len(self):
             raise IndexError(f"{self.path}: index {index} out of range 0..{len(self) - 1}")
-        value = txn.get(key(index))
+        value = get_record(txn, index, self.path)
         where = f"{self.path}: key {index:08d}"
         if value is None:
             raise StoreError(f"{where}: missing")

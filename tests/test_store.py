@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from alexnet.lmdb_store import StoreError, read_meta, write_store
+from alexnet.lmdb_store import StoreError, key, read_meta, write_store
 from alexnet.pack import PackError, index_shards, load_chunk, member_key
 from alexnet.reader import LmdbSplit
 from alexnet.shards import Record, ShardError, write_shard
@@ -325,6 +325,29 @@ def test_a_damaged_store_is_one_line_and_left_as_it_was(tmp_path, damage, reason
             read(path)
         assert str(caught.value) == damaged(path, reason)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before  # read-only, no lock file
+
+
+def test_a_damaged_page_among_the_records_is_one_line_naming_the_record(tmp_path):
+    # The file's size is right and __meta__ reads: LMDB finds the damage only when a read
+    # reaches the page (here the leaf of the first records: tiny images, many leaves).
+    side, count = 4, 2000
+    path = tmp_path / "split"
+    records = [
+        (i % 3, bytes([128 + i % 100]) * (3 * side * side)) for i in range(count)
+    ]  # no digit
+    assert write_store(path, [records], "raw", CLASSES, size=side) == count
+    data = bytearray((path / "data.mdb").read_bytes())
+    pages = {at // PAGE for at in range(len(data)) if data.startswith(key(0), at)}
+    assert pages and len(data) // PAGE > 10 * len(pages)
+    for page in pages:  # its header: the page's number and type
+        data[page * PAGE : page * PAGE + 16] = b"\xff" * 16
+    (path / "data.mdb").write_bytes(bytes(data))
+    split = LmdbSplit(path)
+    assert split[count - 1][1] == (count - 1) % 3  # another leaf: read as before
+    with pytest.raises(StoreError) as caught:
+        split.read_batch([5, 0])
+    reason = "key 00000005: mdb_get: MDB_CORRUPTED: Located page was wrong type"
+    assert str(caught.value) == damaged(path, reason)
 
 
 # Pack reads the prepared shards: a damaged one stops it with one line naming the shard
