@@ -1,14 +1,12 @@
-"""The Dask task runner of a stage (params `compute.scheduler`), which checks every
-worker once before any task: the same files at the same paths, the same code
-(alexnet/cluster.py says why). Apart from flows/runners.py, which imports it only for a
-Dask stage: prefect-dask and distributed take a third of a second to import."""
+"""The check of a running Dask cluster's workers before a stage maps tasks on it: the
+same files at the same paths, the same code (alexnet/cluster.py says why). Imported
+only for a cluster named by its address: distributed takes a third of a second to
+import. (A LocalCluster, params `compute.scheduler: local`, is this machine's processes
+started from this code: nothing to check.)"""
 
 from __future__ import annotations
 
-import sys
-from typing import TYPE_CHECKING, Any
-
-from prefect_dask import DaskTaskRunner
+from typing import TYPE_CHECKING
 
 from alexnet.cluster import WorkerCheck, markers, problem, stage_view, worker_view
 from alexnet.errors import AlexnetError, one_line
@@ -17,28 +15,14 @@ if TYPE_CHECKING:
     from distributed import Client
 
 
-class CheckedDaskTaskRunner(DaskTaskRunner):
-    """prefect-dask's runner; on entry, with `check`, the workers are checked (the
-    cluster is then started or reached: prefect-dask would do it at the first task)."""
+def check_cluster(address: str, check: WorkerCheck, timeout: float = 30.0) -> None:
+    """Reach the scheduler at `address` and check every worker (`check_workers`), before
+    the stage's flow starts: a refusal leaves no flow run behind, Running for ever on a
+    Prefect server (it did when the task runner checked as it was entered)."""
+    from distributed import Client
 
-    def __init__(self, *args: Any, check: WorkerCheck | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.check = check
-
-    def duplicate(self) -> CheckedDaskTaskRunner:
-        runner = super().duplicate()  # the flow engine enters a duplicate
-        runner.check = self.check
-        return runner
-
-    def __enter__(self) -> CheckedDaskTaskRunner:
-        super().__enter__()
-        if self.check is not None:
-            try:
-                check_workers(self.client, self.check)
-            except BaseException:  # a `with` does not exit what failed to enter
-                self.__exit__(*sys.exc_info())
-                raise
-        return self
+    with Client(address, timeout=timeout, set_as_default=False) as client:
+        check_workers(client, check)
 
 
 def check_workers(client: Client, check: WorkerCheck) -> None:

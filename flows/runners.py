@@ -19,8 +19,6 @@ from alexnet.orphans import die_with_parent
 if TYPE_CHECKING:
     from distributed import LocalCluster
 
-    from alexnet.cluster import WorkerCheck
-
 
 def parallelism(workers: int) -> int:
     """How many tasks run at once for params `compute.workers` (0: one per CPU core; on
@@ -70,25 +68,20 @@ class PoolTaskRunner(ProcessPoolTaskRunner):
         return self
 
 
-def task_runner(
-    scheduler: str | None, workers: int, check: WorkerCheck | None = None
-) -> TaskRunner:
+def task_runner(scheduler: str | None, workers: int) -> TaskRunner:
     """A process pool by default; Dask when a scheduler is named ('local' starts a
-    temporary LocalCluster, anything else is the address of a running one), whose
-    workers are checked first with `check` (flows/cluster.py; a stage's always are)."""
+    temporary LocalCluster, anything else is the address of a running one)."""
     workers = parallelism(workers)
     if scheduler is None:
         return PoolTaskRunner(
             max_workers=workers, initializer=worker_setup, initargs=(os.getpid(),)
         )
-    from flows.cluster import CheckedDaskTaskRunner
+    from prefect_dask import DaskTaskRunner
 
     if scheduler == "local":
         cluster = {"n_workers": workers, "threads_per_worker": 1, "dashboard_address": None}
-        return CheckedDaskTaskRunner(
-            cluster_class=local_cluster, cluster_kwargs=cluster, check=check
-        )
-    return CheckedDaskTaskRunner(address=scheduler, check=check)
+        return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs=cluster)
+    return DaskTaskRunner(address=scheduler)
 
 
 def check_scheduler(scheduler: str | None, timeout: float = 10.0) -> None:

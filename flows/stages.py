@@ -294,14 +294,18 @@ def run_stage(stage: Stage, paths: dict[str, str], params: Params, flow: Callabl
     # the file system, reads and writes the same files as this process.
     absolute = {name: os.path.abspath(path) for name, path in paths.items()}
     if stage.parallel:  # train and evaluate map no tasks: no pool, no cluster to reach
-        check_scheduler(params.compute.scheduler)
-        # on Dask, every worker must see these paths and run this code (alexnet/cluster.py)
-        check = WorkerCheck(
-            stage.module,
-            outputs=tuple(path for name, path in absolute.items() if roles[name]),
-            inputs=tuple(path for name, path in absolute.items() if not roles[name]),
-        )
-        runner = task_runner(params.compute.scheduler, params.compute.workers, check)
+        scheduler = params.compute.scheduler
+        check_scheduler(scheduler)
+        if scheduler not in (None, "local"):  # a running cluster's workers: see these
+            from flows.cluster import check_cluster  # paths, run this code? (before the run)
+
+            check = WorkerCheck(
+                stage.module,
+                outputs=tuple(path for name, path in absolute.items() if roles[name]),
+                inputs=tuple(path for name, path in absolute.items() if not roles[name]),
+            )
+            check_cluster(scheduler, check)
+        runner = task_runner(scheduler, params.compute.workers)
         flow = flow.with_options(task_runner=runner)
     arguments = {**absolute, **{name: getattr(params, name) for name in stage.sections}}
     planned = os.environ.pop(PLANNED_RUN, None)  # not for this process's children

@@ -153,6 +153,9 @@ ADDRESS = r"compute\.scheduler: Dask worker tcp://127\.0\.0\.1:\d+"
 SAME_FILES = "the workers need the same file system at the same paths"
 
 
+NEVER_STARTED = object()  # a flow that fails if it is used at all
+
+
 def on_cluster(cluster: str) -> Params:
     return with_compute(Params(prepare=SHARDS), scheduler=cluster, workers=2)
 
@@ -166,7 +169,8 @@ def test_workers_that_see_other_files_at_the_output_path_are_refused_before_any_
     paths = {"raw": str(raw), "out": f"{OWN_FOLDER}/prepared"}
     expected = rf"^{ADDRESS} does not see {OWN_FOLDER} \(no file \.alexnet-check\.tmp-\d+ there\)"
     with pytest.raises(AlexnetError, match=rf"{expected}: {SAME_FILES}$"):
-        run_stage(STAGES["prepare"], paths, on_cluster(cluster))
+        # before the flow is even given its runner: no flow run left Running on a server
+        run_stage(STAGES["prepare"], paths, on_cluster(cluster), flow=NEVER_STARTED)
     assert not (tmp_path / "prepared").exists() and not (workers_folder / "prepared").exists()
     assert list(tmp_path.iterdir()) == []  # the marker removed
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from alexnet.cluster import WorkerCheck
 from alexnet.params import PrepareParams
 from alexnet.prepare import PrepareError
 from alexnet.shards import ShardError, load_classes
@@ -51,10 +50,8 @@ def test_prepare_report_counts_every_oddity(reference):
 @pytest.mark.parametrize(("scheduler", "workers"), [(None, 2), ("local", 2)])
 def test_prepare_shards_identical_whatever_the_runner(raw, reference, tmp_path, scheduler, workers):
     # (and leaves os.environ as it was: conftest's `environment_kept` checks every test)
-    # The LocalCluster's workers pass the check a stage makes (alexnet/cluster.py).
     out = tmp_path / "prep"
-    check = WorkerCheck("flows.prepare", outputs=(str(out),), inputs=(str(raw),))
-    prepare_flow.with_options(task_runner=task_runner(scheduler, workers, check))(
+    prepare_flow.with_options(task_runner=task_runner(scheduler, workers))(
         str(raw), str(out), SHARDS
     )
     expected = shard_bytes(reference[0])
