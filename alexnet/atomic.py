@@ -5,7 +5,8 @@ A killed process leaves at most a hidden `.NAME.tmp-PID` beside the target (or
 (`remove_leftovers`: those of processes no longer alive, so never a concurrent writer's);
 the target itself is either the previous complete version or the new complete one (a
 folder is swapped by two renames, the old one set aside as a leftover first, so a kill
-between them leaves no target, never part of one).
+between them leaves no target, never part of one). What was written is on the disk
+before the rename, so a crash of the machine, not only of the process, keeps that true.
 
 A folder is replaced whole (or filled) only when it is empty or the same stage wrote it
 (the `OWNED` file in it says which): a folder of the user's files named as an output by
@@ -84,12 +85,13 @@ def atomic_output(path: str | Path, folder: str | None = None) -> Iterator[Path]
             temporary.mkdir()
         try:
             yield temporary
+            if folder:
+                (temporary / OWNED).write_bytes(owned_text(folder))
+            _sync(temporary)  # on the disk before its name is the output's
         except OSError as error:
             if error.filename is None and error.errno in WRITE_ERRNOS:  # say where
                 raise OSError(error.errno, error.strerror, str(path)) from error
             raise
-        if folder:
-            (temporary / OWNED).write_bytes(owned_text(folder))
         if folder and path.is_dir():
             aside = path.with_name(f"{temporary.name}{ASIDE}")
             os.replace(path, aside)
@@ -97,12 +99,37 @@ def atomic_output(path: str | Path, folder: str | None = None) -> Iterator[Path]
             shutil.rmtree(aside)
         else:
             os.replace(temporary, path)
+        _fsync(path.parent)  # the rename itself
     finally:
         with suppress(OSError):  # a failed cleanup must not hide the error that led here
             if temporary.is_dir():
                 shutil.rmtree(temporary, ignore_errors=True)
             else:
                 temporary.unlink(missing_ok=True)
+
+
+def _sync(path: Path) -> None:
+    """Flush a written file, or every file and folder in a written folder, to the disk.
+    Without it a crash of the machine (not only of the process) soon after the rename
+    can leave the output's name on an empty or partial file: a checkpoint read as
+    damaged, hours of training lost. (What is already on the disk costs nothing.)"""
+    if not path.is_dir():
+        _fsync(path)  # a file: opened read-only, as a folder is
+        return
+    for folder, _, files in os.walk(path):
+        for name in files:
+            if not os.path.islink(os.path.join(folder, name)):  # its target is not ours
+                _fsync(Path(folder) / name)
+        _fsync(Path(folder))
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file, or a folder (its entries: the names made or renamed in it)."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def check_apart(outputs: dict[str, str], inputs: dict[str, str]) -> None:
@@ -227,10 +254,7 @@ def claim_folder(path: str | Path, owner: str) -> Path:
 
 def write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_output(path) as temporary:
-        with open(temporary, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
+        Path(temporary).write_bytes(data)
 
 
 def write_json(path: str | Path, value: object) -> None:

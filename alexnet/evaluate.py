@@ -185,4 +185,10 @@ def load_model_for(
         )
     if split.classes != payload["classes"]:
         raise ModelFileError(f"{path} and {split.path} list different classes")
+    _, height, width = payload["mean"].shape  # each crop's window of it is subtracted
+    if split.shape[1:] != (height, width):
+        raise ModelFileError(
+            f"{path} was trained on {height}x{width} images, {split.path} holds "
+            f"{split.shape[1]}x{split.shape[2]}: pack it from a prepare of the same size"
+        )
     return model, payload

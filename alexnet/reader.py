@@ -162,3 +162,17 @@ def batch_loader(
         prefetch_factor=2 if workers else None,
         multiprocessing_context="forkserver" if workers else None,
     )
+
+
+def check_together(first: LmdbSplit, second: LmdbSplit) -> None:
+    """Two stores one run reads together (training and validation; evaluate's gallery
+    and queries): the same classes, and images of one size, which one mean image's
+    windows fit (a smaller one would silently take the wrong window)."""
+    if first.classes != second.classes:
+        raise StoreError(f"{first.path} and {second.path} list different classes")
+    if first.shape != second.shape:
+        sizes = [f"{h}x{w}" for _, h, w in (first.shape, second.shape)]
+        raise StoreError(
+            f"{first.path} holds {sizes[0]} images, {second.path} {sizes[1]}: pack both "
+            "from one prepare"
+        )

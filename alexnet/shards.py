@@ -105,7 +105,7 @@ def _member(name: str, payload: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
 
 
 def write_shard(path: Path, records: Iterable[Record], description: dict) -> None:
-    """Write a shard atomically (temporary name, fsync, rename)."""
+    """Write a shard atomically (`atomic_output`: temporary name, fsync, rename)."""
     comment = json.dumps(description, sort_keys=True, separators=(",", ":"))
     with atomic_output(path) as temporary, open(temporary, "wb") as raw:
         pax = {"comment": comment}
@@ -113,8 +113,6 @@ def write_shard(path: Path, records: Iterable[Record], description: dict) -> Non
             for record in records:
                 tar.addfile(*_member(f"{record.key}.jpg", record.jpeg))
                 tar.addfile(*_member(f"{record.key}.cls", str(record.label).encode()))
-        raw.flush()
-        os.fsync(raw.fileno())
 
 
 def read_description(path: Path) -> dict | None:

@@ -41,7 +41,7 @@ from alexnet.model import AlexNet
 from alexnet.modelfile import save_model, save_tensors
 from alexnet.params import DEFAULTS, JpegDecoder, Kernels, ModelParams, TrainParams
 from alexnet.placement import TwoColumnAlexNet, place, resolve_devices
-from alexnet.reader import LmdbSplit, batch_loader, encoded_for, in_order, read
+from alexnet.reader import LmdbSplit, batch_loader, check_together, encoded_for, in_order, read
 from alexnet.schedule import PlateauSchedule
 from alexnet.stats import MEAN_FILE, PCA_FILE, load_stats
 from alexnet.train_files import SUMMARY
@@ -188,8 +188,7 @@ class Trainer:
         threads = decode_threads(p.loader_workers)  # per loader process
         self.train = LmdbSplit(run.lmdb / "train", threads)
         self.val = LmdbSplit(run.lmdb / "val", threads)
-        if self.train.classes != self.val.classes:
-            raise TrainError(f"{run.lmdb}: train and val have different class lists")
+        check_together(self.train, self.val)
         self.classes = self.train.classes
         mean, self.pca = load_stats(run.stats)
         if mean.shape != self.train.shape:  # or every step fails on the mean's window

@@ -16,11 +16,10 @@ from alexnet.evaluate import Results, load_model_for, sample, top5_table
 from alexnet.evaluate import evaluate as evaluate_split
 from alexnet.figures import FIGURES, kernels_figure, neighbours_figure, png, top5_figure
 from alexnet.jpeg import decode_threads
-from alexnet.lmdb_store import StoreError
 from alexnet.neighbours import hidden_vectors, images_of, nearest, table
 from alexnet.params import ComputeParams, EvaluateParams, JpegDecoder
 from alexnet.placement import resolve_devices
-from alexnet.reader import LmdbSplit
+from alexnet.reader import LmdbSplit, check_together
 
 
 def _figures(
@@ -87,8 +86,7 @@ def evaluate_flow(
     split = LmdbSplit(val, threads)
     model, payload = load_model_for(split, Path(model_path), device, compute.kernels)
     training = LmdbSplit(train, threads)
-    if training.classes != split.classes:
-        raise StoreError(f"{train} and {val} list different classes")
+    check_together(training, split)
     mean = payload["mean"].float()
     chosen = sample(len(split), max(evaluate.gallery, evaluate.queries), evaluate.seed)
     with Progress() as progress:

@@ -402,3 +402,37 @@ def test_an_output_where_nothing_can_be_written_is_refused_before_any_work(tmp_p
         assert claim_folder(frozen / "eval", "prepare") == frozen / "eval"
     finally:
         subprocess.run(["chattr", "-i", str(frozen)], check=True)
+
+
+@pytest.mark.parametrize("folder", [None, "synth"])
+def test_what_is_written_reaches_the_disk_before_its_rename_and_the_rename_after(
+    tmp_path, monkeypatch, folder
+):
+    # A machine's crash soon after an unsynced rename can leave the output's name on an
+    # empty file (a checkpoint lost): every file written, and its folder, is fsynced
+    # first, then the folder that holds the output, for the rename.
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(handle: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{handle}")))
+        fsync(handle)
+
+    def recorded_replace(source, target) -> None:
+        events.append(("replace", str(target)))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    target = tmp_path / "out"
+    with atomic_output(target, folder=folder) as temporary:
+        written = temporary / "data.bin" if folder else temporary
+        written.write_bytes(b"weights")
+    synced = [path for kind, path in events if kind == "fsync"]
+    renamed = events.index(("replace", str(target)))
+    assert ("fsync", str(written)) in events[:renamed]  # the data, under its temporary name
+    if folder:
+        assert ("fsync", str(temporary)) in events[:renamed]  # the names in the folder
+        assert ("fsync", str(temporary / OWNED)) in events[:renamed]
+    assert events[renamed + 1 :] == [("fsync", str(tmp_path))]  # the rename
+    assert len(synced) == (4 if folder else 2)

@@ -354,3 +354,33 @@ def test_evaluate_refuses_a_folder_of_other_files_before_any_work(tmp_path):
     with pytest.raises(OutputError, match="eval: holds files and not the"):
         check_targets(tmp_path)
     assert (tmp_path / "eval" / "notes.txt").read_bytes() == b"mine"
+
+
+def test_evaluate_refuses_stores_of_another_image_size(data, model_file, tmp_path, prefect_server):
+    # The model's mean image is 256x256: each crop's window of it is subtracted. A store
+    # packed from a prepare of another size failed with a tensor traceback mid-run.
+    from alexnet.lmdb_store import StoreError, write_store
+    from alexnet.modelfile import ModelFileError
+    from alexnet.params import ComputeParams, EvaluateParams
+    from flows.evaluate import evaluate_flow
+
+    small = [(0, np.zeros((128, 128, 3), np.uint8).tobytes())]
+    classes = LmdbSplit(data / "lmdb" / "val").classes
+    write_store(tmp_path / "small", [small], "raw", classes, size=128)
+    stores = {"val": data / "lmdb" / "val", "train": data / "lmdb" / "train"}
+    refused = {
+        "val": (ModelFileError, r"was trained on 256x256 images, \S+/small holds 128x128: "),
+        "train": (StoreError, r"\S+/small holds 128x128 images, \S+/val 256x256: pack both"),
+    }
+    for role, (error, expected) in refused.items():
+        given = {**stores, role: tmp_path / "small"}
+        with pytest.raises(error, match=expected):
+            evaluate_flow(
+                str(given["val"]),
+                str(model_file),
+                str(given["train"]),
+                str(tmp_path / "metrics"),
+                EvaluateParams(),
+                ComputeParams(),
+            )
+    assert not (tmp_path / "metrics").exists()

@@ -18,6 +18,7 @@ import torch
 
 from alexnet.errors import AlexnetError, Interrupted
 from alexnet.lmdb_store import write_store
+from alexnet.reader import LmdbSplit
 from alexnet.stats import load_stats, save_stats
 from alexnet.train import Trainer, TrainError
 from tests.helpers import (
@@ -315,7 +316,15 @@ def test_clear_errors(data, tmp_path):
     (tmp_path / "lmdb").mkdir()
     (tmp_path / "lmdb" / "train").symlink_to(data / "lmdb" / "train")
     write_store(tmp_path / "lmdb" / "val", [blobs(0, 2, 9)], "raw", three, size=256)
-    with pytest.raises(TrainError, match="train and val have different class lists"):
+    with pytest.raises(AlexnetError, match=r"lmdb/train and .*/lmdb/val list different classes$"):
+        trainer(tmp_path, tmp_path, epochs=1)
+    # a val store packed from a prepare of another size: a smaller one took the wrong
+    # window of the mean without a word, a larger one failed at the first epoch's end
+    small = [(0, np.zeros((128, 128, 3), np.uint8).tobytes())]
+    classes = LmdbSplit(data / "lmdb" / "train").classes
+    write_store(tmp_path / "lmdb" / "val", [small], "raw", classes, size=128)
+    expected = r"lmdb/train holds 256x256 images, .*/lmdb/val 128x128: pack both from one prepare$"
+    with pytest.raises(AlexnetError, match=expected):
         trainer(tmp_path, tmp_path, epochs=1)
     if not torch.cuda.is_available():
         with pytest.raises(AlexnetError, match="CUDA is not available"):
