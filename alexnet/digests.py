@@ -1,7 +1,8 @@
 """What a training run is made of, as digests: its data files and its code.
 
 A checkpoint records both. Data (the LMDB and the mean image) that differ make it
-another run, never resumed; code that differs is told to the user (see `Trainer.resume`).
+another run, never resumed (`recipe_changes` names what differs); code that differs is
+told to the user (see `Trainer.resume`).
 """
 
 from __future__ import annotations
@@ -98,3 +99,20 @@ def changed_code(recorded: object, current: dict[str, str]) -> list[str]:
     """The files of `current` whose digest differs from `recorded` (all, if none was)."""
     recorded = recorded if isinstance(recorded, dict) else {}
     return sorted(name for name, digest in current.items() if recorded.get(name) != digest)
+
+
+def recipe_changes(recorded: object, current: dict[str, dict]) -> str:
+    """How a checkpoint's recipe (`Trainer.recipe`: sections of params, and data
+    digests) differs from this run's, in a few words: `train.lr 0.01 -> 0.02`."""
+    if not isinstance(recorded, dict):  # a checkpoint from before recipes were recorded
+        return "other params or data"
+    changes = []
+    for section, values in current.items():
+        before = recorded.get(section)
+        before = before if isinstance(before, dict) else {}
+        for key in sorted(values.keys() | before.keys()):
+            old, new = before.get(key), values.get(key)
+            if old != new:
+                change = "changed" if section == "data" else f"{old} -> {new}"
+                changes.append(f"{section}.{key} {change}")
+    return ", ".join(changes) or "other params or data"

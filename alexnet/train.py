@@ -9,10 +9,13 @@ Every random choice of step s of epoch e (the batch order, the crops, flips and
 lighting, dropout) comes from seeds derived from (seed, e, s), not from a generator's
 running state, so a run resumed from a checkpoint draws exactly what an uninterrupted run
 draws. Checkpoints (every `checkpoint_every` steps and at every epoch end) are written
-atomically; a checkpoint made for other parameters or data is ignored, not resumed.
-One made by other training code (`digests.training_code()`) is resumed with a warning
-naming the changed files when it is unfinished (a run that crashed on a bug goes on
-after the fix), and trained again when it is finished: `dvc repro` reruns the stage
+atomically, synced to the disk. A checkpoint made for other parameters or data, or
+past this run's epoch budget, is set aside (`NAME.other-run.pt`), not resumed nor
+overwritten; one of a run given more epochs continues it (its draws do not depend on the
+budget, nor does the schedule). One made by other training code
+(`digests.training_code()`) is resumed with a warning naming the changed files when it
+is unfinished (a run that crashed on a bug goes on after the fix), and set aside and
+trained again when it is finished: `dvc repro` reruns the stage
 because the code changed, and the model must then be the new code's.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +36,7 @@ from pydantic import BaseModel, ConfigDict
 from alexnet.atomic import file_target, output_folder
 from alexnet.augment import Augment, Draws
 from alexnet.crops import centre_crop
-from alexnet.digests import changed_code, code_digests, file_digest
+from alexnet.digests import changed_code, code_digests, file_digest, recipe_changes
 from alexnet.distributed import World
 from alexnet.errors import AlexnetError, Interrupted
 from alexnet.jpeg import decode_threads, to_device
@@ -45,6 +49,12 @@ from alexnet.reader import LmdbSplit, batch_loader, check_together, encoded_for,
 from alexnet.schedule import PlateauSchedule
 from alexnet.stats import MEAN_FILE, PCA_FILE, load_stats
 from alexnet.train_files import SUMMARY
+
+# Params a checkpoint is resumed across, besides how the run is executed: the epoch
+# budget. Every draw comes from (seed, epoch, step) and the schedule does not read it, so
+# a run given more epochs is the same run, longer (one given fewer than its checkpoint
+# has trained is not: the checkpoint's weights are later ones).
+BUDGET = frozenset({"epochs"})
 
 
 class TrainError(AlexnetError):
@@ -252,7 +262,8 @@ class Trainer:
             subtract_mean=p.subtract_mean,
             kernels=run.kernels,
         ).to(self.device)
-        self.digest = self._digest()
+        self.recipe = self._recipe()
+        self.digest = hashlib.sha256(json.dumps(self.recipe, sort_keys=True).encode()).hexdigest()
         self.code = code_digests()
         self.epoch, self.step, self.history = 0, 0, []
         self.running = self._fresh_totals()  # of the current epoch, checkpointed with it
@@ -263,26 +274,23 @@ class Trainer:
         self.stop_requested = False
         self._stream = None  # the training batches, from the current step to the last epoch
 
-    def _digest(self) -> str:
-        """What this run computes: its params (less how it is executed) and data."""
+    def _recipe(self) -> dict:
+        """What this run computes: its params (less how it is executed, and its epoch
+        budget) and the digests of its data. A checkpoint records it."""
         run = self.run
         memo = self.checkpoint.with_name(f"{self.checkpoint.name}.data-digests.json")
-        content = {
-            "train": run.train.model_dump(mode="json", exclude=TrainParams.EXECUTION_KEYS),
-            "model": run.model.model_dump(mode="json"),
-            "kernels": run.kernels,
-            "jpeg_decoder": run.jpeg_decoder,
-            "data": [
-                file_digest(path, memo)
-                for path in (
-                    run.lmdb / "train" / "data.mdb",
-                    run.lmdb / "val" / "data.mdb",
-                    run.stats / MEAN_FILE,
-                    run.stats / PCA_FILE,  # the lighting's eigenvectors
-                )
-            ],
+        data = {
+            "lmdb/train": run.lmdb / "train" / "data.mdb",
+            "lmdb/val": run.lmdb / "val" / "data.mdb",
+            "stats/mean": run.stats / MEAN_FILE,
+            "stats/pca": run.stats / PCA_FILE,  # the lighting's eigenvectors
         }
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+        return {
+            "train": run.train.model_dump(mode="json", exclude=TrainParams.EXECUTION_KEYS | BUDGET),
+            "model": run.model.model_dump(mode="json"),
+            "compute": {"kernels": run.kernels, "jpeg_decoder": run.jpeg_decoder},
+            "data": {name: file_digest(path, memo) for name, path in data.items()},
+        }
 
     @staticmethod
     def _fresh_totals() -> dict:
@@ -294,6 +302,7 @@ class Trainer:
             return
         state = {
             "digest": self.digest,
+            "recipe": self.recipe,
             "code": self.code,
             "epoch": self.epoch,
             "step": self.step,
@@ -306,48 +315,60 @@ class Trainer:
         save_tensors(state, self.checkpoint)
 
     def resume(self, log: Callable[[str], None] = lambda line: None) -> bool:
-        """Load the checkpoint if it belongs to this run; returns whether it did.
-        `log` hears why a checkpoint of these params and data made by other code is
-        trained again (finished) or resumed anyway (unfinished). Every rank decides
-        alike, or all raise `TrainError`."""
-        resumed = self._load(log)
+        """Load the checkpoint if it belongs to this run; returns whether it did. One
+        that does not is set aside, not overwritten (`log` hears why, and where it
+        went); one of these params and data made by other code is trained again if it
+        finished, resumed with a warning if not. Every rank decides alike, or all raise
+        `TrainError`."""
+        unused = self._load()
+        if isinstance(unused, list):  # resumed, with these warnings
+            for line in unused:
+                log(line)
         # Each rank reads the checkpoint itself: one that saw a stale copy (NFS) or runs
         # another checkout would start elsewhere, so run other collectives (a hang) or,
         # from the same step, train other weights without a word.
+        resumed = isinstance(unused, list)
         mine = start_view(resumed, self.epoch, self.step, self.digest, self.code)
         if problem := disagreement(self.world.gather(mine)):
             raise TrainError(f"{self.checkpoint}: {problem}")
+        if unused and not resumed and self.world.main:
+            aside = self.checkpoint.with_stem(f"{self.checkpoint.stem}.other-run")
+            os.replace(self.checkpoint, aside)
+            log(
+                f"warning: {self.checkpoint} {unused}: starting afresh; the checkpoint is "
+                f"kept as {aside} (replacing any earlier one there)"
+            )
         return resumed
 
-    def _load(self, log: Callable[[str], None]) -> bool:
-        """`resume` on this rank alone."""
+    def _load(self) -> list[str] | str | None:
+        """`resume` on this rank alone: the warnings of a resumed checkpoint, or why the
+        one there is not resumed (None: there is none)."""
         if not self.checkpoint.exists():
-            return False
+            return None
         try:
             state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
         except Exception as error:  # a damaged checkpoint is only a lost shortcut
-            log(f"warning: {self.checkpoint} is damaged ({type(error).__name__}); starting afresh")
-            return False
+            return f"is damaged ({type(error).__name__})"
         if not isinstance(state, dict):
-            log(f"warning: {self.checkpoint} is damaged (not a checkpoint); starting afresh")
-            return False
+            return "is damaged (not a checkpoint)"
         if "optimizer" not in state:  # a model file, say: the user's, not to overwrite
             raise TrainError(
                 f"{self.checkpoint}: a file of torch tensors that is not a training "
                 "checkpoint (a model file?); name another --checkpoint, or remove it"
             )
         if state.get("digest") != self.digest:
-            return False
-        changed = changed_code(state.get("code"), self.code)
-        if changed:
+            return f"is another run's ({recipe_changes(state.get('recipe'), self.recipe)})"
+        if (state["epoch"], state["step"]) > (self.params.epochs, 0):
+            done = f"{state['epoch']} epochs" + (
+                f" and {state['step']} steps" * bool(state["step"])
+            )
+            return f"has trained {done}, past this run's {self.params.epochs}"
+        warnings = []
+        if changed := changed_code(state.get("code"), self.code):
             files = ", ".join(changed)
             if self._ends(state["epoch"], state["schedule"]["stopped"]):
-                log(
-                    f"training again: {self.checkpoint} holds a finished run of other "
-                    f"training code ({files} changed)"
-                )
-                return False
-            log(
+                return f"holds a finished run of other training code ({files} changed)"
+            warnings.append(
                 f"warning: resuming a run begun by other training code ({files} changed); "
                 f"delete {self.checkpoint} to start afresh"
             )
@@ -356,7 +377,7 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
         self.running = state["running"]
-        return True
+        return warnings
 
     # -- the loop ----------------------------------------------------------------------
     def steps_per_epoch(self) -> int:

@@ -84,13 +84,39 @@ def test_resumed_run_ends_with_the_same_weights_bit_for_bit(data, tmp_path):
     assert timeless(resumed.history) == timeless(whole.history)
 
 
-def test_checkpoint_of_other_params_is_not_resumed(data, tmp_path):
+def test_checkpoint_of_other_params_is_set_aside_not_resumed_nor_overwritten(data, tmp_path):
     stop_at(trainer(data, tmp_path, epochs=1), epoch=0, step=1)
     heard = []
     same = trainer(data, tmp_path, epochs=1)
     assert same.resume(heard.append) and (same.epoch, same.step) == (0, 1) and heard == []
+    checkpoint, aside = tmp_path / "ckpt.pt", tmp_path / "ckpt.other-run.pt"
+    kept = checkpoint.read_bytes()
     other = trainer(data, tmp_path, epochs=1, lr=0.02)
-    assert not other.resume() and (other.epoch, other.step) == (0, 0)
+    assert not other.resume(heard.append) and (other.epoch, other.step) == (0, 0)
+    # a mistaken edit of params.yaml must not cost the epochs trained: kept, and named
+    assert heard == [
+        f"warning: {checkpoint} is another run's (train.lr 0.01 -> 0.02): starting afresh; "
+        f"the checkpoint is kept as {aside} (replacing any earlier one there)"
+    ]
+    assert aside.read_bytes() == kept and not checkpoint.exists()
+    other.save()
+    assert aside.read_bytes() == kept and checkpoint.exists()
+
+
+def test_more_epochs_continue_the_run_fewer_start_afresh(data, tmp_path):
+    # The budget is in no draw nor in the schedule: a run of 1 epoch given 2 is the run
+    # of 2, bit for bit; a run of 2 given 1 has later weights than a 1-epoch run's.
+    whole = trainer(data, tmp_path / "whole", **TWO_EPOCHS)
+    run_to_end(whole)
+    run_to_end(trainer(data, tmp_path, **{**TWO_EPOCHS, "epochs": 1}))
+    longer, heard = trainer(data, tmp_path, **TWO_EPOCHS), []
+    assert longer.resume(heard.append) and (longer.epoch, longer.step) == (1, 0) and heard == []
+    run_to_end(longer)
+    assert_same_weights(whole.model.state_dict(), longer.model.state_dict())
+    assert timeless(longer.history) == timeless(whole.history)
+    shorter = trainer(data, tmp_path, **{**TWO_EPOCHS, "epochs": 1})
+    assert not shorter.resume(heard.append) and (shorter.epoch, shorter.step) == (0, 0)
+    assert len(heard) == 1 and "has trained 2 epochs, past this run's 1: starting" in heard[0]
 
 
 def test_checkpoint_of_other_stats_is_not_resumed(data, tmp_path):
@@ -102,7 +128,9 @@ def test_checkpoint_of_other_stats_is_not_resumed(data, tmp_path):
     pca = json.loads((mine / "stats" / "pca.json").read_text())
     pca["eigenvalues"][0] *= 2  # the same mean image, other lighting noise
     (mine / "stats" / "pca.json").write_text(json.dumps(pca))
-    assert not trainer(mine, tmp_path, epochs=1).resume()
+    heard: list[str] = []
+    assert not trainer(mine, tmp_path, epochs=1).resume(heard.append)
+    assert "is another run's (data.stats/pca changed)" in heard[0], heard
 
 
 def recode(checkpoint: Path, name: str) -> None:
@@ -119,8 +147,9 @@ def test_a_finished_run_of_other_code_is_trained_again(data, tmp_path):
     recode(tmp_path / "ckpt.pt", "alexnet/lrn_cpu.py")
     heard, again = [], trainer(data, tmp_path, epochs=1, **ONE_STEP)
     assert not again.resume(heard.append) and (again.epoch, again.step) == (0, 0)
-    assert len(heard) == 1 and "training again" in heard[0], heard
-    assert "alexnet/lrn_cpu.py changed" in heard[0], heard
+    assert len(heard) == 1 and "holds a finished run of other training code" in heard[0]
+    assert "alexnet/lrn_cpu.py changed): starting afresh" in heard[0], heard
+    assert (tmp_path / "ckpt.other-run.pt").exists()
 
 
 def test_an_unfinished_run_of_other_code_resumes_with_a_warning(data, tmp_path):
@@ -141,7 +170,8 @@ def test_a_damaged_checkpoint_is_reported_once_and_training_starts_afresh(data, 
     assert len(heard) == 1 and "damaged" in heard[0], heard
     assert (t.epoch, t.step, t.history) == (0, 0, [])
     assert_same_weights(t.model.state_dict(), initial)
-    # It trains from the start and its checkpoint replaces the damaged file.
+    assert (tmp_path / "ckpt.other-run.pt").read_bytes().startswith(b"\x00garbage")
+    # It trains from the start, and resumes from its own checkpoint.
     stop_at(t, epoch=0, step=1)
     again = trainer(data, tmp_path, epochs=1)
     assert again.resume() and (again.epoch, again.step) == (0, 1)
