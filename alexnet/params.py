@@ -241,6 +241,11 @@ class TrainParams(_Section):
     lr: float = Field(0.01, gt=0, description="initial learning rate (paper: 0.01)")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
+    decay_biases: bool = Field(
+        False,
+        description="decay the biases too (the paper writes its rule for a weight w; its "
+        "authors' cuda-convnet decayed no bias)",
+    )
     lr_patience: int = Field(
         2,
         ge=0,

@@ -227,10 +227,9 @@ class Trainer:
         # fused: weight decay, momentum and the update in one pass over the 61M weights
         # (4 passes unfused, ~15% of a CPU step at batch 16); one device only.
         self.optimizer = torch.optim.SGD(
-            self.model.parameters(),
+            decay_groups(self.model, p.weight_decay, p.decay_biases),
             lr=p.lr,
             momentum=p.momentum,
-            weight_decay=p.weight_decay,
             fused=len(self.devices) == 1 or None,
         )
         # `train.compile`: the whole step as compiled graphs (augmentation, forward and
@@ -566,6 +565,18 @@ class Trainer:
             "digest": self.digest,
         }
         save_model(path, contents)
+
+
+def decay_groups(model: torch.nn.Module, decay: float, biases: bool) -> list[dict]:
+    """The optimizer's parameter groups: the weights decayed by `decay`, the biases too
+    only if `biases` (params `train.decay_biases`)."""
+    named = list(model.named_parameters())
+    bias = [value for name, value in named if name.endswith("bias")]
+    weights = [value for name, value in named if not name.endswith("bias")]
+    return [
+        {"params": weights, "weight_decay": decay},
+        {"params": bias, "weight_decay": decay if biases else 0.0},
+    ]
 
 
 def load_history(checkpoint: Path) -> list[dict]:

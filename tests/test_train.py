@@ -223,8 +223,9 @@ def test_the_recipe_reaches_the_optimizer_and_a_plateau_divides_its_rate(
         lr_patience=1,
         max_lr_drops=1,
     )
-    for group in t.optimizer.param_groups:
-        assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.02, 0.8, 1e-3)
+    weights, biases = t.optimizer.param_groups  # the biases undecayed (train.decay_biases)
+    assert (weights["lr"], weights["momentum"], weights["weight_decay"]) == (0.02, 0.8, 1e-3)
+    assert (biases["lr"], biases["momentum"], biases["weight_decay"]) == (0.02, 0.8, 0.0)
     assert (t.schedule.lr_patience, t.schedule.max_lr_drops) == (1, 1)
     flat = {"val_loss": 0.69, "val_top1_error": 0.5, "val_top5_error": 0.0}
     monkeypatch.setattr("alexnet.train.validate", lambda *args, **kwargs: dict(flat))
@@ -242,12 +243,17 @@ def test_the_recipe_reaches_the_optimizer_and_a_plateau_divides_its_rate(
     assert t.schedule.stopped and t.epoch == 5
 
 
-def test_the_update_is_the_papers_momentum_and_weight_decay(data, tmp_path):
-    # Section 5: v <- 0.9 v - 0.0005 eps w - eps grad; w <- w + v (v starts at 0). At a
-    # constant rate torch's SGD (v' = 0.9 v' + grad + 0.0005 w; w <- w - eps v') is the
-    # same update; after a drop it is not (docs/paper.md, "SGD velocity").
-    lr, momentum, decay = 0.01, 0.9, 0.5  # a decay the size of the gradient: seen if wrong
-    t = trainer(data, tmp_path, lr=lr, momentum=momentum, weight_decay=decay)
+@pytest.mark.parametrize("decay_biases", [False, True])
+def test_the_update_is_the_papers_momentum_and_weight_decay(data, tmp_path, decay_biases):
+    # Section 5: v <- 0.9 v - 0.0005 eps w - eps grad; w <- w + v (v starts at 0), for a
+    # weight w; a bias only with train.decay_biases. At a constant rate torch's SGD (v' =
+    # 0.9 v' + grad + 0.0005 w; w <- w - eps v') is the same update; after a drop it is
+    # not (docs/paper.md, "SGD velocity").
+    lr, momentum = 0.01, 0.9
+    decays = 0.5  # a decay the size of the gradient: seen if wrong
+    t = trainer(
+        data, tmp_path, lr=lr, momentum=momentum, weight_decay=decays, decay_biases=decay_biases
+    )
     named = dict(t.model.named_parameters())
     names = ["features.0.weight", "features.4.bias", "classifier.6.weight"]  # conv1, conv2, fc8
     start = {name: named[name].detach().clone() for name in names}
@@ -259,6 +265,7 @@ def test_the_update_is_the_papers_momentum_and_weight_decay(data, tmp_path):
             value.grad = torch.randn(value.shape, generator=generator) / 100
         for name in names:
             grad = named[name].grad.double()
+            decay = decays if decay_biases or not name.endswith("bias") else 0.0
             velocity[name] = momentum * velocity[name] - decay * lr * weights[name] - lr * grad
             weights[name] = weights[name] + velocity[name]
         t.optimizer.step()
