@@ -40,6 +40,13 @@ def crop_probabilities(
     return torch.softmax(logits.float(), dim=1).reshape(n, 10, -1)
 
 
+def crop_average(probabilities: torch.Tensor) -> torch.Tensor:
+    """(N, classes): the prediction of (N, 10, classes) crop softmaxes. The paper
+    averages the softmax outputs, not the logits (a crop sure of one class would
+    outvote nine that mildly prefer another)."""
+    return probabilities.mean(1)
+
+
 @dataclass
 class Results:
     """Per image: the label, the 10-crop prediction and the label's rank under the
@@ -126,7 +133,7 @@ def evaluate(
         labels = labels.to(device)
         images = to_device(images, device, split.shape, decoder)
         probabilities = crop_probabilities(model, images, mean, crop)
-        average = probabilities.mean(1)  # the paper: average the softmax, not the logits
+        average = crop_average(probabilities)
         for row, index in enumerate(rows):
             if index in wanted:
                 kept[wanted[index]] = average[row].cpu()

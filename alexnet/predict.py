@@ -14,7 +14,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from alexnet.errors import AlexnetError, one_line
-from alexnet.evaluate import crop_probabilities
+from alexnet.evaluate import crop_average, crop_probabilities
 from alexnet.imageops import BadImage, load_plugins, prepare_image
 from alexnet.modelfile import load_model
 from alexnet.placement import resolve_devices
@@ -104,7 +104,7 @@ def predict(
             results.append(Prediction(str(path), error=why_unusable(Path(path), error)))
             continue
         probabilities = crop_probabilities(model, image[None].to(device), mean, model.input_size)
-        values, indices = probabilities.mean(1)[0].topk(min(top, len(classes)))
+        values, indices = crop_average(probabilities)[0].topk(min(top, len(classes)))
         top_classes = [
             {**classes[i], "probability": round(float(v), 6)}
             for v, i in zip(values.tolist(), indices.tolist(), strict=True)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from alexnet.evaluate import Results, crop_probabilities, evaluate
+from alexnet.evaluate import Results, crop_average, crop_probabilities, evaluate
 from alexnet.metrics import label_ranks
 from alexnet.modelfile import ModelFileError, load_model
 from alexnet.reader import LmdbSplit
@@ -36,13 +36,22 @@ class CropTable(torch.nn.Module):
         return self.table[rows]
 
 
-def test_the_prediction_averages_softmax_outputs_not_logits():
+def test_the_prediction_averages_softmax_outputs_not_logits(tmp_path):
     # Crop 0 is sure of class 0; nine crops mildly prefer class 1. Mean logits pick
     # class 0 (1.0 vs 0.45); mean probabilities pick class 1 (0.44 vs 0.56).
+    from alexnet.lmdb_store import write_store
+
     table = torch.tensor([[10.0, 0.0]] + [[0.0, 0.5]] * 9)
+    assert table.mean(0).argmax().item() == 0  # what averaging the logits would say
     probabilities = crop_probabilities(CropTable(table), torch.zeros(1, 3, 256, 256), None, 224)
     assert torch.allclose(probabilities[0], torch.softmax(table, 1))
-    assert probabilities.mean(1).argmax(1).item() == 1 and table.mean(0).argmax().item() == 0
+    assert crop_average(probabilities).argmax(1).tolist() == [1]  # predict's average too
+    # through evaluate: images of class 1, every one right under the paper's average
+    write_store(tmp_path / "val", [blobs(1, 3, 0)], "raw", CLASSES, size=256)
+    split = LmdbSplit(tmp_path / "val")
+    results = evaluate(CropTable(table), split, None, 224, 2, torch.device("cpu"), keep=[0, 2])
+    assert results.summary()["top1_error"] == 0.0
+    assert torch.allclose(results.kept, torch.softmax(table, 1).mean(0).expand(2, 2))
 
 
 def test_the_centre_crop_errors_are_the_centre_patchs(tmp_path):
