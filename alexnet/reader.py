@@ -125,11 +125,11 @@ def encoded_for(split: LmdbSplit, device: torch.device) -> bool:
 
 class Batches(torch.utils.data.Dataset):
     """Item i = the whole batch `batches[i]` read at once (one transaction, no collate),
-    as `read` gives it."""
+    as `read` gives it. Batches given as ranges stay ranges: no list of every index in
+    each loader process (ImageNet's train split, read by evaluate: 1.28M ints, 52 MB)."""
 
     def __init__(self, split: LmdbSplit, batches: Sequence[Sequence[int]], encoded: bool = False):
-        self.split, self.batches = split, [list(map(int, b)) for b in batches]
-        self.encoded = encoded
+        self.split, self.batches, self.encoded = split, list(batches), encoded
 
     def __len__(self) -> int:
         return len(self.batches)

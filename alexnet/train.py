@@ -26,7 +26,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -114,6 +114,24 @@ class EpochBatches(torch.utils.data.Dataset):
         batch = self.order(epoch)[step * self.batch_size : (step + 1) * self.batch_size]
         images, labels = read(self.split, batch[self.rows], self.encoded)
         return images, labels, len(batch)
+
+
+class Steps(Sequence[tuple[int, int]]):
+    """The (epoch, step) keys from (`epoch`, `step`) to the end of an `epochs` budget of
+    `steps` steps each, made when asked for: a list of them is 86 MB on ImageNet (90
+    epochs of 10,010 steps), in every rank."""
+
+    def __init__(self, epoch: int, step: int, epochs: int, steps: int):
+        self.first, self.steps = epoch * steps + step, steps
+        self.count = max(epochs * steps - self.first, 0)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        return divmod(self.first + index, self.steps)
 
 
 @torch.no_grad()
@@ -386,12 +404,7 @@ class Trainer:
         """This rank's training batches from the current step to the end of the epoch
         budget, read ahead by `loader_workers` processes that persist across epochs."""
         if self._stream is None:
-            steps = self.steps_per_epoch()
-            keys = [
-                (epoch, step)
-                for epoch in range(self.epoch, self.params.epochs)
-                for step in range(self.step if epoch == self.epoch else 0, steps)
-            ]
+            keys = Steps(self.epoch, self.step, self.params.epochs, self.steps_per_epoch())
             dataset = EpochBatches(
                 self.train,
                 self.params.seed,

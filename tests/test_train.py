@@ -20,7 +20,7 @@ from alexnet.errors import AlexnetError, Interrupted
 from alexnet.lmdb_store import write_store
 from alexnet.reader import LmdbSplit
 from alexnet.stats import load_stats, save_stats
-from alexnet.train import Trainer, TrainError
+from alexnet.train import Steps, Trainer, TrainError
 from tests.helpers import (
     CLASSES,
     DEAD_PID,
@@ -736,3 +736,12 @@ print("torch._inductor.cudagraph_trees" in sys.modules)
     done = run_python(code)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("start", [(0, 0), (1, 2), (2, 3), (3, 0), (4, 1)])
+def test_the_steps_are_every_epoch_and_step_from_the_start_to_the_budget(start):
+    # Made when asked for (a list is 86 MB on ImageNet): the same keys as the list.
+    epoch, step, epochs, steps = *start, 3, 4
+    listed = [(e, s) for e in range(epoch, epochs) for s in range(step if e == epoch else 0, steps)]
+    made = Steps(epoch, step, epochs, steps)
+    assert list(made) == listed and len(made) == len(listed)
