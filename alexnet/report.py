@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+from contextlib import suppress
 from pathlib import Path
 
 import jinja2
@@ -102,15 +103,18 @@ def _readable(row: dict | None) -> dict | None:
 
 
 def read_series(folder: Path) -> dict[str, tuple[list[int], list[float]]]:
-    """dvclive's series: name -> (epochs from 1, values)."""
+    """dvclive's series: name -> (epochs from 1, values). dvclive appends to its files
+    in place: a line that a killed run cut short (fields missing, or not numbers) is
+    left out."""
     series = {}
     for path in sorted(folder.glob("*.tsv")):
         with path.open(newline="") as file:
             rows = list(csv.DictReader(file, delimiter="\t"))
-        series[path.stem] = (
-            [int(row["step"]) + 1 for row in rows],
-            [float(row[path.stem]) for row in rows],
-        )
+        points = []
+        for row in rows:
+            with suppress(TypeError, ValueError):  # None for a missing field
+                points.append((int(row["step"]) + 1, float(row[path.stem])))
+        series[path.stem] = ([step for step, _ in points], [value for _, value in points])
     return series
 
 

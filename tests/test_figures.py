@@ -214,3 +214,13 @@ def test_alexnet_report_writes_the_page_or_one_error_line(tmp_path):
     )
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1
     assert "no such folder" in missing.stderr and not (tmp_path / "report.html").exists()
+
+
+def test_a_series_line_cut_short_by_a_kill_is_left_out(tmp_path):
+    # dvclive appends in place: a killed run can leave half a line at the end.
+    from alexnet.report import read_series
+
+    (tmp_path / "train_loss.tsv").write_text(
+        "timestamp\tstep\ttrain_loss\n1\t0\t2.3\n2\t1\t1.9\n3\t2\n4\t3\t1.\n5\t"
+    )
+    assert read_series(tmp_path) == {"train_loss": ([1, 2, 4], [2.3, 1.9, 1.0])}
