@@ -13,9 +13,9 @@ it within float rounding (tests/test_lrn.py: 1e-5 of the largest value in float3
 measured ~3e-7; 1e-12 in float64) and is one memory pass each way where it can be, with a
 hand-derived backward:
 - a CPU, float32, the paper's beta: numba kernels (`alexnet.lrn_cpu`);
-- CUDA: the forward compiled by `torch.compile` (Triton), see `_fused`; the backward one
-  hand-written Triton kernel that keeps both window sums in registers (`alexnet.lrn_triton`);
-- anything else (float64, bf16, other betas): eager ops, the window sum as one GEMM.
+- CUDA: one hand-written Triton kernel each way (`alexnet.lrn_triton`); for float64, or
+  where Triton cannot run them, the ops compiled by `torch.compile` (`_fused`);
+- anything else (a CPU's float64, bf16, other betas): eager ops, the window sum as one GEMM.
 The switch is params `compute.kernels`.
 """
 
@@ -171,24 +171,28 @@ def _fused(name: str):
     return _FUSED[name]
 
 
-def _cuda_backward(grad, x, size: int, alpha: float, beta: float, k: float, groups: int):
-    """The one-pass Triton kernel (`alexnet.lrn_triton`); the compiled ops where Triton
-    cannot run it (warned once)."""
-    if "backward" not in _FUSED:
+_NO_TRITON: set[str] = set()  # the directions whose Triton kernel failed here
+
+
+def _on_cuda(name: str, *args):
+    """The LRN's direction `name` ("forward": x, options; "backward": grad, x, options) on
+    CUDA: the one-pass Triton kernel (`alexnet.lrn_triton`), or the compiled ops for
+    float64 and where Triton cannot run it (warned once, then kept)."""
+    if name not in _NO_TRITON and args[name == "backward"].dtype != torch.float64:
         try:
             from alexnet import lrn_triton
 
-            return lrn_triton.backward(grad, x, size, alpha, beta, k, groups)
+            return getattr(lrn_triton, name)(*args)
         except torch.OutOfMemoryError:
             raise
         except Exception as error:
             warnings.warn(
-                f"LRN: the Triton backward failed ({type(error).__name__}: {error}); "
+                f"LRN: the Triton {name} failed ({type(error).__name__}: {error}); "
                 "using the compiled ops",
                 stacklevel=2,
             )
-            _fused("backward")
-    return _FUSED["backward"](grad.contiguous(), x, size, alpha, beta, k, groups)
+            _NO_TRITON.add(name)
+    return _fused(name)(*(arg.contiguous() if torch.is_tensor(arg) else arg for arg in args))
 
 
 class _LocalResponseNorm(torch.autograd.Function):
@@ -196,7 +200,7 @@ class _LocalResponseNorm(torch.autograd.Function):
     the ~10 intermediates of the composed ops. With d_i = k + alpha sum_{j in N(i)} a_j^2:
     dL/da_j = g_j d_j^-beta - 2 alpha beta a_j sum_{i: j in N(i)} g_i a_i d_i^(-beta-1).
     Sums are in float32 or wider. Three paths, each direction one pass where it can:
-    CUDA compiled (`_fused`), CPU float32 with the paper's beta (`alexnet.lrn_cpu`'s
+    CUDA (`_on_cuda`), CPU float32 with the paper's beta (`alexnet.lrn_cpu`'s
     kernels), and the eager ops for everything else (float64, bf16, channels_last)."""
 
     @staticmethod
@@ -206,7 +210,7 @@ class _LocalResponseNorm(torch.autograd.Function):
         if ctx.path != "eager":
             ctx.save_for_backward(x)
         if ctx.path == "cuda":
-            return _fused("forward")(x, size, alpha, beta, k, groups)
+            return _on_cuda("forward", x, size, alpha, beta, k, groups)
         if ctx.path == "cpu":
             return lrn_cpu.forward(x, size, alpha, k, groups)
         xf = _wide(x)
@@ -219,7 +223,7 @@ class _LocalResponseNorm(torch.autograd.Function):
         size, alpha, beta, k, groups = ctx.options
         if ctx.path == "cuda":
             (x,) = ctx.saved_tensors
-            result = _cuda_backward(grad, x, size, alpha, beta, k, groups)
+            result = _on_cuda("backward", grad, x, size, alpha, beta, k, groups)
         elif ctx.path == "cpu":
             (x,) = ctx.saved_tensors
             result = lrn_cpu.backward(grad, x, size, alpha, k, groups)

@@ -429,11 +429,12 @@ class Trainer:
         # Dropout masks: rank 0 draws what a one-process run draws, the others their own.
         torch.manual_seed(seed if self.world.rank == 0 else derived_seed(seed, self.world.rank))
         generator = torch.Generator(device=self.device).manual_seed(seed)
+        # (a jpeg store's batch arrives encoded: its size is known once it is decoded)
+        images = to_device(images, self.device, self.train.shape, self.run.jpeg_decoder)
         # Draws for the whole global batch, this rank's rows kept: the same crops, flips
         # and lighting per image whatever the number of processes.
         draws = self.augment.draw(global_size, *images.shape[-2:], generator, self.device)
         draws = draws.rows(self.world.rows)
-        images = to_device(images, self.device, self.train.shape, self.run.jpeg_decoder)
         labels = labels.to(self.device, non_blocking=True)
         self.net.train()
         if self.params.compile:  # a new step for the CUDA graphs (its first call: ~1.4 s)

@@ -15,12 +15,15 @@ from tests.helpers import SHARDS, TINY, tiny_training_data
 configure()  # as every entry point does
 
 
-# Set by pytest for each test, and by inductor at its first compile or first look at its
-# cache (for itself; the cache folder is its default, the one a child process would pick).
+# Set by pytest for each test, and by inductor and Triton at their first compile or first
+# look at their cache (for themselves; the cache folder is their default, the one a child
+# process would pick; the assembler is the one Triton ships).
 LIBRARIES_OWN = {
     "PYTEST_CURRENT_TEST",
     "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR",
     "TORCHINDUCTOR_CACHE_DIR",
+    "TRITON_CACHE_DIR",
+    "TRITON_PTXAS_PATH",
 }
 
 

@@ -310,26 +310,27 @@ from alexnet.lrn import local_response_norm_reference
 from tests.helpers import within
 generator = torch.Generator().manual_seed(0)
 for dtype, rtol in ((torch.float32, {rtol32}), (torch.bfloat16, 2**-7)):
-    cases = ((5, 2, (2, 96, 5, 7)), (5, 1, (1, 48, 6, 6)), (4, 1, (1, 20, 3, 3)))
+    cases = ((5, 2, (2, 96, 5, 7)), (5, 1, (1, 48, 12, 13)), (4, 1, (1, 20, 3, 3)))
     for size, groups, shape in cases:
         x = (torch.relu(torch.randn(shape, generator=generator)) * 30).to(dtype)
         g = torch.randn(shape, generator=generator).to(dtype)
         leaf = x.float().requires_grad_()
         ref = local_response_norm_reference(leaf, size, 1e-3, 0.75, 2.0, groups)
         (expected,) = torch.autograd.grad(ref, leaf, g.float())
+        out = lrn_triton.forward(x, size, 1e-3, 0.75, 2.0, groups)
         got = lrn_triton.backward(g, x, size, 1e-3, 0.75, 2.0, groups)
-        assert got.dtype == dtype, got.dtype
-        error = (got.float() - expected).abs().max()
-        assert within(got, expected, rtol), (dtype, size, groups, error)
+        assert out.dtype == got.dtype == dtype, (out.dtype, got.dtype)
+        assert within(out, ref.detach(), rtol), (dtype, size, groups, "forward")
+        assert within(got, expected, rtol), (dtype, size, groups, "backward")
 print("ok")
 """
 
 
-def test_triton_backward_equals_the_reference_gradient_in_the_interpreter():
-    # The CUDA kernel's program, run by Triton's interpreter on the CPU (as on a GPU,
-    # in float32): float32 and bf16 inputs, one and two columns, 48 and 96 maps (tiles
-    # of 64 and 128 rows with masked ends), an even window, and positions past the
-    # last block of 32.
+def test_triton_kernels_equal_the_reference_in_the_interpreter():
+    # The CUDA kernels' programs, run by Triton's interpreter on the CPU (as on a GPU, in
+    # float32): the forward against the formula, the backward against its autograd
+    # gradient; float32 and bf16 inputs, one and two columns, an even window, and
+    # positions past the first block of 128 (12 x 13).
     done = run_python(
         TRITON_CHECK.format(rtol32=RTOL32), env={**os.environ, "TRITON_INTERPRET": "1"}
     )

@@ -27,6 +27,8 @@ from tests.helpers import (
     REPO,
     assert_updates_within,
     blobs,
+    encode,
+    photo,
     run_python,
     train_run,
 )
@@ -745,3 +747,25 @@ def test_the_steps_are_every_epoch_and_step_from_the_start_to_the_budget(start):
     listed = [(e, s) for e in range(epoch, epochs) for s in range(step if e == epoch else 0, steps)]
     made = Steps(epoch, step, epochs, steps)
     assert list(made) == listed and len(made) == len(listed)
+
+
+def test_a_jpeg_stores_batches_left_encoded_train_as_the_decoded_ones(tmp_path, monkeypatch):
+    # On CUDA a jpeg store's batches reach the step encoded, to be decoded there (the step
+    # once took their size before decoding them). The same path on the CPU, where the
+    # decode is the loader's own libjpeg-turbo, must train exactly as decoded batches.
+    from alexnet import train as train_module
+    from alexnet.jpeg import Encoded
+
+    records = [(i % 2, encode(photo(256, 256, seed=i), "JPEG", quality=90)) for i in range(8)]
+    for split in ("train", "val"):
+        write_store(tmp_path / "lmdb" / split, [records], "jpeg", CLASSES, size=256)
+    eig = {"eigenvalues": [900.0, 90.0, 9.0], "eigenvectors": np.eye(3).tolist()}
+    save_stats(tmp_path / "stats", np.full((256, 256, 3), 100, np.float32), eig)
+    decoded = Trainer(train_run(tmp_path, tmp_path / "decoded", epochs=1)).run_epoch()
+    monkeypatch.setattr(train_module, "encoded_for", lambda split, device: True)
+    run = train_run(tmp_path, tmp_path / "encoded", epochs=1)
+    images, _, size = next(Trainer(run).batches())  # what the loader hands the step
+    assert isinstance(images, Encoded) and len(images.payloads) == size == 4
+    encoded = Trainer(run).run_epoch()
+    for name in ("train_loss", "train_top1_error", "val_loss", "val_top1_error"):
+        assert encoded[name] == decoded[name], name
