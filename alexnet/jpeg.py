@@ -119,6 +119,13 @@ def decode_on(
         out = np.empty((len(batch.payloads), *shape), dtype=np.uint8)
         decode_into(out, batch, decode_threads(0))
         return torch.from_numpy(out).to(device)
+    # torchvision's CUDA decoder allocates its outputs on the current stream, then writes
+    # them from a stream of its own that does not wait for this one: a block just freed
+    # here, which queued kernels still read (the last step's), can be overwritten before
+    # they run (pytorch/vision#9606; on an H200 training from a jpeg store stopped with a
+    # NaN loss at step 2, from a raw store it did not). Nothing may be in flight on this
+    # stream when it decodes. (DALI decodes into memory of its own.)
+    torch.cuda.current_stream(device).synchronize()
     try:
         images = decode_jpeg(batch.payloads, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:

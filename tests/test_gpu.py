@@ -202,6 +202,32 @@ def test_the_gpu_batch_decode_equals_the_cpu_decode_within_decoder_differences(t
     assert difference.float().mean() <= NVJPEG_MEAN and difference.max() <= NVJPEG_MAX
 
 
+def test_a_gpu_decode_does_not_overwrite_memory_queued_kernels_still_read(tmp_path):
+    # torchvision's CUDA decoder writes its outputs from a stream that does not wait for
+    # the caller's (pytorch/vision#9606): freed blocks that queued kernels still read were
+    # overwritten, and a training step's loss became NaN. As upstream's reproduction:
+    # blocks of the decoder's output size, freed while sums of them wait behind a long
+    # kernel, then a decode: every sum must still be exact.
+    from alexnet.jpeg import decode_on
+    from alexnet.lmdb_store import write_store
+    from alexnet.reader import LmdbSplit
+    from tests.helpers import encode, photo
+
+    jpegs = [encode(photo(256, 256, seed=i), "JPEG", quality=90) for i in range(8)]
+    classes = [{"index": 0, "wnid": "n0", "name": "class 0"}]
+    write_store(tmp_path / "jpeg", [[(0, data) for data in jpegs]], "jpeg", classes, size=256)
+    split = LmdbSplit(tmp_path / "jpeg")
+    elements = 3 * 256 * 256 // 4  # float32s in one decoded image's bytes
+    for _ in range(20):
+        victims = [torch.ones(elements, device=CUDA) for _ in range(8)]
+        torch.cuda.synchronize()
+        torch.cuda._sleep(20_000_000)  # ~10 ms of one kernel: the sums below wait
+        sums = [victim.sum() for victim in victims]
+        del victims  # freed while the sums still wait to read them
+        decode_on(split.read_encoded(range(8)), CUDA, split.shape, "torchvision")
+        assert [float(total) for total in sums] == [float(elements)] * 8
+
+
 DEFERRED_CHECK = """
 import sys, torch
 from pathlib import Path
