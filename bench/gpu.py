@@ -1,6 +1,6 @@
 """The training machine's data path and step, measured: one table and a JSON file.
 
-On a CUDA GPU (`python bench/gpu.py`, ~6 minutes on one GPU, estimated: never run on one):
+On a CUDA GPU (`python bench/gpu.py`: ~6.5 minutes on an H200; `--targets`: ~3):
 - the model step alone (forward, backward, SGD on inputs already on the device);
 - the full training step from a `raw` and from a `jpeg` LMDB (the trainer's own loop:
   read-ahead workers, the copy or the nvJPEG decode, augmentation, step), batch 128 and
@@ -23,11 +23,11 @@ timed too: the baseline's time over it is the most any such loader can gain on o
 Beside them, DALI's CPU decode of the same batches on every core (the decoder the tests
 run DALI with; the CPU loader decodes on its own threads).
 
-    python bench/gpu.py [--images 2048] [--out gpu.json] [--targets]
+    python bench/gpu.py [--images 4096] [--out gpu.json] [--targets]
     python bench/gpu.py --cpu [--images 1024] [--out cpu.json]
-    python bench/gpu.py --device cpu --images 64 --batches 8 16   # a dry run
+    python bench/gpu.py --device cpu --images 256 --batches 8 16 [--targets]  # a dry run
 
-The dry run goes through every GPU row on the CPU, small (~5 minutes on 2 cores): it
+The dry run goes through every GPU row on the CPU, small (~10 minutes on 2 cores): it
 checks the script before a GPU's time is spent on it. Its figures mean nothing.
 """
 
@@ -214,11 +214,19 @@ def model_step(
     return 10 * batch / best_seconds(step, 3, device)
 
 
+WORKERS = 4  # the loaders' read-ahead processes
+# Batches the workers hold read ahead (2 each): they fill while the trainer validates and
+# saves, so the first steps of an epoch or a stream take them without waiting. Timing
+# starts after them (a first GPU run timed whole epochs of 8 batches: the model's speed).
+AHEAD = 2 * WORKERS
+
+
 def full_step(
     root: Path, batch: int, device: torch.device = CUDA, decoder: str | None = None, **train
 ) -> float:
-    """img/s of the trainer's last of two epochs (the first pays cuDNN's tuning), a jpeg
-    store decoded by `decoder` (else the default)."""
+    """img/s of the trainer's second epoch (the first pays cuDNN's tuning and the workers'
+    start) past its first `AHEAD` steps, a jpeg store decoded by `decoder` (else the
+    default)."""
     run = bench_run(
         root,
         jpeg_decoder=decoder,
@@ -228,20 +236,31 @@ def full_step(
         checkpoint_every=10**6,
         deterministic=False,
         device=str(device),
-        loader_workers=4,
+        loader_workers=WORKERS,
         **train,
     )
     trainer = Trainer(run)
-    while not trainer.finished():
-        trainer.run_epoch()
-    return trainer.history[-1]["images_per_s"]
+    trainer.run_epoch()
+    steps = trainer.steps_per_epoch()
+    if steps <= AHEAD:
+        raise ValueError(f"{steps} steps an epoch: more images, for more than {AHEAD}")
+    marks: dict[int, float] = {}
+
+    def on_step(step: int, _: int) -> None:
+        if step in (AHEAD, steps):
+            synchronize(device)
+            marks[step] = time.perf_counter()
+
+    trainer.run_epoch(on_step)
+    return (steps - AHEAD) * batch / (marks[steps] - marks[AHEAD])
 
 
 def data_path(
     root: Path, batch: int, steps: int, device: torch.device = CUDA, decoder: str | None = None
 ) -> float:
-    """img/s of the trainer's stream alone over `steps` batches: read ahead, copied or
-    decoded on the GPU (by `decoder`, else the default), augmented there; no model step."""
+    """img/s of the trainer's stream alone over `steps` batches past the first `AHEAD`:
+    read ahead, copied or decoded on the GPU (by `decoder`, else the default), augmented
+    there; no model step."""
     run = bench_run(
         root,
         jpeg_decoder=decoder,
@@ -250,13 +269,13 @@ def data_path(
         checkpoint_every=10**6,
         deterministic=False,
         device=str(device),
-        loader_workers=4,
+        loader_workers=WORKERS,
         channels_last=True,
     )
     trainer = Trainer(run)
     stream, generator = trainer.batches(), torch.Generator(device=device).manual_seed(0)
-    for step in range(steps + 4):
-        if step == 4:  # the workers have started
+    for step in range(steps + AHEAD):
+        if step == AHEAD:  # the workers have started, and what they read ahead is taken
             synchronize(device)
             started = time.perf_counter()
         images, _, size = next(stream)
@@ -282,7 +301,7 @@ def evaluation(root: Path, device: torch.device = CUDA) -> float:
             synchronize(device)
             marks.append((time.perf_counter(), count))
 
-        batch = max(1, min(250, len(split) // 8))  # 250, the stage's, for 2,048 images
+        batch = max(1, min(250, len(split) // 8))  # the stage's 250, from 2,000 images up
         evaluate(model, split, mean, 224, batch, device, on_batch=on_batch, workers=4)
         (first, _), *rest = marks
         return 10 * sum(count for _, count in rest) / (rest[-1][0] - first)
@@ -329,8 +348,8 @@ def gpu(
             model_steps[batch, amp] = row(
                 name, lambda b=batch, a=amp: model_step(b, a, a, device=device)
             )
-    # the data path's stream: 4 epochs of the store, less the 4 batches of warm-up
-    steps = min(24, 4 * (images // large) - 4)
+    # the data path's stream: 4 epochs of the store, less what is read ahead
+    steps = min(32, 4 * (images // large) - AHEAD)
     stream: dict[str, float | None] = {}
     for encoding in ("raw", "jpeg"):
         for batch in sizes:
@@ -396,7 +415,7 @@ def main() -> None:
     configure()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="the CPU loader comparison only")
-    parser.add_argument("--images", type=int, help="images in the stores (2048; CPU: 1024)")
+    parser.add_argument("--images", type=int, help="images in the stores (4096; CPU: 1024)")
     parser.add_argument("--out", type=Path, help="also write the figures here, as JSON")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the GPU rows")
     parser.add_argument(
@@ -409,7 +428,7 @@ def main() -> None:
     device = torch.device(args.device)
     if not args.cpu and device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: no CUDA device here (the CPU part: python bench/gpu.py --cpu)")
-    images = args.images or (1024 if args.cpu else 2048)
+    images = args.images or (1024 if args.cpu else 4096)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as folder:
         root = Path(folder)
