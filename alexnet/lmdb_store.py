@@ -118,11 +118,13 @@ def write_store(
     classes: list[dict],
     *,
     size: int,
+    pack: str | None = None,
     map_size: int = 1 << 30,
 ) -> int:
     """Write batches of (label, payload) records as keys 0, 1, 2, ... (one transaction
-    per batch), then `__meta__`; returns the count. Memory: about two batches (the batch
-    and the transaction's pages), whatever the count."""
+    per batch), then `__meta__` (with `pack`, the digest of the pack run that wrote the
+    store, where given); returns the count. Memory: about two batches (the batch and
+    the transaction's pages), whatever the count."""
     if encoding not in ENCODINGS:
         raise StoreError(f"unknown encoding {encoding!r} (choose from {', '.join(ENCODINGS)})")
     count = 0
@@ -144,6 +146,7 @@ def write_store(
                 "width": size,
                 "channels": 3,
                 "classes": classes,
+                **({"pack": pack} if pack else {}),
             }
             _put(env, lambda: [(META_KEY, json.dumps(meta).encode("utf-8"))])  # sorts after digits
             env.sync(True)

@@ -8,8 +8,10 @@ decodes them to HWC RGB bytes. The single LMDB writer then appends the chunks in
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +97,20 @@ def index_shards(folder: str | Path, classes: int | None = None) -> SplitIndex:
         table[:, 2].copy(),
         table[:, 3].astype(np.int32),
     )
+
+
+def pack_digest(indexes: dict[str, SplitIndex], options: dict) -> str:
+    """The digest of one pack run, which both its stores keep (`pack` in `__meta__`):
+    of every split's records (shard names, byte ranges, labels) and the options that
+    shape the stores. A pack stopped between its splits leaves stores of two runs, told
+    apart by it; the same run again gives the same digest, and so the same bytes."""
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+    for split, index in sorted(indexes.items()):
+        names = [Path(shard).name for shard in index.shards]
+        digest.update(json.dumps([split, names]).encode())
+        for column in (index.shard, index.offset, index.size, index.label):
+            digest.update(np.ascontiguousarray(column).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def member_key(entry: Entry) -> str:

@@ -166,10 +166,16 @@ def batch_loader(
 
 def check_together(first: LmdbSplit, second: LmdbSplit) -> None:
     """Two stores one run reads together (training and validation; evaluate's gallery
-    and queries): the same classes, and images of one size, which one mean image's
-    windows fit (a smaller one would silently take the wrong window)."""
+    and queries): the same classes, from one pack run where both say which (`pack` in
+    `__meta__`; a store another tool wrote need not), and images of one size, which one
+    mean image's windows fit (a smaller one would silently take the wrong window)."""
     if first.classes != second.classes:
         raise StoreError(f"{first.path} and {second.path} list different classes")
+    if (ours := first.meta.get("pack")) and (theirs := second.meta.get("pack")) != ours:
+        raise StoreError(
+            f"{first.path} and {second.path} were written by different pack runs (pack "
+            f"{ours}, {theirs}: one stopped between its splits?): run pack again"
+        )
     if first.shape != second.shape:
         sizes = [f"{h}x{w}" for _, h, w in (first.shape, second.shape)]
         raise StoreError(

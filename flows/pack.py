@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 
 from alexnet.atomic import folder_target
 from alexnet.lmdb_store import STORE_OWNER, write_store
-from alexnet.pack import chunk_bytes, chunks, index_shards, output_order
+from alexnet.pack import chunk_bytes, chunks, index_shards, output_order, pack_digest
 from alexnet.params import ComputeParams, PackParams, PrepareParams
 from alexnet.shards import load_classes
 from flows.progress import Bar, in_order
@@ -26,9 +26,11 @@ def pack_flow(
     for split in SPLITS:  # both refused before any work, not val after train is written
         folder_target(Path(out) / split, STORE_OWNER)
     classes = load_classes(prepared)
+    indexes = {split: index_shards(Path(prepared) / split, len(classes)) for split in SPLITS}
+    options = {**pack.model_dump(exclude={"batch"}), "size": prepare.size, "classes": classes}
+    digest = pack_digest(indexes, options)
     counts = {}
-    for split in SPLITS:
-        index = index_shards(Path(prepared) / split, len(classes))
+    for split, index in indexes.items():
         order = output_order(len(index), pack.shuffle_train and split == "train", pack.seed)
         results = in_order(
             chunks(index, order, pack.batch),
@@ -39,7 +41,7 @@ def pack_flow(
         )
         batches = (batch for _, batch in results)
         counts[split] = write_store(
-            Path(out) / split, batches, pack.encoding, classes, size=prepare.size
+            Path(out) / split, batches, pack.encoding, classes, size=prepare.size, pack=digest
         )
     get_run_logger().info("packed %s records (%s)", counts, pack.encoding)
     return counts

@@ -244,6 +244,53 @@ def test_pack_flow_orders_and_worker_invariance(reference, tmp_path):
             assert np.array_equal(images[position].permute(1, 2, 0).numpy(), expected)
 
 
+def test_a_pack_stopped_between_its_splits_leaves_stores_that_are_not_read_together(
+    reference, tmp_path, monkeypatch
+):
+    # pack writes train, then val: one stopped between them (killed, a full disk) left a
+    # new train store beside the last run's val, of the same size and classes, and
+    # training read the two together without a word.
+    import flows.pack as module
+    from alexnet.errors import AlexnetError
+    from alexnet.params import ComputeParams, PackParams
+    from alexnet.reader import LmdbSplit, check_together
+
+    def pack(seed: int) -> list[LmdbSplit]:
+        module.pack_flow.with_options(task_runner=task_runner(None, 1))(
+            str(reference[0]),
+            str(tmp_path / "lmdb"),
+            PackParams(batch=5, seed=seed),
+            PrepareParams(),
+            ComputeParams(workers=1),
+        )
+        return [LmdbSplit(tmp_path / "lmdb" / split) for split in ("train", "val")]
+
+    train, val = pack(3)
+    run = train.meta["pack"]
+    assert val.meta["pack"] == run
+    check_together(train, val)
+    old_val = (tmp_path / "lmdb" / "val" / "data.mdb").read_bytes()
+
+    real = module.write_store
+
+    def full_disk_at_val(path, *args, **kwargs):
+        if Path(path).name == "val":
+            raise OSError(28, "No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(module, "write_store", full_disk_at_val)
+    with pytest.raises(OSError):
+        pack(4)  # another seed: another train order
+    monkeypatch.undo()
+    train, val = (LmdbSplit(tmp_path / "lmdb" / split) for split in ("train", "val"))
+    assert (tmp_path / "lmdb" / "val" / "data.mdb").read_bytes() == old_val
+    assert train.meta["pack"] != run and val.meta["pack"] == run
+    with pytest.raises(AlexnetError, match="written by different pack runs .*run pack again$"):
+        check_together(train, val)
+    # the first run again: its digest, and so its bytes
+    assert [store.meta["pack"] for store in pack(3)] == [run, run]
+
+
 def records(out: Path) -> list[tuple[str, bytes]]:
     """Every member of every shard, in order: the prepared data, whatever the sharding."""
     import tarfile
