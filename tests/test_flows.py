@@ -287,8 +287,7 @@ def test_a_pack_stopped_between_its_splits_leaves_stores_that_are_not_read_toget
     assert train.meta["pack"] != run and val.meta["pack"] == run
     with pytest.raises(AlexnetError, match="written by different pack runs .*run pack again$"):
         check_together(train, val)
-    # the first run again: its digest, and so its bytes
-    assert [store.meta["pack"] for store in pack(3)] == [run, run]
+    # (the same run again gives the same digest: the same bytes, as the test above checks)
 
 
 def records(out: Path) -> list[tuple[str, bytes]]:
