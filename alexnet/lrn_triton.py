@@ -18,7 +18,8 @@ on an H200 its registers spilled and the LRN took 88% of the training step).
 
 The window constants are compile-time values (`tl.constexpr`): inside a `torch.compile`d
 step inductor passes a Python float argument as float64, which a float32 kernel cannot
-mix. Inputs of any float dtype but float64 (`applies`); sums in float32.
+mix. Inputs of any float dtype but float64 (`alexnet.lrn` sends those elsewhere); sums
+in float32.
 
 It must equal `alexnet.lrn.local_response_norm_reference` (differentiated by autograd for
 the backward): tests/test_lrn.py runs both kernels in Triton's interpreter on the CPU,
@@ -116,11 +117,6 @@ def _backward_kernel(
         g = _row(g_ptr, start, hw, j, per, pixels, inside)
         grad = g * scale - 2.0 * alpha * beta * a * total
         tl.store(out_ptr + start + j * hw + pixels, grad.to(out_ptr.dtype.element_ty), mask=inside)
-
-
-def applies(x: torch.Tensor) -> bool:
-    """Whether these kernels take `x`: on CUDA, not float64 (their sums are float32)."""
-    return x.is_cuda and x.dtype != torch.float64
 
 
 def _launch(
