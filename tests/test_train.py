@@ -676,8 +676,12 @@ def test_the_compiled_step_is_the_eager_step_up_to_rounding(data, tmp_path):
     # random ops replaced by eager's (`fallback_random`), dropout draws the eager masks,
     # so the run is the eager run up to float rounding, across a rate drop (the update's
     # rate is a constant in its graph: a drop must recompile it).
+    import torch._dynamo
     import torch._inductor.config as inductor
 
+    # Inductor's config is not among dynamo's guards: a step another test compiled in this
+    # process (with inductor's own random numbers) would be reused. Compile afresh.
+    torch._dynamo.reset()
     runs = {}
     for compiled in (False, True):
         t = trainer(
