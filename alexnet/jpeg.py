@@ -29,7 +29,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from alexnet import jpeg_dali
 from alexnet.lmdb_store import StoreError
@@ -62,11 +61,20 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return _POOLS[key]
 
 
+def rgb(payloads: torch.Tensor | list[torch.Tensor], **options) -> torch.Tensor | list:
+    """torchvision's `decode_jpeg` to RGB. Imported at the first call: importing
+    torchvision takes ~1.3 s (its models import torch._dynamo), which a raw store's
+    stage and each of its loader workers would pay for nothing."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return decode_jpeg(payloads, mode=ImageReadMode.RGB, **options)
+
+
 def decode_one(payload: torch.Tensor, where: str, shape: tuple[int, int, int]) -> torch.Tensor:
     """(3, H, W) uint8 RGB of one payload on the CPU; `StoreError` names it when it does
     not decode or is not `shape`."""
     try:
-        image = decode_jpeg(payload, mode=ImageReadMode.RGB)
+        image = rgb(payload)
     except RuntimeError as error:
         raise StoreError(f"{where}: cannot decode JPEG payload ({error})") from None
     return _checked(image, where, shape)
@@ -127,7 +135,7 @@ def decode_on(
     # stream when it decodes. (DALI decodes into memory of its own.)
     torch.cuda.current_stream(device).synchronize()
     try:
-        images = decode_jpeg(batch.payloads, mode=ImageReadMode.RGB, device=device)
+        images = rgb(batch.payloads, device=device)
     except RuntimeError:
         _name_the_damaged(batch, shape)
         raise

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from alexnet.errors import AlexnetError, one_line
 from alexnet.evaluate import crop_average, crop_probabilities
 from alexnet.imageops import BadImage, load_plugins, prepare_image
+from alexnet.jpeg import rgb
 from alexnet.modelfile import load_model
 from alexnet.placement import resolve_devices
 
@@ -60,7 +60,7 @@ def load_file(path: Path, image_options: dict) -> torch.Tensor:
     path = Path(path)
     prepared = prepare_image(read_file(path), path.suffix, **image_options)
     data = torch.frombuffer(bytearray(prepared.jpeg), dtype=torch.uint8)
-    return decode_jpeg(data, mode=ImageReadMode.RGB)
+    return rgb(data)
 
 
 def allow_plugins(model_path: Path, asked: Sequence[str], allowed: Sequence[str]) -> None:

@@ -33,9 +33,14 @@ def worker_setup(stage: int) -> None:
     the stage alone stops: it cancels the queued tasks and waits for the running ones
     (DVC and the next run see whole outputs or none). A stage killed outright (SIGKILL,
     the OOM killer) left its workers idle, and their decoder children with them."""
+    global _IN_POOL_WORKER
+    _IN_POOL_WORKER = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not die_with_parent(signal.SIGKILL, stage):  # nothing of a worker's is left to save
         os._exit(1)
+
+
+_IN_POOL_WORKER = False  # set by `worker_setup`
 
 
 @contextmanager
@@ -62,6 +67,11 @@ class PoolTaskRunner(ProcessPoolTaskRunner):
 
     def __enter__(self) -> PoolTaskRunner:
         super().__enter__()
+        if _IN_POOL_WORKER:
+            # Prefect enters a copy of the flow's runner around each task a worker runs
+            # (to rebuild the flow's context there). Starting its workers spawned two
+            # processes a task, and a task cost ~2 s on 2 cores: 100x a thread's task.
+            return self
         with interrupts_ignored():  # a submit starts a worker while none is idle
             for _ in range(self._max_workers):
                 self._executor.submit(os.getpid)

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 from alexnet.params import PrepareParams
 from alexnet.prepare import PrepareError
@@ -21,6 +23,24 @@ from flows.synth import synth_flow
 from tests.helpers import DEAD_PID, REPO, SHARDS, TINY, jpeg, make_imagefolder, shard_bytes
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+@task(cache_policy=NO_CACHE)
+def worker_children() -> int:
+    import multiprocessing
+
+    return len(multiprocessing.active_children())
+
+
+def test_a_pool_worker_runs_its_tasks_without_processes_of_its_own():
+    # Prefect enters a copy of the flow's task runner around every task a pool worker
+    # runs. When that copy started its own workers, each task spawned two processes
+    # (~2 s a task on 2 cores).
+    @flow(task_runner=task_runner(None, 2))
+    def children() -> list[int]:
+        return [future.result() for future in [worker_children.submit() for _ in range(4)]]
+
+    assert children() == [0, 0, 0, 0]
 
 
 def test_synth_is_deterministic_across_worker_counts(raw, tmp_path):

@@ -725,23 +725,25 @@ def test_a_compiled_run_resumes_bit_for_bit(data, tmp_path):
     assert timeless(resumed.history) == timeless(whole.history)
 
 
-def test_an_eager_run_does_not_load_the_cuda_graph_machinery(tmp_path):
+def test_an_eager_run_does_not_load_the_cuda_graph_machinery_nor_torchvision(tmp_path):
     # torch.compiler.cudagraph_mark_step_begin() looks light, but its first call loads
     # inductor's CUDA graph trees: 679 more modules, ~1.4 s in every training process.
-    # Only `train.compile` needs it.
+    # Only `train.compile` needs it. Nor does a raw store need torchvision (its JPEG
+    # decoder): importing it takes ~1.3 s, in the stage and in each loader worker.
     code = f"""
 import sys
 from pathlib import Path
+import flows.evaluate, flows.train  # the stages' processes import these
 from alexnet.train import Trainer
 from tests.helpers import tiny_training_data, train_run
 data = tiny_training_data(Path({str(tmp_path)!r}))
 t = Trainer(train_run(data, data / "run", epochs=1, batch_size=5))
 t.run_epoch()
-print("torch._inductor.cudagraph_trees" in sys.modules)
+print("torch._inductor.cudagraph_trees" in sys.modules, "torchvision" in sys.modules)
 """
     done = run_python(code)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "False"
+    assert done.stdout.strip().splitlines()[-1] == "False False"
 
 
 @pytest.mark.parametrize("start", [(0, 0), (1, 2), (2, 3), (3, 0), (4, 1)])
