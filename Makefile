@@ -29,6 +29,7 @@ bench: setup $(BASELINE_VENV)/bin/python
 	python bench/train.py
 	python bench/evaluate.py
 	python bench/neighbours.py
+	python bench/tasks.py
 	python bench/gpu.py --cpu
 	python bench/scale.py
 
