@@ -37,6 +37,12 @@ def torch_settings() -> dict:
     }
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The `long` tests first (the rest in their order): xdist's workers then share out
+    the short ones at the end, rather than one waiting while the other runs a long one."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 @pytest.fixture(autouse=True)
 def environment_kept():
     """Each test leaves this process's environment and torch settings as it found them:

@@ -24,6 +24,7 @@ def two_epochs(data, folder: Path, **train) -> TrainRun:
     return train_run(data, folder, {"dropout": 0.0}, **{**options, **train})
 
 
+@pytest.mark.long
 def test_two_gloo_processes_train_the_weights_of_one(data, tmp_path):
     one = Trainer(two_epochs(data, tmp_path / "one"))
     while not one.finished():
@@ -185,6 +186,7 @@ def test_a_two_column_run_resumes_bit_for_bit_and_its_model_file_predicts(data, 
         assert entry["probability"] == pytest.approx(float(placed[entry["index"]]), abs=1e-5)
 
 
+@pytest.mark.long
 def test_two_torchrun_nodes_train_the_weights_of_one_and_resume_after_a_kill(data, tmp_path):
     # Two nodes (two torchrun agents, one process each) meeting at a c10d rendezvous on
     # this machine, as `alexnet train` on each node with `nnodes: 2` runs them. By its

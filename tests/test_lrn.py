@@ -326,6 +326,7 @@ print("ok")
 """
 
 
+@pytest.mark.long
 def test_triton_kernels_equal_the_reference_in_the_interpreter():
     # The CUDA kernels' programs, run by Triton's interpreter on the CPU (as on a GPU, in
     # float32): the forward against the formula, the backward against its autograd

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
+import pytest
 import yaml
 
 from alexnet.figures import FIGURES
@@ -43,6 +44,7 @@ def dvc_status(repo: Path) -> dict:
     return json.loads(done.stdout)
 
 
+@pytest.mark.long
 def test_dvc_repro_runs_the_chain_and_reruns_only_what_changed(tmp_path, prefect_server):
     # The stages report to the session's Prefect server (PREFECT_API_URL is inherited),
     # so none of the stage runs starts a temporary server of its own.
@@ -268,6 +270,7 @@ def finished(url: str, run_id: str) -> str | None:
     return state if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
 
+@pytest.mark.long
 def test_prefect_ui_path_serve_deployments_and_a_triggered_stage(tmp_path):
     repo = repo_copy(tmp_path / "repo", {**TINY_CHAIN, "serve": {"retrain_cron": "15 4 * * 2"}})
     with (
@@ -321,6 +324,7 @@ def shared_repository(tmp_path: Path) -> Path:
     return repo
 
 
+@pytest.mark.long
 def test_workers_run_the_deployments_of_prefect_yaml(tmp_path):
     # README, "More machines": pools, `prefect deploy --all`, a worker on the data pool.
     repo = shared_repository(tmp_path)
