@@ -15,14 +15,34 @@ if TYPE_CHECKING:
     from distributed import Client
 
 
-def check_cluster(address: str, check: WorkerCheck, timeout: float = 30.0) -> None:
-    """Reach the scheduler at `address` and check every worker (`check_workers`), before
-    the stage's flow starts: a refusal leaves no flow run behind, Running for ever on a
-    Prefect server (it did when the task runner checked as it was entered)."""
+def check_cluster(address: str, check: WorkerCheck, api_url: str, timeout: float = 30.0) -> None:
+    """Reach the scheduler at `address` and check every worker (`check_workers`,
+    `check_reach`), before the stage's flow starts: a refusal leaves no flow run behind,
+    Running for ever on a Prefect server (it did when the task runner checked as it was
+    entered)."""
     from distributed import Client
 
     with Client(address, timeout=timeout, set_as_default=False) as client:
         check_workers(client, check)
+        check_reach(client, api_url)
+
+
+def check_reach(client: Client, api_url: str) -> None:
+    """Fail in one line, naming the first worker that cannot reach the Prefect API at
+    `api_url`: each task reports its run there from its worker. A temporary server
+    listens on 127.0.0.1, which a worker on another machine does not reach."""
+    from flows.server import unreachable
+
+    answers = client.run(unreachable, api_url, 5.0, on_error="return")
+    for address, why in sorted(answers.items()):
+        if isinstance(why, BaseException):
+            why = f"{type(why).__name__}: {one_line(why)}"
+        if why:
+            raise AlexnetError(
+                f"compute.scheduler: Dask worker {address} cannot reach the Prefect API at "
+                f"{api_url} ({why}): start a server the workers reach (`prefect server "
+                "start --host 0.0.0.0`) and set PREFECT_API_URL to its address"
+            )
 
 
 def check_workers(client: Client, check: WorkerCheck) -> None:

@@ -50,17 +50,25 @@ def _die_with_parent(stage: int) -> None:
         os._exit(1)
 
 
-def check_api(url: str, timeout: float = 10.0) -> None:
-    """One line when `PREFECT_API_URL` names a server that does not answer (a `prefect
-    server start` stopped or never started): Prefect's own failure comes after its
-    retries, as a page of traceback. Any HTTP answer counts (Prefect Cloud asks for a key)."""
+def unreachable(url: str, timeout: float = 10.0) -> str | None:
+    """Why nothing answers at the Prefect API `url`, or None when something does (any
+    HTTP answer counts: Prefect Cloud asks for a key)."""
     try:  # whether anything answers: no certificate check (Prefect's own may differ)
         httpx.get(f"{url.rstrip('/')}/health", timeout=timeout, verify=False)
     except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+        return one_line(error)
+    return None
+
+
+def check_api(url: str, timeout: float = 10.0) -> None:
+    """One line when `PREFECT_API_URL` names a server that does not answer (a `prefect
+    server start` stopped or never started): Prefect's own failure comes after its
+    retries, as a page of traceback."""
+    if why := unreachable(url, timeout):
         raise AlexnetError(
-            f"PREFECT_API_URL: no Prefect server answers at {url} ({one_line(error)}); "
+            f"PREFECT_API_URL: no Prefect server answers at {url} ({why}); "
             "start it (`prefect server start`), or unset PREFECT_API_URL for a temporary one"
-        ) from None
+        )
 
 
 @contextmanager

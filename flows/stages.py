@@ -293,25 +293,26 @@ def run_stage(stage: Stage, paths: dict[str, str], params: Params, flow: Callabl
     # Absolute: a Dask worker started in another folder, or on another machine sharing
     # the file system, reads and writes the same files as this process.
     absolute = {name: os.path.abspath(path) for name, path in paths.items()}
-    if stage.parallel:  # train and evaluate map no tasks: no pool, no cluster to reach
-        scheduler = params.compute.scheduler
+    scheduler = params.compute.scheduler
+    if stage.parallel:
         check_scheduler(scheduler)
-        if scheduler not in (None, "local"):  # a running cluster's workers: see these
-            from flows.cluster import check_cluster  # paths, run this code? (before the run)
-
-            check = WorkerCheck(
-                stage.module,
-                outputs=tuple(path for name, path in absolute.items() if roles[name]),
-                inputs=tuple(path for name, path in absolute.items() if not roles[name]),
-            )
-            check_cluster(scheduler, check)
-        runner = task_runner(scheduler, params.compute.workers)
-        flow = flow.with_options(task_runner=runner)
     arguments = {**absolute, **{name: getattr(params, name) for name in stage.sections}}
     planned = os.environ.pop(PLANNED_RUN, None)  # not for this process's children
     quiet_console_tracebacks()
     note_interrupts()
-    with prefect_api():
+    with prefect_api() as api_url:
+        if stage.parallel:  # train and evaluate map no tasks: no pool, no cluster to reach
+            if scheduler not in (None, "local"):  # a running cluster's workers: see these
+                from flows.cluster import check_cluster  # paths, run this code, reach
+                # this API? (before the flow is given its runner: no flow run is left)
+
+                check = WorkerCheck(
+                    stage.module,
+                    outputs=tuple(path for name, path in absolute.items() if roles[name]),
+                    inputs=tuple(path for name, path in absolute.items() if not roles[name]),
+                )
+                check_cluster(scheduler, check, api_url)
+            flow = flow.with_options(task_runner=task_runner(scheduler, params.compute.workers))
         if not planned:
             return flow(**arguments)
         from prefect.client.orchestration import get_client

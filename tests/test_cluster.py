@@ -16,8 +16,10 @@ import time
 import pytest
 
 import alexnet.cluster
+from alexnet.cluster import WorkerCheck
 from alexnet.errors import AlexnetError
 from alexnet.params import ComputeParams, PackParams, Params, PrepareParams, with_compute
+from flows.cluster import check_cluster
 from flows.pack import pack_flow
 from flows.prepare import prepare_flow
 from flows.runners import task_runner
@@ -199,4 +201,14 @@ def test_workers_that_imported_other_code_are_refused_before_any_work(
     )
     with pytest.raises(AlexnetError, match=rf"^{ADDRESS} {expected}$"):
         run_stage(STAGES["prepare"], paths, on_cluster(cluster))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_workers_that_cannot_reach_the_prefect_api_are_refused(cluster, tmp_path):
+    # As a worker on another machine finds nothing at a temporary server's 127.0.0.1
+    # (the stage's own runs on a cluster check the session's server: they pass).
+    url = f"http://127.0.0.1:{free_port()}/api"
+    check = WorkerCheck("flows.prepare", outputs=(str(tmp_path / "prepared"),), inputs=())
+    with pytest.raises(AlexnetError, match=rf"^{ADDRESS} cannot reach the Prefect API at "):
+        check_cluster(cluster, check, url)
     assert list(tmp_path.iterdir()) == []

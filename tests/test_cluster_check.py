@@ -4,14 +4,16 @@ workers are checked in tests/test_cluster.py, a LocalCluster's in tests/test_flo
 
 from __future__ import annotations
 
+import http.server
+import threading
 from dataclasses import replace
 
 import pytest
 
 from alexnet.cluster import MARKER, WorkerCheck, markers, problem, stage_view, worker_view
 from alexnet.errors import AlexnetError
-from flows.cluster import check_workers
-from tests.helpers import DEAD_PID
+from flows.cluster import check_reach, check_workers
+from tests.helpers import DEAD_PID, free_port
 
 
 def test_a_worker_that_sees_the_stages_files_and_runs_its_code_passes(tmp_path):
@@ -55,3 +57,40 @@ def test_a_killed_stages_marker_is_swept_by_the_next_check(tmp_path):
     with markers([str(tmp_path)]):
         assert not left.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+class Worker:  # a cluster of one worker, which runs what it is sent here
+    def run(self, function, *args, on_error):
+        assert on_error == "return"
+        return {"tcp://10.0.0.7:4312": function(*args)}
+
+
+def test_a_worker_that_cannot_reach_the_prefect_api_is_refused_in_one_line():
+    # A temporary Prefect server listens on 127.0.0.1: a worker on another machine finds
+    # nothing there, and its tasks could not report their runs.
+    url = f"http://127.0.0.1:{free_port()}/api"
+    with pytest.raises(AlexnetError) as refused:
+        check_reach(Worker(), url)
+    line = str(refused.value)
+    worker = "compute.scheduler: Dask worker tcp://10.0.0.7:4312"
+    assert line.startswith(f"{worker} cannot reach the Prefect API at {url} (")
+    assert line.endswith(
+        "): start a server the workers reach (`prefect server start --host 0.0.0.0`) "
+        "and set PREFECT_API_URL to its address"
+    )
+    assert "\n" not in line
+
+
+def test_a_worker_that_reaches_the_prefect_api_passes():
+    class Answering(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the name http.server calls)
+            self.send_response(404)  # any HTTP answer: a server is there
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.HTTPServer(("127.0.0.1", 0), Answering) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        check_reach(Worker(), f"http://127.0.0.1:{server.server_port}/api")
+        server.shutdown()
