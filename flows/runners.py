@@ -26,6 +26,9 @@ def parallelism(workers: int) -> int:
     return workers or os.cpu_count() or 1
 
 
+_IN_POOL_WORKER = False  # set by `worker_setup`
+
+
 def worker_setup(stage: int) -> None:
     """In each pool worker, first: ignore SIGINT, and end with the stage (process
     `stage`). A Ctrl-C at the terminal reaches every process of the stage; a worker it
@@ -38,9 +41,6 @@ def worker_setup(stage: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not die_with_parent(signal.SIGKILL, stage):  # nothing of a worker's is left to save
         os._exit(1)
-
-
-_IN_POOL_WORKER = False  # set by `worker_setup`
 
 
 @contextmanager

@@ -302,16 +302,7 @@ def run_stage(stage: Stage, paths: dict[str, str], params: Params, flow: Callabl
     note_interrupts()
     with prefect_api() as api_url:
         if stage.parallel:  # train and evaluate map no tasks: no pool, no cluster to reach
-            if scheduler not in (None, "local"):  # a running cluster's workers: see these
-                from flows.cluster import check_cluster  # paths, run this code, reach
-                # this API? (before the flow is given its runner: no flow run is left)
-
-                check = WorkerCheck(
-                    stage.module,
-                    outputs=tuple(path for name, path in absolute.items() if roles[name]),
-                    inputs=tuple(path for name, path in absolute.items() if not roles[name]),
-                )
-                check_cluster(scheduler, check, api_url)
+            check_running_cluster(stage, absolute, roles, scheduler, api_url)
             flow = flow.with_options(task_runner=task_runner(scheduler, params.compute.workers))
         if not planned:
             return flow(**arguments)
@@ -321,6 +312,29 @@ def run_stage(stage: Stage, paths: dict[str, str], params: Params, flow: Callabl
         with get_client(sync_client=True) as client:
             flow_run = client.read_flow_run(UUID(planned))
         return run_flow(flow, flow_run=flow_run, parameters=arguments)
+
+
+def check_running_cluster(
+    stage: Stage,
+    absolute: dict[str, str],
+    roles: dict[str, bool],
+    scheduler: str | None,
+    api_url: str,
+) -> None:
+    """On a running cluster (not a pool, not a LocalCluster of this process): do its
+    workers see the stage's `absolute` paths (outputs where `roles` is true), run this
+    code, reach this Prefect API? Before the flow is given its runner: a refusal leaves
+    no flow run behind."""
+    if scheduler in (None, "local"):
+        return
+    from flows.cluster import check_cluster
+
+    check = WorkerCheck(
+        stage.module,
+        outputs=tuple(path for name, path in absolute.items() if roles[name]),
+        inputs=tuple(path for name, path in absolute.items() if not roles[name]),
+    )
+    check_cluster(scheduler, check, api_url)
 
 
 def command(stage: Stage, flow: Callable | None = None) -> Callable[..., None]:
