@@ -11,7 +11,8 @@ of the mean, as in training).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,20 @@ from alexnet.metrics import label_ranks, missed
 from alexnet.modelfile import ModelFileError, load_model
 from alexnet.params import DEFAULTS, JpegDecoder, Kernels
 from alexnet.reader import LmdbSplit, batch_loader, encoded_for, in_order
+
+
+@contextmanager
+def speed_switches(
+    model: torch.nn.Module, device: torch.device, amp: bool, channels_last: bool
+) -> Iterator[None]:
+    """params `evaluate.amp` and `evaluate.channels_last` for every forward inside: bf16
+    autocast, and the model's weights in the channels-last layout (its convolutions then
+    run channels-last). As training's switches: outputs equal up to rounding, which the
+    metrics' last digits show; the softmax stays float32."""
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+        yield
 
 
 @torch.no_grad()

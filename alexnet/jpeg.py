@@ -127,19 +127,40 @@ def decode_on(
         out = np.empty((len(batch.payloads), *shape), dtype=np.uint8)
         decode_into(out, batch, decode_threads(0))
         return torch.from_numpy(out).to(device)
-    # torchvision's CUDA decoder allocates its outputs on the current stream, then writes
-    # them from a stream of its own that does not wait for this one: a block just freed
-    # here, which queued kernels still read (the last step's), can be overwritten before
-    # they run (pytorch/vision#9606; on an H200 training from a jpeg store stopped with a
-    # NaN loss at step 2, from a raw store it did not). Nothing may be in flight on this
-    # stream when it decodes. (DALI decodes into memory of its own.)
-    torch.cuda.current_stream(device).synchronize()
-    try:
-        images = rgb(batch.payloads, device=device)
-    except RuntimeError:
-        _name_the_damaged(batch, shape)
-        raise
-    return torch.stack([_checked(*pair, shape) for pair in zip(images, batch.where, strict=True)])
+    return _decode_beside(batch, device, shape)
+
+
+@functools.cache
+def _decode_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream `device`'s batch decodes run on (one per device, made at first use)."""
+    return torch.cuda.Stream(device)
+
+
+def _decode_beside(batch: Encoded, device: torch.device, shape: tuple[int, int, int]):
+    """torchvision's batched nvJPEG decode on a stream of its own, handed to the caller's.
+
+    torchvision's CUDA decoder allocates its outputs on the current stream, then writes
+    them from a stream of its own that does not wait for that one: a block just freed
+    there, which queued kernels still read, can be overwritten before they run
+    (pytorch/vision#9606; on an H200 training from a jpeg store stopped with a NaN loss at
+    step 2). The caching allocator gives a stream only blocks freed on that stream, so
+    the decode runs on a stream where nothing else is queued: waiting for it costs only
+    its own last stack, not the training step queued on the caller's stream, which the
+    decode now overlaps. The batch is then ordered before the caller's work (`wait_stream`)
+    and kept from reuse until that work has read it (`record_stream`)."""
+    caller, side = torch.cuda.current_stream(device), _decode_stream(device)
+    with torch.cuda.stream(side):
+        side.synchronize()  # the last batch's stack has read the blocks it may reuse
+        try:
+            images = rgb(batch.payloads, device=device)
+        except RuntimeError:
+            _name_the_damaged(batch, shape)
+            raise
+        pairs = zip(images, batch.where, strict=True)
+        stacked = torch.stack([_checked(*pair, shape) for pair in pairs])
+    caller.wait_stream(side)
+    stacked.record_stream(caller)
+    return stacked
 
 
 def _name_the_damaged(batch: Encoded, shape: tuple[int, int, int]) -> None:

@@ -207,6 +207,8 @@ class _LocalResponseNorm(torch.autograd.Function):
     def forward(ctx, x, size, alpha, beta, k, groups):
         ctx.options = (size, alpha, beta, k, groups)
         ctx.path = "cuda" if x.is_cuda else "cpu" if lrn_cpu.applies(x, beta) else "eager"
+        if ctx.path == "cuda":  # the kernels take NCHW: kept so, the backward copies no more
+            x = x.contiguous()
         if ctx.path != "eager":
             ctx.save_for_backward(x)
         if ctx.path == "cuda":

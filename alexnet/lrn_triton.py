@@ -9,12 +9,16 @@ whose window holds j. Composed ops (or torch.compile's kernels) write d and the 
 products to memory between the two sums: the backward took ~6x the forward on an H100.
 
 Here one program takes one image's channel group at a block of pixel positions and walks
-its maps in order. A map's window sums are recomputed from the few rows around it
-(`size` for d, `size` x `size` for the backward's sum of inner products): those rows were
-read a step or two before and come from the multiprocessor's cache, so memory sees each
-input read once and the output written once, and nothing but a block of pixels is held
-in registers (a first version held every map of the group and a band matrix as a tile:
-on an H200 its registers spilled and the LRN took 88% of the training step).
+its maps in order, the window of rows it needs held in registers as a tuple that shifts
+one map each step: each step loads one row of x (and, backward, one of the incoming
+gradient), a step before it is used, and stores one row. The forward keeps the `size`
+rows of map i's window; the backward keeps the rows of map m's window, the inner
+products g_i a_i d_i^(-beta-1) of the `size` maps whose window holds j = m - size//2 (the
+last of them is m), and g_i d_i^-beta of maps j ... m: d_m and its power are computed once
+a map. (A first version held every map of the group and a band matrix as a tile, and
+spilled registers on an H200: the LRN took 88% of the training step. A second recomputed
+each window from rows reloaded from the cache: `size` loads and a power a map forward,
+`size` x (`size` + 2) loads and `size` powers a map backward.)
 
 The window constants are compile-time values (`tl.constexpr`): inside a `torch.compile`d
 step inductor passes a Python float argument as float64, which a float32 kernel cannot
@@ -32,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-PIXELS = 128  # positions per program: one float32 a thread with 4 warps
+PIXELS, WARPS = 256, 4  # positions per program, and 2 a thread: ~60 registers, no spills
 
 
 @triton.jit
@@ -43,15 +47,21 @@ def _row(ptr, start, hw, m, per, pixels, inside):
 
 
 @triton.jit
-def _denominator(
-    x_ptr, start, hw, i, per, pixels, inside,
-    alpha: tl.constexpr, k: tl.constexpr, SIZE: tl.constexpr, BEFORE: tl.constexpr,
-):  # fmt: skip
-    """d_i = k + alpha * (sum of the squares over map i's window)."""
-    total = tl.zeros_like(pixels).to(tl.float32)
-    for r in tl.static_range(SIZE):
-        a = _row(x_ptr, start, hw, i - BEFORE + r, per, pixels, inside)
-        total += a * a
+def _first_window(x_ptr, start, hw, per, pixels, inside, BEFORE: tl.constexpr, AFTER: tl.constexpr):
+    """Rows of maps -BEFORE-1 ... AFTER-1 (zeros before map 0): map -1's window, into
+    which the first step shifts map AFTER."""
+    window = (tl.zeros_like(pixels).to(tl.float32),) * (BEFORE + 1)
+    for r in tl.static_range(AFTER):
+        window = window + (_row(x_ptr, start, hw, r, per, pixels, inside),)
+    return window
+
+
+@triton.jit
+def _denominator(window, alpha: tl.constexpr, k: tl.constexpr, SIZE: tl.constexpr):
+    """d = k + alpha * (sum of the squares of the window's rows)."""
+    total = window[0] * window[0]
+    for r in tl.static_range(1, SIZE):
+        total += window[r] * window[r]
     return k + alpha * total
 
 
@@ -67,17 +77,24 @@ def _forward_kernel(
     k: tl.constexpr,
     SIZE: tl.constexpr,
     BEFORE: tl.constexpr,  # maps before i in its window (size // 2)
+    AFTER: tl.constexpr,  # maps after i in its window (size - 1 - size // 2)
     PIXELS: tl.constexpr,
 ):
     image, group, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pixels = block * PIXELS + tl.arange(0, PIXELS)
     inside = pixels < hw
     start = (image * channels + group * per).to(tl.int64) * hw
-    for i in range(0, per):
-        d = _denominator(x_ptr, start, hw, i, per, pixels, inside, alpha, k, SIZE, BEFORE)
-        a = _row(x_ptr, start, hw, i, per, pixels, inside)
-        b = a * tl.exp(-beta * tl.log(d))  # d^-beta (d >= k > 0)
-        tl.store(out_ptr + start + i * hw + pixels, b.to(out_ptr.dtype.element_ty), mask=inside)
+    window = _first_window(x_ptr, start, hw, per, pixels, inside, BEFORE, AFTER)
+    ahead = _row(x_ptr, start, hw, AFTER, per, pixels, inside)
+    for first in range(0, per, SIZE):  # SIZE steps a turn: see _backward_kernel
+        for r in tl.static_range(SIZE):
+            i = first + r
+            window = window[1:] + (ahead,)  # maps i - BEFORE ... i + AFTER
+            ahead = _row(x_ptr, start, hw, i + AFTER + 1, per, pixels, inside)  # the next's
+            d = _denominator(window, alpha, k, SIZE)
+            b = window[BEFORE] * tl.exp(-beta * tl.log(d))  # d^-beta (d >= k > 0)
+            out = out_ptr + start + i * hw + pixels
+            tl.store(out, b.to(out_ptr.dtype.element_ty), mask=inside & (i < per))
 
 
 @triton.jit
@@ -93,45 +110,62 @@ def _backward_kernel(
     k: tl.constexpr,
     SIZE: tl.constexpr,
     BEFORE: tl.constexpr,
-    AFTER: tl.constexpr,  # maps after i in its window (size - 1 - size // 2)
+    AFTER: tl.constexpr,
     PIXELS: tl.constexpr,
 ):
     image, group, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pixels = block * PIXELS + tl.arange(0, PIXELS)
     inside = pixels < hw
     start = (image * channels + group * per).to(tl.int64) * hw
-    for j in range(0, per):
-        # the maps i whose window holds j: j - AFTER ... j + BEFORE
-        total = tl.zeros_like(pixels).to(tl.float32)
-        scale = tl.zeros_like(pixels).to(tl.float32)  # d_j^-beta
+    window = _first_window(x_ptr, start, hw, per, pixels, inside, BEFORE, AFTER)
+    x_ahead = _row(x_ptr, start, hw, AFTER, per, pixels, inside)
+    g_ahead = _row(g_ptr, start, hw, 0, per, pixels, inside)
+    zero = tl.zeros_like(pixels).to(tl.float32)
+    inner = (zero,) * SIZE  # g_i a_i d_i^(-beta-1), maps i = j - AFTER ... j + BEFORE
+    scaled = (zero,) * (BEFORE + 1)  # g_i d_i^-beta, maps i = j ... j + BEFORE
+    # Step m takes map m's terms; map j = m - BEFORE then has all of its window's. The
+    # loop turns SIZE steps at a time, so that every row carried from one turn to the
+    # next is new (shifting one row a turn carried rows into each other's places, which
+    # LLVM's SLP vectorizer in Triton 3.8 fails an assertion on).
+    for first in range(0, per + BEFORE, SIZE):
         for r in tl.static_range(SIZE):
-            i = j - AFTER + r
-            d = _denominator(x_ptr, start, hw, i, per, pixels, inside, alpha, k, SIZE, BEFORE)
-            power = tl.exp(-beta * tl.log(d))  # d_i^-beta
-            a = _row(x_ptr, start, hw, i, per, pixels, inside)
-            g = _row(g_ptr, start, hw, i, per, pixels, inside)
-            total += g * a * power / d  # 0 for a map outside the group
-            if r == AFTER:  # i == j
-                scale = power
-        a = _row(x_ptr, start, hw, j, per, pixels, inside)
-        g = _row(g_ptr, start, hw, j, per, pixels, inside)
-        grad = g * scale - 2.0 * alpha * beta * a * total
-        tl.store(out_ptr + start + j * hw + pixels, grad.to(out_ptr.dtype.element_ty), mask=inside)
+            m = first + r
+            window = window[1:] + (x_ahead,)  # maps m - BEFORE ... m + AFTER
+            g = g_ahead
+            x_ahead = _row(x_ptr, start, hw, m + AFTER + 1, per, pixels, inside)  # the next's
+            g_ahead = _row(g_ptr, start, hw, m + 1, per, pixels, inside)
+            d = _denominator(window, alpha, k, SIZE)
+            power = tl.exp(-beta * tl.log(d))  # d_m^-beta
+            inner = inner[1:] + (g * window[BEFORE] * power / d,)  # 0 past the last map
+            scaled = scaled[1:] + (g * power,)
+            total = inner[0]
+            for t in tl.static_range(1, SIZE):
+                total += inner[t]
+            j = m - BEFORE  # window[0] holds a_j, scaled[0] g_j d_j^-beta
+            grad = scaled[0] - 2.0 * alpha * beta * window[0] * total
+            out = out_ptr + start + j * hw + pixels
+            store = inside & (j >= 0) & (j < per)
+            tl.store(out, grad.to(out_ptr.dtype.element_ty), mask=store)
 
 
-def _launch(
-    kernel, tensors: list[torch.Tensor], size, alpha, beta, k, groups, **constants
-) -> torch.Tensor:
+def constants(size: int, alpha: float, beta: float, k: float) -> dict:
+    """The kernels' compile-time arguments for a window of `size` maps."""
+    before = size // 2
+    return {
+        "alpha": float(alpha), "beta": float(beta), "k": float(k), "SIZE": size,
+        "BEFORE": before, "AFTER": size - 1 - before, "PIXELS": PIXELS,
+    }  # fmt: skip
+
+
+def _launch(kernel, tensors: list[torch.Tensor], size, alpha, beta, k, groups) -> torch.Tensor:
     """`kernel` over NCHW-contiguous copies of `tensors` (x first); the output like x."""
     tensors = [t.contiguous() for t in tensors]
     n, c, h, w = tensors[0].shape
     per = c // groups
     out = torch.empty_like(tensors[0])
     grid = (n, groups, triton.cdiv(h * w, PIXELS))
-    kernel[grid](
-        *tensors, out, c, per, h * w, alpha=float(alpha), beta=float(beta), k=float(k),
-        SIZE=size, BEFORE=size // 2, PIXELS=PIXELS, **constants,
-    )  # fmt: skip
+    options = constants(size, alpha, beta, k)
+    kernel[grid](*tensors, out, c, per, h * w, **options, num_warps=WARPS)
     return out
 
 
@@ -144,5 +178,4 @@ def backward(
     grad: torch.Tensor, x: torch.Tensor, size: int, alpha: float, beta: float, k: float, groups: int
 ) -> torch.Tensor:
     """dL/dx of the LRN of `x` for the incoming `grad` (both NCHW, made contiguous)."""
-    after = size - 1 - size // 2
-    return _launch(_backward_kernel, [x, grad], size, alpha, beta, k, groups, AFTER=after)
+    return _launch(_backward_kernel, [x, grad], size, alpha, beta, k, groups)

@@ -357,6 +357,9 @@ class EvaluateParams(_Section):
     loader_workers: int = Field(
         0, ge=0, description="DataLoader processes reading ahead (0 = in the loop)"
     )
+    # The stage's forwards (10 crops, neighbour search); both change the metrics' rounding.
+    amp: bool = Field(False, description="bf16 autocast (GPU speed switch)")
+    channels_last: bool = Field(False, description="channels-last memory format")
     # Section 6.1's figures (alexnet/figures.py): which images, how many neighbours.
     gallery: int = Field(16, ge=1, description="validation images shown with their top 5")
     queries: int = Field(5, ge=1, description="validation images whose neighbours are shown")

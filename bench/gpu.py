@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import bench_run, best_seconds, cpu_model, device_name, photo_like  # noqa: E402
 
 from alexnet import jpeg_dali  # noqa: E402
-from alexnet.evaluate import evaluate  # noqa: E402
+from alexnet.evaluate import evaluate, speed_switches  # noqa: E402
 from alexnet.jpeg import decode_on, to_device  # noqa: E402
 from alexnet.lmdb_store import write_store  # noqa: E402
 from alexnet.model import AlexNet  # noqa: E402
@@ -70,7 +70,7 @@ TARGETS = (
     ("full step, jpeg LMDB, batch 256, bf16, best of torchvision, DALI, compiled", ">=", 15_000),
     ("data path / full step", ">=", 2.0),
     ("LRN share of the step", "<=", 0.10),
-    ("10-crop evaluation, jpeg LMDB (crops/s)", ">=", 40_000),
+    ("10-crop evaluation, jpeg LMDB, bf16 + channels_last (crops/s)", ">=", 40_000),
     ("JPEG loader / ImageFolder + PIL, per core", ">=", 2.0),
 )
 
@@ -286,10 +286,11 @@ def data_path(
     return steps * batch / (time.perf_counter() - started)
 
 
-def evaluation(root: Path, device: torch.device = CUDA) -> float:
-    """crops/s of the 10-crop evaluation of the train store (float32, as the stage), once
-    its loader's workers are up: from the end of the first batch to the end of the last
-    (a small split's time is otherwise their start); the better of two runs."""
+def evaluation(root: Path, amp: bool, device: torch.device = CUDA) -> float:
+    """crops/s of the 10-crop evaluation of the train store (the stage's code; `amp`: its
+    evaluate.amp and evaluate.channels_last), once its loader's workers are up: from the
+    end of the first batch to the end of the last (a small split's time is otherwise
+    their start); the better of two runs."""
     model = AlexNet(num_classes=len(CLASSES)).to(device).eval()
     split = LmdbSplit(root / "train")
     mean = torch.full((3, 256, 256), 110.0)
@@ -302,7 +303,8 @@ def evaluation(root: Path, device: torch.device = CUDA) -> float:
             marks.append((time.perf_counter(), count))
 
         batch = max(1, min(250, len(split) // 8))  # the stage's 250, from 2,000 images up
-        evaluate(model, split, mean, 224, batch, device, on_batch=on_batch, workers=4)
+        with speed_switches(model, device, amp, channels_last=amp):
+            evaluate(model, split, mean, 224, batch, device, on_batch=on_batch, workers=4)
         (first, _), *rest = marks
         return 10 * sum(count for _, count in rest) / (rest[-1][0] - first)
 
@@ -382,7 +384,10 @@ def gpu(
     )
     if with_lrn and without:
         row("LRN share of the step", lambda: 1 - with_lrn / without, 3)
-    row("10-crop evaluation, jpeg LMDB (crops/s)", lambda: evaluation(root / "jpeg", device))
+    for amp in precisions:
+        precision = "bf16 + channels_last" if amp else "float32"
+        name = f"10-crop evaluation, jpeg LMDB, {precision} (crops/s)"
+        row(name, lambda a=amp: evaluation(root / "jpeg", a, device))
     name = f"full step, jpeg LMDB, batch {large}, bf16 + channels_last + compile"
     compiled = row(
         name,

@@ -12,7 +12,7 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from rich.progress import Progress
 
 from alexnet.eval_files import check_targets, data_url, markdown_summary, write_evaluation
-from alexnet.evaluate import Results, load_model_for, sample, top5_table
+from alexnet.evaluate import Results, load_model_for, sample, speed_switches, top5_table
 from alexnet.evaluate import evaluate as evaluate_split
 from alexnet.figures import FIGURES, kernels_figure, neighbours_figure, png, top5_figure
 from alexnet.jpeg import decode_threads
@@ -89,7 +89,8 @@ def evaluate_flow(
     check_together(training, split)
     mean = payload["mean"].float()
     chosen = sample(len(split), max(evaluate.gallery, evaluate.queries), evaluate.seed)
-    with Progress() as progress:
+    switches = speed_switches(model, device, evaluate.amp, evaluate.channels_last)
+    with Progress() as progress, switches:
         bar = progress.add_task("evaluate (10 crops)", total=len(split))
         results = evaluate_split(
             model,

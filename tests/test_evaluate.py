@@ -114,6 +114,24 @@ def test_read_ahead_gives_the_same_numbers(data, model_file):
         assert torch.equal(getattr(alone, name), getattr(ahead, name)), name
 
 
+def test_the_speed_switches_give_the_float32_softmax_up_to_bf16_rounding(data, model_file):
+    # params evaluate.amp and evaluate.channels_last: the same model, faster on a GPU.
+    # Both must act (bf16 logits, channels-last weights), and change only the rounding.
+    from alexnet.evaluate import speed_switches
+
+    model, payload = load_model(model_file)
+    images, _ = LmdbSplit(data / "lmdb" / "val").read_batch(range(4))
+    exact = crop_probabilities(model, images, payload["mean"], 224)
+    seen: list[torch.dtype] = []
+    model.layers()["fc8"].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    with speed_switches(model, torch.device("cpu"), amp=True, channels_last=True):
+        fast = crop_probabilities(model, images, payload["mean"], 224)
+    conv1 = model.layers()["conv1"].weight
+    assert set(seen) == {torch.bfloat16} and conv1.is_contiguous(memory_format=torch.channels_last)
+    assert fast.dtype == torch.float32 and not torch.equal(fast, exact)
+    torch.testing.assert_close(fast, exact, atol=0.02, rtol=0)  # probabilities, bf16 logits
+
+
 def test_evaluate_flow_writes_the_metric_files(data, model_file, tmp_path, prefect_server):
     from alexnet.params import ComputeParams, EvaluateParams
     from flows.evaluate import evaluate_flow

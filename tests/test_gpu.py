@@ -228,6 +228,29 @@ def test_a_gpu_decode_does_not_overwrite_memory_queued_kernels_still_read(tmp_pa
         assert [float(total) for total in sums] == [float(elements)] * 8
 
 
+def test_a_gpu_decode_overlaps_the_callers_queued_work(tmp_path):
+    # Issue 18's "no host sync in the step": decoding the next batch must not wait for
+    # the step queued before it, and the batch must still reach that stream's later work
+    # whole.
+    from alexnet.jpeg import decode_on
+    from alexnet.lmdb_store import write_store
+    from alexnet.reader import LmdbSplit
+    from tests.helpers import encode, photo
+
+    jpegs = [encode(photo(256, 256, seed=i), "JPEG", quality=90) for i in range(8)]
+    classes = [{"index": 0, "wnid": "n0", "name": "class 0"}]
+    write_store(tmp_path / "jpeg", [[(0, data) for data in jpegs]], "jpeg", classes, size=256)
+    split = LmdbSplit(tmp_path / "jpeg")
+    expected = decode_on(split.read_encoded(range(8)), CUDA, split.shape).cpu()  # warm
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of one kernel on the caller's stream
+    queued = torch.cuda.Event()
+    queued.record()
+    images = decode_on(split.read_encoded(range(8)), CUDA, split.shape)
+    assert not queued.query()  # back before the long kernel ended: no wait for it
+    assert torch.equal(images.cpu(), expected)
+
+
 DEFERRED_CHECK = """
 import sys, torch
 from pathlib import Path

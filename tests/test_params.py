@@ -61,6 +61,7 @@ DEPARTURES = {
         "evaluate.batch_size",
         "evaluate.device",
         "evaluate.loader_workers",
+        "evaluate.channels_last",
         "evaluate.neighbour_batch",
         "compute.window_mb",
     },
