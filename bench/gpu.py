@@ -9,7 +9,8 @@ On a CUDA GPU (`python bench/gpu.py`: ~6.5 minutes on an H200; `--targets`: ~3):
   batches decoded by DALI (`compute.jpeg_decoder: dali`) instead of torchvision's nvJPEG;
 - the data path alone (the same stream, decoded and augmented, no model), with either
   decoder: the faster is the one to keep as the default;
-- the LRN's share of the step (the step with and without it);
+- the LRN's share of the step (the step with and without it), and the LRN alone: its
+  time and how near it comes to the memory's speed;
 - the 10-crop evaluation, crops/s.
 Targets (issue 18, H100/H200, bf16): full step from the JPEG LMDB >= 15,000 img/s, the
 data path alone >= 2x the full step, LRN <= 10% of the step, evaluation >= 40,000 crops/s.
@@ -58,6 +59,7 @@ from alexnet import jpeg_dali  # noqa: E402
 from alexnet.evaluate import evaluate, speed_switches  # noqa: E402
 from alexnet.jpeg import decode_on, to_device  # noqa: E402
 from alexnet.lmdb_store import write_store  # noqa: E402
+from alexnet.lrn import local_response_norm  # noqa: E402
 from alexnet.model import AlexNet  # noqa: E402
 from alexnet.reader import LmdbSplit  # noqa: E402
 from alexnet.runtime import configure  # noqa: E402
@@ -212,6 +214,31 @@ def model_step(
             optimizer.step()
 
     return 10 * batch / best_seconds(step, 3, device)
+
+
+def lrn_alone(batch: int, device: torch.device = CUDA) -> tuple[float, float]:
+    """ms of the LRN's forward + backward on conv1's and conv2's maps (two columns) at
+    `batch`, in bf16 and channels-last as a step hands them over, 10 times; and the GB/s
+    of one read of each input and one write of each output (x, out; x, g, dx) in that time:
+    how near the kernels come to the memory's speed."""
+    shapes = ((batch, 96, 55, 55), (batch, 256, 27, 27))
+    xs = [
+        torch.relu(torch.randn(shape, device=device))
+        .to(torch.bfloat16)
+        .contiguous(memory_format=torch.channels_last)
+        .requires_grad_()
+        for shape in shapes
+    ]
+    grads = [torch.randn_like(x) for x in xs]
+
+    def work():
+        for _ in range(10):
+            for x, grad in zip(xs, grads, strict=True):
+                torch.autograd.grad(local_response_norm(x, groups=2), x, grad)
+
+    seconds = best_seconds(work, 3, device) / 10
+    moved = sum(5 * x.numel() * x.element_size() for x in xs)
+    return 1e3 * seconds, moved / seconds / 1e9
 
 
 WORKERS = 4  # the loaders' read-ahead processes
@@ -384,6 +411,15 @@ def gpu(
     )
     if with_lrn and without:
         row("LRN share of the step", lambda: 1 - with_lrn / without, 3)
+    alone = f"LRN forward + backward alone, conv1 + conv2 maps, batch {large}, bf16 + channels_last"
+    measured: dict[str, float] = {}
+
+    def lrn_time() -> float:
+        measured["ms"], measured["GB/s"] = lrn_alone(large, device)
+        return measured["ms"]
+
+    if row(f"{alone} (ms)", lrn_time, 2):
+        row(f"{alone} (GB/s of one pass)", lambda: measured["GB/s"])
     for amp in precisions:
         precision = "bf16 + channels_last" if amp else "float32"
         name = f"10-crop evaluation, jpeg LMDB, {precision} (crops/s)"

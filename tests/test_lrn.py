@@ -367,9 +367,14 @@ for kernel in (lrn_triton._forward_kernel, lrn_triton._backward_kernel):
                     [tools / "cuobjdump", "--dump-resource-usage", cubin.name],
                     capture_output=True, text=True, check=True,
                 ).stdout
+                sass = subprocess.run(
+                    [tools / "cuobjdump", "-sass", cubin.name],
+                    capture_output=True, text=True, check=True,
+                ).stdout
             line = next(line for line in usage.splitlines() if "REG:" in line)
             fields = dict(part.split(":") for part in line.split() if ":" in part)
-            print(kernel.fn.__name__, dtype, arch, line.strip())
+            counts = {op: sass.count(op + ".") for op in ("LDG", "STG", "MUFU")}
+            print(kernel.fn.__name__, dtype, arch, "REG", fields["REG"], counts)
             assert int(fields["STACK"]) == int(fields["LOCAL"]) == 0, line  # no spills
             assert int(fields["REG"]) <= 96, line
 print("ok")
