@@ -34,8 +34,8 @@ def speed_switches(
 ) -> Iterator[None]:
     """params `evaluate.amp` and `evaluate.channels_last` for every forward inside: bf16
     autocast, and the model's weights in the channels-last layout (its convolutions then
-    run channels-last). As training's switches: outputs equal up to rounding, which the
-    metrics' last digits show; the softmax stays float32."""
+    run channels-last; the weights stay so after). As training's switches: outputs equal
+    up to rounding, which the metrics' last digits show; the softmax stays float32."""
     if channels_last:
         model.to(memory_format=torch.channels_last)
     with torch.autocast(device.type, torch.bfloat16, enabled=amp):
@@ -139,7 +139,7 @@ def evaluate(
         raise StoreError(f"{split.path}: no images to evaluate")
     model.eval()
     mean = None if mean is None else mean.to(device)
-    batches = in_order(split, batch, encoded=encoded_for(split, device))
+    batches = in_order(split, batch, encoded=encoded_for(split, device, decoder))
     parts: list[tuple[torch.Tensor, ...]] = []
     wanted = {index: position for position, index in enumerate(keep)}
     kept: dict[int, torch.Tensor] = {}

@@ -111,9 +111,9 @@ def decode_on(
     decoder: JpegDecoder = DEFAULTS.compute.jpeg_decoder,
 ) -> torch.Tensor:
     """(N, 3, H, W) uint8 on `device`, the whole batch in one call of `decoder`: on CUDA,
-    torchvision's batched nvJPEG or DALI (`alexnet.jpeg_dali`); on a CPU, our pool of
-    threads or DALI's. A payload that does not decode is found again on the CPU, to be
-    named."""
+    torchvision's batched nvJPEG or DALI (`alexnet.jpeg_dali`); on a CPU (or with
+    `decoder` "cpu"), our pool of threads or DALI's. A payload that does not decode is
+    found again on the CPU, to be named."""
     if usable(decoder) == "dali":
         hwc_shape = (*shape[1:], shape[0])
         try:
@@ -123,7 +123,7 @@ def decode_on(
             _name_the_damaged(batch, shape)
             raise
         return hwc.permute(0, 3, 1, 2)  # the channels-last layout the augmentation takes
-    if device.type != "cuda":
+    if device.type != "cuda" or decoder == "cpu":
         out = np.empty((len(batch.payloads), *shape), dtype=np.uint8)
         decode_into(out, batch, decode_threads(0))
         return torch.from_numpy(out).to(device)

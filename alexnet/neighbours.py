@@ -85,7 +85,7 @@ def nearest(
         torch.empty(count, 0, dtype=torch.long),
         torch.empty(count, 0),
     )
-    batches = in_order(train, batch, encoded=encoded_for(train, device))
+    batches = in_order(train, batch, encoded=encoded_for(train, device, decoder))
     loader = batch_loader(batches, range(len(batches)), workers, device.type == "cuda")
     for rows, (images, labels) in zip(batches.batches, loader, strict=True):
         images = to_device(images, device, train.shape, decoder)

@@ -34,7 +34,7 @@ from pydantic_core import PydanticCustomError, to_jsonable_python
 from alexnet.errors import AlexnetError
 
 Kernels = Literal["fast", "reference"]
-JpegDecoder = Literal["torchvision", "dali"]
+JpegDecoder = Literal["torchvision", "dali", "cpu"]
 Resample = Literal["bilinear", "bicubic", "lanczos"]
 Columns = Literal[1, 2]
 InputSize = Literal[224, 227]
@@ -417,10 +417,11 @@ class ComputeParams(_Section):
     )
     jpeg_decoder: JpegDecoder = Field(
         "torchvision",
-        description="what decodes a jpeg store's batches on a CUDA device: torchvision "
-        "(batched nvJPEG) or dali (NVIDIA DALI, also the GPU's hardware JPEG engines; "
-        "the [dali] extra, torchvision where it is missing); equal within decoder "
-        "differences (docs/design.md)",
+        description="what decodes a jpeg store's batches for a CUDA device: torchvision "
+        "(batched nvJPEG on the GPU), dali (NVIDIA DALI on the GPU; the [dali] extra, "
+        "torchvision where it is missing), or cpu (libjpeg-turbo on the loader workers' "
+        "threads, as for a CPU device: where the host's cores decode faster than the "
+        "GPU); equal within decoder differences (docs/design.md)",
     )
 
 

@@ -17,6 +17,7 @@ import torch
 
 from alexnet.jpeg import Encoded, decode_into, decode_threads, read_payloads
 from alexnet.lmdb_store import StoreError, decode_value, get_record, read_meta, shared_readonly
+from alexnet.params import DEFAULTS, JpegDecoder
 
 
 class LmdbSplit(torch.utils.data.Dataset):
@@ -118,9 +119,12 @@ def read(split: LmdbSplit, indices, encoded: bool) -> tuple[torch.Tensor | Encod
     return split.read_batch(indices, channels_last=True)
 
 
-def encoded_for(split: LmdbSplit, device: torch.device) -> bool:
-    """Whether batches of `split` are better left encoded for `device` to decode."""
-    return split.encoding == "jpeg" and device.type == "cuda"
+def encoded_for(
+    split: LmdbSplit, device: torch.device, decoder: JpegDecoder = DEFAULTS.compute.jpeg_decoder
+) -> bool:
+    """Whether batches of `split` travel encoded, for `decoder` to decode on `device`: a
+    jpeg store for a CUDA device, unless its decoder is the loader's own threads."""
+    return split.encoding == "jpeg" and device.type == "cuda" and decoder != "cpu"
 
 
 class Batches(torch.utils.data.Dataset):

@@ -152,7 +152,7 @@ def validate(
     # loss, top-1 and top-5 mistakes, summed on the device in float64 (the float32
     # losses added in order, exactly as on the host) and read once at the end
     totals = torch.zeros(3, dtype=torch.float64, device=device)
-    batches = in_order(store, batch, world.rows, encoded_for(store, device))
+    batches = in_order(store, batch, world.rows, encoded_for(store, device, decoder))
     for images, labels in batch_loader(batches, range(len(batches))):
         images, labels = to_device(images, device, store.shape, decoder), labels.to(device)
         logits = model(centre_crop(images, mean, crop))
@@ -410,7 +410,7 @@ class Trainer:
                 self.params.seed,
                 self.params.batch_size,
                 self.world.rows,
-                encoded_for(self.train, self.device),
+                encoded_for(self.train, self.device, self.run.jpeg_decoder),
             )
             self._stream = iter(
                 batch_loader(

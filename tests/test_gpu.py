@@ -251,6 +251,21 @@ def test_a_gpu_decode_overlaps_the_callers_queued_work(tmp_path):
     assert torch.equal(images.cpu(), expected)
 
 
+def test_the_evaluation_in_bf16_and_channels_last_on_cuda_is_float32_up_to_rounding():
+    # params evaluate.amp and evaluate.channels_last, where they are for: a GPU.
+    from alexnet.evaluate import crop_probabilities, speed_switches
+
+    torch.manual_seed(0)
+    model = AlexNet(num_classes=10).to(CUDA).eval()
+    images = torch.randint(0, 256, (4, 3, 256, 256), dtype=torch.uint8, device=CUDA)
+    mean = torch.full((3, 256, 256), 110.0, device=CUDA)
+    exact = crop_probabilities(model, images, mean, 224)
+    with speed_switches(model, CUDA, amp=True, channels_last=True):
+        fast = crop_probabilities(model, images, mean, 224)
+    assert fast.dtype == torch.float32 and fast.is_cuda
+    torch.testing.assert_close(fast, exact, atol=0.02, rtol=0)
+
+
 DEFERRED_CHECK = """
 import sys, torch
 from pathlib import Path
@@ -319,6 +334,34 @@ def test_training_from_a_jpeg_store_decodes_the_batches_on_the_gpu(tmp_path):
     assert isinstance(images, Encoded) and len(images.payloads) == size == 4
     record = Trainer(run).run_epoch()
     assert math.isfinite(record["train_loss"]) and record["images_per_s"] > 0
+
+
+def test_training_on_cuda_with_the_cpu_decoder_takes_decoded_batches(tmp_path):
+    # compute.jpeg_decoder: cpu, for a host whose cores outrun the GPU's decoder: the
+    # loader's threads decode, the GPU gets pixels, exactly the CPU decode's.
+    import numpy as np
+
+    from alexnet.jpeg import decode_on
+    from alexnet.lmdb_store import write_store
+    from alexnet.reader import LmdbSplit
+    from alexnet.stats import save_stats
+    from alexnet.train import Trainer
+    from tests.helpers import CLASSES, encode, photo, train_run
+
+    records = [(i % 2, encode(photo(256, 256, seed=i), "JPEG", quality=90)) for i in range(8)]
+    for split in ("train", "val"):
+        write_store(tmp_path / "lmdb" / split, [records], "jpeg", CLASSES, size=256)
+    eig = {"eigenvalues": [900.0, 90.0, 9.0], "eigenvectors": np.eye(3).tolist()}
+    save_stats(tmp_path / "stats", np.full((256, 256, 3), 100, np.float32), eig)
+    split = LmdbSplit(tmp_path / "lmdb" / "train")
+    on_gpu = decode_on(split.read_encoded(range(8)), CUDA, split.shape, "cpu")
+    assert on_gpu.is_cuda and torch.equal(on_gpu.cpu(), split.read_batch(range(8))[0])
+    run = train_run(tmp_path, tmp_path / "run", epochs=1, device=["cuda"])
+    run = run.model_copy(update={"jpeg_decoder": "cpu"})
+    images, _, size = next(Trainer(run).batches())  # what the loader hands the step
+    assert torch.is_tensor(images) and images.dtype == torch.uint8 and len(images) == size
+    record = Trainer(run).run_epoch()
+    assert math.isfinite(record["train_loss"])
 
 
 def test_the_compiled_step_on_cuda_is_the_eager_step_up_to_rounding(

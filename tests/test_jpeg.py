@@ -49,6 +49,8 @@ def test_encoded_batches_decode_on_the_device_to_the_loaders_pixels(tmp_path):
     split, _ = jpeg_store(tmp_path)
     cpu = torch.device("cpu")
     assert not encoded_for(split, cpu) and encoded_for(split, torch.device("cuda"))
+    # compute.jpeg_decoder: cpu, the loader's threads decode for a CUDA device too
+    assert not encoded_for(split, torch.device("cuda"), "cpu")
     encoded = split.read_encoded([4, 1, 8])
     assert isinstance(encoded, Encoded) and encoded.labels.tolist() == [1, 1, 2]
     assert encoded.where[0].endswith("key 00000004")

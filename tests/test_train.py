@@ -768,7 +768,7 @@ def test_a_jpeg_stores_batches_left_encoded_train_as_the_decoded_ones(tmp_path, 
     eig = {"eigenvalues": [900.0, 90.0, 9.0], "eigenvectors": np.eye(3).tolist()}
     save_stats(tmp_path / "stats", np.full((256, 256, 3), 100, np.float32), eig)
     decoded = Trainer(train_run(tmp_path, tmp_path / "decoded", epochs=1)).run_epoch()
-    monkeypatch.setattr(train_module, "encoded_for", lambda split, device: True)
+    monkeypatch.setattr(train_module, "encoded_for", lambda split, device, decoder: True)
     run = train_run(tmp_path, tmp_path / "encoded", epochs=1)
     images, _, size = next(Trainer(run).batches())  # what the loader hands the step
     assert isinstance(images, Encoded) and len(images.payloads) == size == 4
