@@ -4,14 +4,16 @@ A batch of the `jpeg` encoding leaves the LMDB reader as `Encoded`: each image's
 bytes and its label. `to_device` turns it into the (N, 3, H, W) uint8 batch the
 augmentation and the model take, on the device they run on:
 - CUDA: one batched nvJPEG call (`torchvision.io.decode_jpeg` on a list of images,
-  `device="cuda"`). The loader's workers then only copy bytes out of the store, and the
+  `device="cuda"`), on a stream of its own that overlaps the training step
+  (`_decode_beside`). The loader's workers then only copy bytes out of the store, and the
   host's cores are free: a 256x256 JPEG costs ~0.45 ms a core to decode (2,000-2,300 a
   second on one thread in `bench/gpu.py --cpu`), so 15,000 images a second would take
   ~7 cores doing nothing else.
 - a CPU: libjpeg-turbo (`torchvision.io.decode_jpeg`), on a pool of threads (the op
   releases the GIL), each image written straight into its row of the batch.
 With params `compute.jpeg_decoder: dali`, NVIDIA DALI decodes the batch instead
-(`alexnet.jpeg_dali`), where it imports.
+(`alexnet.jpeg_dali`), where it imports; with `cpu`, batches for CUDA are not left
+encoded (`alexnet.reader.encoded_for`): the loader's threads decode them, as for a CPU.
 
 All give what `PIL` gives for the same bytes within JPEG decoder differences (nvJPEG's
 IDCT and upsampling are not libjpeg-turbo's): tests/test_jpeg.py and tests/test_gpu.py

@@ -40,6 +40,16 @@ PIXELS, WARPS = 256, 4  # positions per program, and 2 a thread: ~60 registers, 
 
 
 @triton.jit
+def _block(channels, per, hw, PIXELS: tl.constexpr):
+    """This program's pixel positions, which of them lie in the maps, and where its
+    image's channel group starts."""
+    image, group, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pixels = block * PIXELS + tl.arange(0, PIXELS)
+    start = (image * channels + group * per).to(tl.int64) * hw
+    return pixels, pixels < hw, start
+
+
+@triton.jit
 def _row(ptr, start, hw, m, per, pixels, inside):
     """Map `m`'s values at `pixels` as float32; 0 for a map outside the group."""
     valid = inside & (m >= 0) & (m < per)
@@ -66,6 +76,12 @@ def _denominator(window, alpha: tl.constexpr, k: tl.constexpr, SIZE: tl.constexp
 
 
 @triton.jit
+def _power(d, beta: tl.constexpr):
+    """d^-beta, as exp(-beta log d) (d >= k > 0)."""
+    return tl.exp(-beta * tl.log(d))
+
+
+@triton.jit
 def _forward_kernel(
     x_ptr,
     out_ptr,
@@ -80,10 +96,7 @@ def _forward_kernel(
     AFTER: tl.constexpr,  # maps after i in its window (size - 1 - size // 2)
     PIXELS: tl.constexpr,
 ):
-    image, group, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    pixels = block * PIXELS + tl.arange(0, PIXELS)
-    inside = pixels < hw
-    start = (image * channels + group * per).to(tl.int64) * hw
+    pixels, inside, start = _block(channels, per, hw, PIXELS)
     window = _first_window(x_ptr, start, hw, per, pixels, inside, BEFORE, AFTER)
     ahead = _row(x_ptr, start, hw, AFTER, per, pixels, inside)
     for first in range(0, per, SIZE):  # SIZE steps a turn: see _backward_kernel
@@ -92,7 +105,7 @@ def _forward_kernel(
             window = window[1:] + (ahead,)  # maps i - BEFORE ... i + AFTER
             ahead = _row(x_ptr, start, hw, i + AFTER + 1, per, pixels, inside)  # the next's
             d = _denominator(window, alpha, k, SIZE)
-            b = window[BEFORE] * tl.exp(-beta * tl.log(d))  # d^-beta (d >= k > 0)
+            b = window[BEFORE] * _power(d, beta)
             out = out_ptr + start + i * hw + pixels
             tl.store(out, b.to(out_ptr.dtype.element_ty), mask=inside & (i < per))
 
@@ -113,10 +126,7 @@ def _backward_kernel(
     AFTER: tl.constexpr,
     PIXELS: tl.constexpr,
 ):
-    image, group, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    pixels = block * PIXELS + tl.arange(0, PIXELS)
-    inside = pixels < hw
-    start = (image * channels + group * per).to(tl.int64) * hw
+    pixels, inside, start = _block(channels, per, hw, PIXELS)
     window = _first_window(x_ptr, start, hw, per, pixels, inside, BEFORE, AFTER)
     x_ahead = _row(x_ptr, start, hw, AFTER, per, pixels, inside)
     g_ahead = _row(g_ptr, start, hw, 0, per, pixels, inside)
@@ -135,7 +145,7 @@ def _backward_kernel(
             x_ahead = _row(x_ptr, start, hw, m + AFTER + 1, per, pixels, inside)  # the next's
             g_ahead = _row(g_ptr, start, hw, m + 1, per, pixels, inside)
             d = _denominator(window, alpha, k, SIZE)
-            power = tl.exp(-beta * tl.log(d))  # d_m^-beta
+            power = _power(d, beta)  # d_m^-beta
             inner = inner[1:] + (g * window[BEFORE] * power / d,)  # 0 past the last map
             scaled = scaled[1:] + (g * power,)
             total = inner[0]
