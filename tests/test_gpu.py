@@ -315,21 +315,11 @@ def assert_prints_same(script: str, folder) -> None:
 
 
 def test_training_from_a_jpeg_store_decodes_the_batches_on_the_gpu(tmp_path):
-    import numpy as np
-
     from alexnet.jpeg import Encoded
-    from alexnet.lmdb_store import write_store
-    from alexnet.stats import save_stats
-    from tests.helpers import CLASSES, encode, photo, train_run
-
-    records = [(i % 2, encode(photo(256, 256, seed=i), "JPEG", quality=90)) for i in range(8)]
-    for split in ("train", "val"):
-        write_store(tmp_path / "lmdb" / split, [records], "jpeg", CLASSES, size=256)
-    eig = {"eigenvalues": [900.0, 90.0, 9.0], "eigenvectors": np.eye(3).tolist()}
-    save_stats(tmp_path / "stats", np.full((256, 256, 3), 100, np.float32), eig)
     from alexnet.train import Trainer
+    from tests.helpers import jpeg_training_data, train_run
 
-    run = train_run(tmp_path, tmp_path / "run", epochs=1, device=["cuda"])
+    run = train_run(jpeg_training_data(tmp_path), tmp_path / "run", epochs=1, device=["cuda"])
     images, labels, size = next(Trainer(run).batches())  # what the loader hands the step
     assert isinstance(images, Encoded) and len(images.payloads) == size == 4
     record = Trainer(run).run_epoch()
@@ -339,20 +329,12 @@ def test_training_from_a_jpeg_store_decodes_the_batches_on_the_gpu(tmp_path):
 def test_training_on_cuda_with_the_cpu_decoder_takes_decoded_batches(tmp_path):
     # compute.jpeg_decoder: cpu, for a host whose cores outrun the GPU's decoder: the
     # loader's threads decode, the GPU gets pixels, exactly the CPU decode's.
-    import numpy as np
-
     from alexnet.jpeg import decode_on
-    from alexnet.lmdb_store import write_store
     from alexnet.reader import LmdbSplit
-    from alexnet.stats import save_stats
     from alexnet.train import Trainer
-    from tests.helpers import CLASSES, encode, photo, train_run
+    from tests.helpers import jpeg_training_data, train_run
 
-    records = [(i % 2, encode(photo(256, 256, seed=i), "JPEG", quality=90)) for i in range(8)]
-    for split in ("train", "val"):
-        write_store(tmp_path / "lmdb" / split, [records], "jpeg", CLASSES, size=256)
-    eig = {"eigenvalues": [900.0, 90.0, 9.0], "eigenvectors": np.eye(3).tolist()}
-    save_stats(tmp_path / "stats", np.full((256, 256, 3), 100, np.float32), eig)
+    jpeg_training_data(tmp_path)
     split = LmdbSplit(tmp_path / "lmdb" / "train")
     on_gpu = decode_on(split.read_encoded(range(8)), CUDA, split.shape, "cpu")
     assert on_gpu.is_cuda and torch.equal(on_gpu.cpu(), split.read_batch(range(8))[0])

@@ -27,8 +27,7 @@ from tests.helpers import (
     REPO,
     assert_updates_within,
     blobs,
-    encode,
-    photo,
+    jpeg_training_data,
     run_python,
     train_run,
 )
@@ -762,11 +761,7 @@ def test_a_jpeg_stores_batches_left_encoded_train_as_the_decoded_ones(tmp_path, 
     from alexnet import train as train_module
     from alexnet.jpeg import Encoded
 
-    records = [(i % 2, encode(photo(256, 256, seed=i), "JPEG", quality=90)) for i in range(8)]
-    for split in ("train", "val"):
-        write_store(tmp_path / "lmdb" / split, [records], "jpeg", CLASSES, size=256)
-    eig = {"eigenvalues": [900.0, 90.0, 9.0], "eigenvectors": np.eye(3).tolist()}
-    save_stats(tmp_path / "stats", np.full((256, 256, 3), 100, np.float32), eig)
+    jpeg_training_data(tmp_path)
     decoded = Trainer(train_run(tmp_path, tmp_path / "decoded", epochs=1)).run_epoch()
     monkeypatch.setattr(train_module, "encoded_for", lambda split, device, decoder: True)
     run = train_run(tmp_path, tmp_path / "encoded", epochs=1)
