@@ -80,10 +80,12 @@ def nearest(
     queries = queries.to(device).float()
     mean = None if mean is None else mean.to(device)
     count = len(queries)
+    # on the device: the host reads the k best once, at the end, instead of waiting for
+    # each batch's forward (on a GPU the next batch's read and decode then overlap it)
     best = Neighbours(
-        torch.empty(count, 0, dtype=torch.long),
-        torch.empty(count, 0, dtype=torch.long),
-        torch.empty(count, 0),
+        torch.empty(count, 0, dtype=torch.long, device=device),
+        torch.empty(count, 0, dtype=torch.long, device=device),
+        torch.empty(count, 0, device=device),
     )
     batches = in_order(train, batch, encoded=encoded_for(train, device, decoder))
     loader = batch_loader(batches, range(len(batches)), workers, device.type == "cuda")
@@ -91,14 +93,14 @@ def nearest(
         images = to_device(images, device, train.shape, decoder)
         vectors = hidden_vectors(model, images, mean, crop)
         found = Neighbours(
-            torch.as_tensor(rows).expand(count, -1),
-            labels.expand(count, -1),
-            distances(queries, vectors).cpu(),
+            torch.as_tensor(rows).to(device).expand(count, -1),
+            labels.to(device, non_blocking=True).expand(count, -1),
+            distances(queries, vectors),
         )
         best = keep_nearest(best, found, k)
         if on_batch:
             on_batch(len(rows))
-    return best
+    return Neighbours(*(field.cpu() for field in _fields(best)))
 
 
 def images_of(train: LmdbSplit, found: Neighbours) -> torch.Tensor:
