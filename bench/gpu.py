@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import sys
 import tempfile
@@ -217,18 +218,26 @@ def model_step(
     return 10 * batch / best_seconds(step, 3, device)
 
 
-def lrn_alone(batch: int, device: torch.device = CUDA) -> tuple[float, float]:
-    """ms of the LRN's forward + backward on conv1's and conv2's maps (two columns) at
-    `batch`, in bf16 and channels-last as a step hands them over, 10 times; and the GB/s
-    of one read of each input and one write of each output (x, out; x, g, dx) in that time:
-    how near the kernels come to the memory's speed."""
-    shapes = ((batch, 96, 55, 55), (batch, 256, 27, 27))
+def lrn_maps(batch: int) -> tuple[tuple[int, int, int, int], ...]:
+    """The shapes of the maps the LRN normalises in a step of `batch`: conv1's, conv2's."""
+    return (batch, 96, 55, 55), (batch, 256, 27, 27)
+
+
+def lrn_bytes(batch: int) -> int:
+    """Bytes of one read of each input and one write of each output of the LRN's forward
+    (x, out) and backward (x, g, dx) on `lrn_maps(batch)` in bf16: its memory floor."""
+    return 5 * 2 * sum(math.prod(shape) for shape in lrn_maps(batch))
+
+
+def lrn_alone(batch: int, device: torch.device = CUDA) -> float:
+    """ms of the LRN's forward + backward on `lrn_maps(batch)` (two columns), in bf16 and
+    channels-last as a step hands them over (the best of 3 rounds of 10)."""
     xs = [
         torch.relu(torch.randn(shape, device=device))
         .to(torch.bfloat16)
         .contiguous(memory_format=torch.channels_last)
         .requires_grad_()
-        for shape in shapes
+        for shape in lrn_maps(batch)
     ]
     grads = [torch.randn_like(x) for x in xs]
 
@@ -237,9 +246,7 @@ def lrn_alone(batch: int, device: torch.device = CUDA) -> tuple[float, float]:
             for x, grad in zip(xs, grads, strict=True):
                 torch.autograd.grad(local_response_norm(x, groups=2), x, grad)
 
-    seconds = best_seconds(work, 3, device) / 10
-    moved = sum(5 * x.numel() * x.element_size() for x in xs)
-    return 1e3 * seconds, moved / seconds / 1e9
+    return 1e3 * best_seconds(work, 3, device) / 10
 
 
 WORKERS = 4  # the loaders' read-ahead processes
@@ -415,14 +422,8 @@ def gpu(
     if with_lrn and without:
         row("LRN share of the step", lambda: 1 - with_lrn / without, 3)
     alone = f"LRN forward + backward alone, conv1 + conv2 maps, batch {large}, bf16 + channels_last"
-    measured: dict[str, float] = {}
-
-    def lrn_time() -> float:
-        measured["ms"], measured["GB/s"] = lrn_alone(large, device)
-        return measured["ms"]
-
-    if row(f"{alone} (ms)", lrn_time, 2):
-        row(f"{alone} (GB/s of one pass)", lambda: measured["GB/s"])
+    if lrn_ms := row(f"{alone} (ms)", lambda: lrn_alone(large, device), 2):
+        row(f"{alone} (GB/s of one pass)", lambda: lrn_bytes(large) / lrn_ms / 1e6)
     for amp in precisions:
         precision = "bf16 + channels_last" if amp else "float32"
         name = f"10-crop evaluation, jpeg LMDB, {precision} (crops/s)"

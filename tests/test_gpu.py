@@ -183,18 +183,24 @@ def test_triton_lrn_kernels_on_conv1_and_conv2_maps(dtype, rtol, shape, groups):
 NVJPEG_MEAN, NVJPEG_MAX = 1.0, 24
 
 
-@pytest.mark.parametrize("decoder", ["torchvision", "dali"])
-def test_the_gpu_batch_decode_equals_the_cpu_decode_within_decoder_differences(tmp_path, decoder):
-    from alexnet.jpeg import decode_on, usable
+def jpeg_split(folder, count: int):
+    """A one-class `jpeg` store of `count` photo-like 256x256 JPEGs in `folder`."""
     from alexnet.lmdb_store import write_store
     from alexnet.reader import LmdbSplit
     from tests.helpers import encode, photo
 
-    assert usable(decoder) == decoder  # DALI is installed (the [dali] extra), not replaced
-    jpegs = [encode(photo(256, 256, seed=i), "JPEG", quality=90) for i in range(12)]
+    jpegs = [encode(photo(256, 256, seed=i), "JPEG", quality=90) for i in range(count)]
     classes = [{"index": 0, "wnid": "n0", "name": "class 0"}]
-    write_store(tmp_path / "jpeg", [[(0, data) for data in jpegs]], "jpeg", classes, size=256)
-    split = LmdbSplit(tmp_path / "jpeg")
+    write_store(folder / "jpeg", [[(0, data) for data in jpegs]], "jpeg", classes, size=256)
+    return LmdbSplit(folder / "jpeg")
+
+
+@pytest.mark.parametrize("decoder", ["torchvision", "dali"])
+def test_the_gpu_batch_decode_equals_the_cpu_decode_within_decoder_differences(tmp_path, decoder):
+    from alexnet.jpeg import decode_on, usable
+
+    assert usable(decoder) == decoder  # DALI is installed (the [dali] extra), not replaced
+    split = jpeg_split(tmp_path, 12)
     on_cpu, _ = split.read_batch(range(12))
     on_gpu = decode_on(split.read_encoded(range(12)), CUDA, split.shape, decoder)
     assert on_gpu.is_cuda and on_gpu.shape == on_cpu.shape and on_gpu.dtype == torch.uint8
@@ -209,14 +215,8 @@ def test_a_gpu_decode_does_not_overwrite_memory_queued_kernels_still_read(tmp_pa
     # blocks of the decoder's output size, freed while sums of them wait behind a long
     # kernel, then a decode: every sum must still be exact.
     from alexnet.jpeg import decode_on
-    from alexnet.lmdb_store import write_store
-    from alexnet.reader import LmdbSplit
-    from tests.helpers import encode, photo
 
-    jpegs = [encode(photo(256, 256, seed=i), "JPEG", quality=90) for i in range(8)]
-    classes = [{"index": 0, "wnid": "n0", "name": "class 0"}]
-    write_store(tmp_path / "jpeg", [[(0, data) for data in jpegs]], "jpeg", classes, size=256)
-    split = LmdbSplit(tmp_path / "jpeg")
+    split = jpeg_split(tmp_path, 8)
     elements = 3 * 256 * 256 // 4  # float32s in one decoded image's bytes
     for _ in range(20):
         victims = [torch.ones(elements, device=CUDA) for _ in range(8)]
@@ -233,14 +233,8 @@ def test_a_gpu_decode_overlaps_the_callers_queued_work(tmp_path):
     # the step queued before it, and the batch must still reach that stream's later work
     # whole.
     from alexnet.jpeg import decode_on
-    from alexnet.lmdb_store import write_store
-    from alexnet.reader import LmdbSplit
-    from tests.helpers import encode, photo
 
-    jpegs = [encode(photo(256, 256, seed=i), "JPEG", quality=90) for i in range(8)]
-    classes = [{"index": 0, "wnid": "n0", "name": "class 0"}]
-    write_store(tmp_path / "jpeg", [[(0, data) for data in jpegs]], "jpeg", classes, size=256)
-    split = LmdbSplit(tmp_path / "jpeg")
+    split = jpeg_split(tmp_path, 8)
     expected = decode_on(split.read_encoded(range(8)), CUDA, split.shape).cpu()  # warm
     torch.cuda.synchronize()
     torch.cuda._sleep(2_000_000_000)  # ~1 s of one kernel on the caller's stream
