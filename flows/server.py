@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,22 +27,69 @@ STARTUP_TIMEOUT_S = 90  # Prefect's 20 s default is too short on a busy 2-core m
 
 
 def _own_session_server():
-    """Prefect's temporary server, started in a session of its own. A Ctrl-C at the
-    terminal goes to every process of its foreground group: in the stage's group the
-    server died with the stage, whose Prefect clients then retried the dead API for
-    minutes before it could exit. Stopped at exit as before (`atexit`), and by Linux when
-    this process dies without it (a closed terminal, `timeout`): out of the group, no
-    signal to the group reaches it. Imported here: every command loads this module."""
+    """Prefect's temporary server, started in a session of its own, on a socket bound here.
+
+    A session of its own: a Ctrl-C at the terminal goes to every process of its
+    foreground group: in the stage's group the server died with the stage, whose Prefect
+    clients then retried the dead API for minutes before it could exit. Stopped at exit as
+    before (`atexit`), and by Linux when this process dies without it (a closed terminal,
+    `timeout`): out of the group, no signal to the group reaches it.
+
+    A socket bound here (a port the kernel picks, handed to uvicorn with `--fd`): Prefect
+    picks a port that is free when it looks, and takes the first answer on it as its
+    server's. Two stages starting at once could pick the same one; the second's server
+    then failed to bind, and that stage used the first's, which went with the first stage.
+
+    Prefect imported here: every command loads this module."""
     from prefect.server.api.server import SubprocessASGIServer
 
     class OwnSessionServer(SubprocessASGIServer):
+        listener: socket.socket | None = None
+
+        def find_available_port(self) -> int:
+            self.listener = _bound(0)
+            return self.listener.getsockname()[1]
+
         def _run_uvicorn_command(self) -> subprocess.Popen:
+            if self.listener is None:  # a port the caller chose: bound here, or OSError
+                self.listener = _bound(self.port)
+            fd = self.listener.fileno()
             stage = functools.partial(_die_with_parent, os.getpid())
-            popen = functools.partial(subprocess.Popen, start_new_session=True, preexec_fn=stage)
-            with mock.patch.object(subprocess, "Popen", popen):  # Prefect's call, 2 more args
-                return super()._run_uvicorn_command()
+            real = subprocess.Popen  # (patched below, for Prefect's call)
+
+            def popen(args: list[str], **kwargs) -> subprocess.Popen:
+                args = _on_fd(args, self.port, fd)
+                return real(
+                    args, start_new_session=True, preexec_fn=stage, pass_fds=(fd,), **kwargs
+                )
+
+            with mock.patch.object(subprocess, "Popen", popen):  # Prefect's call, 3 more args
+                process = super()._run_uvicorn_command()
+            self.listener.close()  # the server holds it now: closed with the server
+            self.listener = None
+            return process
 
     return OwnSessionServer()  # Prefect's own singleton: its clients reuse it
+
+
+def _bound(port: int) -> socket.socket:
+    """A TCP socket bound to `port` on 127.0.0.1 (0: one the kernel picks), not yet
+    listening: until the server listens (asyncio does, once it serves), a connection is
+    refused at once, which Prefect's startup check retries; a listening socket would
+    accept it and leave it unanswered while the server imports (seconds), and the check
+    failed on its read timeout."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", port))
+    return listener
+
+
+def _on_fd(args: list[str], port: int, fd: int) -> list[str]:
+    """uvicorn's command `args` serving the socket `fd` instead of binding `port`."""
+    address = ["--host", "127.0.0.1", "--port", str(port)]
+    at = next((i for i in range(len(args)) if args[i : i + 4] == address), None)
+    if at is None:  # a Prefect whose command changed: fail here, not with a port clash
+        raise AlexnetError(f"Prefect's server command has no {' '.join(address)}: {args}")
+    return [*args[:at], "--fd", str(fd), *args[at + 4 :]]
 
 
 def _die_with_parent(stage: int) -> None:

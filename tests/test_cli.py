@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -408,6 +409,7 @@ def test_ctrl_c_stops_a_stage_in_seconds_with_one_line(tmp_path, scheduler, when
             if when in log.read_text() or stage.poll() is not None:  # begins (it starts)
                 break
             time.sleep(0.1)
+        assert stage.poll() is None, log.read_text()[-3000:]  # it ended before the Ctrl-C
         os.killpg(stage.pid, signal.SIGINT)
         returncode = stage.wait(timeout=60)
     finally:
@@ -476,6 +478,51 @@ def test_a_stage_killed_outright_takes_its_server_and_workers_with_it(tmp_path):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(stage.pid, signal.SIGKILL)
+
+
+# Prefect's port for its temporary server narrowed to one, as when two stages that start
+# at once pick the same; each stage then prints the API it uses, and keeps its server
+# until its input closes.
+TWO_STAGES_ONE_PORT = """
+import sys
+from prefect.server.api.server import SubprocessASGIServer
+SubprocessASGIServer._port_range = range(int(sys.argv[1]), int(sys.argv[1]) + 1)
+from flows.server import prefect_api
+with prefect_api() as url:
+    print(url, flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_two_stages_starting_at_once_each_get_a_temporary_server_of_their_own(tmp_path):
+    # Prefect took the first answer on the port it picked as its own server's: the second
+    # stage's server failed to bind, and that stage used the first's, which stopped with
+    # the first stage. Now the port is bound before the server starts.
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    command = [sys.executable, "-c", TWO_STAGES_ONE_PORT, str(free_port())]
+    stages = [
+        subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=tmp_path.joinpath(f"log{i}").open("w"),
+        )
+        for i in range(2)
+    ]
+    try:
+        urls = [stage.stdout.readline().strip() for stage in stages]  # both serve now
+        logs = [path.read_text()[-2000:] for path in sorted(tmp_path.iterdir())]
+        assert all(urls) and urls[0] != urls[1], (urls, logs)
+        for url in urls:
+            assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    finally:
+        for stage in stages:
+            stage.stdin.close()
+            stage.wait(timeout=60)
+    assert [stage.returncode for stage in stages] == [0, 0], logs
 
 
 def test_a_stage_error_is_the_last_word(tmp_path):
