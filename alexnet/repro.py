@@ -186,16 +186,22 @@ def remote_url(repo: Path, name: str) -> str | None:
         return dvc.config["remote"].get(name, {}).get("url")
 
 
-def check_remote_kept(repo: Path, name: str, url: str | None) -> None:
-    """Refuse, before the work, a push to a remote that goes with the run: a local folder
-    inside the temporary folder a Prefect worker cloned the repository into (the default
-    remote, a folder beside the repository, lands there). Its "Pushed" was a lie."""
+def goes_with_the_run(repo: Path, path: Path) -> Path | None:
+    """The temporary folder a Prefect worker cloned `repo` into, deleted after the run,
+    when `path` (relative: to `repo`, where the stages run) lies inside it; else None."""
     scratch = repo.resolve().parent
     temporary = (
         scratch.name.endswith(WORKER_SCRATCH_SUFFIX)
         and scratch.parent == Path(tempfile.gettempdir()).resolve()
     )
-    if url and "://" not in url and temporary and Path(url).resolve().is_relative_to(scratch):
+    return scratch if temporary and (repo / path).resolve().is_relative_to(scratch) else None
+
+
+def check_remote_kept(repo: Path, name: str, url: str | None) -> None:
+    """Refuse, before the work, a push to a remote that goes with the run: a local folder
+    inside the temporary folder a Prefect worker cloned the repository into (the default
+    remote, a folder beside the repository, lands there). Its "Pushed" was a lie."""
+    if url and "://" not in url and (scratch := goes_with_the_run(repo, Path(url))):
         raise ReproError(
             f"DVC remote {name!r} ({url}) is inside this run's temporary folder {scratch}, "
             "deleted after the run: commit a remote the workers share in .dvc/config "

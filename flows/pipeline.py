@@ -17,8 +17,9 @@ Each publishes the metrics (and what changed since the run before) as an artifac
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -44,6 +45,7 @@ from alexnet.repro import (
     chain,
     check_remote_kept,
     default_remote,
+    goes_with_the_run,
     metrics,
     metrics_diff,
     push_outputs,
@@ -172,6 +174,8 @@ def _run(
         remote = default_remote(root)
         if push and remote:
             check_remote_kept(root, remote, remote_url(root, remote))
+        if "train" in stages:
+            _warn_if_checkpoint_goes(root, logger.warning)
         ran = []
         for stage in stages:
             # Called, not submitted: the task runs in this, the main, thread, where
@@ -194,6 +198,19 @@ def _run(
     else:
         logger.info("nothing changed: data and pipelines are up to date")
     return {"ran": ran, "metrics": after, "pushed": pushed}
+
+
+def _warn_if_checkpoint_goes(root: Path, warn: Callable[[str], None]) -> None:
+    """Say so when the train stage's checkpoint is inside a Prefect worker's temporary
+    clone: a cancelled run's training would start afresh on the next run."""
+    arg = STAGE_TABLE["train"].path("checkpoint")
+    checkpoint = Path(os.environ.get(arg.envvar) or arg.default)
+    if scratch := goes_with_the_run(root, checkpoint):
+        warn(
+            f"train's checkpoint {root / checkpoint} goes with this run's temporary folder "
+            f"{scratch}: a cancelled training starts afresh next run; set {arg.envvar} on "
+            'the workers to a path outside it (README, "More machines")'
+        )
 
 
 def _publish(key: str, changes: list[dict], ran: list[str], clean: bool, pushed: bool) -> None:

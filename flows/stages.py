@@ -56,6 +56,7 @@ class PathArg:
     # beside that one as the defaults do (`evaluate VAL`: VAL/../train).
     beside: str | None = None
     output: bool = False  # what the stage writes (dvc.yaml's outs); the rest it reads
+    envvar: str | None = None  # an environment variable that gives it when no argument does
 
 
 @dataclass(frozen=True)
@@ -160,10 +161,12 @@ STAGES: dict[str, Stage] = {
                     "checkpoint",
                     "models/checkpoints/train.pt",
                     "checkpoint file (resumed when it belongs to this run; default: "
-                    "checkpoints/train.pt beside MODEL_PATH)",
+                    "checkpoints/train.pt beside MODEL_PATH). A Prefect worker's run is a "
+                    "temporary clone: give its workers a path outside it to resume there",
                     option=True,
                     beside="model_path",
                     output=True,
+                    envvar="ALEXNET_CHECKPOINT",
                 ),
                 PathArg(
                     "metrics",
@@ -375,6 +378,7 @@ def command(stage: Stage, flow: Callable | None = None) -> Callable[..., None]:
                 (typer.Option if arg.option else typer.Argument)(
                     help=arg.help,
                     show_default=f"params {arg.default}" if arg.from_params else arg.default,
+                    envvar=arg.envvar,
                 ),
             ],
         )

@@ -33,7 +33,7 @@ from alexnet.repro import (
     repro_args,
     status_clean,
 )
-from flows.pipeline import lateness
+from flows.pipeline import _warn_if_checkpoint_goes, lateness
 
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
 
@@ -301,6 +301,28 @@ def test_a_push_to_a_remote_inside_a_workers_temporary_folder_is_refused(tmp_pat
     check_remote_kept(repo, "shared", "s3://bucket/alexnet")  # shared storage: kept
     check_remote_kept(repo, "shared", str(tmp_path / "kept"))  # outside the run's folder
     check_remote_kept(project(tmp_path / "mine"), "shared", str(tmp_path / "mine" / "remote"))
+
+
+def test_a_train_checkpoint_inside_a_workers_temporary_folder_is_warned_of(tmp_path, monkeypatch):
+    # The run still works; a cancelled training would start afresh on the next run.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("ALEXNET_CHECKPOINT", raising=False)
+    clone = tmp_path / f"tmpab12{WORKER_SCRATCH_SUFFIX}" / "alexnet"
+    clone.mkdir(parents=True)
+    warned = []
+    _warn_if_checkpoint_goes(clone, warned.append)  # the default, in the clone
+    assert len(warned) == 1, warned
+    assert warned[0].startswith(f"train's checkpoint {clone / 'models/checkpoints/train.pt'} ")
+    assert "set ALEXNET_CHECKPOINT on the workers" in warned[0]
+    monkeypatch.setenv("ALEXNET_CHECKPOINT", "kept/train.pt")  # relative: in the clone too
+    _warn_if_checkpoint_goes(clone, warned.append)
+    assert len(warned) == 2
+    monkeypatch.setenv("ALEXNET_CHECKPOINT", str(tmp_path / "kept" / "train.pt"))
+    _warn_if_checkpoint_goes(clone, warned.append)  # outside the run's folder: kept
+    monkeypatch.delenv("ALEXNET_CHECKPOINT")
+    (tmp_path / "mine").mkdir()
+    _warn_if_checkpoint_goes(tmp_path / "mine", warned.append)  # one's own checkout
+    assert len(warned) == 2
 
 
 def test_no_remote_means_nothing_pushed_with_a_line_saying_so(tmp_path):

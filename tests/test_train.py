@@ -492,16 +492,17 @@ def cli_params(tmp_path_factory) -> Path:
     return path
 
 
-def cli_train(data, params: Path, folder: Path) -> list[str]:
-    """`alexnet train` (the console script) on the tiny data, writing into `folder`."""
+def cli_train(data, params: Path, folder: Path, elsewhere: Path | None = None) -> list[str]:
+    """`alexnet train` (the console script) on the tiny data, writing into `folder`; its
+    checkpoint folder/ckpt.pt, or with `elsewhere` none named (the environment's)."""
+    checkpoint = ["--checkpoint", str(folder / "ckpt.pt")] if elsewhere is None else []
     return [
         str(Path(sys.executable).with_name("alexnet")),
         "train",
         str(data / "lmdb"),
         str(data / "stats"),
         str(folder / "alexnet.pt"),
-        "--checkpoint",
-        str(folder / "ckpt.pt"),
+        *checkpoint,
         "--metrics",
         str(folder / "metrics"),
         "-p",
@@ -509,8 +510,10 @@ def cli_train(data, params: Path, folder: Path) -> list[str]:
     ]
 
 
-def cli_env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO)}  # the session's Prefect server, inherited
+def cli_env(elsewhere: Path | None = None) -> dict:
+    """The session's Prefect server, inherited; with `elsewhere`, the checkpoint there."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return env if elsewhere is None else {**env, "ALEXNET_CHECKPOINT": str(elsewhere)}
 
 
 @pytest.fixture(scope="module")
@@ -543,16 +546,19 @@ def uninterrupted(data, cli_params, tmp_path_factory) -> dict:
 
 
 def start_until_checkpoint(
-    data, params: Path, folder: Path, newer_than: int = -1
+    data, params: Path, folder: Path, newer_than: int = -1, elsewhere: Path | None = None
 ) -> subprocess.Popen:
     """The command, started; returns once it has written a checkpoint (modified after
     `newer_than`, in ns). Its output goes to folder/output.txt (a pipe nobody reads
     could block it)."""
     with open(folder / "output.txt", "w") as output:
         process = subprocess.Popen(
-            cli_train(data, params, folder), env=cli_env(), stdout=output, stderr=output
+            cli_train(data, params, folder, elsewhere),
+            env=cli_env(elsewhere),
+            stdout=output,
+            stderr=output,
         )
-    checkpoint = folder / "ckpt.pt"
+    checkpoint = elsewhere or folder / "ckpt.pt"
     deadline = time.monotonic() + 120
 
     def written() -> bool:
@@ -564,21 +570,29 @@ def start_until_checkpoint(
     return process
 
 
-def checkpoint_position(folder: Path) -> tuple[int, int]:
-    state = torch.load(folder / "ckpt.pt", map_location="cpu", weights_only=True)
+def checkpoint_position(checkpoint: Path) -> tuple[int, int]:
+    """Epoch and step of a checkpoint (a folder: its ckpt.pt)."""
+    checkpoint = checkpoint / "ckpt.pt" if checkpoint.is_dir() else checkpoint
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     return state["epoch"], state["step"]
 
 
-def resume_to_the_end(data, params: Path, folder: Path, whole: dict) -> None:
+def resume_to_the_end(
+    data, params: Path, folder: Path, whole: dict, elsewhere: Path | None = None
+) -> None:
     """Run the command again: it resumes where the checkpoint is and ends with the
     uninterrupted run's weights, bit for bit."""
-    epoch, step = checkpoint_position(folder)
+    checkpoint = elsewhere or folder / "ckpt.pt"
+    epoch, step = checkpoint_position(checkpoint)
     again = subprocess.run(
-        cli_train(data, params, folder), env=cli_env(), capture_output=True, text=True
+        cli_train(data, params, folder, elsewhere),
+        env=cli_env(elsewhere),
+        capture_output=True,
+        text=True,
     )
     assert again.returncode == 0, again.stderr[-2000:]
     output = again.stdout + again.stderr
-    assert "resuming from" in output, output[-2000:]
+    assert f"resuming from {checkpoint} " in output, output[-2000:]
     assert f"at epoch {epoch + 1}, step {step}" in output, output[-2000:]
     resumed = torch.load(folder / "alexnet.pt", weights_only=True)["state_dict"]
     assert_same_weights(whole, resumed)
@@ -608,6 +622,21 @@ def test_cli_train_sigterm_then_sigkill_then_resume_gives_the_same_weights(
     assert checkpoint_position(tmp_path) > stopped
     assert not (tmp_path / "alexnet.pt").exists()
     resume_to_the_end(data, cli_params, tmp_path, uninterrupted)
+
+
+def test_a_run_in_a_new_folder_resumes_the_checkpoint_the_environment_names(
+    data, cli_params, uninterrupted, tmp_path, prefect_server
+):
+    # A Prefect worker runs each flow in a new temporary clone: a cancelled training's
+    # checkpoint went with it. ALEXNET_CHECKPOINT, set on the workers, names one outside.
+    elsewhere = tmp_path / "kept" / "train.pt"
+    first, second = tmp_path / "clone1", tmp_path / "clone2"
+    first.mkdir(), second.mkdir()
+    stopped = start_until_checkpoint(data, cli_params, first, elsewhere=elsewhere)
+    stopped.send_signal(signal.SIGTERM)
+    assert stopped.wait(timeout=120) == 143, (first / "output.txt").read_text()[-2000:]
+    assert not (first / "checkpoints").exists() and checkpoint_position(elsewhere) > (0, 0)
+    resume_to_the_end(data, cli_params, second, uninterrupted, elsewhere=elsewhere)
 
 
 def test_reading_the_loss_every_n_steps_gives_the_run_of_reading_every_step(
