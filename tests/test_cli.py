@@ -500,18 +500,13 @@ def test_two_stages_starting_at_once_each_get_a_temporary_server_of_their_own(tm
     # the first stage. Now the port is bound before the server starts.
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
     command = [sys.executable, "-c", TWO_STAGES_ONE_PORT, str(free_port())]
-    stages = [
-        subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=env,
-            text=True,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=tmp_path.joinpath(f"log{i}").open("w"),
-        )
-        for i in range(2)
-    ]
+
+    def start(log: Path) -> subprocess.Popen:
+        with log.open("w") as stream:
+            pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": stream}
+            return subprocess.Popen(command, cwd=REPO, env=env, text=True, **pipes)
+
+    stages = [start(tmp_path / f"log{i}") for i in range(2)]
     try:
         urls = [stage.stdout.readline().strip() for stage in stages]  # both serve now
         logs = [path.read_text()[-2000:] for path in sorted(tmp_path.iterdir())]
