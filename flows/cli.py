@@ -148,7 +148,7 @@ def report(
 
 @app.command(
     help="Print what the pipeline runs on: PIL (pillow-simd?), libjpeg-turbo, torch and "
-    "CUDA devices, and which Prefect API flows report to."
+    "CUDA devices, which Prefect API flows report to, and where train checkpoints."
 )
 def doctor() -> None:
     from prefect.settings import PREFECT_API_URL
@@ -158,6 +158,11 @@ def doctor() -> None:
     rows = facts()
     api = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
     rows["Prefect API"] = api or "none set: each run starts a temporary local server"
+    checkpoint = STAGES["train"].path("checkpoint")
+    rows["train checkpoint"] = os.environ.get(checkpoint.envvar) or (
+        f"{checkpoint.default} (beside the model file; {checkpoint.envvar} not set: "
+        "a Prefect worker's run loses it with its temporary clone)"
+    )
     width = max(map(len, rows))
     for key, value in rows.items():
         typer.echo(f"{key:<{width}}  {value}")

@@ -144,13 +144,18 @@ def test_a_prefect_server_that_does_not_answer_is_one_line(tmp_path):
         assert result.stderr.count("\n") == 1, result.stderr
 
 
-def test_doctor_names_the_imaging_library_and_devices():
+def test_doctor_names_the_imaging_library_and_devices(monkeypatch):
+    monkeypatch.delenv("ALEXNET_CHECKPOINT", raising=False)
     result = runner.invoke(app, ["doctor"])
     assert result.exit_code == 0
     for field in ("PIL", "SIMD resize", "libjpeg-turbo", "torch", "CUDA devices", "Prefect API"):
         assert field in result.output
     assert re.search(r"NVIDIA DALI +yes \(\d", result.output)  # the [dali] extra
     assert ("pillow-simd" in result.output) == (".post" in __import__("PIL").__version__)
+    assert re.search(r"train checkpoint +models/checkpoints/train.pt \(beside", result.output)
+    monkeypatch.setenv("ALEXNET_CHECKPOINT", "/shared/alexnet/train.pt")  # a worker's
+    result = runner.invoke(app, ["doctor"])
+    assert re.search(r"train checkpoint +/shared/alexnet/train.pt\n", result.output)
 
 
 @pytest.mark.parametrize(
