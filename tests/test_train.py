@@ -610,33 +610,23 @@ def test_cli_train_sigterm_then_sigkill_then_resume_gives_the_same_weights(
     assert "checkpoint saved" in output and "Traceback" not in output, output[-2000:]
     assert not (tmp_path / "alexnet.pt").exists()
     # (the first checkpoint is step 2's; a kill would lose the steps after it)
-    stopped = checkpoint_position(tmp_path)
+    checkpoint = tmp_path / "ckpt.pt"
+    stopped = checkpoint_position(checkpoint)
     assert stopped[0] == 0 and stopped[1] > 2, stopped
+    # The runs after it in new folders (as a Prefect worker's, each a new temporary
+    # clone), the checkpoint named by ALEXNET_CHECKPOINT (set on the workers) instead.
     # SIGKILL of the resumed run once it has checkpointed again: nothing but the
     # checkpoint survives, and the last run continues from it.
-    written = (tmp_path / "ckpt.pt").stat().st_mtime_ns
-    second = start_until_checkpoint(data, cli_params, tmp_path, newer_than=written)
-    second.send_signal(signal.SIGKILL)
-    assert second.wait() == -signal.SIGKILL
-    assert "resuming from" in (tmp_path / "output.txt").read_text()
-    assert checkpoint_position(tmp_path) > stopped
-    assert not (tmp_path / "alexnet.pt").exists()
-    resume_to_the_end(data, cli_params, tmp_path, uninterrupted)
-
-
-def test_a_run_in_a_new_folder_resumes_the_checkpoint_the_environment_names(
-    data, cli_params, uninterrupted, tmp_path, prefect_server
-):
-    # A Prefect worker runs each flow in a new temporary clone: a cancelled training's
-    # checkpoint went with it. ALEXNET_CHECKPOINT, set on the workers, names one outside.
-    elsewhere = tmp_path / "kept" / "train.pt"
-    first, second = tmp_path / "clone1", tmp_path / "clone2"
-    first.mkdir(), second.mkdir()
-    stopped = start_until_checkpoint(data, cli_params, first, elsewhere=elsewhere)
-    stopped.send_signal(signal.SIGTERM)
-    assert stopped.wait(timeout=120) == 143, (first / "output.txt").read_text()[-2000:]
-    assert not (first / "checkpoints").exists() and checkpoint_position(elsewhere) > (0, 0)
-    resume_to_the_end(data, cli_params, second, uninterrupted, elsewhere=elsewhere)
+    second, last = tmp_path / "clone2", tmp_path / "clone3"
+    second.mkdir(), last.mkdir()
+    written = checkpoint.stat().st_mtime_ns
+    killed = start_until_checkpoint(data, cli_params, second, written, elsewhere=checkpoint)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL
+    assert f"resuming from {checkpoint} " in (second / "output.txt").read_text()
+    assert checkpoint_position(checkpoint) > stopped
+    assert not (second / "alexnet.pt").exists() and not (second / "checkpoints").exists()
+    resume_to_the_end(data, cli_params, last, uninterrupted, elsewhere=checkpoint)
 
 
 def test_reading_the_loss_every_n_steps_gives_the_run_of_reading_every_step(
