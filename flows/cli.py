@@ -159,7 +159,7 @@ def doctor() -> None:
     api = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
     rows["Prefect API"] = api or "none set: each run starts a temporary local server"
     checkpoint = STAGES["train"].path("checkpoint")
-    rows["train checkpoint"] = os.environ.get(checkpoint.envvar) or (
+    rows["train checkpoint"] = checkpoint.from_environment() or (
         f"{checkpoint.default} (beside the model file; {checkpoint.envvar} not set: "
         "a Prefect worker's run loses it with its temporary clone)"
     )

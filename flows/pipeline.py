@@ -17,7 +17,6 @@ Each publishes the metrics (and what changed since the run before) as an artifac
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -204,7 +203,7 @@ def _warn_if_checkpoint_goes(root: Path, warn: Callable[[str], None]) -> None:
     """Say so when the train stage's checkpoint is inside a Prefect worker's temporary
     clone: a cancelled run's training would start afresh on the next run."""
     arg = STAGE_TABLE["train"].path("checkpoint")
-    checkpoint = Path(os.environ.get(arg.envvar) or arg.default)
+    checkpoint = Path(arg.from_environment() or arg.default)
     if scratch := goes_with_the_run(root, checkpoint):
         warn(
             f"train's checkpoint {root / checkpoint} goes with this run's temporary folder "

@@ -51,8 +51,8 @@ def _own_session_server():
             return self.listener.getsockname()[1]
 
         def _run_uvicorn_command(self) -> subprocess.Popen:
-            if self.listener is None:  # a port the caller chose: bound here, or OSError
-                self.listener = _bound(self.port)
+            if self.listener is None:  # a start again, after one that failed
+                self.port = self.find_available_port()
             fd = self.listener.fileno()
             stage = functools.partial(_die_with_parent, os.getpid())
             real = subprocess.Popen  # (patched below, for Prefect's call)
@@ -63,22 +63,28 @@ def _own_session_server():
                     args, start_new_session=True, preexec_fn=stage, pass_fds=(fd,), **kwargs
                 )
 
-            with mock.patch.object(subprocess, "Popen", popen):  # Prefect's call, 3 more args
-                process = super()._run_uvicorn_command()
-            self.listener.close()  # the server holds it now: closed with the server
-            self.listener = None
-            return process
+            try:
+                with mock.patch.object(subprocess, "Popen", popen):  # Prefect's, 3 more args
+                    return super()._run_uvicorn_command()
+            finally:  # the server holds it now (closed with the server), or failed to start
+                self.listener.close()
+                self.listener = None
 
     return OwnSessionServer()  # Prefect's own singleton: its clients reuse it
 
 
 def _bound(port: int) -> socket.socket:
-    """A TCP socket bound to `port` on 127.0.0.1 (0: one the kernel picks), not yet
-    listening: until the server listens (asyncio does, once it serves), a connection is
-    refused at once, which Prefect's startup check retries; a listening socket would
-    accept it and leave it unanswered while the server imports (seconds), and the check
-    failed on its read timeout."""
+    """A TCP socket bound to `port` on 127.0.0.1 (0: one the kernel picks), for the server.
+
+    Not yet listening: until the server listens (asyncio does, once it serves), a
+    connection is refused at once, which Prefect's startup check retries; a listening
+    socket would accept it and leave it unanswered while the server imports (seconds),
+    and the check failed on its read timeout. With TCP_NODELAY, which its connections
+    inherit: uvicorn takes a socket it is handed for a Unix one, and asyncio sets the
+    option only on TCP sockets, so each answer's body waited for the client's delayed
+    acknowledgement (~40 ms an API call)."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     listener.bind(("127.0.0.1", port))
     return listener
 

@@ -58,6 +58,11 @@ class PathArg:
     output: bool = False  # what the stage writes (dvc.yaml's outs); the rest it reads
     envvar: str | None = None  # an environment variable that gives it when no argument does
 
+    def from_environment(self) -> str | None:
+        """`envvar`'s value, where it is set to one (typer, through click, ignores an
+        empty one too)."""
+        return (os.environ.get(self.envvar) or None) if self.envvar else None
+
 
 @dataclass(frozen=True)
 class Stage:

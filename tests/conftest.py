@@ -13,6 +13,8 @@ from alexnet.runtime import configure
 from tests.helpers import SHARDS, TINY, tiny_training_data
 
 configure()  # as every entry point does
+# A GPU node's (README, "More machines"): the tests' training runs would all share it.
+os.environ.pop("ALEXNET_CHECKPOINT", None)
 
 
 # Set by pytest for each test, and by inductor and Triton at their first compile or first
