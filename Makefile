@@ -30,6 +30,7 @@ bench: setup $(BASELINE_VENV)/bin/python
 	python bench/evaluate.py
 	python bench/neighbours.py
 	python bench/tasks.py
+	python bench/server.py
 	python bench/gpu.py --cpu
 	python bench/scale.py
 
