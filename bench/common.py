@@ -1,4 +1,5 @@
-"""What the benchmarks share: photo-like test images and the machine's description."""
+"""What the benchmarks share: photo-like test images, the machine's description, and the
+line a timed pair ends with."""
 
 from __future__ import annotations
 
@@ -74,3 +75,12 @@ def bench_run(root: Path, model: dict | None = None, jpeg_decoder: str | None = 
         checkpoint=root / f"ckpt-{time.monotonic_ns()}.pt",
         metrics=root / "metrics",
     )
+
+
+def print_ms_ratio(ours: tuple[str, float], baseline: tuple[str, float], at_most: float) -> None:
+    """Two seconds-per-item figures (label, seconds) in ms, and ours over the baseline's
+    against the target `at_most`."""
+    ratio = ours[1] / baseline[1]
+    verdict = "met" if ratio <= at_most else "MISSED"
+    print(f"  ours ({ours[0]}) {ours[1] * 1e3:.1f} ms, {baseline[0]} {baseline[1] * 1e3:.1f} ms:")
+    print(f"  {ratio:.2f}x ({verdict}: <= {at_most}x)")

@@ -17,6 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import print_ms_ratio  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 # In a process of its own: start the server (ours, or Prefect's), then print the best of
@@ -76,10 +80,8 @@ def main() -> None:
     args = parser.parse_args()
     ours = seconds_a_call("ours", args.calls, args.repeats)
     stock = seconds_a_call("prefect", args.calls, args.repeats)
-    ratio = ours / stock
     print(f"an API call to the temporary server, best of {args.repeats} rounds of {args.calls}")
-    print(f"  ours (flows.server) {ours * 1e3:.1f} ms, Prefect's SubprocessASGIServer")
-    print(f"  {stock * 1e3:.1f} ms: {ratio:.2f}x ({'met' if ratio <= 1.2 else 'MISSED'}: <= 1.2x)")
+    print_ms_ratio(("flows.server", ours), ("Prefect's SubprocessASGIServer", stock), 1.2)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import print_ms_ratio  # noqa: E402
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner  # noqa: E402
@@ -55,10 +57,8 @@ def main() -> None:
     with prefect_api():
         ours = seconds_a_task(task_runner(None, args.workers), args.tasks, args.repeats)
         stock = seconds_a_task(ProcessPoolTaskRunner(args.workers), args.tasks, args.repeats)
-    ratio = ours / stock
     print(f"a task on {args.workers} pool workers, best of {args.repeats} rounds of {args.tasks}")
-    print(f"  ours (flows.runners) {ours * 1e3:.0f} ms, Prefect's ProcessPoolTaskRunner")
-    print(f"  {stock * 1e3:.0f} ms: {ratio:.2f}x ({'met' if ratio <= 1.2 else 'MISSED'}: <= 1.2x)")
+    print_ms_ratio(("flows.runners", ours), ("Prefect's ProcessPoolTaskRunner", stock), 1.2)
 
 
 if __name__ == "__main__":
