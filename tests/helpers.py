@@ -145,13 +145,13 @@ def tiny_training_data(root: Path) -> Path:
     return root
 
 
-def jpeg_training_data(root: Path) -> Path:
-    """Train and val `jpeg` stores of the same 8 photo-like images (2 classes), and their
-    stats, in `root`: what a JPEG-decoding training path reads."""
+def jpeg_training_data(root: Path, count: int = 8) -> Path:
+    """Train and val `jpeg` stores of the same `count` photo-like 256x256 images (2
+    classes), and their stats, in `root`: what a JPEG-decoding training path reads."""
     from alexnet.lmdb_store import write_store
     from alexnet.stats import save_stats
 
-    records = [(i % 2, encode(photo(256, 256, seed=i), "JPEG", quality=90)) for i in range(8)]
+    records = [(i % 2, encode(photo(256, 256, seed=i), "JPEG", quality=90)) for i in range(count)]
     for split in ("train", "val"):
         write_store(root / "lmdb" / split, [records], "jpeg", CLASSES, size=256)
     eig = {"eigenvalues": [900.0, 90.0, 9.0], "eigenvectors": np.eye(3).tolist()}

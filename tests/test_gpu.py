@@ -184,15 +184,11 @@ NVJPEG_MEAN, NVJPEG_MAX = 1.0, 24
 
 
 def jpeg_split(folder, count: int):
-    """A one-class `jpeg` store of `count` photo-like 256x256 JPEGs in `folder`."""
-    from alexnet.lmdb_store import write_store
+    """The training store of `jpeg_training_data`: `count` photo-like 256x256 JPEGs."""
     from alexnet.reader import LmdbSplit
-    from tests.helpers import encode, photo
+    from tests.helpers import jpeg_training_data
 
-    jpegs = [encode(photo(256, 256, seed=i), "JPEG", quality=90) for i in range(count)]
-    classes = [{"index": 0, "wnid": "n0", "name": "class 0"}]
-    write_store(folder / "jpeg", [[(0, data) for data in jpegs]], "jpeg", classes, size=256)
-    return LmdbSplit(folder / "jpeg")
+    return LmdbSplit(jpeg_training_data(folder, count) / "lmdb" / "train")
 
 
 @pytest.mark.parametrize("decoder", ["torchvision", "dali"])

@@ -571,8 +571,6 @@ def start_until_checkpoint(
 
 
 def checkpoint_position(checkpoint: Path) -> tuple[int, int]:
-    """Epoch and step of a checkpoint (a folder: its ckpt.pt)."""
-    checkpoint = checkpoint / "ckpt.pt" if checkpoint.is_dir() else checkpoint
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     return state["epoch"], state["step"]
 
