@@ -50,19 +50,20 @@ def decode(
 ) -> torch.Tensor:
     """(N, H, W, 3) uint8 RGB on `device`, one DALI call for the batch. Raises
     `ValueError` where an image is not `shape` (H, W, 3), and DALI's `RuntimeError`
-    where a payload does not decode."""
+    where a payload does not decode. A CUDA `device` names its index
+    (`alexnet.jpeg.decode_on` sees to it)."""
     import nvidia.dali.experimental.dynamic as ndd
     import nvidia.dali.types as types
 
-    stream = None
-    if device.type == "cuda":  # torch's current device and stream, named for DALI
-        index = torch.cuda.current_device() if device.index is None else device.index
-        device = torch.device("cuda", index)
-        stream = torch.cuda.current_stream(device)
+    # torch's current stream on the device, named for DALI
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
     with _context(device, threads, stream):
         batch = ndd.batch([payload.numpy() for payload in payloads])
         backend = "gpu" if stream is not None else "cpu"
-        images = ndd.decoders.image(batch, device=backend, output_type=types.RGB)
+        # the pixels as stored, as torchvision and PIL give them: no turn by an EXIF tag
+        images = ndd.decoders.image(
+            batch, device=backend, output_type=types.RGB, adjust_orientation=False
+        )
         odd = [row for row, each in enumerate(images.shape) if tuple(each) != shape]
         if odd:
             raise ValueError(f"rows {odd} are not {shape}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alexnet.jpeg import Encoded, decode_into, decode_threads, read_payloads
+from alexnet.jpeg import Encoded, decode_into, decode_threads, joined
 from alexnet.lmdb_store import StoreError, decode_value, get_record, read_meta, shared_readonly
 from alexnet.params import DEFAULTS, JpegDecoder
 
@@ -77,8 +77,8 @@ class LmdbSplit(torch.utils.data.Dataset):
                 labels[row] = label
                 values.append(payload)
                 where.append(place)
-            payloads = read_payloads(values)  # copied while the transaction holds them
-        return Encoded(payloads, torch.from_numpy(labels), where)
+            data, sizes = joined(values)  # copied while the transaction holds them
+        return Encoded(data, sizes, torch.from_numpy(labels), where)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         images, labels = self.read_batch([index])

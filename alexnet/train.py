@@ -315,6 +315,7 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------
     def save(self) -> None:
+        self._check_weights()  # on every rank: their weights are the same
         if not self.world.main:
             return
         state = {
@@ -330,6 +331,21 @@ class Trainer:
             "running": self.running,
         }
         save_tensors(state, self.checkpoint)
+
+    def _check_weights(self) -> None:
+        """Raise where a weight is not finite, before it is saved: the losses read so far
+        were computed before their steps' updates, so an update that overflowed (a finite
+        loss, an infinite gradient) would otherwise be checkpointed, and every resume
+        would start from it."""
+        if all(bool(value.isfinite().all()) for value in self.model.parameters()):
+            return
+        where = f"epoch {self.epoch + 1}, step {self.step}"
+        if self.step == 0 and self.epoch > 0:
+            where = f"the end of epoch {self.epoch}"
+        raise TrainError(
+            f"a weight is not finite after {where}: training diverged; lower train.lr "
+            "or use another model.init"
+        )
 
     def resume(self, log: Callable[[str], None] = lambda line: None) -> bool:
         """Load the checkpoint if it belongs to this run; returns whether it did. One

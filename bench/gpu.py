@@ -23,7 +23,9 @@ process) and on every core (threads; DataLoader worker processes). Target: >= 2x
 Both decode every image with libjpeg-turbo, so the decode alone (torchvision's, PIL's) is
 timed too: the baseline's time over it is the most any such loader can gain on one core.
 Beside them, DALI's CPU decode of the same batches on every core (the decoder the tests
-run DALI with; the CPU loader decodes on its own threads).
+run DALI with; the CPU loader decodes on its own threads), and the batches left encoded,
+as for a GPU, handed over by loader worker processes: one buffer a batch
+(`alexnet.jpeg.Encoded`) against a tensor an image, as they travelled before.
 
     python bench/gpu.py [--images 4096] [--out gpu.json] [--targets]
     python bench/gpu.py --cpu [--images 1024] [--out cpu.json]
@@ -63,7 +65,7 @@ from alexnet.jpeg import decode_on, to_device  # noqa: E402
 from alexnet.lmdb_store import write_store  # noqa: E402
 from alexnet.lrn import local_response_norm  # noqa: E402
 from alexnet.model import AlexNet  # noqa: E402
-from alexnet.reader import LmdbSplit  # noqa: E402
+from alexnet.reader import Batches, LmdbSplit  # noqa: E402
 from alexnet.runtime import configure  # noqa: E402
 from alexnet.stats import save_stats  # noqa: E402
 from alexnet.train import Trainer  # noqa: E402
@@ -102,6 +104,22 @@ def pixels(jpeg: bytes) -> bytes:
 
 
 # -- on a CPU -----------------------------------------------------------------------
+
+
+class PerImage(torch.utils.data.Dataset):
+    """The batches of `picks` read encoded, each payload a tensor of its own: how a
+    batch left a loader worker before `alexnet.jpeg.Encoded` held one buffer (the
+    baseline of the "encoded batches" rows)."""
+
+    def __init__(self, split: LmdbSplit, picks: list[list[int]]):
+        self.split, self.picks = split, picks
+
+    def __len__(self) -> int:
+        return len(self.picks)
+
+    def __getitem__(self, index: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        batch = self.split.read_encoded(self.picks[index])
+        return [payload.clone() for payload in batch.payloads], batch.labels
 
 
 def cpu_loader(root: Path, jpegs: list[bytes], batches: int) -> dict:
@@ -148,6 +166,17 @@ def cpu_loader(root: Path, jpegs: list[bytes], batches: int) -> dict:
         payloads = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in chosen]
         return lambda: [decode_jpeg(payload, mode=ImageReadMode.RGB) for payload in payloads]
 
+    def encoded(dataset: torch.utils.data.Dataset):
+        # the batches left encoded (as for a GPU), handed over by `cores` loader workers
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=cores,
+            persistent_workers=True,
+            multiprocessing_context="forkserver",
+        )
+        return lambda: list(loader)
+
     def dali():
         # the same batches read encoded, decoded by DALI's CPU decoder on `cores` threads
         shape = split.shape
@@ -161,6 +190,12 @@ def cpu_loader(root: Path, jpegs: list[bytes], batches: int) -> dict:
         (f"ImageFolder + PIL, {cores} worker processes", imagefolder(cores)),
         ("decode alone, torchvision, 1 thread", decode_alone(pil=False)),
         ("decode alone, PIL, 1 thread", decode_alone(pil=True)),
+    ]
+    one_buffer = f"encoded batches, {cores} loader workers, one buffer a batch"
+    per_image = f"encoded batches, {cores} loader workers, a tensor an image"
+    works += [
+        (one_buffer, encoded(Batches(split, picks, encoded=True))),
+        (per_image, encoded(PerImage(split, picks))),
     ]
     if not jpeg_dali.missing():
         works.append((f"DALI's CPU decode, {cores} threads", dali()))
@@ -177,6 +212,9 @@ def cpu_loader(root: Path, jpegs: list[bytes], batches: int) -> dict:
             rates["decode alone, torchvision, 1 thread"] / rates["ImageFolder + PIL, 1 process"], 2
         ),
     }
+    results["encoded batches: one buffer / a tensor an image"] = round(
+        rates[one_buffer] / rates[per_image], 2
+    )
     if (dali_rate := rates.get(f"DALI's CPU decode, {cores} threads")) is not None:
         ratio = dali_rate / rates[f"JPEG loader, {cores} threads"]
         results["DALI's CPU decode / JPEG loader, every core"] = round(ratio, 2)

@@ -204,6 +204,29 @@ def test_the_gpu_batch_decode_equals_the_cpu_decode_within_decoder_differences(t
     assert difference.float().mean() <= NVJPEG_MEAN and difference.max() <= NVJPEG_MAX
 
 
+@pytest.mark.parametrize("decoder", ["torchvision", "cpu", "dali"])
+def test_a_ranks_empty_share_of_a_jpeg_batch_decodes_to_no_images_on_cuda(tmp_path, decoder):
+    # torchrun: a short last batch leaves a rank no rows; the batched decoders take no
+    # empty list (torchvision raised ValueError and the training stopped)
+    from alexnet.jpeg import decode_on
+
+    split = jpeg_split(tmp_path, 4)
+    images = decode_on(split.read_encoded([]), CUDA, split.shape, decoder)
+    assert images.is_cuda and images.shape == (0, *split.shape) and images.dtype == torch.uint8
+
+
+def test_cuda_however_spelled_is_one_device_to_the_decoder(tmp_path):
+    # torchvision makes its nvJPEG decoder again (leaking the last) whenever the device
+    # it is asked for compares unequal: "cuda" and "cuda:0" are one device
+    from alexnet.jpeg import _decode_stream, decode_on
+
+    split = jpeg_split(tmp_path, 4)
+    _decode_stream.cache_clear()
+    first = decode_on(split.read_encoded(range(4)), torch.device("cuda"), split.shape)
+    second = decode_on(split.read_encoded(range(4)), CUDA, split.shape)
+    assert _decode_stream.cache_info().currsize == 1 and torch.equal(first, second)
+
+
 def test_a_gpu_decode_does_not_overwrite_memory_queued_kernels_still_read(tmp_path):
     # torchvision's CUDA decoder writes its outputs from a stream that does not wait for
     # the caller's (pytorch/vision#9606): freed blocks that queued kernels still read were

@@ -680,6 +680,25 @@ def test_a_nan_between_reads_names_its_step_and_keeps_the_last_good_checkpoint(d
     assert "\n" not in str(raised.value)
 
 
+def test_an_update_that_overflows_is_not_checkpointed(data, tmp_path):
+    # Step 6's loss is finite (computed before its update), but the update leaves a
+    # weight infinite: the checkpoint of step 6 would hold it, and every resume with it.
+    t = trainer(data, tmp_path, epochs=1, batch_size=1, checkpoint_every=3, sync_every=10)
+    update, calls = t.update, []
+
+    def overflowing():
+        update()
+        calls.append(1)
+        if len(calls) == 6:
+            with torch.no_grad():
+                next(t.model.parameters()).view(-1)[7] = float("inf")
+
+    t.update = overflowing
+    with pytest.raises(TrainError, match="not finite after epoch 1, step 6: training diverged"):
+        t.run_epoch()
+    assert torch.load(t.checkpoint, weights_only=True)["step"] == 3  # the last good one
+
+
 def test_a_diverging_run_stops_with_one_clear_line(data, tmp_path):
     t = trainer(data, tmp_path, epochs=1, lr=1e6)
     with pytest.raises(TrainError, match="training diverged; lower train.lr") as raised:
