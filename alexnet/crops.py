@@ -8,6 +8,7 @@ without random crops alike.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -83,7 +84,16 @@ def ten_crops(
     step_y, step_x = math.gcd(*tops) or 1, math.gcd(*lefts) or 1
     grid = x.unfold(2, crop, step_y).unfold(3, crop, step_x)  # (N, 3, gy, gx, crop, crop)
     grid = grid.permute(0, 2, 3, 1, 4, 5)  # (N, gy, gx, 3, crop, crop), still a view
-    crops = grid[:, [t // step_y for t in tops], [left // step_x for left in lefts]]
-    reflected = [i for i, flip in enumerate(flips) if flip]
-    crops[:, reflected] = crops[:, reflected].flip(-1)
+    rows = _indices(tuple(t // step_y for t in tops), x.device)
+    columns = _indices(tuple(left // step_x for left in lefts), x.device)
+    crops = grid[:, rows, columns]
+    reflected = flips.index(True)  # the last five (torchvision's order)
+    crops[:, reflected:] = crops[:, reflected:].flip(-1)
     return crops
+
+
+@functools.cache
+def _indices(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """`values` as an index tensor on `device`, made once: indexing a CUDA tensor with a
+    list copies the list there each time, and the copy waits for the work queued before."""
+    return torch.tensor(values, device=device)

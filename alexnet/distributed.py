@@ -11,9 +11,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+GROUP_TIMEOUT = timedelta(hours=1)  # how long a collective waits for every rank
 
 
 @dataclass(frozen=True)
@@ -40,14 +43,18 @@ class World:
                 # rank of a node would use cuda:0. Make it the rank's own (first) GPU.
                 mine = cls(size=size, local_rank=local_rank).device(devices)
                 torch.cuda.set_device(mine[0])
-            dist.init_process_group(backend)
+            # The ranks hash the data they train on before their first collective after
+            # DDP's (`Trainer.recipe`): minutes for ImageNet on network storage, and a rank
+            # whose digests are cached waits for the others meanwhile. NCCL's default
+            # timeout, 10 minutes, would abort a resume on a new node.
+            dist.init_process_group(backend, timeout=GROUP_TIMEOUT)
         return cls(dist.get_rank(), size, local_rank)
 
     def device(self, names: Sequence[str]) -> list[str]:
         """This process's devices under torchrun: `cuda` means its own GPU,
         `cuda:LOCAL_RANK`; two devices `[cuda:0, cuda:1]` (model parallel) mean the rank's
-        own pair, `[cuda:2r, cuda:2r+1]`, so the modes combine. The stride is the number
-        of GPUs in the list: `[cuda:0, cpu]` gives rank r `[cuda:r, cpu]`."""
+        own pair, `[cuda:2r, cuda:2r+1]`, so the modes combine. (A list mixing CUDA and
+        the CPU, which DDP cannot take, is refused with the params.)"""
         names = list(names)
         if self.size == 1:
             return names
@@ -55,14 +62,12 @@ class World:
             return [f"cuda:{self.local_rank}"]
         if len(names) == 1:
             return names  # one explicit device (cpu, or a chosen GPU): as given
-        stride = sum(name.partition(":")[0] == "cuda" for name in names)
-        shifted = []
-        for name in names:
-            kind, _, index = name.partition(":")
-            if kind == "cuda":
-                name = f"cuda:{int(index or 0) + self.local_rank * stride}"
-            shifted.append(name)
-        return shifted
+        if any(name.partition(":")[0] != "cuda" for name in names):
+            return names
+        stride = len(names)
+        return [
+            f"cuda:{int(name.partition(':')[2] or 0) + self.local_rank * stride}" for name in names
+        ]
 
     @property
     def rows(self) -> slice:

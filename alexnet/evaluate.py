@@ -145,8 +145,9 @@ def evaluate(
     kept: dict[int, torch.Tensor] = {}
     loader = batch_loader(batches, range(len(batches)), workers, device.type == "cuda")
     for rows, (images, labels) in zip(batches.batches, loader, strict=True):
-        labels = labels.to(device)
+        # the decode first, then the labels (pinned: no wait for the last batch's forward)
         images = to_device(images, device, split.shape, decoder)
+        labels = labels.to(device, non_blocking=True)
         probabilities = crop_probabilities(model, images, mean, crop)
         average = crop_average(probabilities)
         for row, index in enumerate(rows):

@@ -32,6 +32,8 @@ tests/test_gpu.py on CUDA at the model's sizes, float32 and bf16.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -175,7 +177,10 @@ def _launch(kernel, tensors: list[torch.Tensor], size, alpha, beta, k, groups) -
     out = torch.empty_like(tensors[0])
     grid = (n, groups, triton.cdiv(h * w, PIXELS))
     options = constants(size, alpha, beta, k)
-    kernel[grid](*tensors, out, c, per, h * w, **options, num_warps=WARPS)
+    # Triton launches on the current device's stream, whichever device the tensors are
+    # on: the second column of a two-GPU model runs its LRN with the first GPU current
+    with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+        kernel[grid](*tensors, out, c, per, h * w, **options, num_warps=WARPS)
     return out
 
 

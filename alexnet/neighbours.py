@@ -93,7 +93,8 @@ def nearest(
         images = to_device(images, device, train.shape, decoder)
         vectors = hidden_vectors(model, images, mean, crop)
         found = Neighbours(
-            torch.as_tensor(rows).to(device).expand(count, -1),
+            # made on the device: a copy from the host would wait for the batch's forward
+            torch.arange(rows.start, rows.stop, device=device).expand(count, -1),
             labels.to(device, non_blocking=True).expand(count, -1),
             distances(queries, vectors),
         )

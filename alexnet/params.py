@@ -313,6 +313,27 @@ class TrainParams(_Section):
         return value
 
     @model_validator(mode="after")
+    def _devices_for_processes(self) -> TrainParams:
+        # Under torchrun each process wraps its model in DDP, which takes parameters on
+        # one kind of device only; and an explicit GPU is the same GPU in every process of
+        # a node (NCCL then fails at its first collective, in pages of traceback).
+        if self.nproc_per_node * self.nnodes == 1:
+            return self
+        kinds = {name.partition(":")[0] for name in self.device}
+        if len(kinds) > 1:
+            raise ValueError(
+                f"device {list(self.device)} mixes {' and '.join(sorted(kinds))}, which "
+                "several processes (nproc_per_node, nnodes) cannot: DDP takes a model on "
+                "one kind of device (two columns each: [cuda:0, cuda:1])"
+            )
+        if self.nproc_per_node > 1 and len(self.device) == 1 and ":" in self.device[0]:
+            raise ValueError(
+                f"device {self.device[0]!r} would be one GPU for all {self.nproc_per_node} "
+                "processes of a node (nproc_per_node): say `cuda`, each its own"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _rendezvous_reachable(self) -> TrainParams:
         # On several nodes a loopback endpoint is each node's own: every node would wait
         # for peers that never come, until torchrun's join timeout.

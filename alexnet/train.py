@@ -153,8 +153,10 @@ def validate(
     # losses added in order, exactly as on the host) and read once at the end
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     batches = in_order(store, batch, world.rows, encoded_for(store, device, decoder))
-    for images, labels in batch_loader(batches, range(len(batches))):
-        images, labels = to_device(images, device, store.shape, decoder), labels.to(device)
+    loader = batch_loader(batches, range(len(batches)), pin_memory=device.type == "cuda")
+    for images, labels in loader:
+        images = to_device(images, device, store.shape, decoder)
+        labels = labels.to(device, non_blocking=True)  # pinned: no wait for the last forward
         logits = model(centre_crop(images, mean, crop))
         rank = label_ranks(logits, labels)
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")

@@ -9,6 +9,7 @@ picks its node, so `models/` and `metrics/` are shared by all of them).
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -46,13 +47,27 @@ def torchrun_command(params: TrainParams, argument: str) -> list[str]:
     ]
 
 
+# How long torchrun's agent waits for its workers after passing a SIGTERM on, before it
+# kills them: a worker stops at its next read of the losses (within train.sync_every
+# steps), then writes its checkpoint. torch's default, 30 s, can cut that write short.
+STOP_GRACE_S = 300
+
+
 def _launch(command: list[str]) -> None:
     """Run torchrun; SIGTERM to this process is passed on (torchrun passes it to the
-    workers, which checkpoint), and the workers' exit status becomes our error."""
-    process = subprocess.Popen(command)
+    workers, which checkpoint) and ends in `Interrupted`; otherwise the workers' exit
+    status becomes our error."""
+    environment = {**os.environ, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(STOP_GRACE_S)}
+    process = subprocess.Popen(command, env=environment)
+    stopped: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        stopped.append(signum)
+        process.terminate()
+
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        signal.signal(signal.SIGTERM, lambda signum, frame: process.terminate())
+        signal.signal(signal.SIGTERM, stop)
     except ValueError:  # not the main thread
         previous = None
     try:
@@ -60,7 +75,8 @@ def _launch(command: list[str]) -> None:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    if code in (143, -signal.SIGTERM):
+    # torchrun itself exits with 1 on a SIGTERM, after its workers' 143
+    if code != 0 and (stopped or code in (143, -signal.SIGTERM)):
         raise Interrupted("stopped by SIGTERM")
     if code != 0:
         raise TrainError(f"torchrun exited with status {code} (the worker's error is above)")

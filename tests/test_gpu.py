@@ -279,6 +279,43 @@ def test_the_evaluation_in_bf16_and_channels_last_on_cuda_is_float32_up_to_round
     torch.testing.assert_close(fast, exact, atol=0.02, rtol=0)
 
 
+def test_an_evaluation_batch_is_queued_without_waiting_for_the_device():
+    # The 10-crop evaluation and the neighbour search read and decode the next batch
+    # while the device runs this one's forward: nothing in a batch's work may wait for
+    # the device (a list index, a copy from unpinned memory; each waited for the forward
+    # queued before). First calls outside: cuDNN's and the index tensors' set-up.
+    from alexnet.evaluate import crop_average, crop_probabilities
+    from alexnet.metrics import label_ranks
+    from alexnet.neighbours import Neighbours, distances, keep_nearest
+
+    model = AlexNet(num_classes=10).to(CUDA).eval()
+    images = torch.randint(0, 256, (4, 3, 256, 256), dtype=torch.uint8, device=CUDA)
+    mean = torch.full((3, 256, 256), 110.0, device=CUDA)
+    labels = torch.arange(4).pin_memory()
+    queries = torch.randn(3, 10, device=CUDA)
+    none = torch.empty(3, 0, dtype=torch.long, device=CUDA)
+    best = Neighbours(none, none, torch.empty(3, 0, device=CUDA))
+
+    def batch(best: Neighbours) -> Neighbours:
+        average = crop_average(crop_probabilities(model, images, mean, 224))
+        label_ranks(average, labels.to(CUDA, non_blocking=True))
+        found = Neighbours(
+            torch.arange(0, 4, device=CUDA).expand(3, -1),
+            labels.to(CUDA, non_blocking=True).expand(3, -1),
+            distances(queries, average),
+        )
+        return keep_nearest(best, found, 2)
+
+    best = batch(best)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        best = batch(best)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert best.indices.shape == (3, 2)
+
+
 DEFERRED_CHECK = """
 import sys, torch
 from pathlib import Path

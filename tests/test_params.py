@@ -145,6 +145,20 @@ def test_several_nodes_meeting_at_a_loopback_endpoint_are_refused_naming_both_ke
     assert parse_params({"train": {"nnodes": 1}}).train.rdzv_endpoint == "localhost:29400"
 
 
+def test_devices_several_processes_cannot_share_are_refused():
+    # DDP takes a model on one kind of device; an explicit GPU is every process's of a node
+    for device in (["cuda:0", "cpu"], ["cpu", "cuda:0"]):
+        with pytest.raises(ParamsError, match=r"^params: train: device .* mixes cpu and cuda"):
+            parse_params({"train": {"device": device, "nproc_per_node": 2}})
+    with pytest.raises(ParamsError, match=r"^params: train: device 'cuda:1' would be one GPU"):
+        parse_params({"train": {"device": ["cuda:1"], "nproc_per_node": 2}})
+    assert parse_params({"train": {"device": ["cuda:0", "cpu"]}})  # one process: two columns
+    assert parse_params({"train": {"device": ["cuda"], "nproc_per_node": 2}})
+    assert parse_params({"train": {"device": ["cuda:0", "cuda:1"], "nproc_per_node": 2}})
+    two_nodes = {"nnodes": 2, "rdzv_endpoint": "node0:29400"}
+    assert parse_params({"train": {"device": ["cuda:1"], **two_nodes}})  # one process a node
+
+
 def test_command_line_overrides_are_checked_as_the_files_values():
     assert with_compute(Params(), workers=3, scheduler="local").compute.workers == 3
     with pytest.raises(ParamsError, match=r"^command line: compute.workers: .* 0 \(got -1\)$"):
