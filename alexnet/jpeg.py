@@ -52,9 +52,8 @@ class Encoded(NamedTuple):
     labels: torch.Tensor
     where: list[str]
 
-    @property
     def payloads(self) -> list[torch.Tensor]:
-        """Each image's bytes, as views of `data`."""
+        """Each image's bytes, as views of `data` (made at each call)."""
         return list(torch.split(self.data, self.sizes)) if self.sizes else []
 
 
@@ -104,11 +103,12 @@ def decode_into(out: np.ndarray, batch: Encoded, threads: int = 1) -> None:
     """Decode every payload of `batch` into its row of `out`, (N, 3, H, W) uint8 (a view
     of an NHWC buffer takes libjpeg-turbo's HWC output as one copy), on `threads`
     threads of this process."""
-    shape, count = out.shape[1:], len(batch.payloads)
+    payloads = batch.payloads()
+    shape, count = out.shape[1:], len(payloads)
 
     def rows(part: range) -> None:
         for index in part:
-            out[index] = decode_one(batch.payloads[index], batch.where[index], shape).numpy()
+            out[index] = decode_one(payloads[index], batch.where[index], shape).numpy()
 
     threads = min(threads, count)
     if threads <= 1:
@@ -138,13 +138,13 @@ def decode_on(
         hwc_shape = (*shape[1:], shape[0])
         try:
             # DALI's host threads (parsing on CUDA, decoding on a CPU): the cores, as ours
-            hwc = jpeg_dali.decode(batch.payloads, device, decode_threads(0), hwc_shape)
+            hwc = jpeg_dali.decode(batch.payloads(), device, decode_threads(0), hwc_shape)
         except (RuntimeError, ValueError):
             _name_the_damaged(batch, shape)
             raise
         return hwc.permute(0, 3, 1, 2)  # the channels-last layout the augmentation takes
     if device.type != "cuda" or decoder == "cpu":
-        out = np.empty((len(batch.payloads), *shape), dtype=np.uint8)
+        out = np.empty((len(batch.sizes), *shape), dtype=np.uint8)
         decode_into(out, batch, decode_threads(0))
         return torch.from_numpy(out).to(device)
     return _decode_beside(batch, device, shape)
@@ -172,7 +172,7 @@ def _decode_beside(batch: Encoded, device: torch.device, shape: tuple[int, int, 
     with torch.cuda.stream(side):
         side.synchronize()  # the last batch's stack has read the blocks it may reuse
         try:
-            images = rgb(batch.payloads, device=device)
+            images = rgb(batch.payloads(), device=device)
         except RuntimeError:
             _name_the_damaged(batch, shape)
             raise
@@ -186,7 +186,7 @@ def _decode_beside(batch: Encoded, device: torch.device, shape: tuple[int, int, 
 def _name_the_damaged(batch: Encoded, shape: tuple[int, int, int]) -> None:
     """Raise `StoreError` naming the first payload of `batch` that does not decode on the
     CPU to `shape` (a batched decoder's error does not say which)."""
-    for payload, where in zip(batch.payloads, batch.where, strict=True):
+    for payload, where in zip(batch.payloads(), batch.where, strict=True):
         decode_one(payload, where, shape)
 
 

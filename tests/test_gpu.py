@@ -371,7 +371,7 @@ def test_training_from_a_jpeg_store_decodes_the_batches_on_the_gpu(tmp_path):
 
     run = train_run(jpeg_training_data(tmp_path), tmp_path / "run", epochs=1, device=["cuda"])
     images, labels, size = next(Trainer(run).batches())  # what the loader hands the step
-    assert isinstance(images, Encoded) and len(images.payloads) == size == 4
+    assert isinstance(images, Encoded) and len(images.sizes) == size == 4
     record = Trainer(run).run_epoch()
     assert math.isfinite(record["train_loss"]) and record["images_per_s"] > 0
 

@@ -58,7 +58,7 @@ def test_encoded_batches_decode_on_the_device_to_the_loaders_pixels(tmp_path):
     assert torch.equal(to_device(encoded, cpu, split.shape), pixels)
     batches = in_order(split, 5, encoded=True)
     images, labels = batches[1]
-    assert isinstance(images, Encoded) and len(images.payloads) == 5
+    assert isinstance(images, Encoded) and len(images.sizes) == 5
     assert torch.equal(labels, split.read_batch(range(5, 10))[1])
 
 
@@ -69,9 +69,9 @@ def test_an_encoded_batch_leaves_a_loader_worker_as_one_buffer(tmp_path):
     rows = [[3, 0, 11], [7]]
     loader = batch_loader(Batches(split, rows, encoded=True), range(len(rows)), workers=1)
     for (batch, labels), keys in zip(loader, rows, strict=True):
-        assert [bytes(payload.numpy()) for payload in batch.payloads] == [jpegs[k] for k in keys]
+        assert [bytes(payload.numpy()) for payload in batch.payloads()] == [jpegs[k] for k in keys]
         assert labels.tolist() == [k % 3 for k in keys]
-        buffers = {payload.untyped_storage().data_ptr() for payload in batch.payloads}
+        buffers = {payload.untyped_storage().data_ptr() for payload in batch.payloads()}
         assert buffers == {batch.data.untyped_storage().data_ptr()}
 
 

@@ -802,7 +802,7 @@ def test_a_jpeg_stores_batches_left_encoded_train_as_the_decoded_ones(tmp_path, 
     monkeypatch.setattr(train_module, "encoded_for", lambda split, device, decoder: True)
     run = train_run(tmp_path, tmp_path / "encoded", epochs=1)
     images, _, size = next(Trainer(run).batches())  # what the loader hands the step
-    assert isinstance(images, Encoded) and len(images.payloads) == size == 4
+    assert isinstance(images, Encoded) and len(images.sizes) == size == 4
     encoded = Trainer(run).run_epoch()
     for name in ("train_loss", "train_top1_error", "val_loss", "val_top1_error"):
         assert encoded[name] == decoded[name], name
