@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-GROUP_TIMEOUT = timedelta(hours=1)  # how long a collective waits for every rank
+# How long the ranks wait for each other after hashing the data they train on (minutes
+# for ImageNet on network storage; a rank whose digests are cached is there at once):
+# NCCL's own timeout, 10 minutes, stays for the training's collectives.
+PATIENCE = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    patient: object = field(default=None, compare=False, repr=False)  # see `wait_for_all`
 
     @property
     def main(self) -> bool:
@@ -43,12 +47,10 @@ class World:
                 # rank of a node would use cuda:0. Make it the rank's own (first) GPU.
                 mine = cls(size=size, local_rank=local_rank).device(devices)
                 torch.cuda.set_device(mine[0])
-            # The ranks hash the data they train on before their first collective after
-            # DDP's (`Trainer.recipe`): minutes for ImageNet on network storage, and a rank
-            # whose digests are cached waits for the others meanwhile. NCCL's default
-            # timeout, 10 minutes, would abort a resume on a new node.
-            dist.init_process_group(backend, timeout=GROUP_TIMEOUT)
-        return cls(dist.get_rank(), size, local_rank)
+            dist.init_process_group(backend)
+        # made by every rank together, as groups must be; its barrier on the CPU
+        patient = dist.new_group(backend="gloo", timeout=PATIENCE)
+        return cls(dist.get_rank(), size, local_rank, patient)
 
     def device(self, names: Sequence[str]) -> list[str]:
         """This process's devices under torchrun: `cuda` means its own GPU,
@@ -94,6 +96,11 @@ class World:
         views = [torch.empty_like(tensor) for _ in range(self.size)]
         dist.all_gather(views, tensor)
         return [view.cpu().tolist() for view in views]
+
+    def wait_for_all(self) -> None:
+        """Wait up to `PATIENCE` until every rank is here (the one-process world: at once)."""
+        if self.size > 1:
+            dist.barrier(group=self.patient)
 
     def close(self) -> None:
         if self.size > 1 and dist.is_initialized():

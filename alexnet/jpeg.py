@@ -43,9 +43,9 @@ class Encoded(NamedTuple):
     00000042"`, for an error line).
 
     One buffer, not a tensor an image: a loader worker hands each tensor of a batch to
-    the main process as a file descriptor of its own, sent on a connection of its own,
-    ~0.6 ms apiece on a 2-core VM: 256 payloads took ~150 ms a batch, which capped the
-    encoded stream at ~1,700 images/s (`bench/gpu.py --cpu`, "encoded batches")."""
+    the main process as a file descriptor of its own, sent on a connection of its own
+    (~0.6 ms apiece on a 2-core VM), which held the encoded stream to a tenth of what one
+    buffer carries (`bench/gpu.py --cpu`, "encoded batches"; BENCHMARKS.md)."""
 
     data: torch.Tensor
     sizes: list[int]

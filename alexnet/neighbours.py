@@ -55,6 +55,20 @@ def keep_nearest(best: Neighbours, batch: Neighbours, k: int) -> Neighbours:
     return Neighbours(*(field.gather(1, order) for field in merged))
 
 
+def candidates(
+    rows: range, labels: torch.Tensor, queries: torch.Tensor, vectors: torch.Tensor
+) -> Neighbours:
+    """A batch's records (store rows `rows`, `labels` pinned on the host) as candidates for
+    each query, on the queries' device. Nothing here waits for the device: the row numbers
+    are made there, and the labels' copy is left to run in order."""
+    count, device = len(queries), queries.device
+    return Neighbours(
+        torch.arange(rows.start, rows.stop, device=device).expand(count, -1),
+        labels.to(device, non_blocking=True).expand(count, -1),
+        distances(queries, vectors),
+    )
+
+
 def _fields(n: Neighbours) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return n.indices, n.labels, n.distances
 
@@ -91,13 +105,7 @@ def nearest(
     loader = batch_loader(batches, range(len(batches)), workers, device.type == "cuda")
     for rows, (images, labels) in zip(batches.batches, loader, strict=True):
         images = to_device(images, device, train.shape, decoder)
-        vectors = hidden_vectors(model, images, mean, crop)
-        found = Neighbours(
-            # made on the device: a copy from the host would wait for the batch's forward
-            torch.arange(rows.start, rows.stop, device=device).expand(count, -1),
-            labels.to(device, non_blocking=True).expand(count, -1),
-            distances(queries, vectors),
-        )
+        found = candidates(rows, labels, queries, hidden_vectors(model, images, mean, crop))
         best = keep_nearest(best, found, k)
         if on_batch:
             on_batch(len(rows))

@@ -326,7 +326,7 @@ class TrainParams(_Section):
                 "several processes (nproc_per_node, nnodes) cannot: DDP takes a model on "
                 "one kind of device (two columns each: [cuda:0, cuda:1])"
             )
-        if self.nproc_per_node > 1 and len(self.device) == 1 and ":" in self.device[0]:
+        if self.nproc_per_node > 1 and len(self.device) == 1 and self.device[0].startswith("cuda:"):
             raise ValueError(
                 f"device {self.device[0]!r} would be one GPU for all {self.nproc_per_node} "
                 "processes of a node (nproc_per_node): say `cuda`, each its own"

@@ -27,6 +27,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -281,7 +282,8 @@ class Trainer:
             subtract_mean=p.subtract_mean,
             kernels=run.kernels,
         ).to(self.device)
-        self.recipe = self._recipe()
+        self.recipe = self._recipe()  # hashes the data: minutes on ImageNet, and uneven
+        world.wait_for_all()  # across ranks (cached digests), so met at a patient barrier
         self.digest = hashlib.sha256(json.dumps(self.recipe, sort_keys=True).encode()).hexdigest()
         self.code = code_digests()
         self.epoch, self.step, self.history = 0, 0, []
@@ -335,18 +337,20 @@ class Trainer:
         save_tensors(state, self.checkpoint)
 
     def _check_weights(self) -> None:
-        """Raise where a weight is not finite, before it is saved: the losses read so far
-        were computed before their steps' updates, so an update that overflowed (a finite
-        loss, an infinite gradient) would otherwise be checkpointed, and every resume
-        would start from it."""
-        if all(bool(value.isfinite().all()) for value in self.model.parameters()):
+        """Raise where a weight or a momentum is not finite, before it is saved: the
+        losses read so far were computed before their steps' updates, so an update that
+        overflowed (a finite loss, an infinite gradient) would otherwise be checkpointed,
+        and every resume would start from it."""
+        momenta = (v for state in self.optimizer.state.values() for v in state.values())
+        tensors = chain(self.model.parameters(), (v for v in momenta if torch.is_tensor(v)))
+        if all(bool(value.isfinite().all()) for value in tensors):
             return
         where = f"epoch {self.epoch + 1}, step {self.step}"
         if self.step == 0 and self.epoch > 0:
             where = f"the end of epoch {self.epoch}"
         raise TrainError(
-            f"a weight is not finite after {where}: training diverged; lower train.lr "
-            "or use another model.init"
+            f"a weight or its momentum is not finite after {where}: training diverged; "
+            "lower train.lr or use another model.init"
         )
 
     def resume(self, log: Callable[[str], None] = lambda line: None) -> bool:

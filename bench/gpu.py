@@ -1,6 +1,7 @@
 """The training machine's data path and step, measured: one table and a JSON file.
 
-On a CUDA GPU (`python bench/gpu.py`: ~6.5 minutes on an H200; `--targets`: ~5):
+On a CUDA GPU (`python bench/gpu.py`: ~6.5 minutes on an H200 when full steps ran 2
+epochs; `--targets`: ~5, estimated; 295 s for the CPU dry run below):
 - the model step alone (forward, backward, SGD on inputs already on the device);
 - the full training step from a `raw` and from a `jpeg` LMDB (the trainer's own loop:
   read-ahead workers, the copy or the nvJPEG decode, augmentation, step), batch 128 and

@@ -50,6 +50,7 @@ def torchrun_command(params: TrainParams, argument: str) -> list[str]:
 # How long torchrun's agent waits for its workers after passing a SIGTERM on, before it
 # kills them: a worker stops at its next read of the losses (within train.sync_every
 # steps), then writes its checkpoint. torch's default, 30 s, can cut that write short.
+# (TORCH_ELASTIC_SHUTDOWN_TIMEOUT in the environment, where set, is kept.)
 STOP_GRACE_S = 300
 
 
@@ -57,13 +58,14 @@ def _launch(command: list[str]) -> None:
     """Run torchrun; SIGTERM to this process is passed on (torchrun passes it to the
     workers, which checkpoint) and ends in `Interrupted`; otherwise the workers' exit
     status becomes our error."""
-    environment = {**os.environ, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(STOP_GRACE_S)}
+    environment = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(STOP_GRACE_S), **os.environ}
     process = subprocess.Popen(command, env=environment)
     stopped: list[int] = []
 
     def stop(signum: int, frame: object) -> None:
+        if not stopped:  # once: a second SIGTERM makes torchrun leave its workers behind
+            process.terminate()
         stopped.append(signum)
-        process.terminate()
 
     previous = signal.getsignal(signal.SIGTERM)
     try:

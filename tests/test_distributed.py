@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alexnet.distributed import GROUP_TIMEOUT, World
+from alexnet.distributed import PATIENCE, World
 from alexnet.errors import Interrupted
 from alexnet.params import TrainParams
 from alexnet.train import Trainer, TrainError, TrainRun, disagreement, load_history, start_view
@@ -117,17 +117,18 @@ def test_an_nccl_rank_binds_its_own_gpu_before_joining(device, bound, monkeypatc
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(dist, "init_process_group", lambda b: calls.append(("init", b)))
     monkeypatch.setattr(
-        dist, "init_process_group", lambda b, timeout: calls.append(("init", b, timeout))
+        dist, "new_group", lambda backend, timeout: calls.append(("group", backend, timeout))
     )
     world = World.from_env(device)
-    # a collective waits an hour for the ranks still hashing their data (NCCL's default:
-    # 10 minutes)
-    assert calls == [("set_device", bound), ("init", "nccl", GROUP_TIMEOUT)] and world.rank == 1
-    assert GROUP_TIMEOUT.total_seconds() == 3600
+    # and a gloo group whose barrier waits an hour for the ranks still hashing their data
+    # (NCCL's collectives time out after 10 minutes)
+    patient = ("group", "gloo", PATIENCE)
+    assert calls == [("set_device", bound), ("init", "nccl"), patient] and world.rank == 1
     calls.clear()
     World.from_env(["cpu"])
-    assert calls == [("init", "gloo", GROUP_TIMEOUT)]
+    assert calls == [("init", "gloo"), patient]
 
 
 def test_a_device_list_in_params_means_two_columns(data, tmp_path):

@@ -283,10 +283,11 @@ def test_an_evaluation_batch_is_queued_without_waiting_for_the_device():
     # The 10-crop evaluation and the neighbour search read and decode the next batch
     # while the device runs this one's forward: nothing in a batch's work may wait for
     # the device (a list index, a copy from unpinned memory; each waited for the forward
-    # queued before). First calls outside: cuDNN's and the index tensors' set-up.
+    # queued before). Their per-batch functions, with the loops' pinned labels; first
+    # calls outside: cuDNN's and the index tensors' set-up.
     from alexnet.evaluate import crop_average, crop_probabilities
     from alexnet.metrics import label_ranks
-    from alexnet.neighbours import Neighbours, distances, keep_nearest
+    from alexnet.neighbours import Neighbours, candidates, keep_nearest
 
     model = AlexNet(num_classes=10).to(CUDA).eval()
     images = torch.randint(0, 256, (4, 3, 256, 256), dtype=torch.uint8, device=CUDA)
@@ -299,12 +300,7 @@ def test_an_evaluation_batch_is_queued_without_waiting_for_the_device():
     def batch(best: Neighbours) -> Neighbours:
         average = crop_average(crop_probabilities(model, images, mean, 224))
         label_ranks(average, labels.to(CUDA, non_blocking=True))
-        found = Neighbours(
-            torch.arange(0, 4, device=CUDA).expand(3, -1),
-            labels.to(CUDA, non_blocking=True).expand(3, -1),
-            distances(queries, average),
-        )
-        return keep_nearest(best, found, 2)
+        return keep_nearest(best, candidates(range(4), labels, queries, average), 2)
 
     best = batch(best)
     torch.cuda.synchronize()

@@ -680,9 +680,11 @@ def test_a_nan_between_reads_names_its_step_and_keeps_the_last_good_checkpoint(d
     assert "\n" not in str(raised.value)
 
 
-def test_an_update_that_overflows_is_not_checkpointed(data, tmp_path):
+@pytest.mark.parametrize("what", ["weight", "momentum"])
+def test_an_update_that_overflows_is_not_checkpointed(data, tmp_path, what):
     # Step 6's loss is finite (computed before its update), but the update leaves a
-    # weight infinite: the checkpoint of step 6 would hold it, and every resume with it.
+    # weight (or its momentum, and so the next weights) infinite: the checkpoint of step 6
+    # would hold it, and every resume with it.
     t = trainer(data, tmp_path, epochs=1, batch_size=1, checkpoint_every=3, sync_every=10)
     update, calls = t.update, []
 
@@ -690,8 +692,10 @@ def test_an_update_that_overflows_is_not_checkpointed(data, tmp_path):
         update()
         calls.append(1)
         if len(calls) == 6:
+            weight = next(t.model.parameters())
+            value = weight if what == "weight" else t.optimizer.state[weight]["momentum_buffer"]
             with torch.no_grad():
-                next(t.model.parameters()).view(-1)[7] = float("inf")
+                value.view(-1)[7] = float("inf")
 
     t.update = overflowing
     with pytest.raises(TrainError, match="not finite after epoch 1, step 6: training diverged"):
