@@ -267,32 +267,44 @@ time.sleep(600)
 """
 
 
-@pytest.mark.long
-def test_a_sigterm_to_a_torchrun_stage_waits_for_the_workers_checkpoints_and_stops_it(tmp_path):
-    # torchrun exits with 1 on a SIGTERM (a failure, as the stage read it), and kills its
-    # workers 30 s after passing the signal on, by default: a checkpoint that takes longer
-    # was lost. Workers that take 35 s to stop here.
+def sigterm_during(command: list[str], started: Path, count: int) -> None:
+    """`_launch(command)`, sent SIGTERM once `count` files `started-*` are in `started`."""
     import threading
 
     assert threading.current_thread() is threading.main_thread()  # where signals land
-    assert STOP_GRACE_S > 35
-    script = tmp_path / "worker.py"
-    script.write_text(STOPPING_WORKER)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc-per-node", "2", str(script), str(tmp_path), "35"]
     launched = threading.Event()
 
     def terminate_once_started() -> None:
         deadline = time.monotonic() + 120
-        while len(list(tmp_path.glob("started-*"))) < 2 and time.monotonic() < deadline:
+        while len(list(started.glob("started-*"))) < count and time.monotonic() < deadline:
             time.sleep(0.1)
         if not launched.is_set():  # _launch still waits (and handles the signal)
             os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=terminate_once_started, daemon=True).start()
     try:
-        with pytest.raises(Interrupted, match="stopped by SIGTERM"):
-            _launch(command)
+        _launch(command)
     finally:
         launched.set()
-    assert sorted(path.name for path in tmp_path.glob("saved-*")) == ["saved-0", "saved-1"]
+
+
+@pytest.mark.long
+@pytest.mark.parametrize(("grace", "saved"), [(2, []), (20, ["saved-0", "saved-1"])])
+def test_a_sigterm_to_a_torchrun_stage_stops_it_after_the_workers_grace(
+    tmp_path, monkeypatch, grace, saved
+):
+    # torchrun exits with 1 on a SIGTERM (a failure, as the stage read it), and kills its
+    # workers 30 s after passing the signal on unless told otherwise: the stage gives them
+    # STOP_GRACE_S (5 minutes), here shortened. Workers that take 6 s to checkpoint.
+    import flows.train
+
+    assert STOP_GRACE_S >= 300
+    monkeypatch.setattr(flows.train, "STOP_GRACE_S", grace)
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    script = tmp_path / "worker.py"
+    script.write_text(STOPPING_WORKER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", str(script), str(tmp_path), "6"]
+    with pytest.raises(Interrupted, match="stopped by SIGTERM"):
+        sigterm_during(command, tmp_path, 2)
+    assert sorted(path.name for path in tmp_path.glob("saved-*")) == saved
