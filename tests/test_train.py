@@ -703,6 +703,51 @@ def test_an_update_that_overflows_is_not_checkpointed(data, tmp_path, what):
     assert torch.load(t.checkpoint, weights_only=True)["step"] == 3  # the last good one
 
 
+def test_the_weight_check_finds_any_value_that_is_not_finite(data, tmp_path):
+    # The check reduces each tensor to its least and greatest values: NaN, +inf and -inf
+    # must each show there, in any weight or momentum, on any element. (A compiled run's
+    # momenta are there from the start.)
+    t = trainer(data, tmp_path, epochs=1, compile=True)
+    t._check_weights()  # a fresh run is finite (its momenta: zeros)
+    weights = list(t.model.parameters())
+    tensors = [weights[0], weights[-1], t.optimizer.state[weights[5]]["momentum_buffer"]]
+    for tensor in tensors:
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            element = tensor.view(-1)[tensor.numel() // 2]
+            kept = element.item()
+            with torch.no_grad():
+                element.fill_(bad)
+            with pytest.raises(TrainError, match="not finite"):
+                t._check_weights()
+            with torch.no_grad():
+                element.fill_(kept)
+    t._check_weights()
+
+
+def test_momenta_made_before_the_first_step_give_torchs_lazy_updates(data, tmp_path):
+    # A compiled run's trainer makes the momentum buffers (zeros) before any step,
+    # outside what the compiled update captures; the updates must be those of torch's
+    # SGD, which makes each buffer at the first step, bit for bit.
+    t = trainer(data, tmp_path, epochs=1, compile=True)
+    state = t.optimizer.state
+    copies = {w: w.detach().clone().requires_grad_() for w in t.model.parameters()}
+    assert all(torch.equal(state[w]["momentum_buffer"], torch.zeros_like(w)) for w in copies)
+    lazy = torch.optim.SGD(
+        [{**g, "params": [copies[w] for w in g["params"]]} for g in t.optimizer.param_groups]
+    )
+    assert not lazy.state
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for w, c in copies.items():
+            w.grad = torch.randn(w.shape, generator=generator)
+            c.grad = w.grad.clone()
+        t.optimizer.step()
+        lazy.step()
+        for w, c in copies.items():
+            assert torch.equal(w, c)
+            assert torch.equal(state[w]["momentum_buffer"], lazy.state[c]["momentum_buffer"])
+
+
 def test_a_diverging_run_stops_with_one_clear_line(data, tmp_path):
     t = trainer(data, tmp_path, epochs=1, lr=1e6)
     with pytest.raises(TrainError, match="training diverged; lower train.lr") as raised:
