@@ -131,26 +131,27 @@ def test_dvc_repro_runs_the_chain_and_reruns_only_what_changed(tmp_path, prefect
     ).read_bytes()
     # An experiment: a param set on the command line runs the stages it affects, `dvc exp
     # show` lists its params and metrics beside the commit's, `dvc plots diff` draws both.
+    # (An evaluate param: the retrain above ran train after a train param already.)
     identity = {
         f"GIT_{who}_{what}": value
         for who in ("AUTHOR", "COMMITTER")
         for what, value in (("NAME", "test"), ("EMAIL", "test@localhost"))
     }
     ran = subprocess.run(
-        [sys.executable, "-m", "dvc", "exp", "run", "-n", "lr-003", "-S", "train.lr=0.03"],
+        [sys.executable, "-m", "dvc", "exp", "run", "-n", "seed-1", "-S", "evaluate.seed=1"],
         cwd=repo,
         capture_output=True,
         text=True,
         env={**stage_environment(), **identity},  # the stages' python: this one
     )
     assert ran.returncode == 0, ran.stderr[-3000:]
-    assert re.findall(r"Running stage '(\w+)'", ran.stdout + ran.stderr) == ["train", "evaluate"]
-    experiment = named(dvc_json(repo, "exp", "show", "--json"), "lr-003")
-    assert experiment["params"]["params.yaml"]["data"]["train"]["lr"] == 0.03
+    assert re.findall(r"Running stage '(\w+)'", ran.stdout + ran.stderr) == ["evaluate"]
+    experiment = named(dvc_json(repo, "exp", "show", "--json"), "seed-1")
+    assert experiment["params"]["params.yaml"]["data"]["evaluate"]["seed"] == 1
     assert experiment["metrics"]["metrics/eval.json"]["data"]["images"] == 4
-    diff = dvc_json(repo, "plots", "diff", "HEAD", "lr-003", "--json")["data"]
-    assert diff["metrics/train/plots/metrics/val_loss.tsv"][0]["revisions"] == ["HEAD", "lr-003"]
-    assert [e["revisions"] for e in diff["metrics/eval/kernels.png"]] == [["HEAD"], ["lr-003"]]
+    diff = dvc_json(repo, "plots", "diff", "HEAD", "seed-1", "--json")["data"]
+    assert diff["metrics/train/plots/metrics/val_loss.tsv"][0]["revisions"] == ["HEAD", "seed-1"]
+    assert [e["revisions"] for e in diff["metrics/eval/kernels.png"]] == [["HEAD"], ["seed-1"]]
 
 
 def dvc_json(repo: Path, *args: str) -> object:
