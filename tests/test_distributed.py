@@ -267,8 +267,8 @@ time.sleep(600)
 """
 
 
-def sigterm_during(command: list[str], started: Path, count: int) -> None:
-    """`_launch(command)`, sent SIGTERM once `count` files `started-*` are in `started`."""
+def sigterm_during(command: list[str], started: Path) -> None:
+    """`_launch(command)`, sent SIGTERM once its two workers wrote `started-*` in `started`."""
     import threading
 
     assert threading.current_thread() is threading.main_thread()  # where signals land
@@ -276,7 +276,7 @@ def sigterm_during(command: list[str], started: Path, count: int) -> None:
 
     def terminate_once_started() -> None:
         deadline = time.monotonic() + 120
-        while len(list(started.glob("started-*"))) < count and time.monotonic() < deadline:
+        while len(list(started.glob("started-*"))) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         if not launched.is_set():  # _launch still waits (and handles the signal)
             os.kill(os.getpid(), signal.SIGTERM)
@@ -306,5 +306,5 @@ def test_a_sigterm_to_a_torchrun_stage_stops_it_after_the_workers_grace(
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc-per-node", "2", str(script), str(tmp_path), "6"]
     with pytest.raises(Interrupted, match="stopped by SIGTERM"):
-        sigterm_during(command, tmp_path, 2)
+        sigterm_during(command, tmp_path)
     assert sorted(path.name for path in tmp_path.glob("saved-*")) == saved
