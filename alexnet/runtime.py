@@ -1,13 +1,14 @@
 """The process set-up every entry point calls once, first: `configure()`.
 
 Nothing here runs on import. The values are hints (a user's own environment wins) that
-torch and MKL read lazily, at the first allocation and the first MKL call:
-- torch's CPU allocator backs large tensors (activations, the 244 MB of fc gradients
-  made each step) with 2 MB transparent huge pages instead of faulting in 4 KB pages on
-  every allocation: ~1.3x faster CPU training steps (bench/model.py);
-- MKL (the fc layers' and the LRN's GEMMs) keeps the thread count it is given and one
-  code path per CPU, so deterministic runs repeat bit for bit: by default it may use
-  fewer threads (another summation order) when it judges it better.
+MKL reads lazily, at its first call: MKL (the fc layers' and the LRN's GEMMs) keeps the
+thread count it is given and one code path per CPU, so deterministic runs repeat bit for
+bit: by default it may use fewer threads (another summation order) when it judges it
+better.
+torch's 2 MB huge pages for large CPU tensors (`THP_MEM_ALLOC_ENABLE=1`) were a hint here
+until they were measured on whole stages: faster steps, but more of the kernel's time
+(in train, 204-263 s against 143 s), and the demo's train and evaluate stages ran
+1.1-1.3x slower with them (BENCHMARKS.md, "Huge pages"). torch's default stands.
 It also makes Pillow refuse truncated files (its default, which a host program may have
 changed): a truncated image must be skipped, never grey-padded.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-HINTS = {"THP_MEM_ALLOC_ENABLE": "1", "MKL_DYNAMIC": "FALSE", "MKL_CBWR": "AUTO"}
+HINTS = {"MKL_DYNAMIC": "FALSE", "MKL_CBWR": "AUTO"}
 
 
 def configure() -> None:

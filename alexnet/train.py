@@ -360,12 +360,10 @@ class Trainer:
         # A tensor is finite where its least and greatest values are (both NaN where it
         # holds one): a reduction, where `isfinite` made a mask and an `abs` copy of
         # every tensor (~300 MB of fresh memory a checkpoint, 12% of a short CPU run).
-        # One wait for the device (per device), not one per tensor.
+        # One wait for the device(s), not one per tensor: the pairs are gathered on the
+        # first weight's device.
         ends = [torch.stack(value.detach().aminmax()).float() for value in tensors]
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for pair in ends:
-            by_device.setdefault(pair.device, []).append(pair)
-        if all(bool(torch.cat(pairs).isfinite().all()) for pairs in by_device.values()):
+        if bool(torch.cat([pair.to(ends[0].device) for pair in ends]).isfinite().all()):
             return
         where = f"epoch {self.epoch + 1}, step {self.step}"
         if self.step == 0 and self.epoch > 0:
@@ -547,7 +545,9 @@ class Trainer:
             self.unread.append((*outcome, size, self.step))
             if on_step:
                 on_step(self.step, self.steps_per_epoch())
-            checkpoint = self.step % self.params.checkpoint_every == 0
+            # (the epoch's last step: its end's checkpoint follows, after validation)
+            last = self.step == self.steps_per_epoch()
+            checkpoint = self.step % self.params.checkpoint_every == 0 and not last
             if not (checkpoint or self._read_now()):
                 continue
             stop = self._settle(self.stop_requested)  # waits for the device

@@ -6,14 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Before torch's first large allocation reads it: the tests' processes (this one and
-# the commands they start) back tensors with 4 KB pages, not the 2 MB huge pages that
-# `alexnet.runtime.configure` asks for. Huge pages speed a long training run's steps
-# (bench/model.py); the tests' runs are short, mostly fresh memory (models made,
-# checkpoints read), where the kernel's work on huge pages made a training test 2x
-# slower (27 s against 13 s, 21 s of it in the kernel). No value computed changes.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "0")
-# And OpenMP's threads sleep when a parallel region ends rather than spin for the next:
+# OpenMP's threads sleep when a parallel region ends rather than spin for the next:
 # the suite runs two workers and their commands on two cores, where libgomp's spinning
 # took ~8% of all CPU time. (Read when libgomp loads: the workers and commands started
 # from here have it; nothing computed changes.)

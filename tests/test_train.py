@@ -680,6 +680,18 @@ def test_a_nan_between_reads_names_its_step_and_keeps_the_last_good_checkpoint(d
     assert "\n" not in str(raised.value)
 
 
+def test_an_epoch_whose_steps_end_on_a_checkpoint_is_saved_once_at_its_end(data, tmp_path):
+    # 10 images, batch 1: 10 steps; every 5 steps. Step 10's checkpoint would be the
+    # epoch end's but for the validation's records: one write of the ~0.5 GB, not two.
+    t = trainer(data, tmp_path, epochs=1, batch_size=1, checkpoint_every=5, sync_every=10)
+    save, saved = t.save, []
+    t.save = lambda: (saved.append((t.epoch, t.step)), save())
+    t.run_epoch()
+    assert saved == [(0, 5), (1, 0)]  # step 5 of epoch 1, then its end
+    state = torch.load(t.checkpoint, weights_only=True)
+    assert (state["epoch"], state["step"], len(state["history"])) == (1, 0, 1)
+
+
 @pytest.mark.parametrize("what", ["weight", "momentum"])
 def test_an_update_that_overflows_is_not_checkpointed(data, tmp_path, what):
     # Step 6's loss is finite (computed before its update), but the update leaves a
