@@ -3,7 +3,10 @@ tests call are in tests/helpers.py."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 # OpenMP's threads sleep when a parallel region ends rather than spin for the next:
@@ -11,6 +14,12 @@ from pathlib import Path
 # took ~8% of all CPU time. (Read when libgomp loads: the workers and commands started
 # from here have it; nothing computed changes.)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# A Prefect home of the tests' own, before Prefect is imported: the flow runs of the
+# commands they start without a server (each starts Prefect's temporary one) stay out of
+# the user's ~/.prefect (their UI's runs; and a profile there may point at a Prefect
+# Cloud workspace). One per process of the session, so that xdist's workers never
+# create one database at once; removed when the process exits.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="alexnet-tests-prefect-")
 
 import pytest
 import torch
@@ -18,6 +27,7 @@ import torch
 from alexnet.runtime import configure
 from tests.helpers import SHARDS, TINY, tiny_training_data
 
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
 configure()  # as every entry point does
 # A GPU node's (README, "More machines"): the tests' training runs would all share it.
 os.environ.pop("ALEXNET_CHECKPOINT", None)
