@@ -7,7 +7,7 @@ bit: by default it may use fewer threads (another summation order) when it judge
 better.
 torch's 2 MB huge pages for large CPU tensors (`THP_MEM_ALLOC_ENABLE=1`) were a hint here
 until they were measured on whole stages: faster steps, but more of the kernel's time
-(in train, 204-263 s against 143 s), and the demo's train and evaluate stages ran
+(in train, 204-263 s against 143-152 s), and the demo's train and evaluate stages ran
 1.1-1.3x slower with them (BENCHMARKS.md, "Huge pages"). torch's default stands.
 It also makes Pillow refuse truncated files (its default, which a host program may have
 changed): a truncated image must be skipped, never grey-padded.

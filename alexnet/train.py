@@ -8,9 +8,10 @@ velocity in gradient units (the paper's carries the old rate, fading by m each s
 Every random choice of step s of epoch e (the batch order, the crops, flips and
 lighting, dropout) comes from seeds derived from (seed, e, s), not from a generator's
 running state, so a run resumed from a checkpoint draws exactly what an uninterrupted run
-draws. Checkpoints (every `checkpoint_every` steps and at every epoch end) are written
-atomically, synced to the disk. A checkpoint made for other parameters or data, or
-past this run's epoch budget, is set aside (`NAME.other-run.pt`), not resumed nor
+draws. Checkpoints (at every epoch end, and at the first loss read `checkpoint_minutes`
+after the last one: minutes, as a checkpoint's cost is the same on any device) are
+written atomically, synced to the disk. A checkpoint made for other parameters or data,
+or past this run's epoch budget, is set aside (`NAME.other-run.pt`), not resumed nor
 overwritten; one of a run given more epochs continues it (its draws do not depend on the
 budget, nor does the schedule). One made by other training code
 (`digests.training_code()`) is resumed with a warning naming the changed files when it
@@ -294,6 +295,7 @@ class Trainer:
         # steps instead of waiting for each; never left unread at a checkpoint.
         self.unread: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
         self.stop_requested = False
+        self.saved_at = time.monotonic()  # the clock of `checkpoint_minutes`
         self._stream = None  # the training batches, from the current step to the last epoch
 
     def _make_momenta(self) -> None:
@@ -334,6 +336,7 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------
     def save(self) -> None:
         self._check_weights()  # on every rank: their weights are the same
+        self.saved_at = time.monotonic()  # (a write's second or so is noise to minutes)
         if not self.world.main:
             return
         state = {
@@ -509,16 +512,17 @@ class Trainer:
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
         return loss, missed(label_ranks(logits.detach().float(), labels), 1).sum()
 
-    def _settle(self, stop: bool = False) -> bool:
+    def _settle(self, stop: bool = False, due: bool = False) -> tuple[bool, bool]:
         """Reads the unread steps' losses and mistakes (one wait for the device, one sum
         over ranks), adds them to the epoch's totals in step order, as reading each step
-        at once would, and returns whether any rank asked to stop. A loss that is not
-        finite stops the run, naming its step (the first such)."""
+        at once would, and returns whether any rank asked to stop, and whether any found
+        a checkpoint `due`: every rank then saves (their clocks differ a little). A loss
+        that is not finite stops the run, naming its step (the first such)."""
         losses = torch.stack([loss for loss, *_ in self.unread]).double()
         wrongs = torch.stack([wrong for _, wrong, *_ in self.unread]).double()
         # float32 losses and counts below 2**53 are exact in float64: the same numbers
-        values = torch.cat([losses, wrongs]).cpu().tolist() + [float(stop)]
-        *values, stop = self.world.sum(values)  # summed first, so every rank stops alike
+        values = torch.cat([losses, wrongs]).cpu().tolist() + [float(stop), float(due)]
+        *values, stop, due = self.world.sum(values)  # summed first: every rank acts alike
         steps, self.unread = self.unread, []
         totals = self.running
         for (_, _, size, step), loss, wrong in zip(
@@ -532,7 +536,7 @@ class Trainer:
             totals["loss"] += loss
             totals["wrong"] += int(wrong)
             totals["seen"] += size
-        return bool(stop)
+        return bool(stop), bool(due)
 
     def run_epoch(self, on_step: Callable[[int, int], None] | None = None) -> dict:
         """The rest of the current epoch, then validation."""
@@ -545,14 +549,13 @@ class Trainer:
             self.unread.append((*outcome, size, self.step))
             if on_step:
                 on_step(self.step, self.steps_per_epoch())
-            # (the epoch's last step: its end's checkpoint follows, after validation)
-            last = self.step == self.steps_per_epoch()
-            checkpoint = self.step % self.params.checkpoint_every == 0 and not last
-            if not (checkpoint or self._read_now()):
+            if not self._read_now():
                 continue
-            stop = self._settle(self.stop_requested)  # waits for the device
+            # (not at the epoch's last step: its end's checkpoint follows, after validation)
+            due = self._checkpoint_due() and self.step < self.steps_per_epoch()
+            stop, due = self._settle(self.stop_requested, due)  # waits for the device
             totals["seconds"] += time.perf_counter() - started
-            if stop or checkpoint:
+            if stop or due:
                 self.save()
                 if stop:  # every rank stops at the same step
                     raise Interrupted(f"stopped at epoch {self.epoch + 1}, step {self.step}")
@@ -584,6 +587,11 @@ class Trainer:
         if self.finished():  # the loader's worker processes end now, not when collected
             self._stream = None
         return record
+
+    def _checkpoint_due(self) -> bool:
+        """Whether `checkpoint_minutes` have passed since the last checkpoint (or the
+        run's start) on this rank's clock."""
+        return time.monotonic() - self.saved_at >= 60 * self.params.checkpoint_minutes
 
     def _read_now(self) -> bool:
         """Whether to read the unread steps now: every `sync_every` steps, at the epoch's

@@ -13,7 +13,9 @@ epochs; `--targets`: ~5, estimated; 295 s for the CPU dry run below):
   decoder: the faster is the one to keep as the default;
 - the LRN's share of the step (the step with and without it), and the LRN alone: its
   time and how near it comes to the memory's speed;
-- the 10-crop evaluation, crops/s.
+- the 10-crop evaluation, crops/s;
+- a training checkpoint's save, seconds (the interval `train.checkpoint_minutes` is
+  chosen against it).
 Targets (issue 18, H100/H200, bf16): full step from the JPEG LMDB >= 15,000 img/s, the
 data path alone >= 2x the full step, LRN <= 10% of the step, evaluation >= 40,000 crops/s.
 
@@ -310,7 +312,7 @@ def full_step(
         epochs=3,
         batch_size=batch,
         val_batch_size=256,
-        checkpoint_every=10**6,
+        checkpoint_minutes=10**6,
         deterministic=False,
         device=str(device),
         loader_workers=WORKERS,
@@ -335,6 +337,18 @@ def full_step(
     return max(rates)
 
 
+def checkpoint_save(root: Path, device: torch.device = CUDA) -> float:
+    """Seconds of one training checkpoint of the ImageNet model (weights and momenta,
+    ~0.49 GB, from the device to a synced file), the best of 3: what a run pays each
+    `train.checkpoint_minutes` and at each epoch's end."""
+    trainer = Trainer(bench_run(root, epochs=1, device=str(device)))
+    trainer._make_momenta()  # as after a step: a checkpoint holds them
+    try:
+        return best_seconds(trainer.save, 3, device)
+    finally:
+        trainer.checkpoint.unlink(missing_ok=True)
+
+
 def data_path(
     root: Path, batch: int, steps: int, device: torch.device = CUDA, decoder: str | None = None
 ) -> float:
@@ -346,7 +360,7 @@ def data_path(
         jpeg_decoder=decoder,
         epochs=4,
         batch_size=batch,
-        checkpoint_every=10**6,
+        checkpoint_minutes=10**6,
         deterministic=False,
         device=str(device),
         loader_workers=WORKERS,
@@ -466,7 +480,7 @@ def gpu(
         name = f"full step, jpeg LMDB, batch {large}, bf16 + channels_last, {label}"
         full = row(name, lambda d=decoder: full_step(root / "jpeg", large, device, d, **bf16))
         others[label] = (data, full)
-    # LRN and evaluation before the compiled step: its compile takes ~1 min
+    # LRN, evaluation and a checkpoint before the compiled step: its compile takes ~1 min
     with_lrn = model_steps[large, True]
     without = row(
         f"model step, batch {large}, bf16 + channels_last, without the LRN",
@@ -481,6 +495,7 @@ def gpu(
         precision = "bf16 + channels_last" if amp else "float32"
         name = f"10-crop evaluation, jpeg LMDB, {precision} (crops/s)"
         row(name, lambda a=amp: evaluation(root / "jpeg", a, device))
+    row("checkpoint save, ImageNet model (s)", lambda: checkpoint_save(root / "raw", device), 2)
     name = f"full step, jpeg LMDB, batch {large}, bf16 + channels_last + compile"
     compiled = row(
         name,

@@ -167,7 +167,7 @@ def params_for(images: int, base: dict) -> dict:
         "prepare": {"shard_size": 100},
         "pack": {"batch": 64},  # 12 MB chunks: three in the window
         # full batches at every size: a smaller last batch would need less memory
-        "train": {"epochs": 1, "batch_size": 16, "val_batch_size": 4, "checkpoint_every": 10**6},
+        "train": {"epochs": 1, "batch_size": 16, "val_batch_size": 4, "checkpoint_minutes": 10**6},
         "evaluate": {"batch_size": 4},
         "compute": {"workers": 2, "window_mb": 40},
     }

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from alexnet.params import PrepareParams, SynthParams
+from alexnet.params import PrepareParams, SynthParams, TrainParams
 
 REPO = Path(__file__).resolve().parents[1]
 # A PID no process has: Linux gives PIDs below pid_max. A temporary named with it is
@@ -71,7 +71,6 @@ TINY_CHAIN = {
         "epochs": 1,
         "batch_size": 4,
         "val_batch_size": 4,
-        "checkpoint_every": 100,
         "lighting": 0.0,
     },
     "model": {"init": "caffe"},
@@ -159,13 +158,19 @@ def jpeg_training_data(root: Path, count: int = 8) -> Path:
     return root
 
 
+# A checkpoint at every step: one falls due at a loss read, so a read at every step too.
+EVERY_STEP = {"checkpoint_minutes": 0, "sync_every": 1}
+# The params' own cadence: on a test's scale, a checkpoint at each epoch's end only.
+EPOCH_ENDS = {key: TrainParams.model_fields[key].default for key in EVERY_STEP}
+
+
 def train_run(data: Path, folder: Path, model: dict | None = None, **train):
     """A `TrainRun` on `tiny_training_data(data)` writing into `folder`: batch 4, a
     checkpoint every step, caffe init with dropout 0.5 unless `model` says otherwise."""
     from alexnet.params import ComputeParams, ModelParams, PrepareParams, TrainParams
     from alexnet.train import TrainRun
 
-    train = {"batch_size": 4, "val_batch_size": 4, "checkpoint_every": 1, **train}
+    train = {"batch_size": 4, "val_batch_size": 4, **EVERY_STEP, **train}
     return TrainRun(
         train=TrainParams(**train),
         model=ModelParams(**{"init": "caffe", "dropout": 0.5, **(model or {})}),

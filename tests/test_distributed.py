@@ -18,12 +18,12 @@ from alexnet.errors import Interrupted
 from alexnet.params import TrainParams
 from alexnet.train import Trainer, TrainError, TrainRun, disagreement, load_history, start_view
 from flows.train import STOP_GRACE_S, _launch, torchrun_command
-from tests.helpers import free_port, train_run
+from tests.helpers import EPOCH_ENDS, EVERY_STEP, free_port, train_run
 
 
 def two_epochs(data, folder: Path, **train) -> TrainRun:
     # batch 3 over 10 images: steps of 3, 3, 3, 1, so rank 1 also gets an empty share.
-    options = {"epochs": 2, "batch_size": 3, "val_batch_size": 3, "checkpoint_every": 100}
+    options = {"epochs": 2, "batch_size": 3, "val_batch_size": 3, **EPOCH_ENDS}
     return train_run(data, folder, {"dropout": 0.0}, **{**options, **train})
 
 
@@ -225,7 +225,7 @@ def test_two_torchrun_nodes_train_the_weights_of_one_and_resume_after_a_kill(dat
             tmp_path / "two",
             nnodes=2,
             rdzv_endpoint=f"{socket.gethostname()}:{port}",
-            checkpoint_every=1,
+            **EVERY_STEP,
         )
 
     first = nodes(two_nodes(free_port()))

@@ -20,7 +20,7 @@ from alexnet.metrics import label_ranks
 from alexnet.modelfile import ModelFileError, load_model
 from alexnet.reader import LmdbSplit
 from alexnet.train import Trainer
-from tests.helpers import CLASSES, REPO, blobs, train_run
+from tests.helpers import CLASSES, EPOCH_ENDS, REPO, blobs, train_run
 
 
 class CropTable(torch.nn.Module):
@@ -76,7 +76,7 @@ def model_file(data, tmp_path_factory):
         epochs=4,
         lr=0.02,
         lighting=0.0,
-        checkpoint_every=100,
+        **EPOCH_ENDS,
     )
     t = Trainer(run)
     t.save = lambda: None  # only the model file is used (a checkpoint costs ~1-3 s)

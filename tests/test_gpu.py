@@ -316,7 +316,7 @@ DEFERRED_CHECK = """
 import sys, torch
 from pathlib import Path
 from alexnet.train import Trainer
-from tests.helpers import tiny_training_data, train_run
+from tests.helpers import EPOCH_ENDS, tiny_training_data, train_run
 torch.use_deterministic_algorithms(True, warn_only=True)
 torch.backends.cudnn.benchmark = False
 data = tiny_training_data(Path(sys.argv[1]))
@@ -325,7 +325,8 @@ for every in (1, 3):
     run = train_run(
         data, Path(sys.argv[1]) / str(every), {"overlap_pool": False}, epochs=2, batch_size=2,
         sync_every=every,
-        checkpoint_every=100, device=["cuda"], amp=True, channels_last=True, loader_workers=2,
+        checkpoint_minutes=EPOCH_ENDS["checkpoint_minutes"],
+        device=["cuda"], amp=True, channels_last=True, loader_workers=2,
     )
     t = Trainer(run)
     while not t.finished():
@@ -400,14 +401,14 @@ def test_the_compiled_step_on_cuda_is_the_eager_step_up_to_rounding(
     # overwrites): the losses read must be the eager run's, step by step. Dropout off:
     # inductor's random numbers are not eager's.
     from alexnet.train import Trainer
-    from tests.helpers import assert_updates_within, tiny_training_data, train_run
+    from tests.helpers import EPOCH_ENDS, assert_updates_within, tiny_training_data, train_run
 
     data = tiny_training_data(tmp_path / "data")
     read, settle = [], Trainer._settle
 
-    def recorded(self, stop=False):
+    def recorded(self, *flags):
         read.extend(float(loss) for loss, *_ in self.unread)
-        return settle(self, stop)
+        return settle(self, *flags)
 
     monkeypatch.setattr(Trainer, "_settle", recorded)
     runs = {}
@@ -421,7 +422,7 @@ def test_the_compiled_step_on_cuda_is_the_eager_step_up_to_rounding(
             batch_size=2,
             max_epochs_per_rate=1,
             sync_every=4,
-            checkpoint_every=100,
+            checkpoint_minutes=EPOCH_ENDS["checkpoint_minutes"],
             device=["cuda"],
             compile=compiled,
         )
@@ -442,7 +443,7 @@ import sys, torch
 from pathlib import Path
 from alexnet.errors import Interrupted
 from alexnet.train import Trainer
-from tests.helpers import tiny_training_data, train_run
+from tests.helpers import EPOCH_ENDS, tiny_training_data, train_run
 torch.use_deterministic_algorithms(True, warn_only=True)
 torch.backends.cudnn.benchmark = False
 root = Path(sys.argv[1])
@@ -450,7 +451,7 @@ data = tiny_training_data(root / "data")
 def trainer(name):
     return Trainer(train_run(
         data, root / name, {"overlap_pool": False}, epochs=2, batch_size=2,
-        checkpoint_every=100, device=["cuda"], compile=True,
+        **EPOCH_ENDS, device=["cuda"], compile=True,
     ))
 whole = trainer("whole")
 while not whole.finished():

@@ -41,7 +41,6 @@ DEPARTURES = {
         "train.epochs",
         "train.batch_size",
         "train.max_epochs_per_rate",
-        "train.checkpoint_every",
         "train.val_batch_size",
     },
     "params.imagenet.yaml": {
@@ -53,7 +52,6 @@ DEPARTURES = {
         "train.stop_at_last_plateau",
         "train.deterministic",
         "train.device",
-        "train.checkpoint_every",
         "train.sync_every",
         "train.val_batch_size",
         "train.channels_last",

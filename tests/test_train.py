@@ -24,6 +24,7 @@ from alexnet.train import Steps, Trainer, TrainError
 from tests.helpers import (
     CLASSES,
     DEAD_PID,
+    EPOCH_ENDS,
     REPO,
     assert_updates_within,
     blobs,
@@ -34,8 +35,8 @@ from tests.helpers import (
 
 # Batch 4 over 10 images: steps of 4, 4, 2. A test that needs no particular steps
 # takes batch 10, one step per epoch (the cheapest epoch: a step costs ~1-3 s here).
-TWO_EPOCHS = {"epochs": 2, "checkpoint_every": 100}
-ONE_STEP = {"batch_size": 10, "checkpoint_every": 100}
+TWO_EPOCHS = {"epochs": 2, **EPOCH_ENDS}
+ONE_STEP = {"batch_size": 10, **EPOCH_ENDS}
 
 
 def trainer(data, folder, model=None, **train) -> Trainer:
@@ -284,7 +285,7 @@ def test_learns_the_tiny_task(data, tmp_path):
         epochs=4,
         lr=0.02,
         lighting=0.0,
-        checkpoint_every=100,
+        **EPOCH_ENDS,
     )
     t.save = lambda: None  # learning, not checkpoints, is tested here (saves cost ~3 s)
     run_to_end(t)
@@ -478,7 +479,13 @@ def test_loader_workers_stream_the_same_batches_across_epochs(data, tmp_path):
 
 
 # -- the train stage's command, killed or stopped ------------------------------------
-CLI_TRAIN = {"epochs": 2, "batch_size": 2, "val_batch_size": 4, "checkpoint_every": 2}
+CLI_TRAIN = {
+    "epochs": 2,
+    "batch_size": 2,
+    "val_batch_size": 4,
+    "checkpoint_minutes": 0,
+    "sync_every": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -651,7 +658,7 @@ def test_reading_the_loss_every_n_steps_gives_the_run_of_reading_every_step(
             epochs=2,
             batch_size=2,
             sync_every=every,
-            checkpoint_every=100,
+            checkpoint_minutes=EPOCH_ENDS["checkpoint_minutes"],
         )
         run_to_end(t)
         runs[every] = t, list(reads)
@@ -664,7 +671,7 @@ def test_reading_the_loss_every_n_steps_gives_the_run_of_reading_every_step(
 
 
 def test_a_nan_between_reads_names_its_step_and_keeps_the_last_good_checkpoint(data, tmp_path):
-    t = trainer(data, tmp_path, epochs=1, batch_size=1, checkpoint_every=3, sync_every=10)
+    t = trainer(data, tmp_path, epochs=1, batch_size=1, checkpoint_minutes=0, sync_every=3)
     forward, calls = t.net.forward, []
 
     def nan_at_step_5(inputs):
@@ -675,7 +682,7 @@ def test_a_nan_between_reads_names_its_step_and_keeps_the_last_good_checkpoint(d
     t.net.forward = nan_at_step_5
     with pytest.raises(TrainError, match="at epoch 1, step 5: training diverged") as raised:
         t.run_epoch()
-    assert len(calls) == 6  # read at the checkpoint of step 6, not before
+    assert len(calls) == 6  # read at step 6 (every 3 steps), not before
     assert torch.load(t.checkpoint, weights_only=True)["step"] == 3  # not saved after it
     assert "\n" not in str(raised.value)
 
@@ -683,7 +690,7 @@ def test_a_nan_between_reads_names_its_step_and_keeps_the_last_good_checkpoint(d
 def test_an_epoch_whose_steps_end_on_a_checkpoint_is_saved_once_at_its_end(data, tmp_path):
     # 10 images, batch 1: 10 steps; every 5 steps. Step 10's checkpoint would be the
     # epoch end's but for the validation's records: one write of the ~0.5 GB, not two.
-    t = trainer(data, tmp_path, epochs=1, batch_size=1, checkpoint_every=5, sync_every=10)
+    t = trainer(data, tmp_path, epochs=1, batch_size=1, checkpoint_minutes=0, sync_every=5)
     save, saved = t.save, []
     t.save = lambda: (saved.append((t.epoch, t.step)), save())
     t.run_epoch()
@@ -692,12 +699,50 @@ def test_an_epoch_whose_steps_end_on_a_checkpoint_is_saved_once_at_its_end(data,
     assert (state["epoch"], state["step"], len(state["history"])) == (1, 0, 1)
 
 
+def test_a_checkpoint_falls_due_at_the_first_read_past_its_minutes(data, tmp_path):
+    # 10 images, batch 1: 10 steps, read every 2; each step ages the last checkpoint by
+    # 20 s (and its real second or so), and one is due every minute: at step 4 (80 s),
+    # then 4 steps after that one, not at step 10 (the epoch's end saves, after validation).
+    t = trainer(data, tmp_path, epochs=1, batch_size=1, checkpoint_minutes=1, sync_every=2)
+    saved, save, step = [], t.save, t.train_step
+
+    def aging(*batch):
+        t.saved_at -= 20
+        return step(*batch)
+
+    t.train_step = aging
+    t.save = lambda: (saved.append((t.epoch, t.step)), save())
+    t.run_epoch()
+    assert saved == [(0, 4), (0, 8), (1, 0)]
+
+
+def test_a_checkpoint_due_on_one_rank_is_saved_by_all_at_that_step(data, tmp_path, monkeypatch):
+    # This rank's clock is far from due (10 minutes); another rank's is due at its
+    # reads of steps 3 and 6 (the flags are summed with the losses): this rank saves
+    # there too, or the ranks' next collectives would not match.
+    from alexnet.distributed import World
+
+    t = trainer(data, tmp_path, epochs=1, batch_size=1, checkpoint_minutes=10, sync_every=3)
+    saved, sum_ = [], World.sum
+
+    def with_a_due_rank(world, values):
+        *values, stop, due = sum_(world, values)
+        return [*values, stop, due + (t.step in (3, 6))]
+
+    monkeypatch.setattr(World, "sum", with_a_due_rank)
+    save = t.save
+    t.save = lambda: (saved.append((t.epoch, t.step)), save())
+    t.run_epoch()
+    assert saved == [(0, 3), (0, 6), (1, 0)]
+    assert torch.load(t.checkpoint, weights_only=True)["step"] == 0  # the epoch end's
+
+
 @pytest.mark.parametrize("what", ["weight", "momentum"])
 def test_an_update_that_overflows_is_not_checkpointed(data, tmp_path, what):
     # Step 6's loss is finite (computed before its update), but the update leaves a
     # weight (or its momentum, and so the next weights) infinite: the checkpoint of step 6
     # would hold it, and every resume with it.
-    t = trainer(data, tmp_path, epochs=1, batch_size=1, checkpoint_every=3, sync_every=10)
+    t = trainer(data, tmp_path, epochs=1, batch_size=1, checkpoint_minutes=0, sync_every=3)
     update, calls = t.update, []
 
     def overflowing():
@@ -786,7 +831,7 @@ def test_the_compiled_step_is_the_eager_step_up_to_rounding(data, tmp_path):
             epochs=2,
             batch_size=5,  # one batch shape: one graph to compile each way
             max_epochs_per_rate=1,
-            checkpoint_every=100,
+            **EPOCH_ENDS,
             compile=compiled,
         )
         start = {name: value.clone() for name, value in t.model.state_dict().items()}
