@@ -20,6 +20,17 @@ if TYPE_CHECKING:
     from distributed import LocalCluster
 
 
+# A temporary cluster (`compute.scheduler: local`): one thread a worker, and a scheduler
+# with no dashboard whose HTTP routes (health, metrics) take a free port of this host.
+# distributed serves them on 8787 even with the dashboard off, and any other cluster on
+# the machine (another stage's, a test worker's) holds that port: every start warned.
+LOCAL_CLUSTER = {
+    "threads_per_worker": 1,
+    "dashboard_address": "127.0.0.1:0",
+    "scheduler_kwargs": {"dashboard": False},
+}
+
+
 def parallelism(workers: int) -> int:
     """How many tasks run at once for params `compute.workers` (0: one per CPU core; on
     a running Dask cluster, set it to the cluster's worker count)."""
@@ -89,7 +100,7 @@ def task_runner(scheduler: str | None, workers: int) -> TaskRunner:
     from prefect_dask import DaskTaskRunner
 
     if scheduler == "local":
-        cluster = {"n_workers": workers, "threads_per_worker": 1, "dashboard_address": None}
+        cluster = {**LOCAL_CLUSTER, "n_workers": workers}
         return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs=cluster)
     return DaskTaskRunner(address=scheduler)
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from alexnet.params import PrepareParams
 from alexnet.prepare import PrepareError
 from alexnet.shards import ShardError, load_classes
 from flows.prepare import prepare_flow
-from flows.runners import local_cluster, task_runner
+from flows.runners import LOCAL_CLUSTER, local_cluster, task_runner
 from flows.synth import synth_flow
 from tests.helpers import DEAD_PID, REPO, SHARDS, TINY, jpeg, make_imagefolder, shard_bytes
 
@@ -87,12 +88,24 @@ def test_a_local_dask_cluster_leaves_the_environment_and_limits_its_workers_thre
     from distributed import Client
 
     before = dict(os.environ)
-    options = {"n_workers": 1, "threads_per_worker": 1, "dashboard_address": None}
+    options = {**LOCAL_CLUSTER, "n_workers": 1}
     with local_cluster(**options) as cluster, Client(cluster) as client:
         during = dict(os.environ)
         workers = client.run(os.getenv, "OMP_NUM_THREADS")  # read there
     assert during == before  # and after: conftest's `environment_kept`
     assert list(workers.values()) == [before.get("OMP_NUM_THREADS", "1")]
+
+
+def test_two_local_dask_clusters_at_once_start_without_a_taken_port():
+    # distributed's scheduler serves HTTP on 8787 unless told otherwise, dashboard or
+    # not: the second cluster on a machine (another stage's, another test worker's)
+    # warned "Port 8787 is already in use".
+    options = {**LOCAL_CLUSTER, "n_workers": 1}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with local_cluster(**options), local_cluster(**options):
+            pass
+    assert not [str(w.message) for w in caught if "already in use" in str(w.message)]
 
 
 def test_rerun_after_simulated_kill_reuses_complete_shards(raw, reference, tmp_path):
