@@ -81,6 +81,17 @@ def test_repo_params_files_keep_every_other_default(name):
     assert differ == DEPARTURES[name]
 
 
+def test_the_readme_names_every_execution_key():
+    # A change to an execution key re-runs no stage: a user must be able to see which
+    # keys those are (the README's paragraph), and a new one must not go unlisted.
+    text = (REPO / "README.md").read_text()
+    start = text.index("The execution keys")
+    paragraph = " ".join(text[start : text.index("\n\n", start)].split())
+    for section, field in Params.model_fields.items():
+        for key in field.annotation.EXECUTION_KEYS:
+            assert f"`{key}`" in paragraph or f"`{section}.{key}`" in paragraph, key
+
+
 def test_unknown_key_is_named():
     with pytest.raises(ParamsError, match=r"^params: unknown key 'prepare.qualty'$"):
         parse_params({"prepare": {"qualty": 80}})
