@@ -111,7 +111,8 @@ def recipe_changes(recorded: object, current: dict[str, dict]) -> str:
         before = recorded.get(section)
         before = before if isinstance(before, dict) else {}
         for key in sorted(values.keys() | before.keys()):
-            old, new = before.get(key), values.get(key)
+            # a key one side lacks (a param renamed or dropped since) is not a `None`
+            old, new = (side.get(key, "(no such param)") for side in (before, values))
             if old != new:
                 change = "changed" if section == "data" else f"{old} -> {new}"
                 changes.append(f"{section}.{key} {change}")

@@ -8,7 +8,14 @@ from pathlib import Path
 import yaml
 
 from alexnet import digests
-from alexnet.digests import TRAINING_ENTRY, changed_code, code_digests, file_digest, training_code
+from alexnet.digests import (
+    TRAINING_ENTRY,
+    changed_code,
+    code_digests,
+    file_digest,
+    recipe_changes,
+    training_code,
+)
 from alexnet.imports import closure
 from tests.helpers import run_python
 
@@ -85,6 +92,21 @@ def test_changed_code_names_the_files_that_differ():
     fewer = {k: v for k, v in current.items() if k != "alexnet/lrn.py"}
     assert changed_code(fewer, current) == ["alexnet/lrn.py"]
     assert changed_code(current, fewer) == []
+
+
+def test_recipe_changes_name_each_changed_key_and_one_that_is_gone_or_new():
+    before = {"train": {"lr": 0.01, "every": 25, "rate_cap": None}, "data": {"lmdb/train": "a"}}
+    after = {"train": {"lr": 0.02, "minutes": 10, "rate_cap": None}, "data": {"lmdb/train": "b"}}
+    assert recipe_changes(before, after) == (
+        "train.every 25 -> (no such param), train.lr 0.01 -> 0.02, "
+        "train.minutes (no such param) -> 10, data.lmdb/train changed"
+    )
+    # a null param is a value: not the same as one the other side lacks
+    assert recipe_changes({"train": {}}, {"train": {"rate_cap": None}}) == (
+        "train.rate_cap (no such param) -> None"
+    )
+    assert recipe_changes(before, before) == "other params or data"
+    assert recipe_changes(None, after) == "other params or data"
 
 
 def test_training_code_is_the_import_closure_of_the_training_entry():

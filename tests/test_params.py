@@ -81,15 +81,26 @@ def test_repo_params_files_keep_every_other_default(name):
     assert differ == DEPARTURES[name]
 
 
-def test_the_readme_names_every_execution_key():
+# Where the docs list the execution keys: (file, where the list starts, where it ends,
+# the sections it lists)
+EXECUTION_KEY_LISTS = [
+    ("README.md", "The execution keys", "\n\n", ("train", "evaluate")),
+    ("docs/design.md", "less the execution-only keys", ")", ("train",)),  # the stage table
+    ("docs/design.md", "less its execution-only key", ")", ("evaluate",)),
+    ("docs/design.md", "`EXECUTION_KEYS` of its schema", "\n\n", ("train", "evaluate")),
+]
+
+
+@pytest.mark.parametrize(("name", "start", "end", "sections"), EXECUTION_KEY_LISTS)
+def test_the_docs_name_every_execution_key(name, start, end, sections):
     # A change to an execution key re-runs no stage: a user must be able to see which
-    # keys those are (the README's paragraph), and a new one must not go unlisted.
-    text = (REPO / "README.md").read_text()
-    start = text.index("The execution keys")
-    paragraph = " ".join(text[start : text.index("\n\n", start)].split())
-    for section, field in Params.model_fields.items():
-        for key in field.annotation.EXECUTION_KEYS:
-            assert f"`{key}`" in paragraph or f"`{section}.{key}`" in paragraph, key
+    # keys those are, and a new one must not go unlisted.
+    text = (REPO / name).read_text()
+    first = text.index(start)
+    listed = " ".join(text[first : text.index(end, first)].split())
+    for section in sections:
+        for key in Params.model_fields[section].annotation.EXECUTION_KEYS:
+            assert f"`{key}`" in listed or f"`{section}.{key}`" in listed, (name, key)
 
 
 def test_unknown_key_is_named():
