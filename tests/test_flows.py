@@ -99,8 +99,8 @@ def test_a_local_dask_cluster_leaves_the_environment_and_limits_its_workers_thre
 def test_two_local_dask_clusters_at_once_start_without_a_taken_port():
     # distributed's scheduler serves HTTP on 8787 unless told otherwise, dashboard or
     # not: the second cluster on a machine (another stage's, another test worker's)
-    # warned "Port 8787 is already in use".
-    options = {**LOCAL_CLUSTER, "n_workers": 1}
+    # warned "Port 8787 is already in use". (No workers: the schedulers hold the ports.)
+    options = {**LOCAL_CLUSTER, "n_workers": 0}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with local_cluster(**options), local_cluster(**options):
