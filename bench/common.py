@@ -57,14 +57,15 @@ def best_seconds(work, repeats: int, device) -> float:
 def bench_run(root: Path, model: dict | None = None, jpeg_decoder: str | None = None, **train):
     """A `TrainRun` on the benchmark's stores in `root` (train/, val/, stats/), with a
     fresh checkpoint path, caffe init unless `model` says otherwise, the default JPEG
-    decoder unless `jpeg_decoder` names one."""
+    decoder unless `jpeg_decoder` names one, and no checkpoint but at an epoch's end
+    unless `train` says otherwise (the steps are what is timed)."""
     import time
 
     from alexnet.params import ComputeParams, ModelParams, PrepareParams, TrainParams
     from alexnet.train import TrainRun
 
     return TrainRun(
-        train=TrainParams(**train),
+        train=TrainParams(**{"checkpoint_minutes": 10**6, **train}),
         model=ModelParams(**{"init": "caffe", **(model or {})}),
         image=PrepareParams().image_options(),
         kernels=ComputeParams().kernels,

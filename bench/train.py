@@ -64,7 +64,6 @@ def full_and_model_only(root: Path, batch: int, device: str) -> tuple[float, flo
         epochs=2,
         batch_size=batch,
         val_batch_size=8,
-        checkpoint_minutes=10**6,
         deterministic=False,
         device=device,
     )

@@ -167,7 +167,7 @@ EPOCH_ENDS = {key: TrainParams.model_fields[key].default for key in EVERY_STEP}
 def train_run(data: Path, folder: Path, model: dict | None = None, **train):
     """A `TrainRun` on `tiny_training_data(data)` writing into `folder`: batch 4, a
     checkpoint every step, caffe init with dropout 0.5 unless `model` says otherwise."""
-    from alexnet.params import ComputeParams, ModelParams, PrepareParams, TrainParams
+    from alexnet.params import ComputeParams, ModelParams
     from alexnet.train import TrainRun
 
     train = {"batch_size": 4, "val_batch_size": 4, **EVERY_STEP, **train}
