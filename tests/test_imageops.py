@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 
@@ -18,6 +19,7 @@ from alexnet.imageops import (
     prepare_image,
     resize_crop,
 )
+from alexnet.pilcodecs import missing_codec_hint
 from tests.helpers import encode, jpeg, photo
 
 
@@ -328,13 +330,17 @@ def _linear_rgb_profile() -> bytes:
 
 
 def test_icc_profile_is_dropped_by_default_and_converted_to_srgb_when_set():
-    from PIL import ImageCms
+    from PIL import ImageCms, features
 
     profile = _linear_rgb_profile()
     image = photo(300, 260, seed=5)
     tagged = encode(image, "PNG", icc_profile=profile)
     # Default: the stored values, as if there were no profile (the original pipeline).
     assert prepare_image(tagged, ".png").jpeg == prepare_image(encode(image, "PNG"), ".png").jpeg
+    if not features.check("littlecms2"):  # a PIL built without liblcms2-dev (CI has it)
+        with pytest.raises(BadImage, match=re.escape(missing_codec_hint("littlecms2"))):
+            prepare_image(tagged, ".png", icc_to_srgb=True)
+        return
     converted = prepare_image(tagged, ".png", icc_to_srgb=True)
     assert converted.converted == "PNG, ICC profile to sRGB"
     # Equal to LittleCMS's transform of the whole image, then prepared as any PNG.
