@@ -13,9 +13,9 @@ The data is the built-in demo's kind (synth), 90% train, 10% val, with small raw
 (one epoch) and the evaluation (10 crops of each val image, and the centre crop of each
 train image for the nearest neighbours: its count is crops), ~100x dearer per image on a
 CPU, at N = --model-images, on a chain of their own. A stage runs --repeats + 1 times at each size
-(stats, train and evaluate one more; stats and `jpeg` pack read every shard four times,
-so their sizes are 4x the others'), in rounds (N, 4N, 16N, then again: the VM's slower
-minutes fall on every size alike); the best time counts:
+(stats, train and evaluate one more; prepare reads every raw file four times, stats and
+`jpeg` pack every shard: their sizes are 4x the others'), in rounds (N, 4N, 16N, then
+again: the VM's slower minutes fall on every size alike); the best time counts:
 the fixed cost of a stage (~6 s, Prefect and a process pool starting; ~10 s for train
 and evaluate) varies by a few seconds on this VM, as much as the work of a thousand
 images (of 10 to evaluate), and the first run of a stage also pays for cold file caches
@@ -79,12 +79,23 @@ class Stage:
     params: tuple[tuple[str, dict], ...] = ()  # extra overrides of this run
     output: str | None = None  # what it writes, for the sizes
     steadier: int = 0  # more runs at every size, where its work is small beside the noise
-    reads: int = 1  # how often it reads each prepared shard (symlinks; see `replicate`)
+    reads: int = 1  # how often it reads each input file (symlinks; see `replicate`)
 
 
 DATA = (
     Stage("synth", ("raw",), "all", ("raw",), output="raw"),
-    Stage("prepare", ("raw", "prepared"), "all", ("prepared",), output="prepared"),
+    # ~1.2 ms an image beside ~5 s fixed: at 1k / 4k / 16k images the work from N to 4N
+    # (~3 s) was as large as the fixed cost's noise, and six whole benches measured
+    # 0.79x-1.30x (two above the target). Reading every raw file four times makes its
+    # work at N ~5 s and at 16N ~75 s. Its shards are stats' and `jpeg` pack's input.
+    Stage(
+        "prepare",
+        ("raw-x4", "prepared-x4"),
+        "all",
+        ("prepared-x4",),
+        output="prepared-x4",
+        reads=4,
+    ),
     # ~1 ms an image beside ~7 s fixed: from N to 4N one pass adds ~3 s, about what the
     # fixed cost varies by (four whole benches measured 0.92x, 1.39x, 1.28x and 1.96x,
     # while runs of stats alone at 9/36/144 shards gave 0.79x and 0.87x). Reading every
@@ -138,6 +149,10 @@ MODEL = (
     ),
 )
 STAGES = DATA + MODEL
+# The raw `pack`'s input, and train's (not measured: the measured prepare's is 4x)
+PREPARED = Stage("prepare", ("raw", "prepared"), "all", ("prepared",))
+# What each half runs: the measured stages and the inputs of those that come later
+CHAIN = (*DATA[:2], PREPARED, *DATA[2:])
 
 
 def label(stage: Stage) -> str:
@@ -196,8 +211,10 @@ def run_stage(stage: Stage, folder: Path, params: dict) -> Sampled:
         params = {**params, section: {**params[section], **values}}
     path = folder / f"params-{label(stage)}.yaml"
     path.write_text(yaml.safe_dump(params))
-    if stage.reads > 1:
-        replicate(folder / "prepared", folder / f"prepared-x{stage.reads}", stage.reads)
+    if stage.reads > 1:  # "raw-x4" or "prepared-x4[/train]": raw or prepared, 4 times
+        many = stage.args[0].split("/")[0]
+        kind = many.split("-x")[0]
+        (replicate_raw if kind == "raw" else replicate)(folder / kind, folder / many, stage.reads)
     for name in stage.writes:
         target = folder / name
         if target.is_dir():
@@ -229,6 +246,23 @@ def replicate(prepared: Path, target: Path, times: int) -> None:
                 (target / split / name).symlink_to(shard)
 
 
+def replicate_raw(raw: Path, target: Path, times: int) -> None:
+    """`target`: a raw folder with every image of `raw` `times` over (symlinks, named
+    apart in their class folder), and its other files (the class names) once."""
+    if target.exists():
+        return
+    target.mkdir()
+    for entry in raw.iterdir():
+        if entry.is_file():
+            (target / entry.name).symlink_to(entry)
+    for folder in raw.glob("*/*/"):  # <split>/<class>/
+        copies = target / folder.relative_to(raw)
+        copies.mkdir(parents=True)
+        for image in folder.iterdir():
+            for copy in range(times):
+                (copies / f"{image.stem}-{copy}{image.suffix}").symlink_to(image)
+
+
 def flow_seconds(output: str) -> float:
     """The seconds from a stage's "Beginning flow run" line to its "Finished in state":
     its run less the process's start (torch's and Prefect's imports, the API client),
@@ -254,9 +288,9 @@ def main() -> None:
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     halves = []  # (name, N, the chain to run, the stages measured)
     if args.only != "model":
-        halves.append(("data", args.images, DATA, DATA))
+        halves.append(("data", args.images, CHAIN, DATA))
     if args.only != "data":
-        halves.append(("model", args.model_images, STAGES, MODEL))
+        halves.append(("model", args.model_images, CHAIN + MODEL, MODEL))
 
     # as flows/server.py does for a stage's own server: its telemetry heartbeat, with no
     # network to reach, only prints tracebacks
