@@ -86,8 +86,9 @@ DATA = (
     Stage("synth", ("raw",), "all", ("raw",), output="raw"),
     # ~1.2 ms an image beside ~5 s fixed: at 1k / 4k / 16k images the work from N to 4N
     # (~3 s) was as large as the fixed cost's noise, and six whole benches measured
-    # 0.79x-1.30x (two above the target). Reading every raw file four times makes its
-    # work at N ~5 s and at 16N ~75 s. Its shards are stats' and `jpeg` pack's input.
+    # 0.79x-1.30x (two above the target). Reading every class four times (as four
+    # classes: `replicate_raw`) makes its work at N ~5 s and at 16N ~90 s. Its shards are
+    # stats' and `jpeg` pack's input.
     Stage(
         "prepare",
         ("raw-x4", "prepared-x4"),
@@ -247,20 +248,21 @@ def replicate(prepared: Path, target: Path, times: int) -> None:
 
 
 def replicate_raw(raw: Path, target: Path, times: int) -> None:
-    """`target`: a raw folder with every image of `raw` `times` over (symlinks, named
-    apart in their class folder), and its other files (the class names) once."""
+    """`target`: a raw folder with every class of `raw` `times` over (symlinks to its
+    class folders, named apart), and its other files (the class names) once. More
+    classes, not larger folders: prepare holds one folder's listing at a time, as it
+    would ImageNet's (1,300 images a class at most)."""
     if target.exists():
         return
     target.mkdir()
     for entry in raw.iterdir():
         if entry.is_file():
             (target / entry.name).symlink_to(entry)
-    for folder in raw.glob("*/*/"):  # <split>/<class>/
-        copies = target / folder.relative_to(raw)
-        copies.mkdir(parents=True)
-        for image in folder.iterdir():
+    for split in ("train", "val"):
+        (target / split).mkdir()
+        for folder in sorted((raw / split).iterdir()):
             for copy in range(times):
-                (copies / f"{image.stem}-{copy}{image.suffix}").symlink_to(image)
+                (target / split / f"{folder.name}-{copy}").symlink_to(folder)
 
 
 def flow_seconds(output: str) -> float:
