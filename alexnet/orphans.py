@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import sys
+import threading
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -18,3 +20,24 @@ def die_with_parent(signum: signal.Signals, parent: int) -> bool:
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
     return os.getppid() == parent
+
+
+def die_with(process: int, signum: signal.Signals = signal.SIGKILL) -> bool:
+    """Send `signum` to this process when process `process`, any process of this user,
+    ends, however it ends: a thread waits on it (a Linux pidfd, 5.3+; elsewhere nothing is
+    asked). For a process whose parent is not that one: a worker forked by a forkserver
+    holds the server's pipe open, so neither ends with the stage that started them.
+    False when it has ended already."""
+    try:
+        handle = os.pidfd_open(process)
+    except ProcessLookupError:
+        return False
+    except (AttributeError, OSError):  # not Linux, or an older kernel
+        return True
+
+    def wait() -> None:
+        select.select([handle], [], [])  # readable once the process has ended
+        os.kill(os.getpid(), signum)
+
+    threading.Thread(target=wait, name=f"die-with-{process}", daemon=True).start()
+    return True

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alexnet.forkserver import forkserver
 from alexnet.jpeg import Encoded, decode_into, decode_threads, joined
 from alexnet.lmdb_store import StoreError, decode_value, get_record, read_meta, shared_readonly
 from alexnet.params import DEFAULTS, JpegDecoder
@@ -155,8 +156,9 @@ def batch_loader(
     dataset: torch.utils.data.Dataset, keys: Sequence, workers: int = 0, pin_memory: bool = False
 ) -> torch.utils.data.DataLoader:
     """`dataset[key]` for each key in order, each item a whole batch; `workers` processes
-    read 2 items each ahead (none: read in the loop). Workers start by forkserver: a fork
-    of a process that has run Prefect flows or CUDA inherits threads that break it."""
+    read 2 items each ahead (none: read in the loop). Workers are forked from a forkserver
+    that imported this module (torch) once: a fork of a process that has run Prefect flows
+    or CUDA inherits threads that break it, and a spawned one imports torch afresh."""
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=None,
@@ -164,7 +166,7 @@ def batch_loader(
         num_workers=workers,
         pin_memory=pin_memory,
         prefetch_factor=2 if workers else None,
-        multiprocessing_context="forkserver" if workers else None,
+        multiprocessing_context=forkserver(__name__) if workers else None,
     )
 
 

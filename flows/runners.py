@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -14,7 +16,8 @@ from urllib.parse import urlsplit
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 
 from alexnet.errors import AlexnetError
-from alexnet.orphans import die_with_parent
+from alexnet.forkserver import forkserver
+from alexnet.orphans import die_with
 
 if TYPE_CHECKING:
     from distributed import LocalCluster
@@ -46,11 +49,14 @@ def worker_setup(stage: int) -> None:
     killed broke the pool, whose other workers ran on, and the stage hung at exit. Now
     the stage alone stops: it cancels the queued tasks and waits for the running ones
     (DVC and the next run see whole outputs or none). A stage killed outright (SIGKILL,
-    the OOM killer) left its workers idle, and their decoder children with them."""
+    the OOM killer) left its workers idle, and their decoder children with them.
+
+    A worker's parent is the stage's forkserver, which it holds open (as every child of
+    the server does): it waits on the stage itself."""
     global _IN_POOL_WORKER
     _IN_POOL_WORKER = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if not die_with_parent(signal.SIGKILL, stage):  # nothing of a worker's is left to save
+    if not die_with(stage):  # nothing of a worker's is left to save
         os._exit(1)
 
 
@@ -71,10 +77,13 @@ def interrupts_ignored() -> Iterator[None]:
 
 
 class PoolTaskRunner(ProcessPoolTaskRunner):
-    """Prefect's process pool, every worker started on entry with SIGINT ignored. Started
-    on demand, a worker spends seconds importing before its initializer runs: a Ctrl-C
-    then printed its traceback and broke the pool. (`worker_setup` ignores it too, for a
-    pool entered outside the main thread.)"""
+    """Prefect's process pool, its workers forked from a forkserver that imported Prefect
+    and the flow's tasks once (`alexnet.forkserver`; Prefect spawns each, and each
+    imported them: ~2.4 s of CPU a worker), every worker started on entry with SIGINT
+    ignored. Started on demand, a spawned worker spent seconds importing before its
+    initializer ran: a Ctrl-C then printed its traceback and broke the pool. (The
+    forkserver, started here, ignores it from its start, and so do its children until
+    `worker_setup`, which ignores it too, for a pool entered outside the main thread.)"""
 
     def __enter__(self) -> PoolTaskRunner:
         super().__enter__()
@@ -83,6 +92,15 @@ class PoolTaskRunner(ProcessPoolTaskRunner):
             # (to rebuild the flow's context there). Starting its workers spawned two
             # processes a task, and a task cost ~2 s on 2 cores: 100x a thread's task.
             return self
+        spawning = self._executor  # Prefect's, none of its workers started yet
+        tasks = sorted(name for name in sys.modules if name.startswith("tasks."))
+        self._executor = ProcessPoolExecutor(
+            max_workers=self._max_workers,
+            mp_context=forkserver("prefect.task_engine", __name__, *tasks),
+            initializer=spawning._initializer,  # Prefect's own, which calls ours
+            initargs=spawning._initargs,
+        )
+        spawning.shutdown()
         with interrupts_ignored():  # a submit starts a worker while none is idle
             for _ in range(self._max_workers):
                 self._executor.submit(os.getpid)

@@ -30,10 +30,10 @@ def flow_at(entrypoint: str) -> Flow:
     return getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
 
 
-def param_outputs(spec: dict, params: Params) -> dict[str, dict[str, str]]:
-    """{step id: {"stdout": value}} of the build steps that print a parameter."""
+def param_outputs(steps: list[dict] | None, params: Params) -> dict[str, dict[str, str]]:
+    """{step id: {"stdout": value}} of the build `steps` that print a parameter."""
     outputs = {}
-    for step in spec.get("build") or []:
+    for step in steps or []:
         (inputs,) = step.values()
         words = shlex.split(inputs.get("script", ""))
         if words[:2] == ["alexnet", "param"] and len(words) == 3:
@@ -63,17 +63,21 @@ def _cron(schedule: dict) -> Cron:
 
 def deployments(repo: Path, params: Params) -> list:
     spec = yaml.safe_load((repo / SPEC).read_text())
-    values = param_outputs(spec, params)
     where = {"repo": str(Path(repo).resolve())}
-    return [
-        flow_at(entry["entrypoint"]).to_deployment(
-            name=entry["name"],
-            parameters={**entry.get("parameters", {}), **where},
-            tags=entry.get("tags"),
-            schedules=[_cron(s) for s in apply_values(entry.get("schedules") or [], values)],
+    made = []
+    for entry in spec["deployments"]:
+        # its own build steps in place of the file's, as `prefect deploy` runs them
+        values = param_outputs(entry.get("build", spec.get("build")), params)
+        schedules = apply_values(entry.get("schedules") or [], values)
+        made.append(
+            flow_at(entry["entrypoint"]).to_deployment(
+                name=entry["name"],
+                parameters={**entry.get("parameters", {}), **where},
+                tags=entry.get("tags"),
+                schedules=[_cron(schedule) for schedule in schedules],
+            )
         )
-        for entry in spec["deployments"]
-    ]
+    return made
 
 
 def serve_all(repo: Path, params: Params) -> None:

@@ -14,6 +14,9 @@ from pathlib import Path
 # took ~8% of all CPU time. (Read when libgomp loads: the workers and commands started
 # from here have it; nothing computed changes.)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# DVC starts an analytics daemon after each command run where no config turns it off (the
+# tests' own repositories, before their first config): 55 of them cost 35 s of CPU.
+os.environ["DVC_NO_ANALYTICS"] = "1"
 # A Prefect home of the tests' own, before Prefect is imported: the flow runs of the
 # commands they start without a server (each starts Prefect's temporary one) stay out of
 # the user's ~/.prefect (their UI's runs; and a profile there may point at a Prefect

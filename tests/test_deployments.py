@@ -48,13 +48,27 @@ def test_serve_serves_the_same_deployments_with_the_cron_from_params(tmp_path):
     assert not served["train"].schedules
 
 
+def test_only_a_deployment_whose_schedule_reads_params_runs_alexnet_param():
+    # `prefect deploy --all` runs a deployment's build steps (the file's, unless it has
+    # its own) once for each deployment: the file's reading the cron ran `alexnet param`
+    # 16 times (~2 s each), for the one deployment that uses it.
+    params = parse_params({})
+    assert not param_outputs(SPEC["build"], params)
+    for entry in SPEC["deployments"]:
+        read = param_outputs(entry.get("build", SPEC["build"]), params)
+        used = yaml.safe_dump(entry.get("schedules"))
+        assert all(f"{{{{ {step}.stdout }}}}" in used for step in read), entry["name"]
+    (retrain,) = [entry for entry in SPEC["deployments"] if entry["name"] == "retrain"]
+    assert sorted(param_outputs(retrain["build"], params)) == ["cron", "timezone"]
+
+
 def test_serve_reads_a_build_steps_value_as_alexnet_param_prints_it(tmp_path):
     # `prefect deploy` runs the step; `alexnet serve` computes its stdout: not a string
     # value (a list, a bool) was Python's repr in one and JSON in the other
     (tmp_path / "params.yaml").write_text("{}\n")
     params = parse_params({})
     for key in ("train.device", "train.amp", "serve.retrain_cron"):
-        spec = {"build": [{"step": {"id": "value", "script": f"alexnet param {key}"}}]}
+        steps = [{"step": {"id": "value", "script": f"alexnet param {key}"}}]
         command = [sys.executable, "-m", "flows.cli", "param", key, "-p", "params.yaml"]
         printed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
-        assert param_outputs(spec, params) == {"value": {"stdout": printed.stdout.strip()}}, key
+        assert param_outputs(steps, params) == {"value": {"stdout": printed.stdout.strip()}}, key
