@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -360,14 +360,16 @@ def test_workers_run_the_deployments_of_prefect_yaml(tmp_path):
         (tmp_path / "node").mkdir()
         with background(worker, env, tmp_path / "worker.log", cwd=tmp_path / "node"):
             # Two runs at once on one repository (as from the UI while the cron retrain
-            # runs: in each worker's clone, so they would overlap), and a cron due within
-            # the minute; the repository's concurrency limit makes them take turns.
+            # runs: in each worker's clone, so they would overlap), and a scheduled run due
+            # in seconds (hourly from then: a cron's every minute waited ~30 s for its
+            # first); the repository's concurrency limit makes them take turns.
             runs = [
                 api(url, f"/deployments/{synth}/create_flow_run", {"parameters": {"force": True}})
                 for _ in range(2)
             ]
-            every_minute = {"schedule": {"cron": "* * * * *"}, "active": True}
-            api(url, f"/deployments/{synth}/schedules", [every_minute])
+            soon = (datetime.now(UTC) + timedelta(seconds=5)).isoformat()
+            hourly = {"schedule": {"interval": 3600, "anchor_date": soon}, "active": True}
+            api(url, f"/deployments/{synth}/schedules", [hourly])
             by_deployment = {"flow_runs": {"deployment_id": {"any_": [synth]}}}
             scheduled = wait_for(
                 lambda: sorted(
@@ -376,9 +378,9 @@ def test_workers_run_the_deployments_of_prefect_yaml(tmp_path):
                     if run["auto_scheduled"]
                 )[:1],
                 90,
-                "the scheduler to create the cron's run",
+                "the scheduler to create the scheduled run",
             )
-            ids = [run["id"] for run in runs] + [scheduled[0][1]]  # the first due
+            ids = [run["id"] for run in runs] + [scheduled[0][1]]
             states = [wait_for(lambda i=i: finished(url, i), 240, f"run {i}") for i in ids]
             log = (tmp_path / "worker.log").read_text()[-4000:]
             assert states == ["COMPLETED"] * 3, log
