@@ -93,10 +93,13 @@ class PoolTaskRunner(ProcessPoolTaskRunner):
             # processes a task, and a task cost ~2 s on 2 cores: 100x a thread's task.
             return self
         spawning = self._executor  # Prefect's, none of its workers started yet
+        # what a worker runs a task with: Prefect's engine, the installed Prefect
+        # collections, which it loads at its first task (prefect-dask: dask and
+        # distributed, ~0.5 s), and the flow's tasks (imported here by now)
         tasks = sorted(name for name in sys.modules if name.startswith("tasks."))
         self._executor = ProcessPoolExecutor(
             max_workers=self._max_workers,
-            mp_context=forkserver("prefect.task_engine", __name__, *tasks),
+            mp_context=forkserver("prefect.task_engine", "prefect_dask", __name__, *tasks),
             initializer=spawning._initializer,  # Prefect's own, which calls ours
             initargs=spawning._initargs,
         )
