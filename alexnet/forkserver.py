@@ -1,11 +1,11 @@
 """The forkserver a process's worker processes are forked from, their imports done once.
 
 A worker started by spawn imports everything it runs afresh: Prefect for a pool worker,
-torch for a loader worker, ~2.4 s of CPU each (on 2 cores, a stage's second worker cost
-a third of its CPU time). multiprocessing's forkserver is one process per process that
-uses it, started with the first worker and forked for each: what it imported first
-(`preload`) each worker has at once. A fork of the server, not of the caller: the
-caller's threads (Prefect's, CUDA's) are not copied into a child that cannot run them.
+torch for a loader worker, ~1.5-2.5 s of CPU each (bench/tasks.py). multiprocessing's
+forkserver is one process per process that uses it, started with the first worker and
+forked for each: what it imported first (`preload`) each worker has at once. A fork of
+the server, not of the caller: the caller's threads (Prefect's, CUDA's) are not copied
+into a child that cannot run them.
 """
 
 from __future__ import annotations

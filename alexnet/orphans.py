@@ -23,11 +23,11 @@ def die_with_parent(signum: signal.Signals, parent: int) -> bool:
 
 
 def die_with(process: int, signum: signal.Signals = signal.SIGKILL) -> bool:
-    """Send `signum` to this process when process `process`, any process of this user,
-    ends, however it ends: a thread waits on it (a Linux pidfd, 5.3+; elsewhere nothing is
-    asked). For a process whose parent is not that one: a worker forked by a forkserver
-    holds the server's pipe open, so neither ends with the stage that started them.
-    False when it has ended already."""
+    """Send `signum` to this process when process `process` ends, however it ends: a
+    thread waits on a pidfd of it (Linux 5.3+; elsewhere nothing is asked). Unlike
+    `die_with_parent`, `process` need not be the parent: a pool worker's parent is the
+    stage's forkserver, which the worker holds open (every child of the server holds its
+    pipe), so that neither would end with the stage. False when it has ended already."""
     try:
         handle = os.pidfd_open(process)
     except ProcessLookupError:
