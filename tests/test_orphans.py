@@ -23,16 +23,16 @@ def waiter(pid: int) -> subprocess.Popen:
 def test_a_process_ends_when_the_one_it_waits_on_ends():
     # Not its parent: the process it waits on is its sibling here.
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    process = waiter(other.pid)
     try:
-        process = waiter(other.pid)
         assert process.stdout.readline() == "True\n"
         assert process.poll() is None
         other.kill()
         assert process.wait(timeout=30) == -signal.SIGKILL
     finally:
-        other.kill()
-        other.wait()
-        process.kill()
+        for started in (other, process):
+            started.kill()
+            started.wait()
 
 
 def test_waiting_on_a_process_that_ended_is_refused():
