@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test bench lint clean
+.PHONY: setup repro test bench lint lock clean
 
 setup:
 	@bash scripts/setup.sh
@@ -36,6 +36,12 @@ bench: setup $(BASELINE_VENV)/bin/python
 
 lint: setup
 	ruff check . && ruff format --check .
+
+# Every package's version, for every platform and Python >= 3.11, resolved from
+# pyproject.toml's ranges: setup installs within it. Run after changing pyproject.toml.
+lock: setup
+	uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
+		--custom-compile-command "make lock" --quiet -o requirements.lock
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -18,7 +18,8 @@ import importlib
 import io
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,24 @@ RESAMPLE = {
 
 class BadImage(ValueError):
     """A file that cannot be turned into a training image; `str()` is the reason."""
+
+
+# JPEG, and the Multi-Picture format of cameras and phones: a JPEG whose primary image
+# comes first, followed by others (a second view, a depth or gain map), not frames.
+JPEG_FORMATS = ("JPEG", "MPO")
+
+
+@contextmanager
+def pixel_limit(max_pixels: int) -> Iterator[None]:
+    """PIL's own decompression-bomb check at `max_pixels` (it raises at twice its limit),
+    so that `open_image`'s check at exactly `max_pixels` is the one that applies, however
+    high it is set. PIL's limit is a global: restored after."""
+    before = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
 
 
 @dataclass(frozen=True)
@@ -75,7 +94,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 def draft_for(image: Image.Image, size: int) -> None:
     """Let libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT domain) when the result still has
     its shorter side >= `size`; it only reduces when the shorter side is >= 2 * size."""
-    if image.format != "JPEG":
+    if image.format not in JPEG_FORMATS:
         return
     width, height = image.size
     scale = size / min(width, height)
@@ -83,9 +102,12 @@ def draft_for(image: Image.Image, size: int) -> None:
 
 
 def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
-    # Pillow's convert clips 16/32-bit values to 0..255 (a white image); scale them instead.
+    # Pillow's convert clips 16/32-bit values to 0..255 (a white image); scale them instead,
+    # from the full scale of the format where it is known: 16 bits (a 16-bit PNM is
+    # scaled by PIL from its maxval to 0..65535), else from the values.
     values = np.asarray(image)
-    top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+    sixteen = image.mode.startswith("I;16") or image.format == "PPM"
+    top = 65535.0 if sixteen or values.max() > 255 else 255.0
     if image.mode == "F":
         top = max(float(values.max()), 1.0)
     scaled = np.clip(values.astype(np.float64) * (255.0 / top) + 0.5, 0, 255)
@@ -94,14 +116,15 @@ def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB. Transparent pixels are composited onto white, since their
-    stored colour is arbitrary."""
+    stored colour is arbitrary: an alpha channel's, and those of a PNG's single transparent
+    colour or palette entries (`transparency`, in modes RGB, L and P)."""
     mode = image.mode
+    if mode in ("RGB", "L", "P") and "transparency" in image.info or mode == "PA":
+        image, mode = image.convert("RGBA"), "RGBA"
     if mode == "RGB":
         return image
     if mode.startswith("I") or mode == "F":
         return _high_bit_depth_to_l(image).convert("RGB")
-    if mode == "P" and "transparency" in image.info or mode == "PA":
-        image, mode = image.convert("RGBA"), "RGBA"
     if mode in ("RGBA", "LA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -139,18 +162,23 @@ def encode_jpeg(image: Image.Image, quality: int) -> bytes:
 def conversion_of(image: Image.Image, extension: str) -> list[str]:
     """What prepare changes besides geometry, for the report; empty for a plain RGB JPEG."""
     notes = []
-    if image.format != "JPEG" and extension.lower() in (".jpg", ".jpeg"):
+    if image.format not in JPEG_FORMATS and extension.lower() in (".jpg", ".jpeg"):
         notes.append(f"{image.format} as JPEG")
-    elif image.format != "JPEG":
+    elif image.format not in JPEG_FORMATS:
         notes.append(str(image.format))
     if image.mode != "RGB":
         notes.append(image.mode)
+    elif "transparency" in image.info:
+        notes.append("RGB with a transparent colour")
     return notes
 
 
 def first_frame(image: Image.Image, frames: Frames) -> str | None:
     """The note for an animated or multi-page file (whose first frame is what PIL has
-    open), or `BadImage` when such files are to be skipped."""
+    open), or `BadImage` when such files are to be skipped. A Multi-Picture JPEG is one
+    photo: its primary image, which PIL has open."""
+    if image.format == "MPO":
+        return None
     try:
         count = getattr(image, "n_frames", 1)
     except Exception:  # a later frame is damaged; the first may still be whole
@@ -185,7 +213,7 @@ def to_srgb(image: Image.Image) -> tuple[Image.Image, str | None]:
         source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
         srgb = ImageCms.createProfile("sRGB")
         converted = ImageCms.profileToProfile(image, source, srgb, outputMode="RGB")
-    except ImageCms.PyCMSError as error:
+    except (ImageCms.PyCMSError, OSError) as error:  # OSError: a profile LittleCMS can't read
         return to_rgb(image), f"ICC profile unusable, ignored ({one_line(error)})"
     return converted, "ICC profile to sRGB"
 
@@ -239,21 +267,22 @@ def prepare_image(
     The keywords are params `prepare`'s image options (`PrepareParams.IMAGE_KEYS`)."""
     load_plugins(plugins)
     try:
-        image = open_image(data, max_pixels)
-        notes = conversion_of(image, extension)
-        notes.append(first_frame(image, frames))
-        draft_for(image, size)
-        image.load()
-        if exif_orientation:
-            image, note = orient(image)
-            notes.append(note)
-        if icc_to_srgb:
-            rgb, note = to_srgb(image)
-            notes.append(note)
-        else:
-            rgb = to_rgb(image)
-        out = resize_crop(rgb, size, resample)
-        jpeg = encode_jpeg(out, quality)
+        with pixel_limit(max_pixels):
+            image = open_image(data, max_pixels)
+            notes = conversion_of(image, extension)
+            notes.append(first_frame(image, frames))
+            draft_for(image, size)
+            image.load()
+            if exif_orientation:
+                image, note = orient(image)
+                notes.append(note)
+            if icc_to_srgb:
+                rgb, note = to_srgb(image)
+                notes.append(note)
+            else:
+                rgb = to_rgb(image)
+            out = resize_crop(rgb, size, resample)
+            jpeg = encode_jpeg(out, quality)
     except BadImage:
         raise
     except Exception as error:  # one file's failure, of whatever kind, is that file's

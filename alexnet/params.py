@@ -159,7 +159,8 @@ class PrepareParams(_Section):
     frames: Frames = Field(
         "first",
         description="animated GIF/APNG/WebP and multi-page TIFF: keep the first frame "
-        "(reported as converted) or skip the file",
+        "(reported as converted) or skip the file (a Multi-Picture JPEG, MPO, is one photo: "
+        "its primary image, always kept)",
     )
     plugins: tuple[str, ...] = Field(
         (),

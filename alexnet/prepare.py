@@ -14,6 +14,7 @@ to a segfault or a hang, makes it a skipped file with a one-line reason.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -24,7 +25,9 @@ from pathlib import Path
 
 import PIL
 
+from alexnet import imageops
 from alexnet.decoder import At, isolated
+from alexnet.digests import sha16
 from alexnet.errors import AlexnetError
 from alexnet.imageops import BadImage, Prepared, load_plugins, prepare_image
 from alexnet.params import PrepareParams
@@ -32,6 +35,14 @@ from alexnet.shards import Record, SplitKeys, read_description, shard_name, writ
 from alexnet.sources import ClassInfo, Source
 
 FORMAT_VERSION = 1
+# The code that turns a file into its prepared bytes: a shard made by another version of
+# it is made again (`dvc repro` re-runs prepare after a change, and must not reuse them).
+IMAGE_CODE = Path(imageops.__file__)
+
+
+@functools.cache
+def image_code() -> str:
+    return sha16(IMAGE_CODE)
 
 
 class PrepareError(AlexnetError):
@@ -96,7 +107,8 @@ class Changing(OSError):
 
 
 class Unread(OSError):
-    """A file whose read crashed or hung the process that read it."""
+    """A file whose read crashed or hung the process that read it, or took more memory
+    than it could have."""
 
 
 class TooLarge(OSError):
@@ -129,6 +141,8 @@ def _read(item: Item, limit: int) -> bytes | OSError | None:
             after = os.fstat(stream.fileno())
     except OSError as error:
         return error
+    except MemoryError:  # within the limit, but more than this process may hold now
+        return Unread(f"out of memory while reading it ({before.st_size:,} bytes)")
     if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or len(
         data
     ) != after.st_size:
@@ -138,10 +152,11 @@ def _read(item: Item, limit: int) -> bytes | OSError | None:
 
 def fingerprint(items: list[Item], contents: list, params: PrepareParams) -> str:
     """What a shard is made from: the files' names, labels and content, the options, and
-    the imaging library (pillow and pillow-simd encode differently)."""
+    the imaging code and library (pillow and pillow-simd encode differently)."""
     digest = hashlib.sha256()
     header = {
         "format": FORMAT_VERSION,
+        "code": image_code(),
         "pil": PIL.__version__,
         "file_timeout": params.file_timeout,
         **params.image_options(),

@@ -5,7 +5,9 @@ Layouts read (see docs/design.md, "Raw input"):
 - ILSVRC-2012 val as a flat `ROOT/val/` folder, labelled by Kaggle's
   `LOC_val_solution.csv`, or by `ILSVRC2012_validation_ground_truth.txt` (one
   ILSVRC2012_ID per image, in file-name order) with the devkit's `meta.mat` giving the
-  ID -> wnid order. `val/` is flat when none of its folders is named after a class.
+  ID -> wnid order. `val/` is flat when none of its folders is named after a class;
+- Kaggle's download as it unpacks: the images in `ILSVRC/Data/CLS-LOC/{train,val}`, the
+  label and name files three levels up. ROOT may be either folder.
 Classes are the sorted wnid folders of `train/` (index 0..C-1); names come from a
 `LOC_synset_mapping.txt` / `synset_words.txt` / `classes.txt` file when present.
 
@@ -50,6 +52,8 @@ KAGGLE_CSV = "LOC_val_solution.csv"
 KAGGLE_COLUMNS = ("ImageId", "PredictionString")
 GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 META_MAT = "meta.mat"
+# Where Kaggle's ImageNet download keeps the images, below its LOC_* label and name files.
+KAGGLE_DATA = ("ILSVRC", "Data", "CLS-LOC")
 DIRECTORY = "a directory, not a file"
 
 # C0 and C1 control characters and DEL: a name holding them would break one-line reports.
@@ -228,18 +232,19 @@ def _lines(path: Path) -> list[tuple[int, str]]:
 
 
 def _find(root: Path, name: str) -> Path | None:
-    """A metadata file at the root, in `val/`, or in the devkit's `data/` folder."""
-    for folder in (root, root / "val", root / "ILSVRC2012_devkit_t12" / "data"):
-        if (folder / name).is_file():
-            return folder / name
-    return None
+    """A metadata file at the root, in `val/`, in the devkit's `data/` folder or, where
+    the root is Kaggle's image folder, at the top of Kaggle's download."""
+    folders = [root, root / "val", root / "ILSVRC2012_devkit_t12" / "data"]
+    if root.parts[-len(KAGGLE_DATA) :] == KAGGLE_DATA:
+        folders.append(root.parents[len(KAGGLE_DATA) - 1])
+    return next((folder / name for folder in folders if (folder / name).is_file()), None)
 
 
 def read_names(root: Path) -> dict[str, str]:
     """wnid -> human name from a synset mapping file (`n01440764 tench, Tinca tinca`)."""
     for filename in NAME_FILES:
-        path = root / filename
-        if path.is_file():
+        path = _find(root, filename)
+        if path is not None:
             names = {}
             for _, line in _lines(path):
                 wnid, _, name = line.partition(" ")
@@ -366,7 +371,8 @@ def _ground_truth_labels(
 
 
 def _flat_val(folder: Path, entries: list[os.DirEntry], root: Path, index: dict[str, int]) -> Split:
-    entries = [e for e in entries if e.name not in (KAGGLE_CSV, GROUND_TRUTH, META_MAT)]
+    metadata = (KAGGLE_CSV, GROUND_TRUTH, META_MAT, *NAME_FILES)
+    entries = [e for e in entries if e.name not in metadata]
     shown = display_name(folder)
     if not entries:
         raise SourceError(f"{shown}: empty split (no class folders, no files)")
@@ -426,6 +432,8 @@ def open_source(root: str | Path, splits: tuple[str, ...] = SPLITS) -> Source:
         raise SourceError(f"{display_name(root)}: no such dataset folder") from None
     if not root.is_dir():
         raise SourceError(f"{display_name(root)}: no such dataset folder")
+    if not (root / "train").exists() and (root.joinpath(*KAGGLE_DATA) / "train").is_dir():
+        root = root.joinpath(*KAGGLE_DATA)  # Kaggle's download, given at its top
     # Each split's top folder, listed once (train/ also gives the classes).
     tops = {split: _scan(_split_dir(root, split)) for split in dict.fromkeys(("train", *splits))}
     folders = {split: [e for e in entries if _is_dir(e)] for split, entries in tops.items()}
@@ -440,6 +448,9 @@ def open_source(root: str | Path, splits: tuple[str, ...] = SPLITS) -> Source:
     result = {}
     for split in splits:
         if split == "train" or any(display_name(d.name) in index for d in folders[split]):
+            if split != "train":  # (train's are checked above, before its classes are read)
+                _check_class_links(tops[split])
+                _check_archives(tops[split])
             result[split] = _image_folder(split, folders[split], index)
         else:
             result[split] = _flat_val(root / split, tops[split], root, index)

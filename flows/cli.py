@@ -78,9 +78,10 @@ def predict(
 @app.command(
     help="Serve the Prefect deployments of prefect.yaml from this process (one machine, no "
     "work pools): one per stage, `pipeline` and `retrain` (cron from params `serve`). Each "
-    "runs `dvc repro`, so runs started from the UI keep dvc.lock true. Needs a Prefect "
-    "server: `prefect server start`, then PREFECT_API_URL=http://127.0.0.1:4200/api. Stop "
-    "with Ctrl-C. Reads the repository's params.yaml, as the runs' `dvc repro` does."
+    "runs `dvc repro`, so a run started from the UI leaves dvc.lock matching what it "
+    "made. Needs a Prefect server: `prefect server start`, then `export "
+    "PREFECT_API_URL=http://127.0.0.1:4200/api`. Stop with Ctrl-C. Reads the "
+    "repository's params.yaml, as the runs' `dvc repro` does."
 )
 def serve() -> None:
     from prefect.settings import PREFECT_API_URL
@@ -90,8 +91,8 @@ def serve() -> None:
         api = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
         if not api:
             raise AlexnetError(
-                "serve needs a Prefect server: run `prefect server start` and set "
-                "PREFECT_API_URL=http://127.0.0.1:4200/api"
+                "serve needs a Prefect server: run `prefect server start` and `export "
+                "PREFECT_API_URL=http://127.0.0.1:4200/api`"
             )
         if not Path("dvc.yaml").exists():
             raise AlexnetError("serve runs in the repository: no dvc.yaml in this folder")
@@ -105,7 +106,7 @@ def serve() -> None:
 
 @app.command(
     help="Print one parameter's value, as validated (defaults filled in), e.g. "
-    "`alexnet param serve.retrain_cron` (prefect.yaml's build steps read the cron so)."
+    "`alexnet param serve.retrain_cron` (how prefect.yaml's build steps read the cron)."
 )
 def param(
     key: Annotated[str, typer.Argument(help="section.name, as in params.yaml")],
@@ -147,8 +148,9 @@ def report(
 
 
 @app.command(
-    help="Print what the pipeline runs on: PIL (pillow-simd?), libjpeg-turbo, torch and "
-    "CUDA devices, which Prefect API flows report to, and where train checkpoints."
+    help="Print what the pipeline runs on: the CPU, PIL (pillow-simd?) and its codecs (with "
+    "the package that provides each missing one), torch and its CUDA devices, the Prefect "
+    "API flows report to, and where train keeps its checkpoint."
 )
 def doctor() -> None:
     from prefect.settings import PREFECT_API_URL

@@ -29,6 +29,7 @@ from alexnet.cluster import WorkerCheck
 from alexnet.errors import Interrupted, is_user_error, user_line
 from alexnet.params import (
     DEFAULT_FILE,
+    ComputeParams,
     Params,
     PrepareParams,
     load_params,
@@ -45,6 +46,11 @@ console = Console(stderr=True, soft_wrap=True)
 PLANNED_RUN = "ALEXNET_PLANNED_FLOW_RUN"  # one error = one line, however long
 
 
+def compute_help(key: str) -> str:
+    """A `compute` param's description, for the stage option that overrides it."""
+    return ComputeParams.model_fields[key].description
+
+
 @dataclass(frozen=True)
 class PathArg:
     name: str  # the flow's parameter
@@ -57,6 +63,11 @@ class PathArg:
     beside: str | None = None
     output: bool = False  # what the stage writes (dvc.yaml's outs); the rest it reads
     envvar: str | None = None  # an environment variable that gives it when no argument does
+
+    @property
+    def metavar(self) -> str:
+        """How `--help` and the README name it: `model_path` is MODEL."""
+        return self.name.removesuffix("_path").upper()
 
     def from_environment(self) -> str | None:
         """`envvar`'s value, where it is set to one (typer, through click, ignores an
@@ -81,6 +92,19 @@ class Stage:
     def path(self, name: str) -> PathArg:
         return next(arg for arg in self.paths if arg.name == name)
 
+    def shown_default(self, arg: PathArg) -> str:
+        """`arg`'s default as `--help` shows it (`resolve_paths` applies it)."""
+        if arg.from_params:
+            return f"params {arg.default}"
+        if arg.beside:
+            given = self.path(arg.beside).metavar
+            return f"{arg.default}; given {given}: {self.beside(arg)} beside it"
+        return arg.default
+
+    def beside(self, arg: PathArg) -> Path:
+        """Where `arg`'s default stands relative to the folder of its `beside` path's."""
+        return Path(arg.default).relative_to(Path(self.path(arg.beside).default).parent)
+
     def flow(self) -> Callable:
         return getattr(importlib.import_module(self.module), f"{self.name}_flow")
 
@@ -95,8 +119,8 @@ STAGES: dict[str, Stage] = {
             "Generate the built-in demo dataset (params `synth`): shapes x textures, plus a "
             "few CMYK, greyscale, PNG-as-JPEG, truncated, empty and non-image files. Its size: "
             "params synth.classes, train_per_class, val_per_class; synth.oddities files of "
-            "each odd kind (a small set needs few, or prepare.max_skipped raised: prepare "
-            "skips the unusable ones).",
+            "each odd kind, which prepare converts or skips (a small set wants few of them, "
+            "or a higher prepare.max_skipped).",
             # the demo's raw folder: where prepare reads by default
             (PathArg("out", DEMO_RAW, "folder to create (ImageFolder layout)", output=True),),
             ("synth",),
@@ -114,7 +138,7 @@ STAGES: dict[str, Stage] = {
                 PathArg(
                     "raw",
                     "prepare.raw",
-                    "raw dataset: train/<wnid>/*, val/... (default: params prepare.raw)",
+                    "raw dataset: train/<wnid>/*, val/... (layouts: docs/design.md)",
                     from_params=True,
                 ),
                 PathArg(
@@ -165,9 +189,9 @@ STAGES: dict[str, Stage] = {
                 PathArg(
                     "checkpoint",
                     "models/checkpoints/train.pt",
-                    "checkpoint file (resumed when it belongs to this run; default: "
-                    "checkpoints/train.pt beside MODEL_PATH). A Prefect worker's run is a "
-                    "temporary clone: give its workers a path outside it to resume there",
+                    "checkpoint file, resumed when it belongs to this run. A Prefect "
+                    "worker's run is a temporary clone: give its workers a path outside it "
+                    "to resume there",
                     option=True,
                     beside="model_path",
                     output=True,
@@ -195,8 +219,8 @@ STAGES: dict[str, Stage] = {
         Stage(
             "evaluate",
             "10-crop top-1/top-5 error of a model (paper section 4.1; params `evaluate`): "
-            "metrics/eval.json, a per-class CSV and the confusion plot's data in "
-            "metrics/eval/; and section 6.1's pictures there: conv1's kernels, validation "
+            "METRICS/eval.json, a per-class CSV and the confusion plot's data in "
+            "METRICS/eval/; and section 6.1's pictures there: conv1's kernels, validation "
             "images with their top 5, and their nearest training images.",
             (
                 PathArg("val", "data/lmdb/val", "the validation LMDB store"),
@@ -204,8 +228,7 @@ STAGES: dict[str, Stage] = {
                 PathArg(
                     "train",
                     "data/lmdb/train",
-                    "the training LMDB store (searched for the nearest neighbours; default: "
-                    "train/ beside VAL)",
+                    "the training LMDB store (searched for the nearest neighbours)",
                     option=True,
                     beside="val",
                 ),
@@ -231,7 +254,8 @@ ParamsOption = Annotated[
     typer.Option(
         "--params",
         "-p",
-        help="params file (every knob: params.yaml; a missing params.yaml means defaults)",
+        help="params file; where the default, ./params.yaml, is missing, every key takes its "
+        "schema default (the paper's values)",
         show_default=DEFAULT_FILE,
     ),
 ]
@@ -263,6 +287,12 @@ def _send_prefect_logs(timeout: float = 5.0) -> None:
 def load(path: Path | None, workers: int | None = None, scheduler: str | None = None) -> Params:
     """The params file (None: params.yaml, if any) with the command line's `compute`
     overrides applied."""
+    if path is None and not Path(DEFAULT_FILE).exists():  # a command run in another folder
+        console.print(
+            f"params: no {DEFAULT_FILE} in {Path.cwd()}: every key takes its schema default "
+            "(the paper's values, not the demo's)",
+            highlight=False,
+        )
     params = load_params(path)
     overrides = {"workers": workers, "scheduler": scheduler}
     changed = {key: value for key, value in overrides.items() if value is not None}
@@ -276,9 +306,8 @@ def resolve_paths(stage: Stage, given: dict[str, Path | None], params: Params) -
     for arg in stage.paths:
         value = given.get(arg.name)
         if value is None and arg.beside and given.get(arg.beside) is not None:
-            anchor = Path(stage.path(arg.beside).default).parent
             beside = Path(os.path.abspath(given[arg.beside])).parent  # `.` has a parent too
-            value = beside / Path(arg.default).relative_to(anchor)
+            value = beside / stage.beside(arg)
         if value is None:
             value = param_value(params, arg.default) if arg.from_params else arg.default
         paths[arg.name] = str(value)
@@ -382,8 +411,9 @@ def command(stage: Stage, flow: Callable | None = None) -> Callable[..., None]:
                 Path | None,
                 (typer.Option if arg.option else typer.Argument)(
                     help=arg.help,
-                    show_default=f"params {arg.default}" if arg.from_params else arg.default,
+                    show_default=stage.shown_default(arg),
                     envvar=arg.envvar,
+                    metavar=None if arg.option else arg.metavar,
                 ),
             ],
         )
@@ -400,7 +430,9 @@ def command(stage: Stage, flow: Callable | None = None) -> Callable[..., None]:
                 default=None,
                 annotation=Annotated[
                     int | None,
-                    typer.Option(help="parallel workers (default: params compute.workers)"),
+                    typer.Option(
+                        help=f"{compute_help('workers')} (default: params compute.workers)"
+                    ),
                 ],
             ),
             inspect.Parameter(
@@ -409,7 +441,9 @@ def command(stage: Stage, flow: Callable | None = None) -> Callable[..., None]:
                 default=None,
                 annotation=Annotated[
                     str | None,
-                    typer.Option(help="Dask: 'local' or tcp://host:port (default: params)"),
+                    typer.Option(
+                        help=f"{compute_help('scheduler')} (default: params compute.scheduler)"
+                    ),
                 ],
             ),
         ]

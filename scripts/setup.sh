@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make setup`: create .venv, or reuse it when pyproject.toml and this script are unchanged.
+# `make setup`: create .venv, or reuse it when pyproject.toml, requirements.lock and this
+# script are unchanged. Every package is installed at the lock's version (`make lock`).
 # torch/torchvision are pinned to the versions on this machine's disk; pillow-simd then
 # replaces Pillow as the live PIL (AVX2 build where the CPU has it), with a visible
 # fallback to stock Pillow where it cannot build.
@@ -52,7 +53,7 @@ if command -v cc >/dev/null; then
   done
 fi  # (without a compiler pillow-simd cannot build: the warning below says so)
 # Installing a -dev package changes the stamp, so the next `make setup` rebuilds.
-stamp=$({ cat pyproject.toml scripts/setup.sh; echo "codecs: ${buildable[*]}"; } |
+stamp=$({ cat pyproject.toml requirements.lock scripts/setup.sh; echo "codecs: ${buildable[*]}"; } |
         sha256sum | cut -c1-64)
 
 if [ -f "$VENV/.setup-stamp" ] && [ "$(cat "$VENV/.setup-stamp")" = "$stamp" ]; then
@@ -93,11 +94,13 @@ echo "setup: installing the project and its pinned dependencies into $VENV (1-4 
 # (as on this machine), every process compiles torch's and Prefect's sources again,
 # which doubled each stage's and test subprocess's start-up (`import torch` 7 s vs 4 s).
 if "${pip[@]}" install --quiet uv 2>/dev/null &&
-   "$VENV/bin/uv" pip install --quiet --compile-bytecode --python "$VENV/bin/python" -e '.[dev]'; then
+   "$VENV/bin/uv" pip install --quiet --compile-bytecode --python "$VENV/bin/python" \
+     -c requirements.lock -e '.[dev]'; then
   :
 else
   echo "setup: uv unavailable, installing with pip"
-  "${pip[@]}" install --quiet -e '.[dev]' 2> >(grep -v "is ignored: it is neither" >&2)
+  "${pip[@]}" install --quiet -c requirements.lock -e '.[dev]' \
+    2> >(grep -v "is ignored: it is neither" >&2)
 fi
 
 # (Installing the dependencies can bring stock Pillow back over pillow-simd.)

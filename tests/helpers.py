@@ -200,6 +200,17 @@ def assert_updates_within(got: dict, expected: dict, start: dict, rtol: float) -
         assert within(got[name] - start[name], value - start[name], rtol), name
 
 
+def in_fresh_process(function, *args):
+    """`function(*args)` in a spawned process of its own, for a measure of the whole
+    process (tracemalloc counts every thread's allocations: an earlier test's background
+    threads in this worker would be counted too). `function` must be importable."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result(timeout=300)
+
+
 def run_python(code: str, env: dict | None = None):
     """`python -c code` in a fresh process at the repository's root; returns the
     completed process (the test asserts on its status and output)."""

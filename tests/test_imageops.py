@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import re
 import struct
+import sys
+import types
 import zlib
 
 import numpy as np
@@ -172,10 +174,35 @@ def test_sixteen_bit_is_scaled_not_clipped():
     assert 90 < out.mean() < 165  # a clipped conversion would be almost all white
 
 
+def test_a_dark_sixteen_bit_pgm_stays_dark():
+    # PIL reads a 16-bit PGM as mode I, scaled to 0..65535: values of 200 are near black,
+    # not the mid-grey an 8-bit range would make of them (nor brighter than 300s).
+    header = b"P5\n300 300\n65535\n"
+    for level, expected in ((200, 1), (300, 1), (65535, 255)):
+        data = header + np.full(300 * 300, level, dtype=">u2").tobytes()
+        prepared = prepare_image(data, ".pgm")
+        assert prepared.converted == "PPM, I"
+        assert abs(decoded(prepared).mean() - expected) <= 1, level
+
+
 def test_transparent_pixels_become_white():
     rgba = Image.new("RGBA", (300, 300), (10, 20, 30, 0))
     out = decoded(prepare_image(encode(rgba, "PNG"), ".png"))
     assert out.min() > 245
+
+
+@pytest.mark.parametrize(
+    ("mode", "colour", "note"),
+    [("RGB", (10, 20, 30), "PNG, RGB with a transparent colour"), ("L", 10, "PNG, L")],
+)
+def test_a_pngs_transparent_colour_becomes_white(mode, colour, note):
+    # PNG's tRNS chunk: one colour of an RGB or grey image is transparent, no alpha.
+    image = Image.new(mode, (300, 300), colour)
+    image.paste(0 if mode == "L" else (0, 0, 0), (0, 0, 300, 150))  # opaque black top
+    prepared = prepare_image(encode(image, "PNG", transparency=colour), ".png")
+    out = decoded(prepared)
+    assert prepared.converted == note
+    assert out[:100].max() < 10 and out[160:].min() > 245
 
 
 def test_plain_rgb_jpeg_is_not_reported_as_converted():
@@ -210,6 +237,18 @@ def test_decompression_bomb_is_refused_before_decoding():
         prepare_image(_png_claiming(40_000, 40_000), ".png")
     with pytest.raises(BadImage, match="max_pixels 1000"):
         open_image(jpeg(100, 100), max_pixels=1000)
+
+
+def test_max_pixels_above_pils_own_limit_is_the_limit():
+    # PIL refuses more than twice its Image.MAX_IMAGE_PIXELS (~179M pixels) by itself:
+    # a max_pixels set higher must let a 200M-pixel image through (to its decode: this
+    # one's data ends after its header), and one above it be refused with its size.
+    claims, before = _png_claiming(20_000, 10_000), Image.MAX_IMAGE_PIXELS
+    with pytest.raises(BadImage, match="^decompression bomb: 20000x10000 pixels > max_pixels"):
+        prepare_image(claims, ".png")
+    with pytest.raises(BadImage, match="^corrupt"):
+        prepare_image(claims, ".png", max_pixels=300_000_000)
+    assert Image.MAX_IMAGE_PIXELS == before  # PIL's global, restored
 
 
 # Issue 14: any failure of one file is that file's BadImage; the params' decisions.
@@ -267,6 +306,19 @@ def test_exif_orientation_is_kept_by_default_and_applied_when_set():
     assert rotated[20, 128, 0] > 200 and rotated[235, 128, 2] > 200  # top red, bottom blue
     assert upright.converted == "EXIF orientation 6 applied"
     assert prepare_image(_oriented(1), exif_orientation=True).converted is None
+
+
+def test_a_multi_picture_jpeg_is_its_primary_image_not_a_multi_frame_file():
+    # Cameras and phones write MPO: a JPEG whose primary image is followed by others
+    # (a second view, a depth or gain map). It is prepared as that JPEG, whatever
+    # prepare.frames says, with the same reduced-size decode.
+    primary, other = photo(600, 520, seed=3), Image.new("RGB", (300, 260), (0, 255, 0))
+    data = encode(primary, "MPO", save_all=True, append_images=[other])
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    for frames in ("first", "skip"):
+        prepared = prepare_image(data, ".jpg", frames=frames)
+        assert prepared.converted is None
+        assert prepared.jpeg == prepare_image(encode(primary, "JPEG"), ".jpg").jpeg
 
 
 def test_animated_and_multipage_files_give_their_first_frame_or_are_skipped():
@@ -354,3 +406,25 @@ def test_icc_profile_is_dropped_by_default_and_converted_to_srgb_when_set():
     lab = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
     note = prepare_image(encode(image, "PNG", icc_profile=lab), ".png", icc_to_srgb=True)
     assert note.converted.startswith("PNG, ICC profile unusable, ignored")
+
+
+def test_a_profile_littlecms_cannot_read_is_ignored_and_reported(monkeypatch):
+    # LittleCMS refuses a damaged profile with an OSError ("cannot open profile from
+    # string"), not a PyCMSError: the image is still kept, as if it had no profile.
+    from PIL import features
+
+    if not features.check("littlecms2"):  # this PIL has no ImageCms: one that raises so
+        fake = types.ModuleType("PIL.ImageCms")
+        fake.PyCMSError = type("PyCMSError", (Exception,), {})
+
+        def unreadable(source):
+            raise OSError("cannot open profile from string")
+
+        fake.ImageCmsProfile = unreadable
+        monkeypatch.setitem(sys.modules, "PIL.ImageCms", fake)
+        monkeypatch.setattr("PIL.ImageCms", fake, raising=False)
+    image = photo(300, 260, seed=6)
+    damaged = encode(image, "PNG", icc_profile=b"acsp" + bytes(200))
+    prepared = prepare_image(damaged, ".png", icc_to_srgb=True)
+    assert prepared.converted.startswith("PNG, ICC profile unusable, ignored (")
+    assert prepared.jpeg == prepare_image(encode(image, "PNG"), ".png").jpeg

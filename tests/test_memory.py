@@ -11,7 +11,7 @@ import os
 import sys
 
 from bench.memory import run_sampled
-from tests.helpers import CLASSES, REPO, jpeg
+from tests.helpers import CLASSES, REPO, in_fresh_process, jpeg
 
 RECORD = 256 * 256 * 3  # bytes of a raw record: ~200 KB
 
@@ -137,7 +137,7 @@ def test_in_order_collects_once_a_quarter_of_the_window_is_released(monkeypatch)
 
 def plan_peak(root, classes: int) -> int:
     """tracemalloc's peak while prepare's plans of `classes` folders of 50 files are taken
-    one by one, as the flow takes them."""
+    one by one, as the flow takes them (run `in_fresh_process`)."""
     import tracemalloc
 
     from alexnet.prepare import plan_shards
@@ -162,12 +162,14 @@ def test_prepares_plan_does_not_grow_with_the_files(tmp_path):
     # Holding the whole plan took ~1 KB a file (the listing and the items): 3,000 more
     # files would add ~3 MB. Now one folder's samples and one shard's items are held.
     n = 20
-    small, large = plan_peak(tmp_path / "small", n), plan_peak(tmp_path / "large", 4 * n)
+    small = in_fresh_process(plan_peak, tmp_path / "small", n)
+    large = in_fresh_process(plan_peak, tmp_path / "large", 4 * n)
     assert large - small < 3 * n * 50 * 50, f"{small} -> {large} bytes"
 
 
-def test_packs_index_takes_a_few_bytes_a_record(tmp_path):
-    # A list of Entry objects took ~300 bytes a record: ~0.4 GB for ImageNet's 1.28M.
+def index_held(folder) -> tuple[int, int, int]:
+    """The bytes pack's index of 2,000 records holds (tracemalloc, run `in_fresh_process`),
+    with its length and its last record's label."""
     import tracemalloc
 
     from alexnet.pack import index_shards
@@ -175,13 +177,18 @@ def test_packs_index_takes_a_few_bytes_a_record(tmp_path):
 
     for shard in range(4):
         records = [Record(f"n0/img_{shard}_{i}", b"\xff\xd8\xff", i % 2) for i in range(500)]
-        write_shard(tmp_path / f"shard-{shard:05d}.tar", records, {})
-    index_shards(tmp_path, classes=2)  # tarfile's and numpy's first-use caches, once
+        write_shard(folder / f"shard-{shard:05d}.tar", records, {})
+    index_shards(folder, classes=2)  # tarfile's and numpy's first-use caches, once
     tracemalloc.start()
     try:
-        index = index_shards(tmp_path, classes=2)
-        held = tracemalloc.get_traced_memory()[0]
+        index = index_shards(folder, classes=2)
+        return tracemalloc.get_traced_memory()[0], len(index), int(index[-1].label)
     finally:
         tracemalloc.stop()
-    assert len(index) == 2000 and index[1999].label == 1
+
+
+def test_packs_index_takes_a_few_bytes_a_record(tmp_path):
+    # A list of Entry objects took ~300 bytes a record: ~0.4 GB for ImageNet's 1.28M.
+    held, length, last = in_fresh_process(index_held, tmp_path)
+    assert length == 2000 and last == 1
     assert held < 2000 * 40, f"{held / 2000:.0f} bytes a record"

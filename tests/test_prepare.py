@@ -143,6 +143,23 @@ def test_fingerprint_follows_every_image_key_and_not_the_sharding(source):
     assert fingerprint(plan.items, [b"x", *contents[1:]], PrepareParams()) != base
 
 
+def test_fingerprint_follows_the_imaging_code(source, tmp_path, monkeypatch):
+    # A shard made by other image code is made again, not reused by a re-run.
+    from alexnet import prepare
+
+    plan = next(plan_shards(source, shard_size=4))
+    contents = [Path(item.path).read_bytes() for item in plan.items]
+    base = fingerprint(plan.items, contents, PrepareParams())
+    edited = tmp_path / "imageops.py"
+    edited.write_bytes(prepare.IMAGE_CODE.read_bytes() + b"\n# a change\n")
+    monkeypatch.setattr(prepare, "IMAGE_CODE", edited)
+    prepare.image_code.cache_clear()
+    try:
+        assert fingerprint(plan.items, contents, PrepareParams()) != base
+    finally:
+        prepare.image_code.cache_clear()
+
+
 def test_the_report_of_a_reused_shard_is_the_bytes_of_a_made_one(tmp_path):
     # report.json is a DVC output: a re-run that reuses every shard must not change it.
     import json
@@ -234,6 +251,47 @@ def test_a_file_larger_than_any_image_is_skipped_unread(tmp_path):
             "path": "train/n00000000/video.JPEG",
             "reason": f"too large: {2**40:,} bytes, more than any image of "
             f"prepare.max_pixels can be ({limit:,})",
+        }
+    ]
+    assert report.kept == 2
+
+
+def test_a_file_the_memory_cannot_hold_is_skipped_not_fatal(tmp_path, monkeypatch):
+    # Under a memory limit (ulimit -v, a batch system's), a file within max_file_bytes
+    # can still be more than the process may hold: its read raised MemoryError, which
+    # failed the shard, and the stage.
+    from alexnet import prepare
+
+    root = make_imagefolder(tmp_path / "raw", classes=1, train=2, val=1)
+    (root / "train" / "n00000000" / "huge.JPEG").write_bytes(jpeg(300, 280, seed=3))
+    (plan,) = [p for p in plan_shards(open_source(root), shard_size=100) if p.split == "train"]
+    real_open = open
+
+    class Hungry:  # the file's read runs out of memory
+        def __init__(self, path, mode):
+            self.stream = real_open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.stream.close()
+
+        def fileno(self):
+            return self.stream.fileno()
+
+        def read(self):
+            if self.stream.name.endswith("huge.JPEG"):
+                raise MemoryError
+            return self.stream.read()
+
+    monkeypatch.setattr(prepare, "open", Hungry, raising=False)
+    report = make_shard(plan, tmp_path / "out", PrepareParams())  # in this process
+    size = (root / "train" / "n00000000" / "huge.JPEG").stat().st_size
+    assert report.skipped == [
+        {
+            "path": "train/n00000000/huge.JPEG",
+            "reason": f"out of memory while reading it ({size:,} bytes)",
         }
     ]
     assert report.kept == 2

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import socket
 
 import numpy as np
@@ -58,6 +59,28 @@ def test_flat_val_with_kaggle_csv(tmp_path):
     (tmp_path / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows))
     source = open_source(tmp_path)
     assert [s.label for s in source.splits["val"]] == [2, 0, 1]
+
+
+def test_kaggles_download_opens_at_its_top_or_at_its_image_folder(tmp_path):
+    # As Kaggle's ImageNet download unpacks: the LOC_* files three levels above the
+    # images (and folders beside them that are not splits: test/, Annotations/).
+    images = tmp_path.joinpath(*sources.KAGGLE_DATA)
+    _train(images)
+    labels = [WNIDS[1], WNIDS[2], WNIDS[0]]
+    _flat_val(images, labels)
+    (images / "test").mkdir()
+    (tmp_path / "ILSVRC" / "Annotations" / "CLS-LOC").mkdir(parents=True)
+    rows = [f"ILSVRC2012_val_{i:08d},{w} 1 2 3 4" for i, w in enumerate(labels, 1)]
+    (tmp_path / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows))
+    (tmp_path / "LOC_synset_mapping.txt").write_text(f"{WNIDS[0]} tench, Tinca tinca\n")
+    for root in (tmp_path, images):
+        source = open_source(root)
+        assert source.root == images
+        assert [c.name for c in source.classes] == ["tench, Tinca tinca", *WNIDS[1:]]
+        assert [s.label for s in source.splits["val"]] == [1, 2, 0]
+        assert [s.relpath for s in source.splits["train"]][
+            0
+        ] == f"train/{WNIDS[0]}/{WNIDS[0]}_1.JPEG"
 
 
 def _meta_mat(path, order):
@@ -459,6 +482,25 @@ def test_a_broken_symlink_among_the_class_folders_stops_the_scan(tmp_path):
     root = make_imagefolder(tmp_path / "raw", classes=2, train=1, val=1)
     (root / "train" / "n00000005").symlink_to(tmp_path / "unmounted" / "n00000005")
     with pytest.raises(SourceError, match=r"train/n00000005: broken symlink -> .*class folder"):
+        open_source(root)
+
+
+@pytest.mark.parametrize("target", ["unmounted/n00000001", "loop"])
+def test_a_val_class_folder_that_is_a_broken_link_stops_the_scan(tmp_path, target):
+    # Dropped, that class's validation images would be missing from every report.
+    root = make_imagefolder(tmp_path / "raw", classes=2, train=1, val=1)
+    shutil.rmtree(root / "val" / "n00000001")
+    link = root / "val" / "n00000001"
+    link.symlink_to(link if target == "loop" else tmp_path / target)
+    with pytest.raises(SourceError, match=r"val/n00000001: .*\(a class folder\?\)$"):
+        open_source(root)
+
+
+def test_a_val_class_left_in_its_archive_stops_the_scan(tmp_path):
+    root = make_imagefolder(tmp_path / "raw", classes=2, train=1, val=1)
+    shutil.rmtree(root / "val" / "n00000001")
+    (root / "val" / "n00000001.tar").write_bytes(b"an archive")
+    with pytest.raises(SourceError, match=r"val/n00000001.tar: an archive beside the class"):
         open_source(root)
 
 
