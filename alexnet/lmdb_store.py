@@ -218,16 +218,31 @@ def open_readonly(path: str | Path) -> lmdb.Environment:
 _SHARED: dict[str, tuple[int, tuple[int, int], lmdb.Environment]] = {}
 
 
-def shared_readonly(path: str | Path) -> lmdb.Environment:
-    """One read-only environment per store and process (py-lmdb refuses to open a path
-    twice in a process). Reopened in a forked child, whose copy of the parent's handle
-    must not be used, and when the store's file was replaced by a newer pack."""
+def store_version(path: str | Path) -> tuple[int, int]:
+    """Which write of the store is there now: its data file's inode and mtime (a pack
+    writes a new file and renames it into place)."""
     path = Path(path)
     try:
         stat = (path / "data.mdb").stat()
     except OSError:
         raise StoreError(f"{path}: no LMDB store here (expected {path / 'data.mdb'})") from None
-    key, version = str(path.resolve()), (stat.st_ino, stat.st_mtime_ns)
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def shared_readonly(path: str | Path, expected: tuple[int, int] | None = None) -> lmdb.Environment:
+    """One read-only environment per store and process (py-lmdb refuses to open a path
+    twice in a process). Reopened in a forked child, whose copy of the parent's handle
+    must not be used, and when the store's file was replaced by a newer pack; where the
+    reader `expected` another `store_version` (the one it counted and checked when it
+    opened the store), a StoreError: a run's data must not change under it."""
+    path = Path(path)
+    version = store_version(path)
+    if expected is not None and version != expected:
+        raise StoreError(
+            f"{path}: the store was replaced while this run read it (a pack ran?); run "
+            "again to start from the new store"
+        )
+    key = str(path.resolve())
     pid, seen, env = _SHARED.get(key, (None, None, None))
     if env is None or pid != os.getpid() or seen != version:
         if env is not None:

@@ -260,7 +260,12 @@ class TrainParams(_Section):
         description="a plateau is more epochs than this without val improvement (2: the "
         "rate drops after the third)",
     )
-    lr_threshold: float = Field(0.0, ge=0, description="relative val-error gain that counts")
+    lr_threshold: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="relative val-error gain that counts (below 1: a gain of 1 is none)",
+    )
     max_lr_drops: int = Field(3, ge=0, description="divisions by 10 before the final plateau")
     stop_at_last_plateau: bool = Field(True, description="stop at the plateau after the last drop")
     max_epochs_per_rate: int | None = Field(

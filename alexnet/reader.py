@@ -9,15 +9,24 @@ uint8 tensor for the training loop; JPEG payloads are decoded on `threads` threa
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from alexnet.forkserver import forkserver
+from alexnet.forkserver import forkserver, start_ignoring
 from alexnet.jpeg import Encoded, decode_into, decode_threads, joined
-from alexnet.lmdb_store import StoreError, decode_value, get_record, read_meta, shared_readonly
+from alexnet.lmdb_store import (
+    StoreError,
+    decode_value,
+    get_record,
+    read_meta,
+    shared_readonly,
+    store_version,
+)
 from alexnet.params import DEFAULTS, JpegDecoder
 
 
@@ -27,6 +36,7 @@ class LmdbSplit(torch.utils.data.Dataset):
     def __init__(self, path: str | Path, threads: int | None = None):
         self.path = Path(path)
         self.threads = decode_threads(0) if threads is None else threads
+        self.version = store_version(self.path)  # the store this object reads, to the end
         self.meta = read_meta(self.path)
         self.encoding = self.meta["encoding"]
         self.shape = (3, self.meta["height"], self.meta["width"])
@@ -41,7 +51,7 @@ class LmdbSplit(torch.utils.data.Dataset):
     def _txn(self):
         # The environment is shared per process and reopened after a fork (DataLoader
         # workers), so this object itself holds no handle and pickles as a path.
-        return shared_readonly(self.path).begin(buffers=True)
+        return shared_readonly(self.path, self.version).begin(buffers=True)
 
     def _value(self, txn, index: int):
         if not 0 <= index < len(self):
@@ -158,7 +168,17 @@ def batch_loader(
     """`dataset[key]` for each key in order, each item a whole batch; `workers` processes
     read 2 items each ahead (none: read in the loop). Workers are forked from a forkserver
     that imported this module (torch) once: a fork of a process that has run Prefect flows
-    or CUDA inherits threads that break it, and a spawned one imports torch afresh."""
+    or CUDA inherits threads that break it, and a spawned one imports torch afresh.
+
+    A SIGTERM to the trainer's process group (torchrun's stop, a stage's) is the
+    trainer's to act on: it reads on to its next loss read, saves a checkpoint there and
+    stops. So the server ignores it, and each worker leaves the group as it starts; the
+    workers end with the loader (or, at exit, by multiprocessing's SIGTERM to each), the
+    server with this process."""
+    context = None
+    if workers:
+        context = forkserver(__name__)
+        start_ignoring(signal.SIGTERM)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=None,
@@ -166,8 +186,15 @@ def batch_loader(
         num_workers=workers,
         pin_memory=pin_memory,
         prefetch_factor=2 if workers else None,
-        multiprocessing_context=forkserver(__name__) if workers else None,
+        multiprocessing_context=context,
+        worker_init_fn=_own_group if workers else None,
     )
+
+
+def _own_group(worker: int) -> None:
+    """A loader worker's first step: a process group of its own. (Until then, a few
+    milliseconds as the run's loader starts, a group SIGTERM still ends it.)"""
+    os.setpgid(0, 0)
 
 
 def check_together(first: LmdbSplit, second: LmdbSplit) -> None:

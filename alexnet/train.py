@@ -82,6 +82,11 @@ class TrainRun(BaseModel):
     metrics: Path  # train.json and the dvclive folder train/ go here
 
 
+# derived_seed(step's seed, DROPOUT_STREAM, rank): the dropout masks' seed, apart from
+# the augmentation's (the step's seed itself)
+DROPOUT_STREAM = 1
+
+
 def derived_seed(*parts: int) -> int:
     """A 63-bit seed from integers, stable across runs and platforms."""
     digest = hashlib.sha256(json.dumps(parts).encode()).digest()
@@ -464,6 +469,17 @@ class Trainer:
             )
         return self._stream
 
+    def _seed_dropout(self, seed: int) -> None:
+        """Seed the generators dropout draws from: a stream apart from the augmentation's,
+        one per rank (rank 0's is a one-process run's), and on two devices one per column
+        (`torch.manual_seed` gives every CUDA device the same seed: the columns' fc6 and
+        fc7 halves, the same shape, drew the same masks)."""
+        torch.manual_seed(seed)
+        for column, device in enumerate(self.devices[1:], start=1):
+            if device.type == "cuda":
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(derived_seed(seed, column))
+
     def train_step(
         self, images: torch.Tensor, labels: torch.Tensor, global_size: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -471,8 +487,7 @@ class Trainer:
         Returns the summed loss and the count of top-1 mistakes, as device tensors: the
         step queues its work and does not wait for the device."""
         seed = derived_seed(self.params.seed, self.epoch, self.step)
-        # Dropout masks: rank 0 draws what a one-process run draws, the others their own.
-        torch.manual_seed(seed if self.world.rank == 0 else derived_seed(seed, self.world.rank))
+        self._seed_dropout(derived_seed(seed, DROPOUT_STREAM, self.world.rank))
         generator = torch.Generator(device=self.device).manual_seed(seed)
         # (a jpeg store's batch arrives encoded: its size is known once it is decoded)
         images = to_device(images, self.device, self.train.shape, self.run.jpeg_decoder)

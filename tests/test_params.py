@@ -125,6 +125,9 @@ def test_out_of_range_and_bad_choice():
         parse_params({"prepare": {"max_skipped": 2}})
     with pytest.raises(ParamsError, match="prepare.resample"):
         parse_params({"prepare": {"resample": "nearest"}})
+    # a threshold of 1 or more: no epoch ever improves, and the rate drops every plateau
+    with pytest.raises(ParamsError, match="train.lr_threshold: Input should be less than 1"):
+        parse_params({"train": {"lr_threshold": 1.0}})
 
 
 def test_prepared_images_smaller_than_the_crops_are_refused_naming_both_keys():

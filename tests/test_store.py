@@ -59,6 +59,19 @@ def test_raw_round_trip_items_and_batches(tmp_path):
     assert nhwc.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_a_store_packed_again_under_a_reader_is_an_error_not_its_new_data(tmp_path):
+    # A store replaced while a run reads it (a pack run beside the training) was switched
+    # to at the next read: the new records under the old count, classes and digest.
+    path = store(tmp_path, raw_records(images(8)))
+    split = LmdbSplit(path)
+    assert split.read_batch([0, 7])[1].tolist() == [0, 1]
+    time.sleep(0.01)  # (another mtime, even where the inode is used again)
+    store(tmp_path, [(2, p.tobytes()) for p in images(4)])
+    with pytest.raises(StoreError, match=r"split: the store was replaced while this run read"):
+        split.read_batch([0, 1])
+    assert LmdbSplit(path).read_batch([0, 1])[1].tolist() == [2, 2]  # a new reader: new data
+
+
 def test_jpeg_payloads_decode_like_pil(tmp_path):
     from io import BytesIO
 
