@@ -87,6 +87,8 @@ def serve() -> None:
     from prefect.settings import PREFECT_API_URL
 
     with user_errors():
+        if not Path("dvc.yaml").exists():
+            raise AlexnetError("serve runs in the repository: no dvc.yaml in this folder")
         params = load(None)  # no --params: the runs (dvc repro) read this file, so must serve
         api = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
         if not api:
@@ -94,8 +96,6 @@ def serve() -> None:
                 "serve needs a Prefect server: run `prefect server start` and `export "
                 "PREFECT_API_URL=http://127.0.0.1:4200/api`"
             )
-        if not Path("dvc.yaml").exists():
-            raise AlexnetError("serve runs in the repository: no dvc.yaml in this folder")
         from flows.serve import check_schedule, serve_all
         from flows.server import check_api
 
@@ -142,7 +142,8 @@ def report(
     from alexnet.report import write_report
 
     with user_errors():
-        load(params_path)  # a file named but missing, or not valid, is an error here too
+        # a file named but missing, or not valid, is an error here too
+        load(params_path, say_defaults=False)
         written = write_report(metrics, out, params_path or Path(DEFAULT_FILE))
     console.print(f"report: {written}", highlight=False)
 

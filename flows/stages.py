@@ -284,10 +284,17 @@ def _send_prefect_logs(timeout: float = 5.0) -> None:
         worker.drain_all(timeout=timeout, at_exit=False)
 
 
-def load(path: Path | None, workers: int | None = None, scheduler: str | None = None) -> Params:
+def load(
+    path: Path | None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    *,
+    say_defaults: bool = True,
+) -> Params:
     """The params file (None: params.yaml, if any) with the command line's `compute`
-    overrides applied."""
-    if path is None and not Path(DEFAULT_FILE).exists():  # a command run in another folder
+    overrides applied; `say_defaults`: a line on stderr where none is here, for a command
+    that computes with them."""
+    if say_defaults and path is None and not Path(DEFAULT_FILE).exists():  # another folder?
         console.print(
             f"params: no {DEFAULT_FILE} in {Path.cwd()}: every key takes its schema default "
             "(the paper's values, not the demo's)",

@@ -96,7 +96,6 @@ def test_param_prints_a_validated_value_and_names_a_wrong_key(tmp_path):
     assert wrong.exit_code == 1 and "no parameter 'serve.cron'" in wrong.output
 
 
-
 def test_a_command_run_where_no_params_yaml_is_says_it_takes_the_defaults(tmp_path):
     # In another folder the paper's values apply (90 epochs, batch 128): said, not silent.
     result = alexnet("param", "train.epochs", cwd=tmp_path)
@@ -108,6 +107,7 @@ def test_a_command_run_where_no_params_yaml_is_says_it_takes_the_defaults(tmp_pa
     (tmp_path / "params.yaml").write_text("train:\n  epochs: 3\n")
     result = alexnet("param", "train.epochs", cwd=tmp_path)
     assert (result.stdout, result.stderr) == ("3\n", "")
+
 
 def test_param_prints_values_as_yaml_reads_them(tmp_path):
     # JSON for anything not a string (YAML reads it too): not Python's ('cpu',) or True

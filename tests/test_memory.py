@@ -170,6 +170,7 @@ def test_prepares_plan_does_not_grow_with_the_files(tmp_path):
 def index_held(folder) -> tuple[int, int, int]:
     """The bytes pack's index of 2,000 records holds (tracemalloc, run `in_fresh_process`),
     with its length and its last record's label."""
+    import gc
     import tracemalloc
 
     from alexnet.pack import index_shards
@@ -182,6 +183,7 @@ def index_held(folder) -> tuple[int, int, int]:
     tracemalloc.start()
     try:
         index = index_shards(folder, classes=2)
+        gc.collect()  # what is held, not cyclic garbage (tarfile's) waiting for a collection
         return tracemalloc.get_traced_memory()[0], len(index), int(index[-1].label)
     finally:
         tracemalloc.stop()
