@@ -408,6 +408,19 @@ def _check_class_links(entries: list[os.DirEntry]) -> None:
             raise SourceError(f"{display_name(entry.path)}: {_problem(entry)} (a class folder?)")
 
 
+def _check_distinct(wnids: list[str], train: Path) -> None:
+    # Two folder names that read the same (a newline in one, a literal `\x0a` in the
+    # other) would be one class: the first folder's images labelled as the second's.
+    seen = set()
+    for wnid in wnids:
+        if wnid in seen:
+            raise SourceError(
+                f"{display_name(train)}: two class folders read '{wnid}' (one name holds a "
+                "character shown escaped): rename one"
+            )
+        seen.add(wnid)
+
+
 ARCHIVES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip", ".7z", ".rar")
 
 
@@ -442,6 +455,7 @@ def open_source(root: str | Path, splits: tuple[str, ...] = SPLITS) -> Source:
     if not folders["train"]:
         raise SourceError(f"{display_name(root / 'train')}: empty split (no class folders)")
     wnids = [display_name(d.name) for d in folders["train"]]
+    _check_distinct(wnids, root / "train")
     names = read_names(root)
     classes = [ClassInfo(i, w, names.get(w, w)) for i, w in enumerate(wnids)]
     index = {c.wnid: c.index for c in classes}

@@ -477,6 +477,15 @@ def test_non_utf8_folder_names_read_escaped_in_classes_and_errors(tmp_path):
     assert "train/n\\xff/a.JPEG" in _only(source)
 
 
+def test_class_folders_whose_names_read_alike_stop_the_scan(tmp_path):
+    # `n1<newline>` and `n1\x0a` (a literal backslash) both read `n1\x0a`: they were
+    # one class index, both folders' images labelled as the second's.
+    _train(tmp_path, ["n1\n", "n1\\x0a"])
+    (tmp_path / "val" / "n1\n").mkdir(parents=True)
+    with pytest.raises(SourceError, match=r"train: two class folders read 'n1\\x0a'"):
+        open_source(tmp_path)
+
+
 def test_a_broken_symlink_among_the_class_folders_stops_the_scan(tmp_path):
     # Dropping it would shift the index of every later class: a silent relabelling.
     root = make_imagefolder(tmp_path / "raw", classes=2, train=1, val=1)
