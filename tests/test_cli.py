@@ -63,6 +63,10 @@ def test_each_stage_command_shows_the_tables_default_paths(stage):
         shown = f"params {arg.default}" if arg.from_params else arg.default
         assert shown in text, (stage, arg.name)
     assert ("--workers" in text) == STAGES[stage].parallel
+    # its arguments named as the README's command list names them
+    arguments = " ".join(f"[{arg.metavar}]" for arg in STAGES[stage].paths if not arg.option)
+    assert f"[OPTIONS] {arguments}" in text, stage
+    assert f"alexnet {stage} {arguments} " in (REPO / "README.md").read_text(), stage
 
 
 def test_a_path_not_given_stands_beside_the_one_given():
