@@ -175,9 +175,9 @@ def conversion_of(image: Image.Image, extension: str) -> list[str]:
 
 def first_frame(image: Image.Image, frames: Frames) -> str | None:
     """The note for an animated or multi-page file (whose first frame is what PIL has
-    open), or `BadImage` when such files are to be skipped. A Multi-Picture JPEG is one
-    photo: its primary image, which PIL has open."""
-    if image.format == "MPO":
+    open), or `BadImage` when such files are to be skipped. A JPEG is one photo, a
+    Multi-Picture one too: its primary image, which PIL has open."""
+    if image.format in JPEG_FORMATS:
         return None
     try:
         count = getattr(image, "n_frames", 1)

@@ -436,6 +436,12 @@ def _check_archives(entries: list[os.DirEntry]) -> None:
             )
 
 
+def _check_class_folders(entries: list[os.DirEntry]) -> None:
+    """The entries beside an ImageFolder split's class folders: none may be a class lost."""
+    _check_class_links(entries)
+    _check_archives(entries)
+
+
 def open_source(root: str | Path, splits: tuple[str, ...] = SPLITS) -> Source:
     """Scan a raw dataset: classes from `train/`, and each split's folders, whose
     samples are listed in sorted order when the split is iterated."""
@@ -450,8 +456,7 @@ def open_source(root: str | Path, splits: tuple[str, ...] = SPLITS) -> Source:
     # Each split's top folder, listed once (train/ also gives the classes).
     tops = {split: _scan(_split_dir(root, split)) for split in dict.fromkeys(("train", *splits))}
     folders = {split: [e for e in entries if _is_dir(e)] for split, entries in tops.items()}
-    _check_class_links(tops["train"])
-    _check_archives(tops["train"])
+    _check_class_folders(tops["train"])
     if not folders["train"]:
         raise SourceError(f"{display_name(root / 'train')}: empty split (no class folders)")
     wnids = [display_name(d.name) for d in folders["train"]]
@@ -463,8 +468,7 @@ def open_source(root: str | Path, splits: tuple[str, ...] = SPLITS) -> Source:
     for split in splits:
         if split == "train" or any(display_name(d.name) in index for d in folders[split]):
             if split != "train":  # (train's are checked above, before its classes are read)
-                _check_class_links(tops[split])
-                _check_archives(tops[split])
+                _check_class_folders(tops[split])
             result[split] = _image_folder(split, folders[split], index)
         else:
             result[split] = _flat_val(root / split, tops[split], root, index)
