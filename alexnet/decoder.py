@@ -48,6 +48,7 @@ LENGTH = struct.Struct("<I")
 PROGRESS = struct.Struct("<qq")  # steps taken (each at()), index of the current file
 READY = b"alexnet-decoder ready\n"
 START_TIMEOUT = 120.0  # s for a fresh child to import PIL, numpy and the plugins
+KILL_WAIT = 10.0  # s for a killed child to end; one still there is stuck in the kernel
 # Where the progress file lives: memory (tmpfs) where there is one.
 _SHM = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
@@ -94,12 +95,23 @@ class Isolated:
             return answer["result"]
 
     def close(self) -> None:
-        """Stop the child (killed: it may be stuck in C code)."""
+        """Stop the child (killed: it may be stuck in C code). One that a kill does not
+        end within `KILL_WAIT` is left behind with a warning: it is stuck in the kernel
+        (a read on a hung network file system cannot be interrupted), and waiting for it
+        would hang the stage with it."""
         if self._child is not None:
-            self._child.kill()
-            self._child.wait()
-            self._child.stdin.close()
-            self._child.stdout.close()
+            child = self._child
+            child.kill()
+            try:
+                child.wait(timeout=KILL_WAIT)
+            except subprocess.TimeoutExpired:
+                warnings.warn(
+                    f"the image decoder process {child.pid} did not end when killed (stuck "
+                    "in the kernel: a hung network file system?); going on without it",
+                    stacklevel=2,
+                )
+            child.stdin.close()
+            child.stdout.close()
         if self._progress is not None:
             self._progress.close()
         self._child, self._progress = None, None

@@ -81,7 +81,10 @@ def _fit(run: TrainRun, world: World, log: Callable[[str], None]) -> list[dict]:
 
     trainer = Trainer(run, world)
     say = log if world.main else (lambda line: None)
-    if trainer.resume(say):
+    resumed = trainer.resume(say)
+    if resumed and trainer.finished():  # e.g. its model file was deleted
+        say(f"{run.checkpoint}: this run has finished (epoch {trainer.epoch}); writing its files")
+    elif resumed:
         say(f"resuming from {run.checkpoint} at epoch {trainer.epoch + 1}, step {trainer.step}")
     live = None
     if world.main:

@@ -165,8 +165,8 @@ def fingerprint(items: list[Item], contents: list, params: PrepareParams) -> str
     for item, content in zip(items, contents, strict=True):
         if isinstance(content, bytes):
             body = hashlib.sha256(content).hexdigest()
-        else:
-            body = f"unusable: {item.problem or content}"
+        else:  # the reason a report gives: an OSError's own text names the absolute path
+            body = f"unusable: {_reason(item, content)}"
         digest.update(f"\n{item.relpath}\t{item.label}\t{item.key}\t{body}".encode())
     return digest.hexdigest()
 

@@ -241,14 +241,15 @@ def _find(root: Path, name: str) -> Path | None:
 
 
 def read_names(root: Path) -> dict[str, str]:
-    """wnid -> human name from a synset mapping file (`n01440764 tench, Tinca tinca`)."""
+    """wnid -> human name from a synset mapping file (`n01440764 tench, Tinca tinca`;
+    the wnid ends at its first space or tab: hand-made files use either)."""
     for filename in NAME_FILES:
         path = _find(root, filename)
         if path is not None:
             names = {}
             for _, line in _lines(path):
-                wnid, _, name = line.partition(" ")
-                names[wnid] = name.strip() or wnid
+                wnid, *name = line.split(maxsplit=1)
+                names[wnid] = name[0] if name else wnid
             return names
     return {}
 

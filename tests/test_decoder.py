@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,25 @@ def test_a_child_killed_between_shards_is_replaced_without_blaming_the_next(tmp_
     decoder._child.kill()
     decoder._child.wait()
     assert prepare_shard(plan, tmp_path / "b", PARAMS).kept == 1
+
+
+def test_a_child_a_kill_cannot_end_is_left_behind_not_waited_for(tmp_path, decoder, monkeypatch):
+    # A read on a hung NFS mount holds a process in the kernel, where SIGKILL waits too;
+    # here the kill is not sent at all, which the parent cannot tell apart.
+    from alexnet import decoder as module
+
+    monkeypatch.setattr(module, "KILL_WAIT", 0.5)
+    plan = folder_plan(tmp_path / "raw", {"plain.JPEG": FILES["plain.JPEG"]})
+    prepare_shard(plan, tmp_path / "a", PARAMS)
+    stuck = decoder._child
+    monkeypatch.setattr(stuck, "kill", lambda: None)
+    started = time.monotonic()
+    with pytest.warns(UserWarning, match=rf"process {stuck.pid} did not end when killed"):
+        decoder.close()
+    assert time.monotonic() - started < 5
+    assert prepare_shard(plan, tmp_path / "b", PARAMS).kept == 1  # in a new child
+    assert decoder._child.pid != stuck.pid
+    stuck.wait(timeout=30)  # its input closed, the idle child ends by itself
 
 
 def test_a_step_in_skip_is_not_taken_and_its_file_gets_the_reason(tmp_path, monkeypatch):

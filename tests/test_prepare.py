@@ -143,6 +143,19 @@ def test_fingerprint_follows_every_image_key_and_not_the_sharding(source):
     assert fingerprint(plan.items, [b"x", *contents[1:]], PrepareParams()) != base
 
 
+def test_fingerprint_of_an_unreadable_file_does_not_follow_where_the_data_is(source):
+    plan = next(plan_shards(source, shard_size=4))
+    contents = [Path(item.path).read_bytes() for item in plan.items]
+
+    def unreadable(error: OSError) -> str:
+        return fingerprint(plan.items, [error, *contents[1:]], PrepareParams())
+
+    here = unreadable(PermissionError(13, "Permission denied", plan.items[0].path))
+    moved = unreadable(PermissionError(13, "Permission denied", "/mnt/moved/x.JPEG"))
+    assert here == moved  # the same shard, made from a folder moved or mounted elsewhere
+    assert unreadable(OSError(5, "Input/output error", plan.items[0].path)) != here
+
+
 def test_fingerprint_follows_the_imaging_code(source, tmp_path, monkeypatch):
     # A shard made by other image code is made again, not reused by a re-run.
     from alexnet import prepare

@@ -447,6 +447,15 @@ def test_meta_mat_that_is_not_one_is_one_error(tmp_path):
         open_source(tmp_path)
 
 
+def test_names_file_separated_by_tabs_or_spaces_or_without_names(tmp_path):
+    make_imagefolder(tmp_path, classes=3, train=1, val=1)
+    wnids = [c.wnid for c in open_source(tmp_path).classes]
+    lines = [f"{wnids[0]}\ttench, Tinca tinca", f"{wnids[1]}  \t goldfish ", wnids[2]]
+    (tmp_path / "LOC_synset_mapping.txt").write_text("\n".join(lines) + "\n")
+    names = [c.name for c in open_source(tmp_path).classes]
+    assert names == ["tench, Tinca tinca", "goldfish", wnids[2]]
+
+
 def test_synset_mapping_not_utf8_names_file_and_line(tmp_path):
     make_imagefolder(tmp_path, classes=2, train=1, val=1)
     mapping = tmp_path / "LOC_synset_mapping.txt"

@@ -429,6 +429,12 @@ def test_two_fit_runs_write_byte_identical_model_files(data, tmp_path):
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
     a, b = (tmp_path / name / "alexnet.pt" for name in ("a", "b"))
     assert a.read_bytes() == b.read_bytes()
+    # fit again: the finished checkpoint writes the same file, and says it is finished
+    (tmp_path / "b" / "alexnet.pt").unlink()
+    heard = []
+    fit(run, World(), log=heard.append)  # (fit restores the determinism settings itself)
+    assert heard == [f"{run.checkpoint}: this run has finished (epoch 1); writing its files"]
+    assert b.read_bytes() == a.read_bytes()
 
 
 def test_bf16_autocast_and_channels_last_steps_on_cpu(data, tmp_path):
