@@ -23,8 +23,8 @@ pass that stats each entry at most once:
   skipped without opening it (opening a FIFO would block);
 - hidden entries (names starting with '.': `.DS_Store`, `._x.JPEG`, `.ipynb_checkpoints`)
   are ignored, as are hidden class folders and non-folder entries beside the class
-  folders of `train/` or an ImageFolder `val/`, but for an archive in `train/` (a class
-  not extracted), which is an error.
+  folders of `train/` or an ImageFolder `val/`, but for an archive there (a class
+  not extracted) or in a flat `val/`, which is an error.
 A name that is not valid UTF-8 keeps its real path in `Sample.path` (so it opens) and
 reads with `\\xNN` escapes in `Sample.relpath` (see `display_name`).
 A dataset that cannot be read as a layout (a missing or empty split, an empty class
@@ -377,6 +377,7 @@ def _flat_val(folder: Path, entries: list[os.DirEntry], root: Path, index: dict[
     shown = display_name(folder)
     if not entries:
         raise SourceError(f"{shown}: empty split (no class folders, no files)")
+    _check_archives(entries, "among the images of a flat val folder")
     names = [display_name(e.name) for e in entries]
     if (csv_path := _find(root, KAGGLE_CSV)) is not None:
         by_id = _kaggle_labels(csv_path, index)
@@ -425,15 +426,16 @@ def _check_distinct(wnids: list[str], train: Path) -> None:
 ARCHIVES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip", ".7z", ".rar")
 
 
-def _check_archives(entries: list[os.DirEntry]) -> None:
+def _check_archives(entries: list[os.DirEntry], where: str = "beside the class folders") -> None:
     # A class left in its archive (ImageNet's training tar holds one tar per class) would
-    # drop that class and shift the index of every class after it, silently.
+    # drop that class and shift the index of every class after it, silently; in a flat
+    # val/ (its tar downloaded there, then extracted), one entry more than its labels.
     for entry in entries:
         name = os.fsdecode(entry.name).lower()
         if name.endswith(ARCHIVES) and not name.startswith(".") and not _is_dir(entry):
             raise SourceError(
-                f"{display_name(entry.path)}: an archive beside the class folders; extract "
-                "it into a folder of its own, or move it out"
+                f"{display_name(entry.path)}: an archive {where}; extract it into a "
+                "folder of its own, or move it out"
             )
 
 

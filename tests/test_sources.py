@@ -522,6 +522,19 @@ def test_a_val_class_left_in_its_archive_stops_the_scan(tmp_path):
         open_source(root)
 
 
+def test_the_val_tar_left_in_a_flat_val_folder_stops_the_scan_by_name(tmp_path):
+    # Downloaded into val/ and extracted there: one entry more than the ground truth's
+    # lines, which said only "3 labels for 4 entries".
+    _ground_truth(tmp_path, "1\n2\n3\n")
+    archive = tmp_path / "val" / "ILSVRC2012_img_val.tar"
+    archive.write_bytes(b"an archive")
+    shown = re.escape(str(archive))
+    with pytest.raises(SourceError, match=rf"^{shown}: an archive among the images of a flat"):
+        open_source(tmp_path)
+    archive.unlink()
+    assert [s.label for s in open_source(tmp_path).splits["val"]] == [0, 1, 2]
+
+
 @pytest.mark.parametrize("name", ["n00000001.tar", "n00000002.TAR.GZ", "n00000003.zip"])
 def test_a_class_left_in_its_archive_stops_the_scan(tmp_path, name):
     # ImageNet's training tar holds one tar per class: one not extracted was ignored as a
