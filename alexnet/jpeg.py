@@ -22,10 +22,11 @@ state the tolerances.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -167,12 +168,18 @@ def _decode_beside(batch: Encoded, device: torch.device, shape: tuple[int, int, 
     the decode runs on a stream where nothing else is queued: waiting for it costs only
     its own last stack, not the training step queued on the caller's stream, which the
     decode now overlaps. The batch is then ordered before the caller's work (`wait_stream`)
-    and kept from reuse until that work has read it (`record_stream`)."""
+    and kept from reuse until that work has read it (`record_stream`).
+
+    For the same reason torch's deterministic mode must not fill those outputs: it
+    queues each new tensor's fill on the current stream, which the decoder's stream does
+    not wait for either, so a fill that runs late would overwrite decoded pixels. The
+    decode writes every byte of them: nothing is left unfilled (`_unfilled`)."""
     caller, side = torch.cuda.current_stream(device), _decode_stream(device)
     with torch.cuda.stream(side):
         side.synchronize()  # the last batch's stack has read the blocks it may reuse
         try:
-            images = rgb(batch.payloads(), device=device)
+            with _unfilled():
+                images = rgb(batch.payloads(), device=device)
         except RuntimeError:
             _name_the_damaged(batch, shape)
             raise
@@ -181,6 +188,18 @@ def _decode_beside(batch: Encoded, device: torch.device, shape: tuple[int, int, 
     caller.wait_stream(side)
     stacked.record_stream(caller)
     return stacked
+
+
+@contextlib.contextmanager
+def _unfilled() -> Iterator[None]:
+    """New tensors left as allocated, where deterministic mode would fill them."""
+    settings = torch.utils.deterministic
+    was = settings.fill_uninitialized_memory
+    settings.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        settings.fill_uninitialized_memory = was
 
 
 def _name_the_damaged(batch: Encoded, shape: tuple[int, int, int]) -> None:

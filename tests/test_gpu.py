@@ -247,6 +247,31 @@ def test_a_gpu_decode_does_not_overwrite_memory_queued_kernels_still_read(tmp_pa
         assert [float(total) for total in sums] == [float(elements)] * 8
 
 
+def test_deterministic_mode_does_not_fill_the_gpu_decoders_outputs(tmp_path, monkeypatch):
+    # Deterministic mode (train.deterministic) fills each new tensor on the current
+    # stream; torchvision's decoder writes its outputs from a stream that does not wait
+    # for that fill, which, run late, would overwrite pixels: the fill is off for it.
+    from alexnet import jpeg
+
+    split = jpeg_split(tmp_path, 8)
+    expected = jpeg.decode_on(split.read_encoded(range(8)), CUDA, split.shape).cpu()
+    real, filling = jpeg.rgb, []
+
+    def spy(payloads, **options):
+        filling.append(torch.utils.deterministic.fill_uninitialized_memory)
+        return real(payloads, **options)
+
+    monkeypatch.setattr(jpeg, "rgb", spy)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        images = jpeg.decode_on(split.read_encoded(range(8)), CUDA, split.shape, "torchvision")
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert filling == [False] and torch.utils.deterministic.fill_uninitialized_memory
+    assert torch.equal(images.cpu(), expected)
+
+
 def test_a_gpu_decode_overlaps_the_callers_queued_work(tmp_path):
     # Issue 18's "no host sync in the step": decoding the next batch must not wait for
     # the step queued before it, and the batch must still reach that stream's later work
