@@ -275,7 +275,11 @@ class TrainParams(_Section):
         "budgets; not in the paper; null = plateaus only)",
     )
     seed: int = 0
-    deterministic: bool = Field(True, description="bit-repeatable CPU runs")
+    deterministic: bool = Field(
+        True,
+        description="bit-repeatable CPU runs (on CUDA it costs speed: cuDNN's "
+        "deterministic algorithms, and every new tensor filled)",
+    )
     # A tuple: the frozen section stays hashable; YAML lists and JSON arrays validate into it.
     device: tuple[DeviceName, ...] = Field(
         ("cpu",),

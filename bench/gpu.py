@@ -16,6 +16,8 @@ epochs; `--targets`: ~5, estimated; 295 s for the CPU dry run below):
 - the 10-crop evaluation, crops/s;
 - a training checkpoint's save, seconds (the interval `train.checkpoint_minutes` is
   chosen against it).
+Every training row runs with `train.deterministic` off, as the ImageNet preset does (on
+CUDA it costs speed: deterministic cuDNN algorithms, each new tensor filled).
 Targets (issue 18, H100/H200, bf16): full step from the JPEG LMDB >= 15,000 img/s, the
 data path alone >= 2x the full step, LRN <= 10% of the step, evaluation >= 40,000 crops/s.
 
