@@ -38,8 +38,15 @@ class StoreError(AlexnetError):
     """An LMDB store that is missing or does not follow the format; names file and key."""
 
 
+KEY_DIGITS = 8
+
+
 def key(index: int) -> bytes:
-    return b"%08d" % index
+    return b"%0*d" % (KEY_DIGITS, index)
+
+
+class OutOfOrder(StoreError):
+    """Records written after a key that sorts later: LMDB would have dropped them."""
 
 
 def encode_value(label: int, height: int, width: int, payload: bytes) -> bytes:
@@ -70,14 +77,16 @@ def check_meta(raw: bytes | None, path: Path) -> dict:
         meta = json.loads(bytes(raw).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise StoreError(f"{path}: key __meta__ is not UTF-8 JSON") from None
+    if not isinstance(meta, dict):
+        raise StoreError(f"{path}: key __meta__ is not a JSON object")
     if meta.get("format") != FORMAT:
         raise StoreError(f"{path}: key __meta__: format {meta.get('format')!r}, not {FORMAT!r}")
-    if meta.get("version") != VERSION:
+    if meta.get("version") != VERSION or isinstance(meta.get("version"), bool):
         raise StoreError(f"{path}: key __meta__: version {meta.get('version')!r}, need {VERSION}")
     if meta.get("encoding") not in ENCODINGS:
         raise StoreError(f"{path}: key __meta__: unknown encoding {meta.get('encoding')!r}")
     for name in ("count", "height", "width"):  # what readers size batches by
-        if not isinstance(meta.get(name), int) or meta[name] < 0:
+        if type(meta.get(name)) is not int or meta[name] < 0:  # (a bool is an int)
             raise StoreError(f"{path}: key __meta__: {name} {meta.get(name)!r}, not a count")
     if not isinstance(meta.get("classes"), list):
         raise StoreError(f"{path}: key __meta__: no list of classes")
@@ -90,7 +99,13 @@ def _put(env: lmdb.Environment, items: Callable[[], Iterable[tuple[bytes, bytes]
     while True:
         try:
             with env.begin(write=True) as txn:
-                txn.cursor().putmulti(items(), append=True)
+                consumed, added = txn.cursor().putmulti(items(), append=True)
+                # append=True skips, without an error, a key that does not sort last
+                if added != consumed:
+                    raise OutOfOrder(
+                        f"{consumed - added} of {consumed} records out of key order (a store "
+                        f"holds at most {10**KEY_DIGITS:,} records)"
+                    )
             return
         except lmdb.MapFullError:
             env.set_mapsize(env.info()["map_size"] * 2)
@@ -150,7 +165,10 @@ def write_store(
             }
             _put(env, lambda: [(META_KEY, json.dumps(meta).encode("utf-8"))])  # sorts after digits
             env.sync(True)
-        except lmdb.Error as error:  # a full disk: "mdb_txn_commit: No space left on device"
+        except (
+            lmdb.Error,
+            OutOfOrder,
+        ) as error:  # a full disk: "mdb_txn_commit: No space left on device"
             raise StoreError(f"{path}: cannot write the store ({one_line(error)})") from None
         finally:
             env.close()

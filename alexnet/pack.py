@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from alexnet.errors import AlexnetError
+from alexnet.lmdb_store import StoreError, read_meta
 from alexnet.shards import (
     ShardError,
     bad_image,
@@ -113,9 +114,26 @@ def pack_digest(indexes: dict[str, SplitIndex], options: dict) -> str:
     return digest.hexdigest()[:16]
 
 
+def packed_count(path: Path, digest: str, index: SplitIndex) -> int | None:
+    """The record count of the store at `path` where this pack run (`digest`) wrote it,
+    whole, after the last change to its shards; else None. A run stopped after its first
+    split then writes only the second when run again (raw ImageNet's train store: ~250 GB
+    and an hour). The mtimes guard what the digest does not hold, the shards' bytes."""
+    try:
+        meta = read_meta(path)
+    except StoreError:
+        return None  # none there, or not a whole one: written again
+    written = (path / "data.mdb").stat().st_mtime_ns
+    changed = max((Path(shard).stat().st_mtime_ns for shard in index.shards), default=0)
+    current = meta.get("pack") == digest and meta["count"] == len(index) and written > changed
+    return meta["count"] if current else None
+
+
 def member_key(entry: Entry) -> str:
-    """The key of the member an entry points at, read again from its shard's headers."""
-    return next(key for key, offset, *_ in index_shard(Path(entry.shard)) if offset == entry.offset)
+    """The key of the member an entry points at, read again from its shard's headers (a
+    shard replaced since it was indexed may have none there: then its byte offset)."""
+    keys = (key for key, offset, *_ in index_shard(Path(entry.shard)) if offset == entry.offset)
+    return next(keys, f"the member at byte {entry.offset}")
 
 
 def output_order(count: int, shuffle: bool, seed: int) -> np.ndarray:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from operator import itemgetter
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 
 from alexnet.atomic import folder_target
 from alexnet.lmdb_store import STORE_OWNER, write_store
-from alexnet.pack import chunk_bytes, chunks, index_shards, output_order, pack_digest
+from alexnet.pack import (
+    chunk_bytes,
+    chunks,
+    index_shards,
+    output_order,
+    pack_digest,
+    packed_count,
+)
 from alexnet.params import ComputeParams, PackParams, PrepareParams
 from alexnet.shards import load_classes
 from flows.progress import Bar, in_order
@@ -31,6 +39,10 @@ def pack_flow(
     digest = pack_digest(indexes, options)
     counts = {}
     for split, index in indexes.items():
+        if (count := packed_count(Path(out) / split, digest, index)) is not None:
+            get_run_logger().info("pack %s: the store of this run is there already: kept", split)
+            counts[split] = count
+            continue
         order = output_order(len(index), pack.shuffle_train and split == "train", pack.seed)
         results = in_order(
             chunks(index, order, pack.batch),
@@ -39,7 +51,9 @@ def pack_flow(
             Bar(f"pack {split}", len(index), len),
             size=lambda part: chunk_bytes(part, pack.encoding, prepare.size),
         )
-        batches = (batch for _, batch in results)
+        # (map, not a generator expression: its frame would hold the last batch while
+        # the next is fetched, one chunk beyond the window)
+        batches = map(itemgetter(1), results)
         counts[split] = write_store(
             Path(out) / split, batches, pack.encoding, classes, size=prepare.size, pack=digest
         )

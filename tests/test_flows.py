@@ -285,6 +285,7 @@ def test_a_pack_stopped_between_its_splits_leaves_stores_that_are_not_read_toget
     # training read the two together without a word.
     import flows.pack as module
     from alexnet.errors import AlexnetError
+    from alexnet.lmdb_store import store_version
     from alexnet.params import ComputeParams, PackParams
     from alexnet.reader import LmdbSplit, check_together
 
@@ -321,6 +322,23 @@ def test_a_pack_stopped_between_its_splits_leaves_stores_that_are_not_read_toget
     with pytest.raises(AlexnetError, match="written by different pack runs .*run pack again$"):
         check_together(train, val)
     # (the same run again gives the same digest: the same bytes, as the test above checks)
+
+    # Run again, it writes only what is not this run's: val (train's store is kept).
+    written = []
+    monkeypatch.setattr(
+        module, "write_store", lambda p, *a, **k: written.append(p) or real(p, *a, **k)
+    )
+    kept = store_version(tmp_path / "lmdb" / "train")
+    train, val = pack(4)
+    assert [Path(path).name for path in written] == ["val"]
+    assert store_version(tmp_path / "lmdb" / "train") == kept
+    check_together(train, val)
+    # A shard made again since its store was written: that split is written again.
+    shard = next((reference[0] / "val").glob("*.tar"))
+    os.utime(shard, ns=(time.time_ns(), time.time_ns()))
+    written.clear()
+    pack(4)
+    assert [Path(path).name for path in written] == ["val"]
 
 
 def records(out: Path) -> list[tuple[str, bytes]]:
