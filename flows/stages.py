@@ -168,7 +168,8 @@ STAGES: dict[str, Stage] = {
         Stage(
             "pack",
             "Pack the prepared shards into one LMDB store per split (params `pack`; schema "
-            "in docs/design.md): train in a seeded shuffled order, val in source order.",
+            "in docs/design.md): train in a seeded shuffled order, val in source order; "
+            "run again after a kill, it keeps a split it finished.",
             (
                 PathArg("prepared", "data/prepared", "prepared folder (train/, val/ shards)"),
                 PathArg("out", "data/lmdb", "output folder: one LMDB per split", output=True),
