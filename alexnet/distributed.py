@@ -45,8 +45,11 @@ class World:
             if backend == "nccl":
                 # NCCL runs a rank's collectives on the current CUDA device; unset, every
                 # rank of a node would use cuda:0. Make it the rank's own (first) GPU.
+                from alexnet.placement import resolve_devices
+
                 mine = cls(size=size, local_rank=local_rank).device(devices)
-                torch.cuda.set_device(mine[0])
+                # a rank past the node's GPUs (or none there): one line, not a traceback
+                torch.cuda.set_device(resolve_devices(mine)[0])
             dist.init_process_group(backend)
         # made by every rank together, as groups must be; its barrier on the CPU
         patient = dist.new_group(backend="gloo", timeout=PATIENCE)

@@ -10,6 +10,7 @@ the same `fit` (rank 0 reports and writes, the other ranks only train).
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from rich.progress import Progress
 from alexnet.atomic import write_json
 from alexnet.distributed import World
 from alexnet.errors import Interrupted, is_user_error, user_line
+from alexnet.orphans import die_with_parent
 from alexnet.runtime import configure
 from alexnet.train import Trainer, TrainRun
 from alexnet.train_files import LIVE, SUMMARY
@@ -115,21 +117,35 @@ def _log(live, record: dict) -> None:
     live.next_step()
 
 
+def follow_launcher() -> bool:
+    """Be sent SIGTERM when torchrun dies; False if it is gone already. torchrun starts
+    each worker in a session of its own, so a stop sent to the stage's process group
+    reaches torchrun alone, which passes it on; a torchrun that dies first (killed after
+    a grace, the OOM killer) would leave its workers training on, orphaned, on the GPUs
+    the next run needs. With this, each checkpoints and ends, as when torchrun passes
+    the stop on."""
+    return die_with_parent(signal.SIGTERM, os.getppid())
+
+
 def main(argv: list[str]) -> int:
     """One torchrun process: join the group, then `fit`."""
+    if not follow_launcher():
+        return 143
     configure()
-    run = TrainRun.model_validate_json(argv[0])
-    world = World.from_env(run.train.device)
+    rank = os.environ.get("RANK", "0")  # torchrun's, as the group's
+    world = World()
     try:
+        run = TrainRun.model_validate_json(argv[0])
+        world = World.from_env(run.train.device)  # a GPU that is not there: one line
         fit(run, world, lambda line: print(line, flush=True))
     except Interrupted as stop:
-        if world.main:
+        if rank == "0":
             print(f"train: {stop}; checkpoint saved", flush=True)
         return 143
     except Exception as error:
         if not is_user_error(error):
             raise
-        print(f"error: rank {world.rank}: {user_line(error)}", file=sys.stderr, flush=True)
+        print(f"error: rank {rank}: {user_line(error)}", file=sys.stderr, flush=True)
         return 1
     finally:
         world.close()

@@ -116,7 +116,9 @@ def test_an_nccl_rank_binds_its_own_gpu_before_joining(device, bound, monkeypatc
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(d))))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(dist, "init_process_group", lambda b: calls.append(("init", b)))
     monkeypatch.setattr(
         dist, "new_group", lambda backend, timeout: calls.append(("group", backend, timeout))
@@ -129,6 +131,24 @@ def test_an_nccl_rank_binds_its_own_gpu_before_joining(device, bound, monkeypatc
     calls.clear()
     World.from_env(["cpu"])
     assert calls == [("init", "gloo"), patient]
+
+
+@pytest.mark.parametrize(("gpus", "message"), [(0, "CUDA is not available"), (1, "has 1 CUDA")])
+def test_a_rank_without_its_gpu_is_one_line_before_it_joins(gpus, message, monkeypatch):
+    # nproc_per_node beyond the node's GPUs, or no driver: torch's set_device raised a
+    # traceback on every rank
+    import torch.distributed as dist
+
+    from alexnet.placement import DeviceError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(dist, "init_process_group", lambda b: pytest.fail("joined"))
+    with pytest.raises(DeviceError, match=message):
+        World.from_env(["cuda"])
 
 
 def test_a_device_list_in_params_means_two_columns(data, tmp_path):
@@ -265,6 +285,51 @@ signal.signal(signal.SIGTERM, stop)
 (folder / f"started-{os.environ['RANK']}").write_text("")
 time.sleep(600)
 """
+
+
+ORPHANED_WORKER = """
+import os, signal, sys, time
+from pathlib import Path
+from alexnet.fit import follow_launcher
+folder = Path(sys.argv[1])
+def stop(signum, frame):
+    (folder / f"saved-{os.environ['RANK']}").write_text("")
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+assert follow_launcher()
+(folder / f"started-{os.environ['RANK']}").write_text(str(os.getpid()))
+time.sleep(600)
+"""
+
+
+@pytest.mark.long
+def test_workers_whose_torchrun_is_killed_stop_as_on_sigterm(tmp_path):
+    # torchrun starts its workers in sessions of their own: a SIGKILL to the stage's
+    # group (a stop's grace run out) killed torchrun and left them training on, orphaned.
+    script = tmp_path / "worker.py"
+    script.write_text(ORPHANED_WORKER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    torchrun = subprocess.Popen([*command, "--nproc-per-node", "2", str(script), str(tmp_path)])
+    started = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(started) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            started = [path.read_text() for path in tmp_path.glob("started-*")]
+        assert len(started) == 2 and all(started), "the workers did not start"
+        torchrun.kill()
+        torchrun.wait()
+        deadline = time.monotonic() + 30
+        while len(list(tmp_path.glob("saved-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sorted(path.name for path in tmp_path.glob("saved-*")) == ["saved-0", "saved-1"]
+    finally:
+        torchrun.kill()
+        for pid in started:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
 
 
 def sigterm_during(command: list[str], started: Path) -> None:
