@@ -23,8 +23,25 @@ def check_cluster(address: str, check: WorkerCheck, api_url: str, timeout: float
     from distributed import Client
 
     with Client(address, timeout=timeout, set_as_default=False) as client:
+        wait_for_a_worker(client, address)
         check_workers(client, check)
         check_reach(client, api_url)
+
+
+WORKER_WAIT_S = 60.0  # for the first worker of a cluster started with the stage
+
+
+def wait_for_a_worker(client: Client, address: str) -> None:
+    """Fail in one line when no worker joins the scheduler within `WORKER_WAIT_S`: the
+    checks below ask every worker, which none is, and the stage's tasks would wait for
+    one for ever."""
+    try:
+        client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+    except TimeoutError:  # (distributed's TimeoutError is the builtin)
+        raise AlexnetError(
+            f"compute.scheduler: the Dask scheduler at {address} has no workers (waited "
+            f"{WORKER_WAIT_S:g} s): start them (`dask worker {address}` on each machine)"
+        ) from None
 
 
 def check_reach(client: Client, api_url: str) -> None:

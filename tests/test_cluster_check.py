@@ -94,3 +94,23 @@ def test_a_worker_that_reaches_the_prefect_api_passes():
         threading.Thread(target=server.serve_forever, daemon=True).start()
         check_reach(Worker(), f"http://127.0.0.1:{server.server_port}/api")
         server.shutdown()
+
+
+def test_a_scheduler_without_workers_is_refused_in_one_line(monkeypatch, tmp_path):
+    # Every check asks each worker: with none they all passed, and the stage's tasks
+    # waited for a worker for ever.
+    from distributed import LocalCluster
+
+    import flows.cluster
+
+    monkeypatch.setattr(flows.cluster, "WORKER_WAIT_S", 1.0)
+    check = WorkerCheck("flows.prepare", outputs=(str(tmp_path / "out"),), inputs=())
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as cluster:
+        address = cluster.scheduler_address
+        with pytest.raises(AlexnetError) as refused:
+            flows.cluster.check_cluster(address, check, "http://127.0.0.1:9/api")
+    assert str(refused.value) == (
+        f"compute.scheduler: the Dask scheduler at {address} has no workers (waited 1 s): "
+        f"start them (`dask worker {address}` on each machine)"
+    )
+    assert list(tmp_path.iterdir()) == []
