@@ -142,6 +142,8 @@ def main(argv: list[str]) -> int:
         if rank == "0":
             print(f"train: {stop}; checkpoint saved", flush=True)
         return 143
+    except KeyboardInterrupt:  # Ctrl-C, passed on by torchrun: the stage says it, once
+        return 130
     except Exception as error:
         if not is_user_error(error):
             raise

@@ -73,7 +73,13 @@ def _launch(command: list[str]) -> None:
     except ValueError:  # not the main thread
         previous = None
     try:
-        code = process.wait()
+        try:
+            code = process.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C reached torchrun too (one process group): it stops its workers,
+            # which the next run must not find still holding the GPUs and the checkpoint
+            process.wait()
+            raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

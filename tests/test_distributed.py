@@ -332,6 +332,63 @@ def test_workers_whose_torchrun_is_killed_stop_as_on_sigterm(tmp_path):
                 pass
 
 
+def test_a_worker_ctrl_c_reaches_ends_it_quietly(monkeypatch, capsys):
+    # torchrun passes a Ctrl-C on to its workers: each printed a KeyboardInterrupt
+    # traceback after the stage's own one line
+    from types import SimpleNamespace
+
+    import alexnet.fit as module
+
+    run = SimpleNamespace(train=SimpleNamespace(device=("cpu",)))
+    monkeypatch.setattr(module, "follow_launcher", lambda: True)
+    monkeypatch.setattr(module, "configure", lambda: None)
+    monkeypatch.setattr(module.TrainRun, "model_validate_json", lambda text: run)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "fit", interrupted)
+    assert module.main(["{}"]) == 130
+    assert capsys.readouterr() == ("", "")
+
+
+STOPPING_LAUNCHER = """
+import os, signal, sys, time
+from pathlib import Path
+folder = Path(sys.argv[1])
+def stop(signum, frame):
+    time.sleep(1)  # its workers stopping
+    (folder / "ended").write_text("")
+    sys.exit(1)
+signal.signal(signal.SIGINT, stop)
+(folder / "pid").write_text(str(os.getpid()))
+time.sleep(60)
+"""
+
+
+def test_ctrl_c_waits_for_torchrun_to_stop_its_workers(tmp_path):
+    # Ctrl-C reaches the stage and torchrun (one process group): the stage returned at
+    # once, while torchrun still stopped its workers on the GPUs the next run needs.
+    import threading
+
+    assert threading.current_thread() is threading.main_thread()  # where signals land
+    script = tmp_path / "torchrun.py"
+    script.write_text(STOPPING_LAUNCHER)
+
+    def ctrl_c() -> None:
+        deadline = time.monotonic() + 60
+        pid = tmp_path / "pid"
+        while not (pid.exists() and pid.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(int(pid.read_text()), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        _launch([sys.executable, str(script), str(tmp_path)])
+    assert (tmp_path / "ended").exists()
+
+
 def sigterm_during(command: list[str], started: Path) -> None:
     """`_launch(command)`, sent SIGTERM once its two workers wrote `started-*` in `started`."""
     import threading
