@@ -1,8 +1,9 @@
 """Outputs appear whole or not at all: write under a temporary name, then rename.
 
-A killed process leaves at most a hidden `.NAME.tmp-PID` beside the target (or
-`.NAME.tmp-PID-old`), which the next write of that target removes, whatever the output
-(`remove_leftovers`: those of processes no longer alive, so never a concurrent writer's);
+A killed process leaves at most a hidden `.NAME.tmp-HOST-PID` beside the target (or
+`.NAME.tmp-HOST-PID-old`), which the next write of that target on that machine removes,
+whatever the output (`remove_leftovers`: those of processes no longer alive, so never a
+concurrent writer's);
 the target itself is either the previous complete version or the new complete one (a
 folder is swapped by two renames, the old one set aside as a leftover first, so a kill
 between them leaves no target, never part of one). What was written is on the disk
@@ -24,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -60,13 +62,19 @@ class OutputError(AlexnetError):
     """An output path whose present content alexnet must not replace."""
 
 
-TMP, ASIDE = ".tmp-", "-old"  # `.NAME.tmp-PID`, and a replaced folder set aside `...-old`
-# Any such name: what `remove_leftovers` looks for.
-_TEMPORARY = re.compile(rf"\.(?P<name>.+){re.escape(TMP)}(?P<pid>[0-9]+)(?:{ASIDE})?")
+TMP, ASIDE = ".tmp-", "-old"  # `.NAME.tmp-HOST-PID`; a folder set aside `...-old`
+# This machine, in a name: on shared storage a PID alone is not one process (two nodes'
+# containers often run the same command with the same PID).
+HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "_"
+# Any such name (HOST- absent: an older version's, taken as this machine's): what
+# `remove_leftovers` looks for.
+_TEMPORARY = re.compile(
+    rf"\.(?P<name>.+){re.escape(TMP)}(?:(?P<host>\w+)-)?(?P<pid>[0-9]+)(?:{ASIDE})?"
+)
 
 
 def temporary_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}{TMP}{os.getpid()}")
+    return path.with_name(f".{path.name}{TMP}{HOST}-{os.getpid()}")
 
 
 @contextmanager
@@ -262,9 +270,11 @@ def write_json(path: str | Path, value: object) -> None:
 
 
 def remove_leftovers(folder: str | Path, name: str | None = None) -> None:
-    """Delete what killed runs left in `folder`: the temporaries `.NAME.tmp-PID` (files
-    or folders, and the `-old` that a folder's swap sets aside) of the target `name`, or
-    of any target when None, whose process is gone. Another live process's may be
+    """Delete what killed runs left in `folder`: the temporaries `.NAME.tmp-HOST-PID`
+    (files or folders, and the `-old` that a folder's swap sets aside) of the target
+    `name`, or of any target when None, whose process on this machine is gone (another
+    machine's stay: whether its process lives cannot be told from here). Another live
+    process's may be
     written now and stays (as does a dead run's whose PID an unrelated process has
     since been given: left for a later run). This process's own are leftovers too: it
     writes a target from one place at a time, so one there now is a dead run's whose
@@ -276,7 +286,7 @@ def remove_leftovers(folder: str | Path, name: str | None = None) -> None:
         return
     for entry in entries:
         found = entry.name.startswith(prefix) and _TEMPORARY.fullmatch(entry.name)
-        if not found or name not in (None, found["name"]) or _alive(int(found["pid"])):
+        if not found or name not in (None, found["name"]) or _alive(found["host"], found["pid"]):
             continue
         with suppress(OSError):  # best effort: a leftover never stops the write
             if entry.is_dir(follow_symlinks=False):
@@ -285,8 +295,12 @@ def remove_leftovers(folder: str | Path, name: str | None = None) -> None:
                 os.unlink(entry.path)
 
 
-def _alive(pid: int) -> bool:
-    """Whether another process with this PID runs now (on this machine)."""
+def _alive(host: str | None, pid_text: str) -> bool:
+    """Whether another process with this PID runs now; one on another machine (`host`),
+    which cannot be told from here, is taken as alive: its node removes it."""
+    if host not in (None, HOST):
+        return True
+    pid = int(pid_text)
     if pid == os.getpid() or pid <= 0:
         return False
     try:

@@ -26,7 +26,7 @@ from alexnet.digests import sha16
 from alexnet.imports import PACKAGES, closure
 
 ROOT = Path(__file__).resolve().parents[1]
-# The marker's name, as a temporary's (`.alexnet-check.tmp-PID`): the next check sweeps
+# The marker's name, as a temporary's (`.alexnet-check.tmp-HOST-PID`): the next check sweeps
 # one that a killed stage left (`alexnet.atomic.remove_leftovers`).
 MARKER = "alexnet-check"
 SAME_FILES = "the workers need the same file system at the same paths"

@@ -248,6 +248,20 @@ def test_leftovers_of_one_target_only(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["raw"]
 
 
+def test_leftovers_of_another_machine_stay(tmp_path):
+    # On shared storage a PID alone is not a process: another node's writer, alive or
+    # not, cannot be told from here (and containers on two nodes share PIDs).
+    from alexnet.atomic import HOST, temporary_name
+
+    assert temporary_name(tmp_path / "raw").name == f".raw.tmp-{HOST}-{os.getpid()}"
+    mine = [f".raw.tmp-{HOST}-{DEAD_PID}", f".raw.tmp-{HOST}-{DEAD_PID}-old"]
+    theirs = [f".raw.tmp-othernode-{DEAD_PID}", f".raw.tmp-othernode-{DEAD_PID}-old"]
+    for name in mine + theirs:
+        folder(tmp_path / name, {"x": b"x"})
+    remove_leftovers(tmp_path, "raw")
+    assert hidden(tmp_path) == sorted(theirs)
+
+
 def hidden(path) -> list[str]:
     return sorted(p.name for p in path.iterdir() if p.name.startswith("."))
 

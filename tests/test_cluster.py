@@ -169,7 +169,9 @@ def test_workers_that_see_other_files_at_the_output_path_are_refused_before_any_
     # reported success over a prepared folder without them.
     monkeypatch.chdir(tmp_path)
     paths = {"raw": str(raw), "out": f"{OWN_FOLDER}/prepared"}
-    expected = rf"^{ADDRESS} does not see {OWN_FOLDER} \(no file \.alexnet-check\.tmp-\d+ there\)"
+    expected = (
+        rf"^{ADDRESS} does not see {OWN_FOLDER} \(no file \.alexnet-check\.tmp-\w+-\d+ there\)"
+    )
     with pytest.raises(AlexnetError, match=rf"{expected}: {SAME_FILES}$"):
         # before the flow is even given its runner: no flow run left Running on a server
         run_stage(STAGES["prepare"], paths, on_cluster(cluster), flow=NEVER_STARTED)
