@@ -191,7 +191,7 @@ def get_record(txn: lmdb.Transaction, index: int, path: Path):
     try:
         return txn.get(key(index))
     except lmdb.Error as error:  # MDB_CORRUPTED: "Located page was wrong type", ...
-        raise _damaged(path, f"key {index:08d}: {one_line(error)}") from None
+        raise _damaged(path, f"key {key(index).decode()}: {one_line(error)}") from None
 
 
 def _open_error(path: Path, error: lmdb.Error) -> StoreError:
@@ -271,13 +271,19 @@ def shared_readonly(path: str | Path, expected: tuple[int, int] | None = None) -
     return env
 
 
-def read_meta(path: str | Path) -> dict:
+def read_meta(path: str | Path, keep_open: bool = True) -> dict:
     """The store's checked `__meta__`. The first read of a store: a damaged page on the
-    way to the key is named here (the reads of records are not checked, being the hot path)."""
+    way to the key is named here (the reads of records are not checked, being the hot
+    path). Kept open for the reads to come (`shared_readonly`), unless `keep_open` is
+    False: a store about to be replaced must not stay mapped, its disk space held."""
     path = Path(path)
+    env = shared_readonly(path) if keep_open else open_readonly(path)
     try:
-        with shared_readonly(path).begin() as txn:
+        with env.begin() as txn:
             raw = txn.get(META_KEY)
     except DAMAGE as error:
         raise _damaged(path, one_line(error)) from None
+    finally:
+        if not keep_open:
+            env.close()
     return check_meta(raw, path)

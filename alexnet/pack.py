@@ -118,9 +118,10 @@ def packed_count(path: Path, digest: str, index: SplitIndex) -> int | None:
     """The record count of the store at `path` where this pack run (`digest`) wrote it,
     whole, after the last change to its shards; else None. A run stopped after its first
     split then writes only the second when run again (raw ImageNet's train store: ~250 GB
-    and an hour). The mtimes guard what the digest does not hold, the shards' bytes."""
+    and an hour). The digest is the guard (the records' shards, byte ranges and labels,
+    and the options); the mtimes only add a rewrite where a shard was made again since."""
     try:
-        meta = read_meta(path)
+        meta = read_meta(path, keep_open=False)  # (one written again must not stay mapped)
     except StoreError:
         return None  # none there, or not a whole one: written again
     written = (path / "data.mdb").stat().st_mtime_ns

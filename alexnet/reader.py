@@ -23,6 +23,7 @@ from alexnet.lmdb_store import (
     StoreError,
     decode_value,
     get_record,
+    key,
     read_meta,
     shared_readonly,
     store_version,
@@ -57,7 +58,7 @@ class LmdbSplit(torch.utils.data.Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"{self.path}: index {index} out of range 0..{len(self) - 1}")
         value = get_record(txn, index, self.path)
-        where = f"{self.path}: key {index:08d}"
+        where = f"{self.path}: key {key(index).decode()}"
         if value is None:
             raise StoreError(f"{where}: missing")
         label, height, width, payload = decode_value(value, where, self.encoding)

@@ -242,7 +242,7 @@ def _find(root: Path, name: str) -> Path | None:
 
 def read_names(root: Path) -> dict[str, str]:
     """wnid -> human name from a synset mapping file (`n01440764 tench, Tinca tinca`;
-    the wnid ends at its first space or tab: hand-made files use either)."""
+    the wnid ends at its first whitespace: hand-made files use spaces or tabs)."""
     for filename in NAME_FILES:
         path = _find(root, filename)
         if path is not None:

@@ -40,7 +40,8 @@ def wait_for_a_worker(client: Client, address: str) -> None:
     except TimeoutError:  # (distributed's TimeoutError is the builtin)
         raise AlexnetError(
             f"compute.scheduler: the Dask scheduler at {address} has no workers (waited "
-            f"{WORKER_WAIT_S:g} s): start them (`dask worker {address}` on each machine)"
+            f"{WORKER_WAIT_S:g} s): start them (`dask worker {address}` on each machine; "
+            "an adaptive cluster needs a minimum of one, which the checks run on)"
         ) from None
 
 

@@ -76,9 +76,7 @@ def _launch(command: list[str]) -> None:
         try:
             code = process.wait()
         except KeyboardInterrupt:
-            # Ctrl-C reached torchrun too (one process group): it stops its workers,
-            # which the next run must not find still holding the GPUs and the checkpoint
-            process.wait()
+            _stop_on_ctrl_c(process)
             raise
     finally:
         if previous is not None:
@@ -88,6 +86,22 @@ def _launch(command: list[str]) -> None:
         raise Interrupted("stopped by SIGTERM")
     if code != 0:
         raise TrainError(f"torchrun exited with status {code} (the worker's error is above)")
+
+
+# How long a Ctrl-C waits for torchrun to stop on the SIGINT it had too, before passing one on
+CTRL_C_WAIT_S = 10
+
+
+def _stop_on_ctrl_c(process: subprocess.Popen) -> None:
+    """Wait for torchrun to stop its workers, which the next run must not find still
+    holding the GPUs and the checkpoint. A terminal's Ctrl-C reached torchrun too (one
+    process group), and its workers end at once on it; a SIGINT sent to this process
+    alone (`kill -INT`, a supervisor) is passed on. A second Ctrl-C stops the wait."""
+    try:
+        process.wait(timeout=CTRL_C_WAIT_S)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGINT)
+        process.wait()
 
 
 @flow(name="train")

@@ -111,6 +111,7 @@ def test_a_scheduler_without_workers_is_refused_in_one_line(monkeypatch, tmp_pat
             flows.cluster.check_cluster(address, check, "http://127.0.0.1:9/api")
     assert str(refused.value) == (
         f"compute.scheduler: the Dask scheduler at {address} has no workers (waited 1 s): "
-        f"start them (`dask worker {address}` on each machine)"
+        f"start them (`dask worker {address}` on each machine; an adaptive cluster needs a "
+        "minimum of one, which the checks run on)"
     )
     assert list(tmp_path.iterdir()) == []

@@ -317,6 +317,7 @@ def test_workers_whose_torchrun_is_killed_stop_as_on_sigterm(tmp_path):
             time.sleep(0.1)
             started = [path.read_text() for path in tmp_path.glob("started-*")]
         assert len(started) == 2 and all(started), "the workers did not start"
+        assert not list(tmp_path.glob("saved-*"))  # stopped by the kill, not before it
         torchrun.kill()
         torchrun.wait()
         deadline = time.monotonic() + 30
@@ -366,11 +367,16 @@ time.sleep(60)
 """
 
 
-def test_ctrl_c_waits_for_torchrun_to_stop_its_workers(tmp_path):
-    # Ctrl-C reaches the stage and torchrun (one process group): the stage returned at
-    # once, while torchrun still stopped its workers on the GPUs the next run needs.
+@pytest.mark.parametrize("torchrun_too", [True, False])
+def test_ctrl_c_waits_for_torchrun_to_stop_its_workers(tmp_path, monkeypatch, torchrun_too):
+    # A terminal's Ctrl-C reaches the stage and torchrun (one process group): the stage
+    # returned at once, while torchrun still stopped its workers on the GPUs the next run
+    # needs. A SIGINT to the stage alone is passed on to torchrun.
     import threading
 
+    import flows.train
+
+    monkeypatch.setattr(flows.train, "CTRL_C_WAIT_S", 2)
     assert threading.current_thread() is threading.main_thread()  # where signals land
     script = tmp_path / "torchrun.py"
     script.write_text(STOPPING_LAUNCHER)
@@ -380,7 +386,8 @@ def test_ctrl_c_waits_for_torchrun_to_stop_its_workers(tmp_path):
         pid = tmp_path / "pid"
         while not (pid.exists() and pid.read_text()) and time.monotonic() < deadline:
             time.sleep(0.05)
-        os.kill(int(pid.read_text()), signal.SIGINT)
+        if torchrun_too:
+            os.kill(int(pid.read_text()), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=ctrl_c, daemon=True).start()
