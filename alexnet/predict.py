@@ -17,7 +17,10 @@ from alexnet.evaluate import crop_average, crop_probabilities
 from alexnet.imageops import BadImage, load_plugins, prepare_image
 from alexnet.jpeg import rgb
 from alexnet.modelfile import load_model
+from alexnet.params import DEFAULTS
 from alexnet.placement import resolve_devices
+from alexnet.prepare import max_file_bytes, too_large
+from alexnet.sources import display_name
 
 
 class PluginError(AlexnetError):
@@ -31,13 +34,17 @@ class Prediction:
     error: str | None = None
 
 
-def read_file(path: Path) -> bytes:
+def read_file(path: Path, max_pixels: int) -> bytes:
     """The bytes of an image file; `BadImage` for what is not a regular file (a folder, a
-    FIFO that would block), `OSError` when it cannot be read."""
+    FIFO that would block) or is larger than any image within `max_pixels` can be (read
+    whole, a video or a disk image could exhaust the memory), `OSError` when it cannot
+    be read."""
     if path.is_dir():
         raise BadImage("is a directory")
     if path.exists() and not path.is_file():
         raise BadImage("not a regular file")
+    if (size := path.stat().st_size) > (limit := max_file_bytes(max_pixels)):
+        raise BadImage(too_large(size, limit))
     return path.read_bytes()
 
 
@@ -58,7 +65,8 @@ def load_file(path: Path, image_options: dict) -> torch.Tensor:
     """(3, size, size) uint8, exactly as the prepare stage with `image_options` (the
     model file's `prepare`) stores the file."""
     path = Path(path)
-    prepared = prepare_image(read_file(path), path.suffix, **image_options)
+    data = read_file(path, image_options.get("max_pixels", DEFAULTS.prepare.max_pixels))
+    prepared = prepare_image(data, path.suffix, **image_options)
     data = torch.frombuffer(bytearray(prepared.jpeg), dtype=torch.uint8)
     return rgb(data)
 
@@ -101,7 +109,7 @@ def predict(
         try:
             image = load_file(path, payload["prepare"])
         except Exception as error:  # any file, any decoder failure: one line, go on
-            results.append(Prediction(str(path), error=why_unusable(Path(path), error)))
+            results.append(Prediction(display_name(path), error=why_unusable(Path(path), error)))
             continue
         probabilities = crop_probabilities(model, image[None].to(device), mean, model.input_size)
         values, indices = crop_average(probabilities)[0].topk(min(top, len(classes)))
@@ -109,5 +117,5 @@ def predict(
             {**classes[i], "probability": round(float(v), 6)}
             for v, i in zip(values.tolist(), indices.tolist(), strict=True)
         ]
-        results.append(Prediction(str(path), top_classes))
+        results.append(Prediction(display_name(path), top_classes))
     return results

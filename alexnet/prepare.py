@@ -124,6 +124,13 @@ def max_file_bytes(max_pixels: int) -> int:
     return 8 * max_pixels + 2**30
 
 
+def too_large(size: int, limit: int) -> str:
+    """Why a file of `size` bytes is not read, past `max_file_bytes`' `limit`."""
+    return (
+        f"too large: {size:,} bytes, more than any image of prepare.max_pixels can be ({limit:,})"
+    )
+
+
 def _read(item: Item, limit: int) -> bytes | OSError | None:
     """The file's bytes, an OSError saying why they cannot be read, or None for an entry
     the scan already found unusable (which is never opened: it may be a FIFO)."""
@@ -133,10 +140,7 @@ def _read(item: Item, limit: int) -> bytes | OSError | None:
         with open(item.path, "rb") as stream:
             before = os.fstat(stream.fileno())
             if before.st_size > limit:
-                return TooLarge(
-                    f"too large: {before.st_size:,} bytes, more than any image "
-                    f"of prepare.max_pixels can be ({limit:,})"
-                )
+                return TooLarge(too_large(before.st_size, limit))
             data = stream.read()
             after = os.fstat(stream.fileno())
     except OSError as error:

@@ -22,7 +22,9 @@ from alexnet.modelfile import ModelFileError
 from alexnet.pack import payload
 from alexnet.params import PrepareParams
 from alexnet.predict import PluginError, predict
+from alexnet.prepare import max_file_bytes, too_large
 from alexnet.reader import LmdbSplit
+from alexnet.sources import display_name
 from alexnet.train import Trainer
 from flows.cli import app
 from tests.helpers import CLASSES, encode, jpeg, photo, train_run
@@ -117,6 +119,12 @@ def bad_and_good_files(folder: Path, monkeypatch) -> tuple[list[Path], dict[str,
         (folder / name).write_bytes(data)
     (folder / "folder.jpg").mkdir()
     (folder / "dangling.jpg").symlink_to(folder / "gone.jpg")
+    # read whole, a video or a disk image could exhaust the memory (sparse: no disk used)
+    limit = max_file_bytes(PrepareParams().max_pixels)
+    (folder / "huge.jpg").touch()
+    os.truncate(folder / "huge.jpg", limit + 1)
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.jpg"), "wb") as stream:
+        stream.write(jpeg(300, 260, seed=4))  # a name that is not UTF-8: shown escaped
     expected = {
         "good.jpg": None,
         "text.jpg": "",
@@ -128,6 +136,8 @@ def bad_and_good_files(folder: Path, monkeypatch) -> tuple[list[Path], dict[str,
         "missing.jpg": "no such file",
         "dangling.jpg": "broken symbolic link",
         "good.png": None,
+        "huge.jpg": too_large(limit + 1, limit),
+        "caf\udce9.jpg": None,
     }
     # As root, a chmod 000 file stays readable: the refusal is made up where it happens.
     read_bytes = Path.read_bytes
@@ -160,7 +170,7 @@ def test_each_bad_file_gets_one_error_line_and_the_others_are_predicted(
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 1
     rows = json.loads(result.stdout)
-    assert [row["path"] for row in rows] == [str(p) for p in paths]
+    assert [row["path"] for row in rows] == [display_name(p) for p in paths]
     lines = iter(result.stderr.splitlines())
     for path, row, (name, error) in zip(paths, rows, expected.items(), strict=True):
         if error is None:
@@ -168,7 +178,7 @@ def test_each_bad_file_gets_one_error_line_and_the_others_are_predicted(
             continue
         assert row["error"] and "\n" not in row["error"], name
         assert error == "" or row["error"] == error, (name, row["error"])
-        assert next(lines) == f"error: {path}: {row['error']}"  # the path once, first
+        assert next(lines) == f"error: {display_name(path)}: {row['error']}"  # the path once
     assert next(lines, None) is None
 
 
