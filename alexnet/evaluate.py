@@ -11,6 +11,7 @@ of the mean, as in training).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -111,8 +112,15 @@ class Results:
         return rows
 
     def confusion(self, classes: list[dict]) -> list[dict]:
-        """One row per image, actual and predicted class names (DVC's confusion plot)."""
-        names = {entry["index"]: entry["name"] for entry in classes}
+        """One row per image, actual and predicted class names (DVC's confusion plot). A
+        name two classes share (ImageNet has two "crane"s, a bird and a machine) takes
+        its wnid, or the plot would count one mistaken for the other as right."""
+        shared = Counter(entry["name"] for entry in classes)
+        names = {
+            entry["index"]: entry["name"]
+            + (f" ({entry['wnid']})" if shared[entry["name"]] > 1 else "")
+            for entry in classes
+        }
         return [
             {"actual": names[int(a)], "predicted": names[int(p)]}
             for a, p in zip(self.labels, self.predicted, strict=True)

@@ -11,10 +11,11 @@ NAN_RANK = torch.iinfo(torch.int64).max
 
 
 def label_ranks(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(N,) how many classes score strictly above the label: 0 = top-1 right, < k = top-k
-    right. Ties count in the label's favour."""
+    """(N,) how many other classes score at least as high as the label: 0 = top-1 right,
+    < k = top-k right. Ties count against the label: a model whose scores are all equal
+    (dead units; bf16 logits round close classes alike) knows nothing, and is wrong."""
     true = scores.gather(1, labels[:, None])
-    rank = (scores > true).sum(1)
+    rank = (scores >= true).sum(1) - 1  # (the label's own score is one of them)
     return torch.where(torch.isnan(true[:, 0]), NAN_RANK, rank)
 
 

@@ -95,6 +95,13 @@ def test_a_trained_model_file_classifies_its_training_images(data, model_file):
     assert summary["images"] == 10 and summary["top1_error"] <= 0.2, summary
     assert [row["images"] for row in results.per_class(CLASSES)] == [5, 5]
     assert len(results.confusion(CLASSES)) == 10
+    # two classes of one name (ImageNet's "crane", a bird and a machine) stay two
+    cranes = [{**entry, "name": "crane"} for entry in CLASSES]
+    rows = results.confusion(cranes)
+    assert {row["actual"] for row in rows} == {f"crane ({entry['wnid']})" for entry in CLASSES}
+    assert [row["predicted"] != row["actual"] for row in rows] == (
+        results.predicted != results.labels
+    ).tolist()
 
 
 def test_read_ahead_gives_the_same_numbers(data, model_file):

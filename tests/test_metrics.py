@@ -9,23 +9,26 @@ from alexnet.metrics import NAN_RANK, label_ranks, missed, top_k_errors
 NAN = float("nan")
 
 
-def test_rank_counts_the_classes_strictly_above_and_ties_favour_the_label():
+def test_rank_counts_the_classes_at_or_above_and_ties_count_against_the_label():
     scores = torch.tensor(
         [
             [0.5, 0.1, 0.1, 0.1, 0.1, 0.1],  # label 0: rank 0
-            [0.3, 0.3, 0.1, 0.1, 0.1, 0.1],  # label 1 ties the best: top-1 right
-            [0.6, 0.2, 0.05, 0.05, 0.05, 0.05],  # label 2 in a four-way tie: rank 2
+            [0.3, 0.3, 0.1, 0.1, 0.1, 0.1],  # label 1 ties the best: top-1 wrong
+            [0.6, 0.2, 0.05, 0.05, 0.05, 0.05],  # label 2 in a four-way tie: rank 5
             [0.3, 0.2, 0.2, 0.15, 0.14, 0.01],  # label 5: five classes above: top-5 wrong
-            [0.1, 0.1, 0.1, 0.1, 0.1, 0.1],  # all tied: right at every k
+            [0.1, 0.1, 0.1, 0.1, 0.1, 0.1],  # all tied (a dead model): wrong but at k = 6
         ]
     )
     labels = torch.tensor([0, 1, 2, 5, 3])
     rank = label_ranks(scores, labels)
-    assert rank.tolist() == [0, 0, 2, 5, 0]
-    assert missed(rank, 1).tolist() == [False, False, True, True, False]
-    assert missed(rank, 5).tolist() == [False, False, False, True, False]
-    assert top_k_errors(scores, labels) == [2, 1]
-    assert top_k_errors(scores, labels, ks=(1, 2, 3, 6)) == [2, 2, 1, 0]
+    assert rank.tolist() == [0, 1, 5, 5, 5]
+    assert missed(rank, 1).tolist() == [False, True, True, True, True]
+    assert missed(rank, 5).tolist() == [False, False, True, True, True]
+    assert top_k_errors(scores, labels) == [4, 3]
+    assert top_k_errors(scores, labels, ks=(1, 2, 3, 6)) == [4, 3, 3, 0]
+    # a model that scores every class alike is wrong everywhere, whatever the label
+    constant = torch.full((8, 1000), 1e-3)
+    assert top_k_errors(constant, torch.arange(8)) == [8, 8]
 
 
 def test_top_k_error_is_label_outside_the_k_best_by_sorting():
