@@ -118,12 +118,13 @@ def _log(live, record: dict) -> None:
 
 
 def follow_launcher() -> bool:
-    """Be sent SIGTERM when torchrun dies; False if it is gone already. torchrun starts
-    each worker in a session of its own, so a stop sent to the stage's process group
-    reaches torchrun alone, which passes it on; a torchrun that dies first (killed after
-    a grace, the OOM killer) would leave its workers training on, orphaned, on the GPUs
-    the next run needs. With this, each checkpoints and ends, as when torchrun passes
-    the stop on."""
+    """Be sent SIGTERM when torchrun dies; False if it died as this was asked. torchrun
+    starts each worker in a session of its own, so a stop sent to the stage's process
+    group reaches torchrun alone, which passes it on; a torchrun that dies first (killed
+    after a grace, the OOM killer) would leave its workers training on, orphaned, on the
+    GPUs the next run needs. With this, each checkpoints and ends, as when torchrun
+    passes the stop on. (One that died while this worker imported torch, before the
+    request, is not seen: a few seconds at the start.)"""
     return die_with_parent(signal.SIGTERM, os.getppid())
 
 
