@@ -275,15 +275,18 @@ def read_meta(path: str | Path, keep_open: bool = True) -> dict:
     """The store's checked `__meta__`. The first read of a store: a damaged page on the
     way to the key is named here (the reads of records are not checked, being the hot
     path). Kept open for the reads to come (`shared_readonly`), unless `keep_open` is
-    False: a store about to be replaced must not stay mapped, its disk space held."""
+    False: a store about to be replaced must not stay mapped, its disk space held (one
+    this process has open already is read through that environment: LMDB refuses a
+    second)."""
     path = Path(path)
-    env = shared_readonly(path) if keep_open else open_readonly(path)
+    opened_here = not keep_open and str(path.resolve()) not in _SHARED
+    env = open_readonly(path) if opened_here else shared_readonly(path)
     try:
         with env.begin() as txn:
             raw = txn.get(META_KEY)
     except DAMAGE as error:
         raise _damaged(path, one_line(error)) from None
     finally:
-        if not keep_open:
+        if opened_here:
             env.close()
     return check_meta(raw, path)
