@@ -10,8 +10,9 @@ uint8 tensor for the training loop; JPEG payloads are decoded on `threads` threa
 from __future__ import annotations
 
 import os
+import re
 import signal
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -163,9 +164,51 @@ def in_order(
     return Batches(split, [range(s, min(s + size, len(split))) for s in starts], encoded)
 
 
+class Loader:
+    """A `DataLoader`'s batches, where a worker that died (torch raises a RuntimeError: a
+    traceback) is one `StoreError` line naming the store, the signal and its likely
+    cause."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, store: str | os.PathLike):
+        self.loader, self.store = loader, store
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        batches = iter(self.loader)
+        try:
+            yield from batches
+        except RuntimeError as error:
+            if "DataLoader worker" not in str(error):
+                raise
+            killer = _killer(str(error), batches)
+            how = f" ({killer.name})" if killer else ""
+            raise StoreError(
+                f"{self.store}: a loader worker died reading it{how}{_CAUSES.get(killer, '')}"
+            ) from None
+
+
+def _killer(message: str, batches: Iterator) -> signal.Signals | None:
+    """The signal that killed a loader worker: as torch's message names it ("killed by
+    signal: Bus error"), else from the workers' exit codes ("exited unexpectedly")."""
+    if named := re.search(r"killed by signal: ([^.]+)", message):
+        return next((s for s in signal.Signals if signal.strsignal(s) == named[1]), None)
+    codes = [worker.exitcode for worker in getattr(batches, "_workers", ())]  # (torch's own)
+    return next((signal.Signals(-code) for code in codes if code and code < 0), None)
+
+
+# What most likely killed a loader worker, by the signal
+_CAUSES = {
+    signal.SIGBUS: ": /dev/shm too small for the batches read ahead (in a container: "
+    "--shm-size; or fewer loader_workers), or a damaged store (run pack again)",
+    signal.SIGKILL: ": out of memory? (fewer loader_workers, or a smaller batch)",
+}
+
+
 def batch_loader(
     dataset: torch.utils.data.Dataset, keys: Sequence, workers: int = 0, pin_memory: bool = False
-) -> torch.utils.data.DataLoader:
+) -> Loader:
     """`dataset[key]` for each key in order, each item a whole batch; `workers` processes
     read 2 items each ahead (none: read in the loop). Workers are forked from a forkserver
     that imported this module (torch) once: a fork of a process that has run Prefect flows
@@ -180,7 +223,7 @@ def batch_loader(
     if workers:
         context = forkserver(__name__)
         start_ignoring(signal.SIGTERM)
-    return torch.utils.data.DataLoader(
+    loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=None,
         sampler=keys,
@@ -190,6 +233,7 @@ def batch_loader(
         multiprocessing_context=context,
         worker_init_fn=_own_group if workers else None,
     )
+    return Loader(loader, getattr(getattr(dataset, "split", None), "path", "the store"))
 
 
 def _own_group(worker: int) -> None:

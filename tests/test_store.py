@@ -21,7 +21,7 @@ import torch
 
 from alexnet.lmdb_store import StoreError, key, read_meta, write_store
 from alexnet.pack import PackError, index_shards, load_chunk, member_key
-from alexnet.reader import LmdbSplit
+from alexnet.reader import LmdbSplit, batch_loader
 from alexnet.shards import Record, ShardError, write_shard
 from tests.helpers import REPO, encode, jpeg, photo, run_python
 
@@ -476,3 +476,40 @@ def test_a_shard_cut_short_after_indexing_is_named(tmp_path):
     with pytest.raises(ShardError) as caught:
         load_chunk(entries, "jpeg", SIZE)
     assert str(caught.value) == f"{shard}: truncated tar: member n2/img_5.jpg is cut short"
+
+
+class DiesReading(torch.utils.data.Dataset):
+    """Batches of a store whose reading kills the loader worker with `signum`: as a read
+    past a damaged store's end does (SIGBUS), or a full /dev/shm, or the OOM killer."""
+
+    def __init__(self, path, signum: int):
+        self.split, self.signum = LmdbSplit.__new__(LmdbSplit), signum
+        self.split.path = path
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int):
+        os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize(
+    ("signum", "cause"),
+    [(signal.SIGBUS, "/dev/shm too small for the batches"), (signal.SIGKILL, "out of memory?")],
+)
+def test_a_loader_worker_killed_by_a_signal_is_one_line_naming_the_store(tmp_path, signum, cause):
+    # torch raised a RuntimeError (a traceback) naming neither the store nor a remedy
+    store = tmp_path / "lmdb" / "train"
+    loader = batch_loader(DiesReading(store, signum), range(4), workers=1)
+    died = rf"^{re.escape(str(store))}: a loader worker died reading it \({signum.name}\)"
+    with pytest.raises(StoreError, match=rf"{died}: {re.escape(cause)}"):
+        list(loader)
+
+
+def test_the_signal_named_in_torchs_message_is_the_one_said():
+    # torch names it when its SIGCHLD handler saw the death, by strsignal's words
+    from alexnet.reader import _killer
+
+    message = "DataLoader worker (pid 4242) is killed by signal: Bus error. It is possible"
+    assert _killer(message, iter(())) is signal.SIGBUS
+    assert _killer("DataLoader worker (pid(s) 4242) exited unexpectedly", iter(())) is None
