@@ -286,7 +286,7 @@ def remove_leftovers(folder: str | Path, name: str | None = None) -> None:
         return
     for entry in entries:
         found = entry.name.startswith(prefix) and _TEMPORARY.fullmatch(entry.name)
-        if not found or name not in (None, found["name"]) or _alive(found["host"], found["pid"]):
+        if not found or name not in (None, found["name"]) or _alive(found):
             continue
         with suppress(OSError):  # best effort: a leftover never stops the write
             if entry.is_dir(follow_symlinks=False):
@@ -295,12 +295,13 @@ def remove_leftovers(folder: str | Path, name: str | None = None) -> None:
                 os.unlink(entry.path)
 
 
-def _alive(host: str | None, pid_text: str) -> bool:
-    """Whether another process with this PID runs now; one on another machine (`host`),
-    which cannot be told from here, is taken as alive: its node removes it."""
-    if host not in (None, HOST):
+def _alive(temporary: re.Match) -> bool:
+    """Whether another process, the temporary's by its name's PID, runs now; one on
+    another machine (its name's host), which cannot be told from here, is taken as
+    alive: its node removes it."""
+    if temporary["host"] not in (None, HOST):
         return True
-    pid = int(pid_text)
+    pid = int(temporary["pid"])
     if pid == os.getpid() or pid <= 0:
         return False
     try:

@@ -143,6 +143,7 @@ def write_store(
     if encoding not in ENCODINGS:
         raise StoreError(f"unknown encoding {encoding!r} (choose from {', '.join(ENCODINGS)})")
     count = 0
+    release(path)  # the store this replaces must not stay mapped here, its disk space held
     with atomic_output(path, folder=STORE_OWNER) as folder:
         # lock=False: no lock.mdb; sync=False: one sync at the end (the rename covers
         # crashes); no writemap: it would make data.mdb a sparse file of map_size; meminit
@@ -165,10 +166,8 @@ def write_store(
             }
             _put(env, lambda: [(META_KEY, json.dumps(meta).encode("utf-8"))])  # sorts after digits
             env.sync(True)
-        except (
-            lmdb.Error,
-            OutOfOrder,
-        ) as error:  # a full disk: "mdb_txn_commit: No space left on device"
+        # a full disk ("mdb_txn_commit: No space left on device"), or keys out of order
+        except (lmdb.Error, OutOfOrder) as error:
             raise StoreError(f"{path}: cannot write the store ({one_line(error)})") from None
         finally:
             env.close()
@@ -191,7 +190,7 @@ def get_record(txn: lmdb.Transaction, index: int, path: Path):
     try:
         return txn.get(key(index))
     except lmdb.Error as error:  # MDB_CORRUPTED: "Located page was wrong type", ...
-        raise _damaged(path, f"key {key(index).decode()}: {one_line(error)}") from None
+        raise _damaged(path, f"key {index:0{KEY_DIGITS}d}: {one_line(error)}") from None
 
 
 def _open_error(path: Path, error: lmdb.Error) -> StoreError:
@@ -247,6 +246,14 @@ def store_version(path: str | Path) -> tuple[int, int]:
     return stat.st_ino, stat.st_mtime_ns
 
 
+def release(path: str | Path) -> None:
+    """Close this process's shared environment of the store at `path`, if any (a reader
+    of it then finds it replaced: `shared_readonly`'s check)."""
+    _, _, env = _SHARED.pop(str(Path(path).resolve()), (None, None, None))
+    if env is not None:
+        env.close()
+
+
 def shared_readonly(path: str | Path, expected: tuple[int, int] | None = None) -> lmdb.Environment:
     """One read-only environment per store and process (py-lmdb refuses to open a path
     twice in a process). Reopened in a forked child, whose copy of the parent's handle
@@ -271,22 +278,13 @@ def shared_readonly(path: str | Path, expected: tuple[int, int] | None = None) -
     return env
 
 
-def read_meta(path: str | Path, keep_open: bool = True) -> dict:
+def read_meta(path: str | Path) -> dict:
     """The store's checked `__meta__`. The first read of a store: a damaged page on the
-    way to the key is named here (the reads of records are not checked, being the hot
-    path). Kept open for the reads to come (`shared_readonly`), unless `keep_open` is
-    False: a store about to be replaced must not stay mapped, its disk space held (one
-    this process has open already is read through that environment: LMDB refuses a
-    second)."""
+    way to the key is named here (the reads of records are not checked, being the hot path)."""
     path = Path(path)
-    opened_here = not keep_open and str(path.resolve()) not in _SHARED
-    env = open_readonly(path) if opened_here else shared_readonly(path)
     try:
-        with env.begin() as txn:
+        with shared_readonly(path).begin() as txn:
             raw = txn.get(META_KEY)
     except DAMAGE as error:
         raise _damaged(path, one_line(error)) from None
-    finally:
-        if opened_here:
-            env.close()
     return check_meta(raw, path)

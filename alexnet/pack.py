@@ -121,7 +121,7 @@ def packed_count(path: Path, digest: str, index: SplitIndex) -> int | None:
     and an hour). The digest is the guard (the records' shards, byte ranges and labels,
     and the options); the mtimes only add a rewrite where a shard was made again since."""
     try:
-        meta = read_meta(path, keep_open=False)  # (one written again must not stay mapped)
+        meta = read_meta(path)
     except StoreError:
         return None  # none there, or not a whole one: written again
     written = (path / "data.mdb").stat().st_mtime_ns

@@ -21,10 +21,10 @@ import torch
 from alexnet.forkserver import forkserver, start_ignoring
 from alexnet.jpeg import Encoded, decode_into, decode_threads, joined
 from alexnet.lmdb_store import (
+    KEY_DIGITS,
     StoreError,
     decode_value,
     get_record,
-    key,
     read_meta,
     shared_readonly,
     store_version,
@@ -59,7 +59,7 @@ class LmdbSplit(torch.utils.data.Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"{self.path}: index {index} out of range 0..{len(self) - 1}")
         value = get_record(txn, index, self.path)
-        where = f"{self.path}: key {key(index).decode()}"
+        where = f"{self.path}: key {index:0{KEY_DIGITS}d}"
         if value is None:
             raise StoreError(f"{where}: missing")
         label, height, width, payload = decode_value(value, where, self.encoding)
