@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from alexnet.errors import AlexnetError
 from alexnet.lmdb_store import StoreError, read_meta
@@ -24,6 +25,7 @@ from alexnet.shards import (
     ShardError,
     bad_image,
     check_image,
+    check_size,
     index_shard,
     open_rgb,
     shard_files,
@@ -158,8 +160,10 @@ def chunk_bytes(chunk: list[Entry], encoding: str, size: int) -> int:
 
 def payload(jpeg: bytes, encoding: str, size: int) -> bytes:
     """The stored bytes of a prepared image: as is (`jpeg`), or decoded to HWC uint8 RGB
-    (`raw`; an image that is not size x size raises `WrongSize` before decoding)."""
+    (`raw`). Either way an image that is not size x size raises `WrongSize`, read from its
+    header before any decoding: in a `jpeg` store it would stop training, epochs later."""
     if encoding == "jpeg":
+        check_size(Image.open(io.BytesIO(jpeg)), size)
         return jpeg
     return open_rgb(jpeg, size).tobytes()
 
@@ -181,7 +185,7 @@ def load_chunk(chunk: list[Entry], encoding: str, size: int) -> list[tuple[int, 
 def _load(entry: Entry, stream: io.BufferedReader, encoding: str, size: int) -> tuple[int, bytes]:
     stream.seek(entry.offset)
     data = stream.read(entry.size)
-    _check(entry, data)  # for `jpeg`, the only check
+    _check(entry, data)
     try:
         return entry.label, payload(data, encoding, size)
     except Exception as error:  # whatever the decoder raises, the line names the member

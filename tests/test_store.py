@@ -452,17 +452,19 @@ def test_a_member_that_is_not_a_jpeg_stops_the_chunk(tmp_path, encoding):
 
 
 @pytest.mark.parametrize(
-    ("data", "problem"),
+    ("data", "problem", "encoding"),
     [
-        (b"\xff\xd8\xff" + bytes(300), "cannot be decoded (not an image)"),
-        (jpeg(SIZE, SIZE)[:300], "cannot be decoded ("),
-        (jpeg(40, SIZE), "is 40x32, expected 32x32"),
+        (b"\xff\xd8\xff" + bytes(300), "cannot be decoded (not an image)", "raw"),
+        (b"\xff\xd8\xff" + bytes(300), "cannot be decoded (not an image)", "jpeg"),
+        (jpeg(SIZE, SIZE)[:300], "cannot be decoded (", "raw"),  # `jpeg` reads headers only
+        (jpeg(40, SIZE), "is 40x32, expected 32x32", "raw"),
+        (jpeg(40, SIZE), "is 40x32, expected 32x32", "jpeg"),  # else training stops on it
     ],
 )
-def test_an_image_that_does_not_decode_is_named_with_its_member(tmp_path, data, problem):
+def test_an_image_that_does_not_decode_is_named_with_its_member(tmp_path, data, problem, encoding):
     folder = prepared_split(tmp_path, Record("n01/img_4", data, 1))
     with pytest.raises(PackError) as caught:
-        load_chunk(index_shards(folder, classes=3), "raw", SIZE)
+        load_chunk(index_shards(folder, classes=3), encoding, SIZE)
     line = str(caught.value)
     assert line.startswith(f"{folder / 'shard-00001.tar'}: member n01/img_4.jpg {problem}"), line
     assert "\n" not in line
