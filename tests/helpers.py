@@ -241,3 +241,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def assert_writes_what_dvc_tracks(stage: str, root: Path, folders: tuple[str, ...]) -> None:
+    """The files a stage wrote under `root`/`folders` (its defaults' layout) are exactly
+    what dvc.yaml tracks for it (outs, metrics, plots; a tracked folder holds any): a file
+    renamed in the code, or one added, fails here rather than going unversioned."""
+    import yaml
+
+    entry = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
+    tracked = [
+        next(iter(out)) if isinstance(out, dict) else out
+        for key in ("outs", "metrics", "plots")
+        for out in entry.get(key, ())
+    ]
+    for path in tracked:
+        assert (root / path).exists(), f"dvc.yaml tracks {path}, which {stage} did not write"
+    written = [
+        path.relative_to(root).as_posix()
+        for folder in folders
+        for path in (root / folder).rglob("*")
+        if path.is_file() and not path.name.startswith(".")  # our marks (alexnet.atomic)
+    ]
+    for path in written:
+        inside = any(path == t or path.startswith(f"{t}/") for t in tracked)
+        assert inside, f"{stage} wrote {path}, which dvc.yaml does not track"

@@ -67,6 +67,16 @@ def test_command_params_and_paths_come_from_the_table(stage):
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
+def test_every_path_a_stage_reads_is_a_dvc_dep(stage):
+    # the other direction of the test above: a path dropped from deps would let
+    # `dvc repro` skip the stage when what it reads changes
+    deps = DVC[stage]["deps"]
+    for arg in STAGES[stage].paths:
+        path = f"${{{arg.default}}}" if arg.from_params else arg.default
+        assert arg.output or path in deps, f"dvc.yaml's {stage} does not depend on {path}"
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
 def test_the_paths_a_stage_writes_are_its_dvc_outs(stage):
     # `output` decides which paths may not lie inside the others (alexnet.atomic.check_apart)
     entry = DVC[stage]

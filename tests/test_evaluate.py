@@ -20,7 +20,14 @@ from alexnet.metrics import label_ranks
 from alexnet.modelfile import ModelFileError, load_model
 from alexnet.reader import LmdbSplit
 from alexnet.train import Trainer
-from tests.helpers import CLASSES, EPOCH_ENDS, REPO, blobs, train_run
+from tests.helpers import (
+    CLASSES,
+    EPOCH_ENDS,
+    REPO,
+    assert_writes_what_dvc_tracks,
+    blobs,
+    train_run,
+)
 
 
 class CropTable(torch.nn.Module):
@@ -143,15 +150,18 @@ def test_evaluate_flow_writes_the_metric_files(data, model_file, tmp_path, prefe
     from alexnet.params import ComputeParams, EvaluateParams
     from flows.evaluate import evaluate_flow
 
+    metrics = tmp_path / "metrics"
+    folder = metrics / "eval"
     summary = evaluate_flow(
         str(data / "lmdb" / "val"),
         str(model_file),
         str(data / "lmdb" / "train"),
-        str(tmp_path),
+        str(metrics),
         EvaluateParams(batch_size=3, gallery=3, queries=2, neighbours=4, neighbour_batch=3),
         ComputeParams(),
     )
-    written = json.loads((tmp_path / "eval.json").read_text())
+    assert_writes_what_dvc_tracks("evaluate", tmp_path, ("metrics",))
+    written = json.loads((metrics / "eval.json").read_text())
     assert written == summary
     assert list(written) == [
         "top1_error",
@@ -161,10 +171,10 @@ def test_evaluate_flow_writes_the_metric_files(data, model_file, tmp_path, prefe
         "images",
     ]
     assert written["images"] == 4 and all(0 <= written[k] <= 1 for k in list(written)[:4])
-    rows = list(csv.DictReader(io.StringIO((tmp_path / "eval" / "per_class.csv").read_text())))
+    rows = list(csv.DictReader(io.StringIO((folder / "per_class.csv").read_text())))
     assert list(rows[0]) == ["class", "wnid", "name", "images", "top1_error", "top5_error"]
     assert [r["name"] for r in rows] == ["c0", "c1"]
-    confusion = list(csv.DictReader(io.StringIO((tmp_path / "eval" / "confusion.csv").read_text())))
+    confusion = list(csv.DictReader(io.StringIO((folder / "confusion.csv").read_text())))
     assert len(confusion) == 4 and set(confusion[0]) == {"actual", "predicted"}
     # Section 6.1's figures, and the data they show.
     for name, least in {
@@ -172,14 +182,14 @@ def test_evaluate_flow_writes_the_metric_files(data, model_file, tmp_path, prefe
         "top5": (600, 150),
         "neighbours": (500, 250),
     }.items():
-        image = Image.open(tmp_path / "eval" / f"{name}.png")
+        image = Image.open(folder / f"{name}.png")
         assert image.format == "PNG" and min(np.subtract(image.size, least)) >= 0, image.size
     val = LmdbSplit(data / "lmdb" / "val")
-    gallery = read_csv(tmp_path / "eval" / "top5.csv")
+    gallery = read_csv(folder / "top5.csv")
     assert len(gallery) == 3 * 2  # 3 images, 2 classes each (fewer than 5)
     for row in gallery:  # the true class is the store's label of that key
         assert row["true_class"] == f"c{val[int(row['key'])][1]}"
-    neighbours = read_csv(tmp_path / "eval" / "neighbours.csv")
+    neighbours = read_csv(folder / "neighbours.csv")
     assert [int(r["rank"]) for r in neighbours] == [1, 2, 3, 4] * 2
     assert len({r["neighbour_key"] for r in neighbours[:4]}) == 4
     distances = [float(r["distance"]) for r in neighbours[:4]]
@@ -197,7 +207,7 @@ def test_evaluate_flow_writes_the_metric_files(data, model_file, tmp_path, prefe
             )
             url = artifact.data
             assert url.startswith("data:image/png;base64,") and artifact.type == "image"
-            figure = (tmp_path / "eval" / f"{name}.png").read_bytes()
+            figure = (folder / f"{name}.png").read_bytes()
             assert base64.b64decode(url.split(",", 1)[1]) == figure
 
 

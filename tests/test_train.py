@@ -27,6 +27,7 @@ from tests.helpers import (
     EPOCH_ENDS,
     REPO,
     assert_updates_within,
+    assert_writes_what_dvc_tracks,
     blobs,
     jpeg_training_data,
     run_python,
@@ -403,6 +404,7 @@ def test_train_flow_writes_model_metrics_plots_and_resumes(
     assert json.loads((tmp_path / "metrics" / "train.json").read_text()) == summary
     assert (tmp_path / "metrics" / "train" / "plots" / "metrics" / "val_top1_error.tsv").exists()
     assert torch.load(tmp_path / "models" / "alexnet.pt", weights_only=True)["classes"] == CLASSES
+    assert_writes_what_dvc_tracks("train", tmp_path, ("models", "metrics"))
 
     # Same params again: the finished checkpoint is resumed, nothing is retrained.
     def no_training(self, on_step=None):
