@@ -110,9 +110,25 @@ def write_shard(path: Path, records: Iterable[Record], description: dict) -> Non
     with atomic_output(path) as temporary, open(temporary, "wb") as raw:
         pax = {"comment": comment}
         with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT, pax_headers=pax) as tar:
+            empty = True
             for record in records:
                 tar.addfile(*_member(f"{record.key}.jpg", record.jpeg))
                 tar.addfile(*_member(f"{record.key}.cls", str(record.label).encode()))
+                empty = False
+            if empty:  # every file skipped: see `EMPTY`
+                tar.addfile(_folder(EMPTY))
+
+
+# The one member of a shard without records. Python's tarfile cannot open a tar whose only
+# header is the description's (ReadError "end of file header"); a folder carries no
+# record for our readers, nor for WebDataset's.
+EMPTY = "no-records"
+
+
+def _folder(name: str) -> tarfile.TarInfo:
+    info, _ = _member(name, b"")
+    info.type, info.mode = tarfile.DIRTYPE, 0o755
+    return info
 
 
 def read_description(path: Path) -> dict | None:

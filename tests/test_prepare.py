@@ -19,8 +19,9 @@ from alexnet.prepare import (
     plan_shards,
     prepare_shard,
 )
-from alexnet.shards import iter_shard
+from alexnet.shards import index_shard, iter_shard
 from alexnet.sources import open_source
+from alexnet.stats import shard_moments
 from tests.helpers import encode, jpeg, make_imagefolder, photo
 
 
@@ -75,6 +76,19 @@ def test_current_shard_is_reused_and_a_changed_input_rebuilds_it(source, tmp_pat
     with open(changed, "wb") as stream:
         stream.write(jpeg(320, 300, seed=99))
     assert not prepare_shard(plan, out, PrepareParams(quality=70)).reused
+
+
+def test_a_shard_whose_every_file_is_skipped_is_read_and_reused(source, tmp_path):
+    # shard_size 1 puts the empty file in a shard alone (as 250 bad files in a row do)
+    plan = [p for p in plan_shards(source, shard_size=1) if "broken" in p.items[0].key][0]
+    out = tmp_path / "out"
+    first = prepare_shard(plan, out, PrepareParams())
+    assert (first.kept, len(first.skipped)) == (0, 1)
+    shard = out / plan.split / f"shard-{plan.index:05d}.tar"
+    assert index_shard(shard, classes=2) == [] and list(iter_shard(shard)) == []
+    moments = shard_moments(shard, PrepareParams().size, classes=2)
+    assert moments.images == 0
+    assert prepare_shard(plan, out, PrepareParams()).reused
 
 
 def test_summary_counts_and_threshold(source, tmp_path):
