@@ -338,7 +338,15 @@ def read_devkit_order(meta_path: Path) -> list[str]:
         leaves = [s for s in synsets if int(s["num_children"]) == 0]
         leaves.sort(key=lambda s: int(s["ILSVRC2012_ID"]))
         return [str(s["WNID"]) for s in leaves]
-    except (MatReadError, OSError, ValueError, KeyError, IndexError, TypeError) as error:
+    except (
+        MatReadError,
+        NotImplementedError,  # saved as MATLAB v7.3 (HDF5), which loadmat does not read
+        OSError,
+        ValueError,
+        KeyError,
+        IndexError,
+        TypeError,
+    ) as error:
         why = (str(error).splitlines() or [""])[0] or type(error).__name__
         raise SourceError(
             f"{display_name(meta_path)}: not the devkit's {META_MAT} ({why})"

@@ -439,10 +439,16 @@ def test_ground_truth_counts_problem_entries_in_file_name_order(tmp_path):
     ]
 
 
-def test_meta_mat_that_is_not_one_is_one_error(tmp_path):
+# a MATLAB v7.3 file's header (an HDF5 file follows): 116 bytes of text, the subsystem
+# offset, version 0x0200, the endian mark
+MAT_73 = b"MATLAB 7.3 MAT-file".ljust(116) + bytes(8) + b"\x00\x02IM" + bytes(400)
+
+
+@pytest.mark.parametrize("data", [b"not a MATLAB file at all" * 10, MAT_73])
+def test_meta_mat_that_is_not_one_is_one_error(tmp_path, data):
     _ground_truth(tmp_path, "1\n2\n3\n")
     meta = tmp_path / "ILSVRC2012_devkit_t12" / "data" / "meta.mat"
-    meta.write_bytes(b"not a MATLAB file at all" * 10)
+    meta.write_bytes(data)
     with pytest.raises(SourceError, match=rf"^{re.escape(str(meta))}: not the devkit's meta.mat"):
         open_source(tmp_path)
 
