@@ -104,22 +104,30 @@ def draft_for(image: Image.Image, size: int) -> None:
 def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
     # Pillow's convert clips 16/32-bit values to 0..255 (a white image); scale them instead,
     # from the full scale of the format where it is known: 16 bits (a 16-bit PNM is
-    # scaled by PIL from its maxval to 0..65535), else from the values.
+    # scaled by PIL from its maxval to 0..65535); else the smallest usual scale that holds
+    # the values (float 0..1, 8 or 16 bits), else the values' own maximum (32-bit data),
+    # so that a dark image stays dark and none is clipped.
     values = np.asarray(image)
     sixteen = image.mode.startswith("I;16") or image.format == "PPM"
-    top = 65535.0 if sixteen or values.max() > 255 else 255.0
-    if image.mode == "F":
-        top = max(float(values.max()), 1.0)
+    scales = (65535.0,) if sixteen else (1.0, 255.0, 65535.0)[image.mode != "F" :]
+    peak = float(values.max())
+    top = next((scale for scale in scales if peak <= scale), peak)
     scaled = np.clip(values.astype(np.float64) * (255.0 / top) + 0.5, 0, 255)
     return Image.fromarray(scaled.astype(np.uint8), "L")
 
 
+def _transparent(image: Image.Image) -> bool:
+    """Whether some pixels are marked transparent without an alpha channel (a PNG's single
+    transparent colour or palette entries, `transparency` in modes RGB, L and P), or by
+    an alpha channel that `to_srgb` would not take to LittleCMS (PA)."""
+    return image.mode in ("RGB", "L", "P") and "transparency" in image.info or image.mode == "PA"
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB. Transparent pixels are composited onto white, since their
-    stored colour is arbitrary: an alpha channel's, and those of a PNG's single transparent
-    colour or palette entries (`transparency`, in modes RGB, L and P)."""
+    stored colour is arbitrary: an alpha channel's, and those of `_transparent` images."""
     mode = image.mode
-    if mode in ("RGB", "L", "P") and "transparency" in image.info or mode == "PA":
+    if _transparent(image):
         image, mode = image.convert("RGBA"), "RGBA"
     if mode == "RGB":
         return image
@@ -207,8 +215,8 @@ def to_srgb(image: Image.Image) -> tuple[Image.Image, str | None]:
         return to_rgb(image), None
     from PIL import ImageCms  # ImportError without LittleCMS: the file's reason says so
 
-    if image.mode not in ("RGB", "CMYK", "L", "LAB"):
-        image = to_rgb(image)
+    if image.mode not in ("RGB", "CMYK", "L", "LAB") or _transparent(image):
+        image = to_rgb(image)  # transparent pixels made white first, as without a profile
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
         srgb = ImageCms.createProfile("sRGB")

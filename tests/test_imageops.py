@@ -174,6 +174,22 @@ def test_sixteen_bit_is_scaled_not_clipped():
     assert 90 < out.mean() < 165  # a clipped conversion would be almost all white
 
 
+@pytest.mark.parametrize(
+    ("mode", "values", "mean"),
+    [
+        ("I", np.linspace(0, 1_000_000, 300), 127.5),  # 32-bit data: its own maximum
+        ("I", np.full(300, 20_000), 78),  # within 16 bits: of 65535, not stretched
+        ("F", np.linspace(0.0, 1.0, 300), 127.5),  # float 0..1
+        ("F", np.full(300, 95.0), 95),  # float 0..255: a flat grey stays that grey
+    ],
+)
+def test_wide_and_float_values_are_scaled_to_their_range_not_clipped(mode, values, mean):
+    array = (values[None, :] * np.ones((300, 1))).astype(np.int32 if mode == "I" else np.float32)
+    prepared = prepare_image(encode(Image.fromarray(array, mode), "TIFF"), ".tif")
+    assert prepared.converted == f"TIFF, {mode}"
+    assert abs(decoded(prepared).mean() - mean) <= 2
+
+
 def test_a_dark_sixteen_bit_pgm_stays_dark():
     # PIL reads a 16-bit PGM as mode I, scaled to 0..65535: values of 200 are near black,
     # not the mid-grey an 8-bit range would make of them (nor brighter than 300s).
@@ -202,6 +218,19 @@ def test_a_pngs_transparent_colour_becomes_white(mode, colour, note):
     prepared = prepare_image(encode(image, "PNG", transparency=colour), ".png")
     out = decoded(prepared)
     assert prepared.converted == note
+    assert out[:100].max() < 10 and out[160:].min() > 245
+    # The same with an sRGB profile, converted to sRGB: white too, not the stored colour.
+    from PIL import ImageCms, features
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    tagged = encode(image, "PNG", transparency=colour, icc_profile=srgb)
+    if not features.check("littlecms2"):  # a PIL built without liblcms2-dev (CI has it)
+        with pytest.raises(BadImage):
+            prepare_image(tagged, ".png", icc_to_srgb=True)
+        return
+    converted = prepare_image(tagged, ".png", icc_to_srgb=True)
+    assert converted.converted == f"{note}, ICC profile to sRGB"
+    out = decoded(converted)
     assert out[:100].max() < 10 and out[160:].min() > 245
 
 
