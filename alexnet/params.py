@@ -40,6 +40,7 @@ Columns = Literal[1, 2]
 InputSize = Literal[224, 227]
 Init = Literal["paper", "caffe", "kaiming"]
 LightingScale = Literal["unit", "std255"]
+Velocity = Literal["paper", "torch"]
 Frames = Literal["first", "skip"]
 
 
@@ -253,6 +254,11 @@ class TrainParams(_Section):
         False,
         description="decay the biases too (the paper writes its rule for a weight w; its "
         "authors' cuda-convnet decayed no bias)",
+    )
+    velocity: Velocity = Field(
+        "paper",
+        description="the velocity at a rate drop: 'paper' carries the old rate, fading by "
+        "the momentum (section 5's rule); 'torch' takes the new rate at once (torch's SGD)",
     )
     lr_patience: int = Field(
         2,

@@ -1,9 +1,9 @@
 """The training loop of paper section 5, resumable bit for bit.
 
 SGD with momentum and weight decay; torch's update `v <- m v + (g + wd w); w <- w - lr v`
-is the paper's `v <- m v - wd lr w - lr g; w <- w + v` with the velocity scaled by 1/lr:
-the same trajectory while the rate is constant, and at a rate drop torch keeps the
-velocity in gradient units (the paper's carries the old rate, fading by m each step).
+is the paper's `v <- m v - wd lr w - lr g; w <- w + v` with the velocity scaled by -1/lr:
+the same trajectory while the rate is constant; at a rate drop `drop_rate` rescales
+torch's velocity so that the paper's carries the old rate on (`train.velocity`).
 
 Every random choice of step s of epoch e (the batch order, the crops, flips and
 lighting, dropout) comes from seeds derived from (seed, e, s), not from a generator's
@@ -594,14 +594,26 @@ class Trainer:
             ),
         }
         if self.schedule.step(record["val_top1_error"]):
-            for group in self.optimizer.param_groups:  # the rate's one home
-                group["lr"] /= 10
+            self.drop_rate()
         self.history.append(record)
         self.epoch, self.step, self.running = self.epoch + 1, 0, self._fresh_totals()
         self.save()
         if self.finished():  # the loader's worker processes end now, not when collected
             self._stream = None
         return record
+
+    def drop_rate(self) -> None:
+        """Divide the rate by 10. torch's velocity is the paper's divided by -lr: with
+        `velocity: paper` it is multiplied by 10 too, so that the paper's velocity (in
+        weight units, carrying the old rate) goes on unchanged: the next step is then
+        `0.9 v - lr/10 (g + wd w)`, section 5's rule at the new rate."""
+        for group in self.optimizer.param_groups:  # the rate's one home
+            group["lr"] /= 10
+            if self.params.velocity == "paper":
+                for weight in group["params"]:
+                    buffer = self.optimizer.state.get(weight, {}).get("momentum_buffer")
+                    if buffer is not None:
+                        buffer.mul_(10)
 
     def _checkpoint_due(self) -> bool:
         """Whether `checkpoint_minutes` have passed since the last checkpoint (or the
