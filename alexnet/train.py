@@ -40,7 +40,7 @@ from alexnet.augment import Augment, Draws
 from alexnet.crops import centre_crop
 from alexnet.digests import changed_code, code_digests, file_digest, recipe_changes
 from alexnet.distributed import World
-from alexnet.errors import AlexnetError, Interrupted
+from alexnet.errors import AlexnetError, Interrupted, one_line
 from alexnet.jpeg import decode_threads, to_device
 from alexnet.metrics import label_ranks, missed
 from alexnet.model import AlexNet
@@ -413,7 +413,13 @@ class Trainer:
         if not self.checkpoint.exists():
             return None
         try:
-            state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
+            # on the host: a GPU a leftover process still holds must not make it "damaged"
+            state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        except OSError as error:  # unreadable now (EIO, a stale NFS handle): maybe whole
+            raise TrainError(
+                f"{self.checkpoint}: cannot be read ({one_line(error)}); it is kept: run "
+                "again once it can be, or remove it to start afresh"
+            ) from None
         except Exception as error:  # a damaged checkpoint is only a lost shortcut
             return f"is damaged ({type(error).__name__})"
         if not isinstance(state, dict):

@@ -3,6 +3,7 @@ clear errors, and the train stage's command killed or stopped and run again."""
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
@@ -178,6 +179,22 @@ def test_a_damaged_checkpoint_is_reported_once_and_training_starts_afresh(data, 
     stop_at(t, epoch=0, step=1)
     again = trainer(data, tmp_path, epochs=1)
     assert again.resume() and (again.epoch, again.step) == (0, 1)
+
+
+def test_a_checkpoint_that_cannot_be_read_now_is_kept_not_set_aside(data, tmp_path, monkeypatch):
+    # an I/O error (EIO, a stale NFS handle) says nothing of the file: setting it aside
+    # and starting afresh would lose its epochs
+    stop_at(trainer(data, tmp_path, epochs=1), epoch=0, step=1)
+    kept = (tmp_path / "ckpt.pt").read_bytes()
+
+    def unreadable(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(torch, "load", unreadable)
+    with pytest.raises(TrainError, match=r"ckpt.pt: cannot be read \(.*Input/output error\)"):
+        trainer(data, tmp_path, epochs=1).resume()
+    assert (tmp_path / "ckpt.pt").read_bytes() == kept
+    assert not (tmp_path / "ckpt.other-run.pt").exists()
 
 
 def test_a_file_that_is_not_a_checkpoint_is_refused_and_kept(data, tmp_path):
