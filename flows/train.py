@@ -54,11 +54,19 @@ def torchrun_command(params: TrainParams, argument: str) -> list[str]:
 STOP_GRACE_S = 300
 
 
-def _launch(command: list[str]) -> None:
-    """Run torchrun; SIGTERM to this process is passed on (torchrun passes it to the
-    workers, which checkpoint) and ends in `Interrupted`; otherwise the workers' exit
-    status becomes our error."""
-    environment = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(STOP_GRACE_S), **os.environ}
+def worker_environment(params: TrainParams) -> dict[str, str]:
+    """What torchrun's workers get besides this process's environment (which wins):
+    each its share of the node's cores. torchrun gives each one OpenMP thread where
+    OMP_NUM_THREADS is unset, and a rank training on the CPU then used one core."""
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // params.nproc_per_node))}
+
+
+def _launch(command: list[str], extra: dict[str, str] | None = None) -> None:
+    """Run torchrun (with `extra` in its environment where not set there); SIGTERM to
+    this process is passed on (torchrun passes it to the workers, which checkpoint) and
+    ends in `Interrupted`; otherwise the workers' exit status becomes our error."""
+    environment = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(STOP_GRACE_S), **(extra or {})}
+    environment.update(os.environ)
     process = subprocess.Popen(command, env=environment)
     stopped: list[int] = []
 
@@ -138,7 +146,7 @@ def train_flow(
             train.nproc_per_node,
             " ".join(command[:-1]),
         )
-        _launch(command)
+        _launch(command, worker_environment(train))
         history = load_history(run.checkpoint)
     else:
         history = fit(run, log=logger.info)

@@ -17,7 +17,7 @@ from alexnet.distributed import PATIENCE, World
 from alexnet.errors import Interrupted
 from alexnet.params import TrainParams
 from alexnet.train import Trainer, TrainError, TrainRun, disagreement, load_history, start_view
-from flows.train import STOP_GRACE_S, _launch, torchrun_command
+from flows.train import STOP_GRACE_S, _launch, torchrun_command, worker_environment
 from tests.helpers import EPOCH_ENDS, EVERY_STEP, free_port, train_run
 
 
@@ -437,3 +437,23 @@ def test_a_sigterm_to_a_torchrun_stage_stops_it_after_the_workers_grace(
     with pytest.raises(Interrupted, match="stopped by SIGTERM"):
         sigterm_during(command, tmp_path)
     assert sorted(path.name for path in tmp_path.glob("saved-*")) == saved
+
+
+def test_each_torchrun_worker_gets_its_share_of_the_cores(tmp_path, monkeypatch):
+    # torchrun sets OMP_NUM_THREADS=1 where it is unset: 2 CPU ranks on 6 cores used 2
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    script = tmp_path / "threads.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        "rank = os.environ['RANK']\n"
+        "open(os.path.join(sys.argv[1], rank), 'w').write(str(torch.get_num_threads()))\n"
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", str(script), str(tmp_path)]
+    _launch(command, worker_environment(TrainParams(nproc_per_node=2)))
+    assert [(tmp_path / rank).read_text() for rank in "01"] == ["3", "3"]
+    # one the user set is kept
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    _launch(command, worker_environment(TrainParams(nproc_per_node=2)))
+    assert [(tmp_path / rank).read_text() for rank in "01"] == ["1", "1"]
