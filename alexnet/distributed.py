@@ -9,6 +9,7 @@ collectives do nothing, so the training loop has one code path.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -108,3 +109,28 @@ class World:
     def close(self) -> None:
         if self.size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def launch(argv: Sequence[str]) -> int:
+    """torchrun (`torch.distributed.run`) on `argv`, its failures as an exit status, not
+    its traceback and report of every rank: a rank that failed has said why in its own
+    `error:` line, and only one killed by a signal (which could not) is named here. A
+    signal to torchrun itself is 128 + its number, as a shell reports it."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(list(argv)))
+    except ChildFailedError as error:
+        rank, first = error.get_first_failure()
+        if first.exitcode < 0:
+            print(f"error: rank {rank} was killed by {first.signal_name()}", file=sys.stderr)
+        return 1
+    except SignalException as error:
+        return 128 + error.sigval
+    return 0
+
+
+if __name__ == "__main__":  # `python -m alexnet.distributed TORCHRUN-ARGS`: flows/train.py
+    sys.exit(launch(sys.argv[1:]))

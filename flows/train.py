@@ -35,7 +35,7 @@ def torchrun_command(params: TrainParams, argument: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "alexnet.distributed",  # torchrun, quieter (`alexnet.distributed.launch`)
         *where,
         "--nnodes",
         str(params.nnodes),
@@ -89,7 +89,7 @@ def _launch(command: list[str], extra: dict[str, str] | None = None) -> None:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    # torchrun itself exits with 1 on a SIGTERM, after its workers' 143
+    # torchrun exits with 143 on a SIGTERM (`alexnet.distributed.launch`), after its workers
     if code != 0 and (stopped or code in (143, -signal.SIGTERM)):
         raise Interrupted("stopped by SIGTERM")
     if code != 0:

@@ -18,7 +18,10 @@ from alexnet.errors import Interrupted
 from alexnet.params import TrainParams
 from alexnet.train import Trainer, TrainError, TrainRun, disagreement, load_history, start_view
 from flows.train import STOP_GRACE_S, _launch, torchrun_command, worker_environment
-from tests.helpers import EPOCH_ENDS, EVERY_STEP, free_port, train_run
+from tests.helpers import EPOCH_ENDS, EVERY_STEP, REPO, free_port, train_run
+
+# torchrun as flows/train.py runs it (`torchrun_command`)
+TORCHRUN = [sys.executable, "-m", "alexnet.distributed", "--standalone"]
 
 
 def two_epochs(data, folder: Path, **train) -> TrainRun:
@@ -308,8 +311,7 @@ def test_workers_whose_torchrun_is_killed_stop_as_on_sigterm(tmp_path):
     # group (a stop's grace run out) killed torchrun and left them training on, orphaned.
     script = tmp_path / "worker.py"
     script.write_text(ORPHANED_WORKER)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    torchrun = subprocess.Popen([*command, "--nproc-per-node", "2", str(script), str(tmp_path)])
+    torchrun = subprocess.Popen([*TORCHRUN, "--nproc-per-node", "2", str(script), str(tmp_path)])
     started = []
     try:
         deadline = time.monotonic() + 120
@@ -432,7 +434,7 @@ def test_a_sigterm_to_a_torchrun_stage_stops_it_after_the_workers_grace(
     monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
     script = tmp_path / "worker.py"
     script.write_text(STOPPING_WORKER)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command = [*TORCHRUN]
     command += ["--nproc-per-node", "2", str(script), str(tmp_path), "6"]
     with pytest.raises(Interrupted, match="stopped by SIGTERM"):
         sigterm_during(command, tmp_path)
@@ -449,7 +451,7 @@ def test_each_torchrun_worker_gets_its_share_of_the_cores(tmp_path, monkeypatch)
         "rank = os.environ['RANK']\n"
         "open(os.path.join(sys.argv[1], rank), 'w').write(str(torch.get_num_threads()))\n"
     )
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command = [*TORCHRUN]
     command += ["--nproc-per-node", "2", str(script), str(tmp_path)]
     _launch(command, worker_environment(TrainParams(nproc_per_node=2)))
     assert [(tmp_path / rank).read_text() for rank in "01"] == ["3", "3"]
@@ -457,3 +459,31 @@ def test_each_torchrun_worker_gets_its_share_of_the_cores(tmp_path, monkeypatch)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     _launch(command, worker_environment(TrainParams(nproc_per_node=2)))
     assert [(tmp_path / rank).read_text() for rank in "01"] == ["1", "1"]
+
+
+FAILING_WORKER = """
+import os, signal, sys, time
+if os.environ["RANK"] == "1":
+    if sys.argv[1] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    print("error: rank 1: the reason", file=sys.stderr)
+    sys.exit(1)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize(
+    ("how", "line"),
+    [("exit", "error: rank 1: the reason"), ("kill", "error: rank 1 was killed by SIGKILL")],
+)
+def test_a_failed_rank_is_one_line_not_torchruns_traceback(tmp_path, how, line):
+    # torchrun printed a ~35-line ChildFailedError traceback and report after the rank's
+    # own error line; a rank killed by a signal, which says nothing itself, is named
+    assert torchrun_command(TrainParams(), "RUN")[1:4] == TORCHRUN[1:]
+    script = tmp_path / "worker.py"
+    script.write_text(FAILING_WORKER)
+    command = [*TORCHRUN, "--nproc-per-node", "2", str(script), how]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 1
+    assert line in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "FAILED" not in done.stderr, done.stderr[-3000:]
