@@ -3,8 +3,9 @@
 One section per DVC stage (a stage lists only the leaf keys it reads as its params deps),
 plus `compute`, which says *where* and *how* work runs. Its `workers` and `scheduler`
 never change a result, so no stage depends on them; `kernels` chooses between the
-paper's formulas in plain torch and their fast equals, and `jpeg_decoder` between two
-GPU JPEG decoders, which may differ in rounding, so train and evaluate depend on both.
+paper's formulas in plain torch and their fast equals, and `jpeg_decoder` who decodes a
+`jpeg` store for a GPU (nvJPEG through torchvision, DALI, or the host's cores), which may
+differ in rounding, so train and evaluate depend on both.
 Every default is written here once. Loading fails with one line naming the offending
 key (or, for a check across keys, both).
 """

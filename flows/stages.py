@@ -285,6 +285,10 @@ def _send_prefect_logs(timeout: float = 5.0) -> None:
         worker.drain_all(timeout=timeout, at_exit=False)
 
 
+# How the command line says params' null: an option left out (None) keeps the file's value.
+NULL = "null"
+
+
 def load(
     path: Path | None,
     workers: int | None = None,
@@ -304,6 +308,8 @@ def load(
     params = load_params(path)
     overrides = {"workers": workers, "scheduler": scheduler}
     changed = {key: value for key, value in overrides.items() if value is not None}
+    if changed.get("scheduler") == NULL:  # the process pool, where the file names a cluster
+        changed["scheduler"] = None
     return with_compute(params, **changed) if changed else params
 
 

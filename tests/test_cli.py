@@ -326,6 +326,17 @@ def test_only_the_data_stages_use_the_cluster_the_params_name(tmp_path, prefect_
     assert result == {"val": os.path.abspath("v"), "runner": "ThreadPoolTaskRunner"}
 
 
+def test_the_command_line_can_say_null_to_a_scheduler_the_params_name(tmp_path):
+    # `--scheduler null`, as the option's help says: the process pool for this run
+    from flows.stages import load
+
+    path = tmp_path / "params.yaml"
+    path.write_text("compute:\n  scheduler: local\n")
+    assert load(path).compute.scheduler == "local"
+    assert load(path, scheduler="null").compute.scheduler is None
+    assert load(path, workers=3).compute.scheduler == "local"  # left out: the file's
+
+
 def test_report_into_a_folder_is_one_error_line(tmp_path):
     (tmp_path / "metrics").mkdir()
     result = runner.invoke(
