@@ -8,8 +8,9 @@ the parent knows which file the child was on when it died, and how long it has b
 it. A child that dies, or stays on one file longer than `timeout` seconds, is killed;
 the call is made again in a fresh child with that file in `skip` ({index: "decoder
 crashed (SIGSEGV)" or "timed out after 60 s"}), which the target treats as a file it
-could not use. The target computes the same thing either way, so what it makes is what
-it would make had that file been absent.
+could not use (after a SIGKILL or a timeout, which the machine's load can cause, only
+once the file has done it twice). The target computes the same thing either way, so
+what it makes is what it would make had that file been absent.
 
 Why a whole call (the prepare stage: a whole shard) and not each file: when nothing
 crashes, the parent only sleeps in `select`, waking once a second to look at the child's
@@ -56,7 +57,16 @@ At = Callable[[int], None]  # at(i): the target starts on its i-th file (-1: on 
 
 
 class DecoderDied(Exception):
-    """The child ended or stopped making progress; `str()` is the file's reason."""
+    """The child ended or stopped making progress; `str()` is the file's reason;
+    `transient`: a death the machine's load may have caused (SIGKILL, a timeout)."""
+
+    def __init__(self, reason: str, transient: bool = False) -> None:
+        super().__init__(reason)
+        self.transient = transient
+
+
+class DecoderFailed(AlexnetError):
+    """The child died on no file (between files: writing the shard), or twice on one."""
 
 
 class CallFailed(AlexnetError):
@@ -73,8 +83,11 @@ class Isolated:
 
     def call(self, target: str, request: Any) -> Any:
         """`target(request, skip, at)` ("module:function"), run in the child. Each file
-        the child dies or hangs on is put in `skip` and the call made again."""
+        the child dies or hangs on is put in `skip` and the call made again; one it was
+        killed or timed out on (which the machine's load can do: the OOM killer, a busy
+        disk) is tried once more first, so that what is skipped depends on the files."""
         skip: dict[int, str] = {}
+        retried: set[int] = set()
         while True:
             child = self._running()
             # The child reads the whole request before it starts, so this write cannot
@@ -87,7 +100,10 @@ class Isolated:
                 index = self._current()
                 self.close()
                 if index < 0 or index in skip:
-                    raise RuntimeError(f"the isolated {target} failed: {died}") from None
+                    raise DecoderFailed(f"{target}: on no file, {died}") from None
+                if died.transient and index not in retried:
+                    retried.add(index)
+                    continue
                 skip[index] = str(died)
                 continue
             if "error" in answer:
@@ -131,11 +147,13 @@ class Isolated:
         while not select.select([fd], [], [], poll)[0]:
             if self._steps() != steps:
                 steps, since = self._steps(), time.monotonic()
-            elif time.monotonic() - since > self.timeout:
-                raise DecoderDied(f"timed out after {self.timeout:g} s")
+            elif self._current() >= 0 and time.monotonic() - since > self.timeout:
+                # (on no file, writing the shard, the time is the disk's, not a file's)
+                raise DecoderDied(f"timed out after {self.timeout:g} s", transient=True)
         frame = _read_frame(child.stdout)  # written in one piece: here whole, or never
         if frame is None:
-            raise DecoderDied(_death(child))
+            reason = _death(child)
+            raise DecoderDied(reason, transient=reason == KILLED)
         return json.loads(frame)
 
     def _running(self) -> subprocess.Popen:
@@ -170,6 +188,9 @@ def _read_exactly(stream: BinaryIO, size: int, timeout: float) -> bytes:
     if not select.select([stream.fileno()], [], [], timeout)[0]:
         return b""
     return stream.read(size)
+
+
+KILLED = "decoder crashed (SIGKILL)"  # the OOM killer's signal, as `_death` says it
 
 
 def _death(child: subprocess.Popen) -> str:

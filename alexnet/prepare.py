@@ -6,10 +6,12 @@ and its bytes depend only on those images and the parameters, never on which wor
 made it or when. A shard whose stored fingerprint matches what it would be
 made from is reused as is, which is how a killed run continues.
 
-No file can stop a shard: each is read once (the same bytes are fingerprinted and
-prepared, so a file that changes later cannot tear a shard), and a shard is made in a
-child process (`alexnet.decoder`); whatever goes wrong with a file, from a missing codec
-to a segfault or a hang, makes it a skipped file with a one-line reason.
+No file can stop a shard: the bytes prepared are the bytes fingerprinted (a file is read
+and hashed, then, where the shard is made, read again and checked against its digest: a
+file that changes in between is skipped, and only one file's bytes are held at a time),
+and a shard is made in a child process (`alexnet.decoder`); whatever goes wrong with a
+file, from a missing codec to a segfault or a hang, makes it a skipped file with a
+one-line reason.
 """
 
 from __future__ import annotations
@@ -154,9 +156,26 @@ def _read(item: Item, limit: int) -> bytes | OSError | None:
     return data
 
 
+def _digest(content: bytes | OSError | None) -> str | OSError | None:
+    """A file's content as `fingerprint` takes it: its bytes' sha256, or why none."""
+    return hashlib.sha256(content).hexdigest() if isinstance(content, bytes) else content
+
+
+def _read_again(item: Item, digest: str | OSError | None, limit: int) -> bytes | OSError | None:
+    """The bytes of a file that `_digest` hashed before, read again; `Changing` where
+    they are not those bytes any more."""
+    if not isinstance(digest, str):
+        return digest
+    content = _read(item, limit)
+    if isinstance(content, bytes) and _digest(content) != digest:
+        return Changing("changed while being read")
+    return content
+
+
 def fingerprint(items: list[Item], contents: list, params: PrepareParams) -> str:
-    """What a shard is made from: the files' names, labels and content, the options, and
-    the imaging code and library (pillow and pillow-simd encode differently)."""
+    """What a shard is made from: the files' names, labels and content (each file's
+    `_digest`), the options, and the imaging code and library (pillow and pillow-simd
+    encode differently)."""
     digest = hashlib.sha256()
     header = {
         "format": FORMAT_VERSION,
@@ -167,8 +186,8 @@ def fingerprint(items: list[Item], contents: list, params: PrepareParams) -> str
     }
     digest.update(json.dumps(header, sort_keys=True).encode())
     for item, content in zip(items, contents, strict=True):
-        if isinstance(content, bytes):
-            body = hashlib.sha256(content).hexdigest()
+        if isinstance(content, str):
+            body = content
         else:  # the reason a report gives: an OSError's own text names the absolute path
             body = f"unusable: {_reason(item, content)}"
         digest.update(f"\n{item.relpath}\t{item.label}\t{item.key}\t{body}".encode())
@@ -221,25 +240,29 @@ def make_shard(
     """`prepare_shard` in this process. The steps that can fail on a file are numbered
     for `at` and `skip`: reading file i is step i, preparing it is step n + i (n files).
     `at(step)` is called as each starts; the steps in `skip` ({step: reason}) are not
-    taken and their file is skipped with that reason."""
+    taken and their file is skipped with that reason. Reading is hashing: a shard of
+    camera photos (250 x 8 MB) is never held whole."""
     path = Path(out_dir) / plan.name
     path.parent.mkdir(parents=True, exist_ok=True)
     skip, n = skip or {}, len(plan.items)
     limit = max_file_bytes(params.max_pixels)
-    contents = []
+    digests = []
     for index, item in enumerate(plan.items):
         at(index)
-        contents.append(Unread(skip[index]) if index in skip else _read(item, limit))
-    expected = fingerprint(plan.items, contents, params)
+        digests.append(Unread(skip[index]) if index in skip else _digest(_read(item, limit)))
+    expected = fingerprint(plan.items, digests, params)
     stored = read_description(path)
     if stored and stored.get("fingerprint") == expected:
         return ShardReport(**stored["report"], reused=True)
     report = ShardReport(plan.split, plan.index, len(plan.items))
     records = []
     options = params.image_options()
-    for index, (item, content) in enumerate(zip(plan.items, contents, strict=True)):
+    for index, (item, digest) in enumerate(zip(plan.items, digests, strict=True)):
         at(n + index)
-        result = _prepared(item, content, skip.get(n + index), options)
+        if n + index in skip:
+            result = BadImage(skip[n + index])
+        else:
+            result = _prepared(item, _read_again(item, digest, limit), options)
         if isinstance(result, BadImage):
             report.skipped.append({"path": item.relpath, "reason": str(result)})
             continue
@@ -253,8 +276,8 @@ def make_shard(
     return report
 
 
-def _prepared(item: Item, content, skipped: str | None, options: dict) -> Prepared | BadImage:
-    reason = skipped or _reason(item, content)
+def _prepared(item: Item, content, options: dict) -> Prepared | BadImage:
+    reason = _reason(item, content)
     if reason:
         return BadImage(reason)
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from alexnet.decoder import CallFailed, Isolated, isolated
+from alexnet.decoder import CallFailed, DecoderFailed, Isolated, isolated
 from alexnet.params import PrepareParams
 from alexnet.prepare import (
     Item,
@@ -22,7 +22,7 @@ from alexnet.prepare import (
 )
 from alexnet.shards import iter_shard
 from alexnet.sources import open_source
-from tests.decoder_plugin import ABORT, CRASH, HANG
+from tests.decoder_plugin import ABORT, CRASH, HANG, SIZE, kill_once
 from tests.helpers import encode, jpeg, photo
 
 TIMEOUT = 3.0
@@ -147,10 +147,29 @@ def test_a_step_in_skip_is_not_taken_and_its_file_gets_the_reason(tmp_path, monk
 
 
 def test_a_failure_outside_any_file_is_the_calls_error(decoder):
-    with pytest.raises(RuntimeError, match=r"failed: decoder crashed \(SIGSEGV\)"):
+    line = r"^tests.decoder_plugin:crash_outside_files: on no file, decoder crashed \(SIGSEGV\)$"
+    with pytest.raises(DecoderFailed, match=line):
         decoder.call("tests.decoder_plugin:crash_outside_files", {})
     with pytest.raises(CallFailed, match=r"^No space left on device$"):
         decoder.call("tests.decoder_plugin:fail", {})
+    # work on no file (the shard's write) is not timed as a file's
+    assert decoder.call("tests.decoder_plugin:slow_outside_files", 1.5 * TIMEOUT) == "written"
+
+
+def test_a_file_killed_once_is_tried_again_and_kept(tmp_path, decoder):
+    # SIGKILL (the OOM killer's, while other work held the memory) and timeouts may be the
+    # machine's, not the file's: such a file is tried once more before it is skipped.
+    pixels = photo(*SIZE, seed=8).tobytes()
+    files = {
+        "plain.JPEG": FILES["plain.JPEG"],
+        "once.JPEG": kill_once(str(tmp_path / "killed"), pixels),
+        "hang.JPEG": HANG,  # twice: skipped
+    }
+    plan = folder_plan(tmp_path / "raw", files)
+    report = prepare_shard(plan, tmp_path / "out", PARAMS)
+    assert (tmp_path / "killed").exists()  # it was killed once
+    reasons = {Path(s["path"]).name: s["reason"] for s in report.skipped}
+    assert reasons == {"hang.JPEG": REASONS["hang.JPEG"]} and report.kept == 2
 
 
 def test_a_plugin_that_cannot_be_imported_stops_the_stage_in_one_line(tmp_path):
