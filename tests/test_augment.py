@@ -83,7 +83,8 @@ def test_pca_lighting_offset_is_the_papers_formula(scale):
 
 
 def test_lighting_scale_magnitudes_match_the_known_imagenet_figures():
-    # fb.resnet.torch's ImageNet eigenvalue on [0, 1] pixels: 0.2175 -> ~5.5 levels at 0.1.
+    # fb.resnet.torch's published ImageNet PC1 eigenvalue, 0.2175, on the [0, 1] scale
+    # (docs/paper.md: larger than ImageNet's own) -> ~5.5 levels at 0.1.
     eigvals = torch.tensor([0.2175 * 255**2, 0.0, 0.0])
     pc1 = torch.eye(3)
     unit = lighting_offsets(torch.tensor([[0.1, 0, 0]]), eigvals, pc1, "unit")
