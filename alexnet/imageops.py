@@ -101,6 +101,11 @@ def draft_for(image: Image.Image, size: int) -> None:
     image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
 
 
+# How far past a usual range (0..1, 0..255) a float image's values may go and still be of
+# it: ringing of a sharpening filter or a Lanczos resample stays well inside.
+FLOAT_OVERSHOOT = 1.5
+
+
 def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
     # Pillow's convert clips 16/32-bit values to 0..255 (a white image); scale them instead,
     # from the full scale of the format where it is known: 16 bits (a 16-bit PNM is
@@ -111,7 +116,9 @@ def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
     sixteen = image.mode.startswith("I;16") or image.format == "PPM"
     scales = (65535.0,) if sixteen else (1.0, 255.0, 65535.0)[image.mode != "F" :]
     peak = float(values.max())
-    top = next((scale for scale in scales if peak <= scale), peak)
+    # float data overshoots its range a little after resampling or filtering: clipped
+    over = FLOAT_OVERSHOOT if image.mode == "F" else 1.0
+    top = next((scale for scale in scales if peak <= scale * over), peak)
     scaled = np.clip(values.astype(np.float64) * (255.0 / top) + 0.5, 0, 255)
     return Image.fromarray(scaled.astype(np.uint8), "L")
 
@@ -121,6 +128,16 @@ def _transparent(image: Image.Image) -> bool:
     transparent colour or palette entries, `transparency` in modes RGB, L and P), or by
     an alpha channel that `to_srgb` would not take to LittleCMS (PA)."""
     return image.mode in ("RGB", "L", "P") and "transparency" in image.info or image.mode == "PA"
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    """An RGB or L image whose `transparency` colour is composited onto white, in its own
+    mode (a grey ICC profile takes only L)."""
+    mode = image.mode
+    alpha = image.convert(f"{mode}A" if mode == "L" else "RGBA").getchannel("A")
+    white = Image.new(mode, image.size, 255 if mode == "L" else (255, 255, 255))
+    white.paste(image, mask=alpha)
+    return white
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -215,8 +232,10 @@ def to_srgb(image: Image.Image) -> tuple[Image.Image, str | None]:
         return to_rgb(image), None
     from PIL import ImageCms  # ImportError without LittleCMS: the file's reason says so
 
-    if image.mode not in ("RGB", "CMYK", "L", "LAB") or _transparent(image):
-        image = to_rgb(image)  # transparent pixels made white first, as without a profile
+    if image.mode in ("RGB", "L") and "transparency" in image.info:
+        image = _on_white(image)  # as without a profile, in the space the profile describes
+    elif image.mode not in ("RGB", "CMYK", "L", "LAB") or _transparent(image):
+        image = to_rgb(image)
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
         srgb = ImageCms.createProfile("sRGB")

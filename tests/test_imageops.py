@@ -181,6 +181,8 @@ def test_sixteen_bit_is_scaled_not_clipped():
         ("I", np.full(300, 20_000), 78),  # within 16 bits: of 65535, not stretched
         ("F", np.linspace(0.0, 1.0, 300), 127.5),  # float 0..1
         ("F", np.full(300, 95.0), 95),  # float 0..255: a flat grey stays that grey
+        ("F", np.linspace(0.0, 1.02, 300), 128.8),  # 0..1 overshot a little: clipped, not black
+        ("F", np.linspace(0.0, 256.0, 300), 127.9),  # 0..255 overshot a little
     ],
 )
 def test_wide_and_float_values_are_scaled_to_their_range_not_clipped(mode, values, mean):
@@ -219,11 +221,12 @@ def test_a_pngs_transparent_colour_becomes_white(mode, colour, note):
     out = decoded(prepared)
     assert prepared.converted == note
     assert out[:100].max() < 10 and out[160:].min() > 245
-    # The same with an sRGB profile, converted to sRGB: white too, not the stored colour.
-    from PIL import ImageCms, features
+    # The same with a (linear) profile of its own colour space, converted to sRGB: white
+    # too, not the stored colour, and the opaque pixels converted.
+    from PIL import features
 
-    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-    tagged = encode(image, "PNG", transparency=colour, icc_profile=srgb)
+    profile = _linear_profile(b"GRAY" if mode == "L" else b"RGB ")
+    tagged = encode(image, "PNG", transparency=colour, icc_profile=profile)
     if not features.check("littlecms2"):  # a PIL built without liblcms2-dev (CI has it)
         with pytest.raises(BadImage):
             prepare_image(tagged, ".png", icc_to_srgb=True)
@@ -364,6 +367,12 @@ def test_animated_and_multipage_files_give_their_first_frame_or_are_skipped():
 def _linear_rgb_profile() -> bytes:
     """A minimal ICC v2 RGB display profile: sRGB's primaries (D50-adapted) with a linear
     tone curve, so that its values differ from sRGB's in every midtone."""
+    return _linear_profile(b"RGB ")
+
+
+def _linear_profile(space: bytes) -> bytes:
+    """A minimal ICC v2 display profile of colour space `space` (b"RGB " or b"GRAY") with
+    a linear tone curve: for RGB, sRGB's primaries (D50-adapted)."""
     import struct
 
     def s15(value: float) -> bytes:
@@ -372,19 +381,21 @@ def _linear_rgb_profile() -> bytes:
     def xyz(x: float, y: float, z: float) -> bytes:
         return b"XYZ " + bytes(4) + s15(x) + s15(y) + s15(z)
 
-    text = b"linear sRGB\0"
+    text = b"linear\0"
     desc = b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(4 + 4 + 2 + 1 + 67)
     curve = b"curv" + bytes(4) + struct.pack(">IH", 1, 0x0100) + bytes(2)  # gamma 1.0
-    tags = [
-        (b"desc", desc),
-        (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
-        (b"rXYZ", xyz(0.4361, 0.2225, 0.0139)),
-        (b"gXYZ", xyz(0.3851, 0.7169, 0.0971)),
-        (b"bXYZ", xyz(0.1431, 0.0606, 0.7141)),
-        (b"rTRC", curve),
-        (b"gTRC", curve),
-        (b"bTRC", curve),
-    ]
+    tags = [(b"desc", desc), (b"wtpt", xyz(0.9642, 1.0, 0.8249))]
+    if space == b"GRAY":
+        tags.append((b"kTRC", curve))
+    else:
+        tags += [
+            (b"rXYZ", xyz(0.4361, 0.2225, 0.0139)),
+            (b"gXYZ", xyz(0.3851, 0.7169, 0.0971)),
+            (b"bXYZ", xyz(0.1431, 0.0606, 0.7141)),
+            (b"rTRC", curve),
+            (b"gTRC", curve),
+            (b"bTRC", curve),
+        ]
     offset = 128 + 4 + 12 * len(tags)
     table, body = b"", b""
     for signature, data in tags:
@@ -396,7 +407,9 @@ def _linear_rgb_profile() -> bytes:
         struct.pack(">I", size)
         + bytes(4)
         + bytes([2, 0x10, 0, 0])
-        + b"mntrRGB XYZ "
+        + b"mntr"
+        + space
+        + b"XYZ "
         + bytes(12)
         + b"acsp"
         + bytes(24)
