@@ -173,11 +173,22 @@ def validate(
     return {"val_loss": loss / n, "val_top1_error": top1 / n, "val_top5_error": top5 / n}
 
 
-def start_view(resumed: bool, epoch: int, step: int, run: str, code: dict[str, str]) -> list[int]:
-    """Where a rank starts, as integers the ranks gather: whether it resumed, the epoch
-    and step, and 60-bit prefixes of the run's digest (params, data) and its code's."""
+# How a rank starts (`start_view`'s first number): it could not read the checkpoint (an
+# I/O error: then every rank stops, the file kept)
+AFRESH, RESUMES, UNREADABLE = 0, 1, 2
+
+
+class Unreadable(str):
+    """Why `Trainer._load` could not read the checkpoint now (an I/O error, which says
+    nothing of the file): not a reason to set it aside."""
+
+
+def start_view(start: int, epoch: int, step: int, run: str, code: dict[str, str]) -> list[int]:
+    """Where a rank starts, as integers the ranks gather: how (`AFRESH`, `RESUMES`,
+    `UNREADABLE`), the epoch and step, and 60-bit prefixes of the run's digest (params,
+    data) and its code's."""
     code_digest = hashlib.sha256(json.dumps(code, sort_keys=True).encode()).hexdigest()
-    return [int(resumed), epoch, step, int(run[:15], 16), int(code_digest[:15], 16)]
+    return [int(start), epoch, step, int(run[:15], 16), int(code_digest[:15], 16)]
 
 
 def disagreement(views: list[list[int]]) -> str | None:
@@ -195,8 +206,12 @@ def disagreement(views: list[list[int]]) -> str | None:
 
 
 def _start(view: list[int]) -> str:
-    resumed, epoch, step, run, code = view
-    where = f"resumes epoch {epoch + 1}, step {step}" if resumed else "starts afresh"
+    start, epoch, step, run, code = view
+    where = {
+        AFRESH: "starts afresh",
+        RESUMES: f"resumes epoch {epoch + 1}, step {step}",
+        UNREADABLE: "cannot read it",
+    }[start]
     return f"{where} (run {run:015x}, code {code:015x})"
 
 
@@ -395,9 +410,12 @@ class Trainer:
         # another checkout would start elsewhere, so run other collectives (a hang) or,
         # from the same step, train other weights without a word.
         resumed = isinstance(unused, list)
-        mine = start_view(resumed, self.epoch, self.step, self.digest, self.code)
+        start = UNREADABLE if isinstance(unused, Unreadable) else int(resumed)
+        mine = start_view(start, self.epoch, self.step, self.digest, self.code)
         if problem := disagreement(self.world.gather(mine)):
             raise TrainError(f"{self.checkpoint}: {problem}")
+        if start == UNREADABLE:  # on every rank alike (else the line above)
+            raise TrainError(f"{self.checkpoint}: {unused}")
         if unused and not resumed and self.world.main:
             aside = self.checkpoint.with_stem(f"{self.checkpoint.stem}.other-run")
             os.replace(self.checkpoint, aside)
@@ -409,17 +427,17 @@ class Trainer:
 
     def _load(self) -> list[str] | str | None:
         """`resume` on this rank alone: the warnings of a resumed checkpoint, or why the
-        one there is not resumed (None: there is none)."""
+        one there is not resumed (`Unreadable`: not now; None: there is none)."""
         if not self.checkpoint.exists():
             return None
         try:
             # on the host: a GPU a leftover process still holds must not make it "damaged"
             state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
         except OSError as error:  # unreadable now (EIO, a stale NFS handle): maybe whole
-            raise TrainError(
-                f"{self.checkpoint}: cannot be read ({one_line(error)}); it is kept: run "
-                "again once it can be, or remove it to start afresh"
-            ) from None
+            return Unreadable(
+                f"cannot be read ({one_line(error)}); it is kept: run again once it can "
+                "be, or remove it to start afresh"
+            )
         except Exception as error:  # a damaged checkpoint is only a lost shortcut
             return f"is damaged ({type(error).__name__})"
         if not isinstance(state, dict):

@@ -16,7 +16,16 @@ import torch
 from alexnet.distributed import PATIENCE, World
 from alexnet.errors import Interrupted
 from alexnet.params import TrainParams
-from alexnet.train import Trainer, TrainError, TrainRun, disagreement, load_history, start_view
+from alexnet.train import (
+    AFRESH,
+    RESUMES,
+    Trainer,
+    TrainError,
+    TrainRun,
+    disagreement,
+    load_history,
+    start_view,
+)
 from flows.train import STOP_GRACE_S, _launch, torchrun_command, worker_environment
 from tests.helpers import EPOCH_ENDS, EVERY_STEP, REPO, free_port, train_run
 
@@ -63,12 +72,12 @@ def test_one_process_world_is_inert():
 
 def test_ranks_that_would_start_elsewhere_are_told_apart():
     code = {"alexnet/train.py": "ab" * 8}
-    start = start_view(True, 2, 7, "f" * 64, code)
+    start = start_view(RESUMES, 2, 7, "f" * 64, code)
     assert disagreement([start, list(start)]) is None
     assert disagreement([start]) is None
-    fresh = start_view(False, 0, 0, "f" * 64, code)
-    stale = start_view(True, 1, 7, "f" * 64, code)  # an older copy of the checkpoint
-    other = start_view(True, 2, 7, "f" * 64, {"alexnet/train.py": "cd" * 8})
+    fresh = start_view(AFRESH, 0, 0, "f" * 64, code)
+    stale = start_view(RESUMES, 1, 7, "f" * 64, code)  # an older copy of the checkpoint
+    other = start_view(RESUMES, 2, 7, "f" * 64, {"alexnet/train.py": "cd" * 8})
     said = disagreement([start, start, fresh, stale, other])
     assert said.startswith("the ranks do not agree where training starts: rank 0 resumes ")
     assert "rank 2 starts afresh" in said and "(2 more ranks differ)" in said
@@ -82,7 +91,7 @@ class WithAFreshPeer(World):
     """A one-process world whose gather adds a rank that found no checkpoint."""
 
     def gather(self, values):
-        return [list(values), start_view(False, 0, 0, "0" * 64, {})]
+        return [list(values), start_view(AFRESH, 0, 0, "0" * 64, {})]
 
 
 def test_a_rank_resuming_alone_stops_instead_of_hanging(data, tmp_path):
@@ -93,6 +102,30 @@ def test_a_rank_resuming_alone_stops_instead_of_hanging(data, tmp_path):
     trainer.save()
     with pytest.raises(TrainError, match=r"rank 0 resumes epoch 1, step 0 .* rank 1 starts"):
         trainer.resume()
+
+
+class WithAResumingPeer(World):
+    """A one-process world whose gather adds a rank that resumed where this one would."""
+
+    def gather(self, values):
+        return [list(values), [RESUMES, *values[1:]]]
+
+
+def test_a_rank_that_cannot_read_the_checkpoint_stops_every_rank(data, tmp_path, monkeypatch):
+    # An I/O error on one node (a stale NFS handle) is raised by every rank, after they
+    # compare: raised by that rank alone, its peers waited in the gather for an hour.
+    import errno
+
+    trainer = Trainer(train_run(data, tmp_path, epochs=1), WithAResumingPeer())
+    trainer.save()
+
+    def unreadable(*args, **kwargs):
+        raise OSError(errno.ESTALE, "Stale file handle")
+
+    monkeypatch.setattr(torch, "load", unreadable)
+    with pytest.raises(TrainError, match=r"ckpt.pt: .* rank 0 cannot read it .* rank 1 resumes"):
+        trainer.resume()
+    assert trainer.checkpoint.exists()
 
 
 def test_each_rank_gets_its_own_devices():
