@@ -50,6 +50,7 @@ PROGRESS = struct.Struct("<qq")  # steps taken (each at()), index of the current
 READY = b"alexnet-decoder ready\n"
 START_TIMEOUT = 120.0  # s for a fresh child to import PIL, numpy and the plugins
 KILL_WAIT = 10.0  # s for a killed child to end; one still there is stuck in the kernel
+NO_FILE_TIMES = 10  # the timeout on no file (writing a shard), in files' timeouts
 # Where the progress file lives: memory (tmpfs) where there is one.
 _SHM = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
@@ -99,8 +100,12 @@ class Isolated:
             except DecoderDied as died:
                 index = self._current()
                 self.close()
-                if index < 0 or index in skip:
-                    raise DecoderFailed(f"{target}: on no file, {died}") from None
+                if index < 0:
+                    raise DecoderFailed(f"the image decoder died between files ({died})") from None
+                if index in skip:  # a step it was told to skip (not taken): not the file's
+                    raise DecoderFailed(
+                        f"the image decoder died on a step it skips ({died})"
+                    ) from None
                 if died.transient and index not in retried:
                     retried.add(index)
                     continue
@@ -147,14 +152,18 @@ class Isolated:
         while not select.select([fd], [], [], poll)[0]:
             if self._steps() != steps:
                 steps, since = self._steps(), time.monotonic()
-            elif self._current() >= 0 and time.monotonic() - since > self.timeout:
-                # (on no file, writing the shard, the time is the disk's, not a file's)
-                raise DecoderDied(f"timed out after {self.timeout:g} s", transient=True)
+            elif time.monotonic() - since > (limit := self._limit()):
+                raise DecoderDied(f"timed out after {limit:g} s", transient=True)
         frame = _read_frame(child.stdout)  # written in one piece: here whole, or never
         if frame is None:
-            reason = _death(child)
-            raise DecoderDied(reason, transient=reason == KILLED)
+            reason = _death(child)  # the OOM killer's SIGKILL: maybe the load's doing
+            raise DecoderDied(reason, transient=child.returncode == -signal.SIGKILL)
         return json.loads(frame)
+
+    def _limit(self) -> float:
+        """How long the child may stay on its current step: `timeout` on a file; on none
+        (writing the shard: the disk's time, not a file's) `NO_FILE_TIMES` that."""
+        return self.timeout * (1 if self._current() >= 0 else NO_FILE_TIMES)
 
     def _running(self) -> subprocess.Popen:
         # A child that ended between calls (killed from outside) is replaced, so that
@@ -188,9 +197,6 @@ def _read_exactly(stream: BinaryIO, size: int, timeout: float) -> bytes:
     if not select.select([stream.fileno()], [], [], timeout)[0]:
         return b""
     return stream.read(size)
-
-
-KILLED = "decoder crashed (SIGKILL)"  # the OOM killer's signal, as `_death` says it
 
 
 def _death(child: subprocess.Popen) -> str:

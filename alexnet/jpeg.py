@@ -36,6 +36,7 @@ import torch
 from alexnet import jpeg_dali
 from alexnet.lmdb_store import StoreError
 from alexnet.params import DEFAULTS, JpegDecoder
+from alexnet.threads import share_of_cores
 
 
 class Encoded(NamedTuple):
@@ -60,8 +61,8 @@ class Encoded(NamedTuple):
 
 def decode_threads(workers: int) -> int:
     """Threads a process decodes with: the cores, shared among `workers` loader
-    processes (none: the main process decodes alone)."""
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+    processes (none: the main process decodes alone), and among torchrun's ranks."""
+    return share_of_cores(workers)
 
 
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}

@@ -28,7 +28,7 @@ from pathlib import Path
 import PIL
 
 from alexnet import imageops
-from alexnet.decoder import At, isolated
+from alexnet.decoder import At, DecoderFailed, isolated
 from alexnet.digests import sha16
 from alexnet.errors import AlexnetError
 from alexnet.imageops import BadImage, Prepared, load_plugins, prepare_image
@@ -215,7 +215,10 @@ def prepare_shard(plan: ShardPlan, out_dir: str | Path, params: PrepareParams) -
         "out": str(out_dir),
         "params": params.model_dump(mode="json"),
     }
-    answer = isolated(params.file_timeout).call(f"{__name__}:{_in_child.__name__}", request)
+    try:
+        answer = isolated(params.file_timeout).call(f"{__name__}:{_in_child.__name__}", request)
+    except DecoderFailed as error:  # on no file: the shard's, named
+        raise DecoderFailed(f"{Path(out_dir) / plan.name}: {error}") from None
     return ShardReport(**answer)
 
 

@@ -21,6 +21,7 @@ from prefect.artifacts import create_table_artifact
 from alexnet.errors import Interrupted
 from alexnet.fit import METRICS, fit, summary
 from alexnet.params import ComputeParams, ModelParams, PrepareParams, TrainParams
+from alexnet.threads import share_of_cores
 from alexnet.train import TrainError, TrainRun, load_history
 
 
@@ -58,7 +59,7 @@ def worker_environment(params: TrainParams) -> dict[str, str]:
     """What torchrun's workers get besides this process's environment (which wins):
     each its share of the node's cores. torchrun gives each one OpenMP thread where
     OMP_NUM_THREADS is unset, and a rank training on the CPU then used one core."""
-    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // params.nproc_per_node))}
+    return {"OMP_NUM_THREADS": str(share_of_cores(params.nproc_per_node))}
 
 
 def _launch(command: list[str], extra: dict[str, str] | None = None) -> None:

@@ -72,6 +72,6 @@ def fail(request, skip, at) -> None:
 
 
 def slow_outside_files(request, skip, at) -> str:
-    at(-1)  # on no file (writing a shard to a slow disk): not timed
+    at(-1)  # on no file (writing a shard to a slow disk): a longer limit
     time.sleep(request)
     return "written"

@@ -146,14 +146,34 @@ def test_a_step_in_skip_is_not_taken_and_its_file_gets_the_reason(tmp_path, monk
     assert steps == [0, 1, 2, 3, -1]
 
 
-def test_a_failure_outside_any_file_is_the_calls_error(decoder):
-    line = r"^tests.decoder_plugin:crash_outside_files: on no file, decoder crashed \(SIGSEGV\)$"
+def test_a_failure_outside_any_file_is_the_calls_error(decoder, monkeypatch):
+    from alexnet import decoder as module
+
+    line = r"^the image decoder died between files \(decoder crashed \(SIGSEGV\)\)$"
     with pytest.raises(DecoderFailed, match=line):
         decoder.call("tests.decoder_plugin:crash_outside_files", {})
     with pytest.raises(CallFailed, match=r"^No space left on device$"):
         decoder.call("tests.decoder_plugin:fail", {})
-    # work on no file (the shard's write) is not timed as a file's
+    # work on no file (the shard's write) has a longer limit than a file's, not none
+    monkeypatch.setattr(module, "NO_FILE_TIMES", 2)
     assert decoder.call("tests.decoder_plugin:slow_outside_files", 1.5 * TIMEOUT) == "written"
+    with pytest.raises(DecoderFailed, match=rf"between files \(timed out after {2 * TIMEOUT:g} s"):
+        decoder.call("tests.decoder_plugin:slow_outside_files", 3 * TIMEOUT)
+
+
+def test_a_death_between_files_names_the_shard(tmp_path, decoder, monkeypatch):
+    plan = folder_plan(tmp_path / "raw", {"plain.JPEG": FILES["plain.JPEG"]})
+
+    def died(target, request):
+        raise DecoderFailed("the image decoder died between files (decoder crashed (SIGBUS))")
+
+    monkeypatch.setattr(decoder, "call", died)
+    with pytest.raises(DecoderFailed) as caught:
+        prepare_shard(plan, tmp_path / "out", PARAMS)
+    shard = tmp_path / "out" / plan.name
+    assert str(caught.value) == f"{shard}: the image decoder died between files (decoder " + (
+        "crashed (SIGBUS))"
+    )
 
 
 def test_a_file_killed_once_is_tried_again_and_kept(tmp_path, decoder):

@@ -4,6 +4,9 @@ GPU; a damaged payload named. The CUDA decode is in tests/test_gpu.py."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from io import BytesIO
 
 import numpy as np
@@ -14,7 +17,7 @@ from PIL import Image
 from alexnet.jpeg import Encoded, decode_threads, to_device
 from alexnet.lmdb_store import StoreError, write_store
 from alexnet.reader import Batches, LmdbSplit, batch_loader, encoded_for, in_order
-from tests.helpers import encode, photo
+from tests.helpers import REPO, encode, photo
 
 SIZE = 48
 CLASSES = [{"index": i, "wnid": f"n{i}", "name": f"class {i}"} for i in range(3)]
@@ -104,8 +107,25 @@ def test_a_raw_store_has_no_payloads_to_leave_encoded(tmp_path):
 
 
 def test_decode_threads_share_the_cores_among_loader_processes(monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("alexnet.threads.cores", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert [decode_threads(w) for w in (0, 1, 4, 8, 32)] == [16, 16, 4, 2, 1]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's 4 ranks on this node
+    assert [decode_threads(w) for w in (0, 1, 2, 8)] == [4, 4, 2, 1]
+
+
+def test_cores_are_this_processes_share_not_the_hosts():
+    # a container's or a batch job's CPU set, where os.cpu_count() says the host's
+    from alexnet.threads import cores
+
+    assert cores() == len(os.sched_getaffinity(0)) <= (os.cpu_count() or 1)
+    code = (
+        "import os; os.sched_setaffinity(0, {0}); from alexnet.threads import cores; print(cores())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert done.stdout.strip() == "1"
 
 
 # -- NVIDIA DALI (compute.jpeg_decoder: dali); its CUDA decode is in tests/test_gpu.py
