@@ -7,11 +7,10 @@ made it or when. A shard whose stored fingerprint matches what it would be
 made from is reused as is, which is how a killed run continues.
 
 No file can stop a shard: the bytes prepared are the bytes fingerprinted (a file is read
-and hashed, then, where the shard is made, read again and checked against its digest: a
-file that changes in between is skipped, and only one file's bytes are held at a time),
-and a shard is made in a child process (`alexnet.decoder`); whatever goes wrong with a
-file, from a missing codec to a segfault or a hang, makes it a skipped file with a
-one-line reason.
+and hashed, and kept, or, past `HOLD_BYTES` of a shard, read again where the shard is made
+and checked against its digest: one that changed in between is skipped), and a shard is
+made in a child process (`alexnet.decoder`); whatever goes wrong with a file, from a
+missing codec to a segfault or a hang, makes it a skipped file with a one-line reason.
 """
 
 from __future__ import annotations
@@ -156,6 +155,11 @@ def _read(item: Item, limit: int) -> bytes | OSError | None:
     return data
 
 
+# The bytes of a shard's files that `make_shard` keeps between hashing and preparing them;
+# the rest it reads again (and checks against their digests).
+HOLD_BYTES = 64 * 2**20
+
+
 def _digest(content: bytes | OSError | None) -> str | OSError | None:
     """A file's content as `fingerprint` takes it: its bytes' sha256, or why none."""
     return hashlib.sha256(content).hexdigest() if isinstance(content, bytes) else content
@@ -243,16 +247,21 @@ def make_shard(
     """`prepare_shard` in this process. The steps that can fail on a file are numbered
     for `at` and `skip`: reading file i is step i, preparing it is step n + i (n files).
     `at(step)` is called as each starts; the steps in `skip` ({step: reason}) are not
-    taken and their file is skipped with that reason. Reading is hashing: a shard of
-    camera photos (250 x 8 MB) is never held whole."""
+    taken and their file is skipped with that reason. The files' bytes are kept from
+    their hashing to their preparing up to `HOLD_BYTES` (an ImageNet shard, ~25 MB, is
+    read once); past it they are read again, so that a shard of camera photos (250 x
+    8 MB) is never held whole."""
     path = Path(out_dir) / plan.name
     path.parent.mkdir(parents=True, exist_ok=True)
     skip, n = skip or {}, len(plan.items)
     limit = max_file_bytes(params.max_pixels)
-    digests = []
+    digests, held, room = [], {}, HOLD_BYTES
     for index, item in enumerate(plan.items):
         at(index)
-        digests.append(Unread(skip[index]) if index in skip else _digest(_read(item, limit)))
+        content = Unread(skip[index]) if index in skip else _read(item, limit)
+        digests.append(_digest(content))
+        if isinstance(content, bytes) and len(content) <= room:
+            held[index], room = content, room - len(content)
     expected = fingerprint(plan.items, digests, params)
     stored = read_description(path)
     if stored and stored.get("fingerprint") == expected:
@@ -265,7 +274,8 @@ def make_shard(
         if n + index in skip:
             result = BadImage(skip[n + index])
         else:
-            result = _prepared(item, _read_again(item, digest, limit), options)
+            content = held.pop(index) if index in held else _read_again(item, digest, limit)
+            result = _prepared(item, content, options)
         if isinstance(result, BadImage):
             report.skipped.append({"path": item.relpath, "reason": str(result)})
             continue
