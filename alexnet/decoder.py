@@ -61,9 +61,10 @@ class DecoderDied(Exception):
     """The child ended or stopped making progress; `str()` is the file's reason;
     `transient`: a death the machine's load may have caused (SIGKILL, a timeout)."""
 
-    def __init__(self, reason: str, transient: bool = False) -> None:
+    def __init__(self, reason: str, transient: bool = False, index: int | None = None) -> None:
         super().__init__(reason)
         self.transient = transient
+        self.index = index  # the step it stopped on, where read with the decision
 
 
 class DecoderFailed(AlexnetError):
@@ -98,7 +99,7 @@ class Isolated:
                 _send(child.stdin, json.dumps(message).encode())
                 answer = self._answer(child)
             except DecoderDied as died:
-                index = self._current()
+                index = self._current() if died.index is None else died.index
                 self.close()
                 if index < 0:
                     raise DecoderFailed(f"the image decoder died between files ({died})") from None
@@ -150,20 +151,22 @@ class Isolated:
         poll = min(1.0, self.timeout / 10)
         steps, since = self._steps(), time.monotonic()
         while not select.select([fd], [], [], poll)[0]:
-            if self._steps() != steps:
-                steps, since = self._steps(), time.monotonic()
-            elif time.monotonic() - since > (limit := self._limit()):
-                raise DecoderDied(f"timed out after {limit:g} s", transient=True)
+            # both numbers at once: the step that is judged is the step that is blamed
+            now, index = PROGRESS.unpack_from(self._progress)
+            if now != steps:
+                steps, since = now, time.monotonic()
+            elif time.monotonic() - since > (limit := self._limit(index)):
+                raise DecoderDied(f"timed out after {limit:g} s", transient=True, index=index)
         frame = _read_frame(child.stdout)  # written in one piece: here whole, or never
         if frame is None:
             reason = _death(child)  # the OOM killer's SIGKILL: maybe the load's doing
             raise DecoderDied(reason, transient=child.returncode == -signal.SIGKILL)
         return json.loads(frame)
 
-    def _limit(self) -> float:
-        """How long the child may stay on its current step: `timeout` on a file; on none
+    def _limit(self, index: int) -> float:
+        """How long the child may stay on step `index`: `timeout` on a file; on none
         (writing the shard: the disk's time, not a file's) `NO_FILE_TIMES` that."""
-        return self.timeout * (1 if self._current() >= 0 else NO_FILE_TIMES)
+        return self.timeout * (1 if index >= 0 else NO_FILE_TIMES)
 
     def _running(self) -> subprocess.Popen:
         # A child that ended between calls (killed from outside) is replaced, so that

@@ -262,6 +262,7 @@ def make_shard(
         digests.append(_digest(content))
         if isinstance(content, bytes) and len(content) <= room:
             held[index], room = content, room - len(content)
+    at(-1)  # on no file: reading the stored shard's description is the disk's time
     expected = fingerprint(plan.items, digests, params)
     stored = read_description(path)
     if stored and stored.get("fingerprint") == expected:

@@ -10,7 +10,8 @@ until they were measured on whole stages: faster steps, but more of the kernel's
 (in train, 204-263 s against 143-152 s), and the demo's train and evaluate stages ran
 1.1-1.3x slower with them (BENCHMARKS.md, "Huge pages"). torch's default stands.
 It also makes Pillow refuse truncated files (its default, which a host program may have
-changed): a truncated image must be skipped, never grey-padded.
+changed): a truncated image must be skipped, never grey-padded. And `cores()` says how
+many cores this process may use.
 """
 
 from __future__ import annotations
@@ -27,3 +28,12 @@ def configure() -> None:
     for name, value in HINTS.items():
         os.environ.setdefault(name, value)
     ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def cores() -> int:
+    """The cores this process may run on: its affinity (a container's or a batch job's
+    CPU set), where `os.cpu_count()` says the whole host's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1

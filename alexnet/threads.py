@@ -15,23 +15,16 @@ from itertools import pairwise
 
 import torch
 
+from alexnet import runtime
+
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
-
-
-def cores() -> int:
-    """The cores this process may run on: its affinity (a container's or a batch job's
-    share), where `os.cpu_count()` says the whole host's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
 
 
 def share_of_cores(processes: int) -> int:
     """Threads for each of `processes` processes sharing this node's cores (at least 1);
     under torchrun, its ranks on this node (LOCAL_WORLD_SIZE) share them too."""
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, cores() // (max(1, processes) * max(1, ranks)))
+    return max(1, runtime.cores() // (max(1, processes) * max(1, ranks)))
 
 
 def run_split(kernel: Callable, rows: int, arrays: Sequence, options: Sequence = ()) -> None:

@@ -428,9 +428,9 @@ class Trainer:
     def _load(self) -> list[str] | str | None:
         """`resume` on this rank alone: the warnings of a resumed checkpoint, or why the
         one there is not resumed (`Unreadable`: not now; None: there is none)."""
-        if not self.checkpoint.exists():
-            return None
         try:
+            if not self.checkpoint.exists():  # (a stat can fail too: ESTALE, EIO)
+                return None
             # on the host: a GPU a leftover process still holds must not make it "damaged"
             state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
         except OSError as error:  # unreadable now (EIO, a stale NFS handle): maybe whole

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 
+from alexnet import runtime
 from alexnet.errors import AlexnetError
 from alexnet.forkserver import forkserver
 from alexnet.orphans import die_with
@@ -37,7 +38,7 @@ LOCAL_CLUSTER = {
 def parallelism(workers: int) -> int:
     """How many tasks run at once for params `compute.workers` (0: one per CPU core; on
     a running Dask cluster, set it to the cluster's worker count)."""
-    return workers or os.cpu_count() or 1
+    return workers or runtime.cores()
 
 
 _IN_POOL_WORKER = False  # set by `worker_setup`

@@ -143,7 +143,7 @@ def test_a_step_in_skip_is_not_taken_and_its_file_gets_the_reason(tmp_path, monk
         {"path": "train/n00000000/b.JPEG", "reason": "decoder crashed (SIGBUS)"},
     ]
     assert [Path(p).name for p in opened] == ["b.JPEG"]
-    assert steps == [0, 1, 2, 3, -1]
+    assert steps == [0, 1, -1, 2, 3, -1]
 
 
 def test_a_failure_outside_any_file_is_the_calls_error(decoder, monkeypatch):

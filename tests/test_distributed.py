@@ -477,7 +477,7 @@ def test_a_sigterm_to_a_torchrun_stage_stops_it_after_the_workers_grace(
 def test_each_torchrun_worker_gets_its_share_of_the_cores(tmp_path, monkeypatch):
     # torchrun sets OMP_NUM_THREADS=1 where it is unset: 2 CPU ranks on 6 cores used 2
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr("alexnet.threads.cores", lambda: 6)
+    monkeypatch.setattr("alexnet.runtime.cores", lambda: 6)
     script = tmp_path / "threads.py"
     script.write_text(
         "import os, sys, torch\n"

@@ -107,7 +107,7 @@ def test_a_raw_store_has_no_payloads_to_leave_encoded(tmp_path):
 
 
 def test_decode_threads_share_the_cores_among_loader_processes(monkeypatch):
-    monkeypatch.setattr("alexnet.threads.cores", lambda: 16)
+    monkeypatch.setattr("alexnet.runtime.cores", lambda: 16)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert [decode_threads(w) for w in (0, 1, 4, 8, 32)] == [16, 16, 4, 2, 1]
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's 4 ranks on this node
@@ -116,11 +116,11 @@ def test_decode_threads_share_the_cores_among_loader_processes(monkeypatch):
 
 def test_cores_are_this_processes_share_not_the_hosts():
     # a container's or a batch job's CPU set, where os.cpu_count() says the host's
-    from alexnet.threads import cores
+    from alexnet.runtime import cores
 
     assert cores() == len(os.sched_getaffinity(0)) <= (os.cpu_count() or 1)
     code = (
-        "import os; os.sched_setaffinity(0, {0}); from alexnet.threads import cores; print(cores())"
+        "import os; os.sched_setaffinity(0, {0}); from alexnet.runtime import cores; print(cores())"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO

@@ -181,19 +181,31 @@ def test_a_damaged_checkpoint_is_reported_once_and_training_starts_afresh(data, 
     assert again.resume() and (again.epoch, again.step) == (0, 1)
 
 
-def test_a_checkpoint_that_cannot_be_read_now_is_kept_not_set_aside(data, tmp_path, monkeypatch):
-    # an I/O error (EIO, a stale NFS handle) says nothing of the file: setting it aside
-    # and starting afresh would lose its epochs
+@pytest.mark.parametrize("where", ["load", "stat"])
+def test_a_checkpoint_that_cannot_be_read_now_is_kept_not_set_aside(
+    data, tmp_path, monkeypatch, where
+):
+    # an I/O error (EIO, a stale NFS handle), reading it or on its stat, says nothing of
+    # the file: setting it aside and starting afresh would lose its epochs
     stop_at(trainer(data, tmp_path, epochs=1), epoch=0, step=1)
-    kept = (tmp_path / "ckpt.pt").read_bytes()
+    checkpoint = tmp_path / "ckpt.pt"
+    kept = checkpoint.read_bytes()
+    again = trainer(data, tmp_path, epochs=1)
 
     def unreadable(*args, **kwargs):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(torch, "load", unreadable)
+    if where == "load":
+        monkeypatch.setattr(torch, "load", unreadable)
+    else:
+        exists = Path.exists
+        monkeypatch.setattr(
+            Path, "exists", lambda path: unreadable() if path == checkpoint else exists(path)
+        )
     with pytest.raises(TrainError, match=r"ckpt.pt: cannot be read \(.*Input/output error\)"):
-        trainer(data, tmp_path, epochs=1).resume()
-    assert (tmp_path / "ckpt.pt").read_bytes() == kept
+        again.resume()
+    monkeypatch.undo()
+    assert checkpoint.read_bytes() == kept
     assert not (tmp_path / "ckpt.other-run.pt").exists()
 
 
