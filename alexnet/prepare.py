@@ -19,14 +19,17 @@ import functools
 import hashlib
 import json
 import os
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import PIL
 
 from alexnet import imageops
+from alexnet.atomic import atomic_output
 from alexnet.decoder import At, DecoderFailed, isolated
 from alexnet.digests import sha16
 from alexnet.errors import AlexnetError
@@ -311,15 +314,18 @@ def check_plugins(plugins: tuple[str, ...]) -> None:
 class Summary:
     """The stage report (`report.json`), summed shard by shard as each report comes back,
     in shard order: totals, per split, and every converted or skipped file with what
-    happened to it; and how many usable images each training class has left."""
+    happened to it; and how many usable images each training class has left. The files'
+    entries wait in temporary files, one JSON line each, not in memory: with
+    `prepare.icc_to_srgb` most of ImageNet's 1.28M files are converted (~280 bytes each)."""
+
+    LISTS = {"converted_files": "converted", "skipped_files": "skipped"}  # key: count
 
     def __init__(self) -> None:
         self.splits: dict[str, dict[str, int]] = {}
         self.shards: dict[str, int] = {}
-        self.converted: list[dict] = []
-        self.skipped: list[dict] = []
         self.usable: Counter[int] = Counter()  # training class -> images kept
         self.reused = 0  # shards found complete and current
+        self._spools = {key: tempfile.TemporaryFile("w+", encoding="utf-8") for key in self.LISTS}
 
     def add(self, report: ShardReport, plan: ShardPlan | None = None) -> None:
         """Count one shard's report; with its plan, also its training images by class."""
@@ -334,13 +340,16 @@ class Summary:
         self.reused += report.reused
         # Each entry's keys in one order, whether the shard was made now or reused (its
         # stored report comes back from the tar header with sorted keys).
-        self.converted += [{"path": c["path"], "from": c["from"]} for c in report.converted]
-        self.skipped += report.skipped
+        converted = [{"path": c["path"], "from": c["from"]} for c in report.converted]
+        skipped = [{"path": s["path"], "reason": s["reason"]} for s in report.skipped]
+        for key, entries in (("converted_files", converted), ("skipped_files", skipped)):
+            self._spools[key].writelines(json.dumps(entry) + "\n" for entry in entries)
         if plan is not None and plan.split == "train":
-            skipped = {entry["path"] for entry in report.skipped}
-            self.usable.update(i.label for i in plan.items if i.relpath not in skipped)
+            gone = {entry["path"] for entry in skipped}
+            self.usable.update(i.label for i in plan.items if i.relpath not in gone)
 
-    def report(self) -> dict:
+    def counts(self) -> dict:
+        """The totals and the per-split and per-shard counts: the report but its lists."""
         totals = {
             k: sum(s[k] for s in self.splits.values())
             for k in ("files", "kept", "converted", "skipped")
@@ -349,9 +358,46 @@ class Summary:
             **totals,
             "splits": dict(sorted(self.splits.items())),
             "shards": dict(sorted(self.shards.items())),
-            "converted_files": self.converted,
-            "skipped_files": self.skipped,
         }
+
+    def entries(self, key: str) -> Iterator[dict]:
+        """The entries of one of `LISTS`, in shard order, read back one at a time."""
+        spool = self._spools[key]
+        spool.seek(0)
+        for line in spool:
+            yield json.loads(line)
+        spool.seek(0, os.SEEK_END)  # where `add` goes on writing
+
+    def report(self) -> dict:
+        """The whole report in memory (for a small one; `write` streams it)."""
+        return {**self.counts(), **{key: list(self.entries(key)) for key in self.LISTS}}
+
+    def write(self, path: str | Path) -> None:
+        """`report()` written atomically to `path` as `atomic.write_json` writes it (the
+        same bytes), with the lists streamed from their temporary files."""
+        with atomic_output(path) as temporary, open(temporary, "w", encoding="utf-8") as out:
+            counts = self.counts().items()
+            out.write(
+                "{" + ",".join(f"\n  {json.dumps(k)}: {_indented(v, '  ')}" for k, v in counts)
+            )
+            for key in self.LISTS:
+                out.write(f",\n  {json.dumps(key)}: ")
+                _write_list(out, self.entries(key))
+            out.write("\n}\n")
+
+
+def _indented(value: object, margin: str) -> str:
+    """`json.dumps(value, indent=2)` as it reads nested at `margin`."""
+    return json.dumps(value, indent=2).replace("\n", "\n" + margin)
+
+
+def _write_list(out: TextIO, values: Iterator[object]) -> None:
+    """A list of an object's top level, as `json.dumps(..., indent=2)` writes it."""
+    first = True
+    for value in values:
+        out.write(("[" if first else ",") + "\n    " + _indented(value, "    "))
+        first = False
+    out.write("[]" if first else "\n  ]")
 
 
 def check_skipped(report: dict, max_skipped: float, report_path: str | Path) -> None:

@@ -44,8 +44,8 @@ def prepare_flow(
     for split, shards in summary.shards.items():
         remove_stale(target / split, keep=shards)  # shards of an earlier, larger input
 
-    report = summary.report()
-    write_json(target / "report.json", report)  # a failed run's too: its skip reasons
+    report = summary.counts()
+    summary.write(target / "report.json")  # a failed run's too: its skip reasons
     logger.info(
         "prepared %d files: %d kept, %d converted, %d skipped (%d of %d shards reused)",
         report["files"],
