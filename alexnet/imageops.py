@@ -140,6 +140,27 @@ def _on_white(image: Image.Image) -> Image.Image:
     return white
 
 
+def _grey(mode: str) -> bool:
+    return mode in ("L", "LA", "La", "F") or mode.startswith("I")
+
+
+def _to_l(image: Image.Image) -> Image.Image:
+    """A grey image (`_grey` modes) as L, its transparent pixels white: an alpha
+    channel's, and those of its `transparency` value (PIL honours it for L only)."""
+    if image.mode in ("LA", "La"):
+        la = image.convert("LA")
+        white = Image.new("L", image.size, 255)
+        white.paste(la.getchannel("L"), mask=la.getchannel("A"))
+        return white
+    if image.mode == "L":
+        return _on_white(image) if "transparency" in image.info else image
+    grey = _high_bit_depth_to_l(image)
+    if "transparency" in image.info:
+        hole = np.asarray(image) == image.info["transparency"]
+        grey.paste(255, mask=Image.fromarray(hole.astype(np.uint8) * 255, "L"))
+    return grey
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB. Transparent pixels are composited onto white, since their
     stored colour is arbitrary: an alpha channel's, and those of `_transparent` images."""
@@ -149,7 +170,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode == "RGB":
         return image
     if mode.startswith("I") or mode == "F":
-        return _high_bit_depth_to_l(image).convert("RGB")
+        return _to_l(image).convert("RGB")
     if mode in ("RGBA", "LA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -232,12 +253,16 @@ def to_srgb(image: Image.Image) -> tuple[Image.Image, str | None]:
         return to_rgb(image), None
     from PIL import ImageCms  # ImportError without LittleCMS: the file's reason says so
 
-    if image.mode in ("RGB", "L") and "transparency" in image.info:
-        image = _on_white(image)  # as without a profile, in the space the profile describes
-    elif image.mode not in ("RGB", "CMYK", "L", "LAB") or _transparent(image):
-        image = to_rgb(image)
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        # transparent pixels made white first, as without a profile, in a mode of the
+        # profile's colour space: a grey one takes L only (not LA, nor 16 bits)
+        if source.profile.xcolor_space == "GRAY" and _grey(image.mode):
+            image = _to_l(image)
+        elif image.mode in ("RGB", "L") and "transparency" in image.info:
+            image = _on_white(image)
+        elif image.mode not in ("RGB", "CMYK", "L", "LAB") or _transparent(image):
+            image = to_rgb(image)
         srgb = ImageCms.createProfile("sRGB")
         converted = ImageCms.profileToProfile(image, source, srgb, outputMode="RGB")
     except (ImageCms.PyCMSError, OSError) as error:  # OSError: a profile LittleCMS can't read

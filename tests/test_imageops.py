@@ -237,6 +237,35 @@ def test_a_pngs_transparent_colour_becomes_white(mode, colour, note):
     assert out[:100].max() < 10 and out[160:].min() > 245
 
 
+@pytest.mark.parametrize("mode", ["LA", "I;16"])
+@pytest.mark.parametrize("icc_to_srgb", [False, True])
+def test_grey_images_with_transparency_become_white_with_or_without_a_grey_profile(
+    mode, icc_to_srgb
+):
+    # A grey ICC profile takes L only: LA and 16-bit grey went through RGB and the
+    # profile was dropped as unusable; a 16-bit PNG's transparent value was not honoured.
+    from PIL import features
+
+    if mode == "LA":
+        image = Image.new("LA", (300, 300), (10, 0))  # transparent
+        image.paste((0, 255), (0, 0, 300, 150))  # opaque black top
+        options = {}
+    else:
+        image = Image.new("I;16", (300, 300), 2570)  # ~10 of 255
+        image.paste(0, (0, 0, 300, 150))
+        options = {"transparency": 2570}
+    data = encode(image, "PNG", icc_profile=_linear_profile(b"GRAY"), **options)
+    if icc_to_srgb and not features.check("littlecms2"):  # no ImageCms in this PIL
+        with pytest.raises(BadImage):
+            prepare_image(data, ".png", icc_to_srgb=True)
+        return
+    prepared = prepare_image(data, ".png", icc_to_srgb=icc_to_srgb)
+    out = decoded(prepared)
+    assert out[:100].max() < 10 and out[160:].min() > 245
+    if icc_to_srgb:
+        assert prepared.converted.endswith(", ICC profile to sRGB"), prepared.converted
+
+
 def test_plain_rgb_jpeg_is_not_reported_as_converted():
     assert prepare_image(jpeg(300, 300)).converted is None
 
