@@ -171,6 +171,12 @@ def test_evaluate_flow_writes_the_metric_files(data, model_file, tmp_path, prefe
         "images",
     ]
     assert written["images"] == 4 and all(0 <= written[k] <= 1 for k in list(written)[:4])
+    # the flow's numbers are the library's evaluation of the model file's network, with
+    # the mean image it trained with, on the val store (its wiring: mean, crop, store)
+    model, payload = load_model(model_file)
+    val = LmdbSplit(data / "lmdb" / "val")
+    direct = evaluate(model, val, payload["mean"].float(), 224, 3, torch.device("cpu"))
+    assert written == direct.summary()
     rows = list(csv.DictReader(io.StringIO((folder / "per_class.csv").read_text())))
     assert list(rows[0]) == ["class", "wnid", "name", "images", "top1_error", "top5_error"]
     assert [r["name"] for r in rows] == ["c0", "c1"]

@@ -94,12 +94,30 @@ def test_one_column_net_halves_conv_kernels_but_not_conv5():
 
 
 def test_ablation_switches():
+    # section 3.4's overlapping pooling by default (2x2 windows give the same map sizes)
+    pools = [m for m in AlexNet().features if isinstance(m, nn.MaxPool2d)]
+    assert len(pools) == 3 and all(p.kernel_size == 3 and p.stride == 2 for p in pools)
     assert not any(isinstance(m, LRN) for m in AlexNet(lrn=False).features)
     pools = [m for m in AlexNet(overlap_pool=False).features if isinstance(m, nn.MaxPool2d)]
     assert all(p.kernel_size == 2 and p.stride == 2 for p in pools)
     assert AlexNet(num_classes=7, overlap_pool=False)(torch.zeros(1, 3, 224, 224)).shape == (1, 7)
     drops = [m.p for m in AlexNet(dropout=0.3).classifier if isinstance(m, nn.Dropout)]
     assert drops == [0.3, 0.3]
+
+
+def test_hidden_is_the_last_hidden_layer_fc8_reads():
+    # section 6.1 compares images by "the feature activations induced at the last,
+    # 4096-dimensional hidden layer": fc7 after its ReLU, what fc8 reads (not fc6, nor
+    # fc7 before the ReLU, both 4096 wide too)
+    torch.manual_seed(0)
+    model = AlexNet(num_classes=5, init="kaiming").eval()
+    x = torch.randn(2, 3, 224, 224) * 40
+    with torch.no_grad():
+        hidden = model.hidden(x)
+        assert hidden.shape == (2, 4096) and (hidden >= 0).all() and (hidden == 0).any()
+        assert torch.equal(model.classifier[-1](hidden), model(x))
+        fc6 = model.classifier[:3](torch.flatten(model.features(x), 1))
+        assert not torch.equal(hidden, fc6)
 
 
 def dropout_traffic(model: AlexNet, x: torch.Tensor) -> tuple[torch.Tensor, list]:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from alexnet.model import AlexNet
 from alexnet.placement import DeviceError, TwoColumnAlexNet, place, resolve_devices
-from tests.helpers import REPO
+from tests.helpers import REPO, assert_updates_within
 
 DEVICES = ["cpu", "cpu"]  # two "devices" on CPU exercise the split path (CUDA: see issue note)
 
@@ -37,6 +37,7 @@ def test_merged_weights_are_the_original_layout():
 def test_same_function_forward_and_backward():
     torch.manual_seed(0)
     model = AlexNet(num_classes=7, init="caffe", dropout=0.0)
+    start = {name: value.clone() for name, value in model.state_dict().items()}
     placed = place(model, DEVICES)  # from the same weights
     x = torch.randn(3, 3, 224, 224) * 40
     target = torch.tensor([0, 3, 6])
@@ -48,9 +49,9 @@ def test_same_function_forward_and_backward():
         with torch.no_grad():
             for p in net.parameters():
                 p -= 0.01 * p.grad
-    after = placed.merged_state_dict()
-    for name, value in model.state_dict().items():
-        assert torch.allclose(after[name], value, rtol=1e-4, atol=1e-6), name
+    # the updates (not the weights: most steps are below a weight's tolerance), each
+    # tensor's within 1e-3 of its largest
+    assert_updates_within(placed.merged_state_dict(), model.state_dict(), start, rtol=1e-3)
 
 
 def test_one_device_is_the_model_itself():

@@ -17,6 +17,12 @@ def test_imagenet_preset_is_the_papers_recipe():
     assert (params.train.epochs, params.train.batch_size, params.train.lr) == (90, 128, 0.01)
     assert (params.train.momentum, params.train.weight_decay) == (0.9, 5e-4)
     assert params.model.init == "paper" and params.model.columns == 2
+    # sections 3.3-3.4 (LRN, overlapping pooling), 4.1 (crops, flips, lighting), 4.2
+    # (dropout), 5 (three drops, the velocity's rule), and section 2's 256x256 images
+    model, train = params.model, params.train
+    assert (model.lrn, model.overlap_pool, model.dropout) == (True, True, 0.5)
+    assert (train.random_crop, train.flip, train.lighting) == (True, True, 0.1)
+    assert (train.max_lr_drops, train.velocity, params.prepare.size) == (3, "paper", 256)
     assert params.prepare.raw.startswith("/")  # outside the repo
     assert params.train.device == ("cuda",) and params.compute.kernels == "fast"
 
