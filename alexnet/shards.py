@@ -167,8 +167,9 @@ _LABEL_BYTES = 32  # a .cls member holds a few digits; more is not a label
 
 
 def shard_files(folder: str | Path) -> list[Path]:
-    """A split's shards in order; none is an error (the split was not prepared)."""
-    shards = sorted(Path(folder).glob(SHARD_GLOB))
+    """A split's shards in order; none is an error (the split was not prepared). Shorter
+    names first: past 99,999 shards, `shard-100000` follows `shard-99999`."""
+    shards = sorted(Path(folder).glob(SHARD_GLOB), key=lambda path: (len(path.name), path.name))
     if not shards:
         raise ShardError(f"{folder}: no {SHARD_GLOB} files (run prepare first)")
     return shards

@@ -258,3 +258,13 @@ def test_a_split_without_shards_is_named_with_what_to_run(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(ShardError, match=r"train: no shard-\*\.tar files \(run prepare first\)$"):
         shard_files(tmp_path / "train")
+
+
+def test_shards_are_in_number_order_past_five_digits(tmp_path):
+    # ImageNet-21k at 250 a shard: ~57,000 shards; a larger set passes 99,999
+    from alexnet.shards import shard_files, shard_name
+
+    for index in (100_000, 99_999, 7, 100_001):
+        write_shard(tmp_path / shard_name(index), [], {})
+    names = [path.name for path in shard_files(tmp_path)]
+    assert names == [shard_name(i) for i in (7, 99_999, 100_000, 100_001)]
