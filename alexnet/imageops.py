@@ -131,12 +131,13 @@ def _transparent(image: Image.Image) -> bool:
 
 
 def _on_white(image: Image.Image) -> Image.Image:
-    """An RGB or L image whose `transparency` colour is composited onto white, in its own
-    mode (a grey ICC profile takes only L)."""
-    mode = image.mode
-    alpha = image.convert(f"{mode}A" if mode == "L" else "RGBA").getchannel("A")
-    white = Image.new(mode, image.size, 255 if mode == "L" else (255, 255, 255))
-    white.paste(image, mask=alpha)
+    """A grey (L with a `transparency` value, LA, La) or RGB (with a `transparency`
+    colour) image composited onto white, as L or RGB: its colour space stays the one its
+    ICC profile describes (a grey profile takes only L)."""
+    base = "L" if image.mode in ("L", "LA", "La") else "RGB"
+    with_alpha = image.convert(f"{base}A")
+    white = Image.new(base, image.size, 255 if base == "L" else (255, 255, 255))
+    white.paste(with_alpha.convert(base), mask=with_alpha.getchannel("A"))
     return white
 
 
@@ -147,13 +148,10 @@ def _grey(mode: str) -> bool:
 def _to_l(image: Image.Image) -> Image.Image:
     """A grey image (`_grey` modes) as L, its transparent pixels white: an alpha
     channel's, and those of its `transparency` value (PIL honours it for L only)."""
-    if image.mode in ("LA", "La"):
-        la = image.convert("LA")
-        white = Image.new("L", image.size, 255)
-        white.paste(la.getchannel("L"), mask=la.getchannel("A"))
-        return white
+    if image.mode in ("LA", "La") or image.mode == "L" and "transparency" in image.info:
+        return _on_white(image)
     if image.mode == "L":
-        return _on_white(image) if "transparency" in image.info else image
+        return image
     grey = _high_bit_depth_to_l(image)
     if "transparency" in image.info:
         hole = np.asarray(image) == image.info["transparency"]

@@ -318,7 +318,7 @@ class Summary:
     entries wait in temporary files, one JSON line each, not in memory: with
     `prepare.icc_to_srgb` most of ImageNet's 1.28M files are converted (~280 bytes each)."""
 
-    LISTS = {"converted_files": "converted", "skipped_files": "skipped"}  # key: count
+    LISTS = ("converted_files", "skipped_files")  # the report's keys of the entries
 
     def __init__(self) -> None:
         self.splits: dict[str, dict[str, int]] = {}
