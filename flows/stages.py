@@ -38,6 +38,7 @@ from alexnet.params import (
     with_compute,
 )
 from alexnet.runtime import configure
+from alexnet.shards import CLASSES_FILE
 from tasks.quiet import INTERRUPTED, note_interrupts, quiet_console_tracebacks
 
 console = Console(stderr=True, soft_wrap=True)
@@ -63,11 +64,19 @@ class PathArg:
     beside: str | None = None
     output: bool = False  # what the stage writes (dvc.yaml's outs); the rest it reads
     envvar: str | None = None  # an environment variable that gives it when no argument does
+    # Files beside this path (in its folder's parent) that the stage reads too: dvc.yaml
+    # deps (stats checks `train`'s labels against the prepared folder's classes.json).
+    companions: tuple[str, ...] = ()
 
     @property
     def metavar(self) -> str:
         """How `--help` and the README name it: `model_path` is MODEL."""
         return self.name.removesuffix("_path").upper()
+
+    @property
+    def companion_defaults(self) -> tuple[str, ...]:
+        """The companions of the default path (dvc.yaml's deps)."""
+        return tuple((Path(self.default).parent / name).as_posix() for name in self.companions)
 
     def from_environment(self) -> str | None:
         """`envvar`'s value, where it is set to one (typer, through click, ignores an
@@ -157,7 +166,12 @@ STAGES: dict[str, Stage] = {
             "(covariance, eigenvalues, eigenvectors) of the training set, exactly, by "
             "map-reduce over shards.",
             (
-                PathArg("train", "data/prepared/train", "prepared training shards"),
+                PathArg(
+                    "train",
+                    "data/prepared/train",
+                    "prepared training shards",
+                    companions=(CLASSES_FILE,),
+                ),
                 PathArg("out", "data/stats", "output folder: mean.npy, pca.json", output=True),
             ),
             ("prepare", "compute"),

@@ -55,6 +55,7 @@ def test_command_params_and_paths_come_from_the_table(stage):
     # Every data path DVC tracks lies in one of the stage's paths (a renamed default
     # path in the table leaves dvc.yaml pointing elsewhere, and fails here).
     paths = [f"${{{arg.default}}}" if arg.from_params else arg.default for arg in row.paths]
+    paths += [path for arg in row.paths for path in arg.companion_defaults]
     tracked = [d for d in entry["deps"] if not d.startswith(CODE)]
     for key in ("outs", "metrics"):
         tracked += [next(iter(o)) if isinstance(o, dict) else o for o in entry.get(key, ())]
@@ -74,6 +75,8 @@ def test_every_path_a_stage_reads_is_a_dvc_dep(stage):
     for arg in STAGES[stage].paths:
         path = f"${{{arg.default}}}" if arg.from_params else arg.default
         assert arg.output or path in deps, f"dvc.yaml's {stage} does not depend on {path}"
+        for path in arg.companion_defaults:
+            assert path in deps, f"dvc.yaml's {stage} does not depend on {path}"
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
