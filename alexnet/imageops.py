@@ -130,10 +130,13 @@ def _transparent(image: Image.Image) -> bool:
     return image.mode in ("RGB", "L", "P") and "transparency" in image.info or image.mode == "PA"
 
 
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
 def _on_white(image: Image.Image) -> Image.Image:
-    """A grey (L with a `transparency` value, LA, La) or RGB (with a `transparency`
-    colour) image composited onto white, as L or RGB: its colour space stays the one its
-    ICC profile describes (a grey profile takes only L)."""
+    """An image with transparency (an alpha channel, `ALPHA_MODES`, or `_transparent`)
+    composited onto white, as L where it is grey and RGB otherwise: its colour space
+    stays the one its ICC profile describes (a grey profile takes only L)."""
     base = "L" if image.mode in ("L", "LA", "La") else "RGB"
     with_alpha = image.convert(f"{base}A")
     white = Image.new(base, image.size, 255 if base == "L" else (255, 255, 255))
@@ -163,16 +166,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB. Transparent pixels are composited onto white, since their
     stored colour is arbitrary: an alpha channel's, and those of `_transparent` images."""
     mode = image.mode
-    if _transparent(image):
-        image, mode = image.convert("RGBA"), "RGBA"
+    if _transparent(image) or mode in ALPHA_MODES:
+        return _on_white(image).convert("RGB")
     if mode == "RGB":
         return image
     if mode.startswith("I") or mode == "F":
         return _to_l(image).convert("RGB")
-    if mode in ("RGBA", "LA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
     try:
         return image.convert("RGB")
     except (ValueError, OSError) as error:

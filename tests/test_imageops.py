@@ -20,6 +20,7 @@ from alexnet.imageops import (
     open_image,
     prepare_image,
     resize_crop,
+    to_rgb,
 )
 from alexnet.pilcodecs import missing_codec_hint
 from tests.helpers import encode, jpeg, photo
@@ -207,6 +208,17 @@ def test_transparent_pixels_become_white():
     rgba = Image.new("RGBA", (300, 300), (10, 20, 30, 0))
     out = decoded(prepare_image(encode(rgba, "PNG"), ".png"))
     assert out.min() > 245
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "RGBa", "PA"])
+def test_partly_transparent_pixels_are_composited_onto_white_by_the_formula(mode):
+    # out = a c + (1 - a) 255 for alpha a in [0, 1], to the nearest level
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 4), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGBA").convert(mode)
+    rgba = np.asarray(image.convert("RGBA"), dtype=np.float64)
+    alpha = rgba[..., 3:] / 255
+    expected = rgba[..., :3] * alpha + 255 * (1 - alpha)
+    assert np.abs(np.asarray(to_rgb(image), dtype=np.float64) - expected).max() <= 0.5 + 1e-9
 
 
 @pytest.mark.parametrize(
