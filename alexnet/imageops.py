@@ -88,7 +88,25 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise BadImage(f"decompression bomb: {width}x{height} pixels > max_pixels {max_pixels}")
     if width < 1 or height < 1:
         raise BadImage(f"degenerate size {width}x{height}")
+    _scale_grey_transparency(image)
     return image
+
+
+# PIL scales a 2- or 4-bit grey PNG's pixels to 0..255 (by these factors) but leaves its
+# transparent value (tRNS) as stored: scaled here, or no pixel would match it.
+LOW_BIT_GREY = {"L;2": 85, "L;4": 17}
+
+
+def _scale_grey_transparency(image: Image.Image) -> None:
+    if image.format != "PNG" or image.mode != "L" or "transparency" not in image.info:
+        return
+    factor = LOW_BIT_GREY.get(image.tile[0][3] if image.tile else None)
+    if factor:
+        value = image.info["transparency"] * factor
+        if value <= 255:
+            image.info["transparency"] = value
+        else:  # beyond the bit depth: no pixel has it
+            del image.info["transparency"]
 
 
 def draft_for(image: Image.Image, size: int) -> None:
@@ -125,9 +143,10 @@ def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
 
 def _transparent(image: Image.Image) -> bool:
     """Whether some pixels are marked transparent without an alpha channel (a PNG's single
-    transparent colour or palette entries, `transparency` in modes RGB, L and P), or by
+    transparent colour or palette entries, `transparency` in modes RGB, L, 1 and P), or by
     an alpha channel that `to_srgb` would not take to LittleCMS (PA)."""
-    return image.mode in ("RGB", "L", "P") and "transparency" in image.info or image.mode == "PA"
+    marked = image.mode in ("RGB", "L", "1", "P") and "transparency" in image.info
+    return marked or image.mode == "PA"
 
 
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
@@ -137,7 +156,7 @@ def _on_white(image: Image.Image) -> Image.Image:
     """An image with transparency (an alpha channel, `ALPHA_MODES`, or `_transparent`)
     composited onto white, as L where it is grey and RGB otherwise: its colour space
     stays the one its ICC profile describes (a grey profile takes only L)."""
-    base = "L" if image.mode in ("L", "LA", "La") else "RGB"
+    base = "L" if image.mode in ("1", "L", "LA", "La") else "RGB"
     with_alpha = image.convert(f"{base}A")
     white = Image.new(base, image.size, 255 if base == "L" else (255, 255, 255))
     white.paste(with_alpha.convert(base), mask=with_alpha.getchannel("A"))

@@ -210,6 +210,46 @@ def test_transparent_pixels_become_white():
     assert out.min() > 245
 
 
+def _grey_png(bits: int, rows: list[list[int]], transparent: int) -> bytes:
+    """A grey PNG of `bits` per pixel with a tRNS value (PIL writes none below 8 bits)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
+
+    per_byte = 8 // bits
+    raw = b""
+    for row in rows:
+        packed = bytearray()
+        for start in range(0, len(row), per_byte):
+            byte = 0
+            for value in row[start : start + per_byte]:
+                byte = byte << bits | value
+            packed.append(byte)
+        raw += b"\0" + bytes(packed)  # filter type 0
+    header = struct.pack(">IIBBBBB", len(rows[0]), len(rows), bits, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"tRNS", struct.pack(">H", transparent))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(("bits", "transparent", "opaque"), [(1, 0, 1), (2, 1, 0), (4, 1, 0)])
+def test_a_low_bit_grey_pngs_transparent_value_becomes_white(bits, transparent, opaque):
+    # the top half transparent; the bottom half keeps its level (0 black, 1 of 1 bit white)
+    rows = [[transparent] * 64] * 32 + [[opaque] * 64] * 32
+    out = decoded(prepare_image(_grey_png(bits, rows, transparent), ".png"))
+    assert out[:100].min() > 245
+    assert abs(out[160:].mean() - opaque * 255 // ((1 << bits) - 1)) <= 2
+    # a transparent value the bit depth cannot hold marks no pixel
+    rows = [[1] * 64] * 64
+    out = decoded(prepare_image(_grey_png(bits, rows, transparent=1 << bits), ".png"))
+    assert abs(out.mean() - 255 // ((1 << bits) - 1)) <= 2
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "RGBa", "PA"])
 def test_partly_transparent_pixels_are_composited_onto_white_by_the_formula(mode):
     # out = a c + (1 - a) 255 for alpha a in [0, 1], to the nearest level
