@@ -11,6 +11,7 @@ of the mean, as in training).
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ import torch
 from alexnet.crops import CENTRE, ten_crops
 from alexnet.jpeg import to_device
 from alexnet.lmdb_store import StoreError, key
-from alexnet.metrics import label_ranks, missed
+from alexnet.metrics import label_ranks, missed, predicted
 from alexnet.modelfile import ModelFileError, load_model
 from alexnet.params import DEFAULTS, JpegDecoder, Kernels
 from alexnet.reader import LmdbSplit, batch_loader, encoded_for, in_order
@@ -44,30 +45,33 @@ def speed_switches(
 
 
 @torch.no_grad()
-def crop_probabilities(
+def crop_log_probabilities(
     model: torch.nn.Module, images: torch.Tensor, mean: torch.Tensor | None, crop: int
 ) -> torch.Tensor:
-    """(N, 10, classes) softmax outputs of the ten crops of each image. The 10N crops go
-    through the model N at a time: the memory (and CPU cache use) of a batch of N."""
+    """(N, 10, classes) log-softmax outputs of the ten crops of each image. Logs: a class
+    whose logit is ~104 below the top one has a float32 probability of 0, tied with every
+    other such class, and ties count against the label (alexnet.metrics). The 10N crops
+    go through the model N at a time: the memory (and CPU cache use) of a batch of N."""
     crops = ten_crops(images, mean, crop)
     n = crops.shape[0]
     flat = crops.reshape(n * 10, *crops.shape[2:])
     logits = torch.cat([model(chunk) for chunk in flat.split(max(n, 1))])
-    return torch.softmax(logits.float(), dim=1).reshape(n, 10, -1)
+    return torch.log_softmax(logits.float(), dim=1).reshape(n, 10, -1)
 
 
-def crop_average(probabilities: torch.Tensor) -> torch.Tensor:
-    """(N, classes): the prediction of (N, 10, classes) crop softmaxes. The paper
-    averages the softmax outputs, not the logits (a crop sure of one class would
-    outvote nine that mildly prefer another)."""
-    return probabilities.mean(1)
+def crop_average(log_probabilities: torch.Tensor) -> torch.Tensor:
+    """(N, classes): the log of the prediction, the mean of the ten crops' softmax outputs
+    (from `crop_log_probabilities`). The paper averages the softmax outputs, not the
+    logits (a crop sure of one class would outvote nine that mildly prefer another); in
+    logs (logsumexp) the mean keeps its order where its probabilities would underflow."""
+    return torch.logsumexp(log_probabilities, dim=1) - math.log(log_probabilities.shape[1])
 
 
 @dataclass
 class Results:
     """Per image: the label, the 10-crop prediction and the label's rank under the
-    10-crop average and under the centre crop alone. `kept`: the 10-crop average softmax
-    (K, classes) of the images `evaluate` was asked to keep, in that order."""
+    10-crop average and under the centre crop alone. `kept`: the log of the 10-crop
+    average softmax (K, classes) of the images `evaluate` was asked to keep, in order."""
 
     labels: torch.Tensor
     predicted: torch.Tensor
@@ -156,19 +160,14 @@ def evaluate(
         # the decode first, then the labels (pinned: no wait for the last batch's forward)
         images = to_device(images, device, split.shape, decoder)
         labels = labels.to(device, non_blocking=True)
-        probabilities = crop_probabilities(model, images, mean, crop)
-        average = crop_average(probabilities)
+        log_probabilities = crop_log_probabilities(model, images, mean, crop)
+        average = crop_average(log_probabilities)
         for row, index in enumerate(rows):
             if index in wanted:
                 kept[wanted[index]] = average[row].cpu()
-        parts.append(
-            (
-                labels,
-                average.argmax(1),
-                label_ranks(average, labels),
-                label_ranks(probabilities[:, CENTRE], labels),
-            )
-        )
+        rank = label_ranks(average, labels)
+        centre_rank = label_ranks(log_probabilities[:, CENTRE], labels)
+        parts.append((labels, predicted(average, labels, rank), rank, centre_rank))
         if on_batch:
             on_batch(len(labels))
     columns = [
@@ -183,7 +182,8 @@ def top5_table(
     indices: Sequence[int], labels: Sequence[int], kept: torch.Tensor, names: Sequence[str]
 ) -> list[dict]:
     """`metrics/eval/top5.csv`, the gallery's data: one row per (image, rank), the image
-    by its key in the val store, its true class and the k-th most probable class."""
+    by its key in the val store, its true class and the k-th most probable class
+    (`kept`: `Results.kept`, log-probabilities)."""
     top = kept.topk(min(5, kept.shape[1]), dim=1)
     return [
         {
@@ -191,7 +191,7 @@ def top5_table(
             "true_class": names[label],
             "rank": rank + 1,
             "class": names[int(top.indices[row, rank])],
-            "probability": round(float(top.values[row, rank]), 6),
+            "probability": round(math.exp(float(top.values[row, rank])), 6),
         }
         for row, (index, label) in enumerate(zip(indices, labels, strict=True))
         for rank in range(top.indices.shape[1])

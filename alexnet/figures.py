@@ -89,13 +89,13 @@ def _short(name: str, width: int = 22) -> str:
 def top5_figure(
     images: torch.Tensor,
     labels: Sequence[int],
-    probabilities: torch.Tensor,
+    log_probabilities: torch.Tensor,
     names: Sequence[str],
     per_row: int = 4,
 ) -> Figure:
     """Each image (uint8 CHW) with its true class above it and, beside it, bars of the
-    five classes of highest (10-crop average) probability; the true class's bar in red
-    when it is among them."""
+    five classes of highest (10-crop average) probability, from their logs; the true
+    class's bar in red when it is among them."""
     count = len(labels)
     rows = math.ceil(count / per_row)
     figure = Figure(figsize=(per_row * 4.2, rows * 1.9), layout="constrained")
@@ -103,7 +103,7 @@ def top5_figure(
     axes = figure.subplots(rows, per_row * 2, squeeze=False, width_ratios=[1, 1.25] * per_row)
     for ax in axes.flat:
         ax.set_axis_off()
-    top = probabilities.float().topk(min(5, probabilities.shape[1]), dim=1)
+    top = log_probabilities.float().topk(min(5, log_probabilities.shape[1]), dim=1)
     for i, label in enumerate(labels):
         picture, bars = axes[i // per_row, 2 * (i % per_row) : 2 * (i % per_row) + 2]
         picture.imshow(_hwc(images[i]))
@@ -112,7 +112,7 @@ def top5_figure(
         bars.set_axis_on()
         bars.barh(
             range(len(classes)),
-            top.values[i].tolist(),
+            top.values[i].exp().tolist(),
             color=[TRUE if c == label else OTHER for c in classes],
         )
         bars.set_yticks(range(len(classes)), [_short(names[c], 16) for c in classes], fontsize=7)

@@ -19,6 +19,14 @@ def label_ranks(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(true[:, 0]), NAN_RANK, rank)
 
 
+def predicted(scores: torch.Tensor, labels: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """(N,) the class each image is taken for, by `label_ranks`' rule: the label where it
+    ranks first, else the best-scoring other class (a tie is not the label's: argmax would
+    give the lower index, and call right what the ranks count wrong)."""
+    others = scores.scatter(1, labels[:, None], float("-inf"))
+    return torch.where(rank == 0, labels, others.argmax(1))
+
+
 def missed(rank: torch.Tensor, k: int) -> torch.Tensor:
     """(N,) bool: top-k mistakes from `label_ranks`. With fewer than k classes only a NaN
     score is a mistake."""

@@ -6,6 +6,7 @@ after training does not change a prediction."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from alexnet.errors import AlexnetError, one_line
-from alexnet.evaluate import crop_average, crop_probabilities
+from alexnet.evaluate import crop_average, crop_log_probabilities
 from alexnet.imageops import BadImage, load_plugins, prepare_image
 from alexnet.jpeg import rgb
 from alexnet.modelfile import load_model
@@ -111,10 +112,10 @@ def predict(
         except Exception as error:  # any file, any decoder failure: one line, go on
             results.append(Prediction(display_name(path), error=why_unusable(Path(path), error)))
             continue
-        probabilities = crop_probabilities(model, image[None].to(device), mean, model.input_size)
-        values, indices = crop_average(probabilities)[0].topk(min(top, len(classes)))
+        logs = crop_log_probabilities(model, image[None].to(device), mean, model.input_size)
+        values, indices = crop_average(logs)[0].topk(min(top, len(classes)))
         top_classes = [
-            {**classes[i], "probability": round(float(v), 6)}
+            {**classes[i], "probability": round(math.exp(v), 6)}
             for v, i in zip(values.tolist(), indices.tolist(), strict=True)
         ]
         results.append(Prediction(display_name(path), top_classes))

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import best_seconds, device_name  # noqa: E402
 
 from alexnet.crops import centre_crop  # noqa: E402
-from alexnet.evaluate import crop_probabilities  # noqa: E402
+from alexnet.evaluate import crop_average, crop_log_probabilities  # noqa: E402
 from alexnet.model import AlexNet  # noqa: E402
 from alexnet.runtime import configure  # noqa: E402
 
@@ -43,7 +43,7 @@ def main() -> None:
             torch.softmax(model(centre_crop(images, mean)), 1)
 
     ours = best_seconds(
-        lambda: crop_probabilities(model, images, mean, 224).mean(1), args.repeats, device
+        lambda: crop_average(crop_log_probabilities(model, images, mean, 224)), args.repeats, device
     )
     baseline = best_seconds(ten_centre_forwards, args.repeats, device)
     where = device_name(device)

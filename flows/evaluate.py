@@ -16,6 +16,7 @@ from alexnet.evaluate import Results, load_model_for, sample, speed_switches, to
 from alexnet.evaluate import evaluate as evaluate_split
 from alexnet.figures import FIGURES, kernels_figure, neighbours_figure, png, top5_figure
 from alexnet.jpeg import decode_threads
+from alexnet.lmdb_store import StoreError
 from alexnet.neighbours import hidden_vectors, images_of, nearest, table
 from alexnet.params import ComputeParams, EvaluateParams, JpegDecoder
 from alexnet.placement import resolve_devices
@@ -87,6 +88,8 @@ def evaluate_flow(
     model, payload = load_model_for(split, Path(model_path), device, compute.kernels)
     training = LmdbSplit(train, threads)
     check_together(training, split)
+    if not len(training):  # before the evaluation (hours), not at its end
+        raise StoreError(f"{train}: no images to search for section 6.1's neighbours")
     mean = payload["mean"].float()
     chosen = sample(len(split), max(evaluate.gallery, evaluate.queries), evaluate.seed)
     switches = speed_switches(model, device, evaluate.amp, evaluate.channels_last)

@@ -199,7 +199,7 @@ def test_a_device_list_in_params_means_two_columns(data, tmp_path):
 
 def test_a_two_column_run_resumes_bit_for_bit_and_its_model_file_predicts(data, tmp_path):
     # The paper's model parallelism on two "devices" (both the CPU: the split path).
-    from alexnet.evaluate import crop_probabilities
+    from alexnet.evaluate import crop_log_probabilities
     from alexnet.modelfile import load_model
     from alexnet.placement import TwoColumnAlexNet
     from alexnet.predict import load_file, predict
@@ -244,7 +244,7 @@ def test_a_two_column_run_resumes_bit_for_bit_and_its_model_file_predicts(data, 
     # The file's one-device network predicts what the trained two-column one computes.
     image = load_file(tmp_path / "image.jpg", payload["prepare"])[None]
     resumed.model.eval()
-    placed = crop_probabilities(resumed.model, image, payload["mean"], 224).mean(1)[0]
+    placed = crop_log_probabilities(resumed.model, image, payload["mean"], 224).exp().mean(1)[0]
     for entry in prediction.top:
         assert entry["probability"] == pytest.approx(float(placed[entry["index"]]), abs=1e-5)
 

@@ -15,8 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
-from alexnet.evaluate import Results, crop_average, crop_probabilities, evaluate
-from alexnet.metrics import label_ranks
+from alexnet.crops import CENTRE
+from alexnet.evaluate import (
+    Results,
+    crop_average,
+    crop_log_probabilities,
+    evaluate,
+    top5_table,
+)
+from alexnet.metrics import label_ranks, predicted
 from alexnet.modelfile import ModelFileError, load_model
 from alexnet.reader import LmdbSplit
 from alexnet.train import Trainer
@@ -28,6 +35,8 @@ from tests.helpers import (
     blobs,
     train_run,
 )
+
+CPU = torch.device("cpu")
 
 
 class CropTable(torch.nn.Module):
@@ -50,15 +59,15 @@ def test_the_prediction_averages_softmax_outputs_not_logits(tmp_path):
 
     table = torch.tensor([[10.0, 0.0]] + [[0.0, 0.5]] * 9)
     assert table.mean(0).argmax().item() == 0  # what averaging the logits would say
-    probabilities = crop_probabilities(CropTable(table), torch.zeros(1, 3, 256, 256), None, 224)
-    assert torch.allclose(probabilities[0], torch.softmax(table, 1))
-    assert crop_average(probabilities).argmax(1).tolist() == [1]  # predict's average too
+    logs = crop_log_probabilities(CropTable(table), torch.zeros(1, 3, 256, 256), None, 224)
+    assert torch.allclose(logs[0].exp(), torch.softmax(table, 1))
+    assert crop_average(logs).argmax(1).tolist() == [1]  # predict's average too
     # through evaluate: images of class 1, every one right under the paper's average
     write_store(tmp_path / "val", [blobs(1, 3, 0)], "raw", CLASSES, size=256)
     split = LmdbSplit(tmp_path / "val")
     results = evaluate(CropTable(table), split, None, 224, 2, torch.device("cpu"), keep=[0, 2])
     assert results.summary()["top1_error"] == 0.0
-    assert torch.allclose(results.kept, torch.softmax(table, 1).mean(0).expand(2, 2))
+    assert torch.allclose(results.kept.exp(), torch.softmax(table, 1).mean(0).expand(2, 2))
 
 
 def test_the_centre_crop_errors_are_the_centre_patchs(tmp_path):
@@ -71,6 +80,66 @@ def test_the_centre_crop_errors_are_the_centre_patchs(tmp_path):
     split = LmdbSplit(tmp_path / "val")
     summary = evaluate(CropTable(table), split, None, 224, 4, torch.device("cpu")).summary()
     assert (summary["top1_error"], summary["center_top1_error"]) == (1.0, 0.0)
+
+
+def named(count: int) -> list[dict]:
+    return [{"index": i, "wnid": f"n{i}", "name": f"c{i}"} for i in range(count)]
+
+
+@pytest.mark.parametrize(
+    ("centre_right", "errors"), [(False, (0.0, 0.0, 1.0, 1.0)), (True, (1.0, 1.0, 0.0, 0.0))]
+)
+def test_the_top5_errors_are_the_ranks_of_their_own_prediction(tmp_path, centre_right, errors):
+    # 7 classes, the label 6: where the nine other crops are sure of it and the centre
+    # ranks it last, only the centre crop's top 5 misses; the other way round, only the
+    # 10-crop average's (the one test of top 5 with more than 5 classes).
+    from alexnet.lmdb_store import write_store
+
+    write_store(tmp_path / "val", [blobs(6, 3, 0)], "raw", named(7), size=256)
+    sure, last = [0.0] * 6 + [20.0], [5.0] * 6 + [0.0]
+    table = torch.tensor([last if centre_right else sure] * 10)
+    table[CENTRE] = torch.tensor(sure if centre_right else last)
+    results = evaluate(CropTable(table), LmdbSplit(tmp_path / "val"), None, 224, 2, CPU)
+    summary = results.summary()
+    keys = ("top1_error", "top5_error", "center_top1_error", "center_top5_error")
+    assert tuple(summary[k] for k in keys) == errors
+    per_class = results.per_class(named(7))[6]
+    assert (per_class["top1_error"], per_class["top5_error"]) == errors[:2]
+
+
+def test_a_label_far_below_the_top_class_keeps_its_rank(tmp_path):
+    # The label (class 1) is second, 140 below the first: its float32 probability is 0,
+    # as are those of the eight classes below it. Ranked by probability it would tie
+    # with them and come last (ties count against it); in logs it is second.
+    from alexnet.lmdb_store import write_store
+
+    logits = torch.tensor([200.0, 60.0, 55.0, 50.0, 45.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    assert torch.softmax(logits, 0)[1] == 0  # the underflow
+    write_store(tmp_path / "val", [blobs(1, 2, 0)], "raw", named(10), size=256)
+    split = LmdbSplit(tmp_path / "val")
+    results = evaluate(CropTable(logits.expand(10, 10)), split, None, 224, 2, CPU, keep=[0])
+    assert results.rank.tolist() == [1, 1] == results.centre_rank.tolist()
+    assert results.summary()["top5_error"] == 0.0 == results.summary()["center_top5_error"]
+    rows = top5_table([0], [1], results.kept, [c["name"] for c in named(10)])
+    assert [row["class"] for row in rows] == ["c0", "c1", "c2", "c3", "c4"]
+    assert rows[0]["probability"] == 1.0 and rows[1]["probability"] == 0.0
+
+
+def test_the_confusion_plot_counts_a_tie_as_the_error_rates_do(tmp_path):
+    # A model that scores every class alike knows nothing: every image a top-1 mistake,
+    # and the confusion plot's predicted class is never the label (argmax would say 0).
+    from alexnet.lmdb_store import write_store
+
+    write_store(tmp_path / "val", [blobs(0, 2, 0), blobs(1, 1, 1)], "raw", named(3), size=256)
+    results = evaluate(
+        CropTable(torch.zeros(10, 3)), LmdbSplit(tmp_path / "val"), None, 224, 2, CPU
+    )
+    assert results.summary()["top1_error"] == 1.0
+    assert all(row["actual"] != row["predicted"] for row in results.confusion(named(3)))
+    # a right answer stays right, a wrong one names the class that beat the label
+    scores = torch.tensor([[2.0, 1.0, 0.0], [1.0, 3.0, 3.0], [0.0, 1.0, 1.0]])
+    labels = torch.tensor([0, 2, 1])
+    assert predicted(scores, labels, label_ranks(scores, labels)).tolist() == [0, 1, 2]
 
 
 @pytest.fixture(scope="module")
@@ -135,11 +204,11 @@ def test_the_speed_switches_give_the_float32_softmax_up_to_bf16_rounding(data, m
 
     model, payload = load_model(model_file)
     images, _ = LmdbSplit(data / "lmdb" / "val").read_batch(range(4))
-    exact = crop_probabilities(model, images, payload["mean"], 224)
+    exact = crop_log_probabilities(model, images, payload["mean"], 224).exp()
     seen: list[torch.dtype] = []
     model.layers()["fc8"].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     with speed_switches(model, torch.device("cpu"), amp=True, channels_last=True):
-        fast = crop_probabilities(model, images, payload["mean"], 224)
+        fast = crop_log_probabilities(model, images, payload["mean"], 224).exp()
     conv1 = model.layers()["conv1"].weight
     assert set(seen) == {torch.bfloat16} and conv1.is_contiguous(memory_format=torch.channels_last)
     assert fast.dtype == torch.float32 and not torch.equal(fast, exact)
@@ -253,6 +322,17 @@ def test_evaluate_refuses_a_train_store_of_other_classes(
             str(data / "lmdb" / "val"),
             str(model_file),
             str(tmp_path / "train"),
+            str(tmp_path),
+            EvaluateParams(),
+            ComputeParams(),
+        )
+    # nor an empty one: refused before the evaluation, not at its end
+    write_store(tmp_path / "empty", [], "raw", CLASSES, size=256)
+    with pytest.raises(StoreError, match="empty: no images to search"):
+        evaluate_flow(
+            str(data / "lmdb" / "val"),
+            str(model_file),
+            str(tmp_path / "empty"),
             str(tmp_path),
             EvaluateParams(),
             ComputeParams(),

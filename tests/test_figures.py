@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from alexnet.evaluate import crop_probabilities, evaluate, sample, top5_table
+from alexnet.evaluate import crop_log_probabilities, evaluate, sample, top5_table
 from alexnet.figures import OTHER, TRUE, kernel_cells, kernels_figure, png, top5_figure
 from alexnet.lmdb_store import write_store
 from alexnet.model import AlexNet
@@ -65,7 +65,7 @@ def test_the_gallery_names_the_true_class_and_marks_it_when_in_the_top5():
     probabilities = torch.softmax(scores, 1)
     labels = [2, 0]  # third most probable; least probable (not in the top 5)
     images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
-    figure = top5_figure(images, labels, probabilities, names, per_row=2)
+    figure = top5_figure(images, labels, probabilities.log(), names, per_row=2)
     pictures = [ax for ax in figure.axes if ax.images]
     bars = [ax for ax in figure.axes if ax.patches]
     assert [ax.get_title() for ax in pictures] == ["class 2", "class 0"]
@@ -138,8 +138,8 @@ def test_evaluate_keeps_the_10_crop_softmax_of_the_chosen_images(store, model):
     assert chosen == sample(len(store), 5, seed=3) and len(set(chosen)) == 5
     results = evaluate(model, store, MEAN, 224, 4, CPU, keep=chosen)
     images, labels = store.read_batch(chosen)
-    direct = crop_probabilities(model, images, MEAN, 224).mean(1)
-    assert torch.allclose(results.kept, direct, atol=1e-6)
+    direct = crop_log_probabilities(model, images, MEAN, 224).exp().mean(1)  # the paper's mean
+    assert torch.allclose(results.kept.exp(), direct, atol=1e-6)
     rows = top5_table(chosen, labels.tolist(), results.kept, ["c0", "c1"])
     assert [r["key"] for r in rows] == [f"{i:08d}" for i in chosen for _ in range(2)]
     assert [r["true_class"] for r in rows[::2]] == [f"c{int(x)}" for x in labels]

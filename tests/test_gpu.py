@@ -291,15 +291,15 @@ def test_a_gpu_decode_overlaps_the_callers_queued_work(tmp_path):
 
 def test_the_evaluation_in_bf16_and_channels_last_on_cuda_is_float32_up_to_rounding():
     # params evaluate.amp and evaluate.channels_last, where they are for: a GPU.
-    from alexnet.evaluate import crop_probabilities, speed_switches
+    from alexnet.evaluate import crop_log_probabilities, speed_switches
 
     torch.manual_seed(0)
     model = AlexNet(num_classes=10).to(CUDA).eval()
     images = torch.randint(0, 256, (4, 3, 256, 256), dtype=torch.uint8, device=CUDA)
     mean = torch.full((3, 256, 256), 110.0, device=CUDA)
-    exact = crop_probabilities(model, images, mean, 224)
+    exact = crop_log_probabilities(model, images, mean, 224).exp()
     with speed_switches(model, CUDA, amp=True, channels_last=True):
-        fast = crop_probabilities(model, images, mean, 224)
+        fast = crop_log_probabilities(model, images, mean, 224).exp()
     assert fast.dtype == torch.float32 and fast.is_cuda
     torch.testing.assert_close(fast, exact, atol=0.02, rtol=0)
 
@@ -310,7 +310,7 @@ def test_an_evaluation_batch_is_queued_without_waiting_for_the_device():
     # the device (a list index, a copy from unpinned memory; each waited for the forward
     # queued before). Their per-batch functions, with the loops' pinned labels; first
     # calls outside: cuDNN's and the index tensors' set-up.
-    from alexnet.evaluate import crop_average, crop_probabilities
+    from alexnet.evaluate import crop_average, crop_log_probabilities
     from alexnet.metrics import label_ranks
     from alexnet.neighbours import Neighbours, candidates, keep_nearest
 
@@ -323,7 +323,7 @@ def test_an_evaluation_batch_is_queued_without_waiting_for_the_device():
     best = Neighbours(none, none, torch.empty(3, 0, device=CUDA))
 
     def batch(best: Neighbours) -> Neighbours:
-        average = crop_average(crop_probabilities(model, images, mean, 224))
+        average = crop_average(crop_log_probabilities(model, images, mean, 224))
         label_ranks(average, labels.to(CUDA, non_blocking=True))
         return keep_nearest(best, candidates(range(4), labels, queries, average), 2)
 

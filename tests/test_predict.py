@@ -15,7 +15,7 @@ import torch
 from torchvision.io import decode_jpeg
 from typer.testing import CliRunner
 
-from alexnet.evaluate import crop_probabilities, evaluate, load_model_for
+from alexnet.evaluate import crop_log_probabilities, evaluate, load_model_for
 from alexnet.imageops import prepare_image
 from alexnet.lmdb_store import write_store
 from alexnet.modelfile import ModelFileError
@@ -51,7 +51,7 @@ def model_file(data, tmp_path_factory) -> Path:
 
 def probabilities_of(model, jpeg_bytes: bytes, mean: torch.Tensor) -> torch.Tensor:
     image = decode_jpeg(torch.frombuffer(bytearray(jpeg_bytes), dtype=torch.uint8))
-    return crop_probabilities(model, image[None], mean, model.input_size).mean(1)[0]
+    return crop_log_probabilities(model, image[None], mean, model.input_size).exp().mean(1)[0]
 
 
 @pytest.mark.parametrize("encoding", ["raw", "jpeg"])
@@ -76,13 +76,13 @@ def test_predict_equals_evaluate_on_the_same_image(
     seen = []
 
     def spy(*args):
-        seen.append(crop_probabilities(*args))
+        seen.append(crop_log_probabilities(*args))
         return seen[-1]
 
-    monkeypatch.setattr("alexnet.evaluate.crop_probabilities", spy)
+    monkeypatch.setattr("alexnet.evaluate.crop_log_probabilities", spy)
     results = evaluate(model, split, mean, model.input_size, 4, device)
     [crops] = seen
-    evaluated = crops.mean(1)[0]
+    evaluated = crops.exp().mean(1)[0]
 
     [prediction] = predict([path], model_file, top=2, device="cpu")
     assert prediction.error is None and prediction.top[0]["index"] == int(results.predicted[0])
