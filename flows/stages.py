@@ -23,6 +23,7 @@ from uuid import UUID
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from alexnet.atomic import check_apart
 from alexnet.cluster import WorkerCheck
@@ -41,7 +42,8 @@ from alexnet.runtime import configure
 from alexnet.shards import CLASSES_FILE
 from tasks.quiet import INTERRUPTED, note_interrupts, quiet_console_tracebacks
 
-console = Console(stderr=True, soft_wrap=True)
+# markup off: a path or key may hold brackets ("[draft]"), which rich would read as tags
+console = Console(stderr=True, soft_wrap=True, markup=False)
 # The id of a flow run a pipeline run created for this stage, as a child of its task
 # (flows/pipeline.py): the stage command runs that one instead of a new one.
 PLANNED_RUN = "ALEXNET_PLANNED_FLOW_RUN"  # one error = one line, however long
@@ -285,7 +287,7 @@ def user_errors() -> Iterator[None]:
         if not is_user_error(error):
             raise
         _send_prefect_logs()
-        console.print(f"[bold red]error:[/] {user_line(error)}", highlight=False)
+        console.print(Text("error:", style="bold red"), user_line(error), highlight=False)
         raise typer.Exit(1) from None
 
 

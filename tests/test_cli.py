@@ -100,6 +100,20 @@ def test_param_prints_a_validated_value_and_names_a_wrong_key(tmp_path):
     assert wrong.exit_code == 1 and "no parameter 'serve.cron'" in wrong.output
 
 
+def test_brackets_in_a_key_or_path_are_printed_as_they_are(tmp_path):
+    # rich would read "[/x]" as a closing tag (a traceback) and drop "[draft]" as a style
+    for key in ("train.[/x]", "train.[draft]lr"):
+        wrong = runner.invoke(app, ["param", key, "-p", str(tmp_path / "none.yaml")])
+        assert wrong.exit_code == 1
+    missing = tmp_path / "[draft]" / "p.yaml"
+    wrong = runner.invoke(app, ["param", "train.lr", "-p", str(missing)])
+    assert wrong.exit_code == 1 and wrong.output == f"error: {missing}: no such params file\n"
+    (tmp_path / "params.yaml").write_text("train:\n  lr: 0.01\n")
+    for key in ("train.[/x]", "train.[draft]lr"):
+        wrong = runner.invoke(app, ["param", key, "-p", str(tmp_path / "params.yaml")])
+        assert wrong.exit_code == 1 and wrong.output.startswith(f"error: no parameter '{key}'")
+
+
 def test_a_command_run_where_no_params_yaml_is_says_it_takes_the_defaults(tmp_path):
     # In another folder the paper's values apply (90 epochs, batch 128): said, not silent.
     result = alexnet("param", "train.epochs", cwd=tmp_path)
