@@ -135,6 +135,12 @@ def _cause(line: str, cause: str) -> str:
     return cause
 
 
+def _dvc_error(stderr: str) -> str:
+    """DVC's `ERROR:` line, else its first line (an invalid dvc.yaml has no `ERROR:`)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    return next((line for line in lines if line.startswith("ERROR")), lines[0] if lines else "")
+
+
 def stop_group(process: subprocess.Popen) -> None:
     """SIGTERM to the process group of `process` (started in a session of its own), then,
     after `STOP_GRACE_S`, SIGKILL to whatever of it is left: dvc exits at once on SIGTERM,
@@ -226,16 +232,21 @@ def push_outputs(repo: Path, remote: str | None, log: Callable[[str], None] = pr
     for line in done.stdout.splitlines():
         log(line)
     if done.returncode != 0:
-        cause = next((line for line in done.stderr.splitlines() if line.startswith("ERROR")), "")
+        cause = _dvc_error(done.stderr)
         raise ReproError(f"dvc push to {remote} failed in {repo}: {cause}")
     return True
 
 
 def status_clean(repo: Path) -> bool:
-    """Whether `dvc status` says everything is up to date."""
+    """Whether `dvc status` says everything is up to date. It waits for DVC's lock, which
+    a `dvc repro` in a terminal may hold (DVC gives up after 3 s: a run whose stages all
+    succeeded would fail at its last step)."""
     done = subprocess.run(
-        _dvc(["status", "--json"]), cwd=repo, capture_output=True, text=True, check=True
+        _dvc(["--wait-for-lock", "status", "--json"]), cwd=repo, capture_output=True, text=True
     )
+    if done.returncode != 0:
+        cause = _dvc_error(done.stderr)
+        raise ReproError(f"dvc status failed in {repo}: {cause}")
     return json.loads(done.stdout or "{}") == {}
 
 

@@ -288,6 +288,21 @@ def test_a_second_clone_pulls_the_outputs_and_restores_stages_from_the_run_cache
     assert (clone / "out" / "b").read_text() == "a\n" and status_clean(clone)
 
 
+def test_status_waits_for_the_lock_a_terminals_dvc_holds(tmp_path):
+    import threading
+
+    import zc.lockfile
+
+    repo = project(tmp_path)
+    (repo / ".dvc" / "tmp").mkdir(exist_ok=True)
+    held = zc.lockfile.LockFile(str(repo / ".dvc" / "tmp" / "lock"))
+    threading.Timer(4.0, held.close).start()  # longer than DVC's own 3 s of retries
+    assert status_clean(repo) is False  # (stages not run yet), not a failure
+    with pytest.raises(ReproError, match=r"dvc status failed in .*: './dvc.yaml' is invalid\.$"):
+        (repo / "dvc.yaml").write_text("stages: [")
+        status_clean(repo)
+
+
 def test_a_push_to_a_remote_inside_a_workers_temporary_folder_is_refused(tmp_path, monkeypatch):
     # A Prefect process worker clones into tempfile.TemporaryDirectory(suffix="prefect"):
     # the default remote, a folder beside the repository, would be deleted with it.
