@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alexnet.errors import AlexnetError
 from alexnet.forkserver import forkserver, start_ignoring
 from alexnet.jpeg import Encoded, decode_into, decode_threads, joined
 from alexnet.lmdb_store import (
@@ -167,7 +168,8 @@ def in_order(
 class Loader:
     """A `DataLoader`'s batches, where a worker that died (torch raises a RuntimeError: a
     traceback) is one `StoreError` line naming the store, the signal and its likely
-    cause."""
+    cause, and a user's error a worker raised is itself again (torch re-raises it with
+    its traceback in the message)."""
 
     def __init__(self, loader: torch.utils.data.DataLoader, store: str | os.PathLike):
         self.loader, self.store = loader, store
@@ -179,14 +181,40 @@ class Loader:
         batches = iter(self.loader)
         try:
             yield from batches
-        except RuntimeError as error:
-            if "DataLoader worker" not in str(error):
+        except AlexnetError as error:
+            message = _worker_message(str(error))
+            if message is None:
                 raise
+            raise _same_kind(error, message) from None
+        except RuntimeError as error:
+            if not _DIED.search(str(error)):
+                raise  # a worker's own RuntimeError, with its traceback
             killer = _killer(str(error), batches)
             how = f" ({killer.name})" if killer else ""
             raise StoreError(
                 f"{self.store}: a loader worker died reading it{how}{_CAUSES.get(killer, '')}"
             ) from None
+
+
+# torch's words for a worker that died, not one that raised
+_DIED = re.compile(r"DataLoader worker \(pid.*\) (exited unexpectedly|is killed by signal)")
+# torch's words for an exception a worker raised: "Caught StoreError in DataLoader worker
+# process 0.\nOriginal Traceback (most recent call last): ...\nalexnet....StoreError: <it>"
+_CAUGHT = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
+def _worker_message(text: str) -> str | None:
+    """The message of the exception a loader worker raised, from torch's re-raised text."""
+    if not _CAUGHT.match(text):
+        return None
+    return text.rstrip().splitlines()[-1].partition(": ")[2]
+
+
+def _same_kind(error: Exception, message: str) -> Exception:
+    try:
+        return type(error)(message)
+    except Exception:  # an error type that takes other arguments
+        return StoreError(message)
 
 
 def _killer(message: str, batches: Iterator) -> signal.Signals | None:

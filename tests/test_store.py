@@ -495,6 +495,32 @@ class DiesReading(torch.utils.data.Dataset):
         os.kill(os.getpid(), self.signum)
 
 
+class RaisesReading(DiesReading):
+    """Batches of a store whose reading raises `error` in the loader worker."""
+
+    def __init__(self, path, error: Exception):
+        super().__init__(path, 0)
+        self.error = error
+
+    def __getitem__(self, index: int):
+        raise self.error
+
+
+def test_a_loader_workers_error_is_its_own_line_not_torchs_traceback(tmp_path):
+    # torch re-raises it as "Caught StoreError in DataLoader worker process 0. Original
+    # Traceback ...": the one-line error would have been a traceback squashed into a line
+    store = tmp_path / "lmdb" / "train"
+    damaged = StoreError(f"{store}: key 00000007: missing")
+    with pytest.raises(StoreError) as caught:
+        list(batch_loader(RaisesReading(store, damaged), range(4), workers=1))
+    assert str(caught.value) == str(damaged)
+    # a worker's RuntimeError is not a death: it stays itself, with its reason
+    full = RuntimeError(f"{store}: No space left on device (28)")
+    with pytest.raises(RuntimeError, match="No space left on device") as caught:
+        list(batch_loader(RaisesReading(store, full), range(4), workers=1))
+    assert "died" not in str(caught.value)
+
+
 @pytest.mark.parametrize(
     ("signum", "cause"),
     [(signal.SIGBUS, "/dev/shm too small for the batches"), (signal.SIGKILL, "out of memory?")],
