@@ -497,6 +497,16 @@ class Params(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _a_column_a_device(self) -> Params:
+        # Two devices hold the paper's two columns (section 3.2), one each.
+        if len(self.train.device) == 2 and self.model.columns == 1:
+            raise ValueError(
+                f"train.device {list(self.train.device)} places a column on each device, "
+                "and model.columns is 1: name one device, or model.columns 2"
+            )
+        return self
+
 
 def recipe_keys(section: str) -> tuple[str, ...]:
     """`section.key` for each key of a section but its execution keys: the params deps

@@ -58,7 +58,7 @@ class TwoColumnAlexNet(nn.Module):
     def __init__(self, model: AlexNet, devices: Sequence[torch.device | str]):
         super().__init__()
         if model.columns != 2:
-            raise ValueError("two-device placement needs the two-column network (columns: 2)")
+            raise DeviceError("two devices need the two-column network (model.columns: 2)")
         self.devices = [torch.device(d) for d in devices]
         self.num_features = len(model.features)
         self.reads: list[str] = []

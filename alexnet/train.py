@@ -241,6 +241,9 @@ class Trainer:
         self.train = LmdbSplit(run.lmdb / "train", threads)
         self.val = LmdbSplit(run.lmdb / "val", threads)
         check_together(self.train, self.val)
+        for split, use in ((self.train, "train"), (self.val, "validate")):
+            if not len(split):  # no step (a model file of nothing), or no error rate
+                raise TrainError(f"{split.path}: no images to {use} on")
         self.classes = self.train.classes
         mean, self.pca = load_stats(run.stats)
         if mean.shape != self.train.shape:  # or every step fails on the mean's window

@@ -182,6 +182,15 @@ def test_devices_several_processes_cannot_share_are_refused():
     assert parse_params({"train": {"device": ["cuda:1"], **two_nodes}})  # one process a node
 
 
+def test_two_devices_need_two_columns():
+    # refused with the params, not a traceback after the stores and stats have loaded
+    one_column = {"train": {"device": ["cpu", "cpu"]}, "model": {"columns": 1}}
+    with pytest.raises(ParamsError, match=r"^params: train.device \['cpu', 'cpu'\] places"):
+        parse_params(one_column)
+    assert parse_params({**one_column, "train": {"device": ["cpu"]}})
+    assert parse_params({**one_column, "model": {"columns": 2}})
+
+
 def test_command_line_overrides_are_checked_as_the_files_values():
     assert with_compute(Params(), workers=3, scheduler="local").compute.workers == 3
     with pytest.raises(ParamsError, match=r"^command line: compute.workers: .* 0 \(got -1\)$"):

@@ -406,6 +406,17 @@ def test_clear_errors(data, tmp_path):
     write_store(tmp_path / "lmdb" / "val", [blobs(0, 2, 9)], "raw", three, size=256)
     with pytest.raises(AlexnetError, match=r"lmdb/train and .*/lmdb/val list different classes$"):
         trainer(tmp_path, tmp_path, epochs=1)
+    # an empty store (another tool's): a model file of no step, or a division by zero
+    # after the first epoch
+    write_store(tmp_path / "lmdb" / "val", [], "raw", CLASSES, size=256)
+    with pytest.raises(TrainError, match=r"lmdb/val: no images to validate on$"):
+        trainer(tmp_path, tmp_path, epochs=1)
+    (tmp_path / "lmdb" / "train").unlink()
+    (tmp_path / "lmdb" / "train").symlink_to(tmp_path / "lmdb" / "val")
+    with pytest.raises(TrainError, match=r"lmdb/train: no images to train on$"):
+        trainer(tmp_path, tmp_path, epochs=1)
+    (tmp_path / "lmdb" / "train").unlink()
+    (tmp_path / "lmdb" / "train").symlink_to(data / "lmdb" / "train")
     # a val store packed from a prepare of another size: a smaller one took the wrong
     # window of the mean without a word, a larger one failed at the first epoch's end
     small = [(0, np.zeros((128, 128, 3), np.uint8).tobytes())]
