@@ -39,6 +39,15 @@ def test_random_crops_are_224_windows_inside_the_image_and_vary():
     assert len(set(tops.tolist())) > 10 and len(set(lefts.tolist())) > 10
 
 
+@pytest.mark.parametrize("crop", [224, 227])
+def test_every_offset_of_a_crop_is_drawn_both_ends_included(crop):
+    # 256 - 224 = 32: offsets 0..32, 33 of them (an off-by-one keeps inside 0..32 too)
+    augment = Augment(torch.zeros(3, 256, 256), *eigen(), crop=crop)
+    draws = augment.draw(4000, generator=torch.Generator().manual_seed(0))
+    for offsets in (draws.tops, draws.lefts):
+        assert set(offsets.tolist()) == set(range(256 - crop + 1))
+
+
 def test_mean_subtraction_uses_the_same_window_and_flips_with_the_image():
     images = coordinate_images().float()
     mean = images[0].clone()  # mean pixel value = its own coordinates

@@ -367,8 +367,10 @@ def test_validation_and_the_model_file_subtract_the_mean_training_subtracted(
     # then subtracted. The same centre crop must be the same input in all three.
     from alexnet.crops import centre_crop
 
-    switches = {"random_crop": False, "flip": False, "lighting": 0.0}
+    switches = {"random_crop": False, "flip": False, "lighting": 0.0, "lighting_scale": "std255"}
     t = trainer(data, tmp_path, subtract_mean=subtract, **switches, **ONE_STEP)
+    for key in (*switches, "subtract_mean"):  # every augmentation param reaches it
+        assert getattr(t.augment, key) == getattr(t.params, key)  # (switches: not defaults)
     images = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8)
     trained = t.augment.apply(images, t.augment.draw(2))
     validated = []
@@ -397,6 +399,28 @@ def test_what_killed_saves_left_goes_with_the_next_save(data, tmp_path):
     trainer.export(run.model_path)
     hidden = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
     assert hidden == [other.name] and run.checkpoint.exists() and run.model_path.exists()
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_each_epoch_takes_every_image_once_in_its_own_order_across_ranks(ranks, monkeypatch):
+    # 23 images, batches of 5 (the last short, and not divisible by 2 or 3 ranks)
+    from alexnet.distributed import World
+    from alexnet.train import EpochBatches
+
+    # the "images" a rank reads are the store rows it asks for
+    monkeypatch.setattr("alexnet.train.read", lambda split, rows, encoded: (rows, None))
+    seen = {}
+    for epoch in (0, 1):
+        taken, sizes = [], []
+        for rank in range(ranks):
+            batches = EpochBatches(range(23), seed=7, batch_size=5, rows=World(rank, ranks).rows)
+            for step in range(5):
+                rows, _, size = batches[epoch, step]
+                taken += rows.tolist()
+                sizes.append(size)
+        assert sorted(taken) == list(range(23)) and sizes == [5, 5, 5, 5, 3] * ranks, epoch
+        seen[epoch] = taken
+    assert seen[0] != seen[1]  # reshuffled each epoch
 
 
 def test_clear_errors(data, tmp_path):
