@@ -61,7 +61,11 @@ if [ -f "$VENV/.setup-stamp" ] && [ "$(cat "$VENV/.setup-stamp")" = "$stamp" ]; 
   exit 0
 fi
 
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# A venv without pip is what a failed `python3 -m venv` leaves (Debian without python3-venv):
+# made again, so that venv's own error (which package to install) is said each time.
+if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+  "$PYTHON" -m venv --clear "$VENV"
+fi
 pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
 is_simd() { "$VENV/bin/python" -c 'from alexnet.doctor import is_pillow_simd as s; raise SystemExit(not s())' 2>/dev/null; }
 # The codecs among "$@" that the live PIL lacks (all of them where PIL does not import).

@@ -74,6 +74,27 @@ def setup_stderr(tmp_path, cc_finds_headers: bool) -> str:
     return result.stderr
 
 
+def test_setup_makes_again_a_venv_a_failed_venv_left_without_pip(tmp_path):
+    # `python3 -m venv` without python3-venv leaves bin/python and no pip: reused, every
+    # later setup failed on "No module named pip" without saying why
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    left = tmp_path / "venv" / "bin" / "python"
+    left.write_text("#!/bin/sh\necho 'No module named pip' >&2\nexit 1\n")
+    python = tmp_path / "python3"  # venv's failure, and what it was asked
+    python.write_text(
+        f"#!/bin/sh\necho \"$@\" > {tmp_path}/called\necho 'no ensurepip' >&2\nexit 1\n"
+    )
+    for script in (left, python):
+        script.chmod(0o755)
+    env = {**os.environ, "VENV": str(tmp_path / "venv"), "PYTHON": str(python)}
+    result = subprocess.run(
+        ["bash", "scripts/setup.sh"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert result.returncode != 0 and result.stderr.strip().endswith("no ensurepip")
+    called = (tmp_path / "called").read_text().split()
+    assert called == ["-m", "venv", "--clear", str(tmp_path / "venv")]
+
+
 def test_setup_warns_once_per_missing_codec_header_with_its_package(tmp_path):
     warnings = [w for w in setup_stderr(tmp_path, False).splitlines() if "WARNING" in w]
     assert len(warnings) == len(PHOTO_CODECS), warnings
