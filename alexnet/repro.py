@@ -22,6 +22,7 @@ from typing import Literal
 import yaml
 
 from alexnet.errors import AlexnetError
+from alexnet.orphans import reap_children
 
 Stage = Literal["synth", "prepare", "stats", "pack", "train", "evaluate"]
 STAGES: tuple[str, ...] = Stage.__args__  # the chain's order
@@ -150,6 +151,7 @@ def stop_group(process: subprocess.Popen) -> None:
     deadline = time.monotonic() + STOP_GRACE_S
     while time.monotonic() < deadline:
         process.poll()  # reap dvc, or its zombie keeps the group alive
+        reap_children()  # and the guard's adopted orphans of the group (alexnet.guard)
         if not _signal_group(group, 0):
             return
         time.sleep(0.2)

@@ -20,6 +20,7 @@ from prefect.artifacts import create_table_artifact
 
 from alexnet.errors import Interrupted
 from alexnet.fit import METRICS, fit, summary
+from alexnet.orphans import WORKER_GRACE_S
 from alexnet.params import ComputeParams, ModelParams, PrepareParams, TrainParams
 from alexnet.threads import share_of_cores
 from alexnet.train import TrainError, TrainRun, load_history
@@ -52,7 +53,7 @@ def torchrun_command(params: TrainParams, argument: str) -> list[str]:
 # kills them: a worker stops at its next read of the losses (within train.sync_every
 # steps), then writes its checkpoint. torch's default, 30 s, can cut that write short.
 # (TORCH_ELASTIC_SHUTDOWN_TIMEOUT in the environment, where set, is kept.)
-STOP_GRACE_S = 300
+STOP_GRACE_S = WORKER_GRACE_S
 
 
 def worker_environment(params: TrainParams) -> dict[str, str]:

@@ -153,6 +153,57 @@ def test_stopping_the_caller_stops_the_stage_dvc_started(tmp_path):
     assert not (repo / "out" / "a").exists()
 
 
+# A stage that, like torchrun, runs its worker in a session of its own (out of reach of
+# the group's signals), passes a SIGTERM on to it and exits without waiting: the worker
+# takes 3 s to checkpoint.
+STAGE_WITH_A_WORKER = (
+    "mkdir -p out && "
+    'setsid sh -c \'trap "sleep 3; echo saved > ../saved; exit 0" TERM; '
+    "echo $$ > ../worker.pid; while :; do sleep 0.1; done' & "
+    "while [ ! -s ../worker.pid ]; do sleep 0.1; done; "
+    "trap 'kill -TERM $(cat ../worker.pid); exit 143' TERM; "
+    "echo $$ > ../stage.pid; while :; do sleep 0.1; done"
+)
+
+
+def test_a_stop_waits_for_a_worker_the_stage_left_in_a_session_of_its_own(tmp_path):
+    # torchrun's workers run in sessions of their own: a stop that ended with the stage's
+    # group let the next run take the turn while they still wrote the checkpoint
+    repo = project(tmp_path, a=STAGE_WITH_A_WORKER)
+    code = (
+        "import signal, sys; from pathlib import Path; from alexnet.repro import repro\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # as Prefect's engine\n"
+        f"repro(Path({str(repo)!r}), log=lambda line: None)"
+    )
+    caller = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
+    stage_started(tmp_path)
+    worker = int((tmp_path / "worker.pid").read_text())
+    assert os.getsid(worker) == worker  # (out of the group's reach)
+    caller.send_signal(signal.SIGTERM)
+    caller.wait(timeout=60)
+    assert (tmp_path / "saved").read_text() == "saved\n"  # before the turn ended
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker, 0)
+
+
+def test_the_wait_for_left_workers_ends_them_at_its_limit():
+    # in a process of its own: it reaps (and kills) every child of the process it is in
+    code = textwrap.dedent(
+        """
+        import subprocess, sys, time
+        from alexnet.orphans import wait_for_children
+        stuck = subprocess.Popen(["sleep", "60"])
+        start = time.monotonic()
+        wait_for_children(0.5)
+        print(time.monotonic() - start < 10, stuck.poll() is not None)  # not its 60 s
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True
+    )
+    assert done.stdout.split() == ["True", "True"], done.stderr
+
+
 def test_a_caller_killed_outright_still_takes_its_stage_with_it(tmp_path):
     # SIGKILL (or the OOM killer) runs no handler in the caller: the guard that leads
     # dvc's process group learns of its death from the kernel and stops the group.
