@@ -195,6 +195,11 @@ def _on_cuda(name: str, *args):
     return _fused(name)(*(arg.contiguous() if torch.is_tensor(arg) else arg for arg in args))
 
 
+def _no_autocast(x: torch.Tensor) -> torch.autocast:
+    """The sums in float32 or wider, as written, whatever autocast a caller has on."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 class _LocalResponseNorm(torch.autograd.Function):
     """Forward and a hand-derived backward, so autograd keeps 1-3 tensors instead of
     the ~10 intermediates of the composed ops. With d_i = k + alpha sum_{j in N(i)} a_j^2:
@@ -216,7 +221,8 @@ class _LocalResponseNorm(torch.autograd.Function):
         if ctx.path == "cpu":
             return lrn_cpu.forward(x, size, alpha, k, groups)
         xf = _wide(x)
-        d, scale = _lrn_terms(xf, size, alpha, k, beta, groups)
+        with _no_autocast(x):  # (bf16 autocast would run the window sum's GEMM in bf16)
+            d, scale = _lrn_terms(xf, size, alpha, k, beta, groups)
         ctx.save_for_backward(xf, d, scale)
         return (xf * scale).to(x.dtype)
 
@@ -231,7 +237,8 @@ class _LocalResponseNorm(torch.autograd.Function):
             result = lrn_cpu.backward(grad, x, size, alpha, k, groups)
         else:
             xf, d, scale = ctx.saved_tensors
-            result = _lrn_backward(grad, xf, d, scale, size, alpha, beta, groups)
+            with _no_autocast(xf):
+                result = _lrn_backward(grad, xf, d, scale, size, alpha, beta, groups)
         return result, None, None, None, None, None
 
 

@@ -83,13 +83,15 @@ def test_lrn_equals_torch_lrn_with_alpha_times_n(kernels):
     assert not torch.allclose(F.local_response_norm(x, 5, 1e-4, 0.75, 2.0), expected, rtol=1e-3)
 
 
-def fast_and_reference(x: torch.Tensor, grad: torch.Tensor, **options):
-    """(output, dL/dx) of each kernel choice for the same input and upstream gradient."""
+def fast_and_reference(x: torch.Tensor, grad: torch.Tensor, autocast: bool = False, **options):
+    """(output, dL/dx) of each kernel choice for the same input and upstream gradient;
+    `autocast`: the fast one's forward and backward under the CPU's bf16 autocast."""
     results = []
     for kernels in ("fast", "reference"):
         leaf = x.detach().clone().requires_grad_()
-        out = local_response_norm(leaf, kernels=kernels, **options)
-        results.append((out.detach(), *torch.autograd.grad(out, leaf, grad)))
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast and kernels == "fast"):
+            out = local_response_norm(leaf, kernels=kernels, **options)
+            results.append((out.detach(), *torch.autograd.grad(out, leaf, grad)))
     return results
 
 
@@ -110,11 +112,12 @@ def test_fast_path_equals_the_reference_forward_and_gradient(size, groups, dtype
     assert within(ref, lrn_direct(x, size, 1e-3, groups=groups), rtol)
 
 
-@pytest.mark.parametrize("layout", ["beta 0.5", "channels_last", "bfloat16"])
+@pytest.mark.parametrize("layout", ["beta 0.5", "channels_last", "bfloat16", "autocast"])
 def test_eager_fast_path_equals_the_reference(layout):
     # What the numba kernels do not serve goes through the eager ops: another beta,
-    # a channels-last batch, half precision (summed in float32).
-    x, beta = activations(seed=3), 0.75
+    # a channels-last batch, half precision (summed in float32), also under the bf16
+    # autocast of `train.amp` on a CPU (which ran the window sum's GEMM in bf16).
+    x, beta = activations(shape=(2, 96, 27, 27), seed=3), 0.75  # conv1's: 96 maps
     if layout == "beta 0.5":
         beta = 0.5
     elif layout == "channels_last":
@@ -123,7 +126,9 @@ def test_eager_fast_path_equals_the_reference(layout):
         x = x.bfloat16()
     assert not lrn_cpu.applies(x, beta)
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype)
-    (fast, fast_grad), (ref, ref_grad) = fast_and_reference(x, grad, beta=beta, groups=2)
+    (fast, fast_grad), (ref, ref_grad) = fast_and_reference(
+        x, grad, autocast=layout == "autocast", beta=beta, groups=2
+    )
     # bf16: both round their float32 result to bf16 (8 bits of mantissa): 1 ulp apart
     rtol = 2**-7 if x.dtype == torch.bfloat16 else RTOL32
     assert within(fast, ref, rtol) and within(fast_grad, ref_grad, rtol)

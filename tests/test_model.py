@@ -79,6 +79,8 @@ def test_caffe_and_kaiming_init():
     fan_in = 3 * 11 * 11
     assert abs(kaiming["conv1"].weight.std().item() - (2 / fan_in) ** 0.5) < 0.005
     assert all(torch.all(layer.bias == 0) for layer in kaiming.values())
+    for layers in (caffe, kaiming):  # the classifier's output layer: N(0, 0.01) in both
+        assert abs(layers["fc8"].weight.std().item() - 0.01) < 0.0005
 
 
 def test_one_column_net_halves_conv_kernels_but_not_conv5():
