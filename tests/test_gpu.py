@@ -19,7 +19,7 @@ from alexnet.augment import Augment, Draws
 from alexnet.lrn import local_response_norm, local_response_norm_reference
 from alexnet.model import AlexNet
 from alexnet.placement import TwoColumnAlexNet, place
-from tests.helpers import within
+from tests.helpers import assert_updates_within, within
 
 pytestmark = [
     pytest.mark.gpu,
@@ -149,12 +149,22 @@ def test_two_column_placement_on_a_gpu_and_the_cpu_equals_one_device(exact_float
         on_cpu = model(x)
         on_gpu = copy.deepcopy(model).to(CUDA)(x.to(CUDA))
     assert within(two, on_cpu, 1e-5) and within(two, on_gpu, 1e-5)
-    # and it trains: gradients reach both columns, on their own devices
-    F.cross_entropy(two, torch.tensor([0, 3, 6], device=CUDA)).backward()
+    # and it trains: gradients reach both columns, on their own devices, and make the
+    # one-device network's update (a crossing that cut the gradient would still leave
+    # column 1 some, through its own conv3 half)
+    start = {name: value.clone() for name, value in model.state_dict().items()}
+    target = torch.tensor([0, 3, 6])
+    for net, out, labels in ((model, model(x), target), (placed, two, target.to(CUDA))):
+        F.cross_entropy(out, labels).backward()
+        with torch.no_grad():
+            for p in net.parameters():
+                p -= 0.01 * p.grad
     for column, device in ((placed.column0, CUDA), (placed.column1, torch.device("cpu"))):
         for p in column.parameters():
             assert p.grad is not None and p.grad.device == device
             assert torch.isfinite(p.grad).all()
+    merged = {name: value.cpu() for name, value in placed.merged_state_dict().items()}
+    assert_updates_within(merged, model.state_dict(), start, rtol=1e-3)
 
 
 @pytest.mark.parametrize(("dtype", "rtol"), TOLERANCES)
