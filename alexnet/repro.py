@@ -6,14 +6,13 @@ the truth: after it, `dvc status` is clean, and a run with nothing changed does 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +21,6 @@ from typing import Literal
 import yaml
 
 from alexnet.errors import AlexnetError
-from alexnet.orphans import reap_children
 
 Stage = Literal["synth", "prepare", "stats", "pack", "train", "evaluate"]
 STAGES: tuple[str, ...] = Stage.__args__  # the chain's order
@@ -31,13 +29,30 @@ _RUNNING = re.compile(r"Running stage '([\w-]+)'")
 RESTORED = re.compile(r"Stage '([\w-]+)' is cached")  # from the run cache, not run
 
 
-# A stopped run's stages get this long to exit (train checkpoints), then SIGKILL: less
-# than the 30 s a Prefect runner gives a cancelled flow's process before it kills it.
-STOP_GRACE_S = 20
-
-
 class ReproError(AlexnetError):
     """`dvc repro` failed; the message ends with the line that says why."""
+
+
+def repository_key(repo: Path) -> str:
+    """What identifies the repository: its git `origin`, so that a worker's clone and the
+    checkout `alexnet serve` runs in are one; else its path."""
+    done = subprocess.run(
+        ["git", "remote", "get-url", "origin"], cwd=repo, capture_output=True, text=True
+    )
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else str(repo)
+
+
+def repository_limit(key: str) -> str:
+    """The name of the concurrency limit that the runs on the repository `key` share."""
+    return f"dvc-repro-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def leftovers_lock(repo: Path) -> Path:
+    """The file each `alexnet.guard` of the repository's runs holds locked while it runs
+    and until what a stop left of its tree has ended (this machine's runs; named as
+    their turn is)."""
+    name = repository_limit(repository_key(repo))
+    return Path(tempfile.gettempdir()) / f"alexnet-{name}.lock"
 
 
 def _dvc(args: list[str]) -> list[str]:
@@ -117,7 +132,7 @@ def repro(
                 ran.append(match.group(1))
         code = process.wait()
     except BaseException:
-        process.terminate()  # the guard stops dvc's tree (STOP_GRACE_S at most), then ends
+        process.terminate()  # the guard stops dvc's tree (its STOP_GRACE_S at most), then ends
         process.wait()
         raise
     if code != 0:
@@ -140,32 +155,6 @@ def _dvc_error(stderr: str) -> str:
     """DVC's `ERROR:` line, else its first line (an invalid dvc.yaml has no `ERROR:`)."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     return next((line for line in lines if line.startswith("ERROR")), lines[0] if lines else "")
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM to the process group of `process` (started in a session of its own), then,
-    after `STOP_GRACE_S`, SIGKILL to whatever of it is left: dvc exits at once on SIGTERM,
-    while its stage goes on unless signalled itself."""
-    group = process.pid
-    _signal_group(group, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_S
-    while time.monotonic() < deadline:
-        process.poll()  # reap dvc, or its zombie keeps the group alive
-        reap_children()  # and the guard's adopted orphans of the group (alexnet.guard)
-        if not _signal_group(group, 0):
-            return
-        time.sleep(0.2)
-    _signal_group(group, signal.SIGKILL)
-    process.wait()
-
-
-def _signal_group(group: int, number: int) -> bool:
-    """Send `number` to the group; whether any process of it was there."""
-    try:
-        os.killpg(group, number)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def default_remote(repo: Path) -> str | None:

@@ -16,8 +16,6 @@ Each publishes the metrics (and what changed since the run before) as an artifac
 
 from __future__ import annotations
 
-import hashlib
-import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -49,25 +47,13 @@ from alexnet.repro import (
     metrics_diff,
     push_outputs,
     remote_url,
+    repository_key,
+    repository_limit,
     repro,
     status_clean,
 )
 from flows.stages import PLANNED_RUN
 from flows.stages import STAGES as STAGE_TABLE
-
-
-def repository_key(repo: Path) -> str:
-    """What identifies the repository: its git `origin`, so that a worker's clone and the
-    checkout `alexnet serve` runs in are one; else its path."""
-    done = subprocess.run(
-        ["git", "remote", "get-url", "origin"], cwd=repo, capture_output=True, text=True
-    )
-    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else str(repo)
-
-
-def repository_limit(key: str) -> str:
-    """The name of the concurrency limit that the runs on the repository `key` share."""
-    return f"dvc-repro-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 @contextmanager
