@@ -143,8 +143,9 @@ def evaluate(
     workers: int = DEFAULTS.evaluate.loader_workers,
     decoder: JpegDecoder = DEFAULTS.compute.jpeg_decoder,
 ) -> Results:
-    """10-crop and centre-crop predictions for a whole split, and the 10-crop softmax of
-    the images `keep` lists (only theirs: a split's would be images x classes). `workers`
+    """10-crop and centre-crop predictions for a whole split, and the log of the 10-crop
+    average softmax of the images `keep` lists (only theirs: a split's would be images x
+    classes). `workers`
     processes read and decode batches ahead (a JPEG store needs them to feed a GPU);
     on a CUDA device a jpeg store's batches are decoded there by `decoder`."""
     if not len(split):  # no error rate, rather than a perfect one

@@ -293,7 +293,9 @@ class TrainParams(_Section):
         description=f"{DEVICE_HINT}; two devices ([cuda:0, cuda:1]) = one "
         "column of the network on each (model parallel)",
     )
-    random_crop: bool = Field(True, description="random 224 crops (else centre)")
+    random_crop: bool = Field(
+        True, description="random model.input_size crops (else the centre one)"
+    )
     flip: bool = Field(True, description="horizontal reflections with p=0.5")
     lighting: float = Field(0.1, ge=0, description="PCA lighting sigma (0 = off)")
     lighting_scale: LightingScale = Field(

@@ -182,7 +182,7 @@ class Loader:
         try:
             yield from batches
         except AlexnetError as error:
-            message = _worker_message(str(error))
+            message = _worker_message(error)
             if message is None:
                 raise
             raise _same_kind(error, message) from None
@@ -203,11 +203,14 @@ _DIED = re.compile(r"DataLoader worker \(pid.*\) (exited unexpectedly|is killed 
 _CAUGHT = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
 
 
-def _worker_message(text: str) -> str | None:
-    """The message of the exception a loader worker raised, from torch's re-raised text."""
+def _worker_message(error: Exception) -> str | None:
+    """The message of the exception a loader worker raised, from torch's re-raised text:
+    all after the traceback's last `module.Type: ` (a message of several lines whole)."""
+    text = str(error)
     if not _CAUGHT.match(text):
         return None
-    return text.rstrip().splitlines()[-1].partition(": ")[2]
+    kind = type(error)
+    return text.rpartition(f"{kind.__module__}.{kind.__qualname__}: ")[2].rstrip()
 
 
 def _same_kind(error: Exception, message: str) -> Exception:

@@ -61,9 +61,11 @@ if [ -f "$VENV/.setup-stamp" ] && [ "$(cat "$VENV/.setup-stamp")" = "$stamp" ]; 
   exit 0
 fi
 
-# A venv without pip is what a failed `python3 -m venv` leaves (Debian without python3-venv):
-# made again, so that venv's own error (which package to install) is said each time.
-if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+# A venv without pip: given one (ensurepip, as `uv venv` makes them), else made again,
+# as is what a failed `python3 -m venv` leaves (Debian without python3-venv has no
+# ensurepip), so that venv's own error, which package to install, is said each time.
+if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1 &&
+   ! "$VENV/bin/python" -m ensurepip >/dev/null 2>&1; then
   "$PYTHON" -m venv --clear "$VENV"
 fi
 pip=("$VENV/bin/python" -m pip --disable-pip-version-check)

@@ -510,7 +510,7 @@ def test_a_loader_workers_error_is_its_own_line_not_torchs_traceback(tmp_path):
     # torch re-raises it as "Caught StoreError in DataLoader worker process 0. Original
     # Traceback ...": the one-line error would have been a traceback squashed into a line
     store = tmp_path / "lmdb" / "train"
-    damaged = StoreError(f"{store}: key 00000007: missing")
+    damaged = StoreError(f"{store}: key 00000007: missing\n(run pack again)")  # 2 lines
     with pytest.raises(StoreError) as caught:
         list(batch_loader(RaisesReading(store, damaged), range(4), workers=1))
     assert str(caught.value) == str(damaged)
