@@ -1,7 +1,7 @@
 """Benchmark of the evaluate stage's 10-crop test, in one run: our batched 10-crop
-(one gather on the device, one forward of 10N crops, softmax average) vs ten times the
-centre-crop forward of the same model on the same batch (the cost of the ten forwards
-alone). Target: overhead <= 10%.
+(one gather on the device, one forward of 10N crops, the softmax average in logs) vs
+ten times the centre-crop forward of the same model on the same batch (the cost of the
+ten forwards alone). Target: overhead <= 10%.
 
     python bench/evaluate.py [--batch 50] [--repeats 3] [--device cpu]   (run by `make bench`)
 """
