@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import best_seconds, device_name  # noqa: E402
 
-from alexnet.crops import centre_crop  # noqa: E402
+from alexnet.crops import CENTRE, centre_crop  # noqa: E402
 from alexnet.evaluate import crop_average, crop_log_probabilities  # noqa: E402
 from alexnet.model import AlexNet  # noqa: E402
 from alexnet.runtime import configure  # noqa: E402
@@ -42,6 +42,10 @@ def main() -> None:
         for _ in range(10):
             torch.softmax(model(centre_crop(images, mean)), 1)
 
+    with torch.no_grad():  # ours computes what the baseline does: its centre crop's column
+        centre = crop_log_probabilities(model, images, mean, 224)[:, CENTRE]
+        forward = torch.log_softmax(model(centre_crop(images, mean)), 1)
+    torch.testing.assert_close(centre, forward, atol=1e-2, rtol=0)  # (TF32 convs on a GPU)
     ours = best_seconds(
         lambda: crop_average(crop_log_probabilities(model, images, mean, 224)), args.repeats, device
     )

@@ -64,7 +64,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import bench_run, best_seconds, cpu_model, device_name, photo_like  # noqa: E402
 
-from alexnet import jpeg_dali  # noqa: E402
+from alexnet import (
+    jpeg_dali,  # noqa: E402
+    runtime,  # noqa: E402
+)
 from alexnet.evaluate import evaluate, speed_switches  # noqa: E402
 from alexnet.jpeg import decode_on, to_device  # noqa: E402
 from alexnet.lmdb_store import write_store  # noqa: E402
@@ -140,7 +143,7 @@ def cpu_loader(root: Path, jpegs: list[bytes], batches: int) -> dict:
         (folder / f"{i:05d}.jpg").write_bytes(data)
     rng = np.random.default_rng(0)
     picks = [rng.integers(0, len(jpegs), 128).tolist() for _ in range(batches)]
-    images, cores = 128 * batches, os.cpu_count() or 1
+    images, cores = 128 * batches, runtime.cores()  # this process's, as DALI's threads
     dataset = ImageFolder(str(folder.parent), transform=pil_to_tensor)
     split = LmdbSplit(root / "jpeg" / "train")
     cpu = torch.device("cpu")
@@ -187,6 +190,12 @@ def cpu_loader(root: Path, jpegs: list[bytes], batches: int) -> dict:
         # the same batches read encoded, decoded by DALI's CPU decoder on `cores` threads
         shape = split.shape
         return lambda: [decode_on(split.read_encoded(pick), cpu, shape, "dali") for pick in picks]
+
+    # ours reads what the baseline reads: the same pixels (libjpeg-turbo in both)
+    split.threads = 1
+    mine, _ = split.read_batch(picks[0], channels_last=True)
+    theirs, _ = next(iter(torch.utils.data.DataLoader(dataset, batch_sampler=picks[:1])))
+    assert (mine.int() - theirs.int()).abs().max() <= 2, "the loaders' images differ"
 
     rates = {}
     works = [
@@ -547,6 +556,8 @@ def main() -> None:
     if not args.cpu and device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: no CUDA device here (the CPU part: python bench/gpu.py --cpu)")
     images = args.images or (1024 if args.cpu else 4096)
+    if args.cpu and images < 128:
+        parser.error("--cpu times batches of 128: --images 128 or more")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as folder:
         root = Path(folder)

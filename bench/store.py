@@ -96,6 +96,10 @@ def bench_reads(folder: Path, jpegs: list[bytes], raw, batches: int = 8) -> dict
     split.read_batch(picks[0])  # warm: the pages are in the page cache for both sides
     rates["raw"] = images / best(lambda: [split.read_batch(p) for p in picks])
     dataset = ImageFolder(str(folder / "imagefolder"))
+    # the same images: the raw store's records are these JPEGs decoded
+    mine = split.read_batch(picks[0])[0].int()
+    theirs = torch.stack([pil_to_tensor(dataset[int(i)][0]) for i in picks[0]]).int()
+    assert (mine - theirs).abs().max() <= 2, "the raw store's images differ from the JPEGs'"
 
     def imagefolder():
         for pick in picks:

@@ -73,6 +73,7 @@ def full_and_model_only(root: Path, batch: int, device: str) -> tuple[float, flo
     inputs = torch.randn(batch, 3, 224, 224, device=trainer.device) * 50
     labels = torch.randint(0, len(CLASSES), (batch,), device=trainer.device)
     model, optimizer = trainer.net, trainer.optimizer
+    model.train()  # the epoch ended in validation's eval mode: dropout on, as in its steps
 
     def step():
         optimizer.zero_grad(set_to_none=True)
