@@ -5,7 +5,7 @@ memory of its main process and of its largest worker (bench/memory.py), and the 
 what it writes; then the projection of those figures onto ImageNet.
 
     make bench
-    python bench/scale.py [--images 500] [--model-images 128] [--repeats 2] [--keep DIR]
+    python bench/scale.py [--images 1000] [--model-images 128] [--repeats 2] [--keep DIR]
         [--only data|model]
 
 The data is the built-in demo's kind (synth), 90% train, 10% val, with small raw files
@@ -283,7 +283,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000, help="N of the data stages")
     parser.add_argument("--model-images", type=int, default=128, help="N of train, evaluate")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of a stage at 16N")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="runs of a stage at each size, besides one for cold caches (and a stage's extra)",
+    )
     parser.add_argument("--keep", type=Path, help="keep the data in this folder")
     parser.add_argument("--only", choices=("data", "model"), help="one half of the table")
     args = parser.parse_args()
