@@ -447,19 +447,43 @@ def _check_archives(entries: list[os.DirEntry], where: str = "beside the class f
             )
 
 
+# What a photo's file is called: an image beside a split's class folders is one lost
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _check_loose_images(entries: list[os.DirEntry]) -> None:
+    # ImageNet's val/ half sorted into class folders (valprep.sh stopped): its flat images
+    # would be dropped without a word, and the error rates taken on the rest
+    loose = [
+        entry
+        for entry in entries
+        if os.fsdecode(entry.name).lower().endswith(IMAGE_SUFFIXES)
+        and not os.fsdecode(entry.name).startswith(".")
+        and not _is_dir(entry)
+    ]
+    if loose:
+        first = display_name(loose[0].path)
+        raise SourceError(
+            f"{first}: one of {len(loose)} images beside the class folders, which would be "
+            "left out; sort them into their class folders (ImageNet's val: valprep.sh), "
+            "or move them out"
+        )
+
+
 def _check_class_folders(entries: list[os.DirEntry]) -> None:
-    """The entries beside an ImageFolder split's class folders: none may be a class lost."""
+    """The entries beside an ImageFolder split's class folders: none may be a class lost,
+    nor an image left out."""
     _check_class_links(entries)
     _check_archives(entries)
+    _check_loose_images(entries)
 
 
 def open_source(root: str | Path, splits: tuple[str, ...] = SPLITS) -> Source:
     """Scan a raw dataset: classes from `train/`, and each split's folders, whose
     samples are listed in sorted order when the split is iterated."""
-    try:
-        root = Path(root).resolve()
-    except (OSError, RuntimeError):  # a symlink loop
-        raise SourceError(f"{display_name(root)}: no such dataset folder") from None
+    # as given, not resolved: Kaggle's image folder through a link to another disk is
+    # still three levels below its download's top, where its label files are
+    root = Path(root).absolute()
     if not root.is_dir():
         raise SourceError(f"{display_name(root)}: no such dataset folder")
     if not (root / "train").exists() and (root.joinpath(*KAGGLE_DATA) / "train").is_dir():
@@ -467,9 +491,9 @@ def open_source(root: str | Path, splits: tuple[str, ...] = SPLITS) -> Source:
     # Each split's top folder, listed once (train/ also gives the classes).
     tops = {split: _scan(_split_dir(root, split)) for split in dict.fromkeys(("train", *splits))}
     folders = {split: [e for e in entries if _is_dir(e)] for split, entries in tops.items()}
-    _check_class_folders(tops["train"])
     if not folders["train"]:
         raise SourceError(f"{display_name(root / 'train')}: empty split (no class folders)")
+    _check_class_folders(tops["train"])
     wnids = [display_name(d.name) for d in folders["train"]]
     _check_distinct(wnids, root / "train")
     names = read_names(root)

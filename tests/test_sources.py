@@ -81,6 +81,23 @@ def test_kaggles_download_opens_at_its_top_or_at_its_image_folder(tmp_path):
         assert [s.relpath for s in source.splits["train"]][
             0
         ] == f"train/{WNIDS[0]}/{WNIDS[0]}_1.JPEG"
+    # the image folder a link to another disk: the label files are still three levels up
+    (tmp_path / "disk").mkdir()
+    images.rename(tmp_path / "disk" / "CLS-LOC")
+    images.symlink_to(tmp_path / "disk" / "CLS-LOC")
+    assert [s.label for s in open_source(images).splits["val"]] == [1, 2, 0]
+
+
+def test_images_beside_the_class_folders_are_refused_not_left_out(tmp_path):
+    # ImageNet's val/ half sorted into class folders (valprep.sh stopped), labels at hand
+    _train(tmp_path)
+    (tmp_path / "val" / WNIDS[0]).mkdir(parents=True)
+    (tmp_path / "val" / WNIDS[0] / "ILSVRC2012_val_00000001.JPEG").write_bytes(jpeg(32, 32))
+    for i in (2, 3):
+        (tmp_path / "val" / f"ILSVRC2012_val_{i:08d}.JPEG").write_bytes(jpeg(32, 32))
+    (tmp_path / "val" / "README.txt").write_text("not an image: ignored")
+    with pytest.raises(SourceError, match=r"val_0000000[23]\.JPEG: one of 2 images beside"):
+        open_source(tmp_path)
 
 
 def _meta_mat(path, order):
