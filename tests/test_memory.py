@@ -1,8 +1,8 @@
 """Memory that stays flat whatever the data (issue 15): the LMDB writer, and the pack flow
-whose workers send every record back, run on n and 4n records of ~200 KB; the growth of
-the main process's peak anonymous memory must stay under a quarter of the extra data
-written. (It grew by ~1.4 bytes per byte written when Prefect's finished futures kept
-their results.)"""
+whose workers send every record back, run on n and 4n records of ~200 KB, and the stats
+flow on n and 4n shards (each one's moments 1.5 MB); the growth of the main process's
+peak anonymous memory must stay under three quarters of the extra data. (It grew by ~1.4
+bytes per byte written when Prefect's finished futures kept their results.)"""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_the_store_writers_memory_does_not_grow_with_the_records(tmp_path):
     assert growth < 3 * n * RECORD / 4, f"+{growth >> 20} MB for {3 * n * RECORD >> 20} MB more"
 
 
-def prepared(root, count: int):
+def prepared(root, count: int, per_shard: int = 32):
     """A prepared folder: `count` train and 4 val 256x256 JPEGs of two classes."""
     from alexnet.shards import Record, write_shard
 
@@ -45,10 +45,10 @@ def prepared(root, count: int):
     for split, total in (("train", count), ("val", 4)):
         folder = root / split
         folder.mkdir(parents=True)
-        for shard, start in enumerate(range(0, total, 32)):
+        for shard, start in enumerate(range(0, total, per_shard)):
             records = [
                 Record(f"{split}/{i:05d}", images[i % 8], i % 2)
-                for i in range(start, min(start + 32, total))
+                for i in range(start, min(start + per_shard, total))
             ]
             write_shard(folder / f"shard-{shard:05d}.tar", records, {})
     (root / "classes.json").write_text(json.dumps(CLASSES))
@@ -72,6 +72,30 @@ def test_the_pack_flows_memory_does_not_grow_with_the_records(tmp_path, prefect_
     n = 48
     growth = pack_peak(tmp_path, 4 * n, prefect_server) - pack_peak(tmp_path, n, prefect_server)
     assert growth < 3 * n * RECORD / 4, f"+{growth >> 20} MB for {3 * n * RECORD >> 20} MB more"
+
+
+MOMENTS = 256 * 256 * 3 * 8  # bytes of a shard's moments: its float64 image sum
+
+
+def stats_peak(tmp_path, shards: int, api_url: str) -> int:
+    """The stats flow's main-process peak over `shards` shards of one image each."""
+    root = tmp_path / f"n{shards}"
+    params = tmp_path / "params.yaml"
+    params.write_text("compute:\n  workers: 2\n  window_mb: 4\n")
+    train = prepared(root / "prepared", shards, per_shard=1) / "train"
+    command = [sys.executable, "-m", "flows.stats", str(train), str(root / "stats")]
+    env = {**os.environ, "PREFECT_API_URL": api_url}
+    result = run_sampled([*command, "--params", str(params)], cwd=REPO, env=env)
+    assert result.returncode == 0 and f"stats: {shards} images" in result.output, result.output
+    return result.main_peak
+
+
+def test_the_stats_flows_memory_does_not_grow_with_the_shards(tmp_path, prefect_server):
+    # each shard's moments are 1.5 MB whatever its images: ImageNet's 1,282 train shards
+    # would be 1.9 GB, held at once without the window
+    n = 16
+    growth = stats_peak(tmp_path, 4 * n, prefect_server) - stats_peak(tmp_path, n, prefect_server)
+    assert growth < 3 * n * MOMENTS / 4, f"+{growth >> 20} MB for {3 * n * MOMENTS >> 20} MB more"
 
 
 class Done:  # a finished future
