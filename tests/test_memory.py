@@ -1,7 +1,7 @@
 """Memory that stays flat whatever the data (issue 15): the LMDB writer, and the pack flow
 whose workers send every record back, run on n and 4n records of ~200 KB, and the stats
 flow on n and 4n shards (each one's moments 1.5 MB); the growth of the main process's
-peak anonymous memory must stay under three quarters of the extra data. (It grew by ~1.4
+peak anonymous memory must stay under a quarter of the extra data. (It grew by ~1.4
 bytes per byte written when Prefect's finished futures kept their results.)"""
 
 from __future__ import annotations
