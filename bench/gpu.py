@@ -1,7 +1,7 @@
 """The training machine's data path and step, measured: one table and a JSON file.
 
 On a CUDA GPU (`python bench/gpu.py`: ~6.5 minutes on an H200 when full steps ran 2
-epochs; `--targets`: ~5, estimated; 295 s for the CPU dry run below):
+epochs; `--targets`: ~5, estimated):
 - the model step alone (forward, backward, SGD on inputs already on the device);
 - the full training step from a `raw` and from a `jpeg` LMDB (the trainer's own loop:
   read-ahead workers, the copy or the nvJPEG decode, augmentation, step), batch 128 and
@@ -36,8 +36,9 @@ as for a GPU, handed over by loader worker processes: one buffer a batch
     python bench/gpu.py --cpu [--images 1024] [--out cpu.json]
     python bench/gpu.py --device cpu --images 256 --batches 8 16 [--targets]  # a dry run
 
-The dry run goes through every GPU row on the CPU, small (~10 minutes on 2 cores): it
-checks the script before a GPU's time is spent on it. Its figures mean nothing.
+The dry run goes through every GPU row on the CPU, small (5-10 minutes on 2 cores, as
+busy as the machine is: BENCHMARKS.md has its times): it checks the script before a
+GPU's time is spent on it. Its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -453,14 +454,11 @@ def gpu(
 
     large = batches[1]
     sizes, precisions = ((large,), (True,)) if targets_only else (batches, (False, True))
-    model_steps = {}
     for batch in sizes:
         for amp in precisions:
             precision = "bf16 + channels_last" if amp else "float32"
             name = f"model step, batch {batch}, {precision}"
-            model_steps[batch, amp] = row(
-                name, lambda b=batch, a=amp: model_step(b, a, a, device=device)
-            )
+            row(name, lambda b=batch, a=amp: model_step(b, a, a, device=device))
     # the data path's stream: 4 epochs of the store, less what is read ahead
     steps = min(32, 4 * (images // large) - AHEAD)
     stream: dict[str, float | None] = {}
@@ -489,8 +487,13 @@ def gpu(
         name = f"full step, jpeg LMDB, batch {large}, bf16 + channels_last, {label}"
         full = row(name, lambda d=decoder: full_step(root / "jpeg", large, device, d, **bf16))
         others[label] = (data, full)
-    # LRN, evaluation and a checkpoint before the compiled step: its compile takes ~1 min
-    with_lrn = model_steps[large, True]
+    # LRN, evaluation and a checkpoint before the compiled step: its compile takes ~1 min.
+    # The share's two sides one after the other: the row above ran minutes ago, and the
+    # GPU's clocks and memory have moved since.
+    with_lrn = row(
+        f"model step, batch {large}, bf16 + channels_last, with the LRN (beside the next)",
+        lambda: model_step(large, True, True, device=device),
+    )
     without = row(
         f"model step, batch {large}, bf16 + channels_last, without the LRN",
         lambda: model_step(large, True, True, lrn=False, device=device),
@@ -546,12 +549,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the figures here, as JSON")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the GPU rows")
     parser.add_argument(
-        "--batches", type=int, nargs=2, default=(128, 256), help="the two batch sizes"
+        "--batches", type=int, nargs=2, default=[128, 256], help="the two batch sizes"
     )
     parser.add_argument(
         "--targets", action="store_true", help="only the target rows (larger batch, bf16)"
     )
     args = parser.parse_args()
+    gpu_only = [parser.get_default(k) != getattr(args, k) for k in ("device", "batches", "targets")]
+    if args.cpu and any(gpu_only):
+        parser.error(
+            "--cpu times the CPU loaders only: --device, --batches and --targets are not its"
+        )
     device = torch.device(args.device)
     if not args.cpu and device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: no CUDA device here (the CPU part: python bench/gpu.py --cpu)")
