@@ -99,6 +99,16 @@ def environment_kept():
     assert torch_settings() == settings, "the test changed torch's settings"
 
 
+@pytest.fixture
+def own_temporary_folder(tmp_path, monkeypatch):
+    """TMPDIR of the test's own for the commands it starts. The guards' lock of a
+    repository's runs (`alexnet.repro.leftovers_lock`) lies there and is named after the
+    repository's origin, which every clone of this repository shares: the tests of two
+    xdist workers would wait for each other's runs (and leave a lock file in /tmp each)."""
+    tempfile.gettempdir()  # this process's, chosen (and kept) before: not the test's
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """One Prefect test server for the whole session (building its database costs ~15 s).

@@ -93,7 +93,7 @@ def stats_peak(tmp_path, shards: int, api_url: str) -> int:
 def test_the_stats_flows_memory_does_not_grow_with_the_shards(tmp_path, prefect_server):
     # each shard's moments are 1.5 MB whatever its images: ImageNet's 1,282 train shards
     # would be 1.9 GB, held at once without the window
-    n = 16
+    n = 8
     growth = stats_peak(tmp_path, 4 * n, prefect_server) - stats_peak(tmp_path, n, prefect_server)
     assert growth < 3 * n * MOMENTS / 4, f"+{growth >> 20} MB for {3 * n * MOMENTS >> 20} MB more"
 

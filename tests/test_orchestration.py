@@ -28,6 +28,8 @@ from alexnet.repro import STAGES, repro, stage_environment, status_clean
 from flows.pipeline import retrain_flow
 from tests.helpers import TINY_CHAIN, free_port, repo_copy
 
+pytestmark = pytest.mark.usefixtures("own_temporary_folder")
+
 
 def dvc_repro(repo: Path) -> list[str]:
     return repro(repo, log=lambda line: None)

@@ -35,6 +35,8 @@ from alexnet.repro import (
 )
 from flows.pipeline import _warn_if_checkpoint_goes, lateness
 
+pytestmark = pytest.mark.usefixtures("own_temporary_folder")
+
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
 
 
