@@ -62,10 +62,7 @@ def hold(path: Path) -> IO:
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        print(
-            "waiting for an earlier run on this repository (or what a stopped one left) to end",
-            flush=True,
-        )
+        print(WAITING, flush=True)
         fcntl.flock(handle, fcntl.LOCK_EX)
     return handle
 

@@ -434,17 +434,26 @@ def _check_distinct(wnids: list[str], train: Path) -> None:
 ARCHIVES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip", ".7z", ".rar")
 
 
+def _files_ending(entries: list[os.DirEntry], suffixes: tuple[str, ...]) -> list[os.DirEntry]:
+    """The entries that are not folders nor hidden and whose names end in `suffixes`."""
+    return [
+        entry
+        for entry in entries
+        if (name := os.fsdecode(entry.name).lower()).endswith(suffixes)
+        and not name.startswith(".")
+        and not _is_dir(entry)
+    ]
+
+
 def _check_archives(entries: list[os.DirEntry], where: str = "beside the class folders") -> None:
     # A class left in its archive (ImageNet's training tar holds one tar per class) would
     # drop that class and shift the index of every class after it, silently; in a flat
     # val/ (its tar downloaded there, then extracted), one entry more than its labels.
-    for entry in entries:
-        name = os.fsdecode(entry.name).lower()
-        if name.endswith(ARCHIVES) and not name.startswith(".") and not _is_dir(entry):
-            raise SourceError(
-                f"{display_name(entry.path)}: an archive {where}; extract it into a "
-                "folder of its own, or move it out"
-            )
+    if archives := _files_ending(entries, ARCHIVES):
+        raise SourceError(
+            f"{display_name(archives[0].path)}: an archive {where}; extract it into a "
+            "folder of its own, or move it out"
+        )
 
 
 # What a photo's file is called: an image beside a split's class folders is one lost
@@ -454,14 +463,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 def _check_loose_images(entries: list[os.DirEntry]) -> None:
     # ImageNet's val/ half sorted into class folders (valprep.sh stopped): its flat images
     # would be dropped without a word, and the error rates taken on the rest
-    loose = [
-        entry
-        for entry in entries
-        if os.fsdecode(entry.name).lower().endswith(IMAGE_SUFFIXES)
-        and not os.fsdecode(entry.name).startswith(".")
-        and not _is_dir(entry)
-    ]
-    if loose:
+    if loose := _files_ending(entries, IMAGE_SUFFIXES):
         first = display_name(loose[0].path)
         raise SourceError(
             f"{first}: one of {len(loose)} images beside the class folders, which would be "
