@@ -441,6 +441,8 @@ class Trainer:
                 f"cannot be read ({one_line(error)}); it is kept: run again once it can "
                 "be, or remove it to start afresh"
             )
+        except MemoryError:  # this host's trouble, not the file's: kept, for a rerun
+            raise
         except Exception as error:  # a damaged checkpoint is only a lost shortcut
             return f"is damaged ({type(error).__name__})"
         if not isinstance(state, dict):
@@ -466,6 +468,8 @@ class Trainer:
                 f"warning: resuming a run begun by other training code ({files} changed); "
                 f"delete {self.checkpoint} to start afresh"
             )
+        if misfit := misfits(self.model, self.optimizer, state):
+            return f"does not fit this training code ({misfit})"
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -685,6 +689,25 @@ class Trainer:
             "digest": self.digest,
         }
         save_model(path, contents)
+
+
+def misfits(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> str | None:
+    """Why a checkpoint's weights and momenta cannot load into `model` and `optimizer`
+    (other code renamed, added or resized a layer), found before anything is loaded:
+    torch's `load_state_dict` copies every weight that fits before it raises on one that
+    does not, which would leave a run that starts afresh half resumed."""
+    mine, theirs = model.state_dict(), state["model"]
+    if missing := sorted(mine.keys() - theirs.keys()):
+        return f"it has no {missing[0]}"
+    if unknown := sorted(theirs.keys() - mine.keys()):
+        return f"it has a {unknown[0]} this model lacks"
+    for name, value in mine.items():
+        if (shape := tuple(theirs[name].shape)) != tuple(value.shape):
+            return f"its {name} is {shape}, this model's {tuple(value.shape)}"
+    groups = [len(group["params"]) for group in optimizer.param_groups]
+    if [len(group["params"]) for group in state["optimizer"]["param_groups"]] != groups:
+        return "its optimizer's parameter groups differ"
+    return None
 
 
 def decay_groups(model: torch.nn.Module, decay: float, biases: bool) -> list[dict]:

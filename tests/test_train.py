@@ -166,6 +166,45 @@ def test_an_unfinished_run_of_other_code_resumes_with_a_warning(data, tmp_path):
     assert "alexnet/model.py changed" in heard[0], heard
 
 
+@pytest.mark.parametrize("change", ["renamed", "resized"])
+def test_an_unfinished_run_the_model_no_longer_fits_starts_afresh(data, tmp_path, change):
+    # Other code renamed or resized a layer: loading raised a traceback on every run
+    # after, the weights that fitted already copied in. Now set aside, weights untouched.
+    stop_at(trainer(data, tmp_path, epochs=2), epoch=0, step=1)
+    recode(tmp_path / "ckpt.pt", "alexnet/model.py")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    last = list(state["model"])[-1]  # loaded last: every other weight would be copied
+    if change == "renamed":
+        state["model"]["renamed"] = state["model"].pop(last)
+    else:
+        state["model"][last] = torch.cat([state["model"][last]] * 2)
+    torch.save(state, tmp_path / "ckpt.pt")
+    heard, again = [], trainer(data, tmp_path, epochs=2)
+    initial = {name: value.clone() for name, value in again.model.state_dict().items()}
+    assert not again.resume(heard.append) and (again.epoch, again.step) == (0, 0)
+    assert len(heard) == 1 and "does not fit this training code (it" in heard[0], heard
+    assert last in heard[0], heard  # the weight that no longer fits is named
+    assert_same_weights(again.model.state_dict(), initial)
+    assert (tmp_path / "ckpt.other-run.pt").exists() and not (tmp_path / "ckpt.pt").exists()
+
+
+def test_a_checkpoint_this_host_cannot_load_now_is_kept(data, tmp_path, monkeypatch):
+    # Out of memory while loading says nothing of the file: not "damaged", not set aside
+    # (its one slot would lose an earlier set-aside run), not restarted from epoch 0.
+    stop_at(trainer(data, tmp_path, epochs=2), epoch=0, step=1)
+    kept = (tmp_path / "ckpt.pt").read_bytes()
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    again = trainer(data, tmp_path, epochs=2)
+    monkeypatch.setattr(torch, "load", no_memory)
+    with pytest.raises(MemoryError):
+        again.resume()
+    assert (tmp_path / "ckpt.pt").read_bytes() == kept
+    assert not (tmp_path / "ckpt.other-run.pt").exists()
+
+
 def test_a_damaged_checkpoint_is_reported_once_and_training_starts_afresh(data, tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"\x00garbage, not a torch file" * 1000)
     heard, t = [], trainer(data, tmp_path, epochs=1)
