@@ -132,15 +132,30 @@ def _folder(name: str) -> tarfile.TarInfo:
 
 
 def read_description(path: Path) -> dict | None:
-    """The description stored in a shard, or None when the file is missing, unreadable
-    or cut short (prepare then makes it again rather than reuse it)."""
+    """The description stored in a shard, or None when the file is missing, unreadable,
+    cut short or damaged (prepare then makes it again rather than reuse it). Its members
+    are walked (`index_shard`): a copy zero-filled from some member on keeps its size and
+    its zero end, and would read as a shard of the members before the zeros."""
     try:
         with tarfile.open(path, mode="r:") as tar:
             if not _ends_whole(tar.fileobj):
                 return None
-            return json.loads(tar.pax_headers.get("comment", "null"))
-    except (OSError, tarfile.TarError, json.JSONDecodeError):
+            description = json.loads(tar.pax_headers.get("comment", "null"))
+        index_shard(path)
+    except (OSError, tarfile.TarError, json.JSONDecodeError, ShardError):
         return None
+    return description
+
+
+def _described_records(tar: tarfile.TarFile) -> int | None:
+    """The number of records prepare's description of a shard says it kept, if it has
+    one (a shard made by another tool need not)."""
+    try:
+        description = json.loads(tar.pax_headers.get("comment", "null"))
+        kept = description["report"]["kept"]
+    except (json.JSONDecodeError, TypeError, KeyError):
+        return None
+    return kept if isinstance(kept, int) else None
 
 
 def _ends_whole(stream) -> bool:
@@ -260,9 +275,15 @@ def index_shard(path: Path, classes: int | None = None) -> list[tuple[str, int, 
                 data = tar.extractfile(member).read(_LABEL_BYTES + 1)  # there: _members checked
                 label = _label(path, member.name, data, classes)
                 entries.append((key, jpg.offset_data, jpg.size, label))
+        described = _described_records(tar)
     if pending:
         key = next(iter(pending))
         raise ShardError(f"{path}: member {key}.jpg has no {key}.cls")
+    if described is not None and described != len(entries):
+        raise ShardError(
+            f"{path}: damaged tar: {len(entries)} records where its description says "
+            f"{described} (zeros in place of the rest?)"
+        )
     return entries
 
 

@@ -77,6 +77,21 @@ def test_a_shard_cut_short_has_no_description_so_prepare_makes_it_again(tmp_path
     assert read_description(path) is None
 
 
+def test_a_shard_zero_filled_from_a_member_on_is_damaged_not_shorter(tmp_path):
+    # A copy that preallocates its file and stops part way keeps the size and the zero
+    # end: tarfile lists the members before the zeros and stops there without a word.
+    path = tmp_path / "shard-00000.tar"
+    records = [Record(f"n01/n01_{i}", JPEG_START + bytes(3000), 1) for i in range(6)]
+    write_shard(path, records, {"fingerprint": "a", "report": {"kept": 6}})
+    assert read_description(path) == {"fingerprint": "a", "report": {"kept": 6}}
+    data = path.read_bytes()
+    start = member_at(path, "n01/n01_3.jpg").offset
+    path.write_bytes(data[:start] + bytes(len(data) - start))
+    assert read_description(path) is None  # so prepare makes it again
+    with pytest.raises(ShardError, match="shard-00000.tar: damaged tar: 3 records where"):
+        index_shard(path)  # and stats and pack do not read half of it
+
+
 def test_damaged_shard_is_reported_by_name(tmp_path):
     path = tmp_path / "shard-00003.tar"
     write_shard(path, RECORDS, {})
