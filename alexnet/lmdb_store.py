@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import lmdb
@@ -126,6 +126,29 @@ def _append(env: lmdb.Environment, start: int, batch: list[tuple[int, bytes]], s
     return len(batch)
 
 
+# Records a transaction holds, whatever the batches `write_store` is given (params
+# `pack.batch`: how many records a read task takes): where transactions end shapes the
+# pages of data.mdb, so the same records in other batches made another file, and
+# training, which digests the file, started afresh. 256, the default `pack.batch`: the
+# stores it made stay byte for byte.
+TRANSACTION_RECORDS = 256
+
+
+def _transactions(batches: Iterable[list[tuple[int, bytes]]]) -> Iterator[list[tuple[int, bytes]]]:
+    """The records of `batches`, in order, as lists of `TRANSACTION_RECORDS` (the last
+    shorter). A batch is let go once its last record is taken."""
+    records: list[tuple[int, bytes]] = []
+    for batch in batches:
+        for record in batch:
+            records.append(record)
+            if len(records) == TRANSACTION_RECORDS:
+                yield records
+                records = []
+        del batch  # gone before the next is fetched
+    if records:
+        yield records
+
+
 def write_store(
     path: str | Path,
     batches: Iterable[list[tuple[int, bytes]]],
@@ -136,10 +159,11 @@ def write_store(
     pack: str | None = None,
     map_size: int = 1 << 30,
 ) -> int:
-    """Write batches of (label, payload) records as keys 0, 1, 2, ... (one transaction
-    per batch), then `__meta__` (with `pack`, the digest of the pack run that wrote the
-    store, where given); returns the count. Memory: about two batches (the batch and
-    the transaction's pages), whatever the count."""
+    """Write batches of (label, payload) records as keys 0, 1, 2, ... (transactions of
+    `TRANSACTION_RECORDS`: the same records make the same file whatever the batches),
+    then `__meta__` (with `pack`, the digest of the pack run that wrote the store, where
+    given); returns the count. Memory: about a batch and a transaction (its records and
+    pages), whatever the count."""
     if encoding not in ENCODINGS:
         raise StoreError(f"unknown encoding {encoding!r} (choose from {', '.join(ENCODINGS)})")
     count = 0
@@ -150,9 +174,9 @@ def write_store(
         # (default) zeroes unused page bytes, so the same records give the same file.
         env = lmdb.open(str(folder), map_size=map_size, lock=False, sync=False)
         try:
-            for batch in batches:
-                count += _append(env, count, batch, size)
-                del batch  # gone before the next is fetched: one batch in memory at a time
+            for records in _transactions(batches):
+                count += _append(env, count, records, size)
+                del records  # gone before the next is gathered
             meta = {
                 "format": FORMAT,
                 "version": VERSION,

@@ -205,7 +205,9 @@ class PackParams(_Section):
     )
     shuffle_train: bool = Field(True, description="store train records in a seeded random order")
     seed: int = Field(0, description="seed of the train order")
-    batch: int = Field(256, ge=1, description="records per parallel read task and transaction")
+    batch: int = Field(
+        256, ge=1, description="records per parallel read task (its memory; not the output bytes)"
+    )
 
 
 class ModelParams(_Section):

@@ -147,6 +147,20 @@ def test_map_grows_instead_of_map_full_error(tmp_path):
     assert len(split) == 40 and split[39][1] == 0
 
 
+def test_the_same_records_make_the_same_file_whatever_the_batches(tmp_path):
+    # params pack.batch (records a read task takes) changed data.mdb's pages: training
+    # digests the file, so a memory knob restarted a finished run from scratch.
+    records = [(i % 7, bytes([i % 251]) * 192) for i in range(700)]  # 8x8 raw images
+
+    def packed(name: str, batch: int) -> bytes:
+        batches = [records[i : i + batch] for i in range(0, len(records), batch)]
+        write_store(tmp_path / name, batches, "raw", [{"index": 0}], size=8)
+        return (tmp_path / name / "data.mdb").read_bytes()
+
+    one = packed("one", len(records))
+    assert all(packed(str(batch), batch) == one for batch in (1, 100, 256, 300))
+
+
 def test_failed_pack_leaves_previous_store_and_no_temporary(tmp_path):
     path = store(tmp_path, raw_records(images(3)))
     before = (path / "data.mdb").read_bytes()
