@@ -43,7 +43,8 @@ def _half(module: nn.Module, column: int) -> tuple[str, nn.Module]:
     elif isinstance(module, nn.Linear):
         out = (module.out_features + 1 - column) // 2  # column 0 takes the odd one out
         start = 0 if column == 0 else (module.out_features + 1) // 2
-        reads, half, rows = "both", nn.Linear(module.in_features, out), slice(start, start + out)
+        half = type(module)(module.in_features, out)  # fc8's halves: `Logits` too
+        reads, rows = "both", slice(start, start + out)
     elif isinstance(module, LRN):
         return "own", LRN(module.size, module.alpha, module.beta, module.k, 1, module.kernels)
     else:  # ReLU, pooling, dropout, identity: the same operation on each column

@@ -199,18 +199,22 @@ def test_read_ahead_gives_the_same_numbers(data, model_file):
 
 def test_the_speed_switches_give_the_float32_softmax_up_to_bf16_rounding(data, model_file):
     # params evaluate.amp and evaluate.channels_last: the same model, faster on a GPU.
-    # Both must act (bf16 logits, channels-last weights), and change only the rounding.
+    # Both must act (bf16 layers up to fc7, channels-last weights), and change only the
+    # rounding; fc8 stays float32 (bf16 logits tie classes: a tie counts as an error).
     from alexnet.evaluate import speed_switches
 
     model, payload = load_model(model_file)
     images, _ = LmdbSplit(data / "lmdb" / "val").read_batch(range(4))
     exact = crop_log_probabilities(model, images, payload["mean"], 224).exp()
-    seen: list[torch.dtype] = []
-    model.layers()["fc8"].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    seen: dict[str, set[torch.dtype]] = {"fc7": set(), "fc8": set()}
+    for name, dtypes in seen.items():
+        hook = lambda m, i, out, dtypes=dtypes: dtypes.add(out.dtype)  # noqa: E731
+        model.layers()[name].register_forward_hook(hook)
     with speed_switches(model, torch.device("cpu"), amp=True, channels_last=True):
         fast = crop_log_probabilities(model, images, payload["mean"], 224).exp()
     conv1 = model.layers()["conv1"].weight
-    assert set(seen) == {torch.bfloat16} and conv1.is_contiguous(memory_format=torch.channels_last)
+    assert seen == {"fc7": {torch.bfloat16}, "fc8": {torch.float32}}
+    assert conv1.is_contiguous(memory_format=torch.channels_last)
     assert fast.dtype == torch.float32 and not torch.equal(fast, exact)
     torch.testing.assert_close(fast, exact, atol=0.02, rtol=0)  # probabilities, bf16 logits
 

@@ -119,7 +119,7 @@ def test_bf16_autocast_training_step_on_cuda():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         logits = model(x)
         loss = F.cross_entropy(logits, target)
-    assert logits.dtype == torch.bfloat16
+    assert logits.dtype == torch.float32  # fc8 in float32: bf16 logits tie classes
     assert torch.isfinite(loss) and abs(loss.item() - math.log(10)) < 0.5  # small init logits
     optimizer.zero_grad()
     loss.backward()

@@ -194,9 +194,23 @@ def test_channels_last_and_bf16_autocast_on_cpu():
     fast = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
     assert torch.allclose(fast, reference, rtol=1e-4, atol=1e-4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = model(x)
-    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
-    assert torch.allclose(low.float(), reference, rtol=0.1, atol=0.1 * reference.abs().max().item())
+        low, hidden = model(x), model.hidden(x)
+    assert hidden.dtype == torch.bfloat16 and torch.isfinite(low).all()
+    assert torch.allclose(low, reference, rtol=0.1, atol=0.1 * reference.abs().max().item())
+    # fc8 in float32 (bf16 logits tie classes, and a tie counts as an error): its own
+    # product of the bf16 hidden vector, which a bf16 fc8 rounds to 8 significant bits.
+    fc8 = model.classifier[-1]
+    assert low.dtype == torch.float32
+    assert torch.equal(low, hidden.float() @ fc8.weight.T + fc8.bias)
+
+
+def test_the_two_column_models_logits_are_float32_under_autocast():
+    from alexnet.placement import place
+
+    torch.manual_seed(0)
+    columns = place(AlexNet(num_classes=10, init="caffe"), ["cpu", "cpu"]).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert columns(torch.randn(2, 3, 224, 224) * 50).dtype == torch.float32
 
 
 def numba_kernels() -> list:

@@ -21,7 +21,7 @@ def test_columns_communicate_only_at_conv3_and_fc_layers():
         for m, reads in zip(placed.column0, placed.reads, strict=True)
         if reads == "both"
     ]
-    assert crossing == ["Conv2d", "Linear", "Linear", "Linear"]  # conv3, fc6, fc7, fc8
+    assert crossing == ["Conv2d", "Linear", "Linear", "Logits"]  # conv3, fc6, fc7, fc8
     assert placed.column0[8].in_channels == 256 and placed.column0[4].in_channels == 48
 
 
