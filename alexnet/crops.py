@@ -46,8 +46,11 @@ def centre_crop(
     """Validation input: the central crop as float32, minus the same window of the mean."""
     height, width = images.shape[-2:]
     top, left = centre_offset(height, crop), centre_offset(width, crop)
-    # contiguous: the batch may arrive in channels-last layout (see LmdbSplit.read_batch)
-    out = images[..., top : top + crop, left : left + crop].float().contiguous()
+    # One copy, always: contiguous (the batch may arrive channels-last: LmdbSplit.
+    # read_batch), and never the caller's images (float32 of the crop's size would be
+    # the same tensor, and the mean would be taken off in place).
+    window = images[..., top : top + crop, left : left + crop]
+    out = window.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     if mean is not None:
         out -= mean[..., top : top + crop, left : left + crop]
     return out

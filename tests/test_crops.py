@@ -65,6 +65,11 @@ def test_centre_crop_takes_centre_offsets_window_and_its_mean_window(size, crop)
     # uint8 batches in the loader's channels-last layout give the same floats
     pixels = torch.randint(0, 256, (2, size, size + 1, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
     assert torch.equal(centre_crop(pixels, mean, crop), pixels[window].float() - mean[window])
+    # float32 images of the crop's size: the result is a copy, the caller's images kept
+    whole = torch.rand(2, 3, crop, crop) * 255
+    kept = whole.clone()
+    assert torch.equal(centre_crop(whole, mean[window], crop), kept - mean[window])
+    assert torch.equal(whole, kept)
 
 
 @pytest.mark.parametrize(
