@@ -1,8 +1,9 @@
 """What a Dask worker must share with the stage that maps tasks on it: the same files at
 the same absolute paths, and the same code and libraries.
 
-A data stage hands its workers absolute paths resolved on its own machine. A worker
-without the shared file system would write a folder of the same name on its own disk
+A data stage hands its workers absolute paths made on its own machine, its links
+unresolved (each machine follows its own). A worker without the shared file system
+would write a folder of the same name on its own disk
 (the stage reporting success, the next stage reading a part of the data), and a
 long-lived worker keeps the modules it imported when it started, while DVC records the
 hash of the code on disk. So before any task, each worker answers `worker_view` once
@@ -16,14 +17,16 @@ import importlib.metadata
 import os
 import platform
 import secrets
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from alexnet.atomic import link_target, remove_leftovers, temporary_name
+from alexnet.atomic import remove_leftovers, temporary_name
 from alexnet.digests import sha16
 from alexnet.imports import PACKAGES, closure
+from alexnet.pilcodecs import CODECS
 
 ROOT = Path(__file__).resolve().parents[1]
 # The marker's name, as a temporary's (`.alexnet-check.tmp-HOST-PID`): the next check sweeps
@@ -47,7 +50,8 @@ IMPORTED_CODE = source_digests()
 def versions() -> dict[str, str]:
     """The interpreter and the libraries whose version changes the data stages' bytes.
     numpy and PIL as the live modules say (pillow-simd's versions carry `.postN`, see
-    alexnet.doctor); torch as installed: the data tasks never import it (seconds)."""
+    alexnet.doctor), with PIL's build (`pil_build`); torch as installed: the data tasks
+    never import it (seconds)."""
     import numpy
     import PIL
 
@@ -55,8 +59,30 @@ def versions() -> dict[str, str]:
         "Python": platform.python_version(),
         "numpy": numpy.__version__,
         "PIL": PIL.__version__,
+        **pil_build(),
         "torch": importlib.metadata.version("torch"),
     }
+
+
+# The codecs that decide what prepare decodes (alexnet.pilcodecs), less freetype2, which
+# draws text (no stage does), and libjpeg_turbo, compared by its version below.
+DECODING = tuple(name for name in CODECS if name not in ("freetype2", "libjpeg_turbo"))
+HAS, LACKS = "yes", "no"
+
+
+def pil_build() -> dict[str, str]:
+    """What a PIL of one version may be built with or without (pillow-simd is built on
+    each node): a worker without a codec skips the files the stage decodes, and another
+    libjpeg build decodes and encodes other bytes."""
+    from PIL import features
+
+    with warnings.catch_warnings():  # an older PIL warns of a codec it does not know
+        warnings.simplefilter("ignore")
+        built = {f"PIL {name}": HAS if features.check(name) else LACKS for name in DECODING}
+    # "jpg" gives the libjpeg API's version (6.2, 8.0, 9e); the turbo build's own
+    # (its SIMD code) is a version of its own, "none" for a plain libjpeg.
+    jpeg = {"libjpeg": features.version("jpg"), "libjpeg-turbo": features.version("libjpeg_turbo")}
+    return {**built, **{name: version or "none" for name, version in jpeg.items()}}
 
 
 @dataclass(frozen=True)
@@ -88,9 +114,11 @@ class View:
 
 
 def marker_folder(output: str) -> Path:
-    """Where a marker for `output` goes: in the folder it names (where a link points),
-    or the nearest folder above it that exists (the stage makes it there)."""
-    path = link_target(Path(output))
+    """Where a marker for `output` goes: in the folder it names, or the nearest folder
+    above it that exists (the stage makes it there). Named through `output` as given,
+    links unresolved: the tasks write through that path, so a worker must find the
+    marker through it too (a link there may lead elsewhere on the worker's machine)."""
+    path = Path(output)
     return next(folder for folder in (path, *path.parents) if folder.is_dir())
 
 
@@ -148,10 +176,20 @@ def problem(seen: View, stage: View, code_files: Iterable[str]) -> str | None:
         verb = "differs" if len(changed) == 1 else "differ"
         return f"runs other code ({files} {verb}; restart the workers after a change)"
     other = [
-        f"{name} {seen.versions.get(name)} where the stage has {version}"
+        difference(name, seen.versions.get(name), version)
         for name, version in stage.versions.items()
         if seen.versions.get(name) != version
     ]
     if other:
         return f"runs other libraries ({', '.join(other)}): install the stage's on the workers"
     return None
+
+
+def difference(name: str, seen: str | None, stage: str) -> str:
+    """One library's difference in words: a codec the worker lacks or has over the
+    stage's, else the two versions."""
+    if (seen, stage) == (LACKS, HAS):
+        return f"no {name} where the stage has it"
+    if (seen, stage) == (HAS, LACKS):
+        return f"{name} where the stage has none"
+    return f"{name} {seen} where the stage has {stage}"

@@ -5,12 +5,20 @@ workers are checked in tests/test_cluster.py, a LocalCluster's in tests/test_flo
 from __future__ import annotations
 
 import http.server
+import re
 import threading
 from dataclasses import replace
 
 import pytest
 
-from alexnet.cluster import MARKER, WorkerCheck, markers, problem, stage_view, worker_view
+from alexnet.cluster import (
+    MARKER,
+    WorkerCheck,
+    markers,
+    problem,
+    stage_view,
+    worker_view,
+)
 from alexnet.errors import AlexnetError
 from flows.cluster import check_reach, check_workers
 from tests.helpers import DEAD_PID, free_port
@@ -32,6 +40,38 @@ def test_a_worker_with_other_library_versions_is_refused(tmp_path):
     assert line == (
         f"runs other libraries (PIL 9.5.0 where the stage has {stage.versions['PIL']}): "
         "install the stage's on the workers"
+    )
+
+
+def test_a_worker_whose_pil_lacks_a_codec_of_the_same_version_is_refused(monkeypatch):
+    # pillow-simd built on a node without libwebp reports the stage's version: unchecked,
+    # that worker skipped the WebP files of its shards, which the stage's PIL decodes.
+    from PIL import features
+
+    stage = stage_view({})
+    built = [name for name in ("webp", "libtiff", "jpg") if features.check(name)]
+    lacked = built[0]  # webp, or another codec this PIL has
+    check = features.check
+    monkeypatch.setattr(features, "check", lambda name: name != lacked and check(name))
+    seen = worker_view([], [])
+    assert seen.versions["PIL"] == stage.versions["PIL"]
+    assert problem(seen, stage, []) == (
+        f"runs other libraries (no PIL {lacked} where the stage has it): install the "
+        "stage's on the workers"
+    )
+
+
+def test_a_worker_with_another_libjpeg_build_is_refused(monkeypatch):
+    from PIL import features
+
+    stage = stage_view({})
+    builds = {"jpg": "9e", "libjpeg_turbo": "0.1"}  # versions the stage's has not
+    monkeypatch.setattr(features, "version", builds.get)
+    seen = worker_view([], [])
+    jpeg, turbo = stage.versions["libjpeg"], stage.versions["libjpeg-turbo"]
+    assert problem(seen, stage, []) == (
+        f"runs other libraries (libjpeg 9e where the stage has {jpeg}, libjpeg-turbo 0.1 "
+        f"where the stage has {turbo}): install the stage's on the workers"
     )
 
 
@@ -63,6 +103,40 @@ class Worker:  # a cluster of one worker, which runs what it is sent here
     def run(self, function, *args, on_error):
         assert on_error == "return"
         return {"tcp://10.0.0.7:4312": function(*args)}
+
+
+def repoint(link, target) -> None:
+    link.unlink()
+    link.symlink_to(target)
+
+
+def test_a_worker_whose_output_path_leads_elsewhere_is_refused(tmp_path):
+    # The stage's output is a link to the shared folder; on the worker's machine the
+    # same path is a folder of its own disk, where the tasks would write the shards.
+    # The marker was written where the link points and read there: the worker passed.
+    shared, local, out = tmp_path / "shared", tmp_path / "local", tmp_path / "prepared"
+    shared.mkdir()
+    local.mkdir()
+    out.symlink_to(shared)
+
+    class OtherNode:  # the worker runs with `out` leading to its own folder
+        def run(self, function, *args, on_error):
+            repoint(out, local)
+            try:
+                return {"tcp://10.0.0.7:4312": function(*args)}
+            finally:
+                repoint(out, shared)
+
+    check = WorkerCheck("flows.prepare", outputs=(str(out),), inputs=())
+    with pytest.raises(AlexnetError) as refused:
+        check_workers(OtherNode(), check)
+    assert re.fullmatch(
+        rf"compute\.scheduler: Dask worker tcp://10\.0\.0\.7:4312 does not see {out} "
+        rf"\(no file \.{MARKER}\.tmp-[^ ]+ there\): the workers need the same file system "
+        "at the same paths",
+        str(refused.value),
+    )
+    assert list(shared.iterdir()) == [] and list(local.iterdir()) == []  # the marker removed
 
 
 def test_a_worker_that_cannot_reach_the_prefect_api_is_refused_in_one_line():
