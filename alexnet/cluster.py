@@ -17,7 +17,6 @@ import importlib.metadata
 import os
 import platform
 import secrets
-import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 from alexnet.atomic import remove_leftovers, temporary_name
 from alexnet.digests import sha16
 from alexnet.imports import PACKAGES, closure
-from alexnet.pilcodecs import CODECS
+from alexnet.pilcodecs import HAS, LACKS, pil_build
 
 ROOT = Path(__file__).resolve().parents[1]
 # The marker's name, as a temporary's (`.alexnet-check.tmp-HOST-PID`): the next check sweeps
@@ -62,27 +61,6 @@ def versions() -> dict[str, str]:
         **pil_build(),
         "torch": importlib.metadata.version("torch"),
     }
-
-
-# The codecs that decide what prepare decodes (alexnet.pilcodecs), less freetype2, which
-# draws text (no stage does), and libjpeg_turbo, compared by its version below.
-DECODING = tuple(name for name in CODECS if name not in ("freetype2", "libjpeg_turbo"))
-HAS, LACKS = "yes", "no"
-
-
-def pil_build() -> dict[str, str]:
-    """What a PIL of one version may be built with or without (pillow-simd is built on
-    each node): a worker without a codec skips the files the stage decodes, and another
-    libjpeg build decodes and encodes other bytes."""
-    from PIL import features
-
-    with warnings.catch_warnings():  # an older PIL warns of a codec it does not know
-        warnings.simplefilter("ignore")
-        built = {f"PIL {name}": HAS if features.check(name) else LACKS for name in DECODING}
-    # "jpg" gives the libjpeg API's version (6.2, 8.0, 9e); the turbo build's own
-    # (its SIMD code) is a version of its own, "none" for a plain libjpeg.
-    jpeg = {"libjpeg": features.version("jpg"), "libjpeg-turbo": features.version("libjpeg_turbo")}
-    return {**built, **{name: version or "none" for name, version in jpeg.items()}}
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ rest of `alexnet.doctor`)."""
 
 from __future__ import annotations
 
+import warnings
+
 # What the live PIL can decode, by the names PIL.features gives them, with the
 # Debian/Ubuntu package whose headers pillow-simd's build needs for each (scripts/setup.sh
 # checks the same headers before it builds, and warns about the missing ones).
@@ -25,3 +27,26 @@ def missing_codec_hint(name: str) -> str:
     package = CODECS.get(name, ("", ""))[1]
     install = f"install {package} and re-run make setup; " if package else ""
     return f"{name} (not in this PIL: {install}`alexnet doctor` lists codecs)"
+
+
+# The codecs that decide what prepare decodes, less freetype2, which draws text (no stage
+# does), and libjpeg_turbo, told by its version below.
+DECODING = tuple(name for name in CODECS if name not in ("freetype2", "libjpeg_turbo"))
+HAS, LACKS = "yes", "no"
+
+
+def pil_build() -> dict[str, str]:
+    """What a PIL of one version may be built with or without (pillow-simd is built on
+    each machine): one without a codec skips the files another decodes, and another
+    libjpeg build decodes and encodes other bytes. A Dask worker must match its stage
+    (`alexnet.cluster`), and a prepared shard is current only for the build it was
+    made with (`alexnet.prepare.fingerprint`)."""
+    from PIL import features
+
+    with warnings.catch_warnings():  # an older PIL warns of a codec it does not know
+        warnings.simplefilter("ignore")
+        built = {f"PIL {name}": HAS if features.check(name) else LACKS for name in DECODING}
+    # "jpg" gives the libjpeg API's version (6.2, 8.0, 9e); the turbo build's own
+    # (its SIMD code) is a version of its own, "none" for a plain libjpeg.
+    jpeg = {"libjpeg": features.version("jpg"), "libjpeg-turbo": features.version("libjpeg_turbo")}
+    return {**built, **{name: version or "none" for name, version in jpeg.items()}}

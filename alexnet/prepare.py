@@ -35,6 +35,7 @@ from alexnet.digests import sha16
 from alexnet.errors import AlexnetError
 from alexnet.imageops import BadImage, Prepared, load_plugins, prepare_image
 from alexnet.params import PrepareParams
+from alexnet.pilcodecs import pil_build
 from alexnet.shards import Record, SplitKeys, read_description, shard_name, write_shard
 from alexnet.sources import ClassInfo, Source
 
@@ -181,13 +182,14 @@ def _read_again(item: Item, digest: str | OSError | None, limit: int) -> bytes |
 
 def fingerprint(items: list[Item], contents: list, params: PrepareParams) -> str:
     """What a shard is made from: the files' names, labels and content (each file's
-    `_digest`), the options, and the imaging code and library (pillow and pillow-simd
-    encode differently)."""
+    `_digest`), the options, and the imaging code and library: pillow and pillow-simd
+    encode differently, and so do two builds of one pillow-simd version (its codecs and
+    libjpeg: `pil_build`)."""
     digest = hashlib.sha256()
     header = {
         "format": FORMAT_VERSION,
         "code": image_code(),
-        "pil": PIL.__version__,
+        "pil": {"version": PIL.__version__, **pil_build()},
         "file_timeout": params.file_timeout,
         **params.image_options(),
     }

@@ -280,6 +280,23 @@ def test_fingerprint_follows_the_imaging_code(source, tmp_path, monkeypatch):
         prepare.image_code.cache_clear()
 
 
+@pytest.mark.parametrize(
+    "build", [{"PIL webp": "no"}, {"libjpeg-turbo": "2.0.0"}], ids=["no webp", "libjpeg"]
+)
+def test_fingerprint_follows_the_pil_build_not_only_its_version(source, monkeypatch, build):
+    # pillow-simd of one version built without a codec skips files another build
+    # decodes, and another libjpeg encodes other bytes: its shards are made again.
+    from alexnet import pilcodecs, prepare
+
+    plan = next(plan_shards(source, shard_size=4))
+    contents = [_digest(Path(item.path).read_bytes()) for item in plan.items]
+    base = fingerprint(plan.items, contents, PrepareParams())
+    live = pilcodecs.pil_build()
+    assert set(build) <= set(live) and all(live[k] != v for k, v in build.items())
+    monkeypatch.setattr(prepare, "pil_build", lambda: {**live, **build})
+    assert fingerprint(plan.items, contents, PrepareParams()) != base
+
+
 def test_the_report_of_a_reused_shard_is_the_bytes_of_a_made_one(tmp_path):
     # report.json is a DVC output: a re-run that reuses every shard must not change it.
     import json
