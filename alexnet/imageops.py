@@ -130,15 +130,29 @@ def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
     # scaled by PIL from its maxval to 0..65535); else the smallest usual scale that holds
     # the values (float 0..1, 8 or 16 bits), else the values' own maximum (32-bit data),
     # so that a dark image stays dark and none is clipped.
-    values = np.asarray(image)
+    values = np.asarray(image).astype(np.float64)
     sixteen = image.mode.startswith("I;16") or image.format == "PPM"
     scales = (65535.0,) if sixteen else (1.0, 255.0, 65535.0)[image.mode != "F" :]
-    peak = float(values.max())
+    peak = _finite_peak(values)
     # float data overshoots its range a little after resampling or filtering: clipped
     over = FLOAT_OVERSHOOT if image.mode == "F" else 1.0
     top = next((scale for scale in scales if peak <= scale * over), peak)
-    scaled = np.clip(values.astype(np.float64) * (255.0 / top) + 0.5, 0, 255)
+    # a float image's NaN (no value) and -inf are black, its +inf the top of its range
+    values = np.nan_to_num(values, copy=False, nan=0.0, posinf=top, neginf=0.0)
+    scaled = np.clip(values * (255.0 / top) + 0.5, 0, 255)
     return Image.fromarray(scaled.astype(np.uint8), "L")
+
+
+def _finite_peak(values: np.ndarray) -> float:
+    """The largest finite value: one NaN or inf pixel of a float image would otherwise
+    be the peak, and the whole image black. `BadImage` when no value is finite."""
+    peak = float(values.max())  # finite unless a NaN or +inf is there (or all are -inf)
+    if math.isfinite(peak):
+        return peak
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        raise BadImage("no finite pixel value (every pixel NaN or infinite)")
+    return float(finite.max())
 
 
 def _transparent(image: Image.Image) -> bool:
@@ -253,11 +267,24 @@ def first_frame(image: Image.Image, frames: Frames) -> str | None:
     return f"first of {count} frames"
 
 
+# The EXIF Orientation tag, and its values that turn an image (1 is upright already).
+EXIF_ORIENTATION = 0x0112
+TURNS = range(2, 9)
+# How much of an unusable orientation value the note shows (a string tag can be long).
+SHOWN_VALUE = 40
+
+
 def orient(image: Image.Image) -> tuple[Image.Image, str | None]:
-    """The image turned upright by its EXIF orientation tag (2-8), and a note."""
-    orientation = image.getexif().get(0x0112, 1)
-    if orientation in (1, None) or not 2 <= int(orientation) <= 8:
+    """The image turned upright by its EXIF orientation tag (2-8), and a note; one whose
+    tag is no such integer is kept as stored, noted."""
+    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    if orientation in (1, None):
         return image, None
+    # PIL's exif_transpose turns only by an int: an ASCII "6" or a rational 6.5 would be
+    # reported as applied with nothing turned, and int("x") would skip a readable photo
+    if type(orientation) is not int or orientation not in TURNS:
+        shown = repr(orientation)[:SHOWN_VALUE]  # repr: escaped, so one line
+        return image, f"EXIF orientation unusable, ignored ({shown})"
     return ImageOps.exif_transpose(image), f"EXIF orientation {orientation} applied"
 
 

@@ -24,9 +24,14 @@ pass that stats each entry at most once:
 - hidden entries (names starting with '.': `.DS_Store`, `._x.JPEG`, `.ipynb_checkpoints`)
   are ignored, as are hidden class folders and non-folder entries beside the class
   folders of `train/` or an ImageFolder `val/`, but for an archive there (a class
-  not extracted) or in a flat `val/`, which is an error.
-A name that is not valid UTF-8 keeps its real path in `Sample.path` (so it opens) and
-reads with `\\xNN` escapes in `Sample.relpath` (see `display_name`).
+  not extracted) or in a flat `val/`, which is an error;
+- in a flat `val/`, entries that are neither image files (`IMAGE_SUFFIXES`) nor
+  `ILSVRC2012_val_*` nor labelled by `LOC_val_solution.csv` are ignored (`Thumbs.db`,
+  `README.txt`, `__MACOSX/`): no label is theirs. An image without a label, or a
+  labelled image not there (a partly extracted tar), is an error.
+A name that is not valid UTF-8, or holds a character that is not printable, keeps its
+real path in `Sample.path` (so it opens) and reads with escapes in `Sample.relpath`
+(see `display_name`).
 A dataset that cannot be read as a layout (a missing or empty split, an empty class
 folder, an unlistable folder, a malformed label or name file) is one `SourceError`
 line naming the path, and the line where there is one.
@@ -52,12 +57,12 @@ KAGGLE_CSV = "LOC_val_solution.csv"
 KAGGLE_COLUMNS = ("ImageId", "PredictionString")
 GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 META_MAT = "meta.mat"
+# The names of ImageNet's validation images: a flat val/ holds them whatever else is there.
+VAL_PREFIX = "ILSVRC2012_val_"
 # Where Kaggle's ImageNet download keeps the images, below its LOC_* label and name files.
 KAGGLE_DATA = ("ILSVRC", "Data", "CLS-LOC")
 DIRECTORY = "a directory, not a file"
 
-# C0 and C1 control characters and DEL: a name holding them would break one-line reports.
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
 _FILE_TYPES = (
     (stat.S_ISFIFO, "fifo"),
     (stat.S_ISSOCK, "socket"),
@@ -144,7 +149,9 @@ def display_name(path: str | bytes | os.PathLike) -> str:
 
     On POSIX, `os` hands a name that is not valid UTF-8 over with its odd bytes as lone
     surrogates (PEP 383), which `.encode()` and JSON output reject; here they become
-    `\\xNN` escapes (Latin-1 `café` reads `caf\\xe9`), as do control characters. Only for
+    `\\xNN` escapes (Latin-1 `café` reads `caf\\xe9`), as does every character that is
+    not printable (controls, line and paragraph separators, bidi overrides): `\\xNN`,
+    `\\uNNNN` or `\\UNNNNNNNN`, as Python's `backslashreplace` writes them. Only for
     showing: the file opens by its real path. (A name holding a literal `\\xNN` reads
     the same as the escaped one.)"""
     name = os.fsdecode(path)
@@ -154,7 +161,17 @@ def display_name(path: str | bytes | os.PathLike) -> str:
         raw = name.encode("utf-8", "surrogateescape")  # the bytes the OS gave
     except UnicodeEncodeError:  # a lone surrogate no POSIX listing makes: show its code
         raw = name.encode("utf-8", "backslashreplace")
-    return raw.decode("utf-8", "backslashreplace").translate(_CONTROLS)
+    text = raw.decode("utf-8", "backslashreplace")
+    return "".join(ch if ch.isprintable() else _escaped(ch) for ch in text)
+
+
+def _escaped(ch: str) -> str:
+    # Not only C0/C1 controls: U+2028 splits a report's line (str.splitlines), U+202E
+    # shows the rest of a line reversed.
+    code = ord(ch)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def _strerror(error: OSError) -> str:
@@ -386,28 +403,63 @@ def _flat_val(folder: Path, entries: list[os.DirEntry], root: Path, index: dict[
     if not entries:
         raise SourceError(f"{shown}: empty split (no class folders, no files)")
     _check_archives(entries, "among the images of a flat val folder")
-    names = [display_name(e.name) for e in entries]
-    if (csv_path := _find(root, KAGGLE_CSV)) is not None:
-        by_id = _kaggle_labels(csv_path, index)
-        labels = []
-        for name in names:
-            # The ImageId is the name up to its first dot, as reports show it.
-            if (label := by_id.get(name.split(".")[0])) is None:
-                raise SourceError(f"{display_name(csv_path)}: no label for {name}")
-            labels.append(label)
-    elif (gt_path := _find(root, GROUND_TRUTH)) is not None:
-        labels = _ground_truth_labels(gt_path, root, names, index)
-    else:
+    csv_path, gt_path = _find(root, KAGGLE_CSV), _find(root, GROUND_TRUTH)
+    if csv_path is None and gt_path is None:
         raise SourceError(
             f"{shown}: no class folder of train/ in it, and no {KAGGLE_CSV} or "
             f"{GROUND_TRUTH} to label it as a flat val folder"
         )
+    by_id = _kaggle_labels(csv_path, index) if csv_path is not None else {}
+    entries = [e for e in entries if _val_image(display_name(e.name), by_id)]
+    if not entries:
+        raise SourceError(f"{shown}: empty split (no images, nor any {VAL_PREFIX}* file)")
+    names = [display_name(e.name) for e in entries]
+    if csv_path is not None:
+        labels = _kaggle_val_labels(csv_path, by_id, names)
+    else:
+        labels = _ground_truth_labels(gt_path, root, names, index)
     prefix = f"{folder.name}/"
     samples = (
         Sample(folder / e.name, prefix + name, label, _problem(e))
         for e, name, label in zip(entries, names, labels, strict=True)
     )
     return Split((Listed(prefix, tuple(samples)),))
+
+
+def _image_id(name: str) -> str:
+    """A flat val/ entry's ImageId in LOC_val_solution.csv: its name up to the first dot,
+    as reports show it."""
+    return name.split(".")[0]
+
+
+def _val_image(name: str, by_id: dict[str, int]) -> bool:
+    """Whether a flat val/ entry is one of its images: an ImageNet validation file, an
+    image file, or one LOC_val_solution.csv labels. Anything else beside them (Thumbs.db,
+    desktop.ini, README.txt, __MACOSX/) is ignored, as beside an ImageFolder's classes:
+    it would have no label, and stop the run."""
+    return (
+        name.startswith(VAL_PREFIX)
+        or name.lower().endswith(IMAGE_SUFFIXES)
+        or _image_id(name) in by_id
+    )
+
+
+def _kaggle_val_labels(csv_path: Path, by_id: dict[str, int], names: list[str]) -> list[int]:
+    """The label of each of `names` (val/'s images); every image must have one, and every
+    labelled image be there: one missing (a partly extracted val tar) would leave the
+    error rates taken on a subset."""
+    shown = display_name(csv_path)
+    labels = []
+    for name in names:
+        if (label := by_id.get(_image_id(name))) is None:
+            raise SourceError(f"{shown}: no label for {name}")
+        labels.append(label)
+    if missing := sorted(by_id.keys() - {_image_id(name) for name in names}):
+        raise SourceError(
+            f"{shown}: {len(missing)} of {len(by_id)} labelled images not in val/ "
+            f"(the first: {missing[0]})"
+        )
+    return labels
 
 
 def _check_class_links(entries: list[os.DirEntry]) -> None:

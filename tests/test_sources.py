@@ -166,6 +166,76 @@ def test_flat_val_image_without_label_is_an_error(tmp_path):
         open_source(tmp_path)
 
 
+def _strays(val) -> None:
+    """What a copy from Windows or macOS, or a hand, leaves among the images."""
+    (val / "Thumbs.db").write_bytes(b"thumbnails")
+    (val / "desktop.ini").write_text("[.ShellClassInfo]")
+    (val / "README.txt").write_text("the val images")
+    (val / "__MACOSX").mkdir()
+    (val / "__MACOSX" / "._ILSVRC2012_val_00000001.JPEG").write_bytes(b"resource fork")
+
+
+def _labelled_csv(tmp_path, images) -> None:
+    rows = [f"ILSVRC2012_val_{i:08d},{WNIDS[i % 3]} 1 2 3 4" for i in images]
+    (tmp_path / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows))
+
+
+def test_stray_files_in_a_flat_val_folder_are_ignored_with_the_kaggle_csv(tmp_path):
+    # Stopped the run: "no label for Thumbs.db"
+    _train(tmp_path)
+    _flat_val(tmp_path, [1, 2])
+    _strays(tmp_path / "val")
+    _labelled_csv(tmp_path, [1, 2])
+    val = open_source(tmp_path).splits["val"]
+    assert [(s.relpath, s.label) for s in val] == [
+        ("val/ILSVRC2012_val_00000001.JPEG", 1),
+        ("val/ILSVRC2012_val_00000002.JPEG", 2),
+    ]
+    # an image file is one whatever its name: without a label, still refused
+    (tmp_path / "val" / "holiday.png").write_bytes(jpeg(32, 32))
+    with pytest.raises(SourceError, match=r"LOC_val_solution.csv: no label for holiday.png$"):
+        open_source(tmp_path)
+    # and a file the CSV labels is one of the images, whatever its suffix
+    (tmp_path / "val" / "scan.pgm").write_bytes(b"P5 1 1 255 x")
+    with open(tmp_path / "LOC_val_solution.csv", "a") as csv:
+        csv.write(f"\nholiday,{WNIDS[0]} 1 2 3 4\nscan,{WNIDS[1]} 1 2 3 4\n")
+    val = open_source(tmp_path).splits["val"]
+    assert [s.relpath for s in val][2:] == ["val/holiday.png", "val/scan.pgm"]
+
+
+def test_stray_files_in_a_flat_val_folder_are_ignored_with_the_ground_truth(tmp_path):
+    # Stopped the run: "3 labels for 7 entries in val/"
+    _ground_truth(tmp_path, "3\n1\n2\n")
+    _strays(tmp_path / "val")
+    assert [s.label for s in open_source(tmp_path).splits["val"]] == [2, 0, 1]
+    (tmp_path / "val" / "ILSVRC2012_val_00000004.JPEG").write_bytes(jpeg(32, 32))
+    with pytest.raises(SourceError, match=r": 3 labels for 4 entries in val/$"):
+        open_source(tmp_path)
+
+
+def test_a_flat_val_folder_with_only_stray_files_is_an_empty_split(tmp_path):
+    _train(tmp_path)
+    (tmp_path / "val").mkdir()
+    _strays(tmp_path / "val")
+    _labelled_csv(tmp_path, [1])
+    val = re.escape(str(tmp_path / "val"))
+    with pytest.raises(SourceError, match=rf"^{val}: empty split \(no images, nor any ILSVRC"):
+        open_source(tmp_path)
+
+
+def test_labelled_images_missing_from_a_flat_val_folder_stop_the_scan(tmp_path):
+    # A partly extracted val tar: the error rates would be taken on a subset, silently.
+    _train(tmp_path)
+    _flat_val(tmp_path, [1, 2])
+    _labelled_csv(tmp_path, [1, 2, 3, 4, 5])
+    csv = re.escape(str(tmp_path / "LOC_val_solution.csv"))
+    expected = (
+        rf"^{csv}: 3 of 5 labelled images not in val/ \(the first: ILSVRC2012_val_00000003\)$"
+    )
+    with pytest.raises(SourceError, match=expected):
+        open_source(tmp_path)
+
+
 def test_val_class_not_in_train_is_an_error(tmp_path):
     make_imagefolder(tmp_path, classes=2, train=1, val=1)
     (tmp_path / "val" / "n55555555").mkdir()
@@ -279,6 +349,11 @@ def test_display_name_escapes_undecodable_bytes_and_controls():
     assert display_name("café.jpg") == "café.jpg"  # valid UTF-8 stays as it is
     assert display_name("a\nb\x85.jpg") == "a\\x0ab\\x85.jpg"
     assert display_name("\ud800.jpg") == "\\ud800.jpg"  # a surrogate no listing makes
+    # every character that is not printable, not only C0/C1: a line separator split a
+    # report's line (str.splitlines), a bidi override showed the name reversed
+    assert display_name("a\u2028b\u2029c.jpg") == "a\\u2028b\\u2029c.jpg"
+    assert display_name("gnp.\u202eexe.jpg") == "gnp.\\u202eexe.jpg"
+    assert display_name("x\U000e0001 y.jpg") == "x\\U000e0001 y.jpg"  # a space is printable
 
 
 def _bytes_file(folder, name: bytes, data: bytes):
@@ -317,6 +392,17 @@ def test_non_utf8_control_character_name(tmp_path):
     make_imagefolder(tmp_path, classes=1, train=1, val=1)
     (tmp_path / "train" / "n00000000" / "a\nb.JPEG").write_bytes(jpeg(32, 32))
     assert "train/n00000000/a\\x0ab.JPEG" in _only(open_source(tmp_path))
+
+
+def test_a_name_with_a_line_separator_or_bidi_override_reads_escaped(tmp_path):
+    make_imagefolder(tmp_path, classes=1, train=1, val=1)
+    folder = tmp_path / "train" / "n00000000"
+    (folder / "a\u2028b.JPEG").write_bytes(jpeg(32, 32))
+    (folder / "gnp\u202e.JPEG").write_bytes(jpeg(32, 32))
+    relpaths = list(_only(open_source(tmp_path)))
+    assert "train/n00000000/a\\u2028b.JPEG" in relpaths
+    assert "train/n00000000/gnp\\u202e.JPEG" in relpaths
+    assert all(relpath.isprintable() and len(relpath.splitlines()) == 1 for relpath in relpaths)
 
 
 def test_empty_split_is_one_clear_error(tmp_path):
