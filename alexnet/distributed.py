@@ -17,6 +17,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from alexnet.errors import one_line
+
 # How long the ranks wait for each other after hashing the data they train on (minutes
 # for ImageNet on network storage; a rank whose digests are cached is there at once):
 # NCCL's own timeout, 10 minutes, stays for the training's collectives.
@@ -118,10 +120,17 @@ def launch(argv: Sequence[str]) -> int:
     signal to torchrun itself is 128 + its number, as a shell reports it."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import parse_args, run
 
+    args = parse_args(list(argv))
     try:
-        run(parse_args(list(argv)))
+        run(args)
+    except RendezvousError as error:  # no worker started: nobody else says why
+        print(
+            f"error: {rendezvous_problem(error, args.rdzv_endpoint, args.nnodes)}", file=sys.stderr
+        )
+        return 1
     except ChildFailedError as error:
         rank, first = error.get_first_failure()
         if first.exitcode < 0:
@@ -130,6 +139,18 @@ def launch(argv: Sequence[str]) -> int:
     except SignalException as error:
         return 128 + error.sigval
     return 0
+
+
+def rendezvous_problem(error: Exception, endpoint: str, nodes: str) -> str:
+    """The line for a rendezvous that failed (torch's timeout error has no message)."""
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
+
+    if isinstance(error, RendezvousTimeoutError):
+        return (
+            f"the rendezvous at {endpoint} did not gather its {nodes} nodes in time: "
+            "start `alexnet train` on every node, all with this train.rdzv_endpoint"
+        )
+    return f"the rendezvous at {endpoint} failed ({one_line(error) or type(error).__name__})"
 
 
 if __name__ == "__main__":  # `python -m alexnet.distributed TORCHRUN-ARGS`: flows/train.py

@@ -95,7 +95,7 @@ def _launch(command: list[str], extra: dict[str, str] | None = None) -> None:
     if code != 0 and (stopped or code in (143, -signal.SIGTERM)):
         raise Interrupted("stopped by SIGTERM")
     if code != 0:
-        raise TrainError(f"torchrun exited with status {code} (the worker's error is above)")
+        raise TrainError(f"torchrun exited with status {code} (its error is above)")
 
 
 # How long a Ctrl-C waits for torchrun to stop on the SIGINT it had too, before passing one on

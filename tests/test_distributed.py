@@ -520,3 +520,19 @@ def test_a_failed_rank_is_one_line_not_torchruns_traceback(tmp_path, how, line):
     assert done.returncode == 1
     assert line in done.stderr, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "FAILED" not in done.stderr, done.stderr[-3000:]
+
+
+def test_a_node_alone_at_the_rendezvous_is_one_error_line(tmp_path):
+    # `nnodes: 2` and the other node never started (or another rdzv_endpoint): torchrun
+    # gave up with RendezvousTimeoutError's traceback, which has no message, and the
+    # stage then blamed "the worker's error", though no worker had started.
+    endpoint = f"127.0.0.1:{free_port()}"
+    command = [sys.executable, "-m", "alexnet.distributed", "--nnodes", "2"]
+    command += ["--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint]
+    command += ["--rdzv-conf", "join_timeout=2", "-m", "json.tool", os.devnull]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: the rendezvous at {endpoint} did not gather its 2 nodes in time: start "
+        "`alexnet train` on every node, all with this train.rdzv_endpoint"
+    )
