@@ -19,7 +19,7 @@ from alexnet.crops import centre_crop
 from alexnet.jpeg import to_device
 from alexnet.lmdb_store import key
 from alexnet.params import DEFAULTS, JpegDecoder
-from alexnet.reader import LmdbSplit, batch_loader, encoded_for, in_order
+from alexnet.reader import LmdbSplit, batch_loader, encoded_for, in_order, read
 
 
 @dataclass
@@ -38,6 +38,24 @@ def hidden_vectors(
 ) -> torch.Tensor:
     """(N, 4096) float32 last-hidden-layer vectors of the centre crops of uint8 images."""
     return model.hidden(centre_crop(images, mean, crop)).float()
+
+
+def query_vectors(
+    model: torch.nn.Module,
+    val: LmdbSplit,
+    queries: list[int],
+    mean: torch.Tensor | None,
+    crop: int,
+    device: torch.device,
+    decoder: JpegDecoder = DEFAULTS.compute.jpeg_decoder,
+) -> torch.Tensor:
+    """`hidden_vectors` of the val records `queries`, decoded as `nearest` decodes its
+    candidates (and the evaluation its batches): on CUDA a jpeg store's payloads by
+    `decoder`, whose pixels differ from the host's libjpeg by a level or so, so one
+    image in both stores would not be at distance 0 from itself."""
+    images, _ = read(val, queries, encoded_for(val, device, decoder))
+    mean = None if mean is None else mean.to(device)
+    return hidden_vectors(model, to_device(images, device, val.shape, decoder), mean, crop)
 
 
 def distances(queries: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:

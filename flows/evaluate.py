@@ -17,7 +17,7 @@ from alexnet.evaluate import evaluate as evaluate_split
 from alexnet.figures import FIGURES, kernels_figure, neighbours_figure, png, top5_figure
 from alexnet.jpeg import decode_threads
 from alexnet.lmdb_store import StoreError
-from alexnet.neighbours import hidden_vectors, images_of, nearest, table
+from alexnet.neighbours import images_of, nearest, query_vectors, table
 from alexnet.params import ComputeParams, EvaluateParams, JpegDecoder
 from alexnet.placement import resolve_devices
 from alexnet.reader import LmdbSplit, check_together
@@ -46,7 +46,7 @@ def _figures(
     tables = {"top5": top5_table(gallery, labels.tolist(), results.kept, names)}
     queries = chosen[: evaluate.queries]
     images, labels = val.read_batch(queries)
-    vectors = hidden_vectors(model, images.to(device), mean.to(device), model.input_size)
+    vectors = query_vectors(model, val, queries, mean, model.input_size, device, decoder)
     bar = progress.add_task("nearest neighbours (train store)", total=len(train))
     found = nearest(
         model,

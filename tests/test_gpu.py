@@ -225,6 +225,24 @@ def test_a_ranks_empty_share_of_a_jpeg_batch_decodes_to_no_images_on_cuda(tmp_pa
     assert images.is_cuda and images.shape == (0, *split.shape) and images.dtype == torch.uint8
 
 
+def test_the_neighbour_queries_are_the_pixels_the_gpu_decoded(tmp_path, exact_float32):
+    # The candidates (and the scores) come from nvJPEG's pixels on CUDA; the queries came
+    # from the host's libjpeg, so one image was not at distance 0 from itself.
+    from alexnet.jpeg import decode_on
+    from alexnet.neighbours import hidden_vectors, query_vectors
+
+    split = jpeg_split(tmp_path, 4)
+    model = AlexNet(num_classes=2).to(CUDA).eval()
+    mean = torch.full((3, 256, 256), 100.0)
+    with torch.no_grad():
+        got = query_vectors(model, split, [0, 1, 2, 3], mean, 224, CUDA)
+        decoded = decode_on(split.read_encoded(range(4)), CUDA, split.shape)
+        assert torch.equal(got, hidden_vectors(model, decoded, mean.to(CUDA), 224))
+        on_host, _ = split.read_batch(range(4))
+        if not torch.equal(decoded.cpu(), on_host):  # (nvJPEG's pixels differ here)
+            assert not torch.equal(got, hidden_vectors(model, on_host.to(CUDA), mean.to(CUDA), 224))
+
+
 def test_cuda_however_spelled_is_one_device_to_the_decoder(tmp_path):
     # torchvision makes its nvJPEG decoder again (leaking the last) whenever the device
     # it is asked for compares unequal: "cuda" and "cuda:0" are one device
