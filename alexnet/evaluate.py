@@ -24,7 +24,7 @@ import torch
 from alexnet.crops import CENTRE, ten_crops
 from alexnet.jpeg import to_device
 from alexnet.lmdb_store import StoreError, key
-from alexnet.metrics import label_ranks, missed, predicted
+from alexnet.metrics import label_ranks, missed, predicted, top_classes
 from alexnet.modelfile import ModelFileError, load_model
 from alexnet.params import DEFAULTS, JpegDecoder, Kernels
 from alexnet.reader import LmdbSplit, batch_loader, encoded_for, in_order
@@ -185,17 +185,18 @@ def top5_table(
     """`metrics/eval/top5.csv`, the gallery's data: one row per (image, rank), the image
     by its key in the val store, its true class and the k-th most probable class
     (`kept`: `Results.kept`, log-probabilities)."""
-    top = kept.topk(min(5, kept.shape[1]), dim=1)
     return [
         {
             "key": key(index).decode(),
             "true_class": names[label],
             "rank": rank + 1,
-            "class": names[int(top.indices[row, rank])],
-            "probability": round(math.exp(float(top.values[row, rank])), 6),
+            "class": names[top],
+            "probability": round(math.exp(float(kept[row, top])), 6),
         }
-        for row, (index, label) in enumerate(zip(indices, labels, strict=True))
-        for rank in range(top.indices.shape[1])
+        for row, (index, label, classes) in enumerate(
+            zip(indices, labels, top_classes(kept, labels), strict=True)
+        )
+        for rank, top in enumerate(classes)
     ]
 
 

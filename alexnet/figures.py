@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from alexnet.metrics import top_classes
+
 # The figures the evaluate stage writes (metrics/eval/<name>.png; dvc.yaml lists them as
 # plots), with the caption the report and the Prefect artifacts give them.
 FIGURES = {
@@ -103,16 +105,15 @@ def top5_figure(
     axes = figure.subplots(rows, per_row * 2, squeeze=False, width_ratios=[1, 1.25] * per_row)
     for ax in axes.flat:
         ax.set_axis_off()
-    top = log_probabilities.float().topk(min(5, log_probabilities.shape[1]), dim=1)
-    for i, label in enumerate(labels):
+    scores = log_probabilities.float()
+    for i, (label, classes) in enumerate(zip(labels, top_classes(scores, labels), strict=True)):
         picture, bars = axes[i // per_row, 2 * (i % per_row) : 2 * (i % per_row) + 2]
         picture.imshow(_hwc(images[i]))
         picture.set_title(_short(names[label]), fontsize=8, color=TRUE)
-        classes = top.indices[i].tolist()
         bars.set_axis_on()
         bars.barh(
             range(len(classes)),
-            top.values[i].exp().tolist(),
+            scores[i, classes].exp().tolist(),
             color=[TRUE if c == label else OTHER for c in classes],
         )
         bars.set_yticks(range(len(classes)), [_short(names[c], 16) for c in classes], fontsize=7)

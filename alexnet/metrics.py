@@ -4,6 +4,8 @@ among the k highest-scoring classes."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 # A label whose score is NaN (a diverged model) ranks beyond every class: wrong at every k.
@@ -25,6 +27,22 @@ def predicted(scores: torch.Tensor, labels: torch.Tensor, rank: torch.Tensor) ->
     give the lower index, and call right what the ranks count wrong)."""
     others = scores.scatter(1, labels[:, None], float("-inf"))
     return torch.where(rank == 0, labels, others.argmax(1))
+
+
+def top_classes(scores: torch.Tensor, labels: Sequence[int], k: int = 5) -> list[list[int]]:
+    """Each image's k highest-scoring classes, best first, by `label_ranks`' rule: a
+    class scoring as high as the label goes before it. So a picture or a table shows the
+    label among them exactly where the top-k error counts the image right (`topk` orders
+    a tie as it likes). For a few images: a gallery's."""
+    shown = []
+    for row, label, rank in zip(
+        scores.tolist(), labels, label_ranks(scores, torch.as_tensor(labels)).tolist(), strict=True
+    ):
+        others = sorted((c for c in range(len(row)) if c != label), key=lambda c: -row[c])
+        if rank < k:
+            others.insert(rank, label)
+        shown.append(others[:k])
+    return shown
 
 
 def missed(rank: torch.Tensor, k: int) -> torch.Tensor:

@@ -510,3 +510,12 @@ def test_evaluate_refuses_stores_of_another_image_size(data, model_file, tmp_pat
                 ComputeParams(),
             )
     assert not (tmp_path / "metrics").exists()
+
+
+def test_the_top5_table_puts_a_class_tied_with_the_label_before_it():
+    # As the top-5 error counts it: the label of a 6-way tie is not in the top 5 (topk
+    # put it first, by its lower index).
+    kept = torch.log(torch.tensor([[0.15] * 6 + [0.1]]))
+    rows = top5_table([0], [0], kept, [f"c{i}" for i in range(7)])
+    assert [row["class"] for row in rows] == ["c1", "c2", "c3", "c4", "c5"]
+    assert label_ranks(kept, torch.tensor([0])).item() == 5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from alexnet.metrics import NAN_RANK, label_ranks, missed, top_k_errors
+from alexnet.metrics import NAN_RANK, label_ranks, missed, top_classes, top_k_errors
 
 NAN = float("nan")
 
@@ -76,3 +76,20 @@ def test_empty_batch():
     empty = torch.zeros(0, 5)
     assert label_ranks(empty, torch.zeros(0, dtype=torch.long)).shape == (0,)
     assert top_k_errors(empty, torch.zeros(0, dtype=torch.long)) == [0, 0]
+
+
+def test_the_classes_shown_hold_the_label_exactly_where_the_error_counts_it_right():
+    # The gallery and top5.csv took `topk`, which orders a tie as it likes: they showed
+    # the label among the top 5 where the top-5 error counted the image wrong.
+    assert top_classes(torch.tensor([[1.0, 1.0, 0.0]]), [0], k=1) == [[1]]  # topk: [[0]]
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (200, 9), generator=generator).float()  # many ties
+    labels = torch.randint(0, 9, (200,), generator=generator)
+    ranks = label_ranks(scores, labels).tolist()
+    for k in (1, 3, 5, 9):
+        for row, label, rank, classes in zip(
+            scores, labels.tolist(), ranks, top_classes(scores, labels.tolist(), k), strict=True
+        ):
+            assert len(set(classes)) == len(classes) == k
+            assert row[classes].tolist() == sorted(row[classes].tolist(), reverse=True)
+            assert (label in classes) == (rank < k)
