@@ -75,6 +75,8 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         try:
             image = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
+            if _hevc_heif(data):
+                raise BadImage(HEIF_REASON) from None
             missing = [str(w.message) for w in caught if "not installed" in str(w.message)]
             if not missing:
                 raise BadImage("not an image") from None
@@ -90,6 +92,27 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise BadImage(f"degenerate size {width}x{height}")
     _scale_grey_transparency(image)
     return image
+
+
+# A phone's HEIC photo (often renamed .jpg): an ISO-BMFF file whose `ftyp` box names an
+# HEVC-coded HEIF brand. PIL has no decoder for it; AVIF (the same container, AV1-coded,
+# brands avif/avis) it has, where built with libavif.
+HEVC_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis"}
+AVIF_BRANDS = {b"avif", b"avis"}
+HEIF_REASON = (
+    "HEIC/HEIF photo (HEVC): PIL has no decoder for it; pip install pillow-heif and "
+    "add pillow_heif.HeifImagePlugin to prepare.plugins"
+)
+
+
+def _hevc_heif(data: bytes) -> bool:
+    """Whether `data` starts with the `ftyp` box of an HEVC-coded HEIF file: its major
+    brand and compatible brands (4 bytes each, after a 4-byte minor version)."""
+    size = int.from_bytes(data[:4], "big")
+    if data[4:8] != b"ftyp" or not 16 <= size <= min(len(data), 4096):
+        return False
+    brands = {data[8:12]} | {data[i : i + 4] for i in range(16, size - 3, 4)}
+    return bool(brands & HEVC_BRANDS) and not brands & AVIF_BRANDS
 
 
 # PIL scales a 2- or 4-bit grey PNG's pixels to 0..255 (by these factors) but leaves its

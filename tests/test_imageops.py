@@ -384,6 +384,30 @@ def test_bad_files_raise_bad_image_with_reason(data, reason):
         prepare_image(data)
 
 
+def ftyp(major: bytes, *compatible: bytes) -> bytes:
+    """The start of an ISO-BMFF file (HEIF, AVIF): its `ftyp` box, then other boxes."""
+    body = major + bytes(4) + b"".join(compatible)
+    return (8 + len(body)).to_bytes(4, "big") + b"ftyp" + body + bytes(200)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [ftyp(b"heic", b"mif1", b"heic"), ftyp(b"mif1", b"mif1", b"heic"), ftyp(b"heix")],
+    ids=["iphone", "mif1", "heix"],
+)
+def test_a_heic_photo_says_which_plugin_reads_it(data):
+    # A phone's HEIC renamed .jpg read "not an image", or (major brand mif1) asked for
+    # libavif, which does not decode HEVC.
+    with pytest.raises(BadImage, match=r"HEIC/HEIF photo .*pillow_heif.HeifImagePlugin"):
+        prepare_image(data)
+
+
+def test_an_avif_file_is_not_taken_for_heic():
+    with pytest.raises(BadImage) as caught:
+        prepare_image(ftyp(b"avif", b"mif1", b"avif", b"heic"))
+    assert "HEIC" not in str(caught.value)
+
+
 def _png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims a huge size (a decompression bomb's signature)."""
     data = bytearray(encode(Image.new("L", (1, 1)), "PNG"))
