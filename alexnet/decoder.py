@@ -67,6 +67,12 @@ class DecoderDied(Exception):
         self.index = index  # the step it stopped on, where read with the decision
 
 
+# Ends the reason of a file skipped for a death the machine's load may have caused (its
+# second): `alexnet.prepare` makes such a shard again at the next run rather than reuse
+# it, so that what is skipped depends on the files, not on how busy the machine was.
+AGAIN_NEXT_RUN = " (twice: perhaps the machine's load; tried again at the next run)"
+
+
 class DecoderFailed(AlexnetError):
     """The child died on no file (between files: writing the shard), or twice on one."""
 
@@ -110,7 +116,7 @@ class Isolated:
                 if died.transient and index not in retried:
                     retried.add(index)
                     continue
-                skip[index] = str(died)
+                skip[index] = str(died) + (AGAIN_NEXT_RUN if died.transient else "")
                 continue
             if "error" in answer:
                 raise CallFailed(answer["error"])

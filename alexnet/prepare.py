@@ -30,7 +30,7 @@ import PIL
 
 from alexnet import imageops
 from alexnet.atomic import atomic_output
-from alexnet.decoder import At, DecoderFailed, isolated
+from alexnet.decoder import AGAIN_NEXT_RUN, At, DecoderFailed, isolated
 from alexnet.digests import sha16
 from alexnet.errors import AlexnetError
 from alexnet.imageops import BadImage, Prepared, load_plugins, prepare_image
@@ -270,7 +270,7 @@ def make_shard(
     at(-1)  # on no file: reading the stored shard's description is the disk's time
     expected = fingerprint(plan.items, digests, params)
     stored = read_description(path)
-    if stored and stored.get("fingerprint") == expected:
+    if stored and stored.get("fingerprint") == expected and not _tried_again(stored):
         return ShardReport(**stored["report"], reused=True)
     report = ShardReport(plan.split, plan.index, len(plan.items))
     records = []
@@ -293,6 +293,13 @@ def make_shard(
     stored_report = {k: v for k, v in report.__dict__.items() if k != "reused"}
     write_shard(path, records, {"fingerprint": expected, "report": stored_report})
     return report
+
+
+def _tried_again(stored: dict) -> bool:
+    """Whether a stored shard skipped a file for deaths the machine's load may have
+    caused (`AGAIN_NEXT_RUN`): then it is made again, not reused."""
+    skipped = stored["report"].get("skipped", [])
+    return any(entry["reason"].endswith(AGAIN_NEXT_RUN) for entry in skipped)
 
 
 def _prepared(item: Item, content, options: dict) -> Prepared | BadImage:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from alexnet.decoder import CallFailed, DecoderFailed, Isolated, isolated
+from alexnet.decoder import AGAIN_NEXT_RUN, CallFailed, DecoderFailed, Isolated, isolated
 from alexnet.params import PrepareParams
 from alexnet.prepare import (
     Item,
@@ -39,7 +39,7 @@ BAD = {"crash.JPEG": CRASH, "hang.JPEG": HANG, "abort.JPEG": ABORT}
 REASONS = {
     "crash.JPEG": "decoder crashed (SIGSEGV)",
     "abort.JPEG": "decoder crashed (SIGABRT)",
-    "hang.JPEG": f"timed out after {TIMEOUT:g} s",
+    "hang.JPEG": f"timed out after {TIMEOUT:g} s{AGAIN_NEXT_RUN}",
 }
 
 
@@ -96,8 +96,8 @@ def test_crashes_and_hangs_cost_only_their_files(tmp_path, decoder):
     # byte-identical, member by member, to the shard of the folder without them
     expected = made_here(plan, tmp_path / "here", drop=BAD)
     assert list(iter_shard(tmp_path / "out" / plan.name)) == list(iter_shard(expected))
-    # and a second run reuses it: the fingerprint is of what was read, not of the crash
-    assert prepare_shard(plan, tmp_path / "out", PARAMS).reused
+    # (A second run reuses a shard that skipped a crash, not one that skipped a hang:
+    # test_a_shard_that_skipped_a_file_for_the_machines_load_is_made_again.)
 
 
 def test_a_child_killed_between_shards_is_replaced_without_blaming_the_next(tmp_path, decoder):
@@ -144,6 +144,23 @@ def test_a_step_in_skip_is_not_taken_and_its_file_gets_the_reason(tmp_path, monk
     ]
     assert [Path(p).name for p in opened] == ["b.JPEG"]
     assert steps == [0, 1, -1, 2, 3, -1]
+
+
+@pytest.mark.parametrize(
+    ("reason", "reused"),
+    [("decoder crashed (SIGSEGV)", True), (f"timed out after 9 s{AGAIN_NEXT_RUN}", False)],
+    ids=["the file's", "the load's"],
+)
+def test_a_shard_that_skipped_a_file_for_the_machines_load_is_made_again(tmp_path, reason, reused):
+    # A file timed out (or was SIGKILLed) twice on a busy machine: the shard was reused
+    # by every later run, the image lost for good where an idle machine keeps it.
+    plan = folder_plan(
+        tmp_path / "raw", {"a.JPEG": FILES["plain.JPEG"], "b.JPEG": FILES["grey.JPEG"]}
+    )
+    first = make_shard(plan, tmp_path / "out", PARAMS, {3: reason}, lambda step: None)
+    assert first.skipped == [{"path": "train/n00000000/b.JPEG", "reason": reason}]
+    again = make_shard(plan, tmp_path / "out", PARAMS, {}, lambda step: None)
+    assert again.reused == reused and again.kept == (1 if reused else 2)
 
 
 def test_a_failure_outside_any_file_is_the_calls_error(decoder, monkeypatch):
