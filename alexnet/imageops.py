@@ -303,9 +303,10 @@ def orient(image: Image.Image) -> tuple[Image.Image, str | None]:
     orientation = image.getexif().get(EXIF_ORIENTATION, 1)
     if orientation in (1, None):
         return image, None
-    # PIL's exif_transpose turns only by an int: an ASCII "6" or a rational 6.5 would be
-    # reported as applied with nothing turned, and int("x") would skip a readable photo
-    if type(orientation) is not int or orientation not in TURNS:
+    # PIL's exif_transpose looks the value up among 2..8 (6.0 and a rational 6/1 find
+    # 6): an ASCII "6" or a rational 6.5 would be reported as applied with nothing
+    # turned, and int("x") would skip a readable photo
+    if isinstance(orientation, str | bytes) or orientation not in TURNS:
         shown = repr(orientation)[:SHOWN_VALUE]  # repr: escaped, so one line
         return image, f"EXIF orientation unusable, ignored ({shown})"
     return ImageOps.exif_transpose(image), f"EXIF orientation {orientation} applied"

@@ -126,24 +126,27 @@ def _append(env: lmdb.Environment, start: int, batch: list[tuple[int, bytes]], s
     return len(batch)
 
 
-# Records a transaction holds, whatever the batches `write_store` is given (params
-# `pack.batch`: how many records a read task takes): where transactions end shapes the
-# pages of data.mdb, so the same records in other batches made another file, and
-# training, which digests the file, started afresh. 256, the default `pack.batch`: the
-# stores it made stay byte for byte.
-TRANSACTION_RECORDS = 256
+# A transaction ends at the record that brings its payloads to this many bytes, whatever
+# the batches `write_store` is given (params `pack.batch`: how many records a read task
+# takes): where transactions end shapes the pages of data.mdb, so the same records in
+# other batches made another file, and training, which digests the file, started afresh.
+# Bytes, not records: until its commit a transaction holds its records and its dirty
+# pages (~2x this), for raw and jpeg payloads alike.
+TRANSACTION_BYTES = 4 * 2**20
 
 
 def _transactions(batches: Iterable[list[tuple[int, bytes]]]) -> Iterator[list[tuple[int, bytes]]]:
-    """The records of `batches`, in order, as lists of `TRANSACTION_RECORDS` (the last
-    shorter). A batch is let go once its last record is taken."""
+    """The records of `batches`, in order, as lists of about `TRANSACTION_BYTES` of
+    payload (the last smaller). A batch is let go once its last record is taken."""
     records: list[tuple[int, bytes]] = []
+    size = 0
     for batch in batches:
         for record in batch:
             records.append(record)
-            if len(records) == TRANSACTION_RECORDS:
+            size += len(record[1])
+            if size >= TRANSACTION_BYTES:
                 yield records
-                records = []
+                records, size = [], 0
         del batch  # gone before the next is fetched
     if records:
         yield records
@@ -160,7 +163,7 @@ def write_store(
     map_size: int = 1 << 30,
 ) -> int:
     """Write batches of (label, payload) records as keys 0, 1, 2, ... (transactions of
-    `TRANSACTION_RECORDS`: the same records make the same file whatever the batches),
+    `TRANSACTION_BYTES`: the same records make the same file whatever the batches),
     then `__meta__` (with `pack`, the digest of the pack run that wrote the store, where
     given); returns the count. Memory: about a batch and a transaction (its records and
     pages), whatever the count."""

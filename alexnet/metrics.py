@@ -4,6 +4,7 @@ among the k highest-scoring classes."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -38,7 +39,11 @@ def top_classes(scores: torch.Tensor, labels: Sequence[int], k: int = 5) -> list
     for row, label, rank in zip(
         scores.tolist(), labels, label_ranks(scores, torch.as_tensor(labels)).tolist(), strict=True
     ):
-        others = sorted((c for c in range(len(row)) if c != label), key=lambda c: -row[c])
+        # (NaN last: it has no order, and `sorted` would mix up the classes around it)
+        others = sorted(
+            (c for c in range(len(row)) if c != label),
+            key=lambda c: (math.isnan(row[c]), -row[c]),
+        )
         if rank < k:
             others.insert(rank, label)
         shown.append(others[:k])

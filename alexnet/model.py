@@ -31,11 +31,11 @@ class Logits(nn.Linear):
     rates count a tie with the label as a miss, and bf16 logits (8 significant bits:
     steps of 0.0625 between 8 and 16) tie classes that float32 tells apart, so a run with
     amp reported more errors than its network made. fc8 is a small share of the step.
-    Without autocast it is `nn.Linear` exactly."""
+    Without autocast it is `nn.Linear` exactly, in its weights' dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x.float())
+            return super().forward(x.to(self.weight.dtype))
 
 
 class AlexNet(nn.Module):

@@ -509,7 +509,10 @@ def _check_archives(entries: list[os.DirEntry], where: str = "beside the class f
 
 
 # What a photo's file is called: an image beside a split's class folders is one lost
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (
+    ".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif",
+    ".heic", ".heif", ".jp2", ".ppm", ".pgm", ".pbm", ".pnm",
+)  # fmt: skip
 
 
 def _check_loose_images(entries: list[os.DirEntry]) -> None:

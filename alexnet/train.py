@@ -441,9 +441,9 @@ class Trainer:
                 f"cannot be read ({one_line(error)}); it is kept: run again once it can "
                 "be, or remove it to start afresh"
             )
-        except MemoryError:  # this host's trouble, not the file's: kept, for a rerun
-            raise
         except Exception as error:  # a damaged checkpoint is only a lost shortcut
+            if _out_of_memory(error):  # this host's trouble, not the file's: kept
+                raise
             return f"is damaged ({type(error).__name__})"
         if not isinstance(state, dict):
             return "is damaged (not a checkpoint)"
@@ -689,6 +689,14 @@ class Trainer:
             "digest": self.digest,
         }
         save_model(path, contents)
+
+
+def _out_of_memory(error: Exception) -> bool:
+    """Whether `error` is the host's or a device's memory running out (torch's CPU
+    allocator raises a RuntimeError saying so, not a MemoryError)."""
+    if isinstance(error, MemoryError | torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
 
 
 def misfits(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> str | None:

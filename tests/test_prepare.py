@@ -281,7 +281,7 @@ def test_fingerprint_follows_the_imaging_code(source, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "build", [{"PIL webp": "no"}, {"libjpeg-turbo": "2.0.0"}], ids=["no webp", "libjpeg"]
+    "build", [{"PIL jpg": "no"}, {"libjpeg-turbo": "2.0.0"}], ids=["no jpeg", "libjpeg"]
 )
 def test_fingerprint_follows_the_pil_build_not_only_its_version(source, monkeypatch, build):
     # pillow-simd of one version built without a codec skips files another build

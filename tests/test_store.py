@@ -147,9 +147,12 @@ def test_map_grows_instead_of_map_full_error(tmp_path):
     assert len(split) == 40 and split[39][1] == 0
 
 
-def test_the_same_records_make_the_same_file_whatever_the_batches(tmp_path):
+def test_the_same_records_make_the_same_file_whatever_the_batches(tmp_path, monkeypatch):
     # params pack.batch (records a read task takes) changed data.mdb's pages: training
     # digests the file, so a memory knob restarted a finished run from scratch.
+    from alexnet import lmdb_store
+
+    monkeypatch.setattr(lmdb_store, "TRANSACTION_BYTES", 192 * 64 + 1)  # 11 transactions
     records = [(i % 7, bytes([i % 251]) * 192) for i in range(700)]  # 8x8 raw images
 
     def packed(name: str, batch: int) -> bytes:

@@ -188,18 +188,29 @@ def test_an_unfinished_run_the_model_no_longer_fits_starts_afresh(data, tmp_path
     assert (tmp_path / "ckpt.other-run.pt").exists() and not (tmp_path / "ckpt.pt").exists()
 
 
-def test_a_checkpoint_this_host_cannot_load_now_is_kept(data, tmp_path, monkeypatch):
+# What running out of memory raises: Python's, and torch's CPU allocator's.
+NO_MEMORY = [
+    MemoryError(),
+    RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+        "memory: you tried to allocate 151011328 bytes."
+    ),
+]
+
+
+@pytest.mark.parametrize("error", NO_MEMORY, ids=["MemoryError", "torch's allocator"])
+def test_a_checkpoint_this_host_cannot_load_now_is_kept(data, tmp_path, monkeypatch, error):
     # Out of memory while loading says nothing of the file: not "damaged", not set aside
     # (its one slot would lose an earlier set-aside run), not restarted from epoch 0.
     stop_at(trainer(data, tmp_path, epochs=2), epoch=0, step=1)
     kept = (tmp_path / "ckpt.pt").read_bytes()
 
     def no_memory(*args, **kwargs):
-        raise MemoryError
+        raise error
 
     again = trainer(data, tmp_path, epochs=2)
     monkeypatch.setattr(torch, "load", no_memory)
-    with pytest.raises(MemoryError):
+    with pytest.raises(type(error)):
         again.resume()
     assert (tmp_path / "ckpt.pt").read_bytes() == kept
     assert not (tmp_path / "ckpt.other-run.pt").exists()
