@@ -661,3 +661,15 @@ def test_a_profile_littlecms_cannot_read_is_ignored_and_reported(monkeypatch):
     prepared = prepare_image(damaged, ".png", icc_to_srgb=True)
     assert prepared.converted.startswith("PNG, ICC profile unusable, ignored (")
     assert prepared.jpeg == prepare_image(encode(image, "PNG"), ".png").jpeg
+
+
+@pytest.mark.parametrize(
+    ("kind", "value"),
+    [(RATIONAL, struct.pack("<II", 6, 1)), (DOUBLE, struct.pack("<d", 6.0))],
+    ids=["rational-6/1", "double-6.0"],
+)
+def test_a_whole_orientation_of_another_type_turns_as_a_short_does(kind, value):
+    # PIL turns by 6/1 and 6.0 as by 6 (they equal it): not "unusable"
+    six = prepare_image(_oriented_as(SHORT, struct.pack("<H", 6)), exif_orientation=True)
+    prepared = prepare_image(_oriented_as(kind, value), exif_orientation=True)
+    assert prepared.jpeg == six.jpeg and prepared.converted.endswith(" applied")
