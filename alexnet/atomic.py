@@ -103,7 +103,11 @@ def atomic_output(path: str | Path, folder: str | None = None) -> Iterator[Path]
         if folder and path.is_dir():
             aside = path.with_name(f"{temporary.name}{ASIDE}")
             os.replace(path, aside)
-            os.replace(temporary, path)
+            try:
+                os.replace(temporary, path)
+            except BaseException:  # the old version back: the target is never lost
+                os.replace(aside, path)
+                raise
             shutil.rmtree(aside)
         else:
             os.replace(temporary, path)
@@ -271,7 +275,8 @@ def write_json(path: str | Path, value: object) -> None:
 
 def remove_leftovers(folder: str | Path, name: str | None = None) -> None:
     """Delete what killed runs left in `folder`: the temporaries `.NAME.tmp-HOST-PID`
-    (files or folders, and the `-old` that a folder's swap sets aside) of the target
+    (files or folders, and the `-old` that a folder's swap sets aside: put back as NAME
+    where NAME is missing) of the target
     `name`, or of any target when None, whose process on this machine is gone (another
     machine's stay: whether its process lives cannot be told from here). Another live
     process's may be
@@ -289,7 +294,12 @@ def remove_leftovers(folder: str | Path, name: str | None = None) -> None:
         if not found or name not in (None, found["name"]) or _alive(found):
             continue
         with suppress(OSError):  # best effort: a leftover never stops the write
-            if entry.is_dir(follow_symlinks=False):
+            target = os.path.join(folder, found["name"])
+            if entry.name.endswith(ASIDE) and not os.path.lexists(target):
+                # killed between a folder swap's two renames: the version it set aside
+                # is whole, and the only one left under a name of its own
+                os.replace(entry.path, target)
+            elif entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
                 os.unlink(entry.path)

@@ -262,6 +262,35 @@ def test_leftovers_of_another_machine_stay(tmp_path):
     assert hidden(tmp_path) == sorted(theirs)
 
 
+def test_a_folder_swap_stopped_between_its_renames_loses_no_version(tmp_path, monkeypatch):
+    # Killed (or failing) between setting the old version aside and renaming the new one
+    # into place: the next run removed both, and the target was gone.
+    from alexnet import atomic
+
+    folder(tmp_path / "raw", ours({"a": b"old a"}))
+    real, calls = os.replace, []
+
+    def second_fails(source, target):
+        calls.append(source)
+        if len(calls) == 2:
+            raise OSError(16, "Device or resource busy")
+        return real(source, target)
+
+    monkeypatch.setattr(atomic.os, "replace", second_fails)
+    with pytest.raises(OSError, match="busy"):
+        with atomic_output(tmp_path / "raw", folder="synth") as temporary:
+            folder(temporary, {"a": b"new a"})
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["raw"]
+    assert contents(tmp_path / "raw") == ours({"a": b"old a"})
+    # a kill there: the set-aside version is put back, the other leftover removed
+    os.rename(tmp_path / "raw", tmp_path / f".raw.tmp-{DEAD_PID}-old")
+    folder(tmp_path / f".raw.tmp-{DEAD_PID}", {"a": b"new a"})
+    remove_leftovers(tmp_path, "raw")
+    assert [p.name for p in tmp_path.iterdir()] == ["raw"]
+    assert contents(tmp_path / "raw") == ours({"a": b"old a"})
+
+
 def hidden(path) -> list[str]:
     return sorted(p.name for p in path.iterdir() if p.name.startswith("."))
 
