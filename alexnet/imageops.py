@@ -101,7 +101,7 @@ HEVC_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis"}
 AVIF_BRANDS = {b"avif", b"avis"}
 HEIF_REASON = (
     "HEIC/HEIF photo (HEVC): PIL has no decoder for it; pip install pillow-heif and "
-    "add pillow_heif.HeifImagePlugin to prepare.plugins"
+    "add pillow_heif.HeifImagePlugin to prepare.plugins (alexnet predict: --plugin it)"
 )
 
 

@@ -52,6 +52,7 @@ class ParamsError(AlexnetError, ValueError):
 SCHEDULER_ADDRESS = re.compile(r"([a-z]+://)?(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d+")
 DEFAULT_FILE = "params.yaml"  # may be absent (all defaults); a file named otherwise may not
 DEVICE_HINT = "cpu, cuda, cuda:1, ..."
+DEVICE_TYPES = ("cpu", "cuda")  # the devices the kernels, the decoders and the tests cover
 
 
 def device_problem(name: str) -> str | None:
@@ -63,9 +64,11 @@ def device_problem(name: str) -> str | None:
     import torch  # here: only a file naming another device pays for it, and its stages use torch
 
     try:
-        torch.device(name)
+        device = torch.device(name)
     except RuntimeError:  # torch's own message lists every backend, over several lines
         return f"not a device name ({DEVICE_HINT})"
+    if device.type not in DEVICE_TYPES:  # mps, meta, xpu: torch's names, not our paths
+        return f"not a device this pipeline runs on ({DEVICE_HINT})"
     return None
 
 
@@ -292,6 +295,8 @@ class TrainParams(_Section):
     # A tuple: the frozen section stays hashable; YAML lists and JSON arrays validate into it.
     device: tuple[DeviceName, ...] = Field(
         ("cpu",),
+        min_length=1,
+        max_length=2,  # one a column: refused with the params, not after the stages before
         description=f"{DEVICE_HINT}; two devices ([cuda:0, cuda:1]) = one "
         "column of the network on each (model parallel)",
     )

@@ -74,8 +74,8 @@ def load_file(path: Path, image_options: dict) -> torch.Tensor:
 
 def allow_plugins(model_path: Path, asked: Sequence[str], allowed: Sequence[str]) -> None:
     """Import the PIL plugins the model file's images were prepared with, each only if
-    the user allowed it: importing a module runs its code, and a model file is data
-    (never code) even when it comes from someone else."""
+    the user allowed it (importing a module runs its code, and a model file is data,
+    never code, even when it comes from someone else), and the others the user allowed."""
     refused = [name for name in asked if name not in allowed]
     if refused:
         flags = " ".join(f"--plugin {name}" for name in refused)
@@ -83,8 +83,9 @@ def allow_plugins(model_path: Path, asked: Sequence[str], allowed: Sequence[str]
             f"{model_path}: its images were prepared with the PIL plugins "
             f"{', '.join(refused)}; importing them runs their code: allow them with {flags}"
         )
+    # and every plugin the user allowed: one adds formats (a HEIC photo to predict on)
     try:
-        load_plugins(asked)
+        load_plugins([*asked, *(name for name in allowed if name not in asked)])
     except Exception as error:  # not installed, or failing as it loads: not per image
         raise PluginError(f"{model_path}: PIL plugin {one_line(error)}") from None
 

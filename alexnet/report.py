@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from contextlib import suppress
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import jinja2
 from matplotlib.figure import Figure
 
 from alexnet.atomic import file_target, write_bytes
-from alexnet.errors import AlexnetError
+from alexnet.errors import AlexnetError, one_line
 from alexnet.eval_files import FOLDER, PER_CLASS, SUMMARY, data_url, worst_first
 from alexnet.figures import FIGURES, png
 from alexnet.train_files import SUMMARY as TRAIN_SUMMARY
@@ -89,8 +90,26 @@ of the validation images.</p>
 )
 
 
-def _json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+# What the page shows of eval.json (the evaluate stage writes them all).
+EVALUATION_KEYS = ("top1_error", "top5_error", "center_top1_error", "center_top5_error", "images")
+
+
+def _json(path: Path, needed: Sequence[str] = ()) -> dict | None:
+    """A metrics file's object, None where there is none; one error line for a file cut
+    short, not an object, or without a key the page shows (an older version's)."""
+    if not path.is_file():
+        return None
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise AlexnetError(
+            f"{path}: not readable JSON ({one_line(error)}); run its stage again"
+        ) from None
+    if not isinstance(content, dict):
+        raise AlexnetError(f"{path}: not a JSON object; run its stage again")
+    if missing := [key for key in needed if key not in content]:
+        raise AlexnetError(f"{path}: no {missing[0]} (an older version's?); run its stage again")
+    return content
 
 
 def _readable(row: dict | None) -> dict | None:
@@ -112,7 +131,7 @@ def read_series(folder: Path) -> dict[str, tuple[list[int], list[float]]]:
             rows = list(csv.DictReader(file, delimiter="\t"))
         points = []
         for row in rows:
-            with suppress(TypeError, ValueError):  # None for a missing field
+            with suppress(KeyError, TypeError, ValueError):  # a field missing, or None
                 points.append((int(row["step"]) + 1, float(row[path.stem])))
         series[path.stem] = ([step for step, _ in points], [value for _, value in points])
     return series
@@ -161,7 +180,7 @@ def render(metrics: Path, params: Path | None = None) -> str:
     return PAGE.render(
         title="AlexNet: evaluation report",
         metrics=str(metrics),
-        evaluation=_json(metrics / SUMMARY),
+        evaluation=_json(metrics / SUMMARY, EVALUATION_KEYS),
         training=_readable(_json(metrics / TRAIN_SUMMARY)),
         curves=data_url(png(curves)) if curves else None,
         figures=figures,

@@ -38,7 +38,9 @@ for _stage in STAGES.values():
     "read gets one error line; the others are still predicted, and the exit status is 1."
 )
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="image files (any format PIL reads)")],
+    images: Annotated[
+        list[Path], typer.Argument(metavar="IMAGE", help="image files (any format PIL reads)")
+    ],
     model_path: Annotated[Path, typer.Option("--model", help="model file")] = Path(
         STAGES["train"].path("model_path").default
     ),

@@ -198,6 +198,25 @@ def test_the_report_says_which_stage_writes_what_is_missing(tmp_path):
     assert "No train.json yet: the train stage writes it" in page
 
 
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        ('{"top1_error": 0.2', "not readable JSON"),
+        ("[0.2, 0.01]", "not a JSON object"),
+        ('{"top1_error": 0.2, "top5_error": 0.01, "images": 4}', "no center_top1_error"),
+    ],
+    ids=["cut short", "not an object", "an older version's"],
+)
+def test_a_damaged_eval_json_is_one_error_line_not_a_traceback(tmp_path, content, reason):
+    from alexnet.errors import AlexnetError
+    from alexnet.report import render
+
+    write_run(tmp_path / "metrics", figures=False)
+    (tmp_path / "metrics" / "eval.json").write_text(content)
+    with pytest.raises(AlexnetError, match=rf"eval.json: {reason}"):
+        render(tmp_path / "metrics")
+
+
 def test_alexnet_report_writes_the_page_or_one_error_line(tmp_path):
     write_run(tmp_path / "metrics")
     command = [sys.executable, "-m", "flows.cli", "report", "--metrics"]

@@ -305,6 +305,20 @@ def test_a_device_name_torch_does_not_know_is_refused_when_loaded():
             parse_params({section: {"device": value}})
 
 
+def test_a_device_torch_knows_but_the_pipeline_does_not_run_on_is_refused_when_loaded():
+    # mps, meta, xpu passed as names, then crashed with a traceback where they were used
+    for name in ("mps", "meta", "xpu"):
+        with pytest.raises(ParamsError, match=r"not a device this pipeline runs on \(cpu, cuda"):
+            parse_params({"evaluate": {"device": name}})
+
+
+@pytest.mark.parametrize("devices", [[], ["cpu", "cpu", "cpu"]], ids=["none", "three"])
+def test_train_device_takes_one_or_two_devices_when_loaded(devices):
+    # refused when `dvc repro` starts, not when train starts after the stages before it
+    with pytest.raises(ParamsError, match=r"^params: train.device"):
+        parse_params({"train": {"device": devices}, "model": {"columns": 2}})
+
+
 def test_kernels_switch_is_fast_or_reference():
     assert parse_params({}).compute.kernels == "fast"
     assert parse_params({"compute": {"kernels": "reference"}}).compute.kernels == "reference"

@@ -298,6 +298,11 @@ def test_the_plugins_a_model_file_names_are_imported_only_when_allowed(
     assert not marker.exists()
     [result] = predict([image], path, 5, "cpu", plugins=[name])
     assert marker.exists() and result.error is None and len(result.top) == 2
+    # a plugin the user allows that the model file does not name (a HEIC reader) too
+    other, mark = f"{name}_other", tmp_path / "other imported"
+    (tmp_path / f"{other}.py").write_text(f"open({str(mark)!r}, 'w').close()\n")
+    predict([image], model_file, 5, "cpu", plugins=[other])
+    assert mark.exists()
     missing = recorded(model_file, tmp_path, prepare={**prepare, "plugins": ["no_such_plugin"]})
     with pytest.raises(PluginError, match="PIL plugin .*no_such_plugin"):  # once, not per image
         predict([image], missing, 5, "cpu", plugins=["no_such_plugin"])
