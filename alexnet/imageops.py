@@ -153,29 +153,28 @@ def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
     # scaled by PIL from its maxval to 0..65535); else the smallest usual scale that holds
     # the values (float 0..1, 8 or 16 bits), else the values' own maximum (32-bit data),
     # so that a dark image stays dark and none is clipped.
-    values = np.asarray(image).astype(np.float64)
+    values = np.asarray(image)
     sixteen = image.mode.startswith("I;16") or image.format == "PPM"
     scales = (65535.0,) if sixteen else (1.0, 255.0, 65535.0)[image.mode != "F" :]
-    peak = _finite_peak(values)
+    peak = float(values.max())  # NaN or inf where a float image has such a pixel
+    if not math.isfinite(peak):
+        values, peak = _without_nan(values)
     # float data overshoots its range a little after resampling or filtering: clipped
     over = FLOAT_OVERSHOOT if image.mode == "F" else 1.0
     top = next((scale for scale in scales if peak <= scale * over), peak)
-    # a float image's NaN (no value) and -inf are black, its +inf the top of its range
-    values = np.nan_to_num(values, copy=False, nan=0.0, posinf=top, neginf=0.0)
-    scaled = np.clip(values * (255.0 / top) + 0.5, 0, 255)
+    # (an infinite pixel is clipped to the range's end: +inf white, -inf black)
+    scaled = np.clip(values.astype(np.float64) * (255.0 / top) + 0.5, 0, 255)
     return Image.fromarray(scaled.astype(np.uint8), "L")
 
 
-def _finite_peak(values: np.ndarray) -> float:
-    """The largest finite value: one NaN or inf pixel of a float image would otherwise
-    be the peak, and the whole image black. `BadImage` when no value is finite."""
-    peak = float(values.max())  # finite unless a NaN or +inf is there (or all are -inf)
-    if math.isfinite(peak):
-        return peak
-    finite = values[np.isfinite(values)]
-    if not finite.size:
+def _without_nan(values: np.ndarray) -> tuple[np.ndarray, float]:
+    """A float image's values with NaN (no value) as 0, and its largest finite value: one
+    NaN or inf pixel would otherwise be the peak, and the whole image black. `BadImage`
+    when no value is finite."""
+    finite = np.isfinite(values)
+    if not finite.any():
         raise BadImage("no finite pixel value (every pixel NaN or infinite)")
-    return float(finite.max())
+    return np.where(np.isnan(values), 0.0, values), float(values[finite].max())
 
 
 def _transparent(image: Image.Image) -> bool:

@@ -140,19 +140,23 @@ def read_description(path: Path) -> dict | None:
         with tarfile.open(path, mode="r:") as tar:
             if not _ends_whole(tar.fileobj):
                 return None
-            description = json.loads(tar.pax_headers.get("comment", "null"))
-        index_shard(path)
+            description = _description(tar)
+        index_shard(path)  # every member whole, as many records as the description says
     except (OSError, tarfile.TarError, json.JSONDecodeError, ShardError):
         return None
     return description
+
+
+def _description(tar: tarfile.TarFile) -> dict | None:
+    """The description a shard's pax header holds (`write_shard`), JSON."""
+    return json.loads(tar.pax_headers.get("comment", "null"))
 
 
 def _described_records(tar: tarfile.TarFile) -> int | None:
     """The number of records prepare's description of a shard says it kept, if it has
     one (a shard made by another tool need not)."""
     try:
-        description = json.loads(tar.pax_headers.get("comment", "null"))
-        kept = description["report"]["kept"]
+        kept = _description(tar)["report"]["kept"]
     except (json.JSONDecodeError, TypeError, KeyError):
         return None
     return kept if isinstance(kept, int) else None

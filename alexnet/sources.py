@@ -410,10 +410,10 @@ def _flat_val(folder: Path, entries: list[os.DirEntry], root: Path, index: dict[
             f"{GROUND_TRUTH} to label it as a flat val folder"
         )
     by_id = _kaggle_labels(csv_path, index) if csv_path is not None else {}
-    entries = [e for e in entries if _val_image(display_name(e.name), by_id)]
-    if not entries:
+    named = [(e, name) for e in entries if _val_image(name := display_name(e.name), by_id)]
+    if not named:
         raise SourceError(f"{shown}: empty split (no images, nor any {VAL_PREFIX}* file)")
-    names = [display_name(e.name) for e in entries]
+    entries, names = (list(column) for column in zip(*named, strict=True))
     if csv_path is not None:
         labels = _kaggle_val_labels(csv_path, by_id, names)
     else:
