@@ -277,7 +277,8 @@ def finished(url: str, run_id: str) -> str | None:
 def test_prefect_ui_path_serve_deployments_and_a_triggered_stage(tmp_path):
     repo = repo_copy(tmp_path / "repo", {**TINY_CHAIN, "serve": {"retrain_cron": "15 4 * * 2"}})
     with (
-        real_server(tmp_path) as (url, env),
+        # `serve` looks for runs to start every second, not every 10 s
+        real_server(tmp_path, PREFECT_RUNNER_POLL_FREQUENCY="1") as (url, env),
         background(
             [sys.executable, "-m", "flows.cli", "serve"], env, tmp_path / "serve.log", cwd=repo
         ),
