@@ -27,6 +27,9 @@ def sha16(path: Path) -> str:
 # Digests a memo keeps per file: one per node that reads it (see `file_digest`), the
 # oldest dropped past this many.
 MEMO_ENTRIES = 64
+# Files a memo keeps, the least recently hashed dropped past this many: a worker's run
+# in a temporary clone of the repository reads the data under a new path each time.
+MEMO_FILES = 32
 
 
 def file_digest(path: Path, memo: Path) -> str:
@@ -58,7 +61,9 @@ def _remember(memo: Path, key: str, identity: str, digest: str) -> None:
     known = _entries(memos, key)
     known.pop(identity, None)  # the newest last: the oldest is dropped first
     known[identity] = digest
+    memos.pop(key, None)  # the same order for the files
     memos[key] = dict(list(known.items())[-MEMO_ENTRIES:])
+    memos = dict(list(memos.items())[-MEMO_FILES:])
     try:
         write_json(memo, memos)
     except OSError:  # a read-only checkpoint folder only costs the next start a re-read

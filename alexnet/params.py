@@ -136,6 +136,7 @@ class PrepareParams(_Section):
 
     raw: str = Field(
         "data/raw",
+        min_length=1,  # "" would read as the repository itself
         description="the raw dataset (train/<wnid>/*, val/...): data/raw is the demo's; "
         "for ImageNet an absolute path outside the repo",
     )

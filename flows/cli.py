@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from alexnet.errors import AlexnetError
-from alexnet.params import DEVICE_HINT
+from alexnet.params import DEFAULT_FILE, DEVICE_HINT
 from alexnet.runtime import configure
 from flows.stages import STAGES, ParamsOption, command, console, load, user_errors
 
@@ -101,7 +101,7 @@ def serve() -> None:
         from flows.serve import check_schedule, serve_all
         from flows.server import check_api
 
-        check_schedule(params)
+        check_schedule(params, DEFAULT_FILE)
         check_api(api)
         serve_all(Path.cwd(), params)
 
@@ -122,7 +122,7 @@ def param(
         if key.startswith("serve."):  # what prefect deploy schedules: checked as Prefect will
             from flows.serve import check_schedule
 
-            check_schedule(params)
+            check_schedule(params, str(params_path or DEFAULT_FILE))
     typer.echo(text)
 
 
@@ -140,7 +140,6 @@ def report(
     ),
     params_path: ParamsOption = None,
 ) -> None:
-    from alexnet.params import DEFAULT_FILE
     from alexnet.report import write_report
 
     with user_errors():

@@ -41,9 +41,10 @@ def param_outputs(steps: list[dict] | None, params: Params) -> dict[str, dict[st
     return outputs
 
 
-def check_schedule(params: Params) -> None:
+def check_schedule(params: Params, source: str) -> None:
     """params `serve`'s cron and time zone, as Prefect will read them: a wrong one is one
-    line naming the key now, not a traceback when `serve` or `prefect deploy` uses it."""
+    line naming the file (`source`) and the key now, not a traceback when `serve` or
+    `prefect deploy` uses it."""
     from prefect.client.schemas.schedules import CronSchedule
 
     try:
@@ -52,7 +53,7 @@ def check_schedule(params: Params) -> None:
         first = error.errors()[0]
         key = {"cron": "retrain_cron"}.get(first["loc"][0], first["loc"][0])
         message = first["msg"].removeprefix("Value error, ")
-        raise ParamsError(f"params serve.{key}: {message}") from None
+        raise ParamsError(f"{source}: serve.{key}: {message}") from None
 
 
 def _cron(schedule: dict) -> Cron:

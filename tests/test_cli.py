@@ -156,10 +156,10 @@ def test_a_schedule_prefect_cannot_read_is_one_line(tmp_path, section, message):
     key = "serve." + section.split(":")[0]
     # (serve reads the folder's params.yaml, as the runs' `dvc repro` does, there)
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
-    for args in (["param", key, "-p", str(params)], ["serve"]):
+    for args, source in ((["param", key, "-p", str(params)], params), (["serve"], "params.yaml")):
         result = alexnet(*args, env=env, cwd=tmp_path)
         assert result.returncode == 1 and result.stdout == "", result.stderr[-2000:]
-        assert result.stderr.startswith(f"error: params {message}"), result.stderr
+        assert result.stderr.startswith(f"error: {source}: {message}"), result.stderr
         assert result.stderr.count("\n") == 1, result.stderr
 
 

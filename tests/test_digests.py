@@ -45,6 +45,22 @@ def test_file_digest_is_the_sha256_and_remembers_the_same_file(tmp_path):
     assert file_digest(path, memo) == sha16(b"other bytes")
 
 
+def test_the_memo_keeps_the_files_hashed_last(tmp_path):
+    # A worker's run reads the data in a temporary clone: a new path at every run.
+    memo = tmp_path / "memo.json"
+    paths = [tmp_path / f"clone-{i}" / "data.mdb" for i in range(digests.MEMO_FILES + 5)]
+    for path in paths:
+        path.parent.mkdir()
+        path.write_bytes(path.parent.name.encode())
+        assert file_digest(path, memo) == sha16(path.parent.name.encode())
+    kept = [str(path.resolve()) for path in paths[-digests.MEMO_FILES :]]
+    assert list(json.loads(memo.read_text())) == kept
+    # one hashed again (a new file there) is the newest, not dropped next
+    paths[-digests.MEMO_FILES].write_bytes(b"new")
+    file_digest(paths[-digests.MEMO_FILES], memo)
+    assert list(json.loads(memo.read_text()))[-1] == kept[0]
+
+
 def test_nodes_sharing_the_memo_hash_the_data_once_each(tmp_path, monkeypatch):
     # The memo lies next to the checkpoint, on the filesystem all nodes share; each node
     # sees the data under its own device number (an NFS mount's is the client's own).

@@ -128,6 +128,9 @@ def test_out_of_range_and_bad_choice():
     # a threshold of 1 or more: no epoch ever improves, and the rate drops every plateau
     with pytest.raises(ParamsError, match="train.lr_threshold: Input should be less than 1"):
         parse_params({"train": {"lr_threshold": 1.0}})
+    # an empty raw folder would read as the repository itself (then "inside its input")
+    with pytest.raises(ParamsError, match="prepare.raw: String should have at least 1"):
+        parse_params({"prepare": {"raw": ""}})
 
 
 def test_prepared_images_smaller_than_the_crops_are_refused_naming_both_keys():
