@@ -449,8 +449,8 @@ class ComputeParams(_Section):
     workers: int = Field(
         0,
         ge=0,
-        description="parallel workers: the process pool's size, and how many tasks prepare "
-        "keeps in flight (a few each); 0 = one per CPU core; on a Dask cluster, its worker count",
+        description="parallel workers: the process pool's size (0 = one per CPU core), or "
+        "on a Dask cluster its worker count",
     )
     scheduler: str | None = Field(
         None,

@@ -272,7 +272,8 @@ ParamsOption = Annotated[
         "--params",
         "-p",
         help="params file; where the default, ./params.yaml, is missing, every key takes its "
-        "schema default (the paper's values)",
+        "schema default (the paper's recipe, on a CPU: params.imagenet.yaml is the ImageNet "
+        "run's file)",
         show_default=DEFAULT_FILE,
     ),
 ]
