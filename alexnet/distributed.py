@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,8 @@ from alexnet.errors import one_line
 # for ImageNet on network storage; a rank whose digests are cached is there at once):
 # NCCL's own timeout, 10 minutes, stays for the training's collectives.
 PATIENCE = timedelta(hours=1)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,20 @@ class World:
         """Wait up to `PATIENCE` until every rank is here (the one-process world: at once)."""
         if self.size > 1:
             dist.barrier(group=self.patient)
+
+    def node_first(self, work: Callable[[], T]) -> T:
+        """`work()` on each node's first rank, then on the node's other ranks, then every
+        rank waits for all (each wait up to `PATIENCE`). What the first leaves behind (the
+        data digests' memo) spares the others the cost: a node's 8 ranks read ImageNet's
+        LMDB once for its digest, not 8 times at once."""
+        first = self.local_rank == 0
+        if first:
+            done = work()
+        self.wait_for_all()
+        if not first:
+            done = work()
+        self.wait_for_all()
+        return done
 
     def close(self) -> None:
         if self.size > 1 and dist.is_initialized():

@@ -307,8 +307,9 @@ class Trainer:
             subtract_mean=p.subtract_mean,
             kernels=run.kernels,
         ).to(self.device)
-        self.recipe = self._recipe()  # hashes the data: minutes on ImageNet, and uneven
-        world.wait_for_all()  # across ranks (cached digests), so met at a patient barrier
+        # Hashes the data: minutes on ImageNet, and uneven across ranks (digests the memo
+        # knows), so the ranks meet at patient barriers after it.
+        self.recipe = world.node_first(self._recipe)
         self.digest = hashlib.sha256(json.dumps(self.recipe, sort_keys=True).encode()).hexdigest()
         self.code = code_digests()
         self.epoch, self.step, self.history = 0, 0, []

@@ -70,6 +70,44 @@ def test_one_process_world_is_inert():
     assert world.device(["cuda"]) == ["cuda"] and world.device(("cpu", "cpu")) == ["cpu", "cpu"]
 
 
+class ThreadRank(World):
+    """A rank in a thread: its patient barrier is a `threading.Barrier` of the ranks."""
+
+    def wait_for_all(self) -> None:
+        self.patient.wait(timeout=30)
+
+
+def test_a_nodes_ranks_hash_the_data_once(tmp_path, monkeypatch):
+    # A node's 8 ranks each read ImageNet's LMDB whole for its digest, at once (~2 TB of
+    # reads for a raw store): the node's first rank hashes, the others find its memo.
+    import threading
+
+    from alexnet import digests
+
+    path, memo = tmp_path / "data.mdb", tmp_path / "memo.json"
+    path.write_bytes(b"the store")
+    hashed, real = [], digests.sha16
+
+    def slow_sha16(file):  # long enough for every rank to be hashing at once
+        hashed.append(file)
+        time.sleep(0.3)
+        return real(file)
+
+    monkeypatch.setattr(digests, "sha16", slow_sha16)
+    barrier, found = threading.Barrier(3), {}
+
+    def rank(local: int) -> None:
+        world = ThreadRank(local, 3, local, barrier)
+        found[local] = world.node_first(lambda: digests.file_digest(path, memo))
+
+    threads = [threading.Thread(target=rank, args=(local,)) for local in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert found == {local: real(path) for local in range(3)} and len(hashed) == 1
+
+
 def test_ranks_that_would_start_elsewhere_are_told_apart():
     code = {"alexnet/train.py": "ab" * 8}
     start = start_view(RESUMES, 2, 7, "f" * 64, code)
