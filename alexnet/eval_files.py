@@ -3,8 +3,9 @@ written, and the short summary the Prefect UI shows. `alexnet report` reads them
 by the same names.
 
 - `eval.json`: the summary (10-crop and centre-crop errors, the image count);
-- `eval/per_class.csv`, `eval/confusion.csv`: the per-class report and the confusion
-  plot's data;
+- `eval/per_class.csv`, `eval/confusion.csv`: the per-class report and every image's
+  prediction; `eval/worst_classes.csv`, `eval/worst_confusion.csv`: the same for the
+  classes of highest error, the plots' data;
 - `eval/<figure>.png` for each of `alexnet.figures.FIGURES`, and `eval/top5.csv`,
   `eval/neighbours.csv`: the figures' numbers.
 
@@ -24,6 +25,10 @@ from alexnet.figures import FIGURES
 SUMMARY, FOLDER = "eval.json", "eval"
 EVAL_OWNER = "evaluate"  # the stage named in its folder's mark (alexnet.atomic.OWNED)
 PER_CLASS, CONFUSION = "per_class.csv", "confusion.csv"
+# The plots' data (tables: eval/<name>.csv), of the classes of highest top-1 error only
+# (params evaluate.plot_classes): ImageNet's 1,000 make 1,000 bars and a 1,000 x 1,000
+# matrix of 50,000 rows that no one reads.
+WORST_CLASSES, WORST_CONFUSION = "worst_classes", "worst_confusion"
 
 
 def csv_bytes(rows: list[dict]) -> bytes:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +22,15 @@ import numpy as np
 import torch
 
 from alexnet.crops import CENTRE, ten_crops
+from alexnet.eval_files import WORST_CLASSES, WORST_CONFUSION, worst_first
 from alexnet.jpeg import to_device
 from alexnet.lmdb_store import StoreError, key
 from alexnet.metrics import label_ranks, missed, predicted, top_classes
 from alexnet.modelfile import ModelFileError, load_model
 from alexnet.params import DEFAULTS, JpegDecoder, Kernels
 from alexnet.reader import LmdbSplit, batch_loader, encoded_for, in_order
+
+OTHER = "(another class)"  # a prediction outside the classes a confusion plot shows
 
 
 @contextmanager
@@ -115,20 +118,33 @@ class Results:
             )
         return rows
 
-    def confusion(self, classes: list[dict]) -> list[dict]:
+    def confusion(self, classes: list[dict], shown: Collection[int] | None = None) -> list[dict]:
         """One row per image, actual and predicted class names (DVC's confusion plot). A
         name two classes share (ImageNet has two "crane"s, a bird and a machine) takes
-        its wnid, or the plot would count one mistaken for the other as right."""
+        its wnid, or the plot would count one mistaken for the other as right. With
+        `shown` (class indices): the images of those classes only, a prediction of any
+        other class named `OTHER` (ImageNet's whole matrix is 1,000 x 1,000 classes)."""
         shared = Counter(entry["name"] for entry in classes)
         names = {
             entry["index"]: entry["name"]
             + (f" ({entry['wnid']})" if shared[entry["name"]] > 1 else "")
             for entry in classes
         }
-        return [
-            {"actual": names[int(a)], "predicted": names[int(p)]}
-            for a, p in zip(self.labels, self.predicted, strict=True)
-        ]
+        rows = []
+        for actual, guess in zip(self.labels.tolist(), self.predicted.tolist(), strict=True):
+            if shown is None or actual in shown:
+                other = shown is not None and guess not in shown
+                rows.append(
+                    {"actual": names[actual], "predicted": OTHER if other else names[guess]}
+                )
+        return rows
+
+    def plotted(self, classes: list[dict], per_class: list[dict], count: int) -> dict:
+        """The data of the per-class bar chart and of the confusion matrix: the `count`
+        classes of highest top-1 error (`worst_first`), and their images' predictions."""
+        worst = worst_first(per_class)[:count]
+        shown = {row["class"] for row in worst}
+        return {WORST_CLASSES: worst, WORST_CONFUSION: self.confusion(classes, shown)}
 
 
 def evaluate(

@@ -430,6 +430,12 @@ class EvaluateParams(_Section):
         128, ge=1, description="training images per batch of the neighbour search (its memory)"
     )
     seed: int = Field(0, description="picks the gallery's and the queries' images")
+    plot_classes: int = Field(
+        30,
+        ge=1,
+        description="the per-class bar chart and the confusion matrix show the classes of "
+        "highest top-1 error, at most this many (per_class.csv and confusion.csv keep all)",
+    )
 
 
 class ServeParams(_Section):

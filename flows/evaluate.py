@@ -77,8 +77,9 @@ def evaluate_flow(
     evaluate: EvaluateParams,
     compute: ComputeParams,
 ) -> dict:
-    """Write metrics/eval.json and, in metrics/eval/, per_class.csv, confusion.csv,
-    kernels.png, top5.png and top5.csv, neighbours.png and neighbours.csv. The mean
+    """Write metrics/eval.json and, in metrics/eval/, per_class.csv, confusion.csv, the
+    plots' worst_classes.csv and worst_confusion.csv, kernels.png, top5.png and top5.csv,
+    neighbours.png and neighbours.csv. The mean
     image is the model file's: the one its training subtracted."""
     logger = get_run_logger()
     check_targets(Path(metrics))
@@ -122,6 +123,7 @@ def evaluate_flow(
     summary = results.summary()
     per_class = results.per_class(split.classes)
     confusion = results.confusion(split.classes)
+    tables |= results.plotted(split.classes, per_class, evaluate.plot_classes)
     write_evaluation(Path(metrics), summary, per_class, confusion, figures, tables)
     logger.info(
         "10-crop top-1 error %.4f, top-5 %.4f; centre crop %.4f / %.4f; %d images",

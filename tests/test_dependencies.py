@@ -256,6 +256,11 @@ def test_the_evaluate_stages_image_plots_are_the_figures_it_draws():
     plots = [next(iter(p)) if isinstance(p, dict) else p for p in DVC["evaluate"]["plots"]]
     images = [p for p in plots if p.endswith(".png")]
     assert images == [f"metrics/eval/{name}.png" for name in FIGURES]
+    # and its class plots draw the tables of the worst classes, not every class's
+    from alexnet.eval_files import WORST_CLASSES, WORST_CONFUSION
+
+    tables = [p for p in plots if p.endswith(".csv")]
+    assert tables == [f"metrics/eval/{name}.csv" for name in (WORST_CONFUSION, WORST_CLASSES)]
 
 
 def test_the_design_docs_layout_names_every_module():

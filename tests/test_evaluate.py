@@ -142,6 +142,30 @@ def test_the_confusion_plot_counts_a_tie_as_the_error_rates_do(tmp_path):
     assert predicted(scores, labels, label_ranks(scores, labels)).tolist() == [0, 1, 2]
 
 
+def test_the_plots_show_the_classes_of_highest_error_and_the_rest_as_other():
+    # ImageNet's 1,000 classes would make 1,000 bars and a 1,000 x 1,000 matrix
+    from alexnet.evaluate import OTHER, Results
+
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    guesses = torch.tensor([0, 0, 2, 3, 1, 2, 3, 3])  # c1 all wrong, c2 half, others right
+    rank = (guesses != labels).long()  # the label's rank: 0 = first
+    results = Results(labels, guesses, rank, rank)
+    classes = named(4)
+    per_class = results.per_class(classes)
+    plotted = results.plotted(classes, per_class, 2)
+    assert [row["name"] for row in plotted["worst_classes"]] == ["c1", "c2"]
+    assert plotted["worst_confusion"] == [
+        {"actual": "c1", "predicted": "c2"},
+        {"actual": "c1", "predicted": OTHER},  # c3, not shown
+        {"actual": "c2", "predicted": "c1"},
+        {"actual": "c2", "predicted": "c2"},
+    ]
+    # as many as there are classes: every image, as confusion.csv
+    everything = results.plotted(classes, per_class, 4)
+    assert everything["worst_confusion"] == results.confusion(classes)
+    assert [row["class"] for row in everything["worst_classes"]] == [1, 2, 0, 3]
+
+
 @pytest.fixture(scope="module")
 def model_file(data, tmp_path_factory):
     run = train_run(
@@ -255,6 +279,11 @@ def test_evaluate_flow_writes_the_metric_files(data, model_file, tmp_path, prefe
     assert [r["name"] for r in rows] == ["c0", "c1"]
     confusion = list(csv.DictReader(io.StringIO((folder / "confusion.csv").read_text())))
     assert len(confusion) == 4 and set(confusion[0]) == {"actual", "predicted"}
+    # the plots' data: 2 classes, fewer than evaluate.plot_classes, so every image
+    plotted = (folder / "worst_confusion.csv").read_bytes()
+    assert plotted == (folder / "confusion.csv").read_bytes()
+    worst = list(csv.DictReader(io.StringIO((folder / "worst_classes.csv").read_text())))
+    assert sorted(worst, key=lambda row: row["class"]) == rows
     # Section 6.1's figures, and the data they show.
     for name, least in {
         "kernels": (700, 300),
