@@ -27,6 +27,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -63,6 +64,10 @@ class OutputError(AlexnetError):
 
 
 TMP, ASIDE = ".tmp-", "-old"  # `.NAME.tmp-HOST-PID`; a folder set aside `...-old`
+# Another machine's temporary unchanged this long is a leftover: every writer here
+# changes its temporary at least every few minutes (a store's transactions, a shard,
+# a checkpoint written in seconds).
+STALE_ELSEWHERE = 24 * 3600.0  # s
 # This machine, in a name: on shared storage a PID alone is not one process (two nodes'
 # containers often run the same command with the same PID).
 HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "_"
@@ -277,13 +282,15 @@ def remove_leftovers(folder: str | Path, name: str | None = None) -> None:
     """Delete what killed runs left in `folder`: the temporaries `.NAME.tmp-HOST-PID`
     (files or folders, and the `-old` that a folder's swap sets aside: put back as NAME
     where NAME is missing) of the target
-    `name`, or of any target when None, whose process on this machine is gone (another
-    machine's stay: whether its process lives cannot be told from here). Another live
-    process's may be
-    written now and stays (as does a dead run's whose PID an unrelated process has
-    since been given: left for a later run). This process's own are leftovers too: it
-    writes a target from one place at a time, so one there now is a dead run's whose
-    PID it was given (a container starts the same command with the same PID)."""
+    `name`, or of any target when None, whose process on this machine is gone. Another
+    machine's stay while they change (whether its process lives cannot be told from
+    here), and go once untouched for `STALE_ELSEWHERE` (the machine's container was
+    replaced, say: a new host name, and a raw store's ~250 GB left for good). Another
+    live process's may be written now and stays (as does a dead run's whose PID an
+    unrelated process has since been given: left for a later run). This process's own
+    are leftovers too: it writes a target from one place at a time, so one there now is
+    a dead run's whose PID it was given (a container starts the same command with the
+    same PID)."""
     prefix = "." if name is None else f".{name}{TMP}"  # a cheap first look at each entry
     try:
         entries = list(os.scandir(folder))
@@ -291,7 +298,7 @@ def remove_leftovers(folder: str | Path, name: str | None = None) -> None:
         return
     for entry in entries:
         found = entry.name.startswith(prefix) and _TEMPORARY.fullmatch(entry.name)
-        if not found or name not in (None, found["name"]) or _alive(found):
+        if not found or name not in (None, found["name"]) or _alive(found, entry):
             continue
         with suppress(OSError):  # best effort: a leftover never stops the write
             target = os.path.join(folder, found["name"])
@@ -305,12 +312,15 @@ def remove_leftovers(folder: str | Path, name: str | None = None) -> None:
                 os.unlink(entry.path)
 
 
-def _alive(temporary: re.Match) -> bool:
+def _alive(temporary: re.Match, entry: os.DirEntry) -> bool:
     """Whether another process, the temporary's by its name's PID, runs now; one on
     another machine (its name's host), which cannot be told from here, is taken as
-    alive: its node removes it."""
+    alive while the temporary changes: its node removes it."""
     if temporary["host"] not in (None, HOST):
-        return True
+        try:
+            return time.time() - _last_change(entry) < STALE_ELSEWHERE
+        except OSError:  # gone meanwhile (its node removed it), or not to be read
+            return True
     pid = int(temporary["pid"])
     if pid == os.getpid() or pid <= 0:
         return False
@@ -321,3 +331,13 @@ def _alive(temporary: re.Match) -> bool:
     except OSError:  # PermissionError: another user's process; anything else: keep it
         return True
     return True
+
+
+def _last_change(entry: os.DirEntry) -> float:
+    """When a temporary last changed: a file's mtime; a folder's, or of a file in it,
+    if later (a store's data.mdb grows in place, its folder unchanged)."""
+    times = [entry.stat(follow_symlinks=False).st_mtime]
+    if entry.is_dir(follow_symlinks=False):
+        with suppress(OSError), os.scandir(entry.path) as inside:
+            times += [item.stat(follow_symlinks=False).st_mtime for item in inside]
+    return max(times)

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -260,6 +261,31 @@ def test_leftovers_of_another_machine_stay(tmp_path):
         folder(tmp_path / name, {"x": b"x"})
     remove_leftovers(tmp_path, "raw")
     assert hidden(tmp_path) == sorted(theirs)
+
+
+def test_another_machines_leftovers_go_once_untouched_for_a_day(tmp_path):
+    # A replaced container comes back under a new host name: what its run left (a raw
+    # store's ~250 GB) stayed for good.
+    from alexnet.atomic import STALE_ELSEWHERE
+
+    long_ago = time.time() - STALE_ELSEWHERE - 60
+    old_file, old_folder, growing = (
+        f".{name}.tmp-othernode-{DEAD_PID}" for name in ("a.json", "raw", "lmdb")
+    )
+    (tmp_path / old_file).write_bytes(b"{")
+    folder(tmp_path / old_folder, {"x": b"x"})
+    folder(tmp_path / growing, {"data.mdb": b"x"})  # a store written in place: its folder
+    for path in (tmp_path / old_file, tmp_path / old_folder, *(tmp_path / old_folder).iterdir()):
+        os.utime(path, (long_ago, long_ago))
+    os.utime(tmp_path / growing, (long_ago, long_ago))  # ... unchanged, its file not
+    # set aside by a swap that stopped there: the only version left, put back
+    aside = f".kept.tmp-othernode-{DEAD_PID}-old"
+    folder(tmp_path / aside, {"x": b"whole"})
+    for path in (tmp_path / aside, tmp_path / aside / "x"):
+        os.utime(path, (long_ago, long_ago))
+    remove_leftovers(tmp_path)
+    assert hidden(tmp_path) == [growing]
+    assert (tmp_path / "kept" / "x").read_bytes() == b"whole"
 
 
 def test_a_folder_swap_stopped_between_its_renames_loses_no_version(tmp_path, monkeypatch):
