@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from alexnet.errors import AlexnetError, Interrupted
+from alexnet.jpeg import decode_threads
 from alexnet.lmdb_store import write_store
 from alexnet.reader import LmdbSplit
 from alexnet.stats import load_stats, save_stats
@@ -609,6 +610,9 @@ def test_loader_workers_stream_the_same_batches_across_epochs(data, tmp_path):
     run_to_end(inline)
     ahead = trainer(data, tmp_path / "b", epochs=2, **ONE_STEP, loader_workers=2)
     ahead.save = lambda: None  # its checkpoint is not used
+    # each worker decodes with its share of the cores; validation, in this process while
+    # they wait, with all of them
+    assert (ahead.train.threads, ahead.val.threads) == (decode_threads(2), decode_threads(0))
     children = set(multiprocessing.active_children())
     run_to_end(ahead)
     assert set(multiprocessing.active_children()) <= children  # its workers ended with it
