@@ -29,14 +29,21 @@ from typing import TextIO
 import PIL
 
 from alexnet import imageops
-from alexnet.atomic import atomic_output
+from alexnet.atomic import atomic_output, write_json
 from alexnet.decoder import AGAIN_NEXT_RUN, At, DecoderFailed, isolated
 from alexnet.digests import sha16
 from alexnet.errors import AlexnetError
 from alexnet.imageops import BadImage, Prepared, load_plugins, prepare_image
 from alexnet.params import PrepareParams
 from alexnet.pilcodecs import pil_build
-from alexnet.shards import Record, SplitKeys, read_description, shard_name, write_shard
+from alexnet.shards import (
+    Record,
+    SplitKeys,
+    files_memo,
+    read_description,
+    shard_name,
+    write_shard,
+)
 from alexnet.sources import ClassInfo, Source
 
 FORMAT_VERSION = 1
@@ -259,18 +266,27 @@ def make_shard(
     path = Path(out_dir) / plan.name
     path.parent.mkdir(parents=True, exist_ok=True)
     skip, n = skip or {}, len(plan.items)
+    at(-1)  # on no file: reading the stored shard's description is the disk's time
+    stored = read_description(path)
+    if not skip and (unchanged := _unchanged(path, stored, plan.items, params, at)):
+        return unchanged
     limit = max_file_bytes(params.max_pixels)
-    digests, held, room = [], {}, HOLD_BYTES
+    identities, digests, held, room = [], [], {}, HOLD_BYTES
     for index, item in enumerate(plan.items):
         at(index)
-        content = Unread(skip[index]) if index in skip else _read(item, limit)
+        if index in skip:  # (not even looked at: its stat may be what hangs)
+            identities.append(None)
+            content = Unread(skip[index])
+        else:
+            identities.append(_identity(item))  # before the read: a change after it shows
+            content = _read(item, limit)
         digests.append(_digest(content))
         if isinstance(content, bytes) and len(content) <= room:
             held[index], room = content, room - len(content)
-    at(-1)  # on no file: reading the stored shard's description is the disk's time
+    at(-1)
     expected = fingerprint(plan.items, digests, params)
-    stored = read_description(path)
     if stored and stored.get("fingerprint") == expected and not _tried_again(stored):
+        _remember_files(path, expected, identities, digests)  # (touched files, say)
         return ShardReport(**stored["report"], reused=True)
     report = ShardReport(plan.split, plan.index, len(plan.items))
     records = []
@@ -292,7 +308,64 @@ def make_shard(
     report.kept = len(records)
     stored_report = {k: v for k, v in report.__dict__.items() if k != "reused"}
     write_shard(path, records, {"fingerprint": expected, "report": stored_report})
+    _remember_files(path, expected, identities, digests)
     return report
+
+
+def _identity(item: Item) -> list[int] | None:
+    """A file's inode, size and mtime (ns), or None where it cannot be had. While they
+    stay, the file's bytes are taken to be the same, as DVC takes them (a file rewritten
+    in place and given back its size and mtime by hand is not seen). Not its device:
+    an NFS mount's is each client's own, and a Dask worker on another node reads it."""
+    if item.problem:
+        return None
+    try:
+        status = os.stat(item.path)
+    except OSError:
+        return None
+    return [status.st_ino, status.st_size, status.st_mtime_ns]
+
+
+def _remember_files(shard: Path, expected: str, identities: list, digests: list) -> None:
+    """Record beside the shard its files' identities and digests (`files_memo`), for the
+    next run's `_unchanged`; none where a file could not be had (it is read again)."""
+    memo = files_memo(shard)
+    if None in identities or not all(isinstance(digest, str) for digest in digests):
+        memo.unlink(missing_ok=True)
+        return
+    write_json(memo, {"fingerprint": expected, "files": identities, "digests": digests})
+
+
+def _unchanged(
+    shard: Path, stored: dict | None, items: list[Item], params: PrepareParams, at: At
+) -> ShardReport | None:
+    """The stored shard's report, reused, where its files are those its `files_memo`
+    recorded (`_identity`) and the fingerprint of their recorded digests is the shard's:
+    no file is read (a re-run on ImageNet read its ~150 GB to find the shards it could
+    keep). Else None: the files are read and hashed. (The memo is not in the shard,
+    whose bytes must not depend on where and when its files were copied.)"""
+    if not stored or _tried_again(stored):
+        return None
+    try:
+        memo = json.loads(files_memo(shard).read_text())
+    except (OSError, ValueError):  # none (a file unread, another copy), or damaged
+        return None
+    if not isinstance(memo, dict) or memo.get("fingerprint") != stored.get("fingerprint"):
+        return None  # of another version of the shard
+    files, digests = memo.get("files"), memo.get("digests")
+    if not isinstance(files, list) or not isinstance(digests, list):
+        return None
+    if not len(files) == len(digests) == len(items):
+        return None
+    if not all(isinstance(digest, str) for digest in digests):
+        return None
+    for index, (item, recorded) in enumerate(zip(items, files, strict=True)):
+        at(index)
+        if _identity(item) != recorded:
+            return None
+    if stored.get("fingerprint") != fingerprint(items, digests, params):
+        return None  # other options, code or names
+    return ShardReport(**stored["report"], reused=True)
 
 
 def _tried_again(stored: dict) -> bool:

@@ -28,6 +28,7 @@ from alexnet.errors import AlexnetError, one_line
 
 SHARD_PATTERN = "shard-{:05d}.tar"
 SHARD_GLOB = SHARD_PATTERN.replace("{:05d}", "*")
+FILES_MEMO = ".files.json"  # `files_memo`: shard-NNNNN.files.json
 CLASSES_FILE = "classes.json"  # of a prepared folder: [{index, wnid, name}]
 PREPARE_OWNER = "prepare"  # the stage named in a prepared folder's mark (alexnet.atomic.OWNED)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_/-]")
@@ -341,11 +342,19 @@ def iter_shard(path: Path, classes: int | None = None) -> Iterator[Record]:
             yield Record(key, data, label)
 
 
+def files_memo(shard: Path) -> Path:
+    """Where prepare records a shard's files as it read them (`alexnet.prepare`): beside
+    it, `shard-NNNNN.files.json`, which DVC ignores (.dvcignore: not in the output's
+    hash, as it tells where and when the files were copied, not what they hold)."""
+    return shard.with_name(f"{shard.name.removesuffix('.tar')}{FILES_MEMO}")
+
+
 def remove_stale(folder: Path, keep: int) -> None:
     """Delete leftovers of killed runs and shards numbered `keep` or above (from an
-    earlier, larger input)."""
+    earlier, larger input), with their files' memos."""
     remove_leftovers(folder)
     for path in folder.glob(SHARD_GLOB):
         number = path.stem.removeprefix("shard-")
         if number.isdigit() and int(number) >= keep:
             path.unlink()
+            files_memo(path).unlink(missing_ok=True)

@@ -143,7 +143,7 @@ def test_a_step_in_skip_is_not_taken_and_its_file_gets_the_reason(tmp_path, monk
         {"path": "train/n00000000/b.JPEG", "reason": "decoder crashed (SIGBUS)"},
     ]
     assert [Path(p).name for p in opened] == ["b.JPEG"]
-    assert steps == [0, 1, -1, 2, 3, -1]
+    assert steps == [-1, 0, 1, -1, 2, 3, -1]  # -1: the stored shard's description read
 
 
 @pytest.mark.parametrize(

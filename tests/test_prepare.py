@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import os
+import subprocess
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -22,10 +26,10 @@ from alexnet.prepare import (
     plan_shards,
     prepare_shard,
 )
-from alexnet.shards import index_shard, iter_shard
+from alexnet.shards import FILES_MEMO, index_shard, iter_shard
 from alexnet.sources import open_source
 from alexnet.stats import shard_moments
-from tests.helpers import encode, jpeg, make_imagefolder, photo
+from tests.helpers import REPO, encode, jpeg, make_imagefolder, photo
 
 
 @pytest.fixture
@@ -79,6 +83,51 @@ def test_current_shard_is_reused_and_a_changed_input_rebuilds_it(source, tmp_pat
     with open(changed, "wb") as stream:
         stream.write(jpeg(320, 300, seed=99))
     assert not prepare_shard(plan, out, PrepareParams(quality=70)).reused
+
+
+def test_a_shard_of_unchanged_files_is_reused_without_reading_them(source, tmp_path, monkeypatch):
+    # A re-run read and hashed every file (ImageNet: ~150 GB) to find the shards it could
+    # keep; the files' inode, size and mtime, recorded beside the shard, now answer.
+    from alexnet import prepare
+
+    plan = next(plan_shards(source, shard_size=4))  # with an empty file, skipped
+    out, params = tmp_path / "out", PrepareParams()
+    first = make_shard(plan, out, params)
+    real, reads = prepare._read, []
+
+    def counted(item, limit):
+        reads.append(item.relpath)
+        return real(item, limit)
+
+    monkeypatch.setattr(prepare, "_read", counted)
+    again = make_shard(plan, out, params)
+    assert again.reused and reads == [] and asdict(again) == {**asdict(first), "reused": True}
+    # The memo lies beside the shard, not in it: a copy of the same images elsewhere
+    # (other inodes and mtimes) makes the same shard bytes, and DVC ignores the memo.
+    memo = out / plan.name.replace(".tar", FILES_MEMO)
+    assert memo.exists() and b"digests" not in (out / plan.name).read_bytes()
+    ignored = subprocess.run(
+        [sys.executable, "-m", "dvc", "check-ignore", f"data/prepared/train/{memo.name}"],
+        cwd=REPO,
+        capture_output=True,
+    )
+    assert ignored.returncode == 0, ignored
+    assert not make_shard(plan, out, PrepareParams(quality=70)).reused  # other options
+    assert len(reads) == len(plan.items)
+    # Touched (a new mtime, the same bytes): every file read, and the shard still kept;
+    # once: its memo has the new mtime
+    reads.clear()
+    touched = Path(plan.items[0].path)
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    assert make_shard(plan, out, PrepareParams(quality=70)).reused
+    assert len(reads) == len(plan.items)
+    reads.clear()
+    assert make_shard(plan, out, PrepareParams(quality=70)).reused and reads == []
+    # Other bytes of the same size (a new mtime): made again with them.
+    data = bytearray(touched.read_bytes())
+    data[-3] ^= 0xFF  # inside the entropy-coded data, before the end marker
+    touched.write_bytes(bytes(data))
+    assert not make_shard(plan, out, PrepareParams(quality=70)).reused
 
 
 def test_a_shard_whose_every_file_is_skipped_is_read_and_reused(source, tmp_path):
