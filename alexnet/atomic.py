@@ -3,7 +3,7 @@
 A killed process leaves at most a hidden `.NAME.tmp-HOST-PID` beside the target (or
 `.NAME.tmp-HOST-PID-old`), which the next write of that target on that machine removes,
 whatever the output (`remove_leftovers`: those of processes no longer alive, so never a
-concurrent writer's);
+concurrent writer's; another machine's once nothing in it has changed for a day);
 the target itself is either the previous complete version or the new complete one (a
 folder is swapped by two renames, the old one set aside as a leftover first, so a kill
 between them leaves no target, never part of one). What was written is on the disk
@@ -113,7 +113,8 @@ def atomic_output(path: str | Path, folder: str | None = None) -> Iterator[Path]
             except BaseException:  # the old version back: the target is never lost
                 os.replace(aside, path)
                 raise
-            shutil.rmtree(aside)
+            # (another node's sweep may have taken it: gone, as it should be)
+            shutil.rmtree(aside, onerror=_gone_is_fine)
         else:
             os.replace(temporary, path)
         _fsync(path.parent)  # the rename itself
@@ -334,10 +335,21 @@ def _alive(temporary: re.Match, entry: os.DirEntry) -> bool:
 
 
 def _last_change(entry: os.DirEntry) -> float:
-    """When a temporary last changed: a file's mtime; a folder's, or of a file in it,
-    if later (a store's data.mdb grows in place, its folder unchanged)."""
-    times = [entry.stat(follow_symlinks=False).st_mtime]
+    """When a temporary, or anything in it, last changed: the latest status change
+    (ctime: a write, and also a rename, which a folder swap's `-old` just had, and no
+    `touch` can set back), over a folder's whole tree (a store's data.mdb grows in place,
+    synth writes into class folders)."""
+    latest = entry.stat(follow_symlinks=False).st_ctime
     if entry.is_dir(follow_symlinks=False):
-        with suppress(OSError), os.scandir(entry.path) as inside:
-            times += [item.stat(follow_symlinks=False).st_mtime for item in inside]
-    return max(times)
+        for root, folders, files in os.walk(entry.path):
+            for name in folders + files:
+                with suppress(OSError):  # removed meanwhile
+                    latest = max(latest, os.lstat(os.path.join(root, name)).st_ctime)
+    return latest
+
+
+def _gone_is_fine(function, path: str, error: tuple) -> None:
+    """`shutil.rmtree`'s error handler (`onerror`, as Python 3.11 has it): an entry
+    already removed is no error."""
+    if not isinstance(error[1], FileNotFoundError):
+        raise error[1]

@@ -51,6 +51,12 @@ def worst_first(per_class: list[dict]) -> list[dict]:
     return sorted(per_class, key=lambda row: -float(row["top1_error"] or 0))
 
 
+def worst_classes(per_class: list[dict], count: int) -> list[dict]:
+    """The `count` classes of highest top-1 error, worst first, among those the split has
+    images of (one without has no error rate to rank)."""
+    return worst_first([row for row in per_class if row["images"]])[:count]
+
+
 def check_targets(metrics: Path) -> None:
     """Where `write_evaluation` will write, checked before the evaluation (hours on
     ImageNet) rather than after it."""
@@ -98,7 +104,7 @@ def markdown_summary(summary: dict, per_class: list[dict], worst: int = 5) -> st
         "| class | images | top-1 error | top-5 error |",
         "|---|---|---|---|",
     ]
-    for row in worst_first([row for row in per_class if row["images"]])[:worst]:
+    for row in worst_classes(per_class, worst):
         lines.append(
             f"| {row['name']} ({row['wnid']}) | {row['images']} | "
             f"{row['top1_error']:.3f} | {row['top5_error']:.3f} |"

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from alexnet.crops import CENTRE, ten_crops
-from alexnet.eval_files import WORST_CLASSES, WORST_CONFUSION, worst_first
+from alexnet.eval_files import WORST_CLASSES, WORST_CONFUSION, worst_classes
 from alexnet.jpeg import to_device
 from alexnet.lmdb_store import StoreError, key
 from alexnet.metrics import label_ranks, missed, predicted, top_classes
@@ -141,8 +141,8 @@ class Results:
 
     def plotted(self, classes: list[dict], per_class: list[dict], count: int) -> dict:
         """The data of the per-class bar chart and of the confusion matrix: the `count`
-        classes of highest top-1 error (`worst_first`), and their images' predictions."""
-        worst = worst_first(per_class)[:count]
+        classes of highest top-1 error (`worst_classes`), and their images' predictions."""
+        worst = worst_classes(per_class, count)
         shown = {row["class"] for row in worst}
         return {WORST_CLASSES: worst, WORST_CONFUSION: self.confusion(classes, shown)}
 

@@ -263,29 +263,43 @@ def test_leftovers_of_another_machine_stay(tmp_path):
     assert hidden(tmp_path) == sorted(theirs)
 
 
-def test_another_machines_leftovers_go_once_untouched_for_a_day(tmp_path):
+def test_another_machines_leftovers_go_once_untouched_for_a_day(tmp_path, monkeypatch):
     # A replaced container comes back under a new host name: what its run left (a raw
-    # store's ~250 GB) stayed for good.
-    from alexnet.atomic import STALE_ELSEWHERE
+    # store's ~250 GB) stayed for good. A day passes on this clock; the status change
+    # times (ctime: no `touch` sets them back) say what changed when.
+    from types import SimpleNamespace
 
-    long_ago = time.time() - STALE_ELSEWHERE - 60
-    old_file, old_folder, growing = (
-        f".{name}.tmp-othernode-{DEAD_PID}" for name in ("a.json", "raw", "lmdb")
+    from alexnet import atomic
+
+    def a_day_after(moment: float) -> None:
+        monkeypatch.setattr(atomic, "time", SimpleNamespace(time=lambda: moment + day))
+
+    day = atomic.STALE_ELSEWHERE
+    old_file, old_folder, aside, growing, synth = (
+        f".{name}.tmp-othernode-{DEAD_PID}" for name in ("a.json", "raw", "kept", "lmdb", "s")
     )
     (tmp_path / old_file).write_bytes(b"{")
     folder(tmp_path / old_folder, {"x": b"x"})
-    folder(tmp_path / growing, {"data.mdb": b"x"})  # a store written in place: its folder
-    for path in (tmp_path / old_file, tmp_path / old_folder, *(tmp_path / old_folder).iterdir()):
-        os.utime(path, (long_ago, long_ago))
-    os.utime(tmp_path / growing, (long_ago, long_ago))  # ... unchanged, its file not
-    # set aside by a swap that stopped there: the only version left, put back
-    aside = f".kept.tmp-othernode-{DEAD_PID}-old"
-    folder(tmp_path / aside, {"x": b"whole"})
-    for path in (tmp_path / aside, tmp_path / aside / "x"):
-        os.utime(path, (long_ago, long_ago))
+    folder(tmp_path / f"{aside}{atomic.ASIDE}", {"x": b"whole"})  # a swap stopped there
+    folder(tmp_path / growing, {"data.mdb": b"x"})
+    (tmp_path / synth / "train" / "n01").mkdir(parents=True)
+    folder(tmp_path / "live", {"x": b"x"})  # its old version, files of long ago
+    for path in (tmp_path / "live" / "x", tmp_path / "live"):
+        os.utime(path, (0, 0))
+    then = max(os.lstat(path).st_ctime for path in tmp_path.rglob("*"))
+    time.sleep(0.05)
+    with open(tmp_path / growing / "data.mdb", "ab") as store:  # written in place
+        store.write(b"y")
+    (tmp_path / synth / "train" / "n01" / "b.jpg").write_bytes(b"x")  # a class folder
+    swapping = f".live.tmp-othernode-{DEAD_PID}{atomic.ASIDE}"  # set aside this instant
+    os.rename(tmp_path / "live", tmp_path / swapping)
+    a_day_after(then + 0.01)  # the first ones a day old, the later changes not
     remove_leftovers(tmp_path)
-    assert hidden(tmp_path) == [growing]
-    assert (tmp_path / "kept" / "x").read_bytes() == b"whole"
+    assert hidden(tmp_path) == sorted([growing, synth, swapping])
+    assert (tmp_path / "kept" / "x").read_bytes() == b"whole"  # the only version: put back
+    a_day_after(time.time())
+    remove_leftovers(tmp_path)
+    assert hidden(tmp_path) == [] and (tmp_path / "live" / "x").exists()
 
 
 def test_a_folder_swap_stopped_between_its_renames_loses_no_version(tmp_path, monkeypatch):
