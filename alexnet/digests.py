@@ -27,8 +27,8 @@ def sha16(path: Path) -> str:
 # Digests a memo keeps per file: one per node that reads it (see `file_digest`), the
 # oldest dropped past this many.
 MEMO_ENTRIES = 64
-# Files a memo keeps, the least recently hashed dropped past this many: a worker's run
-# in a temporary clone of the repository reads the data under a new path each time.
+# Files a memo keeps, the least recently used dropped past this many: a worker's run in
+# a temporary clone of the repository reads the data under a new path each time.
 MEMO_FILES = 32
 
 
@@ -47,8 +47,11 @@ def file_digest(path: Path, memo: Path) -> str:
     path = Path(path).resolve()
     stat = path.stat()
     identity = f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"
-    known = _entries(_read_memo(memo), str(path))
+    memos = _read_memo(memo)
+    known = _entries(memos, str(path))
     if identity in known:
+        if str(path) not in list(memos)[-MEMO_FILES // 2 :]:  # used: not the next to go
+            _remember(memo, str(path), identity, known[identity])
         return known[identity]
     digest = sha16(path)
     _remember(memo, str(path), identity, digest)

@@ -236,7 +236,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "evaluate",
             "10-crop top-1/top-5 error of a model (paper section 4.1; params `evaluate`): "
-            "METRICS/eval.json, a per-class CSV and the confusion plot's data in "
+            "METRICS/eval.json, per-class errors, every image's prediction and the plots' data in "
             "METRICS/eval/; and section 6.1's pictures there: conv1's kernels, validation "
             "images with their top 5, and their nearest training images.",
             (

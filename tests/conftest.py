@@ -27,7 +27,7 @@ os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="alexnet-tests-prefect-")
 import pytest
 import torch
 
-from alexnet.runtime import configure
+from alexnet.runtime import configure, cores
 from tests.helpers import SHARDS, TINY, tiny_training_data
 
 atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
@@ -79,11 +79,14 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["PYTEST_DEBUG_TEMPROOT"] = str(MEMORY_FOLDER)
 
 
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     """`-n auto`: one worker more than the cores (pyproject caps it at 4). About a quarter
     of the suite's time its tests wait on their commands (servers starting, runs polled,
-    a stage's start-up): on 2 cores, 3 workers ran it in 10:00 against 2 workers' 11:37."""
-    return len(os.sched_getaffinity(0)) + 1
+    a stage's start-up): on 2 cores, 3 workers ran it in 10:00 against 2 workers' 11:37.
+    (`-n logical` and PYTEST_XDIST_AUTO_NUM_WORKERS: xdist's own answer, None here.)"""
+    if config.option.numprocesses == "logical" or os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    return cores() + 1
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

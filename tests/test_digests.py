@@ -59,6 +59,10 @@ def test_the_memo_keeps_the_files_hashed_last(tmp_path):
     paths[-digests.MEMO_FILES].write_bytes(b"new")
     file_digest(paths[-digests.MEMO_FILES], memo)
     assert list(json.loads(memo.read_text()))[-1] == kept[0]
+    # and so is one used again (the repository's own data, between the clones' runs)
+    used = paths[-digests.MEMO_FILES + 1]
+    assert file_digest(used, memo) == sha16(used.parent.name.encode())
+    assert list(json.loads(memo.read_text()))[-1] == kept[1]
 
 
 def test_nodes_sharing_the_memo_hash_the_data_once_each(tmp_path, monkeypatch):
