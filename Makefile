@@ -24,6 +24,7 @@ $(BASELINE_VENV)/bin/python:
 
 bench: setup $(BASELINE_VENV)/bin/python
 	python bench/prepare.py --baseline-python $(BASELINE_VENV)/bin/python
+	python bench/prepare_rerun.py
 	python bench/store.py
 	python bench/model.py
 	python bench/train.py
