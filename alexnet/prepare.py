@@ -20,8 +20,10 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -29,7 +31,7 @@ from typing import TextIO
 import PIL
 
 from alexnet import imageops
-from alexnet.atomic import atomic_output, write_json
+from alexnet.atomic import OutputError, atomic_output, write_json
 from alexnet.decoder import AGAIN_NEXT_RUN, At, DecoderFailed, isolated
 from alexnet.digests import sha16
 from alexnet.errors import AlexnetError
@@ -165,6 +167,11 @@ def _read(item: Item, limit: int) -> bytes | OSError | None:
         return Changing("changed while being read")
     return data
 
+
+# A file changed this recently is not vouched for by its inode, size and times
+# (`_identity`): a second write within one tick of a coarse clock (1-2 s on FAT, some NFS
+# servers) leaves them as they were. As git's "racily clean" files.
+RECENT_NS = 3 * 10**9
 
 # The bytes of a shard's files that `make_shard` keeps between hashing and preparing them;
 # the rest it reads again (and checks against their digests).
@@ -313,27 +320,40 @@ def make_shard(
 
 
 def _identity(item: Item) -> list[int] | None:
-    """A file's inode, size and mtime (ns), or None where it cannot be had. While they
-    stay, the file's bytes are taken to be the same, as DVC takes them (a file rewritten
-    in place and given back its size and mtime by hand is not seen). Not its device:
-    an NFS mount's is each client's own, and a Dask worker on another node reads it."""
+    """A file's inode, size, mtime and ctime (ns), or None where they cannot be had or
+    are too recent to vouch for its bytes. While they stay, the bytes are taken to be
+    the same: a write, a `touch -r` or `tar x` restoring an mtime, a chmod all move the
+    ctime, which nothing sets back. Not its device: an NFS mount's is each client's
+    own, and a Dask worker on another node reads it. Taken from the open file (an NFS
+    client's stat may answer from attributes cached for up to a minute; an open asks
+    the server)."""
     if item.problem:
         return None
     try:
-        status = os.stat(item.path)
+        descriptor = os.open(item.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
-    return [status.st_ino, status.st_size, status.st_mtime_ns]
+    try:
+        status = os.fstat(descriptor)
+    except OSError:
+        return None
+    finally:
+        os.close(descriptor)
+    if time.time_ns() - status.st_ctime_ns < RECENT_NS:  # a change in the same clock tick
+        return None  # would not show: such a file is read and hashed at every run
+    return [status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns]
 
 
 def _remember_files(shard: Path, expected: str, identities: list, digests: list) -> None:
     """Record beside the shard its files' identities and digests (`files_memo`), for the
-    next run's `_unchanged`; none where a file could not be had (it is read again)."""
+    next run's `_unchanged`; none where a file could not be had (it is read again). Best
+    effort: a memo that cannot be written costs the next run a read, never this one."""
     memo = files_memo(shard)
-    if None in identities or not all(isinstance(digest, str) for digest in digests):
-        memo.unlink(missing_ok=True)
-        return
-    write_json(memo, {"fingerprint": expected, "files": identities, "digests": digests})
+    with suppress(OSError, OutputError):
+        if None in identities or not all(isinstance(digest, str) for digest in digests):
+            memo.unlink(missing_ok=True)
+        else:
+            write_json(memo, {"fingerprint": expected, "files": identities, "digests": digests})
 
 
 def _unchanged(
@@ -371,8 +391,9 @@ def _unchanged(
 def _tried_again(stored: dict) -> bool:
     """Whether a stored shard skipped a file for deaths the machine's load may have
     caused (`AGAIN_NEXT_RUN`): then it is made again, not reused."""
-    skipped = stored["report"].get("skipped", [])
-    return any(entry["reason"].endswith(AGAIN_NEXT_RUN) for entry in skipped)
+    report = stored.get("report")
+    skipped = report.get("skipped", []) if isinstance(report, dict) else []
+    return any(str(entry.get("reason", "")).endswith(AGAIN_NEXT_RUN) for entry in skipped)
 
 
 def _prepared(item: Item, content, options: dict) -> Prepared | BadImage:

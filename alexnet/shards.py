@@ -353,8 +353,8 @@ def remove_stale(folder: Path, keep: int) -> None:
     """Delete leftovers of killed runs and shards numbered `keep` or above (from an
     earlier, larger input), with their files' memos."""
     remove_leftovers(folder)
-    for path in folder.glob(SHARD_GLOB):
-        number = path.stem.removeprefix("shard-")
+    memos = SHARD_GLOB.removesuffix(".tar") + FILES_MEMO
+    for path in [*folder.glob(memos), *folder.glob(SHARD_GLOB)]:  # a memo before its shard
+        number = path.name.removeprefix("shard-").split(".")[0]
         if number.isdigit() and int(number) >= keep:
             path.unlink()
-            files_memo(path).unlink(missing_ok=True)

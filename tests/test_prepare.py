@@ -92,7 +92,14 @@ def test_a_shard_of_unchanged_files_is_reused_without_reading_them(source, tmp_p
 
     plan = next(plan_shards(source, shard_size=4))  # with an empty file, skipped
     out, params = tmp_path / "out", PrepareParams()
+    memo = out / plan.name.replace(".tar", FILES_MEMO)
+    # A file changed within the last seconds is not vouched for by its times (a second
+    # change in the same tick of a coarse clock would not show): no memo yet.
+    os.utime(plan.items[0].path)
     first = make_shard(plan, out, params)
+    assert not memo.exists()
+    monkeypatch.setattr(prepare, "RECENT_NS", 0)  # (the files are a day old from here)
+    assert make_shard(plan, out, params).reused and memo.exists()
     real, reads = prepare._read, []
 
     def counted(item, limit):
@@ -104,15 +111,26 @@ def test_a_shard_of_unchanged_files_is_reused_without_reading_them(source, tmp_p
     assert again.reused and reads == [] and asdict(again) == {**asdict(first), "reused": True}
     # The memo lies beside the shard, not in it: a copy of the same images elsewhere
     # (other inodes and mtimes) makes the same shard bytes, and DVC ignores the memo.
-    memo = out / plan.name.replace(".tar", FILES_MEMO)
-    assert memo.exists() and b"digests" not in (out / plan.name).read_bytes()
+    assert b"digests" not in (out / plan.name).read_bytes()
     ignored = subprocess.run(
         [sys.executable, "-m", "dvc", "check-ignore", f"data/prepared/train/{memo.name}"],
         cwd=REPO,
         capture_output=True,
     )
     assert ignored.returncode == 0, ignored
+    before = memo.read_bytes()
     assert not make_shard(plan, out, PrepareParams(quality=70)).reused  # other options
+    assert len(reads) == len(plan.items)
+    # A memo of another version of the shard (a run killed between the two writes): read.
+    reads.clear()
+    memo.write_bytes(before)
+    assert make_shard(plan, out, PrepareParams(quality=70)).reused
+    assert len(reads) == len(plan.items)
+    # A file the user may no longer read (a chmod: its ctime moves): read, and skipped.
+    reads.clear()
+    assert make_shard(plan, out, PrepareParams(quality=70)).reused and reads == []
+    os.chmod(plan.items[1].path, 0o644)  # (the same mode: the ctime moves all the same)
+    assert make_shard(plan, out, PrepareParams(quality=70)).reused
     assert len(reads) == len(plan.items)
     # Touched (a new mtime, the same bytes): every file read, and the shard still kept;
     # once: its memo has the new mtime
@@ -398,7 +416,8 @@ def test_file_system_oddities_are_reported_and_the_rest_prepared(tmp_path, monke
         result = real_fstat(fd)
         if os.readlink(f"/proc/self/fd/{fd}").endswith("changes.JPEG"):
             growing[fd] = growing.get(fd, 0) + 1
-            return os.stat_result((*result[:6], result.st_size + growing[fd], *result[7:]))
+            times = {f"st_{t}time_ns": getattr(result, f"st_{t}time_ns") for t in "amc"}
+            return os.stat_result((*result[:6], result.st_size + growing[fd], *result[7:]), times)
         return result
 
     from alexnet import prepare

@@ -263,8 +263,12 @@ def test_remove_stale_drops_leftovers_and_extra_shards(tmp_path):
     for i in range(4):
         write_shard(tmp_path / f"shard-{i:05d}.tar", RECORDS, {})
     (tmp_path / f".shard-00001.tar.tmp-{DEAD_PID}").write_bytes(b"half")
+    # prepare's memos of their files, and one whose shard a killed run removed first
+    for i in (0, 3, 7):
+        (tmp_path / f"shard-{i:05d}.files.json").write_text("{}")
     remove_stale(tmp_path, keep=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.tar", "shard-00001.tar"]
+    kept = ["shard-00000.files.json", "shard-00000.tar", "shard-00001.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == kept
 
 
 def test_a_split_without_shards_is_named_with_what_to_run(tmp_path):
