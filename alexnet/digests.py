@@ -45,7 +45,8 @@ def file_digest(path: Path, memo: Path) -> str:
     and mtime alone would agree across NFS clients, but not across copies, and would
     miss a file replaced by one of the same size and mtime, as `cp -p` makes.)"""
     path = Path(path).resolve()
-    stat = path.stat()
+    with open(path, "rb"):  # an NFS client's stat may answer from a cache; an open asks
+        stat = path.stat()  # the server (close-to-open), and the stat then has its answer
     identity = f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"
     memos = _read_memo(memo)
     known = _entries(memos, str(path))

@@ -145,27 +145,28 @@ def too_large(size: int, limit: int) -> str:
     )
 
 
-def _read(item: Item, limit: int) -> bytes | OSError | None:
+def _read(item: Item, limit: int) -> tuple[bytes | OSError | None, list[int] | None]:
     """The file's bytes, an OSError saying why they cannot be read, or None for an entry
-    the scan already found unusable (which is never opened: it may be a FIFO)."""
+    the scan already found unusable (which is never opened: it may be a FIFO); and its
+    identity before the read (`_identity`), where it has one."""
     if item.problem:
-        return None
+        return None, None
     try:
         with open(item.path, "rb") as stream:
             before = os.fstat(stream.fileno())
             if before.st_size > limit:
-                return TooLarge(too_large(before.st_size, limit))
+                return TooLarge(too_large(before.st_size, limit)), None
             data = stream.read()
             after = os.fstat(stream.fileno())
     except OSError as error:
-        return error
+        return error, None
     except MemoryError:  # within the limit, but more than this process may hold now
-        return Unread(f"out of memory while reading it ({before.st_size:,} bytes)")
+        return Unread(f"out of memory while reading it ({before.st_size:,} bytes)"), None
     if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or len(
         data
     ) != after.st_size:
-        return Changing("changed while being read")
-    return data
+        return Changing("changed while being read"), None
+    return data, _vouched(before)
 
 
 # A file changed this recently is not vouched for by its inode, size and times
@@ -188,7 +189,7 @@ def _read_again(item: Item, digest: str | OSError | None, limit: int) -> bytes |
     they are not those bytes any more."""
     if not isinstance(digest, str):
         return digest
-    content = _read(item, limit)
+    content, _ = _read(item, limit)
     if isinstance(content, bytes) and _digest(content) != digest:
         return Changing("changed while being read")
     return content
@@ -281,12 +282,9 @@ def make_shard(
     identities, digests, held, room = [], [], {}, HOLD_BYTES
     for index, item in enumerate(plan.items):
         at(index)
-        if index in skip:  # (not even looked at: its stat may be what hangs)
-            identities.append(None)
-            content = Unread(skip[index])
-        else:
-            identities.append(_identity(item))  # before the read: a change after it shows
-            content = _read(item, limit)
+        # (a file in `skip` is not even looked at: its stat may be what hangs)
+        content, identity = (Unread(skip[index]), None) if index in skip else _read(item, limit)
+        identities.append(identity)
         digests.append(_digest(content))
         if isinstance(content, bytes) and len(content) <= room:
             held[index], room = content, room - len(content)
@@ -334,13 +332,18 @@ def _identity(item: Item) -> list[int] | None:
     except OSError:
         return None
     try:
-        status = os.fstat(descriptor)
+        return _vouched(os.fstat(descriptor))
     except OSError:
         return None
     finally:
         os.close(descriptor)
-    if time.time_ns() - status.st_ctime_ns < RECENT_NS:  # a change in the same clock tick
-        return None  # would not show: such a file is read and hashed at every run
+
+
+def _vouched(status: os.stat_result) -> list[int] | None:
+    """`_identity` of an open file's status; None where it changed too recently for its
+    times to show a second change (`RECENT_NS`): such a file is read at every run."""
+    if time.time_ns() - status.st_ctime_ns < RECENT_NS:
+        return None
     return [status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns]
 
 

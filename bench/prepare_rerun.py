@@ -1,9 +1,10 @@
 """Benchmark of a re-run of prepare with nothing changed: how long its shards take to be
-found current. Ours: each file's inode, size and mtime against the memo beside its
-shard (`alexnet.prepare._unchanged`); the baseline: every file read and hashed (the
-fingerprint's path, what a run did before the memo, and still does where the memo is
-missing). Both in one process, the page cache warm for both (the baseline's best case:
-on ImageNet its ~150 GB come from the disk), best of `--repeats`, taking turns.
+found current. Ours: each file's identity (inode, size, mtime, ctime of the open file)
+against the memo beside its shard (`alexnet.prepare._unchanged`); the baseline: every
+file read and hashed (the fingerprint's path, as every run did before the memo, and
+as it still runs where a memo is missing). Both in one process, the page cache warm for
+both (the baseline's best case: on ImageNet its ~150 GB come from the disk), best of
+`--repeats`, taking turns.
 
     python bench/prepare_rerun.py
 """

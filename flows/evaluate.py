@@ -1,5 +1,6 @@
 """Flow of the evaluate stage: 10-crop and centre-crop error on the validation store,
-a per-class report, the confusion plot's data, section 6.1's figures (conv1's kernels,
+a per-class report, every image's prediction and the plots' data (the worst classes),
+section 6.1's figures (conv1's kernels,
 a top-5 gallery, nearest neighbours in the last hidden layer) and Prefect artifacts."""
 
 from __future__ import annotations

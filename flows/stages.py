@@ -319,7 +319,7 @@ def load(
     if say_defaults and path is None and not Path(DEFAULT_FILE).exists():  # another folder?
         console.print(
             f"params: no {DEFAULT_FILE} in {Path.cwd()}: every key takes its schema default "
-            "(the paper's values, not the demo's)",
+            "(the paper's recipe on a CPU, not the demo's; params.imagenet.yaml is ImageNet's)",
             highlight=False,
         )
     params = load_params(path)
