@@ -9,8 +9,10 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import PrefectFuture
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from tasks.quiet import INTERRUPTED
 
 W = TypeVar("W")
 _END: Any = object()  # the end of the works
@@ -20,6 +22,34 @@ COLUMNS = (
     MofNCompleteColumn(),
     TimeRemainingColumn(),
 )
+
+
+# How often a wait for a task looks for a Ctrl-C that Python dropped (`result`).
+POLL_S = 0.25
+
+
+def result(future: PrefectFuture) -> Any:
+    """`future.result()`, stopped by a Ctrl-C even where Python dropped its
+    KeyboardInterrupt: one that arrives while a weakref callback or a finalizer runs is
+    printed ("Exception ignored") and lost, and the stage ran on to its end. The handler
+    notes it in `INTERRUPTED` all the same, which this wait reads every `POLL_S`."""
+    while not _done(future):
+        _wait_a_little(future)
+    return future.result()
+
+
+def _wait_a_little(future: PrefectFuture) -> None:
+    """Wait up to `POLL_S` for `future`, unless this process had a Ctrl-C (see `result`)."""
+    if INTERRUPTED.is_set():
+        raise KeyboardInterrupt
+    future.wait(POLL_S)
+
+
+def _done(future: PrefectFuture) -> bool:
+    """Whether the task has ended, from its runner's own future (every runner's Prefect
+    future wraps one; asking Prefect for its state would be a call to its API)."""
+    wrapped = getattr(future, "wrapped_future", None)
+    return wrapped is None or wrapped.done()
 
 
 def settle(futures: Iterable[PrefectFuture]) -> None:
@@ -44,9 +74,15 @@ def gather(futures: Sequence[PrefectFuture], label: str, weights: Sequence[int])
     try:
         with Progress(*COLUMNS, transient=False) as progress:
             bar = progress.add_task(label, total=sum(weights))
-            for future in as_completed(list(futures)):
-                future.result()  # raise a task's error as soon as it happens
-                progress.advance(bar, weight_of[future.task_run_id])
+            pending = list(futures)
+            while pending:
+                ended = [future for future in pending if _done(future)]
+                for future in ended:
+                    future.result()  # raise a task's error as soon as it happens
+                    progress.advance(bar, weight_of[future.task_run_id])
+                pending = [future for future in pending if future not in ended]
+                if pending and not ended:
+                    _wait_a_little(pending[0])
     except BaseException:
         settle(futures)
         raise
@@ -104,12 +140,12 @@ def in_order(
                 if not pending:
                     return
                 work, work_size, future = pending[0]  # still pending while it runs: settled
-                result = future.result()
+                done = result(future)
                 pending.popleft()
                 del future
                 progress.advance(task, bar.weight(work))
-                yield work, result
-                del work, result
+                yield work, done
+                del work, done
                 held -= work_size
                 released += work_size
                 if released * 4 >= window or not pending:

@@ -120,7 +120,7 @@ def test_a_command_run_where_no_params_yaml_is_says_it_takes_the_defaults(tmp_pa
     assert result.returncode == 0 and result.stdout == "90\n"
     assert result.stderr == (
         f"params: no params.yaml in {tmp_path}: every key takes its schema default "
-        "(the paper's values, not the demo's)\n"
+        "(the paper's recipe on a CPU, not the demo's; params.imagenet.yaml is ImageNet's)\n"
     )
     (tmp_path / "params.yaml").write_text("train:\n  epochs: 3\n")
     result = alexnet("param", "train.epochs", cwd=tmp_path)

@@ -9,6 +9,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
+import time
+
+import pytest
 
 from bench.memory import run_sampled
 from tests.helpers import CLASSES, REPO, in_fresh_process, jpeg
@@ -220,3 +224,45 @@ def test_packs_index_takes_a_few_bytes_a_record(tmp_path):
     held, length, last = in_fresh_process(index_held, tmp_path)
     assert length == 2000 and last == 1
     assert held < 2000 * 40, f"{held / 2000:.0f} bytes a record"
+
+
+class Running:  # a task that never ends, as a runner's Prefect future wraps it
+    def __init__(self):
+        import concurrent.futures
+
+        self.wrapped_future, self.task_run_id, self.waits = concurrent.futures.Future(), 1, 0
+        self.wrapped_future.set_running_or_notify_cancel()  # running: `settle` cannot cancel
+
+    def wait(self, timeout=None):
+        self.waits += 1
+        time.sleep(min(timeout or 0, 0.01))
+
+
+def test_a_ctrl_c_python_dropped_still_stops_the_wait_for_a_task(monkeypatch):
+    # One arriving while a weakref callback runs is printed ("Exception ignored in ...")
+    # and lost: the stage ran on to its end, exit 0 (CI, the Ctrl-C test, "pool-starting").
+    # The handler has noted it, and the waits read that.
+    from flows import progress
+    from tasks.quiet import INTERRUPTED
+
+    running = Running()
+    try:
+        for wait in (
+            lambda: progress.result(running),
+            lambda: progress.gather([running], "synth", [1]),
+            lambda: list(progress.in_order([0], lambda work: running, 1, progress.Bar("x", 1))),
+        ):
+            INTERRUPTED.set()
+            with pytest.raises(KeyboardInterrupt):  # (then `settle` waits for the task,
+                wait()  # as after any Ctrl-C: here it ends at once)
+            INTERRUPTED.clear()
+        # not interrupted: the wait goes on, a little at a time
+        monkeypatch.setattr(progress, "POLL_S", 0.01)
+        finisher = threading.Timer(0.2, running.wrapped_future.set_result, [None])
+        running.result = lambda: None
+        running.waits = 0
+        finisher.start()
+        progress.result(running)  # returns once the task ends
+        assert running.waits >= 2
+    finally:
+        INTERRUPTED.clear()
