@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
@@ -26,7 +27,10 @@ INTERRUPTED = threading.Event()
 
 
 def note_interrupts() -> None:
-    """Remember a Ctrl-C in INTERRUPTED, then raise KeyboardInterrupt as Python does."""
+    """Remember a Ctrl-C in INTERRUPTED, then raise KeyboardInterrupt as Python does.
+    One that Python drops (raised while a weakref callback or a finalizer runs) is not
+    printed as "Exception ignored" and its traceback: INTERRUPTED stops the stage (the
+    waits of `flows.progress` read it), which says so in one line."""
 
     def interrupted(signum: int, frame: FrameType | None) -> None:
         INTERRUPTED.set()
@@ -34,6 +38,18 @@ def note_interrupts() -> None:
 
     if threading.current_thread() is threading.main_thread():  # signals: main only
         signal.signal(signal.SIGINT, interrupted)
+        if sys.unraisablehook is not _quiet_dropped_interrupt:
+            global _unraisable
+            _unraisable, sys.unraisablehook = sys.unraisablehook, _quiet_dropped_interrupt
+
+
+_unraisable = sys.unraisablehook  # the hook before `note_interrupts`, for all the rest
+
+
+def _quiet_dropped_interrupt(report) -> None:
+    """`sys.unraisablehook`: a KeyboardInterrupt after a Ctrl-C is not reported."""
+    if not (issubclass(report.exc_type, KeyboardInterrupt) and INTERRUPTED.is_set()):
+        _unraisable(report)
 
 
 class NoUserErrorTracebacks(logging.Filter):

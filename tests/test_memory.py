@@ -266,3 +266,34 @@ def test_a_ctrl_c_python_dropped_still_stops_the_wait_for_a_task(monkeypatch):
         assert running.waits >= 2
     finally:
         INTERRUPTED.clear()
+
+
+def test_a_dropped_ctrl_c_prints_no_traceback(monkeypatch, capsys):
+    # Python reports the KeyboardInterrupt it drops ("Exception ignored in ...", and its
+    # traceback) on stderr: the stage's Ctrl-C is one line, `INTERRUPTED` does the rest.
+    import sys
+    import weakref
+
+    from tasks import quiet
+
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    monkeypatch.setattr(quiet.signal, "signal", lambda *args: None)  # this process's kept
+    quiet.note_interrupts()
+
+    class Thing:
+        pass
+
+    def dropped(thing: Thing) -> None:
+        thing = Thing()
+        weakref.finalize(thing, lambda: (_ for _ in ()).throw(KeyboardInterrupt()))
+        del thing
+
+    try:
+        quiet.INTERRUPTED.set()
+        dropped(Thing())
+        assert "KeyboardInterrupt" not in capsys.readouterr().err
+        quiet.INTERRUPTED.clear()  # any other time: reported as Python does
+        dropped(Thing())
+        assert "KeyboardInterrupt" in capsys.readouterr().err
+    finally:
+        quiet.INTERRUPTED.clear()
