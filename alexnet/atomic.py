@@ -319,7 +319,7 @@ def _alive(temporary: re.Match, entry: os.DirEntry) -> bool:
     alive while the temporary changes: its node removes it."""
     if temporary["host"] not in (None, HOST):
         try:
-            return time.time() - _last_change(entry) < STALE_ELSEWHERE
+            return _changed_since(entry, time.time() - STALE_ELSEWHERE)
         except OSError:  # gone meanwhile (its node removed it), or not to be read
             return True
     pid = int(temporary["pid"])
@@ -334,18 +334,21 @@ def _alive(temporary: re.Match, entry: os.DirEntry) -> bool:
     return True
 
 
-def _last_change(entry: os.DirEntry) -> float:
-    """When a temporary, or anything in it, last changed: the latest status change
+def _changed_since(entry: os.DirEntry, moment: float) -> bool:
+    """Whether a temporary, or anything in it, changed after `moment`: a status change
     (ctime: a write, and also a rename, which a folder swap's `-old` just had, and no
     `touch` can set back), over a folder's whole tree (a store's data.mdb grows in place,
-    synth writes into class folders)."""
-    latest = entry.stat(follow_symlinks=False).st_ctime
+    synth writes into class folders); the walk stops at the first such change (a live
+    writer's tree is listed at every write of its target's neighbours)."""
+    if entry.stat(follow_symlinks=False).st_ctime > moment:
+        return True
     if entry.is_dir(follow_symlinks=False):
         for root, folders, files in os.walk(entry.path):
             for name in folders + files:
                 with suppress(OSError):  # removed meanwhile
-                    latest = max(latest, os.lstat(os.path.join(root, name)).st_ctime)
-    return latest
+                    if os.lstat(os.path.join(root, name)).st_ctime > moment:
+                        return True
+    return False
 
 
 def _gone_is_fine(function, path: str, error: tuple) -> None:
