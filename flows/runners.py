@@ -28,10 +28,13 @@ if TYPE_CHECKING:
 # with no dashboard whose HTTP routes (health, metrics) take a free port of this host.
 # distributed serves them on 8787 even with the dashboard off, and any other cluster on
 # the machine (another stage's, a test worker's) holds that port: every start warned.
+# Each worker preloads `tasks.quiet` (its `dask_setup`): no traceback when the scheduler
+# closes with the stage under a heartbeat.
 LOCAL_CLUSTER = {
     "threads_per_worker": 1,
     "dashboard_address": "127.0.0.1:0",
     "scheduler_kwargs": {"dashboard": False},
+    "preload": ["tasks.quiet"],
 }
 
 

@@ -73,6 +73,29 @@ def quiet_console_tracebacks() -> None:
                 handler.addFilter(NoUserErrorTracebacks())
 
 
+# What a Dask worker logs, with its traceback, when its heartbeat finds the scheduler's
+# stream closed (distributed's worker.py; dask/distributed#7891, open)
+HEARTBEAT_FAILED = "Failed to communicate with scheduler during heartbeat."
+
+
+class NoHeartbeatToAClosedScheduler(logging.Filter):
+    """Drop a worker's report that its heartbeat met a closed stream. A temporary
+    cluster's scheduler lives in the stage's process and closes with it: a heartbeat
+    under way then printed a page of traceback beside the stage's last line, at a
+    Ctrl-C or at a normal end (a race in distributed's shutdown)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info and record.exc_info[1]
+        closed = type(error).__name__ == "CommClosedError"  # (not imported: distributed's)
+        return not (record.msg == HEARTBEAT_FAILED and closed)
+
+
+def dask_setup(worker: object) -> None:
+    """distributed's preload hook, run in each worker of a temporary cluster as it
+    starts (`flows.runners.LOCAL_CLUSTER`)."""
+    logging.getLogger("distributed.worker").addFilter(NoHeartbeatToAClosedScheduler())
+
+
 def quiet_user_errors(function: Callable[P, R]) -> Callable[P, R]:
     """For a task's function: when it raises a user error, quiet this (worker) process's
     console before the task engine logs it."""

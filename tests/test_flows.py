@@ -3,6 +3,7 @@ counts and task runners (process pool, Dask), and resuming after a kill."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -95,6 +96,28 @@ def test_a_local_dask_cluster_leaves_the_environment_and_limits_its_workers_thre
         workers = client.run(os.getenv, "OMP_NUM_THREADS")  # read there
     assert during == before  # and after: conftest's `environment_kept`
     assert list(workers.values()) == [before.get("OMP_NUM_THREADS", "1")]
+
+
+def test_a_local_dask_clusters_workers_drop_a_heartbeat_to_a_closed_scheduler():
+    # The scheduler of a temporary cluster closes with the stage; a worker's heartbeat
+    # under way then logged a page of traceback beside the stage's last line
+    # (dask/distributed#7891; CI saw it under a Ctrl-C). Asked of the live worker, as
+    # it has its logging set up.
+    from distributed import Client
+    from distributed.comm.core import CommClosedError
+
+    from tasks.quiet import HEARTBEAT_FAILED
+
+    def shown(message: str, error: BaseException) -> bool:  # run there (a local function)
+        info = (type(error), error, None)
+        record = logging.LogRecord("distributed.worker", logging.ERROR, "", 0, message, (), info)
+        return bool(logging.getLogger("distributed.worker").filter(record))
+
+    cases = [(HEARTBEAT_FAILED, CommClosedError("closed")), (HEARTBEAT_FAILED, ValueError())]
+    cases += [("Compute Failed", CommClosedError("closed"))]
+    with local_cluster(**{**LOCAL_CLUSTER, "n_workers": 1}) as cluster, Client(cluster) as client:
+        answers = [next(iter(client.run(shown, *case).values())) for case in cases]
+    assert answers == [False, True, True]
 
 
 def test_two_local_dask_clusters_at_once_start_without_a_taken_port():
