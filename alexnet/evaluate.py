@@ -119,17 +119,11 @@ class Results:
         return rows
 
     def confusion(self, classes: list[dict], shown: Collection[int] | None = None) -> list[dict]:
-        """One row per image, actual and predicted class names (DVC's confusion plot). A
-        name two classes share (ImageNet has two "crane"s, a bird and a machine) takes
-        its wnid, or the plot would count one mistaken for the other as right. With
-        `shown` (class indices): the images of those classes only, a prediction of any
-        other class named `OTHER` (ImageNet's whole matrix is 1,000 x 1,000 classes)."""
-        shared = Counter(entry["name"] for entry in classes)
-        names = {
-            entry["index"]: entry["name"]
-            + (f" ({entry['wnid']})" if shared[entry["name"]] > 1 else "")
-            for entry in classes
-        }
+        """One row per image, actual and predicted class (`class_labels`: DVC's
+        confusion plot). With `shown` (class indices): the images of those classes only,
+        a prediction of any other class named `OTHER` (ImageNet's whole matrix is 1,000
+        x 1,000 classes)."""
+        names = class_labels(classes)
         rows = []
         for actual, guess in zip(self.labels.tolist(), self.predicted.tolist(), strict=True):
             if shown is None or actual in shown:
@@ -142,9 +136,21 @@ class Results:
     def plotted(self, classes: list[dict], per_class: list[dict], count: int) -> dict:
         """The data of the per-class bar chart and of the confusion matrix: the `count`
         classes of highest top-1 error (`worst_classes`), and their images' predictions."""
-        worst = worst_classes(per_class, count)
+        labels = class_labels(classes)
+        worst = [{**row, "label": labels[row["class"]]} for row in worst_classes(per_class, count)]
         shown = {row["class"] for row in worst}
         return {WORST_CLASSES: worst, WORST_CONFUSION: self.confusion(classes, shown)}
+
+
+def class_labels(classes: list[dict]) -> dict[int, str]:
+    """{index: name} as the plots show the classes. A name two classes share (ImageNet
+    has two "crane"s, a bird and a machine) takes its wnid: the confusion matrix would
+    count one mistaken for the other as right, and the bar chart draw both as one bar."""
+    shared = Counter(entry["name"] for entry in classes)
+    return {
+        entry["index"]: entry["name"] + (f" ({entry['wnid']})" if shared[entry["name"]] > 1 else "")
+        for entry in classes
+    }
 
 
 def evaluate(

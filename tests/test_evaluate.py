@@ -144,6 +144,7 @@ def test_the_confusion_plot_counts_a_tie_as_the_error_rates_do(tmp_path):
 
 def test_the_plots_show_the_classes_of_highest_error_and_the_rest_as_other():
     # ImageNet's 1,000 classes would make 1,000 bars and a 1,000 x 1,000 matrix
+    from alexnet.eval_files import WORST_CLASSES, WORST_CONFUSION
     from alexnet.evaluate import OTHER, Results
 
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
@@ -164,6 +165,14 @@ def test_the_plots_show_the_classes_of_highest_error_and_the_rest_as_other():
     everything = results.plotted(classes, per_class, 5)
     assert everything["worst_confusion"] == results.confusion(classes)
     assert [row["class"] for row in everything["worst_classes"]] == [1, 2, 0, 3]
+    # two classes of one name (ImageNet's "crane"s) are two bars, labelled as the matrix
+    cranes = [
+        {**entry, "name": "crane"} if entry["index"] in (1, 2) else entry for entry in classes
+    ]
+    plotted = results.plotted(cranes, results.per_class(cranes), 2)
+    labels = [row["label"] for row in plotted[WORST_CLASSES]]
+    assert labels == [f"crane ({entry['wnid']})" for entry in cranes[1:3]]
+    assert set(labels) == {row["actual"] for row in plotted[WORST_CONFUSION]}
 
 
 @pytest.fixture(scope="module")
