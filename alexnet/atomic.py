@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -113,8 +114,7 @@ def atomic_output(path: str | Path, folder: str | None = None) -> Iterator[Path]
             except BaseException:  # the old version back: the target is never lost
                 os.replace(aside, path)
                 raise
-            # (another node's sweep may have taken it: gone, as it should be)
-            shutil.rmtree(aside, onerror=_gone_is_fine)
+            remove_swept(aside)
         else:
             os.replace(temporary, path)
         _fsync(path.parent)  # the rename itself
@@ -351,8 +351,15 @@ def _changed_since(entry: os.DirEntry, moment: float) -> bool:
     return False
 
 
-def _gone_is_fine(function, path: str, error: tuple) -> None:
-    """`shutil.rmtree`'s error handler (`onerror`, as Python 3.11 has it): an entry
-    already removed is no error."""
-    if not isinstance(error[1], FileNotFoundError):
-        raise error[1]
+def remove_swept(tree: Path) -> None:
+    """`shutil.rmtree`, an entry that another node's sweep removed first being no error
+    (the tree is gone, as it should be)."""
+    if sys.version_info >= (3, 12):  # (`onerror` is deprecated there)
+        shutil.rmtree(tree, onexc=lambda function, path, error: _gone_is_fine(error))
+    else:
+        shutil.rmtree(tree, onerror=lambda function, path, info: _gone_is_fine(info[1]))
+
+
+def _gone_is_fine(error: BaseException) -> None:
+    if not isinstance(error, FileNotFoundError):
+        raise error

@@ -20,6 +20,7 @@ from alexnet.atomic import (
     output_folder,
     owned_text,
     remove_leftovers,
+    remove_swept,
     write_bytes,
     write_json,
 )
@@ -237,6 +238,33 @@ def test_a_kill_while_the_old_folder_is_deleted_leaves_the_new_one_whole(tmp_pat
     assert contents(target) == ours({"a": b"new a", "c": b"new c"})
     remove_leftovers(tmp_path, "raw")  # what the next run does first
     assert [p.name for p in tmp_path.iterdir()] == ["raw"]
+
+
+def test_an_old_version_that_another_node_sweeps_meanwhile_is_still_removed(tmp_path, monkeypatch):
+    # A folder swap's old version, renamed aside, is removed; another node's sweep may
+    # remove its entries first (each unlink then finds none): gone, as it should be,
+    # and no error. Any other error stops it.
+    tree = tmp_path / "old"
+    folder(tree, {"a": b"a", "b": b"b"})
+    folder(tree / "sub", {"c": b"c"})
+    unlink = os.unlink
+
+    def swept_first(path, *args, **kwargs):
+        unlink(path, *args, **kwargs)  # the other node's
+        unlink(path, *args, **kwargs)  # ours: FileNotFoundError
+
+    monkeypatch.setattr(os, "unlink", swept_first)
+    remove_swept(tree)
+    assert not tree.exists()
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    folder(tree, {"a": b"a"})
+    monkeypatch.setattr(os, "unlink", refused)
+    with pytest.raises(PermissionError):
+        remove_swept(tree)
+    assert (tree / "a").exists()
 
 
 def test_leftovers_of_one_target_only(tmp_path):
