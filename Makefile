@@ -29,6 +29,7 @@ bench: setup $(BASELINE_VENV)/bin/python
 	python bench/model.py
 	python bench/train.py
 	python bench/evaluate.py
+	python bench/predict.py
 	python bench/neighbours.py
 	python bench/tasks.py
 	python bench/server.py

@@ -53,6 +53,10 @@ SCHEDULER_ADDRESS = re.compile(r"([a-z]+://)?(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\
 DEFAULT_FILE = "params.yaml"  # may be absent (all defaults); a file named otherwise may not
 DEVICE_HINT = "cpu, cuda, cuda:1, ..."
 DEVICE_TYPES = ("cpu", "cuda")  # the devices the kernels, the decoders and the tests cover
+# Images one forward pass of `alexnet predict` takes at most (its `--batch`), their 10
+# crops N at a time (`alexnet.evaluate.crop_log_probabilities`): one image at a time made
+# passes of one crop, ~1.9x slower on 2 cores. (Here: the CLI reads it without torch.)
+PREDICT_BATCH = 16
 
 
 def device_problem(name: str) -> str | None:

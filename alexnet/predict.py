@@ -7,7 +7,7 @@ after training does not change a prediction."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from alexnet.evaluate import crop_average, crop_log_probabilities
 from alexnet.imageops import BadImage, load_plugins, prepare_image
 from alexnet.jpeg import rgb
 from alexnet.modelfile import load_model
-from alexnet.params import DEFAULTS
+from alexnet.params import DEFAULTS, PREDICT_BATCH
 from alexnet.placement import resolve_devices
 from alexnet.prepare import max_file_bytes, too_large
 from alexnet.sources import display_name
@@ -91,33 +91,53 @@ def allow_plugins(model_path: Path, asked: Sequence[str], allowed: Sequence[str]
 
 
 def predict(
-    paths: list[Path],
+    paths: Sequence[Path],
     model_path: Path,
     top: int,
     device: str,
     plugins: Sequence[str] = (),
-) -> list[Prediction]:
-    """One `Prediction` per path, in order: its `top` classes, run on `device` (their
-    defaults are the command's, `alexnet predict`); a file that cannot be read or decoded
-    gets its one-line `error` and the others are still predicted. `plugins`: the PIL
-    plugin modules the user allows the model file's preparation to import."""
+    batch: int = PREDICT_BATCH,
+) -> Iterator[Prediction]:
+    """One `Prediction` per path, in order, each given as soon as its batch of `batch`
+    files is done: its `top` classes, run on `device` (their defaults are the command's,
+    `alexnet predict`); a file that cannot be read or decoded gets its one-line `error`
+    and the others are still predicted. `plugins`: the PIL plugin modules the user allows
+    the model file's preparation to import. The model file is read, and refused, before
+    the first."""
     [device] = resolve_devices([device])  # a wrong name: one line, as train and evaluate
     model, payload = load_model(model_path, device)
     allow_plugins(Path(model_path), payload["prepare"].get("plugins") or (), plugins)
     mean = payload["mean"].float().to(device)
+    return _predictions(paths, model, mean, payload, top, batch)
+
+
+def _predictions(
+    paths: Sequence[Path], model, mean: torch.Tensor, payload: dict, top: int, batch: int
+) -> Iterator[Prediction]:
     classes = payload["classes"]
-    results = []
-    for path in paths:
-        try:
-            image = load_file(path, payload["prepare"])
-        except Exception as error:  # any file, any decoder failure: one line, go on
-            results.append(Prediction(display_name(path), error=why_unusable(Path(path), error)))
-            continue
-        logs = crop_log_probabilities(model, image[None].to(device), mean, model.input_size)
-        values, indices = crop_average(logs)[0].topk(min(top, len(classes)))
-        top_classes = [
-            {**classes[i], "probability": round(math.exp(v), 6)}
-            for v, i in zip(values.tolist(), indices.tolist(), strict=True)
-        ]
-        results.append(Prediction(display_name(path), top_classes))
-    return results
+    for start in range(0, len(paths), batch):
+        group = paths[start : start + batch]
+        loaded = [_loaded(Path(path), payload["prepare"]) for path in group]
+        images = [image for image in loaded if isinstance(image, torch.Tensor)]
+        if images:
+            stacked = torch.stack(images).to(mean.device)
+            logs = crop_average(crop_log_probabilities(model, stacked, mean, model.input_size))
+            values, indices = logs.topk(min(top, len(classes)))
+            tops = iter(zip(values.tolist(), indices.tolist(), strict=True))
+        for path, image in zip(group, loaded, strict=True):
+            if isinstance(image, str):
+                yield Prediction(display_name(path), error=image)
+                continue
+            top_classes = [
+                {**classes[i], "probability": round(math.exp(v), 6)}
+                for v, i in zip(*next(tops), strict=True)
+            ]
+            yield Prediction(display_name(path), top_classes)
+
+
+def _loaded(path: Path, image_options: dict) -> torch.Tensor | str:
+    """`load_file`, or the one line of why it cannot be (any file, any decoder failure)."""
+    try:
+        return load_file(path, image_options)
+    except Exception as error:
+        return why_unusable(path, error)

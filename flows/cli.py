@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from alexnet.errors import AlexnetError
-from alexnet.params import DEFAULT_FILE, DEVICE_HINT
+from alexnet.params import DEFAULT_FILE, DEVICE_HINT, PREDICT_BATCH
 from alexnet.runtime import configure
 from flows.stages import STAGES, ParamsOption, command, console, load, user_errors
 
@@ -45,6 +45,9 @@ def predict(
         STAGES["train"].path("model_path").default
     ),
     top: Annotated[int, typer.Option(min=1, help="classes to show per image")] = 5,
+    batch: Annotated[
+        int, typer.Option(min=1, help="images a forward pass takes (their 10 crops each)")
+    ] = PREDICT_BATCH,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
     device: Annotated[str, typer.Option(help=DEVICE_HINT)] = "cpu",
     plugins: Annotated[
@@ -58,22 +61,23 @@ def predict(
 ) -> None:
     from alexnet.predict import predict as run_predict
 
-    with user_errors():
-        results = run_predict(images, model_path, top, device, plugins or ())
+    rows, failed = [], False
+    with user_errors():  # each printed as it comes (the JSON whole, at the end)
+        for result in run_predict(images, model_path, top, device, plugins or (), batch):
+            failed |= bool(result.error)
+            if result.error:
+                line = f"error: {result.path}: {result.error}"
+                console.print(line, markup=False, highlight=False)
+            if as_json:
+                answer = {"error": result.error} if result.error else {"predictions": result.top}
+                rows.append({"path": result.path, **answer})
+            elif not result.error:
+                typer.echo(result.path)
+                for entry in result.top:
+                    typer.echo(f"  {entry['probability']:7.2%}  {entry['name']} ({entry['wnid']})")
     if as_json:
-        rows = [
-            {"path": r.path, **({"error": r.error} if r.error else {"predictions": r.top})}
-            for r in results
-        ]
         typer.echo(json.dumps(rows, indent=2))
-    for result in results:
-        if result.error:
-            console.print(f"error: {result.path}: {result.error}", markup=False, highlight=False)
-        elif not as_json:
-            typer.echo(result.path)
-            for entry in result.top:
-                typer.echo(f"  {entry['probability']:7.2%}  {entry['name']} ({entry['wnid']})")
-    if any(result.error for result in results):
+    if failed:
         raise typer.Exit(1)
 
 

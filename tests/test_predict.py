@@ -182,6 +182,31 @@ def test_each_bad_file_gets_one_error_line_and_the_others_are_predicted(
     assert next(lines, None) is None
 
 
+def test_predictions_in_batches_are_each_files_own_and_come_batch_by_batch(
+    model_file, tmp_path, monkeypatch
+):
+    # A forward pass takes up to `batch` images (one at a time made passes of one crop);
+    # a bad file among them keeps its place, and each batch's results come before the
+    # next batch is read (the command prints them as they come).
+    import alexnet.predict
+
+    paths, expected = bad_and_good_files(tmp_path, monkeypatch)
+    alone = list(predict(paths, model_file, 3, "cpu", batch=1))
+    loads, load = [], alexnet.predict.load_file
+    monkeypatch.setattr(alexnet.predict, "load_file", lambda *a: loads.append(a) or load(*a))
+    together = predict(paths, model_file, 3, "cpu", batch=4)
+    first = [next(together) for _ in range(4)]
+    assert len(loads) == 4  # the first batch only, read
+    together = first + list(together)
+    assert [r.path for r in together] == [r.path for r in alone]
+    assert [r.error for r in together] == [r.error for r in alone]
+    assert sum(r.error is None for r in together) == 3  # of 4 batches, good files in 2
+    for one, other in zip(alone, together, strict=True):
+        assert [c["index"] for c in one.top] == [c["index"] for c in other.top], one.path
+        for a, b in zip(one.top, other.top, strict=True):
+            assert a["probability"] == pytest.approx(b["probability"], abs=1e-6), one.path
+
+
 class RunsCode:
     """Unpickling this runs a shell command: what a hostile model file carries."""
 
