@@ -11,8 +11,9 @@ running state, so a run resumed from a checkpoint draws exactly what an uninterr
 draws. Checkpoints (at every epoch end, and at the first loss read `checkpoint_minutes`
 after the last one: minutes, as a checkpoint's cost is the same on any device) are
 written atomically, synced to the disk. A checkpoint made for other parameters or data,
-or past this run's epoch budget, is set aside (`NAME.other-run.pt`), not resumed nor
-overwritten; one of a run given more epochs continues it (its draws do not depend on the
+or past this run's epoch budget, is set aside (`NAME.other-run-RUN.pt`, a file per
+run), not resumed nor overwritten, and comes back when its run does (params edited,
+then the edit undone); one of a run given more epochs continues it (its draws do not depend on the
 budget, nor does the schedule). One made by other training code
 (`digests.training_code()`) is resumed with a warning naming the changed files when it
 is unfinished (a run that crashed on a bug goes on after the fix), and set aside and
@@ -181,6 +182,26 @@ AFRESH, RESUMES, UNREADABLE = 0, 1, 2
 class Unreadable(str):
     """Why `Trainer._load` could not read the checkpoint now (an I/O error, which says
     nothing of the file): not a reason to set it aside."""
+
+
+class Unresumable(str):
+    """Why `Trainer._load` does not resume the checkpoint, which is set aside; `digest`:
+    the run it holds (None where it is damaged)."""
+
+    digest: str | None = None
+
+
+def unresumable(why: str, digest: object = None) -> Unresumable:
+    reason = Unresumable(why)
+    reason.digest = digest if isinstance(digest, str) else None
+    return reason
+
+
+def set_aside_path(checkpoint: Path, digest: str | None) -> Path:
+    """Where a checkpoint that is not resumed goes: a file per run (params and data),
+    so that none replaces another's and a run whose params come back finds its own
+    (`Trainer.resume`); the damaged ones share one."""
+    return checkpoint.with_stem(f"{checkpoint.stem}.other-run-{(digest or 'damaged')[:12]}")
 
 
 def start_view(start: int, epoch: int, step: int, run: str, code: dict[str, str]) -> list[int]:
@@ -372,6 +393,7 @@ class Trainer:
             "step": self.step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "optimized": optimized(self.model, self.optimizer),  # what its momenta are of
             "schedule": self.schedule.state_dict(),
             "history": self.history,
             "running": self.running,
@@ -404,9 +426,18 @@ class Trainer:
     def resume(self, log: Callable[[str], None] = lambda line: None) -> bool:
         """Load the checkpoint if it belongs to this run; returns whether it did. One
         that does not is set aside, not overwritten (`log` hears why, and where it
-        went); one of these params and data made by other code is trained again if it
-        finished, resumed with a warning if not. Every rank decides alike, or all raise
-        `TrainError`."""
+        went), and this run's own, set aside by an earlier run (params changed, then
+        changed back), comes back. One of these params and data made by other code is
+        trained again if it finished, resumed with a warning if not. Every rank decides
+        alike, or all raise `TrainError`."""
+        resumed, set_aside = self._resume(log)
+        if resumed:  # (every rank alike: `_resume` checks)
+            return True
+        # not one it has just set aside as unfit for this run (past its budget, say)
+        return self._bring_back(log, set_aside != self.digest) and self._resume(log)[0]
+
+    def _resume(self, log: Callable[[str], None]) -> tuple[bool, str | None]:
+        """(whether it resumed, the run of the checkpoint it set aside instead, if any)."""
         unused = self._load()
         if isinstance(unused, list):  # resumed, with these warnings
             for line in unused:
@@ -421,14 +452,23 @@ class Trainer:
             raise TrainError(f"{self.checkpoint}: {problem}")
         if start == UNREADABLE:  # on every rank alike (else the line above)
             raise TrainError(f"{self.checkpoint}: {unused}")
-        if unused and not resumed and self.world.main:
-            aside = self.checkpoint.with_stem(f"{self.checkpoint.stem}.other-run")
+        if isinstance(unused, Unresumable) and self.world.main:
+            aside, own = (set_aside_path(self.checkpoint, d) for d in (unused.digest, self.digest))
             os.replace(self.checkpoint, aside)
-            log(
-                f"warning: {self.checkpoint} {unused}: starting afresh; the checkpoint is "
-                f"kept as {aside} (replacing any earlier one there)"
-            )
-        return resumed
+            then = "" if own.exists() and own != aside else "starting afresh; "  # `_bring_back`
+            log(f"warning: {self.checkpoint} {unused}: {then}the checkpoint is kept as {aside}")
+            return resumed, unused.digest
+        return resumed, None
+
+    def _bring_back(self, log: Callable[[str], None], allowed: bool) -> bool:
+        """Put this run's checkpoint back where an earlier run set it aside, if `allowed`
+        and the place is free; returns whether it did (rank 0 decides, for every rank)."""
+        back = set_aside_path(self.checkpoint, self.digest)
+        bring = allowed and self.world.main and back.exists() and not self.checkpoint.exists()
+        if bring:
+            os.replace(back, self.checkpoint)
+            log(f"{self.checkpoint}: this run's own, set aside by an earlier run, back from {back}")
+        return self.world.sum([float(bring)])[0] > 0  # (after the rename: a collective)
 
     def _load(self) -> list[str] | str | None:
         """`resume` on this rank alone: the warnings of a resumed checkpoint, or why the
@@ -446,32 +486,35 @@ class Trainer:
         except Exception as error:  # a damaged checkpoint is only a lost shortcut
             if _out_of_memory(error):  # this host's trouble, not the file's: kept
                 raise
-            return f"is damaged ({type(error).__name__})"
+            return unresumable(f"is damaged ({type(error).__name__})")
         if not isinstance(state, dict):
-            return "is damaged (not a checkpoint)"
+            return unresumable("is damaged (not a checkpoint)")
         if "optimizer" not in state:  # a model file, say: the user's, not to overwrite
             raise TrainError(
                 f"{self.checkpoint}: a file of torch tensors that is not a training "
                 "checkpoint (a model file?); name another --checkpoint, or remove it"
             )
-        if state.get("digest") != self.digest:
-            return f"is another run's ({recipe_changes(state.get('recipe'), self.recipe)})"
+        digest = state.get("digest")
+        if digest != self.digest:
+            changes = recipe_changes(state.get("recipe"), self.recipe)
+            return unresumable(f"is another run's ({changes})", digest)
         if (state["epoch"], state["step"]) > (self.params.epochs, 0):
             done = f"{state['epoch']} epochs" + (
                 f" and {state['step']} steps" * bool(state["step"])
             )
-            return f"has trained {done}, past this run's {self.params.epochs}"
+            return unresumable(f"has trained {done}, past this run's {self.params.epochs}", digest)
         warnings = []
         if changed := changed_code(state.get("code"), self.code):
             files = ", ".join(changed)
             if self._ends(state["epoch"], state["schedule"]["stopped"]):
-                return f"holds a finished run of other training code ({files} changed)"
+                why = f"holds a finished run of other training code ({files} changed)"
+                return unresumable(why, digest)
             warnings.append(
                 f"warning: resuming a run begun by other training code ({files} changed); "
                 f"delete {self.checkpoint} to start afresh"
             )
         if misfit := misfits(self.model, self.optimizer, state):
-            return f"does not fit this training code ({misfit})"
+            return unresumable(f"does not fit this training code ({misfit})", digest)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -717,7 +760,24 @@ def misfits(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dic
     groups = [len(group["params"]) for group in optimizer.param_groups]
     if [len(group["params"]) for group in state["optimizer"]["param_groups"]] != groups:
         return "its optimizer's parameter groups differ"
+    # torch gives each momentum to the weight at its place in the groups, shape unchecked
+    # (a layer registered in another order, its name kept, would get another's momenta)
+    order = optimized(model, optimizer)
+    if isinstance(theirs := state.get("optimized", order), list) and theirs != order:
+        turn = next(i for i, (a, b) in enumerate(zip(theirs, order, strict=True)) if a != b)
+        return f"its momentum of {theirs[turn]} is at {order[turn]}'s place"
+    for index, momentum in state["optimizer"]["state"].items():
+        weight = mine[order[index]] if index < len(order) else None
+        buffer = momentum.get("momentum_buffer")
+        if torch.is_tensor(buffer) and (weight is None or buffer.shape != weight.shape):
+            return f"its momentum {index} does not fit this model's weights"
     return None
+
+
+def optimized(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of the optimizer's weights, in its order (a checkpoint's momenta's)."""
+    names = {id(value): name for name, value in model.named_parameters()}
+    return [names[id(value)] for group in optimizer.param_groups for value in group["params"]]
 
 
 def decay_groups(model: torch.nn.Module, decay: float, biases: bool) -> list[dict]:

@@ -22,7 +22,7 @@ from alexnet.jpeg import decode_threads
 from alexnet.lmdb_store import write_store
 from alexnet.reader import LmdbSplit
 from alexnet.stats import load_stats, save_stats
-from alexnet.train import Steps, Trainer, TrainError
+from alexnet.train import Steps, Trainer, TrainError, misfits, set_aside_path
 from tests.helpers import (
     CLASSES,
     DEAD_PID,
@@ -94,18 +94,36 @@ def test_checkpoint_of_other_params_is_set_aside_not_resumed_nor_overwritten(dat
     heard = []
     same = trainer(data, tmp_path, epochs=1)
     assert same.resume(heard.append) and (same.epoch, same.step) == (0, 1) and heard == []
-    checkpoint, aside = tmp_path / "ckpt.pt", tmp_path / "ckpt.other-run.pt"
+    checkpoint, aside = tmp_path / "ckpt.pt", set_aside_path(tmp_path / "ckpt.pt", same.digest)
     kept = checkpoint.read_bytes()
     other = trainer(data, tmp_path, epochs=1, lr=0.02)
     assert not other.resume(heard.append) and (other.epoch, other.step) == (0, 0)
     # a mistaken edit of params.yaml must not cost the epochs trained: kept, and named
     assert heard == [
         f"warning: {checkpoint} is another run's (train.lr 0.01 -> 0.02): starting afresh; "
-        f"the checkpoint is kept as {aside} (replacing any earlier one there)"
+        f"the checkpoint is kept as {aside}"
     ]
     assert aside.read_bytes() == kept and not checkpoint.exists()
     other.save()
     assert aside.read_bytes() == kept and checkpoint.exists()
+    # The edit undone: the run set aside comes back and resumes where it was, and the
+    # other run's checkpoint (a SIGTERM saves one) is kept in turn: the one slot both
+    # had replaced the first run's with the second's.
+    others, heard = checkpoint.read_bytes(), []
+    again = trainer(data, tmp_path, epochs=1)
+    assert again.resume(heard.append) and (again.epoch, again.step) == (0, 1)
+    elsewhere = set_aside_path(checkpoint, other.digest)
+    assert heard == [
+        f"warning: {checkpoint} is another run's (train.lr 0.02 -> 0.01): the checkpoint "
+        f"is kept as {elsewhere}",
+        f"{checkpoint}: this run's own, set aside by an earlier run, back from {aside}",
+    ]
+    assert checkpoint.read_bytes() == kept and elsewhere.read_bytes() == others
+    assert not aside.exists()
+    # and with none there (removed by hand), it comes back too
+    checkpoint.unlink()
+    assert trainer(data, tmp_path, epochs=1, lr=0.02).resume()
+    assert checkpoint.read_bytes() == others
 
 
 def test_more_epochs_continue_the_run_fewer_start_afresh(data, tmp_path):
@@ -154,7 +172,7 @@ def test_a_finished_run_of_other_code_is_trained_again(data, tmp_path):
     assert not again.resume(heard.append) and (again.epoch, again.step) == (0, 0)
     assert len(heard) == 1 and "holds a finished run of other training code" in heard[0]
     assert "alexnet/lrn_cpu.py changed): starting afresh" in heard[0], heard
-    assert (tmp_path / "ckpt.other-run.pt").exists()
+    assert set_aside_path(tmp_path / "ckpt.pt", again.digest).exists()  # and not back
 
 
 def test_an_unfinished_run_of_other_code_resumes_with_a_warning(data, tmp_path):
@@ -186,7 +204,33 @@ def test_an_unfinished_run_the_model_no_longer_fits_starts_afresh(data, tmp_path
     assert len(heard) == 1 and "does not fit this training code (it" in heard[0], heard
     assert last in heard[0], heard  # the weight that no longer fits is named
     assert_same_weights(again.model.state_dict(), initial)
-    assert (tmp_path / "ckpt.other-run.pt").exists() and not (tmp_path / "ckpt.pt").exists()
+    aside = set_aside_path(tmp_path / "ckpt.pt", again.digest)
+    assert aside.exists() and not (tmp_path / "ckpt.pt").exists()
+
+
+def test_momenta_that_would_load_onto_other_weights_are_refused(data, tmp_path):
+    # torch's optimizer gives each momentum to the weight at its place, shapes unchecked:
+    # code that registers two same-shaped layers in the other order (names kept) would
+    # swap their momenta without a word, one of another shape failed at the first step.
+    t = trainer(data, tmp_path, epochs=1)
+    stop_at(t, epoch=0, step=1)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert sorted(state["optimized"]) == sorted(name for name, _ in t.model.named_parameters())
+    assert misfits(t.model, t.optimizer, state) is None
+    swapped = {**state, "optimized": [state["optimized"][1], state["optimized"][0]]}
+    swapped["optimized"] += state["optimized"][2:]
+    first, second = state["optimized"][:2]
+    assert misfits(t.model, t.optimizer, swapped) == (
+        f"its momentum of {second} is at {first}'s place"
+    )
+    # a checkpoint without the names (before they were kept): the shapes
+    older = {key: value for key, value in state.items() if key != "optimized"}
+    assert misfits(t.model, t.optimizer, older) is None
+    momenta = older["optimizer"]["state"]
+    momenta[0], momenta[1] = momenta[1], momenta[0]  # conv1's and conv2's
+    assert (
+        misfits(t.model, t.optimizer, older) == "its momentum 0 does not fit this model's weights"
+    )
 
 
 # What running out of memory raises: Python's, and torch's CPU allocator's.
@@ -202,7 +246,7 @@ NO_MEMORY = [
 @pytest.mark.parametrize("error", NO_MEMORY, ids=["MemoryError", "torch's allocator"])
 def test_a_checkpoint_this_host_cannot_load_now_is_kept(data, tmp_path, monkeypatch, error):
     # Out of memory while loading says nothing of the file: not "damaged", not set aside
-    # (its one slot would lose an earlier set-aside run), not restarted from epoch 0.
+    # (a set-aside, and a fresh start from epoch 0, would cost a resume for nothing).
     stop_at(trainer(data, tmp_path, epochs=2), epoch=0, step=1)
     kept = (tmp_path / "ckpt.pt").read_bytes()
 
@@ -214,7 +258,7 @@ def test_a_checkpoint_this_host_cannot_load_now_is_kept(data, tmp_path, monkeypa
     with pytest.raises(type(error)):
         again.resume()
     assert (tmp_path / "ckpt.pt").read_bytes() == kept
-    assert not (tmp_path / "ckpt.other-run.pt").exists()
+    assert not list(tmp_path.glob("ckpt.other-run*"))
 
 
 def test_a_damaged_checkpoint_is_reported_once_and_training_starts_afresh(data, tmp_path):
@@ -225,7 +269,7 @@ def test_a_damaged_checkpoint_is_reported_once_and_training_starts_afresh(data, 
     assert len(heard) == 1 and "damaged" in heard[0], heard
     assert (t.epoch, t.step, t.history) == (0, 0, [])
     assert_same_weights(t.model.state_dict(), initial)
-    assert (tmp_path / "ckpt.other-run.pt").read_bytes().startswith(b"\x00garbage")
+    assert (tmp_path / "ckpt.other-run-damaged.pt").read_bytes().startswith(b"\x00garbage")
     # It trains from the start, and resumes from its own checkpoint.
     stop_at(t, epoch=0, step=1)
     again = trainer(data, tmp_path, epochs=1)
@@ -257,7 +301,7 @@ def test_a_checkpoint_that_cannot_be_read_now_is_kept_not_set_aside(
         again.resume()
     monkeypatch.undo()
     assert checkpoint.read_bytes() == kept
-    assert not (tmp_path / "ckpt.other-run.pt").exists()
+    assert not list(tmp_path.glob("ckpt.other-run*"))
 
 
 def test_a_file_that_is_not_a_checkpoint_is_refused_and_kept(data, tmp_path):
@@ -809,8 +853,10 @@ def test_reading_the_loss_every_n_steps_gives_the_run_of_reading_every_step(
         runs[every] = t, list(reads)
     (each, each_reads), (deferred, deferred_reads) = runs[1], runs[2]
     # batch 2 over 10 images: 5 steps an epoch; every 2 steps and at the epoch's end
-    # (then one more sum: the validation's)
-    assert each_reads == [1, 2, 3, 4, 5, 5] * 2 and deferred_reads == [2, 4, 5, 5] * 2
+    # (then one more sum: the validation's); before them, resume's (did a checkpoint set
+    # aside come back?)
+    assert each_reads == [0] + [1, 2, 3, 4, 5, 5] * 2
+    assert deferred_reads == [0] + [2, 4, 5, 5] * 2
     assert timeless(deferred.history) == timeless(each.history)
     assert_same_weights(deferred.model.state_dict(), each.model.state_dict())
 
