@@ -20,10 +20,12 @@ import torch.distributed as dist
 
 from alexnet.errors import one_line
 
-# How long the ranks wait for each other after hashing the data they train on (minutes
-# for ImageNet on network storage; a rank whose digests are cached is there at once):
-# NCCL's own timeout, 10 minutes, stays for the training's collectives.
-PATIENCE = timedelta(hours=1)
+# How long the ranks wait for each other after hashing the data they train on: a raw
+# ImageNet store is ~250 GB, ~7 h at 10 MB/s (a NAS shared by many nodes); an hour made
+# such a start fail every time, nothing hashed kept. A rank that dies ends the wait at
+# once (gloo sees its connections close: measured, 2 processes); this bounds only a hung
+# one. NCCL's own timeout, 10 minutes, stays for the training's collectives.
+PATIENCE = timedelta(hours=12)
 
 T = TypeVar("T")
 

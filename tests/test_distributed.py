@@ -198,7 +198,7 @@ def test_an_nccl_rank_binds_its_own_gpu_before_joining(device, bound, monkeypatc
         dist, "new_group", lambda backend, timeout: calls.append(("group", backend, timeout))
     )
     world = World.from_env(device)
-    # and a gloo group whose barrier waits an hour for the ranks still hashing their data
+    # and a gloo group whose barrier waits hours for the ranks still hashing their data
     # (NCCL's collectives time out after 10 minutes)
     patient = ("group", "gloo", PATIENCE)
     assert calls == [("set_device", bound), ("init", "nccl"), patient] and world.rank == 1
