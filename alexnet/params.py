@@ -464,8 +464,8 @@ class ComputeParams(_Section):
     )
     scheduler: str | None = Field(
         None,
-        description="Dask scheduler: null = local process pool, 'local' = a temporary "
-        "Dask LocalCluster, 'tcp://host:8786' = an existing cluster",
+        description="where the tasks run: null = the process pool (no Dask), 'local' = a "
+        "temporary Dask LocalCluster, 'tcp://host:8786' = a running Dask cluster",
     )
 
     @field_validator("scheduler")

@@ -84,10 +84,12 @@ def allow_plugins(model_path: Path, asked: Sequence[str], allowed: Sequence[str]
             f"{', '.join(refused)}; importing them runs their code: allow them with {flags}"
         )
     # and every plugin the user allowed: one adds formats (a HEIC photo to predict on)
-    try:
-        load_plugins([*asked, *(name for name in allowed if name not in asked)])
-    except Exception as error:  # not installed, or failing as it loads: not per image
-        raise PluginError(f"{model_path}: PIL plugin {one_line(error)}") from None
+    for name in [*asked, *(name for name in allowed if name not in asked)]:
+        try:
+            load_plugins([name])
+        except Exception as error:  # not installed, or failing as it loads: not per image
+            whose = f"{model_path}: its PIL plugin" if name in asked else "--plugin"
+            raise PluginError(f"{whose} {name} cannot be imported ({one_line(error)})") from None
 
 
 def predict(

@@ -160,8 +160,15 @@ def curves_figure(series: dict[str, tuple[list[int], list[float]]]) -> Figure | 
 
 def render(metrics: Path, params: Path | None = None) -> str:
     """The page's HTML for the run whose files are in `metrics`."""
+    if metrics.exists() and not metrics.is_dir():
+        raise AlexnetError(f"{metrics}: a file, not the stages' metrics folder")
     if not metrics.is_dir():
         raise AlexnetError(f"{metrics}: no such folder (run `dvc repro` first)")
+    if not any((metrics / name).exists() for name in (SUMMARY, TRAIN_SUMMARY, FOLDER)):
+        raise AlexnetError(
+            f"{metrics}: neither train's nor evaluate's metrics are there (run `dvc repro` "
+            "first, or name the folder they went to with --metrics)"
+        )
     per_class = []
     if (path := metrics / FOLDER / PER_CLASS).is_file():
         with path.open(newline="") as file:

@@ -54,8 +54,9 @@ def predict(
         list[str] | None,
         typer.Option(
             "--plugin",
-            help="a PIL plugin module the model file's preparation may import (its "
-            "params prepare.plugins); each must be allowed, as importing runs its code",
+            help="allow this PIL plugin module to be imported: one the model file's "
+            "preparation names (its params prepare.plugins; importing runs its code, so "
+            "none is imported unless named here), or one more format reader",
         ),
     ] = None,
 ) -> None:
@@ -106,7 +107,7 @@ def serve() -> None:
         from flows.server import check_api
 
         check_schedule(params, DEFAULT_FILE)
-        check_api(api)
+        check_api(api, temporary=False)
         serve_all(Path.cwd(), params)
 
 
@@ -115,7 +116,7 @@ def serve() -> None:
     "`alexnet param serve.retrain_cron` (how prefect.yaml's build steps read the cron)."
 )
 def param(
-    key: Annotated[str, typer.Argument(help="section.name, as in params.yaml")],
+    key: Annotated[str, typer.Argument(metavar="KEY", help="section.name, as in params.yaml")],
     params_path: ParamsOption = None,
 ) -> None:
     from alexnet.params import param_text

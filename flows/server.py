@@ -114,14 +114,16 @@ def unreachable(url: str, timeout: float = 10.0) -> str | None:
     return None
 
 
-def check_api(url: str, timeout: float = 10.0) -> None:
+def check_api(url: str, timeout: float = 10.0, temporary: bool = True) -> None:
     """One line when `PREFECT_API_URL` names a server that does not answer (a `prefect
     server start` stopped or never started): Prefect's own failure comes after its
-    retries, as a page of traceback."""
+    retries, as a page of traceback. `temporary`: whether a temporary server would do
+    (a stage's run; not `serve`'s)."""
     if why := unreachable(url, timeout):
+        instead = ", or unset PREFECT_API_URL for a temporary one" if temporary else ""
         raise AlexnetError(
             f"PREFECT_API_URL: no Prefect server answers at {url} ({why}); "
-            "start it (`prefect server start`), or unset PREFECT_API_URL for a temporary one"
+            f"start it (`prefect server start`){instead}"
         )
 
 

@@ -173,6 +173,9 @@ def test_a_prefect_server_that_does_not_answer_is_one_line(tmp_path):
         line = f"error: PREFECT_API_URL: no Prefect server answers at {url}"
         assert result.stderr.startswith(line), result.stderr
         assert result.stderr.count("\n") == 1, result.stderr
+        # a temporary server is a remedy for a stage's run, not for serve (which needs one)
+        temporary = "or unset PREFECT_API_URL for a temporary one" in result.stderr
+        assert temporary == (args[0] != "serve"), result.stderr
 
 
 def test_doctor_names_the_imaging_library_and_devices(monkeypatch):
@@ -361,6 +364,7 @@ def test_report_into_a_folder_is_one_error_line(tmp_path):
 
 def test_report_replaces_an_earlier_report_but_no_other_file(tmp_path):
     (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "train.json").write_text('{"epochs": 1}')
     (tmp_path / "params.yaml").write_text("train:\n  epochs: 3\n")
     (tmp_path / "old.html").write_text("<!DOCTYPE html>\n<p>an earlier report</p>\n")
     outputs = {}

@@ -233,6 +233,15 @@ def test_alexnet_report_writes_the_page_or_one_error_line(tmp_path):
     )
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1
     assert "no such folder" in missing.stderr and not (tmp_path / "report.html").exists()
+    # a file, or a folder without the stages' metrics (a wrong --metrics): named as such
+    (tmp_path / "empty").mkdir()
+    for wrong, line in (
+        (tmp_path / "r.html", "a file, not the stages' metrics folder"),
+        (tmp_path / "empty", "neither train's nor evaluate's metrics are there"),
+    ):
+        done = subprocess.run([*command, str(wrong)], cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 1 and done.stderr.startswith(f"error: {wrong}: {line}")
+        assert done.stderr.count("\n") == 1 and not (tmp_path / "report.html").exists()
 
 
 def test_a_series_line_cut_short_by_a_kill_is_left_out(tmp_path):

@@ -329,8 +329,18 @@ def test_the_plugins_a_model_file_names_are_imported_only_when_allowed(
     predict([image], model_file, 5, "cpu", plugins=[other])
     assert mark.exists()
     missing = recorded(model_file, tmp_path, prepare={**prepare, "plugins": ["no_such_plugin"]})
-    with pytest.raises(PluginError, match="PIL plugin .*no_such_plugin"):  # once, not per image
+    with pytest.raises(PluginError) as refused:  # once, not per image
         predict([image], missing, 5, "cpu", plugins=["no_such_plugin"])
+    assert str(refused.value) == (
+        f"{missing}: its PIL plugin no_such_plugin cannot be imported (No module named "
+        "'no_such_plugin')"
+    )
+    # one the user names, not the model file: the line says so
+    with pytest.raises(PluginError) as refused:
+        predict([image], model_file, 5, "cpu", plugins=["no_such_plugin"])
+    assert str(refused.value) == (
+        "--plugin no_such_plugin cannot be imported (No module named 'no_such_plugin')"
+    )
 
 
 @pytest.mark.parametrize(
