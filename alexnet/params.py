@@ -589,6 +589,18 @@ def parse_params(data: object, source: str = "params") -> Params:
         raise ParamsError(_describe(error, source)) from None
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """Where and why a file is not valid YAML, from PyYAML's marks: the line it stopped
+    at, from the line of what it was reading where that is earlier (a `[` not closed)."""
+    mark, context = getattr(error, "problem_mark", None), getattr(error, "context_mark", None)
+    if mark is None:
+        return "not valid YAML"
+    first = context.line + 1 if context is not None else mark.line + 1
+    lines = f"line {mark.line + 1}" if first >= mark.line + 1 else f"lines {first}-{mark.line + 1}"
+    problem = getattr(error, "problem", None)
+    return f"{lines} not valid YAML" + (f" ({' '.join(problem.split())})" if problem else "")
+
+
 def load_params(path: str | Path | None = None) -> Params:
     """Read and validate a params file. Without a path, `params.yaml` here, and all
     defaults when it is absent; a file named by the user must be there (a typo must not
@@ -607,9 +619,7 @@ def load_params(path: str | Path | None = None) -> Params:
     except ParamsError as error:  # a duplicate key
         raise ParamsError(f"{path}: {error}") from None
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ParamsError(f"{path}:{where} not valid YAML") from None
+        raise ParamsError(f"{path}: {_yaml_problem(error)}") from None
     return parse_params(data, str(path))
 
 

@@ -215,8 +215,18 @@ def test_a_params_file_named_must_be_there_and_readable(tmp_path, monkeypatch):
 def test_invalid_yaml_names_the_line(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("prepare:\n  size: [256\n")
-    with pytest.raises(ParamsError, match=r"p.yaml: line 3 not valid YAML$"):
+    with pytest.raises(ParamsError) as refused:
         load_params(path)
+    # from the line of the `[` to where the file ended, and PyYAML's reason
+    assert str(refused.value) == (
+        f"{path}: lines 2-3 not valid YAML (expected ',' or ']', but got '<stream end>')"
+    )
+    path.write_text("train:\n\tlr: 0.01\n")  # a tab, which YAML's indentation refuses
+    with pytest.raises(ParamsError) as refused:
+        load_params(path)
+    assert str(refused.value) == (
+        f"{path}: line 2 not valid YAML (found character '\\t' that cannot start any token)"
+    )
 
 
 def test_a_key_written_twice_is_refused_naming_it_and_its_line(tmp_path):
