@@ -119,6 +119,11 @@ def _kind(path: Path) -> str:
 
 def _check_contents(path: Path, payload: object) -> dict:
     """The loaded contents, if they are those of a model file this code reads."""
+    if isinstance(payload, dict) and {"optimizer", "digest"} <= payload.keys():
+        raise ModelFileError(
+            f"{path}: a training checkpoint, not a model file: name the model file train "
+            "writes when it ends (its MODEL)"
+        )
     if not isinstance(payload, dict) or payload.get("format") != FORMAT["format"]:
         raise ModelFileError(f"{path}: not an alexnet model file (no format 'alexnet-model')")
     if payload.get("version") != FORMAT["version"]:

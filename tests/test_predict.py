@@ -263,6 +263,11 @@ FOREIGN = {  # a model file that is not ours: how it is made, and the line refus
         lambda p, marker: torch.save({"w": torch.zeros(3)}, p),
         "not an alexnet model file (no format 'alexnet-model')",
     ),
+    "a training checkpoint": (  # (--model models/checkpoints/train.pt)
+        lambda p, marker: torch.save({"digest": "0" * 64, "optimizer": {"state": {}}}, p),
+        "a training checkpoint, not a model file: name the model file train writes when it "
+        "ends (its MODEL)",
+    ),
     "a folder": (lambda p, marker: p.mkdir(), "is a directory, not a model file"),
     "missing": (lambda p, marker: None, "no such model file; run train"),
 }
