@@ -236,15 +236,15 @@ def _start(view: list[int]) -> str:
     return f"{where} (run {run:015x}, code {code:015x})"
 
 
-def check_outputs(run: TrainRun) -> None:
+def check_outputs(model_path: Path, checkpoint: Path, metrics: Path) -> None:
     """The files train writes, checked before any work."""
-    file_target(run.model_path)
-    file_target(run.checkpoint)
-    output_folder(run.metrics)
-    file_target(run.metrics / SUMMARY)
-    if run.model_path.resolve() == run.checkpoint.resolve():
+    file_target(model_path)
+    file_target(checkpoint)
+    output_folder(metrics)
+    file_target(metrics / SUMMARY)
+    if model_path.resolve() == checkpoint.resolve():
         raise TrainError(
-            f"{run.model_path}: named as both the model file and the checkpoint; name two files"
+            f"{model_path}: named as both the model file and the checkpoint; name two files"
         )
 
 
@@ -254,7 +254,7 @@ class Trainer:
 
     def __init__(self, run: TrainRun, world: World = World()):
         p = run.train
-        check_outputs(run)
+        check_outputs(run.model_path, run.checkpoint, run.metrics)
         self.run, self.params, self.checkpoint, self.world = run, p, run.checkpoint, world
         self.devices = resolve_devices(world.device(p.device))
         self.device = self.devices[0]  # inputs, augmentation and logits live here

@@ -25,14 +25,21 @@ from tasks.pack import load_chunk_task
 SPLITS = ("train", "val")
 
 
+def refuse(prepared: str, out: str, **_: object) -> None:
+    """What stops a run before any work, as one line: the stage command calls it before
+    Prefect's server starts (flows.stages.run_stage), the flow first."""
+    for split in SPLITS:  # both, not val after train is written
+        folder_target(Path(out) / split, STORE_OWNER)
+    load_classes(prepared)
+
+
 @flow(name="pack")
 def pack_flow(
     prepared: str, out: str, pack: PackParams, prepare: PrepareParams, compute: ComputeParams
 ) -> dict:
     """Write `out/train` (seeded shuffled order) and `out/val` (source order); the
     workers read ahead of the single writer by at most params `compute.window_mb`."""
-    for split in SPLITS:  # both refused before any work, not val after train is written
-        folder_target(Path(out) / split, STORE_OWNER)
+    refuse(prepared, out)
     classes = load_classes(prepared)
     indexes = {split: index_shards(Path(prepared) / split, len(classes)) for split in SPLITS}
     options = {**pack.model_dump(exclude={"batch"}), "size": prepare.size, "classes": classes}

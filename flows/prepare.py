@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from alexnet.atomic import claim_folder, write_json
+from alexnet.atomic import claim_folder, folder_target, write_json
 from alexnet.params import ComputeParams, PrepareParams
 from alexnet.prepare import Summary, check_classes, check_skipped, check_splits, plan_shards
 from alexnet.shards import CLASSES_FILE, PREPARE_OWNER, remove_stale
@@ -16,6 +16,13 @@ from tasks.prepare import prepare_shard_task
 # Shards in flight per worker: enough that a slow shard (a file that hangs until
 # params prepare.file_timeout) does not leave the other workers idle.
 AHEAD_PER_WORKER = 4
+
+
+def refuse(raw: str, out: str, **_: object) -> None:
+    """What stops a run before any work, as one line: the stage command calls it before
+    Prefect's server starts (flows.stages.run_stage), the flow first."""
+    open_source(raw)
+    folder_target(out, PREPARE_OWNER, replaced=False)  # not a folder of the user's files
 
 
 @flow(name="prepare")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -366,6 +367,9 @@ def run_stage(stage: Stage, paths: dict[str, str], params: Params, flow: Callabl
         check_scheduler(scheduler)
     arguments = {**absolute, **{name: getattr(params, name) for name in stage.sections}}
     planned = os.environ.pop(PLANNED_RUN, None)  # not for this process's children
+    refuse = refusal(flow)
+    if refuse and not planned:  # (a planned run fails in the UI with the reason: the flow
+        refuse(**arguments)  # checks too) before a server starts or a flow run is made
     quiet_console_tracebacks()
     note_interrupts()
     with prefect_api() as api_url:
@@ -380,6 +384,13 @@ def run_stage(stage: Stage, paths: dict[str, str], params: Params, flow: Callabl
         with get_client(sync_client=True) as client:
             flow_run = client.read_flow_run(UUID(planned))
         return run_flow(flow, flow_run=flow_run, parameters=arguments)
+
+
+def refusal(flow: Callable) -> Callable[..., None] | None:
+    """The `refuse` of the module that defines `flow` (the stage's: what stops a run before
+    any work, as one line); None for a flow made elsewhere (a test's)."""
+    module = sys.modules.get(getattr(flow, "fn", flow).__module__)
+    return getattr(module, "refuse", None)
 
 
 def check_running_cluster(

@@ -23,12 +23,20 @@ from flows.progress import Bar, in_order
 from tasks.stats import shard_moments_task
 
 
+def refuse(train: str, out: str, **_: object) -> None:
+    """What stops a run before any work, as one line: the stage command calls it before
+    Prefect's server starts (flows.stages.run_stage), the flow first."""
+    folder_target(out, STATS_OWNER)  # a folder it may not replace
+    shard_files(train)
+    class_count(train)
+
+
 @flow(name="stats")
 def stats_flow(train: str, out: str, prepare: PrepareParams, compute: ComputeParams) -> dict:
     """Map over the shards, reduce in shard order (holding at most params
     `compute.window_mb` of shard moments), write mean.npy and pca.json into `out`,
     replaced whole."""
-    folder_target(out, STATS_OWNER)  # a folder it may not replace: refused before the work
+    refuse(train, out)
     shards = shard_files(train)
     classes = class_count(train)  # the labels are checked, though stats does not use them
 

@@ -20,10 +20,11 @@ from prefect.artifacts import create_table_artifact
 
 from alexnet.errors import Interrupted
 from alexnet.fit import METRICS, fit, summary
+from alexnet.lmdb_store import read_meta
 from alexnet.orphans import WORKER_GRACE_S
 from alexnet.params import ComputeParams, ModelParams, PrepareParams, TrainParams
 from alexnet.threads import share_of_cores
-from alexnet.train import TrainError, TrainRun, load_history
+from alexnet.train import TrainError, TrainRun, check_outputs, load_history
 
 
 def torchrun_command(params: TrainParams, argument: str) -> list[str]:
@@ -114,6 +115,14 @@ def _stop_on_ctrl_c(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def refuse(lmdb: str, model_path: str, checkpoint: str, metrics: str, **_: object) -> None:
+    """What stops a run before any work, as one line: the stage command calls it before
+    Prefect's server starts (flows.stages.run_stage), the flow first."""
+    check_outputs(Path(model_path), Path(checkpoint), Path(metrics))
+    for split in ("train", "val"):
+        read_meta(Path(lmdb) / split)
+
+
 @flow(name="train")
 def train_flow(
     lmdb: str,
@@ -128,6 +137,7 @@ def train_flow(
 ) -> dict:
     """Train (or resume) and write the model file, metrics/train.json and dvclive plots."""
     logger = get_run_logger()
+    refuse(lmdb, model_path, checkpoint, metrics)
     run = TrainRun(
         train=train,
         model=model,

@@ -178,6 +178,31 @@ def test_a_prefect_server_that_does_not_answer_is_one_line(tmp_path):
         assert temporary == (args[0] != "serve"), result.stderr
 
 
+@pytest.mark.parametrize("stage", ["synth", "prepare", "stats", "pack", "train", "evaluate"])
+def test_a_stage_refused_before_any_work_prints_its_one_line_alone(tmp_path, stage):
+    # Refused once Prefect's server had started and a flow run was made: seven lines, the
+    # reason twice (in the run's Failed state), the error line not the last, ~9 s.
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    mine = tmp_path / "mine"  # a folder of the user's files, named as an output
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine\n")
+    missing = tmp_path / "missing"
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: 1\n")  # (no line about it)
+    args, reason = {
+        "synth": ([mine], f"{mine}: "),
+        "prepare": ([missing, tmp_path / "out"], f"{missing}: no such dataset folder"),
+        "stats": ([missing, tmp_path / "out"], f"{missing}: no shard-*.tar files"),
+        "pack": ([missing, tmp_path / "lmdb"], f"{missing / 'classes.json'}: no such file"),
+        "train": ([missing, tmp_path / "m.pt"], f"{missing / 'train'}: no LMDB store here"),
+        "evaluate": ([missing, tmp_path / "m.pt"], f"{missing}: no LMDB store here"),
+    }[stage]
+    result = alexnet(stage, *map(str, args), env=env, cwd=tmp_path)
+    assert result.returncode == 1 and result.stdout == "", result.stderr
+    assert result.stderr.startswith(f"error: {reason}"), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
 def test_doctor_names_the_imaging_library_and_devices(monkeypatch):
     monkeypatch.delenv("ALEXNET_CHECKPOINT", raising=False)
     result = runner.invoke(app, ["doctor"])
