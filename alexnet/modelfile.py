@@ -72,6 +72,16 @@ def _read(path: Path) -> object:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def check_model_path(path: Path) -> None:
+    """One line, before any work, for a model file that cannot be opened (none there, a
+    folder); what it holds is checked as it loads (`load_model`)."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise _unreadable(Path(path), error) from None
+
+
 def _unreadable(path: Path, error: OSError) -> ModelFileError:
     if isinstance(error, FileNotFoundError):
         broken = " (a broken symbolic link)" if path.is_symlink() else ""

@@ -55,7 +55,7 @@ DEVICE_HINT = "cpu, cuda, cuda:1, ..."
 DEVICE_TYPES = ("cpu", "cuda")  # the devices the kernels, the decoders and the tests cover
 # Images one forward pass of `alexnet predict` takes at most (its `--batch`), their 10
 # crops N at a time (`alexnet.evaluate.crop_log_probabilities`): one image at a time made
-# passes of one crop, ~1.9x slower on 2 cores. (Here: the CLI reads it without torch.)
+# passes of one crop, slower (`bench/predict.py`). (Here: the CLI reads it without torch.)
 PREDICT_BATCH = 16
 
 

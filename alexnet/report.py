@@ -164,7 +164,8 @@ def render(metrics: Path, params: Path | None = None) -> str:
         raise AlexnetError(f"{metrics}: a file, not the stages' metrics folder")
     if not metrics.is_dir():
         raise AlexnetError(f"{metrics}: no such folder (run `dvc repro` first)")
-    if not any((metrics / name).exists() for name in (SUMMARY, TRAIN_SUMMARY, FOLDER)):
+    written = [metrics / SUMMARY, metrics / TRAIN_SUMMARY, metrics / FOLDER, series_folder(metrics)]
+    if not any(path.exists() for path in written):  # (the series: a first run, training)
         raise AlexnetError(
             f"{metrics}: neither train's nor evaluate's metrics are there (run `dvc repro` "
             "first, or name the folder they went to with --metrics)"

@@ -454,15 +454,27 @@ class Trainer:
             raise TrainError(f"{self.checkpoint}: {unused}")
         if isinstance(unused, Unresumable) and self.world.main:
             aside, own = (set_aside_path(self.checkpoint, d) for d in (unused.digest, self.digest))
-            os.replace(self.checkpoint, aside)
+            fate = self._set_aside(aside, unused.digest is not None)
             then = "" if own.exists() and own != aside else "starting afresh; "  # `_bring_back`
-            log(f"warning: {self.checkpoint} {unused}: {then}the checkpoint is kept as {aside}")
+            log(f"warning: {self.checkpoint} {unused}: {then}the checkpoint is {fate}")
             return resumed, unused.digest
         return resumed, None
 
+    def _set_aside(self, aside: Path, one_run: bool) -> str:
+        """Move the checkpoint to `aside`; what became of it. Where `aside` holds one of
+        the same run (`one_run`: params and data; its draws do not depend on the budget,
+        so the less trained is the other's past), the further trained stays there."""
+        if one_run and aside.exists() and _progress(aside) >= _progress(self.checkpoint):
+            self.checkpoint.unlink()
+            return f"dropped: {aside} holds the same run, as far or further trained"
+        os.replace(self.checkpoint, aside)
+        return f"kept as {aside}"
+
     def _bring_back(self, log: Callable[[str], None], allowed: bool) -> bool:
         """Put this run's checkpoint back where an earlier run set it aside, if `allowed`
-        and the place is free; returns whether it did (rank 0 decides, for every rank)."""
+        and the place is free; returns whether it did (rank 0 decides, for every rank).
+        (On NFS another node's rank may not see the file at once: the ranks then
+        disagree, in one line, and the next run resumes.)"""
         back = set_aside_path(self.checkpoint, self.digest)
         bring = allowed and self.world.main and back.exists() and not self.checkpoint.exists()
         if bring:
@@ -734,6 +746,16 @@ class Trainer:
             "digest": self.digest,
         }
         save_model(path, contents)
+
+
+def _progress(checkpoint: Path) -> tuple[int, int]:
+    """A checkpoint's (epoch, step), its tensors left on the disk (mmap); (-1, -1) where
+    it cannot be read as one."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        return int(state["epoch"]), int(state["step"])
+    except Exception:  # damaged, or not a checkpoint: anything is further trained
+        return -1, -1
 
 
 def _out_of_memory(error: Exception) -> bool:

@@ -18,6 +18,7 @@ from alexnet.evaluate import evaluate as evaluate_split
 from alexnet.figures import FIGURES, kernels_figure, neighbours_figure, png, top5_figure
 from alexnet.jpeg import decode_threads
 from alexnet.lmdb_store import StoreError, read_meta
+from alexnet.modelfile import check_model_path
 from alexnet.neighbours import images_of, nearest, query_vectors, table
 from alexnet.params import ComputeParams, EvaluateParams, JpegDecoder
 from alexnet.placement import resolve_devices
@@ -69,10 +70,11 @@ def _figures(
     return {name: png(figure) for name, figure in pictures.items()}, tables
 
 
-def refuse(val: str, train: str, metrics: str, **_: object) -> None:
+def refuse(val: str, model_path: str, train: str, metrics: str, **_: object) -> None:
     """What stops a run before any work, as one line: the stage command calls it before
     Prefect's server starts (flows.stages.run_stage), the flow first."""
     check_targets(Path(metrics))
+    check_model_path(Path(model_path))  # (evaluate run before train, say)
     read_meta(val)
     read_meta(train)
 
@@ -91,7 +93,7 @@ def evaluate_flow(
     neighbours.png and neighbours.csv. The mean
     image is the model file's: the one its training subtracted."""
     logger = get_run_logger()
-    refuse(val, train, metrics)
+    refuse(val, model_path, train, metrics)
     device = resolve_devices([evaluate.device])[0]
     threads = decode_threads(evaluate.loader_workers)  # per loader process
     split = LmdbSplit(val, threads)

@@ -8,7 +8,7 @@ from alexnet.atomic import claim_folder, folder_target, write_json
 from alexnet.params import ComputeParams, PrepareParams
 from alexnet.prepare import Summary, check_classes, check_skipped, check_splits, plan_shards
 from alexnet.shards import CLASSES_FILE, PREPARE_OWNER, remove_stale
-from alexnet.sources import open_source
+from alexnet.sources import Source, open_source
 from flows.progress import Bar, in_order
 from flows.runners import parallelism
 from tasks.prepare import prepare_shard_task
@@ -18,11 +18,12 @@ from tasks.prepare import prepare_shard_task
 AHEAD_PER_WORKER = 4
 
 
-def refuse(raw: str, out: str, **_: object) -> None:
+def refuse(raw: str, out: str, **_: object) -> Source:
     """What stops a run before any work, as one line: the stage command calls it before
-    Prefect's server starts (flows.stages.run_stage), the flow first."""
-    open_source(raw)
+    Prefect's server starts (flows.stages.run_stage), the flow first. Returns the source
+    it opened, which the flow reads."""
     folder_target(out, PREPARE_OWNER, replaced=False)  # not a folder of the user's files
+    return open_source(raw)
 
 
 @flow(name="prepare")
@@ -34,7 +35,7 @@ def prepare_flow(
     Shards are planned as the class folders are listed and handed out a few per worker
     ahead, so memory does not grow with the number of files."""
     logger = get_run_logger()
-    source = open_source(raw)
+    source = refuse(raw, out)
     target = claim_folder(out, PREPARE_OWNER)  # not a folder of the user's files, nor raw
     # written last, by a run that succeeds: a failed or stopped run leaves none beside
     # its new shards, and pack refuses the folder

@@ -193,8 +193,8 @@ def test_a_stage_refused_before_any_work_prints_its_one_line_alone(tmp_path, sta
         "prepare": ([missing, tmp_path / "out"], f"{missing}: no such dataset folder"),
         "stats": ([missing, tmp_path / "out"], f"{missing}: no shard-*.tar files"),
         "pack": ([missing, tmp_path / "lmdb"], f"{missing / 'classes.json'}: no such file"),
-        "train": ([missing, tmp_path / "m.pt"], f"{missing / 'train'}: no LMDB store here"),
-        "evaluate": ([missing, tmp_path / "m.pt"], f"{missing}: no LMDB store here"),
+        "train": ([missing, missing, tmp_path / "m.pt"], f"{missing}: missing or corrupt stats"),
+        "evaluate": ([missing, tmp_path / "m.pt"], f"{tmp_path / 'm.pt'}: no such model file"),
     }[stage]
     result = alexnet(stage, *map(str, args), env=env, cwd=tmp_path)
     assert result.returncode == 1 and result.stdout == "", result.stderr

@@ -21,6 +21,7 @@ from alexnet.lmdb_store import write_store
 from alexnet.model import AlexNet
 from alexnet.neighbours import Neighbours, hidden_vectors, keep_nearest, nearest
 from alexnet.reader import LmdbSplit
+from alexnet.train_files import series_folder
 from tests.helpers import CLASSES, REPO, blobs
 
 MEAN = torch.full((3, 256, 256), 60.0)
@@ -242,6 +243,12 @@ def test_alexnet_report_writes_the_page_or_one_error_line(tmp_path):
         done = subprocess.run([*command, str(wrong)], cwd=tmp_path, capture_output=True, text=True)
         assert done.returncode == 1 and done.stderr.startswith(f"error: {wrong}: {line}")
         assert done.stderr.count("\n") == 1 and not (tmp_path / "report.html").exists()
+    # a first run still training has only its curves so far: a page of them
+    series_folder(tmp_path / "empty").mkdir(parents=True)
+    done = subprocess.run(
+        [*command, str(tmp_path / "empty"), "-o", "r.html"], cwd=tmp_path, capture_output=True
+    )
+    assert done.returncode == 0 and (tmp_path / "r.html").exists(), done.stderr
 
 
 def test_a_series_line_cut_short_by_a_kill_is_left_out(tmp_path):

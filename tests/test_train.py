@@ -140,6 +140,15 @@ def test_more_epochs_continue_the_run_fewer_start_afresh(data, tmp_path):
     shorter = trainer(data, tmp_path, **{**TWO_EPOCHS, "epochs": 1})
     assert not shorter.resume(heard.append) and (shorter.epoch, shorter.step) == (0, 0)
     assert len(heard) == 1 and "has trained 2 epochs, past this run's 1: starting" in heard[0]
+    # The shorter run ended, then params changed: its checkpoint, of the same run as the
+    # one set aside but less trained (that one's past), does not replace it.
+    run_to_end(shorter)
+    aside, heard = set_aside_path(tmp_path / "ckpt.pt", shorter.digest), []
+    assert not trainer(data, tmp_path, **{**TWO_EPOCHS, "lr": 0.02}).resume(heard.append)
+    assert heard[0].endswith(
+        f"the checkpoint is dropped: {aside} holds the same run, as far or further trained"
+    )
+    assert torch.load(aside, weights_only=True)["epoch"] == 2
 
 
 def test_checkpoint_of_other_stats_is_not_resumed(data, tmp_path):
