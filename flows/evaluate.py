@@ -74,8 +74,8 @@ def refuse(val: str, model_path: str, train: str, metrics: str, **_: object) -> 
     """What stops a run before any work, as one line: the stage command calls it before
     Prefect's server starts (flows.stages.run_stage), the flow first."""
     check_targets(Path(metrics))
-    check_model_path(Path(model_path))  # (evaluate run before train, say)
     read_meta(val)
+    check_model_path(Path(model_path))  # (evaluate run before train, say)
     read_meta(train)
 
 

@@ -389,7 +389,7 @@ def run_stage(stage: Stage, paths: dict[str, str], params: Params, flow: Callabl
 def refusal(flow: Callable) -> Callable[..., None] | None:
     """The `refuse` of the module that defines `flow` (the stage's: what stops a run before
     any work, as one line); None for a flow made elsewhere (a test's)."""
-    module = sys.modules.get(getattr(flow, "fn", flow).__module__)
+    module = sys.modules.get(getattr(getattr(flow, "fn", flow), "__module__", None))
     return getattr(module, "refuse", None)
 
 

@@ -194,7 +194,7 @@ def test_a_stage_refused_before_any_work_prints_its_one_line_alone(tmp_path, sta
         "stats": ([missing, tmp_path / "out"], f"{missing}: no shard-*.tar files"),
         "pack": ([missing, tmp_path / "lmdb"], f"{missing / 'classes.json'}: no such file"),
         "train": ([missing, missing, tmp_path / "m.pt"], f"{missing}: missing or corrupt stats"),
-        "evaluate": ([missing, tmp_path / "m.pt"], f"{tmp_path / 'm.pt'}: no such model file"),
+        "evaluate": ([missing, tmp_path / "m.pt"], f"{missing}: no LMDB store here"),
     }[stage]
     result = alexnet(stage, *map(str, args), env=env, cwd=tmp_path)
     assert result.returncode == 1 and result.stdout == "", result.stderr

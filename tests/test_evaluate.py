@@ -292,6 +292,7 @@ def test_evaluate_flow_writes_the_metric_files(data, model_file, tmp_path, prefe
     plotted = (folder / "worst_confusion.csv").read_bytes()
     assert plotted == (folder / "confusion.csv").read_bytes()
     worst = list(csv.DictReader(io.StringIO((folder / "worst_classes.csv").read_text())))
+    assert [row.pop("label") for row in worst] == [row["name"] for row in worst]
     assert sorted(worst, key=lambda row: row["class"]) == rows
     # Section 6.1's figures, and the data they show.
     for name, least in {
