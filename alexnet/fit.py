@@ -24,7 +24,7 @@ from alexnet.distributed import World
 from alexnet.errors import Interrupted, is_user_error, user_line
 from alexnet.orphans import die_with_parent
 from alexnet.runtime import configure
-from alexnet.train import Trainer, TrainRun
+from alexnet.train import EveryRankError, Trainer, TrainRun
 from alexnet.train_files import LIVE, SUMMARY
 
 METRICS = (
@@ -93,13 +93,18 @@ def _fit(run: TrainRun, world: World, log: Callable[[str], None]) -> list[dict]:
         live = Live(str(run.metrics / LIVE), dvcyaml=False, save_dvc_exp=False, report=None)
     for record in trainer.history:  # a resumed run's plots start from epoch 1
         _log(live, record)
+    # One bar for the run (its time left is the run's), not one an epoch: 90 on ImageNet.
+    steps, epochs = trainer.steps_per_epoch(), run.train.epochs
     with stop_on_sigterm(trainer), Progress(disable=not world.main) as progress:
+        done = trainer.epoch * steps + trainer.step
+        bar = progress.add_task("train", total=epochs * steps, completed=done)
+
+        def advance(step: int, total: int) -> None:  # (the epoch counts on after its end)
+            progress.update(bar, completed=trainer.epoch * total + step)
+
         while not trainer.finished():
-            label = f"epoch {trainer.epoch + 1}/{run.train.epochs}"
-            bar = progress.add_task(label, total=trainer.steps_per_epoch(), completed=trainer.step)
-            record = trainer.run_epoch(
-                on_step=lambda step, total, bar=bar: progress.update(bar, completed=step)
-            )
+            progress.update(bar, description=f"epoch {trainer.epoch + 1}/{epochs}")
+            record = trainer.run_epoch(on_step=advance)
             say(f"epoch {record['epoch']}: " + ", ".join(f"{k} {record[k]:.4g}" for k in METRICS))
             _log(live, record)
     if world.main:
@@ -148,7 +153,12 @@ def main(argv: list[str]) -> int:
     except Exception as error:
         if not is_user_error(error):
             raise
-        print(f"error: rank {rank}: {user_line(error)}", file=sys.stderr, flush=True)
+        who = f"rank {rank}: "
+        if isinstance(error, EveryRankError):  # each node's console, once
+            if os.environ.get("LOCAL_RANK", "0") != "0":
+                return 1
+            who = ""
+        print(f"error: {who}{user_line(error)}", file=sys.stderr, flush=True)
         return 1
     finally:
         world.close()

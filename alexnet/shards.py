@@ -26,6 +26,8 @@ from PIL import Image, UnidentifiedImageError
 from alexnet.atomic import atomic_output, remove_leftovers
 from alexnet.errors import AlexnetError, one_line
 
+# A dataset's splits, at every stage: raw/<split>/, prepared/<split>/, lmdb/<split>/
+SPLITS = ("train", "val")
 SHARD_PATTERN = "shard-{:05d}.tar"
 SHARD_GLOB = SHARD_PATTERN.replace("{:05d}", "*")
 FILES_MEMO = ".files.json"  # `files_memo`: shard-NNNNN.files.json

@@ -50,8 +50,8 @@ from operator import attrgetter
 from pathlib import Path
 
 from alexnet.errors import AlexnetError
+from alexnet.shards import SPLITS
 
-SPLITS = ("train", "val")
 NAME_FILES = ("LOC_synset_mapping.txt", "synset_words.txt", "classes.txt")
 KAGGLE_CSV = "LOC_val_solution.csv"
 KAGGLE_COLUMNS = ("ImageId", "PredictionString")

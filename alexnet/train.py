@@ -29,6 +29,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
@@ -62,6 +63,12 @@ BUDGET = frozenset({"epochs"})
 
 class TrainError(AlexnetError):
     """Training cannot start or go on (missing data, class mismatch, divergence...)."""
+
+
+class EveryRankError(TrainError):
+    """A `TrainError` that every rank raises alike, from what they found together (a sum
+    or a gather over the ranks, or the weights they share): each node's first rank says
+    it (`alexnet.fit.main`), not each of its 8 ranks."""
 
 
 class TrainRun(BaseModel):
@@ -179,22 +186,16 @@ def validate(
 AFRESH, RESUMES, UNREADABLE = 0, 1, 2
 
 
-class Unreadable(str):
-    """Why `Trainer._load` could not read the checkpoint now (an I/O error, which says
-    nothing of the file): not a reason to set it aside."""
+@dataclass(frozen=True)
+class NotResumed:
+    """Why `Trainer._load` does not resume the checkpoint there (`why` follows its path),
+    and what becomes of it: `set_aside` for good (`digest`: the run it holds, None where
+    it is damaged), or kept in place where it could not be read now (an I/O error, which
+    says nothing of the file)."""
 
-
-class Unresumable(str):
-    """Why `Trainer._load` does not resume the checkpoint, which is set aside; `digest`:
-    the run it holds (None where it is damaged)."""
-
+    why: str
+    set_aside: bool = True
     digest: str | None = None
-
-
-def unresumable(why: str, digest: object = None) -> Unresumable:
-    reason = Unresumable(why)
-    reason.digest = digest if isinstance(digest, str) else None
-    return reason
 
 
 def set_aside_path(checkpoint: Path, digest: str | None) -> Path:
@@ -418,7 +419,7 @@ class Trainer:
         where = f"epoch {self.epoch + 1}, step {self.step}"
         if self.step == 0 and self.epoch > 0:
             where = f"the end of epoch {self.epoch}"
-        raise TrainError(
+        raise EveryRankError(
             f"a weight or its momentum is not finite after {where}: training diverged; "
             "lower train.lr or use another model.init"
         )
@@ -446,17 +447,18 @@ class Trainer:
         # another checkout would start elsewhere, so run other collectives (a hang) or,
         # from the same step, train other weights without a word.
         resumed = isinstance(unused, list)
-        start = UNREADABLE if isinstance(unused, Unreadable) else int(resumed)
+        unreadable = isinstance(unused, NotResumed) and not unused.set_aside
+        start = UNREADABLE if unreadable else int(resumed)
         mine = start_view(start, self.epoch, self.step, self.digest, self.code)
         if problem := disagreement(self.world.gather(mine)):
-            raise TrainError(f"{self.checkpoint}: {problem}")
-        if start == UNREADABLE:  # on every rank alike (else the line above)
-            raise TrainError(f"{self.checkpoint}: {unused}")
-        if isinstance(unused, Unresumable) and self.world.main:
+            raise EveryRankError(f"{self.checkpoint}: {problem}")
+        if unreadable:  # on every rank alike (else the line above)
+            raise EveryRankError(f"{self.checkpoint}: {unused.why}")
+        if isinstance(unused, NotResumed) and self.world.main:
             aside, own = (set_aside_path(self.checkpoint, d) for d in (unused.digest, self.digest))
             fate = self._set_aside(aside, unused.digest is not None)
             then = "" if own.exists() and own != aside else "starting afresh; "  # `_bring_back`
-            log(f"warning: {self.checkpoint} {unused}: {then}the checkpoint is {fate}")
+            log(f"warning: {self.checkpoint} {unused.why}: {then}the checkpoint is {fate}")
             return resumed, unused.digest
         return resumed, None
 
@@ -482,51 +484,55 @@ class Trainer:
             log(f"{self.checkpoint}: this run's own, set aside by an earlier run, back from {back}")
         return self.world.sum([float(bring)])[0] > 0  # (after the rename: a collective)
 
-    def _load(self) -> list[str] | str | None:
+    def _load(self) -> list[str] | NotResumed | None:
         """`resume` on this rank alone: the warnings of a resumed checkpoint, or why the
-        one there is not resumed (`Unreadable`: not now; None: there is none)."""
+        one there is not resumed (None: there is none)."""
         try:
             if not self.checkpoint.exists():  # (a stat can fail too: ESTALE, EIO)
                 return None
             # on the host: a GPU a leftover process still holds must not make it "damaged"
             state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
         except OSError as error:  # unreadable now (EIO, a stale NFS handle): maybe whole
-            return Unreadable(
+            return NotResumed(
                 f"cannot be read ({one_line(error)}); it is kept: run again once it can "
-                "be, or remove it to start afresh"
+                "be, or remove it to start afresh",
+                set_aside=False,
             )
         except Exception as error:  # a damaged checkpoint is only a lost shortcut
             if _out_of_memory(error):  # this host's trouble, not the file's: kept
                 raise
-            return unresumable(f"is damaged ({type(error).__name__})")
+            return NotResumed(f"is damaged ({type(error).__name__})")
         if not isinstance(state, dict):
-            return unresumable("is damaged (not a checkpoint)")
+            return NotResumed("is damaged (not a checkpoint)")
         if "optimizer" not in state:  # a model file, say: the user's, not to overwrite
             raise TrainError(
                 f"{self.checkpoint}: a file of torch tensors that is not a training "
                 "checkpoint (a model file?); name another --checkpoint, or remove it"
             )
         digest = state.get("digest")
+        digest = digest if isinstance(digest, str) else None  # (a file's, whatever it holds)
         if digest != self.digest:
             changes = recipe_changes(state.get("recipe"), self.recipe)
-            return unresumable(f"is another run's ({changes})", digest)
+            return NotResumed(f"is another run's ({changes})", digest=digest)
         if (state["epoch"], state["step"]) > (self.params.epochs, 0):
             done = f"{state['epoch']} epochs" + (
                 f" and {state['step']} steps" * bool(state["step"])
             )
-            return unresumable(f"has trained {done}, past this run's {self.params.epochs}", digest)
+            return NotResumed(
+                f"has trained {done}, past this run's {self.params.epochs}", digest=digest
+            )
         warnings = []
         if changed := changed_code(state.get("code"), self.code):
             files = ", ".join(changed)
             if self._ends(state["epoch"], state["schedule"]["stopped"]):
                 why = f"holds a finished run of other training code ({files} changed)"
-                return unresumable(why, digest)
+                return NotResumed(why, digest=digest)
             warnings.append(
                 f"warning: resuming a run begun by other training code ({files} changed); "
                 f"delete {self.checkpoint} to start afresh"
             )
         if misfit := misfits(self.model, self.optimizer, state):
-            return unresumable(f"does not fit this training code ({misfit})", digest)
+            return NotResumed(f"does not fit this training code ({misfit})", digest=digest)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -632,7 +638,7 @@ class Trainer:
             steps, values[: len(steps)], values[len(steps) :], strict=True
         ):
             if not math.isfinite(loss):
-                raise TrainError(
+                raise EveryRankError(
                     f"the loss became {loss} at epoch {self.epoch + 1}, step {step}: "
                     "training diverged; lower train.lr or use another model.init"
                 )
@@ -643,6 +649,10 @@ class Trainer:
 
     def run_epoch(self, on_step: Callable[[int, int], None] | None = None) -> dict:
         """The rest of the current epoch, then validation."""
+        if self.step == 0 and self.epoch > 0 and self._stop_agreed():
+            # asked during the last validation: its checkpoint is this very place (one
+            # more step would be trained and saved for nothing)
+            raise Interrupted(f"stopped at the end of epoch {self.epoch}")
         stream, totals = self.batches(), self.running
         started = time.perf_counter()
         while self.step < self.steps_per_epoch():
@@ -702,6 +712,10 @@ class Trainer:
                     buffer = self.optimizer.state.get(weight, {}).get("momentum_buffer")
                     if buffer is not None:
                         buffer.mul_(10)
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop (a sum over the ranks: all stop alike)."""
+        return self.world.sum([float(self.stop_requested)])[0] > 0
 
     def _checkpoint_due(self) -> bool:
         """Whether `checkpoint_minutes` have passed since the last checkpoint (or the

@@ -18,11 +18,9 @@ from alexnet.pack import (
     packed_count,
 )
 from alexnet.params import ComputeParams, PackParams, PrepareParams
-from alexnet.shards import load_classes
+from alexnet.shards import SPLITS, load_classes
 from flows.progress import Bar, in_order
 from tasks.pack import load_chunk_task
-
-SPLITS = ("train", "val")
 
 
 def refuse(prepared: str, out: str, **_: object) -> None:

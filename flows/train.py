@@ -23,6 +23,7 @@ from alexnet.fit import METRICS, fit, summary
 from alexnet.lmdb_store import read_meta
 from alexnet.orphans import WORKER_GRACE_S
 from alexnet.params import ComputeParams, ModelParams, PrepareParams, TrainParams
+from alexnet.shards import SPLITS
 from alexnet.stats import load_stats
 from alexnet.threads import share_of_cores
 from alexnet.train import TrainError, TrainRun, check_outputs, load_history
@@ -123,7 +124,7 @@ def refuse(
     Prefect's server starts (flows.stages.run_stage), the flow first."""
     check_outputs(Path(model_path), Path(checkpoint), Path(metrics))
     load_stats(Path(stats))
-    for split in ("train", "val"):
+    for split in SPLITS:
         read_meta(Path(lmdb) / split)
 
 

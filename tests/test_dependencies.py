@@ -152,6 +152,19 @@ def test_no_import_cycles_in_the_project():
         visit(name, ())
 
 
+def test_the_split_names_are_written_once():
+    # alexnet.shards.SPLITS; flows/train.py and flows/pack.py had their own copies.
+    written = []
+    for package in PACKAGES:
+        for path in sorted((REPO / package).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Tuple | ast.List) and [
+                    getattr(item, "value", None) for item in node.elts
+                ] == ["train", "val"]:
+                    written.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert written == ["alexnet/shards.py:30"]
+
+
 # No inherited hints: the child starts as a user's shell would.
 CLEAN = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
 

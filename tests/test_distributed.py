@@ -19,6 +19,7 @@ from alexnet.params import TrainParams
 from alexnet.train import (
     AFRESH,
     RESUMES,
+    EveryRankError,
     Trainer,
     TrainError,
     TrainRun,
@@ -135,10 +136,10 @@ class WithAFreshPeer(World):
 def test_a_rank_resuming_alone_stops_instead_of_hanging(data, tmp_path):
     trainer = Trainer(train_run(data, tmp_path, epochs=1), WithAFreshPeer())
     assert not trainer.checkpoint.exists()
-    with pytest.raises(TrainError, match=r"ckpt.pt: the ranks do not agree .* rank 1 starts"):
+    with pytest.raises(EveryRankError, match=r"ckpt.pt: the ranks do not agree .* rank 1 starts"):
         trainer.resume()  # neither resumes, but the peer's run differs
     trainer.save()
-    with pytest.raises(TrainError, match=r"rank 0 resumes epoch 1, step 0 .* rank 1 starts"):
+    with pytest.raises(EveryRankError, match=r"rank 0 resumes epoch 1, step 0 .* rank 1 starts"):
         trainer.resume()
 
 
@@ -161,7 +162,9 @@ def test_a_rank_that_cannot_read_the_checkpoint_stops_every_rank(data, tmp_path,
         raise OSError(errno.ESTALE, "Stale file handle")
 
     monkeypatch.setattr(torch, "load", unreadable)
-    with pytest.raises(TrainError, match=r"ckpt.pt: .* rank 0 cannot read it .* rank 1 resumes"):
+    with pytest.raises(
+        EveryRankError, match=r"ckpt.pt: .* rank 0 cannot read it .* rank 1 resumes"
+    ):
         trainer.resume()
     assert trainer.checkpoint.exists()
 
@@ -424,6 +427,38 @@ def test_a_worker_ctrl_c_reaches_ends_it_quietly(monkeypatch, capsys):
     monkeypatch.setattr(module, "fit", interrupted)
     assert module.main(["{}"]) == 130
     assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize(
+    ("local_rank", "error", "said"),
+    [
+        ("0", EveryRankError("the loss became nan"), "error: the loss became nan\n"),
+        ("1", EveryRankError("the loss became nan"), ""),
+        ("1", TrainError("no images"), "error: rank 3: no images\n"),
+    ],
+)
+def test_an_error_every_rank_raises_is_said_once_a_node(
+    monkeypatch, capsys, local_rank, error, said
+):
+    # a NaN loss stops every rank alike (a sum over the ranks): each of a node's 8 ranks
+    # printed the same line
+    from types import SimpleNamespace
+
+    import alexnet.fit as module
+
+    run = SimpleNamespace(train=SimpleNamespace(device=("cpu",)))
+    monkeypatch.setattr(module, "follow_launcher", lambda: True)
+    monkeypatch.setattr(module, "configure", lambda: None)
+    monkeypatch.setattr(module.TrainRun, "model_validate_json", lambda text: run)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+
+    def fails(*args):
+        raise error
+
+    monkeypatch.setattr(module, "fit", fails)
+    assert module.main(["{}"]) == 1
+    assert capsys.readouterr() == ("", said)
 
 
 STOPPING_LAUNCHER = """

@@ -22,7 +22,14 @@ from alexnet.jpeg import decode_threads
 from alexnet.lmdb_store import write_store
 from alexnet.reader import LmdbSplit
 from alexnet.stats import load_stats, save_stats
-from alexnet.train import Steps, Trainer, TrainError, misfits, set_aside_path
+from alexnet.train import (
+    EveryRankError,
+    Steps,
+    Trainer,
+    TrainError,
+    misfits,
+    set_aside_path,
+)
 from tests.helpers import (
     CLASSES,
     DEAD_PID,
@@ -87,6 +94,27 @@ def test_resumed_run_ends_with_the_same_weights_bit_for_bit(data, tmp_path):
         whole.optimizer.state_dict()["state"][0], resumed.optimizer.state_dict()["state"][0]
     )
     assert timeless(resumed.history) == timeless(whole.history)
+
+
+def test_a_stop_asked_during_validation_ends_at_the_epochs_checkpoint(data, tmp_path, monkeypatch):
+    # it trained one step more and saved a second checkpoint, ~0.5 GB on ImageNet
+    import alexnet.train as module
+
+    t = trainer(data, tmp_path, **TWO_EPOCHS)
+
+    def validate(*args, **kwargs):
+        t.stop_requested = True  # what the SIGTERM handler does
+        return original(*args, **kwargs)
+
+    original = module.validate
+    monkeypatch.setattr(module, "validate", validate)
+    saves = []
+    monkeypatch.setattr(t, "save", lambda save=t.save: saves.append(save()))
+    t.run_epoch()
+    with pytest.raises(Interrupted, match="stopped at the end of epoch 1"):
+        t.run_epoch()
+    assert len(saves) == 1 and (t.epoch, t.step) == (1, 0)
+    assert torch.load(t.checkpoint, weights_only=True)["step"] == 0
 
 
 def test_checkpoint_of_other_params_is_set_aside_not_resumed_nor_overwritten(data, tmp_path):
@@ -626,6 +654,44 @@ def test_two_fit_runs_write_byte_identical_model_files(data, tmp_path):
     assert b.read_bytes() == a.read_bytes()
 
 
+def test_a_run_has_one_progress_bar_from_where_it_resumes(data, tmp_path, monkeypatch):
+    # a bar an epoch: 90 on ImageNet, none saying the run's time left
+    import alexnet.fit as module
+    from alexnet.distributed import World
+
+    bars = []
+
+    class Recorded:
+        def __init__(self, disable: bool = False):
+            self.added, self.updates = [], []
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def add_task(self, description, total, completed):
+            self.added.append((total, completed))
+            return len(self.added) - 1
+
+        def update(self, task, **fields):
+            self.updates.append((task, fields))
+
+    monkeypatch.setattr(module, "Progress", Recorded)
+    stop_at(trainer(data, tmp_path, **TWO_EPOCHS), epoch=0, step=2)  # steps 4, 4, 2
+    module.fit(train_run(data, tmp_path, **TWO_EPOCHS), World(), log=lambda line: None)
+    (bar,) = bars
+    assert bar.added == [(6, 2)]
+    assert [f["completed"] for _, f in bar.updates if "completed" in f] == [3, 4, 5, 6]
+    assert [f["description"] for _, f in bar.updates if "description" in f] == [
+        "epoch 1/2",
+        "epoch 2/2",
+    ]
+    assert {task for task, _ in bar.updates} == {0}
+
+
 def test_bf16_autocast_and_channels_last_steps_on_cpu(data, tmp_path):
     plain = trainer(data, tmp_path / "plain", epochs=1)
     t = trainer(data, tmp_path / "fast", epochs=1, amp=True, channels_last=True)
@@ -863,9 +929,9 @@ def test_reading_the_loss_every_n_steps_gives_the_run_of_reading_every_step(
     (each, each_reads), (deferred, deferred_reads) = runs[1], runs[2]
     # batch 2 over 10 images: 5 steps an epoch; every 2 steps and at the epoch's end
     # (then one more sum: the validation's); before them, resume's (did a checkpoint set
-    # aside come back?)
-    assert each_reads == [0] + [1, 2, 3, 4, 5, 5] * 2
-    assert deferred_reads == [0] + [2, 4, 5, 5] * 2
+    # aside come back?), and at the second epoch's start whether a stop was asked
+    assert each_reads == [0, 1, 2, 3, 4, 5, 5, 0, 1, 2, 3, 4, 5, 5]
+    assert deferred_reads == [0, 2, 4, 5, 5, 0, 2, 4, 5, 5]
     assert timeless(deferred.history) == timeless(each.history)
     assert_same_weights(deferred.model.state_dict(), each.model.state_dict())
 
@@ -880,7 +946,7 @@ def test_a_nan_between_reads_names_its_step_and_keeps_the_last_good_checkpoint(d
         return logits * float("nan") if len(calls) == 5 else logits
 
     t.net.forward = nan_at_step_5
-    with pytest.raises(TrainError, match="at epoch 1, step 5: training diverged") as raised:
+    with pytest.raises(EveryRankError, match="at epoch 1, step 5: training diverged") as raised:
         t.run_epoch()
     assert len(calls) == 6  # read at step 6 (every 3 steps), not before
     assert torch.load(t.checkpoint, weights_only=True)["step"] == 3  # not saved after it
@@ -955,7 +1021,7 @@ def test_an_update_that_overflows_is_not_checkpointed(data, tmp_path, what):
                 value.view(-1)[7] = float("inf")
 
     t.update = overflowing
-    with pytest.raises(TrainError, match="not finite after epoch 1, step 6: training diverged"):
+    with pytest.raises(EveryRankError, match="not finite after epoch 1, step 6: training diverged"):
         t.run_epoch()
     assert torch.load(t.checkpoint, weights_only=True)["step"] == 3  # the last good one
 
@@ -1007,7 +1073,7 @@ def test_momenta_made_before_the_first_step_give_torchs_lazy_updates(data, tmp_p
 
 def test_a_diverging_run_stops_with_one_clear_line(data, tmp_path):
     t = trainer(data, tmp_path, epochs=1, lr=1e6)
-    with pytest.raises(TrainError, match="training diverged; lower train.lr") as raised:
+    with pytest.raises(EveryRankError, match="training diverged; lower train.lr") as raised:
         t.run_epoch()
     assert "\n" not in str(raised.value)
 
