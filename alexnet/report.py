@@ -109,7 +109,29 @@ def _json(path: Path, needed: Sequence[str] = ()) -> dict | None:
         raise AlexnetError(f"{path}: not a JSON object; run its stage again")
     if missing := [key for key in needed if key not in content]:
         raise AlexnetError(f"{path}: no {missing[0]} (an older version's?); run its stage again")
+    if odd := [key for key in needed if not _number(content[key])]:
+        raise AlexnetError(f"{path}: its {odd[0]} is not a number; run its stage again")
     return content
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _csv_rows(path: Path, needed: Sequence[str] = (), **options: str) -> list[dict]:
+    """A CSV (or TSV) file's rows; one error line for one that is not text or lacks a
+    column the page shows."""
+    try:
+        with path.open(newline="") as file:
+            reader = csv.DictReader(file, **options)
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise AlexnetError(
+            f"{path}: not readable ({one_line(error)}); run its stage again"
+        ) from None
+    if missing := [key for key in needed if key not in (reader.fieldnames or ())]:
+        raise AlexnetError(f"{path}: no {missing[0]} column; run its stage again")
+    return rows
 
 
 def _readable(row: dict | None) -> dict | None:
@@ -127,13 +149,12 @@ def read_series(folder: Path) -> dict[str, tuple[list[int], list[float]]]:
     left out."""
     series = {}
     for path in sorted(folder.glob("*.tsv")):
-        with path.open(newline="") as file:
-            rows = list(csv.DictReader(file, delimiter="\t"))
         points = []
-        for row in rows:
+        for row in _csv_rows(path, delimiter="\t"):
             with suppress(KeyError, TypeError, ValueError):  # a field missing, or None
                 points.append((int(row["step"]) + 1, float(row[path.stem])))
-        series[path.stem] = ([step for step, _ in points], [value for _, value in points])
+        if points:  # (a file of a header alone: no curve)
+            series[path.stem] = ([step for step, _ in points], [value for _, value in points])
     return series
 
 
@@ -147,7 +168,8 @@ def curves_figure(series: dict[str, tuple[list[int], list[float]]]) -> Figure | 
     if not panels:
         return None
     figure = Figure(figsize=(4.2 * len(panels), 3.2), layout="constrained")
-    for ax, (title, names) in zip(figure.subplots(1, len(panels)), panels.items(), strict=True):
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]  # (one panel: still a row)
+    for ax, (title, names) in zip(axes, panels.items(), strict=True):
         for name in names:
             ax.plot(*series[name], marker="o", markersize=3, label=name)
         ax.set(title=title, xlabel="epoch")
@@ -172,8 +194,12 @@ def render(metrics: Path, params: Path | None = None) -> str:
         )
     per_class = []
     if (path := metrics / FOLDER / PER_CLASS).is_file():
-        with path.open(newline="") as file:
-            per_class = worst_first(list(csv.DictReader(file)))
+        try:
+            per_class = worst_first(_csv_rows(path, ("top1_error",)))
+        except ValueError:  # (a row cut short is kept: its value is then None)
+            raise AlexnetError(
+                f"{path}: a top1_error that is not a number; run evaluate again"
+            ) from None
     curves = curves_figure(read_series(series_folder(metrics)))
     figures = [
         (

@@ -218,6 +218,57 @@ def test_a_damaged_eval_json_is_one_error_line_not_a_traceback(tmp_path, content
         render(tmp_path / "metrics")
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        (
+            "eval.json",
+            '{"top1_error": null, "top5_error": 0.1, "center_top1_error": 0.2, '
+            '"center_top5_error": 0.1, "images": 4}',
+            "its top1_error is not a number",
+        ),
+        (
+            "eval.json",
+            '{"top1_error": "0.2", "top5_error": 0.1, "center_top1_error": 0.2, '
+            '"center_top5_error": 0.1, "images": 4}',
+            "its top1_error is not a number",
+        ),
+        ("eval/per_class.csv", "class,wnid,name,images\n0,n0,c0,8\n", "no top1_error column"),
+        ("eval/per_class.csv", "class,top1_error\n0,half\n", "a top1_error that is not a number"),
+        ("eval/per_class.csv", b"class,top1_error\n0,\xff\n", "not readable"),
+        ("train/plots/metrics/lr.tsv", b"step\tlr\n0\t\xff\n", "not readable"),
+    ],
+    ids=["null", "a string", "no column", "not a number", "not text", "a series not text"],
+)
+def test_a_damaged_metrics_file_is_one_error_line_not_a_traceback(tmp_path, name, content, reason):
+    # each was a traceback: a TypeError in the page's template, a KeyError, a UnicodeDecodeError
+    from alexnet.errors import AlexnetError
+    from alexnet.report import render
+
+    write_run(tmp_path / "metrics", figures=False)
+    path = tmp_path / "metrics" / name
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    with pytest.raises(AlexnetError, match=rf"{path.name}: {reason}"):
+        render(tmp_path / "metrics")
+
+
+@pytest.mark.parametrize("names", [("lr",), ("lr", "images_per_s"), ("train_loss",)])
+def test_the_curves_of_one_panel_or_of_a_header_alone_make_a_page(tmp_path, names):
+    # one panel's series alone (a run killed between dvclive's writes) was a TypeError
+    from alexnet.report import render
+
+    write_run(tmp_path / "metrics", figures=False)
+    series = tmp_path / "metrics" / "train" / "plots" / "metrics"
+    for path in series.iterdir():
+        path.unlink()
+    for name in names:
+        (series / f"{name}.tsv").write_text(f"step\t{name}\n0\t0.5\n1\t0.25\n")
+    (series / "val_loss.tsv").write_text("step\tval_loss\n")  # a header alone: no curve
+    page = render(tmp_path / "metrics")
+    (curves,) = re.findall(r'alt="training curves" src="data:image/png;base64,([^"]+)"', page)
+    assert Image.open(io.BytesIO(base64.b64decode(curves))).width < 600  # one panel
+
+
 def test_alexnet_report_writes_the_page_or_one_error_line(tmp_path):
     write_run(tmp_path / "metrics")
     command = [sys.executable, "-m", "flows.cli", "report", "--metrics"]
