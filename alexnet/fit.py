@@ -91,6 +91,7 @@ def _fit(run: TrainRun, world: World, log: Callable[[str], None]) -> list[dict]:
     live = None
     if world.main:
         live = Live(str(run.metrics / LIVE), dvcyaml=False, save_dvc_exp=False, report=None)
+        live.log_params(run.params())  # (`alexnet report` shows them)
     for record in trainer.history:  # a resumed run's plots start from epoch 1
         _log(live, record)
     # One bar for the run (its time left is the run's), not one an epoch: 90 on ImageNet.

@@ -1,5 +1,6 @@
 """`alexnet report`: one self-contained HTML page of a run -- the evaluation's metrics,
-the training curves, section 6.1's figures and the params -- that opens without network
+the training curves, section 6.1's figures and the params the training run recorded
+(not params.yaml as it is now) -- that opens without network
 access: the figures are PNGs inside the page as data URLs, the curves are drawn here
 with matplotlib from dvclive's files, and there is no script.
 
@@ -23,7 +24,7 @@ from alexnet.errors import AlexnetError, one_line
 from alexnet.eval_files import FOLDER, PER_CLASS, SUMMARY, data_url, worst_first
 from alexnet.figures import FIGURES, png
 from alexnet.train_files import SUMMARY as TRAIN_SUMMARY
-from alexnet.train_files import series_folder
+from alexnet.train_files import params_file, series_folder
 
 # dvclive's per-epoch series (metrics/train/plots/metrics/<name>.tsv), one panel each group
 PANELS = {
@@ -83,7 +84,10 @@ of the validation images.</p>
 </tr>{% endfor %}</table></details>
 {% endif %}
 
-{% if params %}<h2>Params</h2><pre>{{ params }}</pre>{% endif %}
+<h2>Params</h2>
+{% if params %}<p>The training run's, as it recorded them in <code>train/params.yaml</code>.</p>
+<pre>{{ params }}</pre>
+{% else %}<p class="missing">No train/params.yaml yet: the train stage writes it.</p>{% endif %}
 </body></html>
 """,
     autoescape=True,
@@ -112,6 +116,18 @@ def _json(path: Path, needed: Sequence[str] = ()) -> dict | None:
     if odd := [key for key in needed if not _number(content[key])]:
         raise AlexnetError(f"{path}: its {odd[0]} is not a number; run its stage again")
     return content
+
+
+def _text(path: Path) -> str | None:
+    """A text file's content, None where there is none."""
+    if not path.is_file():
+        return None
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise AlexnetError(
+            f"{path}: not readable ({one_line(error)}); run its stage again"
+        ) from None
 
 
 def _number(value: object) -> bool:
@@ -180,7 +196,7 @@ def curves_figure(series: dict[str, tuple[list[int], list[float]]]) -> Figure | 
     return figure
 
 
-def render(metrics: Path, params: Path | None = None) -> str:
+def render(metrics: Path) -> str:
     """The page's HTML for the run whose files are in `metrics`."""
     if metrics.exists() and not metrics.is_dir():
         raise AlexnetError(f"{metrics}: a file, not the stages' metrics folder")
@@ -219,17 +235,17 @@ def render(metrics: Path, params: Path | None = None) -> str:
         curves=data_url(png(curves)) if curves else None,
         figures=figures,
         per_class=per_class,
-        params=params.read_text() if params and params.is_file() else None,
+        params=_text(params_file(metrics)),
     )
 
 
-def write_report(metrics: Path, out: Path, params: Path | None = None) -> Path:
+def write_report(metrics: Path, out: Path) -> Path:
     """Write the page to `out`. A file there is replaced only if it is an HTML page (an
     earlier report), never another (`-o params.yaml`)."""
     file_target(out)
     if out.is_file() and not _is_html(out):
         raise AlexnetError(f"{out}: a file that is not an HTML page; name another, or remove it")
-    write_bytes(out, render(metrics, params).encode())
+    write_bytes(out, render(metrics).encode())
     return out
 
 

@@ -89,6 +89,16 @@ class TrainRun(BaseModel):
     checkpoint: Path
     metrics: Path  # train.json and the dvclive folder train/ go here
 
+    def params(self) -> dict:
+        """The params sections this run was given, as params.yaml writes them (what
+        dvclive records beside the curves)."""
+        return {
+            "train": self.train.model_dump(mode="json"),
+            "model": self.model.model_dump(mode="json"),
+            "prepare": self.image,
+            "compute": {"kernels": self.kernels, "jpeg_decoder": self.jpeg_decoder},
+        }
+
 
 # derived_seed(step's seed, DROPOUT_STREAM, rank): the dropout masks' seed, apart from
 # the augmentation's (the step's seed itself)

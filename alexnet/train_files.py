@@ -3,7 +3,8 @@ them, `alexnet report` reads them back.
 
 - `train.json`: the last epoch's metrics and the number of epochs;
 - `train/`: dvclive's folder, with each metric's per-epoch series in
-  `train/plots/metrics/<metric>.tsv` (dvclive's own layout).
+  `train/plots/metrics/<metric>.tsv` and the run's params in `train/params.yaml`
+  (dvclive's own layout).
 """
 
 from __future__ import annotations
@@ -16,3 +17,9 @@ SUMMARY, LIVE = "train.json", "train"
 def series_folder(metrics: Path) -> Path:
     """Where dvclive writes the per-epoch series of a run whose metrics folder is `metrics`."""
     return metrics / LIVE / "plots" / "metrics"
+
+
+def params_file(metrics: Path) -> Path:
+    """Where dvclive records the params of the run whose metrics folder is `metrics`
+    (`Live.log_params`): the run's own, whatever params.yaml says since."""
+    return metrics / LIVE / "params.yaml"

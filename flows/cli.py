@@ -134,7 +134,8 @@ def param(
 @app.command(
     help="Write one self-contained HTML page of the run: the evaluation, the training "
     "curves, section 6.1's figures (conv1's kernels, top-5 gallery, nearest neighbours) "
-    "and the params. It needs no network to open; send it as one file."
+    "and the params the training run recorded. It needs no network to open; send it as "
+    "one file."
 )
 def report(
     out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write")] = Path(
@@ -143,14 +144,11 @@ def report(
     metrics: Annotated[Path, typer.Option(help="the stages' metrics folder")] = Path(
         STAGES["evaluate"].path("metrics").default
     ),
-    params_path: ParamsOption = None,
 ) -> None:
     from alexnet.report import write_report
 
     with user_errors():
-        # a file named but missing, or not valid, is an error here too
-        load(params_path, say_defaults=False)
-        written = write_report(metrics, out, params_path or Path(DEFAULT_FILE))
+        written = write_report(metrics, out)
     console.print(f"report: {written}", highlight=False)
 
 

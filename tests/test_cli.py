@@ -395,7 +395,7 @@ def test_report_replaces_an_earlier_report_but_no_other_file(tmp_path):
     outputs = {}
     for name, code in (("params.yaml", 1), ("old.html", 0), ("new.html", 0)):
         args = ["report", "-o", str(tmp_path / name), "--metrics", str(tmp_path / "metrics")]
-        result = runner.invoke(app, [*args, "-p", str(tmp_path / "params.yaml")])
+        result = runner.invoke(app, args)
         assert result.exit_code == code, result.output
         outputs[name] = " ".join(result.output.split())
     assert "params.yaml: a file that is not an HTML page; name another" in outputs["params.yaml"]

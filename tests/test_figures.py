@@ -162,6 +162,7 @@ def write_run(folder, figures=True) -> dict[str, bytes]:
     for name, values in {"train_loss": [2.3, 1.1], "val_top1_error": [0.9, 0.5]}.items():
         rows = "".join(f"{step}\t{value}\n" for step, value in enumerate(values))
         (folder / "train" / "plots" / "metrics" / f"{name}.tsv").write_text(f"step\t{name}\n{rows}")
+    (folder / "train" / "params.yaml").write_text("train:\n  lr: 0.125\n")  # dvclive's record
     (folder / "eval" / "per_class.csv").write_text(
         "class,wnid,name,images,top1_error,top5_error\n0,n0,<c0>,8,0.25,0.0\n1,n1,c1,8,0.5,0.1\n"
     )
@@ -187,6 +188,8 @@ def test_the_report_is_one_page_with_everything_inside(tmp_path):
     assert Image.open(io.BytesIO(embedded[0])).width > 400  # the curves, drawn here
     assert not re.search(r"<script|<link|https?://", page)  # opens without a network
     assert "0.2500" in page and "0.0625" in page and "&lt;c0&gt;" in page  # escaped
+    # the params the run recorded, not params.yaml as it is now (edited since, say)
+    assert "lr: 0.125" in page
 
 
 def test_the_report_says_which_stage_writes_what_is_missing(tmp_path):
@@ -194,9 +197,11 @@ def test_the_report_says_which_stage_writes_what_is_missing(tmp_path):
 
     write_run(tmp_path / "metrics", figures=False)
     (tmp_path / "metrics" / "train.json").unlink()
+    (tmp_path / "metrics" / "train" / "params.yaml").unlink()
     page = render(tmp_path / "metrics")
     assert page.count("the evaluate stage writes it") == 3
     assert "No train.json yet: the train stage writes it" in page
+    assert "No train/params.yaml yet: the train stage writes it" in page
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from alexnet.errors import AlexnetError, Interrupted
 from alexnet.jpeg import decode_threads
@@ -30,6 +31,7 @@ from alexnet.train import (
     misfits,
     set_aside_path,
 )
+from alexnet.train_files import params_file
 from tests.helpers import (
     CLASSES,
     DEAD_PID,
@@ -618,6 +620,11 @@ def test_train_flow_writes_model_metrics_plots_and_resumes(
     assert summary["epochs"] == 1
     assert json.loads((tmp_path / "metrics" / "train.json").read_text()) == summary
     assert (tmp_path / "metrics" / "train" / "plots" / "metrics" / "val_top1_error.tsv").exists()
+    # the run's params beside its curves (dvclive's record): what `alexnet report` shows
+    recorded = yaml.safe_load(params_file(tmp_path / "metrics").read_text())
+    assert recorded["train"]["lr"] == 0.01 and recorded["train"]["lighting"] == 0.0
+    assert recorded["model"]["init"] == "caffe" and recorded["prepare"]["size"] == 256
+    assert recorded["compute"] == {"kernels": "fast", "jpeg_decoder": "torchvision"}
     assert torch.load(tmp_path / "models" / "alexnet.pt", weights_only=True)["classes"] == CLASSES
     assert_writes_what_dvc_tracks("train", tmp_path, ("models", "metrics"))
 
