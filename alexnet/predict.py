@@ -13,15 +13,16 @@ from pathlib import Path
 
 import torch
 
+from alexnet.decoder import Isolated
 from alexnet.errors import AlexnetError, one_line
 from alexnet.evaluate import crop_average, crop_log_probabilities
-from alexnet.imageops import BadImage, load_plugins, prepare_image
+from alexnet.imageops import load_plugins
 from alexnet.jpeg import rgb
 from alexnet.modelfile import load_model
 from alexnet.params import DEFAULTS, PREDICT_BATCH
 from alexnet.placement import resolve_devices
-from alexnet.prepare import max_file_bytes, too_large
 from alexnet.sources import display_name
+from alexnet.user_images import prepare_files, prepared_jpeg
 
 
 class PluginError(AlexnetError):
@@ -35,41 +36,14 @@ class Prediction:
     error: str | None = None
 
 
-def read_file(path: Path, max_pixels: int) -> bytes:
-    """The bytes of an image file; `BadImage` for what is not a regular file (a folder, a
-    FIFO that would block) or is larger than any image within `max_pixels` can be (read
-    whole, a video or a disk image could exhaust the memory), `OSError` when it cannot
-    be read."""
-    if path.is_dir():
-        raise BadImage("is a directory")
-    if path.exists() and not path.is_file():
-        raise BadImage("not a regular file")
-    if (size := path.stat().st_size) > (limit := max_file_bytes(max_pixels)):
-        raise BadImage(too_large(size, limit))
-    return path.read_bytes()
-
-
-def why_unusable(path: Path, error: Exception) -> str:
-    """One line for a file that cannot be predicted: its reason, without repeating the
-    path (an `OSError`'s message does), on one line whatever the decoder said."""
-    if isinstance(error, FileNotFoundError):
-        return "broken symbolic link" if path.is_symlink() else "no such file"
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror[:1].lower() + error.strerror[1:]  # "permission denied"
-    text = " ".join(str(error).split())
-    if isinstance(error, BadImage) and text:
-        return text
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 def load_file(path: Path, image_options: dict) -> torch.Tensor:
     """(3, size, size) uint8, exactly as the prepare stage with `image_options` (the
-    model file's `prepare`) stores the file."""
-    path = Path(path)
-    data = read_file(path, image_options.get("max_pixels", DEFAULTS.prepare.max_pixels))
-    prepared = prepare_image(data, path.suffix, **image_options)
-    data = torch.frombuffer(bytearray(prepared.jpeg), dtype=torch.uint8)
-    return rgb(data)
+    model file's `prepare`) stores the file, prepared in this process."""
+    return _decoded(prepared_jpeg(Path(path), image_options))
+
+
+def _decoded(jpeg: bytes) -> torch.Tensor:
+    return rgb(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8))
 
 
 def allow_plugins(model_path: Path, asked: Sequence[str], allowed: Sequence[str]) -> None:
@@ -99,27 +73,47 @@ def predict(
     device: str,
     plugins: Sequence[str] = (),
     batch: int = PREDICT_BATCH,
+    timeout: float = DEFAULTS.prepare.file_timeout,
 ) -> Iterator[Prediction]:
     """One `Prediction` per path, in order, each given as soon as its batch of `batch`
     files is done: its `top` classes, run on `device` (their defaults are the command's,
-    `alexnet predict`); a file that cannot be read or decoded gets its one-line `error`
-    and the others are still predicted. `plugins`: the PIL plugin modules the user allows
-    the model file's preparation to import. The model file is read, and refused, before
-    the first."""
+    `alexnet predict`); a file that cannot be read or decoded, or crashes the decoder,
+    or keeps it longer than `timeout` seconds, gets its one-line `error` and the others
+    are still predicted. `plugins`: the PIL plugin modules the user allows the model
+    file's preparation to import. The model file is read, and refused, before the
+    first."""
     [device] = resolve_devices([device])  # a wrong name: one line, as train and evaluate
     model, payload = load_model(model_path, device)
     allow_plugins(Path(model_path), payload["prepare"].get("plugins") or (), plugins)
     mean = payload["mean"].float().to(device)
-    return _predictions(paths, model, mean, payload, top, batch)
+    # Its own decoder process (started at the first batch, so importing from sys.path as
+    # it is then: a plugin's folder), which ends with the predictions.
+    child = Isolated(timeout)
+    options = {"image_options": payload["prepare"], "plugins": list(plugins)}
+    return _predictions(paths, model, mean, payload["classes"], top, batch, child, options)
 
 
 def _predictions(
-    paths: Sequence[Path], model, mean: torch.Tensor, payload: dict, top: int, batch: int
+    paths: Sequence[Path],
+    model,
+    mean: torch.Tensor,
+    classes: list[dict],
+    top: int,
+    batch: int,
+    child: Isolated,
+    options: dict,
 ) -> Iterator[Prediction]:
-    classes = payload["classes"]
+    try:  # (the child ends too where the caller stops early)
+        yield from _batches(paths, model, mean, classes, top, batch, child, options)
+    finally:
+        child.close()
+
+
+def _batches(paths, model, mean, classes, top, batch, child, options) -> Iterator[Prediction]:
     for start in range(0, len(paths), batch):
         group = paths[start : start + batch]
-        loaded = [_loaded(Path(path), payload["prepare"]) for path in group]
+        prepared = prepare_files(child, group, **options)
+        loaded = [_decoded(p) if isinstance(p, bytes) else p for p in prepared]
         images = [image for image in loaded if isinstance(image, torch.Tensor)]
         if images:
             stacked = torch.stack(images).to(mean.device)
@@ -135,11 +129,3 @@ def _predictions(
                 for v, i in zip(*next(tops), strict=True)
             ]
             yield Prediction(display_name(path), top_classes)
-
-
-def _loaded(path: Path, image_options: dict) -> torch.Tensor | str:
-    """`load_file`, or the one line of why it cannot be (any file, any decoder failure)."""
-    try:
-        return load_file(path, image_options)
-    except Exception as error:
-        return why_unusable(path, error)

@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from alexnet.errors import AlexnetError
-from alexnet.params import DEFAULT_FILE, DEVICE_HINT, PREDICT_BATCH
+from alexnet.params import DEFAULT_FILE, DEFAULTS, DEVICE_HINT, PREDICT_BATCH
 from alexnet.runtime import configure
 from flows.stages import STAGES, ParamsOption, command, console, load, user_errors
 
@@ -59,12 +59,21 @@ def predict(
             "none is imported unless named here), or one more format reader",
         ),
     ] = None,
+    file_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.1,
+            help="seconds a file may keep the image decoder (in a process of its own) "
+            "before it is given up as one that hangs it",
+        ),
+    ] = DEFAULTS.prepare.file_timeout,
 ) -> None:
     from alexnet.predict import predict as run_predict
 
     rows, failed = [], False
+    arguments = (model_path, top, device, plugins or (), batch, file_timeout)
     with user_errors():  # each printed as it comes (the JSON whole, at the end)
-        for result in run_predict(images, model_path, top, device, plugins or (), batch):
+        for result in run_predict(images, *arguments):
             failed |= bool(result.error)
             if result.error:
                 line = f"error: {result.path}: {result.error}"

@@ -158,10 +158,11 @@ def test_prepare_over_the_corpus(run, prefect_server):
 
 
 def test_predict_reads_every_corpus_file_or_gives_one_line(tmp_path):
-    # `alexnet predict` prepares a file in its own process, as prepare does in the
-    # decoder's: each file gives the model's input or one line saying why not.
+    # `alexnet predict` prepares a file as prepare does (in a decoder's process of its
+    # own; here in this one): each file gives the model's input or one line why not.
     from alexnet.params import PrepareParams
-    from alexnet.predict import load_file, why_unusable
+    from alexnet.predict import load_file
+    from alexnet.user_images import why_unusable
 
     kinds = write_corpus(tmp_path / "raw")
     options = PrepareParams().image_options()

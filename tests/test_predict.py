@@ -27,6 +27,7 @@ from alexnet.reader import LmdbSplit
 from alexnet.sources import display_name
 from alexnet.train import Trainer
 from flows.cli import app
+from tests.decoder_plugin import CRASH, HANG
 from tests.helpers import CLASSES, encode, jpeg, photo, train_run
 
 # Not the defaults: predict must take them from the model file.
@@ -103,18 +104,28 @@ def test_predict_refuses_a_model_file_of_another_version(tmp_path):
         predict([tmp_path / "any.jpg"], path, 5, "cpu")
 
 
-def bad_and_good_files(folder: Path, monkeypatch) -> tuple[list[Path], dict[str, str | None]]:
+# Allowed with --plugin: a format whose files crash or hang their decoder, as a hostile or
+# damaged file can in C code (the decoder's process is killed, not predict's)
+MISBEHAVING = "tests.decoder_plugin"
+TIMEOUT = 2  # s a file may keep the decoder (--file-timeout)
+
+
+def bad_and_good_files(
+    folder: Path, hang: bool = False
+) -> tuple[list[Path], dict[str, str | None]]:
     """Image paths, good and bad, and the error each must get (None: predicted; "" for a
-    reason the decoder gives, whatever its words)."""
+    reason the decoder gives, whatever its words); with a file that hangs the decoder
+    (`TIMEOUT` twice) where `hang`."""
     files = {
         "good.jpg": jpeg(300, 260, seed=1),
         "text.jpg": b"this is not an image\n",
         "cut.jpg": jpeg(300, 260, seed=2)[:700],
         "empty.jpg": b"",
-        "locked.jpg": jpeg(64, 64),
-        "odd.jpg": jpeg(64, 64),
+        "crash.jpg": CRASH + b"...",
         "good.png": encode(photo(200, 240, seed=3), "PNG"),
     }
+    if hang:
+        files["hang.jpg"] = HANG + b"..."
     for name, data in files.items():
         (folder / name).write_bytes(data)
     (folder / "folder.jpg").mkdir()
@@ -130,8 +141,8 @@ def bad_and_good_files(folder: Path, monkeypatch) -> tuple[list[Path], dict[str,
         "text.jpg": "",
         "cut.jpg": "",
         "empty.jpg": "",
-        "locked.jpg": "permission denied",
-        "odd.jpg": "SyntaxError: broken chunk at 12",
+        "crash.jpg": "decoder crashed (SIGSEGV)",
+        **({"hang.jpg": f"timed out after {TIMEOUT} s"} if hang else {}),
         "folder.jpg": "is a directory",
         "missing.jpg": "no such file",
         "dangling.jpg": "broken symbolic link",
@@ -139,34 +150,14 @@ def bad_and_good_files(folder: Path, monkeypatch) -> tuple[list[Path], dict[str,
         "huge.jpg": too_large(limit + 1, limit),
         "caf\udce9.jpg": None,
     }
-    # As root, a chmod 000 file stays readable: the refusal is made up where it happens.
-    read_bytes = Path.read_bytes
-
-    def refusing(path: Path) -> bytes:
-        if path.name == "locked.jpg":
-            raise PermissionError(13, "Permission denied", str(path))
-        return read_bytes(path)
-
-    monkeypatch.setattr(Path, "read_bytes", refusing)
-    # A decoder may raise any type (Pillow raises SyntaxError from some plugins).
-    import alexnet.predict
-
-    prepare = alexnet.predict.prepare_image
-
-    def decoder_bug(data: bytes, suffix: str, **options):
-        if data == files["odd.jpg"]:
-            raise SyntaxError("broken chunk\nat 12")
-        return prepare(data, suffix, **options)
-
-    monkeypatch.setattr(alexnet.predict, "prepare_image", decoder_bug)
     return [folder / name for name in expected], expected
 
 
-def test_each_bad_file_gets_one_error_line_and_the_others_are_predicted(
-    model_file, tmp_path, monkeypatch
-):
-    paths, expected = bad_and_good_files(tmp_path, monkeypatch)
+def test_each_bad_file_gets_one_error_line_and_the_others_are_predicted(model_file, tmp_path):
+    # a file that crashed or hung the decoder took the command, and every result before it
+    paths, expected = bad_and_good_files(tmp_path, hang=True)
     command = ["predict", *map(str, paths), "--model", str(model_file), "--top", "2", "--json"]
+    command += ["--plugin", MISBEHAVING, "--file-timeout", str(TIMEOUT)]
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 1
     rows = json.loads(result.stdout)
@@ -182,6 +173,40 @@ def test_each_bad_file_gets_one_error_line_and_the_others_are_predicted(
     assert next(lines, None) is None
 
 
+def test_a_refused_read_or_a_decoders_own_exception_is_the_files_one_line(tmp_path, monkeypatch):
+    # What the decoder's process answers for each file (here in this process, to make
+    # a refusal up: as root, a chmod 000 file stays readable).
+    import alexnet.user_images
+
+    (tmp_path / "locked.jpg").write_bytes(jpeg(64, 64))
+    (tmp_path / "odd.jpg").write_bytes(odd := jpeg(64, 64, seed=5))
+    read_bytes, prepare = Path.read_bytes, alexnet.user_images.prepare_image
+
+    def refusing(path: Path) -> bytes:
+        if path.name == "locked.jpg":
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    def decoder_bug(data: bytes, suffix: str, **options):  # Pillow raises SyntaxError too
+        if data == odd:
+            raise SyntaxError("broken chunk\nat 12")
+        return prepare(data, suffix, **options)
+
+    monkeypatch.setattr(Path, "read_bytes", refusing)
+    monkeypatch.setattr(alexnet.user_images, "prepare_image", decoder_bug)
+    request = {
+        "paths": [str(tmp_path / name) for name in ("locked.jpg", "odd.jpg", "skipped.jpg")],
+        "options": IMAGE,
+        "plugins": [],
+    }
+    answers = alexnet.user_images.in_child(request, {2: "timed out after 2 s"}, lambda i: None)
+    assert answers == [
+        {"error": "permission denied"},
+        {"error": "SyntaxError: broken chunk at 12"},
+        {"error": "timed out after 2 s"},
+    ]
+
+
 def test_predictions_in_batches_are_each_files_own_and_come_batch_by_batch(
     model_file, tmp_path, monkeypatch
 ):
@@ -190,17 +215,19 @@ def test_predictions_in_batches_are_each_files_own_and_come_batch_by_batch(
     # next batch is read (the command prints them as they come).
     import alexnet.predict
 
-    paths, expected = bad_and_good_files(tmp_path, monkeypatch)
-    alone = list(predict(paths, model_file, 3, "cpu", batch=1))
-    loads, load = [], alexnet.predict.load_file
-    monkeypatch.setattr(alexnet.predict, "load_file", lambda *a: loads.append(a) or load(*a))
-    together = predict(paths, model_file, 3, "cpu", batch=4)
+    paths, expected = bad_and_good_files(tmp_path)
+    alone = list(predict(paths, model_file, 3, "cpu", [MISBEHAVING], batch=1))
+    loads, load = [], alexnet.predict.prepare_files
+    monkeypatch.setattr(
+        alexnet.predict, "prepare_files", lambda c, p, **o: loads.append(len(p)) or load(c, p, **o)
+    )
+    together = predict(paths, model_file, 3, "cpu", [MISBEHAVING], batch=4)
     first = [next(together) for _ in range(4)]
-    assert len(loads) == 4  # the first batch only, read
+    assert loads == [4]  # the first batch only, read
     together = first + list(together)
     assert [r.path for r in together] == [r.path for r in alone]
     assert [r.error for r in together] == [r.error for r in alone]
-    assert sum(r.error is None for r in together) == 3  # of 4 batches, good files in 2
+    assert sum(r.error is None for r in together) == 3  # of 3 batches, good files in 2
     for one, other in zip(alone, together, strict=True):
         assert [c["index"] for c in one.top] == [c["index"] for c in other.top], one.path
         for a, b in zip(one.top, other.top, strict=True):
