@@ -152,6 +152,38 @@ def test_no_import_cycles_in_the_project():
         visit(name, ())
 
 
+def test_every_stage_but_prepare_can_be_restored_from_the_run_cache():
+    # DVC saves no run-cache entry for a stage with an out kept out of its cache
+    # (`cache: false`) unless that out is a metric or a plot (dvc/stage/__init__.py,
+    # `Stage.run`): train and evaluate ran again in every clone and on every worker.
+    # prepare's out is `persist`: never run-cached (`dvc.stage.cache._can_hash`).
+    from dvc.repo import Repo
+    from dvc.stage.cache import _can_hash
+
+    with Repo(str(REPO)) as repo:
+        stages = list(repo.index.stages)
+    cached = [
+        stage.name
+        for stage in stages
+        if _can_hash(stage)
+        and all(out.use_cache or out.is_metric or out.is_plot for out in stage.outs)
+    ]
+    assert cached == [stage for stage in CHAIN if stage != "prepare"]
+
+
+def test_a_killed_cluster_checks_marker_is_no_part_of_an_output(tmp_path):
+    # a SIGKILL during the check leaves it in data/prepared until the next check
+    from dvc.repo import Repo
+
+    from alexnet.atomic import temporary_name
+    from alexnet.cluster import MARKER
+
+    leftover = temporary_name(REPO / "data" / "prepared" / MARKER)
+    with Repo(str(REPO)) as repo:
+        assert repo.dvcignore.is_ignored_file(str(leftover))
+        assert not repo.dvcignore.is_ignored_file(str(leftover.with_name("shard-00000.tar")))
+
+
 def test_the_split_names_are_written_once():
     # alexnet.shards.SPLITS; flows/train.py and flows/pack.py had their own copies.
     written = []
