@@ -19,6 +19,7 @@ from prefect.schedules import Cron
 from prefect.utilities.templating import apply_values
 from pydantic import ValidationError
 
+from alexnet.errors import AlexnetError
 from alexnet.params import Params, ParamsError, param_text
 
 SPEC = "prefect.yaml"
@@ -81,6 +82,30 @@ def deployments(repo: Path, params: Params) -> list:
     return made
 
 
+def check_no_pool_deployments(served: list) -> None:
+    """Refuse, in one line, to take over a deployment of the same name that `prefect
+    deploy` made for a work pool on this server: serving replaced it (no pull steps, this
+    repository's path), and its workers' runs then failed until it was deployed again."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        for deployment in served:
+            try:
+                existing = client.read_deployment_by_name(deployment.full_name)
+            except ObjectNotFound:
+                continue
+            if existing.work_pool_name:
+                raise AlexnetError(
+                    f"deployment {deployment.full_name} is work pool "
+                    f"{existing.work_pool_name}'s on this Prefect server (`prefect deploy`), "
+                    "and serving would replace it: serve on a server of its own, or delete "
+                    f"it (`prefect deployment delete {deployment.full_name}`)"
+                )
+
+
 def serve_all(repo: Path, params: Params) -> None:
     """Register the deployments and run their flow runs until interrupted (Ctrl-C)."""
-    serve(*deployments(repo, params))
+    served = deployments(repo, params)
+    check_no_pool_deployments(served)
+    serve(*served)

@@ -72,3 +72,33 @@ def test_serve_reads_a_build_steps_value_as_alexnet_param_prints_it(tmp_path):
         command = [sys.executable, "-m", "flows.cli", "param", key, "-p", "params.yaml"]
         printed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
         assert param_outputs(steps, params) == {"value": {"stdout": printed.stdout.strip()}}, key
+
+
+def test_serve_refuses_to_take_over_a_work_pools_deployment(prefect_server):
+    # Served under prefect.yaml's names, it replaced the work pools' deployments of the
+    # same names (no pull steps, this repository's path): their workers' runs failed.
+    import uuid
+    from types import SimpleNamespace
+
+    import pytest
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from alexnet.errors import AlexnetError
+    from flows.serve import check_no_pool_deployments
+
+    name, pool = f"train-{uuid.uuid4().hex[:8]}", f"pool-{uuid.uuid4().hex[:8]}"
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        flow_id = client.create_flow_from_name("stage")
+        client.create_deployment(flow_id=flow_id, name=name, work_pool_name=pool)
+        client.create_deployment(flow_id=flow_id, name=f"{name}-served")  # serve's own
+    check_no_pool_deployments([SimpleNamespace(full_name=f"stage/{name}-served")])
+    check_no_pool_deployments([SimpleNamespace(full_name=f"stage/{name}-none")])
+    with pytest.raises(AlexnetError) as refused:
+        check_no_pool_deployments([SimpleNamespace(full_name=f"stage/{name}")])
+    assert str(refused.value) == (
+        f"deployment stage/{name} is work pool {pool}'s on this Prefect server (`prefect "
+        "deploy`), and serving would replace it: serve on a server of its own, or delete it "
+        f"(`prefect deployment delete stage/{name}`)"
+    )
