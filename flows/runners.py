@@ -149,6 +149,21 @@ def check_scheduler(scheduler: str | None, timeout: float = 10.0) -> None:
         ) from None
 
 
+def check_lasting_api(scheduler: str | None, configured_api: str | None) -> None:
+    """Fail in one line when a running cluster would report to a temporary Prefect
+    server: a worker keeps the API it first reported to (Prefect's events client, made
+    once a process), so the next stage's task runs went to a server stopped with the
+    stage before, and none was recorded."""
+    if scheduler in (None, "local") or configured_api:
+        return
+    raise AlexnetError(
+        f"compute.scheduler: the Dask cluster at {scheduler} outlives this stage, its "
+        "temporary Prefect server does not (a worker keeps reporting to the first it "
+        "reached): start a server the workers reach (`prefect server start --host "
+        "0.0.0.0`) and set PREFECT_API_URL to its address"
+    )
+
+
 def local_cluster(**kwargs) -> LocalCluster:
     """A LocalCluster that leaves this process's environment as it found it.
 

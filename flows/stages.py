@@ -350,7 +350,9 @@ def run_stage(stage: Stage, paths: dict[str, str], params: Params, flow: Callabl
     """Run the stage's flow (a data stage's on the task runner the params choose)
     against one Prefect API for the whole run (flows/server.py); returns its result. When a pipeline
     run planned this stage's flow run (its id in PLANNED_RUN), that run is the one run."""
-    from flows.runners import check_scheduler, task_runner
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.runners import check_lasting_api, check_scheduler, task_runner
     from flows.server import prefect_api
 
     flow = flow or stage.flow()
@@ -365,6 +367,7 @@ def run_stage(stage: Stage, paths: dict[str, str], params: Params, flow: Callabl
     scheduler = params.compute.scheduler
     if stage.parallel:
         check_scheduler(scheduler)
+        check_lasting_api(scheduler, PREFECT_API_URL.value())
     arguments = {**absolute, **{name: getattr(params, name) for name in stage.sections}}
     planned = os.environ.pop(PLANNED_RUN, None)  # not for this process's children
     refuse = refusal(flow)

@@ -214,3 +214,24 @@ def test_workers_that_cannot_reach_the_prefect_api_are_refused(cluster, tmp_path
     with pytest.raises(AlexnetError, match=rf"^{ADDRESS} cannot reach the Prefect API at "):
         check_cluster(cluster, check, url)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_running_cluster_with_a_temporary_prefect_server_is_refused(raw, tmp_path, monkeypatch):
+    # A worker keeps the Prefect API it first reported to: the next stage on the same
+    # cluster reported its task runs to the last stage's stopped temporary server (0
+    # recorded). Refused before a server starts; a cluster of the stage's own is fine.
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.runners import check_lasting_api
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    paths = {"raw": str(raw), "out": str(tmp_path / "prepared")}
+    address = "tcp://127.0.0.1:8786"
+    monkeypatch.setattr("flows.runners.check_scheduler", lambda scheduler: None)  # none there
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        with pytest.raises(AlexnetError, match=r"^compute\.scheduler: the Dask cluster at "):
+            run_stage(STAGES["prepare"], paths, on_cluster(address), flow=NEVER_STARTED)
+    assert list(tmp_path.iterdir()) == []
+    for scheduler in (None, "local"):
+        check_lasting_api(scheduler, None)
+    check_lasting_api(address, "http://10.0.0.1:4200/api")
