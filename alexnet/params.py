@@ -382,10 +382,10 @@ class TrainParams(_Section):
     def _rendezvous_reachable(self) -> TrainParams:
         # On several nodes a loopback endpoint is each node's own: every node would wait
         # for peers that never come, until torchrun's join timeout.
-        if self.nnodes > 1 and _loopback(_rendezvous_host(self.rdzv_endpoint)):
+        if self.nnodes > 1 and (kind := _no_node(_rendezvous_host(self.rdzv_endpoint))):
             raise ValueError(
                 f"nnodes ({self.nnodes}) needs an rdzv_endpoint every node reaches, not "
-                f"the loopback {self.rdzv_endpoint!r}"
+                f"{kind} {self.rdzv_endpoint!r}"
             )
         return self
 
@@ -402,13 +402,21 @@ def _rendezvous_host(endpoint: str) -> str:
     return host
 
 
-def _loopback(host: str) -> bool:
-    """localhost, 127.x.x.x or ::1, by the name alone (resolving it here would make
-    loading params wait on DNS; the machine's own name passes, as it may be the host)."""
+def _no_node(host: str) -> str | None:
+    """What `host` is where no other node reaches it by that name: "the loopback"
+    (localhost, 127.x.x.x, ::1: each node's own) or "the unspecified address" (0.0.0.0,
+    ::: a listener's "any address", no host's; torch waited, then printed pages of C++
+    frames). By the name alone (resolving it here would make loading params wait on
+    DNS; the machine's own name passes, as it may be the host)."""
+    if host.lower() == "localhost":
+        return "the loopback"
     try:
-        return host.lower() == "localhost" or ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:  # a host name
-        return False
+        return None
+    if address.is_loopback:
+        return "the loopback"
+    return "the unspecified address" if address.is_unspecified else None
 
 
 class EvaluateParams(_Section):

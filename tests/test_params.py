@@ -158,7 +158,15 @@ def test_values_that_fail_only_later_are_refused_when_loaded():
 def test_several_nodes_meeting_at_a_loopback_endpoint_are_refused_naming_both_keys():
     # Each node's loopback is its own: the nodes would wait for each other until
     # torchrun's join timeout.
-    for endpoint in ("localhost:29400", "127.0.1.1:29400", "[::1]:29400", "LOCALHOST"):
+    # 0.0.0.0 (a listener's any address, no host's): torch waited, then printed C++ frames
+    unspecified = ("0.0.0.0:29400", "[::]:29400")
+    for endpoint in (
+        "localhost:29400",
+        "127.0.1.1:29400",
+        "[::1]:29400",
+        "LOCALHOST",
+        *unspecified,
+    ):
         refused = (
             rf"^params: train: nnodes \(2\) needs an rdzv_endpoint .* '{re.escape(endpoint)}'$"
         )
