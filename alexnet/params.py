@@ -468,7 +468,7 @@ class ComputeParams(_Section):
         0,
         ge=0,
         description="parallel workers: the process pool's size (0 = one per CPU core), or "
-        "on a Dask cluster its worker count",
+        "on a Dask cluster its worker count (0 = a running cluster's own, its threads)",
     )
     scheduler: str | None = Field(
         None,

@@ -15,17 +15,18 @@ if TYPE_CHECKING:
     from distributed import Client
 
 
-def check_cluster(address: str, check: WorkerCheck, api_url: str, timeout: float = 30.0) -> None:
+def check_cluster(address: str, check: WorkerCheck, api_url: str, timeout: float = 30.0) -> int:
     """Reach the scheduler at `address` and check every worker (`check_workers`,
     `check_reach`), before the stage's flow starts: a refusal leaves no flow run behind,
     Running for ever on a Prefect server (it did when the task runner checked as it was
-    entered)."""
+    entered). Returns how many tasks the cluster runs at once (its workers' threads)."""
     from distributed import Client
 
     with Client(address, timeout=timeout, set_as_default=False) as client:
         wait_for_a_worker(client, address)
         check_workers(client, check)
         check_reach(client, api_url)
+        return sum(client.nthreads().values())
 
 
 WORKER_WAIT_S = 60.0  # for the first worker of a cluster started with the stage

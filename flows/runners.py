@@ -39,8 +39,9 @@ LOCAL_CLUSTER = {
 
 
 def parallelism(workers: int) -> int:
-    """How many tasks run at once for params `compute.workers` (0: one per CPU core; on
-    a running Dask cluster, set it to the cluster's worker count)."""
+    """How many tasks run at once for params `compute.workers` (0: one per CPU core; a
+    stage on a running Dask cluster is given the cluster's threads in its place,
+    `flows.stages.run_stage`)."""
     return workers or runtime.cores()
 
 

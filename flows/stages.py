@@ -377,7 +377,11 @@ def run_stage(stage: Stage, paths: dict[str, str], params: Params, flow: Callabl
     note_interrupts()
     with prefect_api() as api_url:
         if stage.parallel:  # train and evaluate map no tasks: no pool, no cluster to reach
-            check_running_cluster(stage, absolute, roles, scheduler, api_url)
+            threads = check_running_cluster(stage, absolute, roles, scheduler, api_url)
+            if threads and not params.compute.workers and "compute" in arguments:
+                # 0 workers: the cluster's own count (prepare keeps 4 shards a worker in
+                # flight: this machine's core count left a cluster of 32 mostly idle)
+                arguments["compute"] = params.compute.model_copy(update={"workers": threads})
             flow = flow.with_options(task_runner=task_runner(scheduler, params.compute.workers))
         if not planned:
             return flow(**arguments)
@@ -402,13 +406,13 @@ def check_running_cluster(
     roles: dict[str, bool],
     scheduler: str | None,
     api_url: str,
-) -> None:
+) -> int | None:
     """On a running cluster (not a pool, not a LocalCluster of this process): do its
     workers see the stage's `absolute` paths (outputs where `roles` is true), run this
     code, reach this Prefect API? Before the flow is given its runner: a refusal leaves
-    no flow run behind."""
+    no flow run behind. Returns the cluster's threads (None: no running cluster)."""
     if scheduler in (None, "local"):
-        return
+        return None
     from flows.cluster import check_cluster
 
     check = WorkerCheck(
@@ -416,7 +420,7 @@ def check_running_cluster(
         outputs=tuple(path for name, path in absolute.items() if roles[name]),
         inputs=tuple(path for name, path in absolute.items() if not roles[name]),
     )
-    check_cluster(scheduler, check, api_url)
+    return check_cluster(scheduler, check, api_url)
 
 
 def command(stage: Stage, flow: Callable | None = None) -> Callable[..., None]:

@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+from prefect import flow
 
 import alexnet.cluster
 from alexnet.cluster import WorkerCheck
@@ -235,3 +236,18 @@ def test_a_running_cluster_with_a_temporary_prefect_server_is_refused(raw, tmp_p
     for scheduler in (None, "local"):
         check_lasting_api(scheduler, None)
     check_lasting_api(address, "http://10.0.0.1:4200/api")
+
+
+@flow
+def workers_given(raw: str, out: str, prepare: PrepareParams, compute: ComputeParams) -> int:
+    return compute.workers
+
+
+def test_no_worker_count_on_a_running_cluster_is_the_clusters_threads(raw, cluster, tmp_path):
+    # 0 workers was this machine's core count: prepare kept 4 shards a core in flight, and
+    # a cluster of 32 workers sat mostly idle
+    paths = {"raw": str(raw), "out": str(tmp_path / "prepared")}
+    params = with_compute(Params(prepare=SHARDS), scheduler=cluster, workers=0)
+    assert run_stage(STAGES["prepare"], paths, params, flow=workers_given) == 2  # 2 x 1 thread
+    given = with_compute(params, workers=5)
+    assert run_stage(STAGES["prepare"], paths, given, flow=workers_given) == 5  # as given
