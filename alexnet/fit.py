@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from rich.progress import Progress
@@ -24,7 +24,7 @@ from alexnet.distributed import World
 from alexnet.errors import Interrupted, is_user_error, user_line
 from alexnet.orphans import die_with_parent
 from alexnet.runtime import configure
-from alexnet.train import EveryRankError, Trainer, TrainRun
+from alexnet.train import EveryRankError, Trainer, TrainRun, sole_writer
 from alexnet.train_files import LIVE, SUMMARY
 
 METRICS = (
@@ -73,7 +73,8 @@ def fit(run: TrainRun, world: World = World(), log: Callable[[str], None] = prin
     )
     torch.use_deterministic_algorithms(run.train.deterministic, warn_only=True)
     try:
-        return _fit(run, world, log)
+        with sole_writer(run.checkpoint) if world.main else nullcontext():  # rank 0 writes
+            return _fit(run, world, log)
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 

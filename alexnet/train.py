@@ -23,12 +23,14 @@ because the code changed, and the model must then be the new code's.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -257,6 +259,25 @@ def check_outputs(model_path: Path, checkpoint: Path, metrics: Path) -> None:
         raise TrainError(
             f"{model_path}: named as both the model file and the checkpoint; name two files"
         )
+
+
+@contextmanager
+def sole_writer(checkpoint: Path) -> Iterator[None]:
+    """Hold `checkpoint`'s lock (`NAME.lock` beside it) while inside: a second training
+    given the same file (at another terminal; another repository's run on a worker whose
+    ALEXNET_CHECKPOINT names it) would set this one's aside, or be set aside, at every
+    save. It is refused in one line instead. (flock: on NFS, a lock every node sees.)"""
+    lock = checkpoint.with_name(f"{checkpoint.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TrainError(
+                f"{checkpoint}: another training is using this checkpoint now ({lock} is "
+                "locked); wait for it to end, or give this one another --checkpoint"
+            ) from None
+        yield  # (closing the file lets go of the lock, however the run ends)
 
 
 class Trainer:

@@ -699,6 +699,23 @@ def test_a_run_has_one_progress_bar_from_where_it_resumes(data, tmp_path, monkey
     assert {task for task, _ in bar.updates} == {0}
 
 
+def test_a_second_training_on_the_same_checkpoint_is_refused(data, tmp_path):
+    # Two trainings given one checkpoint (another repository's run on a worker whose
+    # ALEXNET_CHECKPOINT names it) set each other's aside at every save.
+    from alexnet.distributed import World
+    from alexnet.fit import fit
+    from alexnet.train import sole_writer
+
+    run = train_run(data, tmp_path, epochs=1, **ONE_STEP)
+    with sole_writer(run.checkpoint):  # the other training's, running
+        with pytest.raises(TrainError, match=r"ckpt.pt: another training is using this"):
+            fit(run, World(), log=lambda line: None)
+    assert not run.checkpoint.exists() and not run.model_path.exists()  # nothing done
+    assert fit(run, World(), log=lambda line: None)  # once it has ended
+    with sole_writer(run.checkpoint):  # and let go of by a training that ended
+        pass
+
+
 def test_bf16_autocast_and_channels_last_steps_on_cpu(data, tmp_path):
     plain = trainer(data, tmp_path / "plain", epochs=1)
     t = trainer(data, tmp_path / "fast", epochs=1, amp=True, channels_last=True)
