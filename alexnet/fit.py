@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from rich.progress import Progress
@@ -73,7 +74,7 @@ def fit(run: TrainRun, world: World = World(), log: Callable[[str], None] = prin
     )
     torch.use_deterministic_algorithms(run.train.deterministic, warn_only=True)
     try:
-        with sole_writer(run.checkpoint) if world.main else nullcontext():  # rank 0 writes
+        with sole_writer(run.checkpoint, world):
             return _fit(run, world, log)
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
@@ -135,6 +136,10 @@ def follow_launcher() -> bool:
     return die_with_parent(signal.SIGTERM, os.getppid())
 
 
+# How long a rank that leaves an error to its node's first rank waits before it ends
+QUIET_RANK_WAIT_S = 2.0
+
+
 def main(argv: list[str]) -> int:
     """One torchrun process: join the group, then `fit`."""
     if not follow_launcher():
@@ -158,6 +163,9 @@ def main(argv: list[str]) -> int:
         who = f"rank {rank}: "
         if isinstance(error, EveryRankError):  # each node's console, once
             if os.environ.get("LOCAL_RANK", "0") != "0":
+                # (torchrun stops the others when one ends: the node's first rank, which
+                # says it, must not be stopped before it has)
+                time.sleep(QUIET_RANK_WAIT_S)
                 return 1
             who = ""
         print(f"error: {who}{user_line(error)}", file=sys.stderr, flush=True)

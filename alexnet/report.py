@@ -87,7 +87,8 @@ of the validation images.</p>
 <h2>Params</h2>
 {% if params %}<p>The training run's, as it recorded them in <code>train/params.yaml</code>.</p>
 <pre>{{ params }}</pre>
-{% else %}<p class="missing">No train/params.yaml yet: the train stage writes it.</p>{% endif %}
+{% else %}<p class="missing">No train/params.yaml here: the train stage writes it (in a clone,
+<code>dvc pull</code> brings a run's).</p>{% endif %}
 </body></html>
 """,
     autoescape=True,

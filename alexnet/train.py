@@ -30,7 +30,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -262,22 +262,28 @@ def check_outputs(model_path: Path, checkpoint: Path, metrics: Path) -> None:
 
 
 @contextmanager
-def sole_writer(checkpoint: Path) -> Iterator[None]:
-    """Hold `checkpoint`'s lock (`NAME.lock` beside it) while inside: a second training
-    given the same file (at another terminal; another repository's run on a worker whose
-    ALEXNET_CHECKPOINT names it) would set this one's aside, or be set aside, at every
-    save. It is refused in one line instead. (flock: on NFS, a lock every node sees.)"""
+def sole_writer(checkpoint: Path, world: World = World()) -> Iterator[None]:
+    """Hold `checkpoint`'s lock (`NAME.lock` beside it; rank 0, which writes it) while
+    inside: a second training given the same file (at another terminal; another
+    repository's run on a worker whose ALEXNET_CHECKPOINT names it) would set this one's
+    aside, or be set aside, at every save. It is refused in one line instead, by every
+    rank alike (a sum: the others would wait for rank 0 in their first collective).
+    (flock: on NFS, a lock every node sees.)"""
     lock = checkpoint.with_name(f"{checkpoint.name}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as held:
-        try:
-            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise TrainError(
+    with ExitStack() as held:  # (closing the file lets go of the lock, however it ends)
+        taken = True
+        if world.main:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fcntl.flock(held.enter_context(open(lock, "a")), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                taken = False
+        if world.sum([float(not taken)])[0]:
+            raise EveryRankError(
                 f"{checkpoint}: another training is using this checkpoint now ({lock} is "
                 "locked); wait for it to end, or give this one another --checkpoint"
-            ) from None
-        yield  # (closing the file lets go of the lock, however the run ends)
+            )
+        yield
 
 
 class Trainer:
@@ -400,10 +406,11 @@ class Trainer:
             "stats/mean": run.stats / MEAN_FILE,
             "stats/pca": run.stats / PCA_FILE,  # the lighting's eigenvectors
         }
+        given = run.params()
         return {
             "train": run.train.model_dump(mode="json", exclude=TrainParams.EXECUTION_KEYS | BUDGET),
-            "model": run.model.model_dump(mode="json"),
-            "compute": {"kernels": run.kernels, "jpeg_decoder": run.jpeg_decoder},
+            "model": given["model"],
+            "compute": given["compute"],
             "data": {name: file_digest(path, memo) for name, path in data.items()},
         }
 

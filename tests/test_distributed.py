@@ -64,6 +64,27 @@ def test_two_gloo_processes_train_the_weights_of_one(data, tmp_path):
     assert (run.metrics / "train.json").exists()
 
 
+@pytest.mark.long
+def test_a_checkpoint_in_use_stops_every_rank_in_one_line(data, tmp_path):
+    # rank 0 alone takes the checkpoint's lock: refused, it ended, and the other ranks
+    # waited for it in their first collective
+    from alexnet.train import sole_writer
+
+    run = two_epochs(data, tmp_path, nproc_per_node=2)
+    command = torchrun_command(run.train, run.model_dump_json())
+    with sole_writer(run.checkpoint):  # another training's, running
+        started = time.monotonic()
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 1 and time.monotonic() - started < 60
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: {run.checkpoint}: another training is using this checkpoint now "
+        f"({run.checkpoint}.lock is locked); wait for it to end, or give this one another "
+        "--checkpoint"
+    ], done.stderr[-2000:]
+    assert not run.checkpoint.exists()
+
+
 def test_one_process_world_is_inert():
     world = World.from_env(["cpu"])
     assert (world.rank, world.size, world.main) == (0, 1, True)

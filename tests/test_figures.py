@@ -201,7 +201,7 @@ def test_the_report_says_which_stage_writes_what_is_missing(tmp_path):
     page = render(tmp_path / "metrics")
     assert page.count("the evaluate stage writes it") == 3
     assert "No train.json yet: the train stage writes it" in page
-    assert "No train/params.yaml yet: the train stage writes it" in page
+    assert "No train/params.yaml here: the train stage writes it" in page
 
 
 @pytest.mark.parametrize(
