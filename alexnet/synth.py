@@ -290,13 +290,17 @@ def plan_jobs(
 def run_job(
     job: Job, root: Path, seed: int, min_side: int, max_side: int, quality: int, clutter: int
 ) -> int:
-    """Draw and write the job's images; returns how many files it wrote."""
+    """Draw and write the job's images into the folder `root` the stage made; returns
+    how many files it wrote."""
     images = job.images()
     classes = synth_classes(images[-1][0] + 1) if images else []
     for label, number in images:
         wnid = classes[label].wnid
         folder = Path(root) / job.split / wnid
-        folder.mkdir(parents=True, exist_ok=True)
+        # Not `root` itself (FileNotFoundError where it is gone): a task that starts after
+        # a stopped stage removed its temporary folder would make it again, left behind.
+        folder.parent.mkdir(exist_ok=True)
+        folder.mkdir(exist_ok=True)
         image = render(
             label, image_rng(seed, job.split, label, number), min_side, max_side, clutter
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from alexnet.imageops import BadImage, prepare_image
@@ -65,6 +66,16 @@ def test_colour_alone_does_not_tell_the_class():
     assert within > between
 
 
+def test_a_task_that_starts_after_its_stage_stopped_writes_nothing(tmp_path):
+    # A Ctrl-C while the pool's workers still imported: the stage removed its temporary
+    # folder, then a task handed out before the stop made it again, and left it.
+    (job,) = plan_jobs(classes=1, train_per_class=1, val_per_class=0, chunk=1)
+    gone = tmp_path / ".raw.tmp-host-1"
+    with pytest.raises(FileNotFoundError):
+        run_job(job, gone, seed=0, min_side=160, max_side=200, quality=90, clutter=2)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_layout_mapping_and_oddities(tmp_path):
     for job in plan_jobs(classes=3, train_per_class=2, val_per_class=1, chunk=2):
         run_job(job, tmp_path, seed=0, min_side=160, max_side=300, quality=90, clutter=8)
@@ -110,6 +121,7 @@ def test_jobs_cover_every_image_once():
 def test_files_do_not_depend_on_how_the_work_is_cut(tmp_path):
     def draw(chunk: int) -> dict[str, bytes]:
         root = tmp_path / str(chunk)
+        root.mkdir(exist_ok=True)  # (the stage's temporary folder)
         for job in plan_jobs(classes=3, train_per_class=2, val_per_class=1, chunk=chunk):
             run_job(job, root, seed=3, min_side=160, max_side=200, quality=90, clutter=2)
         return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*.JPEG")}
