@@ -142,6 +142,8 @@ def launch(argv: Sequence[str]) -> int:
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import parse_args, run
 
+    if os.environ.pop("ALEXNET_QUIET_AGENT", None):  # its level was read as torch loaded
+        os.environ.pop("TORCH_CPP_LOG_LEVEL", None)  # (flows.train.QUIET_AGENT): workers'
     args = parse_args(list(argv))
     try:
         run(args)
@@ -169,7 +171,12 @@ def rendezvous_problem(error: Exception, endpoint: str, nodes: str) -> str:
             f"the rendezvous at {endpoint} did not gather its {nodes} nodes in time: "
             "start `alexnet train` on every node, all with this train.rdzv_endpoint"
         )
-    return f"the rendezvous at {endpoint} failed ({one_line(error) or type(error).__name__})"
+    while error.__cause__ is not None:  # torch's "See inner exception for details."
+        error = error.__cause__
+    return (
+        f"the rendezvous at {endpoint} failed ({one_line(error, first_only=True)}): "
+        "train.rdzv_endpoint must name a training node that every node reaches"
+    )
 
 
 if __name__ == "__main__":  # `python -m alexnet.distributed TORCHRUN-ARGS`: flows/train.py

@@ -66,12 +66,20 @@ def worker_environment(params: TrainParams) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(share_of_cores(params.nproc_per_node))}
 
 
+# torchrun's own C++ logs, in its process only: a rendezvous it cannot reach printed the
+# store's retries with ~30 lines of C++ frames each, before the one line that says why
+# (`alexnet.distributed.launch`, which gives its workers the default level back).
+QUIET_AGENT = {"TORCH_CPP_LOG_LEVEL": "FATAL", "ALEXNET_QUIET_AGENT": "1"}
+
+
 def _launch(command: list[str], extra: dict[str, str] | None = None) -> None:
     """Run torchrun (with `extra` in its environment where not set there); SIGTERM to
     this process is passed on (torchrun passes it to the workers, which checkpoint) and
     ends in `Interrupted`; otherwise the workers' exit status becomes our error."""
     environment = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(STOP_GRACE_S), **(extra or {})}
     environment.update(os.environ)
+    if "TORCH_CPP_LOG_LEVEL" not in environment:  # (one the user set is theirs)
+        environment.update(QUIET_AGENT)
     process = subprocess.Popen(command, env=environment)
     stopped: list[int] = []
 

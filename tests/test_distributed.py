@@ -630,3 +630,36 @@ def test_a_node_alone_at_the_rendezvous_is_one_error_line(tmp_path):
         f"error: the rendezvous at {endpoint} did not gather its 2 nodes in time: start "
         "`alexnet train` on every node, all with this train.rdzv_endpoint"
     )
+
+
+def test_a_rendezvous_no_node_hosts_is_one_error_line_without_cpp_frames(capfd):
+    # An endpoint nothing answers at (TEST-NET-1): torchrun printed the store's retries,
+    # each with ~30 lines of C++ frames, then "(... See inner exception for details.)"
+    command = [sys.executable, "-m", "alexnet.distributed", "--rdzv-backend", "c10d"]
+    command += ["--rdzv-endpoint", "192.0.2.2:29400", "--rdzv-conf", "read_timeout=2"]
+    command += ["--nnodes", "2", "--nproc-per-node", "1", "-m", "alexnet.fit", "{}"]
+    with pytest.raises(TrainError, match=r"torchrun exited with status 1"):
+        _launch(command)
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines[:8]
+    assert lines[0].startswith("error: the rendezvous at 192.0.2.2:29400 failed (")
+    assert lines[0].endswith(
+        "): train.rdzv_endpoint must name a training node that every node reaches"
+    )
+    assert "inner exception" not in lines[0]
+
+
+def test_torchruns_workers_keep_their_cpp_logs(tmp_path, monkeypatch):
+    # torchrun's own C++ logs are left out (flows.train.QUIET_AGENT), not its workers'
+    monkeypatch.delenv("TORCH_CPP_LOG_LEVEL", raising=False)
+    script = tmp_path / "level.py"
+    script.write_text(
+        "import os, sys\n"
+        "level = os.environ.get('TORCH_CPP_LOG_LEVEL', 'unset')\n"
+        "open(os.path.join(sys.argv[1], os.environ['RANK']), 'w').write(level)\n"
+    )
+    _launch([*TORCHRUN, "--nproc-per-node", "1", str(script), str(tmp_path)])
+    assert (tmp_path / "0").read_text() == "unset"
+    monkeypatch.setenv("TORCH_CPP_LOG_LEVEL", "INFO")  # one the user set: everyone's
+    _launch([*TORCHRUN, "--nproc-per-node", "1", str(script), str(tmp_path)])
+    assert (tmp_path / "0").read_text() == "INFO"
