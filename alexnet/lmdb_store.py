@@ -29,6 +29,7 @@ FORMAT = "alexnet-lmdb"
 VERSION = 1
 MAGIC = b"AXNT"
 HEADER = struct.Struct("<4sIHH")
+MAX_SIDE = 2**16 - 1  # a record's height and width are uint16 in its header
 META_KEY = b"__meta__"
 STORE_OWNER = "pack"  # the stage whose output folders the stores are (alexnet/atomic.py)
 ENCODINGS = ("raw", "jpeg")
@@ -88,6 +89,9 @@ def check_meta(raw: bytes | None, path: Path) -> dict:
     for name in ("count", "height", "width"):  # what readers size batches by
         if type(meta.get(name)) is not int or meta[name] < 0:  # (a bool is an int)
             raise StoreError(f"{path}: key __meta__: {name} {meta.get(name)!r}, not a count")
+    for name in ("height", "width"):  # a record's are uint16 (`HEADER`): a batch of a
+        if not 0 < meta[name] <= MAX_SIDE:  # million-pixel side was a MemoryError of TiB
+            raise StoreError(f"{path}: key __meta__: {name} {meta[name]}, not 1 to {MAX_SIDE}")
     if not isinstance(meta.get("classes"), list):
         raise StoreError(f"{path}: key __meta__: no list of classes")
     return meta

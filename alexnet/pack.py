@@ -102,6 +102,23 @@ def index_shards(folder: str | Path, classes: int | None = None) -> SplitIndex:
     )
 
 
+def check_indexes(prepared: str | Path, indexes: dict[str, SplitIndex], classes: list[dict]):
+    """Refuse a split of no records, and a class of no training record (an output of the
+    model that no image targets): prepare refuses both, and pack trusts nothing of a
+    prepared folder it reads (its shards or classes.json may be another tool's)."""
+    for split, index in indexes.items():
+        if not len(index):
+            raise PackError(f"{Path(prepared) / split}: no records in its shards (run prepare)")
+    counts = np.bincount(indexes["train"].label, minlength=len(classes))
+    if empty := np.flatnonzero(counts == 0).tolist():
+        first = classes[empty[0]]
+        more = f" and {len(empty) - 1} more classes" if len(empty) > 1 else ""
+        raise PackError(
+            f"{Path(prepared) / 'train'}: no record of class {first['index']} "
+            f"({first['wnid']}){more} of classes.json; run prepare again"
+        )
+
+
 def pack_digest(indexes: dict[str, SplitIndex], options: dict) -> str:
     """The digest of one pack run, which both its stores keep (`pack` in `__meta__`):
     of every split's records (shard names, byte ranges, labels) and the options that
@@ -139,6 +156,9 @@ def member_key(entry: Entry) -> str:
     return next(keys, f"the member at byte {entry.offset}")
 
 
+JPEG_END = b"\xff\xd9"  # the end-of-image marker
+
+
 def output_order(count: int, shuffle: bool, seed: int) -> np.ndarray:
     """Source index of each output key: a seeded permutation, or the identity."""
     return np.random.default_rng(seed).permutation(count) if shuffle else np.arange(count)
@@ -161,9 +181,13 @@ def chunk_bytes(chunk: list[Entry], encoding: str, size: int) -> int:
 def payload(jpeg: bytes, encoding: str, size: int) -> bytes:
     """The stored bytes of a prepared image: as is (`jpeg`), or decoded to HWC uint8 RGB
     (`raw`). Either way an image that is not size x size raises `WrongSize`, read from its
-    header before any decoding: in a `jpeg` store it would stop training, epochs later."""
+    header before any decoding, and a `jpeg` one cut short (no end-of-image marker) is
+    refused: in a `jpeg` store either would stop training or evaluation later, naming a
+    record, not the shard's member."""
     if encoding == "jpeg":
         check_size(Image.open(io.BytesIO(jpeg)), size)
+        if not jpeg.rstrip(b"\0").endswith(JPEG_END):
+            raise ValueError("cut short: no end-of-image marker")
         return jpeg
     return open_rgb(jpeg, size).tobytes()
 

@@ -32,6 +32,7 @@ SHARD_PATTERN = "shard-{:05d}.tar"
 SHARD_GLOB = SHARD_PATTERN.replace("{:05d}", "*")
 FILES_MEMO = ".files.json"  # `files_memo`: shard-NNNNN.files.json
 CLASSES_FILE = "classes.json"  # of a prepared folder: [{index, wnid, name}]
+REPORT_FILE = "report.json"  # of a prepared folder: counts, shards per split, skips
 PREPARE_OWNER = "prepare"  # the stage named in a prepared folder's mark (alexnet.atomic.OWNED)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_/-]")
 
@@ -190,11 +191,42 @@ _LABEL_BYTES = 32  # a .cls member holds a few digits; more is not a label
 
 def shard_files(folder: str | Path) -> list[Path]:
     """A split's shards in order; none is an error (the split was not prepared). Shorter
-    names first: past 99,999 shards, `shard-100000` follows `shard-99999`."""
-    shards = sorted(Path(folder).glob(SHARD_GLOB), key=lambda path: (len(path.name), path.name))
+    names first: past 99,999 shards, `shard-100000` follows `shard-99999`. They must be
+    `shard-00000` on without a gap, and as many as the prepared folder's report says
+    where it has one: a shard lost in a copy dropped its images without a word."""
+    shards = sorted(Path(folder).glob(SHARD_GLOB), key=shard_order)
     if not shards:
         raise ShardError(f"{folder}: no {SHARD_GLOB} files (run prepare first)")
+    reported = reported_shards(folder)
+    wanted = [shard_name(i) for i in range(len(shards) if reported is None else reported)]
+    names = [path.name for path in shards]
+    if names != wanted:
+        where = f"the {len(wanted)} of its {REPORT_FILE}" if reported is not None else "from 0"
+        if missing := [name for name in wanted if name not in set(names)]:
+            raise ShardError(f"{folder}: {missing[0]} is missing ({where}); run prepare again")
+        extra = next(name for name in names if name not in set(wanted))
+        raise ShardError(f"{folder}: {extra} is not one of {where}; run prepare again")
     return shards
+
+
+def shard_order(path: Path) -> tuple[int, str]:
+    """The sort key of shards in number order (shorter names first)."""
+    return len(path.name), path.name
+
+
+def reported_shards(folder: str | Path) -> int | None:
+    """How many shards prepare made of split `folder` (its folder's report.json), None
+    where no report says (shards on their own)."""
+    path = Path(folder).parent / REPORT_FILE
+    if not path.is_file():
+        return None
+    try:
+        count = json.loads(path.read_text()).get("shards", {}).get(Path(folder).name)
+    except (UnicodeDecodeError, ValueError, AttributeError) as error:
+        raise ShardError(
+            f"{path}: not prepare's report ({one_line(error)}); run prepare again"
+        ) from None
+    return count if type(count) is int else None
 
 
 def load_classes(prepared: str | Path) -> list[dict]:

@@ -159,12 +159,17 @@ def class_count(train: str | Path) -> int | None:
     return len(load_classes(folder)) if finished else None
 
 
-def reduce_moments(parts: Iterable[Moments]) -> Moments:
-    """Sum in the given (shard) order, holding one part at a time."""
+def reduce_moments(parts: Iterable[Moments], train: str | Path = "") -> Moments:
+    """Sum in the given (shard) order, holding one part at a time; `StatsError` where
+    they hold no image (a mean and a covariance of nothing: 0/0, then a page of numpy's
+    traceback), naming the folder `train`."""
     parts = iter(parts)
     total = next(parts)
+    count = 1
     for part in parts:
-        total = total + part
+        total, count = total + part, count + 1
+    if not total.images:
+        raise StatsError(f"{train}: no images in its {count} shards (run prepare again)")
     return total
 
 

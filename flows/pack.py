@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger
 from alexnet.atomic import folder_target
 from alexnet.lmdb_store import STORE_OWNER, write_store
 from alexnet.pack import (
+    check_indexes,
     chunk_bytes,
     chunks,
     index_shards,
@@ -40,6 +41,7 @@ def pack_flow(
     refuse(prepared, out)
     classes = load_classes(prepared)
     indexes = {split: index_shards(Path(prepared) / split, len(classes)) for split in SPLITS}
+    check_indexes(prepared, indexes, classes)
     options = {**pack.model_dump(exclude={"batch"}), "size": prepare.size, "classes": classes}
     digest = pack_digest(indexes, options)
     counts = {}

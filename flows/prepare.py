@@ -7,7 +7,7 @@ from prefect import flow, get_run_logger
 from alexnet.atomic import claim_folder, folder_target, write_json
 from alexnet.params import ComputeParams, PrepareParams
 from alexnet.prepare import Summary, check_classes, check_skipped, check_splits, plan_shards
-from alexnet.shards import CLASSES_FILE, PREPARE_OWNER, remove_stale
+from alexnet.shards import CLASSES_FILE, PREPARE_OWNER, REPORT_FILE, remove_stale
 from alexnet.sources import Source, open_source
 from flows.progress import Bar, in_order
 from flows.runners import parallelism
@@ -53,7 +53,7 @@ def prepare_flow(
         remove_stale(target / split, keep=shards)  # shards of an earlier, larger input
 
     report = summary.counts()
-    summary.write(target / "report.json")  # a failed run's too: its skip reasons
+    summary.write(target / REPORT_FILE)  # a failed run's too: its skip reasons
     logger.info(
         "prepared %d files: %d kept, %d converted, %d skipped (%d of %d shards reused)",
         report["files"],
@@ -63,7 +63,7 @@ def prepare_flow(
         summary.reused,
         sum(summary.shards.values()),
     )
-    check_skipped(report, prepare.max_skipped, target / "report.json")
+    check_skipped(report, prepare.max_skipped, target / REPORT_FILE)
     check_splits(summary.splits, source.root)
     check_classes(summary.usable, source.classes, source.root)
     write_json(target / CLASSES_FILE, [c.__dict__ for c in source.classes])

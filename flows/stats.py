@@ -47,7 +47,7 @@ def stats_flow(train: str, out: str, prepare: PrepareParams, compute: ComputePar
         Bar("stats", len(shards)),
         size=lambda shard: moments_bytes(prepare.size),
     )
-    moments = reduce_moments(part for _, part in results)
+    moments = reduce_moments((part for _, part in results), train)
     pca = rgb_pca(moments)
     save_stats(Path(out), mean_image(moments), pca)
     get_run_logger().info(

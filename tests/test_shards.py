@@ -281,9 +281,34 @@ def test_a_split_without_shards_is_named_with_what_to_run(tmp_path):
 
 def test_shards_are_in_number_order_past_five_digits(tmp_path):
     # ImageNet-21k at 250 a shard: ~57,000 shards; a larger set passes 99,999
+    from alexnet.shards import shard_name, shard_order
+
+    paths = [tmp_path / shard_name(index) for index in (100_000, 99_999, 7, 100_001)]
+    names = [path.name for path in sorted(paths, key=shard_order)]
+    assert names == [shard_name(i) for i in (7, 99_999, 100_000, 100_001)]
+
+
+def test_a_shard_missing_or_one_too_many_is_named(tmp_path):
+    # a shard lost in a copy dropped its images from stats and pack without a word
+    import json
+
     from alexnet.shards import shard_files, shard_name
 
-    for index in (100_000, 99_999, 7, 100_001):
-        write_shard(tmp_path / shard_name(index), [], {})
-    names = [path.name for path in shard_files(tmp_path)]
-    assert names == [shard_name(i) for i in (7, 99_999, 100_000, 100_001)]
+    split = tmp_path / "prepared" / "train"
+    split.mkdir(parents=True)
+    for index in (0, 1, 3):
+        write_shard(split / shard_name(index), [], {})
+    with pytest.raises(ShardError, match=r"train: shard-00002\.tar is missing \(from 0\); run"):
+        shard_files(split)  # shards on their own: numbered from 0 without a gap
+    write_shard(split / shard_name(2), [], {})
+    assert len(shard_files(split)) == 4
+    report = tmp_path / "prepared" / "report.json"
+    report.write_text(json.dumps({"shards": {"train": 5, "val": 1}}))
+    with pytest.raises(ShardError, match=r"shard-00004\.tar is missing \(the 5 of its report"):
+        shard_files(split)  # the last one, which only the report tells
+    report.write_text(json.dumps({"shards": {"train": 3}}))
+    with pytest.raises(ShardError, match=r"shard-00003\.tar is not one of the 3 of its report"):
+        shard_files(split)
+    report.write_text("{")
+    with pytest.raises(ShardError, match=r"report\.json: not prepare's report"):
+        shard_files(split)

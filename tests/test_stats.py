@@ -43,6 +43,15 @@ def make_shards(folder, per_shard=(3, 2, 4), size=32):
     return paths, np.stack(pixels)
 
 
+def test_a_training_split_of_no_images_is_one_error_line(tmp_path):
+    # shards of no records (every file skipped): 0/0, then numpy's LinAlgError traceback
+    paths = [tmp_path / f"shard-0000{i}.tar" for i in range(2)]
+    for path in paths:
+        write_shard(path, [], {})
+    with pytest.raises(StatsError, match=r"^prep/train: no images in its 2 shards \(run prepare"):
+        reduce_moments([shard_moments(p, size=32) for p in paths], "prep/train")
+
+
 def test_mean_and_covariance_equal_direct_numpy(tmp_path):
     paths, pixels = make_shards(tmp_path)
     moments = reduce_moments([shard_moments(p, size=32) for p in paths])

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from alexnet.lmdb_store import StoreError, key, read_meta, write_store
-from alexnet.pack import PackError, index_shards, load_chunk, member_key
+from alexnet.pack import PackError, SplitIndex, check_indexes, index_shards, load_chunk, member_key
 from alexnet.reader import LmdbSplit, batch_loader
 from alexnet.shards import Record, ShardError, write_shard
 from tests.helpers import REPO, encode, jpeg, photo, run_python
@@ -263,6 +263,9 @@ def test_wrong_version_or_missing_store_is_named(tmp_path):
         ({"count": True}, "count True, not a count"),  # JSON's true, which Python calls 1
         ({"version": True}, "version True, need 1"),
         ([], "is not a JSON object"),
+        # a batch of these was allocated before any record was read: TiB, a MemoryError
+        ({"height": 1_000_000, "width": 1_000_000}, "height 1000000, not 1 to 65535"),
+        ({"width": 0}, "width 0, not 1 to 65535"),
     ],
 )
 def test_a_foreign_stores_meta_is_named_in_one_line(tmp_path, change, message):
@@ -473,7 +476,9 @@ def test_a_member_that_is_not_a_jpeg_stops_the_chunk(tmp_path, encoding):
     [
         (b"\xff\xd8\xff" + bytes(300), "cannot be decoded (not an image)", "raw"),
         (b"\xff\xd8\xff" + bytes(300), "cannot be decoded (not an image)", "jpeg"),
-        (jpeg(SIZE, SIZE)[:300], "cannot be decoded (", "raw"),  # `jpeg` reads headers only
+        (jpeg(SIZE, SIZE)[:300], "cannot be decoded (", "raw"),
+        # `jpeg` reads headers only: a cut one was stored, to fail when read, as a record
+        (jpeg(SIZE, SIZE)[:-10], "cannot be decoded (cut short: no end-of-image marker)", "jpeg"),
         (jpeg(40, SIZE), "is 40x32, expected 32x32", "raw"),
         (jpeg(40, SIZE), "is 40x32, expected 32x32", "jpeg"),  # else training stops on it
     ],
@@ -485,6 +490,23 @@ def test_an_image_that_does_not_decode_is_named_with_its_member(tmp_path, data, 
     line = str(caught.value)
     assert line.startswith(f"{folder / 'shard-00001.tar'}: member n01/img_4.jpg {problem}"), line
     assert "\n" not in line
+
+
+def test_a_split_of_no_records_or_a_class_of_no_training_record_is_refused():
+    # both were packed without a word: a store training refuses later, and a model with
+    # an output that no image targets
+    def index(*labels: int) -> SplitIndex:
+        n = len(labels)
+        rows = np.zeros(n, dtype=np.int64)
+        return SplitIndex(
+            ("s.tar",), rows.astype(np.int32), rows, rows + 1, np.array(labels, dtype=np.int32)
+        )
+
+    check_indexes("prep", {"train": index(0, 1, 2, 2), "val": index(1)}, CLASSES)
+    with pytest.raises(PackError, match=r"^prep/val: no records in its shards \(run prepare\)$"):
+        check_indexes("prep", {"train": index(0, 1, 2), "val": index()}, CLASSES)
+    with pytest.raises(PackError, match=r"^prep/train: no record of class 1 \(n1\) and 1 more"):
+        check_indexes("prep", {"train": index(0, 0), "val": index(1)}, CLASSES)
 
 
 def test_a_shard_cut_short_after_indexing_is_named(tmp_path):
