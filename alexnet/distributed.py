@@ -173,10 +173,10 @@ def rendezvous_problem(error: Exception, endpoint: str, nodes: str) -> str:
         )
     while error.__cause__ is not None:  # torch's "See inner exception for details."
         error = error.__cause__
-    return (
-        f"the rendezvous at {endpoint} failed ({one_line(error, first_only=True)}): "
-        "train.rdzv_endpoint must name a training node that every node reaches"
-    )
+    line = f"the rendezvous at {endpoint} failed ({one_line(error, first_only=True)})"
+    if isinstance(error, dist.DistNetworkError | ConnectionError | TimeoutError):
+        line += ": train.rdzv_endpoint must name a training node that every node reaches"
+    return line
 
 
 if __name__ == "__main__":  # `python -m alexnet.distributed TORCHRUN-ARGS`: flows/train.py

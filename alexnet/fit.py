@@ -74,7 +74,7 @@ def fit(run: TrainRun, world: World = World(), log: Callable[[str], None] = prin
     )
     torch.use_deterministic_algorithms(run.train.deterministic, warn_only=True)
     try:
-        with sole_writer(run.checkpoint, world):
+        with sole_writer(run.checkpoint, world, log if world.main else lambda line: None):
             return _fit(run, world, log)
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])

@@ -28,6 +28,7 @@ from alexnet.shards import (
     check_size,
     index_shard,
     open_rgb,
+    reported_shards,
     shard_files,
 )
 
@@ -85,7 +86,7 @@ def index_shards(folder: str | Path, classes: int | None = None) -> SplitIndex:
     """Every record of a split's shards in source order (shard order, then member order);
     a damaged shard or a label out of range (of `classes`, the number in classes.json)
     raises `ShardError` naming the shard and the member."""
-    shards = shard_files(folder)
+    shards = shard_files(folder, reported_shards(folder))
     tables = []
     for number, shard in enumerate(shards):
         rows = [
@@ -187,7 +188,7 @@ def payload(jpeg: bytes, encoding: str, size: int) -> bytes:
     if encoding == "jpeg":
         check_size(Image.open(io.BytesIO(jpeg)), size)
         if not jpeg.rstrip(b"\0").endswith(JPEG_END):
-            raise ValueError("cut short: no end-of-image marker")
+            raise ValueError("no end-of-image marker at its end: cut short?")
         return jpeg
     return open_rgb(jpeg, size).tobytes()
 

@@ -189,22 +189,22 @@ _LABEL = re.compile(rb"\s*-?[0-9]+\s*")
 _LABEL_BYTES = 32  # a .cls member holds a few digits; more is not a label
 
 
-def shard_files(folder: str | Path) -> list[Path]:
+def shard_files(folder: str | Path, reported: int | None = None) -> list[Path]:
     """A split's shards in order; none is an error (the split was not prepared). Shorter
     names first: past 99,999 shards, `shard-100000` follows `shard-99999`. They must be
-    `shard-00000` on without a gap, and as many as the prepared folder's report says
-    where it has one: a shard lost in a copy dropped its images without a word."""
+    `shard-00000` on without a gap, and `reported` many where given (`reported_shards`):
+    a shard lost in a copy dropped its images without a word."""
     shards = sorted(Path(folder).glob(SHARD_GLOB), key=shard_order)
     if not shards:
         raise ShardError(f"{folder}: no {SHARD_GLOB} files (run prepare first)")
-    reported = reported_shards(folder)
     wanted = [shard_name(i) for i in range(len(shards) if reported is None else reported)]
     names = [path.name for path in shards]
     if names != wanted:
         where = f"the {len(wanted)} of its {REPORT_FILE}" if reported is not None else "from 0"
-        if missing := [name for name in wanted if name not in set(names)]:
+        present, expected = set(names), set(wanted)
+        if missing := [name for name in wanted if name not in present]:
             raise ShardError(f"{folder}: {missing[0]} is missing ({where}); run prepare again")
-        extra = next(name for name in names if name not in set(wanted))
+        extra = next(name for name in names if name not in expected)
         raise ShardError(f"{folder}: {extra} is not one of {where}; run prepare again")
     return shards
 
@@ -216,7 +216,9 @@ def shard_order(path: Path) -> tuple[int, str]:
 
 def reported_shards(folder: str | Path) -> int | None:
     """How many shards prepare made of split `folder` (its folder's report.json), None
-    where no report says (shards on their own)."""
+    where no report says (shards on their own). Pack checks it (its dep is the whole
+    prepared folder); stats does not read the report: a change of val's lists in it
+    would run a pass over the training images again."""
     path = Path(folder).parent / REPORT_FILE
     if not path.is_file():
         return None

@@ -23,6 +23,7 @@ because the code changed, and the model must then be the new code's.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -44,7 +45,7 @@ from alexnet.augment import Augment, Draws
 from alexnet.crops import centre_crop
 from alexnet.digests import changed_code, code_digests, file_digest, recipe_changes
 from alexnet.distributed import World
-from alexnet.errors import AlexnetError, Interrupted, one_line
+from alexnet.errors import AlexnetError, Interrupted, one_line, user_line
 from alexnet.jpeg import decode_threads, to_device
 from alexnet.metrics import label_ranks, missed
 from alexnet.model import AlexNet
@@ -261,27 +262,49 @@ def check_outputs(model_path: Path, checkpoint: Path, metrics: Path) -> None:
         )
 
 
+# What rank 0 found of the checkpoint's lock (`sole_writer`), summed over the ranks
+TAKEN, IN_USE, UNLOCKABLE = 0, 1, 2
+# A file system that cannot lock (NFS without its lock daemon): trained without one
+NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS})
+
+
 @contextmanager
-def sole_writer(checkpoint: Path, world: World = World()) -> Iterator[None]:
+def sole_writer(
+    checkpoint: Path, world: World = World(), log: Callable[[str], None] = print
+) -> Iterator[None]:
     """Hold `checkpoint`'s lock (`NAME.lock` beside it; rank 0, which writes it) while
     inside: a second training given the same file (at another terminal; another
     repository's run on a worker whose ALEXNET_CHECKPOINT names it) would set this one's
     aside, or be set aside, at every save. It is refused in one line instead, by every
-    rank alike (a sum: the others would wait for rank 0 in their first collective).
-    (flock: on NFS, a lock every node sees.)"""
+    rank alike (a sum, which every rank reaches whatever rank 0 met: the others would
+    wait for it in their first collective). (flock: on NFS, a lock every node sees.)"""
     lock = checkpoint.with_name(f"{checkpoint.name}.lock")
     with ExitStack() as held:  # (closing the file lets go of the lock, however it ends)
-        taken = True
+        found, why = TAKEN, ""
         if world.main:
-            lock.parent.mkdir(parents=True, exist_ok=True)
             try:
+                lock.parent.mkdir(parents=True, exist_ok=True)
                 fcntl.flock(held.enter_context(open(lock, "a")), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                taken = False
-        if world.sum([float(not taken)])[0]:
+                found = IN_USE
+            except OSError as error:
+                if error.errno in NO_LOCKS:
+                    log(
+                        f"warning: {lock}: cannot be locked here ({user_line(error)}): a "
+                        "second training given this checkpoint would not be refused"
+                    )
+                else:
+                    found, why = UNLOCKABLE, user_line(error)
+        found = int(world.sum([float(found)])[0])  # (rank 0's alone: the others add 0)
+        if found == IN_USE:
             raise EveryRankError(
                 f"{checkpoint}: another training is using this checkpoint now ({lock} is "
                 "locked); wait for it to end, or give this one another --checkpoint"
+            )
+        if found == UNLOCKABLE:
+            raise EveryRankError(
+                f"{checkpoint}: its lock cannot be taken ({why or 'rank 0 says why'}); "
+                "give this training another --checkpoint"
             )
         yield
 

@@ -40,7 +40,7 @@ from alexnet.params import (
     with_compute,
 )
 from alexnet.runtime import configure
-from alexnet.shards import CLASSES_FILE, REPORT_FILE
+from alexnet.shards import CLASSES_FILE
 from tasks.quiet import INTERRUPTED, note_interrupts, quiet_console_tracebacks
 
 # markup off: a path or key may hold brackets ("[draft]"), which rich would read as tags
@@ -68,8 +68,7 @@ class PathArg:
     output: bool = False  # what the stage writes (dvc.yaml's outs); the rest it reads
     envvar: str | None = None  # an environment variable that gives it when no argument does
     # Files beside this path (in its folder's parent) that the stage reads too: dvc.yaml
-    # deps (stats checks `train`'s labels against the prepared folder's classes.json, and
-    # its shards against the count of report.json).
+    # deps (stats checks `train`'s labels against the prepared folder's classes.json).
     companions: tuple[str, ...] = ()
 
     @property
@@ -174,7 +173,7 @@ STAGES: dict[str, Stage] = {
                     "train",
                     "data/prepared/train",
                     "prepared training shards",
-                    companions=(CLASSES_FILE, REPORT_FILE),
+                    companions=(CLASSES_FILE,),
                 ),
                 PathArg("out", "data/stats", "output folder: mean.npy, pca.json", output=True),
             ),

@@ -292,7 +292,7 @@ def test_a_shard_missing_or_one_too_many_is_named(tmp_path):
     # a shard lost in a copy dropped its images from stats and pack without a word
     import json
 
-    from alexnet.shards import shard_files, shard_name
+    from alexnet.shards import reported_shards, shard_files, shard_name
 
     split = tmp_path / "prepared" / "train"
     split.mkdir(parents=True)
@@ -303,12 +303,13 @@ def test_a_shard_missing_or_one_too_many_is_named(tmp_path):
     write_shard(split / shard_name(2), [], {})
     assert len(shard_files(split)) == 4
     report = tmp_path / "prepared" / "report.json"
+    assert reported_shards(split) is None  # shards on their own
     report.write_text(json.dumps({"shards": {"train": 5, "val": 1}}))
     with pytest.raises(ShardError, match=r"shard-00004\.tar is missing \(the 5 of its report"):
-        shard_files(split)  # the last one, which only the report tells
+        shard_files(split, reported_shards(split))  # the last one, which only it tells
     report.write_text(json.dumps({"shards": {"train": 3}}))
     with pytest.raises(ShardError, match=r"shard-00003\.tar is not one of the 3 of its report"):
-        shard_files(split)
+        shard_files(split, reported_shards(split))
     report.write_text("{")
     with pytest.raises(ShardError, match=r"report\.json: not prepare's report"):
-        shard_files(split)
+        reported_shards(split)

@@ -478,7 +478,11 @@ def test_a_member_that_is_not_a_jpeg_stops_the_chunk(tmp_path, encoding):
         (b"\xff\xd8\xff" + bytes(300), "cannot be decoded (not an image)", "jpeg"),
         (jpeg(SIZE, SIZE)[:300], "cannot be decoded (", "raw"),
         # `jpeg` reads headers only: a cut one was stored, to fail when read, as a record
-        (jpeg(SIZE, SIZE)[:-10], "cannot be decoded (cut short: no end-of-image marker)", "jpeg"),
+        (
+            jpeg(SIZE, SIZE)[:-10],
+            "cannot be decoded (no end-of-image marker at its end: cut short?)",
+            "jpeg",
+        ),
         (jpeg(40, SIZE), "is 40x32, expected 32x32", "raw"),
         (jpeg(40, SIZE), "is 40x32, expected 32x32", "jpeg"),  # else training stops on it
     ],

@@ -716,6 +716,37 @@ def test_a_second_training_on_the_same_checkpoint_is_refused(data, tmp_path):
         pass
 
 
+def test_a_checkpoint_lock_that_cannot_be_taken_is_one_line_or_a_warning(tmp_path, monkeypatch):
+    # Any other failure of rank 0's lock ended it before the sum the other ranks waited
+    # in (their gloo traceback); a file system without locks made training impossible.
+    import errno
+    import fcntl
+
+    from alexnet.train import sole_writer
+
+    checkpoint = tmp_path / "ckpt.pt"
+    (tmp_path / "ckpt.pt.lock").mkdir()  # not a file that can be opened
+    with pytest.raises(
+        EveryRankError,
+        match=r"ckpt.pt: its lock cannot be taken \(.*ckpt\.pt\.lock: Is a directory\)",
+    ):
+        with sole_writer(checkpoint):
+            pass
+    (tmp_path / "ckpt.pt.lock").rmdir()
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    heard = []
+    with sole_writer(checkpoint, log=heard.append):
+        pass
+    assert heard == [
+        f"warning: {tmp_path}/ckpt.pt.lock: cannot be locked here (No locks available): a "
+        "second training given this checkpoint would not be refused"
+    ]
+
+
 def test_bf16_autocast_and_channels_last_steps_on_cpu(data, tmp_path):
     plain = trainer(data, tmp_path / "plain", epochs=1)
     t = trainer(data, tmp_path / "fast", epochs=1, amp=True, channels_last=True)
