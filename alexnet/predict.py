@@ -104,28 +104,31 @@ def _predictions(
     options: dict,
 ) -> Iterator[Prediction]:
     try:  # (the child ends too where the caller stops early)
-        yield from _batches(paths, model, mean, classes, top, batch, child, options)
+        for start in range(0, len(paths), batch):
+            group = paths[start : start + batch]
+            prepared = prepare_files(child, group, **options)
+            loaded = [_decoded(p) if isinstance(p, bytes) else p for p in prepared]
+            images = [image for image in loaded if isinstance(image, torch.Tensor)]
+            tops = _top_classes(model, images, mean, classes, top)
+            for path, image in zip(group, loaded, strict=True):
+                if isinstance(image, str):
+                    yield Prediction(display_name(path), error=image)
+                else:
+                    yield Prediction(display_name(path), next(tops))
     finally:
         child.close()
 
 
-def _batches(paths, model, mean, classes, top, batch, child, options) -> Iterator[Prediction]:
-    for start in range(0, len(paths), batch):
-        group = paths[start : start + batch]
-        prepared = prepare_files(child, group, **options)
-        loaded = [_decoded(p) if isinstance(p, bytes) else p for p in prepared]
-        images = [image for image in loaded if isinstance(image, torch.Tensor)]
-        if images:
-            stacked = torch.stack(images).to(mean.device)
-            logs = crop_average(crop_log_probabilities(model, stacked, mean, model.input_size))
-            values, indices = logs.topk(min(top, len(classes)))
-            tops = iter(zip(values.tolist(), indices.tolist(), strict=True))
-        for path, image in zip(group, loaded, strict=True):
-            if isinstance(image, str):
-                yield Prediction(display_name(path), error=image)
-                continue
-            top_classes = [
-                {**classes[i], "probability": round(math.exp(v), 6)}
-                for v, i in zip(*next(tops), strict=True)
-            ]
-            yield Prediction(display_name(path), top_classes)
+def _top_classes(
+    model, images: list[torch.Tensor], mean: torch.Tensor, classes: list[dict], top: int
+) -> Iterator[list[dict]]:
+    """Each image's `top` classes, from one forward pass of their ten crops."""
+    if not images:
+        return iter(())
+    stacked = torch.stack(images).to(mean.device)
+    logs = crop_average(crop_log_probabilities(model, stacked, mean, model.input_size))
+    values, indices = logs.topk(min(top, len(classes)))
+    return (
+        [{**classes[i], "probability": round(math.exp(v), 6)} for v, i in zip(vs, ix, strict=True)]
+        for vs, ix in zip(values.tolist(), indices.tolist(), strict=True)
+    )

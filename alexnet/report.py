@@ -102,11 +102,11 @@ EVALUATION_KEYS = ("top1_error", "top5_error", "center_top1_error", "center_top5
 def _json(path: Path, needed: Sequence[str] = ()) -> dict | None:
     """A metrics file's object, None where there is none; one error line for a file cut
     short, not an object, or without a key the page shows (an older version's)."""
-    if not path.is_file():
+    if (text := _text(path)) is None:
         return None
     try:
-        content = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
+        content = json.loads(text)
+    except ValueError as error:
         raise AlexnetError(
             f"{path}: not readable JSON ({one_line(error)}); run its stage again"
         ) from None
