@@ -7,6 +7,7 @@ import base64
 import csv
 import io
 import json
+import multiprocessing
 import subprocess
 import sys
 
@@ -218,12 +219,20 @@ def test_read_ahead_gives_the_same_numbers(data, model_file):
     # processes read the batches in order, and the model sees the same batches.
     model, payload = load_model(model_file)
     split = LmdbSplit(data / "lmdb" / "val")
+    readers: list[int] = []  # the loader processes alive at each forward pass
+    before = set(multiprocessing.active_children())
+    model.register_forward_hook(
+        lambda *_: readers.append(len(set(multiprocessing.active_children()) - before))
+    )
 
     def run(workers: int) -> Results:
         every = range(len(split))
-        return evaluate(
+        readers.clear()
+        result = evaluate(
             model, split, payload["mean"], 224, 3, torch.device("cpu"), None, every, workers
         )
+        assert readers and set(readers) == {workers}  # the batches came from them
+        return result
 
     alone, ahead = run(0), run(2)
     for name in ("labels", "predicted", "rank", "centre_rank", "kept"):

@@ -309,7 +309,7 @@ def test_a_gpu_decode_overlaps_the_callers_queued_work(tmp_path):
     split = jpeg_split(tmp_path, 8)
     expected = decode_on(split.read_encoded(range(8)), CUDA, split.shape).cpu()  # warm
     torch.cuda.synchronize()
-    torch.cuda._sleep(2_000_000_000)  # ~1 s of one kernel on the caller's stream
+    torch.cuda._sleep(10_000_000_000)  # ~5 s of one kernel on the caller's stream
     queued = torch.cuda.Event()
     queued.record()
     images = decode_on(split.read_encoded(range(8)), CUDA, split.shape)
@@ -414,16 +414,37 @@ def assert_prints_same(script: str, folder) -> None:
     assert done.returncode == 0 and "same" in done.stdout, done.stderr[-3000:]
 
 
-def test_training_from_a_jpeg_store_decodes_the_batches_on_the_gpu(tmp_path):
-    from alexnet.jpeg import Encoded
+def test_training_from_a_jpeg_store_decodes_the_batches_on_the_gpu(tmp_path, monkeypatch):
+    # Each encoded batch (the steps', validation's) is decoded on the GPU (nvJPEG): pixels
+    # the CPU decode's within the decoders' differences, so the epoch is the CPU
+    # decoder's up to them.
+    from alexnet import train as train_module
+    from alexnet.jpeg import Encoded, decode_on
     from alexnet.train import Trainer
     from tests.helpers import jpeg_training_data, train_run
 
     run = train_run(jpeg_training_data(tmp_path), tmp_path / "run", epochs=1, device=["cuda"])
     images, labels, size = next(Trainer(run).batches())  # what the loader hands the step
     assert isinstance(images, Encoded) and len(images.sizes) == size == 4
+    decoded, to_device = [], train_module.to_device
+
+    def spy(images, device, shape, decoder):
+        out = to_device(images, device, shape, decoder)
+        if isinstance(images, Encoded):
+            decoded.append((decode_on(images, torch.device("cpu"), shape), out))
+        return out
+
+    monkeypatch.setattr(train_module, "to_device", spy)
     record = Trainer(run).run_epoch()
-    assert math.isfinite(record["train_loss"]) and record["images_per_s"] > 0
+    assert len(decoded) == 4  # 8 images, batch 4: both steps' batches, and validation's
+    for on_cpu, on_gpu in decoded:
+        assert on_gpu.is_cuda and on_gpu.shape == on_cpu.shape
+        difference = (on_gpu.cpu().int() - on_cpu.int()).abs()
+        assert difference.float().mean() <= NVJPEG_MEAN and difference.max() <= NVJPEG_MAX
+    monkeypatch.undo()
+    cpu_run = run.model_copy(update={"jpeg_decoder": "cpu", "checkpoint": tmp_path / "c.pt"})
+    on_cpu = Trainer(cpu_run).run_epoch()
+    assert record["train_loss"] == pytest.approx(on_cpu["train_loss"], rel=0.02)
 
 
 def test_training_on_cuda_with_the_cpu_decoder_takes_decoded_batches(tmp_path):

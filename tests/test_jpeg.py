@@ -131,10 +131,21 @@ def test_cores_are_this_processes_share_not_the_hosts():
 # -- NVIDIA DALI (compute.jpeg_decoder: dali); its CUDA decode is in tests/test_gpu.py
 
 
-def test_dali_decodes_what_our_threads_do(tmp_path):
-    from alexnet.jpeg import usable
+@pytest.fixture
+def dali_only(monkeypatch):
+    """DALI decodes, or the test fails: our threads' decode (the fallback where DALI does
+    not import) raises. (torchvision still names a damaged payload, one at a time.)"""
+    from alexnet import jpeg
 
-    assert usable("dali") == "dali"  # the test environment has DALI (the [dali] extra)
+    assert jpeg.usable("dali") == "dali"  # the test environment has DALI (the [dali] extra)
+
+    def not_dali(*_):
+        raise AssertionError("decoded by our threads, not DALI")
+
+    monkeypatch.setattr(jpeg, "decode_into", not_dali)
+
+
+def test_dali_decodes_what_our_threads_do(tmp_path, dali_only):
     split, _ = jpeg_store(tmp_path)
     rows = [11, 0, 7, 3, 3, 9]
     ours, _ = split.read_batch(rows)
@@ -144,7 +155,7 @@ def test_dali_decodes_what_our_threads_do(tmp_path):
     assert theirs.is_contiguous(memory_format=torch.channels_last)  # DALI's HWC, not copied
 
 
-def test_dali_names_a_damaged_payload_and_decodes_on(tmp_path):
+def test_dali_names_a_damaged_payload_and_decodes_on(tmp_path, dali_only):
     split, _ = jpeg_store(tmp_path, damaged=6)
     cpu = torch.device("cpu")
     with pytest.raises(StoreError, match=r"jpeg: key 00000006: cannot decode JPEG payload"):
@@ -153,7 +164,7 @@ def test_dali_names_a_damaged_payload_and_decodes_on(tmp_path):
     assert torch.equal(to_device(split.read_encoded([5, 7]), cpu, split.shape, "dali"), pixels)
 
 
-def test_dali_gives_the_pixels_as_stored_whatever_the_exif_orientation(tmp_path):
+def test_dali_gives_the_pixels_as_stored_whatever_the_exif_orientation(tmp_path, dali_only):
     # A store another tool wrote may keep the photos' EXIF tags. torchvision and PIL's
     # `convert` give the pixels as stored; DALI turned them by the tag (a tag of 5-8
     # swaps height and width: the run stopped on a batch every other decoder reads).
@@ -168,7 +179,7 @@ def test_dali_gives_the_pixels_as_stored_whatever_the_exif_orientation(tmp_path)
     assert torch.equal(theirs, ours)
 
 
-def test_dali_names_a_payload_of_another_size(tmp_path):
+def test_dali_names_a_payload_of_another_size(tmp_path, dali_only):
     jpegs = [encode(photo(SIZE, SIZE, seed=i), "JPEG", quality=90) for i in range(3)]
     jpegs[1] = encode(photo(SIZE, SIZE // 2, seed=1), "JPEG", quality=90)
     write_store(tmp_path / "jpeg", [[(0, data) for data in jpegs]], "jpeg", CLASSES, size=SIZE)

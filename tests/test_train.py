@@ -788,7 +788,18 @@ def test_loader_workers_stream_the_same_batches_across_epochs(data, tmp_path):
     # they wait, with all of them
     assert (ahead.train.threads, ahead.val.threads) == (decode_threads(2), decode_threads(0))
     children = set(multiprocessing.active_children())
+    readers = []  # the loader processes alive at each step
+    step = ahead.train_step
+
+    def counted_step(*args):
+        readers.append(frozenset(set(multiprocessing.active_children()) - children))
+        return step(*args)
+
+    ahead.train_step = counted_step
     run_to_end(ahead)
+    assert len(readers) == 2 * ahead.steps_per_epoch()
+    assert len(set(readers)) == 1  # the same processes, across the epochs
+    assert len(readers[0]) == 2
     assert set(multiprocessing.active_children()) <= children  # its workers ended with it
     assert_same_weights(inline.model.state_dict(), ahead.model.state_dict())
     assert ahead.digest == inline.digest
