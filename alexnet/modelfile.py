@@ -64,22 +64,54 @@ _PICKLE_START = re.compile(rb"\x80[\x02-\x05]")  # PROTO 2..5: torch's and today
 REQUIRED = ("model", "state_dict", "classes", "mean", "prepare")  # what loaders read
 
 
-def _read(path: Path) -> object:
+def _read(path: Path, mapped: bool = False) -> object:
     """torch.load with weights only (tensors and plain data, never code); its warnings
-    (e.g. about a foreign pickle protocol) would only add lines to the one error."""
+    (e.g. about a foreign pickle protocol) would only add lines to the one error.
+    `mapped`: a zip file is mapped, not read (a look at what a file is, before any work:
+    a checkpoint is ~0.5 GB on ImageNet)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        mmap = mapped and _kind(path) == "zip"  # (torch maps only its zip format)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
-def check_model_path(path: Path) -> None:
-    """One line, before any work, for a model file that cannot be opened (none there, a
-    folder); what it holds is checked as it loads (`load_model`)."""
+def _contents(path: Path, mapped: bool = False) -> dict:
+    """The contents of a model file this code reads; anything else (missing, unreadable,
+    foreign, holding code, a checkpoint) raises a one-line `ModelFileError`."""
     try:
-        with open(path, "rb"):
-            pass
+        contents = _read(path, mapped)
     except OSError as error:
-        raise _unreadable(Path(path), error) from None
+        raise _unreadable(path, error) from None
+    except Exception as error:  # torch's loader raises many types for a foreign file
+        raise _refused(path, error) from None
+    return _check_contents(path, contents)
+
+
+def check_model_file(path: Path) -> None:
+    """One line, before any work, for a file that is not a model file this code reads (none
+    there, a folder, a checkpoint, another version): mapped, not read."""
+    _contents(path, mapped=True)
+
+
+def check_replaceable(path: Path) -> None:
+    """A file at `path`, where train will write its model, is replaced only if it is a
+    model file (an earlier one, of any version) or empty: a path mistyped as MODEL must not
+    cost a file of the user's, nor a checkpoint its hours of training."""
+    try:
+        if not path.is_file() or _kind(path) == "empty":
+            return
+        payload = _read(path, mapped=True)
+    except Exception:  # torch's loader raises many types: whatever fails is not ours
+        payload = None
+    if not isinstance(payload, dict):
+        what = "not an alexnet model file"
+    elif {"optimizer", "digest"} <= payload.keys():
+        what = "a training checkpoint, not a model file"
+    elif payload.get("format") != FORMAT["format"]:
+        what = "not an alexnet model file"
+    else:
+        return
+    raise ModelFileError(f"{path}: {what}; train would replace it: name another, or remove it")
 
 
 def _unreadable(path: Path, error: OSError) -> ModelFileError:
@@ -166,13 +198,7 @@ def load_model(
     Anything else (missing, unreadable, foreign, or holding code) raises a one-line
     `ModelFileError` that names the file."""
     path = Path(path)
-    try:
-        contents = _read(path)
-    except OSError as error:
-        raise _unreadable(path, error) from None
-    except Exception as error:  # torch's loader raises many types for a foreign file
-        raise _refused(path, error) from None
-    payload = _check_contents(path, contents)
+    payload = _contents(path)
     try:
         model = AlexNet(**payload["model"], kernels=kernels)
         model.load_state_dict(payload["state_dict"])

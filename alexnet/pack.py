@@ -12,7 +12,7 @@ import hashlib
 import io
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,25 +82,38 @@ class SplitIndex:
         )
 
 
-def index_shards(folder: str | Path, classes: int | None = None) -> SplitIndex:
-    """Every record of a split's shards in source order (shard order, then member order);
-    a damaged shard or a label out of range (of `classes`, the number in classes.json)
-    raises `ShardError` naming the shard and the member."""
-    shards = shard_files(folder, reported_shards(folder))
-    tables = []
-    for number, shard in enumerate(shards):
-        rows = [
-            (number, offset, size, label) for _, offset, size, label in index_shard(shard, classes)
-        ]
-        tables.append(np.array(rows, dtype=np.int64).reshape(-1, 4))
+def shard_table(shard: str | Path, classes: int | None = None) -> np.ndarray:
+    """(offset, size, label) of each record of one shard, in stored order, as int64 rows
+    (24 bytes a record: a task's result); `index_shard` checks the shard, and a label out
+    of range of `classes` (the number in classes.json), raising `ShardError`."""
+    records = index_shard(Path(shard), classes)
+    return np.array([entry[1:] for entry in records], dtype=np.int64).reshape(-1, 3)
+
+
+def split_index(shards: Sequence[str | Path], tables: Sequence[np.ndarray]) -> SplitIndex:
+    """The `SplitIndex` of a split's `shards` (in order) from their `shard_table`s."""
     table = np.concatenate(tables)
+    numbers = np.arange(len(shards), dtype=np.int32).repeat([len(part) for part in tables])
     return SplitIndex(
         tuple(map(str, shards)),
-        table[:, 0].astype(np.int32),
+        numbers,
+        table[:, 0].copy(),
         table[:, 1].copy(),
-        table[:, 2].copy(),
-        table[:, 3].astype(np.int32),
+        table[:, 2].astype(np.int32),
     )
+
+
+def index_shards(folder: str | Path, classes: int | None = None) -> SplitIndex:
+    """Every record of a split's shards in source order (shard order, then member order),
+    indexed in this process (the pack flow has a task index each shard); a damaged shard
+    or a label out of range raises `ShardError` naming the shard and the member."""
+    shards = split_shards(folder)
+    return split_index(shards, [shard_table(shard, classes) for shard in shards])
+
+
+def split_shards(folder: str | Path) -> list[Path]:
+    """A split's shards in order, as many as prepare's report says it made."""
+    return shard_files(folder, reported_shards(folder))
 
 
 def check_indexes(prepared: str | Path, indexes: dict[str, SplitIndex], classes: list[dict]):

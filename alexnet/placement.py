@@ -120,6 +120,14 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_devices(key: str, names: Sequence[str]) -> None:
+    """`resolve_devices`, before any work, its error naming the params `key`."""
+    try:
+        resolve_devices(names)
+    except DeviceError as error:
+        raise DeviceError(f"{key}: {error}") from None
+
+
 def resolve_devices(names: Sequence[str]) -> list[torch.device]:
     """`[cpu]`, `[cuda]`, `[cuda:1]`, or two devices `[cuda:0, cuda:1]` for the paper's
     two-column model parallelism (column 0 on the first)."""

@@ -512,7 +512,7 @@ def check_skipped(report: dict, max_skipped: float, report_path: str | Path) -> 
     if share > max_skipped:
         raise PrepareError(
             f"{report['skipped']} of {report['files']} files skipped ({share:.1%} > "
-            f"max_skipped {max_skipped:.1%}); reasons in {report_path}"
+            f"prepare.max_skipped {max_skipped:.1%}); reasons in {report_path}"
         )
 
 

@@ -196,7 +196,10 @@ def shard_files(folder: str | Path, reported: int | None = None) -> list[Path]:
     a shard lost in a copy dropped its images without a word."""
     shards = sorted(Path(folder).glob(SHARD_GLOB), key=shard_order)
     if not shards:
-        raise ShardError(f"{folder}: no {SHARD_GLOB} files (run prepare first)")
+        # a prepared folder named where one of its splits is meant (stats's input)
+        inner = [Path(folder) / s for s in SPLITS if any((Path(folder) / s).glob(SHARD_GLOB))]
+        hint = f"; a prepared folder: name a split of it, {inner[0]}" if inner else ""
+        raise ShardError(f"{folder}: no {SHARD_GLOB} files{hint or ' (run prepare first)'}")
     wanted = [shard_name(i) for i in range(len(shards) if reported is None else reported)]
     names = [path.name for path in shards]
     if names != wanted:
@@ -237,7 +240,12 @@ def load_classes(prepared: str | Path) -> list[dict]:
     try:
         classes = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ShardError(f"{path}: no such file (prepare writes it when it succeeds)") from None
+        parent = Path(prepared).parent  # a split named where its prepared folder is meant
+        if (parent / CLASSES_FILE).is_file():
+            why = f"a split of a prepared folder: name the folder, {parent}"
+        else:
+            why = "prepare writes it when it succeeds"
+        raise ShardError(f"{path}: no such file ({why})") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ShardError(f"{path}: unreadable ({one_line(error)})") from None
     if not isinstance(classes, list) or not classes:

@@ -541,13 +541,22 @@ def open_source(root: str | Path, splits: tuple[str, ...] = SPLITS) -> Source:
     # as given, not resolved: Kaggle's image folder through a link to another disk is
     # still three levels below its download's top, where its label files are
     root = Path(root).absolute()
+    if root.exists() and not root.is_dir():
+        raise SourceError(f"{display_name(root)}: a file, not a dataset folder (train/, val/)")
     if not root.is_dir():
-        raise SourceError(f"{display_name(root)}: no such dataset folder")
+        raise SourceError(
+            f"{display_name(root)}: no such dataset folder (`alexnet synth` makes the demo's)"
+        )
     if not (root / "train").exists() and (root.joinpath(*KAGGLE_DATA) / "train").is_dir():
         root = root.joinpath(*KAGGLE_DATA)  # Kaggle's download, given at its top
     # Each split's top folder, listed once (train/ also gives the classes).
     tops = {split: _scan(_split_dir(root, split)) for split in dict.fromkeys(("train", *splits))}
     folders = {split: [e for e in entries if _is_dir(e)] for split, entries in tops.items()}
+    if not folders["train"] and _files_ending(tops["train"], IMAGE_SUFFIXES):
+        raise SourceError(
+            f"{display_name(root / 'train')}: images but no class folders; put each class's "
+            "images in a folder of its own, train/<class>/"
+        )
     if not folders["train"]:
         raise SourceError(f"{display_name(root / 'train')}: empty split (no class folders)")
     _check_class_folders(tops["train"])

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -49,7 +50,7 @@ from alexnet.errors import AlexnetError, Interrupted, one_line, user_line
 from alexnet.jpeg import decode_threads, to_device
 from alexnet.metrics import label_ranks, missed
 from alexnet.model import AlexNet
-from alexnet.modelfile import save_model, save_tensors
+from alexnet.modelfile import check_replaceable, save_model, save_tensors
 from alexnet.params import DEFAULTS, JpegDecoder, Kernels, ModelParams, TrainParams
 from alexnet.placement import TwoColumnAlexNet, place, resolve_devices
 from alexnet.reader import LmdbSplit, batch_loader, check_together, encoded_for, in_order, read
@@ -218,6 +219,23 @@ def set_aside_path(checkpoint: Path, digest: str | None) -> Path:
     return checkpoint.with_stem(f"{checkpoint.stem}.other-run-{(digest or 'damaged')[:12]}")
 
 
+def set_aside_note(checkpoint: Path) -> str:
+    """What the checkpoints set aside beside `checkpoint` add up to, where there are two or
+    more: none is removed (a run whose params come back resumes its own), and each is as
+    large as the checkpoint (~0.5 GB on ImageNet), so the user is told."""
+    pattern = f"{glob.escape(checkpoint.stem)}.other-run-*{glob.escape(checkpoint.suffix)}"
+    sizes = []
+    for path in checkpoint.parent.glob(pattern):
+        with suppress(OSError):  # (removed meanwhile: not counted)
+            sizes.append(path.stat().st_size)
+    if len(sizes) < 2:
+        return ""
+    return (
+        f" ({len(sizes)} set aside there hold {sum(sizes) / 1e9:.1f} GB: remove those of "
+        "runs you will not come back to)"
+    )
+
+
 def start_view(start: int, epoch: int, step: int, run: str, code: dict[str, str]) -> list[int]:
     """Where a rank starts, as integers the ranks gather: how (`AFRESH`, `RESUMES`,
     `UNREADABLE`), the epoch and step, and 60-bit prefixes of the run's digest (params,
@@ -252,7 +270,7 @@ def _start(view: list[int]) -> str:
 
 def check_outputs(model_path: Path, checkpoint: Path, metrics: Path) -> None:
     """The files train writes, checked before any work."""
-    file_target(model_path)
+    check_replaceable(file_target(model_path))
     file_target(checkpoint)
     output_folder(metrics)
     file_target(metrics / SUMMARY)
@@ -531,7 +549,7 @@ class Trainer:
             self.checkpoint.unlink()
             return f"dropped: {aside} holds the same run, as far or further trained"
         os.replace(self.checkpoint, aside)
-        return f"kept as {aside}"
+        return f"kept as {aside}{set_aside_note(self.checkpoint)}"
 
     def _bring_back(self, log: Callable[[str], None], allowed: bool) -> bool:
         """Put this run's checkpoint back where an earlier run set it aside, if `allowed`

@@ -18,10 +18,10 @@ from alexnet.evaluate import evaluate as evaluate_split
 from alexnet.figures import FIGURES, kernels_figure, neighbours_figure, png, top5_figure
 from alexnet.jpeg import decode_threads
 from alexnet.lmdb_store import StoreError, read_meta
-from alexnet.modelfile import check_model_path
+from alexnet.modelfile import check_model_file
 from alexnet.neighbours import images_of, nearest, query_vectors, table
 from alexnet.params import ComputeParams, EvaluateParams, JpegDecoder
-from alexnet.placement import resolve_devices
+from alexnet.placement import check_devices, resolve_devices
 from alexnet.reader import LmdbSplit, check_together
 
 
@@ -70,12 +70,21 @@ def _figures(
     return {name: png(figure) for name, figure in pictures.items()}, tables
 
 
-def refuse(val: str, model_path: str, train: str, metrics: str, **_: object) -> None:
+def refuse(
+    val: str,
+    model_path: str,
+    train: str,
+    metrics: str,
+    evaluate: EvaluateParams | None = None,
+    **_: object,
+) -> None:
     """What stops a run before any work, as one line: the stage command calls it before
     Prefect's server starts (flows.stages.run_stage), the flow first."""
+    if evaluate is not None:
+        check_devices("evaluate.device", [evaluate.device])
     check_targets(Path(metrics))
     read_meta(val)
-    check_model_path(Path(model_path))  # (evaluate run before train, say)
+    check_model_file(Path(model_path))  # (none: evaluate run before train, say)
     read_meta(train)
 
 
@@ -93,7 +102,7 @@ def evaluate_flow(
     neighbours.png and neighbours.csv. The mean
     image is the model file's: the one its training subtracted."""
     logger = get_run_logger()
-    refuse(val, model_path, train, metrics)
+    refuse(val, model_path, train, metrics, evaluate)
     device = resolve_devices([evaluate.device])[0]
     threads = decode_threads(evaluate.loader_workers)  # per loader process
     split = LmdbSplit(val, threads)

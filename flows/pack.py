@@ -10,18 +10,25 @@ from prefect import flow, get_run_logger
 from alexnet.atomic import folder_target
 from alexnet.lmdb_store import STORE_OWNER, write_store
 from alexnet.pack import (
+    SplitIndex,
     check_indexes,
     chunk_bytes,
     chunks,
-    index_shards,
     output_order,
     pack_digest,
     packed_count,
+    split_index,
+    split_shards,
 )
 from alexnet.params import ComputeParams, PackParams, PrepareParams
 from alexnet.shards import SPLITS, load_classes
 from flows.progress import Bar, in_order
-from tasks.pack import load_chunk_task
+from flows.runners import parallelism
+from tasks.pack import index_shard_task, load_chunk_task
+
+# Shards each worker has queued while the splits are indexed: the tasks are alike and
+# short (a shard's tar headers), so two keep a worker busy.
+INDEX_AHEAD_PER_WORKER = 2
 
 
 def refuse(prepared: str, out: str, **_: object) -> None:
@@ -40,7 +47,9 @@ def pack_flow(
     workers read ahead of the single writer by at most params `compute.window_mb`."""
     refuse(prepared, out)
     classes = load_classes(prepared)
-    indexes = {split: index_shards(Path(prepared) / split, len(classes)) for split in SPLITS}
+    indexes = {
+        split: index_split(Path(prepared) / split, len(classes), compute) for split in SPLITS
+    }
     check_indexes(prepared, indexes, classes)
     options = {**pack.model_dump(exclude={"batch"}), "size": prepare.size, "classes": classes}
     digest = pack_digest(indexes, options)
@@ -66,6 +75,19 @@ def pack_flow(
         )
     get_run_logger().info("packed %s records (%s)", counts, pack.encoding)
     return counts
+
+
+def index_split(folder: Path, classes: int, compute: ComputeParams) -> SplitIndex:
+    """The split's records, a task a shard: ImageNet's ~1,330 shards are ~2.6M tar
+    members, a minute or more of one core's time, which the workers share."""
+    shards = split_shards(folder)
+    results = in_order(
+        shards,
+        lambda shard: index_shard_task.submit(str(shard), classes),
+        INDEX_AHEAD_PER_WORKER * parallelism(compute.workers),
+        Bar(f"index {folder.name}", len(shards)),
+    )
+    return split_index(shards, [table for _, table in results])
 
 
 if __name__ == "__main__":

@@ -231,7 +231,7 @@ STAGES: dict[str, Stage] = {
                 "compute.kernels",
                 "compute.jpeg_decoder",
             ),
-            "train: {epochs} epochs; val top-1 error {val_top1_error:.3f}, top-5 "
+            "train: trained to epoch {epochs}; val top-1 error {val_top1_error:.3f}, top-5 "
             "{val_top5_error:.3f}; model in {model_path}",
         ),
         Stage(

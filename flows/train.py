@@ -23,6 +23,7 @@ from alexnet.fit import METRICS, fit, summary
 from alexnet.lmdb_store import read_meta
 from alexnet.orphans import WORKER_GRACE_S
 from alexnet.params import ComputeParams, ModelParams, PrepareParams, TrainParams
+from alexnet.placement import check_devices
 from alexnet.shards import SPLITS
 from alexnet.stats import load_stats
 from alexnet.threads import share_of_cores
@@ -126,10 +127,18 @@ def _stop_on_ctrl_c(process: subprocess.Popen) -> None:
 
 
 def refuse(
-    lmdb: str, stats: str, model_path: str, checkpoint: str, metrics: str, **_: object
+    lmdb: str,
+    stats: str,
+    model_path: str,
+    checkpoint: str,
+    metrics: str,
+    train: TrainParams | None = None,
+    **_: object,
 ) -> None:
     """What stops a run before any work, as one line: the stage command calls it before
     Prefect's server starts (flows.stages.run_stage), the flow first."""
+    if train is not None:
+        check_devices("train.device", train.device)
     check_outputs(Path(model_path), Path(checkpoint), Path(metrics))
     load_stats(Path(stats))
     for split in SPLITS:
@@ -150,7 +159,7 @@ def train_flow(
 ) -> dict:
     """Train (or resume) and write the model file, metrics/train.json and dvclive plots."""
     logger = get_run_logger()
-    refuse(lmdb, stats, model_path, checkpoint, metrics)
+    refuse(lmdb, stats, model_path, checkpoint, metrics, train)
     run = TrainRun(
         train=train,
         model=model,

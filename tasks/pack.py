@@ -1,12 +1,20 @@
-"""Prefect task of the pack stage: read (and for `raw`, decode) one chunk of records."""
+"""Prefect tasks of the pack stage: index one shard; read (and for `raw`, decode) one chunk
+of records."""
 
 from __future__ import annotations
 
+import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from alexnet.pack import Entry, load_chunk
+from alexnet.pack import Entry, load_chunk, shard_table
 from tasks.quiet import quiet_user_errors
+
+
+@task(name="index-shard", cache_policy=NO_CACHE)
+@quiet_user_errors
+def index_shard_task(shard: str, classes: int) -> np.ndarray:
+    return shard_table(shard, classes)
 
 
 @task(name="load-chunk", cache_policy=NO_CACHE)

@@ -203,6 +203,25 @@ def test_a_stage_refused_before_any_work_prints_its_one_line_alone(tmp_path, sta
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
+def test_a_device_this_machine_lacks_is_one_line_naming_its_param_before_any_work(tmp_path):
+    # Found once the flow ran: the server started, the reason twice, no param named, and
+    # train left an empty checkpoints folder.
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    (tmp_path / "params.yaml").write_text(
+        "train:\n  device: [cuda:99]\nevaluate:\n  device: cuda:99\n"
+    )
+    missing = tmp_path / "missing"
+    for stage, args in (
+        ("train", [missing, missing, tmp_path / "m" / "m.pt"]),
+        ("evaluate", [missing, tmp_path / "m.pt"]),
+    ):
+        result = alexnet(stage, *map(str, args), env=env, cwd=tmp_path)
+        assert result.returncode == 1 and result.stdout == "", result.stderr
+        assert result.stderr.startswith(f"error: {stage}.device: device cuda:99 requested")
+        assert result.stderr.count("\n") == 1, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
 def test_doctor_names_the_imaging_library_and_devices(monkeypatch):
     monkeypatch.delenv("ALEXNET_CHECKPOINT", raising=False)
     result = runner.invoke(app, ["doctor"])
@@ -408,7 +427,8 @@ def test_missing_dataset_is_one_error_line(tmp_path, prefect_server):
     result = alexnet("prepare", str(tmp_path / "nowhere"), str(tmp_path / "out"), env=env)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {tmp_path / 'nowhere'}: no such dataset folder"]
+    hint = "(`alexnet synth` makes the demo's)"
+    assert errors == [f"error: {tmp_path / 'nowhere'}: no such dataset folder {hint}"]
     assert "Traceback" not in result.stderr
 
 

@@ -214,6 +214,18 @@ def test_a_trained_model_file_classifies_its_training_images(data, model_file):
     ).tolist()
 
 
+def test_a_checkpoint_named_as_the_model_is_refused_before_any_work(data, tmp_path):
+    # (It was refused once loaded in the flow: after Prefect's server had started.)
+    from alexnet.modelfile import ModelFileError
+    from flows.evaluate import refuse
+
+    checkpoint = tmp_path / "train.pt"
+    torch.save({"digest": "0" * 64, "optimizer": {"state": {}}}, checkpoint)
+    lmdb = data / "lmdb"
+    with pytest.raises(ModelFileError, match="train.pt: a training checkpoint, not a model"):
+        refuse(str(lmdb / "val"), str(checkpoint), str(lmdb / "train"), str(tmp_path / "m"))
+
+
 def test_read_ahead_gives_the_same_numbers(data, model_file):
     # Why evaluate.loader_workers is an execution key (no DVC param of the stage): loader
     # processes read the batches in order, and the model sees the same batches.

@@ -304,17 +304,24 @@ def cut_to(path: Path, size: int) -> None:
     path.write_bytes(path.read_bytes()[:size])
 
 
-def test_a_model_file_that_cannot_be_opened_is_refused_as_loading_it_would(model_file, tmp_path):
-    # evaluate refuses it before Prefect's server starts: with the line load_model gives
-    from alexnet.modelfile import check_model_path, load_model
+@pytest.mark.parametrize("case", list(FOREIGN))
+def test_a_file_that_is_not_a_model_is_refused_before_any_work_as_loading_would(
+    model_file, tmp_path, case
+):
+    # evaluate refuses it before Prefect's server starts (the file mapped, not read), with
+    # the line load_model gives
+    from alexnet.modelfile import check_model_file, load_model
 
-    for path in (tmp_path / "none.pt", tmp_path):
-        with pytest.raises(ModelFileError) as early:
-            check_model_path(path)
-        with pytest.raises(ModelFileError) as late:
-            load_model(path)
-        assert str(early.value) == str(late.value), path
-    check_model_path(model_file)  # one that opens: what it holds is load_model's to check
+    make, _ = FOREIGN[case]
+    path, marker = tmp_path / "model.pt", tmp_path / "code-ran"
+    make(path, marker)
+    with pytest.raises(ModelFileError) as early:
+        check_model_file(path)
+    with pytest.raises(ModelFileError) as late:
+        load_model(path)
+    assert str(early.value) == str(late.value)
+    assert not marker.exists()
+    check_model_file(model_file)
 
 
 @pytest.mark.parametrize("case", list(FOREIGN))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 
 import pytest
@@ -277,6 +278,26 @@ def test_a_split_without_shards_is_named_with_what_to_run(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(ShardError, match=r"train: no shard-\*\.tar files \(run prepare first\)$"):
         shard_files(tmp_path / "train")
+
+
+def test_a_folder_one_level_off_is_named_with_the_one_meant(tmp_path):
+    # stats takes a split (prepared/train), pack the prepared folder: each given the
+    # other said "run prepare first" or "prepare writes it", after prepare had run
+    from alexnet.shards import CLASSES_FILE, ShardError, load_classes, shard_files
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "shard-00000.tar").write_bytes(b"")
+    (tmp_path / CLASSES_FILE).write_text("[]")
+    split = re.escape(str(tmp_path / "train"))
+    with pytest.raises(
+        ShardError, match=rf"files; a prepared folder: name a split of it, {split}$"
+    ):
+        shard_files(tmp_path)
+    folder = re.escape(str(tmp_path))
+    with pytest.raises(
+        ShardError, match=rf"split of a prepared folder: name the folder, {folder}\)$"
+    ):
+        load_classes(tmp_path / "train")
 
 
 def test_shards_are_in_number_order_past_five_digits(tmp_path):

@@ -139,6 +139,9 @@ def test_missing_split_is_one_clear_error(tmp_path):
         open_source(tmp_path)
     with pytest.raises(SourceError, match="no such dataset folder"):
         open_source(tmp_path / "nowhere")
+    (tmp_path / "a.JPEG").write_bytes(b"")  # one image named as the dataset
+    with pytest.raises(SourceError, match=r"a.JPEG: a file, not a dataset folder \(train/"):
+        open_source(tmp_path / "a.JPEG")
 
 
 def test_empty_class_is_an_error(tmp_path):
@@ -419,12 +422,14 @@ def test_empty_split_is_one_clear_error(tmp_path):
         open_source(tmp_path)
 
 
-def test_train_without_class_folders_is_an_empty_split(tmp_path):
+def test_train_without_class_folders_is_an_empty_split_or_says_where_images_go(tmp_path):
     (tmp_path / "train").mkdir()
-    (tmp_path / "train" / "stray.JPEG").write_bytes(jpeg(32, 32))
     (tmp_path / "val").mkdir()
     train = re.escape(str(tmp_path / "train"))
     with pytest.raises(SourceError, match=rf"^{train}: empty split \(no class folders\)$"):
+        open_source(tmp_path)
+    (tmp_path / "train" / "stray.JPEG").write_bytes(jpeg(32, 32))  # not an empty split
+    with pytest.raises(SourceError, match=rf"^{train}: images but no class folders; put each"):
         open_source(tmp_path)
 
 

@@ -143,9 +143,11 @@ def test_checkpoint_of_other_params_is_set_aside_not_resumed_nor_overwritten(dat
     again = trainer(data, tmp_path, epochs=1)
     assert again.resume(heard.append) and (again.epoch, again.step) == (0, 1)
     elsewhere = set_aside_path(checkpoint, other.digest)
+    held = (len(kept) + len(others)) / 1e9  # (two set aside: their sum is said)
     assert heard == [
         f"warning: {checkpoint} is another run's (train.lr 0.02 -> 0.01): the checkpoint "
-        f"is kept as {elsewhere}",
+        f"is kept as {elsewhere} (2 set aside there hold {held:.1f} GB: remove those of "
+        "runs you will not come back to)",
         f"{checkpoint}: this run's own, set aside by an earlier run, back from {aside}",
     ]
     assert checkpoint.read_bytes() == kept and elsewhere.read_bytes() == others
@@ -371,6 +373,30 @@ def test_output_paths_are_refused_before_any_work(data, tmp_path, path):
     with pytest.raises(AlexnetError, match=message):
         Trainer(run.model_copy(update=change))
     assert (tmp_path / "a file").read_text() == "the user's"
+
+
+def test_a_file_at_the_model_path_is_replaced_only_if_it_is_a_model_file(data, tmp_path):
+    # A path mistyped as MODEL replaced a file of the user's, or a checkpoint (hours of
+    # training), with the model, without a word.
+    from alexnet.modelfile import ModelFileError
+
+    t = trainer(data, tmp_path, epochs=1, **ONE_STEP)
+    run_to_end(t)  # its checkpoint stays
+    t.export(tmp_path / "alexnet.pt")
+    (tmp_path / "notes.txt").write_text("the user's")
+    run = train_run(data, tmp_path / "other", epochs=1, **ONE_STEP)
+    for path, what in (
+        (t.checkpoint, "a training checkpoint, not a model file"),
+        (tmp_path / "notes.txt", "not an alexnet model file"),
+    ):
+        kept = path.read_bytes()
+        with pytest.raises(ModelFileError, match=f"{path.name}: {what}; train would replace"):
+            Trainer(run.model_copy(update={"model_path": path}))
+        assert path.read_bytes() == kept
+    # an earlier model file (or an empty file) is replaced, as before
+    for path in (tmp_path / "alexnet.pt", tmp_path / "empty.pt"):
+        path.touch()
+        Trainer(run.model_copy(update={"model_path": path}))
 
 
 def test_the_recipe_reaches_the_optimizer_and_a_plateau_divides_its_rate(
