@@ -26,6 +26,7 @@ bench: setup $(BASELINE_VENV)/bin/python
 	python bench/prepare.py --baseline-python $(BASELINE_VENV)/bin/python
 	python bench/prepare_rerun.py
 	python bench/store.py
+	python bench/index.py
 	python bench/model.py
 	python bench/train.py
 	python bench/evaluate.py

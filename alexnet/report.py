@@ -76,13 +76,14 @@ of the validation images.</p>
 <figcaption>{{ caption }}</figcaption></figure>
 {% endfor %}
 
-{% if per_class %}
 <h2>Per class</h2>
+{% if per_class %}
 <details><summary>{{ per_class|length }} classes, worst top-1 error first</summary>
 <table><tr>{% for key in per_class[0] %}<th>{{ key }}</th>{% endfor %}</tr>
 {% for row in per_class %}<tr>{% for value in row.values() %}<td>{{ value }}</td>{% endfor %}
 </tr>{% endfor %}</table></details>
-{% endif %}
+{% else %}<p class="missing">No eval/per_class.csv here: the evaluate stage writes it (in a
+clone, <code>dvc pull</code> brings a run's).</p>{% endif %}
 
 <h2>Params</h2>
 {% if params %}<p>The training run's, as it recorded them in <code>train/params.yaml</code>.</p>

@@ -198,8 +198,10 @@ def test_the_report_says_which_stage_writes_what_is_missing(tmp_path):
     write_run(tmp_path / "metrics", figures=False)
     (tmp_path / "metrics" / "train.json").unlink()
     (tmp_path / "metrics" / "train" / "params.yaml").unlink()
+    (tmp_path / "metrics" / "eval" / "per_class.csv").unlink()  # a clone's, before dvc pull
     page = render(tmp_path / "metrics")
-    assert page.count("the evaluate stage writes it") == 3
+    assert page.count("the evaluate stage writes it") == 4
+    assert "No eval/per_class.csv here: the evaluate stage writes it" in page
     assert "No train.json yet: the train stage writes it" in page
     assert "No train/params.yaml here: the train stage writes it" in page
 
