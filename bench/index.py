@@ -1,5 +1,5 @@
 """Benchmark of pack's first pass, the index of a split's shards (every tar header: ~2.6M
-members on ImageNet), in one run: a task a shard on the stage's process pool
+members on ImageNet), in one run: tasks of a few shards on the stage's process pool
 (`flows.pack.index_split`, ours) vs the same shards indexed in the flow's own process
 (`alexnet.pack.index_shards`, what pack did before), on shards of `--records` records
 each (a `.jpg` and a `.cls` member; tiny payloads: the index reads no image). The two
@@ -29,7 +29,7 @@ from prefect import flow  # noqa: E402
 from alexnet.pack import SplitIndex, index_shards  # noqa: E402
 from alexnet.params import ComputeParams  # noqa: E402
 from alexnet.shards import Record, shard_name, write_shard  # noqa: E402
-from flows.pack import index_split  # noqa: E402
+from flows.pack import SHARDS_PER_INDEX_TASK, index_split  # noqa: E402
 from flows.runners import task_runner  # noqa: E402
 from flows.server import prefect_api  # noqa: E402
 
@@ -97,7 +97,7 @@ def main() -> None:
         f"{args.repeats} ({cpu_model()}):"
     )
     print_ms_ratio(
-        (f"a task a shard, {args.workers} workers", min(ours)),
+        (f"tasks of {SHARDS_PER_INDEX_TASK} shards, {args.workers} workers", min(ours)),
         ("one process", min(alone)),
         0.75,
     )

@@ -24,11 +24,12 @@ from alexnet.params import ComputeParams, PackParams, PrepareParams
 from alexnet.shards import SPLITS, load_classes
 from flows.progress import Bar, in_order
 from flows.runners import parallelism
-from tasks.pack import index_shard_task, load_chunk_task
+from tasks.pack import index_shards_task, load_chunk_task
 
-# Shards each worker has queued while the splits are indexed: the tasks are alike and
-# short (a shard's tar headers), so two keep a worker busy.
-INDEX_AHEAD_PER_WORKER = 2
+# The splits' index: shards a task, so that a task's cost on the pool (~0.1 s of the
+# stage's CPU on 2 cores, bench/tasks.py) stays small beside its work (~0.1 s a shard of
+# 1,000 records), and tasks each worker has queued (alike and short: two keep it busy).
+SHARDS_PER_INDEX_TASK, INDEX_AHEAD_PER_WORKER = 8, 2
 
 
 def refuse(prepared: str, out: str, **_: object) -> None:
@@ -78,16 +79,21 @@ def pack_flow(
 
 
 def index_split(folder: Path, classes: int, compute: ComputeParams) -> SplitIndex:
-    """The split's records, a task a shard: ImageNet's ~1,330 shards are ~2.6M tar
-    members, a minute or more of one core's time, which the workers share."""
+    """The split's records, indexed by tasks of a few shards: ImageNet's ~1,330 shards
+    are ~2.6M tar members, minutes of one core's time, which the workers share."""
     shards = split_shards(folder)
+    size = SHARDS_PER_INDEX_TASK
+    groups = [
+        [str(shard) for shard in shards[start : start + size]]
+        for start in range(0, len(shards), size)
+    ]
     results = in_order(
-        shards,
-        lambda shard: index_shard_task.submit(str(shard), classes),
+        groups,
+        lambda group: index_shards_task.submit(group, classes),
         INDEX_AHEAD_PER_WORKER * parallelism(compute.workers),
-        Bar(f"index {folder.name}", len(shards)),
+        Bar(f"index {folder.name}", len(shards), len),
     )
-    return split_index(shards, [table for _, table in results])
+    return split_index(shards, [table for _, tables in results for table in tables])
 
 
 if __name__ == "__main__":

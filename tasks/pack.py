@@ -1,4 +1,4 @@
-"""Prefect tasks of the pack stage: index one shard; read (and for `raw`, decode) one chunk
+"""Prefect tasks of the pack stage: index a few shards; read (and for `raw`, decode) one chunk
 of records."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from alexnet.pack import Entry, load_chunk, shard_table
 from tasks.quiet import quiet_user_errors
 
 
-@task(name="index-shard", cache_policy=NO_CACHE)
+@task(name="index-shards", cache_policy=NO_CACHE)
 @quiet_user_errors
-def index_shard_task(shard: str, classes: int) -> np.ndarray:
-    return shard_table(shard, classes)
+def index_shards_task(shards: list[str], classes: int) -> list[np.ndarray]:
+    return [shard_table(shard, classes) for shard in shards]
 
 
 @task(name="load-chunk", cache_policy=NO_CACHE)
