@@ -71,8 +71,14 @@ def _read(path: Path, mapped: bool = False) -> object:
     a checkpoint is ~0.5 GB on ImageNet)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mmap = mapped and _kind(path) == "zip"  # (torch maps only its zip format)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        if mapped and _kind(path) == "zip":  # (torch maps only its zip format)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except OSError:
+                raise
+            except Exception:  # a file system that cannot map it: read, as loading will
+                pass
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _contents(path: Path, mapped: bool = False) -> dict:
@@ -96,22 +102,35 @@ def check_model_file(path: Path) -> None:
 def check_replaceable(path: Path) -> None:
     """A file at `path`, where train will write its model, is replaced only if it is a
     model file (an earlier one, of any version) or empty: a path mistyped as MODEL must not
-    cost a file of the user's, nor a checkpoint its hours of training."""
+    cost a file of the user's, nor a checkpoint its hours of training. (A symbolic link is
+    replaced itself, never written through: what it points to is not at stake.)"""
+    if path.is_symlink() or not path.is_file():
+        return
     try:
-        if not path.is_file() or _kind(path) == "empty":
+        if _kind(path) == "empty":
             return
         payload = _read(path, mapped=True)
+    except OSError as error:
+        what = f"cannot be read ({error.strerror or error})"
     except Exception:  # torch's loader raises many types: whatever fails is not ours
-        payload = None
-    if not isinstance(payload, dict):
-        what = "not an alexnet model file"
-    elif {"optimizer", "digest"} <= payload.keys():
-        what = "a training checkpoint, not a model file"
-    elif payload.get("format") != FORMAT["format"]:
         what = "not an alexnet model file"
     else:
-        return
+        if _is_model(payload):
+            return
+        checkpoint = _is_checkpoint(payload)
+        what = (
+            "a training checkpoint, not a model file" if checkpoint else "not an alexnet model file"
+        )
     raise ModelFileError(f"{path}: {what}; train would replace it: name another, or remove it")
+
+
+def _is_model(payload: object) -> bool:
+    """Whether loaded contents are a model file's, of any version."""
+    return isinstance(payload, dict) and payload.get("format") == FORMAT["format"]
+
+
+def _is_checkpoint(payload: object) -> bool:
+    return isinstance(payload, dict) and {"optimizer", "digest"} <= payload.keys()
 
 
 def _unreadable(path: Path, error: OSError) -> ModelFileError:
@@ -161,12 +180,12 @@ def _kind(path: Path) -> str:
 
 def _check_contents(path: Path, payload: object) -> dict:
     """The loaded contents, if they are those of a model file this code reads."""
-    if isinstance(payload, dict) and {"optimizer", "digest"} <= payload.keys():
+    if _is_checkpoint(payload):
         raise ModelFileError(
             f"{path}: a training checkpoint, not a model file: name the model file train "
             "writes when it ends (its MODEL)"
         )
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT["format"]:
+    if not _is_model(payload):
         raise ModelFileError(f"{path}: not an alexnet model file (no format 'alexnet-model')")
     if payload.get("version") != FORMAT["version"]:
         raise ModelFileError(

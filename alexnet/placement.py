@@ -132,7 +132,9 @@ def resolve_devices(names: Sequence[str]) -> list[torch.device]:
     """`[cpu]`, `[cuda]`, `[cuda:1]`, or two devices `[cuda:0, cuda:1]` for the paper's
     two-column model parallelism (column 0 on the first)."""
     devices = [_device(name) for name in names]
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    # (CUDA is asked only where a device names it: a CPU run's process never starts it)
+    cuda = any(device.type == "cuda" for device in devices) and torch.cuda.is_available()
+    count = torch.cuda.device_count() if cuda else 0
     for device in devices:
         if device.type == "cuda" and not count:
             raise DeviceError(f"device {device} requested but CUDA is not available here")

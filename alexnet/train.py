@@ -230,9 +230,11 @@ def set_aside_note(checkpoint: Path) -> str:
             sizes.append(path.stat().st_size)
     if len(sizes) < 2:
         return ""
+    held = sum(sizes)
+    amount = f"{held / 1e9:.1f} GB" if held >= 1e9 else f"{held / 1e6:.0f} MB"
     return (
-        f" ({len(sizes)} set aside there hold {sum(sizes) / 1e9:.1f} GB: remove those of "
-        "runs you will not come back to)"
+        f" ({len(sizes)} set aside there hold {amount}: remove those of runs you will not "
+        "come back to)"
     )
 
 

@@ -14,6 +14,7 @@ from alexnet.pack import (
     check_indexes,
     chunk_bytes,
     chunks,
+    index_shards,
     output_order,
     pack_digest,
     packed_count,
@@ -26,9 +27,10 @@ from flows.progress import Bar, in_order
 from flows.runners import parallelism
 from tasks.pack import index_shards_task, load_chunk_task
 
-# The splits' index: shards a task, so that a task's cost on the pool (~0.1 s of the
-# stage's CPU on 2 cores, bench/tasks.py) stays small beside its work (~0.1 s a shard of
-# 1,000 records), and tasks each worker has queued (alike and short: two keep it busy).
+# The splits' index: shards a task, so that a task's cost on the pool (~0.3 s of the
+# stage's time beside its work on 2 cores, bench/index.py) stays small beside its work
+# (~0.12 s a shard of 1,000 records), and tasks each worker has queued (alike and short:
+# two keep it busy).
 SHARDS_PER_INDEX_TASK, INDEX_AHEAD_PER_WORKER = 8, 2
 
 
@@ -83,6 +85,8 @@ def index_split(folder: Path, classes: int, compute: ComputeParams) -> SplitInde
     are ~2.6M tar members, minutes of one core's time, which the workers share."""
     shards = split_shards(folder)
     size = SHARDS_PER_INDEX_TASK
+    if len(shards) <= size or parallelism(compute.workers) == 1:  # tasks would add only cost
+        return index_shards(folder, classes)
     groups = [
         [str(shard) for shard in shards[start : start + size]]
         for start in range(0, len(shards), size)

@@ -264,17 +264,27 @@ def test_stats_flow_same_bits_for_any_worker_count_and_equal_direct(reference, t
     assert np.allclose(pca["covariance"], direct, rtol=1e-9, atol=0)
 
 
-def test_pack_flow_orders_and_worker_invariance(reference, tmp_path):
+def in_process_index(*_):
+    raise AssertionError("indexed in the flow's process, not in tasks")
+
+
+def test_pack_flow_orders_and_worker_invariance(reference, tmp_path, monkeypatch):
     import numpy as np
 
+    import flows.pack
     from alexnet.pack import index_shards, load_chunk
     from alexnet.params import ComputeParams, PackParams
     from alexnet.reader import LmdbSplit
     from flows.pack import pack_flow
 
+    # a shard a task: on 2 workers the index of each split comes from several tasks, which
+    # must give the one process's (1 worker) in the same order
+    monkeypatch.setattr(flows.pack, "SHARDS_PER_INDEX_TASK", 1)
     prepared = reference[0]
     params = PackParams(batch=5, seed=3)
     for workers in (1, 2):
+        if workers == 2:
+            monkeypatch.setattr(flows.pack, "index_shards", in_process_index)
         counts = pack_flow.with_options(task_runner=task_runner(None, workers))(
             str(prepared),
             str(tmp_path / f"l{workers}"),
@@ -299,6 +309,28 @@ def test_pack_flow_orders_and_worker_invariance(reference, tmp_path):
             assert labels[position] == label
             expected = np.frombuffer(payload, np.uint8).reshape(256, 256, 3)
             assert np.array_equal(images[position].permute(1, 2, 0).numpy(), expected)
+
+
+def test_a_damaged_shard_stops_packs_index_tasks_with_its_line(reference, tmp_path, monkeypatch):
+    import shutil
+
+    import flows.pack
+    from alexnet.params import ComputeParams, PackParams
+
+    monkeypatch.setattr(flows.pack, "SHARDS_PER_INDEX_TASK", 1)  # a task a shard
+    monkeypatch.setattr(flows.pack, "index_shards", in_process_index)
+    prepared = tmp_path / "prepared"
+    shutil.copytree(reference[0], prepared)
+    shard = prepared / "train" / "shard-00002.tar"
+    shard.write_bytes(shard.read_bytes()[:700])  # cut inside its first image
+    with pytest.raises(ShardError, match=r"shard-00002\.tar: not a readable tar \(empty header\)"):
+        flows.pack.pack_flow.with_options(task_runner=task_runner(None, 2))(
+            str(prepared),
+            str(tmp_path / "lmdb"),
+            PackParams(),
+            PrepareParams(),
+            ComputeParams(workers=2),
+        )
 
 
 def test_a_pack_stopped_between_its_splits_leaves_stores_that_are_not_read_together(

@@ -133,8 +133,9 @@ def test_cores_are_this_processes_share_not_the_hosts():
 
 @pytest.fixture
 def dali_only(monkeypatch):
-    """DALI decodes, or the test fails: our threads' decode (the fallback where DALI does
-    not import) raises. (torchvision still names a damaged payload, one at a time.)"""
+    """DALI decodes, or the test fails: it must import here, and our threads' decode
+    raises should `to_device` ever fall back to it. (torchvision still names a damaged
+    payload, one at a time.)"""
     from alexnet import jpeg
 
     assert jpeg.usable("dali") == "dali"  # the test environment has DALI (the [dali] extra)

@@ -213,7 +213,9 @@ def test_summary_counts_and_threshold(source, tmp_path):
     assert (summary["files"], summary["kept"], summary["skipped"]) == (9, 8, 1)
     assert summary["splits"]["val"] == {"files": 2, "kept": 2, "converted": 0, "skipped": 0}
     check_skipped(summary, 0.2, "report.json")  # 1/9 = 11% is allowed at 20%
-    with pytest.raises(PrepareError, match=r"1 of 9 files skipped \(11.1% > prepare.max_skipped 10.0%\)"):
+    with pytest.raises(
+        PrepareError, match=r"1 of 9 files skipped \(11.1% > prepare.max_skipped 10.0%\)"
+    ):
         check_skipped(summary, 0.1, "report.json")
 
 

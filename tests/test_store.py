@@ -401,7 +401,7 @@ def test_a_damaged_page_among_the_records_is_one_line_naming_the_record(tmp_path
 
 
 # Pack reads the prepared shards: a damaged one stops it with one line naming the shard
-# and the member (index_shards in the flow, load_chunk in the tasks).
+# and the member (index_shards, in the flow or its index tasks; load_chunk in the tasks).
 
 
 def prepared_split(tmp_path, bad: Record | None = None) -> list:

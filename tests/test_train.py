@@ -143,10 +143,10 @@ def test_checkpoint_of_other_params_is_set_aside_not_resumed_nor_overwritten(dat
     again = trainer(data, tmp_path, epochs=1)
     assert again.resume(heard.append) and (again.epoch, again.step) == (0, 1)
     elsewhere = set_aside_path(checkpoint, other.digest)
-    held = (len(kept) + len(others)) / 1e9  # (two set aside: their sum is said)
+    held = (len(kept) + len(others)) / 1e6  # (two set aside: their sum is said)
     assert heard == [
         f"warning: {checkpoint} is another run's (train.lr 0.02 -> 0.01): the checkpoint "
-        f"is kept as {elsewhere} (2 set aside there hold {held:.1f} GB: remove those of "
+        f"is kept as {elsewhere} (2 set aside there hold {held:.0f} MB: remove those of "
         "runs you will not come back to)",
         f"{checkpoint}: this run's own, set aside by an earlier run, back from {aside}",
     ]
@@ -393,10 +393,12 @@ def test_a_file_at_the_model_path_is_replaced_only_if_it_is_a_model_file(data, t
         with pytest.raises(ModelFileError, match=f"{path.name}: {what}; train would replace"):
             Trainer(run.model_copy(update={"model_path": path}))
         assert path.read_bytes() == kept
-    # an earlier model file (or an empty file) is replaced, as before
-    for path in (tmp_path / "alexnet.pt", tmp_path / "empty.pt"):
-        path.touch()
-        Trainer(run.model_copy(update={"model_path": path}))
+    # an earlier model file, of any version, an empty file or a link is replaced
+    torch.save({"format": "alexnet-model", "version": 1}, tmp_path / "old.pt")
+    (tmp_path / "link.pt").symlink_to(t.checkpoint)  # (replaced itself, not written through)
+    for name in ("alexnet.pt", "old.pt", "empty.pt", "link.pt"):
+        (tmp_path / name).touch()
+        Trainer(run.model_copy(update={"model_path": tmp_path / name}))
 
 
 def test_the_recipe_reaches_the_optimizer_and_a_plateau_divides_its_rate(
