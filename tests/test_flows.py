@@ -322,7 +322,7 @@ def test_a_damaged_shard_stops_packs_index_tasks_with_its_line(reference, tmp_pa
     prepared = tmp_path / "prepared"
     shutil.copytree(reference[0], prepared)
     shard = prepared / "train" / "shard-00002.tar"
-    shard.write_bytes(shard.read_bytes()[:700])  # cut inside its first image
+    shard.write_bytes(shard.read_bytes()[:700])  # cut inside its first headers
     with pytest.raises(ShardError, match=r"shard-00002\.tar: not a readable tar \(empty header\)"):
         flows.pack.pack_flow.with_options(task_runner=task_runner(None, 2))(
             str(prepared),
