@@ -105,7 +105,7 @@ def split_index(shards: Sequence[str | Path], tables: Sequence[np.ndarray]) -> S
 
 def index_shards(folder: str | Path, classes: int | None = None) -> SplitIndex:
     """Every record of a split's shards in source order (shard order, then member order),
-    indexed in this process (the pack flow has a task index each shard); a damaged shard
+    indexed in this process (the pack flow's tasks index a few shards each); a damaged shard
     or a label out of range raises `ShardError` naming the shard and the member."""
     shards = split_shards(folder)
     return split_index(shards, [shard_table(shard, classes) for shard in shards])

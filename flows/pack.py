@@ -27,10 +27,10 @@ from flows.progress import Bar, in_order
 from flows.runners import parallelism
 from tasks.pack import index_shards_task, load_chunk_task
 
-# The splits' index: shards a task, so that a task's cost on the pool (~0.3 s of the
-# stage's time beside its work on 2 cores, bench/index.py) stays small beside its work
-# (~0.12 s a shard of 1,000 records), and tasks each worker has queued (alike and short:
-# two keep it busy).
+# The splits' index: shards a task, so that a task's own cost on the pool (~0.3 s of
+# the stage's time on 2 cores, bench/index.py) is small against its work (~0.12 s a
+# shard of 1,000 records), and tasks each worker has queued (alike and short: two keep
+# it busy).
 SHARDS_PER_INDEX_TASK, INDEX_AHEAD_PER_WORKER = 8, 2
 
 
