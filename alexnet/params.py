@@ -569,9 +569,10 @@ def _read_yaml(path: Path) -> Any:
     return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
 
 
-def _describe(error: ValidationError, source: str, section: str = "") -> str:
+def _describe(error: ValidationError, source: str, section: str = "", *, keyed: bool = True) -> str:
     """The first validation error as one line: `params.yaml: prepare.quality: <why>`
-    (`section`: the one the validated mapping is, when it is not the whole file)."""
+    (`section`: the one the validated mapping is, when it is not the whole file;
+    `keyed` False: `source` names the key already, as an option does)."""
     first = error.errors()[0]
     key = ".".join(str(part) for part in (section, *first["loc"]) if part)
     if first["type"] == "extra_forbidden":
@@ -582,7 +583,7 @@ def _describe(error: ValidationError, source: str, section: str = "") -> str:
         return f"{source}: {why}"
     got = first.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{source}: {key}: {why}{shown}"
+    return f"{source}: {key}: {why}{shown}" if keyed else f"{source}: {why}{shown}"
 
 
 def parse_params(data: object, source: str = "params") -> Params:
@@ -633,11 +634,15 @@ def load_params(path: str | Path | None = None) -> Params:
 
 def with_compute(params: Params, **values: object) -> Params:
     """`params` with `compute` keys replaced (the command line's --workers, --scheduler),
-    validated as the file's values are."""
+    validated as the file's values are; a value refused is said as its option's."""
     compute = {**params.compute.model_dump(), **values}
     try:
         return params.model_copy(update={"compute": ComputeParams.model_validate(compute)})
     except ValidationError as error:
+        (key, *_) = error.errors()[0]["loc"] or ("",)
+        if key in values:  # the option's own value: `--workers: ... (got -1)`
+            option = "--" + str(key).replace("_", "-")
+            raise ParamsError(_describe(error, option, keyed=False)) from None
         raise ParamsError(_describe(error, "command line", "compute")) from None
 
 

@@ -10,10 +10,10 @@ has the same bits whatever the number of workers, and equals a direct computatio
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numba
 import numpy as np
@@ -231,15 +231,29 @@ def load_stats(folder: Path) -> tuple[torch.Tensor, dict]:
     checked: a NaN or a wrong shape would otherwise train on, or fail deep in a step."""
     import torch  # here: the stats stage itself runs without torch
 
-    try:
-        mean = np.load(folder / MEAN_FILE, allow_pickle=False)
-        pca = json.loads((folder / PCA_FILE).read_text())
-    except (OSError, ValueError) as error:
-        raise StatsError(f"{folder}: missing or corrupt stats ({error}); run stats") from None
+    mean = _read_stat(folder, MEAN_FILE, lambda path: np.load(path, allow_pickle=False))
+    pca = _read_stat(folder, PCA_FILE, lambda path: json.loads(path.read_text()))
     problem = mean_problem(mean) or pca_problem(pca)
     if problem:
         raise StatsError(f"{folder}: corrupt stats: {problem}; run stats")
     return torch.from_numpy(mean.astype(np.float32, copy=False)).permute(2, 0, 1).contiguous(), pca
+
+
+def _read_stat(folder: Path, name: str, read: Callable[[Path], Any]) -> Any:
+    """`read` of the stats file `name`; `StatsError` says, in one line, which is missing,
+    unreadable or not what stats writes."""
+    try:
+        return read(folder / name)
+    except (FileNotFoundError, NotADirectoryError):
+        missing = "not a folder" if folder.exists() else "no such stats folder"
+        what = f"no {name}" if folder.is_dir() else missing
+        raise StatsError(
+            f"{folder}: {what}; run stats (it writes {MEAN_FILE}, {PCA_FILE})"
+        ) from None
+    except OSError as error:
+        raise StatsError(f"{folder}: cannot read {name} ({error.strerror or error})") from None
+    except (ValueError, EOFError) as error:  # not .npy (an empty one: EOFError) or not JSON
+        raise StatsError(f"{folder}: corrupt stats: {name} ({error}); run stats") from None
 
 
 def mean_problem(mean: np.ndarray) -> str | None:

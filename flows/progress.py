@@ -76,13 +76,16 @@ def gather(futures: Sequence[PrefectFuture], label: str, weights: Sequence[int])
             bar = progress.add_task(label, total=sum(weights))
             pending = list(futures)
             while pending:
-                ended = [future for future in pending if _done(future)]
-                for future in ended:
+                running = []
+                for future in pending:  # one pass: a list less the ended is O(P * E)
+                    if not _done(future):
+                        running.append(future)
+                        continue
                     future.result()  # raise a task's error as soon as it happens
                     progress.advance(bar, weight_of[future.task_run_id])
-                pending = [future for future in pending if future not in ended]
-                if pending and not ended:
-                    _wait_a_little(pending[0])
+                if len(running) == len(pending):  # none ended: wait for the first
+                    _wait_a_little(running[0])
+                pending = running
     except BaseException:
         settle(futures)
         raise

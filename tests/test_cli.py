@@ -193,7 +193,7 @@ def test_a_stage_refused_before_any_work_prints_its_one_line_alone(tmp_path, sta
         "prepare": ([missing, tmp_path / "out"], f"{missing}: no such dataset folder"),
         "stats": ([missing, tmp_path / "out"], f"{missing}: no shard-*.tar files"),
         "pack": ([missing, tmp_path / "lmdb"], f"{missing / 'classes.json'}: no such file"),
-        "train": ([missing, missing, tmp_path / "m.pt"], f"{missing}: missing or corrupt stats"),
+        "train": ([missing, missing, tmp_path / "m.pt"], f"{missing}: no such stats folder"),
         "evaluate": ([missing, tmp_path / "m.pt"], f"{missing}: no LMDB store here"),
     }[stage]
     result = alexnet(stage, *map(str, args), env=env, cwd=tmp_path)
@@ -257,7 +257,7 @@ def test_bad_params_are_one_line_and_exit_1(tmp_path, yaml_text, message):
     ("args", "message"),
     [
         (["-p", "params.imagenet.yml"], "error: params.imagenet.yml: no such params file"),
-        (["--workers", "-1"], "error: command line: compute.workers: Input should be greater"),
+        (["--workers", "-1"], "error: --workers: Input should be greater"),
         (
             ["--scheduler", "tcp://127.0.0.1:1"],  # nothing listens on port 1
             "error: compute.scheduler: no Dask scheduler answers at tcp://127.0.0.1:1 (",

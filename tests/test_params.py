@@ -204,8 +204,13 @@ def test_two_devices_need_two_columns():
 
 def test_command_line_overrides_are_checked_as_the_files_values():
     assert with_compute(Params(), workers=3, scheduler="local").compute.workers == 3
-    with pytest.raises(ParamsError, match=r"^command line: compute.workers: .* 0 \(got -1\)$"):
+    # a value typed is said as its option, as the user wrote it
+    with pytest.raises(ParamsError, match=r"^--workers: .* 0 \(got -1\)$"):
         with_compute(Params(), workers=-1)
+    with pytest.raises(
+        ParamsError, match=r"^--scheduler: expected null, 'local' or .*\(got 'lo'\)$"
+    ):
+        with_compute(Params(), scheduler="lo")
 
 
 def test_a_params_file_named_must_be_there_and_readable(tmp_path, monkeypatch):
