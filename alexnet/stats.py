@@ -231,7 +231,7 @@ def load_stats(folder: Path) -> tuple[torch.Tensor, dict]:
     checked: a NaN or a wrong shape would otherwise train on, or fail deep in a step."""
     import torch  # here: the stats stage itself runs without torch
 
-    mean = _read_stat(folder, MEAN_FILE, lambda path: np.load(path, allow_pickle=False))
+    mean = _read_stat(folder, MEAN_FILE, _npy)
     pca = _read_stat(folder, PCA_FILE, lambda path: json.loads(path.read_text()))
     problem = mean_problem(mean) or pca_problem(pca)
     if problem:
@@ -254,6 +254,13 @@ def _read_stat(folder: Path, name: str, read: Callable[[Path], Any]) -> Any:
         raise StatsError(f"{folder}: cannot read {name} ({error.strerror or error})") from None
     except (ValueError, EOFError) as error:  # not .npy (an empty one: EOFError) or not JSON
         raise StatsError(f"{folder}: corrupt stats: {name} ({error}); run stats") from None
+
+
+def _npy(path: Path) -> np.ndarray:
+    array = np.load(path, allow_pickle=False)
+    if not isinstance(array, np.ndarray):  # np.load opens an .npz archive by its contents
+        raise ValueError("an .npz archive, not an .npy array")
+    return array
 
 
 def mean_problem(mean: np.ndarray) -> str | None:
