@@ -234,14 +234,15 @@ def test_missing_or_corrupt_stats_are_one_clear_error(tmp_path):
     assert refused(tmp_path) == f"{tmp_path}: no mean.npy{run}"
     (tmp_path / "mean.npy").write_bytes(b"")  # cut short to nothing
     assert refused(tmp_path).startswith(f"{tmp_path}: corrupt stats: mean.npy (")
-    with open(tmp_path / "mean.npy", "wb") as archive:  # np.savez's, under the name
-        np.savez(archive, mean=np.zeros((4, 4, 3), np.float32))
-    assert refused(tmp_path).startswith(f"{tmp_path}: corrupt stats: mean.npy (an .npz")
     np.save(tmp_path / "mean.npy", np.zeros((4, 4, 3), np.float32))
     assert refused(tmp_path) == f"{tmp_path}: no pca.json{run}"
     (tmp_path / "pca.json").write_text("{not json")
     assert refused(tmp_path).startswith(f"{tmp_path}: corrupt stats: pca.json (")
     assert refused(tmp_path).endswith("; run stats")
+    (tmp_path / "pca.json").write_text(json.dumps(GOOD_PCA))
+    with open(tmp_path / "mean.npy", "wb") as archive:  # np.savez's, under the name
+        np.savez(archive, mean=np.zeros((4, 4, 3), np.float32))
+    assert refused(tmp_path).startswith(f"{tmp_path}: corrupt stats: mean.npy (an .npz")
 
 
 GOOD_PCA = {"eigenvalues": [900.0, 90.0, 0.0], "eigenvectors": np.eye(3).tolist()}
