@@ -240,18 +240,19 @@ def load_stats(folder: Path) -> tuple[torch.Tensor, dict]:
 
 
 def _read_stat(folder: Path, name: str, read: Callable[[Path], Any]) -> Any:
-    """`read` of the stats file `name`; `StatsError` says, in one line, which is missing,
-    unreadable or not what stats writes."""
+    """`read` of the stats file `name`; `StatsError` says, in one line, which is missing
+    or not what stats writes. (Another refusal of the system, a file not readable, is the
+    CLI's one line `PATH: reason`, as everywhere.)"""
     try:
         return read(folder / name)
     except (FileNotFoundError, NotADirectoryError):
-        missing = "not a folder" if folder.exists() else "no such stats folder"
-        what = f"no {name}" if folder.is_dir() else missing
+        if folder.is_dir():
+            what = f"no {name}"
+        else:
+            what = "not a folder" if folder.exists() else "no such stats folder"
         raise StatsError(
             f"{folder}: {what}; run stats (it writes {MEAN_FILE}, {PCA_FILE})"
         ) from None
-    except OSError as error:
-        raise StatsError(f"{folder}: cannot read {name} ({error.strerror or error})") from None
     except (ValueError, EOFError) as error:  # not .npy (an empty one: EOFError) or not JSON
         raise StatsError(f"{folder}: corrupt stats: {name} ({error}); run stats") from None
 
