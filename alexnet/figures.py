@@ -5,7 +5,8 @@ right).
 
 Figures are built as `matplotlib.figure.Figure` objects (no pyplot: no global state, no
 GUI backend) and written by `png`, without the "Software" tag, so the same inputs give
-the same bytes.
+the same bytes. Torch is not imported here: the report (`alexnet report`) reads the
+figures' names and `png` only, and importing torch took ~2 s of its ~4.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 
-from alexnet.metrics import top_classes
+if TYPE_CHECKING:
+    import torch
 
 # The figures the evaluate stage writes (metrics/eval/<name>.png; dvc.yaml lists them as
 # plots), with the caption the report and the Prefect artifacts give them.
@@ -98,6 +100,8 @@ def top5_figure(
     """Each image (uint8 CHW) with its true class above it and, beside it, bars of the
     five classes of highest (10-crop average) probability, from their logs; the true
     class's bar in red when it is among them."""
+    from alexnet.metrics import top_classes  # (imports torch: see the module's docstring)
+
     count = len(labels)
     rows = math.ceil(count / per_row)
     figure = Figure(figsize=(per_row * 4.2, rows * 1.9), layout="constrained")

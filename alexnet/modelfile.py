@@ -25,7 +25,7 @@ import torch
 
 from alexnet.atomic import OutputError, atomic_output
 from alexnet.errors import AlexnetError, one_line
-from alexnet.model import AlexNet
+from alexnet.model import AlexNet, allocate
 from alexnet.params import DEFAULTS, Kernels
 
 FORMAT = {"format": "alexnet-model", "version": 2}
@@ -219,7 +219,9 @@ def load_model(
     path = Path(path)
     payload = _contents(path)
     try:
-        model = AlexNet(**payload["model"], kernels=kernels)
+        with torch.device("meta"):  # no weights drawn: the file's are copied in
+            model = AlexNet(**payload["model"], kernels=kernels)
+        allocate(model, "cpu")
         model.load_state_dict(payload["state_dict"])
     except Exception as error:  # a wrong shape, key or argument: the file is not this net
         raise ModelFileError(f"{path}: weights do not fit the model ({one_line(error)})") from None

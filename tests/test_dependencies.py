@@ -132,6 +132,21 @@ def test_closure_follows_imports_inside_functions(tmp_path):
     assert found == {"__init__.py", "a.py", "b.py", "c.py"}
 
 
+def test_an_edited_file_is_read_afresh_and_the_same_text_in_another_package_as_its_own(tmp_path):
+    # imported_modules keeps what it parsed, by the source text: an edit (as the tests'
+    # one-line edits of a stage's code, or a user's between two trainings in one
+    # process) must be seen, and a relative import read from where the file lies.
+    for package in ("alexnet", "flows"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+        (tmp_path / package / "a.py").write_text("from . import b\n")
+    first = imported_modules(tmp_path, tmp_path / "alexnet" / "a.py")
+    assert first == {"alexnet", "alexnet.b"}
+    assert imported_modules(tmp_path, tmp_path / "flows" / "a.py") == {"flows", "flows.b"}
+    (tmp_path / "alexnet" / "a.py").write_text("from . import c\n")
+    assert imported_modules(tmp_path, tmp_path / "alexnet" / "a.py") == {"alexnet", "alexnet.c"}
+
+
 def test_no_import_cycles_in_the_project():
     modules = {}
     for package in PACKAGES:

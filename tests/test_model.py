@@ -69,6 +69,29 @@ def test_paper_init():
         assert abs(layer.weight.mean().item()) < 0.001, name
 
 
+@pytest.mark.parametrize("init", ["paper", "caffe", "kaiming"])
+def test_every_parameter_is_drawn_by_the_init_not_left_unset(monkeypatch, init):
+    # torch's own initialisation of each layer is skipped (the layers are made on the
+    # meta device, then given memory): `initialise` must set every weight and bias. The
+    # memory is filled with NaN here, as unset memory may hold anything.
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    for columns in (1, 2):
+        model = AlexNet(num_classes=10, columns=columns, init=init)
+        for name, weight in model.named_parameters():
+            assert weight.device.type == "cpu" and weight.requires_grad, name
+            assert torch.isfinite(weight).all(), f"{name} left unset"
+
+
+def test_a_model_made_on_the_meta_device_draws_nothing():
+    # (what a model file is loaded into: alexnet/modelfile.py)
+    before = torch.random.get_rng_state()
+    with torch.device("meta"):
+        model = AlexNet(num_classes=10)
+    assert {weight.device.type for weight in model.parameters()} == {"meta"}
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
 def test_caffe_and_kaiming_init():
     torch.manual_seed(0)
     caffe = AlexNet(num_classes=10, init="caffe").layers()
