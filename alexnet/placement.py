@@ -22,7 +22,7 @@ from torch import nn
 
 from alexnet.errors import AlexnetError
 from alexnet.lrn import LRN
-from alexnet.model import AlexNet
+from alexnet.model import AlexNet, allocate
 from alexnet.params import device_problem
 
 
@@ -38,17 +38,21 @@ def _half(module: nn.Module, column: int) -> tuple[str, nn.Module]:
             module.kernel_size,
             module.stride,
             module.padding,
+            device="meta",
         )
         rows = slice(column * out, (column + 1) * out)
     elif isinstance(module, nn.Linear):
         out = (module.out_features + 1 - column) // 2  # column 0 takes the odd one out
         start = 0 if column == 0 else (module.out_features + 1) // 2
-        half = type(module)(module.in_features, out)  # fc8's halves: `Logits` too
+        half = type(module)(module.in_features, out, device="meta")  # fc8's: `Logits` too
         reads, rows = "both", slice(start, start + out)
     elif isinstance(module, LRN):
         return "own", LRN(module.size, module.alpha, module.beta, module.k, 1, module.kernels)
     else:  # ReLU, pooling, dropout, identity: the same operation on each column
         return "own", copy.deepcopy(module)
+    # Made on the meta device, given memory, then the layer's rows copied in: no weights
+    # drawn (as `AlexNet`'s own layers), so the random numbers after are a one-device run's.
+    allocate(half, module.weight.device)
     with torch.no_grad():
         half.weight.copy_(module.weight[rows])
         half.bias.copy_(module.bias[rows])

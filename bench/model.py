@@ -1,10 +1,13 @@
 """Benchmark of the model's training step, in one run: ours vs the same architecture
 built naively from stock layers (`nn.Conv2d(groups=2)`, `nn.LocalResponseNorm(5,
 alpha=5e-4, beta=0.75, k=2)`, the paper's formula in torch's convention) vs
-torchvision's `alexnet` (a different, later variant, for context); and the share of our
+torchvision's `alexnet` (a different, later variant, for context); the share of our
 step spent in LRN (every LRN layer's forward and backward timed alone on the activations
-of the step, under the same autocast). Every figure is the best of its repeats (a step's
-rate: the best of `--steps` steps), so that the share's two sides are taken alike.
+of the step, under the same autocast); and the making of the model (its layers made on
+the meta device, then `initialise`) vs torch's own initialisation of each layer first,
+as before (drawn, then thrown away: `initialise` draws every weight). Every figure is
+the best of its repeats (a step's rate: the best of `--steps` steps), so that the
+share's two sides are taken alike.
 
     python bench/model.py [--batch 128] [--steps 3] [--device cuda] [--amp]
                                                          (CPU run by `make bench`)
@@ -25,12 +28,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import best_seconds, device_name  # noqa: E402
+from common import best_seconds, device_name, print_ms_ratio  # noqa: E402
 
 CPU = torch.device("cpu")
 
 from alexnet.lrn import local_response_norm  # noqa: E402
-from alexnet.model import AlexNet, initialise  # noqa: E402
+from alexnet.model import AlexNet, allocate, initialise  # noqa: E402
 from alexnet.runtime import configure  # noqa: E402
 
 
@@ -55,6 +58,17 @@ def naive(num_classes: int = 1000) -> nn.Module:
         nn.ReLU(inplace=True),
         nn.MaxPool2d(3, 2),
     )
+    initialise(model, "paper")
+    return model
+
+
+def with_torch_init() -> AlexNet:
+    """The model made as before: each layer's own initialisation, then the paper's."""
+    with torch.device("meta"):
+        model = AlexNet()
+    allocate(model, CPU)
+    for layer in model.layers().values():
+        layer.reset_parameters()
     initialise(model, "paper")
     return model
 
@@ -148,6 +162,9 @@ def main() -> None:
     share = lrn_share(AlexNet(), args.batch, seconds, device, repeats, args.amp)
     print(f"LRN share of our step (forward + backward): {share:.1%}  (target <= 10%)")
     print("target: ours >= 1.0x the naive build")
+    print("making the model (1,000 classes, on the CPU), best of 5:")
+    ours = ("meta layers", best_seconds(AlexNet, 5, CPU))
+    print_ms_ratio(ours, ("torch's init first", best_seconds(with_torch_init, 5, CPU)), 0.8)
 
 
 if __name__ == "__main__":
