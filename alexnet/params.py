@@ -59,13 +59,19 @@ DEVICE_TYPES = ("cpu", "cuda")  # the devices the kernels, the decoders and the 
 PREDICT_BATCH = 16
 
 
+# Device names read without torch: `cpu`, `cuda`, `cuda:N` (N < 100; torch itself wraps
+# an index past 127 around). Importing torch to read them cost every stage command
+# 2-4 s of CPU where params name cuda (the ImageNet preset), prepare's included.
+PLAIN_DEVICE = re.compile(r"(cpu|cuda)(:(0|[1-9][0-9]?))?")
+
+
 def device_problem(name: str) -> str | None:
     """Why `name` is no device name torch knows (`gpu`), else None. Checked where the
     params load, so a typo stops `dvc repro` at its first stage, not after the stages
     before train; whether this machine has the device is checked where it runs."""
-    if name == "cpu":  # the default: no need to import torch to know it
+    if PLAIN_DEVICE.fullmatch(name):  # torch takes each of these (a test holds it)
         return None
-    import torch  # here: only a file naming another device pays for it, and its stages use torch
+    import torch  # here: only another name pays for it (torch says why it is none)
 
     try:
         device = torch.device(name)

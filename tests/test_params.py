@@ -7,6 +7,8 @@ import re
 import pytest
 
 from alexnet.params import (
+    DEVICE_TYPES,
+    PLAIN_DEVICE,
     Params,
     ParamsError,
     load_params,
@@ -14,7 +16,7 @@ from alexnet.params import (
     parse_params,
     with_compute,
 )
-from tests.helpers import REPO
+from tests.helpers import REPO, run_python
 
 
 @pytest.mark.parametrize("name", ["params.yaml", "params.imagenet.yaml"])
@@ -329,6 +331,33 @@ def test_a_device_name_torch_does_not_know_is_refused_when_loaded():
             ParamsError, match=rf"^params: {re.escape(key)}: not a device name \(cpu, cuda"
         ):
             parse_params({section: {"device": value}})
+
+
+def test_the_device_names_read_without_torch_are_ones_torch_takes():
+    # `cpu`, `cuda`, `cuda:N` are read without importing torch (2-4 s a stage command):
+    # each name read so is one torch takes, as that device; any other goes to torch.
+    import torch
+
+    plain = ["cpu", "cuda", "cuda:0", "cuda:7", "cuda:10", "cuda:99", "cpu:0", "cpu:3"]
+    others = ["cuda:127", "cuda:128", "cuda:01", "cpu:00", "cuda:", "cuda:-1", "CUDA", " cuda"]
+    assert [name for name in plain + others if PLAIN_DEVICE.fullmatch(name)] == plain
+    for name in plain:
+        device = torch.device(name)
+        assert device.type in DEVICE_TYPES and str(device) == name, name
+
+
+def test_params_naming_cuda_load_without_importing_torch(tmp_path):
+    (tmp_path / "params.yaml").write_text(
+        "train: {device: [cuda:0, cuda:1]}\nevaluate: {device: cuda}\n"
+    )
+    code = (
+        "import sys; from alexnet.params import load_params; "
+        f"p = load_params({str(tmp_path / 'params.yaml')!r}); "
+        "print(p.train.device, p.evaluate.device, 'torch' in sys.modules)"
+    )
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["('cuda:0',", "'cuda:1')", "cuda", "False"]
 
 
 def test_a_device_torch_knows_but_the_pipeline_does_not_run_on_is_refused_when_loaded():
