@@ -62,7 +62,7 @@ PREDICT_BATCH = 16
 # Device names read without torch: `cpu`, `cuda`, `cuda:N` (N < 100; torch itself wraps
 # an index past 127 around). Importing torch to read them cost every stage command
 # 2-4 s of CPU where params name cuda (the ImageNet preset), prepare's included.
-PLAIN_DEVICE = re.compile(r"(cpu|cuda)(:(0|[1-9][0-9]?))?")
+PLAIN_DEVICE = re.compile(rf"({'|'.join(DEVICE_TYPES)})(:(0|[1-9][0-9]?))?")
 
 
 def device_problem(name: str) -> str | None:
