@@ -1,7 +1,8 @@
 """Benchmark of the evaluate stage's 10-crop test, in one run: our batched 10-crop
 (one gather on the device, one forward of 10N crops, the softmax average in logs) vs
 ten times the centre-crop forward of the same model on the same batch (the cost of the
-ten forwards alone). Target: overhead <= 10%.
+ten forwards alone). Target: overhead <= 10%. Then figure 3 (conv1's kernels, drawn by
+every evaluate): one image a block against an axes a kernel, the layout before.
 
     python bench/evaluate.py [--batch 50] [--repeats 3] [--device cpu]   (run by `make bench`)
 """
@@ -17,9 +18,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import best_seconds, device_name  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from alexnet.crops import CENTRE, centre_crop  # noqa: E402
 from alexnet.evaluate import crop_average, crop_log_probabilities  # noqa: E402
+from alexnet.figures import PER_ROW, kernel_cells, kernels_figure, png  # noqa: E402
 from alexnet.model import AlexNet  # noqa: E402
 from alexnet.runtime import configure  # noqa: E402
 
@@ -55,6 +58,29 @@ def main() -> None:
     print(f"10-crop (ours)          {args.batch / ours:8.1f} images/s")
     print(f"10 x centre-crop forward{args.batch / baseline:8.1f} images/s")
     print(f"overhead of ours: {ours / baseline - 1:+.1%}  (target <= +10%)")
+    kernels = model.layers()["conv1"].weight
+    ours, baseline = (
+        best_seconds(lambda draw=draw: png(draw(kernels, 2)), args.repeats, torch.device("cpu"))
+        for draw in (kernels_figure, kernels_axes_figure)
+    )
+    print(f"figure 3, drawn and written as PNG (CPU): {ours * 1e3:.0f} ms (ours, an image a")
+    print(f"block) vs {baseline * 1e3:.0f} ms (an axes a kernel): {ours / baseline:.2f}x")
+
+
+def kernels_axes_figure(weight: torch.Tensor, columns: int) -> Figure:
+    """The baseline: figure 3 as `alexnet.figures` drew it before, an axes a kernel (the
+    same blocks, the same cells)."""
+    figure = Figure(figsize=(8.2, columns * 1.85 + 0.45), layout="constrained")
+    for part, block in zip(
+        figure.subfigures(columns, 1),
+        kernel_cells(weight).reshape(columns, -1, 11, 11, 3),
+        strict=True,
+    ):
+        axes = part.subplots(len(block) // PER_ROW, PER_ROW, squeeze=False)
+        for ax, cell in zip(axes.flat, block, strict=True):
+            ax.set_axis_off()
+            ax.imshow(cell, interpolation="nearest")
+    return figure
 
 
 if __name__ == "__main__":

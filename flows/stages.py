@@ -295,7 +295,11 @@ def user_errors() -> Iterator[None]:
 
 def _send_prefect_logs(timeout: float = 5.0) -> None:
     """Let Prefect send the events and logs it still holds now, which it otherwise does
-    at exit with a warning that came after the error line: the error is the last word."""
+    at exit with a warning that came after the error line: the error is the last word.
+    None without Prefect loaded: an error before any (a refusal, `alexnet report`'s) has
+    nothing to send, and importing it cost ~2 s of a CPU before the line."""
+    if sys.modules.get("prefect") is None:  # (None: an import of it refused)
+        return
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 
@@ -350,17 +354,17 @@ def run_stage(stage: Stage, paths: dict[str, str], params: Params, flow: Callabl
     """Run the stage's flow (a data stage's on the task runner the params choose)
     against one Prefect API for the whole run (flows/server.py); returns its result. When a pipeline
     run planned this stage's flow run (its id in PLANNED_RUN), that run is the one run."""
+    roles = {arg.name: arg.output for arg in stage.paths}
+    check_apart(  # before Prefect and the flow are imported (~2 s of a CPU): at once
+        {name: path for name, path in paths.items() if roles[name]},
+        {name: path for name, path in paths.items() if not roles[name]},
+    )
     from prefect.settings import PREFECT_API_URL
 
     from flows.runners import check_lasting_api, check_scheduler, task_runner
     from flows.server import prefect_api
 
     flow = flow or stage.flow()
-    roles = {arg.name: arg.output for arg in stage.paths}
-    check_apart(
-        {name: path for name, path in paths.items() if roles[name]},
-        {name: path for name, path in paths.items() if not roles[name]},
-    )
     # Absolute: a Dask worker started in another folder, or on another machine sharing
     # the file system, reads and writes the same files as this process.
     absolute = {name: os.path.abspath(path) for name, path in paths.items()}

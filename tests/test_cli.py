@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.stages import STAGES
-from tests.helpers import REPO, free_port, jpeg, make_imagefolder
+from tests.helpers import REPO, free_port, jpeg, make_imagefolder, run_python
 
 runner = CliRunner()
 
@@ -339,6 +339,21 @@ def test_an_output_at_or_inside_an_input_is_refused_before_any_work(tmp_path):
         )
         assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
         assert not (raw / "train" / "x").exists() and not (prepared / "lmdb").exists()
+
+
+def test_a_refusal_of_paths_alone_comes_before_prefect_is_imported(tmp_path):
+    # Prefect is ~2 s of a CPU to import: `prepare RAW RAW` is refused in well under a
+    # second, the error line printed without it.
+    raw = make_imagefolder(tmp_path / "raw", classes=2, train=1, val=1)
+    code = (
+        "import sys; sys.modules['prefect'] = None\n"  # `import prefect` now raises ImportError
+        "from flows.cli import app\n"
+        f"app(['prepare', {str(raw)!r}, {str(raw)!r}], prog_name='alexnet')\n"
+    )
+    done = run_python(code)
+    assert done.returncode == 1, done.stderr[-2000:]
+    line = f"error: {raw}: is the input RAW ({raw}); name an output outside it"
+    assert done.stderr.splitlines()[-1] == line
 
 
 def test_an_error_of_the_operating_system_is_one_line(tmp_path, prefect_server):

@@ -16,7 +16,17 @@ import torch
 from PIL import Image
 
 from alexnet.evaluate import crop_log_probabilities, evaluate, sample, top5_table
-from alexnet.figures import OTHER, TRUE, kernel_cells, kernels_figure, png, top5_figure
+from alexnet.figures import (
+    BLOCK_GREY,
+    OTHER,
+    PER_ROW,
+    TRUE,
+    kernel_cells,
+    kernels_figure,
+    mosaic,
+    png,
+    top5_figure,
+)
 from alexnet.lmdb_store import write_store
 from alexnet.model import AlexNet
 from alexnet.neighbours import Neighbours, hidden_vectors, keep_nearest, nearest
@@ -40,20 +50,33 @@ def test_each_kernel_is_stretched_to_its_own_range():
     assert np.all(cells[5] == 0.5)
 
 
+def test_a_mosaic_puts_each_cell_in_its_place_and_fills_the_rest():
+    cells = np.arange(5 * 2 * 3 * 3, dtype=float).reshape(5, 2, 3, 3)  # 5 cells of 2x3
+    grid = mosaic(cells, per_row=2, fill=-1.0)
+    expected = np.full((3 * 3 - 1, 2 * 4 - 1, 3), -1.0)  # 3 rows of 2, a pixel apart
+    for i, cell in enumerate(cells):
+        row, place = divmod(i, 2)
+        expected[row * 3 : row * 3 + 2, place * 4 : place * 4 + 3] = cell
+    assert np.array_equal(grid, expected)
+
+
 @pytest.mark.parametrize("columns", [2, 1])
 def test_the_kernel_grid_has_a_cell_per_kernel_and_a_block_per_column(columns):
     weight = AlexNet(num_classes=3, columns=columns).layers()["conv1"].weight
     figure = kernels_figure(weight, columns)
-    cells = [ax for ax in figure.axes if ax.images]
-    assert len(cells) == len(weight) == (96 if columns == 2 else 48)
-    expected = kernel_cells(weight)
-    for ax, cell in zip(cells, expected, strict=True):
-        assert np.array_equal(ax.images[0].get_array(), cell)
+    blocks = [ax for ax in figure.axes if ax.images]
+    assert len(blocks) == columns  # one image a block
+    expected = np.split(kernel_cells(weight), columns)
+    background = BLOCK_GREY if columns > 1 else 1.0
+    for ax, cells in zip(blocks, expected, strict=True):
+        grid = np.asarray(ax.images[0].get_array())
+        assert np.array_equal(grid, mosaic(cells, PER_ROW, background))
+        assert grid.shape == (3 * 12 - 1, PER_ROW * 12 - 1, 3)  # figure 3: 3 rows of 16
     # The paper's layout: the first half of the kernels (column 1) in the upper block.
-    blocks = [ax.get_figure(root=False) for ax in cells]
-    assert len(set(blocks)) == columns
+    parents = [ax.get_figure(root=False) for ax in blocks]
+    assert len(set(parents)) == columns
     if columns == 2:
-        assert blocks[:48] == [figure.subfigs[0]] * 48 and blocks[48:] == [figure.subfigs[1]] * 48
+        assert parents == list(figure.subfigs)
         titles = [sub.get_suptitle() for sub in figure.subfigs]
         assert titles == ["column 1 (GPU 1 in the paper)", "column 2 (GPU 2 in the paper)"]
     image = Image.open(io.BytesIO(png(figure)))
