@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -71,11 +72,8 @@ def kernels_axes_figure(weight: torch.Tensor, columns: int) -> Figure:
     """The baseline: figure 3 as `alexnet.figures` drew it before, an axes a kernel (the
     same blocks, the same cells)."""
     figure = Figure(figsize=(8.2, columns * 1.85 + 0.45), layout="constrained")
-    for part, block in zip(
-        figure.subfigures(columns, 1),
-        kernel_cells(weight).reshape(columns, -1, 11, 11, 3),
-        strict=True,
-    ):
+    blocks = np.split(kernel_cells(weight), columns)
+    for part, block in zip(figure.subfigures(columns, 1), blocks, strict=True):
         axes = part.subplots(len(block) // PER_ROW, PER_ROW, squeeze=False)
         for ax, cell in zip(axes.flat, block, strict=True):
             ax.set_axis_off()

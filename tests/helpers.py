@@ -211,14 +211,16 @@ def in_fresh_process(function, *args):
         return pool.submit(function, *args).result(timeout=300)
 
 
-def run_python(code: str, env: dict | None = None):
-    """`python -c code` in a fresh process at the repository's root; returns the
+def run_python(code: str, env: dict | None = None, blocked: tuple[str, ...] = ()):
+    """`python -c code` in a fresh process at the repository's root, the packages named in
+    `blocked` unimportable there (an import of one raises ImportError); returns the
     completed process (the test asserts on its status and output)."""
     import subprocess
     import sys
 
+    block = "".join(f"import sys; sys.modules[{name!r}] = None\n" for name in blocked)
     return subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", block + code],
         cwd=REPO,
         capture_output=True,
         text=True,
