@@ -8,17 +8,22 @@ workers inherit it.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import signal
 import socket
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from unittest import mock
 
 import httpx
-from prefect.settings import PREFECT_API_URL, temporary_settings
+import prefect
+from prefect.context import refresh_global_settings_context
+from prefect.logging import get_logger
+from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
 from alexnet.errors import AlexnetError, one_line
 from alexnet.orphans import die_with_parent
@@ -26,51 +31,93 @@ from alexnet.orphans import die_with_parent
 STARTUP_TIMEOUT_S = 90  # Prefect's 20 s default is too short on a busy 2-core machine
 
 
-def _own_session_server():
-    """Prefect's temporary server, started in a session of its own, on a socket bound here.
+# What Prefect runs as its temporary server (`SubprocessASGIServer` in
+# prefect.server.api.server): its app under uvicorn, with the UI and the lasting
+# server's services off. Started here rather than through that class: importing its
+# module (the whole server: FastAPI, SQLAlchemy, the models) cost each stage ~5 s of
+# CPU on a 2-core VM, for a server that runs in another process.
+SERVER_APP = "prefect.server.api.server:create_app"
+SERVER_ENV = {
+    "PREFECT_UI_ENABLED": "0",
+    "PREFECT__SERVER_EPHEMERAL": "1",
+    "PREFECT__SERVER_FINAL": "1",
+}
+STOP_WAIT_S = 5  # then killed (Prefect's own wait)
+STARTS, UVICORN_STARTUP_FAILURE = 3, 3
+
+
+class TemporaryServer:
+    """Prefect's temporary server, in a session of its own, on a socket bound here.
 
     A session of its own: a Ctrl-C at the terminal goes to every process of its
     foreground group: in the stage's group the server died with the stage, whose Prefect
-    clients then retried the dead API for minutes before it could exit. Stopped at exit as
-    before (`atexit`), and by Linux when this process dies without it (a closed terminal,
+    clients then retried the dead API for minutes before it could exit. Stopped at exit
+    (`atexit`: after Prefect's own exit handlers, registered later, have sent the run's
+    last logs), and by Linux when this process dies without it (a closed terminal,
     `timeout`): out of the group, no signal to the group reaches it.
 
     A socket bound here (a port the kernel picks, handed to uvicorn with `--fd`): Prefect
     picks a port that is free when it looks, and takes the first answer on it as its
     server's. Two stages starting at once could pick the same one; the second's server
-    then failed to bind, and that stage used the first's, which went with the first stage.
+    then failed to bind, and that stage used the first's, which went with the first stage."""
 
-    Prefect imported here: every command loads this module."""
-    from prefect.server.api.server import SubprocessASGIServer
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.address = self.api_url = ""
 
-    class OwnSessionServer(SubprocessASGIServer):
-        listener: socket.socket | None = None
+    def start(self, timeout: float) -> None:
+        """Start the server, and return once it answers (an error line after `timeout` s,
+        or when it exits first). Started again when it fails to start (uvicorn's status 3),
+        as Prefect does: two servers making one new database at once (two stages' first
+        runs) race in its migrations, and one of them fails."""
+        deadline = time.monotonic() + timeout
+        for attempt in range(STARTS):
+            self.process = self._launch()
+            while (why := unreachable(self.api_url)) is not None:
+                if self.process.poll() is not None:
+                    break
+                if time.monotonic() > deadline:
+                    raise AlexnetError(
+                        f"Prefect's temporary server did not answer in {timeout} s ({why})"
+                    )
+                time.sleep(0.1)
+            else:
+                return
+            if self.process.returncode != UVICORN_STARTUP_FAILURE or attempt == STARTS - 1:
+                raise AlexnetError(f"Prefect's temporary server exited ({self.process.returncode})")
 
-        def find_available_port(self) -> int:
-            self.listener = _bound(0)
-            return self.listener.getsockname()[1]
+    def _launch(self) -> subprocess.Popen:
+        listener = _bound(0)
+        self.address = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        self.api_url = f"{self.address}/api"
+        get_logger().info(f"Starting temporary server on {self.address}")
+        fd, app_dir = listener.fileno(), str(prefect.__module_path__.parent)
+        command = [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory", SERVER_APP]
+        command += ["--fd", str(fd), "--log-level", "error", "--lifespan", "on"]
+        settings = get_current_settings().to_environment_variables(exclude_unset=True)
+        with listener:  # the server holds it now (closed with the server)
+            process = subprocess.Popen(
+                command,
+                env={**os.environ, **SERVER_ENV, **settings},
+                start_new_session=True,
+                preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+                pass_fds=(fd,),
+            )
+        if self.process is None:
+            atexit.register(self.stop)
+        return process
 
-        def _run_uvicorn_command(self) -> subprocess.Popen:
-            if self.listener is None:  # a start again, after one that failed
-                self.port = self.find_available_port()
-            fd = self.listener.fileno()
-            stage = functools.partial(_die_with_parent, os.getpid())
-            real = subprocess.Popen  # (patched below, for Prefect's call)
-
-            def popen(args: list[str], **kwargs) -> subprocess.Popen:
-                args = _on_fd(args, self.port, fd)
-                return real(
-                    args, start_new_session=True, preexec_fn=stage, pass_fds=(fd,), **kwargs
-                )
-
-            try:
-                with mock.patch.object(subprocess, "Popen", popen):  # Prefect's, 3 more args
-                    return super()._run_uvicorn_command()
-            finally:  # the server holds it now (closed with the server), or failed to start
-                self.listener.close()
-                self.listener = None
-
-    return OwnSessionServer()  # Prefect's own singleton: its clients reuse it
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        get_logger().info(f"Stopping temporary server on {self.address}")
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
 
 
 def _bound(port: int) -> socket.socket:
@@ -87,15 +134,6 @@ def _bound(port: int) -> socket.socket:
     listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     listener.bind(("127.0.0.1", port))
     return listener
-
-
-def _on_fd(args: list[str], port: int, fd: int) -> list[str]:
-    """uvicorn's command `args` serving the socket `fd` instead of binding `port`."""
-    address = ["--host", "127.0.0.1", "--port", str(port)]
-    at = next((i for i in range(len(args)) if args[i : i + 4] == address), None)
-    if at is None:  # a Prefect whose command changed: fail here, not with a port clash
-        raise AlexnetError(f"Prefect's server command has no {' '.join(address)}: {args}")
-    return [*args[:at], "--fd", str(fd), *args[at + 4 :]]
 
 
 def _die_with_parent(stage: int) -> None:
@@ -138,11 +176,18 @@ def prefect_api() -> Iterator[str]:
         return
     # No network here: the server's telemetry would only log a failure.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    server = _own_session_server()
-    server.start(timeout=STARTUP_TIMEOUT_S)  # stopped by Prefect at exit, after logs drain
+    server = TemporaryServer()
+    server.start(timeout=STARTUP_TIMEOUT_S)  # stopped at exit, after Prefect's logs drain
+    # In the environment, for the workers, and in Prefect's settings of the process as
+    # well as of this context: Prefect's own threads (the process pool's message
+    # forwarding, the log and event services) start outside the context and read the
+    # process's, made when Prefect was imported; with no API there, each started a
+    # temporary server of Prefect's own.
     os.environ["PREFECT_API_URL"] = server.api_url
+    refresh_global_settings_context()
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             yield server.api_url
     finally:
         os.environ.pop("PREFECT_API_URL", None)
+        refresh_global_settings_context()

@@ -590,26 +590,34 @@ def test_a_stage_killed_outright_takes_its_server_and_workers_with_it(tmp_path):
             os.killpg(stage.pid, signal.SIGKILL)
 
 
-# Prefect's port for its temporary server narrowed to one, as when two stages that start
-# at once pick the same (this made the old code fail; the port is the kernel's pick now);
-# each stage then prints the API it uses, and keeps its server until its input closes.
-TWO_STAGES_ONE_PORT = """
-import sys
-from prefect.server.api.server import SubprocessASGIServer
-SubprocessASGIServer._port_range = range(int(sys.argv[1]), int(sys.argv[1]) + 1)
+# A stage's temporary server, as `run_stage` gets it; the stage then prints the API it
+# uses, the API a thread of its own started later sees (as Prefect's log, event and
+# pool-forwarding threads are), and whether it imported Prefect's server, and keeps its
+# server until its input closes.
+STAGE_WITH_A_SERVER = """
+import sys, threading
+from prefect.settings import PREFECT_API_URL
 from flows.server import prefect_api
 with prefect_api() as url:
-    print(url, flush=True)
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(PREFECT_API_URL.value()))
+    thread.start()
+    thread.join()
+    print(url, seen[0], "prefect.server.api.server" in sys.modules, flush=True)
     sys.stdin.read()
 """
 
 
 def test_two_stages_starting_at_once_each_get_a_temporary_server_of_their_own(tmp_path):
-    # Prefect took the first answer on the port it picked as its own server's: the second
-    # stage's server failed to bind, and that stage used the first's, which stopped with
-    # the first stage. Now the port is bound before the server starts.
+    # Prefect took the first answer on the port it picked as its own server's: two stages
+    # that started at once could pick the same port, the second's server then failed to
+    # bind, and that stage used the first's, which stopped with the first stage. Now the
+    # port is the kernel's pick, bound before the server starts.
+    # Prefect's threads, started outside the stage's settings context, saw no API and
+    # each started a temporary server of Prefect's own (left running when the thread's
+    # process ended first). And the stage imports none of the server (~5 s of CPU here).
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-    command = [sys.executable, "-c", TWO_STAGES_ONE_PORT, str(free_port())]
+    command = [sys.executable, "-c", STAGE_WITH_A_SERVER]
 
     def start(log: Path) -> subprocess.Popen:
         with log.open("w") as stream:
@@ -622,8 +630,11 @@ def test_two_stages_starting_at_once_each_get_a_temporary_server_of_their_own(tm
         return [path.read_text()[-2000:] for path in sorted(tmp_path.iterdir())]
 
     try:
-        urls = [stage.stdout.readline().strip() for stage in stages]  # both serve now
-        assert all(urls) and urls[0] != urls[1], (urls, logs())
+        lines = [stage.stdout.readline().split() for stage in stages]  # both serve now
+        assert all(lines), logs()
+        urls = [url for url, _, _ in lines]
+        assert urls[0] != urls[1], (urls, logs())
+        assert lines == [[url, url, "False"] for url in urls], logs()
         for url in urls:
             assert httpx.get(f"{url}/health", timeout=10).status_code == 200
     finally:
@@ -635,6 +646,45 @@ def test_two_stages_starting_at_once_each_get_a_temporary_server_of_their_own(tm
             except subprocess.TimeoutExpired:
                 stage.kill()
     assert [stage.returncode for stage in stages] == [0, 0], logs()
+    for url in urls:  # each stopped with its stage
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/health", timeout=10)
+
+
+# An app whose first start fails as a server's does that lost the race to make a new
+# database (its lifespan's startup fails: uvicorn exits with status 3), then Prefect's.
+FAILS_ONCE = """
+from pathlib import Path
+
+def create_app():
+    failed = Path(__file__).with_suffix(".failed")
+    if failed.exists():
+        from prefect.server.api.server import create_app
+
+        return create_app()
+    failed.touch()
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "lifespan.startup.failed", "message": "migrations raced"})
+
+    return app
+"""
+
+
+def test_a_temporary_server_that_fails_to_start_is_started_again(tmp_path, monkeypatch):
+    import flows.server
+
+    (tmp_path / "fails_once.py").write_text(FAILS_ONCE)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setattr(flows.server, "SERVER_APP", "fails_once:create_app")
+    server = flows.server.TemporaryServer()
+    try:
+        server.start(timeout=90)
+        assert (tmp_path / "fails_once.failed").exists()  # the first start failed
+        assert httpx.get(f"{server.api_url}/health", timeout=10).status_code == 200
+    finally:
+        server.stop()
 
 
 def test_the_temporary_servers_connections_send_at_once():
