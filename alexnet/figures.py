@@ -150,13 +150,14 @@ def neighbours_figure(
     neighbour_labels: torch.Tensor,
     distances: torch.Tensor,
     names: Sequence[str],
+    dimensions: int,
 ) -> Figure:
     """One row per query: the validation image, then its k nearest training images in
-    the last hidden layer, nearest first, each with its class (red: the query's class)
-    and its distance."""
+    the last hidden layer (of `dimensions` units), nearest first, each with its class
+    (red: the query's class) and its distance."""
     count, k = neighbour_labels.shape
     figure = Figure(figsize=((k + 1) * 1.35, count * 1.55 + 0.4), layout="constrained")
-    figure.suptitle("Nearest training images in the last hidden layer (4096-d, Euclidean)")
+    figure.suptitle(f"Nearest training images in the last hidden layer ({dimensions}-d, Euclidean)")
     axes = figure.subplots(count, k + 1, squeeze=False)
     for row in range(count):
         label = query_labels[row]

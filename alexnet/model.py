@@ -6,6 +6,8 @@ conv4 and conv5 see only their own column's maps (groups=2), conv3 and the fully
 connected layers see both. Local response normalisation is the paper's formula and
 normalises within a column. Shapes for a 224 input (conv1 padding 2; 227 without):
 55 -> 27 -> 27 -> 13 -> 13 -> 13 -> 13 -> 6, then 9216 -> 4096 -> 4096 -> classes.
+`model.width` below 1 narrows every layer alike (not the paper's: a quick net to try the
+chain on a CPU).
 """
 
 from __future__ import annotations
@@ -16,14 +18,18 @@ import torch
 from torch import nn
 
 from alexnet.lrn import LRN
-from alexnet.params import DEFAULTS, Columns, Init, InputSize, Kernels
+from alexnet.params import DEFAULTS, Columns, Init, InputSize, Kernels, Width
+
+HIDDEN_UNITS = 4096  # fc6's and fc7's in the paper
 
 
-def widths(columns: int) -> tuple[int, int, int, int, int]:
-    """Kernels of conv1..conv5. One column = section 3.2's comparison net: half the
-    kernels in every convolutional layer except the last (kept, like the FC layers, so
-    both nets have about the same number of parameters)."""
-    return (96, 256, 384, 384, 256) if columns == 2 else (48, 128, 192, 192, 256)
+def widths(columns: int, width: float = 1.0) -> tuple[int, int, int, int, int, int]:
+    """Kernels of conv1..conv5, then the units of fc6 and fc7, each times `width`
+    (params `model.width`). One column = section 3.2's comparison net: half the kernels
+    in every convolutional layer except the last (kept, like the FC layers, so both nets
+    have about the same number of parameters)."""
+    kernels = (96, 256, 384, 384, 256) if columns == 2 else (48, 128, 192, 192, 256)
+    return tuple(int(count * width) for count in (*kernels, HIDDEN_UNITS))
 
 
 class Logits(nn.Linear):
@@ -43,6 +49,7 @@ class AlexNet(nn.Module):
         self,
         num_classes: int = 1000,  # ImageNet's
         columns: Columns = DEFAULTS.model.columns,
+        width: Width = DEFAULTS.model.width,
         lrn: bool = DEFAULTS.model.lrn,
         overlap_pool: bool = DEFAULTS.model.overlap_pool,
         dropout: float = DEFAULTS.model.dropout,
@@ -55,9 +62,11 @@ class AlexNet(nn.Module):
         super().__init__()
         if columns not in get_args(Columns):
             raise ValueError(f"columns must be one of {get_args(Columns)}, got {columns}")
+        if width not in get_args(Width):
+            raise ValueError(f"width must be one of {get_args(Width)}, got {width}")
         if input_size not in get_args(InputSize):
             raise ValueError(f"input_size must be one of {get_args(InputSize)}, got {input_size}")
-        c1, c2, c3, c4, c5 = widths(columns)
+        c1, c2, c3, c4, c5, hidden = widths(columns, width)
         pool = (3, 2) if overlap_pool else (2, 2)  # section 3.4: z=3, s=2 vs z=s=2
         norm = (lambda: LRN(groups=columns, kernels=kernels)) if lrn else nn.Identity
         self.columns, self.input_size, self.init = columns, input_size, init
@@ -83,13 +92,13 @@ class AlexNet(nn.Module):
                 nn.MaxPool2d(*pool),
             )
             self.classifier = nn.Sequential(
-                nn.Linear(c5 * 6 * 6, 4096),  # fc6
+                nn.Linear(c5 * 6 * 6, hidden),  # fc6
                 nn.ReLU(inplace=True),
                 nn.Dropout(dropout),  # section 4.2: on the outputs of fc6 and fc7
-                nn.Linear(4096, 4096),  # fc7
+                nn.Linear(hidden, hidden),  # fc7
                 nn.ReLU(inplace=True),
                 nn.Dropout(dropout),
-                Logits(4096, num_classes),  # fc8
+                Logits(hidden, num_classes),  # fc8
             )
         device = torch.get_default_device()
         allocate(self, device)
@@ -110,7 +119,7 @@ class AlexNet(nn.Module):
         return self.classifier(torch.flatten(x, 1))  # (N, classes)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 4096): the last hidden layer (fc7 after its ReLU and dropout), the vector
+        """(N, 4096 x width): the last hidden layer (fc7 after its ReLU and dropout), the vector
         whose Euclidean distances section 6.1 compares between images."""
         return self.classifier[:-1](torch.flatten(self.features(x), 1))
 

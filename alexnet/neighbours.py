@@ -1,6 +1,6 @@
 """Section 6.1's nearest neighbours: the training images whose last-hidden-layer vectors
-(4096-d, fc7 after its ReLU, of the centre crop) lie closest in Euclidean distance to a
-query image's.
+(fc7 after its ReLU, of the centre crop: 4096-d in the paper's net) lie closest in
+Euclidean distance to a query image's.
 
 The training store is read once, in store order, `batch` images at a time; for each
 query only its k nearest so far are kept. Memory is one batch (its images, crops and
@@ -36,7 +36,8 @@ class Neighbours:
 def hidden_vectors(
     model: torch.nn.Module, images: torch.Tensor, mean: torch.Tensor | None, crop: int
 ) -> torch.Tensor:
-    """(N, 4096) float32 last-hidden-layer vectors of the centre crops of uint8 images."""
+    """(N, 4096 x model.width) float32 last-hidden-layer vectors of the centre crops of
+    uint8 images."""
     return model.hidden(centre_crop(images, mean, crop)).float()
 
 
@@ -106,7 +107,7 @@ def nearest(
     decoder: JpegDecoder = DEFAULTS.compute.jpeg_decoder,
 ) -> Neighbours:
     """The k (at most the store's size) training records nearest to each of the query
-    vectors (Q, 4096) from `hidden_vectors`, by one streamed pass over `train`, read
+    vectors (Q, D) from `hidden_vectors`, by one streamed pass over `train`, read
     ahead by `workers` processes (a jpeg store's batches decoded on CUDA by `decoder`)."""
     model.eval()
     queries = queries.to(device).float()

@@ -38,6 +38,9 @@ Kernels = Literal["fast", "reference"]
 JpegDecoder = Literal["torchvision", "dali", "cpu"]
 Resample = Literal["bilinear", "bicubic", "lanczos"]
 Columns = Literal[1, 2]
+# A share of the paper's kernels and units: halvings, so that every layer's count stays
+# whole and even (two columns, grouped convolutions) down to a sixteenth.
+Width = Literal[1.0, 0.5, 0.25, 0.125, 0.0625]
 InputSize = Literal[224, 227]
 Init = Literal["paper", "caffe", "kaiming"]
 LightingScale = Literal["unit", "std255"]
@@ -229,6 +232,11 @@ class ModelParams(_Section):
 
     columns: Columns = Field(
         2, description="2 = the paper's two columns; 1 = section 3.2's one-GPU net"
+    )
+    width: Width = Field(
+        1.0,
+        description="every layer's kernels and fc6/fc7's units as a share of the paper's "
+        "(1); 0.125: an eighth, ~40x fewer weights, a quick net for a CPU",
     )
     lrn: bool = Field(True, description="local response normalisation after conv1, conv2 (3.3)")
     overlap_pool: bool = Field(True, description="max-pool 3x3 stride 2 (3.4); false: 2x2 stride 2")

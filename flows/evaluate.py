@@ -64,7 +64,13 @@ def _figures(
         decoder=decoder,
     )
     pictures["neighbours"] = neighbours_figure(
-        images, labels.tolist(), images_of(train, found), found.labels, found.distances, names
+        images,
+        labels.tolist(),
+        images_of(train, found),
+        found.labels,
+        found.distances,
+        names,
+        dimensions=vectors.shape[1],
     )
     tables["neighbours"] = table(queries, labels.tolist(), found, names)
     return {name: png(figure) for name, figure in pictures.items()}, tables

@@ -519,9 +519,16 @@ def test_ctrl_c_waits_for_torchrun_to_stop_its_workers(tmp_path, monkeypatch, to
             os.kill(int(pid.read_text()), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)
 
+    # Python's own Ctrl-C, as a terminal's command has it: a shell that starts a command
+    # in the background (`pytest ... &`) starts it with SIGINT ignored, and Python then
+    # installs no handler of its own.
+    interrupts = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=ctrl_c, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        _launch([sys.executable, str(script), str(tmp_path)])
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _launch([sys.executable, str(script), str(tmp_path)])
+    finally:
+        signal.signal(signal.SIGINT, interrupts)
     assert (tmp_path / "ended").exists()
 
 

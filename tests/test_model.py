@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import sys
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 
 from alexnet.lrn import LRN
 from alexnet.model import AlexNet, parameter_count
+from alexnet.params import Width
 from tests.helpers import REPO, run_python
 
 PAPER_LAYERS = {
@@ -32,6 +34,30 @@ def test_parameter_count_is_the_papers():
     assert parameter_count(model) == 60_965_224
     counts = {name: parameter_count(layer) for name, layer in model.layers().items()}
     assert counts == PAPER_LAYERS
+
+
+def test_a_narrower_net_has_each_layer_of_the_papers_times_its_width():
+    # model.width: conv1-5's kernels and fc6-7's units scaled alike, each column's half
+    # and each layer's inputs following; fc8 keeps a unit a class.
+    def outputs(model: AlexNet) -> dict[str, int]:
+        return {name: layer.weight.shape[0] for name, layer in model.layers().items()}
+
+    paper = {columns: outputs(AlexNet(num_classes=10, columns=columns)) for columns in (1, 2)}
+    for width in get_args(Width)[1:]:
+        for columns in (1, 2):
+            model = AlexNet(num_classes=10, columns=columns, width=width).eval()
+            layers = model.layers()
+            expected = {
+                name: n if name == "fc8" else n * width for name, n in paper[columns].items()
+            }
+            assert outputs(model) == expected, (width, columns)
+            assert layers["fc6"].in_features == layers["conv5"].out_channels * 6 * 6
+            with torch.no_grad():
+                x = torch.randn(2, 3, 224, 224)
+                assert model(x).shape == (2, 10)
+                assert model.hidden(x).shape == (2, 4096 * width)
+    with pytest.raises(ValueError, match="width must be one of"):
+        AlexNet(width=0.3)
 
 
 @pytest.mark.parametrize("input_size", [224, 227])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Literal, get_args, get_origin
 
 import pytest
 
@@ -296,15 +297,20 @@ def test_a_bool_is_not_a_number(tmp_path):
 
 
 def test_an_infinite_or_nan_float_is_refused(tmp_path):
-    # `lr: .inf` passed `gt=0`; no knob means an infinite or NaN value.
+    # `lr: .inf` passed `gt=0`; no knob means an infinite or NaN value. (A knob of a few
+    # values, as `model.width`, names them.)
     path = tmp_path / "params.yaml"
     floats = [key for key in number_fields() if type(param_value(Params(), key)) is float]
-    assert {"train.lr", "train.momentum", "model.dropout", "prepare.file_timeout"} <= set(floats)
+    assert {"train.lr", "train.momentum", "model.dropout", "model.width"} <= set(floats)
     for key in floats:
         section, name = key.split(".")
+        annotation = Params.model_fields[section].annotation.model_fields[name].annotation
+        values = get_args(annotation) if get_origin(annotation) is Literal else ()
+        listed = f"{', '.join(map(str, values[:-1]))} or {values[-1]} " if values else ""
+        should = re.escape(listed) or "a finite number "
         for written, shown in ((".inf", "inf"), ("-.inf", "-inf"), (".nan", "nan")):
             path.write_text(f"{section}:\n  {name}: {written}\n")
-            refused = rf"^{re.escape(str(path))}: {key}: Input should be a finite number "
+            refused = rf"^{re.escape(str(path))}: {key}: Input should be {should}"
             with pytest.raises(ParamsError, match=refused + rf"\(got {shown}\)$"):
                 load_params(path)
 

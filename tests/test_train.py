@@ -37,6 +37,7 @@ from tests.helpers import (
     DEAD_PID,
     EPOCH_ENDS,
     REPO,
+    TEST_MODEL,
     assert_updates_within,
     assert_writes_what_dvc_tracks,
     blobs,
@@ -46,7 +47,7 @@ from tests.helpers import (
 )
 
 # Batch 4 over 10 images: steps of 4, 4, 2. A test that needs no particular steps
-# takes batch 10, one step per epoch (the cheapest epoch: a step costs ~1-3 s here).
+# takes batch 10, one step per epoch (the cheapest epoch).
 TWO_EPOCHS = {"epochs": 2, **EPOCH_ENDS}
 ONE_STEP = {"batch_size": 10, **EPOCH_ENDS}
 
@@ -491,7 +492,7 @@ def test_learns_the_tiny_task(data, tmp_path):
     t = trainer(
         data,
         tmp_path,
-        model={"dropout": 0.0},
+        model={"dropout": 0.0, "width": 1.0},  # the paper's net learns it
         batch_size=5,
         epochs=4,
         lr=0.02,
@@ -640,7 +641,7 @@ def test_train_flow_writes_model_metrics_plots_and_resumes(
         checkpoint=str(tmp_path / "ckpt" / "t.pt"),
         metrics=str(tmp_path / "metrics"),
         train=TrainParams(epochs=1, batch_size=10, val_batch_size=4, lighting=0.0),
-        model=ModelParams(init="caffe"),
+        model=ModelParams(**TEST_MODEL),
         prepare=PrepareParams(),
         compute=ComputeParams(),
     )
@@ -853,7 +854,7 @@ def cli_params(tmp_path_factory) -> Path:
     import yaml
 
     path = tmp_path_factory.mktemp("cli") / "params.yaml"
-    path.write_text(yaml.safe_dump({"train": CLI_TRAIN, "model": {"init": "caffe"}}))
+    path.write_text(yaml.safe_dump({"train": CLI_TRAIN, "model": TEST_MODEL}))
     return path
 
 
