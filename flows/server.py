@@ -70,6 +70,7 @@ class TemporaryServer:
         or when it exits first). Started again when it fails to start (uvicorn's status 3),
         as Prefect does: two servers making one new database at once (two stages' first
         runs) race in its migrations, and one of them fails."""
+        atexit.register(self.stop)
         deadline = time.monotonic() + timeout
         for attempt in range(STARTS):
             self.process = self._launch()
@@ -103,8 +104,6 @@ class TemporaryServer:
                 preexec_fn=functools.partial(_die_with_parent, os.getpid()),
                 pass_fds=(fd,),
             )
-        if self.process is None:
-            atexit.register(self.stop)
         return process
 
     def stop(self) -> None:
@@ -124,7 +123,7 @@ def _bound(port: int) -> socket.socket:
     """A TCP socket bound to `port` on 127.0.0.1 (0: one the kernel picks), for the server.
 
     Not yet listening: until the server listens (asyncio does, once it serves), a
-    connection is refused at once, which Prefect's startup check retries; a listening
+    connection is refused at once, which the startup check retries; a listening
     socket would accept it and leave it unanswered while the server imports (seconds),
     and the check failed on its read timeout. With TCP_NODELAY, which its connections
     inherit: uvicorn takes a socket it is handed for a Unix one, and asyncio sets the
