@@ -58,7 +58,7 @@ def make_imagefolder(root: Path, classes: int = 3, train: int = 4, val: int = 2)
 
 # The tests' net: the paper's layers at an eighth of their kernels and units (params
 # `model.width`). What the tests of training, resuming, placing and the chain hold does
-# not need the paper's width, which cost ~40% of their CPU (fc6 alone is 151 MB a
+# not need the paper's width, which cost about half of their CPU (fc6 alone is 151 MB a
 # checkpoint, and every step's memory was fresh pages); tests of the paper's net itself
 # (tests/test_model.py) make it at its width.
 TEST_MODEL = {"init": "caffe", "width": 0.125}
