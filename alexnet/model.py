@@ -60,12 +60,13 @@ class AlexNet(nn.Module):
         """The keywords are params `model` (defaults: alexnet/params.py); `kernels` picks
         the LRN's implementation (alexnet/lrn.py): the same function, not the model."""
         super().__init__()
-        if columns not in get_args(Columns):
-            raise ValueError(f"columns must be one of {get_args(Columns)}, got {columns}")
-        if width not in get_args(Width):
-            raise ValueError(f"width must be one of {get_args(Width)}, got {width}")
-        if input_size not in get_args(InputSize):
-            raise ValueError(f"input_size must be one of {get_args(InputSize)}, got {input_size}")
+        for name, value, allowed in (
+            ("columns", columns, Columns),
+            ("width", width, Width),
+            ("input_size", input_size, InputSize),
+        ):
+            if value not in get_args(allowed):
+                raise ValueError(f"{name} must be one of {get_args(allowed)}, got {value}")
         c1, c2, c3, c4, c5, hidden = widths(columns, width)
         pool = (3, 2) if overlap_pool else (2, 2)  # section 3.4: z=3, s=2 vs z=s=2
         norm = (lambda: LRN(groups=columns, kernels=kernels)) if lrn else nn.Identity
