@@ -110,6 +110,22 @@ def changed_code(recorded: object, current: dict[str, str]) -> list[str]:
     return sorted(name for name, digest in current.items() if recorded.get(name) != digest)
 
 
+def with_defaults(recorded: object, current: dict[str, dict], defaults: dict[str, dict]) -> object:
+    """A checkpoint's recorded recipe, each param of `current` it lacks taken at its
+    default (`defaults`: params sections as JSON): a param added since the checkpoint was
+    written is not a change of recipe, as a new param's default keeps the former
+    behaviour. A param it has that no longer exists stays one."""
+    if not isinstance(recorded, dict):
+        return recorded
+    filled = dict(recorded)
+    for section, values in current.items():
+        before, known = recorded.get(section), defaults.get(section, {})
+        if isinstance(before, dict):
+            added = {key: known[key] for key in values.keys() - before.keys() if key in known}
+            filled[section] = {**before, **added}
+    return filled
+
+
 def recipe_changes(recorded: object, current: dict[str, dict]) -> str:
     """How a checkpoint's recipe (`Trainer.recipe`: sections of params, and data
     digests) differs from this run's, in a few words: `train.lr 0.01 -> 0.02`."""

@@ -44,7 +44,13 @@ from pydantic import BaseModel, ConfigDict
 from alexnet.atomic import file_target, output_folder
 from alexnet.augment import Augment, Draws
 from alexnet.crops import centre_crop
-from alexnet.digests import changed_code, code_digests, file_digest, recipe_changes
+from alexnet.digests import (
+    changed_code,
+    code_digests,
+    file_digest,
+    recipe_changes,
+    with_defaults,
+)
 from alexnet.distributed import World
 from alexnet.errors import AlexnetError, Interrupted, one_line, user_line
 from alexnet.jpeg import decode_threads, to_device
@@ -592,8 +598,11 @@ class Trainer:
             )
         digest = state.get("digest")
         digest = digest if isinstance(digest, str) else None  # (a file's, whatever it holds)
-        if digest != self.digest:
-            changes = recipe_changes(state.get("recipe"), self.recipe)
+        # (a digest of the same recipe less params added since: resumed, its next save
+        # recording this run's digest)
+        recorded = with_defaults(state.get("recipe"), self.recipe, DEFAULTS.model_dump(mode="json"))
+        if digest != self.digest and recorded != self.recipe:
+            changes = recipe_changes(recorded, self.recipe)
             return NotResumed(f"is another run's ({changes})", digest=digest)
         if (state["epoch"], state["step"]) > (self.params.epochs, 0):
             done = f"{state['epoch']} epochs" + (

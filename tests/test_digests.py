@@ -15,6 +15,7 @@ from alexnet.digests import (
     file_digest,
     recipe_changes,
     training_code,
+    with_defaults,
 )
 from alexnet.imports import closure
 from tests.helpers import run_python
@@ -151,3 +152,18 @@ def test_training_code_is_in_the_train_stage_deps_of_dvc_yaml():
     # a change to any file of the training code re-runs the train stage
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["deps"]
     assert set(code_digests()) <= set(deps)
+
+
+def test_a_recorded_recipe_takes_the_params_it_lacks_at_their_defaults():
+    defaults = {"model": {"width": 1.0, "lrn": True}, "train": {"lr": 0.01}}
+    current = {"model": {"width": 1.0, "lrn": False}, "train": {"lr": 0.02}, "data": {"a": "x"}}
+    recorded = {"model": {"lrn": False}, "train": {"lr": 0.02, "every": 25}, "data": {"a": "x"}}
+    # width, added since: its default; every, gone since: kept, so still a change
+    assert with_defaults(recorded, current, defaults) == {
+        "model": {"lrn": False, "width": 1.0},
+        "train": {"lr": 0.02, "every": 25},
+        "data": {"a": "x"},
+    }
+    # a recorded value is never replaced, nor a param without a default filled in
+    assert with_defaults({"model": {"width": 0.5}}, current, {}) == {"model": {"width": 0.5}}
+    assert with_defaults(None, current, defaults) is None  # from before recipes

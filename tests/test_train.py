@@ -3,6 +3,7 @@ clear errors, and the train stage's command killed or stopped and run again."""
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import multiprocessing
@@ -118,6 +119,32 @@ def test_a_stop_asked_during_validation_ends_at_the_epochs_checkpoint(data, tmp_
         t.run_epoch()
     assert len(saves) == 1 and (t.epoch, t.step) == (1, 0)
     assert torch.load(t.checkpoint, weights_only=True)["step"] == 0
+
+
+def test_a_checkpoint_from_before_a_param_was_added_resumes_where_it_is_at_its_default(
+    data, tmp_path
+):
+    stop_at(trainer(data, tmp_path, epochs=1), epoch=0, step=1)
+    checkpoint = tmp_path / "ckpt.pt"
+    written = torch.load(checkpoint, weights_only=True)
+
+    def written_before(section: str, key: str) -> None:
+        """The checkpoint as a run of code without params `section.key` wrote it."""
+        state = copy.deepcopy(written)
+        del state["recipe"][section][key]
+        state["digest"] = "0" * 64  # the digest of that recipe: not this run's
+        torch.save(state, checkpoint)
+
+    written_before("model", "lrn")  # at its default (true) in this run
+    heard = []
+    later = trainer(data, tmp_path, epochs=1)
+    assert later.resume(heard.append) and (later.epoch, later.step) == (0, 1) and heard == []
+    later.save()  # and it records this run's recipe from now on
+    assert torch.load(checkpoint, weights_only=True)["digest"] == later.digest
+    written_before("model", "width")  # this run's 0.125, not the default 1: the former net
+    other = trainer(data, tmp_path, epochs=1)
+    assert not other.resume(heard.append)
+    assert heard[0].startswith(f"warning: {checkpoint} is another run's (model.width 1.0 -> 0.125)")
 
 
 def test_checkpoint_of_other_params_is_set_aside_not_resumed_nor_overwritten(data, tmp_path):
