@@ -73,7 +73,7 @@ class TemporaryServer:
         atexit.register(self.stop)
         deadline = time.monotonic() + timeout
         for attempt in range(STARTS):
-            self.process = self._launch()
+            self.process = self.launch()
             while (why := unreachable(self.api_url)) is not None:
                 if self.process.poll() is not None:
                     break
@@ -87,7 +87,8 @@ class TemporaryServer:
             if self.process.returncode != UVICORN_STARTUP_FAILURE or attempt == STARTS - 1:
                 raise AlexnetError(f"Prefect's temporary server exited ({self.process.returncode})")
 
-    def _launch(self) -> subprocess.Popen:
+    def launch(self) -> subprocess.Popen:
+        """The server's process, started (not yet answering: `start` waits for it)."""
         listener = _bound(0)
         self.address = f"http://127.0.0.1:{listener.getsockname()[1]}"
         self.api_url = f"{self.address}/api"

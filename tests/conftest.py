@@ -7,6 +7,7 @@ import atexit
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 # OpenMP's threads sleep when a parallel region ends rather than spin for the next:
@@ -17,6 +18,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # DVC starts an analytics daemon after each command run where no config turns it off (the
 # tests' own repositories, before their first config): 55 of them cost 35 s of CPU.
 os.environ["DVC_NO_ANALYTICS"] = "1"
+# No network here: the tests' Prefect servers' telemetry would only log its failure.
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 # A Prefect home of the tests' own, before Prefect is imported: the flow runs of the
 # commands they start without a server (each starts Prefect's temporary one) stay out of
 # the user's ~/.prefect (their UI's runs; and a profile there may point at a Prefect
@@ -66,7 +69,26 @@ def torch_settings() -> dict:
 MEMORY_FOLDER, MEMORY_NEEDED = Path("/dev/shm"), 8 << 30
 
 
+# The xdist controller's Prefect server, which its workers' `prefect_server` use: one
+# for the run rather than one a worker (each ~20 s of CPU to start, and ~1.5 s a minute
+# idle, on this 2-core VM). The controller outlives the workers: xdist stops each as
+# soon as its queue is empty.
+SHARED_SERVER = "ALEXNET_TESTS_PREFECT_API"
+SERVER_START_S = 120
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("numprocesses", None) and not hasattr(config, "workerinput"):
+        from flows.server import TemporaryServer
+
+        server = TemporaryServer()
+        server.launch()  # answering by the time a worker's first test asks (it waits)
+        os.environ[SHARED_SERVER] = server.api_url  # before the workers start
+        config.add_cleanup(server.stop)
+    temporary_folders_in_memory(config)
+
+
+def temporary_folders_in_memory(config: pytest.Config) -> None:
     if config.option.basetemp or "PYTEST_DEBUG_TEMPROOT" in os.environ:
         return  # the user's choice
     try:
@@ -121,23 +143,38 @@ def own_temporary_folder(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def prefect_server():
-    """One Prefect test server for the whole session (building its database costs ~15 s).
-    Worker processes inherit its URL through the environment."""
-    from prefect.testing.utilities import prefect_test_harness
+    """The session's Prefect server: the xdist controller's (`pytest_configure`), or
+    this process's own, started here, without xdist. Each process's tests and the
+    commands they start report to it (PREFECT_API_URL, in the environment and in
+    Prefect's settings of the process: its own threads read those)."""
+    from prefect.context import refresh_global_settings_context
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=120):
-        from prefect.settings import PREFECT_API_URL
+    from flows.server import TemporaryServer, unreachable
 
-        url = PREFECT_API_URL.value()
-        previous = os.environ.get("PREFECT_API_URL")
-        os.environ["PREFECT_API_URL"] = url
-        try:
+    url, server = os.environ.get(SHARED_SERVER), None
+    if url is None:
+        server = TemporaryServer()
+        server.start(timeout=SERVER_START_S)
+        url = server.api_url
+    deadline = time.monotonic() + SERVER_START_S
+    while (why := unreachable(url)) is not None:  # the controller's may still be starting
+        assert time.monotonic() < deadline, f"the session's Prefect server: {why}"
+        time.sleep(0.5)
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    refresh_global_settings_context()
+    try:
+        with temporary_settings({PREFECT_API_URL: url}):
             yield url
-        finally:
-            if previous is None:
-                os.environ.pop("PREFECT_API_URL", None)
-            else:
-                os.environ["PREFECT_API_URL"] = previous
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
+        refresh_global_settings_context()
+        if server is not None:
+            server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -279,14 +279,16 @@ def test_evaluate_flow_writes_the_metric_files(data, model_file, tmp_path, prefe
 
     metrics = tmp_path / "metrics"
     folder = metrics / "eval"
-    summary = evaluate_flow(
+    state = evaluate_flow(
         str(data / "lmdb" / "val"),
         str(model_file),
         str(data / "lmdb" / "train"),
         str(metrics),
         EvaluateParams(batch_size=3, gallery=3, queries=2, neighbours=4, neighbour_batch=3),
         ComputeParams(),
+        return_state=True,
     )
+    summary = state.result()
     assert_writes_what_dvc_tracks("evaluate", tmp_path, ("metrics",))
     written = json.loads((metrics / "eval.json").read_text())
     assert written == summary
@@ -335,14 +337,19 @@ def test_evaluate_flow_writes_the_metric_files(data, model_file, tmp_path, prefe
     assert distances == sorted(distances)
     # The Prefect UI shows each figure as an image artifact of the run (a data URL).
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
 
+    # this run's (the session's server records the other tests' runs too)
+    run = ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
     with get_client(sync_client=True) as client:
         for name in ("kernels", "top5", "neighbours"):
             key = ArtifactFilterKey(any_=[f"evaluation-{name}"])
-            [artifact] = client.read_artifacts(  # this run's: the newest of the key
-                artifact_filter=ArtifactFilter(key=key), sort=ArtifactSort.CREATED_DESC, limit=1
+            [artifact] = client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=key, flow_run_id=run)
             )
             url = artifact.data
             assert url.startswith("data:image/png;base64,") and artifact.type == "image"
