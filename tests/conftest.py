@@ -183,7 +183,9 @@ def data(tmp_path_factory):
     return tiny_training_data(tmp_path_factory.mktemp("train-data"))
 
 
-@pytest.fixture(scope="module")
+# `raw` and `reference` are read, never written: one each for a process's session, not
+# for each module (their tests span two, which xdist's workers share out).
+@pytest.fixture(scope="session")
 def raw(tmp_path_factory, prefect_server) -> Path:
     """The demo dataset, drawn by the synth flow on a 2-process pool."""
     from flows.runners import task_runner
@@ -195,7 +197,7 @@ def raw(tmp_path_factory, prefect_server) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(raw, tmp_path_factory) -> tuple[Path, dict]:
     """prepare on one worker: what every other way of running must reproduce bit for bit."""
     from flows.prepare import prepare_flow
