@@ -22,12 +22,13 @@ import numpy as np
 import torch
 
 from alexnet.crops import CENTRE, ten_crops
-from alexnet.eval_files import WORST_CLASSES, WORST_CONFUSION, worst_classes
+from alexnet.eval_files import WORST_CLASSES, WORST_CONFUSION, check_targets, worst_classes
 from alexnet.jpeg import to_device
-from alexnet.lmdb_store import StoreError, key
+from alexnet.lmdb_store import StoreError, key, read_meta
 from alexnet.metrics import label_ranks, missed, predicted, top_classes
-from alexnet.modelfile import ModelFileError, load_model
-from alexnet.params import DEFAULTS, JpegDecoder, Kernels
+from alexnet.modelfile import ModelFileError, check_model_file, load_model
+from alexnet.params import DEFAULTS, EvaluateParams, JpegDecoder, Kernels
+from alexnet.placement import check_devices
 from alexnet.reader import LmdbSplit, batch_loader, encoded_for, in_order
 
 OTHER = "(another class)"  # a prediction outside the classes a confusion plot shows
@@ -247,3 +248,21 @@ def load_model_for(
             f"{split.shape[1]}x{split.shape[2]}: pack it from a prepare of the same size"
         )
     return model, payload
+
+
+def refuse(
+    val: str,
+    model_path: str,
+    train: str,
+    metrics: str,
+    evaluate: EvaluateParams | None = None,
+    **_: object,
+) -> None:
+    """What stops the stage before any work, as one line: the stage command calls it
+    before Prefect or the flow is imported (`flows.stages.run_stage`), the flow first."""
+    if evaluate is not None:
+        check_devices("evaluate.device", [evaluate.device])
+    check_targets(Path(metrics))
+    read_meta(val)
+    check_model_file(Path(model_path))  # (none: evaluate run before train, say)
+    read_meta(train)

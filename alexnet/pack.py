@@ -19,14 +19,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from alexnet.atomic import folder_target
 from alexnet.errors import AlexnetError
-from alexnet.lmdb_store import StoreError, read_meta
+from alexnet.lmdb_store import STORE_OWNER, StoreError, read_meta
 from alexnet.shards import (
+    SPLITS,
     ShardError,
     bad_image,
     check_image,
     check_size,
     index_shard,
+    load_classes,
     open_rgb,
     reported_shards,
     shard_files,
@@ -238,3 +241,11 @@ def _check(entry: Entry, data: bytes) -> None:
     except ShardError:
         check_image(entry.shard, member_key(entry), data, entry.size)
         raise
+
+
+def refuse(prepared: str, out: str, **_: object) -> None:
+    """What stops the stage before any work, as one line: the stage command calls it
+    before Prefect or the flow is imported (`flows.stages.run_stage`), the flow first."""
+    for split in SPLITS:  # both, not val after train is written
+        folder_target(Path(out) / split, STORE_OWNER)
+    load_classes(prepared)

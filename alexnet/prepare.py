@@ -31,7 +31,7 @@ from typing import TextIO
 import PIL
 
 from alexnet import imageops
-from alexnet.atomic import OutputError, atomic_output, write_json
+from alexnet.atomic import OutputError, atomic_output, folder_target, write_json
 from alexnet.decoder import AGAIN_NEXT_RUN, At, DecoderFailed, isolated
 from alexnet.digests import sha16
 from alexnet.errors import AlexnetError
@@ -39,6 +39,7 @@ from alexnet.imageops import BadImage, Prepared, load_plugins, prepare_image
 from alexnet.params import PrepareParams
 from alexnet.pilcodecs import pil_build
 from alexnet.shards import (
+    PREPARE_OWNER,
     Record,
     SplitKeys,
     files_memo,
@@ -46,7 +47,7 @@ from alexnet.shards import (
     shard_name,
     write_shard,
 )
-from alexnet.sources import ClassInfo, Source
+from alexnet.sources import ClassInfo, Source, open_source
 
 FORMAT_VERSION = 1
 # The code that turns a file into its prepared bytes: a shard made by another version of
@@ -537,3 +538,11 @@ def check_classes(usable: Counter[int], classes: list[ClassInfo], root) -> None:
             f"{Path(root) / 'train' / empty[0].wnid}: no usable image in this class, every "
             f"file was skipped{more}; reasons in report.json"
         )
+
+
+def refuse(raw: str, out: str, **_: object) -> Source:
+    """What stops the stage before any work, as one line: the stage command calls it
+    before Prefect or the flow is imported (`flows.stages.run_stage`), the flow first. Returns
+    the source it opened, which the flow reads."""
+    folder_target(out, PREPARE_OWNER, replaced=False)  # not a folder of the user's files
+    return open_source(raw)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numba
 import numpy as np
 
-from alexnet.atomic import atomic_output, mark_owner, write_json
+from alexnet.atomic import atomic_output, folder_target, mark_owner, write_json
 from alexnet.errors import AlexnetError
 from alexnet.shards import (
     CLASSES_FILE,
@@ -27,6 +27,7 @@ from alexnet.shards import (
     iter_shard,
     load_classes,
     open_rgb,
+    shard_files,
 )
 
 if TYPE_CHECKING:
@@ -290,3 +291,11 @@ def pca_problem(pca: object) -> str | None:
     if values.min() < -1e-9 * max(np.abs(values).max(), 1.0):  # beyond eigh's rounding
         return f"{PCA_FILE}: a negative eigenvalue {values.min()}"
     return None
+
+
+def refuse(train: str, out: str, **_: object) -> None:
+    """What stops the stage before any work, as one line: the stage command calls it
+    before Prefect or the flow is imported (`flows.stages.run_stage`), the flow first."""
+    folder_target(out, STATS_OWNER)  # a folder it may not replace
+    shard_files(train)
+    class_count(train)

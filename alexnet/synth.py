@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from alexnet.atomic import folder_target
 from alexnet.params import DEFAULTS
 
 SHAPES = [
@@ -47,6 +48,7 @@ TEXTURES = [
 ]
 ODDITIES = ["cmyk", "grey", "png", "truncated", "empty", "notimage"]
 SPLIT_CODES = {"train": 0, "val": 1}
+SYNTH_OWNER = "synth"  # the stage named in its folder's mark (alexnet.atomic.OWNED)
 
 
 @dataclass(frozen=True)
@@ -328,3 +330,9 @@ def write_mapping(root: Path, classes: int) -> None:
     """`LOC_synset_mapping.txt`, ImageNet's format: `wnid name` per line."""
     lines = [f"{c.wnid} {c.name}\n" for c in synth_classes(classes)]
     (Path(root) / "LOC_synset_mapping.txt").write_text("".join(lines))
+
+
+def refuse(out: str, **_: object) -> None:
+    """What stops the stage before any work, as one line: the stage command calls it
+    before Prefect or the flow is imported (`flows.stages.run_stage`), the flow first."""
+    folder_target(out, SYNTH_OWNER)

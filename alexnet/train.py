@@ -54,13 +54,15 @@ from alexnet.digests import (
 from alexnet.distributed import World
 from alexnet.errors import AlexnetError, Interrupted, one_line, user_line
 from alexnet.jpeg import decode_threads, to_device
+from alexnet.lmdb_store import read_meta
 from alexnet.metrics import label_ranks, missed
 from alexnet.model import AlexNet
 from alexnet.modelfile import check_replaceable, save_model, save_tensors
 from alexnet.params import DEFAULTS, JpegDecoder, Kernels, ModelParams, TrainParams
-from alexnet.placement import TwoColumnAlexNet, place, resolve_devices
+from alexnet.placement import TwoColumnAlexNet, check_devices, place, resolve_devices
 from alexnet.reader import LmdbSplit, batch_loader, check_together, encoded_for, in_order, read
 from alexnet.schedule import PlateauSchedule
+from alexnet.shards import SPLITS
 from alexnet.stats import MEAN_FILE, PCA_FILE, load_stats
 from alexnet.train_files import SUMMARY
 
@@ -921,3 +923,22 @@ def decay_groups(model: torch.nn.Module, decay: float, biases: bool) -> list[dic
 def load_history(checkpoint: Path) -> list[dict]:
     """The per-epoch records of the run in `checkpoint` (after a torchrun launch)."""
     return torch.load(checkpoint, map_location="cpu", weights_only=True)["history"]
+
+
+def refuse(
+    lmdb: str,
+    stats: str,
+    model_path: str,
+    checkpoint: str,
+    metrics: str,
+    train: TrainParams | None = None,
+    **_: object,
+) -> None:
+    """What stops the stage before any work, as one line: the stage command calls it
+    before Prefect or the flow is imported (`flows.stages.run_stage`), the flow first."""
+    if train is not None:
+        check_devices("train.device", train.device)
+    check_outputs(Path(model_path), Path(checkpoint), Path(metrics))
+    load_stats(Path(stats))
+    for split in SPLITS:
+        read_meta(Path(lmdb) / split)

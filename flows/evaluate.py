@@ -12,16 +12,15 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from rich.progress import Progress
 
-from alexnet.eval_files import check_targets, data_url, markdown_summary, write_evaluation
-from alexnet.evaluate import Results, load_model_for, sample, speed_switches, top5_table
+from alexnet.eval_files import data_url, markdown_summary, write_evaluation
+from alexnet.evaluate import Results, load_model_for, refuse, sample, speed_switches, top5_table
 from alexnet.evaluate import evaluate as evaluate_split
 from alexnet.figures import FIGURES, kernels_figure, neighbours_figure, png, top5_figure
 from alexnet.jpeg import decode_threads
-from alexnet.lmdb_store import StoreError, read_meta
-from alexnet.modelfile import check_model_file
+from alexnet.lmdb_store import StoreError
 from alexnet.neighbours import images_of, nearest, query_vectors, table
 from alexnet.params import ComputeParams, EvaluateParams, JpegDecoder
-from alexnet.placement import check_devices, resolve_devices
+from alexnet.placement import resolve_devices
 from alexnet.reader import LmdbSplit, check_together
 
 
@@ -74,24 +73,6 @@ def _figures(
     )
     tables["neighbours"] = table(queries, labels.tolist(), found, names)
     return {name: png(figure) for name, figure in pictures.items()}, tables
-
-
-def refuse(
-    val: str,
-    model_path: str,
-    train: str,
-    metrics: str,
-    evaluate: EvaluateParams | None = None,
-    **_: object,
-) -> None:
-    """What stops a run before any work, as one line: the stage command calls it before
-    Prefect's server starts (flows.stages.run_stage), the flow first."""
-    if evaluate is not None:
-        check_devices("evaluate.device", [evaluate.device])
-    check_targets(Path(metrics))
-    read_meta(val)
-    check_model_file(Path(model_path))  # (none: evaluate run before train, say)
-    read_meta(train)
 
 
 @flow(name="evaluate")

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from alexnet.atomic import folder_target
-from alexnet.lmdb_store import STORE_OWNER, write_store
+from alexnet.lmdb_store import write_store
 from alexnet.pack import (
     SplitIndex,
     check_indexes,
@@ -18,6 +17,7 @@ from alexnet.pack import (
     output_order,
     pack_digest,
     packed_count,
+    refuse,
     split_index,
     split_shards,
 )
@@ -32,14 +32,6 @@ from tasks.pack import index_shards_task, load_chunk_task
 # shard of 1,000 records), and tasks each worker has queued (alike and short: two keep
 # it busy).
 SHARDS_PER_INDEX_TASK, INDEX_AHEAD_PER_WORKER = 8, 2
-
-
-def refuse(prepared: str, out: str, **_: object) -> None:
-    """What stops a run before any work, as one line: the stage command calls it before
-    Prefect's server starts (flows.stages.run_stage), the flow first."""
-    for split in SPLITS:  # both, not val after train is written
-        folder_target(Path(out) / split, STORE_OWNER)
-    load_classes(prepared)
 
 
 @flow(name="pack")

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from alexnet.atomic import claim_folder, folder_target, write_json
+from alexnet.atomic import claim_folder, write_json
 from alexnet.params import ComputeParams, PrepareParams
-from alexnet.prepare import Summary, check_classes, check_skipped, check_splits, plan_shards
+from alexnet.prepare import Summary, check_classes, check_skipped, check_splits, plan_shards, refuse
 from alexnet.shards import CLASSES_FILE, PREPARE_OWNER, REPORT_FILE, remove_stale
-from alexnet.sources import Source, open_source
 from flows.progress import Bar, in_order
 from flows.runners import parallelism
 from tasks.prepare import prepare_shard_task
@@ -16,14 +15,6 @@ from tasks.prepare import prepare_shard_task
 # Shards in flight per worker: enough that a slow shard (a file that hangs until
 # params prepare.file_timeout) does not leave the other workers idle.
 AHEAD_PER_WORKER = 4
-
-
-def refuse(raw: str, out: str, **_: object) -> Source:
-    """What stops a run before any work, as one line: the stage command calls it before
-    Prefect's server starts (flows.stages.run_stage), the flow first. Returns the source
-    it opened, which the flow reads."""
-    folder_target(out, PREPARE_OWNER, replaced=False)  # not a folder of the user's files
-    return open_source(raw)
 
 
 @flow(name="prepare")

@@ -120,6 +120,11 @@ class Stage:
     def flow(self) -> Callable:
         return getattr(importlib.import_module(self.module), f"{self.name}_flow")
 
+    def refusal(self) -> Callable[..., object]:
+        """What stops the stage before any work: its logic module's `refuse`, which
+        imports no Prefect (`alexnet.STAGE`)."""
+        return importlib.import_module(f"alexnet.{self.name}").refuse
+
 
 DEMO_RAW: str = PrepareParams.model_fields["raw"].default
 
@@ -359,24 +364,23 @@ def run_stage(stage: Stage, paths: dict[str, str], params: Params, flow: Callabl
         {name: path for name, path in paths.items() if roles[name]},
         {name: path for name, path in paths.items() if not roles[name]},
     )
+    # Absolute: a Dask worker started in another folder, or on another machine sharing
+    # the file system, reads and writes the same files as this process.
+    absolute = {name: os.path.abspath(path) for name, path in paths.items()}
+    arguments = {**absolute, **{name: getattr(params, name) for name in stage.sections}}
+    planned = os.environ.pop(PLANNED_RUN, None)  # not for this process's children
+    if flow is None and not planned:  # (a planned run fails in the UI with the reason:
+        stage.refusal()(**arguments)  # the flow checks too) before Prefect is imported
     from prefect.settings import PREFECT_API_URL
 
     from flows.runners import check_lasting_api, check_scheduler, task_runner
     from flows.server import prefect_api
 
     flow = flow or stage.flow()
-    # Absolute: a Dask worker started in another folder, or on another machine sharing
-    # the file system, reads and writes the same files as this process.
-    absolute = {name: os.path.abspath(path) for name, path in paths.items()}
     scheduler = params.compute.scheduler
     if stage.parallel:
         check_scheduler(scheduler)
         check_lasting_api(scheduler, PREFECT_API_URL.value())
-    arguments = {**absolute, **{name: getattr(params, name) for name in stage.sections}}
-    planned = os.environ.pop(PLANNED_RUN, None)  # not for this process's children
-    refuse = refusal(flow)
-    if refuse and not planned:  # (a planned run fails in the UI with the reason: the flow
-        refuse(**arguments)  # checks too) before a server starts or a flow run is made
     quiet_console_tracebacks()
     note_interrupts()
     with prefect_api() as api_url:
@@ -395,13 +399,6 @@ def run_stage(stage: Stage, paths: dict[str, str], params: Params, flow: Callabl
         with get_client(sync_client=True) as client:
             flow_run = client.read_flow_run(UUID(planned))
         return run_flow(flow, flow_run=flow_run, parameters=arguments)
-
-
-def refusal(flow: Callable) -> Callable[..., None] | None:
-    """The `refuse` of the module that defines `flow` (the stage's: what stops a run before
-    any work, as one line); None for a flow made elsewhere (a test's)."""
-    module = sys.modules.get(getattr(getattr(flow, "fn", flow), "__module__", None))
-    return getattr(module, "refuse", None)
 
 
 def check_running_cluster(

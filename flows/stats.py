@@ -7,28 +7,19 @@ from pathlib import Path
 import numpy as np
 from prefect import flow, get_run_logger
 
-from alexnet.atomic import folder_target
 from alexnet.params import ComputeParams, PrepareParams
 from alexnet.shards import shard_files
 from alexnet.stats import (
-    STATS_OWNER,
     class_count,
     mean_image,
     moments_bytes,
     reduce_moments,
+    refuse,
     rgb_pca,
     save_stats,
 )
 from flows.progress import Bar, in_order
 from tasks.stats import shard_moments_task
-
-
-def refuse(train: str, out: str, **_: object) -> None:
-    """What stops a run before any work, as one line: the stage command calls it before
-    Prefect's server starts (flows.stages.run_stage), the flow first."""
-    folder_target(out, STATS_OWNER)  # a folder it may not replace
-    shard_files(train)
-    class_count(train)
 
 
 @flow(name="stats")

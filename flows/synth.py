@@ -6,19 +6,11 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from alexnet.atomic import atomic_output, folder_target
+from alexnet.atomic import atomic_output
 from alexnet.params import SynthParams
-from alexnet.synth import plan_jobs, write_mapping, write_oddities
+from alexnet.synth import SYNTH_OWNER, plan_jobs, refuse, write_mapping, write_oddities
 from flows.progress import gather
 from tasks.synth import synth_images
-
-OWNER = "synth"  # the stage named in its folder's mark (alexnet.atomic.OWNED)
-
-
-def refuse(out: str, **_: object) -> None:
-    """What stops a run before any work, as one line: the stage command calls it before
-    Prefect's server starts (flows.stages.run_stage), the flow first."""
-    folder_target(out, OWNER)
 
 
 @flow(name="synth")
@@ -27,7 +19,7 @@ def synth_flow(out: str, synth: SynthParams) -> dict:
     p = synth
     jobs = plan_jobs(p.classes, p.train_per_class, p.val_per_class)
     refuse(out)
-    with atomic_output(out, folder=OWNER) as root:
+    with atomic_output(out, folder=SYNTH_OWNER) as root:
         futures = [
             synth_images.submit(
                 job, str(root), p.seed, p.min_side, p.max_side, p.quality, p.clutter

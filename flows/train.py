@@ -20,14 +20,10 @@ from prefect.artifacts import create_table_artifact
 
 from alexnet.errors import Interrupted
 from alexnet.fit import METRICS, fit, summary
-from alexnet.lmdb_store import read_meta
 from alexnet.orphans import WORKER_GRACE_S
 from alexnet.params import ComputeParams, ModelParams, PrepareParams, TrainParams
-from alexnet.placement import check_devices
-from alexnet.shards import SPLITS
-from alexnet.stats import load_stats
 from alexnet.threads import share_of_cores
-from alexnet.train import TrainError, TrainRun, check_outputs, load_history
+from alexnet.train import TrainError, TrainRun, load_history, refuse
 
 
 def torchrun_command(params: TrainParams, argument: str) -> list[str]:
@@ -124,25 +120,6 @@ def _stop_on_ctrl_c(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.send_signal(signal.SIGINT)
         process.wait()
-
-
-def refuse(
-    lmdb: str,
-    stats: str,
-    model_path: str,
-    checkpoint: str,
-    metrics: str,
-    train: TrainParams | None = None,
-    **_: object,
-) -> None:
-    """What stops a run before any work, as one line: the stage command calls it before
-    Prefect's server starts (flows.stages.run_stage), the flow first."""
-    if train is not None:
-        check_devices("train.device", train.device)
-    check_outputs(Path(model_path), Path(checkpoint), Path(metrics))
-    load_stats(Path(stats))
-    for split in SPLITS:
-        read_meta(Path(lmdb) / split)
 
 
 @flow(name="train")

@@ -352,6 +352,30 @@ def test_a_refusal_of_paths_alone_comes_before_prefect_is_imported(tmp_path):
     assert done.stderr.splitlines()[-1] == line
 
 
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_a_stages_own_refusal_comes_before_prefect_is_imported(tmp_path, stage):
+    # A missing input (synth: an output folder of the user's files) is the stage's
+    # `refuse` (alexnet.STAGE): said without Prefect in the process; it came after its
+    # import (~2.5 s of a CPU here), with the flow's module.
+    missing, mine = tmp_path / "missing", tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    args = {
+        "synth": [mine],
+        "prepare": [missing, tmp_path / "prepared"],
+        "stats": [missing, tmp_path / "stats"],
+        "pack": [missing, tmp_path / "lmdb"],
+        "train": [missing, missing, tmp_path / "m" / "m.pt"],
+        "evaluate": [missing, tmp_path / "m.pt"],
+    }[stage]
+    code = f"from flows.cli import app; app({[stage, *map(str, args)]!r})"
+    done = run_python(code, blocked=("prefect",))
+    assert done.returncode == 1, done.stderr[-2000:]
+    line = done.stderr.splitlines()[-1]
+    assert line.startswith("error: ") and str(mine if stage == "synth" else missing) in line
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]  # nothing written
+
+
 def test_an_error_of_the_operating_system_is_one_line(tmp_path, prefect_server):
     # A read-only folder, a full disk, a name too long: the user's to fix, so one line
     # naming the path, as an error of ours (the command's exit status is 1 either way).

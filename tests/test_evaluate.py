@@ -216,8 +216,8 @@ def test_a_trained_model_file_classifies_its_training_images(data, model_file):
 
 def test_a_checkpoint_named_as_the_model_is_refused_before_any_work(data, tmp_path):
     # (It was refused once loaded in the flow: after Prefect's server had started.)
+    from alexnet.evaluate import refuse
     from alexnet.modelfile import ModelFileError
-    from flows.evaluate import refuse
 
     checkpoint = tmp_path / "train.pt"
     torch.save({"digest": "0" * 64, "optimizer": {"state": {}}}, checkpoint)
