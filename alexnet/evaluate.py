@@ -258,8 +258,7 @@ def refuse(
     evaluate: EvaluateParams | None = None,
     **_: object,
 ) -> None:
-    """What stops the stage before any work, as one line: the stage command calls it
-    before Prefect or the flow is imported (`flows.stages.run_stage`), the flow first."""
+    """What stops the stage before any work, as one line (`flows.stages.Stage.refusal`)."""
     if evaluate is not None:
         check_devices("evaluate.device", [evaluate.device])
     check_targets(Path(metrics))

@@ -244,8 +244,7 @@ def _check(entry: Entry, data: bytes) -> None:
 
 
 def refuse(prepared: str, out: str, **_: object) -> None:
-    """What stops the stage before any work, as one line: the stage command calls it
-    before Prefect or the flow is imported (`flows.stages.run_stage`), the flow first."""
+    """What stops the stage before any work, as one line (`flows.stages.Stage.refusal`)."""
     for split in SPLITS:  # both, not val after train is written
         folder_target(Path(out) / split, STORE_OWNER)
     load_classes(prepared)

@@ -541,8 +541,7 @@ def check_classes(usable: Counter[int], classes: list[ClassInfo], root) -> None:
 
 
 def refuse(raw: str, out: str, **_: object) -> Source:
-    """What stops the stage before any work, as one line: the stage command calls it
-    before Prefect or the flow is imported (`flows.stages.run_stage`), the flow first. Returns
-    the source it opened, which the flow reads."""
+    """What stops the stage before any work, as one line (`flows.stages.Stage.refusal`);
+    returns the source it opened, which the flow reads."""
     folder_target(out, PREPARE_OWNER, replaced=False)  # not a folder of the user's files
     return open_source(raw)

@@ -294,8 +294,7 @@ def pca_problem(pca: object) -> str | None:
 
 
 def refuse(train: str, out: str, **_: object) -> None:
-    """What stops the stage before any work, as one line: the stage command calls it
-    before Prefect or the flow is imported (`flows.stages.run_stage`), the flow first."""
+    """What stops the stage before any work, as one line (`flows.stages.Stage.refusal`)."""
     folder_target(out, STATS_OWNER)  # a folder it may not replace
     shard_files(train)
     class_count(train)

@@ -333,6 +333,5 @@ def write_mapping(root: Path, classes: int) -> None:
 
 
 def refuse(out: str, **_: object) -> None:
-    """What stops the stage before any work, as one line: the stage command calls it
-    before Prefect or the flow is imported (`flows.stages.run_stage`), the flow first."""
+    """What stops the stage before any work, as one line (`flows.stages.Stage.refusal`)."""
     folder_target(out, SYNTH_OWNER)

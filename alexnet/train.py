@@ -934,8 +934,7 @@ def refuse(
     train: TrainParams | None = None,
     **_: object,
 ) -> None:
-    """What stops the stage before any work, as one line: the stage command calls it
-    before Prefect or the flow is imported (`flows.stages.run_stage`), the flow first."""
+    """What stops the stage before any work, as one line (`flows.stages.Stage.refusal`)."""
     if train is not None:
         check_devices("train.device", train.device)
     check_outputs(Path(model_path), Path(checkpoint), Path(metrics))

@@ -121,8 +121,9 @@ class Stage:
         return getattr(importlib.import_module(self.module), f"{self.name}_flow")
 
     def refusal(self) -> Callable[..., object]:
-        """What stops the stage before any work: its logic module's `refuse`, which
-        imports no Prefect (`alexnet.STAGE`)."""
+        """What stops the stage before any work: its logic module's `refuse`
+        (`alexnet.STAGE`), which imports no Prefect. The stage command calls it before
+        Prefect or the flow is imported (`run_stage`), the flow first."""
         return importlib.import_module(f"alexnet.{self.name}").refuse
 
 
