@@ -178,16 +178,27 @@ def prefect_api() -> Iterator[str]:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     server = TemporaryServer()
     server.start(timeout=STARTUP_TIMEOUT_S)  # stopped at exit, after Prefect's logs drain
-    # In the environment, for the workers, and in Prefect's settings of the process as
-    # well as of this context: Prefect's own threads (the process pool's message
-    # forwarding, the log and event services) start outside the context and read the
-    # process's, made when Prefect was imported; with no API there, each started a
-    # temporary server of Prefect's own.
-    os.environ["PREFECT_API_URL"] = server.api_url
+    with api_at(server.api_url):
+        yield server.api_url
+
+
+@contextmanager
+def api_at(url: str) -> Iterator[None]:
+    """Point this process, and the processes it starts, at the Prefect API `url`; undone
+    on exit. In the environment, for the workers, and in Prefect's settings of the
+    process as well as of this context: Prefect's own threads (the process pool's
+    message forwarding, the log and event services) start outside the context and read
+    the process's, made when Prefect was imported; with no API there, each started a
+    temporary server of Prefect's own."""
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
     refresh_global_settings_context()
     try:
-        with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield server.api_url
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield
     finally:
-        os.environ.pop("PREFECT_API_URL", None)
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
         refresh_global_settings_context()

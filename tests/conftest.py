@@ -145,12 +145,8 @@ def own_temporary_folder(tmp_path, monkeypatch):
 def prefect_server():
     """The session's Prefect server: the xdist controller's (`pytest_configure`), or
     this process's own, started here, without xdist. Each process's tests and the
-    commands they start report to it (PREFECT_API_URL, in the environment and in
-    Prefect's settings of the process: its own threads read those)."""
-    from prefect.context import refresh_global_settings_context
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from flows.server import TemporaryServer, unreachable
+    commands they start report to it (`flows.server.api_at`)."""
+    from flows.server import TemporaryServer, api_at, unreachable
 
     url, server = os.environ.get(SHARED_SERVER), None
     if url is None:
@@ -161,18 +157,10 @@ def prefect_server():
     while (why := unreachable(url)) is not None:  # the controller's may still be starting
         assert time.monotonic() < deadline, f"the session's Prefect server: {why}"
         time.sleep(0.5)
-    previous = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = url
-    refresh_global_settings_context()
     try:
-        with temporary_settings({PREFECT_API_URL: url}):
+        with api_at(url):
             yield url
     finally:
-        if previous is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = previous
-        refresh_global_settings_context()
         if server is not None:
             server.stop()
 
