@@ -24,6 +24,7 @@ from alexnet.model import AlexNet  # noqa: E402
 from alexnet.modelfile import save_model  # noqa: E402
 from alexnet.params import DEFAULTS, PREDICT_BATCH  # noqa: E402
 from alexnet.predict import predict  # noqa: E402
+from alexnet.runtime import configure  # noqa: E402
 
 
 def model_file(path: Path) -> Path:
@@ -52,6 +53,7 @@ def seconds(paths: list[Path], model: Path, batch: int) -> float:
 
 
 def main() -> None:
+    configure()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
