@@ -151,12 +151,13 @@ def prefect_server():
     url, server = os.environ.get(SHARED_SERVER), None
     if url is None:
         server = TemporaryServer()
-        server.start(timeout=SERVER_START_S)
+        server.start(timeout=SERVER_START_S)  # (returns once it answers)
         url = server.api_url
-    deadline = time.monotonic() + SERVER_START_S
-    while (why := unreachable(url)) is not None:  # the controller's may still be starting
-        assert time.monotonic() < deadline, f"the session's Prefect server: {why}"
-        time.sleep(0.5)
+    else:  # the controller's, which may still be starting
+        deadline = time.monotonic() + SERVER_START_S
+        while (why := unreachable(url)) is not None:
+            assert time.monotonic() < deadline, f"the session's Prefect server: {why}"
+            time.sleep(0.5)
     try:
         with api_at(url):
             yield url
